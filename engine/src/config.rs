@@ -1,0 +1,683 @@
+//! Configuration: the seed's SecureNAT settings as a TOML file.
+//!
+//! The file is read into a loose `RawConfig` (every field optional, strings as written) and then
+//! validated into `Config`, whose fields are typed and checked. Validation is one place so that
+//! the file, the control socket and SIGHUP all refuse the same mistakes with the same words: each
+//! error names the field as it is written in the file.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// An Ethernet MAC address, written `00:AC:12:34:56:78` (`-` separators are accepted too).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    pub const BROADCAST: Mac = Mac([0xff; 6]);
+
+    /// The seed's default: six bytes of which the first two are 00:AC and the rest random.
+    pub fn random_secure_nat(random: [u8; 4]) -> Mac {
+        Mac([0x00, 0xAC, random[0], random[1], random[2], random[3]])
+    }
+
+    /// The form the seed's log lines use: `00-AC-85-40-B5-50`.
+    pub fn dashed(&self) -> String {
+        let b = self.0;
+        format!(
+            "{:02X}-{:02X}-{:02X}-{:02X}-{:02X}-{:02X}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Mac, ()> {
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        if parts.len() != 6 {
+            return Err(());
+        }
+        let mut mac = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(());
+            }
+            mac[i] = u8::from_str_radix(p, 16).map_err(|_| ())?;
+        }
+        Ok(Mac(mac))
+    }
+}
+
+/// A static route pushed to DHCP clients with option 121 (RFC 3442).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StaticRoute {
+    pub dest: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl fmt::Display for StaticRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} via {}", self.dest, self.prefix_len, self.gateway)
+    }
+}
+
+/// What the virtual host does with an ICMP echo request for another host (seed 3.7.4).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IcmpMode {
+    /// Answer every echo request with a dummy reply, as SecureNAT does.
+    Dummy,
+    /// Send it through an ICMP socket and relay the real answer (or its absence).
+    Real,
+    /// Real where the system allows ICMP sockets, else dummy.
+    Auto,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct HostConfig {
+    /// `None` until the runtime has chosen (and stored) the random default.
+    pub mac: Option<Mac>,
+    pub ip: Ipv4Addr,
+    pub mask: Ipv4Addr,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct NatConfig {
+    pub enabled: bool,
+    /// Largest IP packet on the segment (the Ethernet payload), as the seed defines it.
+    pub mtu: u16,
+    pub tcp_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub tcp_connect_timeout: Duration,
+    pub icmp: IcmpMode,
+    pub max_sessions: usize,
+    pub max_sessions_per_guest: usize,
+    pub max_half_open: usize,
+    /// An address of the virtual network that stands for the host's 127.0.0.1 (off by default).
+    pub host_loopback: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct DhcpConfig {
+    pub enabled: bool,
+    pub range_start: Ipv4Addr,
+    pub range_end: Ipv4Addr,
+    pub mask: Ipv4Addr,
+    pub lease: Duration,
+    pub gateway: Option<Ipv4Addr>,
+    /// Zero, one or two servers (option 6).
+    pub dns: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub routes: Vec<StaticRoute>,
+}
+
+#[derive(Clone, PartialEq, Debug)]
+pub struct DnsConfig {
+    /// Upstream resolvers; empty means "read /etc/resolv.conf at start".
+    pub upstream: Vec<SocketAddr>,
+    pub query_timeout: Duration,
+}
+
+/// The whole, validated configuration.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Config {
+    /// SecureNAT as a whole: when off, the virtual host does not answer at all.
+    pub enabled: bool,
+    pub host: HostConfig,
+    pub nat: NatConfig,
+    pub dhcp: DhcpConfig,
+    pub dns: DnsConfig,
+    /// Where state that must survive a restart is kept (the chosen MAC, the lease table).
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("configuration field `{field}`: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn field_err(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The file as written: every field optional, so that a missing one takes its default.
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub enabled: Option<bool>,
+    pub state_dir: Option<String>,
+    #[serde(default)]
+    pub host: RawHost,
+    #[serde(default)]
+    pub nat: RawNat,
+    #[serde(default)]
+    pub dhcp: RawDhcp,
+    #[serde(default)]
+    pub dns: RawDns,
+}
+
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHost {
+    pub mac: Option<String>,
+    pub ip: Option<String>,
+    pub mask: Option<String>,
+}
+
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawNat {
+    pub enabled: Option<bool>,
+    pub mtu: Option<u32>,
+    pub tcp_timeout: Option<u64>,
+    pub udp_timeout: Option<u64>,
+    pub tcp_connect_timeout: Option<u64>,
+    pub icmp: Option<IcmpMode>,
+    pub max_sessions: Option<usize>,
+    pub max_sessions_per_guest: Option<usize>,
+    pub max_half_open: Option<usize>,
+    pub host_loopback: Option<String>,
+}
+
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDhcp {
+    pub enabled: Option<bool>,
+    pub range_start: Option<String>,
+    pub range_end: Option<String>,
+    pub mask: Option<String>,
+    pub lease: Option<u64>,
+    /// `""` leaves the option out (seed 3.7.6).
+    pub gateway: Option<String>,
+    /// `[]` leaves the option out.
+    pub dns: Option<Vec<String>>,
+    /// `""` leaves the option out; missing means the host's own domain name.
+    pub domain: Option<String>,
+    /// `"10.1.0.0/16 via 192.168.30.254"`
+    pub routes: Option<Vec<String>>,
+}
+
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    /// `"127.0.0.1"` or `"127.0.0.1:5353"`; missing means /etc/resolv.conf.
+    pub upstream: Option<Vec<String>>,
+    pub query_timeout: Option<u64>,
+}
+
+pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+pub const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+pub const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+pub const DEFAULT_RANGE_END: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 200);
+pub const MIN_MTU: u32 = 576;
+pub const MAX_MTU: u32 = 65520;
+
+fn parse_ip(field: &'static str, v: &str) -> Result<Ipv4Addr, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| field_err(field, format!("`{v}` is not an IPv4 address")))
+}
+
+fn parse_mask(field: &'static str, v: &str) -> Result<Ipv4Addr, ConfigError> {
+    let m = parse_ip(field, v)?;
+    let bits = u32::from(m);
+    if bits.leading_ones() + bits.trailing_zeros() != 32 || bits == 0 {
+        return Err(field_err(field, format!("`{v}` is not a subnet mask")));
+    }
+    Ok(m)
+}
+
+/// An optional address where the empty string means "leave it out".
+fn parse_blankable_ip(field: &'static str, v: &str) -> Result<Option<Ipv4Addr>, ConfigError> {
+    if v.trim().is_empty() {
+        Ok(None)
+    } else {
+        parse_ip(field, v).map(Some)
+    }
+}
+
+fn parse_route(v: &str) -> Result<StaticRoute, ConfigError> {
+    const F: &str = "dhcp.routes";
+    let bad = || field_err(F, format!("`{v}` is not of the form `NET/LEN via GATEWAY`"));
+    let mut words = v.split_whitespace();
+    let (net, via, gw) = (words.next(), words.next(), words.next());
+    let (Some(net), Some("via"), Some(gw), None) = (net, via, gw, words.next()) else {
+        return Err(bad());
+    };
+    let (addr, len) = net.split_once('/').ok_or_else(bad)?;
+    let dest: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+    if prefix_len > 32 {
+        return Err(bad());
+    }
+    let gateway: Ipv4Addr = gw.parse().map_err(|_| bad())?;
+    let mask = prefix_mask(prefix_len);
+    if u32::from(dest) & !mask != 0 {
+        return Err(field_err(
+            F,
+            format!("`{v}`: {dest} has bits set outside the /{prefix_len} prefix"),
+        ));
+    }
+    Ok(StaticRoute {
+        dest,
+        prefix_len,
+        gateway,
+    })
+}
+
+pub fn prefix_mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - len as u32)
+    }
+}
+
+pub fn parse_upstream(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+    let v = v.trim();
+    if let Ok(sa) = v.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let ip = parse_ip(field, v)?;
+    Ok(SocketAddr::V4(SocketAddrV4::new(ip, 53)))
+}
+
+fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, mask: Ipv4Addr) -> bool {
+    let m = u32::from(mask);
+    u32::from(a) & m == u32::from(b) & m
+}
+
+fn secs(field: &'static str, v: Option<u64>, default: u64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v == 0 {
+        return Err(field_err(field, "must be at least 1 second"));
+    }
+    Ok(Duration::from_secs(v))
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw = RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        Config::from_raw(&raw)
+    }
+
+    /// Every setting at the seed's default (the MAC still to be chosen by the caller).
+    pub fn defaults() -> Config {
+        Config::from_raw(&RawConfig::default()).expect("the defaults are valid")
+    }
+
+    pub fn from_raw(raw: &RawConfig) -> Result<Config, ConfigError> {
+        let mac = match raw.host.mac.as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => None,
+            Some(s) => {
+                let mac: Mac = s
+                    .parse()
+                    .map_err(|_| field_err("host.mac", format!("`{s}` is not a MAC address")))?;
+                if mac.0[0] & 1 != 0 {
+                    return Err(field_err("host.mac", "a multicast MAC cannot be a host's"));
+                }
+                Some(mac)
+            }
+        };
+        let host_ip = match &raw.host.ip {
+            Some(v) => parse_ip("host.ip", v)?,
+            None => DEFAULT_HOST_IP,
+        };
+        let host_mask = match &raw.host.mask {
+            Some(v) => parse_mask("host.mask", v)?,
+            None => DEFAULT_MASK,
+        };
+        let host = HostConfig {
+            mac,
+            ip: host_ip,
+            mask: host_mask,
+        };
+
+        let mtu = raw.nat.mtu.unwrap_or(1500);
+        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+            return Err(field_err(
+                "nat.mtu",
+                format!("{mtu} is outside {MIN_MTU}..={MAX_MTU}"),
+            ));
+        }
+        let host_loopback = match raw.nat.host_loopback.as_deref() {
+            None | Some("") => None,
+            Some(v) => {
+                let ip = parse_ip("nat.host_loopback", v)?;
+                if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
+                    return Err(field_err(
+                        "nat.host_loopback",
+                        format!("{ip} must be an address of the virtual network other than the virtual host's"),
+                    ));
+                }
+                Some(ip)
+            }
+        };
+        let positive = |field: &'static str, v: Option<usize>, d: usize| match v.unwrap_or(d) {
+            0 => Err(field_err(field, "must be at least 1")),
+            n => Ok(n),
+        };
+        let nat = NatConfig {
+            enabled: raw.nat.enabled.unwrap_or(true),
+            mtu: mtu as u16,
+            tcp_timeout: secs("nat.tcp_timeout", raw.nat.tcp_timeout, 7200)?,
+            udp_timeout: secs("nat.udp_timeout", raw.nat.udp_timeout, 600)?,
+            tcp_connect_timeout: secs("nat.tcp_connect_timeout", raw.nat.tcp_connect_timeout, 30)?,
+            icmp: raw.nat.icmp.unwrap_or(IcmpMode::Auto),
+            max_sessions: positive("nat.max_sessions", raw.nat.max_sessions, 65536)?,
+            max_sessions_per_guest: positive(
+                "nat.max_sessions_per_guest",
+                raw.nat.max_sessions_per_guest,
+                4096,
+            )?,
+            max_half_open: positive("nat.max_half_open", raw.nat.max_half_open, 1024)?,
+            host_loopback,
+        };
+
+        let d = &raw.dhcp;
+        let range_start = match &d.range_start {
+            Some(v) => parse_ip("dhcp.range_start", v)?,
+            None => DEFAULT_RANGE_START,
+        };
+        let range_end = match &d.range_end {
+            Some(v) => parse_ip("dhcp.range_end", v)?,
+            None => DEFAULT_RANGE_END,
+        };
+        let dmask = match &d.mask {
+            Some(v) => parse_mask("dhcp.mask", v)?,
+            None => DEFAULT_MASK,
+        };
+        if u32::from(range_start) > u32::from(range_end) {
+            return Err(field_err(
+                "dhcp.range_start",
+                format!("{range_start} is after dhcp.range_end {range_end}"),
+            ));
+        }
+        for (field, a) in [
+            ("dhcp.range_start", range_start),
+            ("dhcp.range_end", range_end),
+        ] {
+            if !same_subnet(a, host_ip, host_mask) {
+                return Err(field_err(
+                    field,
+                    format!("{a} is outside the virtual host's subnet {host_ip}/{host_mask}"),
+                ));
+            }
+        }
+        let gateway = match &d.gateway {
+            Some(v) => parse_blankable_ip("dhcp.gateway", v)?,
+            None => Some(host_ip),
+        };
+        if let Some(gw) = gateway {
+            if !same_subnet(gw, range_start, dmask) {
+                return Err(field_err(
+                    "dhcp.gateway",
+                    format!("{gw} is not in the clients' subnet {range_start}/{dmask}"),
+                ));
+            }
+        }
+        let dns = match &d.dns {
+            Some(list) => {
+                if list.len() > 2 {
+                    return Err(field_err("dhcp.dns", "at most two servers"));
+                }
+                let mut v = Vec::new();
+                for s in list {
+                    if let Some(ip) = parse_blankable_ip("dhcp.dns", s)? {
+                        v.push(ip);
+                    }
+                }
+                v
+            }
+            None => vec![host_ip],
+        };
+        let domain = match &d.domain {
+            Some(s) if s.trim().is_empty() => None,
+            Some(s) => {
+                let s = s.trim();
+                if s.len() > 253
+                    || !s
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+                {
+                    return Err(field_err(
+                        "dhcp.domain",
+                        format!("`{s}` is not a domain name"),
+                    ));
+                }
+                Some(s.to_owned())
+            }
+            None => host_domain_name(),
+        };
+        let mut routes = Vec::new();
+        for r in d.routes.iter().flatten() {
+            routes.push(parse_route(r)?);
+        }
+        let dhcp = DhcpConfig {
+            enabled: d.enabled.unwrap_or(true),
+            range_start,
+            range_end,
+            mask: dmask,
+            lease: secs("dhcp.lease", d.lease, 7200)?,
+            gateway,
+            dns,
+            domain,
+            routes,
+        };
+
+        let mut upstream = Vec::new();
+        for s in raw.dns.upstream.iter().flatten() {
+            upstream.push(parse_upstream("dns.upstream", s)?);
+        }
+        let dns_cfg = DnsConfig {
+            upstream,
+            query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
+        };
+
+        Ok(Config {
+            enabled: raw.enabled.unwrap_or(true),
+            host,
+            nat,
+            dhcp,
+            dns: dns_cfg,
+            state_dir: raw.state_dir.as_ref().map(PathBuf::from),
+        })
+    }
+
+    /// The virtual network as (network address, mask).
+    pub fn subnet(&self) -> (Ipv4Addr, Ipv4Addr) {
+        let m = u32::from(self.host.mask);
+        (Ipv4Addr::from(u32::from(self.host.ip) & m), self.host.mask)
+    }
+
+    pub fn in_subnet(&self, ip: Ipv4Addr) -> bool {
+        same_subnet(ip, self.host.ip, self.host.mask)
+    }
+}
+
+impl RawConfig {
+    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// The host's DNS domain: `domain` or the first `search` entry of /etc/resolv.conf, else the
+/// part after the first dot of the host name. `None` when the host has none.
+pub fn host_domain_name() -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string("/etc/resolv.conf") {
+        for line in text.lines() {
+            let mut w = line.split_whitespace();
+            match w.next() {
+                Some("domain") | Some("search") => {
+                    if let Some(d) = w.next() {
+                        let d = d.trim_end_matches('.');
+                        if !d.is_empty() {
+                            return Some(d.to_owned());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let (_, domain) = host.trim().split_once('.')?;
+    (!domain.is_empty()).then(|| domain.to_owned())
+}
+
+/// The upstream resolvers of /etc/resolv.conf (its `nameserver` lines), port 53.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()).flatten()
+        })
+        .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_raw(&RawConfig::from_toml(text).unwrap())
+    }
+
+    fn field_of(e: ConfigError) -> &'static str {
+        match e {
+            ConfigError::Field { field, .. } => field,
+            other => panic!("expected a field error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = Config::defaults();
+        assert!(c.enabled && c.nat.enabled && c.dhcp.enabled);
+        assert_eq!(c.host.ip, Ipv4Addr::new(192, 168, 30, 1));
+        assert_eq!(c.host.mask, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.nat.mtu, 1500);
+        assert_eq!(c.nat.tcp_timeout, Duration::from_secs(7200));
+        assert_eq!(c.nat.udp_timeout, Duration::from_secs(600));
+        assert_eq!(c.dhcp.range_start, Ipv4Addr::new(192, 168, 30, 10));
+        assert_eq!(c.dhcp.range_end, Ipv4Addr::new(192, 168, 30, 200));
+        assert_eq!(c.dhcp.lease, Duration::from_secs(7200));
+        assert_eq!(c.dhcp.gateway, Some(Ipv4Addr::new(192, 168, 30, 1)));
+        assert_eq!(c.dhcp.dns, vec![Ipv4Addr::new(192, 168, 30, 1)]);
+        assert_eq!(c.host.mac, None);
+    }
+
+    #[test]
+    fn random_mac_starts_00_ac() {
+        let m = Mac::random_secure_nat([1, 2, 3, 4]);
+        assert_eq!(m.0[..2], [0x00, 0xAC]);
+        assert_eq!(m.dashed(), "00-AC-01-02-03-04");
+        assert_eq!("00-ac-01-02-03-04".parse::<Mac>(), Ok(m));
+    }
+
+    #[test]
+    fn blank_gateway_dns_domain_are_left_out() {
+        let c = load("[dhcp]\ngateway = \"\"\ndns = []\ndomain = \"\"\n").unwrap();
+        assert_eq!(c.dhcp.gateway, None);
+        assert!(c.dhcp.dns.is_empty());
+        assert_eq!(c.dhcp.domain, None);
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let cases = [
+            ("[dhcp]\nrange_start = \"10.0.0.1\"", "dhcp.range_start"),
+            ("[dhcp]\nrange_end = \"192.168.31.5\"", "dhcp.range_end"),
+            (
+                "[dhcp]\nrange_start = \"192.168.30.100\"\nrange_end = \"192.168.30.50\"",
+                "dhcp.range_start",
+            ),
+            ("[dhcp]\ngateway = \"10.9.9.9\"", "dhcp.gateway"),
+            (
+                "[dhcp]\ndns = [\"1.1.1.1\", \"1.0.0.1\", \"8.8.8.8\"]",
+                "dhcp.dns",
+            ),
+            (
+                "[dhcp]\nroutes = [\"10.0.0.0/8 to 1.2.3.4\"]",
+                "dhcp.routes",
+            ),
+            ("[host]\nmask = \"255.0.255.0\"", "host.mask"),
+            ("[host]\nip = \"300.1.1.1\"", "host.ip"),
+            ("[host]\nmac = \"01:00:5e:00:00:01\"", "host.mac"),
+            ("[nat]\nmtu = 100", "nat.mtu"),
+            ("[nat]\nudp_timeout = 0", "nat.udp_timeout"),
+        ];
+        for (text, field) in cases {
+            let e = load(text).expect_err(text);
+            assert_eq!(field_of(e), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_toml_are_refused() {
+        assert!(RawConfig::from_toml("[dhcp]\nrange = 3").is_err());
+        assert!(RawConfig::from_toml("[dhcp\n").is_err());
+    }
+
+    #[test]
+    fn routes_parse() {
+        let c = load("[dhcp]\nroutes = [\"10.1.0.0/16 via 192.168.30.254\"]").unwrap();
+        assert_eq!(
+            c.dhcp.routes,
+            vec![StaticRoute {
+                dest: Ipv4Addr::new(10, 1, 0, 0),
+                prefix_len: 16,
+                gateway: Ipv4Addr::new(192, 168, 30, 254)
+            }]
+        );
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let c = load("[dns]\nupstream = [\"127.0.0.1\", \"127.0.0.2:5353\"]").unwrap();
+        assert_eq!(c.dns.upstream[0], "127.0.0.1:53".parse().unwrap());
+        assert_eq!(c.dns.upstream[1], "127.0.0.2:5353".parse().unwrap());
+        let ns = resolv_conf_nameservers("# x\nnameserver 10.0.0.2\nsearch a.b\nnameserver ::1\n");
+        assert_eq!(ns.len(), 2);
+    }
+}

@@ -1,0 +1,3 @@
+//! The operator's side: the security log lines (and, later, the management API).
+
+pub mod log;

@@ -1,0 +1,241 @@
+//! The core: one frame (or socket event, or tick) in, frames and socket operations out.
+
+use std::net::Ipv4Addr;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket, DHCP_SERVER_PORT,
+};
+
+use crate::config::{Config, Mac};
+use crate::host::arp::{self, ArpCache, ArpIdentity};
+use crate::host::dhcp::DhcpServer;
+use crate::host::icmp;
+use crate::hostio::{HostEvent, HostIo};
+use crate::nat::Nat;
+use crate::output::FrameBatch;
+use crate::stats::{Drop, Stats};
+use crate::time::{earliest, Instant};
+use crate::wire::IPV4_HEADER_LEN;
+
+/// What every part of the core shares: the configuration, the virtual host's identity, the
+/// neighbour table, counters, and the injected randomness.
+pub struct Ctx {
+    pub cfg: Config,
+    /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
+    pub mac: Mac,
+    pub arp: ArpCache,
+    pub stats: Stats,
+    pub rng: SmallRng,
+    ip_ident: u16,
+    session_id: u32,
+}
+
+impl Ctx {
+    /// The IPv4 identification for the next packet the virtual host originates.
+    pub fn next_ident(&mut self) -> u16 {
+        self.ip_ident = self.ip_ident.wrapping_add(1);
+        self.ip_ident
+    }
+
+    /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
+    pub fn next_session_id(&mut self) -> u32 {
+        self.session_id = self.session_id.wrapping_add(1).max(1);
+        self.session_id
+    }
+
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.cfg.host.ip
+    }
+
+    /// The virtual network's directed broadcast address.
+    pub fn subnet_broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.cfg.host.ip) | !u32::from(self.cfg.host.mask))
+    }
+
+    /// Whether `ip` is one of the addresses the virtual host itself answers for.
+    pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+        ip == self.cfg.host.ip
+    }
+}
+
+pub struct Engine {
+    pub ctx: Ctx,
+    pub dhcp: DhcpServer,
+    pub nat: Nat,
+}
+
+impl Engine {
+    /// `mac` is the virtual host's MAC; `seed` seeds every random choice the core makes.
+    pub fn new(cfg: Config, mac: Mac, seed: u64) -> Engine {
+        let dhcp = DhcpServer::new(&cfg.dhcp);
+        let nat = Nat::new(&cfg);
+        Engine {
+            ctx: Ctx {
+                cfg,
+                mac,
+                arp: ArpCache::default(),
+                stats: Stats::default(),
+                rng: SmallRng::seed_from_u64(seed),
+                ip_ident: 0,
+                session_id: 0,
+            },
+            dhcp,
+            nat,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.ctx.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.ctx.stats
+    }
+
+    /// The virtual host comes up: announce it with a gratuitous ARP.
+    pub fn start(&mut self, _now: Instant, out: &mut FrameBatch) {
+        if self.ctx.cfg.enabled {
+            arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
+        }
+    }
+
+    /// Handles one frame from the segment.
+    pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        self.ctx.stats.frames_in += 1;
+        self.ctx.stats.bytes_in += frame.len() as u64;
+        let before = out.len();
+        if let Err(why) = self.dispatch_frame(now, frame, io, out) {
+            self.ctx.stats.drop(why);
+        }
+        self.count_out(out, before);
+    }
+
+    fn count_out(&mut self, out: &FrameBatch, before: usize) {
+        for f in out.iter().skip(before) {
+            self.ctx.stats.frames_out += 1;
+            self.ctx.stats.bytes_out += f.len() as u64;
+        }
+    }
+
+    fn dispatch_frame(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if !self.ctx.cfg.enabled {
+            return Err(Drop::Disabled);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let dst = crate::wire::mac(eth.dst_addr());
+        let src = crate::wire::mac(eth.src_addr());
+        if src == self.ctx.mac || src.0[0] & 1 != 0 {
+            return Err(Drop::Foreign);
+        }
+        if dst != self.ctx.mac && dst.0[0] & 1 == 0 {
+            return Err(Drop::Foreign);
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                let me = ArpIdentity {
+                    mac: self.ctx.mac,
+                    ip: self.ctx.cfg.host.ip,
+                    alias: self.ctx.cfg.nat.host_loopback,
+                };
+                let cfg = &self.ctx.cfg;
+                arp::handle(
+                    now,
+                    &me,
+                    |ip| cfg.in_subnet(ip),
+                    &mut self.ctx.arp,
+                    eth.payload(),
+                    out,
+                )
+            }
+            EthernetProtocol::Ipv4 => self.handle_ipv4(now, src, dst, eth.payload(), io, out),
+            _ => Err(Drop::Foreign),
+        }
+    }
+
+    fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: Mac,
+        dst_mac: Mac,
+        bytes: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        if !ip.verify_checksum() {
+            return Err(Drop::BadChecksum);
+        }
+        // Ethernet may pad short frames: everything past the IP total length is padding.
+        let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+
+        // DHCP is broadcast before the guest has an address: handle it before the address checks.
+        if ip.next_header() == IpProtocol::Udp && !ip.more_frags() && ip.frag_offset() == 0 {
+            if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {
+                if udp.dst_port() == DHCP_SERVER_PORT
+                    && (dst.is_broadcast() || dst == self.ctx.cfg.host.ip)
+                {
+                    if !self.ctx.cfg.dhcp.enabled {
+                        return Err(Drop::Disabled);
+                    }
+                    return self.dhcp.handle(now, &mut self.ctx, src_mac, &ip, out);
+                }
+            }
+        }
+        if dst_mac != self.ctx.mac {
+            // Broadcast or multicast IP that is not DHCP: nothing for the virtual host.
+            return Err(Drop::Foreign);
+        }
+        if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp {
+            return icmp::handle_to_host(&mut self.ctx, &ip, out);
+        }
+        self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)
+    }
+
+    /// Handles an event from a host socket.
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ev: HostEvent,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let before = out.len();
+        self.nat.handle_host_event(now, &mut self.ctx, ev, io, out);
+        self.count_out(out, before);
+    }
+
+    /// When `handle_timeout` next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        earliest(self.dhcp.poll_timeout(), self.nat.poll_timeout())
+    }
+
+    /// Expires leases and sessions, retransmits, and runs every other timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.dhcp.handle_timeout(now, &mut self.ctx);
+        self.nat.handle_timeout(now, &mut self.ctx, io, out);
+        self.ctx.arp.expire(now);
+        self.count_out(out, before);
+    }
+}

@@ -1,0 +1,309 @@
+//! ARP for the virtual host: answers for its own address, learns guests' MAC/IP pairs from ARP
+//! and IP traffic, announces itself (gratuitous ARP) when it comes up.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::wire::{
+    ArpHardware, ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol,
+    ETHERNET_HEADER_LEN,
+};
+
+use crate::config::Mac;
+use crate::output::FrameBatch;
+use crate::stats::Drop;
+use crate::time::Instant;
+use crate::wire::{eth, mac};
+
+/// Bound on learned neighbours: a segment with more hosts than this is not one SecureNAT serves,
+/// and a flood of forged ARP must not grow memory.
+pub const MAX_NEIGHBOURS: usize = 4096;
+/// A neighbour not heard from for this long is forgotten.
+pub const NEIGHBOUR_TTL: Duration = Duration::from_secs(3600);
+
+const ARP_LEN: usize = 28;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Neighbour {
+    mac: Mac,
+    seen: Instant,
+}
+
+/// Guests' IPv4 → MAC, learned from what they send.
+#[derive(Default)]
+pub struct ArpCache {
+    table: HashMap<Ipv4Addr, Neighbour>,
+}
+
+impl ArpCache {
+    pub fn lookup(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.table.get(&ip).map(|n| n.mac)
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Records that `ip` is at `mac`. Multicast/broadcast MACs and 0.0.0.0 are never learned.
+    pub fn learn(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac) {
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || mac.0[0] & 1 != 0 {
+            return;
+        }
+        if let Some(n) = self.table.get_mut(&ip) {
+            n.mac = mac;
+            n.seen = now;
+            return;
+        }
+        if self.table.len() >= MAX_NEIGHBOURS {
+            self.expire(now);
+            if self.table.len() >= MAX_NEIGHBOURS {
+                let oldest = self
+                    .table
+                    .iter()
+                    .min_by_key(|(_, n)| n.seen)
+                    .map(|(ip, _)| *ip);
+                if let Some(ip) = oldest {
+                    self.table.remove(&ip);
+                }
+            }
+        }
+        self.table.insert(ip, Neighbour { mac, seen: now });
+    }
+
+    pub fn forget(&mut self, ip: Ipv4Addr) {
+        self.table.remove(&ip);
+    }
+
+    pub fn expire(&mut self, now: Instant) {
+        self.table
+            .retain(|_, n| now.saturating_since(n.seen) < NEIGHBOUR_TTL);
+    }
+}
+
+fn push_arp(out: &mut FrameBatch, eth_dst: Mac, repr: &ArpRepr) {
+    let ArpRepr::EthernetIpv4 {
+        source_hardware_addr,
+        ..
+    } = *repr
+    else {
+        return;
+    };
+    out.push_with(ETHERNET_HEADER_LEN + ARP_LEN, |frame| {
+        let mut f = EthernetFrame::new_unchecked(frame);
+        f.set_dst_addr(eth(eth_dst));
+        f.set_src_addr(source_hardware_addr);
+        f.set_ethertype(EthernetProtocol::Arp);
+        repr.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+    });
+}
+
+/// The gratuitous ARP a host sends when its address comes up (a request for its own address).
+pub fn push_gratuitous(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr) {
+    push_request(out, host_mac, host_ip, host_ip);
+}
+
+/// An ARP request for `target` (when the core must reach a guest whose MAC it does not know).
+pub fn push_request(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr, target: Ipv4Addr) {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: eth(host_mac),
+        source_protocol_addr: host_ip,
+        target_hardware_addr: eth(Mac([0; 6])),
+        target_protocol_addr: target,
+    };
+    push_arp(out, Mac::BROADCAST, &repr);
+}
+
+/// Which of the virtual network's addresses the virtual host answers ARP for.
+pub struct ArpIdentity {
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    /// An extra address answered with the same MAC (the host-loopback address, when on).
+    pub alias: Option<Ipv4Addr>,
+}
+
+/// Handles an ARP packet (the Ethernet payload). Learns the sender when it is on our subnet and
+/// answers requests for the virtual host's addresses.
+pub fn handle(
+    now: Instant,
+    me: &ArpIdentity,
+    in_subnet: impl Fn(Ipv4Addr) -> bool,
+    cache: &mut ArpCache,
+    payload: &[u8],
+    out: &mut FrameBatch,
+) -> Result<(), Drop> {
+    let packet = ArpPacket::new_checked(payload).map_err(|_| Drop::Malformed)?;
+    let repr = ArpRepr::parse(&packet).map_err(|_| Drop::Unsupported)?;
+    let ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    } = repr
+    else {
+        return Err(Drop::Unsupported);
+    };
+    if packet.hardware_type() != ArpHardware::Ethernet {
+        return Err(Drop::Unsupported);
+    }
+    let sender = mac(source_hardware_addr);
+    if sender == me.mac {
+        return Err(Drop::Foreign);
+    }
+    if source_protocol_addr == me.ip {
+        tracing::warn!(
+            "another host ({}) claims the virtual host's address {}",
+            sender,
+            me.ip
+        );
+    } else if in_subnet(source_protocol_addr) {
+        cache.learn(now, source_protocol_addr, sender);
+    }
+    let ours = target_protocol_addr == me.ip || Some(target_protocol_addr) == me.alias;
+    if operation == ArpOperation::Request && ours && source_protocol_addr != target_protocol_addr {
+        let reply = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: eth(me.mac),
+            source_protocol_addr: target_protocol_addr,
+            target_hardware_addr: source_hardware_addr,
+            target_protocol_addr: source_protocol_addr,
+        };
+        push_arp(out, sender, &reply);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: Mac = Mac([0, 0xac, 1, 2, 3, 4]);
+    const GUEST: Mac = Mac([2, 0, 0, 0, 0, 7]);
+    const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+    const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+
+    fn me() -> ArpIdentity {
+        ArpIdentity {
+            mac: HOST,
+            ip: HOST_IP,
+            alias: None,
+        }
+    }
+
+    fn subnet(ip: Ipv4Addr) -> bool {
+        ip.octets()[..3] == [192, 168, 30]
+    }
+
+    fn request(from: Mac, from_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        let mut out = FrameBatch::new();
+        push_request(&mut out, from, from_ip, target);
+        out.get(0).unwrap()[ETHERNET_HEADER_LEN..].to_vec()
+    }
+
+    #[test]
+    fn answers_for_own_ip_and_learns_sender() {
+        let mut cache = ArpCache::default();
+        let mut out = FrameBatch::new();
+        let req = request(GUEST, GUEST_IP, HOST_IP);
+        handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out).unwrap();
+        assert_eq!(cache.lookup(GUEST_IP), Some(GUEST));
+        assert_eq!(out.len(), 1);
+        let f = EthernetFrame::new_checked(out.get(0).unwrap()).unwrap();
+        assert_eq!(f.dst_addr(), eth(GUEST));
+        let r = ArpRepr::parse(&ArpPacket::new_checked(f.payload()).unwrap()).unwrap();
+        assert_eq!(
+            r,
+            ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Reply,
+                source_hardware_addr: eth(HOST),
+                source_protocol_addr: HOST_IP,
+                target_hardware_addr: eth(GUEST),
+                target_protocol_addr: GUEST_IP,
+            }
+        );
+    }
+
+    #[test]
+    fn ignores_requests_for_others_and_foreign_senders() {
+        let mut cache = ArpCache::default();
+        let mut out = FrameBatch::new();
+        let req = request(GUEST, GUEST_IP, Ipv4Addr::new(192, 168, 30, 99));
+        handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out).unwrap();
+        assert!(out.is_empty());
+        // A sender outside the subnet is not learned.
+        let req = request(GUEST, Ipv4Addr::new(10, 0, 0, 1), HOST_IP);
+        handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out).unwrap();
+        assert_eq!(cache.lookup(Ipv4Addr::new(10, 0, 0, 1)), None);
+        // Our own frames reflected back are not ours to answer.
+        let req = request(HOST, HOST_IP, HOST_IP);
+        assert_eq!(
+            handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out),
+            Err(Drop::Foreign)
+        );
+    }
+
+    #[test]
+    fn malformed_is_counted_not_answered() {
+        let mut cache = ArpCache::default();
+        let mut out = FrameBatch::new();
+        let req = request(GUEST, GUEST_IP, HOST_IP);
+        assert_eq!(
+            handle(
+                Instant::ZERO,
+                &me(),
+                subnet,
+                &mut cache,
+                &req[..10],
+                &mut out
+            ),
+            Err(Drop::Malformed)
+        );
+        let mut bad = req.clone();
+        bad[4] = 8; // hardware address length 8: not Ethernet/IPv4
+        assert!(handle(Instant::ZERO, &me(), subnet, &mut cache, &bad, &mut out).is_err());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn gratuitous_arp_names_own_address() {
+        let mut out = FrameBatch::new();
+        push_gratuitous(&mut out, HOST, HOST_IP);
+        let f = EthernetFrame::new_checked(out.get(0).unwrap()).unwrap();
+        assert_eq!(f.dst_addr(), eth(Mac::BROADCAST));
+        let r = ArpRepr::parse(&ArpPacket::new_checked(f.payload()).unwrap()).unwrap();
+        let ArpRepr::EthernetIpv4 {
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } = r
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (source_protocol_addr, target_protocol_addr),
+            (HOST_IP, HOST_IP)
+        );
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let mut cache = ArpCache::default();
+        for i in 0..(MAX_NEIGHBOURS as u32 + 100) {
+            cache.learn(
+                Instant::from_micros(i as u64),
+                Ipv4Addr::from(0x0a00_0000 + i),
+                GUEST,
+            );
+        }
+        assert_eq!(cache.len(), MAX_NEIGHBOURS);
+        assert_eq!(cache.lookup(Ipv4Addr::from(0x0a00_0000)), None);
+        cache.expire(Instant::from_secs(100_000));
+        assert!(cache.is_empty());
+    }
+}

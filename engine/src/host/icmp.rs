@@ -1,0 +1,87 @@
+//! ICMP of the virtual host itself: echo replies for its own addresses, and the error messages
+//! (port unreachable, fragmentation needed) it sends to guests.
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
+};
+
+use crate::output::FrameBatch;
+use crate::stats::Drop;
+use crate::wire::{push_ipv4, Ipv4Header};
+use crate::Ctx;
+
+/// Answers an echo request addressed to the virtual host. `ip` is the request's IPv4 packet.
+pub fn handle_to_host(
+    ctx: &mut Ctx,
+    ip: &Ipv4Packet<&[u8]>,
+    out: &mut FrameBatch,
+) -> Result<(), Drop> {
+    let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+    if !packet.verify_checksum() {
+        return Err(Drop::BadChecksum);
+    }
+    let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
+        .map_err(|_| Drop::Unsupported)?;
+    let Icmpv4Repr::EchoRequest {
+        ident,
+        seq_no,
+        data,
+    } = repr
+    else {
+        return Err(Drop::Unsupported);
+    };
+    let reply = Icmpv4Repr::EchoReply {
+        ident,
+        seq_no,
+        data,
+    };
+    push_icmp(ctx, ip.dst_addr(), ip.src_addr(), &reply, out)
+}
+
+/// Sends `repr` from `src` to the guest `dst` (whose MAC must be known).
+pub fn push_icmp(
+    ctx: &mut Ctx,
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    repr: &Icmpv4Repr,
+    out: &mut FrameBatch,
+) -> Result<(), Drop> {
+    let dst_mac = ctx.arp.lookup(dst).ok_or(Drop::NoArp)?;
+    let h = Ipv4Header::new(src, dst, IpProtocol::Icmp, ctx.next_ident());
+    push_ipv4(out, ctx.mac, dst_mac, &h, repr.buffer_len(), |p| {
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(p),
+            &ChecksumCapabilities::default(),
+        )
+    });
+    Ok(())
+}
+
+/// RFC 792/1812: an error quotes the offending header and at least 8 bytes of its payload.
+const QUOTED_PAYLOAD: usize = 8;
+
+/// Sends a destination-unreachable error about the guest's packet `ip` back to the guest, from
+/// `src` (the virtual host, or the destination it speaks for).
+pub fn push_unreachable(
+    ctx: &mut Ctx,
+    src: std::net::Ipv4Addr,
+    reason: Icmpv4DstUnreachable,
+    ip: &Ipv4Packet<&[u8]>,
+    out: &mut FrameBatch,
+) -> Result<(), Drop> {
+    let header = Ipv4Repr {
+        src_addr: ip.src_addr(),
+        dst_addr: ip.dst_addr(),
+        next_header: ip.next_header(),
+        payload_len: ip.payload().len(),
+        hop_limit: ip.hop_limit(),
+    };
+    let quoted = &ip.payload()[..ip.payload().len().min(QUOTED_PAYLOAD)];
+    let repr = Icmpv4Repr::DstUnreachable {
+        reason,
+        header,
+        data: quoted,
+    };
+    push_icmp(ctx, src, ip.src_addr(), &repr, out)
+}

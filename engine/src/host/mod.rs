@@ -1,0 +1,5 @@
+//! The virtual host: the one machine hubnat is on the segment (ARP, ICMP, DHCP server, DNS relay).
+
+pub mod arp;
+pub mod dhcp;
+pub mod icmp;

@@ -1,0 +1,144 @@
+//! The virtual NAT: guests' TCP, UDP and ICMP carried through host sockets.
+//!
+//! `Nat` routes a guest's IPv4 packet to its protocol (after reassembling fragments) and routes
+//! host-socket events back to the session that owns the socket. The protocols keep their own
+//! session tables; `sessions()` joins them into the seed's NAT table.
+
+pub mod frag;
+pub mod icmp;
+pub mod session;
+pub mod tcp;
+pub mod udp;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{IpProtocol, Ipv4Packet};
+
+use crate::config::Config;
+use crate::hostio::{HostEvent, HostIo};
+use crate::output::FrameBatch;
+use crate::stats::Drop;
+use crate::time::{earliest, Instant};
+use crate::Ctx;
+
+pub use session::{Proto, SessionInfo};
+
+pub struct Nat {
+    pub frag: frag::Reassembler,
+    pub udp: udp::UdpNat,
+    pub tcp: tcp::TcpNat,
+    pub icmp: icmp::IcmpNat,
+}
+
+/// Where a guest's destination really is on the host side, or why it may not be reached.
+///
+/// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
+/// network itself are never sent out: the segment is reached directly, not through the NAT, and a
+/// packet for them on the host side could only come back in (seed 3.7.4, loops).
+pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Drop> {
+    let ip = *dst.ip();
+    if Some(ip) == ctx.cfg.nat.host_loopback {
+        return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+    }
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
+        return Err(Drop::Loop);
+    }
+    Ok(dst)
+}
+
+impl Nat {
+    pub fn new(cfg: &Config) -> Nat {
+        Nat {
+            frag: frag::Reassembler::default(),
+            udp: udp::UdpNat::new(cfg),
+            tcp: tcp::TcpNat::new(cfg),
+            icmp: icmp::IcmpNat::new(cfg),
+        }
+    }
+
+    /// Handles an IPv4 packet from a guest that is neither DHCP nor ICMP to the virtual host.
+    pub fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            let Some(whole) = self.frag.add(now, ip)? else {
+                return Ok(());
+            };
+            let whole = whole.to_vec();
+            let packet = Ipv4Packet::new_unchecked(&whole[..]);
+            return self.handle_whole(now, ctx, &packet, io, out);
+        }
+        self.handle_whole(now, ctx, ip, io, out)
+    }
+
+    fn handle_whole(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        match ip.next_header() {
+            IpProtocol::Udp => self.udp.handle(now, ctx, ip, io, out),
+            IpProtocol::Tcp => self.tcp.handle(now, ctx, ip, io, out),
+            IpProtocol::Icmp => self.icmp.handle(now, ctx, ip, io, out),
+            _ => Err(Drop::Unsupported),
+        }
+    }
+
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: HostEvent,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let ev = match self.tcp.handle_host_event(now, ctx, ev, io, out) {
+            Some(ev) => ev,
+            None => return,
+        };
+        let ev = match self.udp.handle_host_event(now, ctx, ev, io, out) {
+            Some(ev) => ev,
+            None => return,
+        };
+        if self.icmp.handle_host_event(now, ctx, ev, io, out).is_some() {
+            tracing::debug!("event for a socket no session owns: {ev:?}");
+        }
+    }
+
+    /// The seed's NAT table: every session of every protocol.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut v = Vec::new();
+        self.tcp.sessions(&mut v);
+        self.udp.sessions(&mut v);
+        self.icmp.sessions(&mut v);
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = earliest(self.tcp.poll_timeout(), self.udp.poll_timeout());
+        let t = earliest(t, self.icmp.poll_timeout());
+        earliest(t, self.frag.poll_timeout())
+    }
+
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        self.frag.handle_timeout(now, ctx);
+        self.tcp.handle_timeout(now, ctx, io, out);
+        self.udp.handle_timeout(now, ctx, io, out);
+        self.icmp.handle_timeout(now, ctx, io, out);
+    }
+}

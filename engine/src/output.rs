@@ -1,0 +1,80 @@
+//! Frames the core emits, gathered per batch so the port can write them in one go.
+
+/// A batch of outgoing frames. Buffers are kept across `clear()`, so once the batch has grown to
+/// its working size, emitting a frame allocates nothing.
+#[derive(Default)]
+pub struct FrameBatch {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl FrameBatch {
+    pub fn new() -> FrameBatch {
+        FrameBatch::default()
+    }
+
+    /// Appends a frame of exactly `size` zeroed bytes and lets `fill` write it.
+    pub fn push_with<R>(&mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::with_capacity(size.max(1514)));
+        }
+        let buf = &mut self.bufs[self.len];
+        buf.clear();
+        buf.resize(size, 0);
+        self.len += 1;
+        fill(buf)
+    }
+
+    /// Appends a copy of `frame`.
+    pub fn push(&mut self, frame: &[u8]) {
+        self.push_with(frame.len(), |b| b.copy_from_slice(frame));
+    }
+
+    /// Drops the last frame pushed (a builder that found it could not finish).
+    pub fn pop(&mut self) {
+        self.len = self.len.saturating_sub(1);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs[..self.len].iter().map(|b| b.as_slice())
+    }
+
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        (i < self.len).then(|| self.bufs[i].as_slice())
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused() {
+        let mut b = FrameBatch::new();
+        b.push(&[1, 2, 3]);
+        b.push_with(2, |f| f.copy_from_slice(&[4, 5]));
+        assert_eq!(
+            b.iter().collect::<Vec<_>>(),
+            vec![&[1, 2, 3][..], &[4, 5][..]]
+        );
+        let p = b.bufs[0].as_ptr();
+        b.clear();
+        assert!(b.is_empty());
+        b.push(&[9]);
+        assert_eq!(b.bufs[0].as_ptr(), p);
+        assert_eq!(b.get(0), Some(&[9][..]));
+        assert_eq!(b.get(1), None);
+    }
+}

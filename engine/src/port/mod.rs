@@ -1,0 +1,3 @@
+//! Frame ports: where hubnat's frames come from and go to.
+
+pub mod tap;

@@ -1,0 +1,1 @@
+//! Host-socket drivers: real sockets behind the core's `HostIo`.

@@ -1,0 +1,72 @@
+//! Counters of what the core did and what it dropped, by reason.
+
+/// Why a frame was not handled. Every drop is counted under one of these.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(usize)]
+pub enum Drop {
+    /// Shorter than its headers say, or a header field out of range.
+    Malformed,
+    /// A checksum did not verify.
+    BadChecksum,
+    /// For another MAC, or an EtherType we do not speak (IPv6, VLAN, ...).
+    Foreign,
+    /// SecureNAT, NAT or DHCP is disabled.
+    Disabled,
+    /// A session or table limit was reached.
+    Limit,
+    /// A destination that would loop back into hubnat itself.
+    Loop,
+    /// The guest's MAC for an address is not known yet.
+    NoArp,
+    /// Not a protocol or message the virtual host handles.
+    Unsupported,
+    /// An inter-thread queue or socket buffer was full.
+    QueueFull,
+}
+
+impl Drop {
+    pub const ALL: [Drop; 9] = [
+        Drop::Malformed,
+        Drop::BadChecksum,
+        Drop::Foreign,
+        Drop::Disabled,
+        Drop::Limit,
+        Drop::Loop,
+        Drop::NoArp,
+        Drop::Unsupported,
+        Drop::QueueFull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Drop::Malformed => "malformed",
+            Drop::BadChecksum => "bad_checksum",
+            Drop::Foreign => "foreign",
+            Drop::Disabled => "disabled",
+            Drop::Limit => "limit",
+            Drop::Loop => "loop",
+            Drop::NoArp => "no_arp",
+            Drop::Unsupported => "unsupported",
+            Drop::QueueFull => "queue_full",
+        }
+    }
+}
+
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    pub drops: [u64; Drop::ALL.len()],
+}
+
+impl Stats {
+    pub fn drop(&mut self, why: Drop) {
+        self.drops[why as usize] += 1;
+    }
+
+    pub fn drops_of(&self, why: Drop) -> u64 {
+        self.drops[why as usize]
+    }
+}
