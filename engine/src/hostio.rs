@@ -35,11 +35,13 @@ pub struct Datagram {
 }
 
 pub trait HostIo {
-    /// Opens an unconnected UDP socket (bound to an ephemeral port) for one NAT session.
-    fn udp_open(&mut self) -> io::Result<SockId>;
-    fn udp_send_to(&mut self, id: SockId, dst: SocketAddrV4, payload: &[u8]) -> io::Result<usize>;
-    /// `Err(WouldBlock)` when nothing is waiting.
-    fn udp_recv_from(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram>;
+    /// Opens a UDP socket connected to `dst` (bound to an ephemeral port) for one NAT session;
+    /// being connected, it receives only `dst`'s answers and reports its ICMP errors.
+    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;
+    fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize>;
+    /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting;
+    /// `Err(ConnectionRefused)` when the destination answered with ICMP port unreachable.
+    fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize>;
 
     /// Starts a non-blocking connect; its outcome arrives as `Connected` or `ConnectFailed`.
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;

@@ -16,12 +16,13 @@ pub enum ConnectOutcome {
     Silent,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SimUdp {
+    pub dst: SocketAddrV4,
     /// Datagrams the core sent, in order.
-    pub sent: Vec<(SocketAddrV4, Vec<u8>)>,
-    /// Datagrams waiting to be received by the core.
-    pub inbox: VecDeque<(SocketAddrV4, Vec<u8>)>,
+    pub sent: Vec<Vec<u8>>,
+    /// Datagrams (or an ICMP port unreachable, as `Err`) waiting to be received by the core.
+    pub inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
 }
 
 #[derive(Debug)]
@@ -141,10 +142,18 @@ impl SimHost {
         v
     }
 
-    /// A datagram arrives from `from` on UDP socket `id`.
-    pub fn deliver_udp(&mut self, id: SockId, from: SocketAddrV4, data: &[u8]) {
+    /// A datagram arrives from the destination of UDP socket `id`.
+    pub fn deliver_udp(&mut self, id: SockId, data: &[u8]) {
         if let Some(u) = self.udp(id) {
-            u.inbox.push_back((from, data.to_vec()));
+            u.inbox.push_back(Ok(data.to_vec()));
+            self.events.push_back(HostEvent::Readable(id));
+        }
+    }
+
+    /// The destination of UDP socket `id` answers with ICMP port unreachable.
+    pub fn refuse_udp(&mut self, id: SockId) {
+        if let Some(u) = self.udp(id) {
+            u.inbox.push_back(Err(io::ErrorKind::ConnectionRefused));
             self.events.push_back(HostEvent::Readable(id));
         }
     }
@@ -182,22 +191,27 @@ impl SimHost {
 }
 
 impl HostIo for SimHost {
-    fn udp_open(&mut self) -> io::Result<SockId> {
-        Ok(self.alloc(SimSocket::Udp(SimUdp::default())))
+    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        Ok(self.alloc(SimSocket::Udp(SimUdp {
+            dst,
+            sent: Vec::new(),
+            inbox: VecDeque::new(),
+        })))
     }
 
-    fn udp_send_to(&mut self, id: SockId, dst: SocketAddrV4, payload: &[u8]) -> io::Result<usize> {
+    fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
         let u = self.udp(id).ok_or_else(bad_id)?;
-        u.sent.push((dst, payload.to_vec()));
+        u.sent.push(payload.to_vec());
         Ok(payload.len())
     }
 
-    fn udp_recv_from(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram> {
+    fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
         let u = self.udp(id).ok_or_else(bad_id)?;
-        let (from, data) = u.inbox.pop_front().ok_or_else(would_block)?;
+        let data = u.inbox.pop_front().ok_or_else(would_block)?;
+        let data = data.map_err(io::Error::from)?;
         let len = data.len().min(buf.len());
         buf[..len].copy_from_slice(&data[..len]);
-        Ok(Datagram { len, from })
+        Ok(len)
     }
 
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
