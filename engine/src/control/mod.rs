@@ -1,3 +1,4 @@
 //! The operator's side: the security log lines (and, later, the management API).
 
 pub mod log;
+pub mod state;

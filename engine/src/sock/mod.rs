@@ -1,1 +1,3 @@
 //! Host-socket drivers: real sockets behind the core's `HostIo`.
+
+pub mod mio;

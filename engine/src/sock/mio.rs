@@ -1,0 +1,620 @@
+//! The epoll (mio) host-socket driver: real, non-blocking OS sockets behind `HostIo`.
+//!
+//! Sockets are registered edge-triggered with the runtime's `mio::Poll`, the token being the
+//! `SockId`. `events()` turns mio's readiness into the core's `HostEvent`s.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use crate::hostio::{Datagram, HostEvent, HostIo, SockId};
+
+/// Tokens at or above this are the runtime's own (the port, signals), never sockets.
+pub const FIRST_RESERVED_TOKEN: usize = u32::MAX as usize;
+
+enum Icmp {
+    /// SOCK_DGRAM/IPPROTO_ICMP ("ping socket"): the kernel chooses the ident, filters replies.
+    Datagram(OwnedFd),
+    /// SOCK_RAW, connected to the destination: sees every echo reply from it, with IP header.
+    Raw { fd: OwnedFd, ident: u16 },
+}
+
+struct Tcp {
+    stream: TcpStream,
+    connecting: bool,
+    /// The kernel's SO_PEEK_OFF for this socket, or None where the kernel lacks it.
+    peek_off: Option<usize>,
+    eof: bool,
+}
+
+enum Sock {
+    Udp(UdpSocket),
+    Tcp(Tcp),
+    Icmp(Icmp),
+}
+
+pub struct MioHost {
+    registry: Registry,
+    socks: HashMap<SockId, Sock>,
+    next_id: SockId,
+    /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
+    scratch: Vec<u8>,
+    /// Receive buffer size requested on new TCP sockets (0: the kernel's default).
+    pub tcp_rcvbuf: usize,
+    pub tcp_sndbuf: usize,
+}
+
+fn not_found() -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, "no such host socket")
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its size is passed; the kernel only reads it.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+impl MioHost {
+    pub fn new(registry: Registry) -> MioHost {
+        MioHost {
+            registry,
+            socks: HashMap::new(),
+            next_id: 0,
+            scratch: Vec::new(),
+            tcp_rcvbuf: 0,
+            tcp_sndbuf: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.socks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.socks.is_empty()
+    }
+
+    fn alloc_id(&mut self) -> SockId {
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id as usize >= FIRST_RESERVED_TOKEN {
+                self.next_id = 1;
+            }
+            if !self.socks.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    /// Translates one mio event for a socket into the core's events.
+    pub fn events(&mut self, event: &mio::event::Event, into: &mut Vec<HostEvent>) {
+        let id = event.token().0 as SockId;
+        let Some(sock) = self.socks.get_mut(&id) else {
+            return;
+        };
+        match sock {
+            Sock::Tcp(t) if t.connecting => {
+                if !(event.is_writable() || event.is_error() || event.is_write_closed()) {
+                    return;
+                }
+                let err = match t.stream.take_error() {
+                    Ok(Some(e)) => Some(e),
+                    Err(e) => Some(e),
+                    Ok(None) => t.stream.peer_addr().err(),
+                };
+                match err {
+                    Some(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Some(e) => {
+                        into.push(HostEvent::ConnectFailed(id, e.kind()));
+                    }
+                    None => {
+                        t.connecting = false;
+                        into.push(HostEvent::Connected(id));
+                        if event.is_readable() {
+                            into.push(HostEvent::Readable(id));
+                        }
+                    }
+                }
+            }
+            Sock::Tcp(t) => {
+                if event.is_error() {
+                    if let Ok(Some(e)) | Err(e) = t.stream.take_error() {
+                        into.push(HostEvent::Failed(id, e.kind()));
+                        return;
+                    }
+                }
+                if event.is_readable() || event.is_read_closed() {
+                    into.push(HostEvent::Readable(id));
+                }
+                if event.is_writable() {
+                    into.push(HostEvent::Writable(id));
+                }
+            }
+            Sock::Udp(_) | Sock::Icmp(_) => {
+                if event.is_readable() || event.is_error() {
+                    into.push(HostEvent::Readable(id));
+                }
+            }
+        }
+    }
+
+    fn tcp(&mut self, id: SockId) -> io::Result<&mut Tcp> {
+        match self.socks.get_mut(&id) {
+            Some(Sock::Tcp(t)) => Ok(t),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn register_fd(&mut self, fd: RawFd, id: SockId) -> io::Result<()> {
+        self.registry
+            .register(&mut SourceFd(&fd), Token(id as usize), Interest::READABLE)
+    }
+
+    fn open_icmp(&mut self) -> io::Result<Icmp> {
+        // SAFETY: plain socket creation; the result is checked.
+        let dgram = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        };
+        if dgram >= 0 {
+            // SAFETY: a fresh fd owned by nobody else.
+            return Ok(Icmp::Datagram(unsafe { OwnedFd::from_raw_fd(dgram) }));
+        }
+        // SAFETY: as above.
+        let raw = cvt(unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        })?;
+        // SAFETY: a fresh fd owned by nobody else.
+        Ok(Icmp::Raw {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+            ident: 0,
+        })
+    }
+}
+
+impl HostIo for MioHost {
+    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        let mut sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        sock.connect(SocketAddr::V4(dst))?;
+        let id = self.alloc_id();
+        self.registry
+            .register(&mut sock, Token(id as usize), Interest::READABLE)?;
+        self.socks.insert(id, Sock::Udp(sock));
+        Ok(id)
+    }
+
+    fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
+        match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.send(payload),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
+        match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.recv(buf),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        let mut stream = TcpStream::connect(SocketAddr::V4(dst))?;
+        let fd = stream.as_raw_fd();
+        let _ = stream.set_nodelay(true);
+        if self.tcp_rcvbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                self.tcp_rcvbuf as libc::c_int,
+            );
+        }
+        if self.tcp_sndbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                self.tcp_sndbuf as libc::c_int,
+            );
+        }
+        let peek_off = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
+            .ok()
+            .map(|_| 0);
+        let id = self.alloc_id();
+        self.registry.register(
+            &mut stream,
+            Token(id as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.socks.insert(
+            id,
+            Sock::Tcp(Tcp {
+                stream,
+                connecting: true,
+                peek_off,
+                eof: false,
+            }),
+        );
+        Ok(id)
+    }
+
+    fn tcp_send(&mut self, id: SockId, data: &[u8]) -> io::Result<usize> {
+        let t = self.tcp(id)?;
+        match t.stream.write(data) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tcp_peek(&mut self, id: SockId, offset: usize, buf: &mut [u8]) -> io::Result<usize> {
+        let scratch = &mut self.scratch;
+        let t = match self.socks.get_mut(&id) {
+            Some(Sock::Tcp(t)) => t,
+            _ => return Err(not_found()),
+        };
+        let fd = t.stream.as_raw_fd();
+        // (bytes copied into `buf`, whether the peer's FIN was reached)
+        let (peeked, eof) = if let Some(cur) = t.peek_off {
+            if cur != offset {
+                setsockopt_int(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEEK_OFF,
+                    offset as libc::c_int,
+                )?;
+                t.peek_off = Some(offset);
+            }
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes during the call.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK) };
+            if n > 0 {
+                t.peek_off = Some(offset + n as usize);
+            }
+            (n, n == 0)
+        } else {
+            // No SO_PEEK_OFF: peek the prefix too and copy out the part asked for.
+            scratch.resize(offset + buf.len(), 0);
+            // SAFETY: `scratch` is valid for writes of its length during the call.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_PEEK,
+                )
+            };
+            if n > offset as isize {
+                let got = n as usize - offset;
+                buf[..got].copy_from_slice(&scratch[offset..n as usize]);
+                (got as isize, false)
+            } else if n >= 0 {
+                (0, n == 0)
+            } else {
+                (n, false)
+            }
+        };
+        if peeked < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(0),
+                _ => Err(e),
+            };
+        }
+        if eof && !buf.is_empty() {
+            t.eof = true;
+        }
+        Ok(peeked as usize)
+    }
+
+    fn tcp_consume(&mut self, id: SockId, n: usize) -> io::Result<()> {
+        let t = self.tcp(id)?;
+        let fd = t.stream.as_raw_fd();
+        let mut left = n;
+        while left > 0 {
+            // MSG_TRUNC on a TCP socket discards the bytes without copying them anywhere.
+            // SAFETY: a NULL buffer is allowed with MSG_TRUNC on TCP; nothing is written.
+            let r = unsafe {
+                libc::recv(
+                    fd,
+                    std::ptr::null_mut(),
+                    left,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                let e = if r == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "consume past EOF")
+                } else {
+                    io::Error::last_os_error()
+                };
+                return Err(e);
+            }
+            left -= r as usize;
+        }
+        if let Some(cur) = t.peek_off.as_mut() {
+            // The kernel moves the peek offset back by what was consumed.
+            *cur = cur.saturating_sub(n);
+        }
+        Ok(())
+    }
+
+    fn tcp_peer_closed(&mut self, id: SockId) -> bool {
+        self.tcp(id).map(|t| t.eof).unwrap_or(true)
+    }
+
+    fn tcp_shutdown_write(&mut self, id: SockId) -> io::Result<()> {
+        self.tcp(id)?.stream.shutdown(Shutdown::Write)
+    }
+
+    fn tcp_abort(&mut self, id: SockId) {
+        if let Ok(t) = self.tcp(id) {
+            // Linger 0: close() sends RST instead of FIN.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: `linger` is a live struct and its size is passed; the kernel only reads it.
+            unsafe {
+                libc::setsockopt(
+                    t.stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
+    fn icmp_open(&mut self) -> io::Result<SockId> {
+        let icmp = self.open_icmp()?;
+        let fd = match &icmp {
+            Icmp::Datagram(fd) | Icmp::Raw { fd, .. } => fd.as_raw_fd(),
+        };
+        let id = self.alloc_id();
+        self.register_fd(fd, id)?;
+        self.socks.insert(id, Sock::Icmp(icmp));
+        Ok(id)
+    }
+
+    fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+        let Some(Sock::Icmp(icmp)) = self.socks.get_mut(&id) else {
+            return Err(not_found());
+        };
+        let fd = match icmp {
+            Icmp::Datagram(fd) => fd.as_raw_fd(),
+            Icmp::Raw { fd, ident } => {
+                if message.len() >= 6 {
+                    *ident = u16::from_be_bytes([message[4], message[5]]);
+                }
+                fd.as_raw_fd()
+            }
+        };
+        let addr = sockaddr_in(SocketAddrV4::new(dst, 0));
+        // SAFETY: `message` and `addr` are valid for reads of the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram> {
+        let Some(Sock::Icmp(icmp)) = self.socks.get_mut(&id) else {
+            return Err(not_found());
+        };
+        loop {
+            let (fd, raw_ident) = match icmp {
+                Icmp::Datagram(fd) => (fd.as_raw_fd(), None),
+                Icmp::Raw { fd, ident } => (fd.as_raw_fd(), Some(*ident)),
+            };
+            let mut addr: libc::sockaddr_in =
+                sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let mut alen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: `buf` and `addr` are valid for writes of the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut addr as *mut libc::sockaddr_in).cast(),
+                    &mut alen,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let from = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), 0);
+            let mut len = n as usize;
+            if let Some(ident) = raw_ident {
+                // A raw socket sees every ICMP message with its IP header: keep only the echo
+                // replies to the ident this socket sent, and strip the header.
+                let ihl = buf.first().map_or(0, |b| ((b & 0x0f) as usize) * 4);
+                if ihl < 20 || len < ihl + 8 {
+                    continue;
+                }
+                let icmp_msg = &buf[ihl..len];
+                if icmp_msg[0] != 0 || u16::from_be_bytes([icmp_msg[4], icmp_msg[5]]) != ident {
+                    continue;
+                }
+                buf.copy_within(ihl..len, 0);
+                len -= ihl;
+            }
+            return Ok(Datagram { len, from });
+        }
+    }
+
+    fn close(&mut self, id: SockId) {
+        match self.socks.remove(&id) {
+            Some(Sock::Udp(mut s)) => {
+                let _ = self.registry.deregister(&mut s);
+            }
+            Some(Sock::Tcp(mut t)) => {
+                let _ = self.registry.deregister(&mut t.stream);
+            }
+            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => {
+                let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn wait_for(
+        host: &mut MioHost,
+        poll: &mut mio::Poll,
+        want: impl Fn(&HostEvent) -> bool,
+    ) -> Vec<HostEvent> {
+        let mut events = mio::Events::with_capacity(64);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            poll.poll(&mut events, Some(Duration::from_millis(50)))
+                .unwrap();
+            for e in events.iter() {
+                host.events(e, &mut got);
+            }
+            if got.iter().any(&want) {
+                return got;
+            }
+        }
+        panic!("event did not come: {got:?}");
+    }
+
+    #[test]
+    fn tcp_connect_peek_consume_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        let mut poll = mio::Poll::new().unwrap();
+        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let id = host.tcp_connect(addr).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        peer.write_all(b"hello world").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        let mut buf = [0u8; 5];
+        assert_eq!(host.tcp_peek(id, 6, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"world");
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"hello");
+        host.tcp_consume(id, 6).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"world");
+        assert_eq!(host.tcp_send(id, b"ping").unwrap(), 4);
+        host.tcp_shutdown_write(id).unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ping");
+        drop(peer);
+        host.tcp_consume(id, 5).unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        assert!(host.tcp_peer_closed(id));
+        host.close(id);
+        assert!(host.is_empty());
+    }
+
+    #[test]
+    fn tcp_connect_refused_is_reported() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        drop(listener);
+        let mut poll = mio::Poll::new().unwrap();
+        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let id = host.tcp_connect(addr).unwrap();
+        let got = wait_for(&mut host, &mut poll, |e| {
+            matches!(e, HostEvent::ConnectFailed(..))
+        });
+        assert!(got.contains(&HostEvent::ConnectFailed(
+            id,
+            io::ErrorKind::ConnectionRefused
+        )));
+    }
+
+    #[test]
+    fn udp_roundtrip_and_port_unreachable() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = server.local_addr().unwrap() else {
+            panic!()
+        };
+        let mut poll = mio::Poll::new().unwrap();
+        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let id = host.udp_open(addr).unwrap();
+        host.udp_send(id, b"abc").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"abc");
+        server.send_to(b"xyz", from).unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        assert_eq!(host.udp_recv(id, &mut buf).unwrap(), 3);
+        drop(server);
+        host.udp_send(id, b"again").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        let e = host.udp_recv(id, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+}
