@@ -1,1 +1,238 @@
+//! End-to-end: real DHCP clients (ISC dhclient, busybox udhcpc) and ping against hubnat on a TAP.
 
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{wait_until, Lab, Lease, Proc};
+
+const HOST_IP: &str = "192.168.30.1";
+
+fn in_default_range(ip: &str) -> bool {
+    let ip: std::net::Ipv4Addr = ip.parse().expect("an IPv4 address");
+    let o = ip.octets();
+    o[..3] == [192, 168, 30] && (10..=200).contains(&o[3])
+}
+
+/// The hook script for dhclient: records the variables of each run in `dhclient.REASON` and
+/// configures the interface itself (the system's hooks, which rewrite resolv.conf, never run).
+const DHCLIENT_SCRIPT: &str = r#"#!/bin/sh
+env | grep -E '^(reason|interface|new_|old_)' > "$HUBNAT_E2E_DIR/dhclient.$reason"
+case "$reason" in
+  PREINIT) ip link set "$interface" up ;;
+  BOUND|RENEW|REBIND|REBOOT)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface"
+    if [ -n "$new_routers" ]; then ip route replace default via "${new_routers%% *}" dev "$interface"; fi ;;
+  RELEASE|EXPIRE|STOP|FAIL) ip -4 addr flush dev "$interface" ;;
+esac
+exit 0
+"#;
+
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+{ echo "event=$1"; echo "ip=$ip"; echo "subnet=$subnet"; echo "mask=$mask"; echo "router=$router";
+  echo "dns=$dns"; echo "domain=$domain"; echo "lease=$lease"; echo "serverid=$serverid"; } > "$HUBNAT_E2E_DIR/udhcpc.$1"
+case "$1" in
+  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    if [ -n "$router" ]; then ip route replace default via "${router%% *}" dev "$interface"; fi ;;
+esac
+exit 0
+"#;
+
+struct Dhclient<'a> {
+    lab: &'a Lab,
+    script: PathBuf,
+    conf: PathBuf,
+}
+
+impl<'a> Dhclient<'a> {
+    fn new(lab: &'a Lab) -> Dhclient<'a> {
+        let script = lab.write_script("dhclient-script", DHCLIENT_SCRIPT);
+        let conf = lab.dir.join("dhclient.conf");
+        std::fs::write(
+            &conf,
+            "timeout 20;\nretry 1;\nsend host-name \"e2e-guest\";\n\
+             request subnet-mask, broadcast-address, routers, domain-name, domain-name-servers;\n",
+        )
+        .unwrap();
+        Dhclient { lab, script, conf }
+    }
+
+    fn cmd(&self, extra: &[&str]) -> Command {
+        let (script, conf) = (self.script.to_str().unwrap(), self.conf.to_str().unwrap());
+        let lf = self.lab.dir.join("dhclient.leases");
+        let pf = self.lab.dir.join("dhclient.pid");
+        let mut args = vec!["dhclient", "-v", "-sf", script, "-cf", conf];
+        args.extend_from_slice(&["-lf", lf.to_str().unwrap(), "-pf", pf.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        args.push(&self.lab.tap);
+        let mut c = self.lab.guest.cmd(&args);
+        c.env("HUBNAT_E2E_DIR", &self.lab.dir.0);
+        c
+    }
+
+    /// Runs dhclient in the foreground until it is bound; returns the process and the lease.
+    fn bind(&self) -> (Proc, Lease) {
+        let bound = self.lab.dir.join("dhclient.BOUND");
+        let _ = std::fs::remove_file(&bound);
+        let p = Proc::spawn(
+            "dhclient",
+            self.cmd(&["-d"]),
+            Some(self.lab.dir.join("dhclient.log")),
+        );
+        let lease = wait_until(Duration::from_secs(30), || {
+            let text = common::read(&bound);
+            text.contains("new_ip_address").then(|| Lease::parse(&text))
+        });
+        let lease = lease.unwrap_or_else(|| {
+            panic!(
+                "dhclient got no lease.\ndhclient: {}\nhubnat: {}",
+                p.log(),
+                self.lab.hubnat_log()
+            )
+        });
+        (p, lease)
+    }
+
+    /// Releases the lease (dhclient -r also ends the running client through its pid file).
+    fn release(&self) {
+        let out = common::sh(&mut self.cmd(&["-r"]));
+        assert!(out.status.success(), "dhclient -r failed: {out:?}");
+    }
+}
+
+fn udhcpc(lab: &Lab, extra: &[&str]) -> (std::process::Output, Lease) {
+    let script = lab.write_script("udhcpc-script", UDHCPC_SCRIPT);
+    let mut args = vec!["busybox", "udhcpc", "-i", &lab.tap, "-f", "-q", "-n"];
+    args.extend_from_slice(&["-t", "4", "-T", "1", "-A", "1", "-x", "hostname:e2e-udhcpc"]);
+    args.extend_from_slice(&["-s", script.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    let mut c = lab.guest.cmd(&args);
+    c.env("HUBNAT_E2E_DIR", &lab.dir.0);
+    let out = c.output().expect("busybox udhcpc runs");
+    let lease = Lease::parse(&common::read(&lab.dir.join("udhcpc.bound")));
+    (out, lease)
+}
+
+fn ping_host(lab: &Lab) -> bool {
+    lab.guest
+        .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", HOST_IP])
+        .status
+        .success()
+}
+
+const FULL_CONFIG: &str = r#"
+[dhcp]
+domain = "hubnat.test"
+dns = ["192.168.30.1", "192.168.30.2"]
+routes = ["10.77.0.0/16 via 192.168.30.1"]
+"#;
+
+#[test]
+fn dhclient_gets_a_full_lease_and_pings_the_virtual_host() {
+    require_root!();
+    let lab = Lab::start(FULL_CONFIG);
+    let client = Dhclient::new(&lab);
+    let (_p, lease) = client.bind();
+    let ip = lease.get("new_ip_address").unwrap();
+    assert!(in_default_range(ip), "address {ip} outside the range");
+    assert_eq!(lease.get("new_subnet_mask"), Some("255.255.255.0"));
+    assert_eq!(lease.get("new_routers"), Some(HOST_IP));
+    assert_eq!(
+        lease.get("new_domain_name_servers"),
+        Some("192.168.30.1 192.168.30.2")
+    );
+    assert_eq!(lease.get("new_domain_name"), Some("hubnat.test"));
+    assert_eq!(lease.get("new_dhcp_lease_time"), Some("7200"));
+    assert_eq!(lab.guest.addrs(&lab.tap), vec![format!("{ip}/24")]);
+    assert!(ping_host(&lab), "the virtual host does not answer ping");
+    let log = lab.hubnat_log();
+    let want = format!("IP address: {ip}, host name: e2e-guest, expiration date: 7200 seconds");
+    assert!(
+        log.contains("SecureNAT: The DHCP entry 1 was created. MAC address: ")
+            && log.contains(&want),
+        "log line missing:\n{log}"
+    );
+}
+
+#[test]
+fn udhcpc_gets_a_full_lease() {
+    require_root!();
+    let lab = Lab::start(FULL_CONFIG);
+    let (out, lease) = udhcpc(&lab, &[]);
+    assert!(
+        out.status.success(),
+        "udhcpc failed: {out:?}\n{}",
+        lab.hubnat_log()
+    );
+    let ip = lease.get("ip").expect("udhcpc bound");
+    assert!(in_default_range(ip));
+    assert_eq!(lease.get("subnet"), Some("255.255.255.0"));
+    assert_eq!(lease.get("router"), Some(HOST_IP));
+    assert_eq!(lease.get("dns"), Some("192.168.30.1 192.168.30.2"));
+    assert_eq!(lease.get("domain"), Some("hubnat.test"));
+    assert_eq!(lease.get("serverid"), Some(HOST_IP));
+    assert_eq!(lab.guest.addrs(&lab.tap), vec![format!("{ip}/24")]);
+    assert!(ping_host(&lab));
+}
+
+#[test]
+fn a_released_client_comes_back_to_the_same_address() {
+    require_root!();
+    let lab = Lab::start("");
+    let client = Dhclient::new(&lab);
+    let (mut p, first) = client.bind();
+    client.release();
+    p.stop(Duration::from_secs(3));
+    assert!(
+        lab.guest.addrs(&lab.tap).is_empty(),
+        "release left the address"
+    );
+    // Another client takes an address meanwhile: the returning one must still get its own.
+    let (_p2, second) = client.bind();
+    assert_eq!(first.get("new_ip_address"), second.get("new_ip_address"));
+    // udhcpc, releasing on exit (-R), also comes back to its own address.
+    let lab2 = Lab::start("");
+    let (out, a) = udhcpc(&lab2, &["-R"]);
+    assert!(out.status.success());
+    let (out, b) = udhcpc(&lab2, &["-R"]);
+    assert!(out.status.success());
+    assert_eq!(a.get("ip"), b.get("ip"));
+}
+
+#[test]
+fn blank_gateway_and_dns_are_left_out() {
+    require_root!();
+    let lab = Lab::start("[dhcp]\ngateway = \"\"\ndns = []\ndomain = \"\"\n");
+    let (out, lease) = udhcpc(&lab, &[]);
+    assert!(out.status.success(), "udhcpc failed: {out:?}");
+    assert!(lease.get("ip").is_some_and(in_default_range));
+    assert_eq!(lease.get("router"), None);
+    assert_eq!(lease.get("dns"), None);
+    assert_eq!(lease.get("domain"), None);
+    let client = Dhclient::new(&lab);
+    let (_p, lease) = client.bind();
+    assert_eq!(lease.get("new_routers"), None);
+    assert_eq!(lease.get("new_domain_name_servers"), None);
+}
+
+#[test]
+fn with_dhcp_disabled_no_offer_comes() {
+    require_root!();
+    let lab = Lab::start("[dhcp]\nenabled = false\n");
+    let (out, lease) = udhcpc(&lab, &[]);
+    assert!(
+        !out.status.success(),
+        "udhcpc got a lease from a disabled server"
+    );
+    assert!(lease.get("ip").is_none());
+    // The virtual host itself still answers.
+    lab.guest
+        .exec_ok(&["ip", "addr", "add", "192.168.30.77/24", "dev", &lab.tap]);
+    assert!(ping_host(&lab));
+}

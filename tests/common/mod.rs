@@ -1,0 +1,347 @@
+//! The end-to-end harness: network namespaces, hubnat processes and real clients, each cleaned up
+//! when dropped (also when a test fails and unwinds).
+//!
+//! Topology of every test: a guest namespace holding the TAP device hubnat creates there, and a
+//! namespace of hubnat's own whose only routes lead to the test's server namespaces. Nothing a
+//! test does can reach another address.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique, short name for this test process (interface names are limited to 15 bytes).
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Whether the end-to-end tests can run here (root, with `ip`).
+pub fn can_run() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    root && ip
+}
+
+/// Skips the test (with a message) where namespaces cannot be made; CI runs as root, so there
+/// every end-to-end test runs.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !common::can_run() {
+            if std::env::var_os("CI").is_some() {
+                panic!("end-to-end tests need root and iproute2, and CI must run them");
+            }
+            eprintln!("skipped: needs root and iproute2");
+            return;
+        }
+    };
+}
+
+pub fn sh(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn must(cmd: &mut Command) -> String {
+    let out = sh(cmd);
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace made by the test, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        must(Command::new("ip").args(["netns", "add", &name]));
+        // A DHCP client run by `ip netns exec` sees /etc/netns/NAME/resolv.conf as its
+        // /etc/resolv.conf: the machine's own file is never touched.
+        let etc = PathBuf::from("/etc/netns").join(&name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("resolv.conf"), "").unwrap();
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        sh(&mut self.cmd(args))
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        must(&mut self.cmd(args))
+    }
+
+    /// The IPv4 addresses (with prefix length) on `dev`.
+    pub fn addrs(&self, dev: &str) -> Vec<String> {
+        let out = self.exec_ok(&["ip", "-4", "-o", "addr", "show", "dev", dev]);
+        out.lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                w.position(|x| x == "inet")?;
+                w.next().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    pub fn wait_for_link(&self, dev: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.exec(&["ip", "link", "show", dev]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("link {dev} did not appear in {}", self.name);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(unique("hubnat-e2e-"));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn join(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process the test started; ended by its PID (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+    log: Option<PathBuf>,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: Option<PathBuf>) -> Proc {
+        if let Some(log) = &log {
+            let f = std::fs::File::create(log).unwrap();
+            cmd.stdout(f.try_clone().unwrap()).stderr(f);
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY-free: kill(2) through the `kill` binary keeps unsafe out of the tests.
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Stops the process with SIGTERM and waits for it (SIGKILL after `grace`).
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Some(st);
+        }
+        self.signal(15);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(3));
+    }
+}
+
+pub fn hubnat_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hubnat"))
+}
+
+/// A guest namespace with hubnat serving it from its own namespace.
+pub struct Lab {
+    pub dir: TempDir,
+    pub guest: Netns,
+    pub nat: Netns,
+    pub hubnat: Option<Proc>,
+    pub tap: String,
+}
+
+impl Lab {
+    /// Starts hubnat with `config` (TOML text) on a TAP `tap0` made in a new guest namespace.
+    pub fn start(config: &str) -> Lab {
+        let dir = TempDir::new();
+        let guest = Netns::new("hg");
+        let nat = Netns::new("hn");
+        let mut lab = Lab {
+            dir,
+            guest,
+            nat,
+            hubnat: None,
+            tap: "tap0".into(),
+        };
+        lab.start_hubnat(config);
+        lab
+    }
+
+    pub fn start_hubnat(&mut self, config: &str) {
+        let cfg = self.dir.join("hubnat.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = self.nat.cmd(&[hubnat_bin().to_str().unwrap()]);
+        cmd.args([
+            "run",
+            "--tap",
+            &self.tap,
+            "--netns",
+            &self.guest.path(),
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(self.dir.join("state"))
+        .args(["--log", "debug"]);
+        let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
+        self.hubnat = Some(p);
+        self.guest.wait_for_link(&self.tap, Duration::from_secs(10));
+    }
+
+    pub fn hubnat_log(&self) -> String {
+        self.hubnat.as_ref().map(Proc::log).unwrap_or_default()
+    }
+
+    /// Writes a DHCP client hook script that records what the client received and configures
+    /// the interface itself, so no client ever runs the system's own hooks (which would rewrite
+    /// /etc/resolv.conf).
+    pub fn write_script(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        must(Command::new("chmod").arg("755").arg(&p));
+        p
+    }
+}
+
+/// What a DHCP client received, as key=value lines its hook script wrote.
+#[derive(Debug, Default, Clone)]
+pub struct Lease {
+    pub vars: std::collections::BTreeMap<String, String>,
+}
+
+impl Lease {
+    pub fn parse(text: &str) -> Lease {
+        let mut vars = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                vars.insert(k.trim().to_owned(), v.trim().trim_matches('\'').to_owned());
+            }
+        }
+        Lease { vars }
+    }
+
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.vars
+            .get(k)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+/// Reads a whole file, or an empty string.
+pub fn read(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Polls `f` until it returns Some or `within` passes.
+pub fn wait_until<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
