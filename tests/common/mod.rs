@@ -232,18 +232,32 @@ impl Drop for Proc {
     }
 }
 
+pub fn testsrv_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hubnat-testsrv"))
+}
+
 pub fn hubnat_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hubnat"))
 }
 
 /// A guest namespace with hubnat serving it from its own namespace.
+// Fields drop in order: hubnat stops before its namespaces and files go.
 pub struct Lab {
+    pub hubnat: Option<Proc>,
     pub dir: TempDir,
     pub guest: Netns,
     pub nat: Netns,
-    pub hubnat: Option<Proc>,
+    /// The test's server host, linked to hubnat's namespace by a veth pair (the only route out
+    /// of hubnat's namespace).
+    pub server: Option<Netns>,
     pub tap: String,
 }
+
+/// hubnat's namespace's address on the link to the server namespace, and the server's.
+pub const NAT_SIDE_IP: &str = "10.77.0.1";
+pub const SERVER_IP: &str = "10.77.0.2";
+/// A static guest address (for tests that do not exercise DHCP).
+pub const GUEST_IP: &str = "192.168.30.50";
 
 impl Lab {
     /// Starts hubnat with `config` (TOML text) on a TAP `tap0` made in a new guest namespace.
@@ -255,11 +269,86 @@ impl Lab {
             dir,
             guest,
             nat,
+            server: None,
             hubnat: None,
             tap: "tap0".into(),
         };
         lab.start_hubnat(config);
         lab
+    }
+
+    /// Like `start`, with a server namespace behind hubnat's (10.77.0.2) and the guest given a
+    /// static address with hubnat as its default gateway.
+    pub fn start_with_server(config: &str) -> Lab {
+        let dir = TempDir::new();
+        let guest = Netns::new("hg");
+        let nat = Netns::new("hn");
+        let server = Netns::new("hs");
+        let (a, b) = (unique("va"), unique("vb"));
+        must(Command::new("ip").args([
+            "link",
+            "add",
+            &a,
+            "netns",
+            &nat.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &server.name,
+        ]));
+        nat.exec_ok(&["ip", "addr", "add", &format!("{NAT_SIDE_IP}/24"), "dev", &a]);
+        nat.exec_ok(&["ip", "link", "set", &a, "up"]);
+        server.exec_ok(&["ip", "addr", "add", &format!("{SERVER_IP}/24"), "dev", &b]);
+        server.exec_ok(&["ip", "link", "set", &b, "up"]);
+        let mut lab = Lab {
+            dir,
+            guest,
+            nat,
+            server: Some(server),
+            hubnat: None,
+            tap: "tap0".into(),
+        };
+        lab.start_hubnat(config);
+        lab.guest.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GUEST_IP}/24"),
+            "dev",
+            &lab.tap,
+        ]);
+        lab.guest
+            .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
+        lab
+    }
+
+    pub fn server(&self) -> &Netns {
+        self.server.as_ref().expect("a lab with a server namespace")
+    }
+
+    /// Starts `hubnat-testsrv ARGS` in the server namespace and waits until it listens.
+    pub fn serve(&self, args: &[&str]) -> Proc {
+        let bin = testsrv_bin();
+        let mut all = vec![bin.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let log = self.dir.join(&unique("srv-"));
+        let p = Proc::spawn("hubnat-testsrv", self.server().cmd(&all), Some(log));
+        wait_until(Duration::from_secs(5), || {
+            p.log().contains("listening").then_some(())
+        })
+        .expect("test server did not start");
+        p
+    }
+
+    /// Runs `hubnat-testsrv ARGS` in the guest namespace (a client) and returns its output.
+    pub fn client(&self, args: &[&str]) -> Output {
+        let bin = testsrv_bin();
+        let mut all = vec![bin.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.guest.exec(&all)
     }
 
     pub fn start_hubnat(&mut self, config: &str) {

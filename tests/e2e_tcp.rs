@@ -1,0 +1,223 @@
+//! End-to-end: TCP through hubnat against the guest's real Linux TCP stack (curl, iperf3, the
+//! test's own put/get/echo clients and servers), with and without loss on the guest's link.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Lab, Proc, SERVER_IP};
+
+const MIB: u64 = 1024 * 1024;
+
+fn at(port: u16) -> String {
+    format!("{SERVER_IP}:{port}")
+}
+
+#[test]
+fn curl_fetches_a_page() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let www = lab.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "<h1>hello through hubnat</h1>\n").unwrap();
+    let _httpd = Proc::spawn(
+        "busybox httpd",
+        lab.server().cmd(&[
+            "busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            www.to_str().unwrap(),
+        ]),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let page = lab.guest.exec_ok(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "http://10.77.0.2:8080/index.html",
+    ]);
+    assert_eq!(
+        page,
+        "<h1>hello through hubnat</h1>\n",
+        "{}",
+        lab.hubnat_log()
+    );
+    let log = lab.hubnat_log();
+    assert!(log.contains("SecureNAT: The TCP session"), "{log}");
+    assert!(
+        log.contains(&format!("(10.77.0.2)\", Port 8080 was successful.")),
+        "no connection log line:\n{log}"
+    );
+}
+
+fn transfer_both_ways(lab: &Lab, bytes: u64) {
+    let _sink = lab.serve(&["tcp-sink", "--listen", "0.0.0.0:9001"]);
+    let b = bytes.to_string();
+    let _source = lab.serve(&[
+        "tcp-source",
+        "--listen",
+        "0.0.0.0:9002",
+        "--bytes",
+        &b,
+        "--seed",
+        "7",
+    ]);
+    let up = lab.client(&["put", "--connect", &at(9001), "--bytes", &b, "--seed", "3"]);
+    assert!(
+        up.status.success(),
+        "upload: {up:?}\n{}",
+        tail(&lab.hubnat_log())
+    );
+    let down = lab.client(&["get", "--connect", &at(9002), "--bytes", &b, "--seed", "7"]);
+    assert!(
+        down.status.success(),
+        "download: {down:?}\n{}",
+        tail(&lab.hubnat_log())
+    );
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn hundred_mib_up_and_down_arrive_intact() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    transfer_both_ways(&lab, 100 * MIB);
+}
+
+#[test]
+fn transfers_survive_loss_duplication_and_reordering() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    // Guest → hubnat: netem on the guest's side of the TAP.
+    lab.guest.exec_ok(&[
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        &lab.tap,
+        "root",
+        "netem",
+        "loss",
+        "2%",
+        "duplicate",
+        "1%",
+        "delay",
+        "2ms",
+        "reorder",
+        "25%",
+        "50%",
+    ]);
+    transfer_both_ways(&lab, 16 * MIB);
+}
+
+#[test]
+fn two_hundred_concurrent_connections_complete() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let _echo = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9003"]);
+    let out = lab.client(&[
+        "multi",
+        "--connect",
+        &at(9003),
+        "--conns",
+        "200",
+        "--bytes",
+        "65536",
+    ]);
+    assert!(out.status.success(), "{out:?}\n{}", tail(&lab.hubnat_log()));
+}
+
+#[test]
+fn a_closed_port_is_refused_at_once() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let t = Instant::now();
+    let out = lab
+        .guest
+        .exec(&["curl", "-sS", "--max-time", "10", "http://10.77.0.2:9/"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{out:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn iperf3_completes_both_ways() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let _srv = Proc::spawn(
+        "iperf3",
+        lab.server().cmd(&["iperf3", "-s", "-p", "5201"]),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    for reverse in [false, true] {
+        let mut args = vec!["iperf3", "-c", SERVER_IP, "-p", "5201", "-t", "3", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let out = lab.guest.exec(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "iperf3 (reverse {reverse}): {text}\n{}",
+            tail(&lab.hubnat_log())
+        );
+        assert!(text.contains("bits_per_second"));
+    }
+}
+
+#[test]
+fn window_scale_and_sack_are_negotiated() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let _sink = lab.serve(&["tcp-sink", "--listen", "0.0.0.0:9004"]);
+    let pcap = lab.dir.join("guest.pcap");
+    let mut dump = Proc::spawn(
+        "tcpdump",
+        lab.guest.cmd(&[
+            "tcpdump",
+            "-i",
+            &lab.tap,
+            "-U",
+            "-w",
+            pcap.to_str().unwrap(),
+            "tcp",
+        ]),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let up = lab.client(&["put", "--connect", &at(9004), "--bytes", "100000"]);
+    assert!(up.status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    dump.stop(Duration::from_secs(2));
+    let text = lab.guest.exec_ok(&[
+        "tcpdump",
+        "-nn",
+        "-r",
+        pcap.to_str().unwrap(),
+        "tcp[tcpflags] & tcp-syn != 0",
+    ]);
+    let synack = text
+        .lines()
+        .find(|l| l.contains("10.77.0.2.9004 >") && l.contains("[S.]"))
+        .unwrap_or_else(|| panic!("no SYN-ACK in capture:\n{text}"));
+    assert!(synack.contains("wscale"), "{synack}");
+    assert!(synack.contains("sackOK"), "{synack}");
+    assert!(synack.contains("mss 1460"), "{synack}");
+}

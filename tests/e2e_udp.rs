@@ -1,0 +1,255 @@
+//! End-to-end: UDP NAT, DNS relay, ICMP and IP fragments through hubnat, with real tools (dig,
+//! ping, dnsmasq as the resolver on hubnat's loopback) and the test's own UDP echo server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Lab, Proc, SERVER_IP};
+
+fn echo_addr(port: u16) -> String {
+    format!("{SERVER_IP}:{port}")
+}
+
+#[test]
+fn udp_echo_through_the_nat_with_contents_checked() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    let _srv = lab.serve(&["udp-echo", "--listen", "0.0.0.0:7001"]);
+    let out = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7001),
+        "--count",
+        "500",
+        "--size",
+        "1200",
+    ]);
+    assert!(out.status.success(), "{out:?}\n{}", lab.hubnat_log());
+    // Large datagrams: 4000 bytes leave the guest as fragments and must arrive whole (and the
+    // 4000-byte answer is fragmented by hubnat toward the guest).
+    let out = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7001),
+        "--count",
+        "20",
+        "--size",
+        "4000",
+    ]);
+    assert!(out.status.success(), "{out:?}\n{}", lab.hubnat_log());
+    let log = lab.hubnat_log();
+    assert!(
+        log.contains("SecureNAT: The UDP session")
+            && log.contains(&format!("Connection destination {SERVER_IP}:7001")),
+        "no session log line:\n{log}"
+    );
+}
+
+#[test]
+fn udp_session_expires_after_its_timeout() {
+    require_root!();
+    let lab = Lab::start_with_server("[nat]\nudp_timeout = 2\n");
+    let _srv = lab.serve(&["udp-echo", "--listen", "0.0.0.0:7002"]);
+    let out = lab.client(&["udp-ping", "--connect", &echo_addr(7002), "--count", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    let deleted = wait_until(Duration::from_secs(8), || {
+        let log = lab.hubnat_log();
+        (log.contains("SecureNAT: The UDP session") && log.contains("was deleted.")).then_some(())
+    });
+    assert!(
+        deleted.is_some(),
+        "session not expired:\n{}",
+        lab.hubnat_log()
+    );
+}
+
+#[test]
+fn past_the_per_guest_limit_new_sessions_are_refused_and_old_ones_work() {
+    require_root!();
+    let lab = Lab::start_with_server("[nat]\nmax_sessions_per_guest = 2\n");
+    let _srv = lab.serve(&["udp-echo", "--listen", "0.0.0.0:7003"]);
+    let a = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7003),
+        "--count",
+        "2",
+        "--port",
+        "40001",
+    ]);
+    let b = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7003),
+        "--count",
+        "2",
+        "--port",
+        "40002",
+    ]);
+    assert!(a.status.success() && b.status.success());
+    let c = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7003),
+        "--count",
+        "1",
+        "--port",
+        "40003",
+    ]);
+    assert!(!c.status.success(), "a third session was let through");
+    let a = lab.client(&[
+        "udp-ping",
+        "--connect",
+        &echo_addr(7003),
+        "--count",
+        "2",
+        "--port",
+        "40001",
+    ]);
+    assert!(a.status.success(), "an existing session stopped working");
+}
+
+fn start_dnsmasq(lab: &Lab) -> Proc {
+    let pid = lab.dir.join("dnsmasq.pid");
+    let mut cmd = lab.nat.cmd(&[
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+    ]);
+    cmd.args([
+        "--conf-file=/dev/null",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--port=53",
+    ])
+    .arg(format!("--pid-file={}", pid.display()))
+    .args([
+        "--host-record=www.e2e.test,10.77.0.2",
+        "--address=/wild.e2e.test/10.77.0.99",
+        "--user=root",
+    ]);
+    let p = Proc::spawn("dnsmasq", cmd, Some(lab.dir.join("dnsmasq.log")));
+    std::thread::sleep(Duration::from_millis(300));
+    p
+}
+
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+    ip route replace default via "${router%% *}" dev "$interface"
+    for d in $dns; do echo "nameserver $d"; done > "$RESOLV" ;;
+esac
+"#;
+
+#[test]
+fn dig_resolves_through_the_dns_relay() {
+    require_root!();
+    let lab = Lab::start_with_server("[dns]\nupstream = [\"127.0.0.1\"]\n");
+    let _dns = start_dnsmasq(&lab);
+    // The guest configures itself by DHCP; its resolv.conf is the namespace's own file.
+    lab.guest
+        .exec_ok(&["ip", "-4", "addr", "flush", "dev", &lab.tap]);
+    let script = lab.write_script("udhcpc-dns", UDHCPC_SCRIPT);
+    let resolv = format!("/etc/netns/{}/resolv.conf", lab.guest.name);
+    let mut c = lab.guest.cmd(&[
+        "busybox",
+        "udhcpc",
+        "-i",
+        &lab.tap,
+        "-f",
+        "-q",
+        "-n",
+        "-t",
+        "4",
+        "-T",
+        "1",
+        "-s",
+        script.to_str().unwrap(),
+    ]);
+    c.env("RESOLV", &resolv);
+    assert!(c.output().unwrap().status.success());
+    assert!(common::read(std::path::Path::new(&resolv)).contains("nameserver 192.168.30.1"));
+    let out = lab
+        .guest
+        .exec_ok(&["dig", "+short", "+time=2", "+tries=2", "www.e2e.test"]);
+    assert_eq!(out.trim(), "10.77.0.2", "{}", lab.hubnat_log());
+    let out = lab
+        .guest
+        .exec_ok(&["dig", "+short", "+time=2", "+tries=2", "a.wild.e2e.test"]);
+    assert_eq!(out.trim(), "10.77.0.99");
+    // DNS over TCP to the virtual host is relayed too.
+    let out = lab.guest.exec_ok(&[
+        "dig",
+        "+tcp",
+        "+short",
+        "+time=2",
+        "+tries=2",
+        "www.e2e.test",
+    ]);
+    assert_eq!(out.trim(), "10.77.0.2", "{}", lab.hubnat_log());
+}
+
+fn ping(lab: &Lab, ip: &str) -> bool {
+    lab.guest
+        .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
+        .status
+        .success()
+}
+
+#[test]
+fn ping_in_dummy_mode_answers_for_any_host() {
+    require_root!();
+    let lab = Lab::start_with_server("[nat]\nicmp = \"dummy\"\n");
+    assert!(ping(&lab, SERVER_IP));
+    assert!(
+        ping(&lab, "10.77.0.123"),
+        "dummy mode answers even for absent hosts"
+    );
+}
+
+#[test]
+fn ping_in_real_mode_answers_only_for_existing_hosts() {
+    require_root!();
+    let lab = Lab::start_with_server("[nat]\nicmp = \"real\"\n");
+    assert!(ping(&lab, SERVER_IP), "{}", lab.hubnat_log());
+    assert!(
+        !ping(&lab, "10.77.0.123"),
+        "real mode answered for an absent host"
+    );
+}
+
+#[test]
+fn udp_to_a_closed_port_gives_port_unreachable() {
+    require_root!();
+    let lab = Lab::start_with_server("");
+    // Nothing listens on 7999: the kernel's port unreachable is reflected to the guest, whose
+    // connected socket then reports "connection refused".
+    let out = lab.client(&["udp-ping", "--connect", &echo_addr(7999), "--count", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("refused"), "{err}");
+}
+
+#[test]
+fn host_loopback_alias_reaches_the_hosts_loopback() {
+    require_root!();
+    let lab = Lab::start_with_server("[nat]\nhost_loopback = \"192.168.30.2\"\n");
+    let bin = common::testsrv_bin();
+    let _srv = Proc::spawn(
+        "hubnat-testsrv",
+        lab.nat.cmd(&[
+            bin.to_str().unwrap(),
+            "udp-echo",
+            "--listen",
+            "127.0.0.1:7005",
+        ]),
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.client(&["udp-ping", "--connect", "192.168.30.2:7005", "--count", "5"]);
+    assert!(out.status.success(), "{out:?}\n{}", lab.hubnat_log());
+}

@@ -1,0 +1,311 @@
+//! `hubnat-testsrv`: the servers and clients the end-to-end tests run on both sides of the NAT.
+//!
+//! Every payload is a deterministic stream (from a seed), so each side can check what it got by
+//! SHA-256 without the test having to ship the data.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+#[command(
+    name = "hubnat-testsrv",
+    about = "Test servers and clients for hubnat's end-to-end suite"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo every UDP datagram back to its sender.
+    UdpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Echo each TCP connection's bytes back until it closes its side, then close.
+    TcpEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Read each connection to EOF, then answer with the SHA-256 (hex) of what arrived.
+    TcpSink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send BYTES of the seeded stream on each connection, then close.
+    TcpSource {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Upload BYTES to a tcp-sink and check the digest it answers with (after our FIN).
+    Put {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Download from a tcp-source and check the bytes against the seeded stream.
+    Get {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Send COUNT datagrams of SIZE bytes to a udp-echo and check every answer.
+    UdpPing {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: u32,
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Source port to bind (0: any).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// Open CONNS connections to a tcp-echo at once, send BYTES on each, check the echoes.
+    Multi {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        conns: u32,
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+}
+
+/// The seeded byte stream (xorshift64*), generated in blocks.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64) -> Stream {
+        Stream(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` of the stream (and hashes them).
+fn send_stream(s: &mut TcpStream, bytes: u64, seed: u64) -> io::Result<String> {
+    let mut st = Stream::new(seed);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        st.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn digest_to_eof(s: &mut TcpStream) -> io::Result<(u64, String)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, hex(&h.finalize())));
+        }
+        total += n as u64;
+        h.update(&buf[..n]);
+    }
+}
+
+fn serve_tcp(
+    listen: SocketAddr,
+    handle: impl Fn(TcpStream) -> io::Result<()> + Send + Sync + Copy + 'static,
+) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    eprintln!("listening on {listen}");
+    for s in l.incoming() {
+        let s = s?;
+        std::thread::spawn(move || {
+            if let Err(e) = handle(s) {
+                eprintln!("connection: {e}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::UdpEcho { listen } => {
+            let s = UdpSocket::bind(listen)?;
+            eprintln!("listening on {listen}");
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let (n, from) = s.recv_from(&mut buf)?;
+                s.send_to(&buf[..n], from)?;
+            }
+        }
+        Cmd::TcpEcho { listen } => serve_tcp(listen, |mut s| {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return s.shutdown(Shutdown::Write);
+                }
+                s.write_all(&buf[..n])?;
+            }
+        }),
+        Cmd::TcpSink { listen } => serve_tcp(listen, |mut s| {
+            let (n, d) = digest_to_eof(&mut s)?;
+            // The answer goes out after the client's FIN: a half-closed connection must carry it.
+            writeln!(s, "{n} {d}")?;
+            s.shutdown(Shutdown::Write)
+        }),
+        Cmd::TcpSource {
+            listen,
+            bytes,
+            seed,
+        } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+            eprintln!("listening on {listen}");
+            for s in l.incoming() {
+                let mut s = s?;
+                std::thread::spawn(move || {
+                    let _ =
+                        send_stream(&mut s, bytes, seed).and_then(|_| s.shutdown(Shutdown::Write));
+                });
+            }
+            Ok(())
+        }
+        Cmd::Put {
+            connect,
+            bytes,
+            seed,
+        } => {
+            let mut s =
+                TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+            let sent = send_stream(&mut s, bytes, seed)?;
+            s.shutdown(Shutdown::Write)?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer)?;
+            let want = format!("{bytes} {sent}");
+            if answer.trim() != want {
+                bail!("server got `{}`, sent `{want}`", answer.trim());
+            }
+            println!("ok {want}");
+            Ok(())
+        }
+        Cmd::Get {
+            connect,
+            bytes,
+            seed,
+        } => {
+            let mut s =
+                TcpStream::connect(connect).with_context(|| format!("connect {connect}"))?;
+            let (n, got) = digest_to_eof(&mut s)?;
+            let mut expect = Sha256::new();
+            let mut st = Stream::new(seed);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = bytes;
+            while left > 0 {
+                let k = left.min(buf.len() as u64) as usize;
+                st.fill(&mut buf[..k]);
+                expect.update(&buf[..k]);
+                left -= k as u64;
+            }
+            let want = hex(&expect.finalize());
+            if n != bytes || got != want {
+                bail!("received {n} bytes with digest {got}, expected {bytes} with {want}");
+            }
+            println!("ok {n} {got}");
+            Ok(())
+        }
+        Cmd::UdpPing {
+            connect,
+            count,
+            size,
+            port,
+        } => {
+            let s = UdpSocket::bind(("0.0.0.0", port))?;
+            s.connect(connect)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut st = Stream::new(count as u64);
+            let mut out = vec![0u8; size.max(4)];
+            let mut back = vec![0u8; 65536];
+            for i in 0..count {
+                st.fill(&mut out);
+                out[..4].copy_from_slice(&i.to_be_bytes());
+                let mut tries = 0;
+                loop {
+                    s.send(&out)?;
+                    match s.recv(&mut back) {
+                        Ok(n) if back[..n] == out[..] => break,
+                        Ok(n) => bail!("datagram {i}: answer of {n} bytes differs"),
+                        Err(e) if tries < 3 && e.kind() == io::ErrorKind::WouldBlock => tries += 1,
+                        Err(e) => bail!("datagram {i}: {e}"),
+                    }
+                }
+            }
+            println!("ok {count} datagrams of {size} bytes");
+            Ok(())
+        }
+        Cmd::Multi {
+            connect,
+            conns,
+            bytes,
+        } => {
+            let handles: Vec<_> = (0..conns)
+                .map(|i| {
+                    std::thread::spawn(move || -> Result<()> {
+                        let mut s = TcpStream::connect(connect)?;
+                        let mut r = s.try_clone()?;
+                        let reader = std::thread::spawn(move || digest_to_eof(&mut r));
+                        let sent = send_stream(&mut s, bytes, i as u64 + 1)?;
+                        s.shutdown(Shutdown::Write)?;
+                        let (n, got) = reader.join().expect("reader")?;
+                        if n != bytes || got != sent {
+                            bail!("connection {i}: echo of {n} bytes differs");
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            let mut failed = 0;
+            for h in handles {
+                if let Err(e) = h.join().expect("thread") {
+                    eprintln!("{e:#}");
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {conns} connections failed");
+            }
+            println!("ok {conns} connections of {bytes} bytes");
+            Ok(())
+        }
+    }
+}
