@@ -14,7 +14,8 @@
 //! The NAT table shows one `Proto::Dns` row per query in flight (guest address and port, the
 //! virtual host's port 53), and each is logged as a UDP session, as SecureNAT's log does.
 //!
-//! Bounds: `MAX_PENDING` queries in flight; queries longer than `MAX_QUERY` are refused.
+//! Bounds: `MAX_PENDING` queries in flight; queries longer than `MAX_QUERY` are refused; the
+//! deadline heap is rebuilt from the queries in flight when answered ones' stale entries pile up.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -239,6 +240,15 @@ impl DnsRelay {
             },
         );
         self.timers.push(Reverse((deadline, id, sid)));
+        if self.timers.len() > 4 * MAX_PENDING {
+            // Answered queries leave their deadlines behind until they pop; under a high query
+            // rate, rebuild from the queries still in flight so the heap stays bounded.
+            self.timers = self
+                .pending
+                .iter()
+                .map(|(&id, p)| Reverse((p.deadline, id, p.info.id)))
+                .collect();
+        }
         Ok(())
     }
 
