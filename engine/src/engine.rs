@@ -206,7 +206,9 @@ impl Engine {
             // Broadcast or multicast IP that is not DHCP: nothing for the virtual host.
             return Err(Drop::Foreign);
         }
-        if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp {
+        // Fragmented ICMP for the virtual host is answered by the NAT after reassembly.
+        let whole = !ip.more_frags() && ip.frag_offset() == 0;
+        if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp && whole {
             return icmp::handle_to_host(&mut self.ctx, &ip, out);
         }
         self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)

@@ -2,4 +2,5 @@
 
 pub mod arp;
 pub mod dhcp;
+pub mod dns;
 pub mod icmp;

@@ -66,28 +66,37 @@ impl Nat {
         out: &mut FrameBatch,
     ) -> Result<(), Drop> {
         if ip.more_frags() || ip.frag_offset() != 0 {
+            // The reassembled datagram is lent by `frag`; the protocols are separate fields, so
+            // it is handed on without a copy.
             let Some(whole) = self.frag.add(now, ip)? else {
                 return Ok(());
             };
-            let whole = whole.to_vec();
-            let packet = Ipv4Packet::new_unchecked(&whole[..]);
-            return self.handle_whole(now, ctx, &packet, io, out);
+            let packet = Ipv4Packet::new_checked(whole).map_err(|_| Drop::Malformed)?;
+            let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+            return Self::handle_whole(protos, now, ctx, &packet, io, out);
         }
-        self.handle_whole(now, ctx, ip, io, out)
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, ip, io, out)
     }
 
     fn handle_whole(
-        &mut self,
+        (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
         now: Instant,
         ctx: &mut Ctx,
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl HostIo,
         out: &mut FrameBatch,
     ) -> Result<(), Drop> {
+        let for_host = ctx.is_host_address(ip.dst_addr()) && ip.next_header() == IpProtocol::Icmp;
+        if !ctx.cfg.nat.enabled && !for_host {
+            // Nothing is relayed (DNS included) while NAT is off; the virtual host still answers
+            // pings, reassembled ones too.
+            return Err(Drop::Disabled);
+        }
         match ip.next_header() {
-            IpProtocol::Udp => self.udp.handle(now, ctx, ip, io, out),
-            IpProtocol::Tcp => self.tcp.handle(now, ctx, ip, io, out),
-            IpProtocol::Icmp => self.icmp.handle(now, ctx, ip, io, out),
+            IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
+            IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out),
+            IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out),
             _ => Err(Drop::Unsupported),
         }
     }
