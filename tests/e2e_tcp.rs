@@ -97,32 +97,53 @@ fn hundred_mib_up_and_down_arrive_intact() {
 /// 2% of TCP frames each way and duplicates 1% of the guest's; HTB with a slow class that
 /// nftables sends a random 10% of the guest's frames into reorders them.
 fn impair_guest_link(lab: &Lab) {
-    let tap = &lab.tap;
-    let rules = format!(
-        "table netdev impair {{\n\
-         chain rx {{ type filter hook ingress device \"{tap}\" priority 0; meta l4proto tcp numgen random mod 100 < 2 drop; }}\n\
-         chain tx {{ type filter hook egress device \"{tap}\" priority 0;\n\
-           meta l4proto tcp numgen random mod 100 < 2 drop;\n\
-           meta l4proto tcp numgen random mod 100 < 1 dup to \"{tap}\";\n\
-           meta l4proto tcp numgen random mod 100 < 10 meta priority set 1:20; }}\n\
-         }}\n"
-    );
-    let path = lab.dir.join("impair.nft");
-    std::fs::write(&path, rules).unwrap();
-    lab.guest.exec_ok(&["nft", "-f", path.to_str().unwrap()]);
-    for args in [
-        vec![
+    let tap = lab.tap.as_str();
+    let rx = format!("{{ type filter hook ingress device \"{tap}\" priority 0; }}");
+    let tx = format!("{{ type filter hook egress device \"{tap}\" priority 0; }}");
+    let dup = format!("\"{tap}\"");
+    let tcp = [
+        "meta", "l4proto", "tcp", "numgen", "random", "mod", "100", "<",
+    ];
+    let rule = |chain: &str, tail: &[&str]| {
+        let mut v = vec!["nft", "add", "rule", "netdev", "impair", chain];
+        v.extend_from_slice(&tcp);
+        v.extend_from_slice(tail);
+        v.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let cmds: Vec<Vec<String>> = vec![
+        ["nft", "add", "table", "netdev", "impair"]
+            .map(String::from)
+            .to_vec(),
+        ["nft", "add", "chain", "netdev", "impair", "rx", &rx]
+            .map(String::from)
+            .to_vec(),
+        ["nft", "add", "chain", "netdev", "impair", "tx", &tx]
+            .map(String::from)
+            .to_vec(),
+        rule("rx", &["2", "drop"]),
+        rule("tx", &["2", "drop"]),
+        rule("tx", &["1", "dup", "to", &dup]),
+        rule("tx", &["10", "meta", "priority", "set", "1:20"]),
+        [
             "tc", "qdisc", "add", "dev", tap, "root", "handle", "1:", "htb", "default", "10",
-        ],
-        vec![
+        ]
+        .map(String::from)
+        .to_vec(),
+        [
             "tc", "class", "add", "dev", tap, "parent", "1:", "classid", "1:10", "htb", "rate",
             "20gbit",
-        ],
-        vec![
+        ]
+        .map(String::from)
+        .to_vec(),
+        [
             "tc", "class", "add", "dev", tap, "parent", "1:", "classid", "1:20", "htb", "rate",
             "20mbit",
-        ],
-    ] {
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for c in &cmds {
+        let args: Vec<&str> = c.iter().map(String::as_str).collect();
         lab.guest.exec_ok(&args);
     }
 }
