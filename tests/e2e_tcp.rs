@@ -50,7 +50,7 @@ fn curl_fetches_a_page() {
     let log = lab.hubnat_log();
     assert!(log.contains("SecureNAT: The TCP session"), "{log}");
     assert!(
-        log.contains(&format!("(10.77.0.2)\", Port 8080 was successful.")),
+        log.contains("(10.77.0.2)\", Port 8080 was successful."),
         "no connection log line:\n{log}"
     );
 }
