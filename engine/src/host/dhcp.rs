@@ -470,17 +470,17 @@ impl DhcpServer {
         out: &mut FrameBatch,
     ) -> Result<(), Drop> {
         let mac = msg.chaddr;
-        let Some(ip) = self.choose(now, ctx, mac, msg.requested_ip) else {
+        let Some(ip) = self.choose(now, ctx.cfg.host.ip, mac, msg.requested_ip) else {
             if self
                 .last_exhausted_log
-                .map_or(true, |t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
+                .is_none_or(|t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
             {
                 log::dhcp_pool_exhausted(mac);
                 self.last_exhausted_log = Some(now);
             }
             return Err(Drop::Limit);
         };
-        if self.by_ip.get(&ip).is_none() {
+        if !self.by_ip.contains_key(&ip) {
             self.reserve(now, mac, ip);
         }
         let spec = ReplySpec {
@@ -634,22 +634,21 @@ impl DhcpServer {
             && self
                 .by_ip
                 .get(&ip)
-                .map_or(true, |id| self.leases[id].mac == mac)
+                .is_none_or(|id| self.leases[id].mac == mac)
             && self
                 .offers
                 .get(&ip)
-                .map_or(true, |o| o.mac == mac || o.until <= now)
-            && self.declined.get(&ip).map_or(true, |&t| t <= now)
+                .is_none_or(|o| o.mac == mac || o.until <= now)
+            && self.declined.get(&ip).is_none_or(|&t| t <= now)
     }
 
     fn choose(
         &self,
         now: Instant,
-        ctx: &Ctx,
+        host_ip: Ipv4Addr,
         mac: Mac,
         requested: Option<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
-        let host_ip = ctx.cfg.host.ip;
         let free = |ip: Ipv4Addr| self.free_for(mac, ip, now, host_ip);
         if let Some(l) = self.lease_of(mac) {
             if free(l.ip) {
@@ -669,12 +668,11 @@ impl DhcpServer {
                 return Some(r.ip);
             }
         }
-        // A fresh address: skip any the ARP cache shows in use by another host; prefer ones no
-        // other client may come back for.
+        // A fresh address: prefer one that no other client may come back for.
         let mut fallback = None;
         for n in u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end) {
             let ip = Ipv4Addr::from(n);
-            if !free(ip) || ctx.arp.lookup(ip).is_some_and(|m| m != mac) {
+            if !free(ip) {
                 continue;
             }
             match self.remembered_by.get(&ip) {
@@ -958,5 +956,1015 @@ impl OptionWriter<'_> {
         for c in data.chunks(255) {
             self.put(code, c);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use smoltcp::wire::{EthernetFrame, ETHERNET_HEADER_LEN};
+    use tracing::field::{Field, Visit};
+    use tracing::span;
+
+    use super::*;
+    use crate::config::{Config, StaticRoute};
+    use crate::sim::SimHost;
+    use crate::Engine;
+
+    const HOST_MAC: Mac = Mac([0x00, 0xac, 1, 2, 3, 4]);
+    /// The client of the seed's log line.
+    const A: Mac = Mac([0x00, 0xAC, 0x85, 0x40, 0xB5, 0x50]);
+    const B: Mac = Mac([0x02, 0, 0, 0, 0, 0x0b]);
+    const C: Mac = Mac([0x02, 0, 0, 0, 0, 0x0c]);
+    const D: Mac = Mac([0x02, 0, 0, 0, 0, 0x0d]);
+    const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+    const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 30, last)
+    }
+
+    const DISCOVER: u8 = 1;
+    const REQUEST: u8 = 3;
+    const DECLINE: u8 = 4;
+    const RELEASE: u8 = 7;
+    const INFORM: u8 = 8;
+    const OFFER: u8 = 2;
+    const ACK: u8 = 5;
+    const NAK: u8 = 6;
+
+    // ---- log capture: a minimal subscriber that keeps the security log lines ----
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            if e.metadata().target() == log::TARGET {
+                let mut m = Message(String::new());
+                e.record(&mut m);
+                self.0.lock().unwrap().push(m.0);
+            }
+        }
+        fn enter(&self, _: &span::Id) {}
+        fn exit(&self, _: &span::Id) {}
+    }
+
+    // ---- a client message, built field by field ----
+
+    #[derive(Clone)]
+    struct Msg {
+        mac: Mac,
+        eth_dst: Mac,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        op: u8,
+        htype: u8,
+        hlen: u8,
+        xid: u32,
+        flags: u16,
+        ciaddr: Ipv4Addr,
+        giaddr: Ipv4Addr,
+        chaddr: Mac,
+        cookie: u32,
+        options: Vec<u8>,
+    }
+
+    fn msg(kind: u8, mac: Mac) -> Msg {
+        Msg {
+            mac,
+            eth_dst: Mac::BROADCAST,
+            src: ANY,
+            dst: Ipv4Addr::BROADCAST,
+            op: 1,
+            htype: 1,
+            hlen: 6,
+            xid: 0x1234_0000 | u32::from(mac.0[5]),
+            flags: 0,
+            ciaddr: ANY,
+            giaddr: ANY,
+            chaddr: mac,
+            cookie: MAGIC_COOKIE,
+            options: vec![opt::MESSAGE_TYPE, 1, kind],
+        }
+    }
+
+    impl Msg {
+        fn opt(mut self, code: u8, data: &[u8]) -> Msg {
+            self.options.push(code);
+            self.options.push(data.len() as u8);
+            self.options.extend_from_slice(data);
+            self
+        }
+        fn requested(self, a: Ipv4Addr) -> Msg {
+            self.opt(opt::REQUESTED_IP, &a.octets())
+        }
+        fn server(self, a: Ipv4Addr) -> Msg {
+            self.opt(opt::SERVER_ID, &a.octets())
+        }
+        fn host_name(self, n: &str) -> Msg {
+            self.opt(opt::HOST_NAME, n.as_bytes())
+        }
+        /// A unicast from a configured client (renewing, INFORM).
+        fn configured_at(mut self, a: Ipv4Addr) -> Msg {
+            self.ciaddr = a;
+            self.src = a;
+            self.dst = HOST_IP;
+            self.eth_dst = HOST_MAC;
+            self
+        }
+        fn broadcast_flag(mut self) -> Msg {
+            self.flags = 0x8000;
+            self
+        }
+        fn bootp(&self, end: bool) -> Vec<u8> {
+            let mut b = vec![0u8; OPTIONS_OFFSET];
+            b[0] = self.op;
+            b[1] = self.htype;
+            b[2] = self.hlen;
+            b[4..8].copy_from_slice(&self.xid.to_be_bytes());
+            b[10..12].copy_from_slice(&self.flags.to_be_bytes());
+            b[12..16].copy_from_slice(&self.ciaddr.octets());
+            b[24..28].copy_from_slice(&self.giaddr.octets());
+            b[28..34].copy_from_slice(&self.chaddr.0);
+            b[236..240].copy_from_slice(&self.cookie.to_be_bytes());
+            b.extend_from_slice(&self.options);
+            if end {
+                b.push(opt::END);
+            }
+            b
+        }
+        fn frame_of(&self, payload: &[u8]) -> Vec<u8> {
+            let mut out = FrameBatch::new();
+            crate::wire::push_udp(
+                &mut out,
+                self.mac,
+                self.eth_dst,
+                self.src,
+                DHCP_CLIENT_PORT,
+                self.dst,
+                DHCP_SERVER_PORT,
+                7,
+                payload,
+            );
+            out.get(0).unwrap().to_vec()
+        }
+        fn frame(&self) -> Vec<u8> {
+            self.frame_of(&self.bootp(true))
+        }
+    }
+
+    // ---- a reply, parsed (checksums verified) ----
+
+    #[derive(Debug)]
+    struct Reply {
+        eth_dst: Mac,
+        eth_src: Mac,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        kind: u8,
+        xid: u32,
+        flags: u16,
+        ciaddr: Ipv4Addr,
+        yiaddr: Ipv4Addr,
+        chaddr: Mac,
+        len: usize,
+        options: Vec<(u8, Vec<u8>)>,
+        raw_options: Vec<u8>,
+    }
+
+    impl Reply {
+        fn opt(&self, code: u8) -> Option<&[u8]> {
+            self.options
+                .iter()
+                .find(|(c, _)| *c == code)
+                .map(|(_, d)| d.as_slice())
+        }
+        fn opt_u32(&self, code: u8) -> Option<u32> {
+            self.opt(code)
+                .map(|d| u32::from_be_bytes(d.try_into().unwrap()))
+        }
+    }
+
+    fn parse_reply(frame: &[u8]) -> Reply {
+        let e = EthernetFrame::new_checked(frame).unwrap();
+        let ipp = Ipv4Packet::new_checked(e.payload()).unwrap();
+        assert!(ipp.verify_checksum());
+        let udp = UdpPacket::new_checked(ipp.payload()).unwrap();
+        assert!(udp.verify_checksum(&ipp.src_addr().into(), &ipp.dst_addr().into()));
+        let b = udp.payload();
+        let p = DhcpPacket::new_checked(b).unwrap();
+        assert_eq!(p.opcode(), DhcpOpCode::Reply);
+        assert_eq!(p.magic_number(), MAGIC_COOKIE);
+        let mut options = Vec::new();
+        for o in OptionIter::new(&b[OPTIONS_OFFSET..]) {
+            let (c, d) = o.unwrap();
+            options.push((c, d.to_vec()));
+        }
+        // The options end with END (and only padding after it).
+        let area = &b[OPTIONS_OFFSET..];
+        let mut i = 0;
+        while area[i] != opt::END {
+            i += if area[i] == opt::PAD {
+                1
+            } else {
+                2 + area[i + 1] as usize
+            };
+        }
+        assert!(area[i + 1..].iter().all(|&x| x == 0));
+        let kind = options
+            .iter()
+            .find(|(c, _)| *c == opt::MESSAGE_TYPE)
+            .unwrap()
+            .1[0];
+        Reply {
+            eth_dst: Mac(e.dst_addr().0),
+            eth_src: Mac(e.src_addr().0),
+            src: ipp.src_addr(),
+            dst: ipp.dst_addr(),
+            sport: udp.src_port(),
+            dport: udp.dst_port(),
+            kind,
+            xid: p.transaction_id(),
+            flags: u16::from_be_bytes([b[10], b[11]]),
+            ciaddr: p.client_ip(),
+            yiaddr: p.your_ip(),
+            chaddr: Mac(p.client_hardware_address().0),
+            len: b.len(),
+            options,
+            raw_options: area[..i].to_vec(),
+        }
+    }
+
+    // ---- the whole engine ----
+
+    struct Net {
+        engine: Engine,
+        host: SimHost,
+        now: Instant,
+        log: Capture,
+    }
+
+    fn config() -> Config {
+        let mut c = Config::defaults();
+        c.dhcp.domain = Some("example.test".into());
+        c
+    }
+
+    impl Net {
+        fn new(cfg: Config) -> Net {
+            Net {
+                engine: Engine::new(cfg, HOST_MAC, 1),
+                host: SimHost::default(),
+                now: Instant::from_secs(1000),
+                log: Capture::default(),
+            }
+        }
+        fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
+            let mut out = FrameBatch::new();
+            let sub = self.log.clone();
+            tracing::subscriber::with_default(sub, || {
+                self.engine
+                    .handle_frame(self.now, frame, &mut self.host, &mut out)
+            });
+            out.iter().map(parse_reply).collect()
+        }
+        fn send(&mut self, m: &Msg) -> Vec<Reply> {
+            self.frame(&m.frame())
+        }
+        fn one(&mut self, m: &Msg) -> Reply {
+            let mut r = self.send(m);
+            assert_eq!(r.len(), 1, "expected one reply");
+            r.pop().unwrap()
+        }
+        fn silent(&mut self, m: &Msg) {
+            assert!(self.send(m).is_empty(), "expected no reply");
+        }
+        fn advance(&mut self, d: Duration) {
+            self.now = self.now + d;
+            let mut out = FrameBatch::new();
+            let sub = self.log.clone();
+            tracing::subscriber::with_default(sub, || {
+                self.engine
+                    .handle_timeout(self.now, &mut self.host, &mut out)
+            });
+            assert!(out.is_empty());
+        }
+        fn offer(&mut self, mac: Mac) -> Ipv4Addr {
+            let r = self.one(&msg(DISCOVER, mac));
+            assert_eq!(r.kind, OFFER);
+            r.yiaddr
+        }
+        /// DISCOVER, OFFER, REQUEST, ACK: the address the client ends with.
+        fn dora(&mut self, mac: Mac) -> Ipv4Addr {
+            let offered = self.offer(mac);
+            let r = self.one(&msg(REQUEST, mac).server(HOST_IP).requested(offered));
+            assert_eq!((r.kind, r.yiaddr), (ACK, offered));
+            offered
+        }
+        fn drops(&self, why: Drop) -> u64 {
+            self.engine.stats().drops_of(why)
+        }
+        fn lines(&self) -> Vec<String> {
+            self.log.0.lock().unwrap().clone()
+        }
+        fn count_lines(&self, part: &str) -> usize {
+            self.lines().iter().filter(|l| l.contains(part)).count()
+        }
+        fn leases(&self) -> Vec<Lease> {
+            self.engine.dhcp.leases().cloned().collect()
+        }
+    }
+
+    // ---- the message paths ----
+
+    #[test]
+    fn discover_offer_request_ack_and_the_seeds_log_line() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(DISCOVER, A).host_name("NT4"));
+        assert_eq!(r.kind, OFFER);
+        assert_eq!(r.yiaddr, ip(10));
+        assert_eq!(r.ciaddr, ANY);
+        assert_eq!(r.xid, msg(DISCOVER, A).xid);
+        assert_eq!(r.chaddr, A);
+        // Unicast to the offered address at chaddr, from the virtual host's port 67 to 68.
+        assert_eq!((r.eth_dst, r.eth_src), (A, HOST_MAC));
+        assert_eq!((r.src, r.dst, r.sport, r.dport), (HOST_IP, ip(10), 67, 68));
+        assert!(r.len >= MIN_BOOTP_LEN);
+        assert_eq!(r.opt(opt::SERVER_ID), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt_u32(opt::LEASE_TIME), Some(7200));
+        assert_eq!(r.opt_u32(opt::RENEWAL_TIME), Some(3600));
+        assert_eq!(r.opt_u32(opt::REBINDING_TIME), Some(6300));
+        assert_eq!(r.opt(opt::SUBNET_MASK), Some(&[255, 255, 255, 0][..]));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DNS_SERVERS), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DOMAIN_NAME), Some(&b"example.test"[..]));
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), None);
+        // The first options are the message type and the server identifier.
+        assert_eq!(r.raw_options[..3], [opt::MESSAGE_TYPE, 1, OFFER]);
+        assert!(n.leases().is_empty(), "an offer is not a lease");
+
+        let r = n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(ip(10))
+                .host_name("NT4"),
+        );
+        assert_eq!(
+            (r.kind, r.yiaddr, r.dst, r.eth_dst),
+            (ACK, ip(10), ip(10), A)
+        );
+        assert_eq!(r.opt_u32(opt::LEASE_TIME), Some(7200));
+        let leases = n.leases();
+        assert_eq!(leases.len(), 1);
+        let l = &leases[0];
+        assert_eq!(
+            (l.id, l.mac, l.ip, l.host_name.as_str()),
+            (1, A, ip(10), "NT4")
+        );
+        assert_eq!(l.leased_at, n.now);
+        assert_eq!(l.expires_at, n.now + Duration::from_secs(7200));
+        assert_eq!(
+            n.lines(),
+            vec!["SecureNAT: The DHCP entry 1 was created. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10, host name: NT4, expiration date: 7200 seconds"]
+        );
+        // The unicast taught the neighbour table where the client is.
+        assert_eq!(n.engine.ctx.arp.lookup(ip(10)), Some(A));
+        // The next timer is the offer sweep; the lease's expiry follows.
+        assert_eq!(n.engine.dhcp.poll_timeout(), Some(n.now + OFFER_HOLD));
+    }
+
+    #[test]
+    fn two_discovers_get_different_addresses_and_requested_address_is_honoured() {
+        let mut n = Net::new(config());
+        assert_eq!(n.offer(A), ip(10));
+        assert_eq!(n.offer(B), ip(11));
+        // The same client asking again gets the same offer.
+        assert_eq!(n.offer(A), ip(10));
+        let r = n.one(&msg(DISCOVER, C).requested(ip(77)));
+        assert_eq!(r.yiaddr, ip(77));
+        // A requested address that is offered to another client is not given.
+        let r = n.one(&msg(DISCOVER, D).requested(ip(77)));
+        assert_eq!(r.yiaddr, ip(12));
+        // Nor one outside the range.
+        let r = n.one(&msg(DISCOVER, Mac([2, 0, 0, 0, 0, 0xe])).requested(ip(250)));
+        assert_eq!(r.yiaddr, ip(13));
+    }
+
+    #[test]
+    fn request_for_an_address_not_ours_is_naked() {
+        let mut n = Net::new(config());
+        n.dora(A);
+        let cases = [
+            // INIT-REBOOT for another network.
+            msg(REQUEST, B).requested(Ipv4Addr::new(10, 0, 0, 5)),
+            // INIT-REBOOT in our subnet but outside the range.
+            msg(REQUEST, B).requested(ip(250)),
+            // SELECTING an address leased to someone else.
+            msg(REQUEST, B).server(HOST_IP).requested(ip(10)),
+            // INIT-REBOOT of the virtual host's own address.
+            msg(REQUEST, B).requested(HOST_IP),
+            // RENEWING an address of another network: the NAK is still broadcast.
+            msg(REQUEST, B).configured_at(Ipv4Addr::new(10, 0, 0, 5)),
+        ];
+        for m in cases {
+            let r = n.one(&m);
+            assert_eq!(r.kind, NAK);
+            assert_eq!((r.yiaddr, r.ciaddr), (ANY, ANY));
+            assert_eq!((r.eth_dst, r.dst), (Mac::BROADCAST, Ipv4Addr::BROADCAST));
+            assert_eq!(r.opt(opt::SERVER_ID), Some(&HOST_IP.octets()[..]));
+            for o in [
+                opt::LEASE_TIME,
+                opt::SUBNET_MASK,
+                opt::ROUTER,
+                opt::DNS_SERVERS,
+            ] {
+                assert_eq!(r.opt(o), None);
+            }
+        }
+        assert_eq!(n.leases().len(), 1);
+        assert_eq!(n.leases()[0].mac, A);
+    }
+
+    #[test]
+    fn init_reboot_of_a_free_address_in_range_is_acked() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(REQUEST, B).requested(ip(42)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(42)));
+        assert_eq!(n.leases()[0].ip, ip(42));
+    }
+
+    #[test]
+    fn request_to_another_server_is_ignored_and_frees_the_offer() {
+        let mut n = Net::new(config());
+        assert_eq!(n.offer(B), ip(10));
+        n.silent(&msg(REQUEST, B).server(ip(99)).requested(ip(10)));
+        assert_eq!(n.drops(Drop::Foreign), 1);
+        assert!(n.leases().is_empty());
+        // The address held for B is free again.
+        assert_eq!(n.offer(C), ip(10));
+    }
+
+    #[test]
+    fn release_then_discover_gives_the_same_address() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(HOST_IP));
+        assert!(n.leases().is_empty());
+        assert_eq!(
+            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
+            1
+        );
+        // Another client is kept off the address A may come back for.
+        assert_eq!(n.dora(B), ip(11));
+        assert_eq!(n.dora(A), ip(10));
+        assert_eq!(n.leases()[1].id, 3, "a new entry after a release");
+        // A RELEASE naming another server, or an address the client does not hold, does nothing.
+        n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(ip(99)));
+        n.silent(&msg(RELEASE, A).configured_at(ip(11)).server(HOST_IP));
+        assert_eq!(n.leases().len(), 2);
+    }
+
+    #[test]
+    fn declined_address_is_not_offered_for_a_while() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.silent(&msg(DECLINE, A).requested(ip(10)).server(HOST_IP));
+        assert!(n.leases().is_empty());
+        assert_eq!(n.count_lines("was deleted"), 1);
+        assert_eq!(n.offer(A), ip(11));
+        assert_eq!(n.offer(B), ip(12));
+        // Nor given on request.
+        assert_eq!(n.one(&msg(REQUEST, C).requested(ip(10))).kind, NAK);
+        n.advance(DECLINE_HOLD);
+        assert_eq!(n.offer(C), ip(10));
+        // A DECLINE without the address is malformed.
+        n.silent(&msg(DECLINE, A).server(HOST_IP));
+        assert_eq!(n.drops(Drop::Malformed), 1);
+    }
+
+    #[test]
+    fn inform_is_acked_without_address_or_lease() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(INFORM, D).configured_at(ip(50)));
+        assert_eq!(r.kind, ACK);
+        assert_eq!((r.yiaddr, r.ciaddr), (ANY, ip(50)));
+        assert_eq!((r.dst, r.eth_dst), (ip(50), D));
+        for o in [opt::LEASE_TIME, opt::RENEWAL_TIME, opt::REBINDING_TIME] {
+            assert_eq!(r.opt(o), None);
+        }
+        assert_eq!(r.opt(opt::SUBNET_MASK), Some(&[255, 255, 255, 0][..]));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DNS_SERVERS), Some(&HOST_IP.octets()[..]));
+        assert!(n.leases().is_empty());
+        assert!(n.lines().is_empty());
+        // An INFORM without ciaddr is malformed.
+        n.silent(&msg(INFORM, D));
+        assert_eq!(n.drops(Drop::Malformed), 1);
+    }
+
+    #[test]
+    fn renewal_and_rebinding_extend_the_same_entry() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.advance(Duration::from_secs(3600));
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(10)));
+        assert_eq!((r.kind, r.yiaddr, r.ciaddr), (ACK, ip(10), ip(10)));
+        assert_eq!((r.dst, r.eth_dst), (ip(10), A));
+        let l = n.leases()[0].clone();
+        assert_eq!(l.id, 1);
+        assert_eq!(l.expires_at, n.now + Duration::from_secs(7200));
+        assert_eq!(l.leased_at, Instant::from_secs(1000));
+        // REBINDING: broadcast, ciaddr set; the answer is still unicast to ciaddr.
+        n.advance(Duration::from_secs(6400));
+        let mut m = msg(REQUEST, A);
+        m.ciaddr = ip(10);
+        m.src = ip(10);
+        let r = n.one(&m);
+        assert_eq!((r.kind, r.dst, r.eth_dst), (ACK, ip(10), A));
+        assert_eq!(n.leases()[0].id, 1);
+        assert_eq!(n.count_lines("was created"), 1);
+        assert_eq!(n.count_lines("was deleted"), 0);
+        assert_eq!(n.leases().len(), 1);
+    }
+
+    #[test]
+    fn lease_expires_through_handle_timeout() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        let expiry = n.leases()[0].expires_at;
+        n.advance(OFFER_HOLD);
+        assert_eq!(n.engine.dhcp.poll_timeout(), Some(expiry));
+        assert_eq!(n.engine.poll_timeout(), Some(expiry));
+        n.advance(Duration::from_secs(7199) - OFFER_HOLD);
+        assert_eq!(n.leases().len(), 1);
+        n.advance(Duration::from_secs(1));
+        assert!(n.leases().is_empty());
+        assert_eq!(
+            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
+            1
+        );
+        // The address stays A's while nobody else takes it.
+        assert_eq!(n.dora(B), ip(11));
+        assert_eq!(n.dora(A), ip(10));
+        n.advance(Duration::from_secs(7200));
+        assert!(n.leases().is_empty());
+        assert_eq!(n.engine.dhcp.poll_timeout(), None);
+    }
+
+    #[test]
+    fn pool_exhaustion_is_silent_and_never_duplicates() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        // Offers alone hold the addresses.
+        assert_eq!(n.offer(A), ip(10));
+        assert_eq!(n.offer(B), ip(11));
+        n.silent(&msg(DISCOVER, C));
+        assert_eq!(n.drops(Drop::Limit), 1);
+        assert_eq!(
+            n.lines(),
+            vec![
+                "SecureNAT: The DHCP server has no free address for the client 02-00-00-00-00-0C."
+            ]
+        );
+        // Once the offers lapse, the third client is served.
+        n.advance(OFFER_HOLD);
+        assert_eq!(n.offer(C), ip(10));
+        // With both addresses leased, nothing is left for a third.
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(A), ip(10));
+        assert_eq!(n.dora(B), ip(11));
+        n.silent(&msg(DISCOVER, C));
+        n.silent(&msg(DISCOVER, D));
+        assert_eq!(n.drops(Drop::Limit), 2);
+        assert_eq!(
+            n.count_lines("no free address"),
+            1,
+            "the log line is rate-limited"
+        );
+        assert_eq!(n.one(&msg(REQUEST, C).requested(ip(11))).kind, NAK);
+        assert_eq!(n.leases().len(), 2);
+    }
+
+    #[test]
+    fn the_host_gateway_and_dns_addresses_are_never_given() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(1);
+        cfg.dhcp.range_end = ip(4);
+        cfg.dhcp.gateway = Some(ip(2));
+        cfg.dhcp.dns = vec![ip(3)];
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(A), ip(4));
+        n.silent(&msg(DISCOVER, B));
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(2))).kind, NAK);
+    }
+
+    #[test]
+    fn blank_gateway_dns_domain_leave_their_options_out() {
+        let mut cfg = config();
+        cfg.dhcp.gateway = None;
+        cfg.dhcp.dns = vec![];
+        cfg.dhcp.domain = None;
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        for o in [
+            opt::ROUTER,
+            opt::DNS_SERVERS,
+            opt::DOMAIN_NAME,
+            opt::CLASSLESS_ROUTES,
+        ] {
+            assert_eq!(r.opt(o), None, "option {o}");
+        }
+        assert!(r.opt(opt::SUBNET_MASK).is_some() && r.opt(opt::LEASE_TIME).is_some());
+        assert_eq!(
+            r.len, MIN_BOOTP_LEN,
+            "short replies are padded to 300 bytes"
+        );
+    }
+
+    #[test]
+    fn two_dns_servers_make_an_eight_byte_option() {
+        let mut cfg = config();
+        cfg.dhcp.dns = vec![ip(1), Ipv4Addr::new(192, 168, 30, 2)];
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(
+            r.opt(opt::DNS_SERVERS),
+            Some(&[192, 168, 30, 1, 192, 168, 30, 2][..])
+        );
+    }
+
+    #[test]
+    fn static_routes_are_sent_as_option_121_with_the_default_route() {
+        let mut cfg = config();
+        cfg.dhcp.routes = vec![
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 1, 0, 0),
+                prefix_len: 16,
+                gateway: ip(254),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(172, 16, 5, 128),
+                prefix_len: 25,
+                gateway: ip(253),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 9, 9, 9),
+                prefix_len: 32,
+                gateway: ip(252),
+            },
+        ];
+        let mut n = Net::new(cfg.clone());
+        let r = n.one(&msg(DISCOVER, A));
+        let expected: &[u8] = &[
+            16, 10, 1, 192, 168, 30, 254, //
+            25, 172, 16, 5, 128, 192, 168, 30, 253, //
+            32, 10, 9, 9, 9, 192, 168, 30, 252, //
+            0, 192, 168, 30, 1,
+        ];
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), Some(expected));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::MS_CLASSLESS_ROUTES), None);
+        // Option 249 only for a client that asks for it.
+        let r = n.one(&msg(DISCOVER, B).opt(opt::PARAMETER_LIST, &[1, 3, 121, 249]));
+        assert_eq!(r.opt(opt::MS_CLASSLESS_ROUTES), Some(expected));
+        // Without a gateway there is no default route to add.
+        cfg.dhcp.gateway = None;
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(
+            r.opt(opt::CLASSLESS_ROUTES),
+            Some(&expected[..expected.len() - 5])
+        );
+        assert_eq!(r.opt(opt::ROUTER), None);
+    }
+
+    #[test]
+    fn many_routes_are_split_and_bounded_by_the_message_size() {
+        let mut cfg = config();
+        cfg.dhcp.routes = (0..40)
+            .map(|i| StaticRoute {
+                dest: Ipv4Addr::new(10, i, 0, 0),
+                prefix_len: 32,
+                gateway: ip(254),
+            })
+            .collect();
+        let mut n = Net::new(cfg);
+        // 40 × 9 + 5 = 365 bytes: does not fit the 576-byte default.
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), None);
+        assert!(r.len <= 576 - 28);
+        // A client that takes 1500-byte messages gets it in two parts (RFC 3396).
+        let r = n.one(&msg(DISCOVER, B).opt(opt::MAX_MESSAGE_SIZE, &1500u16.to_be_bytes()));
+        let parts: Vec<&Vec<u8>> = r
+            .options
+            .iter()
+            .filter(|(c, _)| *c == opt::CLASSLESS_ROUTES)
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len() + parts[1].len(), 365);
+    }
+
+    #[test]
+    fn broadcast_flag_makes_replies_broadcast() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(DISCOVER, A).broadcast_flag());
+        assert_eq!((r.eth_dst, r.dst), (Mac::BROADCAST, Ipv4Addr::BROADCAST));
+        assert_eq!(r.flags, 0x8000);
+        let r = n.one(
+            &msg(REQUEST, A)
+                .broadcast_flag()
+                .server(HOST_IP)
+                .requested(r.yiaddr),
+        );
+        assert_eq!(
+            (r.kind, r.eth_dst, r.dst),
+            (ACK, Mac::BROADCAST, Ipv4Addr::BROADCAST)
+        );
+        // Broadcast replies teach the neighbour table nothing.
+        assert_eq!(n.engine.ctx.arp.lookup(ip(10)), None);
+    }
+
+    #[test]
+    fn chaddr_other_than_the_ethernet_source_is_served_at_chaddr() {
+        let mut n = Net::new(config());
+        let mut m = msg(DISCOVER, A);
+        m.chaddr = B;
+        let r = n.one(&m);
+        assert_eq!((r.chaddr, r.eth_dst), (B, B));
+        assert_eq!(n.offer(B), r.yiaddr, "the offer is B's");
+    }
+
+    #[test]
+    fn host_names_are_sanitized() {
+        assert_eq!(sanitize_host_name(b"NT4"), "NT4");
+        assert_eq!(sanitize_host_name(b"a b\x01,c\xff\0\0"), "a_b__c_");
+        assert_eq!(sanitize_host_name(&[b'x'; 300]).len(), MAX_HOST_NAME);
+        let mut n = Net::new(config());
+        let o = n.offer(A);
+        n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(o)
+                .opt(opt::HOST_NAME, b"bad, name\n"),
+        );
+        assert_eq!(n.leases()[0].host_name, "bad__name_");
+    }
+
+    #[test]
+    fn client_moving_to_another_address_gets_a_new_entry() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        let r = n.one(&msg(REQUEST, A).requested(ip(60)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(60)));
+        let l = n.leases();
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].id, l[0].ip), (2, ip(60)));
+        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
+        assert_eq!(n.count_lines("entry 2 was created"), 1);
+        // .10 is free again for others.
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(10))).kind, ACK);
+    }
+
+    #[test]
+    fn option_overload_is_read_from_file_and_sname() {
+        let mut n = Net::new(config());
+        let m = msg(DISCOVER, A).opt(opt::OVERLOAD, &[3]);
+        let mut b = m.bootp(true);
+        // Option 50 in `file`, option 12 in `sname`.
+        b[108..114].copy_from_slice(&[opt::REQUESTED_IP, 4, 192, 168, 30, 99]);
+        b[114] = opt::END;
+        b[44..49].copy_from_slice(&[opt::HOST_NAME, 2, b'h', b'n', opt::END]);
+        let r = n.frame(&m.frame_of(&b));
+        assert_eq!(r[0].yiaddr, ip(99));
+    }
+
+    #[test]
+    fn disabled_dhcp_does_not_answer() {
+        let mut cfg = config();
+        cfg.dhcp.enabled = false;
+        let mut n = Net::new(cfg);
+        n.silent(&msg(DISCOVER, A));
+        assert_eq!(n.drops(Drop::Disabled), 1);
+    }
+
+    // ---- malformed input ----
+
+    #[test]
+    fn malformed_messages_are_dropped_and_counted() {
+        let mut n = Net::new(config());
+        let good = msg(DISCOVER, A);
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        // Shorter than the fixed BOOTP header.
+        cases.push(("truncated", good.frame_of(&good.bootp(true)[..200])));
+        cases.push(("no cookie room", good.frame_of(&good.bootp(true)[..238])));
+        let mut m = good.clone();
+        m.op = 2;
+        cases.push(("BOOTREPLY", m.frame()));
+        let mut m = good.clone();
+        m.cookie = 0x6382_5364;
+        cases.push(("bad cookie", m.frame()));
+        let mut m = good.clone();
+        m.htype = 6;
+        cases.push(("htype", m.frame()));
+        let mut m = good.clone();
+        m.hlen = 16;
+        cases.push(("hlen", m.frame()));
+        let mut m = good.clone();
+        m.options.clear();
+        cases.push(("no message type", m.frame()));
+        let mut m = good.clone().host_name("x");
+        m.options.truncate(m.options.len() - 1);
+        m.options.extend_from_slice(&[opt::HOST_NAME, 9, b'a']);
+        cases.push(("option past end", m.frame_of(&m.bootp(false))));
+        let mut m = good.clone();
+        m.options.push(opt::HOST_NAME);
+        cases.push(("option without length", m.frame_of(&m.bootp(false))));
+        cases.push((
+            "option 50 of 3 bytes",
+            good.clone().opt(opt::REQUESTED_IP, &[1, 2, 3]).frame(),
+        ));
+        cases.push((
+            "option 53 of 2 bytes",
+            msg(DISCOVER, A).opt(opt::MESSAGE_TYPE, &[1, 1]).frame(),
+        ));
+        cases.push((
+            "option 57 of 1 byte",
+            good.clone().opt(opt::MAX_MESSAGE_SIZE, &[5]).frame(),
+        ));
+        cases.push(("overload 4", good.clone().opt(opt::OVERLOAD, &[4]).frame()));
+        let mut m = good.clone();
+        m.chaddr = Mac([1, 0, 0x5e, 0, 0, 1]);
+        cases.push(("multicast chaddr", m.frame()));
+        cases.push((
+            "request without address",
+            msg(REQUEST, A).server(HOST_IP).frame(),
+        ));
+        cases.push(("renewal without ciaddr", msg(REQUEST, A).frame()));
+        let total = cases.len() as u64;
+        for (name, f) in &cases {
+            let before = n.drops(Drop::Malformed);
+            assert!(n.frame(f).is_empty(), "{name}: answered");
+            assert_eq!(
+                n.drops(Drop::Malformed),
+                before + 1,
+                "{name}: not counted as malformed"
+            );
+        }
+        assert_eq!(n.drops(Drop::Malformed), total);
+        assert!(n.leases().is_empty());
+        assert!(n.engine.dhcp.offers.is_empty());
+
+        // A UDP length that cuts the message short (checksum left out, so that it is the DHCP
+        // parser that refuses it).
+        let mut f = good.frame();
+        let udp = ETHERNET_HEADER_LEN + 20;
+        f[udp + 4..udp + 6].copy_from_slice(&(8u16 + 100).to_be_bytes());
+        f[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.drops(Drop::Malformed), total + 1);
+        // A UDP length past the datagram: the engine does not take it for DHCP at all.
+        let dropped: u64 = n.engine.stats().drops.iter().sum();
+        let mut f = good.frame();
+        f[udp + 4..udp + 6].copy_from_slice(&2000u16.to_be_bytes());
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.engine.stats().drops.iter().sum::<u64>(), dropped + 1);
+
+        // A wrong UDP checksum (but a zero one is accepted).
+        let mut f = good.frame();
+        let last = f.len() - 1;
+        f[last] ^= 0xff;
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.drops(Drop::BadChecksum), 1);
+        let mut f = good.frame();
+        let ck = ETHERNET_HEADER_LEN + 20 + 6;
+        f[ck..ck + 2].copy_from_slice(&[0, 0]);
+        assert_eq!(n.frame(&f).len(), 1);
+
+        // Valid, but not for us: server message types, unknown types, relayed messages.
+        for kind in [OFFER, ACK, NAK, 9, 200] {
+            n.silent(&msg(kind, A));
+        }
+        let mut m = good.clone();
+        m.giaddr = Ipv4Addr::new(10, 0, 0, 1);
+        n.silent(&m);
+        assert_eq!(n.drops(Drop::Unsupported), 6);
+        // A message without END but otherwise whole is accepted.
+        let r = n.frame(&good.frame_of(&good.bootp(false)));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn option_iter_is_strict() {
+        let items: Vec<_> = OptionIter::new(&[0, 0, 53, 1, 1, 0, 12, 0, 255, 7, 7]).collect();
+        assert_eq!(items, vec![Ok((53, &[1u8][..])), Ok((12, &[][..]))]);
+        let items: Vec<_> = OptionIter::new(&[53, 1, 1, 12, 5, 1]).collect();
+        assert_eq!(items, vec![Ok((53, &[1u8][..])), Err(Drop::Malformed)]);
+        let items: Vec<_> = OptionIter::new(&[53]).collect();
+        assert_eq!(items, vec![Err(Drop::Malformed)]);
+    }
+
+    // ---- table management ----
+
+    fn lease(id: u32, mac: Mac, a: Ipv4Addr, expires: u64) -> Lease {
+        Lease {
+            id,
+            leased_at: Instant::from_secs(0),
+            expires_at: Instant::from_secs(expires),
+            mac,
+            ip: a,
+            host_name: format!("h{id}"),
+        }
+    }
+
+    #[test]
+    fn restore_keeps_valid_entries_only() {
+        let mut n = Net::new(config());
+        let now = n.now;
+        let kept = n.engine.dhcp.restore(
+            now,
+            vec![
+                lease(5, A, ip(20), 5000),
+                lease(6, B, ip(21), 500),                        // expired
+                lease(7, C, ip(250), 5000),                      // outside the range
+                lease(8, D, ip(20), 5000),                       // address taken
+                lease(9, A, ip(22), 5000),                       // MAC taken
+                lease(5, Mac([2, 0, 0, 0, 1, 1]), ip(23), 5000), // id taken
+                lease(3, Mac([2, 0, 0, 0, 1, 2]), ip(24), 5000),
+            ],
+        );
+        assert_eq!(kept, 2);
+        let ids: Vec<u32> = n.leases().iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![3, 5]);
+        // The restored client gets its address back, and renewing does not log "created".
+        assert_eq!(n.offer(A), ip(20));
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(20)));
+        assert_eq!(r.kind, ACK);
+        assert_eq!(n.count_lines("created"), 0);
+        // Others cannot take it; new entries continue after the highest id.
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(20))).kind, NAK);
+        n.dora(B);
+        assert_eq!(n.leases().last().unwrap().id, 6);
+        assert_eq!(n.engine.dhcp.lease_of(B).unwrap().id, 6);
+    }
+
+    #[test]
+    fn reconfigure_drops_what_is_outside_the_new_range() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.one(&msg(REQUEST, B).requested(ip(100)));
+        let mut cfg = n.engine.dhcp.config().clone();
+        cfg.range_start = ip(50);
+        let sub = n.log.clone();
+        tracing::subscriber::with_default(sub, || n.engine.dhcp.reconfigure(&cfg));
+        let l = n.leases();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].mac, B);
+        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
+        assert_eq!(n.offer(A), ip(50));
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded_by_the_range() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        for i in 0..20u8 {
+            let mac = Mac([2, 0, 0, 0, 2, i]);
+            let a = n.dora(mac);
+            n.silent(&msg(RELEASE, mac).configured_at(a).server(HOST_IP));
+        }
+        let s = &n.engine.dhcp;
+        assert!(s.memory.len() <= 2 && s.remembered_by.len() <= 2);
+        assert_eq!(s.memory.len(), s.remembered_by.len());
+        assert!(s.leases.is_empty() && s.by_ip.is_empty() && s.by_mac.is_empty());
+        assert!(s.expiry.is_empty());
     }
 }
