@@ -10,7 +10,13 @@
 //! lease ended, as long as nobody else took it); else the first free address of the range, taking
 //! addresses that some other client may come back for only when nothing else is left. An offer
 //! holds its address for [`OFFER_HOLD`] so that two DISCOVERs never get the same one; a DECLINEd
-//! address is kept out of use for [`DECLINE_HOLD`]. When nothing is free the server stays silent.
+//! address is kept out of use for [`DECLINE_HOLD`] (only a client that holds an address can
+//! decline it). When nothing is free the server stays silent.
+//!
+//! Replies follow RFC 2131 4.1: a NAK is always broadcast (the RFC says so "in all cases" when
+//! giaddr is zero); otherwise a client with ciaddr set gets a unicast there (at the Ethernet
+//! source), a client that set the broadcast flag gets a broadcast, and any other gets a unicast
+//! to yiaddr at chaddr. Relayed messages (giaddr set) are not served: one segment, no relays.
 //!
 //! The message view is `smoltcp::wire::DhcpPacket`; the options are walked with [`OptionIter`]
 //! (strict where smoltcp's iterator silently stops at a truncated option) and written here.
@@ -52,7 +58,6 @@ const MIN_MAX_MESSAGE: usize = 576;
 const IP_UDP_HEADERS: usize = 28;
 const OPTIONS_OFFSET: usize = 240;
 const MAGIC_COOKIE: u32 = 0x6382_5363;
-const OP_BOOTREQUEST: u8 = 1;
 /// `sname` and `file` of a BOOTP message (smoltcp keeps its field table private, and its
 /// `sname` range starts inside `chaddr`).
 const SNAME_FIELD: std::ops::Range<usize> = 44..108;
@@ -162,7 +167,7 @@ fn ipv4_option(data: &[u8]) -> Result<Ipv4Addr, Drop> {
 impl<'a> ClientMessage<'a> {
     fn parse(bytes: &'a [u8]) -> Result<ClientMessage<'a>, Drop> {
         let p = DhcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
-        if p.opcode() != DhcpOpCode::Request || bytes[0] != OP_BOOTREQUEST {
+        if p.opcode() != DhcpOpCode::Request {
             return Err(Drop::Malformed);
         }
         if p.hardware_type() != ArpHardware::Ethernet || p.hardware_len() != 6 {
@@ -547,7 +552,12 @@ impl DhcpServer {
             return Err(Drop::Foreign);
         }
         let ip = msg.requested_ip.ok_or(Drop::Malformed)?;
-        if !self.in_range(ip) {
+        // Only the address this client was given (leased or offered) can be declined: a client
+        // must not be able to take another's address out of use.
+        let held = self.lease_of(msg.chaddr).is_some_and(|l| l.ip == ip)
+            || self.offer_of.get(&msg.chaddr) == Some(&ip);
+        if !held || !self.in_range(ip) {
+            tracing::debug!(client = %msg.chaddr, %ip, "DHCP DECLINE of an address the client does not hold ignored");
             return Ok(());
         }
         tracing::warn!(client = %msg.chaddr, %ip, "DHCP client declined an address: it is in use on the segment");
@@ -618,13 +628,10 @@ impl DhcpServer {
             && !cfg.dns.contains(&ip)
     }
 
-    fn cfg_assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
-        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
-    }
-
-    /// An address of the range that the server may hand out at all.
+    /// An address of the range that the server may hand out at all (not the subnet's network or
+    /// broadcast address, nor the virtual host's, the gateway's or a DNS server's).
     fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
-        self.cfg_assignable(ip, host_ip)
+        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
     }
 
     /// Whether `ip` may be given to `mac` now: ours to give, and not leased or offered to
@@ -1458,6 +1465,17 @@ mod tests {
         assert_eq!(n.one(&msg(REQUEST, C).requested(ip(10))).kind, NAK);
         n.advance(DECLINE_HOLD);
         assert_eq!(n.offer(C), ip(10));
+        // A client cannot decline an address it does not hold.
+        let b = n.dora(B);
+        let d = n.offer(D);
+        n.silent(&msg(DECLINE, D).requested(b).server(HOST_IP));
+        n.silent(&msg(DECLINE, D).requested(b));
+        let r = n.one(&msg(REQUEST, B).configured_at(b));
+        assert_eq!((r.kind, r.yiaddr), (ACK, b));
+        assert_eq!(n.offer(D), d);
+        // Declining an offered address works as well.
+        n.silent(&msg(DECLINE, D).requested(d).server(HOST_IP));
+        assert_ne!(n.offer(D), d);
         // A DECLINE without the address is malformed.
         n.silent(&msg(DECLINE, A).server(HOST_IP));
         assert_eq!(n.drops(Drop::Malformed), 1);
