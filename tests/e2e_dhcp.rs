@@ -16,10 +16,11 @@ fn in_default_range(ip: &str) -> bool {
     o[..3] == [192, 168, 30] && (10..=200).contains(&o[3])
 }
 
-/// The hook script for dhclient: records the variables of each run in `dhclient.REASON` and
+/// The hook script for dhclient (which runs it with an environment of its own, so the test's
+/// directory is written into the script: `@DIR@`): records the variables of each run in `dhclient.REASON` and
 /// configures the interface itself (the system's hooks, which rewrite resolv.conf, never run).
 const DHCLIENT_SCRIPT: &str = r#"#!/bin/sh
-env | grep -E '^(reason|interface|new_|old_)' > "$HUBNAT_E2E_DIR/dhclient.$reason"
+env | grep -E '^(reason|interface|new_|old_)' > "@DIR@/dhclient.$reason"
 case "$reason" in
   PREINIT) ip link set "$interface" up ;;
   BOUND|RENEW|REBIND|REBOOT)
@@ -33,7 +34,7 @@ exit 0
 
 const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
 { echo "event=$1"; echo "ip=$ip"; echo "subnet=$subnet"; echo "mask=$mask"; echo "router=$router";
-  echo "dns=$dns"; echo "domain=$domain"; echo "lease=$lease"; echo "serverid=$serverid"; } > "$HUBNAT_E2E_DIR/udhcpc.$1"
+  echo "dns=$dns"; echo "domain=$domain"; echo "lease=$lease"; echo "serverid=$serverid"; } > "@DIR@/udhcpc.$1"
 case "$1" in
   deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
   bound|renew)
@@ -71,9 +72,7 @@ impl<'a> Dhclient<'a> {
         args.extend_from_slice(&["-lf", lf.to_str().unwrap(), "-pf", pf.to_str().unwrap()]);
         args.extend_from_slice(extra);
         args.push(&self.lab.tap);
-        let mut c = self.lab.guest.cmd(&args);
-        c.env("HUBNAT_E2E_DIR", &self.lab.dir.0);
-        c
+        self.lab.guest.cmd(&args)
     }
 
     /// Runs dhclient in the foreground until it is bound; returns the process and the lease.
@@ -112,9 +111,7 @@ fn udhcpc(lab: &Lab, extra: &[&str]) -> (std::process::Output, Lease) {
     args.extend_from_slice(&["-t", "4", "-T", "1", "-A", "1", "-x", "hostname:e2e-udhcpc"]);
     args.extend_from_slice(&["-s", script.to_str().unwrap()]);
     args.extend_from_slice(extra);
-    let mut c = lab.guest.cmd(&args);
-    c.env("HUBNAT_E2E_DIR", &lab.dir.0);
-    let out = c.output().expect("busybox udhcpc runs");
+    let out = lab.guest.cmd(&args).output().expect("busybox udhcpc runs");
     let lease = Lease::parse(&common::read(&lab.dir.join("udhcpc.bound")));
     (out, lease)
 }
@@ -193,7 +190,6 @@ fn a_released_client_comes_back_to_the_same_address() {
         lab.guest.addrs(&lab.tap).is_empty(),
         "release left the address"
     );
-    // Another client takes an address meanwhile: the returning one must still get its own.
     let (_p2, second) = client.bind();
     assert_eq!(first.get("new_ip_address"), second.get("new_ip_address"));
     // udhcpc, releasing on exit (-R), also comes back to its own address.

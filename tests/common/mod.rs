@@ -376,11 +376,12 @@ impl Lab {
         self.hubnat.as_ref().map(Proc::log).unwrap_or_default()
     }
 
-    /// Writes a DHCP client hook script that records what the client received and configures
+    /// Writes a DHCP client hook script (`@DIR@` in it stands for the test's directory) that records what the client received and configures
     /// the interface itself, so no client ever runs the system's own hooks (which would rewrite
     /// /etc/resolv.conf).
     pub fn write_script(&self, name: &str, body: &str) -> PathBuf {
         let p = self.dir.join(name);
+        let body = body.replace("@DIR@", self.dir.0.to_str().unwrap());
         std::fs::write(&p, body).unwrap();
         must(Command::new("chmod").arg("755").arg(&p));
         p
