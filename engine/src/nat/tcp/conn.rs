@@ -268,7 +268,7 @@ impl Conn {
             persist_backoffs: 0,
             bytes_to_host: 0,
             bytes_to_guest: 0,
-            packets_to_host: 0,
+            packets_to_host: 1, // the SYN
             packets_to_guest: 0,
         }
     }

@@ -363,7 +363,7 @@ impl TcpNat {
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;
             };
-            if !c.deadline(idle).is_some_and(|d| d <= now) {
+            if c.deadline(idle).is_none_or(|d| d > now) {
                 self.schedule(key, ctx);
                 continue;
             }

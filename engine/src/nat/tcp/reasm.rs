@@ -59,10 +59,7 @@ impl Reasm {
         // Where the new range goes, and which existing ones it touches.
         let first = self.ranges.iter().position(|r| r.1 >= start);
         let touching = match first {
-            Some(i) => self.ranges[i..]
-                .iter()
-                .take_while(|r| r.0 <= end)
-                .count(),
+            Some(i) => self.ranges[i..].iter().take_while(|r| r.0 <= end).count(),
             None => 0,
         };
         if touching == 0 && self.ranges.len() >= MAX_RANGES {

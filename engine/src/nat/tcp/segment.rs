@@ -228,7 +228,8 @@ pub fn push(
         emit_ipv4_header(&mut frame[ETHERNET_HEADER_LEN..], &h, hl + n, 0, false);
         let tcp = &mut frame[l4..l4 + hl + n];
         hdr.emit(tcp);
-        TcpPacket::new_unchecked(tcp).fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into());
+        TcpPacket::new_unchecked(tcp)
+            .fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into());
         Some(n)
     });
     match n {
