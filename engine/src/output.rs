@@ -35,6 +35,14 @@ impl FrameBatch {
         self.len = self.len.saturating_sub(1);
     }
 
+    /// Shortens the last frame pushed to `len` bytes (a builder that wrote less than it
+    /// reserved, e.g. a TCP segment whose socket had fewer bytes than the window allowed).
+    pub fn truncate_last(&mut self, len: usize) {
+        if self.len > 0 {
+            self.bufs[self.len - 1].truncate(len);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -47,7 +47,7 @@ impl Ipv4Header {
 }
 
 /// Writes the Ethernet header of an IPv4 frame.
-fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
+pub fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
     let mut eth_frame = EthernetFrame::new_unchecked(frame);
     eth_frame.set_src_addr(eth(src));
     eth_frame.set_dst_addr(eth(dst));
@@ -56,7 +56,7 @@ fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
 
 /// Writes the IPv4 header (with checksum) of a packet whose payload is `payload_len` bytes,
 /// at offset `frag_offset` (bytes, a multiple of 8) of its datagram.
-fn emit_ipv4_header(
+pub fn emit_ipv4_header(
     packet: &mut [u8],
     h: &Ipv4Header,
     payload_len: usize,

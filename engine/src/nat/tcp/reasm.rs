@@ -1,0 +1,167 @@
+//! The bounded receive queue of one connection (guest → host).
+//!
+//! It holds the bytes of the receive window that could not be written to the host socket yet:
+//! segments that arrived out of order (behind a hole), and in-order bytes the socket refused
+//! while its buffer was full. Storage is a ring of `cap` bytes (a power of two) indexed by
+//! sequence number modulo `cap`, so every byte of the window `[rcv_nxt, rcv_nxt + cap)` has a
+//! fixed place and nothing moves when the window slides. The ring is allocated on first use and
+//! kept until the connection ends; at most `MAX_RANGES` separate byte ranges are tracked, a
+//! segment that would need more is dropped (the guest retransmits it).
+
+use super::seq::Seq;
+
+/// Most disjoint ranges held at once (also bounds the work per segment).
+pub const MAX_RANGES: usize = 16;
+
+pub struct Reasm {
+    cap: usize,
+    buf: Vec<u8>,
+    /// Disjoint, non-adjacent `[start, end)` ranges, ascending.
+    ranges: Vec<(Seq, Seq)>,
+}
+
+impl Reasm {
+    /// `cap` is rounded up to a power of two.
+    pub fn new(cap: usize) -> Reasm {
+        Reasm {
+            cap: cap.next_power_of_two(),
+            buf: Vec::new(),
+            ranges: Vec::new(),
+        }
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.ranges.iter().map(|(s, e)| e.since(*s)).sum()
+    }
+
+    /// Bytes the ring holds on the heap (zero until first used).
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity() + self.ranges.capacity() * std::mem::size_of::<(Seq, Seq)>()
+    }
+
+    /// Stores `data` at `seq`. The caller has trimmed it to `[rcv_nxt, rcv_nxt + cap)`.
+    /// Returns false (storing nothing) when it would need more than `MAX_RANGES` ranges.
+    pub fn insert(&mut self, rcv_nxt: Seq, seq: Seq, data: &[u8]) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        debug_assert!(seq >= rcv_nxt && (seq + data.len()).since(rcv_nxt) <= self.cap);
+        let (start, end) = (seq, seq + data.len());
+        // Where the new range goes, and which existing ones it touches.
+        let first = self.ranges.iter().position(|r| r.1 >= start);
+        let touching = match first {
+            Some(i) => self.ranges[i..].iter().take_while(|r| r.0 <= end).count(),
+            None => 0,
+        };
+        if touching == 0 && self.ranges.len() >= MAX_RANGES {
+            return false;
+        }
+        if self.buf.is_empty() {
+            self.buf = vec![0; self.cap];
+            self.ranges.reserve_exact(MAX_RANGES);
+        }
+        let at = seq.0 as usize & (self.cap - 1);
+        let first_part = data.len().min(self.cap - at);
+        self.buf[at..at + first_part].copy_from_slice(&data[..first_part]);
+        self.buf[..data.len() - first_part].copy_from_slice(&data[first_part..]);
+        let i = first.unwrap_or(self.ranges.len());
+        if touching == 0 {
+            self.ranges.insert(i, (start, end));
+        } else {
+            let merged = (
+                start.min(self.ranges[i].0),
+                end.max(self.ranges[i + touching - 1].1),
+            );
+            self.ranges.drain(i + 1..i + touching);
+            self.ranges[i] = merged;
+        }
+        true
+    }
+
+    /// How many bytes from `rcv_nxt` on are held without a hole.
+    pub fn contiguous(&self, rcv_nxt: Seq) -> usize {
+        match self.ranges.first() {
+            Some(&(s, e)) if s <= rcv_nxt => e.since(rcv_nxt),
+            _ => 0,
+        }
+    }
+
+    /// The `n` bytes from `seq` on (held), as at most two slices of the ring.
+    pub fn slices(&self, seq: Seq, n: usize) -> (&[u8], &[u8]) {
+        let at = seq.0 as usize & (self.cap - 1);
+        let first = n.min(self.cap - at);
+        (&self.buf[at..at + first], &self.buf[..n - first])
+    }
+
+    /// Forgets everything before `rcv_nxt` (written to the socket).
+    pub fn advance(&mut self, rcv_nxt: Seq) {
+        self.ranges.retain(|r| r.1 > rcv_nxt);
+        if let Some(r) = self.ranges.first_mut() {
+            r.0 = r.0.max(rcv_nxt);
+        }
+    }
+
+    /// Up to three ranges held beyond `rcv_nxt`, for SACK blocks (RFC 2018).
+    pub fn sack_blocks(&self, rcv_nxt: Seq) -> [Option<(u32, u32)>; 3] {
+        let mut out = [None; 3];
+        for (slot, r) in out
+            .iter_mut()
+            .zip(self.ranges.iter().filter(|r| r.0 > rcv_nxt))
+        {
+            *slot = Some((r.0 .0, r.1 .0));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_holes_and_merges() {
+        let mut r = Reasm::new(16);
+        let base = Seq(u32::MAX - 5);
+        assert!(r.insert(base, base + 4, b"efgh"));
+        assert!(r.insert(base, base + 10, b"kl"));
+        assert_eq!(r.contiguous(base), 0);
+        assert_eq!(r.sack_blocks(base)[0], Some(((base + 4).0, (base + 8).0)));
+        assert!(r.sack_blocks(base)[1].is_some());
+        // Overlapping fill of the first hole.
+        assert!(r.insert(base, base, b"abcdef"));
+        assert_eq!(r.contiguous(base), 8);
+        let (a, b) = r.slices(base, 8);
+        assert_eq!([a, b].concat(), b"abcdefgh");
+        r.advance(base + 3);
+        assert_eq!(r.contiguous(base + 3), 5);
+        assert_eq!(r.len(), 7);
+        assert!(r.insert(base + 3, base + 8, b"ij"));
+        assert_eq!(r.contiguous(base + 3), 9);
+        let (a, b) = r.slices(base + 3, 9);
+        assert_eq!([a, b].concat(), b"defghijkl");
+        r.advance(base + 12);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn range_count_is_bounded() {
+        let mut r = Reasm::new(1024);
+        let base = Seq(0);
+        for i in 0..MAX_RANGES {
+            assert!(r.insert(base, base + (2 + i * 4), b"x"));
+        }
+        assert!(!r.insert(base, base + 900, b"y"));
+        // Extending an existing range is still fine.
+        assert!(r.insert(base, base + 3, b"z"));
+        assert_eq!(r.len(), MAX_RANGES + 1);
+    }
+}

@@ -1,0 +1,267 @@
+//! One TCP segment: parsed from a guest's packet, or built into a frame toward a guest.
+//!
+//! Parsing uses smoltcp's checked `TcpPacket` view and its option parser; building writes the
+//! header in place around a payload region that the caller fills directly (from a host socket's
+//! peek), so payload bytes are copied once, socket to frame.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{
+    IpProtocol, Ipv4Packet, TcpOption, TcpPacket, TcpSeqNumber, ETHERNET_HEADER_LEN,
+};
+
+use super::seq::Seq;
+use crate::config::Mac;
+use crate::output::FrameBatch;
+use crate::stats::Drop;
+use crate::wire::{emit_ethernet, emit_ipv4_header, Ipv4Header, IPV4_HEADER_LEN};
+
+pub const TCP_HEADER_LEN: usize = 20;
+/// Bytes the timestamp option takes in every segment once negotiated (with its two NOPs).
+pub const TS_OPTION_LEN: usize = 12;
+
+/// A guest's segment, checked and parsed.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg<'a> {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: Seq,
+    pub ack: Option<Seq>,
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub window: u16,
+    pub mss: Option<u16>,
+    pub window_scale: Option<u8>,
+    pub sack_permitted: bool,
+    pub sack: [Option<(u32, u32)>; 3],
+    /// (TSval, TSecr)
+    pub timestamp: Option<(u32, u32)>,
+    pub payload: &'a [u8],
+}
+
+impl Seg<'_> {
+    /// Sequence space the segment occupies (payload, SYN and FIN).
+    pub fn len(&self) -> usize {
+        self.payload.len() + self.syn as usize + self.fin as usize
+    }
+}
+
+/// Checks and parses the TCP segment of `ip`: a truncated header, a data offset below 5 or past
+/// the end, a bad option, port 0 or an impossible flag combination is `Malformed`; a checksum
+/// that does not verify is `BadChecksum`.
+pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, Drop> {
+    let bytes: &'a [u8] = ip.payload();
+    let tcp = TcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    if !tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
+        return Err(Drop::BadChecksum);
+    }
+    if tcp.src_port() == 0 || tcp.dst_port() == 0 {
+        return Err(Drop::Malformed);
+    }
+    let (syn, fin, rst) = (tcp.syn(), tcp.fin(), tcp.rst());
+    if (syn && (fin || rst)) || (fin && rst) {
+        return Err(Drop::Malformed);
+    }
+    let mut seg = Seg {
+        src_port: tcp.src_port(),
+        dst_port: tcp.dst_port(),
+        seq: Seq(tcp.seq_number().0 as u32),
+        ack: tcp.ack().then(|| Seq(tcp.ack_number().0 as u32)),
+        syn,
+        fin,
+        rst,
+        window: tcp.window_len(),
+        mss: None,
+        window_scale: None,
+        sack_permitted: false,
+        sack: [None; 3],
+        timestamp: None,
+        payload: &bytes[tcp.header_len() as usize..],
+    };
+    let mut options = &bytes[TCP_HEADER_LEN..tcp.header_len() as usize];
+    while !options.is_empty() {
+        let (rest, option) = TcpOption::parse(options).map_err(|_| Drop::Malformed)?;
+        match option {
+            TcpOption::EndOfList => break,
+            TcpOption::MaxSegmentSize(v) => seg.mss = Some(v),
+            TcpOption::WindowScale(v) => seg.window_scale = Some(v.min(14)),
+            TcpOption::SackPermitted => seg.sack_permitted = true,
+            TcpOption::SackRange(r) => seg.sack = r,
+            TcpOption::TimeStamp { tsval, tsecr } => seg.timestamp = Some((tsval, tsecr)),
+            TcpOption::NoOperation | TcpOption::Unknown { .. } => {}
+        }
+        options = rest;
+    }
+    Ok(seg)
+}
+
+/// The header of a segment toward a guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Hdr {
+    /// The guest's peer as the guest sees it (the source of our segments).
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub seq: Seq,
+    pub ack: Option<Seq>,
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub psh: bool,
+    pub window: u16,
+    pub mss: Option<u16>,
+    pub window_scale: Option<u8>,
+    pub sack_permitted: bool,
+    pub timestamp: Option<(u32, u32)>,
+    pub sack: [Option<(u32, u32)>; 3],
+}
+
+impl Hdr {
+    /// A header with no flags, no ACK and no options.
+    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, seq: Seq) -> Hdr {
+        Hdr {
+            src,
+            dst,
+            seq,
+            ack: None,
+            syn: false,
+            fin: false,
+            rst: false,
+            psh: false,
+            window: 0,
+            mss: None,
+            window_scale: None,
+            sack_permitted: false,
+            timestamp: None,
+            sack: [None; 3],
+        }
+    }
+
+    /// Header length with options, padded to 4 bytes.
+    pub fn len(&self) -> usize {
+        let mut n = TCP_HEADER_LEN;
+        n += self.mss.map_or(0, |_| 4);
+        n += self.window_scale.map_or(0, |_| 4); // NOP + 3
+        n += if self.sack_permitted { 4 } else { 0 }; // 2 NOPs + 2 (or padded)
+        n += self.timestamp.map_or(0, |_| TS_OPTION_LEN);
+        let blocks = self.sack.iter().flatten().count();
+        if blocks > 0 {
+            n += 4 + 8 * blocks; // 2 NOPs + kind + len + blocks
+        }
+        n
+    }
+
+    /// Writes the header (not the checksum) into `buf`, which holds header and payload.
+    fn emit(&self, buf: &mut [u8]) {
+        let len = self.len();
+        let mut p = TcpPacket::new_unchecked(&mut *buf);
+        p.set_src_port(self.src.port());
+        p.set_dst_port(self.dst.port());
+        p.set_seq_number(TcpSeqNumber(self.seq.0 as i32));
+        p.set_ack_number(TcpSeqNumber(self.ack.map_or(0, |a| a.0) as i32));
+        p.set_header_len(len as u8);
+        p.clear_flags();
+        p.set_syn(self.syn);
+        p.set_fin(self.fin);
+        p.set_rst(self.rst);
+        p.set_psh(self.psh);
+        p.set_ack(self.ack.is_some());
+        p.set_window_len(self.window);
+        p.set_urgent_at(0);
+        p.set_checksum(0);
+        let mut o = &mut buf[TCP_HEADER_LEN..len];
+        if let Some(mss) = self.mss {
+            o = TcpOption::MaxSegmentSize(mss).emit(o);
+        }
+        if let Some(ws) = self.window_scale {
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::WindowScale(ws).emit(o);
+        }
+        if self.sack_permitted {
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::SackPermitted.emit(o);
+        }
+        if let Some((tsval, tsecr)) = self.timestamp {
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::TimeStamp { tsval, tsecr }.emit(o);
+        }
+        if self.sack.iter().any(Option::is_some) {
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::NoOperation.emit(o);
+            o = TcpOption::SackRange(self.sack).emit(o);
+        }
+        debug_assert!(o.is_empty());
+    }
+}
+
+/// Appends one segment toward a guest. `fill` writes up to `max_payload` bytes of payload
+/// straight into the frame and returns how many it wrote; it may also set flags (FIN) in the
+/// header. A segment with no payload and no SYN/FIN/RST is only emitted when `max_payload`
+/// is zero (a pure ACK); otherwise an empty fill takes the frame back. Returns the payload
+/// length and the header as sent.
+pub fn push(
+    out: &mut FrameBatch,
+    src_mac: Mac,
+    dst_mac: Mac,
+    ident: u16,
+    hdr: Hdr,
+    max_payload: usize,
+    fill: impl FnOnce(&mut [u8], &mut Hdr) -> usize,
+) -> (usize, Hdr) {
+    let mut hdr = hdr;
+    let hl = hdr.len();
+    let l4 = ETHERNET_HEADER_LEN + IPV4_HEADER_LEN;
+    let size = l4 + hl + max_payload;
+    let n = out.push_with(size, |frame| {
+        let n = if max_payload > 0 {
+            fill(&mut frame[l4 + hl..], &mut hdr).min(max_payload)
+        } else {
+            0
+        };
+        if n == 0 && max_payload > 0 && !(hdr.fin || hdr.syn || hdr.rst) {
+            return None;
+        }
+        emit_ethernet(frame, src_mac, dst_mac);
+        let h = Ipv4Header::new(*hdr.src.ip(), *hdr.dst.ip(), IpProtocol::Tcp, ident);
+        emit_ipv4_header(&mut frame[ETHERNET_HEADER_LEN..], &h, hl + n, 0, false);
+        let tcp = &mut frame[l4..l4 + hl + n];
+        hdr.emit(tcp);
+        TcpPacket::new_unchecked(tcp)
+            .fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into());
+        Some(n)
+    });
+    match n {
+        None => {
+            out.pop();
+            (0, hdr)
+        }
+        Some(n) => {
+            if n < max_payload {
+                out.truncate_last(size - (max_payload - n));
+            }
+            (n, hdr)
+        }
+    }
+}
+
+/// The reset RFC 9293 (3.10.7.1) answers a segment with when no connection owns it.
+pub fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> Hdr {
+    let mut h = Hdr::new(peer, guest, Seq(0));
+    h.rst = true;
+    match seg.ack {
+        Some(ack) => h.seq = ack,
+        None => h.ack = Some(seg.seq + seg.len()),
+    }
+    h
+}
+
+/// Socket addresses of a packet's source and destination with the segment's ports.
+pub fn endpoints(ip: &Ipv4Packet<&[u8]>, seg: &Seg) -> (SocketAddrV4, SocketAddrV4) {
+    let (s, d): (Ipv4Addr, Ipv4Addr) = (ip.src_addr(), ip.dst_addr());
+    (
+        SocketAddrV4::new(s, seg.src_port),
+        SocketAddrV4::new(d, seg.dst_port),
+    )
+}
