@@ -135,8 +135,8 @@ impl Engine {
         }
         let mac = new.host.mac.unwrap_or(self.ctx.mac);
         new.host.mac = Some(mac);
-        let announce = new.enabled
-            && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
+        let announce =
+            new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
         if new.dhcp != old.dhcp {
             self.dhcp.reconfigure(&new.dhcp);
         }

@@ -482,10 +482,7 @@ impl Control {
                 Err(e) => return Response::err(format!("cannot write the configuration: {e}")),
             };
             if let Err(e) = write_atomically(&path, text.as_bytes()) {
-                return Response::err(format!(
-                    "applied, but cannot write {}: {e}",
-                    path.display()
-                ));
+                return Response::err(format!("applied, but cannot write {}: {e}", path.display()));
             }
             tracing::info!("configuration saved to {}", path.display());
             saved = Some(path);
@@ -610,10 +607,9 @@ mod tests {
 
     #[test]
     fn requests_and_responses_are_one_json_object_each() {
-        let r: Request = serde_json::from_str(
-            r#"{"cmd":"set","section":"nat","values":{"enabled":"false"}}"#,
-        )
-        .unwrap();
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"set","section":"nat","values":{"enabled":"false"}}"#)
+                .unwrap();
         assert_eq!(r, set(Section::Nat, &[("enabled", "false")]));
         let r: Request = serde_json::from_str(r#"{"cmd":"nat-table"}"#).unwrap();
         assert_eq!(r, Request::NatTable);
@@ -674,9 +670,16 @@ mod tests {
         );
         assert!(!r.ok);
         let msg = r.error.unwrap();
-        assert!(msg.contains("`dhcp.range_start`") && msg.contains("outside"), "{msg}");
+        assert!(
+            msg.contains("`dhcp.range_start`") && msg.contains("outside"),
+            "{msg}"
+        );
         assert_eq!(e.config().dhcp.range_start, Ipv4Addr::new(192, 168, 30, 10));
-        assert_eq!(c.raw, RawConfig::default(), "a refused change leaves nothing behind");
+        assert_eq!(
+            c.raw,
+            RawConfig::default(),
+            "a refused change leaves nothing behind"
+        );
     }
 
     #[test]
@@ -705,7 +708,13 @@ mod tests {
         assert_eq!(st.udp_sessions, 1);
         assert_eq!(st.drops["disabled"], 1);
         // And back on.
-        let r = c.handle(set(Section::Nat, &[("enabled", "true")]), &mut e, T0, &mut h, &mut out);
+        let r = c.handle(
+            set(Section::Nat, &[("enabled", "true")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
         assert!(r.ok);
         udp_to(&mut e, &mut h, &mut out, 4001, 53000);
         assert_eq!(e.nat.sessions().len(), 2);
@@ -726,7 +735,10 @@ mod tests {
         };
         assert_eq!(e.dhcp.restore(T0, vec![lease(1, 20), lease(2, 150)]), 2);
         let r = c.handle(
-            set(Section::Dhcp, &[("range_end", "192.168.30.100"), ("lease", "60")]),
+            set(
+                Section::Dhcp,
+                &[("range_end", "192.168.30.100"), ("lease", "60")],
+            ),
             &mut e,
             T0,
             &mut h,
@@ -734,7 +746,11 @@ mod tests {
         );
         assert!(r.ok, "{r:?}");
         let ids: Vec<u32> = c.dhcp_table(&e).iter().map(|l| l.id).collect();
-        assert_eq!(ids, vec![1], "the lease outside the new range is gone, the other kept");
+        assert_eq!(
+            ids,
+            vec![1],
+            "the lease outside the new range is gone, the other kept"
+        );
         assert_eq!(e.nat.sessions().len(), 1);
         let got = section_value(&effective_raw(e.config()), Section::Dhcp);
         assert_eq!(got["range_end"], "192.168.30.100");
@@ -745,12 +761,22 @@ mod tests {
     fn start_time_settings_wait_for_a_restart_and_host_moves_announce() {
         let (mut e, mut h, mut out) = setup();
         let mut c = control();
-        let r = c.handle(set(Section::Nat, &[("mtu", "9000")]), &mut e, T0, &mut h, &mut out);
+        let r = c.handle(
+            set(Section::Nat, &[("mtu", "9000")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
         let change: ChangeView = serde_json::from_value(r.result).unwrap();
         assert_eq!(change.restart_needed, vec!["nat.mtu"]);
         assert_eq!(change.changes, vec!["nat.mtu: 1500 -> 9000"]);
         assert_eq!(e.config().nat.mtu, 1500);
-        assert_eq!(c.raw.nat.mtu, Some(9000), "kept for --save and the next start");
+        assert_eq!(
+            c.raw.nat.mtu,
+            Some(9000),
+            "kept for --save and the next start"
+        );
         assert!(out.is_empty());
         let r = c.handle(
             set(Section::Securenat, &[("enabled", "false")]),

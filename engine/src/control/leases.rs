@@ -125,7 +125,10 @@ pub enum Loaded {
     Missing,
     Leases(Vec<Lease>),
     /// The file was unreadable as a lease table; it was moved to `moved_to`.
-    Corrupt { reason: String, moved_to: PathBuf },
+    Corrupt {
+        reason: String,
+        moved_to: PathBuf,
+    },
 }
 
 pub fn load(path: &Path, clock: &WallClock) -> io::Result<Loaded> {
@@ -172,7 +175,10 @@ mod tests {
     fn a_table_survives_a_restart_at_a_later_origin() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let first = WallClock { origin: t0 };
-        let leases = vec![lease(1, [192, 168, 30, 10], 5), lease(7, [192, 168, 30, 11], 100)];
+        let leases = [
+            lease(1, [192, 168, 30, 10], 5),
+            lease(7, [192, 168, 30, 11], 100),
+        ];
         let d = dir("restart");
         let path = d.join(LEASE_FILE);
         save(&path, leases.iter(), &first).unwrap();

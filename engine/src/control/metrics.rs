@@ -18,7 +18,12 @@ pub fn render(engine: &Engine, now: Instant) -> String {
             let _ = writeln!(o, "hubnat_{name}{labels} {v}");
         }
     };
-    metric("uptime_seconds", "gauge", "Seconds since start.", &[("", s.uptime_secs)]);
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        &[("", s.uptime_secs)],
+    );
     metric(
         "enabled",
         "gauge",
@@ -40,18 +45,29 @@ pub fn render(engine: &Engine, now: Instant) -> String {
             ("{proto=\"dns\"}", s.dns_sessions as u64),
         ],
     );
-    metric("dhcp_leases", "gauge", "DHCP leases held.", &[("", s.dhcp_clients as u64)]);
+    metric(
+        "dhcp_leases",
+        "gauge",
+        "DHCP leases held.",
+        &[("", s.dhcp_clients as u64)],
+    );
     metric(
         "frames_total",
         "counter",
         "Frames from (in) and to (out) the segment.",
-        &[("{direction=\"in\"}", s.frames_in), ("{direction=\"out\"}", s.frames_out)],
+        &[
+            ("{direction=\"in\"}", s.frames_in),
+            ("{direction=\"out\"}", s.frames_out),
+        ],
     );
     metric(
         "bytes_total",
         "counter",
         "Bytes of frames from (in) and to (out) the segment.",
-        &[("{direction=\"in\"}", s.bytes_in), ("{direction=\"out\"}", s.bytes_out)],
+        &[
+            ("{direction=\"in\"}", s.bytes_in),
+            ("{direction=\"out\"}", s.bytes_out),
+        ],
     );
     let drops: Vec<(String, u64)> = s
         .drops
@@ -59,7 +75,12 @@ pub fn render(engine: &Engine, now: Instant) -> String {
         .map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v))
         .collect();
     let drops: Vec<(&str, u64)> = drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    metric("drops_total", "counter", "Frames dropped, by reason.", &drops);
+    metric(
+        "drops_total",
+        "counter",
+        "Frames dropped, by reason.",
+        &drops,
+    );
     o
 }
 

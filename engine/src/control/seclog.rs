@@ -84,7 +84,8 @@ impl SecurityLog {
     /// "connection successful" lines is looked up.
     pub fn open(path: &Path, format: LogFormat, reverse_lookup: bool) -> io::Result<SecurityLog> {
         let file = open_append(path)?;
-        Self::with_writer(Box::new(file), format, reverse_lookup.then_some(self::reverse_lookup_fn()))
+        let lookup: fn(Ipv4Addr) -> Option<String> = self::reverse_lookup;
+        Self::with_writer(Box::new(file), format, reverse_lookup.then_some(lookup))
     }
 
     /// The same over any writer, and with a chosen lookup function (tests).
@@ -119,13 +120,17 @@ impl SecurityLog {
         let resolver = match lookup {
             Some(f) => {
                 let tx = tx.clone();
-                Some(Resolver::spawn(LOOKUP_QUEUE, f, move |ip, name, mut p: Pending| {
-                    if let Some(name) = name {
-                        p.line.message = log::tcp_connected_text(p.session, &name, ip, p.port);
-                    }
-                    // Not the data path: waiting for room here is fine.
-                    let _ = tx.send(p.line);
-                })?)
+                Some(Resolver::spawn(
+                    LOOKUP_QUEUE,
+                    f,
+                    move |ip, name, mut p: Pending| {
+                        if let Some(name) = name {
+                            p.line.message = log::tcp_connected_text(p.session, &name, ip, p.port);
+                        }
+                        // Not the data path: waiting for room here is fine.
+                        let _ = tx.send(p.line);
+                    },
+                )?)
             }
             None => None,
         };
@@ -137,10 +142,6 @@ impl SecurityLog {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
-
-fn reverse_lookup_fn() -> fn(Ipv4Addr) -> Option<String> {
-    reverse_lookup
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -309,18 +310,28 @@ mod tests {
         ];
         assert_eq!(text.lines().count(), 4, "{text}");
         for w in want {
-            let line = text.lines().find(|l| l.ends_with(w)).unwrap_or_else(|| panic!("no `{w}` in\n{text}"));
+            let line = text
+                .lines()
+                .find(|l| l.ends_with(w))
+                .unwrap_or_else(|| panic!("no `{w}` in\n{text}"));
             let head = &line[..line.len() - w.len()];
-            assert_eq!(head.len(), "2012-12-06 15:44:52.557 SecureNAT: ".len(), "{line}");
+            assert_eq!(
+                head.len(),
+                "2012-12-06 15:44:52.557 SecureNAT: ".len(),
+                "{line}"
+            );
             assert!(head.ends_with(" SecureNAT: "));
             let d = &head[..23];
-            assert!(d.chars().enumerate().all(|(i, c)| match i {
-                4 | 7 => c == '-',
-                10 => c == ' ',
-                13 | 16 => c == ':',
-                19 => c == '.',
-                _ => c.is_ascii_digit(),
-            }), "{line} vs {ts}");
+            assert!(
+                d.chars().enumerate().all(|(i, c)| match i {
+                    4 | 7 => c == '-',
+                    10 => c == ' ',
+                    13 | 16 => c == ':',
+                    19 => c == '.',
+                    _ => c.is_ascii_digit(),
+                }),
+                "{line} vs {ts}"
+            );
         }
     }
 
@@ -336,10 +347,16 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(v.len(), 4);
-        assert!(v[0]["message"].as_str().unwrap().starts_with("SecureNAT: The DHCP entry 1 was created."));
+        assert!(v[0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("SecureNAT: The DHCP entry 1 was created."));
         assert!(v[0]["time"].as_str().unwrap().contains('T'));
         assert_eq!(v[2]["event"], "tcp_connected");
         // Without lookups the address stands as the name.
-        assert!(v[2]["message"].as_str().unwrap().contains("Host \"207.46.0.166 (207.46.0.166)\""));
+        assert!(v[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Host \"207.46.0.166 (207.46.0.166)\""));
     }
 }

@@ -126,7 +126,10 @@ mod tests {
         r.submit(Ipv4Addr::new(10, 0, 0, 0), 2).unwrap(); // fills the queue of one
         let start = Instant::now();
         assert_eq!(r.submit(Ipv4Addr::new(10, 0, 0, 3), 3), Err(3));
-        assert!(start.elapsed() < Duration::from_millis(50), "submit must not wait");
+        assert!(
+            start.elapsed() < Duration::from_millis(50),
+            "submit must not wait"
+        );
         let a = rx.recv_timeout(Duration::from_secs(2)).unwrap();
         assert_eq!(a, (Ipv4Addr::new(10, 0, 0, 9), Some("host-9".into()), 1));
         let b = rx.recv_timeout(Duration::from_secs(2)).unwrap();
