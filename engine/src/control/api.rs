@@ -456,6 +456,10 @@ impl Control {
             );
         }
         complete(&mut cfg, engine.ctx.mac);
+        if raw.control == self.raw.control {
+            // Unchanged in the file: keep what `hubnat run`'s flags made of it.
+            cfg.control = engine.config().control.clone();
+        }
         let before = effective_raw(engine.config());
         let restart = engine.reconfigure(now, cfg.clone(), io, out);
         let mut changes = diff(&before, &effective_raw(engine.config()));
@@ -796,6 +800,24 @@ mod tests {
         );
         assert!(r.ok);
         assert_eq!(out.len(), 1, "a gratuitous ARP when SecureNAT comes back");
+    }
+
+    #[test]
+    fn start_flags_for_the_control_table_are_not_a_change() {
+        let (mut e, mut h, mut out) = setup();
+        e.ctx.cfg.control.metrics = Some("127.0.0.1:9100".parse().unwrap());
+        let mut c = control();
+        let r = c.handle(
+            set(Section::Dhcp, &[("lease", "60")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert_eq!(change.changes, vec!["dhcp.lease: 7200 -> 60"]);
+        assert!(change.restart_needed.is_empty());
+        assert!(e.config().control.metrics.is_some());
     }
 
     #[test]
