@@ -248,20 +248,23 @@ impl Runtime {
             ),
             Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
         }
-        // The table as restored is what the file now says.
-        self.saved_generation = self.engine.dhcp.generation();
-        self.save_leases();
+        // Write the table as restored (expired entries gone, a corrupt file replaced).
+        self.write_leases();
     }
 
-    /// Writes the lease table if it changed since it was last written.
+    /// Writes the lease table if it changed since it was last written (one comparison per
+    /// batch when it did not).
     fn save_leases(&mut self) {
+        if self.lease_file.is_some() && self.engine.dhcp.generation() != self.saved_generation {
+            self.write_leases();
+        }
+    }
+
+    fn write_leases(&mut self) {
         let Some(path) = &self.lease_file else {
             return;
         };
         let generation = self.engine.dhcp.generation();
-        if generation == self.saved_generation && path.exists() {
-            return;
-        }
         match leases::save(path, self.engine.dhcp.leases(), &self.control.clock) {
             Ok(()) => {
                 self.saved_generation = generation;
