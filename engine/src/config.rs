@@ -134,6 +134,27 @@ pub struct DnsConfig {
     pub query_timeout: Duration,
 }
 
+/// The security log's line format.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `2012-12-06 15:44:52.557 SecureNAT: ...`, as the seed writes it.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, PartialEq, Debug, Default)]
+pub struct ControlConfig {
+    /// `None`: the runtime's default path; `Some("")`: no control socket.
+    pub socket: Option<PathBuf>,
+    pub security_log: Option<PathBuf>,
+    pub security_log_format: LogFormat,
+    pub metrics: Option<SocketAddr>,
+    pub reverse_lookup: bool,
+}
+
 /// The whole, validated configuration.
 #[derive(Clone, PartialEq, Debug)]
 pub struct Config {
@@ -145,6 +166,7 @@ pub struct Config {
     pub dns: DnsConfig,
     /// Where state that must survive a restart is kept (the chosen MAC, the lease table).
     pub state_dir: Option<PathBuf>,
+    pub control: ControlConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +206,23 @@ pub struct RawConfig {
     pub dhcp: RawDhcp,
     #[serde(default)]
     pub dns: RawDns,
+    #[serde(default)]
+    pub control: RawControl,
+}
+
+/// How the operator reaches a running instance (read at start; `hubnat run` flags override).
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// Path of the control socket; `""` for none.
+    pub socket: Option<String>,
+    /// File the security log (target `securenat`) is appended to.
+    pub security_log: Option<String>,
+    pub security_log_format: Option<LogFormat>,
+    /// Loopback address of the Prometheus endpoint, e.g. `127.0.0.1:9100`; off when missing.
+    pub metrics: Option<String>,
+    /// Resolve the host name of "connection successful" lines (off the data path).
+    pub reverse_lookup: Option<bool>,
 }
 
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
@@ -328,15 +367,7 @@ fn secs(field: &'static str, v: Option<u64>, default: u64) -> Result<Duration, C
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let raw = RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })?;
-        Config::from_raw(&raw)
+        Config::from_raw(&RawConfig::load(path)?)
     }
 
     /// Every setting at the seed's default (the MAC still to be chosen by the caller).
@@ -512,7 +543,37 @@ impl Config {
             query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
         };
 
+        let c = &raw.control;
+        let metrics = match c.metrics.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(v) => {
+                let sa: SocketAddr = v.parse().map_err(|_| {
+                    field_err("control.metrics", format!("`{v}` is not an address:port"))
+                })?;
+                if !sa.ip().is_loopback() {
+                    return Err(field_err(
+                        "control.metrics",
+                        format!("{sa} is not a loopback address"),
+                    ));
+                }
+                Some(sa)
+            }
+        };
+        let control = ControlConfig {
+            socket: c.socket.as_ref().map(|s| PathBuf::from(s.trim())),
+            security_log: c
+                .security_log
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            security_log_format: c.security_log_format.unwrap_or_default(),
+            metrics,
+            reverse_lookup: c.reverse_lookup.unwrap_or(true),
+        };
+
         Ok(Config {
+            control,
             enabled: raw.enabled.unwrap_or(true),
             host,
             nat,
@@ -536,6 +597,18 @@ impl Config {
 impl RawConfig {
     pub fn from_toml(text: &str) -> Result<RawConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads a configuration file without validating it (`Config::from_raw` does that).
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 }
 
@@ -646,6 +719,8 @@ mod tests {
             ("[host]\nmac = \"01:00:5e:00:00:01\"", "host.mac"),
             ("[nat]\nmtu = 100", "nat.mtu"),
             ("[nat]\nudp_timeout = 0", "nat.udp_timeout"),
+            ("[control]\nmetrics = \"0.0.0.0:9100\"", "control.metrics"),
+            ("[control]\nmetrics = \"localhost\"", "control.metrics"),
         ];
         for (text, field) in cases {
             let e = load(text).expect_err(text);

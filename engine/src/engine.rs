@@ -101,6 +101,55 @@ impl Engine {
         }
     }
 
+    /// Applies a new, validated configuration at once, keeping everything it does not concern:
+    /// NAT sessions stay open (NAT off stops new ones and stops carrying guests' packets, as the
+    /// NAT does whenever it is off); DHCP leases stay unless the new range excludes them; the
+    /// virtual host announces itself again when its address, its MAC or SecureNAT as a whole
+    /// changed. Settings fixed at start (the MTU of the port, the ICMP mode, the state directory,
+    /// the control settings) keep their running values; their names are returned, to be applied
+    /// by a restart.
+    pub fn reconfigure(
+        &mut self,
+        _now: Instant,
+        mut new: Config,
+        _io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Vec<&'static str> {
+        let old = &self.ctx.cfg;
+        let mut restart = Vec::new();
+        if new.nat.mtu != old.nat.mtu {
+            restart.push("nat.mtu");
+            new.nat.mtu = old.nat.mtu;
+        }
+        if new.nat.icmp != old.nat.icmp {
+            restart.push("nat.icmp");
+            new.nat.icmp = old.nat.icmp;
+        }
+        if new.state_dir != old.state_dir {
+            restart.push("state_dir");
+            new.state_dir = old.state_dir.clone();
+        }
+        if new.control != old.control {
+            restart.push("control");
+            new.control = old.control.clone();
+        }
+        let mac = new.host.mac.unwrap_or(self.ctx.mac);
+        new.host.mac = Some(mac);
+        let announce =
+            new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
+        if new.dhcp != old.dhcp {
+            self.dhcp.reconfigure(&new.dhcp);
+        }
+        self.ctx.mac = mac;
+        self.ctx.cfg = new;
+        if announce {
+            let before = out.len();
+            arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
+            self.count_out(out, before);
+        }
+        restart
+    }
+
     /// Handles one frame from the segment.
     pub fn handle_frame(
         &mut self,

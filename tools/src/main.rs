@@ -1,18 +1,27 @@
-//! `hubnat`: the daemon (`hubnat run`) and, later, its control CLI.
+//! `hubnat`: the daemon (`hubnat run`) and its control CLI (every other subcommand talks to a
+//! running instance through its control socket).
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 
-use hubnat_engine::config::{resolv_conf_nameservers, Config};
+use hubnat_engine::config::{Config, LogFormat, RawConfig};
+use hubnat_engine::control::api::{
+    self, ChangeView, LeaseRow, NatRow, Request, Response, Section, StatusView,
+};
+use hubnat_engine::control::leases::LEASE_FILE;
+use hubnat_engine::control::seclog::SecurityLog;
 use hubnat_engine::control::state;
 use hubnat_engine::port::tap::{netns_path, Tap};
-use hubnat_engine::runtime::{Exit, Runtime};
+use hubnat_engine::runtime::{bind_control, Exit, Options, Runtime};
 use hubnat_engine::Engine;
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
@@ -23,14 +32,102 @@ use hubnat_engine::Engine;
 #[derive(Parser)]
 #[command(name = "hubnat", version, propagate_version = true)]
 struct Cli {
+    /// The control socket (`hubnat run` listens there, the other subcommands connect to it).
+    /// Default: /run/hubnat/hubnat.sock for root, else $XDG_RUNTIME_DIR/hubnat.sock.
+    #[arg(long, global = true, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Print the answer as JSON (for scripts) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the virtual host on a segment until SIGINT or SIGTERM.
+    /// Run the virtual host on a segment until SIGINT or SIGTERM (SIGHUP reloads --config).
     Run(RunArgs),
+    /// SecureNAT's status: sessions by protocol, DHCP clients, uptime, traffic, drops.
+    Status,
+    /// The NAT session table.
+    NatTable,
+    /// The DHCP lease table.
+    DhcpTable,
+    /// The virtual host's interface: `get`, or `set ip=... mask=... mac=...`.
+    Host {
+        #[command(subcommand)]
+        op: HostOp,
+    },
+    /// The virtual NAT: get, set KEY=VALUE..., enable, disable.
+    Nat {
+        #[command(subcommand)]
+        op: SectionOp,
+    },
+    /// The virtual DHCP server: get, set KEY=VALUE..., enable, disable.
+    Dhcp {
+        #[command(subcommand)]
+        op: SectionOp,
+    },
+    /// The DNS relay's upstreams: get, set upstream=A,B query_timeout=N.
+    Dns {
+        #[command(subcommand)]
+        op: HostOp,
+    },
+    /// SecureNAT as a whole: enable or disable.
+    Securenat {
+        #[command(subcommand)]
+        op: OnOff,
+    },
+    /// Read the running instance's configuration file again (as SIGHUP does).
+    Reload,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    /// Fields as the configuration file names them, e.g. `lease=3600 dns=192.168.30.1,192.168.30.2`
+    /// (lists comma-separated; an empty value clears an optional field).
+    #[arg(value_name = "KEY=VALUE", required = true)]
+    values: Vec<String>,
+    /// Also write the change back to the configuration file.
+    #[arg(long)]
+    save: bool,
+}
+
+#[derive(Args)]
+struct SaveArg {
+    /// Also write the change back to the configuration file.
+    #[arg(long)]
+    save: bool,
+}
+
+#[derive(Subcommand)]
+enum HostOp {
+    /// Show the settings in effect.
+    Get,
+    /// Change settings; applied at once, validated as the configuration file is.
+    Set(SetArgs),
+}
+
+#[derive(Subcommand)]
+enum SectionOp {
+    /// Show the settings in effect.
+    Get,
+    /// Change settings; applied at once, validated as the configuration file is.
+    Set(SetArgs),
+    Enable(SaveArg),
+    Disable(SaveArg),
+}
+
+#[derive(Subcommand)]
+enum OnOff {
+    Enable(SaveArg),
+    Disable(SaveArg),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -54,12 +151,27 @@ struct RunArgs {
     /// The HUBNAT_LOG environment variable sets it too.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
+    /// Append the security log (the SecureNAT events, seed 3.7.8) to FILE.
+    #[arg(long, value_name = "FILE")]
+    security_log: Option<PathBuf>,
+    /// `text`: `2012-12-06 15:44:52.557 SecureNAT: ...` as the seed writes it; `json`: JSON lines.
+    #[arg(long, value_name = "FORMAT")]
+    security_log_format: Option<FormatArg>,
+    /// Serve Prometheus metrics on this loopback address, e.g. 127.0.0.1:9100 (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Do not look up host names for the security log's "connection successful" lines.
+    #[arg(long)]
+    no_reverse_lookup: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
+    let control = cli.control.clone();
+    let json = cli.json;
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, control),
+        other => client_command(other, control, json),
     };
     if let Err(e) = result {
         eprintln!("hubnat: {e:#}");
@@ -67,25 +179,87 @@ fn main() {
     }
 }
 
-fn init_logging(filter: &str) -> Result<()> {
+fn init_logging(filter: &str, seclog: Option<SecurityLog>) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = std::env::var("HUBNAT_LOG").unwrap_or_else(|_| filter.to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .with_context(|| format!("bad log filter `{filter}`"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .with_filter(filter);
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(seclog)
         .init();
     Ok(())
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    init_logging(&args.log)?;
-    let mut cfg = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::defaults(),
+fn uid() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|u| u.parse().ok())
+        })
+}
+
+/// /run/hubnat/hubnat.sock for root, else $XDG_RUNTIME_DIR/hubnat.sock (or a directory of the
+/// user's own under /tmp).
+fn default_control_path() -> PathBuf {
+    let uid = uid().unwrap_or(u32::MAX);
+    if uid == 0 {
+        return PathBuf::from("/run/hubnat/hubnat.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d).join("hubnat.sock"),
+        None => std::env::temp_dir()
+            .join(format!("hubnat-{uid}"))
+            .join("hubnat.sock"),
+    }
+}
+
+fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
+    let raw = match &args.config {
+        Some(path) => RawConfig::load(path)?,
+        None => RawConfig::default(),
     };
+    let mut cfg = Config::from_raw(&raw)?;
+    // Flags override the file's [control] table.
+    if let Some(p) = &args.security_log {
+        cfg.control.security_log = Some(p.clone());
+    }
+    if let Some(f) = args.security_log_format {
+        cfg.control.security_log_format = match f {
+            FormatArg::Text => LogFormat::Text,
+            FormatArg::Json => LogFormat::Json,
+        };
+    }
+    if args.no_reverse_lookup {
+        cfg.control.reverse_lookup = false;
+    }
+    if let Some(m) = &args.metrics {
+        let mut r = RawConfig::default();
+        r.control.metrics = Some(m.clone());
+        cfg.control.metrics = Config::from_raw(&r)?.control.metrics;
+    }
+    let seclog = match &cfg.control.security_log {
+        Some(path) => Some(
+            SecurityLog::open(
+                path,
+                cfg.control.security_log_format,
+                cfg.control.reverse_lookup,
+            )
+            .with_context(|| format!("cannot open the security log {}", path.display()))?,
+        ),
+        None => None,
+    };
+    init_logging(&args.log, seclog)?;
     let mut rng = SmallRng::from_os_rng();
 
     let state_dir = args
@@ -110,16 +284,9 @@ fn run(args: RunArgs) -> Result<()> {
             ),
         },
     };
-    cfg.host.mac = Some(mac);
+    api::complete(&mut cfg, mac);
     if cfg.dns.upstream.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        cfg.dns.upstream = resolv_conf_nameservers(&text)
-            .into_iter()
-            .filter(SocketAddr::is_ipv4)
-            .collect();
-        if cfg.dns.upstream.is_empty() {
-            tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
-        }
+        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
     }
 
     let mtu = Some(u32::from(cfg.nat.mtu));
@@ -160,8 +327,75 @@ fn run(args: RunArgs) -> Result<()> {
         cfg.dns.upstream
     );
 
+    // The control socket: an explicit path must work; the default one may be taken by another
+    // instance, which costs this one its control socket but not its service.
+    let (control_path, explicit) = match (&control_flag, &cfg.control.socket) {
+        (Some(p), _) => (Some(p.clone()), true),
+        (None, Some(p)) if p.as_os_str().is_empty() => (None, true),
+        (None, Some(p)) => (Some(p.clone()), true),
+        (None, None) => (Some(default_control_path()), false),
+    };
+    let control = match control_path {
+        None => None,
+        Some(path) => match bind_control(&path) {
+            Ok(l) => {
+                tracing::info!("control socket {} (mode 0600)", path.display());
+                Some((l, path))
+            }
+            Err(e) if explicit => {
+                bail!(
+                    "cannot listen on the control socket {}: {e}",
+                    path.display()
+                )
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no control socket: {}: {e} (choose one with --control)",
+                    path.display()
+                );
+                None
+            }
+        },
+    };
+    let metrics = match cfg.control.metrics {
+        None => None,
+        Some(addr) => {
+            let l = mio::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!("metrics on http://{addr}/metrics");
+            Some(l)
+        }
+    };
+    if let Some(p) = &cfg.control.security_log {
+        tracing::info!(
+            "security log {} ({}{})",
+            p.display(),
+            match cfg.control.security_log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "JSON lines",
+            },
+            if cfg.control.reverse_lookup {
+                ", host names looked up"
+            } else {
+                ""
+            }
+        );
+    }
+    let (hup_rx, hup_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
+    signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, hup_tx)
+        .context("cannot install signal handlers")?;
+    let lease_file = state_dir.join(LEASE_FILE);
+
     let engine = Engine::new(cfg, mac, rng.random());
-    let mut rt = Runtime::new(engine, tap, stop_rx)?;
+    let opts = Options {
+        raw,
+        config_path: args.config.clone(),
+        control,
+        metrics,
+        reload: Some(hup_rx),
+        lease_file: Some(lease_file),
+    };
+    let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     match rt.run()? {
         Exit::Stopped => {
             tracing::info!("stopping: {} host sockets open", rt.host.len());
@@ -175,5 +409,276 @@ fn on_off(b: bool) -> &'static str {
         "on"
     } else {
         "off"
+    }
+}
+
+/// Sends one request to the running instance and returns its result.
+fn ask(control: &Path, req: &Request) -> Result<Value> {
+    let mut s = UnixStream::connect(control).with_context(|| {
+        format!(
+            "cannot reach hubnat at {} (is it running? --control PATH names another socket)",
+            control.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    if answer.is_empty() {
+        bail!("hubnat closed the control connection without an answer");
+    }
+    let resp: Response = serde_json::from_str(&answer).context("unreadable answer")?;
+    match resp.error {
+        Some(e) if !resp.ok => bail!("{e}"),
+        _ => Ok(resp.result),
+    }
+}
+
+fn set_request(section: Section, args: &SetArgs) -> Result<Request> {
+    let mut values = BTreeMap::new();
+    for kv in &args.values {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("`{kv}`: expected KEY=VALUE");
+        };
+        values.insert(k.trim().to_owned(), v.to_owned());
+    }
+    Ok(Request::Set {
+        section,
+        values,
+        save: args.save,
+    })
+}
+
+fn switch(section: Section, on: bool, save: bool) -> Request {
+    let mut values = BTreeMap::new();
+    values.insert("enabled".to_owned(), on.to_string());
+    Request::Set {
+        section,
+        values,
+        save,
+    }
+}
+
+fn section_request(section: Section, op: &SectionOp) -> Result<Request> {
+    Ok(match op {
+        SectionOp::Get => Request::Get { section },
+        SectionOp::Set(a) => set_request(section, a)?,
+        SectionOp::Enable(a) => switch(section, true, a.save),
+        SectionOp::Disable(a) => switch(section, false, a.save),
+    })
+}
+
+fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<()> {
+    let control = control.unwrap_or_else(default_control_path);
+    let req = match &cmd {
+        Command::Run(_) => unreachable!("handled by run"),
+        Command::Status => Request::Status,
+        Command::NatTable => Request::NatTable,
+        Command::DhcpTable => Request::DhcpTable,
+        Command::Reload => Request::Reload,
+        Command::Host { op } | Command::Dns { op } => {
+            let section = if matches!(cmd, Command::Host { .. }) {
+                Section::Host
+            } else {
+                Section::Dns
+            };
+            match op {
+                HostOp::Get => Request::Get { section },
+                HostOp::Set(a) => set_request(section, a)?,
+            }
+        }
+        Command::Nat { op } => section_request(Section::Nat, op)?,
+        Command::Dhcp { op } => section_request(Section::Dhcp, op)?,
+        Command::Securenat { op } => match op {
+            OnOff::Enable(a) => switch(Section::Securenat, true, a.save),
+            OnOff::Disable(a) => switch(Section::Securenat, false, a.save),
+        },
+    };
+    let result = ask(&control, &req)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    match req {
+        Request::Status => print_status(&serde_json::from_value(result)?),
+        Request::NatTable => print_nat_table(&serde_json::from_value::<Vec<NatRow>>(result)?),
+        Request::DhcpTable => print_dhcp_table(&serde_json::from_value::<Vec<LeaseRow>>(result)?),
+        Request::Get { .. } => print_fields(&result),
+        Request::Set { .. } | Request::Reload => print_change(&serde_json::from_value(result)?),
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn span(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m"),
+    }
+}
+
+/// Prints rows as columns, each as wide as its widest cell.
+fn table(head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(head.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(s: &StatusView) {
+    let on = |b: bool| if b { "on" } else { "off" }.to_owned();
+    let mut rows = vec![
+        vec!["SecureNAT".into(), on(s.securenat)],
+        vec!["Virtual NAT".into(), on(s.nat)],
+        vec!["Virtual DHCP server".into(), on(s.dhcp)],
+        vec!["Uptime".into(), span(s.uptime_secs)],
+        vec!["TCP sessions".into(), s.tcp_sessions.to_string()],
+        vec!["UDP sessions".into(), s.udp_sessions.to_string()],
+        vec!["ICMP sessions".into(), s.icmp_sessions.to_string()],
+        vec!["DNS sessions".into(), s.dns_sessions.to_string()],
+        vec!["DHCP clients".into(), s.dhcp_clients.to_string()],
+        vec![
+            "Frames in / out".into(),
+            format!("{} / {}", s.frames_in, s.frames_out),
+        ],
+        vec![
+            "Bytes in / out".into(),
+            format!("{} / {}", s.bytes_in, s.bytes_out),
+        ],
+    ];
+    for (why, n) in &s.drops {
+        rows.push(vec![format!("Dropped: {why}"), n.to_string()]);
+    }
+    table(&["Item", "Value"], &rows);
+}
+
+fn print_nat_table(rows: &[NatRow]) {
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.proto.clone(),
+                r.guest.clone(),
+                r.dst.clone(),
+                r.state.clone(),
+                span(now.saturating_sub(r.created) / 1000),
+                span(now.saturating_sub(r.last_used) / 1000),
+                r.bytes_to_host.to_string(),
+                r.bytes_to_guest.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "Proto",
+            "Source",
+            "Destination",
+            "State",
+            "Age",
+            "Idle",
+            "Sent",
+            "Received",
+        ],
+        &rows,
+    );
+}
+
+fn print_dhcp_table(rows: &[LeaseRow]) {
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.mac.clone(),
+                r.ip.clone(),
+                r.host_name.clone(),
+                span(now.saturating_sub(r.leased_at) / 1000),
+                span(r.expires_at.saturating_sub(now) / 1000),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "MAC address",
+            "IP address",
+            "Host name",
+            "Leased for",
+            "Expires in",
+        ],
+        &rows,
+    );
+}
+
+fn print_fields(v: &Value) {
+    let Some(m) = v.as_object() else {
+        println!("{v}");
+        return;
+    };
+    let rows: Vec<Vec<String>> = m
+        .iter()
+        .map(|(k, v)| {
+            let shown = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                other => other.to_string(),
+            };
+            vec![k.clone(), shown]
+        })
+        .collect();
+    table(&["Setting", "Value"], &rows);
+}
+
+fn print_change(c: &ChangeView) {
+    if c.changes.is_empty() {
+        println!("nothing changed");
+    }
+    for ch in &c.changes {
+        println!("{ch}");
+    }
+    for f in &c.restart_needed {
+        println!("{f}: takes effect at the next start");
+    }
+    if let Some(p) = &c.saved {
+        println!("saved to {}", p.display());
     }
 }

@@ -47,11 +47,27 @@ pub fn session_deleted(proto: &str, id: u32) {
     tracing::info!(target: TARGET, "SecureNAT: The {proto} session {id} was deleted.");
 }
 
+/// The NAT passes the address as `host_name`; the security log (`control::seclog`) replaces it
+/// with the name a reverse lookup finds, off the data path, using the fields `session`, `ip`,
+/// `port` and `host_name` of this event.
 pub fn tcp_connected(id: u32, host_name: &str, ip: Ipv4Addr, port: u16) {
     tracing::info!(
         target: TARGET,
-        "SecureNAT: The connection to TCP session {id}: Host \"{host_name} ({ip})\", Port {port} was successful."
+        event = TCP_CONNECTED,
+        session = id,
+        ip = %ip,
+        port = port,
+        host_name = host_name,
+        "{}",
+        tcp_connected_text(id, host_name, ip, port)
     );
+}
+
+/// The `event` field of `tcp_connected`.
+pub const TCP_CONNECTED: &str = "tcp_connected";
+
+pub fn tcp_connected_text(id: u32, host_name: &str, ip: Ipv4Addr, port: u16) -> String {
+    format!("SecureNAT: The connection to TCP session {id}: Host \"{host_name} ({ip})\", Port {port} was successful.")
 }
 
 pub fn tcp_connect_failed(id: u32, ip: Ipv4Addr, port: u16, why: &str) {

@@ -317,6 +317,9 @@ pub struct DhcpServer {
     /// The reply being built (kept, so building allocates nothing once warm).
     scratch: Vec<u8>,
     routes_buf: Vec<u8>,
+    /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
+    /// knows when to save it.
+    generation: u64,
 }
 
 impl DhcpServer {
@@ -337,7 +340,13 @@ impl DhcpServer {
             last_exhausted_log: None,
             scratch: Vec::with_capacity(MIN_MAX_MESSAGE),
             routes_buf: Vec::new(),
+            generation: 0,
         }
+    }
+
+    /// A counter that changes whenever the lease table does (created, renewed, removed).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The lease table, in order of creation.
@@ -766,6 +775,7 @@ impl DhcpServer {
                 }
                 self.expiry.insert((expires_at, id));
                 self.remember(mac, ip, now);
+                self.generation += 1;
                 return;
             }
             self.remove_lease(id);
@@ -788,6 +798,7 @@ impl DhcpServer {
     }
 
     fn insert_lease(&mut self, l: Lease) {
+        self.generation += 1;
         self.by_ip.insert(l.ip, l.id);
         self.by_mac.insert(l.mac, l.id);
         self.expiry.insert((l.expires_at, l.id));
@@ -796,6 +807,7 @@ impl DhcpServer {
 
     fn remove_lease(&mut self, id: u32) {
         if let Some(l) = self.leases.remove(&id) {
+            self.generation += 1;
             self.by_ip.remove(&l.ip);
             self.by_mac.remove(&l.mac);
             self.expiry.remove(&(l.expires_at, id));

@@ -3,15 +3,26 @@
 //!
 //! Each wake-up reads the port until it would block and handles the whole batch before writing
 //! the frames it produced, so a burst costs one write pass rather than one per frame.
+//!
+//! The same loop serves the operator: the control socket (one JSON request per line, answered
+//! between batches against the engine itself, so nothing is locked), the metrics endpoint, and
+//! SIGHUP (reload the configuration file). The lease table is saved whenever it changed, before
+//! the frames of that batch (a DHCP ACK among them) are written.
 
 use std::io;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+
+use crate::config::RawConfig;
+use crate::control::api::{Control, Request, Response};
+use crate::control::leases::{self, Loaded, WallClock};
+use crate::control::metrics;
 
 use crate::hostio::HostEvent;
 use crate::output::FrameBatch;
@@ -23,6 +34,15 @@ use crate::Engine;
 
 const PORT: Token = Token(FIRST_RESERVED_TOKEN);
 const STOP: Token = Token(FIRST_RESERVED_TOKEN + 1);
+const HUP: Token = Token(FIRST_RESERVED_TOKEN + 2);
+const CONTROL: Token = Token(FIRST_RESERVED_TOKEN + 3);
+const METRICS: Token = Token(FIRST_RESERVED_TOKEN + 4);
+/// Connections (control and metrics) are tokens from here, one per slot.
+const FIRST_CONN: usize = FIRST_RESERVED_TOKEN + 16;
+/// Operator connections open at once; more wait in the listener's backlog.
+pub const MAX_CONNS: usize = 32;
+/// Longest request line (or HTTP request head) accepted.
+pub const MAX_REQUEST: usize = 1 << 20;
 
 /// Frames read from the port per wake-up before the batch is flushed (bounds latency and the
 /// size of the output batch).
@@ -52,6 +72,69 @@ impl Clock {
     }
 }
 
+/// What the operator side of the loop is given (all of it optional).
+#[derive(Default)]
+pub struct Options {
+    /// The configuration file as read at start, and its path (for `--save` and SIGHUP).
+    pub raw: RawConfig,
+    pub config_path: Option<PathBuf>,
+    /// A bound control socket (see `bind_control`) and its path (removed at exit).
+    pub control: Option<(mio::net::UnixListener, PathBuf)>,
+    /// A bound metrics listener.
+    pub metrics: Option<mio::net::TcpListener>,
+    /// Readable when the configuration should be read again (the read end of a SIGHUP pipe).
+    pub reload: Option<UnixStream>,
+    /// The lease file: loaded by `Runtime::new`, saved whenever the table changes.
+    pub lease_file: Option<PathBuf>,
+}
+
+enum Stream {
+    Unix(mio::net::UnixStream),
+    Tcp(mio::net::TcpStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An operator's connection: the control protocol or one HTTP request for the metrics.
+struct Conn {
+    stream: Stream,
+    metrics: bool,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    sent: usize,
+    /// Close once `outbuf` is written (the peer closed, or the metrics answer is complete).
+    closing: bool,
+    writable_armed: bool,
+}
+
 pub struct Runtime {
     pub engine: Engine,
     pub host: MioHost,
@@ -61,28 +144,142 @@ pub struct Runtime {
     clock: Clock,
     out: FrameBatch,
     host_events: Vec<HostEvent>,
+    control: Control,
+    control_listener: Option<(mio::net::UnixListener, PathBuf)>,
+    metrics_listener: Option<mio::net::TcpListener>,
+    reload: Option<UnixStream>,
+    conns: Vec<Option<Conn>>,
+    lease_file: Option<PathBuf>,
+    saved_generation: u64,
+    lease_save_failing: bool,
+}
+
+impl std::ops::Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.control_listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl Runtime {
     /// `stop` becomes readable when the loop should end (the read end of a signal pipe).
     pub fn new(engine: Engine, tap: Tap, stop: UnixStream) -> io::Result<Runtime> {
+        Runtime::with_options(engine, tap, stop, Options::default())
+    }
+
+    /// Like `new`, with the operator's side: restores the lease file and registers the
+    /// listeners given.
+    pub fn with_options(
+        engine: Engine,
+        tap: Tap,
+        stop: UnixStream,
+        mut opts: Options,
+    ) -> io::Result<Runtime> {
         stop.set_nonblocking(true)?;
+        let clock = Clock::default();
+        let wall = WallClock {
+            origin: SystemTime::now(),
+        };
         let poll = Poll::new()?;
         let host = MioHost::new(poll.registry().try_clone()?);
         poll.registry()
             .register(&mut SourceFd(&tap.as_raw_fd()), PORT, Interest::READABLE)?;
         poll.registry()
             .register(&mut SourceFd(&stop.as_raw_fd()), STOP, Interest::READABLE)?;
-        Ok(Runtime {
+        if let Some(r) = &opts.reload {
+            r.set_nonblocking(true)?;
+            poll.registry()
+                .register(&mut SourceFd(&r.as_raw_fd()), HUP, Interest::READABLE)?;
+        }
+        if let Some((l, _)) = &mut opts.control {
+            poll.registry().register(l, CONTROL, Interest::READABLE)?;
+        }
+        if let Some(l) = &mut opts.metrics {
+            poll.registry().register(l, METRICS, Interest::READABLE)?;
+        }
+        let mut rt = Runtime {
             engine,
             host,
             poll,
             tap,
             stop,
-            clock: Clock::default(),
+            clock,
             out: FrameBatch::new(),
             host_events: Vec::new(),
-        })
+            control: Control {
+                raw: opts.raw,
+                config_path: opts.config_path,
+                clock: wall,
+            },
+            control_listener: opts.control,
+            metrics_listener: opts.metrics,
+            reload: opts.reload,
+            conns: (0..MAX_CONNS).map(|_| None).collect(),
+            lease_file: opts.lease_file,
+            saved_generation: 0,
+            lease_save_failing: false,
+        };
+        rt.restore_leases();
+        Ok(rt)
+    }
+
+    fn restore_leases(&mut self) {
+        let Some(path) = self.lease_file.clone() else {
+            return;
+        };
+        let now = self.clock.now();
+        match leases::load(&path, &self.control.clock) {
+            Ok(Loaded::Missing) => {
+                tracing::info!("lease file {}: none yet, starting empty", path.display())
+            }
+            Ok(Loaded::Leases(list)) => {
+                let total = list.len();
+                let kept = self.engine.dhcp.restore(now, list);
+                tracing::info!(
+                    "lease file {}: restored {kept} of {total} leases (the others had expired or no longer fit the range)",
+                    path.display()
+                );
+            }
+            Ok(Loaded::Corrupt { reason, moved_to }) => tracing::error!(
+                "lease file {} is corrupt ({reason}); set aside as {}, starting with an empty lease table",
+                path.display(),
+                moved_to.display()
+            ),
+            Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
+        }
+        // Write the table as restored (expired entries gone, a corrupt file replaced).
+        self.write_leases();
+    }
+
+    /// Writes the lease table if it changed since it was last written (one comparison per
+    /// batch when it did not).
+    fn save_leases(&mut self) {
+        if self.lease_file.is_some() && self.engine.dhcp.generation() != self.saved_generation {
+            self.write_leases();
+        }
+    }
+
+    fn write_leases(&mut self) {
+        let Some(path) = &self.lease_file else {
+            return;
+        };
+        let generation = self.engine.dhcp.generation();
+        match leases::save(path, self.engine.dhcp.leases(), &self.control.clock) {
+            Ok(()) => {
+                self.saved_generation = generation;
+                if self.lease_save_failing {
+                    tracing::info!("lease file {} written again", path.display());
+                }
+                self.lease_save_failing = false;
+            }
+            Err(e) => {
+                if !self.lease_save_failing {
+                    tracing::error!("cannot write lease file {}: {e}", path.display());
+                }
+                self.lease_save_failing = true;
+            }
+        }
     }
 
     /// Runs until the stop descriptor is readable.
@@ -107,6 +304,12 @@ impl Runtime {
                 match event.token() {
                     PORT => self.read_port(now, &mut frame)?,
                     STOP => stop = true,
+                    HUP => self.on_reload(now),
+                    CONTROL => self.accept_control(),
+                    METRICS => self.accept_metrics(),
+                    Token(t) if (FIRST_CONN..FIRST_CONN + MAX_CONNS).contains(&t) => {
+                        self.on_conn(t - FIRST_CONN, now)
+                    }
                     _ => {
                         self.host_events.clear();
                         self.host.events(event, &mut self.host_events);
@@ -148,6 +351,8 @@ impl Runtime {
     }
 
     fn flush(&mut self) {
+        // The lease table reaches the disk before the ACK that grants a lease reaches the guest.
+        self.save_leases();
         for f in self.out.iter() {
             if let Err(e) = self.tap.send(f) {
                 // The device's queue is full or the link is down: drop, count, go on.
@@ -162,4 +367,239 @@ impl Runtime {
         let mut buf = [0u8; 64];
         while matches!((&self.stop).read(&mut buf), Ok(n) if n > 0) {}
     }
+
+    fn on_reload(&mut self, now: Instant) {
+        if let Some(r) = &self.reload {
+            let mut buf = [0u8; 64];
+            while matches!((&*r).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        tracing::info!("SIGHUP: reading the configuration file again");
+        match self
+            .control
+            .reload(&mut self.engine, now, &mut self.host, &mut self.out)
+        {
+            Ok(r) if r.ok => {
+                if r.result["changes"].as_array().is_some_and(|c| c.is_empty()) {
+                    tracing::info!("configuration unchanged");
+                }
+            }
+            Ok(r) => tracing::error!(
+                "configuration not reloaded: {}",
+                r.error.unwrap_or_default()
+            ),
+            Err(e) => tracing::error!("configuration not reloaded: {e}"),
+        }
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        self.conns.iter().position(Option::is_none)
+    }
+
+    fn accept_control(&mut self) {
+        while let Some(slot) = self.free_slot() {
+            let Some((l, _)) = &self.control_listener else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, _)) => self.add_conn(slot, Stream::Unix(s), false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept_metrics(&mut self) {
+        while let Some(slot) = self.free_slot() {
+            let Some(l) = &self.metrics_listener else {
+                return;
+            };
+            match l.accept() {
+                Ok((s, _)) => self.add_conn(slot, Stream::Tcp(s), true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("metrics: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, slot: usize, mut stream: Stream, metrics: bool) {
+        let token = Token(FIRST_CONN + slot);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(stream.source(), token, Interest::READABLE)
+        {
+            tracing::warn!("cannot watch an operator connection: {e}");
+            return;
+        }
+        self.conns[slot] = Some(Conn {
+            stream,
+            metrics,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            sent: 0,
+            closing: false,
+            writable_armed: false,
+        });
+        // Edge-triggered: what arrived before registration must be read now.
+        self.on_conn(slot, self.clock.now());
+    }
+
+    fn on_conn(&mut self, slot: usize, now: Instant) {
+        let Some(mut c) = self.conns[slot].take() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    if c.inbuf.len() > MAX_REQUEST {
+                        c.inbuf.clear();
+                        c.closing = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_conn(c);
+                    return;
+                }
+            }
+        }
+        if c.metrics {
+            self.answer_metrics(&mut c, now);
+        } else {
+            while let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+                let resp = match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => self.control.handle(
+                        req,
+                        &mut self.engine,
+                        now,
+                        &mut self.host,
+                        &mut self.out,
+                    ),
+                    Err(e) => Response::err(format!("bad request: {e}")),
+                };
+                serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
+                c.outbuf.push(b'\n');
+            }
+        }
+        // Write what can be written now; the rest when the socket is writable.
+        while c.sent < c.outbuf.len() {
+            match c.stream.write(&c.outbuf[c.sent..]) {
+                Ok(0) => break,
+                Ok(n) => c.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_conn(c);
+                    return;
+                }
+            }
+        }
+        if c.sent == c.outbuf.len() {
+            c.outbuf.clear();
+            c.sent = 0;
+            if c.closing {
+                self.close_conn(c);
+                return;
+            }
+        }
+        let want_write = !c.outbuf.is_empty();
+        if want_write != c.writable_armed {
+            let interest = if want_write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            let token = Token(FIRST_CONN + slot);
+            if self
+                .poll
+                .registry()
+                .reregister(c.stream.source(), token, interest)
+                .is_err()
+            {
+                self.close_conn(c);
+                return;
+            }
+            c.writable_armed = want_write;
+        }
+        self.conns[slot] = Some(c);
+    }
+
+    /// One HTTP/1.0 answer per connection, once the request head is in.
+    fn answer_metrics(&mut self, c: &mut Conn, now: Instant) {
+        if !c.outbuf.is_empty() || c.inbuf.is_empty() {
+            return;
+        }
+        let head_done = c.inbuf.windows(4).any(|w| w == b"\r\n\r\n")
+            || c.inbuf.windows(2).any(|w| w == b"\n\n");
+        if !head_done && !c.closing {
+            return;
+        }
+        let first = c.inbuf.split(|&b| b == b'\n').next().unwrap_or_default();
+        let first = String::from_utf8_lossy(first);
+        let mut words = first.split_whitespace();
+        let (method, target) = (words.next(), words.next());
+        let (status, body) = match (method, target) {
+            (Some("GET"), Some("/metrics" | "/")) => ("200 OK", metrics::render(&self.engine, now)),
+            (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
+            _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
+        };
+        let _ = write!(
+            c.outbuf,
+            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        c.inbuf.clear();
+        c.closing = true;
+    }
+
+    fn close_conn(&mut self, mut c: Conn) {
+        let _ = self.poll.registry().deregister(c.stream.source());
+    }
+}
+
+/// Binds the control socket at `path`, readable and writable by its owner only. A stale socket
+/// (nobody answering) is replaced; a live one means another instance uses the path.
+pub fn bind_control(path: &Path) -> io::Result<mio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another hubnat answers on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = mio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
 }
