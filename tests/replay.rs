@@ -110,6 +110,9 @@ fn every_scenario_replays_to_its_golden_output() {
 
 #[test]
 fn replay_is_deterministic_within_a_process() {
+    if bless() {
+        return; // the files are being rewritten
+    }
     // Two replays in one process get differently seeded hash maps: the output must not care.
     for name in scenarios() {
         let input = pcap::read(&dir().join(format!("{name}.in.pcap"))).unwrap();
@@ -124,6 +127,9 @@ fn replay_is_deterministic_within_a_process() {
 
 #[test]
 fn a_changed_frame_is_reported_decoded() {
+    if bless() {
+        return;
+    }
     let input = pcap::read(&dir().join("udp.in.pcap")).unwrap();
     let script = script_for("udp");
     let mut got = replay::replay(&script, &input);

@@ -126,7 +126,7 @@ impl PacketSocket {
                 _ => Err(e),
             };
         }
-        let dir = if sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        let dir = if sll.sll_pkttype == libc::PACKET_OUTGOING {
             Direction::Outgoing
         } else {
             Direction::Incoming

@@ -632,7 +632,7 @@ fn dhcp_scenario(s: &mut Session) {
         m,
         offered,
         false,
-        &dhcp(m, 0x1111_0003, offered, 3, &[name.clone()]),
+        &dhcp(m, 0x1111_0003, offered, 3, std::slice::from_ref(&name)),
         id,
     ));
     s.wait_ms(1000);

@@ -179,9 +179,32 @@ impl Driver {
 
     /// The simulated destinations' reactions to what the core did to their sockets.
     fn react(&mut self) {
+        // Only sockets with something to react to, in id order (the hash map's order is not
+        // deterministic); scanning is cheap, reacting and sorting are not.
         let mut ids = std::mem::take(&mut self.ids);
         ids.clear();
-        ids.extend(self.host.sockets.keys().copied());
+        for (id, sock) in &self.host.sockets {
+            let busy = match sock {
+                SimSocket::Tcp(t) => {
+                    t.connected
+                        && !t.aborted
+                        && (!t.written.is_empty()
+                            || self.seen.get(id).is_none_or(|s| {
+                                !s.fin_sent
+                                    && (t.shut_write
+                                        || matches!(
+                                            s.behaviour,
+                                            Some(TcpBehaviour::Fixed(_)) | None
+                                        ))
+                            }))
+                }
+                SimSocket::Udp(u) => !u.sent.is_empty(),
+                SimSocket::Icmp(i) => !i.sent.is_empty(),
+            };
+            if busy {
+                ids.push(*id);
+            }
+        }
         ids.sort_unstable();
         for &id in &ids {
             match self.host.sockets.get_mut(&id) {
