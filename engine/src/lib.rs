@@ -13,6 +13,7 @@ pub mod hostio;
 pub mod nat;
 pub mod output;
 pub mod port;
+pub mod replay;
 pub mod runtime;
 pub mod sim;
 pub mod sock;

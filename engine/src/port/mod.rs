@@ -1,3 +1,4 @@
 //! Frame ports: where hubnat's frames come from and go to.
 
+pub mod af_packet;
 pub mod tap;

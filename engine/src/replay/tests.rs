@@ -1,0 +1,187 @@
+//! The driver's own scripts: crafted frames in, the host side's reactions and frames out.
+
+use std::net::SocketAddrV4;
+
+use super::craft::{self, Conn, Session, ACK, FIN, PSH};
+use super::*;
+
+fn srv(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(craft::SERVER_IP, port)
+}
+
+fn guest(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(craft::GUEST_IP, port)
+}
+
+#[test]
+fn echo_reply_and_non_requests() {
+    let req = craft::icmp_echo(1, 2, b"abc");
+    let rep = echo_reply(&req).unwrap();
+    assert_eq!(rep[0], 0);
+    assert_eq!(checksum(&rep), 0);
+    assert_eq!(&rep[4..], &req[4..]);
+    assert!(echo_reply(&rep).is_none());
+    assert!(echo_reply(&req[..7]).is_none());
+}
+
+#[test]
+fn dns_answers_from_the_table() {
+    let s = Script::parse("[host]\ndns = { \"a.test\" = \"10.0.0.1\" }\n").unwrap();
+    let a = dns_answer(&s, &craft::dns_query(7, "A.Test", 1)).unwrap();
+    assert_eq!(&a[0..2], &7u16.to_be_bytes());
+    assert_eq!(a[3] & 0x0f, 0);
+    assert_eq!(a[7], 1);
+    assert_eq!(&a[a.len() - 4..], &[10, 0, 0, 1]);
+    let aaaa = dns_answer(&s, &craft::dns_query(8, "a.test", 28)).unwrap();
+    assert_eq!((aaaa[3] & 0x0f, aaaa[7]), (0, 0));
+    let nx = dns_answer(&s, &craft::dns_query(9, "b.test", 1)).unwrap();
+    assert_eq!(nx[3] & 0x0f, 3);
+    let mut resp = craft::dns_query(10, "a.test", 1);
+    resp[2] |= 0x80;
+    assert!(dns_answer(&s, &resp).is_none());
+    assert!(dns_answer(&s, &[0; 11]).is_none());
+    let q = craft::dns_query(11, "a.test", 1);
+    assert!(dns_answer(&s, &q[..q.len() - 2]).is_none());
+}
+
+#[test]
+fn echo_destination_returns_the_bytes_and_closes_after_the_guest() {
+    let mut s = Session::new(&Script::default());
+    let mut c = Conn::new(craft::guest_mac(1), guest(1000), srv(7), 100);
+    c.connect(&mut s);
+    let out = c.send(&mut s, ACK | PSH, b"hello");
+    let data: Vec<_> = out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .filter(|g| g.len == 5)
+        .collect();
+    assert_eq!(data.len(), 1, "the echo comes back in one segment");
+    assert_eq!(c.ack, data[0].seq.wrapping_add(5));
+    let out = c.send(&mut s, FIN | ACK, &[]);
+    assert!(
+        c.peer_fin,
+        "the echo destination closes after the guest: {out:?}"
+    );
+}
+
+#[test]
+fn fixed_destination_sends_its_bytes_then_fin_once_taken() {
+    let script = Script::parse("[host]\ntcp = \"fixed:3000\"\n").unwrap();
+    let mut s = Session::new(&script);
+    let mut c = Conn::new(craft::guest_mac(1), guest(1001), srv(80), 100);
+    let out = c.connect(&mut s);
+    let mut data: u32 = out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .map(|g| g.len)
+        .sum();
+    for _ in 0..10 {
+        if c.peer_fin {
+            break;
+        }
+        s.wait_ms(1);
+        let out = c.send(&mut s, ACK, &[]);
+        data += out
+            .iter()
+            .filter_map(|f| craft::parse_tcp(&f.data))
+            .map(|g| g.len)
+            .sum::<u32>();
+    }
+    assert!(c.peer_fin);
+    assert_eq!(data, 3000);
+}
+
+#[test]
+fn refused_connect_gives_rst_and_replay_is_repeatable() {
+    let script = Script::parse("[host]\ndefault_connect = \"refuse\"\n").unwrap();
+    let mut s = Session::new(&script);
+    let mut c = Conn::new(craft::guest_mac(1), guest(1002), srv(81), 100);
+    let out = c.connect(&mut s);
+    assert!(out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .any(|g| g.flags & craft::RST != 0));
+    let (input, output) = s.finish();
+    assert_eq!(replay(&script, &input), output);
+}
+
+#[test]
+fn rebasing_translates_a_foreign_isn() {
+    // A guest that acknowledges ISN 5000 (another hubnat's): the driver moves its ACKs onto the
+    // replayed core's ISN, so the core takes its data.
+    let script = Script::parse("[host]\ntcp = \"sink\"\n").unwrap();
+    let mut s = Session::new(&script);
+    let mut c = Conn::new(craft::guest_mac(1), guest(1003), srv(5001), 100);
+    let syn = craft::tcp(
+        guest(1003),
+        srv(5001),
+        craft::SYN,
+        100,
+        0,
+        64240,
+        &[2, 4, 5, 0xb4],
+        &[],
+    );
+    let ip = craft::ipv4(
+        craft::GUEST_IP,
+        craft::SERVER_IP,
+        smoltcp::wire::IpProtocol::Tcp,
+        1,
+        (0, false),
+        &syn,
+    );
+    let out = s.send(craft::ethernet(script::REPLAY_MAC, c.mac, 0x0800, &ip));
+    assert!(out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .any(|g| g.flags & craft::SYN != 0));
+    c.seq = 101;
+    c.ack = 5001;
+    s.wait_ms(1);
+    c.send(&mut s, ACK, &[]);
+    let mut out = c.send(&mut s, ACK, &[7; 1000]);
+    out.extend(c.send(&mut s, ACK | PSH, &[7; 1000]));
+    let acked = out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .any(|g| g.ack == 100 + 1 + 1000 || g.ack == 100 + 1 + 2000);
+    let descr: Vec<String> = out.iter().map(|f| decode::describe(&f.data)).collect();
+    assert!(
+        acked,
+        "the core acknowledged the rebased segment: {descr:#?}"
+    );
+    let sock = *s.driver.host.sockets.keys().max().unwrap();
+    assert!(s.driver.host.tcp(sock).is_some());
+
+    let mut r = rebase::Rebaser::default();
+    let mut scratch = Vec::new();
+    assert!(!r.on_input(&[0u8; 20], &mut scratch));
+}
+
+#[test]
+fn timers_run_in_the_tail_and_not_past_it() {
+    // An incomplete fragment expires at 30 s: a 1 s tail does not reach it, 35 s does.
+    let m = craft::guest_mac(1);
+    let d = craft::udp(guest(1), srv(7), &[0; 2000]);
+    let ip = craft::ipv4(
+        craft::GUEST_IP,
+        craft::SERVER_IP,
+        smoltcp::wire::IpProtocol::Udp,
+        9,
+        (0, true),
+        &d[..1480],
+    );
+    let input = vec![Frame {
+        ts: craft::EPOCH,
+        data: craft::ethernet(script::REPLAY_MAC, m, 0x0800, &ip),
+    }];
+    for (tail, pending) in [(1000, 1), (35_000, 0)] {
+        let script = Script::parse(&format!("tail_ms = {tail}\n")).unwrap();
+        let mut drv = Driver::new(script);
+        for f in &input {
+            drv.frame(f.ts, &f.data, &mut |_, _| {});
+        }
+        drv.finish(&mut |_, _| {});
+        assert_eq!(drv.engine.nat.frag.len(), pending, "tail {tail}");
+    }
+}
