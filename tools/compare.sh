@@ -24,7 +24,7 @@ MTUS=1500,65520
 DURATION=10
 ROUNDS=1
 MEM=1000,10000
-OUT=PERF-compare.md
+OUT="$ROOT/PERF-compare.md"
 PERF=""
 PERF_SET=0
 PROFILE=release
@@ -43,7 +43,7 @@ Usage: sudo tools/compare.sh [options]
   --rounds N       repeat everything N times, systems interleaved round by round; medians reported
   --mem LIST       idle-connection counts for the memory runs (default 1000,10000; "" for none)
   --quick          smoke run: --duration 2 --mem 100,1000 --rounds 1, PERF.md left alone
-  --out FILE       Markdown report (default PERF-compare.md); FILE.svg (chart) and FILE.jsonl
+  --out FILE       Markdown report (default PERF-compare.md at the top of the repository); FILE.svg (chart) and FILE.jsonl
                    (raw results, one line per figure) are written beside it
   --perf FILE      replace the block between <!-- compare:begin --> and <!-- compare:end --> in
                    FILE with the table (default: PERF.md, except with --quick; "none" for none)
@@ -94,6 +94,7 @@ done
 # Everything made is recorded here, and cleanup() removes it.
 
 WORK=$(mktemp -d /tmp/hubnat-compare.XXXXXX)
+chmod 755 "$WORK"   # pasta, as user nobody, writes its PID file below it
 TAG="hc$(( $$ % 10000 ))"   # namespace and interface prefix (interface names: 15 bytes at most)
 SEQ=0
 NETNS=()                    # namespaces made (ip netns add)
@@ -129,6 +130,16 @@ end_pids() {
   for p in "$@"; do wait "$p" 2>/dev/null || true; done
 }
 
+# Every process whose command line names a path in our (unique) work directory.
+own_pids() {
+  local d
+  for d in /proc/[0-9]*; do
+    [ "${d#/proc/}" = "$$" ] && continue
+    { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null | grep -qF "$WORK/" && echo "${d#/proc/}"
+  done
+  return 0
+}
+
 # Tears down the current instance: its processes (those started and any left in its
 # namespaces), its namespaces (with their interfaces) and their /etc/netns files.
 teardown() {
@@ -139,6 +150,9 @@ teardown() {
   for ns in "${NETNS[@]}"; do
     for p in $(ip netns pids "$ns" 2>/dev/null); do all+=("$p"); done
   done
+  # Processes that left our namespaces (pasta's guest side, a daemon's orphaned child) still
+  # name a file of our work directory on their command line.
+  for p in $(own_pids); do all+=("$p"); done
   end_pids "${all[@]}"
   for ns in "${NETNS[@]}"; do
     ip netns del "$ns" 2>/dev/null

@@ -71,7 +71,13 @@ fn metric_rank(m: &str) -> (u32, u64, String) {
     } else if m.starts_with("tput_down_") {
         (0, num(m).unwrap_or(0) * 2 + 1)
     } else if m.starts_with("rr_") {
-        (1, ["rr_p50", "rr_p99", "rr_p999"].iter().position(|x| *x == m).unwrap_or(9) as u64)
+        (
+            1,
+            ["rr_p50", "rr_p99", "rr_p999"]
+                .iter()
+                .position(|x| *x == m)
+                .unwrap_or(9) as u64,
+        )
     } else if m.starts_with("crr_") {
         (2, u64::from(m != "crr_rate"))
     } else if m.starts_with("mem_") {
@@ -101,12 +107,30 @@ fn describe(m: &str) -> (String, bool) {
     }
 }
 
+/// The unit a metric is written in, where no result line named one.
+fn default_unit(m: &str) -> &'static str {
+    match m {
+        _ if m.starts_with("tput_") => "Gbit/s",
+        "crr_rate" => "conn/s",
+        _ if m.starts_with("rr_") || m.starts_with("crr_") => "µs",
+        _ if m.starts_with("mem_") => "MiB",
+        _ if m.starts_with("held_") => "conns",
+        _ => "",
+    }
+}
+
 fn load(text: &str) -> Result<Results> {
     let mut systems: Vec<String> = Vec::new();
     let mut metrics = BTreeSet::new();
     let mut units = BTreeMap::new();
     // (system, metric) -> (values, runs, first failure, skip note, partial note)
-    type Acc = (Vec<f64>, usize, Option<String>, Option<String>, Option<String>);
+    type Acc = (
+        Vec<f64>,
+        usize,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
     let mut acc: BTreeMap<(String, String), Acc> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -152,6 +176,11 @@ fn load(text: &str) -> Result<Results> {
         }
     }
     systems.sort_by_key(|s| ORDER.iter().position(|o| o == s).unwrap_or(ORDER.len()));
+    for m in &metrics {
+        if !units.contains_key(m) && !default_unit(m).is_empty() {
+            units.insert(m.clone(), default_unit(m).to_owned());
+        }
+    }
     let mut metrics: Vec<String> = metrics.into_iter().collect();
     metrics.sort_by_key(|m| metric_rank(m));
     let mut cells = BTreeMap::new();
@@ -402,7 +431,10 @@ mod tests {
         let md = r.markdown();
         let tput = md.lines().find(|l| l.contains("MTU 1500")).unwrap();
         assert!(tput.contains("| 5.00 | 2.00 (0.400×) | 0.200 (0.040×) [1 of 2 rounds]"));
-        let rr = md.lines().find(|l| l.contains("request/response p50")).unwrap();
+        let rr = md
+            .lines()
+            .find(|l| l.contains("request/response p50"))
+            .unwrap();
         assert!(rr.contains("failed [^"), "{rr}");
         assert!(rr.contains("| 30.5 |"), "{rr}");
         assert!(md.contains("hubnat: connect: refused"));

@@ -416,6 +416,10 @@ fn hold_conns(
         first_err.get_or_insert(e);
     };
     while held + failed < want && Instant::now() < deadline {
+        // A whole first wave failed and none got through: the path is down, not slow.
+        if held == 0 && failed >= parallel.max(1).min(want) {
+            break;
+        }
         while started < want && inflight < parallel.max(1) {
             match MioStream::connect(a.connect) {
                 Ok(mut s) => {
@@ -455,7 +459,8 @@ fn hold_conns(
                         return Err(io::Error::other("short write of the request"));
                     }
                     *st = HoldState::Sent;
-                    poll.registry().reregister(s, Token(i), Interest::READABLE)?;
+                    poll.registry()
+                        .reregister(s, Token(i), Interest::READABLE)?;
                 }
                 if *st == HoldState::Sent {
                     loop {
