@@ -364,8 +364,8 @@ setup_slirp4netns() { # mtu
   ip netns exec "$NAT_NS" slirp4netns --configure --mtu="$1" --disable-host-loopback \
     "$holder" tap0 > "$IDIR/slirp4netns.log" 2>&1 &
   PIDS+=($!)
-  wait_for 10 guest_has_addr tap0 ||
-    { echo "slirp4netns did not configure tap0: $(first_line "$IDIR/slirp4netns.log")"; return 1; }
+  wait_for 20 guest_has_addr tap0 ||
+    { echo "slirp4netns did not configure tap0 in 20 s: $(tail -n 1 "$IDIR/slirp4netns.log")"; return 1; }
 }
 
 setup_pasta() { # mtu
