@@ -1,0 +1,681 @@
+#!/usr/bin/env bash
+# tools/compare.sh: hubnat against its peers and the kernel's own routing, on one machine in one run.
+#
+# Topology, built anew for every system (and every MTU) and torn down after it:
+#
+#   guest ns ──(the system under test)── NAT ns ──veth── server ns (iperf3, hubnat-load serve)
+#
+# The NAT namespace's only routes lead to the server namespace (its link, and a default route via
+# the server, which forwards nothing): no system's traffic can leave the machine. Systems:
+#   hubnat       TAP in the guest ns, hubnat in the NAT ns
+#   slirp4netns  `slirp4netns --configure --mtu=M --disable-host-loopback PID tap0` in the NAT ns
+#   pasta        as user nobody in the NAT ns (/dev/net/tun opened to it for the run); pasta makes
+#                the guest namespace itself
+#   softether    vpnserver (private copies of its state dirs) in the NAT ns, SecureNAT (user mode)
+#                on hub DEFAULT, local bridge to a veth whose peer is the guest's; guest via dhclient
+#   kernel       veth + ip_forward in the NAT ns, no NAT at all: the limit
+# Every namespace, interface, process and file the script makes is removed on exit, also on failure
+# or Ctrl-C. Run as root. `tools/compare.sh --help` lists the options.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SYSTEMS=hubnat,slirp4netns,pasta,softether,kernel
+MTUS=1500,65520
+DURATION=10
+ROUNDS=1
+MEM=1000,10000
+OUT="$ROOT/PERF-compare.md"
+PERF=""
+PERF_SET=0
+PROFILE=release
+BUILD=1
+KEEP=0
+QUICK=0
+
+usage() {
+  cat <<'EOF'
+Usage: sudo tools/compare.sh [options]
+
+  --systems LIST   comma-separated, any of hubnat,slirp4netns,pasta,softether,kernel (default: all)
+  --mtu LIST       MTUs for the iperf3 runs (default 1500,65520); the first also carries the
+                   latency, connection-rate and memory runs
+  --duration S     seconds per iperf3 direction and per latency / connection-rate run (default 10)
+  --rounds N       repeat everything N times, systems interleaved round by round; medians reported
+  --mem LIST       idle-connection counts for the memory runs (default 1000,10000; "" for none)
+  --quick          smoke run: --duration 2 --mem 100,1000 --rounds 1, PERF.md left alone
+  --out FILE       Markdown report (default PERF-compare.md at the top of the repository); FILE.svg (chart) and FILE.jsonl
+                   (raw results, one line per figure) are written beside it
+  --perf FILE      replace the block between <!-- compare:begin --> and <!-- compare:end --> in
+                   FILE with the table (default: PERF.md, except with --quick; "none" for none)
+  --profile P      cargo profile of the binaries (default release)
+  --no-build       use target/PROFILE/ as it is
+  --keep           keep the work directory (logs of every process) under /tmp
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --systems) SYSTEMS=$2; shift 2 ;;
+    --mtu) MTUS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --mem) MEM=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    --perf) PERF=$2; PERF_SET=1; shift 2 ;;
+    --profile) PROFILE=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then
+  DURATION=2; ROUNDS=1; MEM=100,1000
+fi
+if [ "$PERF_SET" = 0 ]; then
+  if [ "$QUICK" = 1 ]; then PERF=none; else PERF="$ROOT/PERF.md"; fi
+fi
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+SVG="${OUT%.md}.svg"
+JSONL="${OUT%.md}.jsonl"
+
+log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
+for c in ip jq timeout nsenter; do
+  command -v "$c" >/dev/null || die "needs $c"
+done
+[[ "$DURATION" =~ ^[0-9]+$ ]] && [ "$DURATION" -ge 1 ] || die "--duration takes whole seconds"
+[[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 1 ] || die "--rounds takes a count"
+
+# ---------------------------------------------------------------------------------------------
+# Everything made is recorded here, and cleanup() removes it.
+
+WORK=$(mktemp -d /tmp/hubnat-compare.XXXXXX)
+chmod 755 "$WORK"   # pasta, as user nobody, writes its PID file below it
+TAG="hc$(( $$ % 10000 ))"   # namespace and interface prefix (interface names: 15 bytes at most)
+SEQ=0
+NETNS=()                    # namespaces made (ip netns add)
+PIDS=()                     # processes started (plus everything found in our namespaces)
+KILL9=()                    # processes that ignore SIGTERM (init of a PID namespace)
+TUN_MODE=""                 # /dev/net/tun's mode before pasta's run, to restore
+
+pid_alive() {
+  # Alive and not a zombie.
+  local st
+  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# Ends the given PIDs: SIGTERM, then SIGKILL after 3 s; reaps our own children.
+end_pids() {
+  local p alive i
+  [ $# -gt 0 ] || return 0
+  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
+  for i in $(seq 30); do
+    alive=0
+    for p in "$@"; do pid_alive "$p" && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "$@"; do pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
+  for i in $(seq 20); do
+    alive=0
+    for p in "$@"; do pid_alive "$p" && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "$@"; do wait "$p" 2>/dev/null || true; done
+}
+
+# Every process whose command line names a path in our (unique) work directory.
+own_pids() {
+  local d
+  for d in /proc/[0-9]*; do
+    [ "${d#/proc/}" = "$$" ] && continue
+    { tr '\0' ' ' < "$d/cmdline"; } 2>/dev/null | grep -qF "$WORK/" && echo "${d#/proc/}"
+  done
+  return 0
+}
+
+# Tears down the current instance: its processes (those started and any left in its
+# namespaces), its namespaces (with their interfaces) and their /etc/netns files.
+teardown() {
+  local ns p all=()
+  set +e
+  for p in "${KILL9[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  all=("${PIDS[@]}")
+  for ns in "${NETNS[@]}"; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do all+=("$p"); done
+  done
+  # Processes that left our namespaces (pasta's guest side, a daemon's orphaned child) still
+  # name a file of our work directory on their command line.
+  for p in $(own_pids); do all+=("$p"); done
+  end_pids "${all[@]}"
+  for ns in "${NETNS[@]}"; do
+    ip netns del "$ns" 2>/dev/null
+    rm -rf "/etc/netns/$ns"
+  done
+  if [ -n "$TUN_MODE" ]; then
+    chmod "$TUN_MODE" /dev/net/tun
+    TUN_MODE=""
+  fi
+  NETNS=(); PIDS=(); KILL9=()
+  set -e
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  teardown
+  if [ "$KEEP" = 1 ]; then
+    log "work directory kept: $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Makes namespace TAG+KIND+SEQ and leaves its name in $MKNS.
+mkns() {
+  local ns="${TAG}$1$SEQ"
+  ip netns add "$ns"
+  NETNS+=("$ns")
+  # A resolver file of its own: nothing run inside reads or writes the machine's.
+  mkdir -p "/etc/netns/$ns"
+  : > "/etc/netns/$ns/resolv.conf"
+  ip -n "$ns" link set lo up
+  MKNS=$ns
+}
+
+# ---------------------------------------------------------------------------------------------
+# Binaries
+
+BIN="$ROOT/target/$PROFILE"
+[ "$PROFILE" = dev ] && BIN="$ROOT/target/debug"
+if [ "$BUILD" = 1 ]; then
+  log "building hubnat, hubnat-load, hubnat-chart (profile $PROFILE)"
+  (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p hubnat-tools \
+    --bin hubnat --bin hubnat-load --bin hubnat-chart) || die "build failed"
+fi
+HUBNAT="$BIN/hubnat"
+LOAD="$BIN/hubnat-load"
+CHART="$BIN/hubnat-chart"
+for b in "$LOAD" "$CHART"; do [ -x "$b" ] || die "missing $b (build it, or drop --no-build)"; done
+
+# ---------------------------------------------------------------------------------------------
+# Which systems can run here, and why not
+
+declare -A SKIP=()
+has() { command -v "$1" >/dev/null 2>&1; }
+check_system() {
+  case "$1" in
+    hubnat) [ -x "$HUBNAT" ] || echo "no $HUBNAT" ;;
+    slirp4netns) has slirp4netns || echo "slirp4netns is not installed (apt-get install slirp4netns)" ;;
+    pasta)
+      if ! has pasta; then echo "pasta is not installed (apt-get install passt)"
+      elif ! has setpriv; then echo "setpriv is missing (util-linux)"
+      elif ! id nobody >/dev/null 2>&1; then echo "no user nobody"
+      elif [ ! -c /dev/net/tun ]; then echo "no /dev/net/tun"
+      fi ;;
+    softether)
+      if [ ! -x /usr/libexec/softether/vpnserver/vpnserver ]; then
+        echo "softether-vpnserver is not installed (apt-get install softether-vpnserver)"
+      elif ! has vpncmd; then echo "vpncmd is not installed (apt-get install softether-vpncmd)"
+      elif ! has dhclient; then echo "dhclient is not installed (apt-get install isc-dhcp-client)"
+      elif ! has ethtool; then echo "ethtool is not installed"
+      elif ! has unshare; then echo "unshare is missing (util-linux)"
+      fi ;;
+    kernel) has ethtool || echo "ethtool is not installed" ;;
+    *) echo "unknown system" ;;
+  esac
+}
+IFS=, read -r -a SYS_LIST <<< "$SYSTEMS"
+IFS=, read -r -a MTU_LIST <<< "$MTUS"
+IFS=, read -r -a MEM_LIST <<< "$MEM"
+for s in "${SYS_LIST[@]}"; do
+  why=$(check_system "$s")
+  if [ -n "$why" ]; then
+    SKIP[$s]=$why
+    log "skipping $s: $why"
+  fi
+done
+HAVE_IPERF=1
+has iperf3 || { HAVE_IPERF=0; log "iperf3 is not installed: no throughput runs"; }
+
+# ---------------------------------------------------------------------------------------------
+# Results: one JSON line per figure (or failure)
+
+: > "$JSONL"
+ROUND=0
+record() { # system metric value unit [note]
+  jq -nc --arg s "$1" --arg m "$2" --arg v "$3" --arg u "$4" --arg n "${5:-}" --argjson r "$ROUND" \
+    '{round:$r, system:$s, metric:$m, value:($v|tonumber), unit:$u, ok:true, note:$n}' >> "$JSONL"
+}
+record_fail() { # system metric note
+  jq -nc --arg s "$1" --arg m "$2" --arg n "$3" --argjson r "$ROUND" \
+    '{round:$r, system:$s, metric:$m, value:null, unit:"", ok:false, note:$n}' >> "$JSONL"
+  log "  $1 $2: FAILED: $3"
+}
+# The first line of a file, cut short, for a note.
+first_line() { grep -m1 -v '^\s*$' "$1" 2>/dev/null | cut -c1-160 || true; }
+
+# ---------------------------------------------------------------------------------------------
+# The topology
+
+SERVER_IP=10.77.0.2
+NAT_IP=10.77.0.1
+GUEST=()        # command prefix that runs a command in the guest namespace
+NAT_NS="" SRV_NS="" GUEST_NS=""
+
+# NAT and server namespaces, their link, and the load server.
+make_base() {
+  mkns n; NAT_NS=$MKNS
+  mkns s; SRV_NS=$MKNS
+  local a="${TAG}a$SEQ"
+  ip link add "$a" netns "$NAT_NS" mtu 65520 type veth peer name eth0 netns "$SRV_NS" mtu 65520 || return 1
+  ip -n "$NAT_NS" addr add "$NAT_IP/24" dev "$a"
+  ip -n "$NAT_NS" link set "$a" up
+  ip -n "$SRV_NS" addr add "$SERVER_IP/24" dev eth0
+  ip -n "$SRV_NS" link set eth0 up
+  ip -n "$NAT_NS" route add default via "$SERVER_IP"
+  # Many short connections from one address: reuse TIME_WAIT ports, use the whole port range.
+  for ns in "$NAT_NS" "$SRV_NS"; do
+    ip netns exec "$ns" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
+  done
+  ip netns exec "$SRV_NS" "$LOAD" serve --listen "0.0.0.0:7000" > "$IDIR/load-server.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 5 grep -q listening "$IDIR/load-server.log" || { echo "load server did not start"; return 1; }
+}
+
+wait_for() { # seconds command...
+  local t=$1 i; shift
+  for i in $(seq $((t * 10))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+guest_has_addr() { "${GUEST[@]}" ip -4 -o addr show dev "$1" | grep -q inet; }
+
+guest_sysctls() {
+  "${GUEST[@]}" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
+}
+
+offloads_off() { # ns dev
+  ip netns exec "$1" ethtool -K "$2" tso off gso off gro off >/dev/null 2>&1 ||
+    ip netns exec "$1" ethtool -K "$2" gso off gro off >/dev/null
+}
+
+setup_kernel() { # mtu
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  local v="${TAG}k$SEQ"
+  ip link add "$v" netns "$NAT_NS" mtu "$1" type veth peer name eth0 netns "$GUEST_NS" mtu "$1" || return 1
+  offloads_off "$NAT_NS" "$v"
+  offloads_off "$GUEST_NS" eth0
+  ip -n "$NAT_NS" addr add 192.168.30.1/24 dev "$v"
+  ip -n "$NAT_NS" link set "$v" up
+  ip netns exec "$NAT_NS" sysctl -qw net.ipv4.ip_forward=1
+  ip -n "$GUEST_NS" addr add 192.168.30.50/24 dev eth0
+  ip -n "$GUEST_NS" link set eth0 up
+  ip -n "$GUEST_NS" route add default via 192.168.30.1
+  # Routing, no NAT: the server knows the way back.
+  ip -n "$SRV_NS" route add 192.168.30.0/24 via "$NAT_IP"
+}
+
+setup_hubnat() { # mtu
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  local want=20000
+  cat > "$IDIR/hubnat.toml" <<EOF
+[nat]
+mtu = $1
+max_sessions = 65536
+max_sessions_per_guest = $want
+[dns]
+upstream = ["$SERVER_IP"]
+EOF
+  ip netns exec "$NAT_NS" "$HUBNAT" run --tap tap0 --netns "/run/netns/$GUEST_NS" \
+    --config "$IDIR/hubnat.toml" --state-dir "$IDIR/hubnat-state" --log warn \
+    > "$IDIR/hubnat.log" 2>&1 &
+  PIDS+=($!)
+  if ! wait_for 10 ip -n "$GUEST_NS" link show tap0; then
+    echo "hubnat did not make tap0: $(first_line "$IDIR/hubnat.log")"; return 1
+  fi
+  ip -n "$GUEST_NS" addr add 192.168.30.50/24 dev tap0
+  ip -n "$GUEST_NS" link set tap0 up
+  ip -n "$GUEST_NS" route add default via 192.168.30.1
+  wait_for 5 "${GUEST[@]}" ping -c1 -W1 192.168.30.1 || { echo "hubnat does not answer ping"; return 1; }
+}
+
+setup_slirp4netns() { # mtu
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  ip netns exec "$GUEST_NS" sleep infinity &
+  local holder=$!
+  PIDS+=("$holder")
+  ip netns exec "$NAT_NS" slirp4netns --configure --mtu="$1" --disable-host-loopback \
+    "$holder" tap0 > "$IDIR/slirp4netns.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 20 guest_has_addr tap0 ||
+    { echo "slirp4netns did not configure tap0 in 20 s: $(tail -n 1 "$IDIR/slirp4netns.log")"; return 1; }
+}
+
+setup_pasta() { # mtu
+  TUN_MODE=$(stat -c %a /dev/net/tun)
+  chmod 666 /dev/net/tun
+  chmod 777 "$IDIR"
+  ip netns exec "$NAT_NS" setpriv --reuid=nobody --regid=nogroup --clear-groups -- \
+    pasta -f --config-net -m "$1" -t none -u none -T none -U none --no-map-gw \
+    --pid "$IDIR/pasta.pid" -- sleep infinity > "$IDIR/pasta.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 10 test -s "$IDIR/pasta.pid" || { echo "pasta did not start: $(first_line "$IDIR/pasta.log")"; return 1; }
+  local pp gp=""
+  pp=$(cat "$IDIR/pasta.pid")
+  PIDS+=("$pp")
+  wait_for 5 pgrep_child "$pp" || { echo "pasta started no guest command"; return 1; }
+  gp=$(pgrep_child "$pp")
+  # The guest command is the init of pasta's PID namespace: only SIGKILL ends it.
+  KILL9+=("$gp")
+  GUEST=(nsenter -t "$gp" -n)
+  local dev
+  wait_for 10 guest_route_dev || { echo "pasta did not configure the guest"; return 1; }
+  dev=$(guest_route_dev)
+  wait_for 5 guest_has_addr "$dev" || { echo "pasta gave the guest no address"; return 1; }
+}
+pgrep_child() { local c; c=$(ps -o pid= --ppid "$1" | head -1 | tr -d ' '); [ -n "$c" ] && echo "$c"; }
+guest_route_dev() {
+  local d; d=$("${GUEST[@]}" ip -4 route show default | awk '{for(i=1;i<NF;i++) if($i=="dev") print $(i+1)}' | head -1)
+  [ -n "$d" ] && echo "$d"
+}
+
+setup_softether() { # mtu
+  [ "$1" -le 1500 ] || { echo "SKIP: SecureNAT's MTU is at most 1500"; return 1; }
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  local v="${TAG}v$SEQ" se="$IDIR/softether"
+  ip link add "$v" netns "$NAT_NS" mtu "$1" type veth peer name eth0 netns "$GUEST_NS" mtu "$1" || return 1
+  offloads_off "$NAT_NS" "$v"
+  offloads_off "$GUEST_NS" eth0
+  ip -n "$NAT_NS" link set "$v" up
+  ip -n "$GUEST_NS" link set eth0 up
+  # The Debian build keeps its state in /var/lib/softether, /var/log/softether and
+  # /run/softether: give it private directories there, in a mount namespace of its own.
+  mkdir -p "$se"/{lib,log,run,exe}
+  cp -L /usr/libexec/softether/vpnserver/* "$se/exe/"
+  cat > "$se/private.sh" <<EOF
+#!/bin/sh
+set -e
+mount --make-rprivate /
+mount --bind "$se/lib" /var/lib
+mount --bind "$se/log" /var/log
+mount --bind "$se/run" /run
+mkdir -p /var/lib/softether /var/log/softether /run/softether
+exec "\$@"
+EOF
+  chmod 755 "$se/private.sh"
+  ip netns exec "$NAT_NS" unshare -m "$se/private.sh" "$se/exe/vpnserver" execsvc \
+    > "$IDIR/vpnserver.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 20 ip netns exec "$NAT_NS" sh -c 'ss -ltn | grep -q ":5555 "' ||
+    { echo "vpnserver did not listen: $(first_line "$IDIR/vpnserver.log")"; return 1; }
+  local c
+  for c in "/SERVER /CMD KeepDisable" \
+           "/SERVER /CMD BridgeCreate DEFAULT /DEVICE:$v /TAP:no" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet DisableKernelModeSecureNAT /VALUE:1" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet DisableIpRawModeSecureNAT /VALUE:1" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet SecureNAT_MaxTcpSessionsPerIp /VALUE:20000" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet SecureNAT_MaxTcpSynSentPerIp /VALUE:20000" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD NatSet /MTU:$1 /TCPTIMEOUT:7200 /UDPTIMEOUT:60 /LOG:no" \
+           "/SERVER /ADMINHUB:DEFAULT /CMD SecureNatEnable"; do
+    # shellcheck disable=SC2086
+    if ! ip netns exec "$NAT_NS" unshare -m "$se/private.sh" timeout 20 \
+         vpncmd localhost:5555 /PASSWORD: $c < /dev/null >> "$IDIR/vpncmd.log" 2>&1; then
+      echo "vpncmd $c failed: $(tail -n 3 "$IDIR/vpncmd.log" | tr '\n' ' ')"; return 1
+    fi
+  done
+  cat > "$IDIR/dhclient-script" <<'EOF'
+#!/bin/sh
+# Configures the interface only: never the machine's resolver.
+case "$reason" in
+BOUND|RENEW|REBIND|REBOOT)
+  ip addr flush dev "$interface"
+  ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface"
+  for r in $new_routers; do ip route replace default via "$r" dev "$interface"; break; done
+  ;;
+esac
+exit 0
+EOF
+  chmod 755 "$IDIR/dhclient-script"
+  # SecureNAT's DHCP server comes up a moment after SecureNatEnable: retry.
+  local ok=0 i
+  for i in 1 2 3; do
+    if timeout 30 ip netns exec "$GUEST_NS" dhclient -1 -sf "$IDIR/dhclient-script" \
+        -pf "$IDIR/dhclient.pid" -lf "$IDIR/dhclient.leases" eth0 >> "$IDIR/dhclient.log" 2>&1; then
+      ok=1; break
+    fi
+  done
+  [ -s "$IDIR/dhclient.pid" ] && PIDS+=("$(cat "$IDIR/dhclient.pid")")
+  [ "$ok" = 1 ] && guest_has_addr eth0 || { echo "the guest got no DHCP lease from SecureNAT"; return 1; }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+# Sums a /proc/PID/status field (kB) over every process in the NAT namespace; prints MiB.
+nat_mem() { # field
+  local p sum=0 v
+  for p in $(ip netns pids "$NAT_NS"); do
+    v=$(awk -v f="$1:" '$1==f {print $2}' "/proc/$p/status" 2>/dev/null || true)
+    sum=$((sum + ${v:-0}))
+  done
+  awk -v k="$sum" 'BEGIN { printf "%.2f", k / 1024 }'
+}
+
+run_iperf() { # system mtu direction(up|down)
+  local s=$1 m=$2 d=$3 out="$IDIR/iperf-$3.json" srv rev=()
+  [ "$d" = down ] && rev=(-R)
+  ip netns exec "$SRV_NS" iperf3 -s -1 -p 5201 > "$IDIR/iperf-server-$d.log" 2>&1 &
+  srv=$!
+  PIDS+=("$srv")
+  wait_for 5 ip netns exec "$SRV_NS" sh -c 'ss -ltn | grep -q ":5201 "' || true
+  if timeout -k 5 $((DURATION + 30)) "${GUEST[@]}" iperf3 -c "$SERVER_IP" -p 5201 -t "$DURATION" \
+       -Z -P4 -l1M --connect-timeout 5000 "${rev[@]}" -J > "$out" 2>"$IDIR/iperf-$d.err" &&
+     jq -e '.end.sum_received.bits_per_second > 0' "$out" >/dev/null 2>&1; then
+    record "$s" "tput_${d}_$m" "$(jq '.end.sum_received.bits_per_second / 1e9' "$out")" Gbit/s
+  else
+    local why
+    why=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
+    [ -n "$why" ] || why=$(first_line "$IDIR/iperf-$d.err")
+    [ -n "$why" ] || why=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
+    record_fail "$s" "tput_${d}_$m" "iperf3: ${why:-no result}"
+  fi
+  end_pids "$srv"
+}
+
+run_load() { # system mode(rr|crr)
+  local s=$1 mode=$2 out="$IDIR/load-$2.json"
+  if timeout -k 5 $((DURATION + 30)) "${GUEST[@]}" "$LOAD" "$mode" --connect "$SERVER_IP:7000" \
+       --duration "$DURATION" --json > "$out" 2>"$IDIR/load-$mode.err"; then
+    if [ "$mode" = rr ]; then
+      record "$s" rr_p50 "$(jq .p50_us "$out")" µs
+      record "$s" rr_p99 "$(jq .p99_us "$out")" µs
+      record "$s" rr_p999 "$(jq .p999_us "$out")" µs
+    else
+      record "$s" crr_rate "$(jq .per_sec "$out")" conn/s
+      record "$s" crr_p50 "$(jq .p50_us "$out")" µs
+    fi
+  else
+    local why; why=$(first_line "$IDIR/load-$mode.err")
+    if [ "$mode" = rr ]; then
+      for m in rr_p50 rr_p99 rr_p999; do record_fail "$s" "$m" "${why:-timed out}"; done
+    else
+      for m in crr_rate crr_p50; do record_fail "$s" "$m" "${why:-timed out}"; done
+    fi
+  fi
+}
+
+run_mem() { # system count
+  local s=$1 n=$2 out="$IDIR/hold-$2.json" ready="$IDIR/hold-$2.ready" pid
+  rm -f "$ready"
+  "${GUEST[@]}" "$LOAD" hold --connect "$SERVER_IP:7000" --conns "$n" --duration 120 \
+    --timeout 10 --hold 3 --ready-file "$ready" --json > "$out" 2>"$IDIR/hold-$n.err" &
+  pid=$!
+  PIDS+=("$pid")
+  local i
+  for i in $(seq 1300); do
+    [ -s "$ready" ] && break
+    pid_alive "$pid" || break
+    sleep 0.1
+  done
+  if [ -s "$ready" ]; then
+    sleep 1
+    local held hwm
+    held=$(tr -d '\n' < "$ready")
+    hwm=$(nat_mem VmHWM)
+    wait "$pid" 2>/dev/null || true
+    if [ "${held:-0}" -gt 0 ]; then
+      local note=""
+      [ "$held" -lt "$n" ] && note="held $held of $n: $(jq -r '.first_error // empty' "$out" 2>/dev/null)"
+      record "$s" "mem_$n" "$hwm" MiB "$note"
+      record "$s" "held_$n" "$held" conns "$note"
+      return
+    fi
+  fi
+  end_pids "$pid"
+  local why; why=$(first_line "$IDIR/hold-$n.err")
+  record_fail "$s" "mem_$n" "${why:-no connection held}"
+  record_fail "$s" "held_$n" "${why:-no connection held}"
+}
+
+# Metrics an instance would have measured (to mark them failed when it cannot start).
+instance_metrics() { # kind mtu
+  case "$1" in
+    main) echo "tput_up_$2 tput_down_$2 rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
+    tput) echo "tput_up_$2 tput_down_$2" ;;
+    mem) local n; for n in "${MEM_LIST[@]}"; do echo -n "mem_$n held_$n "; done ;;
+  esac
+}
+
+# One instance: fresh namespaces, the system at MTU M, the given workloads, teardown.
+instance() { # system kind(main|tput|mem) mtu
+  local s=$1 kind=$2 m=$3 why m2
+  SEQ=$((SEQ + 1))
+  IDIR="$WORK/r$ROUND-$s-$kind-$m"
+  mkdir -p "$IDIR"
+  log "round $ROUND: $s ($kind, MTU $m)"
+  if ! make_base > "$IDIR/setup.msg" 2>&1 || ! "setup_$s" "$m" >> "$IDIR/setup.msg" 2>&1; then
+    why=$(grep -v '^\s*$' "$IDIR/setup.msg" | tail -n 1)
+    case "$why" in
+      SKIP:*) log "  $s at MTU $m: skipped (${why#SKIP: })"
+              for m2 in $(instance_metrics "$kind" "$m"); do
+                jq -nc --arg s "$s" --arg m "$m2" --arg n "${why#SKIP: }" --argjson r "$ROUND" \
+                  '{round:$r, system:$s, metric:$m, value:null, unit:"", ok:false, skipped:true, note:$n}' >> "$JSONL"
+              done ;;
+      *) for m2 in $(instance_metrics "$kind" "$m"); do
+           record_fail "$s" "$m2" "setup: $(echo "$why" | tail -n 1 | cut -c1-160)"
+         done ;;
+    esac
+    teardown
+    return 0
+  fi
+  guest_sysctls || true
+  case "$kind" in
+    main)
+      if [ "$HAVE_IPERF" = 1 ]; then
+        run_iperf "$s" "$m" up
+        run_iperf "$s" "$m" down
+      fi
+      run_load "$s" rr
+      run_load "$s" crr ;;
+    tput)
+      run_iperf "$s" "$m" up
+      run_iperf "$s" "$m" down ;;
+    mem)
+      local n
+      for n in "${MEM_LIST[@]}"; do run_mem "$s" "$n"; done ;;
+  esac
+  teardown
+}
+
+# ---------------------------------------------------------------------------------------------
+# The run: every system in every round, the order rotated round by round
+
+record_skip() { # system metric note
+  jq -nc --arg s "$1" --arg m "$2" --arg n "$3" --argjson r "$ROUND" \
+    '{round:$r, system:$s, metric:$m, value:null, unit:"", ok:false, skipped:true, note:$n}' >> "$JSONL"
+}
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+log "systems ${SYSTEMS}; MTU ${MTUS}; ${DURATION} s per run; ${ROUNDS} round(s); idle connections ${MEM:-none}"
+RUNNABLE=()
+for s in "${SYS_LIST[@]}"; do
+  if [ -n "${SKIP[$s]:-}" ]; then
+    ROUND=1
+    for m in $(instance_metrics main "${MTU_LIST[0]}"); do record_skip "$s" "$m" "${SKIP[$s]}"; done
+  else
+    RUNNABLE+=("$s")
+  fi
+done
+for ROUND in $(seq "$ROUNDS"); do
+  n=${#RUNNABLE[@]}
+  for i in $(seq 0 $((n - 1))); do
+    s=${RUNNABLE[$(( (i + ROUND - 1) % n ))]}
+    instance "$s" main "${MTU_LIST[0]}"
+    for m in "${MTU_LIST[@]:1}"; do instance "$s" tput "$m"; done
+    if [ ${#MEM_LIST[@]} -gt 0 ]; then
+      if [ "$s" = kernel ]; then
+        for m in $(instance_metrics mem 0); do record_skip "$s" "$m" "no NAT process: the kernel forwards"; done
+      else
+        instance "$s" mem "${MTU_LIST[0]}"
+      fi
+    fi
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
+VERSIONS="slirp4netns $(slirp4netns --version 2>/dev/null | awk 'NR==1 {print $3}'), passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'), SoftEther $(dpkg-query -W -f '${Version}' softether-vpnserver 2>/dev/null || echo '?'), iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1 {print $2}')"
+CMDLINE="tools/compare.sh --systems $SYSTEMS --mtu $MTUS --duration $DURATION --rounds $ROUNDS --mem '${MEM}'"
+report() { # svg-link
+  cat <<EOF
+Run $START on $MACHINE; $VERSIONS; hubnat $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (profile $PROFILE).
+Command: \`$CMDLINE\`. Medians of $ROUNDS round(s); each cell is the figure and, in brackets, its
+ratio to hubnat's. iperf3 \`-Z -P4 -l1M\`, ${DURATION} s per direction; latency: 1-byte echo over one
+connection; connection rate: connect, 1-byte echo, close; memory: peak RSS (VmHWM, summed over the
+NAT namespace's processes) of a fresh instance holding that many idle connections.
+
+
+EOF
+  "$CHART" --results "$JSONL" --markdown - --svg "$SVG"
+  printf '\n![comparison chart](%s)\n' "$1"
+}
+report "$(basename "$SVG")" > "$OUT"
+log "wrote $OUT, $SVG and $JSONL"
+if [ "$PERF" != none ]; then
+  rel=$(realpath --relative-to="$(dirname "$PERF")" "$SVG")
+  block="$WORK/block.md"
+  { echo '<!-- compare:begin -->'; report "$rel"; echo '<!-- compare:end -->'; } > "$block"
+  if grep -q '<!-- compare:begin -->' "$PERF" 2>/dev/null; then
+    awk -v blk="$block" '
+      /<!-- compare:begin -->/ { while ((getline l < blk) > 0) print l; skip = 1; next }
+      /<!-- compare:end -->/ { skip = 0; next }
+      !skip { print }' "$PERF" > "$WORK/perf.new"
+  else
+    { cat "$PERF" 2>/dev/null || true; echo; cat "$block"; } > "$WORK/perf.new"
+  fi
+  cat "$WORK/perf.new" > "$PERF"
+  log "replaced the compare block in $PERF"
+fi
+failures=$(jq -s '[.[] | select(.ok == false and (.skipped // false) == false)] | length' "$JSONL")
+log "done: $(jq -s '[.[] | select(.ok)] | length' "$JSONL") figures, $failures failed"
