@@ -276,6 +276,21 @@ impl Engine {
         self.count_out(out, before);
     }
 
+    /// Lets the caller batch: with batching on, work that gains from being done once per batch
+    /// (writes of guests' TCP payload to host sockets, and the ACKs for it) waits for `flush`.
+    /// Off by default, so that each `handle_frame` is complete on its own (tests, replay).
+    pub fn set_batching(&mut self, on: bool) {
+        self.nat.tcp.set_batching(on);
+    }
+
+    /// Ends a batch: does the work `set_batching(true)` deferred. The runtime calls it before
+    /// writing out the batch's frames.
+    pub fn flush(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.tcp.flush(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
     /// When `handle_timeout` next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         earliest(self.dhcp.poll_timeout(), self.nat.poll_timeout())

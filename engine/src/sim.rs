@@ -31,6 +31,8 @@ pub struct SimTcp {
     pub connected: bool,
     /// Everything the core wrote to the destination.
     pub written: Vec<u8>,
+    /// How many `tcp_send` calls wrote something.
+    pub writes: usize,
     /// How many more bytes the socket's send buffer takes before it reports full.
     pub send_space: usize,
     /// Bytes from the destination not yet consumed by the core (peek reads from here).
@@ -223,6 +225,7 @@ impl HostIo for SimHost {
             dst,
             connected: false,
             written: Vec::new(),
+            writes: 0,
             send_space: self.tcp_send_buffer,
             recv: VecDeque::new(),
             peer_fin: false,
@@ -252,6 +255,7 @@ impl HostIo for SimHost {
         }
         let n = data.len().min(t.send_space);
         t.written.extend_from_slice(&data[..n]);
+        t.writes += (n > 0) as usize;
         t.send_space -= n;
         Ok(n)
     }

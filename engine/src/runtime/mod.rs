@@ -198,6 +198,8 @@ impl Runtime {
         if let Some(l) = &mut opts.metrics {
             poll.registry().register(l, METRICS, Interest::READABLE)?;
         }
+        let mut engine = engine;
+        engine.set_batching(true);
         let mut rt = Runtime {
             engine,
             host,
@@ -351,6 +353,8 @@ impl Runtime {
     }
 
     fn flush(&mut self) {
+        let now = self.clock.now();
+        self.engine.flush(now, &mut self.host, &mut self.out);
         // The lease table reaches the disk before the ACK that grants a lease reaches the guest.
         self.save_leases();
         for f in self.out.iter() {

@@ -41,6 +41,10 @@ const INITIAL_WINDOW: usize = 10;
 /// SACK scoreboard size.
 const SACK_SLOTS: usize = 4;
 
+/// With batching, a connection writes at once (not at the batch's end) once this much waits:
+/// the size of one GSO packet on the host side.
+const FLUSH_AT: usize = 64 * 1024;
+
 /// What the caller of an event handler must do with the connection afterwards.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Next {
@@ -88,6 +92,13 @@ struct Broken;
 pub struct Conn {
     pub id: u32,
     pub sock: Option<SockId>,
+    /// Batching (see `Engine::set_batching`): in-order payload waits in the ring for
+    /// `flush_writes`, so a batch's segments reach the socket in one write.
+    pub defer_writes: bool,
+    /// Payload waits for `flush_writes`.
+    pub flush_pending: bool,
+    /// On the table's list of connections to flush.
+    pub in_dirty: bool,
     pub guest: SocketAddrV4,
     /// The destination as the guest sees it (source of our segments).
     pub dst: SocketAddrV4,
@@ -214,6 +225,9 @@ impl Conn {
         Conn {
             id,
             sock: None,
+            defer_writes: false,
+            flush_pending: false,
+            in_dirty: false,
             guest,
             dst,
             target: dst,
@@ -993,6 +1007,19 @@ impl Conn {
             return Ok(false);
         }
         let queued = self.reasm.contiguous(self.rcv_nxt);
+        if self.defer_writes {
+            let hole = seq > self.rcv_nxt + queued;
+            self.reasm.insert(self.rcv_nxt, seq, data);
+            if !hole && !self.write_blocked {
+                if self.reasm.contiguous(self.rcv_nxt) >= FLUSH_AT {
+                    // Enough for a large write: do not wait for the end of the batch.
+                    self.drain(cx)?;
+                } else {
+                    self.flush_pending = true;
+                }
+            }
+            return Ok(hole);
+        }
         if seq == self.rcv_nxt && queued == 0 && !self.write_blocked {
             let n = soft(cx.io.tcp_send(sock, data))?.min(data.len());
             self.rcv_nxt = self.rcv_nxt + n;
@@ -1019,6 +1046,20 @@ impl Conn {
             self.drain(cx)?;
         }
         Ok(hole)
+    }
+
+    /// Ends a batch (see `defer_writes`): writes what waited, consumes a FIN behind it, and
+    /// sends the ACK that is owed.
+    pub fn flush_writes<H: HostIo>(&mut self, cx: &mut Cx<H>) -> Next {
+        self.flush_pending = false;
+        if self.write_blocked {
+            // `on_writable` drains once the socket has room.
+            return Next::Keep;
+        }
+        if self.drain(cx).is_err() || self.process_fin(cx).is_err() {
+            return self.reset_both(cx);
+        }
+        self.output(cx, false)
     }
 
     /// Writes what waits in the ring from `rcv_nxt` on to the socket, as far as it takes.

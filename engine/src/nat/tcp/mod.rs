@@ -53,6 +53,10 @@ pub struct TcpNat {
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     due: Vec<Key>,
     rcv_buf: usize,
+    /// Whether guests' payload is written to host sockets once per batch (`flush`).
+    batching: bool,
+    /// Connections with payload waiting for `flush`.
+    dirty: Vec<Key>,
 }
 
 impl TcpNat {
@@ -66,6 +70,8 @@ impl TcpNat {
             timers: BinaryHeap::new(),
             due: Vec::new(),
             rcv_buf: DEFAULT_RCV_BUF,
+            batching: false,
+            dirty: Vec::new(),
         }
     }
 
@@ -106,6 +112,10 @@ impl TcpNat {
             match c.on_segment(&mut cx, &seg) {
                 Next::Reopen => self.remove(key, io),
                 next => {
+                    if next == Next::Keep && c.flush_pending && !c.in_dirty {
+                        c.in_dirty = true;
+                        self.dirty.push(key);
+                    }
                     self.after(key, next, ctx, io);
                     return Ok(());
                 }
@@ -185,6 +195,7 @@ impl TcpNat {
             connect_timeout: ctx.cfg.nat.tcp_connect_timeout,
         };
         let mut c = Conn::new(id, guest, dst, guest_mac, seg, now, &params);
+        c.defer_writes = self.batching;
         c.sock = Some(sock);
         c.target = target;
         self.conns.insert(key, c);
@@ -193,6 +204,38 @@ impl TcpNat {
         self.half_open += 1;
         self.schedule(key, ctx);
         Ok(())
+    }
+
+    /// See `Engine::set_batching`.
+    pub fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    /// Writes the guests' payload that waited for the end of the batch, and acknowledges it.
+    pub fn flush(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        while let Some(key) = self.dirty.pop() {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.in_dirty = false;
+            if !c.flush_pending {
+                continue;
+            }
+            let mut cx = Cx {
+                now,
+                ctx: &mut *ctx,
+                io: &mut *io,
+                out: &mut *out,
+            };
+            let next = c.flush_writes(&mut cx);
+            self.after(key, next, ctx, io);
+        }
     }
 
     /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.

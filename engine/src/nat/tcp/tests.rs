@@ -450,6 +450,77 @@ fn upload_in_order_acks_every_second_segment() {
     assert_eq!(s.bytes_to_host, 4000);
 }
 
+/// With batching (the runtime's mode), a batch's in-order payload reaches the socket in one
+/// write at `flush`, and one ACK covers it.
+#[test]
+fn batched_upload_is_one_write_and_one_ack() {
+    let mut t = T::new();
+    t.e.set_batching(true);
+    t.establish(NONE);
+    let data = bytes(5000);
+    let segs: Vec<S> = (0..5)
+        .map(|i| t.data(i * 1000, &data[i * 1000..][..1000]))
+        .collect();
+    let got = t.batch(&segs);
+    assert!(
+        got.is_empty(),
+        "nothing is acknowledged before the batch ends: {got:?}"
+    );
+    assert!(t.tcp().written.is_empty());
+    t.e.flush(t.now, &mut t.h, &mut t.out);
+    let got = t.pump();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].is_pure_ack());
+    assert_eq!(got[0].ack, Some(GISS + 1 + 5000));
+    assert_eq!(t.tcp().written, data);
+    // One write, or two where the ring wraps.
+    assert!(t.tcp().writes <= 2, "{} writes", t.tcp().writes);
+}
+
+#[test]
+fn batched_upload_writes_early_once_64k_wait() {
+    let mut t = T::new();
+    t.e.set_batching(true);
+    t.establish(ALL);
+    let data = bytes(50 * 1448);
+    let segs: Vec<S> = (0..50)
+        .map(|i| t.data(i * 1448, &data[i * 1448..][..1448]))
+        .collect();
+    let got = t.batch(&segs);
+    assert!(
+        t.tcp().written.len() >= 64 * 1024,
+        "{}",
+        t.tcp().written.len()
+    );
+    assert!(!got.is_empty(), "the early write is acknowledged at once");
+    t.e.flush(t.now, &mut t.h, &mut t.out);
+    let got = t.pump();
+    assert_eq!(got.last().unwrap().ack, Some(GISS + 1 + data.len() as u32));
+    assert_eq!(t.tcp().written, data);
+}
+
+#[test]
+fn batched_fin_follows_its_data() {
+    let mut t = T::new();
+    t.e.set_batching(true);
+    t.establish(NONE);
+    let data = bytes(1000);
+    let mut last = t.data(0, &data);
+    last.control = TcpControl::Fin;
+    let got = t.batch(&[last]);
+    assert!(got.is_empty());
+    assert!(!t.tcp().shut_write);
+    t.e.flush(t.now, &mut t.h, &mut t.out);
+    let got = t.pump();
+    assert_eq!(
+        got[0].ack,
+        Some(GISS + 1 + 1000 + 1),
+        "data and FIN acknowledged"
+    );
+    assert!(t.tcp().shut_write);
+    assert_eq!(t.tcp().written, data);
+}
+
 #[test]
 fn upload_acks_only_what_the_socket_took() {
     let mut t = T::with(cfg(), host(|h| h.tcp_send_buffer = 1500));
