@@ -577,6 +577,29 @@ mod tests {
     }
 
     #[test]
+    fn close_after_consuming_everything_is_a_fin_not_a_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        let mut poll = mio::Poll::new().unwrap();
+        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let id = host.tcp_connect(addr).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        peer.write_all(b"abc").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        let mut buf = [0u8; 8];
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 3);
+        host.tcp_consume(id, 3).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        host.close(id);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).expect("a FIN, not a reset");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
     fn tcp_connect_refused_is_reported() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {

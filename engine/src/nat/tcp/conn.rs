@@ -75,6 +75,40 @@ pub struct Cx<'a, H: HostIo> {
     pub ctx: &'a mut Ctx,
     pub io: &'a mut H,
     pub out: &'a mut FrameBatch,
+    pub peek: &'a mut PeekCache,
+}
+
+/// Most a connection peeks from its socket in one call when it has room for several segments.
+const PEEK_MAX: usize = 64 * 1024;
+
+/// Bytes peeked from one socket in one call, cut into segments by one `transmit`.
+///
+/// Peeking per segment costs a syscall per MSS, and the kernel walks its receive queue from
+/// the front to the peek offset on every call; one large peek per `transmit` does both once.
+/// The bytes are copied once more (cache → frame), which costs far less than the syscalls.
+#[derive(Default)]
+pub struct PeekCache {
+    buf: Vec<u8>,
+    /// Whose bytes these are, and the sequence number of the first.
+    owner: Option<(SockId, Seq)>,
+    len: usize,
+}
+
+impl PeekCache {
+    /// The cached bytes from `seq` on, if this socket's cache covers `seq`.
+    fn get(&self, sock: SockId, seq: Seq) -> Option<&[u8]> {
+        let (s, start) = self.owner?;
+        if s != sock || seq < start {
+            return None;
+        }
+        let off = seq.since(start);
+        (off < self.len).then(|| &self.buf[off..self.len])
+    }
+
+    fn clear(&mut self) {
+        self.owner = None;
+        self.len = 0;
+    }
 }
 
 /// The parameters a new connection takes from the configuration and the randomness.
@@ -886,14 +920,21 @@ impl Conn {
         let ident = cx.ctx.next_ident();
         let mac = cx.ctx.mac;
         let io = &mut *cx.io;
+        let cached = cx.peek.get(sock, seq);
         let mut broken = false;
         let (n, h) = segment::push(cx.out, mac, self.guest_mac, ident, hdr, want, |buf, h| {
-            let n = match soft(io.tcp_peek(sock, off, buf)) {
-                Ok(n) => n.min(buf.len()),
-                Err(Broken) => {
-                    broken = true;
-                    return 0;
+            let n = match cached {
+                Some(c) if c.len() >= buf.len() => {
+                    buf.copy_from_slice(&c[..buf.len()]);
+                    buf.len()
                 }
+                _ => match soft(io.tcp_peek(sock, off, buf)) {
+                    Ok(n) => n.min(buf.len()),
+                    Err(Broken) => {
+                        broken = true;
+                        return 0;
+                    }
+                },
             };
             let drained = n < buf.len();
             h.fin = match fin_seq {
@@ -924,6 +965,45 @@ impl Conn {
             return Ok(0);
         }
         let now = cx.now;
+        self.fill_peek_cache(cx)?;
+        let r = self.transmit_segments(cx, now);
+        cx.peek.clear();
+        r
+    }
+
+    /// Peeks what `transmit` may send in one call, when that is more than one segment.
+    fn fill_peek_cache<H: HostIo>(&mut self, cx: &mut Cx<H>) -> Result<(), Broken> {
+        let Some(sock) = self.sock else {
+            return Ok(());
+        };
+        if self.fin_seq.is_some() {
+            return Ok(());
+        }
+        let wnd_room = (self.snd_una + self.snd_wnd).since(self.snd_nxt);
+        let pipe = self
+            .snd_nxt
+            .since(self.snd_una)
+            .saturating_sub(self.sacked_bytes());
+        let room = wnd_room.min(self.cwnd.saturating_sub(pipe)).min(PEEK_MAX);
+        if room < 2 * self.mss {
+            return Ok(());
+        }
+        let p = &mut *cx.peek;
+        if p.buf.len() < PEEK_MAX {
+            p.buf.resize(PEEK_MAX, 0);
+        }
+        let off = self.snd_nxt.since(self.snd_una);
+        let n = soft(cx.io.tcp_peek(sock, off, &mut p.buf[..room]))?.min(room);
+        p.owner = Some((sock, self.snd_nxt));
+        p.len = n;
+        Ok(())
+    }
+
+    fn transmit_segments<H: HostIo>(
+        &mut self,
+        cx: &mut Cx<H>,
+        now: Instant,
+    ) -> Result<usize, Broken> {
         let mut segs = 0;
         loop {
             if self.fin_seq.is_some_and(|f| self.snd_nxt > f) {

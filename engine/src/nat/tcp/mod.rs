@@ -57,6 +57,8 @@ pub struct TcpNat {
     batching: bool,
     /// Connections with payload waiting for `flush`.
     dirty: Vec<Key>,
+    /// One buffer for every connection's batched peeks (see `conn::PeekCache`).
+    peek: conn::PeekCache,
 }
 
 impl TcpNat {
@@ -72,6 +74,7 @@ impl TcpNat {
             rcv_buf: DEFAULT_RCV_BUF,
             batching: false,
             dirty: Vec::new(),
+            peek: conn::PeekCache::default(),
         }
     }
 
@@ -108,6 +111,7 @@ impl TcpNat {
                 ctx: &mut *ctx,
                 io: &mut *io,
                 out: &mut *out,
+                peek: &mut self.peek,
             };
             match c.on_segment(&mut cx, &seg) {
                 Next::Reopen => self.remove(key, io),
@@ -232,6 +236,7 @@ impl TcpNat {
                 ctx: &mut *ctx,
                 io: &mut *io,
                 out: &mut *out,
+                peek: &mut self.peek,
             };
             let next = c.flush_writes(&mut cx);
             self.after(key, next, ctx, io);
@@ -266,6 +271,7 @@ impl TcpNat {
             ctx: &mut *ctx,
             io: &mut *io,
             out: &mut *out,
+            peek: &mut self.peek,
         };
         let next = match ev {
             HostEvent::Connected(_) => {
@@ -419,6 +425,7 @@ impl TcpNat {
                 ctx: &mut *ctx,
                 io: &mut *io,
                 out: &mut *out,
+                peek: &mut self.peek,
             };
             let next = c.on_timer(&mut cx, idle);
             self.after(key, next, ctx, io);
