@@ -11,26 +11,33 @@ use crate::stats::Drop;
 use crate::wire::{push_ipv4, Ipv4Header};
 use crate::Ctx;
 
+/// An echo request: (ident, sequence number, data).
+pub type Echo<'a> = (u16, u16, &'a [u8]);
+
+/// Checks an ICMP message from a guest (`ip` is its IPv4 packet) and returns it if it is an echo
+/// request; anything else is a drop with its reason.
+pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, Drop> {
+    let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+    if !packet.verify_checksum() {
+        return Err(Drop::BadChecksum);
+    }
+    match Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default()) {
+        Ok(Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        }) => Ok((ident, seq_no, data)),
+        _ => Err(Drop::Unsupported),
+    }
+}
+
 /// Answers an echo request addressed to the virtual host. `ip` is the request's IPv4 packet.
 pub fn handle_to_host(
     ctx: &mut Ctx,
     ip: &Ipv4Packet<&[u8]>,
     out: &mut FrameBatch,
 ) -> Result<(), Drop> {
-    let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
-    if !packet.verify_checksum() {
-        return Err(Drop::BadChecksum);
-    }
-    let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
-        .map_err(|_| Drop::Unsupported)?;
-    let Icmpv4Repr::EchoRequest {
-        ident,
-        seq_no,
-        data,
-    } = repr
-    else {
-        return Err(Drop::Unsupported);
-    };
+    let (ident, seq_no, data) = parse_echo_request(ip)?;
     let reply = Icmpv4Repr::EchoReply {
         ident,
         seq_no,

@@ -122,20 +122,7 @@ impl IcmpNat {
         io: &mut impl HostIo,
         out: &mut FrameBatch,
     ) -> Result<(), Drop> {
-        let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
-        if !packet.verify_checksum() {
-            return Err(Drop::BadChecksum);
-        }
-        let repr = Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default())
-            .map_err(|_| Drop::Unsupported)?;
-        let Icmpv4Repr::EchoRequest {
-            ident,
-            seq_no,
-            data,
-        } = repr
-        else {
-            return Err(Drop::Unsupported);
-        };
+        let (ident, seq_no, data) = crate::host::icmp::parse_echo_request(ip)?;
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if ctx.is_host_address(dst) {
             // A (reassembled) echo request for the virtual host itself.
