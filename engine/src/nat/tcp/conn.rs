@@ -8,9 +8,10 @@
 //! consumes. Congestion control is NewReno (RFC 5681/6582) with SACK-guided hole retransmission
 //! (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
 //!
-//! Memory: `size_of::<Conn>()` (456 bytes on x86-64; a test asserts at most 512) plus the reassembly ring,
-//! which is allocated only when data must wait (out of order, or refused by a full socket) and
-//! is at most `rcv_buf` bytes (256 KiB by default); a TIME-WAIT tombstone frees the ring.
+//! Memory: `size_of::<Conn>()` (456 bytes on x86-64; a test asserts at most 512) plus the
+//! reassembly ring of `rcv_buf` bytes (256 KiB by default), held only while data waits in it
+//! (out of order, refused by a full socket, or, with batching, until the batch's write) and
+//! otherwise back in the per-thread pool (`reasm::POOLED_RINGS`): an idle connection holds none.
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -924,6 +925,8 @@ impl Conn {
         let mut broken = false;
         let (n, h) = segment::push(cx.out, mac, self.guest_mac, ident, hdr, want, |buf, h| {
             let n = match cached {
+                // Where the cache ends inside this segment, the peek below also learns whether
+                // the destination closed (a FIN rides on the last data).
                 Some(c) if c.len() >= buf.len() => {
                     buf.copy_from_slice(&c[..buf.len()]);
                     buf.len()
@@ -1087,7 +1090,11 @@ impl Conn {
             return Ok(false);
         }
         let queued = self.reasm.contiguous(self.rcv_nxt);
-        if self.defer_writes {
+        let in_order = seq == self.rcv_nxt && queued == 0 && !self.write_blocked;
+        // The first in-order segment of a batch goes to the socket at once, so a connection
+        // that sends one segment at a time (interactive, or idle but for a keep-alive) never
+        // needs a ring; the rest of a batch waits and is written together at its end.
+        if self.defer_writes && (self.flush_pending || !in_order) {
             let hole = seq > self.rcv_nxt + queued;
             self.reasm.insert(self.rcv_nxt, seq, data);
             if !hole && !self.write_blocked {
@@ -1100,13 +1107,15 @@ impl Conn {
             }
             return Ok(hole);
         }
-        if seq == self.rcv_nxt && queued == 0 && !self.write_blocked {
+        if in_order {
             let n = soft(cx.io.tcp_send(sock, data))?.min(data.len());
             self.rcv_nxt = self.rcv_nxt + n;
             self.bytes_to_host += n as u64;
             self.reasm.advance(self.rcv_nxt);
             if n > 0 {
                 self.ack_owed = self.ack_owed.saturating_add(1);
+                // The batch has begun: what follows waits for its end, and so does the ACK.
+                self.flush_pending |= self.defer_writes;
             }
             if n < data.len() {
                 self.write_blocked = true;
@@ -1139,6 +1148,10 @@ impl Conn {
         if self.drain(cx).is_err() || self.process_fin(cx).is_err() {
             return self.reset_both(cx);
         }
+        if self.ack_owed > 0 {
+            // The batch is over: whatever it wrote is acknowledged now.
+            self.ack_owed = 2;
+        }
         self.output(cx, false)
     }
 
@@ -1168,6 +1181,7 @@ impl Conn {
                 break;
             }
         }
+        self.reasm.release_if_empty();
         Ok(())
     }
 
@@ -1198,7 +1212,7 @@ impl Conn {
         if sent == 0 && self.state != State::Connecting {
             if self.ack_owed >= 2 {
                 self.send_ack(cx);
-            } else if self.ack_owed == 1 {
+            } else if self.ack_owed == 1 && !self.flush_pending {
                 // Coalesce with the next segment of this batch; flushed at the batch's end.
                 self.ack_deadline = Some(cx.now);
             }

@@ -4,14 +4,44 @@
 //! segments that arrived out of order (behind a hole), and in-order bytes the socket refused
 //! while its buffer was full. Storage is a ring of `cap` bytes (a power of two) indexed by
 //! sequence number modulo `cap`, so every byte of the window `[rcv_nxt, rcv_nxt + cap)` has a
-//! fixed place and nothing moves when the window slides. The ring is allocated on first use and
-//! kept until the connection ends; at most `MAX_RANGES` separate byte ranges are tracked, a
+//! fixed place and nothing moves when the window slides. The ring's storage is taken when bytes
+//! must wait and given back as soon as none do (`release_if_empty`), to a small per-thread pool
+//! that the next connection takes it from: an idle connection holds no ring, and a busy one
+//! costs no allocation per batch. At most `MAX_RANGES` separate byte ranges are tracked, a
 //! segment that would need more is dropped (the guest retransmits it).
+
+use std::cell::RefCell;
 
 use super::seq::Seq;
 
 /// Most disjoint ranges held at once (also bounds the work per segment).
 pub const MAX_RANGES: usize = 16;
+
+/// Most free rings a thread keeps for reuse (beyond these, a released ring is freed).
+pub const POOLED_RINGS: usize = 16;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_ring(cap: usize) -> Vec<u8> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.iter().position(|b| b.len() == cap) {
+            Some(i) => p.swap_remove(i),
+            None => vec![0; cap],
+        }
+    })
+}
+
+fn give_ring(buf: Vec<u8>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOLED_RINGS {
+            p.push(buf);
+        }
+    })
+}
 
 pub struct Reasm {
     cap: usize,
@@ -66,7 +96,7 @@ impl Reasm {
             return false;
         }
         if self.buf.is_empty() {
-            self.buf = vec![0; self.cap];
+            self.buf = take_ring(self.cap);
             self.ranges.reserve_exact(MAX_RANGES);
         }
         let at = seq.0 as usize & (self.cap - 1);
@@ -102,6 +132,13 @@ impl Reasm {
         (&self.buf[at..at + first], &self.buf[..n - first])
     }
 
+    /// Gives the storage back to the pool when nothing waits in it.
+    pub fn release_if_empty(&mut self) {
+        if self.ranges.is_empty() && !self.buf.is_empty() {
+            give_ring(std::mem::take(&mut self.buf));
+        }
+    }
+
     /// Forgets everything before `rcv_nxt` (written to the socket).
     pub fn advance(&mut self, rcv_nxt: Seq) {
         self.ranges.retain(|r| r.1 > rcv_nxt);
@@ -123,9 +160,33 @@ impl Reasm {
     }
 }
 
+impl Drop for Reasm {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            give_ring(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_goes_back_to_the_pool_when_empty() {
+        let mut r = Reasm::new(1 << 14);
+        r.insert(Seq(0), Seq(0), b"abc");
+        assert!(r.allocated() >= 1 << 14);
+        r.release_if_empty();
+        assert!(r.allocated() >= 1 << 14, "bytes still wait");
+        r.advance(Seq(3));
+        r.release_if_empty();
+        assert_eq!(r.buf.capacity(), 0);
+        // The next ring of that size comes from the pool.
+        let mut q = Reasm::new(1 << 14);
+        q.insert(Seq(10), Seq(10), b"x");
+        assert_eq!(q.slices(Seq(10), 1).0, b"x");
+    }
 
     #[test]
     fn fills_holes_and_merges() {
