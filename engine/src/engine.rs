@@ -1,6 +1,8 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -29,7 +31,8 @@ pub struct Ctx {
     pub stats: Stats,
     pub rng: SmallRng,
     ip_ident: u16,
-    session_id: u32,
+    /// The NAT session id sequence; shared by every engine of a multi-worker runtime.
+    session_ids: Arc<AtomicU32>,
 }
 
 impl Ctx {
@@ -41,8 +44,21 @@ impl Ctx {
 
     /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
     pub fn next_session_id(&mut self) -> u32 {
-        self.session_id = self.session_id.wrapping_add(1).max(1);
-        self.session_id
+        loop {
+            let id = self
+                .session_ids
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Makes this context draw session ids from `ids`, shared with other engines (the workers of
+    /// one runtime), so that ids stay unique across them.
+    pub fn share_session_ids(&mut self, ids: Arc<AtomicU32>) {
+        self.session_ids = ids;
     }
 
     pub fn host_ip(&self) -> Ipv4Addr {
@@ -79,7 +95,7 @@ impl Engine {
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
-                session_id: 0,
+                session_ids: Arc::new(AtomicU32::new(0)),
             },
             dhcp,
             nat,
@@ -288,6 +304,13 @@ impl Engine {
     pub fn flush(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.tcp.flush(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
+    /// Shutdown: every guest TCP session is reset (RST to the guest), every host socket closed.
+    pub fn shutdown(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.close_all(now, &mut self.ctx, io, out);
         self.count_out(out, before);
     }
 

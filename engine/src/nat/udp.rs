@@ -251,6 +251,15 @@ impl UdpNat {
         log::session_deleted("UDP", s.info.id);
     }
 
+    /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
+    pub fn close_all(&mut self, io: &mut impl HostIo) {
+        for slot in 0..self.slots.len() {
+            self.close(slot, io);
+        }
+        self.rearm.clear();
+        self.dns.close_all(io);
+    }
+
     /// Reads session `slot`'s socket up to the budget; true when data may remain.
     fn read_session(
         &mut self,
