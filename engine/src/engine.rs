@@ -33,6 +33,63 @@ pub struct Ctx {
     ip_ident: u16,
     /// The NAT session id sequence; shared by every engine of a multi-worker runtime.
     session_ids: Arc<AtomicU32>,
+    limits: Option<Arc<SharedLimits>>,
+}
+
+/// Session counts shared by the engines of a multi-worker runtime, per protocol: taken when a
+/// session is created (not per frame), so a lock is cheap here.
+#[derive(Default)]
+pub struct SharedLimits {
+    counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
+    totals: [AtomicU32; 4],
+}
+
+impl SharedLimits {
+    fn index(proto: crate::nat::Proto) -> usize {
+        use crate::nat::Proto;
+        match proto {
+            Proto::Tcp => 0,
+            Proto::Udp => 1,
+            Proto::Icmp => 2,
+            Proto::Dns => 3,
+        }
+    }
+
+    fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry((i as u8, guest)).or_insert(0);
+        if *n >= per || self.totals[i].load(Ordering::Relaxed) as usize >= total {
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            return false;
+        }
+        *n += 1;
+        self.totals[i].fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&(i as u8, guest)) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            self.totals[i].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sessions of `proto` counted for `guest`.
+    pub fn count(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&(Self::index(proto) as u8, guest))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Ctx {
@@ -63,6 +120,35 @@ impl Ctx {
 
     pub fn host_ip(&self) -> Ipv4Addr {
         self.cfg.host.ip
+    }
+
+    /// Counts a new NAT session of `proto` for `guest` against the limits shared by the engines
+    /// of a multi-worker runtime (`share_limits`); false when `nat.max_sessions` or
+    /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
+    /// protocols check their own tables).
+    pub fn admit_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> bool {
+        match &self.limits {
+            Some(l) => l.admit(
+                proto,
+                guest,
+                self.cfg.nat.max_sessions,
+                self.cfg.nat.max_sessions_per_guest,
+            ),
+            None => true,
+        }
+    }
+
+    /// Ends what `admit_session` counted.
+    pub fn release_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        if let Some(l) = &self.limits {
+            l.release(proto, guest);
+        }
+    }
+
+    /// Makes this context count sessions in `limits`, shared with the other engines of a
+    /// runtime, so that the session limits hold across workers.
+    pub fn share_limits(&mut self, limits: Arc<SharedLimits>) {
+        self.limits = Some(limits);
     }
 
     /// The virtual network's directed broadcast address.
@@ -96,6 +182,7 @@ impl Engine {
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
                 session_ids: Arc::new(AtomicU32::new(0)),
+                limits: None,
             },
             dhcp,
             nat,

@@ -232,6 +232,16 @@ impl Drop for Proc {
     }
 }
 
+/// Extra `hubnat run` arguments for every test, from HUBNAT_E2E_ARGS (split on whitespace),
+/// e.g. `--workers 2 --socket-backend mio`: CI runs the suites once per runtime variant.
+pub fn extra_args() -> Vec<String> {
+    std::env::var("HUBNAT_E2E_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn testsrv_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hubnat-testsrv"))
 }
@@ -366,7 +376,8 @@ impl Lab {
         .arg(&cfg)
         .arg("--state-dir")
         .arg(self.dir.join("state"))
-        .args(["--log", "debug"]);
+        .args(["--log", "debug"])
+        .args(extra_args());
         let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
         self.hubnat = Some(p);
         self.guest.wait_for_link(&self.tap, Duration::from_secs(10));

@@ -141,7 +141,7 @@ impl Nat {
         out: &mut FrameBatch,
     ) {
         self.tcp.close_all(now, ctx, io, out);
-        self.udp.close_all(io);
+        self.udp.close_all(ctx, io);
         self.icmp.close_all(io);
     }
 
