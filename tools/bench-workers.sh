@@ -79,8 +79,11 @@ measure() {
         | jq '.end.sum_received.bits_per_second / 1e9')
   down=$(ip netns exec $GUEST iperf3 -c 10.78.0.2 -p 5201 -t "$DURATION" -P "$STREAMS" -Z -l 1M -R -J \
         | jq '.end.sum_received.bits_per_second / 1e9')
+  # Drops by reason over both directions (queue_full: a full inter-thread queue or TAP write).
+  drops=$("$HUBNAT" --control "$WORK/ctl.sock" status --json |
+    jq -r '[.drops | to_entries[] | select(.value > 0) | "\(.key)=\(.value)"] | join(",")')
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  printf '%.2f %.2f\n' "$up" "$down"
+  printf '%.2f %.2f %s\n' "$up" "$down" "${drops:-none}"
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
@@ -89,8 +92,8 @@ echo "# $(nproc) cores, $(uname -r), iperf3 -P $STREAMS -t $DURATION -Z -l 1M, M
 for r in $(seq "$ROUNDS"); do
   for b in $BACKENDS; do
     for w in $WORKERS; do
-      read -r up down < <(measure "$w" "$b")
-      echo "round $r backend $b workers $w: up $up down $down Gbit/s" >&2
+      read -r up down drops < <(measure "$w" "$b")
+      echo "round $r backend $b workers $w: up $up down $down Gbit/s; drops: $drops" >&2
       echo "$b $w $up $down" >> "$WORK/results"
     done
   done

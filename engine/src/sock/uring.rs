@@ -15,8 +15,8 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::hostio::SockId;
 
-/// Submission queue entries; the completion queue is twice as large. Multishot polls post
-/// at most one completion per socket per wake-up, and the queue is drained every loop.
+/// Submission queue entries; the completion queue is eight times as large (a busy socket's
+/// multishot poll posts a completion per wake-up; overflow is flushed, see `drain`).
 const ENTRIES: u32 = 1024;
 /// user_data of POLL_REMOVE requests (their completions are ignored).
 const REMOVE: u64 = u64::MAX;
@@ -58,6 +58,7 @@ pub struct Ring {
     generation: u32,
     /// Entries pushed since the last submit.
     queued: usize,
+    overflows: u64,
 }
 
 /// Whether io_uring can be used here, and why not: a ring is set up and asked whether it
@@ -85,7 +86,7 @@ impl Ring {
     pub fn new() -> io::Result<Ring> {
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_cqsize(ENTRIES * 2)
+            .setup_cqsize(ENTRIES * 8)
             .build(ENTRIES)
             .or_else(|_| IoUring::new(ENTRIES))?;
         Ok(Ring {
@@ -93,6 +94,7 @@ impl Ring {
             watches: HashMap::new(),
             generation: 0,
             queued: 0,
+            overflows: 0,
         })
     }
 
@@ -157,7 +159,11 @@ impl Ring {
 
     /// Submits everything queued (once per batch).
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.queued > 0 {
+        let sq = self.ring.submission();
+        // An overflowed completion queue is flushed only by entering the kernel.
+        let enter = self.queued > 0 || sq.cq_overflow() || sq.taskrun();
+        drop(sq);
+        if enter {
             self.ring.submit()?;
             self.queued = 0;
         }
@@ -168,6 +174,32 @@ impl Ring {
     /// ended (CQE without the MORE flag) are armed again.
     pub fn drain(&mut self, into: &mut Vec<(SockId, Ready)>) {
         let mut rearm: Vec<(RawFd, u32, u64)> = Vec::new();
+        loop {
+            self.drain_once(into, &mut rearm);
+            // Completions the queue had no room for wait in the kernel: flush them, read again.
+            if !self.ring.submission().cq_overflow() {
+                break;
+            }
+            self.overflows += 1;
+            if self.overflows.is_power_of_two() {
+                tracing::debug!(
+                    "io_uring completion queue overflowed ({} times)",
+                    self.overflows
+                );
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!("io_uring: cannot flush completions: {e}");
+                break;
+            }
+        }
+        for (fd, mask, ud) in rearm {
+            if let Err(e) = self.arm(fd, mask, ud) {
+                tracing::warn!("io_uring: cannot re-arm a poll: {e}");
+            }
+        }
+    }
+
+    fn drain_once(&mut self, into: &mut Vec<(SockId, Ready)>, rearm: &mut Vec<(RawFd, u32, u64)>) {
         for cqe in self.ring.completion() {
             let ud = cqe.user_data();
             if ud == REMOVE {
@@ -193,11 +225,6 @@ impl Ring {
             }
             if res != -libc::ECANCELED {
                 into.push((id, ready));
-            }
-        }
-        for (fd, mask, ud) in rearm {
-            if let Err(e) = self.arm(fd, mask, ud) {
-                tracing::warn!("io_uring: cannot re-arm a poll: {e}");
             }
         }
     }
