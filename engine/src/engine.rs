@@ -1,6 +1,8 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -29,7 +31,65 @@ pub struct Ctx {
     pub stats: Stats,
     pub rng: SmallRng,
     ip_ident: u16,
-    session_id: u32,
+    /// The NAT session id sequence; shared by every engine of a multi-worker runtime.
+    session_ids: Arc<AtomicU32>,
+    limits: Option<Arc<SharedLimits>>,
+}
+
+/// Session counts shared by the engines of a multi-worker runtime, per protocol: taken when a
+/// session is created (not per frame), so a lock is cheap here.
+#[derive(Default)]
+pub struct SharedLimits {
+    counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
+    totals: [AtomicU32; 4],
+}
+
+impl SharedLimits {
+    fn index(proto: crate::nat::Proto) -> usize {
+        use crate::nat::Proto;
+        match proto {
+            Proto::Tcp => 0,
+            Proto::Udp => 1,
+            Proto::Icmp => 2,
+            Proto::Dns => 3,
+        }
+    }
+
+    fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry((i as u8, guest)).or_insert(0);
+        if *n >= per || self.totals[i].load(Ordering::Relaxed) as usize >= total {
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            return false;
+        }
+        *n += 1;
+        self.totals[i].fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&(i as u8, guest)) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            self.totals[i].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sessions of `proto` counted for `guest`.
+    pub fn count(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&(Self::index(proto) as u8, guest))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Ctx {
@@ -41,12 +101,54 @@ impl Ctx {
 
     /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
     pub fn next_session_id(&mut self) -> u32 {
-        self.session_id = self.session_id.wrapping_add(1).max(1);
-        self.session_id
+        loop {
+            let id = self
+                .session_ids
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Makes this context draw session ids from `ids`, shared with other engines (the workers of
+    /// one runtime), so that ids stay unique across them.
+    pub fn share_session_ids(&mut self, ids: Arc<AtomicU32>) {
+        self.session_ids = ids;
     }
 
     pub fn host_ip(&self) -> Ipv4Addr {
         self.cfg.host.ip
+    }
+
+    /// Counts a new NAT session of `proto` for `guest` against the limits shared by the engines
+    /// of a multi-worker runtime (`share_limits`); false when `nat.max_sessions` or
+    /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
+    /// protocols check their own tables).
+    pub fn admit_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> bool {
+        match &self.limits {
+            Some(l) => l.admit(
+                proto,
+                guest,
+                self.cfg.nat.max_sessions,
+                self.cfg.nat.max_sessions_per_guest,
+            ),
+            None => true,
+        }
+    }
+
+    /// Ends what `admit_session` counted.
+    pub fn release_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        if let Some(l) = &self.limits {
+            l.release(proto, guest);
+        }
+    }
+
+    /// Makes this context count sessions in `limits`, shared with the other engines of a
+    /// runtime, so that the session limits hold across workers.
+    pub fn share_limits(&mut self, limits: Arc<SharedLimits>) {
+        self.limits = Some(limits);
     }
 
     /// The virtual network's directed broadcast address.
@@ -79,7 +181,8 @@ impl Engine {
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
-                session_id: 0,
+                session_ids: Arc::new(AtomicU32::new(0)),
+                limits: None,
             },
             dhcp,
             nat,
@@ -288,6 +391,13 @@ impl Engine {
     pub fn flush(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.tcp.flush(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
+    /// Shutdown: every guest TCP session is reset (RST to the guest), every host socket closed.
+    pub fn shutdown(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.close_all(now, &mut self.ctx, io, out);
         self.count_out(out, before);
     }
 

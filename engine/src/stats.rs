@@ -66,6 +66,17 @@ impl Stats {
         self.drops[why as usize] += 1;
     }
 
+    /// Adds `other`'s counters to these (the runtime sums its workers' counters).
+    pub fn merge(&mut self, other: &Stats) {
+        self.frames_in += other.frames_in;
+        self.bytes_in += other.bytes_in;
+        self.frames_out += other.frames_out;
+        self.bytes_out += other.bytes_out;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+    }
+
     pub fn drops_of(&self, why: Drop) -> u64 {
         self.drops[why as usize]
     }

@@ -232,6 +232,41 @@ impl Drop for Proc {
     }
 }
 
+/// Extra `hubnat run` arguments for every test, from HUBNAT_E2E_ARGS (split on whitespace),
+/// e.g. `--workers 2 --socket-backend mio`: CI runs the suites once per runtime variant.
+pub fn extra_args() -> Vec<String> {
+    std::env::var("HUBNAT_E2E_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `base` with `over` applied: a flag in `over` replaces the same flag (and its value) in `base`.
+pub fn merge_args(base: &[String], over: &[&str]) -> Vec<String> {
+    let flags: Vec<&str> = over
+        .iter()
+        .copied()
+        .filter(|a| a.starts_with("--"))
+        .collect();
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in base {
+        if skip_value && !a.starts_with("--") {
+            skip_value = false;
+            continue;
+        }
+        skip_value = false;
+        if flags.contains(&a.as_str()) {
+            skip_value = true;
+            continue;
+        }
+        out.push(a.clone());
+    }
+    out.extend(over.iter().map(|s| s.to_string()));
+    out
+}
+
 pub fn testsrv_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hubnat-testsrv"))
 }
@@ -280,6 +315,12 @@ impl Lab {
     /// Like `start`, with a server namespace behind hubnat's (10.77.0.2) and the guest given a
     /// static address with hubnat as its default gateway.
     pub fn start_with_server(config: &str) -> Lab {
+        Lab::start_with_server_args(config, &[])
+    }
+
+    /// `start_with_server` with extra `hubnat run` arguments (they take the place of the same
+    /// flags in HUBNAT_E2E_ARGS).
+    pub fn start_with_server_args(config: &str, args: &[&str]) -> Lab {
         let dir = TempDir::new();
         let guest = Netns::new("hg");
         let nat = Netns::new("hn");
@@ -311,7 +352,7 @@ impl Lab {
             hubnat: None,
             tap: "tap0".into(),
         };
-        lab.start_hubnat(config);
+        lab.start_hubnat_args(config, args);
         lab.guest.exec_ok(&[
             "ip",
             "addr",
@@ -352,6 +393,10 @@ impl Lab {
     }
 
     pub fn start_hubnat(&mut self, config: &str) {
+        self.start_hubnat_args(config, &[]);
+    }
+
+    pub fn start_hubnat_args(&mut self, config: &str, args: &[&str]) {
         let cfg = self.dir.join("hubnat.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = self.nat.cmd(&[hubnat_bin().to_str().unwrap()]);
@@ -366,7 +411,8 @@ impl Lab {
         .arg(&cfg)
         .arg("--state-dir")
         .arg(self.dir.join("state"))
-        .args(["--log", "debug"]);
+        .args(["--log", "debug"])
+        .args(merge_args(&extra_args(), args));
         let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
         self.hubnat = Some(p);
         self.guest.wait_for_link(&self.tap, Duration::from_secs(10));

@@ -22,6 +22,7 @@ use hubnat_engine::control::seclog::SecurityLog;
 use hubnat_engine::control::state;
 use hubnat_engine::port::tap::{netns_path, Tap};
 use hubnat_engine::runtime::{bind_control, Exit, Options, Runtime};
+use hubnat_engine::sock::{Backend, BackendChoice};
 use hubnat_engine::Engine;
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
@@ -163,6 +164,20 @@ struct RunArgs {
     /// Do not look up host names for the security log's "connection successful" lines.
     #[arg(long)]
     no_reverse_lookup: bool,
+    /// Worker threads carrying the NAT flows (each owns its flows, their TCP state and host
+    /// sockets; a control thread keeps ARP, DHCP, DNS and ICMP to the virtual host). Default:
+    /// the number of cores. 1 runs everything on one thread.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Where host sockets get readiness from: `uring` (one io_uring per thread), `mio`
+    /// (epoll), or `auto` (io_uring where the kernel allows it, else mio; the log says which).
+    #[arg(long, value_name = "uring|mio|auto", default_value = "auto")]
+    socket_backend: BackendChoice,
+    /// Make the TAP device multiqueue, one queue per worker, read by that worker (the kernel
+    /// steers flows among the queues). Needs --workers 2 or more; a device made without it
+    /// cannot be attached to with it, and the reverse.
+    #[arg(long)]
+    multiqueue: bool,
 }
 
 fn main() {
@@ -289,11 +304,28 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
     }
 
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if workers == 0 || workers > 256 {
+        bail!("--workers {workers}: choose 1 to 256");
+    }
+    if args.multiqueue && workers < 2 {
+        bail!("--multiqueue needs --workers 2 or more (one TAP queue per worker)");
+    }
+    let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
+    if let Some(why) = &fallback {
+        tracing::warn!("socket backend: {why}; using mio (epoll)");
+    }
+    let queues = if args.multiqueue { workers } else { 1 };
     let mtu = Some(u32::from(cfg.nat.mtu));
-    let tap = match &args.netns {
-        Some(spec) => Tap::open_in_netns(&args.tap, mtu, &netns_path(spec))?,
-        None => Tap::open(&args.tap, mtu)?,
+    let mut taps = match &args.netns {
+        Some(spec) => Tap::open_queues_in_netns(&args.tap, mtu, queues, &netns_path(spec))?,
+        None => Tap::open_queues(&args.tap, mtu, queues)?,
     };
+    let tap = taps.remove(0);
 
     let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -307,12 +339,23 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         .map(|n| format!(" in network namespace {n}"))
         .unwrap_or_default();
     tracing::info!(
-        "hubnat {}: virtual host {} ({}) on TAP {}{where_}, MTU {}; socket backend mio",
+        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{}, MTU {}; socket backend {}; {}",
         env!("CARGO_PKG_VERSION"),
         cfg.host.ip,
         mac,
         tap.name(),
-        cfg.nat.mtu
+        if args.multiqueue {
+            format!(" ({queues} queues)")
+        } else {
+            String::new()
+        },
+        cfg.nat.mtu,
+        backend.name(),
+        if workers > 1 {
+            format!("{workers} worker threads and a control thread")
+        } else {
+            "1 worker (one thread)".to_owned()
+        }
     );
     tracing::info!(
         "SecureNAT {}, NAT {}, DHCP {}{}; DNS upstream {:?}",
@@ -394,6 +437,9 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         metrics,
         reload: Some(hup_rx),
         lease_file: Some(lease_file),
+        workers,
+        backend: Some(backend),
+        tap_queues: taps,
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     match rt.run()? {

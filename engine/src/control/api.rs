@@ -18,9 +18,9 @@ use crate::config::{
 use crate::control::leases::{unix_millis, WallClock};
 use crate::control::state::write_atomically;
 use crate::hostio::HostIo;
-use crate::nat::Proto;
+use crate::nat::{Proto, SessionInfo};
 use crate::output::FrameBatch;
-use crate::stats::Drop;
+use crate::stats::{Drop, Stats};
 use crate::time::Instant;
 use crate::Engine;
 
@@ -113,6 +113,28 @@ pub struct StatusView {
     pub frames_out: u64,
     pub bytes_out: u64,
     pub drops: BTreeMap<String, u64>,
+    /// Per worker thread (multi-worker runtime only): what each carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerView>,
+}
+
+/// One worker thread of a multi-worker runtime, as `status` shows it.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub worker: usize,
+    pub sessions: usize,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub drops: u64,
+}
+
+/// What a worker thread reports to the control thread: its counters and its NAT sessions.
+#[derive(Clone, Default, Debug)]
+pub struct WorkerReport {
+    pub stats: Stats,
+    pub sessions: Vec<SessionInfo>,
 }
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -398,9 +420,23 @@ impl Control {
         io: &mut impl HostIo,
         out: &mut FrameBatch,
     ) -> Response {
+        self.handle_with(req, engine, &[], now, io, out)
+    }
+
+    /// `handle` for a runtime whose NAT sessions are spread over worker threads: `engine` is
+    /// the control thread's, `workers` what each worker last reported.
+    pub fn handle_with(
+        &mut self,
+        req: Request,
+        engine: &mut Engine,
+        workers: &[WorkerReport],
+        now: Instant,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Response {
         match req {
-            Request::Status => Response::ok(status(engine, now)),
-            Request::NatTable => Response::ok(self.nat_table(engine)),
+            Request::Status => Response::ok(status_with(engine, workers, now)),
+            Request::NatTable => Response::ok(self.nat_table_with(engine, workers)),
             Request::DhcpTable => Response::ok(self.dhcp_table(engine)),
             Request::Get { section } => {
                 Response::ok(section_value(&effective_raw(engine.config()), section))
@@ -499,10 +535,18 @@ impl Control {
     }
 
     pub fn nat_table(&self, engine: &Engine) -> Vec<NatRow> {
+        self.nat_table_with(engine, &[])
+    }
+
+    /// The NAT table of the control engine and every worker's sessions, by id.
+    pub fn nat_table_with(&self, engine: &Engine, workers: &[WorkerReport]) -> Vec<NatRow> {
         let ms = |t| unix_millis(self.clock.wall(t));
-        engine
-            .nat
-            .sessions()
+        let mut sessions = engine.nat.sessions();
+        for w in workers {
+            sessions.extend(w.sessions.iter().cloned());
+        }
+        sessions.sort_by_key(|s| s.id);
+        sessions
             .into_iter()
             .map(|s| NatRow {
                 id: s.id,
@@ -538,9 +582,29 @@ impl Control {
 }
 
 pub fn status(engine: &Engine, now: Instant) -> StatusView {
-    let sessions = engine.nat.sessions();
+    status_with(engine, &[], now)
+}
+
+/// The status of the control engine plus its workers' reports (sessions and counters summed).
+pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> StatusView {
+    let mut sessions = engine.nat.sessions();
+    let mut st = engine.stats().clone();
+    let mut views = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        sessions.extend(w.sessions.iter().cloned());
+        st.merge(&w.stats);
+        views.push(WorkerView {
+            worker: i,
+            sessions: w.sessions.len(),
+            frames_in: w.stats.frames_in,
+            frames_out: w.stats.frames_out,
+            bytes_in: w.stats.bytes_in,
+            bytes_out: w.stats.bytes_out,
+            drops: w.stats.drops.iter().sum(),
+        });
+    }
     let count = |p: Proto| sessions.iter().filter(|s| s.proto == p).count();
-    let st = engine.stats();
+    let st = &st;
     let cfg = engine.config();
     StatusView {
         securenat: cfg.enabled,
@@ -560,6 +624,7 @@ pub fn status(engine: &Engine, now: Instant) -> StatusView {
             .iter()
             .map(|d| (d.name().to_owned(), st.drops_of(*d)))
             .collect(),
+        workers: views,
     }
 }
 

@@ -3,13 +3,18 @@
 
 use std::fmt::Write;
 
-use crate::control::api::status;
+use crate::control::api::{status_with, WorkerReport};
 use crate::time::Instant;
 use crate::Engine;
 
 /// The exposition (format 0.0.4) of `engine`'s state at `now`.
 pub fn render(engine: &Engine, now: Instant) -> String {
-    let s = status(engine, now);
+    render_with(engine, &[], now)
+}
+
+/// `render` for a multi-worker runtime: the control engine plus the workers' reports.
+pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> String {
+    let s = status_with(engine, workers, now);
     let mut o = String::with_capacity(2048);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(o, "# HELP hubnat_{name} {help}");

@@ -116,6 +116,16 @@ impl DnsRelay {
         self.upstreams.iter().any(|u| u.sock == Some(sock))
     }
 
+    /// Shutdown: closes the upstream sockets and forgets the queries in flight.
+    pub fn close_all(&mut self, io: &mut impl HostIo) {
+        for u in &mut self.upstreams {
+            if let Some(s) = u.sock.take() {
+                io.close(s);
+            }
+        }
+        self.pending.clear();
+    }
+
     /// The socket to upstream `i` if it is open.
     pub fn upstream_socket(&self, i: usize) -> Option<SockId> {
         self.upstreams.get(i).and_then(|u| u.sock)

@@ -274,6 +274,17 @@ impl IcmpNat {
         log::session_deleted("ICMP", s.info.id);
     }
 
+    /// Shutdown: closes every session's socket (and the probe's).
+    pub fn close_all(&mut self, io: &mut impl HostIo) {
+        for slot in 0..self.slots.len() {
+            self.close(slot, io);
+        }
+        if let Some(s) = self.probe.take() {
+            io.close(s);
+        }
+        self.rearm.clear();
+    }
+
     /// Reads replies on `sock` up to the budget: `None` if no session owns it, else whether
     /// data may remain.
     fn read_socket(

@@ -132,6 +132,19 @@ impl Nat {
         v
     }
 
+    /// Shutdown: resets every guest's TCP connection and closes every host socket.
+    pub fn close_all(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        self.tcp.close_all(now, ctx, io, out);
+        self.udp.close_all(ctx, io);
+        self.icmp.close_all(io);
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = earliest(self.tcp.poll_timeout(), self.udp.poll_timeout());
         let t = earliest(t, self.icmp.poll_timeout());

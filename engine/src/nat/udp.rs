@@ -192,8 +192,13 @@ impl UdpNat {
         {
             return Err(Drop::Limit);
         }
+        // The same limits counted across every worker of the runtime (a no-op with one engine).
+        if !ctx.admit_session(Proto::Udp, *key.guest.ip()) {
+            return Err(Drop::Limit);
+        }
         let sock = io.udp_open(host_dst).map_err(|e| {
             tracing::warn!("UDP socket to {host_dst} could not be opened: {e}");
+            ctx.release_session(Proto::Udp, *key.guest.ip());
             Drop::Limit
         })?;
         let id = ctx.next_session_id();
@@ -234,10 +239,11 @@ impl UdpNat {
         Ok(slot)
     }
 
-    fn close(&mut self, slot: usize, io: &mut impl HostIo) {
+    fn close(&mut self, ctx: &Ctx, slot: usize, io: &mut impl HostIo) {
         let Some(s) = self.slots[slot].take() else {
             return;
         };
+        ctx.release_session(Proto::Udp, *s.key.guest.ip());
         io.close(s.sock);
         self.by_key.remove(&s.key);
         self.by_sock.remove(&s.sock);
@@ -249,6 +255,15 @@ impl UdpNat {
         }
         self.free.push(slot);
         log::session_deleted("UDP", s.info.id);
+    }
+
+    /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
+    pub fn close_all(&mut self, ctx: &Ctx, io: &mut impl HostIo) {
+        for slot in 0..self.slots.len() {
+            self.close(ctx, slot, io);
+        }
+        self.rearm.clear();
+        self.dns.close_all(io);
     }
 
     /// Reads session `slot`'s socket up to the budget; true when data may remain.
@@ -392,7 +407,7 @@ impl UdpNat {
             if real > now {
                 self.timers.push(Reverse((real, slot, id)));
             } else {
-                self.close(slot, io);
+                self.close(ctx, slot, io);
             }
         }
         self.dns.handle_timeout(now, ctx, io, out);

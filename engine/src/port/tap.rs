@@ -76,6 +76,24 @@ impl Tap {
     /// Creates the TAP device `name` in the current network namespace, or attaches to it if it
     /// exists, and brings it up. `mtu` sets the device MTU when given.
     pub fn open(name: &str, mtu: Option<u32>) -> Result<Tap, TapError> {
+        Ok(Tap::open_queues(name, mtu, 1)?.remove(0))
+    }
+
+    /// Like `open`, with `queues` queues: more than one makes a multiqueue device
+    /// (IFF_MULTI_QUEUE), one fd per queue, among which the kernel steers flows.
+    pub fn open_queues(name: &str, mtu: Option<u32>, queues: usize) -> Result<Vec<Tap>, TapError> {
+        let mut taps = Vec::with_capacity(queues.max(1));
+        for _ in 0..queues.max(1) {
+            taps.push(Tap::attach(name, queues > 1)?);
+        }
+        if let Some(mtu) = mtu {
+            taps[0].set_mtu(mtu)?;
+        }
+        taps[0].bring_up()?;
+        Ok(taps)
+    }
+
+    fn attach(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(TapError::BadName(name.to_owned()));
         }
@@ -93,28 +111,37 @@ impl Tap {
         // SAFETY: `raw` is a freshly opened fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq::new(name);
-        req.data.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+        if multi_queue {
+            flags |= libc::IFF_MULTI_QUEUE;
+        }
+        req.data.flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })
             .map_err(|source| TapError::Attach {
                 name: name.to_owned(),
                 source,
             })?;
-        let tap = Tap {
+        Ok(Tap {
             fd,
             name: name.to_owned(),
-        };
-        if let Some(mtu) = mtu {
-            tap.set_mtu(mtu)?;
-        }
-        tap.bring_up()?;
-        Ok(tap)
+        })
     }
 
     /// Like `open`, but creates the device inside the network namespace at `netns` (a path such
     /// as /proc/PID/ns/net or /run/netns/NAME). The calling thread returns to its own namespace;
     /// the device's fd stays bound to the one it was created in.
     pub fn open_in_netns(name: &str, mtu: Option<u32>, netns: &Path) -> Result<Tap, TapError> {
+        Ok(Tap::open_queues_in_netns(name, mtu, 1, netns)?.remove(0))
+    }
+
+    /// `open_queues` inside the network namespace at `netns` (see `open_in_netns`).
+    pub fn open_queues_in_netns(
+        name: &str,
+        mtu: Option<u32>,
+        queues: usize,
+        netns: &Path,
+    ) -> Result<Vec<Tap>, TapError> {
         let target = File::open(netns).map_err(|source| TapError::OpenNetns {
             path: netns.to_owned(),
             source,
@@ -128,7 +155,7 @@ impl Tap {
             path: netns.to_owned(),
             source,
         })?;
-        let result = Tap::open(name, mtu);
+        let result = Tap::open_queues(name, mtu, queues);
         if let Err(source) = setns(own.as_fd()) {
             // Staying in the guest's namespace would send host traffic into it: refuse to go on.
             return Err(TapError::EnterNetns {

@@ -1,5 +1,12 @@
 //! The event loop that drives the core: frames from the port, readiness from the host sockets,
-//! and timers, all on one thread with mio (epoll).
+//! and timers.
+//!
+//! With one worker (`Options::workers` 1) everything runs on this one thread. With more, this
+//! thread is the control thread and the NAT flows are spread over worker threads
+//! (`worker`): it reads the port (unless a multiqueue TAP gives each worker a queue of its own),
+//! keeps the control plane (ARP, DHCP, DNS relay, ICMP to the virtual host, fragments) and
+//! hands every other frame to the worker its flow hashes to. Host sockets take readiness from
+//! epoll (mio) or from io_uring (`Options::backend`), one driver per thread.
 //!
 //! Each wake-up reads the port until it would block and handles the whole batch before writing
 //! the frames it produced, so a burst costs one write pass rather than one per frame.
@@ -9,18 +16,22 @@
 //! SIGHUP (reload the configuration file). The lease table is saved whenever it changed, before
 //! the frames of that batch (a DHCP ACK among them) are written.
 
+pub mod worker;
+
 use std::io;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU32;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::config::RawConfig;
-use crate::control::api::{Control, Request, Response};
+use crate::control::api::{Control, Request, Response, WorkerReport};
 use crate::control::leases::{self, Loaded, WallClock};
 use crate::control::metrics;
 
@@ -28,9 +39,13 @@ use crate::hostio::HostEvent;
 use crate::output::FrameBatch;
 use crate::port::tap::Tap;
 use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
+use crate::sock::uring::Ring;
+use crate::sock::Backend;
 use crate::stats::Drop;
 use crate::time::Instant;
+use crate::Config;
 use crate::Engine;
+use worker::{Cmd, Inbox, Pool, Router, Shared, WorkerHandle, WorkerSetup, RING, WAKE};
 
 const PORT: Token = Token(FIRST_RESERVED_TOKEN);
 const STOP: Token = Token(FIRST_RESERVED_TOKEN + 1);
@@ -44,9 +59,9 @@ pub const MAX_CONNS: usize = 32;
 /// Longest request line (or HTTP request head) accepted.
 pub const MAX_REQUEST: usize = 1 << 20;
 
-/// Frames read from the port per wake-up before the batch is flushed (bounds latency and the
-/// size of the output batch).
-const MAX_FRAMES_PER_BATCH: usize = 256;
+use worker::MAX_FRAMES_PER_BATCH;
+/// How long the control thread waits for a worker's report (status, NAT table, metrics).
+const REPORT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest frame the port delivers: the largest MTU plus the Ethernet header and a VLAN tag.
 const MAX_FRAME: usize = crate::config::MAX_MTU as usize + 18;
 
@@ -58,6 +73,7 @@ pub enum Exit {
 }
 
 /// A monotonic clock mapped onto the core's `Instant`.
+#[derive(Clone, Copy)]
 pub struct Clock(std::time::Instant);
 
 impl Default for Clock {
@@ -86,6 +102,13 @@ pub struct Options {
     pub reload: Option<UnixStream>,
     /// The lease file: loaded by `Runtime::new`, saved whenever the table changes.
     pub lease_file: Option<PathBuf>,
+    /// Worker threads for the NAT flows; 0 or 1: everything on the calling thread.
+    pub workers: usize,
+    /// Where host sockets get readiness from (every thread has its own driver).
+    pub backend: Option<Backend>,
+    /// The other queues of a multiqueue TAP (the one given to `with_options` is queue 0):
+    /// one per worker, each read by its worker.
+    pub tap_queues: Vec<Tap>,
 }
 
 enum Stream {
@@ -139,7 +162,15 @@ pub struct Runtime {
     pub engine: Engine,
     pub host: MioHost,
     poll: Poll,
-    tap: Tap,
+    tap: Arc<Tap>,
+    workers: Vec<WorkerHandle>,
+    shared: Option<Arc<Shared>>,
+    router: Router,
+    wake: Vec<bool>,
+    /// The configuration the workers were last given.
+    worker_cfg: Config,
+    frame: Box<[u8]>,
+    spare: Option<Box<[u8]>>,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -156,6 +187,7 @@ pub struct Runtime {
 
 impl std::ops::Drop for Runtime {
     fn drop(&mut self) {
+        self.stop_workers();
         if let Some((_, path)) = &self.control_listener {
             let _ = std::fs::remove_file(path);
         }
@@ -182,9 +214,29 @@ impl Runtime {
             origin: SystemTime::now(),
         };
         let poll = Poll::new()?;
-        let host = MioHost::new(poll.registry().try_clone()?);
-        poll.registry()
-            .register(&mut SourceFd(&tap.as_raw_fd()), PORT, Interest::READABLE)?;
+        let backend = opts.backend.unwrap_or(Backend::Mio);
+        let host = match backend {
+            Backend::Mio => MioHost::new(poll.registry().try_clone()?),
+            Backend::Uring => {
+                let ring = Ring::new()?;
+                poll.registry()
+                    .register(&mut SourceFd(&ring.fd()), RING, Interest::READABLE)?;
+                MioHost::with_uring(ring)
+            }
+        };
+        let n_workers = if opts.workers > 1 { opts.workers } else { 0 };
+        let multiqueue = n_workers > 0 && !opts.tap_queues.is_empty();
+        if multiqueue && opts.tap_queues.len() + 1 != n_workers {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a multiqueue TAP needs one queue per worker",
+            ));
+        }
+        let tap = Arc::new(tap);
+        if !multiqueue {
+            poll.registry()
+                .register(&mut SourceFd(&tap.as_raw_fd()), PORT, Interest::READABLE)?;
+        }
         poll.registry()
             .register(&mut SourceFd(&stop.as_raw_fd()), STOP, Interest::READABLE)?;
         if let Some(r) = &opts.reload {
@@ -200,11 +252,85 @@ impl Runtime {
         }
         let mut engine = engine;
         engine.set_batching(true);
+        let frame_size = usize::from(engine.ctx.cfg.nat.mtu) + 18;
+        let router = Router::new(n_workers);
+        let mut workers = Vec::new();
+        let mut shared = None;
+        if n_workers > 0 {
+            let ids = Arc::new(AtomicU32::new(0));
+            engine.ctx.share_session_ids(Arc::clone(&ids));
+            let limits = Arc::new(crate::SharedLimits::default());
+            engine.ctx.share_limits(Arc::clone(&limits));
+            let cap = worker::queue_capacity(frame_size);
+            let mut polls = Vec::new();
+            let mut inboxes = Vec::new();
+            for _ in 0..n_workers {
+                let p = Poll::new()?;
+                inboxes.push(Inbox::new(cap, mio::Waker::new(p.registry(), WAKE)?));
+                polls.push(p);
+            }
+            inboxes.push(Inbox::new(cap, mio::Waker::new(poll.registry(), WAKE)?));
+            // Every queue full, plus a batch in hand for every thread.
+            let count = (n_workers + 1) * (cap + 2);
+            let sh = Arc::new(Shared {
+                inboxes,
+                pool: Pool::new(count, frame_size),
+            });
+            let mut queues = opts.tap_queues.drain(..).map(Arc::new);
+            for (index, p) in polls.into_iter().enumerate() {
+                let mut e = Engine::new(
+                    engine.ctx.cfg.clone(),
+                    engine.ctx.mac,
+                    rand::Rng::random(&mut engine.ctx.rng),
+                );
+                e.ctx.share_session_ids(Arc::clone(&ids));
+                e.ctx.share_limits(Arc::clone(&limits));
+                let (tap_in, tap_out) = if !multiqueue {
+                    (None, Arc::clone(&tap))
+                } else if index == 0 {
+                    (Some(Arc::clone(&tap)), Arc::clone(&tap))
+                } else {
+                    let q = queues.next().expect("checked: one queue per worker");
+                    (Some(Arc::clone(&q)), q)
+                };
+                let (tx, rx) = mpsc::channel();
+                let setup = WorkerSetup {
+                    index,
+                    engine: e,
+                    backend,
+                    poll: p,
+                    tap_out,
+                    tap_in,
+                    shared: Arc::clone(&sh),
+                    router: router.clone(),
+                    cmds: rx,
+                    clock,
+                    frame_size,
+                };
+                let thread = std::thread::Builder::new()
+                    .name(format!("hubnat-w{index}"))
+                    .spawn(move || worker::run(setup))?;
+                workers.push(WorkerHandle {
+                    cmds: tx,
+                    thread: Some(thread),
+                });
+            }
+            shared = Some(sh);
+        }
+        let wake = vec![false; n_workers + 1];
+        let worker_cfg = engine.ctx.cfg.clone();
         let mut rt = Runtime {
             engine,
             host,
             poll,
             tap,
+            workers,
+            shared,
+            router,
+            wake,
+            worker_cfg,
+            frame: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            spare: None,
             stop,
             clock,
             out: FrameBatch::new(),
@@ -284,17 +410,31 @@ impl Runtime {
         }
     }
 
-    /// Runs until the stop descriptor is readable.
+    /// The number of worker threads (0: this thread carries every flow).
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Runs until the stop descriptor is readable; then every guest TCP session is reset and
+    /// every host socket closed, the workers' too, and the worker threads are joined.
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
-        let mut frame = vec![0u8; MAX_FRAME];
         self.engine.start(self.clock.now(), &mut self.out);
         self.flush();
         loop {
-            let timeout = self.engine.poll_timeout().map(|t| {
-                let now = self.clock.now();
-                t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
-            });
+            let inbox_waiting = self
+                .shared
+                .as_ref()
+                .is_some_and(|s| !s.inboxes[self.router.control()].is_empty());
+            let timeout = if inbox_waiting {
+                Some(Duration::ZERO)
+            } else {
+                self.engine.poll_timeout().map(|t| {
+                    let now = self.clock.now();
+                    t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
+                })
+            };
+            self.host.submit();
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -304,11 +444,12 @@ impl Runtime {
             let mut stop = false;
             for event in events.iter() {
                 match event.token() {
-                    PORT => self.read_port(now, &mut frame)?,
+                    PORT => self.read_port(now)?,
                     STOP => stop = true,
                     HUP => self.on_reload(now),
                     CONTROL => self.accept_control(),
                     METRICS => self.accept_metrics(),
+                    WAKE | RING => {}
                     Token(t) if (FIRST_CONN..FIRST_CONN + MAX_CONNS).contains(&t) => {
                         self.on_conn(t - FIRST_CONN, now)
                     }
@@ -322,6 +463,13 @@ impl Runtime {
                     }
                 }
             }
+            self.host_events.clear();
+            self.host.ring_events(&mut self.host_events);
+            for ev in self.host_events.drain(..) {
+                self.engine
+                    .handle_host_event(now, ev, &mut self.host, &mut self.out);
+            }
+            self.drain_inbox(now);
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine
                     .handle_timeout(now, &mut self.host, &mut self.out);
@@ -329,26 +477,167 @@ impl Runtime {
             self.flush();
             if stop {
                 self.drain_stop();
+                self.shutdown();
                 return Ok(Exit::Stopped);
             }
         }
     }
 
-    fn read_port(&mut self, now: crate::Instant, frame: &mut [u8]) -> io::Result<()> {
+    /// Resets every guest session and closes every host socket, the workers' first (they are
+    /// joined), then this thread's.
+    fn shutdown(&mut self) {
+        let workers = self.workers.len();
+        self.stop_workers();
+        let now = self.clock.now();
+        let sockets = self.host.len();
+        self.engine.shutdown(now, &mut self.host, &mut self.out);
+        self.flush();
+        self.host.submit();
+        tracing::info!(
+            "stopped: guest sessions reset, {sockets} host sockets of the control thread closed, {workers} worker threads joined"
+        );
+    }
+
+    /// Tells every worker to shut down and joins its thread.
+    fn stop_workers(&mut self) {
+        for w in &self.workers {
+            let _ = w.cmds.send(Cmd::Shutdown);
+        }
+        if let Some(sh) = &self.shared {
+            for i in 0..self.workers.len() {
+                sh.inboxes[i].wake();
+            }
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                if t.join().is_err() {
+                    tracing::error!("a worker thread panicked");
+                }
+            }
+        }
+        self.workers.clear();
+    }
+
+    /// Every worker's counters and sessions (a worker that does not answer in time is left out).
+    fn reports(&self) -> Vec<WorkerReport> {
+        let mut waiting = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            if w.cmds.send(Cmd::Report(tx)).is_ok() {
+                if let Some(sh) = &self.shared {
+                    sh.inboxes[i].wake();
+                }
+                waiting.push((i, rx));
+            }
+        }
+        let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
+        let mut out = Vec::new();
+        for (i, rx) in waiting {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(r) => out.push(r),
+                Err(_) => tracing::warn!("worker {i} did not report in time"),
+            }
+        }
+        out
+    }
+
+    /// Gives the workers the control engine's configuration if it changed.
+    fn sync_workers(&mut self) {
+        if self.workers.is_empty() || self.engine.ctx.cfg == self.worker_cfg {
+            return;
+        }
+        self.worker_cfg = self.engine.ctx.cfg.clone();
+        for (i, w) in self.workers.iter().enumerate() {
+            let _ = w
+                .cmds
+                .send(Cmd::Reconfigure(Box::new(self.worker_cfg.clone())));
+            if let Some(sh) = &self.shared {
+                sh.inboxes[i].wake();
+            }
+        }
+    }
+
+    fn read_port(&mut self, now: crate::Instant) -> io::Result<()> {
         // Edge-triggered: read until the device would block, flushing every batch.
+        let me = self.router.control();
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
-                match self.tap.recv(frame) {
-                    Ok(n) => {
-                        self.engine
-                            .handle_frame(now, &frame[..n], &mut self.host, &mut self.out)
+                // With workers, frames are read into pool buffers so that a worker's frame is
+                // queued without a copy; this thread's own frames reuse the buffer.
+                let pooled = match &self.shared {
+                    Some(sh) => self.spare.take().or_else(|| sh.pool.get()),
+                    None => None,
+                };
+                let from_pool = pooled.is_some();
+                let mut buf = pooled.unwrap_or_else(|| std::mem::take(&mut self.frame));
+                let n = match self.tap.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.put_back(buf, from_pool);
+                        match e.kind() {
+                            io::ErrorKind::WouldBlock => {
+                                self.flush();
+                                return Ok(());
+                            }
+                            io::ErrorKind::Interrupted => continue,
+                            _ => return Err(e),
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                };
+                let to = if self.workers.is_empty() {
+                    me
+                } else {
+                    let cfg = &self.engine.ctx.cfg;
+                    self.router
+                        .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
+                };
+                if to == me {
+                    self.engine
+                        .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
+                    self.put_back(buf, from_pool);
+                    continue;
+                }
+                let sh = self.shared.as_ref().expect("workers share queues");
+                if !from_pool {
+                    // The pool ran dry: every queue is full.
+                    self.engine.ctx.stats.drop(Drop::QueueFull);
+                    self.put_back(buf, false);
+                } else if let Err(buf) = sh.forward(to, buf, n, &mut self.wake) {
+                    self.engine.ctx.stats.drop(Drop::QueueFull);
+                    self.put_back(buf, true);
                 }
             }
             self.flush();
+        }
+    }
+
+    fn put_back(&mut self, buf: Box<[u8]>, from_pool: bool) {
+        if from_pool {
+            self.spare = Some(buf);
+        } else {
+            self.frame = buf;
+        }
+    }
+
+    /// Handles the frames workers passed here (a multiqueue TAP's control-plane frames).
+    fn drain_inbox(&mut self, now: crate::Instant) {
+        let Some(sh) = self.shared.clone() else {
+            return;
+        };
+        let inbox = &sh.inboxes[self.router.control()];
+        let mut done = 0;
+        while let Some((buf, len)) = inbox.pop() {
+            self.engine
+                .handle_frame(now, &buf[..len as usize], &mut self.host, &mut self.out);
+            sh.pool.put(buf);
+            done += 1;
+            if done % MAX_FRAMES_PER_BATCH == 0 {
+                self.flush();
+                if done >= 4 * MAX_FRAMES_PER_BATCH {
+                    break;
+                }
+            }
         }
     }
 
@@ -365,6 +654,9 @@ impl Runtime {
             }
         }
         self.out.clear();
+        if let Some(sh) = &self.shared {
+            sh.wake_marked(&mut self.wake);
+        }
     }
 
     fn drain_stop(&mut self) {
@@ -393,6 +685,7 @@ impl Runtime {
             ),
             Err(e) => tracing::error!("configuration not reloaded: {e}"),
         }
+        self.sync_workers();
     }
 
     fn free_slot(&self) -> Option<usize> {
@@ -487,13 +780,22 @@ impl Runtime {
             while let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
                 let resp = match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => self.control.handle(
-                        req,
-                        &mut self.engine,
-                        now,
-                        &mut self.host,
-                        &mut self.out,
-                    ),
+                    Ok(req) => {
+                        let reports = match req {
+                            Request::Status | Request::NatTable => self.reports(),
+                            _ => Vec::new(),
+                        };
+                        let r = self.control.handle_with(
+                            req,
+                            &mut self.engine,
+                            &reports,
+                            now,
+                            &mut self.host,
+                            &mut self.out,
+                        );
+                        self.sync_workers();
+                        r
+                    }
                     Err(e) => Response::err(format!("bad request: {e}")),
                 };
                 serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
@@ -558,7 +860,10 @@ impl Runtime {
         let mut words = first.split_whitespace();
         let (method, target) = (words.next(), words.next());
         let (status, body) = match (method, target) {
-            (Some("GET"), Some("/metrics" | "/")) => ("200 OK", metrics::render(&self.engine, now)),
+            (Some("GET"), Some("/metrics" | "/")) => {
+                let reports = self.reports();
+                ("200 OK", metrics::render_with(&self.engine, &reports, now))
+            }
             (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
             _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
         };

@@ -1,7 +1,9 @@
-//! The epoll (mio) host-socket driver: real, non-blocking OS sockets behind `HostIo`.
+//! The host-socket driver: real, non-blocking OS sockets behind `HostIo`.
 //!
-//! Sockets are registered edge-triggered with the runtime's `mio::Poll`, the token being the
-//! `SockId`. `events()` turns mio's readiness into the core's `HostEvent`s.
+//! Readiness comes from epoll (mio) or from io_uring (`sock::uring`, one ring per worker).
+//! With epoll, sockets are registered edge-triggered with the runtime's `mio::Poll`, the token
+//! being the `SockId`, and `events()` turns mio's readiness into the core's `HostEvent`s; with
+//! io_uring each socket has a multishot poll and `ring_events()` does the same.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -13,6 +15,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use crate::hostio::{Datagram, HostEvent, HostIo, SockId};
+use crate::sock::uring::{Ready, Ring};
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
 pub const FIRST_RESERVED_TOKEN: usize = u32::MAX as usize;
@@ -38,8 +41,15 @@ enum Sock {
     Icmp(Icmp),
 }
 
+/// Where socket readiness comes from.
+enum Readiness {
+    Epoll(Registry),
+    Uring(Box<Ring>),
+}
+
 pub struct MioHost {
-    registry: Registry,
+    readiness: Readiness,
+    ready_scratch: Vec<(SockId, Ready)>,
     socks: HashMap<SockId, Sock>,
     next_id: SockId,
     /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
@@ -93,8 +103,18 @@ fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
 
 impl MioHost {
     pub fn new(registry: Registry) -> MioHost {
+        MioHost::with_readiness(Readiness::Epoll(registry))
+    }
+
+    /// A driver whose readiness comes from `ring` (see `sock::uring`).
+    pub fn with_uring(ring: Ring) -> MioHost {
+        MioHost::with_readiness(Readiness::Uring(Box::new(ring)))
+    }
+
+    fn with_readiness(readiness: Readiness) -> MioHost {
         MioHost {
-            registry,
+            readiness,
+            ready_scratch: Vec::new(),
             socks: HashMap::new(),
             next_id: 0,
             scratch: Vec::new(),
@@ -123,15 +143,63 @@ impl MioHost {
         }
     }
 
+    /// The io_uring's fd when readiness comes from one (the runtime waits on it).
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        match &self.readiness {
+            Readiness::Uring(r) => Some(r.fd()),
+            Readiness::Epoll(_) => None,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &self.readiness {
+            Readiness::Uring(_) => "io_uring",
+            Readiness::Epoll(_) => "mio",
+        }
+    }
+
+    /// Submits what the batch queued (io_uring); call before waiting.
+    pub fn submit(&mut self) {
+        if let Readiness::Uring(r) = &mut self.readiness {
+            if let Err(e) = r.submit() {
+                tracing::warn!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Reads the ring's completions (io_uring) into the core's events.
+    pub fn ring_events(&mut self, into: &mut Vec<HostEvent>) {
+        let Readiness::Uring(r) = &mut self.readiness else {
+            return;
+        };
+        let mut got = std::mem::take(&mut self.ready_scratch);
+        got.clear();
+        r.drain(&mut got);
+        for &(id, ready) in &got {
+            self.ready(id, ready, into);
+        }
+        self.ready_scratch = got;
+    }
+
     /// Translates one mio event for a socket into the core's events.
     pub fn events(&mut self, event: &mio::event::Event, into: &mut Vec<HostEvent>) {
-        let id = event.token().0 as SockId;
+        let ready = Ready {
+            readable: event.is_readable(),
+            writable: event.is_writable(),
+            error: event.is_error(),
+            read_closed: event.is_read_closed(),
+            write_closed: event.is_write_closed(),
+        };
+        self.ready(event.token().0 as SockId, ready, into)
+    }
+
+    fn ready(&mut self, id: SockId, event: Ready, into: &mut Vec<HostEvent>) {
         let Some(sock) = self.socks.get_mut(&id) else {
             return;
         };
         match sock {
             Sock::Tcp(t) if t.connecting => {
-                if !(event.is_writable() || event.is_error() || event.is_write_closed()) {
+                if !(event.writable || event.error || event.write_closed) {
                     return;
                 }
                 let err = match t.stream.take_error() {
@@ -147,28 +215,28 @@ impl MioHost {
                     None => {
                         t.connecting = false;
                         into.push(HostEvent::Connected(id));
-                        if event.is_readable() {
+                        if event.readable {
                             into.push(HostEvent::Readable(id));
                         }
                     }
                 }
             }
             Sock::Tcp(t) => {
-                if event.is_error() {
+                if event.error {
                     if let Ok(Some(e)) | Err(e) = t.stream.take_error() {
                         into.push(HostEvent::Failed(id, e.kind()));
                         return;
                     }
                 }
-                if event.is_readable() || event.is_read_closed() {
+                if event.readable || event.read_closed {
                     into.push(HostEvent::Readable(id));
                 }
-                if event.is_writable() {
+                if event.writable {
                     into.push(HostEvent::Writable(id));
                 }
             }
             Sock::Udp(_) | Sock::Icmp(_) => {
-                if event.is_readable() || event.is_error() {
+                if event.readable || event.error {
                     into.push(HostEvent::Readable(id));
                 }
             }
@@ -182,9 +250,27 @@ impl MioHost {
         }
     }
 
-    fn register_fd(&mut self, fd: RawFd, id: SockId) -> io::Result<()> {
-        self.registry
-            .register(&mut SourceFd(&fd), Token(id as usize), Interest::READABLE)
+    fn register_fd(&mut self, fd: RawFd, id: SockId, writable: bool) -> io::Result<()> {
+        match &mut self.readiness {
+            Readiness::Epoll(reg) => {
+                let interest = if writable {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                reg.register(&mut SourceFd(&fd), Token(id as usize), interest)
+            }
+            Readiness::Uring(r) => r.watch(fd, id, writable),
+        }
+    }
+
+    fn deregister_fd(&mut self, fd: RawFd, id: SockId) {
+        match &mut self.readiness {
+            Readiness::Epoll(reg) => {
+                let _ = reg.deregister(&mut SourceFd(&fd));
+            }
+            Readiness::Uring(r) => r.unwatch(id),
+        }
     }
 
     fn open_icmp(&mut self) -> io::Result<Icmp> {
@@ -218,11 +304,10 @@ impl MioHost {
 
 impl HostIo for MioHost {
     fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        let mut sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
         sock.connect(SocketAddr::V4(dst))?;
         let id = self.alloc_id();
-        self.registry
-            .register(&mut sock, Token(id as usize), Interest::READABLE)?;
+        self.register_fd(sock.as_raw_fd(), id, false)?;
         self.socks.insert(id, Sock::Udp(sock));
         Ok(id)
     }
@@ -242,7 +327,7 @@ impl HostIo for MioHost {
     }
 
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        let mut stream = TcpStream::connect(SocketAddr::V4(dst))?;
+        let stream = TcpStream::connect(SocketAddr::V4(dst))?;
         let fd = stream.as_raw_fd();
         let _ = stream.set_nodelay(true);
         if self.tcp_rcvbuf > 0 {
@@ -265,11 +350,7 @@ impl HostIo for MioHost {
             .ok()
             .map(|_| 0);
         let id = self.alloc_id();
-        self.registry.register(
-            &mut stream,
-            Token(id as usize),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        self.register_fd(fd, id, true)?;
         self.socks.insert(
             id,
             Sock::Tcp(Tcp {
@@ -416,7 +497,7 @@ impl HostIo for MioHost {
             Icmp::Datagram(fd) | Icmp::Raw { fd, .. } => fd.as_raw_fd(),
         };
         let id = self.alloc_id();
-        self.register_fd(fd, id)?;
+        self.register_fd(fd, id, false)?;
         self.socks.insert(id, Sock::Icmp(icmp));
         Ok(id)
     }
@@ -499,18 +580,15 @@ impl HostIo for MioHost {
     }
 
     fn close(&mut self, id: SockId) {
-        match self.socks.remove(&id) {
-            Some(Sock::Udp(mut s)) => {
-                let _ = self.registry.deregister(&mut s);
-            }
-            Some(Sock::Tcp(mut t)) => {
-                let _ = self.registry.deregister(&mut t.stream);
-            }
-            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => {
-                let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
-            }
-            None => {}
-        }
+        let fd = match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.as_raw_fd(),
+            Some(Sock::Tcp(t)) => t.stream.as_raw_fd(),
+            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => fd.as_raw_fd(),
+            None => return,
+        };
+        self.deregister_fd(fd, id);
+        // Dropping the socket closes its fd.
+        self.socks.remove(&id);
     }
 }
 
@@ -521,18 +599,43 @@ mod tests {
     use std::net::TcpListener;
     use std::time::Duration;
 
+    /// Where a test host's readiness comes from: a mio poll, or the host's own ring.
+    enum Waiter {
+        Epoll(mio::Poll),
+        Uring,
+    }
+
+    fn new_host(uring: bool) -> (MioHost, Waiter) {
+        if uring {
+            (MioHost::with_uring(Ring::new().unwrap()), Waiter::Uring)
+        } else {
+            let poll = mio::Poll::new().unwrap();
+            let host = MioHost::new(poll.registry().try_clone().unwrap());
+            (host, Waiter::Epoll(poll))
+        }
+    }
+
     fn wait_for(
         host: &mut MioHost,
-        poll: &mut mio::Poll,
+        waiter: &mut Waiter,
         want: impl Fn(&HostEvent) -> bool,
     ) -> Vec<HostEvent> {
         let mut events = mio::Events::with_capacity(64);
         let mut got = Vec::new();
         for _ in 0..100 {
-            poll.poll(&mut events, Some(Duration::from_millis(50)))
-                .unwrap();
-            for e in events.iter() {
-                host.events(e, &mut got);
+            match waiter {
+                Waiter::Epoll(poll) => {
+                    poll.poll(&mut events, Some(Duration::from_millis(50)))
+                        .unwrap();
+                    for e in events.iter() {
+                        host.events(e, &mut got);
+                    }
+                }
+                Waiter::Uring => {
+                    host.submit();
+                    std::thread::sleep(Duration::from_millis(20));
+                    host.ring_events(&mut got);
+                }
             }
             if got.iter().any(&want) {
                 return got;
@@ -543,12 +646,18 @@ mod tests {
 
     #[test]
     fn tcp_connect_peek_consume_shutdown() {
+        tcp_connect_peek_consume_shutdown_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            tcp_connect_peek_consume_shutdown_with(true);
+        }
+    }
+
+    fn tcp_connect_peek_consume_shutdown_with(uring: bool) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             panic!()
         };
-        let mut poll = mio::Poll::new().unwrap();
-        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let (mut host, mut poll) = new_host(uring);
         let id = host.tcp_connect(addr).unwrap();
         let (mut peer, _) = listener.accept().unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
@@ -601,13 +710,19 @@ mod tests {
 
     #[test]
     fn tcp_connect_refused_is_reported() {
+        tcp_connect_refused_is_reported_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            tcp_connect_refused_is_reported_with(true);
+        }
+    }
+
+    fn tcp_connect_refused_is_reported_with(uring: bool) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             panic!()
         };
         drop(listener);
-        let mut poll = mio::Poll::new().unwrap();
-        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let (mut host, mut poll) = new_host(uring);
         let id = host.tcp_connect(addr).unwrap();
         let got = wait_for(&mut host, &mut poll, |e| {
             matches!(e, HostEvent::ConnectFailed(..))
@@ -620,12 +735,18 @@ mod tests {
 
     #[test]
     fn udp_roundtrip_and_port_unreachable() {
+        udp_roundtrip_and_port_unreachable_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            udp_roundtrip_and_port_unreachable_with(true);
+        }
+    }
+
+    fn udp_roundtrip_and_port_unreachable_with(uring: bool) {
         let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let SocketAddr::V4(addr) = server.local_addr().unwrap() else {
             panic!()
         };
-        let mut poll = mio::Poll::new().unwrap();
-        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let (mut host, mut poll) = new_host(uring);
         let id = host.udp_open(addr).unwrap();
         host.udp_send(id, b"abc").unwrap();
         let mut buf = [0u8; 16];

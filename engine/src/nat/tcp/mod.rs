@@ -365,6 +365,33 @@ impl TcpNat {
         }
     }
 
+    /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
+    /// connection is forgotten with its host socket closed.
+    pub fn close_all(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(&key) {
+                if c.state != State::TimeWait {
+                    let mut cx = Cx {
+                        now,
+                        ctx: &mut *ctx,
+                        io: &mut *io,
+                        out: &mut *out,
+                    };
+                    let _ = c.on_failed(&mut cx);
+                }
+            }
+            self.remove(key, io);
+        }
+        self.dirty.clear();
+    }
+
     pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
         into.extend(self.conns.values().map(|c| SessionInfo {
             id: c.id,

@@ -876,6 +876,21 @@ fn idle_timeout_resets() {
     assert!(t.tcp_aborted_or_closed());
 }
 
+#[test]
+fn shutdown_resets_every_guest_and_closes_every_socket() {
+    let mut t = T::new();
+    t.establish(NONE);
+    let sock = t.sock;
+    t.e.shutdown(t.now, &mut t.h, &mut t.out);
+    let got: Vec<Got> = t.out.iter().map(parse_out).collect();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].rst);
+    assert_eq!(got[0].seq, t.iss + 1);
+    assert_eq!(t.state(), "none");
+    assert!(t.h.closed.contains(&sock));
+    assert!(t.e.nat.sessions().is_empty());
+}
+
 impl T {
     fn tcp_aborted_or_closed(&self) -> bool {
         self.h.closed.contains(&self.sock)

@@ -1,0 +1,619 @@
+//! The multi-worker runtime's pieces: the flow router, the frame pool and queues between
+//! threads, and the worker thread's loop.
+//!
+//! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
+//! flow's 5-tuple (both directions of a flow hash alike), or the control thread for everything
+//! that is not a NAT flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself
+//! such as DNS and ping, IP fragments, other protocols). A worker owns its flows' sessions, TCP
+//! reassembly state and host sockets; nothing on the per-frame path is locked.
+//!
+//! Frames travel between threads in fixed-size buffers from one pool (no allocation per frame)
+//! through bounded lock-free queues; a full queue drops the frame and counts it
+//! (`Drop::QueueFull`), never blocking the reader. A queue's owner is woken (an eventfd) only
+//! when a batch made its queue go from empty to non-empty.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+
+use crate::config::{Config, Mac};
+use crate::control::api::WorkerReport;
+use crate::output::FrameBatch;
+use crate::port::tap::Tap;
+use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
+use crate::sock::uring::Ring;
+use crate::sock::Backend;
+use crate::stats::Drop;
+use crate::Engine;
+
+use super::Clock;
+
+pub(crate) const PORT: Token = Token(FIRST_RESERVED_TOKEN);
+pub(crate) const WAKE: Token = Token(FIRST_RESERVED_TOKEN + 5);
+pub(crate) const RING: Token = Token(FIRST_RESERVED_TOKEN + 6);
+
+/// Frames handled (or forwarded) between two flushes of the output batch.
+pub(crate) const MAX_FRAMES_PER_BATCH: usize = 256;
+
+/// Sends a flow's frames to its worker, everything else to the control thread.
+#[derive(Clone)]
+pub struct Router {
+    hasher: ahash::RandomState,
+    workers: usize,
+}
+
+impl Router {
+    pub fn new(workers: usize) -> Router {
+        Router {
+            hasher: ahash::RandomState::with_seeds(
+                0x6875_626e,
+                0x6174_2d72,
+                0x7274_2d66,
+                0x6c6f_7773,
+            ),
+            workers: workers.max(1),
+        }
+    }
+
+    /// The control thread's index (the workers are 0..workers).
+    pub fn control(&self) -> usize {
+        self.workers
+    }
+
+    /// The owner of `frame`: a worker index, or `control()`.
+    pub fn route(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> usize {
+        match self.flow_hash(frame, host_ip, host_mac) {
+            Some(h) => (h % self.workers as u64) as usize,
+            None => self.control(),
+        }
+    }
+
+    /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
+    fn flow_hash(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> Option<u64> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 || crate::wire::mac(eth.dst_addr()) != host_mac
+        {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if ip.more_frags() || ip.frag_offset() != 0 || ip.dst_addr() == host_ip {
+            return None;
+        }
+        let hl = usize::from(ip.header_len());
+        let l4 = eth.payload().get(hl..)?;
+        let (sp, dp) = match ip.next_header() {
+            IpProtocol::Tcp | IpProtocol::Udp => {
+                let p = l4.get(..4)?;
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
+            }
+            IpProtocol::Icmp => (0, 0),
+            _ => return None,
+        };
+        let a = (u64::from(u32::from(ip.src_addr())) << 16) | u64::from(sp);
+        let b = (u64::from(u32::from(ip.dst_addr())) << 16) | u64::from(dp);
+        let mut h = self.hasher.build_hasher();
+        h.write_u64(a.min(b));
+        h.write_u64(a.max(b));
+        h.write_u8(u8::from(ip.next_header()));
+        Some(h.finish())
+    }
+}
+
+/// Fixed-size frame buffers, recycled.
+pub struct Pool {
+    free: ArrayQueue<Box<[u8]>>,
+}
+
+impl Pool {
+    pub fn new(count: usize, size: usize) -> Pool {
+        let free = ArrayQueue::new(count.max(1));
+        for _ in 0..count.max(1) {
+            let _ = free.push(vec![0u8; size].into_boxed_slice());
+        }
+        Pool { free }
+    }
+
+    pub fn get(&self) -> Option<Box<[u8]>> {
+        self.free.pop()
+    }
+
+    pub fn put(&self, b: Box<[u8]>) {
+        let _ = self.free.push(b);
+    }
+}
+
+/// A thread's input queue and the means to wake it.
+pub struct Inbox {
+    queue: ArrayQueue<(Box<[u8]>, u32)>,
+    waker: mio::Waker,
+}
+
+impl Inbox {
+    pub fn new(capacity: usize, waker: mio::Waker) -> Inbox {
+        Inbox {
+            queue: ArrayQueue::new(capacity.max(1)),
+            waker,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn pop(&self) -> Option<(Box<[u8]>, u32)> {
+        self.queue.pop()
+    }
+
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!("cannot wake a thread: {e}");
+        }
+    }
+}
+
+/// What every thread of the runtime shares: the queues (workers 0..n, then the control
+/// thread's) and the buffer pool.
+pub struct Shared {
+    pub inboxes: Vec<Inbox>,
+    pub pool: Pool,
+}
+
+impl Shared {
+    /// Queues `buf[..len]` for thread `to`; gives the buffer back when the queue is full.
+    /// Marks `wake[to]` when the queue was empty (the owner may be asleep).
+    pub fn forward(
+        &self,
+        to: usize,
+        buf: Box<[u8]>,
+        len: usize,
+        wake: &mut [bool],
+    ) -> Result<(), Box<[u8]>> {
+        let inbox = &self.inboxes[to];
+        let was_empty = inbox.queue.is_empty();
+        match inbox.queue.push((buf, len as u32)) {
+            Ok(()) => {
+                if was_empty {
+                    wake[to] = true;
+                }
+                Ok(())
+            }
+            Err((buf, _)) => Err(buf),
+        }
+    }
+
+    /// Wakes the threads marked in `wake` and clears the marks.
+    pub fn wake_marked(&self, wake: &mut [bool]) {
+        for (i, w) in wake.iter_mut().enumerate() {
+            if std::mem::take(w) {
+                self.inboxes[i].wake();
+            }
+        }
+    }
+}
+
+/// The depth of each queue for frames of `frame_size` bytes: 1024 frames, fewer for large
+/// MTUs (about 8 MiB of buffers a queue, at least 64 frames).
+pub fn queue_capacity(frame_size: usize) -> usize {
+    ((8 << 20) / frame_size.max(1)).clamp(64, 1024)
+}
+
+/// What the control thread asks of a worker.
+pub enum Cmd {
+    /// Apply a new configuration (its frames, a gratuitous ARP, are the control thread's).
+    Reconfigure(Box<Config>),
+    /// Send counters and sessions back.
+    Report(Sender<WorkerReport>),
+    /// Reset every guest session, close every host socket, end the thread.
+    Shutdown,
+}
+
+/// A worker thread as the control thread holds it.
+pub struct WorkerHandle {
+    pub cmds: Sender<Cmd>,
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Everything a worker thread starts with.
+pub struct WorkerSetup {
+    pub index: usize,
+    pub engine: Engine,
+    pub backend: Backend,
+    pub poll: Poll,
+    /// Where its frames are written (its own queue of a multiqueue TAP, or the one TAP).
+    pub tap_out: Arc<Tap>,
+    /// Its own queue of a multiqueue TAP, read by this worker.
+    pub tap_in: Option<Arc<Tap>>,
+    pub shared: Arc<Shared>,
+    pub router: Router,
+    pub cmds: Receiver<Cmd>,
+    pub clock: Clock,
+    pub frame_size: usize,
+}
+
+struct Worker {
+    index: usize,
+    engine: Engine,
+    host: MioHost,
+    poll: Poll,
+    tap_out: Arc<Tap>,
+    tap_in: Option<Arc<Tap>>,
+    shared: Arc<Shared>,
+    router: Router,
+    cmds: Receiver<Cmd>,
+    clock: Clock,
+    out: FrameBatch,
+    host_events: Vec<crate::HostEvent>,
+    wake: Vec<bool>,
+    scratch: Box<[u8]>,
+    spare: Option<Box<[u8]>>,
+}
+
+/// The worker thread's body.
+pub fn run(setup: WorkerSetup) {
+    let index = setup.index;
+    match Worker::new(setup) {
+        Ok(mut w) => {
+            if let Err(e) = w.run() {
+                tracing::error!("worker {index} stopped: {e}");
+            }
+        }
+        Err(e) => tracing::error!("worker {index} cannot start: {e}"),
+    }
+}
+
+impl Worker {
+    fn new(s: WorkerSetup) -> io::Result<Worker> {
+        let host = match s.backend {
+            Backend::Mio => MioHost::new(s.poll.registry().try_clone()?),
+            Backend::Uring => {
+                // Made on this thread: the ring accepts submissions from its creator only.
+                let ring = Ring::new()?;
+                s.poll
+                    .registry()
+                    .register(&mut SourceFd(&ring.fd()), RING, Interest::READABLE)?;
+                MioHost::with_uring(ring)
+            }
+        };
+        if let Some(t) = &s.tap_in {
+            s.poll
+                .registry()
+                .register(&mut SourceFd(&t.as_raw_fd()), PORT, Interest::READABLE)?;
+        }
+        let mut engine = s.engine;
+        engine.set_batching(true);
+        let n = s.shared.inboxes.len();
+        Ok(Worker {
+            index: s.index,
+            engine,
+            host,
+            poll: s.poll,
+            tap_out: s.tap_out,
+            tap_in: s.tap_in,
+            shared: s.shared,
+            router: s.router,
+            cmds: s.cmds,
+            clock: s.clock,
+            out: FrameBatch::new(),
+            host_events: Vec::new(),
+            wake: vec![false; n],
+            scratch: vec![0u8; s.frame_size].into_boxed_slice(),
+            spare: None,
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        tracing::debug!(
+            "worker {} running ({} sockets)",
+            self.index,
+            self.host.backend_name()
+        );
+        loop {
+            let timeout = if !self.shared.inboxes[self.index].is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.engine.poll_timeout().map(|t| {
+                    let now = self.clock.now();
+                    t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
+                })
+            };
+            self.host.submit();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = self.clock.now();
+            let mut port = false;
+            for event in events.iter() {
+                match event.token() {
+                    PORT => port = true,
+                    WAKE | RING => {}
+                    _ => {
+                        self.host_events.clear();
+                        self.host.events(event, &mut self.host_events);
+                        self.handle_host_events(now);
+                    }
+                }
+            }
+            self.host_events.clear();
+            self.host.ring_events(&mut self.host_events);
+            self.handle_host_events(now);
+            let mut stop = false;
+            loop {
+                match self.cmds.try_recv() {
+                    Ok(Cmd::Reconfigure(cfg)) => {
+                        let mut scratch = FrameBatch::new();
+                        self.engine
+                            .reconfigure(now, *cfg, &mut self.host, &mut scratch);
+                    }
+                    Ok(Cmd::Report(to)) => {
+                        let _ = to.send(WorkerReport {
+                            stats: self.engine.ctx.stats.clone(),
+                            sessions: self.engine.nat.sessions(),
+                        });
+                    }
+                    Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => stop = true,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            if port {
+                self.read_port(now)?;
+            }
+            self.drain_inbox(now);
+            if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+                self.engine
+                    .handle_timeout(now, &mut self.host, &mut self.out);
+            }
+            self.flush();
+            if stop {
+                let now = self.clock.now();
+                let sockets = self.host.len();
+                self.engine.shutdown(now, &mut self.host, &mut self.out);
+                self.flush();
+                self.host.submit();
+                tracing::debug!(
+                    "worker {} stopped: sessions reset, {sockets} host sockets closed",
+                    self.index
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle_host_events(&mut self, now: crate::Instant) {
+        for ev in self.host_events.drain(..) {
+            self.engine
+                .handle_host_event(now, ev, &mut self.host, &mut self.out);
+        }
+    }
+
+    /// Reads this worker's TAP queue until it would block; frames of other owners are queued
+    /// for them.
+    fn read_port(&mut self, now: crate::Instant) -> io::Result<()> {
+        let Some(tap) = self.tap_in.clone() else {
+            return Ok(());
+        };
+        loop {
+            for _ in 0..MAX_FRAMES_PER_BATCH {
+                let pooled = self.spare.take().or_else(|| self.shared.pool.get());
+                let (mut buf, from_pool) = match pooled {
+                    Some(b) => (b, true),
+                    None => (std::mem::take(&mut self.scratch), false),
+                };
+                let n = match tap.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.put_back(buf, from_pool);
+                        match e.kind() {
+                            io::ErrorKind::WouldBlock => {
+                                self.flush();
+                                return Ok(());
+                            }
+                            io::ErrorKind::Interrupted => continue,
+                            _ => return Err(e),
+                        }
+                    }
+                };
+                let cfg = &self.engine.ctx.cfg;
+                let to = self
+                    .router
+                    .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac);
+                if to == self.index {
+                    self.engine
+                        .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
+                    self.put_back(buf, from_pool);
+                } else if !from_pool {
+                    self.engine.ctx.stats.drop(Drop::QueueFull);
+                    self.put_back(buf, false);
+                } else if let Err(buf) = self.shared.forward(to, buf, n, &mut self.wake) {
+                    self.engine.ctx.stats.drop(Drop::QueueFull);
+                    self.put_back(buf, true);
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn put_back(&mut self, buf: Box<[u8]>, from_pool: bool) {
+        if from_pool {
+            self.spare = Some(buf);
+        } else {
+            self.scratch = buf;
+        }
+    }
+
+    /// Handles the frames queued for this worker (at most a queue's worth per wake-up).
+    fn drain_inbox(&mut self, now: crate::Instant) {
+        let shared = Arc::clone(&self.shared);
+        let inbox = &shared.inboxes[self.index];
+        let mut done = 0;
+        while let Some((buf, len)) = inbox.pop() {
+            self.engine
+                .handle_frame(now, &buf[..len as usize], &mut self.host, &mut self.out);
+            shared.pool.put(buf);
+            done += 1;
+            if done % MAX_FRAMES_PER_BATCH == 0 {
+                self.flush();
+                if done >= inbox.queue.capacity() {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let now = self.clock.now();
+        self.engine.flush(now, &mut self.host, &mut self.out);
+        for f in self.out.iter() {
+            if self.tap_out.send(f).is_err() {
+                self.engine.ctx.stats.drop(Drop::QueueFull);
+            }
+        }
+        self.out.clear();
+        self.shared.wake_marked(&mut self.wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nat::udp::test_support::*;
+    use std::net::SocketAddrV4;
+
+    fn mac() -> Mac {
+        crate::nat::udp::test_support::setup().0.ctx.mac
+    }
+
+    const HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+
+    #[test]
+    fn flows_go_to_workers_and_the_control_plane_to_control() {
+        let r = Router::new(2);
+        let m = mac();
+        let mut seen = [0usize; 3];
+        for port in 0..64u16 {
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000 + port),
+                SocketAddrV4::new(REMOTE_IP, 53),
+                b"x",
+            );
+            seen[r.route(&f, HOST, m)] += 1;
+        }
+        assert_eq!(seen[2], 0, "no flow goes to control");
+        assert!(seen[0] > 10 && seen[1] > 10, "flows spread: {seen:?}");
+        // DNS and anything else to the virtual host, broadcasts, junk: control.
+        let dns = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(HOST, 53),
+            b"q",
+        );
+        assert_eq!(r.route(&dns, HOST, m), 2);
+        let mut bcast = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 68),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+            b"d",
+        );
+        bcast[..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(r.route(&bcast, HOST, m), 2);
+        assert_eq!(r.route(b"short", HOST, m), 2);
+        assert_eq!(r.route(&[], HOST, m), 2);
+        // Truncated L4 header: control (which counts it as malformed).
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        assert_eq!(r.route(&f[..14 + 20 + 2], HOST, m), 2);
+    }
+
+    #[test]
+    fn both_directions_hash_alike_and_fragments_go_to_control() {
+        let r = Router::new(4);
+        let m = mac();
+        let a = SocketAddrV4::new(GUEST_IP, 4000);
+        let b = SocketAddrV4::new(REMOTE_IP, 80);
+        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), HOST, m);
+        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), HOST, m);
+        assert!(h1.is_some());
+        assert_eq!(h1, h2);
+        let mut frag = udp_frame(a, b, b"x");
+        frag[14 + 6] |= 0x20; // more fragments
+        assert_eq!(r.route(&frag, HOST, m), 4);
+    }
+
+    #[test]
+    fn session_limits_and_ids_hold_across_workers() {
+        let mk = || {
+            setup_with(|c| {
+                c.nat.max_sessions_per_guest = 2;
+            })
+        };
+        let (mut a, mut ha, mut out) = mk();
+        let (mut b, mut hb, _) = mk();
+        let limits = Arc::new(crate::SharedLimits::default());
+        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        for e in [&mut a, &mut b] {
+            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_session_ids(Arc::clone(&ids));
+        }
+        let frame = |port| {
+            udp_frame(
+                SocketAddrV4::new(GUEST_IP, port),
+                SocketAddrV4::new(REMOTE_IP, 9),
+                b"x",
+            )
+        };
+        a.handle_frame(T0, &frame(4001), &mut ha, &mut out);
+        b.handle_frame(T0, &frame(4002), &mut hb, &mut out);
+        assert_eq!(limits.count(crate::nat::Proto::Udp, GUEST_IP), 2);
+        // A third session on either worker is over the guest's limit.
+        a.handle_frame(T0, &frame(4003), &mut ha, &mut out);
+        assert_eq!(a.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(a.nat.udp.len() + b.nat.udp.len(), 2);
+        // Ids are unique across the two engines.
+        let (ia, ib) = (a.nat.sessions()[0].id, b.nat.sessions()[0].id);
+        assert_ne!(ia, ib);
+        // Shutdown releases what the sessions held: a new one is let through.
+        a.shutdown(T0, &mut ha, &mut out);
+        assert_eq!(limits.count(crate::nat::Proto::Udp, GUEST_IP), 1);
+        b.handle_frame(T0, &frame(4004), &mut hb, &mut out);
+        assert_eq!(b.nat.udp.len(), 2);
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_buffer_back_and_wakes_once() {
+        let poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKE).unwrap();
+        let shared = Shared {
+            inboxes: vec![Inbox::new(2, waker)],
+            pool: Pool::new(4, 64),
+        };
+        let mut wake = vec![false];
+        let b = shared.pool.get().unwrap();
+        assert!(shared.forward(0, b, 10, &mut wake).is_ok());
+        assert!(wake[0], "empty -> non-empty wakes");
+        wake[0] = false;
+        let b = shared.pool.get().unwrap();
+        assert!(shared.forward(0, b, 10, &mut wake).is_ok());
+        assert!(!wake[0], "a non-empty queue is not woken again");
+        let b = shared.pool.get().unwrap();
+        let back = shared.forward(0, b, 10, &mut wake);
+        assert!(back.is_err(), "full: the buffer comes back");
+        shared.pool.put(back.unwrap_err());
+        let (buf, len) = shared.inboxes[0].pop().unwrap();
+        assert_eq!((buf.len(), len), (64, 10));
+    }
+}
