@@ -383,6 +383,7 @@ impl TcpNat {
                         ctx: &mut *ctx,
                         io: &mut *io,
                         out: &mut *out,
+                        peek: &mut self.peek,
                     };
                     let _ = c.on_failed(&mut cx);
                 }
