@@ -691,8 +691,7 @@ mod tests {
         let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             panic!()
         };
-        let mut poll = mio::Poll::new().unwrap();
-        let mut host = MioHost::new(poll.registry().try_clone().unwrap());
+        let (mut host, mut poll) = new_host(false);
         let id = host.tcp_connect(addr).unwrap();
         let (mut peer, _) = listener.accept().unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
