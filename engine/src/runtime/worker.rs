@@ -203,10 +203,13 @@ impl Shared {
     }
 }
 
-/// The depth of each queue for frames of `frame_size` bytes: 1024 frames, fewer for large
-/// MTUs (about 8 MiB of buffers a queue, at least 64 frames).
+/// The depth of each queue for frames of `frame_size` bytes: 4096 frames, fewer for large
+/// MTUs (about 16 MiB of buffers a queue, at least 64 frames). Deep enough to ride out the
+/// bursts in which the control thread reads the port faster than one worker handles its flows
+/// (at 1024, a single upload overflowed it tens of thousands of times a run); buffers are
+/// touched only when used.
 pub fn queue_capacity(frame_size: usize) -> usize {
-    ((8 << 20) / frame_size.max(1)).clamp(64, 1024)
+    ((16 << 20) / frame_size.max(1)).clamp(64, 4096)
 }
 
 /// What the control thread asks of a worker.
@@ -591,6 +594,71 @@ mod tests {
         assert_eq!(limits.count(crate::nat::Proto::Udp, GUEST_IP), 1);
         b.handle_frame(T0, &frame(4004), &mut hb, &mut out);
         assert_eq!(b.nat.udp.len(), 2);
+    }
+
+    /// A guest's SYN toward `dst` (no options).
+    fn tcp_syn(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+        use smoltcp::wire::{TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+        let repr = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: None,
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        let mut seg = vec![0u8; repr.buffer_len()];
+        repr.emit(
+            &mut TcpPacket::new_unchecked(&mut seg[..]),
+            &(*src.ip()).into(),
+            &(*dst.ip()).into(),
+            &smoltcp::phy::ChecksumCapabilities::default(),
+        );
+        ipv4_frame(*src.ip(), *dst.ip(), IpProtocol::Tcp, 1, 0, false, &seg)
+    }
+
+    #[test]
+    fn tcp_session_limits_hold_across_workers() {
+        let mk = || setup_with(|c| c.nat.max_sessions_per_guest = 1);
+        let (mut a, mut ha, mut out) = mk();
+        let (mut b, mut hb, _) = mk();
+        let limits = Arc::new(crate::SharedLimits::default());
+        for e in [&mut a, &mut b] {
+            e.ctx.share_limits(Arc::clone(&limits));
+        }
+        let dst = SocketAddrV4::new(REMOTE_IP, 80);
+        a.handle_frame(
+            T0,
+            &tcp_syn(SocketAddrV4::new(GUEST_IP, 5001), dst),
+            &mut ha,
+            &mut out,
+        );
+        assert_eq!(limits.count(crate::nat::Proto::Tcp, GUEST_IP), 1);
+        // The guest's second connection lands on the other worker: still over its limit.
+        b.handle_frame(
+            T0,
+            &tcp_syn(SocketAddrV4::new(GUEST_IP, 5002), dst),
+            &mut hb,
+            &mut out,
+        );
+        assert_eq!(b.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(b.nat.sessions().len(), 0);
+        // Once the first is gone, the other worker lets a new one through.
+        a.shutdown(T0, &mut ha, &mut out);
+        assert_eq!(limits.count(crate::nat::Proto::Tcp, GUEST_IP), 0);
+        b.handle_frame(
+            T0,
+            &tcp_syn(SocketAddrV4::new(GUEST_IP, 5003), dst),
+            &mut hb,
+            &mut out,
+        );
+        assert_eq!(b.nat.sessions().len(), 1);
     }
 
     #[test]

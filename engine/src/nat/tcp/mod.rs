@@ -114,7 +114,7 @@ impl TcpNat {
                 peek: &mut self.peek,
             };
             match c.on_segment(&mut cx, &seg) {
-                Next::Reopen => self.remove(key, io),
+                Next::Reopen => self.remove(key, ctx, io),
                 next => {
                     if next == Next::Keep && c.flush_pending && !c.in_dirty {
                         c.in_dirty = true;
@@ -176,6 +176,7 @@ impl TcpNat {
         if self.live() >= nat.max_sessions
             || guest_count >= nat.max_sessions_per_guest
             || self.half_open >= nat.max_half_open
+            || !ctx.admit_session(Proto::Tcp, *guest.ip())
         {
             reset(ctx, seg, key, out)?;
             return Err(Drop::Limit);
@@ -185,6 +186,7 @@ impl TcpNat {
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
+                ctx.release_session(Proto::Tcp, *guest.ip());
                 log::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
                 log::session_deleted(Proto::Tcp.name(), id);
                 reset(ctx, seg, key, out)?;
@@ -299,7 +301,7 @@ impl TcpNat {
     fn after(&mut self, key: Key, next: Next, ctx: &mut Ctx, io: &mut impl HostIo) {
         match next {
             Next::Keep => self.schedule(key, ctx),
-            Next::Delete | Next::Reopen => self.remove(key, io),
+            Next::Delete | Next::Reopen => self.remove(key, ctx, io),
             Next::TimeWait => {
                 let Some(c) = self.conns.get_mut(&key) else {
                     return;
@@ -309,9 +311,9 @@ impl TcpNat {
                     io.close(s);
                 }
                 self.tombstones += 1;
-                self.dec_guest(*key.0.ip());
+                self.dec_guest(ctx, *key.0.ip());
                 if self.tombstones > ctx.cfg.nat.max_sessions {
-                    self.remove(key, io);
+                    self.remove(key, ctx, io);
                 } else {
                     self.schedule(key, ctx);
                 }
@@ -319,7 +321,10 @@ impl TcpNat {
         }
     }
 
-    fn dec_guest(&mut self, ip: Ipv4Addr) {
+    /// A connection of `ip` stops counting toward the session limits (here and, with several
+    /// workers, in the shared count).
+    fn dec_guest(&mut self, ctx: &Ctx, ip: Ipv4Addr) {
+        ctx.release_session(Proto::Tcp, ip);
         if let Some(n) = self.per_guest.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -329,7 +334,7 @@ impl TcpNat {
     }
 
     /// Forgets a connection, closing its socket.
-    fn remove(&mut self, key: Key, io: &mut impl HostIo) {
+    fn remove(&mut self, key: Key, ctx: &Ctx, io: &mut impl HostIo) {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
@@ -341,9 +346,9 @@ impl TcpNat {
             State::TimeWait => self.tombstones -= 1,
             State::Connecting => {
                 self.half_open -= 1;
-                self.dec_guest(*key.0.ip());
+                self.dec_guest(ctx, *key.0.ip());
             }
-            State::SynReceived | State::Open => self.dec_guest(*key.0.ip()),
+            State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
         }
         log::session_deleted(Proto::Tcp.name(), c.id);
     }
@@ -388,7 +393,7 @@ impl TcpNat {
                     let _ = c.on_failed(&mut cx);
                 }
             }
-            self.remove(key, io);
+            self.remove(key, ctx, io);
         }
         self.dirty.clear();
     }
