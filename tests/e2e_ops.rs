@@ -367,3 +367,44 @@ fn leases_survive_kill_9_and_a_corrupt_lease_file_is_set_aside() {
     );
     assert_eq!(ctl_json(ops, &["dhcp-table"]).as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn sighup_reloads_the_file_and_a_bad_file_changes_nothing() {
+    require_root!();
+    let ops_dir = common::TempDir::new();
+    let ops = ops_dir.0.as_path();
+    let lab = Lab::start(&config(ops, "[nat]\nudp_timeout = 300\n"));
+    wait_control(ops, &lab);
+    assert_eq!(ctl_json(ops, &["nat", "get"])["udp_timeout"], 300);
+    let file = lab.dir.join("hubnat.toml");
+    let hup = || lab.hubnat.as_ref().expect("hubnat runs").signal(1);
+
+    std::fs::write(&file, config(ops, "[nat]\nudp_timeout = 123\n")).unwrap();
+    hup();
+    let reloaded = wait_until(Duration::from_secs(5), || {
+        (ctl_json(ops, &["nat", "get"])["udp_timeout"] == 123).then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "SIGHUP did not reload:\n{}",
+        lab.hubnat_log()
+    );
+    assert!(
+        lab.hubnat_log().contains("nat.udp_timeout: 300 -> 123"),
+        "{}",
+        lab.hubnat_log()
+    );
+
+    // A file with a mistake is refused with the field named; the running settings stay.
+    std::fs::write(&file, config(ops, "[dhcp]\nrange_start = \"10.0.0.1\"\n")).unwrap();
+    hup();
+    let refused = wait_until(Duration::from_secs(5), || {
+        lab.hubnat_log().contains("dhcp.range_start").then_some(())
+    });
+    assert!(refused.is_some(), "{}", lab.hubnat_log());
+    assert_eq!(ctl_json(ops, &["nat", "get"])["udp_timeout"], 123);
+    assert!(lab
+        .hubnat
+        .as_ref()
+        .is_some_and(|p| p.log().contains("dhcp.range_start")));
+}
