@@ -50,6 +50,8 @@ Usage: sudo tools/compare.sh [options]
   --profile P      cargo profile of the binaries (default release)
   --no-build       use target/PROFILE/ as it is
   --keep           keep the work directory (logs of every process) under /tmp
+
+Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1").
 EOF
 }
 
@@ -344,7 +346,7 @@ upstream = ["$SERVER_IP"]
 EOF
   ip netns exec "$NAT_NS" "$HUBNAT" run --tap tap0 --netns "/run/netns/$GUEST_NS" \
     --config "$IDIR/hubnat.toml" --state-dir "$IDIR/hubnat-state" --log warn \
-    > "$IDIR/hubnat.log" 2>&1 &
+    ${HUBNAT_RUN_ARGS:-} > "$IDIR/hubnat.log" 2>&1 &
   PIDS+=($!)
   if ! wait_for 10 ip -n "$GUEST_NS" link show tap0; then
     echo "hubnat did not make tap0: $(first_line "$IDIR/hubnat.log")"; return 1
