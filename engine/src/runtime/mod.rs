@@ -65,6 +65,43 @@ const REPORT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest frame the port delivers: the largest MTU plus the Ethernet header and a VLAN tag.
 const MAX_FRAME: usize = crate::config::MAX_MTU as usize + 18;
 
+/// How long a thread keeps polling without sleeping after it last had something to do.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Waits like `Poll::poll`, but for `SPIN` after the thread last had work it polls without
+/// sleeping first. On a VM a sleeping vCPU takes tens of microseconds to be woken, most of a
+/// request/response round trip through hubnat; the answer a short spin catches is usually
+/// already on its way. Under load there is always work, so the spin never runs; idle, it ends
+/// `SPIN` after the last event.
+pub(crate) fn wait(
+    poll: &mut Poll,
+    events: &mut Events,
+    timeout: Option<Duration>,
+    last_work: &mut std::time::Instant,
+) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    let spin_until = *last_work + SPIN;
+    if timeout != Some(Duration::ZERO) {
+        while std::time::Instant::now() < spin_until {
+            poll.poll(events, Some(Duration::ZERO))?;
+            if !events.is_empty() {
+                *last_work = std::time::Instant::now();
+                return Ok(());
+            }
+            if timeout.is_some_and(|t| start.elapsed() >= t) {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+    }
+    let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
+    poll.poll(events, left)?;
+    if !events.is_empty() {
+        *last_work = std::time::Instant::now();
+    }
+    Ok(())
+}
+
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -419,6 +456,7 @@ impl Runtime {
     /// every host socket closed, the workers' too, and the worker threads are joined.
     pub fn run(&mut self) -> io::Result<Exit> {
         let mut events = Events::with_capacity(1024);
+        let mut last_work = std::time::Instant::now();
         self.engine.start(self.clock.now(), &mut self.out);
         self.flush();
         loop {
@@ -435,7 +473,7 @@ impl Runtime {
                 })
             };
             self.host.submit();
-            match self.poll.poll(&mut events, timeout) {
+            match wait(&mut self.poll, &mut events, timeout, &mut last_work) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

@@ -318,6 +318,7 @@ impl Worker {
 
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        let mut last_work = std::time::Instant::now();
         tracing::debug!(
             "worker {} running ({} sockets)",
             self.index,
@@ -333,7 +334,7 @@ impl Worker {
                 })
             };
             self.host.submit();
-            match self.poll.poll(&mut events, timeout) {
+            match super::wait(&mut self.poll, &mut events, timeout, &mut last_work) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
