@@ -166,7 +166,8 @@ struct RunArgs {
     no_reverse_lookup: bool,
     /// Worker threads carrying the NAT flows (each owns its flows, their TCP state and host
     /// sockets; a control thread keeps ARP, DHCP, DNS and ICMP to the virtual host). Default:
-    /// the number of cores. 1 runs everything on one thread.
+    /// one thread per core in all, i.e. the number of cores less one for the control thread
+    /// (so 1 on a machine of 2 cores or fewer). 1 runs everything on one thread.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where host sockets get readiness from: `uring` (one io_uring per thread), `mio`
@@ -304,9 +305,12 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
     }
 
+    // A worker beside the control thread on every core but one: with a worker per core the
+    // control thread, which reads every frame, has no core of its own, and on 2 cores (measured
+    // in PERF.md) 2 workers lost an upload to full queues and halved the connection rate.
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
-            .map(|n| n.get())
+            .map(|n| n.get().saturating_sub(1).max(1))
             .unwrap_or(1)
     });
     if workers == 0 || workers > 256 {
