@@ -247,16 +247,7 @@ impl IcmpNat {
                 state: "Echo",
             },
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(session);
-                slot
-            }
-            None => {
-                self.slots.push(Some(session));
-                self.slots.len() - 1
-            }
-        };
+        let slot = super::place(&mut self.slots, &mut self.free, session);
         self.by_key.insert(key, slot);
         self.by_sock.insert(sock, slot);
         self.timers.push(Reverse((now + IDLE_TIMEOUT, slot, id)));

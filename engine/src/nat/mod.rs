@@ -46,6 +46,22 @@ pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Dr
     Ok(dst)
 }
 
+/// Puts `v` into a free slot of a session table (one a closed session left, else a new one at
+/// the end) and returns its index. Slots keep their index for a session's life, so timers and
+/// socket maps can name a session by it.
+pub(crate) fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
+    match free.pop() {
+        Some(slot) => {
+            slots[slot] = Some(v);
+            slot
+        }
+        None => {
+            slots.push(Some(v));
+            slots.len() - 1
+        }
+    }
+}
+
 impl Nat {
     pub fn new(cfg: &Config) -> Nat {
         Nat {

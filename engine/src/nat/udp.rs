@@ -221,16 +221,7 @@ impl UdpNat {
             },
             last_len: UDP_HEADER_LEN as u16,
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(session);
-                slot
-            }
-            None => {
-                self.slots.push(Some(session));
-                self.slots.len() - 1
-            }
-        };
+        let slot = super::place(&mut self.slots, &mut self.free, session);
         self.by_key.insert(key, slot);
         self.by_sock.insert(sock, slot);
         *self.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
