@@ -68,7 +68,7 @@ pub struct IcmpNat {
     free: Vec<usize>,
     by_key: HashMap<Key, usize>,
     by_sock: HashMap<SockId, usize>,
-    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    timers: super::IdleTimers,
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
     buf: Box<[u8]>,
@@ -379,20 +379,12 @@ impl IcmpNat {
         }
         self.rearm_scratch = list;
 
-        while let Some(&Reverse((deadline, slot, id))) = self.timers.peek() {
-            if deadline > now {
-                break;
-            }
-            self.timers.pop();
-            let Some(s) = self.slots[slot].as_ref().filter(|s| s.info.id == id) else {
-                continue;
-            };
-            let real = s.info.last_used + IDLE_TIMEOUT;
-            if real > now {
-                self.timers.push(Reverse((real, slot, id)));
-            } else {
-                self.close(slot, io);
-            }
+        while let Some(slot) =
+            super::next_expired(&mut self.timers, &self.slots, now, IDLE_TIMEOUT, |s| {
+                &s.info
+            })
+        {
+            self.close(slot, io);
         }
     }
 }

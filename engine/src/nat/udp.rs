@@ -74,7 +74,7 @@ pub struct UdpNat {
     per_guest: HashMap<Ipv4Addr, usize>,
     /// (deadline, slot, session id): one entry per live session, possibly earlier than its
     /// real deadline.
-    timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    timers: super::IdleTimers,
     /// Sockets that still had data when their read budget ran out.
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
@@ -386,20 +386,10 @@ impl UdpNat {
         self.rearm_scratch = list;
 
         let timeout = ctx.cfg.nat.udp_timeout;
-        while let Some(&Reverse((deadline, slot, id))) = self.timers.peek() {
-            if deadline > now {
-                break;
-            }
-            self.timers.pop();
-            let Some(s) = self.slots[slot].as_ref().filter(|s| s.info.id == id) else {
-                continue;
-            };
-            let real = s.info.last_used + timeout;
-            if real > now {
-                self.timers.push(Reverse((real, slot, id)));
-            } else {
-                self.close(ctx, slot, io);
-            }
+        while let Some(slot) =
+            super::next_expired(&mut self.timers, &self.slots, now, timeout, |s| &s.info)
+        {
+            self.close(ctx, slot, io);
         }
         self.dns.handle_timeout(now, ctx, io, out);
     }
