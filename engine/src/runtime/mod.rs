@@ -206,8 +206,7 @@ pub struct Runtime {
     wake: Vec<bool>,
     /// The configuration the workers were last given.
     worker_cfg: Config,
-    frame: Box<[u8]>,
-    spare: Option<Box<[u8]>>,
+    bufs: worker::ReadBufs,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -366,8 +365,7 @@ impl Runtime {
             router,
             wake,
             worker_cfg,
-            frame: vec![0u8; MAX_FRAME].into_boxed_slice(),
-            spare: None,
+            bufs: worker::ReadBufs::new(MAX_FRAME),
             stop,
             clock,
             out: FrameBatch::new(),
@@ -603,16 +601,12 @@ impl Runtime {
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 // With workers, frames are read into pool buffers so that a worker's frame is
                 // queued without a copy; this thread's own frames reuse the buffer.
-                let pooled = match &self.shared {
-                    Some(sh) => self.spare.take().or_else(|| sh.pool.get()),
-                    None => None,
-                };
-                let from_pool = pooled.is_some();
-                let mut buf = pooled.unwrap_or_else(|| std::mem::take(&mut self.frame));
+                let pool = self.shared.as_ref().map(|sh| &sh.pool);
+                let (mut buf, from_pool) = self.bufs.take(pool);
                 let n = match self.tap.recv(&mut buf) {
                     Ok(n) => n,
                     Err(e) => {
-                        self.put_back(buf, from_pool);
+                        self.bufs.put_back(buf, from_pool);
                         match e.kind() {
                             io::ErrorKind::WouldBlock => {
                                 self.flush();
@@ -633,28 +627,21 @@ impl Runtime {
                 if to == me {
                     self.engine
                         .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
-                    self.put_back(buf, from_pool);
+                    self.bufs.put_back(buf, from_pool);
                     continue;
                 }
                 let sh = self.shared.as_ref().expect("workers share queues");
-                if !from_pool {
-                    // The pool ran dry: every queue is full.
-                    self.engine.ctx.stats.drop(Drop::QueueFull);
-                    self.put_back(buf, false);
-                } else if let Err(buf) = sh.forward(to, buf, n, &mut self.wake) {
-                    self.engine.ctx.stats.drop(Drop::QueueFull);
-                    self.put_back(buf, true);
-                }
+                let stats = &mut self.engine.ctx.stats;
+                sh.hand_over(
+                    to,
+                    (buf, from_pool),
+                    n,
+                    &mut self.bufs,
+                    &mut self.wake,
+                    stats,
+                );
             }
             self.flush();
-        }
-    }
-
-    fn put_back(&mut self, buf: Box<[u8]>, from_pool: bool) {
-        if from_pool {
-            self.spare = Some(buf);
-        } else {
-            self.frame = buf;
         }
     }
 

@@ -193,6 +193,27 @@ impl Shared {
         }
     }
 
+    /// Hands a frame read into `buf` (a pool buffer when `from_pool`) to thread `to`'s queue.
+    /// A full queue, or a dry pool (the frame then sits in the reader's own buffer, which
+    /// cannot travel), drops the frame and counts it; the buffer goes back to `bufs`.
+    pub(crate) fn hand_over(
+        &self,
+        to: usize,
+        (buf, from_pool): (Box<[u8]>, bool),
+        len: usize,
+        bufs: &mut ReadBufs,
+        wake: &mut [bool],
+        stats: &mut crate::Stats,
+    ) {
+        if !from_pool {
+            stats.drop(Drop::QueueFull);
+            bufs.put_back(buf, false);
+        } else if let Err(buf) = self.forward(to, buf, len, wake) {
+            stats.drop(Drop::QueueFull);
+            bufs.put_back(buf, true);
+        }
+    }
+
     /// Wakes the threads marked in `wake` and clears the marks.
     pub fn wake_marked(&self, wake: &mut [bool]) {
         for (i, w) in wake.iter_mut().enumerate() {
@@ -210,6 +231,38 @@ impl Shared {
 /// touched only when used.
 pub fn queue_capacity(frame_size: usize) -> usize {
     ((16 << 20) / frame_size.max(1)).clamp(64, 4096)
+}
+
+/// The buffers a thread reads port frames into: pool buffers, so that a frame for another
+/// thread is queued without a copy, and one of its own for when the pool runs dry.
+pub(crate) struct ReadBufs {
+    spare: Option<Box<[u8]>>,
+    own: Box<[u8]>,
+}
+
+impl ReadBufs {
+    pub fn new(frame_size: usize) -> ReadBufs {
+        ReadBufs {
+            spare: None,
+            own: vec![0u8; frame_size].into_boxed_slice(),
+        }
+    }
+
+    /// A buffer to read into, and whether it is the pool's.
+    pub fn take(&mut self, pool: Option<&Pool>) -> (Box<[u8]>, bool) {
+        match self.spare.take().or_else(|| pool.and_then(Pool::get)) {
+            Some(b) => (b, true),
+            None => (std::mem::take(&mut self.own), false),
+        }
+    }
+
+    pub fn put_back(&mut self, buf: Box<[u8]>, from_pool: bool) {
+        if from_pool {
+            self.spare = Some(buf);
+        } else {
+            self.own = buf;
+        }
+    }
 }
 
 /// What the control thread asks of a worker.
@@ -259,8 +312,7 @@ struct Worker {
     out: FrameBatch,
     host_events: Vec<crate::HostEvent>,
     wake: Vec<bool>,
-    scratch: Box<[u8]>,
-    spare: Option<Box<[u8]>>,
+    bufs: ReadBufs,
 }
 
 /// The worker thread's body.
@@ -311,8 +363,7 @@ impl Worker {
             out: FrameBatch::new(),
             host_events: Vec::new(),
             wake: vec![false; n],
-            scratch: vec![0u8; s.frame_size].into_boxed_slice(),
-            spare: None,
+            bufs: ReadBufs::new(s.frame_size),
         })
     }
 
@@ -412,15 +463,11 @@ impl Worker {
         };
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
-                let pooled = self.spare.take().or_else(|| self.shared.pool.get());
-                let (mut buf, from_pool) = match pooled {
-                    Some(b) => (b, true),
-                    None => (std::mem::take(&mut self.scratch), false),
-                };
+                let (mut buf, from_pool) = self.bufs.take(Some(&self.shared.pool));
                 let n = match tap.recv(&mut buf) {
                     Ok(n) => n,
                     Err(e) => {
-                        self.put_back(buf, from_pool);
+                        self.bufs.put_back(buf, from_pool);
                         match e.kind() {
                             io::ErrorKind::WouldBlock => {
                                 self.flush();
@@ -438,24 +485,20 @@ impl Worker {
                 if to == self.index {
                     self.engine
                         .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
-                    self.put_back(buf, from_pool);
-                } else if !from_pool {
-                    self.engine.ctx.stats.drop(Drop::QueueFull);
-                    self.put_back(buf, false);
-                } else if let Err(buf) = self.shared.forward(to, buf, n, &mut self.wake) {
-                    self.engine.ctx.stats.drop(Drop::QueueFull);
-                    self.put_back(buf, true);
+                    self.bufs.put_back(buf, from_pool);
+                } else {
+                    let stats = &mut self.engine.ctx.stats;
+                    self.shared.hand_over(
+                        to,
+                        (buf, from_pool),
+                        n,
+                        &mut self.bufs,
+                        &mut self.wake,
+                        stats,
+                    );
                 }
             }
             self.flush();
-        }
-    }
-
-    fn put_back(&mut self, buf: Box<[u8]>, from_pool: bool) {
-        if from_pool {
-            self.spare = Some(buf);
-        } else {
-            self.scratch = buf;
         }
     }
 
