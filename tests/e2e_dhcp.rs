@@ -20,7 +20,7 @@ fn in_default_range(ip: &str) -> bool {
 /// directory is written into the script: `@DIR@`): records the variables of each run in `dhclient.REASON` and
 /// configures the interface itself (the system's hooks, which rewrite resolv.conf, never run).
 const DHCLIENT_SCRIPT: &str = r#"#!/bin/sh
-env | grep -E '^(reason|interface|new_|old_)' > "@DIR@/dhclient.$reason"
+env | grep -E '^(reason|interface|new_|old_)' > "@DIR@/dhclient.$reason.tmp"
 case "$reason" in
   PREINIT) ip link set "$interface" up ;;
   BOUND|RENEW|REBIND|REBOOT)
@@ -29,6 +29,8 @@ case "$reason" in
     if [ -n "$new_routers" ]; then ip route replace default via "${new_routers%% *}" dev "$interface"; fi ;;
   RELEASE|EXPIRE|STOP|FAIL) ip -4 addr flush dev "$interface" ;;
 esac
+# The record appears whole, and only once the interface is configured as it says.
+mv "@DIR@/dhclient.$reason.tmp" "@DIR@/dhclient.$reason"
 exit 0
 "#;
 
