@@ -430,17 +430,22 @@ mod tests {
     use crate::sim::{SimHost, SimSocket};
     use smoltcp::wire::Icmpv4Message;
 
-    fn echo_frame(dst: Ipv4Addr, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
-        let repr = Icmpv4Repr::EchoRequest {
-            ident,
-            seq_no: seq,
-            data,
-        };
+    /// The bytes of one ICMP message (header, data, checksum).
+    fn icmp_bytes(repr: &Icmpv4Repr) -> Vec<u8> {
         let mut msg = vec![0u8; repr.buffer_len()];
         repr.emit(
             &mut Icmpv4Packet::new_unchecked(&mut msg[..]),
             &ChecksumCapabilities::default(),
         );
+        msg
+    }
+
+    fn echo_frame(dst: Ipv4Addr, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let msg = icmp_bytes(&Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no: seq,
+            data,
+        });
         ipv4_frame(GUEST_IP, dst, IpProtocol::Icmp, 1, 0, false, &msg)
     }
 
@@ -460,17 +465,11 @@ mod tests {
     }
 
     fn reply_msg(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
-        let repr = Icmpv4Repr::EchoReply {
+        icmp_bytes(&Icmpv4Repr::EchoReply {
             ident,
             seq_no: seq,
             data,
-        };
-        let mut msg = vec![0u8; repr.buffer_len()];
-        repr.emit(
-            &mut Icmpv4Packet::new_unchecked(&mut msg[..]),
-            &ChecksumCapabilities::default(),
-        );
-        msg
+        })
     }
 
     fn icmp_ids(h: &SimHost) -> Vec<SockId> {

@@ -79,6 +79,24 @@ pub struct Cx<'a, H: HostIo> {
     pub peek: &'a mut PeekCache,
 }
 
+impl<'a, H: HostIo> Cx<'a, H> {
+    pub fn new(
+        now: Instant,
+        ctx: &'a mut Ctx,
+        io: &'a mut H,
+        out: &'a mut FrameBatch,
+        peek: &'a mut PeekCache,
+    ) -> Cx<'a, H> {
+        Cx {
+            now,
+            ctx,
+            io,
+            out,
+            peek,
+        }
+    }
+}
+
 /// Most a connection peeks from its socket in one call when it has room for several segments.
 const PEEK_MAX: usize = 64 * 1024;
 

@@ -106,13 +106,7 @@ impl TcpNat {
         let seg = segment::parse(ip)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {
-            let mut cx = Cx {
-                now,
-                ctx: &mut *ctx,
-                io: &mut *io,
-                out: &mut *out,
-                peek: &mut self.peek,
-            };
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
             match c.on_segment(&mut cx, &seg) {
                 Next::Reopen => self.remove(key, ctx, io),
                 next => {
@@ -233,13 +227,7 @@ impl TcpNat {
             if !c.flush_pending {
                 continue;
             }
-            let mut cx = Cx {
-                now,
-                ctx: &mut *ctx,
-                io: &mut *io,
-                out: &mut *out,
-                peek: &mut self.peek,
-            };
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
             let next = c.flush_writes(&mut cx);
             self.after(key, next, ctx, io);
         }
@@ -268,13 +256,7 @@ impl TcpNat {
             self.by_sock.remove(&sock);
             return Some(ev);
         };
-        let mut cx = Cx {
-            now,
-            ctx: &mut *ctx,
-            io: &mut *io,
-            out: &mut *out,
-            peek: &mut self.peek,
-        };
+        let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
         let next = match ev {
             HostEvent::Connected(_) => {
                 if c.state == State::Connecting {
@@ -383,13 +365,7 @@ impl TcpNat {
         for key in keys {
             if let Some(c) = self.conns.get_mut(&key) {
                 if c.state != State::TimeWait {
-                    let mut cx = Cx {
-                        now,
-                        ctx: &mut *ctx,
-                        io: &mut *io,
-                        out: &mut *out,
-                        peek: &mut self.peek,
-                    };
+                    let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
                     let _ = c.on_failed(&mut cx);
                 }
             }
@@ -453,13 +429,7 @@ impl TcpNat {
                 let t = c.target;
                 log::tcp_connect_failed(c.id, *t.ip(), t.port(), "timed out");
             }
-            let mut cx = Cx {
-                now,
-                ctx: &mut *ctx,
-                io: &mut *io,
-                out: &mut *out,
-                peek: &mut self.peek,
-            };
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
             let next = c.on_timer(&mut cx, idle);
             self.after(key, next, ctx, io);
         }
