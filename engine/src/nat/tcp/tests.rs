@@ -664,6 +664,48 @@ fn download_honours_window_scaling() {
 }
 
 #[test]
+fn download_flight_is_capped_under_a_huge_window() {
+    let mut t = T::new();
+    let mut o = NONE;
+    o.mss = Some(1460);
+    o.ws = Some(10);
+    t.establish(o);
+    let total = 16 << 20;
+    let data = bytes(total);
+    let sock = t.sock;
+    t.h.deliver_tcp(sock, &data);
+    let (mut acked, mut sent, mut peak) = (0usize, 0usize, 0usize);
+    let mut got = t.pump();
+    while acked < total {
+        let end = got
+            .iter()
+            .map(|g| g.seq.wrapping_sub(t.iss + 1) as usize + g.payload.len())
+            .max()
+            .unwrap_or(sent);
+        sent = sent.max(end);
+        peak = peak.max(sent - acked);
+        assert!(
+            sent - acked <= 256 * 1024,
+            "{} bytes in flight",
+            sent - acked
+        );
+        assert_eq!(t.tcp().recv.len(), total - acked);
+        // A guest that acknowledges a quarter of what is outstanding lets the flight grow.
+        acked = if sent - acked > 5840 {
+            acked + (sent - acked) / 4
+        } else {
+            sent
+        };
+        // The guest's window stays at 64 MiB: only the cap holds the flight back.
+        let mut a = t.ack(acked);
+        a.window = 65535;
+        got = t.send(&a);
+    }
+    assert!(peak > 240 * 1024, "the flight never grew past {peak} bytes");
+    assert_eq!(t.tcp().recv.len(), 0);
+}
+
+#[test]
 fn loss_rto_retransmits_with_backoff_then_resets() {
     let mut t = T::new();
     t.establish(NONE);
