@@ -37,7 +37,7 @@ use crate::control::metrics;
 
 use crate::hostio::HostEvent;
 use crate::output::FrameBatch;
-use crate::port::tap::Tap;
+use crate::port::tap::{Tap, TapWriter};
 use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
@@ -207,6 +207,8 @@ pub struct Runtime {
     /// The configuration the workers were last given.
     worker_cfg: Config,
     bufs: worker::ReadBufs,
+    /// Made on first use, on the thread that runs the loop (its ring's only submitter).
+    writer: Option<TapWriter>,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -366,6 +368,7 @@ impl Runtime {
             wake,
             worker_cfg,
             bufs: worker::ReadBufs::new(MAX_FRAME),
+            writer: None,
             stop,
             clock,
             out: FrameBatch::new(),
@@ -671,13 +674,13 @@ impl Runtime {
         self.engine.flush(now, &mut self.host, &mut self.out);
         // The lease table reaches the disk before the ACK that grants a lease reaches the guest.
         self.save_leases();
-        for f in self.out.iter() {
-            if let Err(e) = self.tap.send(f) {
-                // The device's queue is full or the link is down: drop, count, go on.
-                self.engine.ctx.stats.drop(Drop::QueueFull);
-                tracing::trace!("TAP write failed: {e}");
-            }
-        }
+        let tap = &self.tap;
+        let failed = self
+            .writer
+            .get_or_insert_with(|| TapWriter::new(tap))
+            .send_all(self.out.iter());
+        // The device's queue is full or the link is down: drop, count, go on.
+        self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
         self.out.clear();
         if let Some(sh) = &self.shared {
             sh.wake_marked(&mut self.wake);

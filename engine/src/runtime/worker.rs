@@ -28,7 +28,7 @@ use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
 use crate::config::{Config, Mac};
 use crate::control::api::WorkerReport;
 use crate::output::FrameBatch;
-use crate::port::tap::Tap;
+use crate::port::tap::{Tap, TapWriter};
 use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
@@ -313,6 +313,8 @@ struct Worker {
     host_events: Vec<crate::HostEvent>,
     wake: Vec<bool>,
     bufs: ReadBufs,
+    /// Made on first use, on this thread (its ring's only submitter).
+    writer: Option<TapWriter>,
 }
 
 /// The worker thread's body.
@@ -364,6 +366,7 @@ impl Worker {
             host_events: Vec::new(),
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
+            writer: None,
         })
     }
 
@@ -524,11 +527,12 @@ impl Worker {
     fn flush(&mut self) {
         let now = self.clock.now();
         self.engine.flush(now, &mut self.host, &mut self.out);
-        for f in self.out.iter() {
-            if self.tap_out.send(f).is_err() {
-                self.engine.ctx.stats.drop(Drop::QueueFull);
-            }
-        }
+        let tap = &self.tap_out;
+        let failed = self
+            .writer
+            .get_or_insert_with(|| TapWriter::new(tap))
+            .send_all(self.out.iter());
+        self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
         self.out.clear();
         self.shared.wake_marked(&mut self.wake);
     }
