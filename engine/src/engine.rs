@@ -42,6 +42,8 @@ pub struct Ctx {
 pub struct SharedLimits {
     counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
     totals: [AtomicU32; 4],
+    /// TCP connections whose host connect is in progress, across the engines.
+    half_open: AtomicU32,
 }
 
 impl SharedLimits {
@@ -80,6 +82,26 @@ impl SharedLimits {
             }
             self.totals[i].fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Takes a half-open (connecting) TCP slot unless `max` are taken.
+    fn admit_half_open(&self, max: usize) -> bool {
+        self.half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                ((n as usize) < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_half_open(&self) {
+        let _ = self
+            .half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// TCP connections connecting to their host, across the engines sharing these limits.
+    pub fn half_open(&self) -> usize {
+        self.half_open.load(Ordering::Acquire) as usize
     }
 
     /// Sessions of `proto` counted for `guest`.
@@ -142,6 +164,23 @@ impl Ctx {
     pub fn release_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
         if let Some(l) = &self.limits {
             l.release(proto, guest);
+        }
+    }
+
+    /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
+    /// TCP connection whose host connect is in progress); false when they are all taken. Always
+    /// true for a lone engine (TCP counts its own).
+    pub fn admit_half_open(&self) -> bool {
+        match &self.limits {
+            Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
+            None => true,
+        }
+    }
+
+    /// Gives back what `admit_half_open` took.
+    pub fn release_half_open(&self) {
+        if let Some(l) = &self.limits {
+            l.release_half_open();
         }
     }
 

@@ -706,6 +706,48 @@ mod tests {
     }
 
     #[test]
+    fn the_half_open_limit_holds_across_workers() {
+        let mk = || setup_with(|c| c.nat.max_half_open = 2);
+        let (mut a, mut ha, mut out) = mk();
+        let (mut b, mut hb, _) = mk();
+        let limits = Arc::new(crate::SharedLimits::default());
+        for e in [&mut a, &mut b] {
+            e.ctx.share_limits(Arc::clone(&limits));
+        }
+        let syn = |port| {
+            tcp_syn(
+                SocketAddrV4::new(GUEST_IP, port),
+                SocketAddrV4::new(REMOTE_IP, 80),
+            )
+        };
+        a.handle_frame(T0, &syn(5001), &mut ha, &mut out);
+        b.handle_frame(T0, &syn(5002), &mut hb, &mut out);
+        assert_eq!(limits.half_open(), 2);
+        assert_eq!((a.nat.tcp.half_open(), b.nat.tcp.half_open()), (1, 1));
+        // Each worker alone is under the limit; together they are at it.
+        a.handle_frame(T0, &syn(5003), &mut ha, &mut out);
+        assert_eq!(a.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(a.nat.sessions().len(), 1);
+        assert_eq!(limits.half_open(), 2);
+        assert_eq!(
+            limits.count(crate::nat::Proto::Tcp, GUEST_IP),
+            2,
+            "the refused one is not counted"
+        );
+        // b's connect completes: its slot is free for a's next SYN.
+        for ev in hb.drain_events() {
+            b.handle_host_event(T0, ev, &mut hb, &mut out);
+        }
+        assert_eq!(limits.half_open(), 1);
+        a.handle_frame(T0, &syn(5004), &mut ha, &mut out);
+        assert_eq!(a.nat.sessions().len(), 2);
+        assert_eq!(limits.half_open(), 2);
+        // A connection removed while connecting gives its slot back.
+        a.shutdown(T0, &mut ha, &mut out);
+        assert_eq!(limits.half_open(), 0);
+    }
+
+    #[test]
     fn a_full_queue_gives_the_buffer_back_and_wakes_once() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKE).unwrap();

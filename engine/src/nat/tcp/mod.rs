@@ -175,12 +175,18 @@ impl TcpNat {
             reset(ctx, seg, key, out)?;
             return Err(Drop::Limit);
         }
+        if !ctx.admit_half_open() {
+            ctx.release_session(Proto::Tcp, *guest.ip());
+            reset(ctx, seg, key, out)?;
+            return Err(Drop::Limit);
+        }
         let id = ctx.next_session_id();
         log::session_created(Proto::Tcp.name(), id, guest, dst);
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
                 ctx.release_session(Proto::Tcp, *guest.ip());
+                ctx.release_half_open();
                 log::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
                 log::session_deleted(Proto::Tcp.name(), id);
                 reset(ctx, seg, key, out)?;
@@ -261,6 +267,7 @@ impl TcpNat {
             HostEvent::Connected(_) => {
                 if c.state == State::Connecting {
                     self.half_open -= 1;
+                    cx.ctx.release_half_open();
                     let t = c.target;
                     log::tcp_connected(c.id, &t.ip().to_string(), *t.ip(), t.port());
                 }
@@ -328,6 +335,7 @@ impl TcpNat {
             State::TimeWait => self.tombstones -= 1,
             State::Connecting => {
                 self.half_open -= 1;
+                ctx.release_half_open();
                 self.dec_guest(ctx, *key.0.ip());
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
