@@ -440,6 +440,22 @@ impl Engine {
         self.count_out(out, before);
     }
 
+    /// With `on`, this engine no longer expires idle NAT sessions by itself (`poll_timeout`
+    /// does not wake for them): the caller runs `expire_sessions` on its own schedule. A worker
+    /// of a multi-worker runtime runs so, on the control thread's tick.
+    pub fn set_external_expiry(&mut self, on: bool) {
+        self.nat.set_external_expiry(on, &self.ctx);
+    }
+
+    /// Ends the NAT sessions (TCP, UDP, ICMP) idle past their timeouts at `now`, and forgets
+    /// stale neighbours.
+    pub fn expire_sessions(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.expire_sessions(now, &mut self.ctx, io, out);
+        self.ctx.arp.expire(now);
+        self.count_out(out, before);
+    }
+
     /// When `handle_timeout` next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         earliest(self.dhcp.poll_timeout(), self.nat.poll_timeout())

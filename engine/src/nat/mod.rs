@@ -194,6 +194,28 @@ impl Nat {
         self.icmp.close_all(io);
     }
 
+    /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
+    /// `poll_timeout` wake for it): `expire_sessions` does it when the caller says (a worker of
+    /// a multi-worker runtime, on the control thread's tick). TCP's protocol timers stay.
+    pub fn set_external_expiry(&mut self, on: bool, ctx: &Ctx) {
+        self.udp.external_idle = on;
+        self.icmp.external_idle = on;
+        self.tcp.set_external_idle(on, ctx);
+    }
+
+    /// Ends the TCP, UDP and ICMP sessions idle past their timeouts at `now`.
+    pub fn expire_sessions(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        self.tcp.expire_idle(now, ctx, io, out);
+        self.udp.expire_idle(now, ctx, io);
+        self.icmp.expire_idle(now, io);
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = earliest(self.tcp.poll_timeout(), self.udp.poll_timeout());
         let t = earliest(t, self.icmp.poll_timeout());

@@ -219,6 +219,8 @@ pub struct Runtime {
     lease_file: Option<PathBuf>,
     saved_generation: u64,
     lease_save_failing: bool,
+    /// When the workers are next told to expire idle sessions (None: no workers).
+    next_expire: Option<Instant>,
 }
 
 impl std::ops::Drop for Runtime {
@@ -321,6 +323,8 @@ impl Runtime {
                 );
                 e.ctx.share_session_ids(Arc::clone(&ids));
                 e.ctx.share_limits(Arc::clone(&limits));
+                // Idle expiry is this thread's schedule (`tick_expiry`).
+                e.set_external_expiry(true);
                 let (tap_in, tap_out) = if !multiqueue {
                     (None, Arc::clone(&tap))
                 } else if index == 0 {
@@ -382,7 +386,11 @@ impl Runtime {
             lease_file: opts.lease_file,
             saved_generation: 0,
             lease_save_failing: false,
+            next_expire: None,
         };
+        if !rt.workers.is_empty() {
+            rt.next_expire = Some(clock.now() + expiry_tick(&rt.engine.ctx.cfg));
+        }
         rt.restore_leases();
         Ok(rt)
     }
@@ -465,7 +473,8 @@ impl Runtime {
             let timeout = if inbox_waiting {
                 Some(Duration::ZERO)
             } else {
-                self.engine.poll_timeout().map(|t| {
+                let next = crate::time::earliest(self.engine.poll_timeout(), self.next_expire);
+                next.map(|t| {
                     let now = self.clock.now();
                     t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
                 })
@@ -510,6 +519,7 @@ impl Runtime {
                 self.engine
                     .handle_timeout(now, &mut self.host, &mut self.out);
             }
+            self.tick_expiry(now);
             self.flush();
             if stop {
                 self.drain_stop();
@@ -576,6 +586,23 @@ impl Runtime {
             }
         }
         out
+    }
+
+    /// Tells every worker to expire its idle sessions when the tick is due: the workers' engines
+    /// keep no idle timers of their own (their sleep is not cut short for them), the control
+    /// thread keeps the schedule.
+    fn tick_expiry(&mut self, now: Instant) {
+        if self.next_expire.is_none_or(|t| t > now) {
+            return;
+        }
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.cmds.send(Cmd::Expire(now)).is_ok() {
+                if let Some(sh) = &self.shared {
+                    sh.inboxes[i].wake();
+                }
+            }
+        }
+        self.next_expire = Some(now + expiry_tick(&self.engine.ctx.cfg));
     }
 
     /// Gives the workers the control engine's configuration if it changed.
@@ -904,6 +931,17 @@ impl Runtime {
     fn close_conn(&mut self, mut c: Conn) {
         let _ = self.poll.registry().deregister(c.stream.source());
     }
+}
+
+/// How often the workers are told to expire idle sessions: a tenth of the shortest idle
+/// timeout, between 100 ms and 1 s (a session ends at most that late).
+fn expiry_tick(cfg: &Config) -> Duration {
+    let shortest = cfg
+        .nat
+        .udp_timeout
+        .min(cfg.nat.tcp_timeout)
+        .min(crate::nat::icmp::IDLE_TIMEOUT);
+    (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// Binds the control socket at `path`, readable and writable by its owner only. A stale socket

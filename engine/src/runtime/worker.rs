@@ -271,6 +271,9 @@ pub enum Cmd {
     Reconfigure(Box<Config>),
     /// Send counters and sessions back.
     Report(Sender<WorkerReport>),
+    /// End the sessions idle past their timeouts at this time (the control thread keeps the
+    /// schedule: a worker's engine does not expire sessions by itself).
+    Expire(crate::Instant),
     /// Reset every guest session, close every host socket, end the thread.
     Shutdown,
 }
@@ -419,6 +422,10 @@ impl Worker {
                             stats: self.engine.ctx.stats.clone(),
                             sessions: self.engine.nat.sessions(),
                         });
+                    }
+                    Ok(Cmd::Expire(t)) => {
+                        self.engine
+                            .expire_sessions(t, &mut self.host, &mut self.out)
                     }
                     Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => stop = true,
                     Err(TryRecvError::Empty) => break,
@@ -745,6 +752,84 @@ mod tests {
         // A connection removed while connecting gives its slot back.
         a.shutdown(T0, &mut ha, &mut out);
         assert_eq!(limits.half_open(), 0);
+    }
+
+    #[test]
+    fn a_worker_engine_expires_sessions_only_when_told() {
+        use std::time::Duration;
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
+        let limits = Arc::new(crate::SharedLimits::default());
+        e.ctx.share_limits(Arc::clone(&limits));
+        e.set_external_expiry(true);
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        assert_eq!(e.poll_timeout(), None, "no wake-up for idle expiry");
+        let late = T0 + Duration::from_secs(3600);
+        e.handle_timeout(late, &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1, "its own timers never expire it");
+        // The control thread's tick: not yet idle long enough, then idle.
+        e.expire_sessions(T0 + Duration::from_secs(59), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        e.expire_sessions(T0 + Duration::from_secs(60), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 0);
+        assert_eq!(limits.count(crate::nat::Proto::Udp, GUEST_IP), 0);
+        assert_eq!(h.closed.len(), 1);
+
+        // A lone engine keeps expiring by itself, as before.
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(60)));
+        e.handle_timeout(T0 + Duration::from_secs(60), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 0);
+    }
+
+    #[test]
+    fn a_worker_engine_keeps_tcp_timers_but_not_the_idle_one() {
+        use std::time::Duration;
+        let mk = || {
+            setup_with(|c| {
+                c.nat.tcp_timeout = Duration::from_secs(60);
+                c.nat.tcp_connect_timeout = Duration::from_secs(1000);
+            })
+        };
+        let syn = tcp_syn(
+            SocketAddrV4::new(GUEST_IP, 5001),
+            SocketAddrV4::new(REMOTE_IP, 80),
+        );
+        // Lone: the idle deadline (60 s) comes before the connect timeout.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(60)));
+        // Worker: only the connect timeout is its own.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.set_external_expiry(true);
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
+        e.handle_timeout(T0 + Duration::from_secs(100), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 1);
+        out.clear();
+        e.expire_sessions(T0 + Duration::from_secs(59), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 1);
+        e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 0, "idle: reset");
+        assert_eq!(out.len(), 1, "the guest gets its RST");
+        assert_eq!(e.nat.tcp.half_open(), 0);
+
+        // Switching on with connections open moves their idle deadlines to the external list.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        e.set_external_expiry(true);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
+        e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 0);
     }
 
     #[test]
