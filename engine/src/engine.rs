@@ -201,6 +201,18 @@ impl Ctx {
     }
 }
 
+/// What `Engine::reassemble` did with a frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reassembly {
+    /// Not an IPv4 fragment for the NAT: untouched and not counted; `handle_frame` it.
+    NotFragment,
+    /// A fragment, counted and kept (or dropped and counted as such); nothing more to do.
+    Taken,
+    /// The fragment completed its datagram, now in the caller's buffer as an Ethernet frame:
+    /// give it to `handle_reassembled` of the engine that owns its flow.
+    Whole,
+}
+
 pub struct Engine {
     pub ctx: Ctx,
     pub dhcp: DhcpServer,
@@ -307,6 +319,120 @@ impl Engine {
             self.ctx.stats.drop(why);
         }
         self.count_out(out, before);
+    }
+
+    /// Reassembly for a runtime whose NAT flows live on several engines: when `frame` is an
+    /// IPv4 fragment addressed to the virtual host's MAC, it is checked and added to this
+    /// engine's reassembly (and counted as a frame in); when it completes its datagram, `whole`
+    /// receives the datagram as one Ethernet frame (the fragment's Ethernet header, the
+    /// reassembled IPv4 packet: up to 65535 + 14 bytes), to be handled with
+    /// `handle_reassembled` by whichever engine owns the datagram's flow. Any other frame is
+    /// left for `handle_frame`.
+    pub fn reassemble(&mut self, now: Instant, frame: &[u8], whole: &mut Vec<u8>) -> Reassembly {
+        if !self.is_nat_fragment(frame) {
+            return Reassembly::NotFragment;
+        }
+        self.ctx.stats.frames_in += 1;
+        self.ctx.stats.bytes_in += frame.len() as u64;
+        match self.reassemble_fragment(now, frame, whole) {
+            Ok(true) => Reassembly::Whole,
+            Ok(false) => Reassembly::Taken,
+            Err(why) => {
+                self.ctx.stats.drop(why);
+                Reassembly::Taken
+            }
+        }
+    }
+
+    fn is_nat_fragment(&self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if !self.ctx.cfg.enabled
+            || eth.ethertype() != EthernetProtocol::Ipv4
+            || crate::wire::mac(eth.dst_addr()) != self.ctx.mac
+        {
+            return false;
+        }
+        Ipv4Packet::new_checked(eth.payload())
+            .is_ok_and(|ip| ip.more_frags() || ip.frag_offset() != 0)
+    }
+
+    fn reassemble_fragment(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        whole: &mut Vec<u8>,
+    ) -> Result<bool, Drop> {
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let src_mac = crate::wire::mac(eth.src_addr());
+        if src_mac == self.ctx.mac || src_mac.0[0] & 1 != 0 {
+            return Err(Drop::Foreign);
+        }
+        let bytes = eth.payload();
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        if !ip.verify_checksum() {
+            return Err(Drop::BadChecksum);
+        }
+        let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
+        let src = ip.src_addr();
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        let Some(datagram) = self.nat.frag.add(now, &ip)? else {
+            return Ok(false);
+        };
+        whole.clear();
+        whole.extend_from_slice(&frame[..smoltcp::wire::ETHERNET_HEADER_LEN]);
+        whole.extend_from_slice(datagram);
+        Ok(true)
+    }
+
+    /// Handles a datagram `reassemble` completed (on this engine or another's): `frame` is
+    /// the Ethernet frame it wrote. Its fragments were counted as frames in where they arrived.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let before = out.len();
+        if let Err(why) = self.dispatch_reassembled(now, frame, io, out) {
+            self.ctx.stats.drop(why);
+        }
+        self.count_out(out, before);
+    }
+
+    fn dispatch_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if !self.ctx.cfg.enabled {
+            return Err(Drop::Disabled);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Drop::Malformed)?;
+        if ip.more_frags() || ip.frag_offset() != 0 || !ip.verify_checksum() {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_unchecked(&eth.payload()[..ip.total_len() as usize]);
+        // The engine that owns the flow needs the guest's MAC to answer it.
+        let (src, src_mac) = (ip.src_addr(), crate::wire::mac(eth.src_addr()));
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        self.nat
+            .handle_reassembled(now, &mut self.ctx, &ip, io, out)
     }
 
     fn count_out(&mut self, out: &FrameBatch, before: usize) {

@@ -128,6 +128,20 @@ impl Nat {
         Self::handle_whole(protos, now, ctx, ip, io, out)
     }
 
+    /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
+    /// produced, as `handle_ipv4` does once its fragments are in.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, ip, io, out)
+    }
+
     fn handle_whole(
         (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
         now: Instant,

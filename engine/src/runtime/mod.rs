@@ -221,6 +221,8 @@ pub struct Runtime {
     lease_save_failing: bool,
     /// When the workers are next told to expire idle sessions (None: no workers).
     next_expire: Option<Instant>,
+    /// Scratch for a datagram reassembled here for a worker's flow.
+    whole: Vec<u8>,
 }
 
 impl std::ops::Drop for Runtime {
@@ -387,6 +389,7 @@ impl Runtime {
             saved_generation: 0,
             lease_save_failing: false,
             next_expire: None,
+            whole: Vec::new(),
         };
         if !rt.workers.is_empty() {
             rt.next_expire = Some(clock.now() + expiry_tick(&rt.engine.ctx.cfg));
@@ -652,8 +655,7 @@ impl Runtime {
                         .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
                 };
                 if to == me {
-                    self.engine
-                        .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
+                    self.handle_own(now, &buf[..n]);
                     self.bufs.put_back(buf, from_pool);
                     continue;
                 }
@@ -672,6 +674,26 @@ impl Runtime {
         }
     }
 
+    /// Handles a frame this thread owns; with workers, fragments are reassembled and the
+    /// datagram handed to its flow's owner (`Shared::control_frame`).
+    fn handle_own(&mut self, now: Instant, frame: &[u8]) {
+        match &self.shared {
+            None => self
+                .engine
+                .handle_frame(now, frame, &mut self.host, &mut self.out),
+            Some(sh) => sh.control_frame(
+                &self.router,
+                &mut self.engine,
+                &mut self.whole,
+                now,
+                frame,
+                &mut self.host,
+                &mut self.out,
+                &mut self.wake,
+            ),
+        }
+    }
+
     /// Handles the frames workers passed here (a multiqueue TAP's control-plane frames).
     fn drain_inbox(&mut self, now: crate::Instant) {
         let Some(sh) = self.shared.clone() else {
@@ -680,8 +702,7 @@ impl Runtime {
         let inbox = &sh.inboxes[self.router.control()];
         let mut done = 0;
         while let Some((buf, len)) = inbox.pop() {
-            self.engine
-                .handle_frame(now, &buf[..len as usize], &mut self.host, &mut self.out);
+            self.handle_own(now, &buf[..len as usize]);
             sh.pool.put(buf);
             done += 1;
             if done % MAX_FRAMES_PER_BATCH == 0 {
