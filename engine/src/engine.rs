@@ -48,13 +48,7 @@ pub struct SharedLimits {
 
 impl SharedLimits {
     fn index(proto: crate::nat::Proto) -> usize {
-        use crate::nat::Proto;
-        match proto {
-            Proto::Tcp => 0,
-            Proto::Udp => 1,
-            Proto::Icmp => 2,
-            Proto::Dns => 3,
-        }
+        proto.index()
     }
 
     fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {

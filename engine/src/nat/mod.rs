@@ -195,6 +195,17 @@ impl Nat {
         v
     }
 
+    /// How many sessions `sessions()` would list, per protocol (indexed by `Proto::index`),
+    /// without building the list.
+    pub fn session_counts(&self) -> [usize; 4] {
+        let mut n = [0; 4];
+        n[Proto::Tcp.index()] = self.tcp.len();
+        n[Proto::Udp.index()] = self.udp.len();
+        n[Proto::Icmp.index()] = self.icmp.len();
+        n[Proto::Dns.index()] = self.udp.dns.pending();
+        n
+    }
+
     /// Shutdown: resets every guest's TCP connection and closes every host socket.
     pub fn close_all(
         &mut self,

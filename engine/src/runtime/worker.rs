@@ -19,8 +19,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -140,6 +141,9 @@ impl Pool {
 /// Reassembled datagrams queued for one thread at most (each up to 64 KiB).
 pub const WHOLE_CAPACITY: usize = 32;
 
+/// How often a busy worker publishes its counters (`Inbox::publish`).
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(10);
+
 /// A thread's input queue and the means to wake it.
 pub struct Inbox {
     queue: ArrayQueue<(Box<[u8]>, u32)>,
@@ -147,6 +151,12 @@ pub struct Inbox {
     /// frames larger than the pool's buffers (rare: one allocation each).
     whole: ArrayQueue<Box<[u8]>>,
     waker: mio::Waker,
+    /// The owner's counters and session counts as it last published them (`publish`), for
+    /// the control thread to read without asking; locked once per published change, never per
+    /// frame.
+    published: Mutex<WorkerReport>,
+    /// When the owner may publish again while it still has frames queued (core microseconds).
+    publish_after: AtomicU64,
 }
 
 impl Inbox {
@@ -155,7 +165,34 @@ impl Inbox {
             queue: ArrayQueue::new(capacity.max(1)),
             whole: ArrayQueue::new(WHOLE_CAPACITY),
             waker,
+            published: Mutex::new(WorkerReport::default()),
+            publish_after: AtomicU64::new(0),
         }
+    }
+
+    /// Publishes `engine`'s counters and session counts for readers of `published`: at most
+    /// every `PUBLISH_EVERY` while frames wait in this queue, and whenever the queue is empty
+    /// (the owner may go to sleep: what it did must be visible). Unchanged counters are not
+    /// written again.
+    pub fn publish(&self, now: crate::Instant, engine: &Engine) {
+        let due = now.as_micros() >= self.publish_after.load(Ordering::Relaxed);
+        if !due && !self.is_empty() {
+            return;
+        }
+        let mut slot = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.update_counters(engine) {
+            let next = now + PUBLISH_EVERY;
+            self.publish_after
+                .store(next.as_micros(), Ordering::Relaxed);
+        }
+    }
+
+    /// What the owner last published (counters and session counts, no sessions).
+    pub fn published(&self) -> WorkerReport {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -334,7 +371,7 @@ impl ReadBufs {
 pub enum Cmd {
     /// Apply a new configuration (its frames, a gratuitous ARP, are the control thread's).
     Reconfigure(Box<Config>),
-    /// Send counters and sessions back.
+    /// Send counters and sessions back (and wake the control thread, which does not wait).
     Report(Sender<WorkerReport>),
     /// End the sessions idle past their timeouts at this time (the control thread keeps the
     /// schedule: a worker's engine does not expire sessions by itself).
@@ -483,10 +520,9 @@ impl Worker {
                             .reconfigure(now, *cfg, &mut self.host, &mut scratch);
                     }
                     Ok(Cmd::Report(to)) => {
-                        let _ = to.send(WorkerReport {
-                            stats: self.engine.ctx.stats.clone(),
-                            sessions: self.engine.nat.sessions(),
-                        });
+                        let _ = to.send(WorkerReport::of(&self.engine, true));
+                        // The control thread does not wait for it: it looks when woken.
+                        self.shared.inboxes[self.router.control()].wake();
                     }
                     Ok(Cmd::Expire(t)) => {
                         self.engine
@@ -505,6 +541,7 @@ impl Worker {
                     .handle_timeout(now, &mut self.host, &mut self.out);
             }
             self.flush();
+            self.shared.inboxes[self.index].publish(now, &self.engine);
             if stop {
                 let now = self.clock.now();
                 let sockets = self.host.len();
@@ -1085,6 +1122,83 @@ mod tests {
         e.handle_reassembled(T0, &frag, &mut h, &mut out);
         assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
         assert_eq!(e.nat.sessions().len(), 0);
+    }
+
+    #[test]
+    fn a_busy_workers_counters_are_readable_without_asking_it() {
+        let (_polls, shared) = three_inboxes();
+        let shared = Arc::new(shared);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sh, st) = (Arc::clone(&shared), Arc::clone(&stop));
+        // A worker that never looks at its commands: it handles frames and publishes.
+        let busy = std::thread::spawn(move || {
+            let (mut e, mut h, mut out) = setup();
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000),
+                SocketAddrV4::new(REMOTE_IP, 9),
+                b"x",
+            );
+            let mut t = T0;
+            while !st.load(Ordering::Relaxed) {
+                e.handle_frame(t, &f, &mut h, &mut out);
+                out.clear();
+                // Frames keep waiting in its queue: it publishes on its period only.
+                if let Some(b) = sh.pool.get() {
+                    let _ = sh.forward(0, b, 1, &mut [false; 3]);
+                }
+                sh.inboxes[0].publish(t, &e);
+                t = t + Duration::from_millis(1);
+            }
+            e.ctx.stats.frames_in
+        });
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        let seen = |min: u64| loop {
+            assert!(std::time::Instant::now() < give_up, "never published");
+            let r = shared.inboxes[0].published();
+            if r.stats.frames_in > min {
+                return r;
+            }
+            std::thread::yield_now();
+        };
+        let first = seen(0);
+        assert_eq!(first.counts[crate::nat::Proto::Udp.index()], 1);
+        assert!(first.sessions.is_empty());
+        let later = seen(first.stats.frames_in);
+        assert!(later.stats.bytes_in > first.stats.bytes_in);
+        stop.store(true, Ordering::Relaxed);
+        let total = busy.join().unwrap();
+        assert!(total >= later.stats.frames_in);
+    }
+
+    #[test]
+    fn publishing_is_rate_limited_while_frames_wait_and_immediate_when_idle() {
+        let (_polls, shared) = three_inboxes();
+        let inbox = &shared.inboxes[0];
+        let (mut e, mut h, mut out) = setup();
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0, &e);
+        assert_eq!(inbox.published().stats.frames_in, 1);
+        // Busy (a frame waits): not again before PUBLISH_EVERY.
+        let b = shared.pool.get().unwrap();
+        shared.forward(0, b, 1, &mut [false; 3]).unwrap();
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0 + Duration::from_millis(1), &e);
+        assert_eq!(inbox.published().stats.frames_in, 1);
+        inbox.publish(T0 + PUBLISH_EVERY, &e);
+        assert_eq!(inbox.published().stats.frames_in, 2);
+        // Idle (queue empty): at once.
+        let (b, _) = shared.inboxes[0].pop().unwrap();
+        shared.pool.put(b);
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0 + PUBLISH_EVERY, &e);
+        let r = inbox.published();
+        assert_eq!(r.stats.frames_in, 3);
+        assert_eq!(r, crate::control::api::WorkerReport::of(&e, false));
     }
 
     #[test]

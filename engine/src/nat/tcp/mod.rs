@@ -84,6 +84,15 @@ impl TcpNat {
         }
     }
 
+    /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
     /// Connections in the table that are not TIME-WAIT tombstones.
     pub fn live(&self) -> usize {
         self.conns.len() - self.tombstones
