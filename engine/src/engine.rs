@@ -42,17 +42,13 @@ pub struct Ctx {
 pub struct SharedLimits {
     counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
     totals: [AtomicU32; 4],
+    /// TCP connections whose host connect is in progress, across the engines.
+    half_open: AtomicU32,
 }
 
 impl SharedLimits {
     fn index(proto: crate::nat::Proto) -> usize {
-        use crate::nat::Proto;
-        match proto {
-            Proto::Tcp => 0,
-            Proto::Udp => 1,
-            Proto::Icmp => 2,
-            Proto::Dns => 3,
-        }
+        proto.index()
     }
 
     fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
@@ -80,6 +76,26 @@ impl SharedLimits {
             }
             self.totals[i].fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// Takes a half-open (connecting) TCP slot unless `max` are taken.
+    fn admit_half_open(&self, max: usize) -> bool {
+        self.half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                ((n as usize) < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_half_open(&self) {
+        let _ = self
+            .half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// TCP connections connecting to their host, across the engines sharing these limits.
+    pub fn half_open(&self) -> usize {
+        self.half_open.load(Ordering::Acquire) as usize
     }
 
     /// Sessions of `proto` counted for `guest`.
@@ -145,6 +161,23 @@ impl Ctx {
         }
     }
 
+    /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
+    /// TCP connection whose host connect is in progress); false when they are all taken. Always
+    /// true for a lone engine (TCP counts its own).
+    pub fn admit_half_open(&self) -> bool {
+        match &self.limits {
+            Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
+            None => true,
+        }
+    }
+
+    /// Gives back what `admit_half_open` took.
+    pub fn release_half_open(&self) {
+        if let Some(l) = &self.limits {
+            l.release_half_open();
+        }
+    }
+
     /// Makes this context count sessions in `limits`, shared with the other engines of a
     /// runtime, so that the session limits hold across workers.
     pub fn share_limits(&mut self, limits: Arc<SharedLimits>) {
@@ -160,6 +193,18 @@ impl Ctx {
     pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
         ip == self.cfg.host.ip
     }
+}
+
+/// What `Engine::reassemble` did with a frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reassembly {
+    /// Not an IPv4 fragment for the NAT: untouched and not counted; `handle_frame` it.
+    NotFragment,
+    /// A fragment, counted and kept (or dropped and counted as such); nothing more to do.
+    Taken,
+    /// The fragment completed its datagram, now in the caller's buffer as an Ethernet frame:
+    /// give it to `handle_reassembled` of the engine that owns its flow.
+    Whole,
 }
 
 pub struct Engine {
@@ -268,6 +313,120 @@ impl Engine {
             self.ctx.stats.drop(why);
         }
         self.count_out(out, before);
+    }
+
+    /// Reassembly for a runtime whose NAT flows live on several engines: when `frame` is an
+    /// IPv4 fragment addressed to the virtual host's MAC, it is checked and added to this
+    /// engine's reassembly (and counted as a frame in); when it completes its datagram, `whole`
+    /// receives the datagram as one Ethernet frame (the fragment's Ethernet header, the
+    /// reassembled IPv4 packet: up to 65535 + 14 bytes), to be handled with
+    /// `handle_reassembled` by whichever engine owns the datagram's flow. Any other frame is
+    /// left for `handle_frame`.
+    pub fn reassemble(&mut self, now: Instant, frame: &[u8], whole: &mut Vec<u8>) -> Reassembly {
+        if !self.is_nat_fragment(frame) {
+            return Reassembly::NotFragment;
+        }
+        self.ctx.stats.frames_in += 1;
+        self.ctx.stats.bytes_in += frame.len() as u64;
+        match self.reassemble_fragment(now, frame, whole) {
+            Ok(true) => Reassembly::Whole,
+            Ok(false) => Reassembly::Taken,
+            Err(why) => {
+                self.ctx.stats.drop(why);
+                Reassembly::Taken
+            }
+        }
+    }
+
+    fn is_nat_fragment(&self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if !self.ctx.cfg.enabled
+            || eth.ethertype() != EthernetProtocol::Ipv4
+            || crate::wire::mac(eth.dst_addr()) != self.ctx.mac
+        {
+            return false;
+        }
+        Ipv4Packet::new_checked(eth.payload())
+            .is_ok_and(|ip| ip.more_frags() || ip.frag_offset() != 0)
+    }
+
+    fn reassemble_fragment(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        whole: &mut Vec<u8>,
+    ) -> Result<bool, Drop> {
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let src_mac = crate::wire::mac(eth.src_addr());
+        if src_mac == self.ctx.mac || src_mac.0[0] & 1 != 0 {
+            return Err(Drop::Foreign);
+        }
+        let bytes = eth.payload();
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        if !ip.verify_checksum() {
+            return Err(Drop::BadChecksum);
+        }
+        let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
+        let src = ip.src_addr();
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        let Some(datagram) = self.nat.frag.add(now, &ip)? else {
+            return Ok(false);
+        };
+        whole.clear();
+        whole.extend_from_slice(&frame[..smoltcp::wire::ETHERNET_HEADER_LEN]);
+        whole.extend_from_slice(datagram);
+        Ok(true)
+    }
+
+    /// Handles a datagram `reassemble` completed (on this engine or another's): `frame` is
+    /// the Ethernet frame it wrote. Its fragments were counted as frames in where they arrived.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let before = out.len();
+        if let Err(why) = self.dispatch_reassembled(now, frame, io, out) {
+            self.ctx.stats.drop(why);
+        }
+        self.count_out(out, before);
+    }
+
+    fn dispatch_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if !self.ctx.cfg.enabled {
+            return Err(Drop::Disabled);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Drop::Malformed)?;
+        if ip.more_frags() || ip.frag_offset() != 0 || !ip.verify_checksum() {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_unchecked(&eth.payload()[..ip.total_len() as usize]);
+        // The engine that owns the flow needs the guest's MAC to answer it.
+        let (src, src_mac) = (ip.src_addr(), crate::wire::mac(eth.src_addr()));
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        self.nat
+            .handle_reassembled(now, &mut self.ctx, &ip, io, out)
     }
 
     fn count_out(&mut self, out: &FrameBatch, before: usize) {
@@ -398,6 +557,22 @@ impl Engine {
     pub fn shutdown(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.close_all(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
+    /// With `on`, this engine no longer expires idle NAT sessions by itself (`poll_timeout`
+    /// does not wake for them): the caller runs `expire_sessions` on its own schedule. A worker
+    /// of a multi-worker runtime runs so, on the control thread's tick.
+    pub fn set_external_expiry(&mut self, on: bool) {
+        self.nat.set_external_expiry(on, &self.ctx);
+    }
+
+    /// Ends the NAT sessions (TCP, UDP, ICMP) idle past their timeouts at `now`, and forgets
+    /// stale neighbours.
+    pub fn expire_sessions(&mut self, now: Instant, io: &mut impl HostIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.expire_sessions(now, &mut self.ctx, io, out);
+        self.ctx.arp.expire(now);
         self.count_out(out, before);
     }
 

@@ -22,7 +22,7 @@ pub mod time;
 pub mod wire;
 
 pub use config::{Config, Mac};
-pub use engine::{Ctx, Engine, SharedLimits};
+pub use engine::{Ctx, Engine, Reassembly, SharedLimits};
 pub use hostio::{HostEvent, HostIo, SockId};
 pub use output::FrameBatch;
 pub use stats::Stats;

@@ -130,11 +130,43 @@ pub struct WorkerView {
     pub drops: u64,
 }
 
-/// What a worker thread reports to the control thread: its counters and its NAT sessions.
-#[derive(Clone, Default, Debug)]
+/// What a worker thread reports to the control thread: its counters, its session counts, and
+/// (when asked for the NAT table) its NAT sessions. The counters and counts are published by
+/// the worker as it runs (no round trip); the sessions list is sent on request.
+#[derive(Clone, Default, Debug, PartialEq)]
 pub struct WorkerReport {
     pub stats: Stats,
+    /// Sessions per protocol (indexed by `Proto::index`).
+    pub counts: [usize; 4],
+    /// Empty unless the sessions were asked for.
     pub sessions: Vec<SessionInfo>,
+}
+
+impl WorkerReport {
+    /// `engine`'s counters and session counts, and its sessions when `with_sessions`.
+    pub fn of(engine: &Engine, with_sessions: bool) -> WorkerReport {
+        WorkerReport {
+            stats: engine.stats().clone(),
+            counts: engine.nat.session_counts(),
+            sessions: if with_sessions {
+                engine.nat.sessions()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Makes this report `engine`'s counters and counts (the sessions are left alone), without
+    /// allocating. Returns whether anything changed.
+    pub fn update_counters(&mut self, engine: &Engine) -> bool {
+        let counts = engine.nat.session_counts();
+        if self.stats == *engine.stats() && self.counts == counts {
+            return false;
+        }
+        self.stats.clone_from(engine.stats());
+        self.counts = counts;
+        true
+    }
 }
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -587,15 +619,17 @@ pub fn status(engine: &Engine, now: Instant) -> StatusView {
 
 /// The status of the control engine plus its workers' reports (sessions and counters summed).
 pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> StatusView {
-    let mut sessions = engine.nat.sessions();
+    let mut counts = engine.nat.session_counts();
     let mut st = engine.stats().clone();
     let mut views = Vec::new();
     for (i, w) in workers.iter().enumerate() {
-        sessions.extend(w.sessions.iter().cloned());
+        for (a, b) in counts.iter_mut().zip(w.counts) {
+            *a += b;
+        }
         st.merge(&w.stats);
         views.push(WorkerView {
             worker: i,
-            sessions: w.sessions.len(),
+            sessions: w.counts.iter().sum(),
             frames_in: w.stats.frames_in,
             frames_out: w.stats.frames_out,
             bytes_in: w.stats.bytes_in,
@@ -603,7 +637,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
             drops: w.stats.drops.iter().sum(),
         });
     }
-    let count = |p: Proto| sessions.iter().filter(|s| s.proto == p).count();
+    let count = |p: Proto| counts[p.index()];
     let st = &st;
     let cfg = engine.config();
     StatusView {

@@ -69,6 +69,8 @@ pub struct IcmpNat {
     by_key: HashMap<Key, usize>,
     by_sock: HashMap<SockId, usize>,
     timers: super::IdleTimers,
+    /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
+    pub(crate) external_idle: bool,
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
     buf: Box<[u8]>,
@@ -88,6 +90,7 @@ impl IcmpNat {
             by_key: HashMap::new(),
             by_sock: HashMap::new(),
             timers: BinaryHeap::new(),
+            external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
             buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
@@ -358,7 +361,8 @@ impl IcmpNat {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
-        earliest(due_now, self.timers.peek().map(|r| r.0 .0))
+        let idle = self.timers.peek().map(|r| r.0 .0);
+        earliest(due_now, idle.filter(|_| !self.external_idle))
     }
 
     pub fn handle_timeout(
@@ -379,6 +383,13 @@ impl IcmpNat {
         }
         self.rearm_scratch = list;
 
+        if !self.external_idle {
+            self.expire_idle(now, io);
+        }
+    }
+
+    /// Closes the sessions idle for `IDLE_TIMEOUT` at `now`.
+    pub fn expire_idle(&mut self, now: Instant, io: &mut impl HostIo) {
         while let Some(slot) =
             super::next_expired(&mut self.timers, &self.slots, now, IDLE_TIMEOUT, |s| {
                 &s.info

@@ -128,6 +128,20 @@ impl Nat {
         Self::handle_whole(protos, now, ctx, ip, io, out)
     }
 
+    /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
+    /// produced, as `handle_ipv4` does once its fragments are in.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, ip, io, out)
+    }
+
     fn handle_whole(
         (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
         now: Instant,
@@ -181,6 +195,17 @@ impl Nat {
         v
     }
 
+    /// How many sessions `sessions()` would list, per protocol (indexed by `Proto::index`),
+    /// without building the list.
+    pub fn session_counts(&self) -> [usize; 4] {
+        let mut n = [0; 4];
+        n[Proto::Tcp.index()] = self.tcp.len();
+        n[Proto::Udp.index()] = self.udp.len();
+        n[Proto::Icmp.index()] = self.icmp.len();
+        n[Proto::Dns.index()] = self.udp.dns.pending();
+        n
+    }
+
     /// Shutdown: resets every guest's TCP connection and closes every host socket.
     pub fn close_all(
         &mut self,
@@ -192,6 +217,28 @@ impl Nat {
         self.tcp.close_all(now, ctx, io, out);
         self.udp.close_all(ctx, io);
         self.icmp.close_all(io);
+    }
+
+    /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
+    /// `poll_timeout` wake for it): `expire_sessions` does it when the caller says (a worker of
+    /// a multi-worker runtime, on the control thread's tick). TCP's protocol timers stay.
+    pub fn set_external_expiry(&mut self, on: bool, ctx: &Ctx) {
+        self.udp.external_idle = on;
+        self.icmp.external_idle = on;
+        self.tcp.set_external_idle(on, ctx);
+    }
+
+    /// Ends the TCP, UDP and ICMP sessions idle past their timeouts at `now`.
+    pub fn expire_sessions(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        self.tcp.expire_idle(now, ctx, io, out);
+        self.udp.expire_idle(now, ctx, io);
+        self.icmp.expire_idle(now, io);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -13,6 +13,13 @@ pub enum Proto {
 }
 
 impl Proto {
+    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Dns];
+
+    /// Its position in `ALL` (and in per-protocol arrays such as `Nat::session_counts`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "TCP",

@@ -75,6 +75,8 @@ pub struct UdpNat {
     /// (deadline, slot, session id): one entry per live session, possibly earlier than its
     /// real deadline.
     timers: super::IdleTimers,
+    /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
+    pub(crate) external_idle: bool,
     /// Sockets that still had data when their read budget ran out.
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
@@ -92,6 +94,7 @@ impl UdpNat {
             by_sock: HashMap::new(),
             per_guest: HashMap::new(),
             timers: BinaryHeap::new(),
+            external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
             buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
@@ -367,7 +370,8 @@ impl UdpNat {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
-        let t = earliest(due_now, self.timers.peek().map(|r| r.0 .0));
+        let idle = self.timers.peek().map(|r| r.0 .0);
+        let t = earliest(due_now, idle.filter(|_| !self.external_idle));
         earliest(t, self.dns.poll_timeout())
     }
 
@@ -385,13 +389,21 @@ impl UdpNat {
         }
         self.rearm_scratch = list;
 
+        if !self.external_idle {
+            self.expire_idle(now, ctx, io);
+        }
+        self.dns.handle_timeout(now, ctx, io, out);
+    }
+
+    /// Closes the sessions idle for `nat.udp_timeout` at `now` (DNS relays keep their own
+    /// timers).
+    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl HostIo) {
         let timeout = ctx.cfg.nat.udp_timeout;
         while let Some(slot) =
             super::next_expired(&mut self.timers, &self.slots, now, timeout, |s| &s.info)
         {
             self.close(ctx, slot, io);
         }
-        self.dns.handle_timeout(now, ctx, io, out);
     }
 }
 

@@ -13,7 +13,10 @@
 //!
 //! The same loop serves the operator: the control socket (one JSON request per line, answered
 //! between batches against the engine itself, so nothing is locked), the metrics endpoint, and
-//! SIGHUP (reload the configuration file). The lease table is saved whenever it changed, before
+//! SIGHUP (reload the configuration file). With workers, their counters and session counts are
+//! read from what each last published (`Inbox::publish`), and the NAT table is asked of them
+//! without waiting: the loop goes on and the request is answered once all replied (`Pending`).
+//! The workers' idle session expiry runs on this thread's tick (`Cmd::Expire`). The lease table is saved whenever it changed, before
 //! the frames of that batch (a DHCP ACK among them) are written.
 
 pub mod worker;
@@ -193,6 +196,41 @@ struct Conn {
     /// Close once `outbuf` is written (the peer closed, or the metrics answer is complete).
     closing: bool,
     writable_armed: bool,
+    /// A request waiting for the workers' replies (the lines after it wait too).
+    pending: Option<Pending>,
+}
+
+/// A request asked of the workers, answered by `poll_pending` while the loop goes on.
+struct Pending {
+    req: Request,
+    /// Per worker, until it replied.
+    replies: Vec<(usize, Option<mpsc::Receiver<WorkerReport>>)>,
+    got: Vec<WorkerReport>,
+    deadline: Instant,
+}
+
+impl Pending {
+    /// Collects the replies in; true once every worker replied (or is gone), or at the
+    /// deadline (the late ones are left out).
+    fn ready(&mut self, now: Instant) -> bool {
+        let mut waiting = false;
+        for (i, rx) in &mut self.replies {
+            let Some(r) = rx else { continue };
+            match r.try_recv() {
+                Ok(rep) => {
+                    self.got.push(rep);
+                    *rx = None;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => *rx = None,
+                Err(mpsc::TryRecvError::Empty) if now >= self.deadline => {
+                    tracing::warn!("worker {i} did not report in time");
+                    *rx = None;
+                }
+                Err(mpsc::TryRecvError::Empty) => waiting = true,
+            }
+        }
+        !waiting
+    }
 }
 
 pub struct Runtime {
@@ -221,6 +259,10 @@ pub struct Runtime {
     lease_file: Option<PathBuf>,
     saved_generation: u64,
     lease_save_failing: bool,
+    /// When the workers are next told to expire idle sessions (None: no workers).
+    next_expire: Option<Instant>,
+    /// Scratch for a datagram reassembled here for a worker's flow.
+    whole: Vec<u8>,
 }
 
 impl std::ops::Drop for Runtime {
@@ -323,6 +365,8 @@ impl Runtime {
                 );
                 e.ctx.share_session_ids(Arc::clone(&ids));
                 e.ctx.share_limits(Arc::clone(&limits));
+                // Idle expiry is this thread's schedule (`tick_expiry`).
+                e.set_external_expiry(true);
                 let (tap_in, tap_out) = if !multiqueue {
                     (None, Arc::clone(&tap))
                 } else if index == 0 {
@@ -385,7 +429,12 @@ impl Runtime {
             lease_file: opts.lease_file,
             saved_generation: 0,
             lease_save_failing: false,
+            next_expire: None,
+            whole: Vec::new(),
         };
+        if !rt.workers.is_empty() {
+            rt.next_expire = Some(clock.now() + expiry_tick(&rt.engine.ctx.cfg));
+        }
         rt.restore_leases();
         Ok(rt)
     }
@@ -468,7 +517,9 @@ impl Runtime {
             let timeout = if inbox_waiting {
                 Some(Duration::ZERO)
             } else {
-                self.engine.poll_timeout().map(|t| {
+                let next = crate::time::earliest(self.engine.poll_timeout(), self.next_expire);
+                let next = crate::time::earliest(next, self.pending_deadline());
+                next.map(|t| {
                     let now = self.clock.now();
                     t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
                 })
@@ -513,6 +564,8 @@ impl Runtime {
                 self.engine
                     .handle_timeout(now, &mut self.host, &mut self.out);
             }
+            self.tick_expiry(now);
+            self.poll_pending(now);
             self.flush();
             if stop {
                 self.drain_stop();
@@ -557,28 +610,21 @@ impl Runtime {
         self.workers.clear();
     }
 
-    /// Every worker's counters and sessions (a worker that does not answer in time is left out).
-    fn reports(&self) -> Vec<WorkerReport> {
-        let mut waiting = Vec::new();
+    /// Tells every worker to expire its idle sessions when the tick is due: the workers' engines
+    /// keep no idle timers of their own (their sleep is not cut short for them), the control
+    /// thread keeps the schedule.
+    fn tick_expiry(&mut self, now: Instant) {
+        if self.next_expire.is_none_or(|t| t > now) {
+            return;
+        }
         for (i, w) in self.workers.iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            if w.cmds.send(Cmd::Report(tx)).is_ok() {
+            if w.cmds.send(Cmd::Expire(now)).is_ok() {
                 if let Some(sh) = &self.shared {
                     sh.inboxes[i].wake();
                 }
-                waiting.push((i, rx));
             }
         }
-        let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
-        let mut out = Vec::new();
-        for (i, rx) in waiting {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(r) => out.push(r),
-                Err(_) => tracing::warn!("worker {i} did not report in time"),
-            }
-        }
-        out
+        self.next_expire = Some(now + expiry_tick(&self.engine.ctx.cfg));
     }
 
     /// Gives the workers the control engine's configuration if it changed.
@@ -628,8 +674,7 @@ impl Runtime {
                         .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
                 };
                 if to == me {
-                    self.engine
-                        .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
+                    self.handle_own(now, &buf[..n]);
                     self.bufs.put_back(buf, from_pool);
                     continue;
                 }
@@ -648,6 +693,26 @@ impl Runtime {
         }
     }
 
+    /// Handles a frame this thread owns; with workers, fragments are reassembled and the
+    /// datagram handed to its flow's owner (`Shared::control_frame`).
+    fn handle_own(&mut self, now: Instant, frame: &[u8]) {
+        match &self.shared {
+            None => self
+                .engine
+                .handle_frame(now, frame, &mut self.host, &mut self.out),
+            Some(sh) => sh.control_frame(
+                &self.router,
+                &mut self.engine,
+                &mut self.whole,
+                now,
+                frame,
+                &mut self.host,
+                &mut self.out,
+                &mut self.wake,
+            ),
+        }
+    }
+
     /// Handles the frames workers passed here (a multiqueue TAP's control-plane frames).
     fn drain_inbox(&mut self, now: crate::Instant) {
         let Some(sh) = self.shared.clone() else {
@@ -656,8 +721,7 @@ impl Runtime {
         let inbox = &sh.inboxes[self.router.control()];
         let mut done = 0;
         while let Some((buf, len)) = inbox.pop() {
-            self.engine
-                .handle_frame(now, &buf[..len as usize], &mut self.host, &mut self.out);
+            self.handle_own(now, &buf[..len as usize]);
             sh.pool.put(buf);
             done += 1;
             if done % MAX_FRAMES_PER_BATCH == 0 {
@@ -770,6 +834,7 @@ impl Runtime {
             sent: 0,
             closing: false,
             writable_armed: false,
+            pending: None,
         });
         // Edge-triggered: what arrived before registration must be read now.
         self.on_conn(slot, self.clock.now());
@@ -805,31 +870,123 @@ impl Runtime {
         if c.metrics {
             self.answer_metrics(&mut c, now);
         } else {
-            while let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
-                let resp = match serde_json::from_slice::<Request>(&line) {
-                    Ok(req) => {
-                        let reports = match req {
-                            Request::Status | Request::NatTable => self.reports(),
-                            _ => Vec::new(),
-                        };
-                        let r = self.control.handle_with(
-                            req,
-                            &mut self.engine,
-                            &reports,
-                            now,
-                            &mut self.host,
-                            &mut self.out,
-                        );
-                        self.sync_workers();
-                        r
-                    }
-                    Err(e) => Response::err(format!("bad request: {e}")),
-                };
-                serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
-                c.outbuf.push(b'\n');
+            self.serve_lines(&mut c, now);
+        }
+        self.finish_conn(slot, c);
+    }
+
+    /// Answers the complete request lines of `c`, in order. A NAT table with workers is asked
+    /// of them (`Pending`): the lines after it wait for its answer, and this thread goes on.
+    fn serve_lines(&mut self, c: &mut Conn, now: Instant) {
+        while c.pending.is_none() {
+            let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else {
+                return;
+            };
+            let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+            let resp = match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::NatTable) if !self.workers.is_empty() => {
+                    c.pending = Some(self.ask_sessions(Request::NatTable, now));
+                    continue;
+                }
+                Ok(req) => {
+                    // Counters and session counts as the workers last published them.
+                    let reports = match req {
+                        Request::Status => self.published(),
+                        _ => Vec::new(),
+                    };
+                    let r = self.control.handle_with(
+                        req,
+                        &mut self.engine,
+                        &reports,
+                        now,
+                        &mut self.host,
+                        &mut self.out,
+                    );
+                    self.sync_workers();
+                    r
+                }
+                Err(e) => Response::err(format!("bad request: {e}")),
+            };
+            serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
+            c.outbuf.push(b'\n');
+        }
+    }
+
+    /// Asks every worker for its sessions; `poll_pending` answers `req` once all replied or
+    /// `REPORT_TIMEOUT` passed.
+    fn ask_sessions(&self, req: Request, now: Instant) -> Pending {
+        let mut replies = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            if w.cmds.send(Cmd::Report(tx)).is_ok() {
+                if let Some(sh) = &self.shared {
+                    sh.inboxes[i].wake();
+                }
+                replies.push((i, Some(rx)));
             }
         }
+        Pending {
+            req,
+            replies,
+            got: Vec::new(),
+            deadline: now + REPORT_TIMEOUT,
+        }
+    }
+
+    /// The earliest deadline of a request waiting for the workers.
+    fn pending_deadline(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(|c| c.pending.as_ref().map(|p| p.deadline))
+            .min()
+    }
+
+    /// Answers the requests whose workers have all replied, or whose time is up (with what
+    /// came), then the lines that waited behind them.
+    fn poll_pending(&mut self, now: Instant) {
+        for slot in 0..self.conns.len() {
+            let ready = self.conns[slot]
+                .as_mut()
+                .and_then(|c| c.pending.as_mut())
+                .is_some_and(|p| p.ready(now));
+            if !ready {
+                continue;
+            }
+            let Some(mut c) = self.conns[slot].take() else {
+                continue;
+            };
+            let Some(p) = c.pending.take() else {
+                continue;
+            };
+            let resp = self.control.handle_with(
+                p.req,
+                &mut self.engine,
+                &p.got,
+                now,
+                &mut self.host,
+                &mut self.out,
+            );
+            serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
+            c.outbuf.push(b'\n');
+            self.serve_lines(&mut c, now);
+            self.finish_conn(slot, c);
+        }
+    }
+
+    /// The counters and session counts every worker last published (no round trip).
+    fn published(&self) -> Vec<WorkerReport> {
+        match &self.shared {
+            Some(sh) => sh.inboxes[..self.workers.len()]
+                .iter()
+                .map(worker::Inbox::published)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Writes what `c` has to send, closes it when done and closing, or watches it again.
+    fn finish_conn(&mut self, slot: usize, mut c: Conn) {
         // Write what can be written now; the rest when the socket is writable.
         while c.sent < c.outbuf.len() {
             match c.stream.write(&c.outbuf[c.sent..]) {
@@ -846,7 +1003,7 @@ impl Runtime {
         if c.sent == c.outbuf.len() {
             c.outbuf.clear();
             c.sent = 0;
-            if c.closing {
+            if c.closing && c.pending.is_none() {
                 self.close_conn(c);
                 return;
             }
@@ -889,7 +1046,7 @@ impl Runtime {
         let (method, target) = (words.next(), words.next());
         let (status, body) = match (method, target) {
             (Some("GET"), Some("/metrics" | "/")) => {
-                let reports = self.reports();
+                let reports = self.published();
                 ("200 OK", metrics::render_with(&self.engine, &reports, now))
             }
             (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
@@ -907,6 +1064,17 @@ impl Runtime {
     fn close_conn(&mut self, mut c: Conn) {
         let _ = self.poll.registry().deregister(c.stream.source());
     }
+}
+
+/// How often the workers are told to expire idle sessions: a tenth of the shortest idle
+/// timeout, between 100 ms and 1 s (a session ends at most that late).
+fn expiry_tick(cfg: &Config) -> Duration {
+    let shortest = cfg
+        .nat
+        .udp_timeout
+        .min(cfg.nat.tcp_timeout)
+        .min(crate::nat::icmp::IDLE_TIMEOUT);
+    (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// Binds the control socket at `path`, readable and writable by its owner only. A stale socket
@@ -939,4 +1107,58 @@ pub fn bind_control(path: &Path) -> io::Result<mio::net::UnixListener> {
     let l = mio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(frames: u64) -> WorkerReport {
+        let mut r = WorkerReport::default();
+        r.stats.frames_in = frames;
+        r
+    }
+
+    #[test]
+    fn a_pending_request_is_ready_when_every_worker_replied_or_its_time_is_up() {
+        let t0 = Instant::from_secs(1);
+        let (tx0, rx0) = mpsc::channel();
+        let (tx1, rx1) = mpsc::channel();
+        let mut p = Pending {
+            req: Request::NatTable,
+            replies: vec![(0, Some(rx0)), (1, Some(rx1))],
+            got: Vec::new(),
+            deadline: t0 + REPORT_TIMEOUT,
+        };
+        assert!(!p.ready(t0));
+        tx1.send(report(1)).unwrap();
+        assert!(!p.ready(t0), "worker 0 has not replied");
+        tx0.send(report(0)).unwrap();
+        assert!(p.ready(t0));
+        assert_eq!(p.got, vec![report(1), report(0)]);
+
+        // One never replies, one is gone: ready at the deadline, with what came.
+        let (_tx0, rx0) = mpsc::channel::<WorkerReport>();
+        let (tx1, rx1) = mpsc::channel();
+        let mut p = Pending {
+            req: Request::NatTable,
+            replies: vec![(0, Some(rx0)), (1, Some(rx1))],
+            got: Vec::new(),
+            deadline: t0 + REPORT_TIMEOUT,
+        };
+        drop(tx1);
+        assert!(!p.ready(t0));
+        assert!(p.ready(t0 + REPORT_TIMEOUT));
+        assert!(p.got.is_empty());
+    }
+
+    #[test]
+    fn the_expiry_tick_follows_the_shortest_timeout() {
+        let mut cfg = Config::defaults();
+        assert_eq!(expiry_tick(&cfg), Duration::from_secs(1));
+        cfg.nat.udp_timeout = Duration::from_secs(2);
+        assert_eq!(expiry_tick(&cfg), Duration::from_millis(200));
+        cfg.nat.udp_timeout = Duration::from_secs(1);
+        assert_eq!(expiry_tick(&cfg), Duration::from_millis(100));
+    }
 }

@@ -4,8 +4,11 @@
 //! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
 //! flow's 5-tuple (both directions of a flow hash alike), or the control thread for everything
 //! that is not a NAT flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself
-//! such as DNS and ping, IP fragments, other protocols). A worker owns its flows' sessions, TCP
-//! reassembly state and host sockets; nothing on the per-frame path is locked.
+//! such as DNS and ping, IP fragments, other protocols). The control thread reassembles
+//! fragments and hands each whole datagram to the worker its flow hashes to (`control_frame`),
+//! so a flow has one owner whether or not its datagrams are fragmented. A worker owns its flows'
+//! sessions, TCP reassembly state and host sockets; nothing on the per-frame path is locked.
+//! Idle sessions are expired on the control thread's schedule (`Cmd::Expire`).
 //!
 //! Frames travel between threads in fixed-size buffers from one pool (no allocation per frame)
 //! through bounded lock-free queues; a full queue drops the frame and counts it
@@ -16,8 +19,9 @@ use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
@@ -134,26 +138,74 @@ impl Pool {
     }
 }
 
+/// Reassembled datagrams queued for one thread at most (each up to 64 KiB).
+pub const WHOLE_CAPACITY: usize = 32;
+
+/// How often a busy worker publishes its counters (`Inbox::publish`).
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(10);
+
 /// A thread's input queue and the means to wake it.
 pub struct Inbox {
     queue: ArrayQueue<(Box<[u8]>, u32)>,
+    /// Datagrams the control thread reassembled for a flow this thread owns, as Ethernet
+    /// frames larger than the pool's buffers (rare: one allocation each).
+    whole: ArrayQueue<Box<[u8]>>,
     waker: mio::Waker,
+    /// The owner's counters and session counts as it last published them (`publish`), for
+    /// the control thread to read without asking; locked once per published change, never per
+    /// frame.
+    published: Mutex<WorkerReport>,
+    /// When the owner may publish again while it still has frames queued (core microseconds).
+    publish_after: AtomicU64,
 }
 
 impl Inbox {
     pub fn new(capacity: usize, waker: mio::Waker) -> Inbox {
         Inbox {
             queue: ArrayQueue::new(capacity.max(1)),
+            whole: ArrayQueue::new(WHOLE_CAPACITY),
             waker,
+            published: Mutex::new(WorkerReport::default()),
+            publish_after: AtomicU64::new(0),
         }
     }
 
+    /// Publishes `engine`'s counters and session counts for readers of `published`: at most
+    /// every `PUBLISH_EVERY` while frames wait in this queue, and whenever the queue is empty
+    /// (the owner may go to sleep: what it did must be visible). Unchanged counters are not
+    /// written again.
+    pub fn publish(&self, now: crate::Instant, engine: &Engine) {
+        let due = now.as_micros() >= self.publish_after.load(Ordering::Relaxed);
+        if !due && !self.is_empty() {
+            return;
+        }
+        let mut slot = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.update_counters(engine) {
+            let next = now + PUBLISH_EVERY;
+            self.publish_after
+                .store(next.as_micros(), Ordering::Relaxed);
+        }
+    }
+
+    /// What the owner last published (counters and session counts, no sessions).
+    pub fn published(&self) -> WorkerReport {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.whole.is_empty()
     }
 
     pub fn pop(&self) -> Option<(Box<[u8]>, u32)> {
         self.queue.pop()
+    }
+
+    /// The next reassembled datagram for this thread.
+    pub fn pop_whole(&self) -> Option<Box<[u8]>> {
+        self.whole.pop()
     }
 
     pub fn wake(&self) {
@@ -190,6 +242,56 @@ impl Shared {
                 Ok(())
             }
             Err((buf, _)) => Err(buf),
+        }
+    }
+
+    /// Queues a reassembled datagram (an Ethernet frame) for thread `to`; gives it back when the
+    /// queue is full. Marks `wake[to]` when the queue was empty.
+    pub fn forward_whole(
+        &self,
+        to: usize,
+        frame: Box<[u8]>,
+        wake: &mut [bool],
+    ) -> Result<(), Box<[u8]>> {
+        let inbox = &self.inboxes[to];
+        let was_empty = inbox.whole.is_empty();
+        inbox.whole.push(frame)?;
+        if was_empty {
+            wake[to] = true;
+        }
+        Ok(())
+    }
+
+    /// The control thread's handling of a frame it owns, with workers: an IPv4 fragment is
+    /// reassembled here (this thread owns reassembly and its timeouts), and the whole datagram
+    /// goes to the owner of its flow: this engine, or a worker's queue (a full queue drops it
+    /// and counts it). Anything else is handled here. `whole` is scratch space.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn control_frame(
+        &self,
+        router: &Router,
+        engine: &mut Engine,
+        whole: &mut Vec<u8>,
+        now: crate::Instant,
+        frame: &[u8],
+        io: &mut impl crate::HostIo,
+        out: &mut FrameBatch,
+        wake: &mut [bool],
+    ) {
+        match engine.reassemble(now, frame, whole) {
+            crate::Reassembly::NotFragment => engine.handle_frame(now, frame, io, out),
+            crate::Reassembly::Taken => {}
+            crate::Reassembly::Whole => {
+                let to = router.route(whole, engine.ctx.cfg.host.ip, engine.ctx.mac);
+                if to >= router.control() {
+                    engine.handle_reassembled(now, whole, io, out);
+                } else if self
+                    .forward_whole(to, whole.as_slice().into(), wake)
+                    .is_err()
+                {
+                    engine.ctx.stats.drop(Drop::QueueFull);
+                }
+            }
         }
     }
 
@@ -269,8 +371,11 @@ impl ReadBufs {
 pub enum Cmd {
     /// Apply a new configuration (its frames, a gratuitous ARP, are the control thread's).
     Reconfigure(Box<Config>),
-    /// Send counters and sessions back.
+    /// Send counters and sessions back (and wake the control thread, which does not wait).
     Report(Sender<WorkerReport>),
+    /// End the sessions idle past their timeouts at this time (the control thread keeps the
+    /// schedule: a worker's engine does not expire sessions by itself).
+    Expire(crate::Instant),
     /// Reset every guest session, close every host socket, end the thread.
     Shutdown,
 }
@@ -418,10 +523,13 @@ impl Worker {
                             .reconfigure(now, *cfg, &mut self.host, &mut scratch);
                     }
                     Ok(Cmd::Report(to)) => {
-                        let _ = to.send(WorkerReport {
-                            stats: self.engine.ctx.stats.clone(),
-                            sessions: self.engine.nat.sessions(),
-                        });
+                        let _ = to.send(WorkerReport::of(&self.engine, true));
+                        // The control thread does not wait for it: it looks when woken.
+                        self.shared.inboxes[self.router.control()].wake();
+                    }
+                    Ok(Cmd::Expire(t)) => {
+                        self.engine
+                            .expire_sessions(t, &mut self.host, &mut self.out)
                     }
                     Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => stop = true,
                     Err(TryRecvError::Empty) => break,
@@ -436,6 +544,7 @@ impl Worker {
                     .handle_timeout(now, &mut self.host, &mut self.out);
             }
             self.flush();
+            self.shared.inboxes[self.index].publish(now, &self.engine);
             if stop {
                 let now = self.clock.now();
                 let sockets = self.host.len();
@@ -509,6 +618,10 @@ impl Worker {
     fn drain_inbox(&mut self, now: crate::Instant) {
         let shared = Arc::clone(&self.shared);
         let inbox = &shared.inboxes[self.index];
+        while let Some(frame) = inbox.pop_whole() {
+            self.engine
+                .handle_reassembled(now, &frame, &mut self.host, &mut self.out);
+        }
         let mut done = 0;
         while let Some((buf, len)) = inbox.pop() {
             self.engine
@@ -707,6 +820,389 @@ mod tests {
             &mut out,
         );
         assert_eq!(b.nat.sessions().len(), 1);
+    }
+
+    #[test]
+    fn the_half_open_limit_holds_across_workers() {
+        let mk = || setup_with(|c| c.nat.max_half_open = 2);
+        let (mut a, mut ha, mut out) = mk();
+        let (mut b, mut hb, _) = mk();
+        let limits = Arc::new(crate::SharedLimits::default());
+        for e in [&mut a, &mut b] {
+            e.ctx.share_limits(Arc::clone(&limits));
+        }
+        let syn = |port| {
+            tcp_syn(
+                SocketAddrV4::new(GUEST_IP, port),
+                SocketAddrV4::new(REMOTE_IP, 80),
+            )
+        };
+        a.handle_frame(T0, &syn(5001), &mut ha, &mut out);
+        b.handle_frame(T0, &syn(5002), &mut hb, &mut out);
+        assert_eq!(limits.half_open(), 2);
+        assert_eq!((a.nat.tcp.half_open(), b.nat.tcp.half_open()), (1, 1));
+        // Each worker alone is under the limit; together they are at it.
+        a.handle_frame(T0, &syn(5003), &mut ha, &mut out);
+        assert_eq!(a.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(a.nat.sessions().len(), 1);
+        assert_eq!(limits.half_open(), 2);
+        assert_eq!(
+            limits.count(crate::nat::Proto::Tcp, GUEST_IP),
+            2,
+            "the refused one is not counted"
+        );
+        // b's connect completes: its slot is free for a's next SYN.
+        for ev in hb.drain_events() {
+            b.handle_host_event(T0, ev, &mut hb, &mut out);
+        }
+        assert_eq!(limits.half_open(), 1);
+        a.handle_frame(T0, &syn(5004), &mut ha, &mut out);
+        assert_eq!(a.nat.sessions().len(), 2);
+        assert_eq!(limits.half_open(), 2);
+        // A connection removed while connecting gives its slot back.
+        a.shutdown(T0, &mut ha, &mut out);
+        assert_eq!(limits.half_open(), 0);
+    }
+
+    #[test]
+    fn a_worker_engine_expires_sessions_only_when_told() {
+        use std::time::Duration;
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
+        let limits = Arc::new(crate::SharedLimits::default());
+        e.ctx.share_limits(Arc::clone(&limits));
+        e.set_external_expiry(true);
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        assert_eq!(e.poll_timeout(), None, "no wake-up for idle expiry");
+        let late = T0 + Duration::from_secs(3600);
+        e.handle_timeout(late, &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1, "its own timers never expire it");
+        // The control thread's tick: not yet idle long enough, then idle.
+        e.expire_sessions(T0 + Duration::from_secs(59), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        e.expire_sessions(T0 + Duration::from_secs(60), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 0);
+        assert_eq!(limits.count(crate::nat::Proto::Udp, GUEST_IP), 0);
+        assert_eq!(h.closed.len(), 1);
+
+        // A lone engine keeps expiring by itself, as before.
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(60)));
+        e.handle_timeout(T0 + Duration::from_secs(60), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 0);
+    }
+
+    #[test]
+    fn a_worker_engine_keeps_tcp_timers_but_not_the_idle_one() {
+        use std::time::Duration;
+        let mk = || {
+            setup_with(|c| {
+                c.nat.tcp_timeout = Duration::from_secs(60);
+                c.nat.tcp_connect_timeout = Duration::from_secs(1000);
+            })
+        };
+        let syn = tcp_syn(
+            SocketAddrV4::new(GUEST_IP, 5001),
+            SocketAddrV4::new(REMOTE_IP, 80),
+        );
+        // Lone: the idle deadline (60 s) comes before the connect timeout.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(60)));
+        // Worker: only the connect timeout is its own.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.set_external_expiry(true);
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
+        e.handle_timeout(T0 + Duration::from_secs(100), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 1);
+        out.clear();
+        e.expire_sessions(T0 + Duration::from_secs(59), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 1);
+        e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 0, "idle: reset");
+        assert_eq!(out.len(), 1, "the guest gets its RST");
+        assert_eq!(e.nat.tcp.half_open(), 0);
+
+        // Switching on with connections open moves their idle deadlines to the external list.
+        let (mut e, mut h, mut out) = mk();
+        h.default_connect = crate::sim::ConnectOutcome::Silent;
+        e.handle_frame(T0, &syn, &mut h, &mut out);
+        e.set_external_expiry(true);
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
+        e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
+        assert_eq!(e.nat.sessions().len(), 0);
+    }
+
+    /// Queues for two workers and the control thread (each with its own poll to wake).
+    fn three_inboxes() -> (Vec<Poll>, Shared) {
+        let polls: Vec<Poll> = (0..3).map(|_| Poll::new().unwrap()).collect();
+        let inboxes = polls
+            .iter()
+            .map(|p| Inbox::new(8, mio::Waker::new(p.registry(), WAKE).unwrap()))
+            .collect();
+        let pool = Pool::new(4, 64);
+        (polls, Shared { inboxes, pool })
+    }
+
+    /// The fragments (8-byte aligned pieces of `chunk` bytes) of a UDP datagram from `src` to
+    /// `dst` carrying `payload`.
+    fn udp_fragments(
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        payload: &[u8],
+        chunk: usize,
+    ) -> Vec<Vec<u8>> {
+        let mut udp = vec![0u8; 8 + payload.len()];
+        crate::wire::emit_udp(
+            &mut udp,
+            *src.ip(),
+            src.port(),
+            *dst.ip(),
+            dst.port(),
+            payload,
+        );
+        udp.chunks(chunk)
+            .enumerate()
+            .map(|(i, c)| {
+                let more = (i + 1) * chunk < udp.len();
+                ipv4_frame(
+                    *src.ip(),
+                    *dst.ip(),
+                    IpProtocol::Udp,
+                    77,
+                    i * chunk,
+                    more,
+                    c,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_fragmented_datagram_is_reassembled_by_control_and_handled_by_its_flows_worker() {
+        let (_polls, shared) = three_inboxes();
+        let router = Router::new(2);
+        let limits = Arc::new(crate::SharedLimits::default());
+        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mk = || {
+            let (mut e, h, _) = setup();
+            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_session_ids(Arc::clone(&ids));
+            (e, h)
+        };
+        let (mut ctl, mut hc) = mk();
+        let mut workers = [mk(), mk()];
+        for (e, _) in &mut workers {
+            e.set_external_expiry(true);
+        }
+        let (guest, dst) = (
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+        );
+        let owner = router.route(&udp_frame(guest, dst, b"x"), HOST, mac());
+        assert!(owner < 2);
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let frags = udp_fragments(guest, dst, &payload, 1480);
+        assert_eq!(frags.len(), 3);
+        let (mut whole, mut out, mut wake) = (Vec::new(), FrameBatch::new(), vec![false; 3]);
+        for f in &frags {
+            // Fragments are the control thread's.
+            assert_eq!(router.route(f, HOST, mac()), 2);
+            shared.control_frame(
+                &router, &mut ctl, &mut whole, T0, f, &mut hc, &mut out, &mut wake,
+            );
+        }
+        assert_eq!(
+            ctl.nat.sessions().len(),
+            0,
+            "no session on the control thread"
+        );
+        assert_eq!(ctl.stats().frames_in, 3);
+        assert!(wake[owner], "the owner is woken");
+        assert!(shared.inboxes[1 - owner].is_empty());
+        assert!(!shared.inboxes[owner].is_empty());
+        // The owner handles it as one datagram.
+        let (e, h) = &mut workers[owner];
+        let frame = shared.inboxes[owner].pop_whole().unwrap();
+        assert_eq!(frame.len(), 14 + 20 + 8 + payload.len());
+        e.handle_reassembled(T0, &frame, h, &mut out);
+        let socks = h.ids(|s| matches!(s, crate::sim::SimSocket::Udp(_)));
+        assert_eq!(socks.len(), 1);
+        assert_eq!(h.udp(socks[0]).unwrap().sent, vec![payload.clone()]);
+        // Later unfragmented datagrams of the flow go to the same worker and session.
+        let f = udp_frame(guest, dst, b"again");
+        assert_eq!(router.route(&f, HOST, mac()), owner);
+        e.handle_frame(T0, &f, h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        assert_eq!(
+            limits.count(crate::nat::Proto::Udp, GUEST_IP),
+            1,
+            "one session overall"
+        );
+        // The worker learnt the guest's MAC from the reassembled frame: it can answer.
+        out.clear();
+        h.deliver_udp(socks[0], b"reply");
+        pump(e, h, &mut out, T0);
+        assert_eq!(out.len(), 1);
+
+        // Anything not a NAT fragment is handled by the control engine as before.
+        let dns = udp_frame(guest, SocketAddrV4::new(HOST, 9), b"q");
+        shared.control_frame(
+            &router, &mut ctl, &mut whole, T0, &dns, &mut hc, &mut out, &mut wake,
+        );
+        assert_eq!(ctl.stats().frames_in, 4);
+        // A bad fragment is counted where it arrived.
+        let mut bad = frags[0].clone();
+        bad[14 + 10] ^= 0xff; // IP checksum
+        shared.control_frame(
+            &router, &mut ctl, &mut whole, T0, &bad, &mut hc, &mut out, &mut wake,
+        );
+        assert_eq!(ctl.stats().drops_of(Drop::BadChecksum), 1);
+    }
+
+    #[test]
+    fn reassembled_datagrams_beyond_the_queue_are_dropped_and_counted() {
+        let (_polls, shared) = three_inboxes();
+        let router = Router::new(2);
+        let (mut ctl, mut hc, mut out) = setup();
+        let mut wake = vec![false; 3];
+        let mut whole = Vec::new();
+        let dst = SocketAddrV4::new(REMOTE_IP, 9);
+        let guest = (4000..)
+            .map(|p| SocketAddrV4::new(GUEST_IP, p))
+            .find(|g| router.route(&udp_frame(*g, dst, b"x"), HOST, mac()) == 0)
+            .unwrap();
+        let n = WHOLE_CAPACITY + 3;
+        for i in 0..n {
+            let mut frags = udp_fragments(guest, dst, &[i as u8; 2000], 1480);
+            for f in &mut frags {
+                // A new identification per datagram.
+                f[14 + 4..14 + 6].copy_from_slice(&(i as u16).to_be_bytes());
+                let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+                ip.fill_checksum();
+                shared.control_frame(
+                    &router, &mut ctl, &mut whole, T0, f, &mut hc, &mut out, &mut wake,
+                );
+            }
+        }
+        assert_eq!(ctl.stats().drops_of(Drop::QueueFull), 3);
+        let mut got = 0;
+        while shared.inboxes[0].pop_whole().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, WHOLE_CAPACITY);
+    }
+
+    #[test]
+    fn a_malformed_reassembled_frame_is_counted_not_handled() {
+        let (mut e, mut h, mut out) = setup();
+        for f in [
+            &b"short"[..],
+            &udp_frame(
+                SocketAddrV4::new(GUEST_IP, 1),
+                SocketAddrV4::new(REMOTE_IP, 9),
+                b"x",
+            )[..40],
+        ] {
+            e.handle_reassembled(T0, f, &mut h, &mut out);
+        }
+        let mut frag = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 1),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        frag[14 + 6] |= 0x20;
+        let mut ip = Ipv4Packet::new_unchecked(&mut frag[14..]);
+        ip.fill_checksum();
+        e.handle_reassembled(T0, &frag, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert_eq!(e.nat.sessions().len(), 0);
+    }
+
+    #[test]
+    fn a_busy_workers_counters_are_readable_without_asking_it() {
+        let (_polls, shared) = three_inboxes();
+        let shared = Arc::new(shared);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sh, st) = (Arc::clone(&shared), Arc::clone(&stop));
+        // A worker that never looks at its commands: it handles frames and publishes.
+        let busy = std::thread::spawn(move || {
+            let (mut e, mut h, mut out) = setup();
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000),
+                SocketAddrV4::new(REMOTE_IP, 9),
+                b"x",
+            );
+            let mut t = T0;
+            while !st.load(Ordering::Relaxed) {
+                e.handle_frame(t, &f, &mut h, &mut out);
+                out.clear();
+                // Frames keep waiting in its queue: it publishes on its period only.
+                if let Some(b) = sh.pool.get() {
+                    let _ = sh.forward(0, b, 1, &mut [false; 3]);
+                }
+                sh.inboxes[0].publish(t, &e);
+                t = t + Duration::from_millis(1);
+            }
+            e.ctx.stats.frames_in
+        });
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        let seen = |min: u64| loop {
+            assert!(std::time::Instant::now() < give_up, "never published");
+            let r = shared.inboxes[0].published();
+            if r.stats.frames_in > min {
+                return r;
+            }
+            std::thread::yield_now();
+        };
+        let first = seen(0);
+        assert_eq!(first.counts[crate::nat::Proto::Udp.index()], 1);
+        assert!(first.sessions.is_empty());
+        let later = seen(first.stats.frames_in);
+        assert!(later.stats.bytes_in > first.stats.bytes_in);
+        stop.store(true, Ordering::Relaxed);
+        let total = busy.join().unwrap();
+        assert!(total >= later.stats.frames_in);
+    }
+
+    #[test]
+    fn publishing_is_rate_limited_while_frames_wait_and_immediate_when_idle() {
+        let (_polls, shared) = three_inboxes();
+        let inbox = &shared.inboxes[0];
+        let (mut e, mut h, mut out) = setup();
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0, &e);
+        assert_eq!(inbox.published().stats.frames_in, 1);
+        // Busy (a frame waits): not again before PUBLISH_EVERY.
+        let b = shared.pool.get().unwrap();
+        shared.forward(0, b, 1, &mut [false; 3]).unwrap();
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0 + Duration::from_millis(1), &e);
+        assert_eq!(inbox.published().stats.frames_in, 1);
+        inbox.publish(T0 + PUBLISH_EVERY, &e);
+        assert_eq!(inbox.published().stats.frames_in, 2);
+        // Idle (queue empty): at once.
+        let (b, _) = shared.inboxes[0].pop().unwrap();
+        shared.pool.put(b);
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        inbox.publish(T0 + PUBLISH_EVERY, &e);
+        let r = inbox.published();
+        assert_eq!(r.stats.frames_in, 3);
+        assert_eq!(r, crate::control::api::WorkerReport::of(&e, false));
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct TcpNat {
     half_open: usize,
     tombstones: usize,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// With `external_idle`: `(deadline, key, session id)`, one entry per connection, for
+    /// `expire_idle`; the idle deadline is then left out of the connections' timers.
+    idle_timers: BinaryHeap<Reverse<(Instant, Key, u32)>>,
+    external_idle: bool,
     due: Vec<Key>,
     rcv_buf: usize,
     /// Whether guests' payload is written to host sockets once per batch (`flush`).
@@ -70,12 +74,23 @@ impl TcpNat {
             half_open: 0,
             tombstones: 0,
             timers: BinaryHeap::new(),
+            idle_timers: BinaryHeap::new(),
+            external_idle: false,
             due: Vec::new(),
             rcv_buf: DEFAULT_RCV_BUF,
             batching: false,
             dirty: Vec::new(),
             peek: conn::PeekCache::default(),
         }
+    }
+
+    /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
     }
 
     /// Connections in the table that are not TIME-WAIT tombstones.
@@ -175,12 +190,18 @@ impl TcpNat {
             reset(ctx, seg, key, out)?;
             return Err(Drop::Limit);
         }
+        if !ctx.admit_half_open() {
+            ctx.release_session(Proto::Tcp, *guest.ip());
+            reset(ctx, seg, key, out)?;
+            return Err(Drop::Limit);
+        }
         let id = ctx.next_session_id();
         log::session_created(Proto::Tcp.name(), id, guest, dst);
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
                 ctx.release_session(Proto::Tcp, *guest.ip());
+                ctx.release_half_open();
                 log::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
                 log::session_deleted(Proto::Tcp.name(), id);
                 reset(ctx, seg, key, out)?;
@@ -198,6 +219,10 @@ impl TcpNat {
         c.defer_writes = self.batching;
         c.sock = Some(sock);
         c.target = target;
+        if self.external_idle {
+            let idle = ctx.cfg.nat.tcp_timeout;
+            self.idle_timers.push(Reverse((now + idle, key, id)));
+        }
         self.conns.insert(key, c);
         self.by_sock.insert(sock, key);
         *self.per_guest.entry(*guest.ip()).or_insert(0) += 1;
@@ -261,6 +286,7 @@ impl TcpNat {
             HostEvent::Connected(_) => {
                 if c.state == State::Connecting {
                     self.half_open -= 1;
+                    cx.ctx.release_half_open();
                     let t = c.target;
                     log::tcp_connected(c.id, &t.ip().to_string(), *t.ip(), t.port());
                 }
@@ -328,6 +354,7 @@ impl TcpNat {
             State::TimeWait => self.tombstones -= 1,
             State::Connecting => {
                 self.half_open -= 1;
+                ctx.release_half_open();
                 self.dec_guest(ctx, *key.0.ip());
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
@@ -339,7 +366,7 @@ impl TcpNat {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
-        let Some(d) = c.deadline(ctx.cfg.nat.tcp_timeout) else {
+        let Some(d) = c.deadline(Self::timer_idle(self.external_idle, ctx)) else {
             return;
         };
         let earlier = match c.scheduled {
@@ -372,6 +399,86 @@ impl TcpNat {
             self.remove(key, ctx, io);
         }
         self.dirty.clear();
+    }
+
+    /// The idle timeout the connections' own timers use: none (never) when idle expiry is
+    /// external.
+    fn timer_idle(external: bool, ctx: &Ctx) -> std::time::Duration {
+        if external {
+            std::time::Duration::MAX
+        } else {
+            ctx.cfg.nat.tcp_timeout
+        }
+    }
+
+    /// With `on`, idle connections are reset only by `expire_idle` (run on the caller's
+    /// schedule), and `poll_timeout` no longer wakes for idle deadlines; the protocol's own
+    /// timers (connect, retransmission, persist, delayed ACK, TIME-WAIT) stay here.
+    pub fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
+        if self.external_idle == on {
+            return;
+        }
+        self.external_idle = on;
+        self.idle_timers.clear();
+        self.rebuild_idle(ctx);
+        self.timers.clear();
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.scheduled = None;
+            }
+            self.schedule(key, ctx);
+        }
+    }
+
+    fn rebuild_idle(&mut self, ctx: &Ctx) {
+        self.idle_timers.clear();
+        if !self.external_idle {
+            return;
+        }
+        let idle = ctx.cfg.nat.tcp_timeout;
+        for (&key, c) in &self.conns {
+            if c.state != State::TimeWait {
+                self.idle_timers
+                    .push(Reverse((c.last_used + idle, key, c.id)));
+            }
+        }
+    }
+
+    /// Resets the connections idle for `nat.tcp_timeout` at `now` (toward the guest and the
+    /// destination). With `set_external_idle(true)` only this ends idle connections.
+    pub fn expire_idle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl HostIo,
+        out: &mut FrameBatch,
+    ) {
+        let idle = ctx.cfg.nat.tcp_timeout;
+        while let Some(&Reverse((t, key, id))) = self.idle_timers.peek() {
+            if t > now {
+                break;
+            }
+            self.idle_timers.pop();
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if c.id != id || c.state == State::TimeWait {
+                continue;
+            }
+            let real = c.last_used + idle;
+            if real > now {
+                self.idle_timers.push(Reverse((real, key, id)));
+                continue;
+            }
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let next = c.on_timer(&mut cx, idle);
+            self.after(key, next, ctx, io);
+        }
+        // Entries of connections gone since: rebuild when they dominate.
+        if self.idle_timers.len() > 2 * self.conns.len() + 64 {
+            self.rebuild_idle(ctx);
+        }
     }
 
     pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
@@ -416,7 +523,7 @@ impl TcpNat {
                 }
             }
         }
-        let idle = ctx.cfg.nat.tcp_timeout;
+        let idle = Self::timer_idle(self.external_idle, ctx);
         for &key in &due {
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;
