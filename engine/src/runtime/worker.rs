@@ -313,6 +313,8 @@ struct Worker {
     host_events: Vec<crate::HostEvent>,
     wake: Vec<bool>,
     bufs: ReadBufs,
+    /// Waits in its io_uring rather than in `poll`.
+    in_ring: bool,
 }
 
 /// The worker thread's body.
@@ -334,14 +336,17 @@ impl Worker {
             Backend::Mio => MioHost::new(s.poll.registry().try_clone()?),
             Backend::Uring => {
                 // Made on this thread: the ring accepts submissions from its creator only.
-                let ring = Ring::new()?;
-                s.poll
-                    .registry()
-                    .register(&mut SourceFd(&ring.fd()), RING, Interest::READABLE)?;
-                MioHost::with_uring(ring)
+                // The worker waits in the ring itself (`run`): its TAP queue and its epoll set
+                // (which holds its waker) are watched there.
+                let mut host = MioHost::with_uring(Ring::for_waiting_thread()?);
+                host.watch_token(s.poll.as_raw_fd(), WAKE.0)?;
+                if let Some(t) = &s.tap_in {
+                    host.watch_token(t.as_raw_fd(), PORT.0)?;
+                }
+                host
             }
         };
-        if let Some(t) = &s.tap_in {
+        if let (Some(t), Backend::Mio) = (&s.tap_in, s.backend) {
             s.poll
                 .registry()
                 .register(&mut SourceFd(&t.as_raw_fd()), PORT, Interest::READABLE)?;
@@ -364,6 +369,7 @@ impl Worker {
             host_events: Vec::new(),
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
+            in_ring: s.backend == Backend::Uring,
         })
     }
 
@@ -384,14 +390,41 @@ impl Worker {
                     t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
                 })
             };
-            self.host.submit();
-            match super::wait(&mut self.poll, &mut events, timeout, &mut last_work) {
+            let waited = if self.in_ring {
+                // One io_uring_enter submits the batch's operations and waits.
+                events.clear();
+                let spin_until = last_work + super::SPIN;
+                self.host.wait(timeout, spin_until).map(|got| {
+                    if got {
+                        last_work = std::time::Instant::now();
+                    }
+                })
+            } else {
+                self.host.submit();
+                super::wait(&mut self.poll, &mut events, timeout, &mut last_work)
+            };
+            match waited {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
             let now = self.clock.now();
             let mut port = false;
+            let mut woken = false;
+            self.host_events.clear();
+            self.host
+                .ring_events_and_tokens(&mut self.host_events, &mut |t| match Token(t) {
+                    PORT => port = true,
+                    _ => woken = true,
+                });
+            self.handle_host_events(now);
+            if woken {
+                // The epoll set holding the waker: empty its ready list.
+                match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                    Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                    _ => {}
+                }
+            }
             for event in events.iter() {
                 match event.token() {
                     PORT => port = true,
@@ -403,9 +436,6 @@ impl Worker {
                     }
                 }
             }
-            self.host_events.clear();
-            self.host.ring_events(&mut self.host_events);
-            self.handle_host_events(now);
             let mut stop = false;
             loop {
                 match self.cmds.try_recv() {
