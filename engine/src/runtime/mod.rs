@@ -69,7 +69,7 @@ const REPORT_TIMEOUT: Duration = Duration::from_millis(500);
 const MAX_FRAME: usize = crate::config::MAX_MTU as usize + 18;
 
 /// How long a thread keeps polling without sleeping after it last had something to do.
-const SPIN: Duration = Duration::from_micros(50);
+pub(crate) const SPIN: Duration = Duration::from_micros(50);
 
 /// Waits like `Poll::poll`, but for `SPIN` after the thread last had work it polls without
 /// sleeping first. On a VM a sleeping vCPU takes tens of microseconds to be woken, most of a

@@ -420,6 +420,8 @@ struct Worker {
     bufs: ReadBufs,
     /// Made on first use, on this thread (its ring's only submitter).
     writer: Option<TapWriter>,
+    /// Waits in its io_uring rather than in `poll`.
+    in_ring: bool,
 }
 
 /// The worker thread's body.
@@ -441,14 +443,17 @@ impl Worker {
             Backend::Mio => MioHost::new(s.poll.registry().try_clone()?),
             Backend::Uring => {
                 // Made on this thread: the ring accepts submissions from its creator only.
-                let ring = Ring::new()?;
-                s.poll
-                    .registry()
-                    .register(&mut SourceFd(&ring.fd()), RING, Interest::READABLE)?;
-                MioHost::with_uring(ring)
+                // The worker waits in the ring itself (`run`): its TAP queue and its epoll set
+                // (which holds its waker) are watched there.
+                let mut host = MioHost::with_uring(Ring::for_waiting_thread()?);
+                host.watch_token(s.poll.as_raw_fd(), WAKE.0)?;
+                if let Some(t) = &s.tap_in {
+                    host.watch_token(t.as_raw_fd(), PORT.0)?;
+                }
+                host
             }
         };
-        if let Some(t) = &s.tap_in {
+        if let (Some(t), Backend::Mio) = (&s.tap_in, s.backend) {
             s.poll
                 .registry()
                 .register(&mut SourceFd(&t.as_raw_fd()), PORT, Interest::READABLE)?;
@@ -472,6 +477,7 @@ impl Worker {
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
             writer: None,
+            in_ring: s.backend == Backend::Uring,
         })
     }
 
@@ -492,14 +498,41 @@ impl Worker {
                     t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
                 })
             };
-            self.host.submit();
-            match super::wait(&mut self.poll, &mut events, timeout, &mut last_work) {
+            let waited = if self.in_ring {
+                // One io_uring_enter submits the batch's operations and waits.
+                events.clear();
+                let spin_until = last_work + super::SPIN;
+                self.host.wait(timeout, spin_until).map(|got| {
+                    if got {
+                        last_work = std::time::Instant::now();
+                    }
+                })
+            } else {
+                self.host.submit();
+                super::wait(&mut self.poll, &mut events, timeout, &mut last_work)
+            };
+            match waited {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
             let now = self.clock.now();
             let mut port = false;
+            let mut woken = false;
+            self.host_events.clear();
+            self.host
+                .ring_events_and_tokens(&mut self.host_events, &mut |t| match Token(t) {
+                    PORT => port = true,
+                    _ => woken = true,
+                });
+            self.handle_host_events(now);
+            if woken {
+                // The epoll set holding the waker: empty its ready list.
+                match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                    Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                    _ => {}
+                }
+            }
             for event in events.iter() {
                 match event.token() {
                     PORT => port = true,
@@ -511,9 +544,6 @@ impl Worker {
                     }
                 }
             }
-            self.host_events.clear();
-            self.host.ring_events(&mut self.host_events);
-            self.handle_host_events(now);
             let mut stop = false;
             loop {
                 match self.cmds.try_recv() {

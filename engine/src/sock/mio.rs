@@ -2,8 +2,10 @@
 //!
 //! Readiness comes from epoll (mio) or from io_uring (`sock::uring`, one ring per worker).
 //! With epoll, sockets are registered edge-triggered with the runtime's `mio::Poll`, the token
-//! being the `SockId`, and `events()` turns mio's readiness into the core's `HostEvent`s; with
-//! io_uring each socket has a multishot poll and `ring_events()` does the same.
+//! being the `SockId`, and `events()` turns mio's readiness into the core's `HostEvent`s. With
+//! io_uring, TCP connects are ring operations, UDP datagrams arrive through a multishot receive
+//! into provided buffers (`udp_recv` hands them out), other sockets have a multishot poll, and
+//! `ring_events()` turns the completions into `HostEvent`s.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -15,7 +17,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use crate::hostio::{Datagram, HostEvent, HostIo, SockId};
-use crate::sock::uring::{Ready, Ring};
+use crate::sock::uring::{Completion, Ready, Ring};
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
 pub const FIRST_RESERVED_TOKEN: usize = u32::MAX as usize;
@@ -49,7 +51,7 @@ enum Readiness {
 
 pub struct MioHost {
     readiness: Readiness,
-    ready_scratch: Vec<(SockId, Ready)>,
+    completions: Vec<Completion>,
     socks: HashMap<SockId, Sock>,
     next_id: SockId,
     /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
@@ -114,7 +116,7 @@ impl MioHost {
     fn with_readiness(readiness: Readiness) -> MioHost {
         MioHost {
             readiness,
-            ready_scratch: Vec::new(),
+            completions: Vec::new(),
             socks: HashMap::new(),
             next_id: 0,
             scratch: Vec::new(),
@@ -169,16 +171,67 @@ impl MioHost {
 
     /// Reads the ring's completions (io_uring) into the core's events.
     pub fn ring_events(&mut self, into: &mut Vec<HostEvent>) {
+        self.ring_events_and_tokens(into, &mut |_| {});
+    }
+
+    /// Like `ring_events`; the tokens of the thread's own descriptors (`watch_token`) that
+    /// are ready go to `token`.
+    pub fn ring_events_and_tokens(
+        &mut self,
+        into: &mut Vec<HostEvent>,
+        token: &mut dyn FnMut(usize),
+    ) {
         let Readiness::Uring(r) = &mut self.readiness else {
             return;
         };
-        let mut got = std::mem::take(&mut self.ready_scratch);
+        let mut got = std::mem::take(&mut self.completions);
         got.clear();
         r.drain(&mut got);
-        for &(id, ready) in &got {
-            self.ready(id, ready, into);
+        for &c in &got {
+            match c {
+                Completion::Ready(id, ready) => self.ready(id, ready, into),
+                Completion::Connected(id) => {
+                    if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+                        t.connecting = false;
+                        into.push(HostEvent::Connected(id));
+                    }
+                }
+                Completion::ConnectFailed(id, kind) => {
+                    if self.socks.contains_key(&id) {
+                        into.push(HostEvent::ConnectFailed(id, kind));
+                    }
+                }
+                Completion::Readable(id) => {
+                    if self.socks.contains_key(&id) {
+                        into.push(HostEvent::Readable(id));
+                    }
+                }
+                Completion::Token(t) => token(t),
+            }
         }
-        self.ready_scratch = got;
+        self.completions = got;
+    }
+
+    /// Watches one of the thread's own descriptors in the ring (io_uring); it comes back as a
+    /// token from `ring_events_and_tokens`.
+    pub fn watch_token(&mut self, fd: RawFd, token: usize) -> io::Result<()> {
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.watch_token(fd, token),
+            Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    /// Submits what the batch queued and waits in the ring (io_uring) for at most `timeout`,
+    /// polling without sleeping until `spin_until`. True when completions are waiting.
+    pub fn wait(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+        spin_until: std::time::Instant,
+    ) -> io::Result<bool> {
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.wait(timeout, spin_until),
+            Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
     }
 
     /// Translates one mio event for a socket into the core's events.
@@ -307,7 +360,10 @@ impl HostIo for MioHost {
         let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
         sock.connect(SocketAddr::V4(dst))?;
         let id = self.alloc_id();
-        self.register_fd(sock.as_raw_fd(), id, false)?;
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
+            Readiness::Epoll(_) => self.register_fd(sock.as_raw_fd(), id, false)?,
+        }
         self.socks.insert(id, Sock::Udp(sock));
         Ok(id)
     }
@@ -320,6 +376,11 @@ impl HostIo for MioHost {
     }
 
     fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
+        if let Readiness::Uring(r) = &mut self.readiness {
+            if let Some(res) = r.udp_recv(id, buf) {
+                return res;
+            }
+        }
         match self.socks.get(&id) {
             Some(Sock::Udp(s)) => s.recv(buf),
             _ => Err(not_found()),
@@ -327,7 +388,22 @@ impl HostIo for MioHost {
     }
 
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        let stream = TcpStream::connect(SocketAddr::V4(dst))?;
+        let stream = match &self.readiness {
+            Readiness::Epoll(_) => TcpStream::connect(SocketAddr::V4(dst))?,
+            // The ring connects it (after the options below are set).
+            Readiness::Uring(_) => {
+                // SAFETY: plain socket creation; the result is checked.
+                let fd = cvt(unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        0,
+                    )
+                })?;
+                // SAFETY: a fresh fd owned by nobody else.
+                unsafe { TcpStream::from_raw_fd(fd) }
+            }
+        };
         let fd = stream.as_raw_fd();
         let _ = stream.set_nodelay(true);
         if self.tcp_rcvbuf > 0 {
@@ -350,7 +426,10 @@ impl HostIo for MioHost {
             .ok()
             .map(|_| 0);
         let id = self.alloc_id();
-        self.register_fd(fd, id, true)?;
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.connect(fd, id, dst)?,
+            Readiness::Epoll(_) => self.register_fd(fd, id, true)?,
+        }
         self.socks.insert(
             id,
             Sock::Tcp(Tcp {
@@ -607,7 +686,8 @@ mod tests {
 
     fn new_host(uring: bool) -> (MioHost, Waiter) {
         if uring {
-            (MioHost::with_uring(Ring::new().unwrap()), Waiter::Uring)
+            let ring = Ring::for_waiting_thread().unwrap();
+            (MioHost::with_uring(ring), Waiter::Uring)
         } else {
             let poll = mio::Poll::new().unwrap();
             let host = MioHost::new(poll.registry().try_clone().unwrap());
@@ -632,8 +712,8 @@ mod tests {
                     }
                 }
                 Waiter::Uring => {
-                    host.submit();
-                    std::thread::sleep(Duration::from_millis(20));
+                    let spin = std::time::Instant::now();
+                    host.wait(Some(Duration::from_millis(50)), spin).unwrap();
                     host.ring_events(&mut got);
                 }
             }
@@ -659,6 +739,8 @@ mod tests {
         };
         let (mut host, mut poll) = new_host(uring);
         let id = host.tcp_connect(addr).unwrap();
+        // With io_uring the connect starts when the batch is submitted.
+        host.submit();
         let (mut peer, _) = listener.accept().unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
         peer.write_all(b"hello world").unwrap();
@@ -693,6 +775,8 @@ mod tests {
         };
         let (mut host, mut poll) = new_host(false);
         let id = host.tcp_connect(addr).unwrap();
+        // With io_uring the connect starts when the batch is submitted.
+        host.submit();
         let (mut peer, _) = listener.accept().unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
         peer.write_all(b"abc").unwrap();
