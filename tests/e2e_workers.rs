@@ -131,7 +131,11 @@ fn stop_cleanly(lab: &mut Lab) {
 fn many_flows_spread_over_two_workers_and_all_complete() {
     require_root!();
     let dir = common::TempDir::new();
-    let mut lab = Lab::start_with_server_args(&config(&dir.0), &["--workers", "2"]);
+    // One TAP queue: the control thread reads every frame and hands each to its flow's worker.
+    let mut lab = Lab::start_with_server_args(
+        &config(&dir.0),
+        &["--workers", "2", "--tap-queues", "single"],
+    );
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
     run_flows(&lab, 64, 64);
@@ -149,11 +153,43 @@ fn many_flows_spread_over_two_workers_and_all_complete() {
 fn a_multiqueue_tap_gives_each_worker_a_queue() {
     require_root!();
     let dir = common::TempDir::new();
-    let mut lab = Lab::start_with_server_args(&config(&dir.0), &["--workers", "2", "--multiqueue"]);
+    let mut lab = Lab::start_with_server_args(
+        &config(&dir.0),
+        &["--workers", "2", "--tap-queues", "multi"],
+    );
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
     run_flows(&lab, 32, 16);
     check_spread(&dir.0, 16);
     assert!(lab.hubnat_log().contains("(2 queues)"));
+    stop_cleanly(&mut lab);
+}
+
+#[test]
+fn an_existing_single_queue_tap_falls_back_to_one_queue() {
+    require_root!();
+    let dir = common::TempDir::new();
+    let args = ["--workers", "2", "--tap-queues", "auto"];
+    let mut lab = Lab::start_with_server_args(&config(&dir.0), &args);
+    // hubnat's own device goes with it; a persistent single-queue one takes its name.
+    stop_cleanly(&mut lab);
+    let tap = lab.tap.clone();
+    lab.guest
+        .exec_ok(&["ip", "tuntap", "add", "mode", "tap", "name", &tap]);
+    lab.start_hubnat_args(&config(&dir.0), &args);
+    let ip = format!("{}/24", common::GUEST_IP);
+    lab.guest.exec_ok(&["ip", "addr", "add", &ip, "dev", &tap]);
+    lab.guest
+        .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
+    let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
+    let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
+    run_flows(&lab, 16, 8);
+    check_spread(&dir.0, 8);
+    let log = lab.hubnat_log();
+    assert!(
+        log.contains("exists as a single-queue device") && !log.contains("(2 queues)"),
+        "{}",
+        tail(&log)
+    );
     stop_cleanly(&mut lab);
 }

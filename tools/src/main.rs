@@ -20,7 +20,7 @@ use hubnat_engine::control::api::{
 use hubnat_engine::control::leases::LEASE_FILE;
 use hubnat_engine::control::seclog::SecurityLog;
 use hubnat_engine::control::state;
-use hubnat_engine::port::tap::{netns_path, Tap};
+use hubnat_engine::port::tap::{netns_path, Tap, TapError};
 use hubnat_engine::runtime::{bind_control, Exit, Options, Runtime};
 use hubnat_engine::sock::{Backend, BackendChoice};
 use hubnat_engine::Engine;
@@ -165,20 +165,31 @@ struct RunArgs {
     #[arg(long)]
     no_reverse_lookup: bool,
     /// Worker threads carrying the NAT flows (each owns its flows, their TCP state and host
-    /// sockets; a control thread keeps ARP, DHCP, DNS and ICMP to the virtual host). Default:
-    /// one thread per core in all, i.e. the number of cores less one for the control thread
-    /// (so 1 on a machine of 2 cores or fewer). 1 runs everything on one thread.
+    /// sockets; a control thread keeps ARP, DHCP, DNS and ICMP to the virtual host, and all
+    /// idle timeouts). Default: the number of cores. 1 runs everything on one thread.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Where host sockets get readiness from: `uring` (one io_uring per thread), `mio`
     /// (epoll), or `auto` (io_uring where the kernel allows it, else mio; the log says which).
     #[arg(long, value_name = "uring|mio|auto", default_value = "auto")]
     socket_backend: BackendChoice,
-    /// Make the TAP device multiqueue, one queue per worker, read by that worker (the kernel
-    /// steers flows among the queues). Needs --workers 2 or more; a device made without it
-    /// cannot be attached to with it, and the reverse.
-    #[arg(long)]
+    /// How the TAP device is read with 2 or more workers. `multi`: one queue per worker,
+    /// read by that worker, the kernel steering each flow to the queue its worker writes from
+    /// (fails if an existing device was made single-queue). `single`: one queue, read by the
+    /// control thread, which hands each frame to its flow's worker. `auto` (the default):
+    /// multi, or single where the device cannot be made multiqueue (the log says so).
+    #[arg(long, value_name = "auto|multi|single", default_value = "auto")]
+    tap_queues: QueueChoice,
+    /// Same as --tap-queues multi (kept for scripts written before --tap-queues).
+    #[arg(long, hide = true)]
     multiqueue: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum QueueChoice {
+    Auto,
+    Multi,
+    Single,
 }
 
 fn main() {
@@ -305,30 +316,49 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
     }
 
-    // A worker beside the control thread on every core but one: with a worker per core the
-    // control thread, which reads every frame, has no core of its own, and on 2 cores (measured
-    // in PERF.md) 2 workers lost an upload to full queues and halved the connection rate.
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
-            .map(|n| n.get().saturating_sub(1).max(1))
+            .map(|n| n.get())
             .unwrap_or(1)
     });
     if workers == 0 || workers > 256 {
         bail!("--workers {workers}: choose 1 to 256");
     }
-    if args.multiqueue && workers < 2 {
-        bail!("--multiqueue needs --workers 2 or more (one TAP queue per worker)");
+    let choice = if args.multiqueue {
+        QueueChoice::Multi
+    } else {
+        args.tap_queues
+    };
+    if choice == QueueChoice::Multi && workers < 2 {
+        bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
     }
     let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
     if let Some(why) = &fallback {
         tracing::warn!("socket backend: {why}; using mio (epoll)");
     }
-    let queues = if args.multiqueue { workers } else { 1 };
     let mtu = Some(u32::from(cfg.nat.mtu));
-    let mut taps = match &args.netns {
-        Some(spec) => Tap::open_queues_in_netns(&args.tap, mtu, queues, &netns_path(spec))?,
-        None => Tap::open_queues(&args.tap, mtu, queues)?,
+    let open = |queues: usize| match &args.netns {
+        Some(spec) => Tap::open_queues_in_netns(&args.tap, mtu, queues, &netns_path(spec)),
+        None => Tap::open_queues(&args.tap, mtu, queues),
     };
+    let mut taps = match choice {
+        QueueChoice::Single => open(1)?,
+        QueueChoice::Multi => open(workers)?,
+        QueueChoice::Auto if workers < 2 => open(1)?,
+        QueueChoice::Auto => match open(workers) {
+            Ok(t) => t,
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(
+                    "TAP {} exists as a single-queue device: the control thread reads it and \
+                     hands frames to the workers",
+                    args.tap
+                );
+                open(1)?
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let queues = taps.len();
     let tap = taps.remove(0);
 
     let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
@@ -348,7 +378,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         cfg.host.ip,
         mac,
         tap.name(),
-        if args.multiqueue {
+        if queues > 1 {
             format!(" ({queues} queues)")
         } else {
             String::new()
