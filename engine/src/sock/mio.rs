@@ -35,6 +35,40 @@ struct Tcp {
     /// The kernel's SO_PEEK_OFF for this socket, or None where the kernel lacks it.
     peek_off: Option<usize>,
     eof: bool,
+    /// Bytes the guest has acknowledged that are still in the socket: discarded in one call per
+    /// batch (`flush_consumes`), not one per ACK. Peek offsets skip them meanwhile.
+    unconsumed: usize,
+}
+
+impl Tcp {
+    fn discard_unconsumed(&mut self) -> io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        while self.unconsumed > 0 {
+            // MSG_TRUNC on a TCP socket discards the bytes without copying them anywhere.
+            // SAFETY: a NULL buffer is allowed with MSG_TRUNC on TCP; nothing is written.
+            let r = unsafe {
+                libc::recv(
+                    fd,
+                    std::ptr::null_mut(),
+                    self.unconsumed,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                return Err(if r == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "consume past EOF")
+                } else {
+                    io::Error::last_os_error()
+                });
+            }
+            self.unconsumed -= r as usize;
+            if let Some(cur) = self.peek_off.as_mut() {
+                // The kernel moves the peek offset back by what was consumed.
+                *cur = cur.saturating_sub(r as usize);
+            }
+        }
+        Ok(())
+    }
 }
 
 enum Sock {
@@ -56,6 +90,8 @@ pub struct MioHost {
     next_id: SockId,
     /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
     scratch: Vec<u8>,
+    /// TCP sockets with acknowledged bytes still to discard.
+    to_consume: Vec<SockId>,
     /// Receive buffer size requested on new TCP sockets (0: the kernel's default).
     pub tcp_rcvbuf: usize,
     pub tcp_sndbuf: usize,
@@ -120,6 +156,7 @@ impl MioHost {
             socks: HashMap::new(),
             next_id: 0,
             scratch: Vec::new(),
+            to_consume: Vec::new(),
             tcp_rcvbuf: 0,
             tcp_sndbuf: 0,
         }
@@ -162,9 +199,24 @@ impl MioHost {
 
     /// Submits what the batch queued (io_uring); call before waiting.
     pub fn submit(&mut self) {
+        self.flush_consumes();
         if let Readiness::Uring(r) = &mut self.readiness {
             if let Err(e) = r.submit() {
                 tracing::warn!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Discards what the guest acknowledged during the batch: one call per socket per batch
+    /// instead of one per ACK (each of which could also send the server a window update). Runs
+    /// before the thread waits, so nothing acknowledged stays in a socket across a sleep.
+    pub fn flush_consumes(&mut self) {
+        for id in std::mem::take(&mut self.to_consume) {
+            if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+                if let Err(e) = t.discard_unconsumed() {
+                    // The socket's failure reaches the core through its readiness.
+                    tracing::debug!("host socket {id}: discarding acknowledged bytes: {e}");
+                }
             }
         }
     }
@@ -228,6 +280,7 @@ impl MioHost {
         timeout: Option<std::time::Duration>,
         spin_until: std::time::Instant,
     ) -> io::Result<bool> {
+        self.flush_consumes();
         match &mut self.readiness {
             Readiness::Uring(r) => r.wait(timeout, spin_until),
             Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
@@ -437,6 +490,7 @@ impl HostIo for MioHost {
                 connecting: true,
                 peek_off,
                 eof: false,
+                unconsumed: 0,
             }),
         );
         Ok(id)
@@ -458,6 +512,8 @@ impl HostIo for MioHost {
             _ => return Err(not_found()),
         };
         let fd = t.stream.as_raw_fd();
+        // The socket still holds the acknowledged bytes not yet discarded: skip them.
+        let offset = offset + t.unconsumed;
         // (bytes copied into `buf`, whether the peer's FIN was reached)
         let (peeked, eof) = if let Some(cur) = t.peek_off {
             if cur != offset {
@@ -512,32 +568,10 @@ impl HostIo for MioHost {
 
     fn tcp_consume(&mut self, id: SockId, n: usize) -> io::Result<()> {
         let t = self.tcp(id)?;
-        let fd = t.stream.as_raw_fd();
-        let mut left = n;
-        while left > 0 {
-            // MSG_TRUNC on a TCP socket discards the bytes without copying them anywhere.
-            // SAFETY: a NULL buffer is allowed with MSG_TRUNC on TCP; nothing is written.
-            let r = unsafe {
-                libc::recv(
-                    fd,
-                    std::ptr::null_mut(),
-                    left,
-                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                )
-            };
-            if r <= 0 {
-                let e = if r == 0 {
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "consume past EOF")
-                } else {
-                    io::Error::last_os_error()
-                };
-                return Err(e);
-            }
-            left -= r as usize;
-        }
-        if let Some(cur) = t.peek_off.as_mut() {
-            // The kernel moves the peek offset back by what was consumed.
-            *cur = cur.saturating_sub(n);
+        let first = t.unconsumed == 0 && n > 0;
+        t.unconsumed += n;
+        if first {
+            self.to_consume.push(id);
         }
         Ok(())
     }
@@ -659,6 +693,12 @@ impl HostIo for MioHost {
     }
 
     fn close(&mut self, id: SockId) {
+        if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+            // Unread data at close would make the kernel send a reset instead of a FIN.
+            if let Err(e) = t.discard_unconsumed() {
+                tracing::debug!("host socket {id}: discarding acknowledged bytes: {e}");
+            }
+        }
         let fd = match self.socks.get(&id) {
             Some(Sock::Udp(s)) => s.as_raw_fd(),
             Some(Sock::Tcp(t)) => t.stream.as_raw_fd(),
@@ -765,6 +805,54 @@ mod tests {
         assert!(host.tcp_peer_closed(id));
         host.close(id);
         assert!(host.is_empty());
+    }
+
+    /// Bytes waiting in the kernel socket of `id`.
+    fn in_socket(host: &MioHost, id: SockId) -> usize {
+        let Some(Sock::Tcp(t)) = host.socks.get(&id) else {
+            panic!("no TCP socket {id}")
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, which `n` is.
+        assert_eq!(
+            unsafe { libc::ioctl(t.stream.as_raw_fd(), libc::FIONREAD, &mut n) },
+            0
+        );
+        n as usize
+    }
+
+    #[test]
+    fn consumes_wait_for_the_batch_end_and_peeks_skip_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        let (mut host, mut poll) = new_host(false);
+        let id = host.tcp_connect(addr).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        peer.write_all(b"0123456789abcdef").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
+        let mut buf = [0u8; 4];
+        host.tcp_consume(id, 2).unwrap();
+        host.tcp_consume(id, 4).unwrap();
+        // Nothing discarded yet, but the core's view has moved on by 6.
+        assert_eq!(in_socket(&host, id), 16);
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"6789");
+        assert_eq!(host.tcp_peek(id, 6, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"cdef");
+        host.submit();
+        assert_eq!(in_socket(&host, id), 10);
+        assert_eq!(host.tcp_peek(id, 2, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"89ab");
+        host.tcp_consume(id, 10).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        // Closing discards what is left first: the peer sees a FIN, not a reset.
+        host.close(id);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).expect("a FIN, not a reset");
+        assert!(rest.is_empty());
     }
 
     #[test]
