@@ -147,6 +147,9 @@ fn many_flows_spread_over_two_workers_and_all_complete() {
         tail(&lab.hubnat_log())
     );
     stop_cleanly(&mut lab);
+    // The device goes with the process, at once (nothing of hubnat's keeps it open).
+    let shown = lab.guest.exec(&["ip", "link", "show", &lab.tap]);
+    assert!(!shown.status.success(), "{} outlived hubnat", lab.tap);
 }
 
 #[test]

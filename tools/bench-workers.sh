@@ -5,13 +5,15 @@
 #   guest ns (tap0, 192.168.30.50) ── hubnat ── NAT ns ──veth── server ns (iperf3 -s, 10.78.0.2)
 #
 # Usage: sudo tools/bench-workers.sh [--rounds N] [--duration S] [--streams P] [--no-build]
-#                                    [--workers "1 2"] [--backends "mio uring"]
+#                                    [--workers "1 2 2s"] [--backends "mio uring"]
+# A worker count with an `s` (2s) reads the TAP through one queue (--tap-queues single);
+# without, 2 or more workers read their own queues of a multiqueue TAP (the default).
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=3 DURATION=10 STREAMS=8 BUILD=1 WORKERS="1 2" BACKENDS="mio uring"
+ROUNDS=3 DURATION=10 STREAMS=8 BUILD=1 WORKERS="1 2 2s" BACKENDS="mio uring"
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -20,7 +22,7 @@ while [ $# -gt 0 ]; do
     --workers) WORKERS=$2; shift 2 ;;
     --backends) BACKENDS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -65,10 +67,11 @@ printf '[nat]\nmax_sessions_per_guest = 20000\n[dns]\nupstream = ["10.78.0.2"]\n
 
 # Runs iperf3 through hubnat started with $1 workers and backend $2; prints "up down" Gbit/s.
 measure() {
-  local w=$1 b=$2 pid up down
+  local w=${1%s} b=$2 pid up down queues=()
+  [ "$w" != "$1" ] && queues=(--tap-queues single)
   ip netns exec $NAT "$HUBNAT" run --tap tap0 --netns /run/netns/$GUEST --config "$WORK/hubnat.toml" \
     --state-dir "$WORK/state" --control "$WORK/ctl.sock" --log warn \
-    --workers "$w" --socket-backend "$b" > "$WORK/hubnat-$w-$b.log" 2>&1 &
+    --workers "$w" "${queues[@]}" --socket-backend "$b" > "$WORK/hubnat-$1-$b.log" 2>&1 &
   pid=$!; PIDS+=("$pid")
   for _ in $(seq 50); do ip -n $GUEST link show tap0 >/dev/null 2>&1 && break; sleep 0.1; done
   ip -n $GUEST addr add 192.168.30.50/24 dev tap0
@@ -99,7 +102,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-echo "| backend | workers | guest→host (upload) Gbit/s | host→guest (download) Gbit/s | rounds |"
+echo "| backend | workers (2s: one TAP queue) | guest→host (upload) Gbit/s | host→guest (download) Gbit/s | rounds |"
 echo "| --- | --- | --- | --- | --- |"
 for b in $BACKENDS; do
   for w in $WORKERS; do

@@ -239,7 +239,9 @@ const WRITE_RING_ENTRIES: u32 = 256;
 /// kernel refuses io_uring, frames go out one write(2) each.
 pub struct TapWriter {
     ring: Option<io_uring::IoUring>,
-    /// The TAP fd the ring has registered (slot 0 of its fixed files).
+    /// The TAP fd. Not registered with the ring: a registered file is only let go when the
+    /// kernel tears the ring down, in the background after the process exits, and until then
+    /// the device would outlive hubnat.
     fd: RawFd,
     submissions: u64,
 }
@@ -250,11 +252,7 @@ impl TapWriter {
         let fd = tap.as_raw_fd();
         let ring = io_uring::IoUring::builder()
             .setup_single_issuer()
-            .build(WRITE_RING_ENTRIES)
-            .and_then(|ring| {
-                ring.submitter().register_files(&[fd])?;
-                Ok(ring)
-            });
+            .build(WRITE_RING_ENTRIES);
         let ring = match ring {
             Ok(r) => Some(r),
             Err(e) => {
@@ -308,7 +306,7 @@ impl TapWriter {
                     let Some(f) = frames.next() else { break };
                     let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
                     let sqe =
-                        io_uring::opcode::Write::new(io_uring::types::Fixed(0), f.as_ptr(), len)
+                        io_uring::opcode::Write::new(io_uring::types::Fd(self.fd), f.as_ptr(), len)
                             .offset(u64::MAX)
                             .build();
                     // SAFETY: the frame's bytes stay borrowed until every completion of this
