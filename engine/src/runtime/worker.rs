@@ -118,19 +118,34 @@ impl Router {
 /// Fixed-size frame buffers, recycled.
 pub struct Pool {
     free: ArrayQueue<Box<[u8]>>,
+    /// Buffers allocated so far (at most `free`'s capacity): a buffer is made the first time
+    /// the pool runs dry, so an idle or multiqueue runtime, which hands few frames between
+    /// threads, never holds the tens of MiB that full queues would take.
+    made: std::sync::atomic::AtomicUsize,
+    size: usize,
 }
 
 impl Pool {
     pub fn new(count: usize, size: usize) -> Pool {
-        let free = ArrayQueue::new(count.max(1));
-        for _ in 0..count.max(1) {
-            let _ = free.push(vec![0u8; size].into_boxed_slice());
+        Pool {
+            free: ArrayQueue::new(count.max(1)),
+            made: std::sync::atomic::AtomicUsize::new(0),
+            size,
         }
-        Pool { free }
     }
 
+    /// A free buffer, a new one while fewer than the pool's count exist, else None.
     pub fn get(&self) -> Option<Box<[u8]>> {
-        self.free.pop()
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(b) = self.free.pop() {
+            return Some(b);
+        }
+        self.made
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < self.free.capacity()).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| vec![0u8; self.size].into_boxed_slice())
     }
 
     pub fn put(&self, b: Box<[u8]>) {
@@ -1233,6 +1248,23 @@ mod tests {
         let r = inbox.published();
         assert_eq!(r.stats.frames_in, 3);
         assert_eq!(r, crate::control::api::WorkerReport::of(&e, false));
+    }
+
+    #[test]
+    fn the_pool_makes_buffers_only_when_dry_and_never_more_than_its_count() {
+        let pool = Pool::new(3, 16);
+        assert!(pool.free.is_empty(), "nothing is allocated up front");
+        let bufs: Vec<_> = (0..3)
+            .map(|_| pool.get().expect("within the count"))
+            .collect();
+        assert!(bufs.iter().all(|b| b.len() == 16));
+        assert!(pool.get().is_none(), "the count bounds the pool");
+        for b in bufs {
+            pool.put(b);
+        }
+        let again: Vec<_> = (0..3).map(|_| pool.get().expect("recycled")).collect();
+        assert!(pool.get().is_none());
+        assert_eq!(again.len(), 3);
     }
 
     #[test]
