@@ -196,3 +196,35 @@ fn an_existing_single_queue_tap_falls_back_to_one_queue() {
     );
     stop_cleanly(&mut lab);
 }
+
+#[test]
+fn bad_runtime_flags_are_refused_before_anything_is_written() {
+    let dir = common::TempDir::new();
+    let state = dir.0.join("state");
+    for (args, says) in [
+        (&["--workers", "0"][..], "--workers 0: choose 1 to 256"),
+        (
+            &["--workers", "1", "--tap-queues", "multi"][..],
+            "needs --workers 2 or more",
+        ),
+        (
+            &["--workers", "1", "--multiqueue"][..],
+            "needs --workers 2 or more",
+        ),
+        (
+            &["--tap-queues", "some"][..],
+            "possible values: auto, multi, single",
+        ),
+    ] {
+        let out = Command::new(common::hubnat_bin())
+            .args(["run", "--tap", "hnbad0", "--state-dir"])
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!state.exists(), "{args:?} wrote the state directory");
+    }
+}

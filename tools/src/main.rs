@@ -252,6 +252,23 @@ fn default_control_path() -> PathBuf {
 }
 
 fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
+    // Bad flags are refused before anything is written (state directory, logs).
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if workers == 0 || workers > 256 {
+        bail!("--workers {workers}: choose 1 to 256");
+    }
+    let choice = if args.multiqueue {
+        QueueChoice::Multi
+    } else {
+        args.tap_queues
+    };
+    if choice == QueueChoice::Multi && workers < 2 {
+        bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
+    }
     let raw = match &args.config {
         Some(path) => RawConfig::load(path)?,
         None => RawConfig::default(),
@@ -316,22 +333,6 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
     }
 
-    let workers = args.workers.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    if workers == 0 || workers > 256 {
-        bail!("--workers {workers}: choose 1 to 256");
-    }
-    let choice = if args.multiqueue {
-        QueueChoice::Multi
-    } else {
-        args.tap_queues
-    };
-    if choice == QueueChoice::Multi && workers < 2 {
-        bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
-    }
     let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
     if let Some(why) = &fallback {
         tracing::warn!("socket backend: {why}; using mio (epoll)");
