@@ -288,8 +288,13 @@ impl Engine {
         if new.dhcp != old.dhcp {
             self.dhcp.reconfigure(&new.dhcp);
         }
+        let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
+            != (old.nat.udp_timeout, old.nat.tcp_timeout);
         self.ctx.mac = mac;
         self.ctx.cfg = new;
+        if timeouts {
+            self.nat.timeouts_changed(&self.ctx);
+        }
         if announce {
             let before = out.len();
             arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);

@@ -228,6 +228,12 @@ impl Nat {
         self.tcp.set_external_idle(on, ctx);
     }
 
+    /// Applies changed session timeouts to the sessions already open.
+    pub fn timeouts_changed(&mut self, ctx: &Ctx) {
+        self.udp.reschedule_all(ctx);
+        self.tcp.reschedule_all(ctx);
+    }
+
     /// Ends the TCP, UDP and ICMP sessions idle past their timeouts at `now`.
     pub fn expire_sessions(
         &mut self,

@@ -395,6 +395,21 @@ impl UdpNat {
         self.dns.handle_timeout(now, ctx, io, out);
     }
 
+    /// Every session's idle deadline again from `ctx`'s `nat.udp_timeout` (a reload that
+    /// shortened it must not wait for the deadlines the longer one set).
+    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+        let timeout = ctx.cfg.nat.udp_timeout;
+        self.timers = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let s = s.as_ref()?;
+                Some(Reverse((s.info.last_used + timeout, slot, s.info.id)))
+            })
+            .collect();
+    }
+
     /// Closes the sessions idle for `nat.udp_timeout` at `now` (DNS relays keep their own
     /// timers).
     pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl HostIo) {

@@ -987,6 +987,48 @@ mod tests {
         assert_eq!(e.nat.sessions().len(), 0);
     }
 
+    #[test]
+    fn a_reload_that_shortens_the_timeouts_applies_to_open_sessions() {
+        use std::time::Duration;
+        let udp = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        let syn = tcp_syn(
+            SocketAddrV4::new(GUEST_IP, 5001),
+            SocketAddrV4::new(REMOTE_IP, 80),
+        );
+        for worker in [false, true] {
+            let (mut e, mut h, mut out) = setup_with(|c| {
+                c.nat.udp_timeout = Duration::from_secs(600);
+                c.nat.tcp_timeout = Duration::from_secs(600);
+                c.nat.tcp_connect_timeout = Duration::from_secs(10_000);
+            });
+            h.default_connect = crate::sim::ConnectOutcome::Silent;
+            e.set_external_expiry(worker);
+            e.handle_frame(T0, &udp, &mut h, &mut out);
+            e.handle_frame(T0, &syn, &mut h, &mut out);
+            assert_eq!(e.nat.sessions().len(), 2);
+            // Ten seconds in, the timeouts become five seconds: both sessions are overdue.
+            let now = T0 + Duration::from_secs(10);
+            let mut cfg = e.ctx.cfg.clone();
+            cfg.nat.udp_timeout = Duration::from_secs(5);
+            cfg.nat.tcp_timeout = Duration::from_secs(5);
+            e.reconfigure(now, cfg, &mut h, &mut out);
+            if worker {
+                e.expire_sessions(now, &mut h, &mut out);
+            } else {
+                assert!(
+                    e.poll_timeout().is_some_and(|t| t <= now),
+                    "worker {worker}"
+                );
+                e.handle_timeout(now, &mut h, &mut out);
+            }
+            assert_eq!(e.nat.sessions().len(), 0, "worker {worker}");
+        }
+    }
+
     /// Queues for two workers and the control thread (each with its own poll to wake).
     fn three_inboxes() -> (Vec<Poll>, Shared) {
         let polls: Vec<Poll> = (0..3).map(|_| Poll::new().unwrap()).collect();

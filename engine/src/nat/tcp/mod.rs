@@ -419,7 +419,13 @@ impl TcpNat {
             return;
         }
         self.external_idle = on;
-        self.idle_timers.clear();
+        self.reschedule_all(ctx);
+    }
+
+    /// Every connection's deadlines again, from `ctx`'s configuration: after a switch of who
+    /// runs idle expiry, or a reload that changed `nat.tcp_timeout` (a shorter timeout must not
+    /// wait for the deadlines the longer one set).
+    pub fn reschedule_all(&mut self, ctx: &Ctx) {
         self.rebuild_idle(ctx);
         self.timers.clear();
         let keys: Vec<Key> = self.conns.keys().copied().collect();
