@@ -651,20 +651,9 @@ impl Runtime {
                 // With workers, frames are read into pool buffers so that a worker's frame is
                 // queued without a copy; this thread's own frames reuse the buffer.
                 let pool = self.shared.as_ref().map(|sh| &sh.pool);
-                let (mut buf, from_pool) = self.bufs.take(pool);
-                let n = match self.tap.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.bufs.put_back(buf, from_pool);
-                        match e.kind() {
-                            io::ErrorKind::WouldBlock => {
-                                self.flush();
-                                return Ok(());
-                            }
-                            io::ErrorKind::Interrupted => continue,
-                            _ => return Err(e),
-                        }
-                    }
+                let Some((buf, n, from_pool)) = self.bufs.recv(&self.tap, pool)? else {
+                    self.flush();
+                    return Ok(());
                 };
                 let to = if self.workers.is_empty() {
                     me

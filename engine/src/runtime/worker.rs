@@ -357,6 +357,9 @@ pub(crate) struct ReadBufs {
     own: Box<[u8]>,
 }
 
+/// A frame read by `ReadBufs::recv`: its buffer, its length, and whether the buffer is the pool's.
+pub(crate) type ReadFrame = (Box<[u8]>, usize, bool);
+
 impl ReadBufs {
     pub fn new(frame_size: usize) -> ReadBufs {
         ReadBufs {
@@ -378,6 +381,25 @@ impl ReadBufs {
             self.spare = Some(buf);
         } else {
             self.own = buf;
+        }
+    }
+
+    /// Reads one frame from `tap` into a buffer of `take`; `Ok(None)` once the device would
+    /// block.
+    pub fn recv(&mut self, tap: &Tap, pool: Option<&Pool>) -> io::Result<Option<ReadFrame>> {
+        loop {
+            let (mut buf, from_pool) = self.take(pool);
+            match tap.recv(&mut buf) {
+                Ok(n) => return Ok(Some((buf, n, from_pool))),
+                Err(e) => {
+                    self.put_back(buf, from_pool);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => return Ok(None),
+                        io::ErrorKind::Interrupted => continue,
+                        _ => return Err(e),
+                    }
+                }
+            }
         }
     }
 }
@@ -620,20 +642,10 @@ impl Worker {
         };
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
-                let (mut buf, from_pool) = self.bufs.take(Some(&self.shared.pool));
-                let n = match tap.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.bufs.put_back(buf, from_pool);
-                        match e.kind() {
-                            io::ErrorKind::WouldBlock => {
-                                self.flush();
-                                return Ok(());
-                            }
-                            io::ErrorKind::Interrupted => continue,
-                            _ => return Err(e),
-                        }
-                    }
+                let Some((buf, n, from_pool)) = self.bufs.recv(&tap, Some(&self.shared.pool))?
+                else {
+                    self.flush();
+                    return Ok(());
                 };
                 let cfg = &self.engine.ctx.cfg;
                 let to = self

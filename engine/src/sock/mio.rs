@@ -211,7 +211,8 @@ impl MioHost {
     /// instead of one per ACK (each of which could also send the server a window update). Runs
     /// before the thread waits, so nothing acknowledged stays in a socket across a sleep.
     pub fn flush_consumes(&mut self) {
-        for id in std::mem::take(&mut self.to_consume) {
+        // Drained in place: the list keeps its capacity from batch to batch.
+        for id in self.to_consume.drain(..) {
             if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
                 if let Err(e) = t.discard_unconsumed() {
                     // The socket's failure reaches the core through its readiness.
@@ -735,6 +736,21 @@ mod tests {
         }
     }
 
+    /// A host with one TCP socket connected to a listener on loopback, and the accepted peer.
+    fn connected(uring: bool) -> (MioHost, Waiter, SockId, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        let (mut host, mut poll) = new_host(uring);
+        let id = host.tcp_connect(addr).unwrap();
+        // With io_uring the connect starts when the batch is submitted.
+        host.submit();
+        let (peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        (host, poll, id, peer)
+    }
+
     fn wait_for(
         host: &mut MioHost,
         waiter: &mut Waiter,
@@ -773,16 +789,7 @@ mod tests {
     }
 
     fn tcp_connect_peek_consume_shutdown_with(uring: bool) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            panic!()
-        };
-        let (mut host, mut poll) = new_host(uring);
-        let id = host.tcp_connect(addr).unwrap();
-        // With io_uring the connect starts when the batch is submitted.
-        host.submit();
-        let (mut peer, _) = listener.accept().unwrap();
-        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        let (mut host, mut poll, id, mut peer) = connected(uring);
         peer.write_all(b"hello world").unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
         let mut buf = [0u8; 5];
@@ -823,14 +830,7 @@ mod tests {
 
     #[test]
     fn consumes_wait_for_the_batch_end_and_peeks_skip_them() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            panic!()
-        };
-        let (mut host, mut poll) = new_host(false);
-        let id = host.tcp_connect(addr).unwrap();
-        let (mut peer, _) = listener.accept().unwrap();
-        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        let (mut host, mut poll, id, mut peer) = connected(false);
         peer.write_all(b"0123456789abcdef").unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
         let mut buf = [0u8; 4];
@@ -857,16 +857,7 @@ mod tests {
 
     #[test]
     fn close_after_consuming_everything_is_a_fin_not_a_reset() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            panic!()
-        };
-        let (mut host, mut poll) = new_host(false);
-        let id = host.tcp_connect(addr).unwrap();
-        // With io_uring the connect starts when the batch is submitted.
-        host.submit();
-        let (mut peer, _) = listener.accept().unwrap();
-        wait_for(&mut host, &mut poll, |e| *e == HostEvent::Connected(id));
+        let (mut host, mut poll, id, mut peer) = connected(false);
         peer.write_all(b"abc").unwrap();
         wait_for(&mut host, &mut poll, |e| *e == HostEvent::Readable(id));
         let mut buf = [0u8; 8];
