@@ -276,3 +276,46 @@ fn window_scale_and_sack_are_negotiated() {
     assert!(synack.contains("sackOK"), "{synack}");
     assert!(synack.contains("mss 1460"), "{synack}");
 }
+
+/// With `--tap-napi auto` (the default), a bulk download moves the TAP's NAPI polls into kernel
+/// threads, and the small exchanges after it bring them back into the writes; the data arrives
+/// intact either way.
+#[test]
+fn a_bulk_download_moves_napi_polls_to_threads_and_back() {
+    require_root!();
+    let lab = Lab::start_with_server_args("", &["--tap-napi", "auto"]);
+    assert!(
+        lab.hubnat_log().contains("NAPI polls switched by load"),
+        "NAPI not switchable:\n{}",
+        tail(&lab.hubnat_log())
+    );
+    let _source = lab.serve(&[
+        "tcp-source",
+        "--listen",
+        "0.0.0.0:9002",
+        "--bytes",
+        &(100 * MIB).to_string(),
+        "--seed",
+        "5",
+    ]);
+    let b = (100 * MIB).to_string();
+    let down = lab.client(&["get", "--connect", &at(9002), "--bytes", &b, "--seed", "5"]);
+    assert!(down.status.success(), "download: {down:?}");
+    let log = lab.hubnat_log();
+    let Some(threaded) = log.find("TAP NAPI polls in threads") else {
+        panic!("the download did not move the polls:\n{}", tail(&log));
+    };
+    // Pings 50 ms apart: single frames, a rate far below the bulk threshold.
+    lab.guest
+        .exec_ok(&["ping", "-c", "8", "-i", "0.05", "-W", "1", SERVER_IP]);
+    let back = common::wait_until(Duration::from_secs(2), || {
+        lab.hubnat_log()[threaded..]
+            .contains("TAP NAPI polls in softirq")
+            .then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the polls stayed in threads:\n{}",
+        tail(&lab.hubnat_log())
+    );
+}

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +21,8 @@ use hubnat_engine::control::api::{
 use hubnat_engine::control::leases::LEASE_FILE;
 use hubnat_engine::control::seclog::SecurityLog;
 use hubnat_engine::control::state;
-use hubnat_engine::port::tap::{netns_path, Tap, TapError};
+use hubnat_engine::port::tap::{netns_path, NapiThreading, Tap, TapError};
+use hubnat_engine::runtime::tx::NapiSwitch;
 use hubnat_engine::runtime::{bind_control, Exit, Options, Runtime};
 use hubnat_engine::sock::{Backend, BackendChoice};
 use hubnat_engine::Engine;
@@ -180,6 +182,15 @@ struct RunArgs {
     /// multi, or single where the device cannot be made multiqueue (the log says so).
     #[arg(long, value_name = "auto|multi|single", default_value = "auto")]
     tap_queues: QueueChoice,
+    /// How the guest's kernel takes in the frames hubnat writes to the TAP. `auto` (the
+    /// default): the device's queues use NAPI, as a NIC driver does; while flows send bulk
+    /// data toward the guest, its polls run in kernel threads and take the frames in batches
+    /// beside hubnat's next writes, and otherwise they run inside each write, for the least
+    /// latency. `threaded`: always in threads. `off`: no NAPI, each write runs the guest's
+    /// receive path. Switching mounts a sysfs in a private mount namespace (CAP_SYS_ADMIN);
+    /// where that is refused, hubnat writes without NAPI and the log says so.
+    #[arg(long, value_name = "auto|threaded|off", default_value = "auto")]
+    tap_napi: NapiChoice,
     /// Same as --tap-queues multi (kept for scripts written before --tap-queues).
     #[arg(long, hide = true)]
     multiqueue: bool,
@@ -190,6 +201,13 @@ enum QueueChoice {
     Auto,
     Multi,
     Single,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum NapiChoice {
+    Auto,
+    Threaded,
+    Off,
 }
 
 fn main() {
@@ -338,11 +356,30 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::warn!("socket backend: {why}; using mio (epoll)");
     }
     let mtu = Some(u32::from(cfg.nat.mtu));
-    let open = |queues: usize| match &args.netns {
-        Some(spec) => Tap::open_queues_in_netns(&args.tap, mtu, queues, &netns_path(spec)),
-        None => Tap::open_queues(&args.tap, mtu, queues),
+    let netns = args.netns.as_deref().map(netns_path);
+    let open = |queues: usize, napi: bool| match &netns {
+        Some(path) => Tap::open_queues_in_netns(&args.tap, mtu, queues, napi, path),
+        None => Tap::open_queues(&args.tap, mtu, queues, napi),
     };
-    let mut taps = match choice {
+    // NAPI only where its polls can be moved to threads: in softirq alone they cost more than
+    // plain writes.
+    let open = |queues: usize| -> Result<(Vec<Tap>, Option<NapiThreading>), TapError> {
+        if args.tap_napi != NapiChoice::Off {
+            let taps = open(queues, true)?;
+            match NapiThreading::open(&args.tap, netns.as_deref()) {
+                Ok(t) => return Ok((taps, Some(t))),
+                Err(e) => {
+                    tracing::warn!(
+                        "TAP {}: cannot switch its NAPI polls ({e}); writing without NAPI",
+                        args.tap
+                    );
+                    drop(taps);
+                }
+            }
+        }
+        Ok((open(queues, false)?, None))
+    };
+    let (mut taps, threading) = match choice {
         QueueChoice::Single => open(1)?,
         QueueChoice::Multi => open(workers)?,
         QueueChoice::Auto if workers < 2 => open(1)?,
@@ -361,6 +398,20 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     };
     let queues = taps.len();
     let tap = taps.remove(0);
+    let napi = match (threading, args.tap_napi) {
+        (None, _) => None,
+        (Some(t), NapiChoice::Threaded) => {
+            t.set(true)
+                .with_context(|| format!("cannot move TAP {}'s NAPI polls to threads", args.tap))?;
+            None
+        }
+        (Some(t), _) => Some(Arc::new(NapiSwitch::new(t))),
+    };
+    let napi_mode = match (&napi, args.tap_napi) {
+        (Some(_), _) => "NAPI polls switched by load",
+        (None, NapiChoice::Threaded) => "NAPI polls in threads",
+        (None, _) => "no NAPI",
+    };
 
     let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -374,7 +425,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         .map(|n| format!(" in network namespace {n}"))
         .unwrap_or_default();
     tracing::info!(
-        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{}, MTU {}; socket backend {}; {}",
+        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{} ({napi_mode}), MTU {}; socket backend {}; {}",
         env!("CARGO_PKG_VERSION"),
         cfg.host.ip,
         mac,
@@ -475,6 +526,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         workers,
         backend: Some(backend),
         tap_queues: taps,
+        napi,
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     match rt.run()? {

@@ -2,11 +2,19 @@
 //!
 //! hubnat creates (or attaches to) the device, optionally inside another network namespace (as
 //! slirp4netns does), and reads and writes whole Ethernet frames on it.
+//!
+//! A frame written to a TAP is received by the kernel inside the write: the guest's whole
+//! receive path runs in hubnat's thread, one frame at a time. With NAPI (`IFF_NAPI`) the kernel
+//! instead queues the frame for a NAPI poll; when that poll runs in a kernel thread of its own
+//! (`NapiThreading`), it takes the queued frames in batches, overlapped with hubnat's next
+//! writes, and the guest's GRO can merge consecutive segments of a flow. That is how a NIC
+//! driver delivers frames; hubnat's frames stay MTU-sized.
 
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,15 +84,22 @@ impl Tap {
     /// Creates the TAP device `name` in the current network namespace, or attaches to it if it
     /// exists, and brings it up. `mtu` sets the device MTU when given.
     pub fn open(name: &str, mtu: Option<u32>) -> Result<Tap, TapError> {
-        Ok(Tap::open_queues(name, mtu, 1)?.remove(0))
+        Ok(Tap::open_queues(name, mtu, 1, false)?.remove(0))
     }
 
     /// Like `open`, with `queues` queues: more than one makes a multiqueue device
-    /// (IFF_MULTI_QUEUE), one fd per queue, among which the kernel steers flows.
-    pub fn open_queues(name: &str, mtu: Option<u32>, queues: usize) -> Result<Vec<Tap>, TapError> {
+    /// (IFF_MULTI_QUEUE), one fd per queue, among which the kernel steers flows. With `napi`,
+    /// every queue delivers written frames through a NAPI poll (`IFF_NAPI`, see the module
+    /// comment).
+    pub fn open_queues(
+        name: &str,
+        mtu: Option<u32>,
+        queues: usize,
+        napi: bool,
+    ) -> Result<Vec<Tap>, TapError> {
         let mut taps = Vec::with_capacity(queues.max(1));
         for _ in 0..queues.max(1) {
-            taps.push(Tap::attach(name, queues > 1)?);
+            taps.push(Tap::attach(name, queues > 1, napi)?);
         }
         if let Some(mtu) = mtu {
             taps[0].set_mtu(mtu)?;
@@ -93,7 +108,7 @@ impl Tap {
         Ok(taps)
     }
 
-    fn attach(name: &str, multi_queue: bool) -> Result<Tap, TapError> {
+    fn attach(name: &str, multi_queue: bool, napi: bool) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(TapError::BadName(name.to_owned()));
         }
@@ -115,6 +130,9 @@ impl Tap {
         if multi_queue {
             flags |= libc::IFF_MULTI_QUEUE;
         }
+        if napi {
+            flags |= libc::IFF_NAPI;
+        }
         req.data.flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })
@@ -132,7 +150,7 @@ impl Tap {
     /// as /proc/PID/ns/net or /run/netns/NAME). The calling thread returns to its own namespace;
     /// the device's fd stays bound to the one it was created in.
     pub fn open_in_netns(name: &str, mtu: Option<u32>, netns: &Path) -> Result<Tap, TapError> {
-        Ok(Tap::open_queues_in_netns(name, mtu, 1, netns)?.remove(0))
+        Ok(Tap::open_queues_in_netns(name, mtu, 1, false, netns)?.remove(0))
     }
 
     /// `open_queues` inside the network namespace at `netns` (see `open_in_netns`).
@@ -140,6 +158,7 @@ impl Tap {
         name: &str,
         mtu: Option<u32>,
         queues: usize,
+        napi: bool,
         netns: &Path,
     ) -> Result<Vec<Tap>, TapError> {
         let target = File::open(netns).map_err(|source| TapError::OpenNetns {
@@ -155,7 +174,7 @@ impl Tap {
             path: netns.to_owned(),
             source,
         })?;
-        let result = Tap::open_queues(name, mtu, queues);
+        let result = Tap::open_queues(name, mtu, queues, napi);
         if let Err(source) = setns(own.as_fd()) {
             // Staying in the guest's namespace would send host traffic into it: refuse to go on.
             return Err(TapError::EnterNetns {
@@ -365,6 +384,106 @@ fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })
 }
 
+/// The switch between a TAP device's NAPI polls running in softirq context, inside each write
+/// (a frame reaches the guest at once: the least latency), and in kernel threads of their own
+/// (frames are taken in batches while hubnat goes on: the most throughput). It is the device's
+/// `threaded` attribute in sysfs, which needs at least one queue opened with NAPI.
+pub struct NapiThreading {
+    file: File,
+}
+
+impl NapiThreading {
+    /// Opens the switch of device `name`, in the network namespace at `netns` (None: this
+    /// thread's), and sets it to softirq polls. The sysfs mounted in this process may show
+    /// another namespace's devices, so a short-lived thread mounts a sysfs of its own, in a mount
+    /// namespace of its own that goes away with it; the open file keeps working after. Without
+    /// the privilege to mount, the process's /sys is used if it shows this very device.
+    pub fn open(name: &str, netns: Option<&Path>) -> io::Result<NapiThreading> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad device name",
+            ));
+        }
+        let attr = format!("/sys/class/net/{name}/threaded");
+        let own_mount = {
+            let attr = attr.clone();
+            let netns = netns.map(Path::to_owned);
+            std::thread::spawn(move || -> io::Result<File> {
+                if let Some(p) = netns {
+                    setns(File::open(p)?.as_fd())?;
+                }
+                // SAFETY: unshare only gives this (short-lived, spawned here) thread a mount
+                // namespace of its own.
+                check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+                // Nothing mounted here may propagate back to the host's mount namespace.
+                // SAFETY: constant NUL-terminated strings; the flags only change propagation.
+                check(unsafe {
+                    libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    )
+                })?;
+                // SAFETY: constant NUL-terminated strings; a sysfs over /sys in this thread's
+                // private mount namespace only.
+                check(unsafe {
+                    libc::mount(
+                        c"sysfs".as_ptr(),
+                        c"/sys".as_ptr(),
+                        c"sysfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        std::ptr::null(),
+                    )
+                })?;
+                OpenOptions::new().read(true).write(true).open(&attr)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("sysfs thread panicked")))
+        };
+        let file = match own_mount {
+            Ok(f) => f,
+            Err(e) if netns.is_none() && Self::sysfs_shows(name) => {
+                tracing::debug!(
+                    "NAPI switch through the process's /sys ({e} with a sysfs of its own)"
+                );
+                OpenOptions::new().read(true).write(true).open(&attr)?
+            }
+            Err(e) => return Err(e),
+        };
+        let t = NapiThreading { file };
+        t.set(false)?;
+        Ok(t)
+    }
+
+    /// Whether /sys/class/net/NAME is this namespace's device NAME (same interface index).
+    fn sysfs_shows(name: &str) -> bool {
+        let Ok(c) = CString::new(name) else {
+            return false;
+        };
+        // SAFETY: `c` is a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        let shown = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"));
+        index != 0 && shown.is_ok_and(|s| s.trim().parse() == Ok(index))
+    }
+
+    /// Whether the polls run in kernel threads.
+    pub fn get(&self) -> io::Result<bool> {
+        let mut buf = [0u8; 16];
+        let n = self.file.read_at(&mut buf, 0)?;
+        Ok(buf[..n].first().is_some_and(|&b| b != b'0'))
+    }
+
+    /// Polls in kernel threads (`true`) or in softirq context (`false`).
+    pub fn set(&self, threaded: bool) -> io::Result<()> {
+        self.file
+            .write_at(if threaded { b"1" } else { b"0" }, 0)
+            .map(|_| ())
+    }
+}
+
 /// Resolves `--netns`: a path, a PID (its /proc/PID/ns/net), or a name made by `ip netns add`.
 pub fn netns_path(spec: &str) -> PathBuf {
     if spec.bytes().all(|b| b.is_ascii_digit()) && !spec.is_empty() {
@@ -388,22 +507,78 @@ mod tests {
     }
 
     /// Every frame of a batch bigger than the ring reaches the device's kernel side, intact and
-    /// in order, in one submission per ring-full. Needs CAP_NET_ADMIN (CI runs as root); the
-    /// device lives in a namespace of the test thread's own.
+    /// in order, in one submission per ring-full.
     #[test]
     fn a_batch_reaches_the_device_in_order() {
-        use crate::port::af_packet::{Direction, PacketSocket};
-        std::thread::spawn(|| {
+        test_support::with_tap_and_capture("hnbatch0", false, |tap, capture| {
+            let mut writer = TapWriter::new(&tap);
+            let count = WRITE_RING_ENTRIES as usize + 44;
+            let frames: Vec<Vec<u8>> = (0..count)
+                .map(|i| test_support::frame(i as u32, 100 + i % 50))
+                .collect();
+            assert_eq!(writer.send_all(frames.iter().map(|f| f.as_slice())), 0);
+            if writer.batched() {
+                assert_eq!(writer.submissions(), 2);
+            } else {
+                assert_eq!(writer.submissions(), count as u64);
+            }
+            let got = capture(count);
+            assert_eq!(got.len(), count);
+            assert!(got == frames, "frames differ or were reordered");
+        });
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(matches!(Tap::open("", None), Err(TapError::BadName(_))));
+        assert!(matches!(
+            Tap::open("a-name-that-is-too-long", None),
+            Err(TapError::BadName(_))
+        ));
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::port::af_packet::{Direction, PacketSocket};
+
+    /// A test frame numbered `i`, `len` bytes long (at least 18), to a unicast MAC that is not
+    /// the device's, so the kernel drops it after its packet taps have seen it.
+    pub fn frame(i: u32, len: usize) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 9, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5];
+        f.extend_from_slice(&i.to_be_bytes());
+        f.extend((18..len.max(18)).map(|b| (b as u32 + i) as u8));
+        f
+    }
+
+    /// The number `frame` gave a frame.
+    pub fn number(f: &[u8]) -> u32 {
+        u32::from_be_bytes([f[14], f[15], f[16], f[17]])
+    }
+
+    /// Runs `test` with a TAP named `name` (with NAPI if `napi`) in a network namespace of a
+    /// thread of its own, and a
+    /// capture of what is written to it: `capture(n)` returns the test frames seen, up to `n`,
+    /// waiting at most 2 s for each. Needs CAP_NET_ADMIN (CI runs as root); skipped without.
+    pub fn with_tap_and_capture(
+        name: &'static str,
+        napi: bool,
+        test: impl FnOnce(Tap, &mut dyn FnMut(usize) -> Vec<Vec<u8>>) + Send + 'static,
+    ) {
+        std::thread::spawn(move || {
             // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
                 return;
             }
-            let tap = Tap::open("hnbatch0", None).expect("TAP in a fresh namespace");
-            let capture = PacketSocket::open("hnbatch0", std::time::Duration::from_secs(2))
-                .expect("packet socket");
-            // Room for the whole batch: the capture is read only after it was written.
-            let size: libc::c_int = 4 << 20;
+            let tap = Tap::open_queues(name, None, 1, napi)
+                .expect("TAP in a fresh namespace")
+                .remove(0);
+            let capture =
+                PacketSocket::open(name, std::time::Duration::from_secs(2)).expect("packet socket");
+            // Room for every test's frames: the capture is read only after they were written.
+            let size: libc::c_int = 8 << 20;
             // SAFETY: `size` is a live c_int and its size is passed; the kernel only reads it.
             let ret = unsafe {
                 libc::setsockopt(
@@ -415,46 +590,23 @@ mod tests {
                 )
             };
             assert_eq!(ret, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
-            let mut writer = TapWriter::new(&tap);
-            let count = WRITE_RING_ENTRIES as usize + 44;
-            let frames: Vec<Vec<u8>> = (0..count)
-                .map(|i| {
-                    // To a unicast MAC that is not the device's: the kernel drops it after taps.
-                    let mut f = vec![0x02, 0, 0, 0, 0, 9, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5];
-                    f.extend((0..100 + i % 50).map(|b| (b + i) as u8));
-                    f
-                })
-                .collect();
-            assert_eq!(writer.send_all(frames.iter().map(|f| f.as_slice())), 0);
-            if writer.batched() {
-                assert_eq!(writer.submissions(), 2);
-            } else {
-                assert_eq!(writer.submissions(), count as u64);
-            }
-            let mut buf = [0u8; 2048];
-            let mut got = Vec::new();
-            while got.len() < count {
-                match capture.recv(&mut buf).expect("capture") {
-                    Some((n, Direction::Incoming)) if buf[12..14] == [0x88, 0xb5] => {
-                        got.push(buf[..n].to_vec())
+            let mut read = |count: usize| {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while got.len() < count {
+                    match capture.recv(&mut buf).expect("capture") {
+                        Some((n, Direction::Incoming)) if buf[12..14] == [0x88, 0xb5] => {
+                            got.push(buf[..n].to_vec())
+                        }
+                        Some(_) => {}
+                        None => break,
                     }
-                    Some(_) => {}
-                    None => break,
                 }
-            }
-            assert_eq!(got.len(), count);
-            assert!(got == frames, "frames differ or were reordered");
+                got
+            };
+            test(tap, &mut read);
         })
         .join()
         .expect("test thread");
-    }
-
-    #[test]
-    fn bad_names_are_refused() {
-        assert!(matches!(Tap::open("", None), Err(TapError::BadName(_))));
-        assert!(matches!(
-            Tap::open("a-name-that-is-too-long", None),
-            Err(TapError::BadName(_))
-        ));
     }
 }

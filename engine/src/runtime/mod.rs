@@ -19,6 +19,7 @@
 //! The workers' idle session expiry runs on this thread's tick (`Cmd::Expire`). The lease table is saved whenever it changed, before
 //! the frames of that batch (a DHCP ACK among them) are written.
 
+pub mod tx;
 pub mod worker;
 
 use std::io;
@@ -40,7 +41,7 @@ use crate::control::metrics;
 
 use crate::hostio::HostEvent;
 use crate::output::FrameBatch;
-use crate::port::tap::{Tap, TapWriter};
+use crate::port::tap::Tap;
 use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
@@ -48,6 +49,7 @@ use crate::stats::Drop;
 use crate::time::Instant;
 use crate::Config;
 use crate::Engine;
+use tx::{NapiSwitch, TapSender};
 use worker::{Cmd, Inbox, Pool, Router, Shared, WorkerHandle, WorkerSetup, RING, WAKE};
 
 const PORT: Token = Token(FIRST_RESERVED_TOKEN);
@@ -149,6 +151,9 @@ pub struct Options {
     /// The other queues of a multiqueue TAP (the one given to `with_options` is queue 0):
     /// one per worker, each read by its worker.
     pub tap_queues: Vec<Tap>,
+    /// Where the TAP's NAPI polls run, switched by the load of every writing thread (None: the
+    /// device has no NAPI, or it is not switched); see `tx`.
+    pub napi: Option<Arc<NapiSwitch>>,
 }
 
 enum Stream {
@@ -246,7 +251,7 @@ pub struct Runtime {
     worker_cfg: Config,
     bufs: worker::ReadBufs,
     /// Made on first use, on the thread that runs the loop (its ring's only submitter).
-    writer: Option<TapWriter>,
+    tx: TapSender,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -388,6 +393,7 @@ impl Runtime {
                     cmds: rx,
                     clock,
                     frame_size,
+                    napi: opts.napi.clone(),
                 };
                 let thread = std::thread::Builder::new()
                     .name(format!("hubnat-w{index}"))
@@ -400,6 +406,7 @@ impl Runtime {
             shared = Some(sh);
         }
         let wake = vec![false; n_workers + 1];
+        let tx = TapSender::new(Arc::clone(&tap), opts.napi.clone());
         let worker_cfg = engine.ctx.cfg.clone();
         let mut rt = Runtime {
             engine,
@@ -412,7 +419,7 @@ impl Runtime {
             wake,
             worker_cfg,
             bufs: worker::ReadBufs::new(MAX_FRAME),
-            writer: None,
+            tx,
             stop,
             clock,
             out: FrameBatch::new(),
@@ -727,14 +734,9 @@ impl Runtime {
         self.engine.flush(now, &mut self.host, &mut self.out);
         // The lease table reaches the disk before the ACK that grants a lease reaches the guest.
         self.save_leases();
-        let tap = &self.tap;
-        let failed = self
-            .writer
-            .get_or_insert_with(|| TapWriter::new(tap))
-            .send_all(self.out.iter());
+        let failed = self.tx.send(&mut self.out);
         // The device's queue is full or the link is down: drop, count, go on.
         self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
-        self.out.clear();
         if let Some(sh) = &self.shared {
             sh.wake_marked(&mut self.wake);
         }

@@ -29,10 +29,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
 
+use super::tx::{NapiSwitch, TapSender};
 use crate::config::{Config, Mac};
 use crate::control::api::WorkerReport;
 use crate::output::FrameBatch;
-use crate::port::tap::{Tap, TapWriter};
+use crate::port::tap::Tap;
 use crate::sock::mio::{MioHost, FIRST_RESERVED_TOKEN};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
@@ -438,6 +439,7 @@ pub struct WorkerSetup {
     pub cmds: Receiver<Cmd>,
     pub clock: Clock,
     pub frame_size: usize,
+    pub napi: Option<Arc<NapiSwitch>>,
 }
 
 struct Worker {
@@ -445,7 +447,6 @@ struct Worker {
     engine: Engine,
     host: MioHost,
     poll: Poll,
-    tap_out: Arc<Tap>,
     tap_in: Option<Arc<Tap>>,
     shared: Arc<Shared>,
     router: Router,
@@ -455,8 +456,7 @@ struct Worker {
     host_events: Vec<crate::HostEvent>,
     wake: Vec<bool>,
     bufs: ReadBufs,
-    /// Made on first use, on this thread (its ring's only submitter).
-    writer: Option<TapWriter>,
+    tx: TapSender,
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
 }
@@ -503,7 +503,6 @@ impl Worker {
             engine,
             host,
             poll: s.poll,
-            tap_out: s.tap_out,
             tap_in: s.tap_in,
             shared: s.shared,
             router: s.router,
@@ -513,7 +512,7 @@ impl Worker {
             host_events: Vec::new(),
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
-            writer: None,
+            tx: TapSender::new(s.tap_out, s.napi),
             in_ring: s.backend == Backend::Uring,
         })
     }
@@ -697,13 +696,8 @@ impl Worker {
     fn flush(&mut self) {
         let now = self.clock.now();
         self.engine.flush(now, &mut self.host, &mut self.out);
-        let tap = &self.tap_out;
-        let failed = self
-            .writer
-            .get_or_insert_with(|| TapWriter::new(tap))
-            .send_all(self.out.iter());
+        let failed = self.tx.send(&mut self.out);
         self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
-        self.out.clear();
         self.shared.wake_marked(&mut self.wake);
     }
 }
