@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{must, wait_until, Lab, SERVER_IP};
+use common::{ctl, ctl_json, wait_until, Lab, SERVER_IP};
 use regex::Regex;
 use serde_json::Value;
 
@@ -70,23 +70,6 @@ fn config(lab_dir: &Path, extra: &str) -> String {
         lab_dir.join("ctl.sock").display(),
         lab_dir.join("security.log").display()
     )
-}
-
-/// `hubnat --control SOCK ARGS...`; the output, or a panic with it.
-fn ctl(ops: &Path, args: &[&str]) -> String {
-    let sock = ops.join("ctl.sock");
-    must(
-        Command::new(common::hubnat_bin())
-            .arg("--control")
-            .arg(&sock)
-            .args(args),
-    )
-}
-
-fn ctl_json(ops: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    serde_json::from_str(&ctl(ops, &a)).unwrap()
 }
 
 fn wait_control(ops: &Path, lab: &Lab) {

@@ -283,7 +283,12 @@ fn window_scale_and_sack_are_negotiated() {
 #[test]
 fn a_bulk_download_moves_napi_polls_to_threads_and_back() {
     require_root!();
-    let lab = Lab::start_with_server_args("", &["--tap-napi", "auto"]);
+    let ops = common::TempDir::new();
+    let cfg = format!(
+        "[control]\nsocket = \"{}\"\n",
+        ops.join("ctl.sock").display()
+    );
+    let lab = Lab::start_with_server_args(&cfg, &["--tap-napi", "auto"]);
     assert!(
         lab.hubnat_log().contains("NAPI polls switched by load"),
         "NAPI not switchable:\n{}",
@@ -318,4 +323,8 @@ fn a_bulk_download_moves_napi_polls_to_threads_and_back() {
         "the polls stayed in threads:\n{}",
         tail(&lab.hubnat_log())
     );
+    // The operator sees it too.
+    let st = common::ctl_json(&ops.0, &["status"]);
+    assert_eq!(st["tap_napi"]["threaded"], false, "{st}");
+    assert!(st["tap_napi"]["switches"].as_u64().unwrap() >= 2, "{st}");
 }

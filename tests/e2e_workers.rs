@@ -8,25 +8,13 @@ use std::collections::HashSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{must, Lab, SERVER_IP};
-use serde_json::Value;
+use common::{ctl_json, Lab, SERVER_IP};
 
 fn config(lab_dir: &std::path::Path) -> String {
     format!(
         "[control]\nsocket = \"{}\"\n",
         lab_dir.join("ctl.sock").display()
     )
-}
-
-fn ctl_json(dir: &std::path::Path, args: &[&str]) -> Value {
-    let out = must(
-        Command::new(common::hubnat_bin())
-            .arg("--control")
-            .arg(dir.join("ctl.sock"))
-            .args(args)
-            .arg("--json"),
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 fn tail(log: &str) -> String {

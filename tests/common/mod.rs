@@ -481,3 +481,22 @@ pub fn wait_until<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Opti
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `hubnat --control DIR/ctl.sock ARGS...` (the socket a test's `[control]` table names); its
+/// output, or a panic with it.
+pub fn ctl(dir: &Path, args: &[&str]) -> String {
+    must(
+        Command::new(hubnat_bin())
+            .arg("--control")
+            .arg(dir.join("ctl.sock"))
+            .args(args),
+    )
+}
+
+/// `ctl` with `--json`, parsed.
+pub fn ctl_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ctl(dir, &a);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}

@@ -705,6 +705,20 @@ fn print_status(s: &StatusView) {
             format!("{} / {}", s.bytes_in, s.bytes_out),
         ],
     ];
+    if let Some(n) = &s.tap_napi {
+        rows.push(vec![
+            "TAP NAPI polls".into(),
+            format!(
+                "{} ({} switches)",
+                if n.threaded {
+                    "in kernel threads"
+                } else {
+                    "inside each write"
+                },
+                n.switches
+            ),
+        ]);
+    }
     for (why, n) in &s.drops {
         rows.push(vec![format!("Dropped: {why}"), n.to_string()]);
     }

@@ -116,6 +116,18 @@ pub struct StatusView {
     /// Per worker thread (multi-worker runtime only): what each carries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<WorkerView>,
+    /// Where the TAP's NAPI polls run, when the runtime switches them (`--tap-napi auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_napi: Option<NapiView>,
+}
+
+/// The TAP's NAPI polls, as `status` shows them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NapiView {
+    /// In kernel threads (bulk transfer), or else inside each write.
+    pub threaded: bool,
+    /// How often they moved since start.
+    pub switches: u64,
 }
 
 /// One worker thread of a multi-worker runtime, as `status` shows it.
@@ -659,6 +671,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
             .map(|d| (d.name().to_owned(), st.drops_of(*d)))
             .collect(),
         workers: views,
+        tap_napi: None,
     }
 }
 

@@ -12,6 +12,20 @@ pub fn render(engine: &Engine, now: Instant) -> String {
     render_with(engine, &[], now)
 }
 
+/// Appends where the TAP's NAPI polls run (`(threaded, switches)`) to an exposition.
+pub fn render_napi(o: &mut String, (threaded, switches): (bool, u64)) {
+    let _ = writeln!(
+        o,
+        "# HELP hubnat_tap_napi_threaded Whether the TAP's NAPI polls run in kernel threads (1) or inside each write (0).\n\
+         # TYPE hubnat_tap_napi_threaded gauge\n\
+         hubnat_tap_napi_threaded {}\n\
+         # HELP hubnat_tap_napi_switches_total How often the TAP's NAPI polls moved between threads and writes.\n\
+         # TYPE hubnat_tap_napi_switches_total counter\n\
+         hubnat_tap_napi_switches_total {switches}",
+        threaded as u8
+    );
+}
+
 /// `render` for a multi-worker runtime: the control engine plus the workers' reports.
 pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> String {
     let s = status_with(engine, workers, now);
@@ -105,7 +119,8 @@ mod tests {
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
         e.handle_frame(T0, b"short", &mut h, &mut out);
-        let text = render(&e, Instant::from_secs(42));
+        let mut text = render(&e, Instant::from_secs(42));
+        render_napi(&mut text, (true, 3));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("hubnat_"), "{line}");
@@ -116,5 +131,8 @@ mod tests {
         assert!(text.contains("hubnat_frames_total{direction=\"in\"} 2\n"));
         assert!(text.contains("hubnat_drops_total{reason=\"malformed\"} 1\n"));
         assert!(text.contains("# TYPE hubnat_bytes_total counter\n"));
+        assert!(text.contains("hubnat_tap_napi_threaded 1\n"));
+        assert!(text.contains("hubnat_tap_napi_switches_total 3\n"));
+        assert!(text.contains("# TYPE hubnat_tap_napi_switches_total counter\n"));
     }
 }

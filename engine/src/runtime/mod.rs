@@ -255,6 +255,8 @@ pub struct Runtime {
     bufs: worker::ReadBufs,
     /// Made on first use, on the thread that runs the loop (its ring's only submitter).
     tx: TapSender,
+    /// For `status` and the metrics.
+    napi: Option<Arc<NapiSwitch>>,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -410,6 +412,7 @@ impl Runtime {
         }
         let wake = vec![false; n_workers + 1];
         let tx = TapSender::new(Arc::clone(&tap), opts.napi.clone());
+        let napi = opts.napi.clone();
         let worker_cfg = engine.ctx.cfg.clone();
         let mut rt = Runtime {
             engine,
@@ -423,6 +426,7 @@ impl Runtime {
             worker_cfg,
             bufs: worker::ReadBufs::new(MAX_FRAME),
             tx,
+            napi,
             stop,
             clock,
             out: FrameBatch::new(),
@@ -883,12 +887,10 @@ impl Runtime {
                     continue;
                 }
                 Ok(req) => {
+                    let status = matches!(req, Request::Status);
                     // Counters and session counts as the workers last published them.
-                    let reports = match req {
-                        Request::Status => self.published(),
-                        _ => Vec::new(),
-                    };
-                    let r = self.control.handle_with(
+                    let reports = if status { self.published() } else { Vec::new() };
+                    let mut r = self.control.handle_with(
                         req,
                         &mut self.engine,
                         &reports,
@@ -897,6 +899,15 @@ impl Runtime {
                         &mut self.out,
                     );
                     self.sync_workers();
+                    if let (true, Some(n)) = (status && r.ok, &self.napi) {
+                        let (threaded, switches) = n.state();
+                        r.result["tap_napi"] =
+                            serde_json::to_value(crate::control::api::NapiView {
+                                threaded,
+                                switches,
+                            })
+                            .expect("serializes");
+                    }
                     r
                 }
                 Err(e) => Response::err(format!("bad request: {e}")),
@@ -1041,7 +1052,11 @@ impl Runtime {
         let (status, body) = match (method, target) {
             (Some("GET"), Some("/metrics" | "/")) => {
                 let reports = self.published();
-                ("200 OK", metrics::render_with(&self.engine, &reports, now))
+                let mut body = metrics::render_with(&self.engine, &reports, now);
+                if let Some(n) = &self.napi {
+                    metrics::render_napi(&mut body, n.state());
+                }
+                ("200 OK", body)
             }
             (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
             _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
