@@ -74,6 +74,9 @@ pub struct SimHost {
     pub events: VecDeque<HostEvent>,
     /// Ids that were closed, in order.
     pub closed: Vec<SockId>,
+    /// TCP peeks asked for, and how many found nothing (each a wasted syscall on a real host).
+    pub peeks: u64,
+    pub empty_peeks: u64,
 }
 
 impl Default for SimHost {
@@ -86,6 +89,8 @@ impl Default for SimHost {
             tcp_send_buffer: 1 << 20,
             icmp_allowed: true,
             events: VecDeque::new(),
+            peeks: 0,
+            empty_peeks: 0,
             closed: Vec::new(),
         }
     }
@@ -261,9 +266,17 @@ impl HostIo for SimHost {
     }
 
     fn tcp_peek(&mut self, id: SockId, offset: usize, buf: &mut [u8]) -> io::Result<usize> {
-        let t = self.tcp(id).ok_or_else(bad_id)?;
+        self.peeks += 1;
+        let t = self.sockets.get_mut(&id).and_then(|s| match s {
+            SimSocket::Tcp(t) => Some(t),
+            _ => None,
+        });
+        let t = t.ok_or_else(bad_id)?;
         let avail = t.recv.len().saturating_sub(offset);
         let n = avail.min(buf.len());
+        if n == 0 && !buf.is_empty() {
+            self.empty_peeks += 1;
+        }
         // Slice copies (not a byte iterator): the replay benchmark measures the core, not this.
         let (a, b) = t.recv.as_slices();
         let from_a = a.len().saturating_sub(offset).min(n);

@@ -208,6 +208,10 @@ pub struct Conn {
     ack_owed: u8,
     /// The socket refused bytes; `Writable` will drain the ring.
     write_blocked: bool,
+    /// A peek for new data found nothing (and no end of stream), and no `Readable` came since:
+    /// another peek would only fail (a wasted syscall for every ACK of an upload). Data or a
+    /// FIN arriving later always brings a `Readable`, which clears it.
+    host_drained: bool,
 
     // Send side (host → guest).
     iss: Seq,
@@ -321,6 +325,7 @@ impl Conn {
             guest_closed_first: false,
             ack_owed: 0,
             write_blocked: false,
+            host_drained: false,
             iss: p.iss,
             snd_una: p.iss,
             snd_nxt: p.iss,
@@ -489,6 +494,7 @@ impl Conn {
 
     pub fn on_readable<H: HostIo>(&mut self, cx: &mut Cx<H>) -> Next {
         self.last_used = cx.now;
+        self.host_drained = false;
         self.output(cx, false)
     }
 
@@ -996,7 +1002,7 @@ impl Conn {
     /// Sends new data (and our FIN) as far as the guest's window and the congestion window go.
     /// Returns the number of segments sent.
     fn transmit<H: HostIo>(&mut self, cx: &mut Cx<H>) -> Result<usize, Broken> {
-        if self.state != State::Open || self.sock.is_none() {
+        if self.state != State::Open || self.sock.is_none() || self.nothing_new() {
             return Ok(0);
         }
         let now = cx.now;
@@ -1004,6 +1010,11 @@ impl Conn {
         let r = self.transmit_segments(cx, now);
         cx.peek.clear();
         r
+    }
+
+    /// Whether the next segment would be new data that the host socket is known not to hold.
+    fn nothing_new(&self) -> bool {
+        self.host_drained && self.snd_nxt >= self.snd_max && self.fin_seq.is_none()
     }
 
     /// Peeks what `transmit` may send in one call, when that is more than one segment.
@@ -1064,8 +1075,16 @@ impl Conn {
                 break;
             }
             let seq = self.snd_nxt;
+            // Past what the peek cache holds, a drained socket has nothing more.
+            if self.nothing_new() && self.sock.is_some_and(|s| cx.peek.get(s, seq).is_none()) {
+                break;
+            }
+            let fresh = seq >= self.snd_max;
             let used = self.send_segment(cx, seq, want)?;
             if used == 0 {
+                // Nothing past `snd_max`, and no FIN either (it would have gone out): only a
+                // peek that found nothing says so, since the end of the stream shows only there.
+                self.host_drained |= fresh;
                 break;
             }
             segs += 1;

@@ -640,6 +640,49 @@ fn download_within_mss_and_window_consumes_on_ack() {
     assert_eq!(got[1].payload, data[4000..5000]);
 }
 
+/// An upload's ACKs do not peek at a host socket that has nothing to send (each such peek is a
+/// failed syscall); data the destination sends later still goes out at once.
+#[test]
+fn an_upload_does_not_peek_an_empty_socket_per_ack() {
+    let mut t = T::new();
+    let mut o = NONE;
+    o.mss = Some(1000);
+    o.window = 60_000;
+    t.establish(o);
+    let before = t.h.peeks;
+    let mut off = 0;
+    for _ in 0..50 {
+        t.send(&t.data(off, &bytes(1000)));
+        off += 1000;
+    }
+    assert_eq!(t.tcp().written.len(), 50_000);
+    assert!(
+        t.h.peeks - before <= 2,
+        "{} peeks for 50 guest segments",
+        t.h.peeks - before
+    );
+    // The destination answers: a Readable, and the data goes out.
+    let sock = t.sock;
+    t.h.deliver_tcp(sock, &bytes(2500));
+    let got = t.pump();
+    let payload: Vec<u8> = got.iter().flat_map(|g| g.payload.clone()).collect();
+    assert_eq!(payload, bytes(2500));
+    // Acknowledged: the first guest segment after it finds the socket empty again; the ones
+    // after that peek no more.
+    let mut d = t.data(off, &bytes(1000));
+    d.ack = Some(t.iss + 1 + 2500);
+    t.send(&d);
+    let peeks = t.h.peeks;
+    for _ in 0..20 {
+        off += 1000;
+        let mut d = t.data(off, &bytes(1000));
+        d.ack = Some(t.iss + 1 + 2500);
+        t.send(&d);
+    }
+    assert_eq!(t.h.peeks, peeks);
+    assert!(t.h.empty_peeks <= 4, "{} empty peeks", t.h.empty_peeks);
+}
+
 #[test]
 fn download_honours_window_scaling() {
     let mut t = T::new();
