@@ -18,22 +18,28 @@ use std::time::{Duration, Instant};
 use crate::output::FrameBatch;
 use crate::port::tap::{NapiThreading, Tap, TapWriter};
 
-/// A batch of more frames than this is a bulk transfer's.
-pub const BULK_BATCH: usize = 4;
+/// Frames per batch, on average over a look's window, from which the traffic is a bulk
+/// transfer's (tenths). A request/response exchange writes one frame per batch; a download,
+/// even where frames are handed between threads in small groups, writes several.
+const BULK_MEAN_BATCH_X10: u64 = 20;
+const SOFTIRQ_MEAN_BATCH_X10: u64 = 15;
 
 /// How often the bulk rate is looked at (at most; only when frames are written).
 const WINDOW: Duration = Duration::from_millis(20);
 
-/// Frames per second in bulk batches above which the polls go to threads (about 240 Mbit/s of
-/// full-size frames), and below which they come back. Apart, so the mode does not flap.
-const THREADED_ABOVE: u64 = 20_000;
-const SOFTIRQ_BELOW: u64 = 5_000;
+/// Frames per second above which the polls go to threads (about 60 Mbit/s of full-size frames)
+/// when batches are large enough, and below which they come back. Apart, so the mode does not
+/// flap. Low: it is the batch size that tells a transfer from request/response traffic, and a
+/// slow transfer gains from the threads too.
+const THREADED_ABOVE: u64 = 5_000;
+const SOFTIRQ_BELOW: u64 = 2_000;
 
 /// Decides, from the frames the writing threads report, where the TAP's NAPI polls run.
 pub struct NapiSwitch {
     set: Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>,
     base: Instant,
-    bulk_frames: AtomicU64,
+    frames: AtomicU64,
+    batches: AtomicU64,
     /// Nanoseconds after `base` before which nobody looks at the rate again.
     next_look: AtomicU64,
     state: Mutex<SwitchState>,
@@ -42,8 +48,9 @@ pub struct NapiSwitch {
 #[derive(Default)]
 struct SwitchState {
     threaded: bool,
-    /// `bulk_frames` and the time at the last look.
+    /// `frames`, `batches` and the time at the last look.
     frames_then: u64,
+    batches_then: u64,
     then: u64,
     switches: u64,
     /// The switch failed once: it is left as it is from then on.
@@ -60,7 +67,8 @@ impl NapiSwitch {
         NapiSwitch {
             set,
             base: Instant::now(),
-            bulk_frames: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
             // The first look needs a window behind it to measure a rate over.
             next_look: AtomicU64::new(WINDOW.as_nanos() as u64),
             state: Mutex::new(SwitchState::default()),
@@ -73,9 +81,8 @@ impl NapiSwitch {
     }
 
     fn note_at(&self, frames: usize, now: u64) {
-        if frames > BULK_BATCH {
-            self.bulk_frames.fetch_add(frames as u64, Ordering::Relaxed);
-        }
+        self.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         if now < self.next_look.load(Ordering::Relaxed) {
             return;
         }
@@ -88,14 +95,18 @@ impl NapiSwitch {
         }
         self.next_look
             .store(now + WINDOW.as_nanos() as u64, Ordering::Relaxed);
-        let total = self.bulk_frames.load(Ordering::Relaxed);
-        let rate = (total - st.frames_then).saturating_mul(1_000_000_000) / (now - st.then).max(1);
-        st.frames_then = total;
+        let frames = self.frames.load(Ordering::Relaxed);
+        let batches = self.batches.load(Ordering::Relaxed);
+        let (df, db) = (frames - st.frames_then, batches - st.batches_then);
+        let rate = df.saturating_mul(1_000_000_000) / (now - st.then).max(1);
+        let mean_x10 = df * 10 / db.max(1);
+        st.frames_then = frames;
+        st.batches_then = batches;
         st.then = now;
         let want = if st.threaded {
-            rate >= SOFTIRQ_BELOW
+            rate >= SOFTIRQ_BELOW && mean_x10 >= SOFTIRQ_MEAN_BATCH_X10
         } else {
-            rate >= THREADED_ABOVE
+            rate >= THREADED_ABOVE && mean_x10 >= BULK_MEAN_BATCH_X10
         };
         if want == st.threaded {
             return;
@@ -105,8 +116,10 @@ impl NapiSwitch {
                 st.threaded = want;
                 st.switches += 1;
                 tracing::debug!(
-                    "TAP NAPI polls {} ({rate} frames/s in bulk batches)",
-                    if want { "in threads" } else { "in softirq" }
+                    "TAP NAPI polls {} ({rate} frames/s, {}.{} per batch)",
+                    if want { "in threads" } else { "in softirq" },
+                    mean_x10 / 10,
+                    mean_x10 % 10
                 );
             }
             Err(e) => {
@@ -177,8 +190,8 @@ mod tests {
         (sw, calls)
     }
 
-    /// Bulk batches at a high rate switch to threads within a window or two; small batches at
-    /// any rate (an echo exchange) never do; once the bulk stops, the next look switches back.
+    /// Many frames per batch at a high rate switch to threads within a window or two; single
+    /// frames at any rate (an echo exchange) never do; once the bulk stops, the polls come back.
     #[test]
     fn bulk_switches_to_threads_and_back() {
         let (sw, calls) = recording();
@@ -200,24 +213,30 @@ mod tests {
         sw.note_at(1, start + 330 * MS);
         assert_eq!(*calls.lock().unwrap(), vec![true, false]);
         assert_eq!(sw.state(), (false, 2));
+        // A download handed over in groups of 3 frames, 60k frames/s: bulk too.
+        let start = 1000 * MS;
+        for i in 0..1000u64 {
+            sw.note_at(3, start + i * 50_000);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true, false, true]);
     }
 
     /// Between the two thresholds the mode stays as it is, either way.
     #[test]
     fn rates_between_the_thresholds_do_not_flap() {
         let (sw, calls) = recording();
-        // 10k frames/s in bulk batches: below THREADED_ABOVE.
+        // 3k frames/s in batches of 3: below THREADED_ABOVE.
         for i in 0..500u64 {
-            sw.note_at(10, i * MS);
+            sw.note_at(3, i * MS);
         }
         assert!(calls.lock().unwrap().is_empty());
         for i in 0..100u64 {
             sw.note_at(100, 500 * MS + i * MS);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true]);
-        // Back to 10k/s: above SOFTIRQ_BELOW, stays in threads.
+        // Back to 3k/s: above SOFTIRQ_BELOW, stays in threads.
         for i in 0..500u64 {
-            sw.note_at(10, 600 * MS + i * MS);
+            sw.note_at(3, 600 * MS + i * MS);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true]);
     }
