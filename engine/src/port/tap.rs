@@ -578,18 +578,13 @@ pub(crate) mod test_support {
             let capture =
                 PacketSocket::open(name, std::time::Duration::from_secs(2)).expect("packet socket");
             // Room for every test's frames: the capture is read only after they were written.
-            let size: libc::c_int = 8 << 20;
-            // SAFETY: `size` is a live c_int and its size is passed; the kernel only reads it.
-            let ret = unsafe {
-                libc::setsockopt(
-                    capture.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(ret, 0, "SO_RCVBUFFORCE: {}", io::Error::last_os_error());
+            crate::sock::mio::setsockopt_int(
+                capture.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                8 << 20,
+            )
+            .expect("SO_RCVBUFFORCE");
             let mut read = |count: usize| {
                 let mut buf = vec![0u8; 65536];
                 let mut got = Vec::new();

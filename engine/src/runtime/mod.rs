@@ -255,8 +255,6 @@ pub struct Runtime {
     bufs: worker::ReadBufs,
     /// Made on first use, on the thread that runs the loop (its ring's only submitter).
     tx: TapSender,
-    /// For `status` and the metrics.
-    napi: Option<Arc<NapiSwitch>>,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -412,7 +410,6 @@ impl Runtime {
         }
         let wake = vec![false; n_workers + 1];
         let tx = TapSender::new(Arc::clone(&tap), opts.napi.clone());
-        let napi = opts.napi.clone();
         let worker_cfg = engine.ctx.cfg.clone();
         let mut rt = Runtime {
             engine,
@@ -426,7 +423,6 @@ impl Runtime {
             worker_cfg,
             bufs: worker::ReadBufs::new(MAX_FRAME),
             tx,
-            napi,
             stop,
             clock,
             out: FrameBatch::new(),
@@ -899,8 +895,9 @@ impl Runtime {
                         &mut self.out,
                     );
                     self.sync_workers();
-                    if let (true, Some(n)) = (status && r.ok, &self.napi) {
-                        let (threaded, switches) = n.state();
+                    if let (true, Some((threaded, switches))) =
+                        (status && r.ok, self.tx.napi_state())
+                    {
                         r.result["tap_napi"] =
                             serde_json::to_value(crate::control::api::NapiView {
                                 threaded,
@@ -1053,8 +1050,8 @@ impl Runtime {
             (Some("GET"), Some("/metrics" | "/")) => {
                 let reports = self.published();
                 let mut body = metrics::render_with(&self.engine, &reports, now);
-                if let Some(n) = &self.napi {
-                    metrics::render_napi(&mut body, n.state());
+                if let Some(state) = self.tx.napi_state() {
+                    metrics::render_napi(&mut body, state);
                 }
                 ("200 OK", body)
             }

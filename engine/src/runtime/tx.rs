@@ -153,6 +153,11 @@ impl TapSender {
         }
     }
 
+    /// Where the TAP's NAPI polls run and how often they moved, when they are switched.
+    pub fn napi_state(&self) -> Option<(bool, u64)> {
+        self.napi.as_ref().map(|n| n.state())
+    }
+
     /// Writes every frame of `out` and empties it (keeping its buffers). Returns how many the
     /// device refused (queue full, link down), which the caller counts as drops.
     pub fn send(&mut self, out: &mut FrameBatch) -> usize {
