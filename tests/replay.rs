@@ -1,12 +1,12 @@
 //! Replay regressions: every scenario in pcaps/ is replayed through the core and compared, frame
 //! by frame, with its golden output. On a difference the first differing frame is printed
 //! decoded. `HUBNAT_BLESS=1 cargo test --test replay` rewrites the golden files on purpose
-//! (and the crafted inputs, from `hubnat_engine::replay::craft`); review them with
+//! (and the crafted inputs, from `hubnat_replay::craft`); review them with
 //! `hubnat-pcap show` / `git diff --stat` before committing.
 
 use std::path::{Path, PathBuf};
 
-use hubnat_engine::replay::{self, craft, decode, pcap, Script};
+use hubnat_replay::{self as replay, craft, decode, pcap, Script};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../pcaps")

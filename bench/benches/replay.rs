@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hubnat_bench::{flow_hash, hasher, parse_only};
-use hubnat_engine::replay::{gen, pcap, Driver, Frame, Script};
+use hubnat_replay::{gen, pcap, Driver, Frame, Script};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)

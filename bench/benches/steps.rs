@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use hubnat_bench::{flow_hash, hasher, parse_only};
-use hubnat_engine::replay::craft::{self, Conn, Session, ACK, PSH};
-use hubnat_engine::replay::{Driver, Script};
-use hubnat_engine::{FrameBatch, HostEvent, Instant};
+use hubnat_core::{FrameBatch, Instant, SockEvent};
+use hubnat_replay::craft::{self, Conn, Session, ACK, PSH};
+use hubnat_replay::{Driver, Script};
 
 fn steps(c: &mut Criterion) {
     let m = craft::guest_mac(1);
@@ -69,7 +69,7 @@ fn steps(c: &mut Criterion) {
             out.clear();
             s.driver.engine.handle_host_event(
                 now,
-                HostEvent::Readable(id),
+                SockEvent::Readable(id),
                 &mut s.driver.host,
                 &mut out,
             );

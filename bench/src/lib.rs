@@ -61,7 +61,7 @@ pub fn parse_only(frame: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hubnat_engine::replay::craft;
+    use hubnat_replay::craft;
     use std::net::SocketAddrV4;
 
     #[test]

@@ -14,18 +14,18 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use hubnat_engine::config::{Config, LogFormat, RawConfig};
-use hubnat_engine::control::api::{
+use hubnat_core::config::{Config, LogFormat, RawConfig};
+use hubnat_core::Engine;
+use hubnat_daemon::seclog::SecurityLog;
+use hubnat_runtime::operator::api::{
     self, ChangeView, LeaseRow, NatRow, Request, Response, Section, StatusView,
 };
-use hubnat_engine::control::leases::LEASE_FILE;
-use hubnat_engine::control::seclog::SecurityLog;
-use hubnat_engine::control::state;
-use hubnat_engine::port::tap::{netns_path, NapiThreading, Tap, TapError};
-use hubnat_engine::runtime::tx::NapiSwitch;
-use hubnat_engine::runtime::{bind_control, Exit, Options, Runtime};
-use hubnat_engine::sock::{Backend, BackendChoice};
-use hubnat_engine::Engine;
+use hubnat_runtime::operator::leases::LEASE_FILE;
+use hubnat_runtime::operator::state;
+use hubnat_runtime::port::tap::{netns_path, NapiThreading, Tap, TapError};
+use hubnat_runtime::sock::{Backend, BackendChoice};
+use hubnat_runtime::tx::NapiSwitch;
+use hubnat_runtime::{bind_control, Exit, Options, Runtime};
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
 ///

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use hubnat_engine::port::af_packet::{Direction, PacketSocket};
-use hubnat_engine::port::tap::netns_path;
-use hubnat_engine::replay::{self, craft, decode, gen, pcap, Script};
+use hubnat_replay::{self as replay, craft, decode, gen, pcap, Script};
+use hubnat_runtime::port::af_packet::{Direction, PacketSocket};
+use hubnat_runtime::port::tap::netns_path;
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,597 @@
+//! The core: one frame (or socket event, or tick) in, frames and socket operations out.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, UdpPacket, DHCP_SERVER_PORT,
+};
+
+use crate::config::{Config, Mac};
+use crate::nat::Nat;
+use crate::output::FrameBatch;
+use crate::sockio::{SockEvent, SockIo};
+use crate::stats::{Drop, Stats};
+use crate::time::{earliest, Instant};
+use crate::vhost::arp::{self, ArpCache, ArpIdentity};
+use crate::vhost::dhcp::DhcpServer;
+use crate::vhost::icmp;
+use crate::wire::IPV4_HEADER_LEN;
+
+/// What every part of the core shares: the configuration, the virtual host's identity, the
+/// neighbour table, counters, and the injected randomness.
+pub struct Ctx {
+    pub cfg: Config,
+    /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
+    pub mac: Mac,
+    pub arp: ArpCache,
+    pub stats: Stats,
+    pub rng: SmallRng,
+    ip_ident: u16,
+    /// The NAT session id sequence; shared by every engine of a multi-worker runtime.
+    session_ids: Arc<AtomicU32>,
+    limits: Option<Arc<SharedLimits>>,
+}
+
+/// Session counts shared by the engines of a multi-worker runtime, per protocol: taken when a
+/// session is created (not per frame), so a lock is cheap here.
+#[derive(Default)]
+pub struct SharedLimits {
+    counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
+    totals: [AtomicU32; 4],
+    /// TCP connections whose host connect is in progress, across the engines.
+    half_open: AtomicU32,
+}
+
+impl SharedLimits {
+    fn index(proto: crate::nat::Proto) -> usize {
+        proto.index()
+    }
+
+    fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry((i as u8, guest)).or_insert(0);
+        if *n >= per || self.totals[i].load(Ordering::Relaxed) as usize >= total {
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            return false;
+        }
+        *n += 1;
+        self.totals[i].fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        let i = Self::index(proto);
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&(i as u8, guest)) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&(i as u8, guest));
+            }
+            self.totals[i].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a half-open (connecting) TCP slot unless `max` are taken.
+    fn admit_half_open(&self, max: usize) -> bool {
+        self.half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                ((n as usize) < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_half_open(&self) {
+        let _ = self
+            .half_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// TCP connections connecting to their host, across the engines sharing these limits.
+    pub fn half_open(&self) -> usize {
+        self.half_open.load(Ordering::Acquire) as usize
+    }
+
+    /// Sessions of `proto` counted for `guest`.
+    pub fn count(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&(Self::index(proto) as u8, guest))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Ctx {
+    /// The IPv4 identification for the next packet the virtual host originates.
+    pub fn next_ident(&mut self) -> u16 {
+        self.ip_ident = self.ip_ident.wrapping_add(1);
+        self.ip_ident
+    }
+
+    /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
+    pub fn next_session_id(&mut self) -> u32 {
+        loop {
+            let id = self
+                .session_ids
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Makes this context draw session ids from `ids`, shared with other engines (the workers of
+    /// one runtime), so that ids stay unique across them.
+    pub fn share_session_ids(&mut self, ids: Arc<AtomicU32>) {
+        self.session_ids = ids;
+    }
+
+    pub fn host_ip(&self) -> Ipv4Addr {
+        self.cfg.host.ip
+    }
+
+    /// Counts a new NAT session of `proto` for `guest` against the limits shared by the engines
+    /// of a multi-worker runtime (`share_limits`); false when `nat.max_sessions` or
+    /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
+    /// protocols check their own tables).
+    pub fn admit_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> bool {
+        match &self.limits {
+            Some(l) => l.admit(
+                proto,
+                guest,
+                self.cfg.nat.max_sessions,
+                self.cfg.nat.max_sessions_per_guest,
+            ),
+            None => true,
+        }
+    }
+
+    /// Ends what `admit_session` counted.
+    pub fn release_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
+        if let Some(l) = &self.limits {
+            l.release(proto, guest);
+        }
+    }
+
+    /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
+    /// TCP connection whose host connect is in progress); false when they are all taken. Always
+    /// true for a lone engine (TCP counts its own).
+    pub fn admit_half_open(&self) -> bool {
+        match &self.limits {
+            Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
+            None => true,
+        }
+    }
+
+    /// Gives back what `admit_half_open` took.
+    pub fn release_half_open(&self) {
+        if let Some(l) = &self.limits {
+            l.release_half_open();
+        }
+    }
+
+    /// Makes this context count sessions in `limits`, shared with the other engines of a
+    /// runtime, so that the session limits hold across workers.
+    pub fn share_limits(&mut self, limits: Arc<SharedLimits>) {
+        self.limits = Some(limits);
+    }
+
+    /// The virtual network's directed broadcast address.
+    pub fn subnet_broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.cfg.host.ip) | !u32::from(self.cfg.host.mask))
+    }
+
+    /// Whether `ip` is one of the addresses the virtual host itself answers for.
+    pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+        ip == self.cfg.host.ip
+    }
+}
+
+/// What `Engine::reassemble` did with a frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reassembly {
+    /// Not an IPv4 fragment for the NAT: untouched and not counted; `handle_frame` it.
+    NotFragment,
+    /// A fragment, counted and kept (or dropped and counted as such); nothing more to do.
+    Taken,
+    /// The fragment completed its datagram, now in the caller's buffer as an Ethernet frame:
+    /// give it to `handle_reassembled` of the engine that owns its flow.
+    Whole,
+}
+
+pub struct Engine {
+    pub ctx: Ctx,
+    pub dhcp: DhcpServer,
+    pub nat: Nat,
+}
+
+impl Engine {
+    /// `mac` is the virtual host's MAC; `seed` seeds every random choice the core makes.
+    pub fn new(cfg: Config, mac: Mac, seed: u64) -> Engine {
+        let dhcp = DhcpServer::new(&cfg.dhcp);
+        let nat = Nat::new(&cfg);
+        Engine {
+            ctx: Ctx {
+                cfg,
+                mac,
+                arp: ArpCache::default(),
+                stats: Stats::default(),
+                rng: SmallRng::seed_from_u64(seed),
+                ip_ident: 0,
+                session_ids: Arc::new(AtomicU32::new(0)),
+                limits: None,
+            },
+            dhcp,
+            nat,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.ctx.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.ctx.stats
+    }
+
+    /// The virtual host comes up: announce it with a gratuitous ARP.
+    pub fn start(&mut self, _now: Instant, out: &mut FrameBatch) {
+        if self.ctx.cfg.enabled {
+            arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
+        }
+    }
+
+    /// Applies a new, validated configuration at once, keeping everything it does not concern:
+    /// NAT sessions stay open (NAT off stops new ones and stops carrying guests' packets, as the
+    /// NAT does whenever it is off); DHCP leases stay unless the new range excludes them; the
+    /// virtual host announces itself again when its address, its MAC or SecureNAT as a whole
+    /// changed. Settings fixed at start (the MTU of the port, the ICMP mode, the state directory,
+    /// the control settings) keep their running values; their names are returned, to be applied
+    /// by a restart.
+    pub fn reconfigure(
+        &mut self,
+        _now: Instant,
+        mut new: Config,
+        _io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Vec<&'static str> {
+        let old = &self.ctx.cfg;
+        let mut restart = Vec::new();
+        if new.nat.mtu != old.nat.mtu {
+            restart.push("nat.mtu");
+            new.nat.mtu = old.nat.mtu;
+        }
+        if new.nat.icmp != old.nat.icmp {
+            restart.push("nat.icmp");
+            new.nat.icmp = old.nat.icmp;
+        }
+        if new.state_dir != old.state_dir {
+            restart.push("state_dir");
+            new.state_dir = old.state_dir.clone();
+        }
+        if new.control != old.control {
+            restart.push("control");
+            new.control = old.control.clone();
+        }
+        let mac = new.host.mac.unwrap_or(self.ctx.mac);
+        new.host.mac = Some(mac);
+        let announce =
+            new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
+        if new.dhcp != old.dhcp {
+            self.dhcp.reconfigure(&new.dhcp);
+        }
+        let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
+            != (old.nat.udp_timeout, old.nat.tcp_timeout);
+        self.ctx.mac = mac;
+        self.ctx.cfg = new;
+        if timeouts {
+            self.nat.timeouts_changed(&self.ctx);
+        }
+        if announce {
+            let before = out.len();
+            arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
+            self.count_out(out, before);
+        }
+        restart
+    }
+
+    /// Handles one frame from the segment.
+    pub fn handle_frame(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        self.ctx.stats.frames_in += 1;
+        self.ctx.stats.bytes_in += frame.len() as u64;
+        let before = out.len();
+        if let Err(why) = self.dispatch_frame(now, frame, io, out) {
+            self.ctx.stats.drop(why);
+        }
+        self.count_out(out, before);
+    }
+
+    /// Reassembly for a runtime whose NAT flows live on several engines: when `frame` is an
+    /// IPv4 fragment addressed to the virtual host's MAC, it is checked and added to this
+    /// engine's reassembly (and counted as a frame in); when it completes its datagram, `whole`
+    /// receives the datagram as one Ethernet frame (the fragment's Ethernet header, the
+    /// reassembled IPv4 packet: up to 65535 + 14 bytes), to be handled with
+    /// `handle_reassembled` by whichever engine owns the datagram's flow. Any other frame is
+    /// left for `handle_frame`.
+    pub fn reassemble(&mut self, now: Instant, frame: &[u8], whole: &mut Vec<u8>) -> Reassembly {
+        if !self.is_nat_fragment(frame) {
+            return Reassembly::NotFragment;
+        }
+        self.ctx.stats.frames_in += 1;
+        self.ctx.stats.bytes_in += frame.len() as u64;
+        match self.reassemble_fragment(now, frame, whole) {
+            Ok(true) => Reassembly::Whole,
+            Ok(false) => Reassembly::Taken,
+            Err(why) => {
+                self.ctx.stats.drop(why);
+                Reassembly::Taken
+            }
+        }
+    }
+
+    fn is_nat_fragment(&self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return false;
+        };
+        if !self.ctx.cfg.enabled
+            || eth.ethertype() != EthernetProtocol::Ipv4
+            || crate::wire::mac(eth.dst_addr()) != self.ctx.mac
+        {
+            return false;
+        }
+        Ipv4Packet::new_checked(eth.payload())
+            .is_ok_and(|ip| ip.more_frags() || ip.frag_offset() != 0)
+    }
+
+    fn reassemble_fragment(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        whole: &mut Vec<u8>,
+    ) -> Result<bool, Drop> {
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let src_mac = crate::wire::mac(eth.src_addr());
+        if src_mac == self.ctx.mac || src_mac.0[0] & 1 != 0 {
+            return Err(Drop::Foreign);
+        }
+        let bytes = eth.payload();
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        if !ip.verify_checksum() {
+            return Err(Drop::BadChecksum);
+        }
+        let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
+        let src = ip.src_addr();
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        let Some(datagram) = self.nat.frag.add(now, &ip)? else {
+            return Ok(false);
+        };
+        whole.clear();
+        whole.extend_from_slice(&frame[..smoltcp::wire::ETHERNET_HEADER_LEN]);
+        whole.extend_from_slice(datagram);
+        Ok(true)
+    }
+
+    /// Handles a datagram `reassemble` completed (on this engine or another's): `frame` is
+    /// the Ethernet frame it wrote. Its fragments were counted as frames in where they arrived.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let before = out.len();
+        if let Err(why) = self.dispatch_reassembled(now, frame, io, out) {
+            self.ctx.stats.drop(why);
+        }
+        self.count_out(out, before);
+    }
+
+    fn dispatch_reassembled(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if !self.ctx.cfg.enabled {
+            return Err(Drop::Disabled);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Drop::Malformed)?;
+        if ip.more_frags() || ip.frag_offset() != 0 || !ip.verify_checksum() {
+            return Err(Drop::Malformed);
+        }
+        let ip = Ipv4Packet::new_unchecked(&eth.payload()[..ip.total_len() as usize]);
+        // The engine that owns the flow needs the guest's MAC to answer it.
+        let (src, src_mac) = (ip.src_addr(), crate::wire::mac(eth.src_addr()));
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+        self.nat
+            .handle_reassembled(now, &mut self.ctx, &ip, io, out)
+    }
+
+    fn count_out(&mut self, out: &FrameBatch, before: usize) {
+        for f in out.iter().skip(before) {
+            self.ctx.stats.frames_out += 1;
+            self.ctx.stats.bytes_out += f.len() as u64;
+        }
+    }
+
+    fn dispatch_frame(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if !self.ctx.cfg.enabled {
+            return Err(Drop::Disabled);
+        }
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let dst = crate::wire::mac(eth.dst_addr());
+        let src = crate::wire::mac(eth.src_addr());
+        if src == self.ctx.mac || src.0[0] & 1 != 0 {
+            return Err(Drop::Foreign);
+        }
+        if dst != self.ctx.mac && dst.0[0] & 1 == 0 {
+            return Err(Drop::Foreign);
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                let me = ArpIdentity {
+                    mac: self.ctx.mac,
+                    ip: self.ctx.cfg.host.ip,
+                    alias: self.ctx.cfg.nat.host_loopback,
+                };
+                let cfg = &self.ctx.cfg;
+                arp::handle(
+                    now,
+                    &me,
+                    |ip| cfg.in_subnet(ip),
+                    &mut self.ctx.arp,
+                    eth.payload(),
+                    out,
+                )
+            }
+            EthernetProtocol::Ipv4 => self.handle_ipv4(now, src, dst, eth.payload(), io, out),
+            _ => Err(Drop::Foreign),
+        }
+    }
+
+    fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: Mac,
+        dst_mac: Mac,
+        bytes: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        if !ip.verify_checksum() {
+            return Err(Drop::BadChecksum);
+        }
+        // Ethernet may pad short frames: everything past the IP total length is padding.
+        let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            self.ctx.arp.learn(now, src, src_mac);
+        }
+
+        // DHCP is broadcast before the guest has an address: handle it before the address checks.
+        if ip.next_header() == IpProtocol::Udp && !ip.more_frags() && ip.frag_offset() == 0 {
+            if let Ok(udp) = UdpPacket::new_checked(ip.payload()) {
+                if udp.dst_port() == DHCP_SERVER_PORT
+                    && (dst.is_broadcast() || dst == self.ctx.cfg.host.ip)
+                {
+                    if !self.ctx.cfg.dhcp.enabled {
+                        return Err(Drop::Disabled);
+                    }
+                    return self.dhcp.handle(now, &mut self.ctx, src_mac, &ip, out);
+                }
+            }
+        }
+        if dst_mac != self.ctx.mac {
+            // Broadcast or multicast IP that is not DHCP: nothing for the virtual host.
+            return Err(Drop::Foreign);
+        }
+        // Fragmented ICMP for the virtual host is answered by the NAT after reassembly.
+        let whole = !ip.more_frags() && ip.frag_offset() == 0;
+        if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp && whole {
+            return icmp::handle_to_host(&mut self.ctx, &ip, out);
+        }
+        self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)
+    }
+
+    /// Handles an event from a host socket.
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let before = out.len();
+        self.nat.handle_host_event(now, &mut self.ctx, ev, io, out);
+        self.count_out(out, before);
+    }
+
+    /// Lets the caller batch: with batching on, work that gains from being done once per batch
+    /// (writes of guests' TCP payload to host sockets, and the ACKs for it) waits for `flush`.
+    /// Off by default, so that each `handle_frame` is complete on its own (tests, replay).
+    pub fn set_batching(&mut self, on: bool) {
+        self.nat.tcp.set_batching(on);
+    }
+
+    /// Ends a batch: does the work `set_batching(true)` deferred. The runtime calls it before
+    /// writing out the batch's frames.
+    pub fn flush(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.tcp.flush(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
+    /// Shutdown: every guest TCP session is reset (RST to the guest), every host socket closed.
+    pub fn shutdown(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.close_all(now, &mut self.ctx, io, out);
+        self.count_out(out, before);
+    }
+
+    /// With `on`, this engine no longer expires idle NAT sessions by itself (`poll_timeout`
+    /// does not wake for them): the caller runs `expire_sessions` on its own schedule. A worker
+    /// of a multi-worker runtime runs so, on the control thread's tick.
+    pub fn set_external_expiry(&mut self, on: bool) {
+        self.nat.set_external_expiry(on, &self.ctx);
+    }
+
+    /// Ends the NAT sessions (TCP, UDP, ICMP) idle past their timeouts at `now`, and forgets
+    /// stale neighbours.
+    pub fn expire_sessions(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.nat.expire_sessions(now, &mut self.ctx, io, out);
+        self.ctx.arp.expire(now);
+        self.count_out(out, before);
+    }
+
+    /// When `handle_timeout` next has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        earliest(self.dhcp.poll_timeout(), self.nat.poll_timeout())
+    }
+
+    /// Expires leases and sessions, retransmits, and runs every other timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
+        let before = out.len();
+        self.dhcp.handle_timeout(now, &mut self.ctx);
+        self.nat.handle_timeout(now, &mut self.ctx, io, out);
+        self.ctx.arp.expire(now);
+        self.count_out(out, before);
+    }
+}

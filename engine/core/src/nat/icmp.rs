@@ -1,0 +1,648 @@
+//! ICMP echo toward other hosts (seed 3.7.4, "Handling ICMP Packets").
+//!
+//! `cfg.nat.icmp` chooses what an echo request for another host gets:
+//! - `Dummy`: the virtual host answers at once, as if from the destination (SecureNAT's way).
+//! - `Real`: one ICMP echo socket per (guest, guest's ident, destination) session carries the
+//!   requests; replies on that socket whose sequence number was sent recently (datagram ICMP
+//!   sockets rewrite the ident, so the socket and the sequence number are what identify a reply)
+//!   go back to the guest with the guest's ident. No reply, no answer: the guest sees a timeout.
+//!   Sessions end `IDLE_TIMEOUT` after their last request or reply; at most `MAX_SESSIONS`.
+//! - `Auto`: on first use, `Real` if an ICMP socket can be opened, else `Dummy`; decided once and
+//!   logged.
+//!
+//! Destinations that `host_destination` refuses (the virtual network itself) are dropped as
+//! loops, in either mode; the host-loopback alias is pinged as 127.0.0.1 (or answered in dummy
+//! mode) and answers come from the alias. Echo requests to the virtual host's own address that
+//! arrive fragmented come here after reassembly and are answered from the virtual host. Replies
+//! larger than the MTU leave in fragments. Other ICMP messages from guests are not relayed.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
+
+use crate::config::{Config, IcmpMode};
+use crate::event;
+use crate::nat::udp::READ_BUDGET;
+use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::output::FrameBatch;
+use crate::sockio::{SockEvent, SockId, SockIo};
+use crate::stats::Drop;
+use crate::time::{earliest, Instant};
+use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
+use crate::Ctx;
+
+/// A real-mode session ends this long after its last request or reply.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Real-mode sessions at once.
+pub const MAX_SESSIONS: usize = 1024;
+/// Sequence numbers remembered per session to recognise replies.
+const RECENT: usize = 16;
+const MAX_MESSAGE: usize = 65535 - IPV4_HEADER_LEN;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    guest: Ipv4Addr,
+    ident: u16,
+    dst: Ipv4Addr,
+}
+
+struct Session {
+    key: Key,
+    sock: SockId,
+    host_dst: Ipv4Addr,
+    recent: [Option<u16>; RECENT],
+    next: usize,
+    info: SessionInfo,
+}
+
+pub struct IcmpNat {
+    /// `Some(true)` once real mode is in use, `Some(false)` for dummy.
+    real: Option<bool>,
+    /// The socket `Auto` opened to probe, kept for the first session.
+    probe: Option<SockId>,
+    slots: Vec<Option<Session>>,
+    free: Vec<usize>,
+    by_key: HashMap<Key, usize>,
+    by_sock: HashMap<SockId, usize>,
+    timers: super::IdleTimers,
+    /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
+    pub(crate) external_idle: bool,
+    rearm: Vec<SockId>,
+    rearm_scratch: Vec<SockId>,
+    buf: Box<[u8]>,
+}
+
+impl IcmpNat {
+    pub fn new(cfg: &Config) -> IcmpNat {
+        IcmpNat {
+            real: match cfg.nat.icmp {
+                IcmpMode::Dummy => Some(false),
+                IcmpMode::Real => Some(true),
+                IcmpMode::Auto => None,
+            },
+            probe: None,
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            by_sock: HashMap::new(),
+            timers: BinaryHeap::new(),
+            external_idle: false,
+            rearm: Vec::new(),
+            rearm_scratch: Vec::new(),
+            buf: vec![0u8; MAX_MESSAGE].into_boxed_slice(),
+        }
+    }
+
+    /// The mode in use: `Some(true)` real, `Some(false)` dummy, `None` not decided yet.
+    pub fn real_mode(&self) -> Option<bool> {
+        self.real
+    }
+
+    /// Real-mode sessions open.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The echo socket of the session of `guest`'s `ident` toward `dst`.
+    pub fn socket_of(&self, guest: Ipv4Addr, ident: u16, dst: Ipv4Addr) -> Option<SockId> {
+        let slot = *self.by_key.get(&Key { guest, ident, dst })?;
+        self.slots[slot].as_ref().map(|s| s.sock)
+    }
+
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let (ident, seq_no, data) = crate::vhost::icmp::parse_echo_request(ip)?;
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if ctx.is_host_address(dst) {
+            // A (reassembled) echo request for the virtual host itself.
+            let reply = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            return emit_to_guest(ctx, out, &mut self.buf, dst, src, &reply);
+        }
+        if !ctx.cfg.in_subnet(src) {
+            return Err(Drop::Foreign);
+        }
+        let host_dst = *host_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
+        if !self.decide(io) {
+            let reply = Icmpv4Repr::EchoReply {
+                ident,
+                seq_no,
+                data,
+            };
+            return emit_to_guest(ctx, out, &mut self.buf, dst, src, &reply);
+        }
+        let key = Key {
+            guest: src,
+            ident,
+            dst,
+        };
+        let slot = match self.by_key.get(&key) {
+            Some(&slot) => slot,
+            None => self.open(now, ctx, key, host_dst, io)?,
+        };
+        let Some(s) = self.slots[slot].as_mut() else {
+            return Err(Drop::Malformed);
+        };
+        let request = Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no,
+            data,
+        };
+        let len = request.buffer_len();
+        request.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut self.buf[..len]),
+            &ChecksumCapabilities::default(),
+        );
+        s.info.last_used = now;
+        match io.icmp_send(s.sock, s.host_dst, &self.buf[..len]) {
+            Ok(()) => {
+                s.recent[s.next] = Some(seq_no);
+                s.next = (s.next + 1) % RECENT;
+                s.info.packets_to_host += 1;
+                s.info.bytes_to_host += data.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!("ICMP session {}: send failed: {e}", s.info.id);
+                Err(Drop::QueueFull)
+            }
+        }
+    }
+
+    /// Whether echo requests go out for real (deciding `Auto` on first use).
+    fn decide(&mut self, io: &mut impl SockIo) -> bool {
+        if let Some(real) = self.real {
+            return real;
+        }
+        let real = match io.icmp_open() {
+            Ok(sock) => {
+                self.probe = Some(sock);
+                true
+            }
+            Err(e) => {
+                tracing::info!("ICMP sockets unavailable ({e}): echo requests get dummy replies");
+                false
+            }
+        };
+        if real {
+            tracing::info!("ICMP sockets available: echo requests are sent for real");
+        }
+        self.real = Some(real);
+        real
+    }
+
+    fn open(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        key: Key,
+        host_dst: Ipv4Addr,
+        io: &mut impl SockIo,
+    ) -> Result<usize, Drop> {
+        if self.by_key.len() >= MAX_SESSIONS {
+            return Err(Drop::Limit);
+        }
+        let sock = match self.probe.take() {
+            Some(s) => s,
+            None => io.icmp_open().map_err(|e| {
+                tracing::warn!("ICMP socket could not be opened: {e}");
+                Drop::Unsupported
+            })?,
+        };
+        let id = ctx.next_session_id();
+        let guest = SocketAddrV4::new(key.guest, key.ident);
+        let dst = SocketAddrV4::new(key.dst, 0);
+        event::session_created("ICMP", id, guest, dst);
+        let session = Session {
+            key,
+            sock,
+            host_dst,
+            recent: [None; RECENT],
+            next: 0,
+            info: SessionInfo {
+                id,
+                proto: Proto::Icmp,
+                guest,
+                dst,
+                created: now,
+                last_used: now,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+                packets_to_host: 0,
+                packets_to_guest: 0,
+                state: "Echo",
+            },
+        };
+        let slot = super::place(&mut self.slots, &mut self.free, session);
+        self.by_key.insert(key, slot);
+        self.by_sock.insert(sock, slot);
+        self.timers.push(Reverse((now + IDLE_TIMEOUT, slot, id)));
+        Ok(slot)
+    }
+
+    fn close(&mut self, slot: usize, io: &mut impl SockIo) {
+        let Some(s) = self.slots[slot].take() else {
+            return;
+        };
+        io.close(s.sock);
+        self.by_key.remove(&s.key);
+        self.by_sock.remove(&s.sock);
+        self.free.push(slot);
+        event::session_deleted("ICMP", s.info.id);
+    }
+
+    /// Shutdown: closes every session's socket (and the probe's).
+    pub fn close_all(&mut self, io: &mut impl SockIo) {
+        for slot in 0..self.slots.len() {
+            self.close(slot, io);
+        }
+        if let Some(s) = self.probe.take() {
+            io.close(s);
+        }
+        self.rearm.clear();
+    }
+
+    /// Reads replies on `sock` up to the budget: `None` if no session owns it, else whether
+    /// data may remain.
+    fn read_socket(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<bool> {
+        let slot = *self.by_sock.get(&sock)?;
+        let s = self.slots[slot].as_mut()?;
+        for _ in 0..READ_BUDGET {
+            let dgram = match io.icmp_recv(sock, &mut self.buf) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(false),
+                Err(e) => {
+                    tracing::debug!("ICMP session {}: receive failed: {e}", s.info.id);
+                    return Some(false);
+                }
+            };
+            let msg = &mut self.buf[..dgram.len];
+            let Ok(mut packet) = Icmpv4Packet::new_checked(&mut msg[..]) else {
+                ctx.stats.drop(Drop::Malformed);
+                continue;
+            };
+            let is_reply = packet.verify_checksum()
+                && packet.msg_type() == smoltcp::wire::Icmpv4Message::EchoReply
+                && packet.msg_code() == 0;
+            let seq = packet.echo_seq_no();
+            if !is_reply || *dgram.from.ip() != s.host_dst || !s.recent.contains(&Some(seq)) {
+                ctx.stats.drop(Drop::Foreign);
+                continue;
+            }
+            // Back to the guest under its own ident, in place.
+            packet.set_echo_ident(s.key.ident);
+            packet.fill_checksum();
+            s.info.last_used = now;
+            s.info.packets_to_guest += 1;
+            s.info.bytes_to_guest += dgram.len.saturating_sub(8) as u64;
+            if let Err(why) = push_message(ctx, out, s.key.dst, s.key.guest, msg) {
+                ctx.stats.drop(why);
+            }
+        }
+        Some(true)
+    }
+
+    /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<SockEvent> {
+        match ev {
+            SockEvent::Readable(sock) => match self.read_socket(now, ctx, sock, io, out) {
+                Some(more) => {
+                    if more && !self.rearm.contains(&sock) {
+                        self.rearm.push(sock);
+                    }
+                    None
+                }
+                None if self.probe == Some(sock) => None,
+                None => Some(ev),
+            },
+            SockEvent::Writable(sock) | SockEvent::Failed(sock, _)
+                if self.by_sock.contains_key(&sock) || self.probe == Some(sock) =>
+            {
+                None
+            }
+            _ => Some(ev),
+        }
+    }
+
+    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+        into.extend(self.slots.iter().flatten().map(|s| s.info.clone()));
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
+        let idle = self.timers.peek().map(|r| r.0 .0);
+        earliest(due_now, idle.filter(|_| !self.external_idle))
+    }
+
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        std::mem::swap(&mut self.rearm, &mut self.rearm_scratch);
+        let mut list = std::mem::take(&mut self.rearm_scratch);
+        for sock in list.drain(..) {
+            if self.read_socket(now, ctx, sock, io, out) == Some(true)
+                && !self.rearm.contains(&sock)
+            {
+                self.rearm.push(sock);
+            }
+        }
+        self.rearm_scratch = list;
+
+        if !self.external_idle {
+            self.expire_idle(now, io);
+        }
+    }
+
+    /// Closes the sessions idle for `IDLE_TIMEOUT` at `now`.
+    pub fn expire_idle(&mut self, now: Instant, io: &mut impl SockIo) {
+        while let Some(slot) =
+            super::next_expired(&mut self.timers, &self.slots, now, IDLE_TIMEOUT, |s| {
+                &s.info
+            })
+        {
+            self.close(slot, io);
+        }
+    }
+}
+
+/// Builds `repr` in `buf` and sends it from `src` to the guest `dst`, in fragments if needed.
+fn emit_to_guest(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    buf: &mut [u8],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    repr: &Icmpv4Repr,
+) -> Result<(), Drop> {
+    let len = repr.buffer_len();
+    if len > buf.len() {
+        return Err(Drop::Malformed);
+    }
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[..len]),
+        &ChecksumCapabilities::default(),
+    );
+    push_message(ctx, out, src, dst, &buf[..len])
+}
+
+/// Sends a built ICMP message from `src` to the guest `dst`.
+fn push_message(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    msg: &[u8],
+) -> Result<(), Drop> {
+    let dst_mac = ctx.arp.lookup(dst).ok_or(Drop::NoArp)?;
+    let h = Ipv4Header::new(src, dst, IpProtocol::Icmp, ctx.next_ident());
+    push_ipv4_fragments(out, ctx.mac, dst_mac, &h, msg, ctx.cfg.nat.mtu as usize);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{SimSocket, SimSockets};
+    use crate::testing::*;
+    use smoltcp::wire::Icmpv4Message;
+
+    /// The bytes of one ICMP message (header, data, checksum).
+    fn icmp_bytes(repr: &Icmpv4Repr) -> Vec<u8> {
+        let mut msg = vec![0u8; repr.buffer_len()];
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut msg[..]),
+            &ChecksumCapabilities::default(),
+        );
+        msg
+    }
+
+    fn echo_frame(dst: Ipv4Addr, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        let msg = icmp_bytes(&Icmpv4Repr::EchoRequest {
+            ident,
+            seq_no: seq,
+            data,
+        });
+        ipv4_frame(GUEST_IP, dst, IpProtocol::Icmp, 1, 0, false, &msg)
+    }
+
+    /// (source, ICMP type, ident, seq, data) of an unfragmented ICMP packet to the guest.
+    fn parse_echo(p: &[u8]) -> (Ipv4Addr, Icmpv4Message, u16, u16, Vec<u8>) {
+        let ip = Ipv4Packet::new_checked(p).unwrap();
+        assert_eq!(ip.dst_addr(), GUEST_IP);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        (
+            ip.src_addr(),
+            icmp.msg_type(),
+            icmp.echo_ident(),
+            icmp.echo_seq_no(),
+            icmp.data().to_vec(),
+        )
+    }
+
+    fn reply_msg(ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+        icmp_bytes(&Icmpv4Repr::EchoReply {
+            ident,
+            seq_no: seq,
+            data,
+        })
+    }
+
+    fn icmp_ids(h: &SimSockets) -> Vec<SockId> {
+        h.ids(|s| matches!(s, SimSocket::Icmp(_)))
+    }
+
+    #[test]
+    fn dummy_mode_answers_as_the_destination() {
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Dummy);
+        e.handle_frame(T0, &echo_frame(REMOTE_IP, 77, 1, b"abc"), &mut h, &mut out);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            parse_echo(&p[0]),
+            (REMOTE_IP, Icmpv4Message::EchoReply, 77, 1, b"abc".to_vec())
+        );
+        assert!(h.sockets.is_empty());
+        assert!(e.nat.sessions().is_empty());
+    }
+
+    #[test]
+    fn dummy_mode_answers_for_the_loopback_alias_but_not_the_network() {
+        let alias = Ipv4Addr::new(192, 168, 30, 2);
+        let (mut e, mut h, mut out) = setup_with(|c| {
+            c.nat.icmp = IcmpMode::Dummy;
+            c.nat.host_loopback = Some(alias);
+        });
+        e.handle_frame(T0, &echo_frame(alias, 1, 1, b"x"), &mut h, &mut out);
+        assert_eq!(parse_echo(&packets(&out)[0]).0, alias);
+        let other = Ipv4Addr::new(192, 168, 30, 77);
+        e.handle_frame(T0, &echo_frame(other, 1, 2, b"x"), &mut h, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(e.stats().drops_of(Drop::Loop), 1);
+    }
+
+    #[test]
+    fn real_mode_relays_matching_replies_and_expires() {
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Real);
+        e.handle_frame(
+            T0,
+            &echo_frame(REMOTE_IP, 0x4242, 5, b"data"),
+            &mut h,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        let sock = icmp_ids(&h)[0];
+        assert_eq!(
+            e.nat.icmp.socket_of(GUEST_IP, 0x4242, REMOTE_IP),
+            Some(sock)
+        );
+        let (to, msg) = h.icmp(sock).unwrap().sent[0].clone();
+        assert_eq!(to, REMOTE_IP);
+        let req = Icmpv4Packet::new_checked(&msg[..]).unwrap();
+        assert_eq!(req.msg_type(), Icmpv4Message::EchoRequest);
+        assert_eq!((req.echo_seq_no(), req.data()), (5, &b"data"[..]));
+        let rows = e.nat.sessions();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].proto, Proto::Icmp);
+
+        // The kernel rewrote the ident: a reply with another ident but our seq is ours.
+        h.deliver_icmp(sock, REMOTE_IP, &reply_msg(999, 5, b"data"));
+        // A reply with a sequence number never sent, one from elsewhere: ignored.
+        h.deliver_icmp(sock, REMOTE_IP, &reply_msg(999, 6, b"data"));
+        h.deliver_icmp(
+            sock,
+            Ipv4Addr::new(198, 51, 100, 1),
+            &reply_msg(999, 5, b"x"),
+        );
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            parse_echo(&p[0]),
+            (
+                REMOTE_IP,
+                Icmpv4Message::EchoReply,
+                0x4242,
+                5,
+                b"data".to_vec()
+            )
+        );
+        assert_eq!(e.stats().drops_of(Drop::Foreign), 2);
+
+        assert_eq!(e.poll_timeout(), Some(T0 + IDLE_TIMEOUT));
+        e.handle_timeout(T0 + IDLE_TIMEOUT, &mut h, &mut out);
+        assert!(e.nat.icmp.is_empty());
+        assert_eq!(h.closed, vec![sock]);
+    }
+
+    #[test]
+    fn auto_falls_back_to_dummy_when_sockets_are_refused() {
+        let (mut e, mut h, mut out) = setup();
+        h.icmp_allowed = false;
+        assert_eq!(e.nat.icmp.real_mode(), None);
+        e.handle_frame(T0, &echo_frame(REMOTE_IP, 3, 1, b"z"), &mut h, &mut out);
+        assert_eq!(e.nat.icmp.real_mode(), Some(false));
+        assert_eq!(parse_echo(&packets(&out)[0]).1, Icmpv4Message::EchoReply);
+        // Decided once: sockets appearing later change nothing.
+        h.icmp_allowed = true;
+        e.handle_frame(T0, &echo_frame(REMOTE_IP, 3, 2, b"z"), &mut h, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(h.sockets.is_empty());
+    }
+
+    #[test]
+    fn auto_uses_real_sockets_when_allowed() {
+        let (mut e, mut h, mut out) = setup();
+        e.handle_frame(T0, &echo_frame(REMOTE_IP, 3, 1, b"z"), &mut h, &mut out);
+        assert_eq!(e.nat.icmp.real_mode(), Some(true));
+        assert!(out.is_empty());
+        let ids = icmp_ids(&h);
+        assert_eq!(ids.len(), 1);
+        assert_eq!(h.icmp(ids[0]).unwrap().sent.len(), 1);
+    }
+
+    #[test]
+    fn large_pings_are_reassembled_and_answered_in_fragments() {
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Dummy);
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let whole = echo_frame(HOST_IP, 8, 1, &data);
+        let msg = &whole[14 + 20..];
+        for (i, c) in msg.chunks(1480).enumerate() {
+            let more = (i + 1) * 1480 < msg.len();
+            let f = ipv4_frame(GUEST_IP, HOST_IP, IpProtocol::Icmp, 44, i * 1480, more, c);
+            e.handle_frame(T0, &f, &mut h, &mut out);
+        }
+        let p = packets(&out);
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            Ipv4Packet::new_checked(&p[0][..]).unwrap().src_addr(),
+            HOST_IP
+        );
+        let joined = join_fragments(&p);
+        let icmp = Icmpv4Packet::new_checked(&joined[..]).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_type(), Icmpv4Message::EchoReply);
+        assert_eq!(icmp.data(), &data[..]);
+    }
+
+    #[test]
+    fn non_echo_and_malformed_icmp_are_dropped() {
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Dummy);
+        let reply = reply_msg(1, 1, b"x");
+        let f = ipv4_frame(GUEST_IP, REMOTE_IP, IpProtocol::Icmp, 1, 0, false, &reply);
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Unsupported), 1);
+        let f = ipv4_frame(
+            GUEST_IP,
+            REMOTE_IP,
+            IpProtocol::Icmp,
+            1,
+            0,
+            false,
+            &[8, 0, 0],
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        let mut bad = echo_frame(REMOTE_IP, 1, 1, b"abc");
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        e.handle_frame(T0, &bad, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::BadChecksum), 1);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,268 @@
+//! The virtual NAT: guests' TCP, UDP and ICMP carried through host sockets.
+//!
+//! `Nat` routes a guest's IPv4 packet to its protocol (after reassembling fragments) and routes
+//! host-socket events back to the session that owns the socket. The protocols keep their own
+//! session tables; `sessions()` joins them into the seed's NAT table.
+
+pub mod frag;
+pub mod icmp;
+pub mod session;
+pub mod tcp;
+pub mod udp;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{IpProtocol, Ipv4Packet};
+
+use crate::config::Config;
+use crate::output::FrameBatch;
+use crate::sockio::{SockEvent, SockIo};
+use crate::stats::Drop;
+use crate::time::{earliest, Instant};
+use crate::Ctx;
+
+pub use session::{Proto, SessionInfo};
+
+pub struct Nat {
+    pub frag: frag::Reassembler,
+    pub udp: udp::UdpNat,
+    pub tcp: tcp::TcpNat,
+    pub icmp: icmp::IcmpNat,
+}
+
+/// Where a guest's destination really is on the host side, or why it may not be reached.
+///
+/// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
+/// network itself are never sent out: the segment is reached directly, not through the NAT, and a
+/// packet for them on the host side could only come back in (seed 3.7.4, loops).
+pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Drop> {
+    let ip = *dst.ip();
+    if Some(ip) == ctx.cfg.nat.host_loopback {
+        return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+    }
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
+        return Err(Drop::Loop);
+    }
+    Ok(dst)
+}
+
+/// Puts `v` into a free slot of a session table (one a closed session left, else a new one at
+/// the end) and returns its index. Slots keep their index for a session's life, so timers and
+/// socket maps can name a session by it.
+pub(crate) fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
+    match free.pop() {
+        Some(slot) => {
+            slots[slot] = Some(v);
+            slot
+        }
+        None => {
+            slots.push(Some(v));
+            slots.len() - 1
+        }
+    }
+}
+
+/// Idle-expiry timers of a slot table: `(deadline, slot, session id)`, one entry per session.
+/// Traffic only moves a session's `last_used`, never the heap; an entry that comes due for a
+/// session used since is pushed again at its real deadline (lazy deletion).
+pub(crate) type IdleTimers = std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>;
+
+/// The next session of `slots` that has been idle for `timeout` at `now`, re-arming the timers
+/// of those that were used since. Returns the slot to close.
+pub(crate) fn next_expired<T>(
+    timers: &mut IdleTimers,
+    slots: &[Option<T>],
+    now: Instant,
+    timeout: std::time::Duration,
+    info: impl Fn(&T) -> &SessionInfo,
+) -> Option<usize> {
+    use std::cmp::Reverse;
+    while let Some(&Reverse((deadline, slot, id))) = timers.peek() {
+        if deadline > now {
+            return None;
+        }
+        timers.pop();
+        let Some(s) = slots[slot].as_ref().filter(|s| info(s).id == id) else {
+            continue;
+        };
+        let real = info(s).last_used + timeout;
+        if real > now {
+            timers.push(Reverse((real, slot, id)));
+        } else {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+impl Nat {
+    pub fn new(cfg: &Config) -> Nat {
+        Nat {
+            frag: frag::Reassembler::default(),
+            udp: udp::UdpNat::new(cfg),
+            tcp: tcp::TcpNat::new(cfg),
+            icmp: icmp::IcmpNat::new(cfg),
+        }
+    }
+
+    /// Handles an IPv4 packet from a guest that is neither DHCP nor ICMP to the virtual host.
+    pub fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            // The reassembled datagram is lent by `frag`; the protocols are separate fields, so
+            // it is handed on without a copy.
+            let Some(whole) = self.frag.add(now, ip)? else {
+                return Ok(());
+            };
+            let packet = Ipv4Packet::new_checked(whole).map_err(|_| Drop::Malformed)?;
+            let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+            return Self::handle_whole(protos, now, ctx, &packet, io, out);
+        }
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, ip, io, out)
+    }
+
+    /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
+    /// produced, as `handle_ipv4` does once its fragments are in.
+    pub fn handle_reassembled(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, ip, io, out)
+    }
+
+    fn handle_whole(
+        (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let for_host = ctx.is_host_address(ip.dst_addr()) && ip.next_header() == IpProtocol::Icmp;
+        if !ctx.cfg.nat.enabled && !for_host {
+            // Nothing is relayed (DNS included) while NAT is off; the virtual host still answers
+            // pings, reassembled ones too.
+            return Err(Drop::Disabled);
+        }
+        match ip.next_header() {
+            IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
+            IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out),
+            IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out),
+            _ => Err(Drop::Unsupported),
+        }
+    }
+
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let ev = match self.tcp.handle_host_event(now, ctx, ev, io, out) {
+            Some(ev) => ev,
+            None => return,
+        };
+        let ev = match self.udp.handle_host_event(now, ctx, ev, io, out) {
+            Some(ev) => ev,
+            None => return,
+        };
+        if self.icmp.handle_host_event(now, ctx, ev, io, out).is_some() {
+            tracing::debug!("event for a socket no session owns: {ev:?}");
+        }
+    }
+
+    /// The seed's NAT table: every session of every protocol.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut v = Vec::new();
+        self.tcp.sessions(&mut v);
+        self.udp.sessions(&mut v);
+        self.icmp.sessions(&mut v);
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// How many sessions `sessions()` would list, per protocol (indexed by `Proto::index`),
+    /// without building the list.
+    pub fn session_counts(&self) -> [usize; 4] {
+        let mut n = [0; 4];
+        n[Proto::Tcp.index()] = self.tcp.len();
+        n[Proto::Udp.index()] = self.udp.len();
+        n[Proto::Icmp.index()] = self.icmp.len();
+        n[Proto::Dns.index()] = self.udp.dns.pending();
+        n
+    }
+
+    /// Shutdown: resets every guest's TCP connection and closes every host socket.
+    pub fn close_all(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        self.tcp.close_all(now, ctx, io, out);
+        self.udp.close_all(ctx, io);
+        self.icmp.close_all(io);
+    }
+
+    /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
+    /// `poll_timeout` wake for it): `expire_sessions` does it when the caller says (a worker of
+    /// a multi-worker runtime, on the control thread's tick). TCP's protocol timers stay.
+    pub fn set_external_expiry(&mut self, on: bool, ctx: &Ctx) {
+        self.udp.external_idle = on;
+        self.icmp.external_idle = on;
+        self.tcp.set_external_idle(on, ctx);
+    }
+
+    /// Applies changed session timeouts to the sessions already open.
+    pub fn timeouts_changed(&mut self, ctx: &Ctx) {
+        self.udp.reschedule_all(ctx);
+        self.tcp.reschedule_all(ctx);
+    }
+
+    /// Ends the TCP, UDP and ICMP sessions idle past their timeouts at `now`.
+    pub fn expire_sessions(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        self.tcp.expire_idle(now, ctx, io, out);
+        self.udp.expire_idle(now, ctx, io);
+        self.icmp.expire_idle(now, io);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = earliest(self.tcp.poll_timeout(), self.udp.poll_timeout());
+        let t = earliest(t, self.icmp.poll_timeout());
+        earliest(t, self.frag.poll_timeout())
+    }
+
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        self.frag.handle_timeout(now, ctx);
+        self.tcp.handle_timeout(now, ctx, io, out);
+        self.udp.handle_timeout(now, ctx, io, out);
+        self.icmp.handle_timeout(now, ctx, io, out);
+    }
+}

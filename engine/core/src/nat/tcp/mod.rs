@@ -1,0 +1,572 @@
+//! The user-mode TCP endpoint: every guest connection is terminated here and carried through a
+//! host socket (DESIGN.md, "TCP termination").
+//!
+//! `TcpNat` is the connection table and the dispatcher: it parses and checks each guest segment,
+//! opens connections on SYN (a host connect first, the SYN-ACK only once it succeeds), enforces
+//! the session limits, answers segments of unknown connections with RST, routes host-socket
+//! events, and runs the timers. One connection's state machine is `conn::Conn`.
+//!
+//! Timers: each connection has one deadline (the earliest of its connect, retransmission,
+//! persist, ACK-flush, idle and TIME-WAIT deadlines). The heap holds `(deadline, key)` entries,
+//! pushed only when a connection's deadline moves earlier than the entry it already has; an
+//! entry that comes due for a connection whose deadline moved later is re-pushed then. So
+//! `poll_timeout` is a heap peek, and the data path rarely touches the heap.
+
+mod conn;
+mod reasm;
+mod segment;
+mod seq;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use rand::Rng;
+use smoltcp::wire::Ipv4Packet;
+
+use self::conn::{Conn, Cx, Next, Params, State};
+use self::segment::Seg;
+use self::seq::Seq;
+use crate::config::Config;
+use crate::event;
+use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::output::FrameBatch;
+use crate::sockio::{SockEvent, SockId, SockIo};
+use crate::stats::Drop;
+use crate::time::Instant;
+use crate::Ctx;
+
+/// The receive window (and reassembly bound) of each connection, guest → host.
+pub const DEFAULT_RCV_BUF: usize = 256 * 1024;
+
+/// (guest, destination as the guest addressed it)
+type Key = (SocketAddrV4, SocketAddrV4);
+
+pub struct TcpNat {
+    conns: HashMap<Key, Conn>,
+    by_sock: HashMap<SockId, Key>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+    half_open: usize,
+    tombstones: usize,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// With `external_idle`: `(deadline, key, session id)`, one entry per connection, for
+    /// `expire_idle`; the idle deadline is then left out of the connections' timers.
+    idle_timers: BinaryHeap<Reverse<(Instant, Key, u32)>>,
+    external_idle: bool,
+    due: Vec<Key>,
+    rcv_buf: usize,
+    /// Whether guests' payload is written to host sockets once per batch (`flush`).
+    batching: bool,
+    /// Connections with payload waiting for `flush`.
+    dirty: Vec<Key>,
+    /// One buffer for every connection's batched peeks (see `conn::PeekCache`).
+    peek: conn::PeekCache,
+}
+
+impl TcpNat {
+    pub fn new(_cfg: &Config) -> TcpNat {
+        TcpNat {
+            conns: HashMap::new(),
+            by_sock: HashMap::new(),
+            per_guest: HashMap::new(),
+            half_open: 0,
+            tombstones: 0,
+            timers: BinaryHeap::new(),
+            idle_timers: BinaryHeap::new(),
+            external_idle: false,
+            due: Vec::new(),
+            rcv_buf: DEFAULT_RCV_BUF,
+            batching: false,
+            dirty: Vec::new(),
+            peek: conn::PeekCache::default(),
+        }
+    }
+
+    /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Connections in the table that are not TIME-WAIT tombstones.
+    pub fn live(&self) -> usize {
+        self.conns.len() - self.tombstones
+    }
+
+    /// Heap bytes held by the connections' reassembly rings, and guest bytes queued in them.
+    pub fn buffer_usage(&self) -> (usize, usize) {
+        self.conns
+            .values()
+            .fold((0, 0), |(h, q), c| (h + c.heap_bytes(), q + c.queued()))
+    }
+
+    /// Connections whose host connect is still in progress.
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let seg = segment::parse(ip)?;
+        let key = segment::endpoints(ip, &seg);
+        if let Some(c) = self.conns.get_mut(&key) {
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            match c.on_segment(&mut cx, &seg) {
+                Next::Reopen => self.remove(key, ctx, io),
+                next => {
+                    if next == Next::Keep && c.flush_pending && !c.in_dirty {
+                        c.in_dirty = true;
+                        self.dirty.push(key);
+                    }
+                    self.after(key, next, ctx, io);
+                    return Ok(());
+                }
+            }
+        }
+        if seg.syn && seg.ack.is_none() {
+            return self.open(now, ctx, &seg, key, io, out);
+        }
+        if !seg.rst {
+            reset(ctx, &seg, key, out)?;
+        }
+        Ok(())
+    }
+
+    /// A SYN for no connection: check limits and destination, start the host connect.
+    fn open(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        seg: &Seg,
+        key: Key,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let (guest, dst) = key;
+        let guest_mac = ctx.arp.lookup(*guest.ip()).ok_or(Drop::NoArp)?;
+        let target = if ctx.is_host_address(*dst.ip()) {
+            // The virtual host's own address: only DNS over TCP, relayed to the first resolver.
+            let upstream = ctx.cfg.dns.upstream.iter().find_map(|a| match a {
+                SocketAddr::V4(v) => Some(*v),
+                SocketAddr::V6(_) => None,
+            });
+            match upstream {
+                Some(u) if dst.port() == 53 => u,
+                _ => {
+                    reset(ctx, seg, key, out)?;
+                    return Ok(());
+                }
+            }
+        } else {
+            if !ctx.cfg.nat.enabled {
+                return Err(Drop::Disabled);
+            }
+            match host_destination(ctx, dst) {
+                Ok(t) => t,
+                Err(why) => {
+                    reset(ctx, seg, key, out)?;
+                    return Err(why);
+                }
+            }
+        };
+        let nat = &ctx.cfg.nat;
+        let guest_count = self.per_guest.get(guest.ip()).copied().unwrap_or(0);
+        if self.live() >= nat.max_sessions
+            || guest_count >= nat.max_sessions_per_guest
+            || self.half_open >= nat.max_half_open
+            || !ctx.admit_session(Proto::Tcp, *guest.ip())
+        {
+            reset(ctx, seg, key, out)?;
+            return Err(Drop::Limit);
+        }
+        if !ctx.admit_half_open() {
+            ctx.release_session(Proto::Tcp, *guest.ip());
+            reset(ctx, seg, key, out)?;
+            return Err(Drop::Limit);
+        }
+        let id = ctx.next_session_id();
+        event::session_created(Proto::Tcp.name(), id, guest, dst);
+        let sock = match io.tcp_connect(target) {
+            Ok(s) => s,
+            Err(e) => {
+                ctx.release_session(Proto::Tcp, *guest.ip());
+                ctx.release_half_open();
+                event::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
+                event::session_deleted(Proto::Tcp.name(), id);
+                reset(ctx, seg, key, out)?;
+                return Ok(());
+            }
+        };
+        let params = Params {
+            rcv_buf: self.rcv_buf,
+            mtu: ctx.cfg.nat.mtu as usize,
+            iss: Seq(ctx.rng.random()),
+            ts_offset: ctx.rng.random(),
+            connect_timeout: ctx.cfg.nat.tcp_connect_timeout,
+        };
+        let mut c = Conn::new(id, guest, dst, guest_mac, seg, now, &params);
+        c.defer_writes = self.batching;
+        c.sock = Some(sock);
+        c.target = target;
+        if self.external_idle {
+            let idle = ctx.cfg.nat.tcp_timeout;
+            self.idle_timers.push(Reverse((now + idle, key, id)));
+        }
+        self.conns.insert(key, c);
+        self.by_sock.insert(sock, key);
+        *self.per_guest.entry(*guest.ip()).or_insert(0) += 1;
+        self.half_open += 1;
+        self.schedule(key, ctx);
+        Ok(())
+    }
+
+    /// See `Engine::set_batching`.
+    pub fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    /// Writes the guests' payload that waited for the end of the batch, and acknowledges it.
+    pub fn flush(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        while let Some(key) = self.dirty.pop() {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.in_dirty = false;
+            if !c.flush_pending {
+                continue;
+            }
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let next = c.flush_writes(&mut cx);
+            self.after(key, next, ctx, io);
+        }
+    }
+
+    /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<SockEvent> {
+        let sock = match ev {
+            SockEvent::Readable(s)
+            | SockEvent::Writable(s)
+            | SockEvent::Connected(s)
+            | SockEvent::ConnectFailed(s, _)
+            | SockEvent::Failed(s, _) => s,
+        };
+        let Some(&key) = self.by_sock.get(&sock) else {
+            return Some(ev);
+        };
+        let Some(c) = self.conns.get_mut(&key) else {
+            self.by_sock.remove(&sock);
+            return Some(ev);
+        };
+        let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+        let next = match ev {
+            SockEvent::Connected(_) => {
+                if c.state == State::Connecting {
+                    self.half_open -= 1;
+                    cx.ctx.release_half_open();
+                    let t = c.target;
+                    event::tcp_connected(c.id, &t.ip().to_string(), *t.ip(), t.port());
+                }
+                c.on_connected(&mut cx)
+            }
+            SockEvent::ConnectFailed(_, kind) => {
+                let t = c.target;
+                event::tcp_connect_failed(c.id, *t.ip(), t.port(), &kind.to_string());
+                c.refuse(&mut cx)
+            }
+            SockEvent::Readable(_) => c.on_readable(&mut cx),
+            SockEvent::Writable(_) => c.on_writable(&mut cx),
+            SockEvent::Failed(_, _) => c.on_failed(&mut cx),
+        };
+        self.after(key, next, ctx, io);
+        None
+    }
+
+    /// Applies what a connection's handler decided.
+    fn after(&mut self, key: Key, next: Next, ctx: &mut Ctx, io: &mut impl SockIo) {
+        match next {
+            Next::Keep => self.schedule(key, ctx),
+            Next::Delete | Next::Reopen => self.remove(key, ctx, io),
+            Next::TimeWait => {
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                if let Some(s) = c.sock.take() {
+                    self.by_sock.remove(&s);
+                    io.close(s);
+                }
+                self.tombstones += 1;
+                self.dec_guest(ctx, *key.0.ip());
+                if self.tombstones > ctx.cfg.nat.max_sessions {
+                    self.remove(key, ctx, io);
+                } else {
+                    self.schedule(key, ctx);
+                }
+            }
+        }
+    }
+
+    /// A connection of `ip` stops counting toward the session limits (here and, with several
+    /// workers, in the shared count).
+    fn dec_guest(&mut self, ctx: &Ctx, ip: Ipv4Addr) {
+        ctx.release_session(Proto::Tcp, ip);
+        if let Some(n) = self.per_guest.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_guest.remove(&ip);
+            }
+        }
+    }
+
+    /// Forgets a connection, closing its socket.
+    fn remove(&mut self, key: Key, ctx: &Ctx, io: &mut impl SockIo) {
+        let Some(c) = self.conns.remove(&key) else {
+            return;
+        };
+        if let Some(s) = c.sock {
+            self.by_sock.remove(&s);
+            io.close(s);
+        }
+        match c.state {
+            State::TimeWait => self.tombstones -= 1,
+            State::Connecting => {
+                self.half_open -= 1;
+                ctx.release_half_open();
+                self.dec_guest(ctx, *key.0.ip());
+            }
+            State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
+        }
+        event::session_deleted(Proto::Tcp.name(), c.id);
+    }
+
+    fn schedule(&mut self, key: Key, ctx: &Ctx) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let Some(d) = c.deadline(Self::timer_idle(self.external_idle, ctx)) else {
+            return;
+        };
+        let earlier = match c.scheduled {
+            Some(s) => d < s,
+            None => true,
+        };
+        if earlier {
+            c.scheduled = Some(d);
+            self.timers.push(Reverse((d, key)));
+        }
+    }
+
+    /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
+    /// connection is forgotten with its host socket closed.
+    pub fn close_all(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(&key) {
+                if c.state != State::TimeWait {
+                    let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+                    let _ = c.on_failed(&mut cx);
+                }
+            }
+            self.remove(key, ctx, io);
+        }
+        self.dirty.clear();
+    }
+
+    /// The idle timeout the connections' own timers use: none (never) when idle expiry is
+    /// external.
+    fn timer_idle(external: bool, ctx: &Ctx) -> std::time::Duration {
+        if external {
+            std::time::Duration::MAX
+        } else {
+            ctx.cfg.nat.tcp_timeout
+        }
+    }
+
+    /// With `on`, idle connections are reset only by `expire_idle` (run on the caller's
+    /// schedule), and `poll_timeout` no longer wakes for idle deadlines; the protocol's own
+    /// timers (connect, retransmission, persist, delayed ACK, TIME-WAIT) stay here.
+    pub fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
+        if self.external_idle == on {
+            return;
+        }
+        self.external_idle = on;
+        self.reschedule_all(ctx);
+    }
+
+    /// Every connection's deadlines again, from `ctx`'s configuration: after a switch of who
+    /// runs idle expiry, or a reload that changed `nat.tcp_timeout` (a shorter timeout must not
+    /// wait for the deadlines the longer one set).
+    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+        self.rebuild_idle(ctx);
+        self.timers.clear();
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.scheduled = None;
+            }
+            self.schedule(key, ctx);
+        }
+    }
+
+    fn rebuild_idle(&mut self, ctx: &Ctx) {
+        self.idle_timers.clear();
+        if !self.external_idle {
+            return;
+        }
+        let idle = ctx.cfg.nat.tcp_timeout;
+        for (&key, c) in &self.conns {
+            if c.state != State::TimeWait {
+                self.idle_timers
+                    .push(Reverse((c.last_used + idle, key, c.id)));
+            }
+        }
+    }
+
+    /// Resets the connections idle for `nat.tcp_timeout` at `now` (toward the guest and the
+    /// destination). With `set_external_idle(true)` only this ends idle connections.
+    pub fn expire_idle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let idle = ctx.cfg.nat.tcp_timeout;
+        while let Some(&Reverse((t, key, id))) = self.idle_timers.peek() {
+            if t > now {
+                break;
+            }
+            self.idle_timers.pop();
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if c.id != id || c.state == State::TimeWait {
+                continue;
+            }
+            let real = c.last_used + idle;
+            if real > now {
+                self.idle_timers.push(Reverse((real, key, id)));
+                continue;
+            }
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let next = c.on_timer(&mut cx, idle);
+            self.after(key, next, ctx, io);
+        }
+        // Entries of connections gone since: rebuild when they dominate.
+        if self.idle_timers.len() > 2 * self.conns.len() + 64 {
+            self.rebuild_idle(ctx);
+        }
+    }
+
+    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+        into.extend(self.conns.values().map(|c| SessionInfo {
+            id: c.id,
+            proto: Proto::Tcp,
+            guest: c.guest,
+            dst: c.dst,
+            created: c.created,
+            last_used: c.last_used,
+            bytes_to_host: c.bytes_to_host,
+            bytes_to_guest: c.bytes_to_guest,
+            packets_to_host: c.packets_to_host,
+            packets_to_guest: c.packets_to_guest,
+            state: c.state_name(),
+        }));
+    }
+
+    /// The earliest heap entry (possibly one that has moved later: a harmless early wake-up).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|r| r.0 .0)
+    }
+
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        while let Some(&Reverse((t, key))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(c) = self.conns.get_mut(&key) {
+                if c.scheduled == Some(t) {
+                    c.scheduled = None;
+                    due.push(key);
+                }
+            }
+        }
+        let idle = Self::timer_idle(self.external_idle, ctx);
+        for &key in &due {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            if c.deadline(idle).is_none_or(|d| d > now) {
+                self.schedule(key, ctx);
+                continue;
+            }
+            if c.state == State::Connecting {
+                let t = c.target;
+                event::tcp_connect_failed(c.id, *t.ip(), t.port(), "timed out");
+            }
+            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let next = c.on_timer(&mut cx, idle);
+            self.after(key, next, ctx, io);
+        }
+        self.due = due;
+        // Entries of deleted connections and superseded deadlines: rebuild when they dominate.
+        if self.timers.len() > 2 * self.conns.len() + 64 {
+            self.timers.clear();
+            let keys: Vec<Key> = self.conns.keys().copied().collect();
+            for key in keys {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.scheduled = None;
+                }
+                self.schedule(key, ctx);
+            }
+        }
+    }
+}
+
+/// Answers a segment that no connection takes with RST (RFC 9293 3.10.7.1).
+fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(), Drop> {
+    let (guest, dst) = key;
+    let mac = ctx.arp.lookup(*guest.ip()).ok_or(Drop::NoArp)?;
+    let hdr = segment::reset_for(seg, guest, dst);
+    let ident = ctx.next_ident();
+    segment::push(out, ctx.mac, mac, ident, hdr, 0, |_, _| 0);
+    Ok(())
+}

@@ -1,0 +1,746 @@
+//! UDP NAT sessions (and the door to the DNS relay).
+//!
+//! A datagram from a guest opens a session keyed by (guest address, guest port, destination
+//! address, destination port); each session owns one host UDP socket *connected* to the real
+//! destination (`host_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
+//! network itself is refused). Answers go back to the guest from the address and port it wrote
+//! to, the alias included. An ICMP port unreachable that the connected socket reports comes back
+//! to the guest as one, from the destination. A session lives `cfg.nat.udp_timeout` past its
+//! last datagram in either direction.
+//!
+//! Bounds: `cfg.nat.max_sessions` sessions in all and `cfg.nat.max_sessions_per_guest` per guest
+//! address; past them a new flow is refused (`Drop::Limit`) while the others go on. Expiry uses
+//! a min-heap with one entry per session and lazy re-arming: traffic only moves `last_used`, and
+//! a popped deadline that turns out early is pushed again at the real one, so neither traffic nor
+//! `poll_timeout` ever scans the table.
+//!
+//! Reading: the driver's readiness is taken as edge-triggered. On `Readable` a socket is read
+//! until it would block, but at most `READ_BUDGET` datagrams at a time so that one busy flow
+//! cannot starve the rest; a socket left with data is queued and `poll_timeout` then reports
+//! "due now", so `handle_timeout` reads it again. Datagrams are received into one 64 KiB buffer
+//! owned here, behind room for the UDP header, and emitted from there (cut into IPv4 fragments
+//! when larger than the MTU): nothing is allocated per datagram.
+//!
+//! UDP to the virtual host itself: port 53 goes to the DNS relay (`host::dns`), any other port
+//! gets ICMP port unreachable from the virtual host.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{
+    Icmpv4DstUnreachable, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UDP_HEADER_LEN,
+};
+
+use crate::config::Config;
+use crate::event;
+use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::output::FrameBatch;
+use crate::sockio::{SockEvent, SockId, SockIo};
+use crate::stats::Drop;
+use crate::time::{earliest, Instant};
+use crate::vhost::dns::DnsRelay;
+use crate::vhost::icmp::{push_icmp, push_unreachable};
+use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
+use crate::Ctx;
+
+/// Datagrams read from one socket per readiness event (or per `handle_timeout` round).
+pub const READ_BUDGET: usize = 64;
+/// The largest UDP payload an IPv4 datagram can carry.
+pub const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN;
+pub const DNS_PORT: u16 = 53;
+
+/// A UDP session's identity: the guest's end and the destination as the guest addressed it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct UdpKey {
+    pub guest: SocketAddrV4,
+    pub dst: SocketAddrV4,
+}
+
+struct Session {
+    key: UdpKey,
+    sock: SockId,
+    info: SessionInfo,
+    /// UDP length of the guest's last datagram, quoted in a port unreachable.
+    last_len: u16,
+}
+
+pub struct UdpNat {
+    slots: Vec<Option<Session>>,
+    free: Vec<usize>,
+    by_key: HashMap<UdpKey, usize>,
+    by_sock: HashMap<SockId, usize>,
+    per_guest: HashMap<Ipv4Addr, usize>,
+    /// (deadline, slot, session id): one entry per live session, possibly earlier than its
+    /// real deadline.
+    timers: super::IdleTimers,
+    /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
+    pub(crate) external_idle: bool,
+    /// Sockets that still had data when their read budget ran out.
+    rearm: Vec<SockId>,
+    rearm_scratch: Vec<SockId>,
+    /// Receive buffer: UDP header room, then the payload.
+    buf: Box<[u8]>,
+    pub dns: DnsRelay,
+}
+
+impl UdpNat {
+    pub fn new(cfg: &Config) -> UdpNat {
+        UdpNat {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            by_sock: HashMap::new(),
+            per_guest: HashMap::new(),
+            timers: BinaryHeap::new(),
+            external_idle: false,
+            rearm: Vec::new(),
+            rearm_scratch: Vec::new(),
+            buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
+            dns: DnsRelay::new(cfg),
+        }
+    }
+
+    /// NAT sessions open (DNS relays not included).
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The host socket of the session `key`, if there is one.
+    pub fn socket_of(&self, key: &UdpKey) -> Option<SockId> {
+        let slot = *self.by_key.get(key)?;
+        self.slots[slot].as_ref().map(|s| s.sock)
+    }
+
+    /// Handles a whole (reassembled) UDP datagram from a guest.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &Ipv4Packet<&[u8]>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if !udp.verify_checksum(&src.into(), &dst.into()) {
+            return Err(Drop::BadChecksum);
+        }
+        if udp.src_port() == 0 || udp.dst_port() == 0 {
+            return Err(Drop::Malformed);
+        }
+        // Only guests of the virtual network can be answered (their MACs are learned there).
+        if !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
+            return Err(Drop::Foreign);
+        }
+        let guest = SocketAddrV4::new(src, udp.src_port());
+        let to = SocketAddrV4::new(dst, udp.dst_port());
+        if ctx.is_host_address(dst) {
+            if to.port() == DNS_PORT {
+                return self.dns.handle_query(
+                    now,
+                    ctx,
+                    guest,
+                    udp.payload(),
+                    io,
+                    out,
+                    &mut self.buf,
+                );
+            }
+            return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out);
+        }
+        let key = UdpKey { guest, dst: to };
+        let slot = match self.by_key.get(&key) {
+            Some(&slot) => slot,
+            None => self.open(now, ctx, key, io)?,
+        };
+        let Some(s) = self.slots[slot].as_mut() else {
+            return Err(Drop::Malformed);
+        };
+        s.info.last_used = now;
+        s.last_len = udp.len();
+        match io.udp_send(s.sock, udp.payload()) {
+            Ok(_) => {
+                s.info.packets_to_host += 1;
+                s.info.bytes_to_host += udp.payload().len() as u64;
+                Ok(())
+            }
+            // An earlier datagram's port unreachable can surface on a connected socket's send.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
+            }
+            Err(e) => {
+                tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
+                Err(Drop::QueueFull)
+            }
+        }
+    }
+
+    fn open(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        key: UdpKey,
+        io: &mut impl SockIo,
+    ) -> Result<usize, Drop> {
+        let host_dst = host_destination(ctx, key.dst)?;
+        let guest_count = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
+        if self.by_key.len() >= ctx.cfg.nat.max_sessions
+            || guest_count >= ctx.cfg.nat.max_sessions_per_guest
+        {
+            return Err(Drop::Limit);
+        }
+        // The same limits counted across every worker of the runtime (a no-op with one engine).
+        if !ctx.admit_session(Proto::Udp, *key.guest.ip()) {
+            return Err(Drop::Limit);
+        }
+        let sock = io.udp_open(host_dst).map_err(|e| {
+            tracing::warn!("UDP socket to {host_dst} could not be opened: {e}");
+            ctx.release_session(Proto::Udp, *key.guest.ip());
+            Drop::Limit
+        })?;
+        let id = ctx.next_session_id();
+        event::session_created("UDP", id, key.guest, key.dst);
+        let session = Session {
+            key,
+            sock,
+            info: SessionInfo {
+                id,
+                proto: Proto::Udp,
+                guest: key.guest,
+                dst: key.dst,
+                created: now,
+                last_used: now,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+                packets_to_host: 0,
+                packets_to_guest: 0,
+                state: "Established",
+            },
+            last_len: UDP_HEADER_LEN as u16,
+        };
+        let slot = super::place(&mut self.slots, &mut self.free, session);
+        self.by_key.insert(key, slot);
+        self.by_sock.insert(sock, slot);
+        *self.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
+        self.timers
+            .push(Reverse((now + ctx.cfg.nat.udp_timeout, slot, id)));
+        Ok(slot)
+    }
+
+    fn close(&mut self, ctx: &Ctx, slot: usize, io: &mut impl SockIo) {
+        let Some(s) = self.slots[slot].take() else {
+            return;
+        };
+        ctx.release_session(Proto::Udp, *s.key.guest.ip());
+        io.close(s.sock);
+        self.by_key.remove(&s.key);
+        self.by_sock.remove(&s.sock);
+        if let Some(n) = self.per_guest.get_mut(s.key.guest.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_guest.remove(s.key.guest.ip());
+            }
+        }
+        self.free.push(slot);
+        event::session_deleted("UDP", s.info.id);
+    }
+
+    /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
+    pub fn close_all(&mut self, ctx: &Ctx, io: &mut impl SockIo) {
+        for slot in 0..self.slots.len() {
+            self.close(ctx, slot, io);
+        }
+        self.rearm.clear();
+        self.dns.close_all(io);
+    }
+
+    /// Reads session `slot`'s socket up to the budget; true when data may remain.
+    fn read_session(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        slot: usize,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> bool {
+        let Some(s) = self.slots[slot].as_mut() else {
+            return false;
+        };
+        for _ in 0..READ_BUDGET {
+            match io.udp_recv(s.sock, &mut self.buf[UDP_HEADER_LEN..]) {
+                Ok(n) => {
+                    s.info.last_used = now;
+                    s.info.packets_to_guest += 1;
+                    s.info.bytes_to_guest += n as u64;
+                    if let Err(why) =
+                        send_to_guest(ctx, out, &mut self.buf, n, s.key.dst, s.key.guest)
+                    {
+                        ctx.stats.drop(why);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    if let Err(why) = reflect_refused(ctx, out, s) {
+                        ctx.stats.drop(why);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("UDP session {}: receive failed: {e}", s.info.id);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn read_socket(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> bool {
+        let more = if let Some(&slot) = self.by_sock.get(&sock) {
+            self.read_session(now, ctx, slot, io, out)
+        } else if let Some(more) = self.dns.on_readable(now, ctx, sock, io, out, &mut self.buf) {
+            more
+        } else {
+            return false;
+        };
+        if more && !self.rearm.contains(&sock) {
+            self.rearm.push(sock);
+        }
+        true
+    }
+
+    /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
+    pub fn handle_host_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<SockEvent> {
+        match ev {
+            SockEvent::Readable(sock) => {
+                if self.read_socket(now, ctx, sock, io, out) {
+                    None
+                } else {
+                    Some(ev)
+                }
+            }
+            SockEvent::Failed(sock, kind) => {
+                if let Some(&slot) = self.by_sock.get(&sock) {
+                    if kind == io::ErrorKind::ConnectionRefused {
+                        if let Some(s) = self.slots[slot].as_ref() {
+                            if let Err(why) = reflect_refused(ctx, out, s) {
+                                ctx.stats.drop(why);
+                            }
+                        }
+                    }
+                    None
+                } else if self.dns.owns(sock) {
+                    None
+                } else {
+                    Some(ev)
+                }
+            }
+            // Datagrams are sent at once or dropped: writability is of no interest.
+            SockEvent::Writable(sock)
+                if self.by_sock.contains_key(&sock) || self.dns.owns(sock) =>
+            {
+                None
+            }
+            _ => Some(ev),
+        }
+    }
+
+    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+        into.extend(self.slots.iter().flatten().map(|s| s.info.clone()));
+        self.dns.sessions(into);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
+        let idle = self.timers.peek().map(|r| r.0 .0);
+        let t = earliest(due_now, idle.filter(|_| !self.external_idle));
+        earliest(t, self.dns.poll_timeout())
+    }
+
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        std::mem::swap(&mut self.rearm, &mut self.rearm_scratch);
+        let mut list = std::mem::take(&mut self.rearm_scratch);
+        for sock in list.drain(..) {
+            self.read_socket(now, ctx, sock, io, out);
+        }
+        self.rearm_scratch = list;
+
+        if !self.external_idle {
+            self.expire_idle(now, ctx, io);
+        }
+        self.dns.handle_timeout(now, ctx, io, out);
+    }
+
+    /// Every session's idle deadline again from `ctx`'s `nat.udp_timeout` (a reload that
+    /// shortened it must not wait for the deadlines the longer one set).
+    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+        let timeout = ctx.cfg.nat.udp_timeout;
+        self.timers = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let s = s.as_ref()?;
+                Some(Reverse((s.info.last_used + timeout, slot, s.info.id)))
+            })
+            .collect();
+    }
+
+    /// Closes the sessions idle for `nat.udp_timeout` at `now` (DNS relays keep their own
+    /// timers).
+    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
+        let timeout = ctx.cfg.nat.udp_timeout;
+        while let Some(slot) =
+            super::next_expired(&mut self.timers, &self.slots, now, timeout, |s| &s.info)
+        {
+            self.close(ctx, slot, io);
+        }
+    }
+}
+
+/// Sends a UDP datagram to a guest, from `from` (the address and port the guest wrote to).
+/// `buf[UDP_HEADER_LEN..][..len]` holds the payload; the header is written in front of it, and a
+/// datagram larger than the MTU leaves in fragments.
+pub(crate) fn send_to_guest(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    buf: &mut [u8],
+    len: usize,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+) -> Result<(), Drop> {
+    let dst_mac = ctx.arp.lookup(*to.ip()).ok_or(Drop::NoArp)?;
+    let len = len.min(MAX_UDP_PAYLOAD);
+    let datagram = &mut buf[..UDP_HEADER_LEN + len];
+    let mut udp = UdpPacket::new_unchecked(&mut datagram[..]);
+    udp.set_src_port(from.port());
+    udp.set_dst_port(to.port());
+    udp.set_len((UDP_HEADER_LEN + len) as u16);
+    udp.set_checksum(0);
+    udp.fill_checksum(&(*from.ip()).into(), &(*to.ip()).into());
+    let h = Ipv4Header::new(*from.ip(), *to.ip(), IpProtocol::Udp, ctx.next_ident());
+    push_ipv4_fragments(
+        out,
+        ctx.mac,
+        dst_mac,
+        &h,
+        datagram,
+        ctx.cfg.nat.mtu as usize,
+    );
+    Ok(())
+}
+
+/// The destination answered the session's last datagram with port unreachable: tell the guest,
+/// from the destination, quoting an IP + UDP header rebuilt from the session.
+fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(), Drop> {
+    let mut quoted = [0u8; UDP_HEADER_LEN];
+    let mut udp = UdpPacket::new_unchecked(&mut quoted[..]);
+    udp.set_src_port(s.key.guest.port());
+    udp.set_dst_port(s.key.dst.port());
+    udp.set_len(s.last_len);
+    udp.set_checksum(0);
+    let repr = Icmpv4Repr::DstUnreachable {
+        reason: Icmpv4DstUnreachable::PortUnreachable,
+        header: Ipv4Repr {
+            src_addr: *s.key.guest.ip(),
+            dst_addr: *s.key.dst.ip(),
+            next_header: IpProtocol::Udp,
+            payload_len: s.last_len as usize,
+            hop_limit: crate::wire::DEFAULT_TTL,
+        },
+        data: &quoted,
+    };
+    push_icmp(ctx, *s.key.dst.ip(), *s.key.guest.ip(), &repr, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{SimSocket, SimSockets};
+    use crate::testing::*;
+    use smoltcp::wire::{Icmpv4Message, Icmpv4Packet};
+    use std::time::Duration;
+
+    fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(ip, port)
+    }
+
+    fn udp_ids(h: &SimSockets) -> Vec<SockId> {
+        h.ids(|s| matches!(s, SimSocket::Udp(_)))
+    }
+
+    #[test]
+    fn session_carries_both_ways_and_expires() {
+        let (mut e, mut h, mut out) = setup();
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        e.handle_frame(T0, &udp_frame(g, d, b"ping"), &mut h, &mut out);
+        assert!(out.is_empty());
+        let ids = udp_ids(&h);
+        assert_eq!(ids.len(), 1);
+        let sock = ids[0];
+        assert_eq!(h.udp(sock).unwrap().dst, d);
+        assert_eq!(h.udp(sock).unwrap().sent, vec![b"ping".to_vec()]);
+        // The same flow reuses the session.
+        e.handle_frame(T0, &udp_frame(g, d, b"again"), &mut h, &mut out);
+        assert_eq!(udp_ids(&h).len(), 1);
+
+        h.deliver_udp(sock, b"pong");
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(parse_udp(&p[0]), (d, g, b"pong".to_vec()));
+
+        let rows = e.nat.sessions();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.proto, r.guest, r.dst), (Proto::Udp, g, d));
+        assert_eq!((r.packets_to_host, r.bytes_to_host), (2, 9));
+        assert_eq!((r.packets_to_guest, r.bytes_to_guest), (1, 4));
+
+        // Traffic toward the guest at T0+100 s pushes expiry to T0+700 s.
+        let timeout = e.config().nat.udp_timeout;
+        let t1 = T0 + Duration::from_secs(100);
+        h.deliver_udp(sock, b"late");
+        pump(&mut e, &mut h, &mut out, t1);
+        let due = e.poll_timeout().unwrap();
+        assert_eq!(due, T0 + timeout);
+        e.handle_timeout(due, &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 1);
+        assert_eq!(e.poll_timeout(), Some(t1 + timeout));
+        e.handle_timeout(t1 + timeout, &mut h, &mut out);
+        assert!(e.nat.udp.is_empty());
+        assert_eq!(h.closed, vec![sock]);
+        assert_eq!(e.poll_timeout(), None);
+        assert!(e.nat.sessions().is_empty());
+    }
+
+    #[test]
+    fn limits_refuse_new_sessions_only() {
+        let (mut e, mut h, mut out) = setup_with(|c| {
+            c.nat.max_sessions = 3;
+            c.nat.max_sessions_per_guest = 2;
+        });
+        let d = sa(REMOTE_IP, 53);
+        for port in [1001, 1002, 1003] {
+            e.handle_frame(
+                T0,
+                &udp_frame(sa(GUEST_IP, port), d, b"x"),
+                &mut h,
+                &mut out,
+            );
+        }
+        // Per guest: the third is refused.
+        assert_eq!(e.nat.udp.len(), 2);
+        assert_eq!(e.stats().drops_of(Drop::Limit), 1);
+        e.handle_frame(T0, &udp_frame(sa(GUEST2_IP, 1), d, b"x"), &mut h, &mut out);
+        // Global: the fourth is refused even for another guest.
+        e.handle_frame(T0, &udp_frame(sa(GUEST2_IP, 2), d, b"x"), &mut h, &mut out);
+        assert_eq!(e.nat.udp.len(), 3);
+        assert_eq!(e.stats().drops_of(Drop::Limit), 2);
+        // The earlier sessions still work both ways.
+        e.handle_frame(
+            T0,
+            &udp_frame(sa(GUEST_IP, 1001), d, b"y"),
+            &mut h,
+            &mut out,
+        );
+        let key = UdpKey {
+            guest: sa(GUEST_IP, 1001),
+            dst: d,
+        };
+        let sock = e.nat.udp.socket_of(&key).unwrap();
+        assert_eq!(h.udp(sock).unwrap().sent.len(), 2);
+        h.deliver_udp(sock, b"z");
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(e.stats().drops_of(Drop::Limit), 2);
+    }
+
+    #[test]
+    fn port_unreachable_is_reflected_from_the_destination() {
+        let (mut e, mut h, mut out) = setup();
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 9));
+        e.handle_frame(T0, &udp_frame(g, d, b"hello"), &mut h, &mut out);
+        let sock = udp_ids(&h)[0];
+        h.refuse_udp(sock);
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        let ip = Ipv4Packet::new_checked(&p[0][..]).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (REMOTE_IP, GUEST_IP));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert_eq!(icmp.msg_code(), 3);
+        let quoted = Ipv4Packet::new_unchecked(icmp.data());
+        assert_eq!(
+            (quoted.src_addr(), quoted.dst_addr()),
+            (GUEST_IP, REMOTE_IP)
+        );
+        assert_eq!(quoted.total_len(), 20 + 8 + 5);
+        let qudp = UdpPacket::new_unchecked(&icmp.data()[20..]);
+        assert_eq!((qudp.src_port(), qudp.dst_port()), (5000, 9));
+    }
+
+    #[test]
+    fn host_ip_other_port_gets_port_unreachable() {
+        let (mut e, mut h, mut out) = setup();
+        let frame = udp_frame(sa(GUEST_IP, 5000), sa(HOST_IP, 8080), b"hi");
+        e.handle_frame(T0, &frame, &mut h, &mut out);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        let ip = Ipv4Packet::new_checked(&p[0][..]).unwrap();
+        assert_eq!(ip.src_addr(), HOST_IP);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert_eq!(icmp.msg_code(), 3);
+        assert!(udp_ids(&h).is_empty());
+    }
+
+    #[test]
+    fn destinations_in_the_virtual_network_are_refused() {
+        let (mut e, mut h, mut out) = setup();
+        for dst in [
+            Ipv4Addr::new(192, 168, 30, 50),
+            Ipv4Addr::new(192, 168, 30, 255),
+            Ipv4Addr::new(255, 255, 255, 255),
+            Ipv4Addr::new(224, 0, 0, 251),
+        ] {
+            e.handle_frame(
+                T0,
+                &udp_frame(sa(GUEST_IP, 1), sa(dst, 9), b"x"),
+                &mut h,
+                &mut out,
+            );
+        }
+        assert_eq!(e.stats().drops_of(Drop::Loop), 4);
+        assert!(udp_ids(&h).is_empty());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn host_loopback_alias_maps_to_localhost_and_replies_from_the_alias() {
+        let alias = Ipv4Addr::new(192, 168, 30, 2);
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.host_loopback = Some(alias));
+        let (g, d) = (sa(GUEST_IP, 5000), sa(alias, 8053));
+        e.handle_frame(T0, &udp_frame(g, d, b"q"), &mut h, &mut out);
+        let sock = udp_ids(&h)[0];
+        assert_eq!(h.udp(sock).unwrap().dst, sa(Ipv4Addr::LOCALHOST, 8053));
+        h.deliver_udp(sock, b"a");
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(parse_udp(&packets(&out)[0]), (d, g, b"a".to_vec()));
+    }
+
+    #[test]
+    fn large_answers_are_fragmented() {
+        let (mut e, mut h, mut out) = setup();
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        e.handle_frame(T0, &udp_frame(g, d, b"get"), &mut h, &mut out);
+        let sock = udp_ids(&h)[0];
+        let big: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        h.deliver_udp(sock, &big);
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 4);
+        let joined = join_fragments(&p);
+        let udp = UdpPacket::new_checked(&joined[..]).unwrap();
+        assert!(udp.verify_checksum(&REMOTE_IP.into(), &GUEST_IP.into()));
+        assert_eq!(udp.payload(), &big[..]);
+    }
+
+    #[test]
+    fn busy_socket_is_read_in_bounded_rounds() {
+        let (mut e, mut h, mut out) = setup();
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        e.handle_frame(T0, &udp_frame(g, d, b"go"), &mut h, &mut out);
+        let sock = udp_ids(&h)[0];
+        for i in 0..(READ_BUDGET + 10) {
+            h.udp(sock).unwrap().inbox.push_back(Ok(vec![i as u8]));
+        }
+        // One edge for all of them.
+        e.handle_host_event(T0, readable(sock), &mut h, &mut out);
+        assert_eq!(out.len(), READ_BUDGET);
+        assert_eq!(e.poll_timeout(), Some(Instant::ZERO));
+        e.handle_timeout(T0, &mut h, &mut out);
+        assert_eq!(out.len(), READ_BUDGET + 10);
+        assert_ne!(e.poll_timeout(), Some(Instant::ZERO));
+    }
+
+    #[test]
+    fn malformed_datagrams_are_counted() {
+        let (mut e, mut h, mut out) = setup();
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        // Truncated UDP header.
+        let f = ipv4_frame(
+            GUEST_IP,
+            REMOTE_IP,
+            IpProtocol::Udp,
+            1,
+            0,
+            false,
+            &[0x13, 0x88, 0],
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        // Length field larger than the packet.
+        let mut f = udp_frame(g, d, b"abcd");
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 2);
+        // Length field smaller than the header.
+        let mut f = udp_frame(g, d, b"abcd");
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        // Bad checksum.
+        let mut f = udp_frame(g, d, b"abcd");
+        let n = f.len();
+        f[n - 1] ^= 0xff;
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::BadChecksum), 1);
+        // A zero checksum means "none" and is accepted.
+        let mut f = udp_frame(g, d, b"abcd");
+        f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        // Port 0.
+        e.handle_frame(T0, &udp_frame(sa(GUEST_IP, 0), d, b"x"), &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 4);
+        let ids = udp_ids(&h);
+        assert_eq!(ids.len(), 1);
+        assert_eq!(h.udp(ids[0]).unwrap().sent, vec![b"abcd".to_vec()]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn nat_disabled_relays_nothing() {
+        let (mut e, mut h, mut out) = setup_with(|c| c.nat.enabled = false);
+        let frame = udp_frame(sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000), b"x");
+        e.handle_frame(T0, &frame, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Disabled), 1);
+        assert!(udp_ids(&h).is_empty());
+    }
+}

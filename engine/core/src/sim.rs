@@ -1,0 +1,413 @@
+//! A simulated host side: in-memory sockets behind `SockIo`, for the core's tests and the
+//! deterministic replay. Nothing here touches the OS; every outcome is scripted by the caller.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use crate::sockio::{Datagram, SockEvent, SockId, SockIo};
+
+/// How a simulated TCP connect ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConnectOutcome {
+    Accept,
+    Refuse,
+    /// Never answers (the core's connect timeout decides).
+    Silent,
+}
+
+#[derive(Debug)]
+pub struct SimUdp {
+    pub dst: SocketAddrV4,
+    /// Datagrams the core sent, in order.
+    pub sent: Vec<Vec<u8>>,
+    /// Datagrams (or an ICMP port unreachable, as `Err`) waiting to be received by the core.
+    pub inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
+}
+
+#[derive(Debug)]
+pub struct SimTcp {
+    pub dst: SocketAddrV4,
+    pub connected: bool,
+    /// Everything the core wrote to the destination.
+    pub written: Vec<u8>,
+    /// How many `tcp_send` calls wrote something.
+    pub writes: usize,
+    /// How many more bytes the socket's send buffer takes before it reports full.
+    pub send_space: usize,
+    /// Bytes from the destination not yet consumed by the core (peek reads from here).
+    pub recv: VecDeque<u8>,
+    /// The destination has sent FIN.
+    pub peer_fin: bool,
+    /// The core sent FIN toward the destination.
+    pub shut_write: bool,
+    pub aborted: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct SimIcmp {
+    pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
+    pub inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+pub enum SimSocket {
+    Udp(SimUdp),
+    Tcp(SimTcp),
+    Icmp(SimIcmp),
+}
+
+/// The simulated host. Scripts decide how connects end and how much a socket takes; events the
+/// real driver would raise are queued in `events` for the test (or replay) to feed to the core.
+#[derive(Debug)]
+pub struct SimSockets {
+    pub sockets: HashMap<SockId, SimSocket>,
+    next_id: SockId,
+    /// Per destination; destinations not listed get `default_connect`.
+    pub connect_script: HashMap<SocketAddrV4, ConnectOutcome>,
+    pub default_connect: ConnectOutcome,
+    /// Send-buffer size of each new TCP socket.
+    pub tcp_send_buffer: usize,
+    /// Whether ICMP sockets can be opened (the "real" ICMP mode).
+    pub icmp_allowed: bool,
+    /// Events a real driver would report; `drain_events` hands them over.
+    pub events: VecDeque<SockEvent>,
+    /// Ids that were closed, in order.
+    pub closed: Vec<SockId>,
+    /// TCP peeks asked for, and how many found nothing (each a wasted syscall on a real host).
+    pub peeks: u64,
+    pub empty_peeks: u64,
+}
+
+impl Default for SimSockets {
+    fn default() -> SimSockets {
+        SimSockets {
+            sockets: HashMap::new(),
+            next_id: 1,
+            connect_script: HashMap::new(),
+            default_connect: ConnectOutcome::Accept,
+            tcp_send_buffer: 1 << 20,
+            icmp_allowed: true,
+            events: VecDeque::new(),
+            peeks: 0,
+            empty_peeks: 0,
+            closed: Vec::new(),
+        }
+    }
+}
+
+fn would_block() -> io::Error {
+    io::Error::from(io::ErrorKind::WouldBlock)
+}
+
+fn bad_id() -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, "no such simulated socket")
+}
+
+impl SimSockets {
+    fn alloc(&mut self, s: SimSocket) -> SockId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sockets.insert(id, s);
+        id
+    }
+
+    pub fn drain_events(&mut self) -> Vec<SockEvent> {
+        self.events.drain(..).collect()
+    }
+
+    pub fn udp(&mut self, id: SockId) -> Option<&mut SimUdp> {
+        match self.sockets.get_mut(&id) {
+            Some(SimSocket::Udp(u)) => Some(u),
+            _ => None,
+        }
+    }
+
+    pub fn tcp(&mut self, id: SockId) -> Option<&mut SimTcp> {
+        match self.sockets.get_mut(&id) {
+            Some(SimSocket::Tcp(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn icmp(&mut self, id: SockId) -> Option<&mut SimIcmp> {
+        match self.sockets.get_mut(&id) {
+            Some(SimSocket::Icmp(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The ids of the open sockets of one kind, lowest first.
+    pub fn ids(&self, kind: fn(&SimSocket) -> bool) -> Vec<SockId> {
+        let mut v: Vec<SockId> = self
+            .sockets
+            .iter()
+            .filter(|(_, s)| kind(s))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A datagram arrives from the destination of UDP socket `id`.
+    pub fn deliver_udp(&mut self, id: SockId, data: &[u8]) {
+        if let Some(u) = self.udp(id) {
+            u.inbox.push_back(Ok(data.to_vec()));
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+
+    /// The destination of UDP socket `id` answers with ICMP port unreachable.
+    pub fn refuse_udp(&mut self, id: SockId) {
+        if let Some(u) = self.udp(id) {
+            u.inbox.push_back(Err(io::ErrorKind::ConnectionRefused));
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+
+    /// The destination of TCP socket `id` sends `data`.
+    pub fn deliver_tcp(&mut self, id: SockId, data: &[u8]) {
+        if let Some(t) = self.tcp(id) {
+            t.recv.extend(data);
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+
+    /// The destination of TCP socket `id` closes its side.
+    pub fn tcp_fin(&mut self, id: SockId) {
+        if let Some(t) = self.tcp(id) {
+            t.peer_fin = true;
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+
+    /// Gives TCP socket `id` `n` more bytes of send space (the destination read them).
+    pub fn tcp_drain(&mut self, id: SockId, n: usize) {
+        if let Some(t) = self.tcp(id) {
+            t.send_space += n;
+            self.events.push_back(SockEvent::Writable(id));
+        }
+    }
+
+    pub fn deliver_icmp(&mut self, id: SockId, from: Ipv4Addr, message: &[u8]) {
+        if let Some(i) = self.icmp(id) {
+            i.inbox.push_back((from, message.to_vec()));
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+}
+
+impl SockIo for SimSockets {
+    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        Ok(self.alloc(SimSocket::Udp(SimUdp {
+            dst,
+            sent: Vec::new(),
+            inbox: VecDeque::new(),
+        })))
+    }
+
+    fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
+        let u = self.udp(id).ok_or_else(bad_id)?;
+        u.sent.push(payload.to_vec());
+        Ok(payload.len())
+    }
+
+    fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
+        let u = self.udp(id).ok_or_else(bad_id)?;
+        let data = u.inbox.pop_front().ok_or_else(would_block)?;
+        let data = data.map_err(io::Error::from)?;
+        let len = data.len().min(buf.len());
+        buf[..len].copy_from_slice(&data[..len]);
+        Ok(len)
+    }
+
+    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        let outcome = *self
+            .connect_script
+            .get(&dst)
+            .unwrap_or(&self.default_connect);
+        let id = self.alloc(SimSocket::Tcp(SimTcp {
+            dst,
+            connected: false,
+            written: Vec::new(),
+            writes: 0,
+            send_space: self.tcp_send_buffer,
+            recv: VecDeque::new(),
+            peer_fin: false,
+            shut_write: false,
+            aborted: false,
+        }));
+        match outcome {
+            ConnectOutcome::Accept => {
+                if let Some(t) = self.tcp(id) {
+                    t.connected = true;
+                }
+                self.events.push_back(SockEvent::Connected(id));
+            }
+            ConnectOutcome::Refuse => self.events.push_back(SockEvent::ConnectFailed(
+                id,
+                io::ErrorKind::ConnectionRefused,
+            )),
+            ConnectOutcome::Silent => {}
+        }
+        Ok(id)
+    }
+
+    fn tcp_send(&mut self, id: SockId, data: &[u8]) -> io::Result<usize> {
+        let t = self.tcp(id).ok_or_else(bad_id)?;
+        if t.shut_write || t.aborted {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        let n = data.len().min(t.send_space);
+        t.written.extend_from_slice(&data[..n]);
+        t.writes += (n > 0) as usize;
+        t.send_space -= n;
+        Ok(n)
+    }
+
+    fn tcp_peek(&mut self, id: SockId, offset: usize, buf: &mut [u8]) -> io::Result<usize> {
+        self.peeks += 1;
+        let t = self.sockets.get_mut(&id).and_then(|s| match s {
+            SimSocket::Tcp(t) => Some(t),
+            _ => None,
+        });
+        let t = t.ok_or_else(bad_id)?;
+        let avail = t.recv.len().saturating_sub(offset);
+        let n = avail.min(buf.len());
+        if n == 0 && !buf.is_empty() {
+            self.empty_peeks += 1;
+        }
+        // Slice copies (not a byte iterator): the replay benchmark measures the core, not this.
+        let (a, b) = t.recv.as_slices();
+        let from_a = a.len().saturating_sub(offset).min(n);
+        if from_a > 0 {
+            buf[..from_a].copy_from_slice(&a[offset..offset + from_a]);
+        }
+        let rest = n - from_a;
+        if rest > 0 {
+            let b_off = offset.saturating_sub(a.len());
+            buf[from_a..n].copy_from_slice(&b[b_off..b_off + rest]);
+        }
+        Ok(n)
+    }
+
+    fn tcp_consume(&mut self, id: SockId, n: usize) -> io::Result<()> {
+        let t = self.tcp(id).ok_or_else(bad_id)?;
+        if n > t.recv.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "consume past what was received",
+            ));
+        }
+        t.recv.drain(..n);
+        Ok(())
+    }
+
+    fn tcp_peer_closed(&mut self, id: SockId) -> bool {
+        self.tcp(id).is_some_and(|t| t.peer_fin)
+    }
+
+    fn tcp_shutdown_write(&mut self, id: SockId) -> io::Result<()> {
+        let t = self.tcp(id).ok_or_else(bad_id)?;
+        t.shut_write = true;
+        Ok(())
+    }
+
+    fn tcp_abort(&mut self, id: SockId) {
+        if let Some(t) = self.tcp(id) {
+            t.aborted = true;
+        }
+    }
+
+    fn icmp_open(&mut self) -> io::Result<SockId> {
+        if !self.icmp_allowed {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        Ok(self.alloc(SimSocket::Icmp(SimIcmp::default())))
+    }
+
+    fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+        let i = self.icmp(id).ok_or_else(bad_id)?;
+        i.sent.push((dst, message.to_vec()));
+        Ok(())
+    }
+
+    fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram> {
+        let i = self.icmp(id).ok_or_else(bad_id)?;
+        let (from, data) = i.inbox.pop_front().ok_or_else(would_block)?;
+        let len = data.len().min(buf.len());
+        buf[..len].copy_from_slice(&data[..len]);
+        Ok(Datagram {
+            len,
+            from: SocketAddrV4::new(from, 0),
+        })
+    }
+
+    fn close(&mut self, id: SockId) {
+        if self.sockets.remove(&id).is_some() {
+            self.closed.push(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_peek_consume_and_backpressure() {
+        let mut h = SimSockets {
+            tcp_send_buffer: 4,
+            ..SimSockets::default()
+        };
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
+        let id = h.tcp_connect(dst).unwrap();
+        assert_eq!(h.drain_events(), vec![SockEvent::Connected(id)]);
+        assert_eq!(h.tcp_send(id, b"abcdef").unwrap(), 4);
+        assert_eq!(h.tcp_send(id, b"ef").unwrap(), 0);
+        h.tcp_drain(id, 2);
+        assert_eq!(h.tcp_send(id, b"ef").unwrap(), 2);
+        h.deliver_tcp(id, b"hello");
+        let mut buf = [0u8; 8];
+        assert_eq!(h.tcp_peek(id, 2, &mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"llo");
+        h.tcp_consume(id, 2).unwrap();
+        assert_eq!(h.tcp_peek(id, 0, &mut buf).unwrap(), 3);
+        assert!(h.tcp_consume(id, 9).is_err());
+    }
+
+    #[test]
+    fn tcp_peek_across_the_queue_wrap() {
+        let mut h = SimSockets::default();
+        let id = h
+            .tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9))
+            .unwrap();
+        let all: Vec<u8> = (0..200u8).collect();
+        h.deliver_tcp(id, &all[..100]);
+        h.tcp_consume(id, 90).unwrap();
+        h.deliver_tcp(id, &all[100..]);
+        for off in [0, 5, 10, 50, 109] {
+            let mut buf = [0u8; 64];
+            let n = h.tcp_peek(id, off, &mut buf).unwrap();
+            assert_eq!(&buf[..n], &all[90 + off..(90 + off + 64).min(200)]);
+        }
+    }
+
+    #[test]
+    fn refused_connect_is_an_event() {
+        let mut h = SimSockets {
+            default_connect: ConnectOutcome::Refuse,
+            ..SimSockets::default()
+        };
+        let id = h
+            .tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1))
+            .unwrap();
+        assert_eq!(
+            h.drain_events(),
+            vec![SockEvent::ConnectFailed(
+                id,
+                io::ErrorKind::ConnectionRefused
+            )]
+        );
+    }
+}

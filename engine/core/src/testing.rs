@@ -1,0 +1,124 @@
+//! Frame crafting and parsing for tests of the core and of the crates above it (the feature
+//! `testing`): a ready engine on a simulated sock side, and the frames a guest would send.
+#![allow(missing_docs)]
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::wire::{EthernetFrame, IpProtocol, Ipv4Packet, UdpPacket, ETHERNET_HEADER_LEN};
+
+use crate::config::{Config, Mac};
+use crate::output::FrameBatch;
+use crate::sim::SimSockets;
+use crate::sockio::SockEvent;
+use crate::time::Instant;
+use crate::wire::{Ipv4Header, IPV4_HEADER_LEN};
+use crate::Engine;
+
+pub const HOST_MAC: Mac = Mac([0, 0xac, 1, 2, 3, 4]);
+pub const GUEST_MAC: Mac = Mac([2, 0, 0, 0, 0, 7]);
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+pub const GUEST2_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 11);
+/// A documentation address (TEST-NET-3): only ever reached through the simulated host.
+pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+pub const T0: Instant = Instant::from_secs(1);
+
+pub fn setup_with(f: impl FnOnce(&mut Config)) -> (Engine, SimSockets, FrameBatch) {
+    let mut cfg = Config::defaults();
+    f(&mut cfg);
+    (
+        Engine::new(cfg, HOST_MAC, 7),
+        SimSockets::default(),
+        FrameBatch::new(),
+    )
+}
+
+pub fn setup() -> (Engine, SimSockets, FrameBatch) {
+    setup_with(|_| {})
+}
+
+/// An Ethernet frame from the guest's MAC to the virtual host carrying one IPv4 packet.
+pub fn ipv4_frame(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: IpProtocol,
+    ident: u16,
+    offset: usize,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = FrameBatch::new();
+    let mut h = Ipv4Header::new(src, dst, proto, ident);
+    h.dont_frag = false;
+    crate::wire::push_ipv4(&mut out, GUEST_MAC, HOST_MAC, &h, payload.len(), |p| {
+        p.copy_from_slice(payload)
+    });
+    let mut f = out.get(0).unwrap().to_vec();
+    let mut ip = Ipv4Packet::new_unchecked(&mut f[ETHERNET_HEADER_LEN..]);
+    ip.set_frag_offset(offset as u16);
+    ip.set_more_frags(more);
+    ip.fill_checksum();
+    f
+}
+
+pub fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut udp = vec![0u8; 8 + payload.len()];
+    crate::wire::emit_udp(
+        &mut udp,
+        *src.ip(),
+        src.port(),
+        *dst.ip(),
+        dst.port(),
+        payload,
+    );
+    ipv4_frame(*src.ip(), *dst.ip(), IpProtocol::Udp, 1, 0, false, &udp)
+}
+
+/// The IPv4 packets of the frames in `out` (checked, checksums verified).
+pub fn packets(out: &FrameBatch) -> Vec<Vec<u8>> {
+    out.iter()
+        .map(|f| {
+            let eth = EthernetFrame::new_checked(f).unwrap();
+            assert_eq!(crate::wire::mac(eth.src_addr()), HOST_MAC);
+            let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+            assert!(ip.verify_checksum());
+            assert!(ip.total_len() as usize <= 1500);
+            eth.payload()[..ip.total_len() as usize].to_vec()
+        })
+        .collect()
+}
+
+/// A whole (unfragmented) UDP datagram to the guest: (from, to, payload).
+pub fn parse_udp(packet: &[u8]) -> (SocketAddrV4, SocketAddrV4, Vec<u8>) {
+    let ip = Ipv4Packet::new_checked(packet).unwrap();
+    assert_eq!(ip.next_header(), IpProtocol::Udp);
+    let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+    assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+    (
+        SocketAddrV4::new(ip.src_addr(), udp.src_port()),
+        SocketAddrV4::new(ip.dst_addr(), udp.dst_port()),
+        udp.payload().to_vec(),
+    )
+}
+
+/// Joins IPv4 fragments (in order) back into the datagram's payload.
+pub fn join_fragments(packets: &[Vec<u8>]) -> Vec<u8> {
+    let mut joined = Vec::new();
+    for p in packets {
+        let ip = Ipv4Packet::new_checked(&p[..]).unwrap();
+        assert_eq!(ip.frag_offset() as usize, joined.len());
+        joined.extend_from_slice(&p[IPV4_HEADER_LEN..]);
+    }
+    joined
+}
+
+/// Feeds every event the simulated host raised back into the engine.
+pub fn pump(e: &mut Engine, h: &mut SimSockets, out: &mut FrameBatch, now: Instant) {
+    for ev in h.drain_events() {
+        e.handle_host_event(now, ev, h, out);
+    }
+}
+
+pub fn readable(id: u32) -> SockEvent {
+    SockEvent::Readable(id)
+}

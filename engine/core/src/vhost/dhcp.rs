@@ -1,0 +1,2000 @@
+//! The virtual DHCP server (seed 3.7.5, 3.7.6; RFC 2131, RFC 2132, RFC 3442).
+//!
+//! One server for one segment, with no relays: DISCOVER → OFFER, REQUEST → ACK/NAK (selecting,
+//! init-reboot, renewing and rebinding), RELEASE, DECLINE and INFORM. The lease table is keyed by
+//! the client's hardware address (`chaddr`), one lease per client, and bounded by the size of the
+//! range (every lease holds a distinct address of it).
+//!
+//! Address choice, in order: the client's current lease; the address just offered to it; the
+//! address it asks for (option 50) when free; the address it had last time (remembered after the
+//! lease ended, as long as nobody else took it); else the first free address of the range, taking
+//! addresses that some other client may come back for only when nothing else is left. An offer
+//! holds its address for [`OFFER_HOLD`] so that two DISCOVERs never get the same one; a DECLINEd
+//! address is kept out of use for [`DECLINE_HOLD`] (only a client that holds an address can
+//! decline it). When nothing is free the server stays silent.
+//!
+//! Replies follow RFC 2131 4.1: a NAK is always broadcast (the RFC says so "in all cases" when
+//! giaddr is zero); otherwise a client with ciaddr set gets a unicast there (at the Ethernet
+//! source), a client that set the broadcast flag gets a broadcast, and any other gets a unicast
+//! to yiaddr at chaddr. Relayed messages (giaddr set) are not served: one segment, no relays.
+//!
+//! The message view is `smoltcp::wire::DhcpPacket`; the options are walked with [`OptionIter`]
+//! (strict where smoltcp's iterator silently stops at a truncated option) and written here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use smoltcp::wire::{
+    ArpHardware, DhcpFlags, DhcpMessageType, DhcpOpCode, DhcpPacket, Ipv4Packet, UdpPacket,
+    DHCP_CLIENT_PORT, DHCP_SERVER_PORT,
+};
+
+use crate::config::{DhcpConfig, Mac};
+use crate::event;
+use crate::output::FrameBatch;
+use crate::stats::Drop;
+use crate::time::{earliest, Instant};
+use crate::wire::eth;
+use crate::Ctx;
+
+/// How long an OFFER holds its address for the client it was made to.
+pub const OFFER_HOLD: Duration = Duration::from_secs(60);
+/// How long an address a client DECLINEd (it found it in use) is kept out of the pool.
+pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+/// Bound on remembered client → address pairs (they are also bounded by the range size: each
+/// remembered address belongs to one client only).
+pub const MAX_REMEMBERED: usize = 65536;
+/// Host names (option 12) are kept to this many characters.
+pub const MAX_HOST_NAME: usize = 64;
+/// At most one "pool exhausted" log line per this interval (a flood of DISCOVERs must not flood
+/// the log); every silenced DISCOVER is still counted as a `limit` drop.
+pub const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The smallest BOOTP message (RFC 1542 2.1): replies are padded to it.
+pub const MIN_BOOTP_LEN: usize = 300;
+/// The largest message every client accepts (RFC 2131 2: 576-byte IP datagrams).
+const MIN_MAX_MESSAGE: usize = 576;
+const IP_UDP_HEADERS: usize = 28;
+const OPTIONS_OFFSET: usize = 240;
+const MAGIC_COOKIE: u32 = 0x6382_5363;
+/// `sname` and `file` of a BOOTP message (smoltcp keeps its field table private, and its
+/// `sname` range starts inside `chaddr`).
+const SNAME_FIELD: std::ops::Range<usize> = 44..108;
+const FILE_FIELD: std::ops::Range<usize> = 108..236;
+
+/// Option codes (RFC 2132, RFC 3442).
+pub mod opt {
+    pub const PAD: u8 = 0;
+    pub const SUBNET_MASK: u8 = 1;
+    pub const ROUTER: u8 = 3;
+    pub const DNS_SERVERS: u8 = 6;
+    pub const HOST_NAME: u8 = 12;
+    pub const DOMAIN_NAME: u8 = 15;
+    pub const REQUESTED_IP: u8 = 50;
+    pub const LEASE_TIME: u8 = 51;
+    pub const OVERLOAD: u8 = 52;
+    pub const MESSAGE_TYPE: u8 = 53;
+    pub const SERVER_ID: u8 = 54;
+    pub const PARAMETER_LIST: u8 = 55;
+    pub const MESSAGE: u8 = 56;
+    pub const MAX_MESSAGE_SIZE: u8 = 57;
+    pub const RENEWAL_TIME: u8 = 58;
+    pub const REBINDING_TIME: u8 = 59;
+    pub const CLASSLESS_ROUTES: u8 = 121;
+    /// Microsoft's pre-standard copy of option 121, sent only to clients that ask for it.
+    pub const MS_CLASSLESS_ROUTES: u8 = 249;
+    pub const END: u8 = 255;
+}
+
+/// One entry of the lease table (what `DhcpTable` shows).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Increasing from 1: the number in the seed's "The DHCP entry N was created" line.
+    pub id: u32,
+    /// When the entry was created (a renewal does not change it).
+    pub leased_at: Instant,
+    pub expires_at: Instant,
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    /// Option 12 of the client, printable ASCII only; empty when the client sent none.
+    pub host_name: String,
+}
+
+/// A strict walk over a DHCP options area: pads are skipped, END stops it; an option whose
+/// length runs past the area is an error. An area that ends without END is accepted.
+pub struct OptionIter<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> OptionIter<'a> {
+    pub fn new(area: &'a [u8]) -> OptionIter<'a> {
+        OptionIter { buf: area }
+    }
+}
+
+impl<'a> Iterator for OptionIter<'a> {
+    type Item = Result<(u8, &'a [u8]), Drop>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (&code, rest) = self.buf.split_first()?;
+            match code {
+                opt::PAD => self.buf = rest,
+                opt::END => {
+                    self.buf = &[];
+                    return None;
+                }
+                _ => {
+                    let Some((&len, rest)) = rest.split_first() else {
+                        self.buf = &[];
+                        return Some(Err(Drop::Malformed));
+                    };
+                    if rest.len() < len as usize {
+                        self.buf = &[];
+                        return Some(Err(Drop::Malformed));
+                    }
+                    let (data, rest) = rest.split_at(len as usize);
+                    self.buf = rest;
+                    return Some(Ok((code, data)));
+                }
+            }
+        }
+    }
+}
+
+/// What a client's message means to the server (the parsed `Repr` of a BOOTREQUEST).
+#[derive(Clone, Copy, Debug)]
+struct ClientMessage<'a> {
+    kind: DhcpMessageType,
+    xid: u32,
+    broadcast: bool,
+    ciaddr: Ipv4Addr,
+    giaddr: Ipv4Addr,
+    chaddr: Mac,
+    requested_ip: Option<Ipv4Addr>,
+    server_id: Option<Ipv4Addr>,
+    host_name: &'a [u8],
+    params: &'a [u8],
+    max_message: Option<u16>,
+}
+
+fn ipv4_option(data: &[u8]) -> Result<Ipv4Addr, Drop> {
+    let b: [u8; 4] = data.try_into().map_err(|_| Drop::Malformed)?;
+    Ok(Ipv4Addr::from(b))
+}
+
+impl<'a> ClientMessage<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<ClientMessage<'a>, Drop> {
+        let p = DhcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        if p.opcode() != DhcpOpCode::Request {
+            return Err(Drop::Malformed);
+        }
+        if p.hardware_type() != ArpHardware::Ethernet || p.hardware_len() != 6 {
+            return Err(Drop::Malformed);
+        }
+        if p.magic_number() != MAGIC_COOKIE {
+            return Err(Drop::Malformed);
+        }
+        let mut m = ClientMessage {
+            kind: DhcpMessageType::Unknown(0),
+            xid: p.transaction_id(),
+            broadcast: p.flags().contains(DhcpFlags::BROADCAST),
+            ciaddr: p.client_ip(),
+            giaddr: p.relay_agent_ip(),
+            chaddr: Mac(p.client_hardware_address().0),
+            requested_ip: None,
+            server_id: None,
+            host_name: &[],
+            params: &[],
+            max_message: None,
+        };
+        let mut kind = None;
+        let overload = m.read_options(&bytes[OPTIONS_OFFSET..], &mut kind, true)?;
+        // RFC 2132 9.3: options may continue in `file` (1), `sname` (2) or both (3), in that order.
+        if overload & 1 != 0 {
+            m.read_options(&bytes[FILE_FIELD], &mut kind, false)?;
+        }
+        if overload & 2 != 0 {
+            m.read_options(&bytes[SNAME_FIELD], &mut kind, false)?;
+        }
+        m.kind = kind.ok_or(Drop::Malformed)?;
+        Ok(m)
+    }
+
+    /// Reads one options area; returns the option-overload value when `main`.
+    fn read_options(
+        &mut self,
+        area: &'a [u8],
+        kind: &mut Option<DhcpMessageType>,
+        main: bool,
+    ) -> Result<u8, Drop> {
+        let mut overload = 0;
+        for o in OptionIter::new(area) {
+            let (code, data) = o?;
+            match code {
+                opt::MESSAGE_TYPE => {
+                    let &[t] = data else {
+                        return Err(Drop::Malformed);
+                    };
+                    *kind = Some(DhcpMessageType::from(t));
+                }
+                opt::REQUESTED_IP => self.requested_ip = Some(ipv4_option(data)?),
+                opt::SERVER_ID => self.server_id = Some(ipv4_option(data)?),
+                opt::HOST_NAME => self.host_name = data,
+                opt::PARAMETER_LIST => self.params = data,
+                opt::MAX_MESSAGE_SIZE => {
+                    let b: [u8; 2] = data.try_into().map_err(|_| Drop::Malformed)?;
+                    self.max_message = Some(u16::from_be_bytes(b));
+                }
+                opt::OVERLOAD if main => {
+                    let &[v @ 1..=3] = data else {
+                        return Err(Drop::Malformed);
+                    };
+                    overload = v;
+                }
+                _ => {}
+            }
+        }
+        Ok(overload)
+    }
+}
+
+/// Option 12 as the lease table and the log show it: printable ASCII without spaces or commas
+/// (the log line is comma-separated), trailing NULs dropped, at most [`MAX_HOST_NAME`] chars.
+pub fn sanitize_host_name(raw: &[u8]) -> String {
+    let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    raw[..end]
+        .iter()
+        .take(MAX_HOST_NAME)
+        .map(|&b| match b {
+            b',' => '_',
+            0x21..=0x7e => b as char,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// RFC 3442 option 121 payload for `routes` (plus the default route through `gateway`).
+pub fn encode_classless_routes(
+    routes: &[crate::config::StaticRoute],
+    gateway: Option<Ipv4Addr>,
+    into: &mut Vec<u8>,
+) {
+    for r in routes {
+        let width = r.prefix_len.min(32);
+        let significant = width.div_ceil(8) as usize;
+        into.push(width);
+        into.extend_from_slice(&r.dest.octets()[..significant]);
+        into.extend_from_slice(&r.gateway.octets());
+    }
+    if let Some(gw) = gateway {
+        into.push(0);
+        into.extend_from_slice(&gw.octets());
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Offer {
+    mac: Mac,
+    until: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    ip: Ipv4Addr,
+    at: Instant,
+}
+
+/// What a reply carries beyond the message type.
+#[derive(Clone, Copy)]
+struct ReplySpec {
+    kind: DhcpMessageType,
+    ciaddr: Ipv4Addr,
+    yiaddr: Ipv4Addr,
+    /// Options 51/58/59 (OFFER and ACK of a lease, not ACK of an INFORM, not NAK).
+    lease: bool,
+    /// The configured options (mask, router, DNS, domain, routes); not in a NAK.
+    config: bool,
+}
+
+pub struct DhcpServer {
+    cfg: DhcpConfig,
+    /// By id, so that listing is in creation order.
+    leases: BTreeMap<u32, Lease>,
+    by_ip: HashMap<Ipv4Addr, u32>,
+    by_mac: HashMap<Mac, u32>,
+    expiry: BTreeSet<(Instant, u32)>,
+    next_id: u32,
+    offers: HashMap<Ipv4Addr, Offer>,
+    offer_of: HashMap<Mac, Ipv4Addr>,
+    declined: HashMap<Ipv4Addr, Instant>,
+    memory: HashMap<Mac, Remembered>,
+    remembered_by: HashMap<Ipv4Addr, Mac>,
+    /// When expired offers and declines are next swept.
+    sweep_at: Option<Instant>,
+    last_exhausted_log: Option<Instant>,
+    /// The reply being built (kept, so building allocates nothing once warm).
+    scratch: Vec<u8>,
+    routes_buf: Vec<u8>,
+    /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
+    /// knows when to save it.
+    generation: u64,
+}
+
+impl DhcpServer {
+    pub fn new(cfg: &DhcpConfig) -> DhcpServer {
+        DhcpServer {
+            cfg: cfg.clone(),
+            leases: BTreeMap::new(),
+            by_ip: HashMap::new(),
+            by_mac: HashMap::new(),
+            expiry: BTreeSet::new(),
+            next_id: 1,
+            offers: HashMap::new(),
+            offer_of: HashMap::new(),
+            declined: HashMap::new(),
+            memory: HashMap::new(),
+            remembered_by: HashMap::new(),
+            sweep_at: None,
+            last_exhausted_log: None,
+            scratch: Vec::with_capacity(MIN_MAX_MESSAGE),
+            routes_buf: Vec::new(),
+            generation: 0,
+        }
+    }
+
+    /// A counter that changes whenever the lease table does (created, renewed, removed).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The lease table, in order of creation.
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn lease_of(&self, mac: Mac) -> Option<&Lease> {
+        self.by_mac.get(&mac).and_then(|id| self.leases.get(id))
+    }
+
+    pub fn config(&self) -> &DhcpConfig {
+        &self.cfg
+    }
+
+    /// Loads a saved lease table. Entries that are expired, outside the range, or that repeat an
+    /// id, address or MAC already in the table are skipped. Returns how many were kept.
+    pub fn restore(&mut self, now: Instant, leases: Vec<Lease>) -> usize {
+        let mut kept = 0;
+        for l in leases {
+            let fresh = l.expires_at > now
+                && l.id != 0
+                && !self.leases.contains_key(&l.id)
+                && !self.by_mac.contains_key(&l.mac)
+                && l.mac.0[0] & 1 == 0
+                && self.free_for(l.mac, l.ip, now, Ipv4Addr::UNSPECIFIED);
+            if !fresh {
+                tracing::debug!(id = l.id, ip = %l.ip, mac = %l.mac, "saved DHCP lease skipped");
+                continue;
+            }
+            self.next_id = self.next_id.max(l.id.wrapping_add(1).max(1));
+            self.remember(l.mac, l.ip, now);
+            self.insert_lease(l);
+            kept += 1;
+        }
+        kept
+    }
+
+    /// Applies a new DHCP configuration: leases, offers, declines and remembered addresses that
+    /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
+    pub fn reconfigure(&mut self, cfg: &DhcpConfig) {
+        self.cfg = cfg.clone();
+        let gone: Vec<u32> = self
+            .leases
+            .values()
+            .filter(|l| !self.assignable(l.ip, Ipv4Addr::UNSPECIFIED))
+            .map(|l| l.id)
+            .collect();
+        for id in gone {
+            self.remove_lease(id);
+        }
+        let cfg = &self.cfg;
+        let keep = |ip: &Ipv4Addr| Self::cfg_assignable_in(cfg, *ip, Ipv4Addr::UNSPECIFIED);
+        let stale_offers: Vec<Ipv4Addr> =
+            self.offers.keys().filter(|ip| !keep(ip)).copied().collect();
+        let stale_memory: Vec<Ipv4Addr> = self
+            .remembered_by
+            .keys()
+            .filter(|ip| !keep(ip))
+            .copied()
+            .collect();
+        self.declined.retain(|ip, _| keep(ip));
+        for ip in stale_offers {
+            self.cancel_offer_ip(ip);
+        }
+        for ip in stale_memory {
+            if let Some(mac) = self.remembered_by.remove(&ip) {
+                self.memory.remove(&mac);
+            }
+        }
+    }
+
+    /// Handles a datagram to UDP port 67 (`ip` is its whole IPv4 packet, not fragmented).
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        src_mac: Mac,
+        ip: &Ipv4Packet<&[u8]>,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+        if udp.checksum() != 0 && !udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into())
+        {
+            return Err(Drop::BadChecksum);
+        }
+        let msg = ClientMessage::parse(udp.payload())?;
+        if msg.chaddr.0[0] & 1 != 0 || msg.chaddr == Mac::default() {
+            return Err(Drop::Malformed);
+        }
+        if msg.chaddr != src_mac {
+            tracing::debug!(chaddr = %msg.chaddr, src = %src_mac, "DHCP chaddr differs from the Ethernet source");
+        }
+        if !msg.giaddr.is_unspecified() {
+            // One segment, no relays: a relayed message is not for this server.
+            return Err(Drop::Unsupported);
+        }
+        self.expire(now);
+        match msg.kind {
+            DhcpMessageType::Discover => self.discover(now, ctx, src_mac, &msg, out),
+            DhcpMessageType::Request => self.request(now, ctx, src_mac, &msg, out),
+            DhcpMessageType::Decline => self.decline(now, ctx, &msg),
+            DhcpMessageType::Release => self.release(ctx, &msg),
+            DhcpMessageType::Inform => self.inform(now, ctx, src_mac, &msg, out),
+            _ => Err(Drop::Unsupported),
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        earliest(self.expiry.first().map(|&(t, _)| t), self.sweep_at)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant, _ctx: &mut Ctx) {
+        self.expire(now);
+        if self.sweep_at.is_some_and(|t| t <= now) {
+            self.offers.retain(|_, o| o.until > now);
+            let offers = &self.offers;
+            self.offer_of.retain(|_, ip| offers.contains_key(ip));
+            self.declined.retain(|_, &mut t| t > now);
+            self.sweep_at = self
+                .offers
+                .values()
+                .map(|o| o.until)
+                .chain(self.declined.values().copied())
+                .min();
+        }
+    }
+
+    fn discover(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        src_mac: Mac,
+        msg: &ClientMessage,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let mac = msg.chaddr;
+        let Some(ip) = self.choose(now, ctx.cfg.host.ip, mac, msg.requested_ip) else {
+            if self
+                .last_exhausted_log
+                .is_none_or(|t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
+            {
+                event::dhcp_pool_exhausted(mac);
+                self.last_exhausted_log = Some(now);
+            }
+            return Err(Drop::Limit);
+        };
+        if !self.by_ip.contains_key(&ip) {
+            self.reserve(now, mac, ip);
+        }
+        let spec = ReplySpec {
+            kind: DhcpMessageType::Offer,
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            yiaddr: ip,
+            lease: true,
+            config: true,
+        };
+        self.reply(now, ctx, src_mac, msg, spec, out);
+        Ok(())
+    }
+
+    fn request(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        src_mac: Mac,
+        msg: &ClientMessage,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        let host_ip = ctx.cfg.host.ip;
+        let ciaddr = (!msg.ciaddr.is_unspecified()).then_some(msg.ciaddr);
+        let ip = match (msg.server_id, msg.requested_ip) {
+            // SELECTING, and the client chose another server: our offer is void.
+            (Some(sid), _) if sid != host_ip => {
+                self.cancel_offer_mac(msg.chaddr);
+                return Err(Drop::Foreign);
+            }
+            // SELECTING (option 50 is a MUST there; tolerate a client that put it in ciaddr).
+            (Some(_), Some(ip)) => ip,
+            (Some(_), None) => ciaddr.ok_or(Drop::Malformed)?,
+            // INIT-REBOOT.
+            (None, Some(ip)) => ip,
+            // RENEWING (unicast) or REBINDING (broadcast).
+            (None, None) => ciaddr.ok_or(Drop::Malformed)?,
+        };
+        let spec = if self.free_for(msg.chaddr, ip, now, host_ip) {
+            let name = sanitize_host_name(msg.host_name);
+            self.commit(now, msg.chaddr, ip, name);
+            ReplySpec {
+                kind: DhcpMessageType::Ack,
+                ciaddr: msg.ciaddr,
+                yiaddr: ip,
+                lease: true,
+                config: true,
+            }
+        } else {
+            tracing::debug!(client = %msg.chaddr, %ip, "DHCP REQUEST refused (NAK)");
+            ReplySpec {
+                kind: DhcpMessageType::Nak,
+                ciaddr: Ipv4Addr::UNSPECIFIED,
+                yiaddr: Ipv4Addr::UNSPECIFIED,
+                lease: false,
+                config: false,
+            }
+        };
+        self.reply(now, ctx, src_mac, msg, spec, out);
+        Ok(())
+    }
+
+    fn decline(&mut self, now: Instant, ctx: &mut Ctx, msg: &ClientMessage) -> Result<(), Drop> {
+        if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
+            return Err(Drop::Foreign);
+        }
+        let ip = msg.requested_ip.ok_or(Drop::Malformed)?;
+        // Only the address this client was given (leased or offered) can be declined: a client
+        // must not be able to take another's address out of use.
+        let held = self.lease_of(msg.chaddr).is_some_and(|l| l.ip == ip)
+            || self.offer_of.get(&msg.chaddr) == Some(&ip);
+        if !held || !self.in_range(ip) {
+            tracing::debug!(client = %msg.chaddr, %ip, "DHCP DECLINE of an address the client does not hold ignored");
+            return Ok(());
+        }
+        tracing::warn!(client = %msg.chaddr, %ip, "DHCP client declined an address: it is in use on the segment");
+        if let Some(&id) = self.by_mac.get(&msg.chaddr) {
+            if self.leases[&id].ip == ip {
+                self.remove_lease(id);
+            }
+        }
+        self.cancel_offer_ip(ip);
+        if let Some(m) = self.remembered_by.remove(&ip) {
+            self.memory.remove(&m);
+        }
+        let until = now + DECLINE_HOLD;
+        self.declined.insert(ip, until);
+        self.schedule_sweep(until);
+        Ok(())
+    }
+
+    fn release(&mut self, ctx: &Ctx, msg: &ClientMessage) -> Result<(), Drop> {
+        if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
+            return Err(Drop::Foreign);
+        }
+        if let Some(&id) = self.by_mac.get(&msg.chaddr) {
+            if self.leases[&id].ip == msg.ciaddr {
+                self.remove_lease(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn inform(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        src_mac: Mac,
+        msg: &ClientMessage,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if msg.ciaddr.is_unspecified() {
+            return Err(Drop::Malformed);
+        }
+        let spec = ReplySpec {
+            kind: DhcpMessageType::Ack,
+            ciaddr: msg.ciaddr,
+            yiaddr: Ipv4Addr::UNSPECIFIED,
+            lease: false,
+            config: true,
+        };
+        self.reply(now, ctx, src_mac, msg, spec, out);
+        Ok(())
+    }
+
+    // ---- the address pool ----
+
+    fn in_range(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end)).contains(&u32::from(ip))
+    }
+
+    fn cfg_assignable_in(cfg: &DhcpConfig, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        let mask = u32::from(cfg.mask);
+        let net = u32::from(cfg.range_start) & mask;
+        (u32::from(cfg.range_start)..=u32::from(cfg.range_end)).contains(&n)
+            && n & mask == net
+            && (mask == u32::MAX || (n != net && n != net | !mask))
+            && ip != host_ip
+            && Some(ip) != cfg.gateway
+            && !cfg.dns.contains(&ip)
+    }
+
+    /// An address of the range that the server may hand out at all (not the subnet's network or
+    /// broadcast address, nor the virtual host's, the gateway's or a DNS server's).
+    fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
+    }
+
+    /// Whether `ip` may be given to `mac` now: ours to give, and not leased or offered to
+    /// another client, nor declined.
+    fn free_for(&self, mac: Mac, ip: Ipv4Addr, now: Instant, host_ip: Ipv4Addr) -> bool {
+        self.assignable(ip, host_ip)
+            && self
+                .by_ip
+                .get(&ip)
+                .is_none_or(|id| self.leases[id].mac == mac)
+            && self
+                .offers
+                .get(&ip)
+                .is_none_or(|o| o.mac == mac || o.until <= now)
+            && self.declined.get(&ip).is_none_or(|&t| t <= now)
+    }
+
+    fn choose(
+        &self,
+        now: Instant,
+        host_ip: Ipv4Addr,
+        mac: Mac,
+        requested: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let free = |ip: Ipv4Addr| self.free_for(mac, ip, now, host_ip);
+        if let Some(l) = self.lease_of(mac) {
+            if free(l.ip) {
+                return Some(l.ip);
+            }
+        }
+        if let Some(&ip) = self.offer_of.get(&mac) {
+            if free(ip) {
+                return Some(ip);
+            }
+        }
+        if let Some(ip) = requested.filter(|&ip| free(ip)) {
+            return Some(ip);
+        }
+        if let Some(r) = self.memory.get(&mac) {
+            if free(r.ip) {
+                return Some(r.ip);
+            }
+        }
+        // A fresh address: prefer one that no other client may come back for.
+        let mut fallback = None;
+        for n in u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end) {
+            let ip = Ipv4Addr::from(n);
+            if !free(ip) {
+                continue;
+            }
+            match self.remembered_by.get(&ip) {
+                Some(&m) if m != mac => {
+                    fallback.get_or_insert(ip);
+                }
+                _ => return Some(ip),
+            }
+        }
+        fallback
+    }
+
+    fn schedule_sweep(&mut self, at: Instant) {
+        self.sweep_at = Some(self.sweep_at.map_or(at, |t| t.min(at)));
+    }
+
+    fn reserve(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr) {
+        if self.offer_of.get(&mac).is_some_and(|&old| old != ip) {
+            self.cancel_offer_mac(mac);
+        }
+        let until = now + OFFER_HOLD;
+        if let Some(prev) = self.offers.insert(ip, Offer { mac, until }) {
+            if prev.mac != mac && self.offer_of.get(&prev.mac) == Some(&ip) {
+                self.offer_of.remove(&prev.mac);
+            }
+        }
+        self.offer_of.insert(mac, ip);
+        self.schedule_sweep(until);
+    }
+
+    fn cancel_offer_mac(&mut self, mac: Mac) {
+        if let Some(ip) = self.offer_of.remove(&mac) {
+            if self.offers.get(&ip).is_some_and(|o| o.mac == mac) {
+                self.offers.remove(&ip);
+            }
+        }
+    }
+
+    fn cancel_offer_ip(&mut self, ip: Ipv4Addr) {
+        if let Some(o) = self.offers.remove(&ip) {
+            if self.offer_of.get(&o.mac) == Some(&ip) {
+                self.offer_of.remove(&o.mac);
+            }
+        }
+    }
+
+    fn remember(&mut self, mac: Mac, ip: Ipv4Addr, now: Instant) {
+        if let Some(old_mac) = self.remembered_by.insert(ip, mac) {
+            if old_mac != mac {
+                self.memory.remove(&old_mac);
+            }
+        }
+        if let Some(prev) = self.memory.insert(mac, Remembered { ip, at: now }) {
+            if prev.ip != ip && self.remembered_by.get(&prev.ip) == Some(&mac) {
+                self.remembered_by.remove(&prev.ip);
+            }
+        }
+        if self.memory.len() > MAX_REMEMBERED {
+            let oldest = self
+                .memory
+                .iter()
+                .filter(|(m, _)| **m != mac)
+                .min_by_key(|(_, r)| r.at)
+                .map(|(m, r)| (*m, r.ip));
+            if let Some((m, ip)) = oldest {
+                self.memory.remove(&m);
+                self.remembered_by.remove(&ip);
+            }
+        }
+    }
+
+    /// ACKs `ip` to `mac`: renews its lease, or creates one (moving the client off another).
+    fn commit(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr, host_name: String) {
+        self.cancel_offer_mac(mac);
+        self.cancel_offer_ip(ip);
+        let expires_at = now + self.cfg.lease;
+        if let Some(&id) = self.by_mac.get(&mac) {
+            let l = self.leases.get_mut(&id).expect("by_mac points at a lease");
+            if l.ip == ip {
+                self.expiry.remove(&(l.expires_at, id));
+                l.expires_at = expires_at;
+                if !host_name.is_empty() {
+                    l.host_name = host_name;
+                }
+                self.expiry.insert((expires_at, id));
+                self.remember(mac, ip, now);
+                self.generation += 1;
+                return;
+            }
+            self.remove_lease(id);
+        }
+        let mut id = self.next_id;
+        while self.leases.contains_key(&id) || id == 0 {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1).max(1);
+        event::dhcp_entry_created(id, mac, ip, &host_name, self.cfg.lease);
+        self.insert_lease(Lease {
+            id,
+            leased_at: now,
+            expires_at,
+            mac,
+            ip,
+            host_name,
+        });
+        self.remember(mac, ip, now);
+    }
+
+    fn insert_lease(&mut self, l: Lease) {
+        self.generation += 1;
+        self.by_ip.insert(l.ip, l.id);
+        self.by_mac.insert(l.mac, l.id);
+        self.expiry.insert((l.expires_at, l.id));
+        self.leases.insert(l.id, l);
+    }
+
+    fn remove_lease(&mut self, id: u32) {
+        if let Some(l) = self.leases.remove(&id) {
+            self.generation += 1;
+            self.by_ip.remove(&l.ip);
+            self.by_mac.remove(&l.mac);
+            self.expiry.remove(&(l.expires_at, id));
+            event::dhcp_entry_deleted(id, l.mac, l.ip);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(t, id)) = self.expiry.first() {
+            if t > now {
+                break;
+            }
+            self.remove_lease(id);
+        }
+    }
+
+    // ---- replies ----
+
+    /// Builds the reply in `scratch` and sends it as RFC 2131 4.1 says.
+    fn reply(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        src_mac: Mac,
+        msg: &ClientMessage,
+        spec: ReplySpec,
+        out: &mut FrameBatch,
+    ) {
+        let host_ip = ctx.cfg.host.ip;
+        let limit = (msg.max_message.map_or(0, usize::from).max(MIN_MAX_MESSAGE))
+            .min(usize::from(ctx.cfg.nat.mtu))
+            - IP_UDP_HEADERS;
+        let buf = &mut self.scratch;
+        buf.clear();
+        buf.resize(OPTIONS_OFFSET, 0);
+        {
+            let mut p = DhcpPacket::new_unchecked(&mut buf[..]);
+            p.set_opcode(DhcpOpCode::Reply);
+            p.set_hardware_type(ArpHardware::Ethernet);
+            p.set_hardware_len(6);
+            p.set_hops(0);
+            p.set_transaction_id(msg.xid);
+            p.set_secs(0);
+            p.set_flags(if msg.broadcast {
+                DhcpFlags::BROADCAST
+            } else {
+                DhcpFlags::empty()
+            });
+            p.set_client_ip(spec.ciaddr);
+            p.set_your_ip(spec.yiaddr);
+            p.set_server_ip(Ipv4Addr::UNSPECIFIED);
+            p.set_relay_agent_ip(Ipv4Addr::UNSPECIFIED);
+            p.set_client_hardware_address(eth(msg.chaddr));
+            p.set_magic_number(MAGIC_COOKIE);
+        }
+        let mut w = OptionWriter { buf, limit };
+        w.put(opt::MESSAGE_TYPE, &[u8::from(spec.kind)]);
+        w.put(opt::SERVER_ID, &host_ip.octets());
+        if spec.lease {
+            let secs = self.cfg.lease.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+            w.put(opt::LEASE_TIME, &secs.to_be_bytes());
+            w.put(opt::RENEWAL_TIME, &(secs / 2).to_be_bytes());
+            w.put(
+                opt::REBINDING_TIME,
+                &((u64::from(secs) * 7 / 8) as u32).to_be_bytes(),
+            );
+        }
+        if spec.kind == DhcpMessageType::Nak {
+            w.put(opt::MESSAGE, b"requested address not available");
+        }
+        if spec.config {
+            w.put(opt::SUBNET_MASK, &self.cfg.mask.octets());
+            if let Some(gw) = self.cfg.gateway {
+                w.put(opt::ROUTER, &gw.octets());
+            }
+            if !self.cfg.dns.is_empty() {
+                let mut dns = [0u8; 8];
+                let n = self.cfg.dns.len().min(2);
+                for (i, s) in self.cfg.dns.iter().take(2).enumerate() {
+                    dns[i * 4..i * 4 + 4].copy_from_slice(&s.octets());
+                }
+                w.put(opt::DNS_SERVERS, &dns[..n * 4]);
+            }
+            if let Some(d) = &self.cfg.domain {
+                let d = d.as_bytes();
+                w.put(opt::DOMAIN_NAME, &d[..d.len().min(255)]);
+            }
+            if !self.cfg.routes.is_empty() {
+                self.routes_buf.clear();
+                encode_classless_routes(&self.cfg.routes, self.cfg.gateway, &mut self.routes_buf);
+                w.put_long(opt::CLASSLESS_ROUTES, &self.routes_buf);
+                if msg.params.contains(&opt::MS_CLASSLESS_ROUTES) {
+                    w.put_long(opt::MS_CLASSLESS_ROUTES, &self.routes_buf);
+                }
+            }
+        }
+        buf.push(opt::END);
+        if buf.len() < MIN_BOOTP_LEN {
+            buf.resize(MIN_BOOTP_LEN, 0);
+        }
+
+        let (dst_ip, dst_mac) = if spec.kind == DhcpMessageType::Nak {
+            // RFC 2131 4.1: with giaddr zero, a NAK is always broadcast.
+            (Ipv4Addr::BROADCAST, Mac::BROADCAST)
+        } else if !msg.ciaddr.is_unspecified() {
+            (msg.ciaddr, src_mac)
+        } else if msg.broadcast || spec.yiaddr.is_unspecified() {
+            (Ipv4Addr::BROADCAST, Mac::BROADCAST)
+        } else {
+            (spec.yiaddr, msg.chaddr)
+        };
+        if dst_mac != Mac::BROADCAST {
+            ctx.arp.learn(now, dst_ip, dst_mac);
+        }
+        let ident = ctx.next_ident();
+        crate::wire::push_udp(
+            out,
+            ctx.mac,
+            dst_mac,
+            host_ip,
+            DHCP_SERVER_PORT,
+            dst_ip,
+            DHCP_CLIENT_PORT,
+            ident,
+            &self.scratch,
+        );
+    }
+}
+
+/// Appends options to a reply, leaving room for END within `limit` bytes of message.
+struct OptionWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    limit: usize,
+}
+
+impl OptionWriter<'_> {
+    fn fits(&self, n: usize) -> bool {
+        self.buf.len() + n < self.limit
+    }
+
+    fn put(&mut self, code: u8, data: &[u8]) {
+        debug_assert!(data.len() <= 255);
+        if !self.fits(2 + data.len()) {
+            tracing::debug!(
+                code,
+                "DHCP option left out: the client's message size is reached"
+            );
+            return;
+        }
+        self.buf.push(code);
+        self.buf.push(data.len() as u8);
+        self.buf.extend_from_slice(data);
+    }
+
+    /// An option longer than 255 bytes, split into consecutive instances (RFC 3396).
+    fn put_long(&mut self, code: u8, data: &[u8]) {
+        let chunks = data.len().div_ceil(255).max(1);
+        if !self.fits(2 * chunks + data.len()) {
+            tracing::debug!(
+                code,
+                "DHCP option left out: the client's message size is reached"
+            );
+            return;
+        }
+        for c in data.chunks(255) {
+            self.put(code, c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use smoltcp::wire::{EthernetFrame, ETHERNET_HEADER_LEN};
+    use tracing::field::{Field, Visit};
+    use tracing::span;
+
+    use super::*;
+    use crate::config::{Config, StaticRoute};
+    use crate::sim::SimSockets;
+    use crate::Engine;
+
+    const HOST_MAC: Mac = Mac([0x00, 0xac, 1, 2, 3, 4]);
+    /// The client of the seed's log line.
+    const A: Mac = Mac([0x00, 0xAC, 0x85, 0x40, 0xB5, 0x50]);
+    const B: Mac = Mac([0x02, 0, 0, 0, 0, 0x0b]);
+    const C: Mac = Mac([0x02, 0, 0, 0, 0, 0x0c]);
+    const D: Mac = Mac([0x02, 0, 0, 0, 0, 0x0d]);
+    const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+    const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 30, last)
+    }
+
+    const DISCOVER: u8 = 1;
+    const REQUEST: u8 = 3;
+    const DECLINE: u8 = 4;
+    const RELEASE: u8 = 7;
+    const INFORM: u8 = 8;
+    const OFFER: u8 = 2;
+    const ACK: u8 = 5;
+    const NAK: u8 = 6;
+
+    // ---- log capture: a minimal subscriber that keeps the security log lines ----
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            if e.metadata().target() == event::TARGET {
+                let mut m = Message(String::new());
+                e.record(&mut m);
+                self.0.lock().unwrap().push(m.0);
+            }
+        }
+        fn enter(&self, _: &span::Id) {}
+        fn exit(&self, _: &span::Id) {}
+    }
+
+    // ---- a client message, built field by field ----
+
+    #[derive(Clone)]
+    struct Msg {
+        mac: Mac,
+        eth_dst: Mac,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        op: u8,
+        htype: u8,
+        hlen: u8,
+        xid: u32,
+        flags: u16,
+        ciaddr: Ipv4Addr,
+        giaddr: Ipv4Addr,
+        chaddr: Mac,
+        cookie: u32,
+        options: Vec<u8>,
+    }
+
+    fn msg(kind: u8, mac: Mac) -> Msg {
+        Msg {
+            mac,
+            eth_dst: Mac::BROADCAST,
+            src: ANY,
+            dst: Ipv4Addr::BROADCAST,
+            op: 1,
+            htype: 1,
+            hlen: 6,
+            xid: 0x1234_0000 | u32::from(mac.0[5]),
+            flags: 0,
+            ciaddr: ANY,
+            giaddr: ANY,
+            chaddr: mac,
+            cookie: MAGIC_COOKIE,
+            options: vec![opt::MESSAGE_TYPE, 1, kind],
+        }
+    }
+
+    impl Msg {
+        fn opt(mut self, code: u8, data: &[u8]) -> Msg {
+            self.options.push(code);
+            self.options.push(data.len() as u8);
+            self.options.extend_from_slice(data);
+            self
+        }
+        fn requested(self, a: Ipv4Addr) -> Msg {
+            self.opt(opt::REQUESTED_IP, &a.octets())
+        }
+        fn server(self, a: Ipv4Addr) -> Msg {
+            self.opt(opt::SERVER_ID, &a.octets())
+        }
+        fn host_name(self, n: &str) -> Msg {
+            self.opt(opt::HOST_NAME, n.as_bytes())
+        }
+        /// A unicast from a configured client (renewing, INFORM).
+        fn configured_at(mut self, a: Ipv4Addr) -> Msg {
+            self.ciaddr = a;
+            self.src = a;
+            self.dst = HOST_IP;
+            self.eth_dst = HOST_MAC;
+            self
+        }
+        fn broadcast_flag(mut self) -> Msg {
+            self.flags = 0x8000;
+            self
+        }
+        fn bootp(&self, end: bool) -> Vec<u8> {
+            let mut b = vec![0u8; OPTIONS_OFFSET];
+            b[0] = self.op;
+            b[1] = self.htype;
+            b[2] = self.hlen;
+            b[4..8].copy_from_slice(&self.xid.to_be_bytes());
+            b[10..12].copy_from_slice(&self.flags.to_be_bytes());
+            b[12..16].copy_from_slice(&self.ciaddr.octets());
+            b[24..28].copy_from_slice(&self.giaddr.octets());
+            b[28..34].copy_from_slice(&self.chaddr.0);
+            b[236..240].copy_from_slice(&self.cookie.to_be_bytes());
+            b.extend_from_slice(&self.options);
+            if end {
+                b.push(opt::END);
+            }
+            b
+        }
+        fn frame_of(&self, payload: &[u8]) -> Vec<u8> {
+            let mut out = FrameBatch::new();
+            crate::wire::push_udp(
+                &mut out,
+                self.mac,
+                self.eth_dst,
+                self.src,
+                DHCP_CLIENT_PORT,
+                self.dst,
+                DHCP_SERVER_PORT,
+                7,
+                payload,
+            );
+            out.get(0).unwrap().to_vec()
+        }
+        fn frame(&self) -> Vec<u8> {
+            self.frame_of(&self.bootp(true))
+        }
+    }
+
+    // ---- a reply, parsed (checksums verified) ----
+
+    #[derive(Debug)]
+    struct Reply {
+        eth_dst: Mac,
+        eth_src: Mac,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        kind: u8,
+        xid: u32,
+        flags: u16,
+        ciaddr: Ipv4Addr,
+        yiaddr: Ipv4Addr,
+        chaddr: Mac,
+        len: usize,
+        options: Vec<(u8, Vec<u8>)>,
+        raw_options: Vec<u8>,
+    }
+
+    impl Reply {
+        fn opt(&self, code: u8) -> Option<&[u8]> {
+            self.options
+                .iter()
+                .find(|(c, _)| *c == code)
+                .map(|(_, d)| d.as_slice())
+        }
+        fn opt_u32(&self, code: u8) -> Option<u32> {
+            self.opt(code)
+                .map(|d| u32::from_be_bytes(d.try_into().unwrap()))
+        }
+    }
+
+    fn parse_reply(frame: &[u8]) -> Reply {
+        let e = EthernetFrame::new_checked(frame).unwrap();
+        let ipp = Ipv4Packet::new_checked(e.payload()).unwrap();
+        assert!(ipp.verify_checksum());
+        let udp = UdpPacket::new_checked(ipp.payload()).unwrap();
+        assert!(udp.verify_checksum(&ipp.src_addr().into(), &ipp.dst_addr().into()));
+        let b = udp.payload();
+        let p = DhcpPacket::new_checked(b).unwrap();
+        assert_eq!(p.opcode(), DhcpOpCode::Reply);
+        assert_eq!(p.magic_number(), MAGIC_COOKIE);
+        let mut options = Vec::new();
+        for o in OptionIter::new(&b[OPTIONS_OFFSET..]) {
+            let (c, d) = o.unwrap();
+            options.push((c, d.to_vec()));
+        }
+        // The options end with END (and only padding after it).
+        let area = &b[OPTIONS_OFFSET..];
+        let mut i = 0;
+        while area[i] != opt::END {
+            i += if area[i] == opt::PAD {
+                1
+            } else {
+                2 + area[i + 1] as usize
+            };
+        }
+        assert!(area[i + 1..].iter().all(|&x| x == 0));
+        let kind = options
+            .iter()
+            .find(|(c, _)| *c == opt::MESSAGE_TYPE)
+            .unwrap()
+            .1[0];
+        Reply {
+            eth_dst: Mac(e.dst_addr().0),
+            eth_src: Mac(e.src_addr().0),
+            src: ipp.src_addr(),
+            dst: ipp.dst_addr(),
+            sport: udp.src_port(),
+            dport: udp.dst_port(),
+            kind,
+            xid: p.transaction_id(),
+            flags: u16::from_be_bytes([b[10], b[11]]),
+            ciaddr: p.client_ip(),
+            yiaddr: p.your_ip(),
+            chaddr: Mac(p.client_hardware_address().0),
+            len: b.len(),
+            options,
+            raw_options: area[..i].to_vec(),
+        }
+    }
+
+    // ---- the whole engine ----
+
+    struct Net {
+        engine: Engine,
+        host: SimSockets,
+        now: Instant,
+        log: Capture,
+    }
+
+    fn config() -> Config {
+        let mut c = Config::defaults();
+        c.dhcp.domain = Some("example.test".into());
+        c
+    }
+
+    impl Net {
+        fn new(cfg: Config) -> Net {
+            Net {
+                engine: Engine::new(cfg, HOST_MAC, 1),
+                host: SimSockets::default(),
+                now: Instant::from_secs(1000),
+                log: Capture::default(),
+            }
+        }
+        fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
+            let mut out = FrameBatch::new();
+            let sub = self.log.clone();
+            tracing::subscriber::with_default(sub, || {
+                self.engine
+                    .handle_frame(self.now, frame, &mut self.host, &mut out)
+            });
+            out.iter().map(parse_reply).collect()
+        }
+        fn send(&mut self, m: &Msg) -> Vec<Reply> {
+            self.frame(&m.frame())
+        }
+        fn one(&mut self, m: &Msg) -> Reply {
+            let mut r = self.send(m);
+            assert_eq!(r.len(), 1, "expected one reply");
+            r.pop().unwrap()
+        }
+        fn silent(&mut self, m: &Msg) {
+            assert!(self.send(m).is_empty(), "expected no reply");
+        }
+        fn advance(&mut self, d: Duration) {
+            self.now = self.now + d;
+            let mut out = FrameBatch::new();
+            let sub = self.log.clone();
+            tracing::subscriber::with_default(sub, || {
+                self.engine
+                    .handle_timeout(self.now, &mut self.host, &mut out)
+            });
+            assert!(out.is_empty());
+        }
+        fn offer(&mut self, mac: Mac) -> Ipv4Addr {
+            let r = self.one(&msg(DISCOVER, mac));
+            assert_eq!(r.kind, OFFER);
+            r.yiaddr
+        }
+        /// DISCOVER, OFFER, REQUEST, ACK: the address the client ends with.
+        fn dora(&mut self, mac: Mac) -> Ipv4Addr {
+            let offered = self.offer(mac);
+            let r = self.one(&msg(REQUEST, mac).server(HOST_IP).requested(offered));
+            assert_eq!((r.kind, r.yiaddr), (ACK, offered));
+            offered
+        }
+        fn drops(&self, why: Drop) -> u64 {
+            self.engine.stats().drops_of(why)
+        }
+        fn lines(&self) -> Vec<String> {
+            self.log.0.lock().unwrap().clone()
+        }
+        fn count_lines(&self, part: &str) -> usize {
+            self.lines().iter().filter(|l| l.contains(part)).count()
+        }
+        fn leases(&self) -> Vec<Lease> {
+            self.engine.dhcp.leases().cloned().collect()
+        }
+    }
+
+    // ---- the message paths ----
+
+    #[test]
+    fn discover_offer_request_ack_and_the_seeds_log_line() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(DISCOVER, A).host_name("NT4"));
+        assert_eq!(r.kind, OFFER);
+        assert_eq!(r.yiaddr, ip(10));
+        assert_eq!(r.ciaddr, ANY);
+        assert_eq!(r.xid, msg(DISCOVER, A).xid);
+        assert_eq!(r.chaddr, A);
+        // Unicast to the offered address at chaddr, from the virtual host's port 67 to 68.
+        assert_eq!((r.eth_dst, r.eth_src), (A, HOST_MAC));
+        assert_eq!((r.src, r.dst, r.sport, r.dport), (HOST_IP, ip(10), 67, 68));
+        assert!(r.len >= MIN_BOOTP_LEN);
+        assert_eq!(r.opt(opt::SERVER_ID), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt_u32(opt::LEASE_TIME), Some(7200));
+        assert_eq!(r.opt_u32(opt::RENEWAL_TIME), Some(3600));
+        assert_eq!(r.opt_u32(opt::REBINDING_TIME), Some(6300));
+        assert_eq!(r.opt(opt::SUBNET_MASK), Some(&[255, 255, 255, 0][..]));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DNS_SERVERS), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DOMAIN_NAME), Some(&b"example.test"[..]));
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), None);
+        // The first options are the message type and the server identifier.
+        assert_eq!(r.raw_options[..3], [opt::MESSAGE_TYPE, 1, OFFER]);
+        assert!(n.leases().is_empty(), "an offer is not a lease");
+
+        let r = n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(ip(10))
+                .host_name("NT4"),
+        );
+        assert_eq!(
+            (r.kind, r.yiaddr, r.dst, r.eth_dst),
+            (ACK, ip(10), ip(10), A)
+        );
+        assert_eq!(r.opt_u32(opt::LEASE_TIME), Some(7200));
+        let leases = n.leases();
+        assert_eq!(leases.len(), 1);
+        let l = &leases[0];
+        assert_eq!(
+            (l.id, l.mac, l.ip, l.host_name.as_str()),
+            (1, A, ip(10), "NT4")
+        );
+        assert_eq!(l.leased_at, n.now);
+        assert_eq!(l.expires_at, n.now + Duration::from_secs(7200));
+        assert_eq!(
+            n.lines(),
+            vec!["SecureNAT: The DHCP entry 1 was created. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10, host name: NT4, expiration date: 7200 seconds"]
+        );
+        // The unicast taught the neighbour table where the client is.
+        assert_eq!(n.engine.ctx.arp.lookup(ip(10)), Some(A));
+        // The next timer is the offer sweep; the lease's expiry follows.
+        assert_eq!(n.engine.dhcp.poll_timeout(), Some(n.now + OFFER_HOLD));
+    }
+
+    #[test]
+    fn two_discovers_get_different_addresses_and_requested_address_is_honoured() {
+        let mut n = Net::new(config());
+        assert_eq!(n.offer(A), ip(10));
+        assert_eq!(n.offer(B), ip(11));
+        // The same client asking again gets the same offer.
+        assert_eq!(n.offer(A), ip(10));
+        let r = n.one(&msg(DISCOVER, C).requested(ip(77)));
+        assert_eq!(r.yiaddr, ip(77));
+        // A requested address that is offered to another client is not given.
+        let r = n.one(&msg(DISCOVER, D).requested(ip(77)));
+        assert_eq!(r.yiaddr, ip(12));
+        // Nor one outside the range.
+        let r = n.one(&msg(DISCOVER, Mac([2, 0, 0, 0, 0, 0xe])).requested(ip(250)));
+        assert_eq!(r.yiaddr, ip(13));
+    }
+
+    #[test]
+    fn request_for_an_address_not_ours_is_naked() {
+        let mut n = Net::new(config());
+        n.dora(A);
+        let cases = [
+            // INIT-REBOOT for another network.
+            msg(REQUEST, B).requested(Ipv4Addr::new(10, 0, 0, 5)),
+            // INIT-REBOOT in our subnet but outside the range.
+            msg(REQUEST, B).requested(ip(250)),
+            // SELECTING an address leased to someone else.
+            msg(REQUEST, B).server(HOST_IP).requested(ip(10)),
+            // INIT-REBOOT of the virtual host's own address.
+            msg(REQUEST, B).requested(HOST_IP),
+            // RENEWING an address of another network: the NAK is still broadcast.
+            msg(REQUEST, B).configured_at(Ipv4Addr::new(10, 0, 0, 5)),
+        ];
+        for m in cases {
+            let r = n.one(&m);
+            assert_eq!(r.kind, NAK);
+            assert_eq!((r.yiaddr, r.ciaddr), (ANY, ANY));
+            assert_eq!((r.eth_dst, r.dst), (Mac::BROADCAST, Ipv4Addr::BROADCAST));
+            assert_eq!(r.opt(opt::SERVER_ID), Some(&HOST_IP.octets()[..]));
+            for o in [
+                opt::LEASE_TIME,
+                opt::SUBNET_MASK,
+                opt::ROUTER,
+                opt::DNS_SERVERS,
+            ] {
+                assert_eq!(r.opt(o), None);
+            }
+        }
+        assert_eq!(n.leases().len(), 1);
+        assert_eq!(n.leases()[0].mac, A);
+    }
+
+    #[test]
+    fn init_reboot_of_a_free_address_in_range_is_acked() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(REQUEST, B).requested(ip(42)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(42)));
+        assert_eq!(n.leases()[0].ip, ip(42));
+    }
+
+    #[test]
+    fn request_to_another_server_is_ignored_and_frees_the_offer() {
+        let mut n = Net::new(config());
+        assert_eq!(n.offer(B), ip(10));
+        n.silent(&msg(REQUEST, B).server(ip(99)).requested(ip(10)));
+        assert_eq!(n.drops(Drop::Foreign), 1);
+        assert!(n.leases().is_empty());
+        // The address held for B is free again.
+        assert_eq!(n.offer(C), ip(10));
+    }
+
+    #[test]
+    fn release_then_discover_gives_the_same_address() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(HOST_IP));
+        assert!(n.leases().is_empty());
+        assert_eq!(
+            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
+            1
+        );
+        // Another client is kept off the address A may come back for.
+        assert_eq!(n.dora(B), ip(11));
+        assert_eq!(n.dora(A), ip(10));
+        assert_eq!(n.leases()[1].id, 3, "a new entry after a release");
+        // A RELEASE naming another server, or an address the client does not hold, does nothing.
+        n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(ip(99)));
+        n.silent(&msg(RELEASE, A).configured_at(ip(11)).server(HOST_IP));
+        assert_eq!(n.leases().len(), 2);
+    }
+
+    #[test]
+    fn declined_address_is_not_offered_for_a_while() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.silent(&msg(DECLINE, A).requested(ip(10)).server(HOST_IP));
+        assert!(n.leases().is_empty());
+        assert_eq!(n.count_lines("was deleted"), 1);
+        assert_eq!(n.offer(A), ip(11));
+        assert_eq!(n.offer(B), ip(12));
+        // Nor given on request.
+        assert_eq!(n.one(&msg(REQUEST, C).requested(ip(10))).kind, NAK);
+        n.advance(DECLINE_HOLD);
+        assert_eq!(n.offer(C), ip(10));
+        // A client cannot decline an address it does not hold.
+        let b = n.dora(B);
+        let d = n.offer(D);
+        n.silent(&msg(DECLINE, D).requested(b).server(HOST_IP));
+        n.silent(&msg(DECLINE, D).requested(b));
+        let r = n.one(&msg(REQUEST, B).configured_at(b));
+        assert_eq!((r.kind, r.yiaddr), (ACK, b));
+        assert_eq!(n.offer(D), d);
+        // Declining an offered address works as well.
+        n.silent(&msg(DECLINE, D).requested(d).server(HOST_IP));
+        assert_ne!(n.offer(D), d);
+        // A DECLINE without the address is malformed.
+        n.silent(&msg(DECLINE, A).server(HOST_IP));
+        assert_eq!(n.drops(Drop::Malformed), 1);
+    }
+
+    #[test]
+    fn inform_is_acked_without_address_or_lease() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(INFORM, D).configured_at(ip(50)));
+        assert_eq!(r.kind, ACK);
+        assert_eq!((r.yiaddr, r.ciaddr), (ANY, ip(50)));
+        assert_eq!((r.dst, r.eth_dst), (ip(50), D));
+        for o in [opt::LEASE_TIME, opt::RENEWAL_TIME, opt::REBINDING_TIME] {
+            assert_eq!(r.opt(o), None);
+        }
+        assert_eq!(r.opt(opt::SUBNET_MASK), Some(&[255, 255, 255, 0][..]));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::DNS_SERVERS), Some(&HOST_IP.octets()[..]));
+        assert!(n.leases().is_empty());
+        assert!(n.lines().is_empty());
+        // An INFORM without ciaddr is malformed.
+        n.silent(&msg(INFORM, D));
+        assert_eq!(n.drops(Drop::Malformed), 1);
+    }
+
+    #[test]
+    fn renewal_and_rebinding_extend_the_same_entry() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.advance(Duration::from_secs(3600));
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(10)));
+        assert_eq!((r.kind, r.yiaddr, r.ciaddr), (ACK, ip(10), ip(10)));
+        assert_eq!((r.dst, r.eth_dst), (ip(10), A));
+        let l = n.leases()[0].clone();
+        assert_eq!(l.id, 1);
+        assert_eq!(l.expires_at, n.now + Duration::from_secs(7200));
+        assert_eq!(l.leased_at, Instant::from_secs(1000));
+        // REBINDING: broadcast, ciaddr set; the answer is still unicast to ciaddr.
+        n.advance(Duration::from_secs(6400));
+        let mut m = msg(REQUEST, A);
+        m.ciaddr = ip(10);
+        m.src = ip(10);
+        let r = n.one(&m);
+        assert_eq!((r.kind, r.dst, r.eth_dst), (ACK, ip(10), A));
+        assert_eq!(n.leases()[0].id, 1);
+        assert_eq!(n.count_lines("was created"), 1);
+        assert_eq!(n.count_lines("was deleted"), 0);
+        assert_eq!(n.leases().len(), 1);
+    }
+
+    #[test]
+    fn lease_expires_through_handle_timeout() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        let expiry = n.leases()[0].expires_at;
+        n.advance(OFFER_HOLD);
+        assert_eq!(n.engine.dhcp.poll_timeout(), Some(expiry));
+        assert_eq!(n.engine.poll_timeout(), Some(expiry));
+        n.advance(Duration::from_secs(7199) - OFFER_HOLD);
+        assert_eq!(n.leases().len(), 1);
+        n.advance(Duration::from_secs(1));
+        assert!(n.leases().is_empty());
+        assert_eq!(
+            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
+            1
+        );
+        // The address stays A's while nobody else takes it.
+        assert_eq!(n.dora(B), ip(11));
+        assert_eq!(n.dora(A), ip(10));
+        n.advance(Duration::from_secs(7200));
+        assert!(n.leases().is_empty());
+        assert_eq!(n.engine.dhcp.poll_timeout(), None);
+    }
+
+    #[test]
+    fn pool_exhaustion_is_silent_and_never_duplicates() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        // Offers alone hold the addresses.
+        assert_eq!(n.offer(A), ip(10));
+        assert_eq!(n.offer(B), ip(11));
+        n.silent(&msg(DISCOVER, C));
+        assert_eq!(n.drops(Drop::Limit), 1);
+        assert_eq!(
+            n.lines(),
+            vec![
+                "SecureNAT: The DHCP server has no free address for the client 02-00-00-00-00-0C."
+            ]
+        );
+        // Once the offers lapse, the third client is served.
+        n.advance(OFFER_HOLD);
+        assert_eq!(n.offer(C), ip(10));
+        // With both addresses leased, nothing is left for a third.
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(A), ip(10));
+        assert_eq!(n.dora(B), ip(11));
+        n.silent(&msg(DISCOVER, C));
+        n.silent(&msg(DISCOVER, D));
+        assert_eq!(n.drops(Drop::Limit), 2);
+        assert_eq!(
+            n.count_lines("no free address"),
+            1,
+            "the log line is rate-limited"
+        );
+        assert_eq!(n.one(&msg(REQUEST, C).requested(ip(11))).kind, NAK);
+        assert_eq!(n.leases().len(), 2);
+    }
+
+    #[test]
+    fn the_host_gateway_and_dns_addresses_are_never_given() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(1);
+        cfg.dhcp.range_end = ip(4);
+        cfg.dhcp.gateway = Some(ip(2));
+        cfg.dhcp.dns = vec![ip(3)];
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(A), ip(4));
+        n.silent(&msg(DISCOVER, B));
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(2))).kind, NAK);
+    }
+
+    #[test]
+    fn blank_gateway_dns_domain_leave_their_options_out() {
+        let mut cfg = config();
+        cfg.dhcp.gateway = None;
+        cfg.dhcp.dns = vec![];
+        cfg.dhcp.domain = None;
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        for o in [
+            opt::ROUTER,
+            opt::DNS_SERVERS,
+            opt::DOMAIN_NAME,
+            opt::CLASSLESS_ROUTES,
+        ] {
+            assert_eq!(r.opt(o), None, "option {o}");
+        }
+        assert!(r.opt(opt::SUBNET_MASK).is_some() && r.opt(opt::LEASE_TIME).is_some());
+        assert_eq!(
+            r.len, MIN_BOOTP_LEN,
+            "short replies are padded to 300 bytes"
+        );
+    }
+
+    #[test]
+    fn two_dns_servers_make_an_eight_byte_option() {
+        let mut cfg = config();
+        cfg.dhcp.dns = vec![ip(1), Ipv4Addr::new(192, 168, 30, 2)];
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(
+            r.opt(opt::DNS_SERVERS),
+            Some(&[192, 168, 30, 1, 192, 168, 30, 2][..])
+        );
+    }
+
+    #[test]
+    fn static_routes_are_sent_as_option_121_with_the_default_route() {
+        let mut cfg = config();
+        cfg.dhcp.routes = vec![
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 1, 0, 0),
+                prefix_len: 16,
+                gateway: ip(254),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(172, 16, 5, 128),
+                prefix_len: 25,
+                gateway: ip(253),
+            },
+            StaticRoute {
+                dest: Ipv4Addr::new(10, 9, 9, 9),
+                prefix_len: 32,
+                gateway: ip(252),
+            },
+        ];
+        let mut n = Net::new(cfg.clone());
+        let r = n.one(&msg(DISCOVER, A));
+        let expected: &[u8] = &[
+            16, 10, 1, 192, 168, 30, 254, //
+            25, 172, 16, 5, 128, 192, 168, 30, 253, //
+            32, 10, 9, 9, 9, 192, 168, 30, 252, //
+            0, 192, 168, 30, 1,
+        ];
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), Some(expected));
+        assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
+        assert_eq!(r.opt(opt::MS_CLASSLESS_ROUTES), None);
+        // Option 249 only for a client that asks for it.
+        let r = n.one(&msg(DISCOVER, B).opt(opt::PARAMETER_LIST, &[1, 3, 121, 249]));
+        assert_eq!(r.opt(opt::MS_CLASSLESS_ROUTES), Some(expected));
+        // Without a gateway there is no default route to add.
+        cfg.dhcp.gateway = None;
+        let mut n = Net::new(cfg);
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(
+            r.opt(opt::CLASSLESS_ROUTES),
+            Some(&expected[..expected.len() - 5])
+        );
+        assert_eq!(r.opt(opt::ROUTER), None);
+    }
+
+    #[test]
+    fn many_routes_are_split_and_bounded_by_the_message_size() {
+        let mut cfg = config();
+        cfg.dhcp.routes = (0..40)
+            .map(|i| StaticRoute {
+                dest: Ipv4Addr::new(10, i, 0, 0),
+                prefix_len: 32,
+                gateway: ip(254),
+            })
+            .collect();
+        let mut n = Net::new(cfg);
+        // 40 × 9 + 5 = 365 bytes: does not fit the 576-byte default.
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.opt(opt::CLASSLESS_ROUTES), None);
+        assert!(r.len <= 576 - 28);
+        // A client that takes 1500-byte messages gets it in two parts (RFC 3396).
+        let r = n.one(&msg(DISCOVER, B).opt(opt::MAX_MESSAGE_SIZE, &1500u16.to_be_bytes()));
+        let parts: Vec<&Vec<u8>> = r
+            .options
+            .iter()
+            .filter(|(c, _)| *c == opt::CLASSLESS_ROUTES)
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len() + parts[1].len(), 365);
+    }
+
+    #[test]
+    fn broadcast_flag_makes_replies_broadcast() {
+        let mut n = Net::new(config());
+        let r = n.one(&msg(DISCOVER, A).broadcast_flag());
+        assert_eq!((r.eth_dst, r.dst), (Mac::BROADCAST, Ipv4Addr::BROADCAST));
+        assert_eq!(r.flags, 0x8000);
+        let r = n.one(
+            &msg(REQUEST, A)
+                .broadcast_flag()
+                .server(HOST_IP)
+                .requested(r.yiaddr),
+        );
+        assert_eq!(
+            (r.kind, r.eth_dst, r.dst),
+            (ACK, Mac::BROADCAST, Ipv4Addr::BROADCAST)
+        );
+        // Broadcast replies teach the neighbour table nothing.
+        assert_eq!(n.engine.ctx.arp.lookup(ip(10)), None);
+    }
+
+    #[test]
+    fn chaddr_other_than_the_ethernet_source_is_served_at_chaddr() {
+        let mut n = Net::new(config());
+        let mut m = msg(DISCOVER, A);
+        m.chaddr = B;
+        let r = n.one(&m);
+        assert_eq!((r.chaddr, r.eth_dst), (B, B));
+        assert_eq!(n.offer(B), r.yiaddr, "the offer is B's");
+    }
+
+    #[test]
+    fn host_names_are_sanitized() {
+        assert_eq!(sanitize_host_name(b"NT4"), "NT4");
+        assert_eq!(sanitize_host_name(b"a b\x01,c\xff\0\0"), "a_b__c_");
+        assert_eq!(sanitize_host_name(&[b'x'; 300]).len(), MAX_HOST_NAME);
+        let mut n = Net::new(config());
+        let o = n.offer(A);
+        n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(o)
+                .opt(opt::HOST_NAME, b"bad, name\n"),
+        );
+        assert_eq!(n.leases()[0].host_name, "bad__name_");
+    }
+
+    #[test]
+    fn client_moving_to_another_address_gets_a_new_entry() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        let r = n.one(&msg(REQUEST, A).requested(ip(60)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(60)));
+        let l = n.leases();
+        assert_eq!(l.len(), 1);
+        assert_eq!((l[0].id, l[0].ip), (2, ip(60)));
+        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
+        assert_eq!(n.count_lines("entry 2 was created"), 1);
+        // .10 is free again for others.
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(10))).kind, ACK);
+    }
+
+    #[test]
+    fn option_overload_is_read_from_file_and_sname() {
+        let mut n = Net::new(config());
+        let m = msg(DISCOVER, A).opt(opt::OVERLOAD, &[3]);
+        let mut b = m.bootp(true);
+        // Option 50 in `file`, option 12 in `sname`.
+        b[108..114].copy_from_slice(&[opt::REQUESTED_IP, 4, 192, 168, 30, 99]);
+        b[114] = opt::END;
+        b[44..49].copy_from_slice(&[opt::HOST_NAME, 2, b'h', b'n', opt::END]);
+        let r = n.frame(&m.frame_of(&b));
+        assert_eq!(r[0].yiaddr, ip(99));
+    }
+
+    #[test]
+    fn disabled_dhcp_does_not_answer() {
+        let mut cfg = config();
+        cfg.dhcp.enabled = false;
+        let mut n = Net::new(cfg);
+        n.silent(&msg(DISCOVER, A));
+        assert_eq!(n.drops(Drop::Disabled), 1);
+    }
+
+    // ---- malformed input ----
+
+    #[test]
+    fn malformed_messages_are_dropped_and_counted() {
+        let mut n = Net::new(config());
+        let good = msg(DISCOVER, A);
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        // Shorter than the fixed BOOTP header.
+        cases.push(("truncated", good.frame_of(&good.bootp(true)[..200])));
+        cases.push(("no cookie room", good.frame_of(&good.bootp(true)[..238])));
+        let mut m = good.clone();
+        m.op = 2;
+        cases.push(("BOOTREPLY", m.frame()));
+        let mut m = good.clone();
+        m.cookie = 0x6382_5364;
+        cases.push(("bad cookie", m.frame()));
+        let mut m = good.clone();
+        m.htype = 6;
+        cases.push(("htype", m.frame()));
+        let mut m = good.clone();
+        m.hlen = 16;
+        cases.push(("hlen", m.frame()));
+        let mut m = good.clone();
+        m.options.clear();
+        cases.push(("no message type", m.frame()));
+        let mut m = good.clone().host_name("x");
+        m.options.truncate(m.options.len() - 1);
+        m.options.extend_from_slice(&[opt::HOST_NAME, 9, b'a']);
+        cases.push(("option past end", m.frame_of(&m.bootp(false))));
+        let mut m = good.clone();
+        m.options.push(opt::HOST_NAME);
+        cases.push(("option without length", m.frame_of(&m.bootp(false))));
+        cases.push((
+            "option 50 of 3 bytes",
+            good.clone().opt(opt::REQUESTED_IP, &[1, 2, 3]).frame(),
+        ));
+        cases.push((
+            "option 53 of 2 bytes",
+            msg(DISCOVER, A).opt(opt::MESSAGE_TYPE, &[1, 1]).frame(),
+        ));
+        cases.push((
+            "option 57 of 1 byte",
+            good.clone().opt(opt::MAX_MESSAGE_SIZE, &[5]).frame(),
+        ));
+        cases.push(("overload 4", good.clone().opt(opt::OVERLOAD, &[4]).frame()));
+        let mut m = good.clone();
+        m.chaddr = Mac([1, 0, 0x5e, 0, 0, 1]);
+        cases.push(("multicast chaddr", m.frame()));
+        cases.push((
+            "request without address",
+            msg(REQUEST, A).server(HOST_IP).frame(),
+        ));
+        cases.push(("renewal without ciaddr", msg(REQUEST, A).frame()));
+        let total = cases.len() as u64;
+        for (name, f) in &cases {
+            let before = n.drops(Drop::Malformed);
+            assert!(n.frame(f).is_empty(), "{name}: answered");
+            assert_eq!(
+                n.drops(Drop::Malformed),
+                before + 1,
+                "{name}: not counted as malformed"
+            );
+        }
+        assert_eq!(n.drops(Drop::Malformed), total);
+        assert!(n.leases().is_empty());
+        assert!(n.engine.dhcp.offers.is_empty());
+
+        // A UDP length that cuts the message short (checksum left out, so that it is the DHCP
+        // parser that refuses it).
+        let mut f = good.frame();
+        let udp = ETHERNET_HEADER_LEN + 20;
+        f[udp + 4..udp + 6].copy_from_slice(&(8u16 + 100).to_be_bytes());
+        f[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.drops(Drop::Malformed), total + 1);
+        // A UDP length past the datagram: the engine does not take it for DHCP at all.
+        let dropped: u64 = n.engine.stats().drops.iter().sum();
+        let mut f = good.frame();
+        f[udp + 4..udp + 6].copy_from_slice(&2000u16.to_be_bytes());
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.engine.stats().drops.iter().sum::<u64>(), dropped + 1);
+
+        // A wrong UDP checksum (but a zero one is accepted).
+        let mut f = good.frame();
+        let last = f.len() - 1;
+        f[last] ^= 0xff;
+        assert!(n.frame(&f).is_empty());
+        assert_eq!(n.drops(Drop::BadChecksum), 1);
+        let mut f = good.frame();
+        let ck = ETHERNET_HEADER_LEN + 20 + 6;
+        f[ck..ck + 2].copy_from_slice(&[0, 0]);
+        assert_eq!(n.frame(&f).len(), 1);
+
+        // Valid, but not for us: server message types, unknown types, relayed messages.
+        for kind in [OFFER, ACK, NAK, 9, 200] {
+            n.silent(&msg(kind, A));
+        }
+        let mut m = good.clone();
+        m.giaddr = Ipv4Addr::new(10, 0, 0, 1);
+        n.silent(&m);
+        assert_eq!(n.drops(Drop::Unsupported), 6);
+        // A message without END but otherwise whole is accepted.
+        let r = n.frame(&good.frame_of(&good.bootp(false)));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn option_iter_is_strict() {
+        let items: Vec<_> = OptionIter::new(&[0, 0, 53, 1, 1, 0, 12, 0, 255, 7, 7]).collect();
+        assert_eq!(items, vec![Ok((53, &[1u8][..])), Ok((12, &[][..]))]);
+        let items: Vec<_> = OptionIter::new(&[53, 1, 1, 12, 5, 1]).collect();
+        assert_eq!(items, vec![Ok((53, &[1u8][..])), Err(Drop::Malformed)]);
+        let items: Vec<_> = OptionIter::new(&[53]).collect();
+        assert_eq!(items, vec![Err(Drop::Malformed)]);
+    }
+
+    // ---- table management ----
+
+    fn lease(id: u32, mac: Mac, a: Ipv4Addr, expires: u64) -> Lease {
+        Lease {
+            id,
+            leased_at: Instant::from_secs(0),
+            expires_at: Instant::from_secs(expires),
+            mac,
+            ip: a,
+            host_name: format!("h{id}"),
+        }
+    }
+
+    #[test]
+    fn restore_keeps_valid_entries_only() {
+        let mut n = Net::new(config());
+        let now = n.now;
+        let kept = n.engine.dhcp.restore(
+            now,
+            vec![
+                lease(5, A, ip(20), 5000),
+                lease(6, B, ip(21), 500),                        // expired
+                lease(7, C, ip(250), 5000),                      // outside the range
+                lease(8, D, ip(20), 5000),                       // address taken
+                lease(9, A, ip(22), 5000),                       // MAC taken
+                lease(5, Mac([2, 0, 0, 0, 1, 1]), ip(23), 5000), // id taken
+                lease(3, Mac([2, 0, 0, 0, 1, 2]), ip(24), 5000),
+            ],
+        );
+        assert_eq!(kept, 2);
+        let ids: Vec<u32> = n.leases().iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![3, 5]);
+        // The restored client gets its address back, and renewing does not log "created".
+        assert_eq!(n.offer(A), ip(20));
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(20)));
+        assert_eq!(r.kind, ACK);
+        assert_eq!(n.count_lines("created"), 0);
+        // Others cannot take it; new entries continue after the highest id.
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(20))).kind, NAK);
+        n.dora(B);
+        assert_eq!(n.leases().last().unwrap().id, 6);
+        assert_eq!(n.engine.dhcp.lease_of(B).unwrap().id, 6);
+    }
+
+    #[test]
+    fn reconfigure_drops_what_is_outside_the_new_range() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.one(&msg(REQUEST, B).requested(ip(100)));
+        let mut cfg = n.engine.dhcp.config().clone();
+        cfg.range_start = ip(50);
+        let sub = n.log.clone();
+        tracing::subscriber::with_default(sub, || n.engine.dhcp.reconfigure(&cfg));
+        let l = n.leases();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].mac, B);
+        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
+        assert_eq!(n.offer(A), ip(50));
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded_by_the_range() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        for i in 0..20u8 {
+            let mac = Mac([2, 0, 0, 0, 2, i]);
+            let a = n.dora(mac);
+            n.silent(&msg(RELEASE, mac).configured_at(a).server(HOST_IP));
+        }
+        let s = &n.engine.dhcp;
+        assert!(s.memory.len() <= 2 && s.remembered_by.len() <= 2);
+        assert_eq!(s.memory.len(), s.remembered_by.len());
+        assert!(s.leases.is_empty() && s.by_ip.is_empty() && s.by_mac.is_empty());
+        assert!(s.expiry.is_empty());
+    }
+}

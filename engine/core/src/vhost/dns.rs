@@ -1,0 +1,686 @@
+//! The DNS relay of the virtual host (seed 3.7.4, "DNS Redirect"): UDP queries to the virtual
+//! host's port 53 are forwarded to the host's resolvers (`cfg.dns.upstream`) and the answers
+//! returned to the guest from the virtual host's port 53.
+//!
+//! Every relayed query gets a fresh random ID, unique among the queries in flight, so that
+//! guests cannot collide with one another and an off-path sender cannot guess what to forge.
+//! Each upstream has one connected UDP socket (opened on first use); an answer counts only when
+//! its ID is in flight *to that upstream* and it is a response, and then it is given back its
+//! original ID. A query not answered within `cfg.dns.query_timeout` is sent once to the next
+//! upstream (when there is one) and after that forgotten: the guest's resolver retries on its
+//! own. With no usable upstream (none configured, all IPv6, or all inside the virtual network)
+//! the guest gets SERVFAIL at once.
+//!
+//! The NAT table shows one `Proto::Dns` row per query in flight (guest address and port, the
+//! virtual host's port 53), and each is logged as a UDP session, as SecureNAT's log does.
+//!
+//! Bounds: `MAX_PENDING` queries in flight; queries longer than `MAX_QUERY` are refused; the
+//! deadline heap is rebuilt from the queries in flight when answered ones' stale entries pile up.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+
+use rand::Rng;
+use smoltcp::wire::UDP_HEADER_LEN;
+
+use crate::config::Config;
+use crate::event;
+use crate::nat::udp::{send_to_guest, DNS_PORT, READ_BUDGET};
+use crate::nat::{Proto, SessionInfo};
+use crate::output::FrameBatch;
+use crate::sockio::{SockId, SockIo};
+use crate::stats::Drop;
+use crate::time::Instant;
+use crate::Ctx;
+
+/// Queries in flight at once.
+pub const MAX_PENDING: usize = 4096;
+/// The longest query relayed (EDNS queries are well under this).
+pub const MAX_QUERY: usize = 4096;
+const HEADER_LEN: usize = 12;
+const QR: u8 = 0x80;
+const RCODE_SERVFAIL: u8 = 2;
+/// Spare query buffers kept for reuse.
+const POOL: usize = 64;
+
+/// The resolver a guest's DNS over TCP to the virtual host is sent to: the first usable upstream.
+pub fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddrV4> {
+    ctx.cfg
+        .dns
+        .upstream
+        .iter()
+        .find_map(|a| usable(ctx.cfg.in_subnet(ipv4_of(a)?), a))
+}
+
+fn ipv4_of(a: &SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match a {
+        SocketAddr::V4(v4) => Some(*v4.ip()),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// An upstream the relay can use: IPv4 (the sockets are), not unspecified, and not inside the
+/// virtual network (that would loop back to the guests).
+fn usable(in_subnet: bool, a: &SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(v4) if !in_subnet && !v4.ip().is_unspecified() && v4.port() != 0 => {
+            Some(*v4)
+        }
+        _ => None,
+    }
+}
+
+struct Upstream {
+    addr: SocketAddrV4,
+    sock: Option<SockId>,
+}
+
+struct Pending {
+    guest: SocketAddrV4,
+    orig_id: u16,
+    /// Index of the upstream it was last sent to.
+    upstream: usize,
+    deadline: Instant,
+    /// The query as relayed (new ID), kept while another upstream remains to be tried.
+    query: Option<Vec<u8>>,
+    info: SessionInfo,
+}
+
+pub struct DnsRelay {
+    upstreams: Vec<Upstream>,
+    pending: HashMap<u16, Pending>,
+    /// (deadline, relay ID, session id); stale entries are skipped when popped.
+    timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
+    pool: Vec<Vec<u8>>,
+}
+
+impl DnsRelay {
+    pub fn new(_cfg: &Config) -> DnsRelay {
+        DnsRelay {
+            upstreams: Vec::new(),
+            pending: HashMap::new(),
+            timers: BinaryHeap::new(),
+            pool: Vec::new(),
+        }
+    }
+
+    /// Queries in flight.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether `sock` is one of the upstream sockets.
+    pub fn owns(&self, sock: SockId) -> bool {
+        self.upstreams.iter().any(|u| u.sock == Some(sock))
+    }
+
+    /// Shutdown: closes the upstream sockets and forgets the queries in flight.
+    pub fn close_all(&mut self, io: &mut impl SockIo) {
+        for u in &mut self.upstreams {
+            if let Some(s) = u.sock.take() {
+                io.close(s);
+            }
+        }
+        self.pending.clear();
+    }
+
+    /// The socket to upstream `i` if it is open.
+    pub fn upstream_socket(&self, i: usize) -> Option<SockId> {
+        self.upstreams.get(i).and_then(|u| u.sock)
+    }
+
+    /// Follows the configuration's upstream list (the runtime may fill or replace it); a change
+    /// closes the old sockets and forgets the queries in flight.
+    fn sync(&mut self, ctx: &Ctx, io: &mut impl SockIo) {
+        let wanted = ctx
+            .cfg
+            .dns
+            .upstream
+            .iter()
+            .filter_map(|a| usable(ipv4_of(a).is_some_and(|ip| ctx.cfg.in_subnet(ip)), a));
+        if wanted.clone().eq(self.upstreams.iter().map(|u| u.addr)) {
+            return;
+        }
+        for u in self.upstreams.drain(..) {
+            if let Some(s) = u.sock {
+                io.close(s);
+            }
+        }
+        for (_, p) in self.pending.drain() {
+            event::session_deleted("UDP", p.info.id);
+        }
+        self.timers.clear();
+        self.upstreams = wanted.map(|addr| Upstream { addr, sock: None }).collect();
+    }
+
+    /// The socket to upstream `i`, opened on first use.
+    fn socket(&mut self, i: usize, io: &mut impl SockIo) -> io::Result<SockId> {
+        let u = &mut self.upstreams[i];
+        if let Some(s) = u.sock {
+            return Ok(s);
+        }
+        let s = io.udp_open(u.addr)?;
+        u.sock = Some(s);
+        Ok(s)
+    }
+
+    /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53). `buf` is
+    /// scratch space at least as large as a UDP datagram.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_query(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        guest: SocketAddrV4,
+        query: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+        buf: &mut [u8],
+    ) -> Result<(), Drop> {
+        if query.len() < HEADER_LEN || query.len() > MAX_QUERY {
+            return Err(Drop::Malformed);
+        }
+        if query[2] & QR != 0 {
+            // A response sent to the relay: not a question.
+            return Err(Drop::Unsupported);
+        }
+        self.sync(ctx, io);
+        if self.upstreams.is_empty() {
+            let len = servfail(query, &mut buf[UDP_HEADER_LEN..]);
+            let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
+            return send_to_guest(ctx, out, buf, len, host, guest);
+        }
+        if self.pending.len() >= MAX_PENDING {
+            return Err(Drop::Limit);
+        }
+        let id = self.fresh_id(ctx)?;
+        let relayed = &mut buf[..query.len()];
+        relayed.copy_from_slice(query);
+        relayed[..2].copy_from_slice(&id.to_be_bytes());
+        // The first upstream that can be reached (opened and written to).
+        let mut sent_to = None;
+        for i in 0..self.upstreams.len() {
+            let Ok(sock) = self.socket(i, io) else {
+                continue;
+            };
+            match io.udp_send(sock, relayed) {
+                Ok(_) => {
+                    sent_to = Some(i);
+                    break;
+                }
+                Err(e) => tracing::debug!("DNS query to {}: {e}", self.upstreams[i].addr),
+            }
+        }
+        let Some(upstream) = sent_to else {
+            return Err(Drop::QueueFull);
+        };
+        let query_copy = (upstream + 1 < self.upstreams.len()).then(|| {
+            let mut v = self.pool.pop().unwrap_or_default();
+            v.clear();
+            v.extend_from_slice(relayed);
+            v
+        });
+        let sid = ctx.next_session_id();
+        let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
+        event::session_created("UDP", sid, guest, host);
+        let deadline = now + ctx.cfg.dns.query_timeout;
+        self.pending.insert(
+            id,
+            Pending {
+                guest,
+                orig_id: u16::from_be_bytes([query[0], query[1]]),
+                upstream,
+                deadline,
+                query: query_copy,
+                info: SessionInfo {
+                    id: sid,
+                    proto: Proto::Dns,
+                    guest,
+                    dst: host,
+                    created: now,
+                    last_used: now,
+                    bytes_to_host: query.len() as u64,
+                    bytes_to_guest: 0,
+                    packets_to_host: 1,
+                    packets_to_guest: 0,
+                    state: "Querying",
+                },
+            },
+        );
+        self.timers.push(Reverse((deadline, id, sid)));
+        if self.timers.len() > 4 * MAX_PENDING {
+            // Answered queries leave their deadlines behind until they pop; under a high query
+            // rate, rebuild from the queries still in flight so the heap stays bounded.
+            self.timers = self
+                .pending
+                .iter()
+                .map(|(&id, p)| Reverse((p.deadline, id, p.info.id)))
+                .collect();
+        }
+        Ok(())
+    }
+
+    /// A random ID no query in flight has.
+    fn fresh_id(&mut self, ctx: &mut Ctx) -> Result<u16, Drop> {
+        // At most MAX_PENDING of 65536 IDs are taken: a few draws always suffice in practice.
+        for _ in 0..64 {
+            let id = ctx.rng.random::<u16>();
+            if !self.pending.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Drop::Limit)
+    }
+
+    /// Reads answers from `sock` if it is an upstream socket: `None` if it is not one of ours,
+    /// else whether data may remain after the read budget.
+    pub fn on_readable(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+        buf: &mut [u8],
+    ) -> Option<bool> {
+        let idx = self.upstreams.iter().position(|u| u.sock == Some(sock))?;
+        for _ in 0..READ_BUDGET {
+            let n = match io.udp_recv(sock, &mut buf[UDP_HEADER_LEN..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(false),
+                Err(e) => {
+                    // Refused (no resolver there) or failed: the queries time out and move on.
+                    tracing::debug!("DNS upstream {}: {e}", self.upstreams[idx].addr);
+                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                        continue;
+                    }
+                    return Some(false);
+                }
+            };
+            if let Err(why) = self.answer(now, ctx, idx, buf, n, out) {
+                ctx.stats.drop(why);
+            }
+        }
+        Some(true)
+    }
+
+    fn answer(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        upstream: usize,
+        buf: &mut [u8],
+        n: usize,
+        out: &mut FrameBatch,
+    ) -> Result<(), Drop> {
+        if n < HEADER_LEN {
+            return Err(Drop::Malformed);
+        }
+        let msg = &mut buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
+        let id = u16::from_be_bytes([msg[0], msg[1]]);
+        let ours = self
+            .pending
+            .get(&id)
+            .is_some_and(|p| p.upstream == upstream && msg[2] & QR != 0);
+        if !ours {
+            // Late, forged, or from the wrong resolver.
+            return Err(Drop::Foreign);
+        }
+        let Some(mut p) = self.pending.remove(&id) else {
+            return Err(Drop::Foreign);
+        };
+        msg[..2].copy_from_slice(&p.orig_id.to_be_bytes());
+        p.info.last_used = now;
+        event::session_deleted("UDP", p.info.id);
+        self.recycle(p.query.take());
+        let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
+        send_to_guest(ctx, out, buf, n, host, p.guest)
+    }
+
+    fn recycle(&mut self, v: Option<Vec<u8>>) {
+        if let Some(v) = v {
+            if self.pool.len() < POOL {
+                self.pool.push(v);
+            }
+        }
+    }
+
+    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+        into.extend(self.pending.values().map(|p| p.info.clone()));
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|r| r.0 .0)
+    }
+
+    /// Queries past their deadline go to the next upstream once, then are forgotten.
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        _out: &mut FrameBatch,
+    ) {
+        while let Some(&Reverse((deadline, id, sid))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let live = self
+                .pending
+                .get(&id)
+                .is_some_and(|p| p.info.id == sid && p.deadline == deadline);
+            if !live {
+                continue;
+            }
+            let Some(mut p) = self.pending.remove(&id) else {
+                continue;
+            };
+            if let Some(query) = p.query.take() {
+                let next = p.upstream + 1;
+                let sent = next < self.upstreams.len()
+                    && self
+                        .socket(next, io)
+                        .and_then(|s| io.udp_send(s, &query))
+                        .is_ok();
+                self.recycle(Some(query));
+                if sent {
+                    p.upstream = next;
+                    p.deadline = now + ctx.cfg.dns.query_timeout;
+                    p.info.packets_to_host += 1;
+                    self.timers.push(Reverse((p.deadline, id, sid)));
+                    self.pending.insert(id, p);
+                    continue;
+                }
+            }
+            event::session_deleted("UDP", p.info.id);
+        }
+    }
+}
+
+/// Writes a SERVFAIL answer to `query` into `out`; returns its length. The question is echoed
+/// when it can be delimited, else the answer carries the header alone.
+fn servfail(query: &[u8], out: &mut [u8]) -> usize {
+    let qdcount = u16::from_be_bytes([query[4], query[5]]);
+    let question_end = (qdcount == 1).then(|| question_end(query)).flatten();
+    let len = question_end.unwrap_or(HEADER_LEN);
+    out[..len].copy_from_slice(&query[..len]);
+    out[2] = QR | (query[2] & 0x79); // opcode and RD kept, AA and TC cleared
+    out[3] = 0x80 | RCODE_SERVFAIL; // RA
+    let qd = u16::from(question_end.is_some());
+    out[4..6].copy_from_slice(&qd.to_be_bytes());
+    out[6..12].fill(0);
+    len
+}
+
+/// The end of the first question (name, type, class), if it is well formed.
+fn question_end(msg: &[u8]) -> Option<usize> {
+    let mut i = HEADER_LEN;
+    loop {
+        let l = *msg.get(i)? as usize;
+        i += 1;
+        if l == 0 {
+            break;
+        }
+        if l & 0xc0 != 0 {
+            return None;
+        }
+        i += l;
+    }
+    (i + 4 <= msg.len()).then_some(i + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimSockets;
+    use crate::testing::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    const UP1: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53);
+    const UP2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 54), 5353);
+
+    fn guest() -> SocketAddrV4 {
+        SocketAddrV4::new(GUEST_IP, 1048)
+    }
+
+    fn host53() -> SocketAddrV4 {
+        SocketAddrV4::new(HOST_IP, 53)
+    }
+
+    /// A query for "a.example" type A with ID `id`.
+    fn query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x01a\x07example\x00\x00\x01\x00\x01");
+        q
+    }
+
+    fn answer_to(relayed: &[u8]) -> Vec<u8> {
+        let mut a = relayed.to_vec();
+        a[2] |= QR;
+        a[3] = 0x80;
+        a.extend_from_slice(b"answer-bytes");
+        a
+    }
+
+    fn setup2() -> (crate::Engine, SimSockets, FrameBatch) {
+        setup_with(|c| {
+            c.dns.upstream = vec![UP1.into(), UP2.into()];
+            c.dns.query_timeout = Duration::from_secs(2);
+        })
+    }
+
+    /// The socket of upstream `i` and the last query sent on it.
+    fn last_sent(e: &crate::Engine, h: &mut SimSockets, i: usize) -> (SockId, Vec<u8>) {
+        let s = e.nat.udp.dns.upstream_socket(i).unwrap();
+        (s, h.udp(s).unwrap().sent.last().unwrap().clone())
+    }
+
+    #[test]
+    fn relays_with_a_fresh_id_and_restores_it() {
+        let (mut e, mut h, mut out) = setup2();
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(0x1234)),
+            &mut h,
+            &mut out,
+        );
+        let (s1, relayed) = last_sent(&e, &mut h, 0);
+        assert_eq!(h.udp(s1).unwrap().dst, UP1);
+        assert_eq!(relayed[2..], query(0x1234)[2..]);
+        let new_id = u16::from_be_bytes([relayed[0], relayed[1]]);
+        let rows = e.nat.sessions();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].proto, rows[0].guest, rows[0].dst),
+            (Proto::Dns, guest(), host53())
+        );
+
+        // A wrong ID is ignored.
+        let mut wrong = answer_to(&relayed);
+        wrong[..2].copy_from_slice(&new_id.wrapping_add(1).to_be_bytes());
+        h.deliver_udp(s1, &wrong);
+        pump(&mut e, &mut h, &mut out, T0);
+        assert!(out.is_empty());
+        assert_eq!(e.stats().drops_of(Drop::Foreign), 1);
+
+        h.deliver_udp(s1, &answer_to(&relayed));
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        let (from, to, payload) = parse_udp(&p[0]);
+        assert_eq!((from, to), (host53(), guest()));
+        assert_eq!(payload[..2], 0x1234u16.to_be_bytes());
+        assert_eq!(payload[2..], answer_to(&relayed)[2..]);
+        assert_eq!(e.nat.udp.dns.pending(), 0);
+        assert!(e.nat.sessions().is_empty());
+        // A duplicate answer finds nothing in flight.
+        h.deliver_udp(s1, &answer_to(&relayed));
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn answer_from_the_wrong_upstream_is_ignored_and_timeout_moves_on() {
+        let (mut e, mut h, mut out) = setup2();
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(7)),
+            &mut h,
+            &mut out,
+        );
+        let (s1, relayed) = last_sent(&e, &mut h, 0);
+        // Open the second upstream's socket with another guest's query... it goes to UP1 too,
+        // so force it: time the first query out, which sends it to UP2.
+        assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(2)));
+        e.handle_timeout(T0 + Duration::from_secs(2), &mut h, &mut out);
+        let (s2, retried) = last_sent(&e, &mut h, 1);
+        assert_eq!(h.udp(s2).unwrap().dst, UP2);
+        assert_eq!(retried, relayed);
+        // Now only UP2 may answer.
+        h.deliver_udp(s1, &answer_to(&relayed));
+        pump(&mut e, &mut h, &mut out, T0);
+        assert!(out.is_empty());
+        assert_eq!(e.stats().drops_of(Drop::Foreign), 1);
+        h.deliver_udp(s2, &answer_to(&relayed));
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(parse_udp(&packets(&out)[0]).2[..2], 7u16.to_be_bytes());
+    }
+
+    #[test]
+    fn unanswered_query_is_forgotten_after_the_last_upstream() {
+        let (mut e, mut h, mut out) = setup2();
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(9)),
+            &mut h,
+            &mut out,
+        );
+        let t1 = T0 + Duration::from_secs(2);
+        e.handle_timeout(t1, &mut h, &mut out);
+        assert_eq!(e.nat.udp.dns.pending(), 1);
+        assert_eq!(e.poll_timeout(), Some(t1 + Duration::from_secs(2)));
+        e.handle_timeout(t1 + Duration::from_secs(2), &mut h, &mut out);
+        assert_eq!(e.nat.udp.dns.pending(), 0);
+        assert_eq!(e.poll_timeout(), None);
+        assert!(out.is_empty());
+        // Sent once to each upstream.
+        let s1 = e.nat.udp.dns.upstream_socket(0).unwrap();
+        let s2 = e.nat.udp.dns.upstream_socket(1).unwrap();
+        assert_eq!(h.udp(s1).unwrap().sent.len(), 1);
+        assert_eq!(h.udp(s2).unwrap().sent.len(), 1);
+    }
+
+    #[test]
+    fn concurrent_queries_get_distinct_ids() {
+        let (mut e, mut h, mut out) = setup2();
+        for port in 0..200u16 {
+            let g = SocketAddrV4::new(GUEST_IP, 2000 + port);
+            e.handle_frame(T0, &udp_frame(g, host53(), &query(1)), &mut h, &mut out);
+        }
+        let s1 = e.nat.udp.dns.upstream_socket(0).unwrap();
+        let mut ids: Vec<u16> = h
+            .udp(s1)
+            .unwrap()
+            .sent
+            .iter()
+            .map(|q| u16::from_be_bytes([q[0], q[1]]))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 200);
+        assert_eq!(e.nat.sessions().len(), 200);
+    }
+
+    #[test]
+    fn no_upstream_answers_servfail() {
+        let (mut e, mut h, mut out) = setup_with(|c| {
+            // IPv6 and in-network resolvers are unusable.
+            c.dns.upstream = vec![
+                "[::1]:53".parse().unwrap(),
+                "192.168.30.5:53".parse().unwrap(),
+            ];
+        });
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(0xbeef)),
+            &mut h,
+            &mut out,
+        );
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        let (from, _, a) = parse_udp(&p[0]);
+        assert_eq!(from, host53());
+        assert_eq!(a[..2], 0xbeefu16.to_be_bytes());
+        assert_eq!(a[2] & QR, QR);
+        assert_eq!(a[3] & 0x0f, RCODE_SERVFAIL);
+        assert_eq!(a[4..6], [0, 1]);
+        assert_eq!(a.len(), query(0).len());
+        assert!(h.sockets.is_empty());
+        assert_eq!(upstream_for_tcp(&e.ctx), None);
+    }
+
+    #[test]
+    fn malformed_queries_are_dropped() {
+        let (mut e, mut h, mut out) = setup2();
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &[1, 2, 3]),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &vec![0; MAX_QUERY + 1]),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 2);
+        let mut resp = query(1);
+        resp[2] |= QR;
+        e.handle_frame(T0, &udp_frame(guest(), host53(), &resp), &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(Drop::Unsupported), 1);
+        assert_eq!(e.nat.udp.dns.pending(), 0);
+        // A short answer from the upstream is malformed.
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(1)),
+            &mut h,
+            &mut out,
+        );
+        let (s1, _) = last_sent(&e, &mut h, 0);
+        h.deliver_udp(s1, &[0; 5]);
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn large_answers_are_fragmented_and_tcp_upstream_is_the_first() {
+        let (mut e, mut h, mut out) = setup2();
+        assert_eq!(upstream_for_tcp(&e.ctx), Some(UP1));
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), host53(), &query(3)),
+            &mut h,
+            &mut out,
+        );
+        let (s1, relayed) = last_sent(&e, &mut h, 0);
+        let mut a = answer_to(&relayed);
+        a.resize(3000, 0xab);
+        h.deliver_udp(s1, &a);
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 3);
+        let joined = join_fragments(&p);
+        assert_eq!(joined.len(), 8 + 3000);
+        assert_eq!(joined[8..10], 3u16.to_be_bytes());
+        assert_eq!(joined[10..], a[2..]);
+    }
+}

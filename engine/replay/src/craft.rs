@@ -1,0 +1,1038 @@
+//! Crafted scenarios: guest frames built here, each played against the replay driver as it is
+//! built, so a crafted guest acknowledges what the replayed core really sent (its ISN, its
+//! DHCP offer). `hubnat-pcap craft` writes them to `pcaps/NAME.in.pcap` with their script.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+};
+
+use super::pcap::Frame;
+use super::script::{Script, REPLAY_MAC};
+use super::Driver;
+use hubnat_core::config::Mac;
+
+/// The time of every crafted capture's first frame (2023-11-14 22:13:20 UTC).
+pub const EPOCH: Duration = Duration::from_secs(1_700_000_000);
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 50);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+
+pub fn guest_mac(n: u8) -> Mac {
+    Mac([0x02, 0, 0, 0, 0, n])
+}
+
+// ---- frame builders -------------------------------------------------------------------------
+
+pub fn ethernet(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 packet (header with checksum); `frag` is (offset in 8-byte units, more fragments).
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: IpProtocol,
+    ident: u16,
+    frag: (u16, bool),
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = vec![0u8; 20 + payload.len()];
+    let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
+    p.set_version(4);
+    p.set_header_len(20);
+    p.set_total_len((20 + payload.len()) as u16);
+    p.set_ident(ident);
+    p.clear_flags();
+    p.set_more_frags(frag.1);
+    p.set_frag_offset(frag.0 * 8);
+    p.set_hop_limit(64);
+    p.set_next_header(proto);
+    p.set_src_addr(src);
+    p.set_dst_addr(dst);
+    p.fill_checksum();
+    b[20..].copy_from_slice(payload);
+    b
+}
+
+/// A UDP datagram (header, checksum, payload) from `src` to `dst`.
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 8 + payload.len()];
+    let mut u = UdpPacket::new_unchecked(&mut b[..]);
+    u.set_src_port(src.port());
+    u.set_dst_port(dst.port());
+    u.set_len((8 + payload.len()) as u16);
+    u.payload_mut().copy_from_slice(payload);
+    u.fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+    b
+}
+
+pub fn udp_frame(
+    mac: Mac,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    ident: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let ip = ipv4(
+        *src.ip(),
+        *dst.ip(),
+        IpProtocol::Udp,
+        ident,
+        (0, false),
+        &udp(src, dst, payload),
+    );
+    ethernet(REPLAY_MAC, mac, 0x0800, &ip)
+}
+
+pub const SYN: u8 = 0x02;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+/// A TCP segment (header with `opts` padded to 4 bytes, checksum, payload).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    win: u16,
+    opts: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let ol = opts.len().div_ceil(4) * 4;
+    let hl = 20 + ol;
+    let mut b = vec![0u8; hl + payload.len()];
+    b[0..2].copy_from_slice(&src.port().to_be_bytes());
+    b[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    b[4..8].copy_from_slice(&seq.to_be_bytes());
+    b[8..12].copy_from_slice(&ack.to_be_bytes());
+    b[12] = ((hl / 4) as u8) << 4;
+    b[13] = flags;
+    b[14..16].copy_from_slice(&win.to_be_bytes());
+    b[20..20 + opts.len()].copy_from_slice(opts);
+    for x in &mut b[20 + opts.len()..hl] {
+        *x = 1; // NOP padding
+    }
+    b[hl..].copy_from_slice(payload);
+    TcpPacket::new_unchecked(&mut b[..])
+        .fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+    b
+}
+
+pub fn arp(
+    mac: Mac,
+    op: u16,
+    sha: Mac,
+    spa: Ipv4Addr,
+    tha: Mac,
+    tpa: Ipv4Addr,
+    dst: Mac,
+) -> Vec<u8> {
+    let mut p = vec![0, 1, 8, 0, 6, 4];
+    p.extend_from_slice(&op.to_be_bytes());
+    p.extend_from_slice(&sha.0);
+    p.extend_from_slice(&spa.octets());
+    p.extend_from_slice(&tha.0);
+    p.extend_from_slice(&tpa.octets());
+    ethernet(dst, mac, 0x0806, &p)
+}
+
+/// A DHCP client message; `opts` are (code, value) after the message type.
+pub fn dhcp(mac: Mac, xid: u32, ciaddr: Ipv4Addr, msg_type: u8, opts: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut m = vec![0u8; 240];
+    m[0] = 1;
+    m[1] = 1;
+    m[2] = 6;
+    m[4..8].copy_from_slice(&xid.to_be_bytes());
+    if ciaddr.is_unspecified() {
+        m[10] = 0x80; // broadcast flag
+    }
+    m[12..16].copy_from_slice(&ciaddr.octets());
+    m[28..34].copy_from_slice(&mac.0);
+    m[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    m.extend_from_slice(&[53, 1, msg_type]);
+    for (c, v) in opts {
+        m.push(*c);
+        m.push(v.len() as u8);
+        m.extend_from_slice(v);
+    }
+    m.push(255);
+    m
+}
+
+/// The frame carrying a DHCP message: broadcast when `ciaddr` is 0, else unicast to the host.
+pub fn dhcp_frame(mac: Mac, ciaddr: Ipv4Addr, unicast: bool, msg: &[u8], ident: u16) -> Vec<u8> {
+    let (dst_ip, dst_mac) = if unicast {
+        (HOST_IP, REPLAY_MAC)
+    } else {
+        (Ipv4Addr::BROADCAST, Mac::BROADCAST)
+    };
+    let d = udp(
+        SocketAddrV4::new(ciaddr, 68),
+        SocketAddrV4::new(dst_ip, 67),
+        msg,
+    );
+    let ip = ipv4(ciaddr, dst_ip, IpProtocol::Udp, ident, (0, false), &d);
+    ethernet(dst_mac, mac, 0x0800, &ip)
+}
+
+/// An ICMP echo request (header and data, with checksum).
+pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(data);
+    let c = super::checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// A DNS query for `name` of type `qtype`.
+pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0]);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
+// ---- an interactive session -----------------------------------------------------------------
+
+/// A crafted capture being made: every frame sent is played at once, so the next can answer.
+pub struct Session {
+    pub driver: Driver,
+    pub input: Vec<Frame>,
+    pub output: Vec<Frame>,
+    /// Time since the capture's start.
+    pub t: Duration,
+    ident: u16,
+}
+
+impl Session {
+    pub fn new(script: &Script) -> Session {
+        Session {
+            driver: Driver::new(script.clone()),
+            input: Vec::new(),
+            output: Vec::new(),
+            t: Duration::ZERO,
+            ident: 0,
+        }
+    }
+
+    pub fn ident(&mut self) -> u16 {
+        self.ident = self.ident.wrapping_add(1);
+        self.ident
+    }
+
+    pub fn wait_ms(&mut self, ms: u64) {
+        self.t += Duration::from_millis(ms);
+    }
+
+    /// Sends a frame now and returns what the core sent in answer (timers before it included).
+    pub fn send(&mut self, frame: Vec<u8>) -> Vec<Frame> {
+        let ts = EPOCH + self.t;
+        let before = self.output.len();
+        let out = &mut self.output;
+        self.driver.frame(ts, &frame, &mut |ts, f| {
+            out.push(Frame {
+                ts,
+                data: f.to_vec(),
+            })
+        });
+        self.input.push(Frame { ts, data: frame });
+        self.output[before..].to_vec()
+    }
+
+    pub fn finish(mut self) -> (Vec<Frame>, Vec<Frame>) {
+        let out = &mut self.output;
+        self.driver.finish(&mut |ts, f| {
+            out.push(Frame {
+                ts,
+                data: f.to_vec(),
+            })
+        });
+        (self.input, self.output)
+    }
+}
+
+/// The parts of a TCP segment the core sent that a crafted guest needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    pub len: u32,
+    pub tsval: Option<u32>,
+}
+
+pub fn parse_tcp(frame: &[u8]) -> Option<Seg> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let t = TcpPacket::new_checked(ip.payload()).ok()?;
+    let raw = ip.payload();
+    let mut tsval = None;
+    let hl = t.header_len() as usize;
+    let mut i = 20;
+    while i < hl {
+        match raw[i] {
+            0 => break,
+            1 => i += 1,
+            k => {
+                let l = raw[i + 1] as usize;
+                if l < 2 {
+                    break;
+                }
+                if k == 8 && l == 10 {
+                    tsval = Some(u32::from_be_bytes([
+                        raw[i + 2],
+                        raw[i + 3],
+                        raw[i + 4],
+                        raw[i + 5],
+                    ]));
+                }
+                i += l;
+            }
+        }
+    }
+    Some(Seg {
+        src: SocketAddrV4::new(ip.src_addr(), t.src_port()),
+        dst: SocketAddrV4::new(ip.dst_addr(), t.dst_port()),
+        flags: raw[13],
+        seq: t.seq_number().0 as u32,
+        ack: t.ack_number().0 as u32,
+        len: t.payload().len() as u32,
+        tsval,
+    })
+}
+
+/// A crafted guest's TCP connection.
+pub struct Conn {
+    pub mac: Mac,
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    /// The guest's next sequence number.
+    pub seq: u32,
+    /// What the guest acknowledges (the core's next sequence number).
+    pub ack: u32,
+    pub win: u16,
+    /// The core's latest TSval (echoed), when timestamps are on.
+    pub ts_recent: u32,
+    pub peer_fin: bool,
+}
+
+impl Conn {
+    pub fn new(mac: Mac, src: SocketAddrV4, dst: SocketAddrV4, isn: u32) -> Conn {
+        Conn {
+            mac,
+            src,
+            dst,
+            seq: isn,
+            ack: 0,
+            win: 502,
+            ts_recent: 0,
+            peer_fin: false,
+        }
+    }
+
+    fn frame(&self, s: &Session, flags: u8, seq: u32, payload: &[u8], syn_opts: bool) -> Vec<u8> {
+        let tsval = (s.t.as_millis() as u32).wrapping_add(1000).to_be_bytes();
+        let tse = self.ts_recent.to_be_bytes();
+        let opts: Vec<u8> = if syn_opts {
+            let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+            o.extend_from_slice(&tsval);
+            o.extend_from_slice(&tse);
+            o.extend_from_slice(&[1, 3, 3, 7]);
+            o
+        } else {
+            let mut o = vec![1, 1, 8, 10];
+            o.extend_from_slice(&tsval);
+            o.extend_from_slice(&tse);
+            o
+        };
+        let ack = if flags & ACK != 0 { self.ack } else { 0 };
+        let win = if syn_opts { 64240 } else { self.win };
+        let seg = tcp(self.src, self.dst, flags, seq, ack, win, &opts, payload);
+        let ip = ipv4(
+            *self.src.ip(),
+            *self.dst.ip(),
+            IpProtocol::Tcp,
+            0,
+            (0, false),
+            &seg,
+        );
+        ethernet(REPLAY_MAC, self.mac, 0x0800, &ip)
+    }
+
+    /// Takes in what the core sent on this connection (in-order data and FIN advance `ack`).
+    pub fn absorb(&mut self, out: &[Frame]) {
+        for f in out {
+            let Some(s) = parse_tcp(&f.data) else {
+                continue;
+            };
+            if s.dst != self.src || s.src != self.dst {
+                continue;
+            }
+            if let Some(ts) = s.tsval {
+                self.ts_recent = ts;
+            }
+            if s.flags & SYN != 0 {
+                self.ack = s.seq.wrapping_add(1);
+            } else if s.seq == self.ack {
+                self.ack = self.ack.wrapping_add(s.len);
+                if s.flags & FIN != 0 {
+                    self.ack = self.ack.wrapping_add(1);
+                    self.peer_fin = true;
+                }
+            }
+        }
+    }
+
+    /// Sends SYN, then the handshake's ACK when the core answered with SYN-ACK.
+    pub fn connect(&mut self, s: &mut Session) -> Vec<Frame> {
+        let f = self.frame(s, SYN, self.seq, &[], true);
+        self.seq = self.seq.wrapping_add(1);
+        let out = s.send(f);
+        self.absorb(&out);
+        let established = out
+            .iter()
+            .filter_map(|f| parse_tcp(&f.data))
+            .any(|g| g.dst == self.src && g.flags & (SYN | ACK) == SYN | ACK);
+        if established {
+            s.wait_ms(1);
+            let out2 = self.send(s, ACK, &[]);
+            return [out, out2].concat();
+        }
+        out
+    }
+
+    /// Sends a segment at the current sequence number and advances it.
+    pub fn send(&mut self, s: &mut Session, flags: u8, payload: &[u8]) -> Vec<Frame> {
+        let f = self.frame(s, flags, self.seq, payload, false);
+        self.seq = self
+            .seq
+            .wrapping_add(payload.len() as u32 + u32::from(flags & FIN != 0));
+        let out = s.send(f);
+        self.absorb(&out);
+        out
+    }
+
+    /// Sends a segment at an explicit sequence number (reordering, retransmission), no advance.
+    pub fn send_at(&mut self, s: &mut Session, seq: u32, flags: u8, payload: &[u8]) -> Vec<Frame> {
+        let f = self.frame(s, flags, seq, payload, false);
+        let out = s.send(f);
+        self.absorb(&out);
+        out
+    }
+
+    /// The frame of a segment, not sent (for corrupting it first).
+    pub fn build(&self, s: &Session, flags: u8, payload: &[u8]) -> Vec<u8> {
+        self.frame(s, flags, self.seq, payload, false)
+    }
+}
+
+/// The names of the crafted scenarios, in `pcaps/` order.
+pub const NAMES: &[&str] = &[
+    "arp",
+    "dhcp_exchange_renewal",
+    "dns",
+    "udp",
+    "icmp",
+    "tcp_upload_loss_reorder",
+    "tcp_download",
+    "tcp_refused_and_silent",
+    "many_flows",
+    "ip_fragments",
+    "malformed",
+];
+
+/// A crafted scenario: its script (TOML text) and its input frames.
+pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
+    let text = match name {
+        "tcp_download" => "[host]\ntcp = \"fixed:60000\"\n",
+        "tcp_upload_loss_reorder" => "[host]\ntcp = \"sink\"\n",
+        "tcp_refused_and_silent" => {
+            "[host]\nconnects = { \"10.77.0.2:81\" = \"refuse\", \"10.77.0.2:82\" = \"silent\" }\n\
+             [engine]\nnat = { tcp_connect_timeout = 2 }\n"
+        }
+        "dns" => "[host]\ndns = { \"www.example.test\" = \"10.77.0.80\" }\n",
+        "udp" => "[host]\nudp_ports = { \"9\" = \"refuse\", \"19\" = \"silent\" }\n",
+        "icmp" => "[engine]\nnat = { icmp = \"real\" }\n",
+        "ip_fragments" => "tail_ms = 35000\n",
+        _ => "",
+    };
+    let script = Script::parse(text).expect("crafted scripts are valid");
+    let mut s = Session::new(&script);
+    match name {
+        "arp" => arp_scenario(&mut s),
+        "dhcp_exchange_renewal" => dhcp_scenario(&mut s),
+        "dns" => dns_scenario(&mut s),
+        "udp" => udp_scenario(&mut s),
+        "icmp" => icmp_scenario(&mut s),
+        "tcp_upload_loss_reorder" => upload_scenario(&mut s),
+        "tcp_download" => download_scenario(&mut s),
+        "tcp_refused_and_silent" => refused_scenario(&mut s),
+        "many_flows" => many_flows_scenario(&mut s),
+        "ip_fragments" => fragments_scenario(&mut s),
+        "malformed" => malformed_scenario(&mut s),
+        _ => return None,
+    }
+    let (input, _) = s.finish();
+    Some((text.to_owned(), input))
+}
+
+fn g(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(GUEST_IP, port)
+}
+
+fn srv(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(SERVER_IP, port)
+}
+
+fn arp_scenario(s: &mut Session) {
+    let m = guest_mac(1);
+    let z = Mac([0; 6]);
+    // who-has the virtual host, twice (answered both times)
+    s.send(arp(m, 1, m, GUEST_IP, z, HOST_IP, Mac::BROADCAST));
+    s.wait_ms(500);
+    s.send(arp(m, 1, m, GUEST_IP, z, HOST_IP, Mac::BROADCAST));
+    // gratuitous ARP of another guest; who-has another guest (not ours to answer)
+    s.wait_ms(100);
+    let m2 = guest_mac(2);
+    let ip2 = Ipv4Addr::new(192, 168, 30, 51);
+    s.send(arp(m2, 1, m2, ip2, z, ip2, Mac::BROADCAST));
+    s.send(arp(m, 1, m, GUEST_IP, z, ip2, Mac::BROADCAST));
+    // a reply addressed to the host, a probe (sender 0.0.0.0), an address outside the subnet
+    s.send(arp(m, 2, m, GUEST_IP, REPLAY_MAC, HOST_IP, REPLAY_MAC));
+    s.send(arp(
+        m,
+        1,
+        m,
+        Ipv4Addr::UNSPECIFIED,
+        z,
+        HOST_IP,
+        Mac::BROADCAST,
+    ));
+    s.send(arp(
+        m,
+        1,
+        m,
+        Ipv4Addr::new(10, 9, 9, 9),
+        z,
+        HOST_IP,
+        Mac::BROADCAST,
+    ));
+    // truncated ARP, ARP for IPv6-sized addresses
+    let mut short = arp(m, 1, m, GUEST_IP, z, HOST_IP, Mac::BROADCAST);
+    short.truncate(30);
+    s.send(short);
+    let mut odd = arp(m, 1, m, GUEST_IP, z, HOST_IP, Mac::BROADCAST);
+    odd[14 + 5] = 16;
+    s.send(odd);
+}
+
+/// The DHCP server's answer in `out`: (message type, yiaddr).
+fn dhcp_answer(out: &[Frame]) -> Option<(u8, Ipv4Addr)> {
+    out.iter().find_map(|f| {
+        let eth = EthernetFrame::new_checked(&f.data[..]).ok()?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        let u = UdpPacket::new_checked(ip.payload()).ok()?;
+        if u.src_port() != 67 {
+            return None;
+        }
+        let p = u.payload();
+        let yi = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+        let mut i = 240;
+        while i + 2 < p.len() {
+            if p[i] == 53 {
+                return Some((p[i + 2], yi));
+            }
+            if p[i] == 0 {
+                i += 1;
+                continue;
+            }
+            i += 2 + p[i + 1] as usize;
+        }
+        None
+    })
+}
+
+fn dhcp_scenario(s: &mut Session) {
+    let m = guest_mac(3);
+    let host = HOST_IP.octets().to_vec();
+    let prl = (55u8, vec![1, 3, 6, 15, 51, 54]);
+    let name = (12u8, b"crafted".to_vec());
+    let id = s.ident();
+    let out = s.send(dhcp_frame(
+        m,
+        Ipv4Addr::UNSPECIFIED,
+        false,
+        &dhcp(
+            m,
+            0x1111_0001,
+            Ipv4Addr::UNSPECIFIED,
+            1,
+            &[name.clone(), prl.clone()],
+        ),
+        id,
+    ));
+    let offered = dhcp_answer(&out).map_or(Ipv4Addr::new(192, 168, 30, 10), |a| a.1);
+    s.wait_ms(20);
+    let req = dhcp(
+        m,
+        0x1111_0001,
+        Ipv4Addr::UNSPECIFIED,
+        3,
+        &[
+            (50, offered.octets().to_vec()),
+            (54, host.clone()),
+            name.clone(),
+            prl.clone(),
+        ],
+    );
+    let id = s.ident();
+    s.send(dhcp_frame(m, Ipv4Addr::UNSPECIFIED, false, &req, id));
+    // renewal at T1 (unicast, ciaddr set), rebinding (broadcast), a request for a wrong
+    // address (NAK), an INFORM, and the release
+    s.wait_ms(3_600_000);
+    let id = s.ident();
+    s.send(dhcp_frame(
+        m,
+        offered,
+        true,
+        &dhcp(m, 0x1111_0002, offered, 3, &[name.clone(), prl.clone()]),
+        id,
+    ));
+    s.wait_ms(2_700_000);
+    let id = s.ident();
+    s.send(dhcp_frame(
+        m,
+        offered,
+        false,
+        &dhcp(m, 0x1111_0003, offered, 3, std::slice::from_ref(&name)),
+        id,
+    ));
+    s.wait_ms(1000);
+    let id = s.ident();
+    let wrong = dhcp(
+        m,
+        0x1111_0004,
+        Ipv4Addr::UNSPECIFIED,
+        3,
+        &[(50, vec![192, 168, 30, 250]), name.clone()],
+    );
+    s.send(dhcp_frame(m, Ipv4Addr::UNSPECIFIED, false, &wrong, id));
+    s.wait_ms(1000);
+    let id = s.ident();
+    s.send(dhcp_frame(
+        m,
+        offered,
+        true,
+        &dhcp(m, 0x1111_0005, offered, 8, &[prl]),
+        id,
+    ));
+    s.wait_ms(1000);
+    let id = s.ident();
+    s.send(dhcp_frame(
+        m,
+        offered,
+        true,
+        &dhcp(m, 0x1111_0006, offered, 7, &[(54, host)]),
+        id,
+    ));
+    // a second client that only discovers (its offer is held, then lapses)
+    let m2 = guest_mac(4);
+    let id = s.ident();
+    s.send(dhcp_frame(
+        m2,
+        Ipv4Addr::UNSPECIFIED,
+        false,
+        &dhcp(m2, 0x2222_0001, Ipv4Addr::UNSPECIFIED, 1, &[]),
+        id,
+    ));
+    // a BOOTP message that is too short
+    let mut short = dhcp(m2, 0x2222_0002, Ipv4Addr::UNSPECIFIED, 1, &[]);
+    short.truncate(100);
+    let id = s.ident();
+    s.send(dhcp_frame(m2, Ipv4Addr::UNSPECIFIED, false, &short, id));
+}
+
+fn dns_scenario(s: &mut Session) {
+    let m = guest_mac(5);
+    let dns = SocketAddrV4::new(HOST_IP, 53);
+    let t = |s: &mut Session, port: u16, q: Vec<u8>| {
+        let id = s.ident();
+        s.send(udp_frame(m, g(port), dns, id, &q));
+        s.wait_ms(5);
+    };
+    t(s, 40001, dns_query(0x0101, "www.example.test", 1));
+    t(s, 40001, dns_query(0x0102, "www.example.test", 28));
+    t(s, 40002, dns_query(0x0103, "nowhere.example.test", 1));
+    t(s, 40003, dns_query(0x0104, "WWW.Example.Test", 1));
+    // a query with the response bit set, a truncated header, a truncated question
+    let mut resp = dns_query(0x0105, "www.example.test", 1);
+    resp[2] |= 0x80;
+    t(s, 40004, resp);
+    t(s, 40004, vec![0x01, 0x06, 0x01]);
+    let mut cut = dns_query(0x0107, "www.example.test", 1);
+    cut.truncate(20);
+    t(s, 40004, cut);
+    // the same query ID from two guests' ports at once
+    t(s, 40005, dns_query(0x0200, "www.example.test", 1));
+    t(s, 40006, dns_query(0x0200, "www.example.test", 1));
+}
+
+fn udp_scenario(s: &mut Session) {
+    let m = guest_mac(6);
+    for i in 0..5u16 {
+        let id = s.ident();
+        s.send(udp_frame(
+            m,
+            g(50000),
+            srv(7),
+            id,
+            format!("echo datagram {i}").as_bytes(),
+        ));
+        s.wait_ms(10);
+    }
+    let id = s.ident();
+    s.send(udp_frame(m, g(50001), srv(7), id, &[0u8; 1400]));
+    let id = s.ident();
+    s.send(udp_frame(m, g(50002), srv(9), id, b"refused"));
+    s.wait_ms(10);
+    let id = s.ident();
+    s.send(udp_frame(m, g(50003), srv(19), id, b"into the void"));
+    // an empty datagram; a datagram to the network's broadcast address (not relayed)
+    let id = s.ident();
+    s.send(udp_frame(m, g(50004), srv(7), id, b""));
+    let id = s.ident();
+    s.send(udp_frame(
+        m,
+        g(50005),
+        SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 255), 7),
+        id,
+        b"bcast",
+    ));
+}
+
+fn icmp_scenario(s: &mut Session) {
+    let m = guest_mac(7);
+    for (i, dst) in [HOST_IP, SERVER_IP, HOST_IP, SERVER_IP]
+        .into_iter()
+        .enumerate()
+    {
+        let id = s.ident();
+        let msg = icmp_echo(0x4242, i as u16 + 1, &[0xab; 56]);
+        let ip = ipv4(GUEST_IP, dst, IpProtocol::Icmp, id, (0, false), &msg);
+        s.send(ethernet(REPLAY_MAC, m, 0x0800, &ip));
+        s.wait_ms(1000);
+    }
+    // a bad ICMP checksum, an echo reply (not answered), a ping to an address in the network
+    let mut bad = icmp_echo(0x4242, 9, &[1; 8]);
+    bad[2] ^= 0xff;
+    let id = s.ident();
+    s.send(ethernet(
+        REPLAY_MAC,
+        m,
+        0x0800,
+        &ipv4(GUEST_IP, HOST_IP, IpProtocol::Icmp, id, (0, false), &bad),
+    ));
+    let mut reply = icmp_echo(0x4242, 10, &[1; 8]);
+    reply[0] = 0;
+    reply[2..4].fill(0);
+    let c = super::checksum(&reply);
+    reply[2..4].copy_from_slice(&c.to_be_bytes());
+    let id = s.ident();
+    s.send(ethernet(
+        REPLAY_MAC,
+        m,
+        0x0800,
+        &ipv4(
+            GUEST_IP,
+            SERVER_IP,
+            IpProtocol::Icmp,
+            id,
+            (0, false),
+            &reply,
+        ),
+    ));
+    let id = s.ident();
+    let msg = icmp_echo(0x4242, 11, &[2; 8]);
+    s.send(ethernet(
+        REPLAY_MAC,
+        m,
+        0x0800,
+        &ipv4(
+            GUEST_IP,
+            Ipv4Addr::new(192, 168, 30, 77),
+            IpProtocol::Icmp,
+            id,
+            (0, false),
+            &msg,
+        ),
+    ));
+}
+
+fn chunk(i: usize, n: usize) -> Vec<u8> {
+    (0..n).map(|k| ((i * 7 + k) % 256) as u8).collect()
+}
+
+fn upload_scenario(s: &mut Session) {
+    let mut c = Conn::new(guest_mac(8), g(41000), srv(5001), 1_000_000);
+    c.connect(s);
+    let base = c.seq;
+    let mss = 1448usize;
+    let seg = |i: usize| base.wrapping_add((i * mss) as u32);
+    let data: Vec<Vec<u8>> = (0..10).map(|i| chunk(i, mss)).collect();
+    // 0, 1 in order; 3 before 2 (reordered); 4 lost; 5, 6, 7 (dup ACKs); 4 retransmitted;
+    // 8 twice (duplicate); 9 with PSH; FIN
+    for i in [0, 1, 3, 2, 5, 6, 7] {
+        s.wait_ms(1);
+        c.send_at(s, seg(i), ACK, &data[i]);
+    }
+    s.wait_ms(30);
+    c.send_at(s, seg(4), ACK, &data[4]);
+    s.wait_ms(1);
+    c.send_at(s, seg(8), ACK, &data[8]);
+    c.send_at(s, seg(8), ACK, &data[8]);
+    s.wait_ms(1);
+    c.send_at(s, seg(9), ACK | PSH, &data[9]);
+    c.seq = seg(10);
+    // a segment partly overlapping what was received, then one far outside the window
+    c.send_at(
+        s,
+        seg(9).wrapping_add(1000),
+        ACK,
+        &chunk(9, 448 + 100)[..548],
+    );
+    c.seq = seg(10).wrapping_add(100);
+    c.send_at(s, seg(10).wrapping_add(5_000_000), ACK, b"far away");
+    s.wait_ms(5);
+    c.send(s, FIN | ACK, &[]);
+    s.wait_ms(5);
+    c.send(s, ACK, &[]);
+}
+
+fn download_scenario(s: &mut Session) {
+    let mut c = Conn::new(guest_mac(9), g(41001), srv(80), 2_000_000);
+    c.win = 256; // ×128 = 32 KiB: the core must respect it
+    c.connect(s);
+    s.wait_ms(1);
+    c.send(s, ACK | PSH, b"GET / HTTP/1.1\r\nHost: server\r\n\r\n");
+    // acknowledge in steps as data arrives, with one duplicate ACK, until the core's FIN
+    for _ in 0..200 {
+        if c.peer_fin {
+            break;
+        }
+        s.wait_ms(2);
+        c.send(s, ACK, &[]);
+    }
+    s.wait_ms(1);
+    c.send(s, FIN | ACK, &[]);
+}
+
+fn refused_scenario(s: &mut Session) {
+    let mut a = Conn::new(guest_mac(10), g(42000), srv(81), 3_000_000);
+    a.connect(s);
+    s.wait_ms(10);
+    let mut b = Conn::new(guest_mac(10), g(42001), srv(82), 4_000_000);
+    b.connect(s);
+    // the guest retransmits its SYN while the connect hangs; the core's timeout ends it
+    s.wait_ms(1000);
+    b.seq = b.seq.wrapping_sub(1);
+    b.connect(s);
+    s.wait_ms(3000);
+    // an ACK for no connection, a RST for no connection
+    let mut stray = Conn::new(guest_mac(10), g(42002), srv(83), 5_000_000);
+    stray.ack = 77;
+    stray.send(s, ACK, &[]);
+    stray.send(s, RST, &[]);
+}
+
+fn many_flows_scenario(s: &mut Session) {
+    let m = guest_mac(11);
+    let mut conns: Vec<Conn> = (0..24)
+        .map(|i| {
+            Conn::new(
+                m,
+                g(43000 + i),
+                srv(7000 + i % 4),
+                10_000_000 * (i as u32 + 1),
+            )
+        })
+        .collect();
+    for c in conns.iter_mut() {
+        c.connect(s);
+        s.wait_ms(1);
+    }
+    for round in 0..4 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let data = chunk(i + round, 100 + 37 * i);
+            c.send(s, ACK | PSH, &data);
+            let id = s.ident();
+            s.send(udp_frame(m, g(44000 + i as u16), srv(7), id, &data[..20]));
+            s.wait_ms(1);
+        }
+        // the guest acknowledges the echoes
+        for c in conns.iter_mut() {
+            c.send(s, ACK, &[]);
+        }
+    }
+    for c in conns.iter_mut() {
+        c.send(s, FIN | ACK, &[]);
+        s.wait_ms(1);
+        c.send(s, ACK, &[]);
+    }
+}
+
+fn fragments_scenario(s: &mut Session) {
+    let m = guest_mac(12);
+    let payload = chunk(1, 3000);
+    let d = udp(g(45000), srv(7), &payload);
+    let frag = |s: &mut Session, id: u16, off: usize, len: usize, more: bool| {
+        let part = &d[off..(off + len).min(d.len())];
+        let ip = ipv4(
+            GUEST_IP,
+            SERVER_IP,
+            IpProtocol::Udp,
+            id,
+            ((off / 8) as u16, more),
+            part,
+        );
+        s.send(ethernet(REPLAY_MAC, m, 0x0800, &ip));
+    };
+    // in order
+    frag(s, 100, 0, 1480, true);
+    frag(s, 100, 1480, 1480, true);
+    frag(s, 100, 2960, 48, false);
+    s.wait_ms(10);
+    // out of order
+    frag(s, 101, 2960, 48, false);
+    frag(s, 101, 1480, 1480, true);
+    frag(s, 101, 0, 1480, true);
+    s.wait_ms(10);
+    // an exact duplicate (an overlap by RFC 5722's rule: the datagram is dropped)
+    frag(s, 105, 0, 1480, true);
+    frag(s, 105, 0, 1480, true);
+    frag(s, 105, 1480, 1480, true);
+    frag(s, 105, 2960, 48, false);
+    s.wait_ms(10);
+    // overlapping fragments
+    frag(s, 102, 0, 1480, true);
+    frag(s, 102, 1400, 1608, false);
+    s.wait_ms(10);
+    // an ICMP echo to the virtual host in two fragments
+    let msg = icmp_echo(7, 1, &chunk(2, 2000));
+    for (off, more) in [(0usize, true), (1480, false)] {
+        let part = &msg[off..(off + 1480).min(msg.len())];
+        let ip = ipv4(
+            GUEST_IP,
+            HOST_IP,
+            IpProtocol::Icmp,
+            103,
+            ((off / 8) as u16, more),
+            part,
+        );
+        s.send(ethernet(REPLAY_MAC, m, 0x0800, &ip));
+    }
+    // an incomplete datagram, left to time out (30 s)
+    frag(s, 104, 0, 1480, true);
+}
+
+fn malformed_scenario(s: &mut Session) {
+    let m = guest_mac(13);
+    let good = udp_frame(m, g(46000), srv(7), 1, b"a good datagram");
+    s.send(good.clone());
+    let mut v = Vec::new();
+    // truncated Ethernet header; truncated IPv4 header
+    v.push(good[..10].to_vec());
+    v.push(good[..14 + 12].to_vec());
+    // IPv4 total length longer than the frame; shorter than the header
+    let mut f = good.clone();
+    f[16..18].copy_from_slice(&200u16.to_be_bytes());
+    v.push(f);
+    let mut f = good.clone();
+    f[16..18].copy_from_slice(&10u16.to_be_bytes());
+    v.push(f);
+    // bad IPv4 checksum; header length 4 words; version 6 in an IPv4 ethertype
+    let mut f = good.clone();
+    f[24] ^= 0x55;
+    v.push(f);
+    let mut f = good.clone();
+    f[14] = 0x44;
+    v.push(f);
+    let mut f = good.clone();
+    f[14] = 0x65;
+    v.push(f);
+    // bad UDP checksum; UDP length past the IP payload; UDP length below 8
+    let mut f = good.clone();
+    f[14 + 20 + 6] ^= 0x0f;
+    v.push(f);
+    let mut f = good.clone();
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&500u16.to_be_bytes());
+    v.push(f);
+    let mut f = good.clone();
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+    v.push(f);
+    // TCP: bad checksum; data offset past the segment; a SYN whose MSS option runs past the header
+    let c = Conn::new(m, g(46001), srv(80), 9);
+    let mut f = c.build(s, SYN, &[]);
+    let l = f.len();
+    f[l - 1] ^= 1;
+    v.push(f);
+    let mut f = c.build(s, SYN, &[]);
+    f[14 + 20 + 12] = 0xf0;
+    v.push(f);
+    let seg = tcp(g(46002), srv(80), SYN, 1, 0, 1000, &[2, 10, 5, 0xb4], &[]);
+    let ip = ipv4(GUEST_IP, SERVER_IP, IpProtocol::Tcp, 3, (0, false), &seg);
+    v.push(ethernet(REPLAY_MAC, m, 0x0800, &ip));
+    // an IPv6 frame; an unknown ethertype; a frame from the host's own MAC; to another unicast MAC
+    v.push(ethernet(REPLAY_MAC, m, 0x86dd, &[0x60; 40]));
+    v.push(ethernet(REPLAY_MAC, m, 0x88b5, b"local experimental"));
+    let mut f = good.clone();
+    f[6..12].copy_from_slice(&REPLAY_MAC.0);
+    v.push(f);
+    let mut f = good.clone();
+    f[0..6].copy_from_slice(&[0x02, 9, 9, 9, 9, 9]);
+    v.push(f);
+    // an unknown IP protocol; a good frame with Ethernet padding (must be answered)
+    let ip = ipv4(
+        GUEST_IP,
+        SERVER_IP,
+        IpProtocol::Unknown(253),
+        4,
+        (0, false),
+        b"experimental",
+    );
+    v.push(ethernet(REPLAY_MAC, m, 0x0800, &ip));
+    let mut f = udp_frame(m, g(46003), srv(7), 5, b"pad");
+    f.resize(60, 0);
+    v.push(f);
+    for f in v {
+        s.wait_ms(1);
+        s.send(f);
+    }
+}

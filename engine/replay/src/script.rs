@@ -1,0 +1,300 @@
+//! The scripted host side of a replay: how connects end, what each TCP destination does with a
+//! connection, how UDP and ICMP destinations answer, and the DNS upstream's fixed table.
+//!
+//! A script is a small TOML file (`pcaps/NAME.toml`); every field is optional:
+//!
+//! ```toml
+//! seed = 1                        # seeds every random choice of the core
+//! tail_ms = 3000                  # timers run this long past the last input frame
+//! rebase = true                   # translate guests' ACK/TSecr to the replayed core's ISN/TSval
+//!
+//! [host]
+//! default_connect = "accept"      # accept | refuse | silent
+//! connects = { "10.0.0.2:81" = "refuse" }
+//! tcp = "echo"                    # echo | sink | "fixed:N" (N bytes toward the guest, then FIN)
+//! tcp_ports = { "80" = "fixed:20000" }
+//! udp = "echo"                    # echo | silent | refuse
+//! udp_ports = { "9" = "refuse" }
+//! icmp = true                     # ICMP echo requests sent out are answered
+//! dns = { "example.com" = "10.0.0.80" }
+//!
+//! [engine]                        # hubnat's own configuration (same fields as hubnat.toml)
+//! nat = { tcp_connect_timeout = 3 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use serde::Deserialize;
+
+use hubnat_core::config::{Config, Mac, RawConfig};
+use hubnat_core::sim::ConnectOutcome;
+
+/// The virtual host MAC of every replay (and of the lab that records the real-client captures).
+pub const REPLAY_MAC: Mac = Mac([0x00, 0xac, 0x00, 0x00, 0x00, 0x01]);
+/// The DNS upstream the replayed core relays to (answered from the script's table).
+pub const REPLAY_UPSTREAM: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 53, 0, 1), 53);
+/// The DHCP domain of a replay unless the script sets one (the default would be the machine's).
+pub const REPLAY_DOMAIN: &str = "replay.test";
+
+#[derive(thiserror::Error, Debug)]
+pub enum ScriptError {
+    #[error("script: {0}")]
+    Parse(String),
+    #[error("script field `{field}`: {why}")]
+    Field { field: String, why: String },
+    #[error("script engine configuration: {0}")]
+    Config(#[from] hubnat_core::config::ConfigError),
+}
+
+fn field(field: &str, why: impl Into<String>) -> ScriptError {
+    ScriptError::Field {
+        field: field.to_owned(),
+        why: why.into(),
+    }
+}
+
+/// What a TCP destination does with a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TcpBehaviour {
+    /// Writes back every byte it reads; closes after the guest does.
+    Echo,
+    /// Reads and discards; closes after the guest does.
+    Sink,
+    /// Sends this many bytes of a fixed pattern at once, closes once the guest took them all.
+    Fixed(usize),
+}
+
+/// What a UDP destination does with a datagram.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum UdpBehaviour {
+    Echo,
+    Silent,
+    /// Answers with ICMP port unreachable.
+    Refuse,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawScript {
+    seed: Option<u64>,
+    tail_ms: Option<u64>,
+    rebase: Option<bool>,
+    #[serde(default)]
+    host: RawHostSide,
+    #[serde(default)]
+    engine: RawConfig,
+}
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawHostSide {
+    default_connect: Option<String>,
+    #[serde(default)]
+    connects: BTreeMap<String, String>,
+    tcp: Option<String>,
+    #[serde(default)]
+    tcp_ports: BTreeMap<String, String>,
+    udp: Option<String>,
+    #[serde(default)]
+    udp_ports: BTreeMap<String, String>,
+    icmp: Option<bool>,
+    #[serde(default)]
+    dns: BTreeMap<String, String>,
+}
+
+/// A parsed script.
+#[derive(Clone, Debug)]
+pub struct Script {
+    pub seed: u64,
+    pub tail_ms: u64,
+    pub rebase: bool,
+    pub default_connect: ConnectOutcome,
+    pub connects: Vec<(SocketAddrV4, ConnectOutcome)>,
+    pub tcp: TcpBehaviour,
+    pub tcp_ports: Vec<(u16, TcpBehaviour)>,
+    pub udp: UdpBehaviour,
+    pub udp_ports: Vec<(u16, UdpBehaviour)>,
+    pub icmp: bool,
+    /// Lower-case name (no trailing dot) → address.
+    pub dns: Vec<(String, Ipv4Addr)>,
+    pub config: Config,
+}
+
+impl Default for Script {
+    fn default() -> Script {
+        Script::parse("").expect("the empty script is valid")
+    }
+}
+
+fn connect_outcome(f: &str, v: &str) -> Result<ConnectOutcome, ScriptError> {
+    match v {
+        "accept" => Ok(ConnectOutcome::Accept),
+        "refuse" => Ok(ConnectOutcome::Refuse),
+        "silent" => Ok(ConnectOutcome::Silent),
+        _ => Err(field(f, format!("`{v}` is not accept, refuse or silent"))),
+    }
+}
+
+fn tcp_behaviour(f: &str, v: &str) -> Result<TcpBehaviour, ScriptError> {
+    match v {
+        "echo" => Ok(TcpBehaviour::Echo),
+        "sink" => Ok(TcpBehaviour::Sink),
+        _ => match v.strip_prefix("fixed:").map(str::parse::<usize>) {
+            Some(Ok(n)) if n <= 64 << 20 => Ok(TcpBehaviour::Fixed(n)),
+            _ => Err(field(
+                f,
+                format!("`{v}` is not echo, sink or fixed:N (N ≤ 64 MiB)"),
+            )),
+        },
+    }
+}
+
+fn udp_behaviour(f: &str, v: &str) -> Result<UdpBehaviour, ScriptError> {
+    match v {
+        "echo" => Ok(UdpBehaviour::Echo),
+        "silent" => Ok(UdpBehaviour::Silent),
+        "refuse" => Ok(UdpBehaviour::Refuse),
+        _ => Err(field(f, format!("`{v}` is not echo, silent or refuse"))),
+    }
+}
+
+fn port(f: &str, v: &str) -> Result<u16, ScriptError> {
+    v.parse()
+        .map_err(|_| field(f, format!("`{v}` is not a port")))
+}
+
+impl Script {
+    pub fn parse(text: &str) -> Result<Script, ScriptError> {
+        let raw: RawScript = toml::from_str(text).map_err(|e| ScriptError::Parse(e.to_string()))?;
+        let h = &raw.host;
+        let mut engine = raw.engine.clone();
+        if engine.dns.upstream.is_none() {
+            engine.dns.upstream = Some(vec![REPLAY_UPSTREAM.to_string()]);
+        }
+        if engine.dhcp.domain.is_none() {
+            engine.dhcp.domain = Some(REPLAY_DOMAIN.to_owned());
+        }
+        if engine.host.mac.is_none() {
+            engine.host.mac = Some(REPLAY_MAC.to_string());
+        }
+        let config = Config::from_raw(&engine)?;
+        let mut connects = Vec::new();
+        for (k, v) in &h.connects {
+            let a: SocketAddrV4 = k
+                .parse()
+                .map_err(|_| field("host.connects", format!("`{k}` is not ADDR:PORT")))?;
+            connects.push((a, connect_outcome("host.connects", v)?));
+        }
+        let mut tcp_ports = Vec::new();
+        for (k, v) in &h.tcp_ports {
+            tcp_ports.push((
+                port("host.tcp_ports", k)?,
+                tcp_behaviour("host.tcp_ports", v)?,
+            ));
+        }
+        let mut udp_ports = Vec::new();
+        for (k, v) in &h.udp_ports {
+            udp_ports.push((
+                port("host.udp_ports", k)?,
+                udp_behaviour("host.udp_ports", v)?,
+            ));
+        }
+        let mut dns = Vec::new();
+        for (k, v) in &h.dns {
+            let ip: Ipv4Addr = v
+                .parse()
+                .map_err(|_| field("host.dns", format!("`{v}` is not an IPv4 address")))?;
+            dns.push((k.trim_end_matches('.').to_ascii_lowercase(), ip));
+        }
+        Ok(Script {
+            seed: raw.seed.unwrap_or(1),
+            tail_ms: raw.tail_ms.unwrap_or(3000),
+            rebase: raw.rebase.unwrap_or(true),
+            default_connect: connect_outcome(
+                "host.default_connect",
+                h.default_connect.as_deref().unwrap_or("accept"),
+            )?,
+            connects,
+            tcp: tcp_behaviour("host.tcp", h.tcp.as_deref().unwrap_or("echo"))?,
+            tcp_ports,
+            udp: udp_behaviour("host.udp", h.udp.as_deref().unwrap_or("echo"))?,
+            udp_ports,
+            icmp: h.icmp.unwrap_or(true),
+            dns,
+            config,
+        })
+    }
+
+    /// The virtual host MAC of the replay.
+    pub fn mac(&self) -> Mac {
+        self.config.host.mac.unwrap_or(REPLAY_MAC)
+    }
+
+    pub fn tcp_for(&self, port: u16) -> TcpBehaviour {
+        self.tcp_ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(self.tcp, |(_, b)| *b)
+    }
+
+    pub fn udp_for(&self, port: u16) -> UdpBehaviour {
+        self.udp_ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(self.udp, |(_, b)| *b)
+    }
+
+    pub fn dns_lookup(&self, name: &str) -> Option<Ipv4Addr> {
+        self.dns.iter().find(|(n, _)| n == name).map(|(_, ip)| *ip)
+    }
+
+    /// Whether `a` is the DNS upstream the core relays to.
+    pub fn is_upstream(&self, a: SocketAddrV4) -> bool {
+        self.config.dns.upstream.contains(&SocketAddr::V4(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_deterministic() {
+        let s = Script::default();
+        assert_eq!(s.seed, 1);
+        assert_eq!(s.mac(), REPLAY_MAC);
+        assert_eq!(s.config.dhcp.domain.as_deref(), Some(REPLAY_DOMAIN));
+        assert!(s.is_upstream(REPLAY_UPSTREAM));
+        assert_eq!(s.tcp_for(80), TcpBehaviour::Echo);
+    }
+
+    #[test]
+    fn fields_parse_and_bad_ones_are_named() {
+        let s = Script::parse(
+            "seed = 7\n[host]\ndefault_connect = \"refuse\"\ntcp_ports = { \"80\" = \"fixed:100\" }\n\
+             udp_ports = { \"9\" = \"refuse\" }\ndns = { \"Example.COM.\" = \"10.0.0.80\" }\n\
+             [engine]\nnat = { tcp_connect_timeout = 3 }\n",
+        )
+        .unwrap();
+        assert_eq!(s.seed, 7);
+        assert_eq!(s.default_connect, ConnectOutcome::Refuse);
+        assert_eq!(s.tcp_for(80), TcpBehaviour::Fixed(100));
+        assert_eq!(s.udp_for(9), UdpBehaviour::Refuse);
+        assert_eq!(
+            s.dns_lookup("example.com"),
+            Some(Ipv4Addr::new(10, 0, 0, 80))
+        );
+        assert_eq!(s.config.nat.tcp_connect_timeout.as_secs(), 3);
+        for bad in [
+            "[host]\ntcp = \"fixed:x\"",
+            "[host]\ndefault_connect = \"maybe\"",
+            "[host]\nconnects = { \"nowhere\" = \"accept\" }",
+            "[host]\nudp_ports = { \"99999\" = \"echo\" }",
+            "unknown = 1",
+            "[engine]\nnat = { mtu = 1 }",
+        ] {
+            assert!(Script::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

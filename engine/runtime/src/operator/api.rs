@@ -1,0 +1,969 @@
+//! The management API: what `hubnat` subcommands ask a running instance, and the answers.
+//!
+//! One request per line of JSON on the control socket, one response per line back. Requests are
+//! handled on the event loop's thread between batches, against `&mut Engine`, so nothing is
+//! shared or locked. A change goes through the very validation the configuration file does: the
+//! values are merged into the file's `RawConfig` and that is validated by `Config::from_raw`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::operator::leases::{unix_millis, WallClock};
+use crate::operator::state::write_atomically;
+use hubnat_core::config::{
+    resolv_conf_nameservers, Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawNat,
+};
+use hubnat_core::nat::{Proto, SessionInfo};
+use hubnat_core::output::FrameBatch;
+use hubnat_core::sockio::SockIo;
+use hubnat_core::stats::{Drop, Stats};
+use hubnat_core::time::Instant;
+use hubnat_core::Engine;
+
+/// A part of the configuration, as the file's tables are named (`securenat` is the top level).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    Securenat,
+    Host,
+    Nat,
+    Dhcp,
+    Dns,
+}
+
+impl Section {
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Securenat => "securenat",
+            Section::Host => "host",
+            Section::Nat => "nat",
+            Section::Dhcp => "dhcp",
+            Section::Dns => "dns",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// The seed's SecureNatStatusGet, plus traffic and drop counters.
+    Status,
+    NatTable,
+    DhcpTable,
+    Get {
+        section: Section,
+    },
+    /// Sets fields of a section (`key` as in the file, `value` as typed on a command line:
+    /// lists comma-separated). `save` writes the configuration file back.
+    Set {
+        section: Section,
+        values: BTreeMap<String, String>,
+        #[serde(default)]
+        save: bool,
+    },
+    /// Reads the configuration file again (what SIGHUP does).
+    Reload,
+}
+
+/// `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub result: Value,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            result: serde_json::to_value(result).expect("answers serialize"),
+        }
+    }
+
+    pub fn err(e: impl std::fmt::Display) -> Response {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            result: Value::Null,
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    pub securenat: bool,
+    pub nat: bool,
+    pub dhcp: bool,
+    pub uptime_secs: u64,
+    pub tcp_sessions: usize,
+    pub udp_sessions: usize,
+    pub icmp_sessions: usize,
+    pub dns_sessions: usize,
+    pub dhcp_clients: usize,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    pub drops: BTreeMap<String, u64>,
+    /// Per worker thread (multi-worker runtime only): what each carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerView>,
+    /// Where the TAP's NAPI polls run, when the runtime switches them (`--tap-napi auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_napi: Option<NapiView>,
+}
+
+/// The TAP's NAPI polls, as `status` shows them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NapiView {
+    /// In kernel threads (bulk transfer), or else inside each write.
+    pub threaded: bool,
+    /// How often they moved since start.
+    pub switches: u64,
+}
+
+/// One worker thread of a multi-worker runtime, as `status` shows it.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub worker: usize,
+    pub sessions: usize,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub drops: u64,
+}
+
+/// What a worker thread reports to the control thread: its counters, its session counts, and
+/// (when asked for the NAT table) its NAT sessions. The counters and counts are published by
+/// the worker as it runs (no round trip); the sessions list is sent on request.
+#[derive(Clone, Default, Debug, PartialEq)]
+pub struct WorkerReport {
+    pub stats: Stats,
+    /// Sessions per protocol (indexed by `Proto::index`).
+    pub counts: [usize; 4],
+    /// Empty unless the sessions were asked for.
+    pub sessions: Vec<SessionInfo>,
+}
+
+impl WorkerReport {
+    /// `engine`'s counters and session counts, and its sessions when `with_sessions`.
+    pub fn of(engine: &Engine, with_sessions: bool) -> WorkerReport {
+        WorkerReport {
+            stats: engine.stats().clone(),
+            counts: engine.nat.session_counts(),
+            sessions: if with_sessions {
+                engine.nat.sessions()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Makes this report `engine`'s counters and counts (the sessions are left alone), without
+    /// allocating. Returns whether anything changed.
+    pub fn update_counters(&mut self, engine: &Engine) -> bool {
+        let counts = engine.nat.session_counts();
+        if self.stats == *engine.stats() && self.counts == counts {
+            return false;
+        }
+        self.stats.clone_from(engine.stats());
+        self.counts = counts;
+        true
+    }
+}
+
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct NatRow {
+    pub id: u32,
+    pub proto: String,
+    pub guest: String,
+    pub dst: String,
+    pub state: String,
+    /// Unix milliseconds.
+    pub created: u64,
+    pub last_used: u64,
+    pub bytes_to_host: u64,
+    pub bytes_to_guest: u64,
+    pub packets_to_host: u64,
+    pub packets_to_guest: u64,
+}
+
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct LeaseRow {
+    pub id: u32,
+    /// As the seed writes it: `00-AC-85-40-B5-50`.
+    pub mac: String,
+    pub ip: String,
+    pub host_name: String,
+    /// Unix milliseconds.
+    pub leased_at: u64,
+    pub expires_at: u64,
+}
+
+/// The answer to a change.
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub struct ChangeView {
+    /// `field: old -> new`, one per changed field.
+    pub changes: Vec<String>,
+    /// Fields that keep their running value until the next start.
+    pub restart_needed: Vec<String>,
+    /// The configuration file written back, if asked.
+    pub saved: Option<PathBuf>,
+}
+
+/// What the control side keeps between requests.
+pub struct Control {
+    /// The configuration as the file has it, with the changes made here since.
+    pub raw: RawConfig,
+    pub config_path: Option<PathBuf>,
+    pub clock: WallClock,
+}
+
+/// How a value typed for a field becomes the file's type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Bool,
+    Int,
+    Str,
+    List,
+}
+
+const FIELDS: &[(Section, &[(&str, Kind)])] = &[
+    (Section::Securenat, &[("enabled", Kind::Bool)]),
+    (
+        Section::Host,
+        &[("mac", Kind::Str), ("ip", Kind::Str), ("mask", Kind::Str)],
+    ),
+    (
+        Section::Nat,
+        &[
+            ("enabled", Kind::Bool),
+            ("mtu", Kind::Int),
+            ("tcp_timeout", Kind::Int),
+            ("udp_timeout", Kind::Int),
+            ("tcp_connect_timeout", Kind::Int),
+            ("icmp", Kind::Str),
+            ("max_sessions", Kind::Int),
+            ("max_sessions_per_guest", Kind::Int),
+            ("max_half_open", Kind::Int),
+            ("host_loopback", Kind::Str),
+        ],
+    ),
+    (
+        Section::Dhcp,
+        &[
+            ("enabled", Kind::Bool),
+            ("range_start", Kind::Str),
+            ("range_end", Kind::Str),
+            ("mask", Kind::Str),
+            ("lease", Kind::Int),
+            ("gateway", Kind::Str),
+            ("dns", Kind::List),
+            ("domain", Kind::Str),
+            ("routes", Kind::List),
+        ],
+    ),
+    (
+        Section::Dns,
+        &[("upstream", Kind::List), ("query_timeout", Kind::Int)],
+    ),
+];
+
+fn fields_of(section: Section) -> &'static [(&'static str, Kind)] {
+    FIELDS
+        .iter()
+        .find(|(s, _)| *s == section)
+        .map(|(_, f)| *f)
+        .unwrap_or(&[])
+}
+
+fn typed(section: Section, key: &str, text: &str) -> Result<Value, String> {
+    let full = |k: &str| match section {
+        Section::Securenat => k.to_owned(),
+        s => format!("{}.{k}", s.name()),
+    };
+    let Some(&(_, kind)) = fields_of(section).iter().find(|(k, _)| *k == key) else {
+        let known: Vec<&str> = fields_of(section).iter().map(|(k, _)| *k).collect();
+        return Err(format!(
+            "unknown field `{}` (known: {})",
+            full(key),
+            known.join(", ")
+        ));
+    };
+    let t = text.trim();
+    Ok(match kind {
+        Kind::Bool => match t {
+            "true" | "on" | "yes" | "1" => Value::Bool(true),
+            "false" | "off" | "no" | "0" => Value::Bool(false),
+            _ => {
+                return Err(format!(
+                    "configuration field `{}`: `{t}` is not true or false",
+                    full(key)
+                ))
+            }
+        },
+        Kind::Int => Value::from(t.parse::<u64>().map_err(|_| {
+            format!(
+                "configuration field `{}`: `{t}` is not a whole number",
+                full(key)
+            )
+        })?),
+        Kind::Str => Value::from(t),
+        Kind::List => Value::Array(
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Value::from)
+                .collect(),
+        ),
+    })
+}
+
+/// `raw` with `values` set in `section`, checked for types and names as the file is.
+pub fn merge(
+    raw: &RawConfig,
+    section: Section,
+    values: &BTreeMap<String, String>,
+) -> Result<RawConfig, String> {
+    let mut v = serde_json::to_value(raw).map_err(|e| e.to_string())?;
+    for (key, text) in values {
+        let value = typed(section, key, text)?;
+        match section {
+            Section::Securenat => v[key.as_str()] = value,
+            s => v[s.name()][key.as_str()] = value,
+        }
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// Fills in what `hubnat run` decides rather than the file: the MAC chosen at first start, and
+/// the upstream resolvers of /etc/resolv.conf when none are configured.
+pub fn complete(cfg: &mut Config, mac: hubnat_core::Mac) {
+    cfg.host.mac.get_or_insert(mac);
+    if cfg.dns.upstream.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        cfg.dns.upstream = resolv_conf_nameservers(&text)
+            .into_iter()
+            .filter(SocketAddr::is_ipv4)
+            .collect();
+    }
+}
+
+fn blank<T: ToString>(v: Option<T>) -> Option<String> {
+    Some(v.map(|x| x.to_string()).unwrap_or_default())
+}
+
+/// Every setting in effect, in the file's form (so `get` shows what a file would say).
+pub fn effective_raw(cfg: &Config) -> RawConfig {
+    let s = |d: std::time::Duration| Some(d.as_secs());
+    RawConfig {
+        enabled: Some(cfg.enabled),
+        state_dir: cfg.state_dir.as_ref().map(|p| p.display().to_string()),
+        host: RawHost {
+            mac: cfg.host.mac.map(|m| m.to_string()),
+            ip: Some(cfg.host.ip.to_string()),
+            mask: Some(cfg.host.mask.to_string()),
+        },
+        nat: RawNat {
+            enabled: Some(cfg.nat.enabled),
+            mtu: Some(u32::from(cfg.nat.mtu)),
+            tcp_timeout: s(cfg.nat.tcp_timeout),
+            udp_timeout: s(cfg.nat.udp_timeout),
+            tcp_connect_timeout: s(cfg.nat.tcp_connect_timeout),
+            icmp: Some(cfg.nat.icmp),
+            max_sessions: Some(cfg.nat.max_sessions),
+            max_sessions_per_guest: Some(cfg.nat.max_sessions_per_guest),
+            max_half_open: Some(cfg.nat.max_half_open),
+            host_loopback: blank(cfg.nat.host_loopback),
+        },
+        dhcp: RawDhcp {
+            enabled: Some(cfg.dhcp.enabled),
+            range_start: Some(cfg.dhcp.range_start.to_string()),
+            range_end: Some(cfg.dhcp.range_end.to_string()),
+            mask: Some(cfg.dhcp.mask.to_string()),
+            lease: s(cfg.dhcp.lease),
+            gateway: blank(cfg.dhcp.gateway),
+            dns: Some(cfg.dhcp.dns.iter().map(|d| d.to_string()).collect()),
+            domain: blank(cfg.dhcp.domain.as_ref()),
+            routes: Some(cfg.dhcp.routes.iter().map(|r| r.to_string()).collect()),
+        },
+        dns: RawDns {
+            upstream: Some(cfg.dns.upstream.iter().map(|a| a.to_string()).collect()),
+            query_timeout: s(cfg.dns.query_timeout),
+        },
+        control: RawControl {
+            socket: cfg.control.socket.as_ref().map(|p| p.display().to_string()),
+            security_log: cfg
+                .control
+                .security_log
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            security_log_format: Some(cfg.control.security_log_format),
+            metrics: blank(cfg.control.metrics),
+            reverse_lookup: Some(cfg.control.reverse_lookup),
+        },
+    }
+}
+
+/// The section of `raw` as a JSON object (the top-level scalars for `securenat`).
+pub fn section_value(raw: &RawConfig, section: Section) -> Value {
+    let v = serde_json::to_value(raw).expect("a configuration serializes");
+    match section {
+        Section::Securenat => serde_json::json!({ "enabled": v["enabled"] }),
+        s => v[s.name()].clone(),
+    }
+}
+
+/// `field: old -> new` for every leaf that differs.
+pub fn diff(old: &RawConfig, new: &RawConfig) -> Vec<String> {
+    fn flat(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flat(&p, x, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flat("", &serde_json::to_value(old).unwrap_or_default(), &mut a);
+    flat("", &serde_json::to_value(new).unwrap_or_default(), &mut b);
+    b.iter()
+        .filter(|(k, v)| a.get(*k) != Some(v))
+        .map(|(k, v)| {
+            let was = a.get(k).map(String::as_str).unwrap_or("null");
+            format!("{k}: {was} -> {v}")
+        })
+        .collect()
+}
+
+impl Control {
+    /// Answers one request. `now` is the core's time (its origin is `self.clock.origin`).
+    pub fn handle(
+        &mut self,
+        req: Request,
+        engine: &mut Engine,
+        now: Instant,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Response {
+        self.handle_with(req, engine, &[], now, io, out)
+    }
+
+    /// `handle` for a runtime whose NAT sessions are spread over worker threads: `engine` is
+    /// the control thread's, `workers` what each worker last reported.
+    pub fn handle_with(
+        &mut self,
+        req: Request,
+        engine: &mut Engine,
+        workers: &[WorkerReport],
+        now: Instant,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Response {
+        match req {
+            Request::Status => Response::ok(status_with(engine, workers, now)),
+            Request::NatTable => Response::ok(self.nat_table_with(engine, workers)),
+            Request::DhcpTable => Response::ok(self.dhcp_table(engine)),
+            Request::Get { section } => {
+                Response::ok(section_value(&effective_raw(engine.config()), section))
+            }
+            Request::Set {
+                section,
+                values,
+                save,
+            } => match merge(&self.raw, section, &values) {
+                Err(e) => Response::err(e),
+                Ok(raw) => self.apply(raw, save, "control socket", engine, now, io, out),
+            },
+            Request::Reload => match self.reload(engine, now, io, out) {
+                Ok(r) => r,
+                Err(e) => Response::err(e),
+            },
+        }
+    }
+
+    /// Reads the configuration file again and applies it.
+    pub fn reload(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<Response, String> {
+        let Some(path) = self.config_path.clone() else {
+            return Err("hubnat runs without a configuration file (--config)".into());
+        };
+        let raw = RawConfig::load(&path).map_err(|e| e.to_string())?;
+        Ok(self.apply(raw, false, "configuration file", engine, now, io, out))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        raw: RawConfig,
+        save: bool,
+        source: &str,
+        engine: &mut Engine,
+        now: Instant,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Response {
+        let mut cfg = match Config::from_raw(&raw) {
+            Ok(c) => c,
+            Err(e) => return Response::err(e),
+        };
+        if save && self.config_path.is_none() {
+            return Response::err(
+                "--save: hubnat runs without a configuration file (--config) to write",
+            );
+        }
+        complete(&mut cfg, engine.ctx.mac);
+        if raw.control == self.raw.control {
+            // Unchanged in the file: keep what `hubnat run`'s flags made of it.
+            cfg.control = engine.config().control.clone();
+        }
+        let before = effective_raw(engine.config());
+        let restart = engine.reconfigure(now, cfg.clone(), io, out);
+        let mut changes = diff(&before, &effective_raw(engine.config()));
+        let after_file = effective_raw(&cfg);
+        for f in &restart {
+            changes.extend(
+                diff(&before, &after_file)
+                    .into_iter()
+                    .filter(|c| c.starts_with(f)),
+            );
+        }
+        for c in &changes {
+            tracing::info!("configuration changed ({source}): {c}");
+        }
+        for f in &restart {
+            tracing::warn!("configuration field `{f}` changed: it takes effect at the next start");
+        }
+        self.raw = raw;
+        let mut saved = None;
+        if save {
+            let path = self.config_path.clone().expect("checked above");
+            let text = match toml::to_string(&self.raw) {
+                Ok(t) => t,
+                Err(e) => return Response::err(format!("cannot write the configuration: {e}")),
+            };
+            if let Err(e) = write_atomically(&path, text.as_bytes()) {
+                return Response::err(format!("applied, but cannot write {}: {e}", path.display()));
+            }
+            tracing::info!("configuration saved to {}", path.display());
+            saved = Some(path);
+        }
+        Response::ok(ChangeView {
+            changes,
+            restart_needed: restart.into_iter().map(str::to_owned).collect(),
+            saved,
+        })
+    }
+
+    pub fn nat_table(&self, engine: &Engine) -> Vec<NatRow> {
+        self.nat_table_with(engine, &[])
+    }
+
+    /// The NAT table of the control engine and every worker's sessions, by id.
+    pub fn nat_table_with(&self, engine: &Engine, workers: &[WorkerReport]) -> Vec<NatRow> {
+        let ms = |t| unix_millis(self.clock.wall(t));
+        let mut sessions = engine.nat.sessions();
+        for w in workers {
+            sessions.extend(w.sessions.iter().cloned());
+        }
+        sessions.sort_by_key(|s| s.id);
+        sessions
+            .into_iter()
+            .map(|s| NatRow {
+                id: s.id,
+                proto: s.proto.name().to_owned(),
+                guest: s.guest.to_string(),
+                dst: s.dst.to_string(),
+                state: s.state.to_owned(),
+                created: ms(s.created),
+                last_used: ms(s.last_used),
+                bytes_to_host: s.bytes_to_host,
+                bytes_to_guest: s.bytes_to_guest,
+                packets_to_host: s.packets_to_host,
+                packets_to_guest: s.packets_to_guest,
+            })
+            .collect()
+    }
+
+    pub fn dhcp_table(&self, engine: &Engine) -> Vec<LeaseRow> {
+        let ms = |t| unix_millis(self.clock.wall(t));
+        engine
+            .dhcp
+            .leases()
+            .map(|l| LeaseRow {
+                id: l.id,
+                mac: l.mac.dashed(),
+                ip: l.ip.to_string(),
+                host_name: l.host_name.clone(),
+                leased_at: ms(l.leased_at),
+                expires_at: ms(l.expires_at),
+            })
+            .collect()
+    }
+}
+
+pub fn status(engine: &Engine, now: Instant) -> StatusView {
+    status_with(engine, &[], now)
+}
+
+/// The status of the control engine plus its workers' reports (sessions and counters summed).
+pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> StatusView {
+    let mut counts = engine.nat.session_counts();
+    let mut st = engine.stats().clone();
+    let mut views = Vec::new();
+    for (i, w) in workers.iter().enumerate() {
+        for (a, b) in counts.iter_mut().zip(w.counts) {
+            *a += b;
+        }
+        st.merge(&w.stats);
+        views.push(WorkerView {
+            worker: i,
+            sessions: w.counts.iter().sum(),
+            frames_in: w.stats.frames_in,
+            frames_out: w.stats.frames_out,
+            bytes_in: w.stats.bytes_in,
+            bytes_out: w.stats.bytes_out,
+            drops: w.stats.drops.iter().sum(),
+        });
+    }
+    let count = |p: Proto| counts[p.index()];
+    let st = &st;
+    let cfg = engine.config();
+    StatusView {
+        securenat: cfg.enabled,
+        nat: cfg.nat.enabled,
+        dhcp: cfg.dhcp.enabled,
+        uptime_secs: now.saturating_since(Instant::ZERO).as_secs(),
+        tcp_sessions: count(Proto::Tcp),
+        udp_sessions: count(Proto::Udp),
+        icmp_sessions: count(Proto::Icmp),
+        dns_sessions: count(Proto::Dns),
+        dhcp_clients: engine.dhcp.leases().count(),
+        frames_in: st.frames_in,
+        bytes_in: st.bytes_in,
+        frames_out: st.frames_out,
+        bytes_out: st.bytes_out,
+        drops: Drop::ALL
+            .iter()
+            .map(|d| (d.name().to_owned(), st.drops_of(*d)))
+            .collect(),
+        workers: views,
+        tap_napi: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+    use hubnat_core::sim::SimSockets;
+    use hubnat_core::testing::*;
+
+    fn control() -> Control {
+        Control {
+            raw: RawConfig::default(),
+            config_path: None,
+            clock: WallClock {
+                origin: std::time::SystemTime::now(),
+            },
+        }
+    }
+
+    /// The engine as `hubnat run` makes it: MAC and upstreams decided.
+    fn setup() -> (Engine, SimSockets, FrameBatch) {
+        let (mut e, h, out) = hubnat_core::testing::setup();
+        let mac = e.ctx.mac;
+        complete(&mut e.ctx.cfg, mac);
+        (e, h, out)
+    }
+
+    fn set(section: Section, kv: &[(&str, &str)]) -> Request {
+        Request::Set {
+            section,
+            values: kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            save: false,
+        }
+    }
+
+    fn udp_to(e: &mut Engine, h: &mut SimSockets, out: &mut FrameBatch, sport: u16, dport: u16) {
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, sport),
+            SocketAddrV4::new(REMOTE_IP, dport),
+            b"hello",
+        );
+        e.handle_frame(T0, &f, h, out);
+    }
+
+    #[test]
+    fn requests_and_responses_are_one_json_object_each() {
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"set","section":"nat","values":{"enabled":"false"}}"#)
+                .unwrap();
+        assert_eq!(r, set(Section::Nat, &[("enabled", "false")]));
+        let r: Request = serde_json::from_str(r#"{"cmd":"nat-table"}"#).unwrap();
+        assert_eq!(r, Request::NatTable);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
+        let text = serde_json::to_string(&Response::err("no")).unwrap();
+        assert_eq!(text, r#"{"ok":false,"error":"no"}"#);
+    }
+
+    #[test]
+    fn typed_values_and_their_errors_name_the_field() {
+        let mut v = BTreeMap::new();
+        v.insert("dns".to_string(), "192.168.30.1, 192.168.30.2".to_string());
+        v.insert("lease".to_string(), "3600".to_string());
+        v.insert("enabled".to_string(), "off".to_string());
+        let raw = merge(&RawConfig::default(), Section::Dhcp, &v).unwrap();
+        assert_eq!(raw.dhcp.dns.as_deref().unwrap().len(), 2);
+        assert_eq!(raw.dhcp.lease, Some(3600));
+        assert_eq!(raw.dhcp.enabled, Some(false));
+        for (section, k, val, want) in [
+            (Section::Dhcp, "lease", "soon", "dhcp.lease"),
+            (Section::Nat, "enabled", "maybe", "nat.enabled"),
+            (Section::Nat, "colour", "red", "nat.colour"),
+            (Section::Securenat, "nat", "x", "`nat`"),
+        ] {
+            let mut v = BTreeMap::new();
+            v.insert(k.to_string(), val.to_string());
+            let e = merge(&RawConfig::default(), section, &v).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        // Every field of the table is one the file knows, with the file's type.
+        for (section, fields) in FIELDS {
+            for (k, kind) in *fields {
+                let val = match kind {
+                    Kind::Bool => "true",
+                    Kind::Int => "5",
+                    Kind::Str | Kind::List => "x",
+                };
+                let mut v = BTreeMap::new();
+                v.insert(k.to_string(), val.to_string());
+                if let Err(e) = merge(&RawConfig::default(), *section, &v) {
+                    // Only the enum-typed field may refuse a made-up word.
+                    assert!(*k == "icmp", "{}.{k}: {e}", section.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_is_validated_as_the_file_is() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let r = c.handle(
+            set(Section::Dhcp, &[("range_start", "10.0.0.1")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(!r.ok);
+        let msg = r.error.unwrap();
+        assert!(
+            msg.contains("`dhcp.range_start`") && msg.contains("outside"),
+            "{msg}"
+        );
+        assert_eq!(e.config().dhcp.range_start, Ipv4Addr::new(192, 168, 30, 10));
+        assert_eq!(
+            c.raw,
+            RawConfig::default(),
+            "a refused change leaves nothing behind"
+        );
+    }
+
+    #[test]
+    fn nat_disable_stops_new_sessions_and_keeps_the_others_and_dhcp() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        udp_to(&mut e, &mut h, &mut out, 4000, 53000);
+        assert_eq!(e.nat.sessions().len(), 1);
+        let r = c.handle(
+            set(Section::Nat, &[("enabled", "false")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok, "{r:?}");
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert_eq!(change.changes, vec!["nat.enabled: true -> false"]);
+        assert!(change.restart_needed.is_empty());
+        udp_to(&mut e, &mut h, &mut out, 4001, 53000);
+        assert_eq!(e.stats().drops_of(Drop::Disabled), 1);
+        assert_eq!(e.nat.sessions().len(), 1, "the open session is not dropped");
+        assert!(e.config().dhcp.enabled);
+        let st = status(&e, T0);
+        assert!(!st.nat && st.dhcp && st.securenat);
+        assert_eq!(st.udp_sessions, 1);
+        assert_eq!(st.drops["disabled"], 1);
+        // And back on.
+        let r = c.handle(
+            set(Section::Nat, &[("enabled", "true")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok);
+        udp_to(&mut e, &mut h, &mut out, 4001, 53000);
+        assert_eq!(e.nat.sessions().len(), 2);
+    }
+
+    #[test]
+    fn dhcp_change_keeps_sessions_and_leases_in_range() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        udp_to(&mut e, &mut h, &mut out, 4000, 53000);
+        let lease = |id, last| hubnat_core::vhost::dhcp::Lease {
+            id,
+            leased_at: T0,
+            expires_at: T0 + std::time::Duration::from_secs(100),
+            mac: hubnat_core::Mac([2, 0, 0, 0, 0, id as u8]),
+            ip: Ipv4Addr::new(192, 168, 30, last),
+            host_name: String::new(),
+        };
+        assert_eq!(e.dhcp.restore(T0, vec![lease(1, 20), lease(2, 150)]), 2);
+        let r = c.handle(
+            set(
+                Section::Dhcp,
+                &[("range_end", "192.168.30.100"), ("lease", "60")],
+            ),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok, "{r:?}");
+        let ids: Vec<u32> = c.dhcp_table(&e).iter().map(|l| l.id).collect();
+        assert_eq!(
+            ids,
+            vec![1],
+            "the lease outside the new range is gone, the other kept"
+        );
+        assert_eq!(e.nat.sessions().len(), 1);
+        let got = section_value(&effective_raw(e.config()), Section::Dhcp);
+        assert_eq!(got["range_end"], "192.168.30.100");
+        assert_eq!(got["lease"], 60);
+    }
+
+    #[test]
+    fn start_time_settings_wait_for_a_restart_and_host_moves_announce() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let r = c.handle(
+            set(Section::Nat, &[("mtu", "9000")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert_eq!(change.restart_needed, vec!["nat.mtu"]);
+        assert_eq!(change.changes, vec!["nat.mtu: 1500 -> 9000"]);
+        assert_eq!(e.config().nat.mtu, 1500);
+        assert_eq!(
+            c.raw.nat.mtu,
+            Some(9000),
+            "kept for --save and the next start"
+        );
+        assert!(out.is_empty());
+        let r = c.handle(
+            set(Section::Securenat, &[("enabled", "false")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok);
+        assert!(!e.config().enabled);
+        let r = c.handle(
+            set(Section::Securenat, &[("enabled", "true")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok);
+        assert_eq!(out.len(), 1, "a gratuitous ARP when SecureNAT comes back");
+    }
+
+    #[test]
+    fn start_flags_for_the_control_table_are_not_a_change() {
+        let (mut e, mut h, mut out) = setup();
+        e.ctx.cfg.control.metrics = Some("127.0.0.1:9100".parse().unwrap());
+        let mut c = control();
+        let r = c.handle(
+            set(Section::Dhcp, &[("lease", "60")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert_eq!(change.changes, vec!["dhcp.lease: 7200 -> 60"]);
+        assert!(change.restart_needed.is_empty());
+        assert!(e.config().control.metrics.is_some());
+    }
+
+    #[test]
+    fn save_writes_a_file_that_loads_back_and_reload_reads_it() {
+        let dir = std::env::temp_dir().join(format!("hubnat-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hubnat.toml");
+        std::fs::write(&path, "[nat]\nudp_timeout = 30\n").unwrap();
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        // Without a file there is nothing to save to.
+        let mut req = set(Section::Dhcp, &[("lease", "600")]);
+        if let Request::Set { save, .. } = &mut req {
+            *save = true;
+        }
+        assert!(!c.handle(req.clone(), &mut e, T0, &mut h, &mut out).ok);
+        c.raw = RawConfig::load(&path).unwrap();
+        c.config_path = Some(path.clone());
+        let r = c.handle(req, &mut e, T0, &mut h, &mut out);
+        assert!(r.ok, "{r:?}");
+        let back = RawConfig::load(&path).unwrap();
+        assert_eq!(back.dhcp.lease, Some(600));
+        assert_eq!(back.nat.udp_timeout, Some(30), "what the file said is kept");
+        // An edit of the file, then a reload (SIGHUP).
+        std::fs::write(&path, "[dhcp]\nenabled = false\n").unwrap();
+        let r = c.handle(Request::Reload, &mut e, T0, &mut h, &mut out);
+        assert!(r.ok, "{r:?}");
+        assert!(!e.config().dhcp.enabled);
+        assert_eq!(e.config().dhcp.lease, std::time::Duration::from_secs(7200));
+        std::fs::write(&path, "[dhcp]\nlease = 0\n").unwrap();
+        let r = c.handle(Request::Reload, &mut e, T0, &mut h, &mut out);
+        assert!(r.error.unwrap().contains("dhcp.lease"));
+        assert!(!e.config().dhcp.enabled, "a refused reload changes nothing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,138 @@
+//! The Prometheus text exposition of the counters (`--metrics ADDR`, loopback only, off by
+//! default). The runtime serves it over plain HTTP/1.0, one answer per connection.
+
+use std::fmt::Write;
+
+use crate::operator::api::{status_with, WorkerReport};
+use hubnat_core::time::Instant;
+use hubnat_core::Engine;
+
+/// The exposition (format 0.0.4) of `engine`'s state at `now`.
+pub fn render(engine: &Engine, now: Instant) -> String {
+    render_with(engine, &[], now)
+}
+
+/// Appends where the TAP's NAPI polls run (`(threaded, switches)`) to an exposition.
+pub fn render_napi(o: &mut String, (threaded, switches): (bool, u64)) {
+    let _ = writeln!(
+        o,
+        "# HELP hubnat_tap_napi_threaded Whether the TAP's NAPI polls run in kernel threads (1) or inside each write (0).\n\
+         # TYPE hubnat_tap_napi_threaded gauge\n\
+         hubnat_tap_napi_threaded {}\n\
+         # HELP hubnat_tap_napi_switches_total How often the TAP's NAPI polls moved between threads and writes.\n\
+         # TYPE hubnat_tap_napi_switches_total counter\n\
+         hubnat_tap_napi_switches_total {switches}",
+        threaded as u8
+    );
+}
+
+/// `render` for a multi-worker runtime: the control engine plus the workers' reports.
+pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> String {
+    let s = status_with(engine, workers, now);
+    let mut o = String::with_capacity(2048);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(o, "# HELP hubnat_{name} {help}");
+        let _ = writeln!(o, "# TYPE hubnat_{name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "hubnat_{name}{labels} {v}");
+        }
+    };
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        &[("", s.uptime_secs)],
+    );
+    metric(
+        "enabled",
+        "gauge",
+        "Whether SecureNAT, the NAT and the DHCP server are on (1) or off (0).",
+        &[
+            ("{function=\"securenat\"}", s.securenat as u64),
+            ("{function=\"nat\"}", s.nat as u64),
+            ("{function=\"dhcp\"}", s.dhcp as u64),
+        ],
+    );
+    metric(
+        "sessions",
+        "gauge",
+        "NAT sessions open, by protocol.",
+        &[
+            ("{proto=\"tcp\"}", s.tcp_sessions as u64),
+            ("{proto=\"udp\"}", s.udp_sessions as u64),
+            ("{proto=\"icmp\"}", s.icmp_sessions as u64),
+            ("{proto=\"dns\"}", s.dns_sessions as u64),
+        ],
+    );
+    metric(
+        "dhcp_leases",
+        "gauge",
+        "DHCP leases held.",
+        &[("", s.dhcp_clients as u64)],
+    );
+    metric(
+        "frames_total",
+        "counter",
+        "Frames from (in) and to (out) the segment.",
+        &[
+            ("{direction=\"in\"}", s.frames_in),
+            ("{direction=\"out\"}", s.frames_out),
+        ],
+    );
+    metric(
+        "bytes_total",
+        "counter",
+        "Bytes of frames from (in) and to (out) the segment.",
+        &[
+            ("{direction=\"in\"}", s.bytes_in),
+            ("{direction=\"out\"}", s.bytes_out),
+        ],
+    );
+    let drops: Vec<(String, u64)> = s
+        .drops
+        .iter()
+        .map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v))
+        .collect();
+    let drops: Vec<(&str, u64)> = drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    metric(
+        "drops_total",
+        "counter",
+        "Frames dropped, by reason.",
+        &drops,
+    );
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubnat_core::testing::*;
+    use std::net::SocketAddrV4;
+
+    #[test]
+    fn every_sample_line_is_name_labels_value() {
+        let (mut e, mut h, mut out) = setup();
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        e.handle_frame(T0, &f, &mut h, &mut out);
+        e.handle_frame(T0, b"short", &mut h, &mut out);
+        let mut text = render(&e, Instant::from_secs(42));
+        render_napi(&mut text, (true, 3));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("hubnat_"), "{line}");
+            value.parse::<u64>().unwrap_or_else(|_| panic!("{line}"));
+        }
+        assert!(text.contains("hubnat_uptime_seconds 42\n"));
+        assert!(text.contains("hubnat_sessions{proto=\"udp\"} 1\n"));
+        assert!(text.contains("hubnat_frames_total{direction=\"in\"} 2\n"));
+        assert!(text.contains("hubnat_drops_total{reason=\"malformed\"} 1\n"));
+        assert!(text.contains("# TYPE hubnat_bytes_total counter\n"));
+        assert!(text.contains("hubnat_tap_napi_threaded 1\n"));
+        assert!(text.contains("hubnat_tap_napi_switches_total 3\n"));
+        assert!(text.contains("# TYPE hubnat_tap_napi_switches_total counter\n"));
+    }
+}

@@ -1,0 +1,926 @@
+//! The host-socket driver: real, non-blocking OS sockets behind `SockIo`.
+//!
+//! Readiness comes from epoll (mio) or from io_uring (`sock::uring`, one ring per worker).
+//! With epoll, sockets are registered edge-triggered with the runtime's `mio::Poll`, the token
+//! being the `SockId`, and `events()` turns mio's readiness into the core's `SockEvent`s. With
+//! io_uring, TCP connects are ring operations, UDP datagrams arrive through a multishot receive
+//! into provided buffers (`udp_recv` hands them out), other sockets have a multishot poll, and
+//! `ring_events()` turns the completions into `SockEvent`s.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use crate::sock::uring::{Completion, Ready, Ring};
+use hubnat_core::sockio::{Datagram, SockEvent, SockId, SockIo};
+
+/// Tokens at or above this are the runtime's own (the port, signals), never sockets.
+pub const FIRST_RESERVED_TOKEN: usize = u32::MAX as usize;
+
+enum Icmp {
+    /// SOCK_DGRAM/IPPROTO_ICMP ("ping socket"): the kernel chooses the ident, filters replies.
+    Datagram(OwnedFd),
+    /// SOCK_RAW, connected to the destination: sees every echo reply from it, with IP header.
+    Raw { fd: OwnedFd, ident: u16 },
+}
+
+struct Tcp {
+    stream: TcpStream,
+    connecting: bool,
+    /// The kernel's SO_PEEK_OFF for this socket, or None where the kernel lacks it.
+    peek_off: Option<usize>,
+    eof: bool,
+    /// Bytes the guest has acknowledged that are still in the socket: discarded in one call per
+    /// batch (`flush_consumes`), not one per ACK. Peek offsets skip them meanwhile.
+    unconsumed: usize,
+}
+
+impl Tcp {
+    fn discard_unconsumed(&mut self) -> io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        while self.unconsumed > 0 {
+            // MSG_TRUNC on a TCP socket discards the bytes without copying them anywhere.
+            // SAFETY: a NULL buffer is allowed with MSG_TRUNC on TCP; nothing is written.
+            let r = unsafe {
+                libc::recv(
+                    fd,
+                    std::ptr::null_mut(),
+                    self.unconsumed,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                return Err(if r == 0 {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "consume past EOF")
+                } else {
+                    io::Error::last_os_error()
+                });
+            }
+            self.unconsumed -= r as usize;
+            if let Some(cur) = self.peek_off.as_mut() {
+                // The kernel moves the peek offset back by what was consumed.
+                *cur = cur.saturating_sub(r as usize);
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Sock {
+    Udp(UdpSocket),
+    Tcp(Tcp),
+    Icmp(Icmp),
+}
+
+/// Where socket readiness comes from.
+enum Readiness {
+    Epoll(Registry),
+    Uring(Box<Ring>),
+}
+
+pub struct SockDriver {
+    readiness: Readiness,
+    completions: Vec<Completion>,
+    socks: HashMap<SockId, Sock>,
+    next_id: SockId,
+    /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
+    scratch: Vec<u8>,
+    /// TCP sockets with acknowledged bytes still to discard.
+    to_consume: Vec<SockId>,
+    /// Receive buffer size requested on new TCP sockets (0: the kernel's default).
+    pub tcp_rcvbuf: usize,
+    pub tcp_sndbuf: usize,
+}
+
+fn not_found() -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, "no such host socket")
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+pub(crate) fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its size is passed; the kernel only reads it.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+impl SockDriver {
+    pub fn new(registry: Registry) -> SockDriver {
+        SockDriver::with_readiness(Readiness::Epoll(registry))
+    }
+
+    /// A driver whose readiness comes from `ring` (see `sock::uring`).
+    pub fn with_uring(ring: Ring) -> SockDriver {
+        SockDriver::with_readiness(Readiness::Uring(Box::new(ring)))
+    }
+
+    fn with_readiness(readiness: Readiness) -> SockDriver {
+        SockDriver {
+            readiness,
+            completions: Vec::new(),
+            socks: HashMap::new(),
+            next_id: 0,
+            scratch: Vec::new(),
+            to_consume: Vec::new(),
+            tcp_rcvbuf: 0,
+            tcp_sndbuf: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.socks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.socks.is_empty()
+    }
+
+    fn alloc_id(&mut self) -> SockId {
+        loop {
+            self.next_id = self.next_id.wrapping_add(1);
+            if self.next_id as usize >= FIRST_RESERVED_TOKEN {
+                self.next_id = 1;
+            }
+            if !self.socks.contains_key(&self.next_id) {
+                return self.next_id;
+            }
+        }
+    }
+
+    /// The io_uring's fd when readiness comes from one (the runtime waits on it).
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        match &self.readiness {
+            Readiness::Uring(r) => Some(r.fd()),
+            Readiness::Epoll(_) => None,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &self.readiness {
+            Readiness::Uring(_) => "io_uring",
+            Readiness::Epoll(_) => "mio",
+        }
+    }
+
+    /// Submits what the batch queued (io_uring); call before waiting.
+    pub fn submit(&mut self) {
+        self.flush_consumes();
+        if let Readiness::Uring(r) = &mut self.readiness {
+            if let Err(e) = r.submit() {
+                tracing::warn!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Discards what the guest acknowledged during the batch: one call per socket per batch
+    /// instead of one per ACK (each of which could also send the server a window update). Runs
+    /// before the thread waits, so nothing acknowledged stays in a socket across a sleep.
+    pub fn flush_consumes(&mut self) {
+        // Drained in place: the list keeps its capacity from batch to batch.
+        for id in self.to_consume.drain(..) {
+            if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+                if let Err(e) = t.discard_unconsumed() {
+                    // The socket's failure reaches the core through its readiness.
+                    tracing::debug!("host socket {id}: discarding acknowledged bytes: {e}");
+                }
+            }
+        }
+    }
+
+    /// Reads the ring's completions (io_uring) into the core's events.
+    pub fn ring_events(&mut self, into: &mut Vec<SockEvent>) {
+        self.ring_events_and_tokens(into, &mut |_| {});
+    }
+
+    /// Like `ring_events`; the tokens of the thread's own descriptors (`watch_token`) that
+    /// are ready go to `token`.
+    pub fn ring_events_and_tokens(
+        &mut self,
+        into: &mut Vec<SockEvent>,
+        token: &mut dyn FnMut(usize),
+    ) {
+        let Readiness::Uring(r) = &mut self.readiness else {
+            return;
+        };
+        let mut got = std::mem::take(&mut self.completions);
+        got.clear();
+        r.drain(&mut got);
+        for &c in &got {
+            match c {
+                Completion::Ready(id, ready) => self.ready(id, ready, into),
+                Completion::Connected(id) => {
+                    if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+                        t.connecting = false;
+                        into.push(SockEvent::Connected(id));
+                    }
+                }
+                Completion::ConnectFailed(id, kind) => {
+                    if self.socks.contains_key(&id) {
+                        into.push(SockEvent::ConnectFailed(id, kind));
+                    }
+                }
+                Completion::Readable(id) => {
+                    if self.socks.contains_key(&id) {
+                        into.push(SockEvent::Readable(id));
+                    }
+                }
+                Completion::Token(t) => token(t),
+            }
+        }
+        self.completions = got;
+    }
+
+    /// Watches one of the thread's own descriptors in the ring (io_uring); it comes back as a
+    /// token from `ring_events_and_tokens`.
+    pub fn watch_token(&mut self, fd: RawFd, token: usize) -> io::Result<()> {
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.watch_token(fd, token),
+            Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    /// Submits what the batch queued and waits in the ring (io_uring) for at most `timeout`,
+    /// polling without sleeping until `spin_until`. True when completions are waiting.
+    pub fn wait(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+        spin_until: std::time::Instant,
+    ) -> io::Result<bool> {
+        self.flush_consumes();
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.wait(timeout, spin_until),
+            Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    /// Translates one mio event for a socket into the core's events.
+    pub fn events(&mut self, event: &mio::event::Event, into: &mut Vec<SockEvent>) {
+        let ready = Ready {
+            readable: event.is_readable(),
+            writable: event.is_writable(),
+            error: event.is_error(),
+            read_closed: event.is_read_closed(),
+            write_closed: event.is_write_closed(),
+        };
+        self.ready(event.token().0 as SockId, ready, into)
+    }
+
+    fn ready(&mut self, id: SockId, event: Ready, into: &mut Vec<SockEvent>) {
+        let Some(sock) = self.socks.get_mut(&id) else {
+            return;
+        };
+        match sock {
+            Sock::Tcp(t) if t.connecting => {
+                if !(event.writable || event.error || event.write_closed) {
+                    return;
+                }
+                let err = match t.stream.take_error() {
+                    Ok(Some(e)) => Some(e),
+                    Err(e) => Some(e),
+                    Ok(None) => t.stream.peer_addr().err(),
+                };
+                match err {
+                    Some(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                    Some(e) => {
+                        into.push(SockEvent::ConnectFailed(id, e.kind()));
+                    }
+                    None => {
+                        t.connecting = false;
+                        into.push(SockEvent::Connected(id));
+                        if event.readable {
+                            into.push(SockEvent::Readable(id));
+                        }
+                    }
+                }
+            }
+            Sock::Tcp(t) => {
+                if event.error {
+                    if let Ok(Some(e)) | Err(e) = t.stream.take_error() {
+                        into.push(SockEvent::Failed(id, e.kind()));
+                        return;
+                    }
+                }
+                if event.readable || event.read_closed {
+                    into.push(SockEvent::Readable(id));
+                }
+                if event.writable {
+                    into.push(SockEvent::Writable(id));
+                }
+            }
+            Sock::Udp(_) | Sock::Icmp(_) => {
+                if event.readable || event.error {
+                    into.push(SockEvent::Readable(id));
+                }
+            }
+        }
+    }
+
+    fn tcp(&mut self, id: SockId) -> io::Result<&mut Tcp> {
+        match self.socks.get_mut(&id) {
+            Some(Sock::Tcp(t)) => Ok(t),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn register_fd(&mut self, fd: RawFd, id: SockId, writable: bool) -> io::Result<()> {
+        match &mut self.readiness {
+            Readiness::Epoll(reg) => {
+                let interest = if writable {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                reg.register(&mut SourceFd(&fd), Token(id as usize), interest)
+            }
+            Readiness::Uring(r) => r.watch(fd, id, writable),
+        }
+    }
+
+    fn deregister_fd(&mut self, fd: RawFd, id: SockId) {
+        match &mut self.readiness {
+            Readiness::Epoll(reg) => {
+                let _ = reg.deregister(&mut SourceFd(&fd));
+            }
+            Readiness::Uring(r) => r.unwatch(id),
+        }
+    }
+
+    fn open_icmp(&mut self) -> io::Result<Icmp> {
+        // SAFETY: plain socket creation; the result is checked.
+        let dgram = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        };
+        if dgram >= 0 {
+            // SAFETY: a fresh fd owned by nobody else.
+            return Ok(Icmp::Datagram(unsafe { OwnedFd::from_raw_fd(dgram) }));
+        }
+        // SAFETY: as above.
+        let raw = cvt(unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        })?;
+        // SAFETY: a fresh fd owned by nobody else.
+        Ok(Icmp::Raw {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+            ident: 0,
+        })
+    }
+}
+
+impl SockIo for SockDriver {
+    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
+        sock.connect(SocketAddr::V4(dst))?;
+        let id = self.alloc_id();
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
+            Readiness::Epoll(_) => self.register_fd(sock.as_raw_fd(), id, false)?,
+        }
+        self.socks.insert(id, Sock::Udp(sock));
+        Ok(id)
+    }
+
+    fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
+        match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.send(payload),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
+        if let Readiness::Uring(r) = &mut self.readiness {
+            if let Some(res) = r.udp_recv(id, buf) {
+                return res;
+            }
+        }
+        match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.recv(buf),
+            _ => Err(not_found()),
+        }
+    }
+
+    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        let stream = match &self.readiness {
+            Readiness::Epoll(_) => TcpStream::connect(SocketAddr::V4(dst))?,
+            // The ring connects it (after the options below are set).
+            Readiness::Uring(_) => {
+                // SAFETY: plain socket creation; the result is checked.
+                let fd = cvt(unsafe {
+                    libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        0,
+                    )
+                })?;
+                // SAFETY: a fresh fd owned by nobody else.
+                unsafe { TcpStream::from_raw_fd(fd) }
+            }
+        };
+        let fd = stream.as_raw_fd();
+        let _ = stream.set_nodelay(true);
+        if self.tcp_rcvbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                self.tcp_rcvbuf as libc::c_int,
+            );
+        }
+        if self.tcp_sndbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                self.tcp_sndbuf as libc::c_int,
+            );
+        }
+        let peek_off = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
+            .ok()
+            .map(|_| 0);
+        let id = self.alloc_id();
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.connect(fd, id, dst)?,
+            Readiness::Epoll(_) => self.register_fd(fd, id, true)?,
+        }
+        self.socks.insert(
+            id,
+            Sock::Tcp(Tcp {
+                stream,
+                connecting: true,
+                peek_off,
+                eof: false,
+                unconsumed: 0,
+            }),
+        );
+        Ok(id)
+    }
+
+    fn tcp_send(&mut self, id: SockId, data: &[u8]) -> io::Result<usize> {
+        let t = self.tcp(id)?;
+        match t.stream.write(data) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tcp_peek(&mut self, id: SockId, offset: usize, buf: &mut [u8]) -> io::Result<usize> {
+        let scratch = &mut self.scratch;
+        let t = match self.socks.get_mut(&id) {
+            Some(Sock::Tcp(t)) => t,
+            _ => return Err(not_found()),
+        };
+        let fd = t.stream.as_raw_fd();
+        // The socket still holds the acknowledged bytes not yet discarded: skip them.
+        let offset = offset + t.unconsumed;
+        // (bytes copied into `buf`, whether the peer's FIN was reached)
+        let (peeked, eof) = if let Some(cur) = t.peek_off {
+            if cur != offset {
+                setsockopt_int(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_PEEK_OFF,
+                    offset as libc::c_int,
+                )?;
+                t.peek_off = Some(offset);
+            }
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes during the call.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK) };
+            if n > 0 {
+                t.peek_off = Some(offset + n as usize);
+            }
+            (n, n == 0)
+        } else {
+            // No SO_PEEK_OFF: peek the prefix too and copy out the part asked for.
+            scratch.resize(offset + buf.len(), 0);
+            // SAFETY: `scratch` is valid for writes of its length during the call.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_PEEK,
+                )
+            };
+            if n > offset as isize {
+                let got = n as usize - offset;
+                buf[..got].copy_from_slice(&scratch[offset..n as usize]);
+                (got as isize, false)
+            } else if n >= 0 {
+                (0, n == 0)
+            } else {
+                (n, false)
+            }
+        };
+        if peeked < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(0),
+                _ => Err(e),
+            };
+        }
+        if eof && !buf.is_empty() {
+            t.eof = true;
+        }
+        Ok(peeked as usize)
+    }
+
+    fn tcp_consume(&mut self, id: SockId, n: usize) -> io::Result<()> {
+        let t = self.tcp(id)?;
+        let first = t.unconsumed == 0 && n > 0;
+        t.unconsumed += n;
+        if first {
+            self.to_consume.push(id);
+        }
+        Ok(())
+    }
+
+    fn tcp_peer_closed(&mut self, id: SockId) -> bool {
+        self.tcp(id).map(|t| t.eof).unwrap_or(true)
+    }
+
+    fn tcp_shutdown_write(&mut self, id: SockId) -> io::Result<()> {
+        self.tcp(id)?.stream.shutdown(Shutdown::Write)
+    }
+
+    fn tcp_abort(&mut self, id: SockId) {
+        if let Ok(t) = self.tcp(id) {
+            // Linger 0: close() sends RST instead of FIN.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: `linger` is a live struct and its size is passed; the kernel only reads it.
+            unsafe {
+                libc::setsockopt(
+                    t.stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
+    fn icmp_open(&mut self) -> io::Result<SockId> {
+        let icmp = self.open_icmp()?;
+        let fd = match &icmp {
+            Icmp::Datagram(fd) | Icmp::Raw { fd, .. } => fd.as_raw_fd(),
+        };
+        let id = self.alloc_id();
+        self.register_fd(fd, id, false)?;
+        self.socks.insert(id, Sock::Icmp(icmp));
+        Ok(id)
+    }
+
+    fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+        let Some(Sock::Icmp(icmp)) = self.socks.get_mut(&id) else {
+            return Err(not_found());
+        };
+        let fd = match icmp {
+            Icmp::Datagram(fd) => fd.as_raw_fd(),
+            Icmp::Raw { fd, ident } => {
+                if message.len() >= 6 {
+                    *ident = u16::from_be_bytes([message[4], message[5]]);
+                }
+                fd.as_raw_fd()
+            }
+        };
+        let addr = sockaddr_in(SocketAddrV4::new(dst, 0));
+        // SAFETY: `message` and `addr` are valid for reads of the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                fd,
+                message.as_ptr().cast(),
+                message.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram> {
+        let Some(Sock::Icmp(icmp)) = self.socks.get_mut(&id) else {
+            return Err(not_found());
+        };
+        loop {
+            let (fd, raw_ident) = match icmp {
+                Icmp::Datagram(fd) => (fd.as_raw_fd(), None),
+                Icmp::Raw { fd, ident } => (fd.as_raw_fd(), Some(*ident)),
+            };
+            let mut addr: libc::sockaddr_in =
+                sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let mut alen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: `buf` and `addr` are valid for writes of the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut addr as *mut libc::sockaddr_in).cast(),
+                    &mut alen,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let from = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), 0);
+            let mut len = n as usize;
+            if let Some(ident) = raw_ident {
+                // A raw socket sees every ICMP message with its IP header: keep only the echo
+                // replies to the ident this socket sent, and strip the header.
+                let ihl = buf.first().map_or(0, |b| ((b & 0x0f) as usize) * 4);
+                if ihl < 20 || len < ihl + 8 {
+                    continue;
+                }
+                let icmp_msg = &buf[ihl..len];
+                if icmp_msg[0] != 0 || u16::from_be_bytes([icmp_msg[4], icmp_msg[5]]) != ident {
+                    continue;
+                }
+                buf.copy_within(ihl..len, 0);
+                len -= ihl;
+            }
+            return Ok(Datagram { len, from });
+        }
+    }
+
+    fn close(&mut self, id: SockId) {
+        if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
+            // Unread data at close would make the kernel send a reset instead of a FIN.
+            if let Err(e) = t.discard_unconsumed() {
+                tracing::debug!("host socket {id}: discarding acknowledged bytes: {e}");
+            }
+        }
+        let fd = match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.as_raw_fd(),
+            Some(Sock::Tcp(t)) => t.stream.as_raw_fd(),
+            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => fd.as_raw_fd(),
+            None => return,
+        };
+        self.deregister_fd(fd, id);
+        // Dropping the socket closes its fd.
+        self.socks.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// Where a test host's readiness comes from: a mio poll, or the host's own ring.
+    enum Waiter {
+        Epoll(mio::Poll),
+        Uring,
+    }
+
+    fn new_host(uring: bool) -> (SockDriver, Waiter) {
+        if uring {
+            let ring = Ring::for_waiting_thread().unwrap();
+            (SockDriver::with_uring(ring), Waiter::Uring)
+        } else {
+            let poll = mio::Poll::new().unwrap();
+            let host = SockDriver::new(poll.registry().try_clone().unwrap());
+            (host, Waiter::Epoll(poll))
+        }
+    }
+
+    /// A host with one TCP socket connected to a listener on loopback, and the accepted peer.
+    fn connected(uring: bool) -> (SockDriver, Waiter, SockId, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        let (mut host, mut poll) = new_host(uring);
+        let id = host.tcp_connect(addr).unwrap();
+        // With io_uring the connect starts when the batch is submitted.
+        host.submit();
+        let (peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Connected(id));
+        (host, poll, id, peer)
+    }
+
+    fn wait_for(
+        host: &mut SockDriver,
+        waiter: &mut Waiter,
+        want: impl Fn(&SockEvent) -> bool,
+    ) -> Vec<SockEvent> {
+        let mut events = mio::Events::with_capacity(64);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            match waiter {
+                Waiter::Epoll(poll) => {
+                    poll.poll(&mut events, Some(Duration::from_millis(50)))
+                        .unwrap();
+                    for e in events.iter() {
+                        host.events(e, &mut got);
+                    }
+                }
+                Waiter::Uring => {
+                    let spin = std::time::Instant::now();
+                    host.wait(Some(Duration::from_millis(50)), spin).unwrap();
+                    host.ring_events(&mut got);
+                }
+            }
+            if got.iter().any(&want) {
+                return got;
+            }
+        }
+        panic!("event did not come: {got:?}");
+    }
+
+    #[test]
+    fn tcp_connect_peek_consume_shutdown() {
+        tcp_connect_peek_consume_shutdown_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            tcp_connect_peek_consume_shutdown_with(true);
+        }
+    }
+
+    fn tcp_connect_peek_consume_shutdown_with(uring: bool) {
+        let (mut host, mut poll, id, mut peer) = connected(uring);
+        peer.write_all(b"hello world").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        let mut buf = [0u8; 5];
+        assert_eq!(host.tcp_peek(id, 6, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"world");
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"hello");
+        host.tcp_consume(id, 6).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 5);
+        assert_eq!(&buf, b"world");
+        assert_eq!(host.tcp_send(id, b"ping").unwrap(), 4);
+        host.tcp_shutdown_write(id).unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"ping");
+        drop(peer);
+        host.tcp_consume(id, 5).unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        assert!(host.tcp_peer_closed(id));
+        host.close(id);
+        assert!(host.is_empty());
+    }
+
+    /// Bytes waiting in the kernel socket of `id`.
+    fn in_socket(host: &SockDriver, id: SockId) -> usize {
+        let Some(Sock::Tcp(t)) = host.socks.get(&id) else {
+            panic!("no TCP socket {id}")
+        };
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, which `n` is.
+        assert_eq!(
+            unsafe { libc::ioctl(t.stream.as_raw_fd(), libc::FIONREAD, &mut n) },
+            0
+        );
+        n as usize
+    }
+
+    #[test]
+    fn consumes_wait_for_the_batch_end_and_peeks_skip_them() {
+        let (mut host, mut poll, id, mut peer) = connected(false);
+        peer.write_all(b"0123456789abcdef").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        let mut buf = [0u8; 4];
+        host.tcp_consume(id, 2).unwrap();
+        host.tcp_consume(id, 4).unwrap();
+        // Nothing discarded yet, but the core's view has moved on by 6.
+        assert_eq!(in_socket(&host, id), 16);
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"6789");
+        assert_eq!(host.tcp_peek(id, 6, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"cdef");
+        host.submit();
+        assert_eq!(in_socket(&host, id), 10);
+        assert_eq!(host.tcp_peek(id, 2, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"89ab");
+        host.tcp_consume(id, 10).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        // Closing discards what is left first: the peer sees a FIN, not a reset.
+        host.close(id);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).expect("a FIN, not a reset");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn close_after_consuming_everything_is_a_fin_not_a_reset() {
+        let (mut host, mut poll, id, mut peer) = connected(false);
+        peer.write_all(b"abc").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        let mut buf = [0u8; 8];
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 3);
+        host.tcp_consume(id, 3).unwrap();
+        assert_eq!(host.tcp_peek(id, 0, &mut buf).unwrap(), 0);
+        host.close(id);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).expect("a FIN, not a reset");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn tcp_connect_refused_is_reported() {
+        tcp_connect_refused_is_reported_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            tcp_connect_refused_is_reported_with(true);
+        }
+    }
+
+    fn tcp_connect_refused_is_reported_with(uring: bool) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            panic!()
+        };
+        drop(listener);
+        let (mut host, mut poll) = new_host(uring);
+        let id = host.tcp_connect(addr).unwrap();
+        let got = wait_for(&mut host, &mut poll, |e| {
+            matches!(e, SockEvent::ConnectFailed(..))
+        });
+        assert!(got.contains(&SockEvent::ConnectFailed(
+            id,
+            io::ErrorKind::ConnectionRefused
+        )));
+    }
+
+    #[test]
+    fn udp_roundtrip_and_port_unreachable() {
+        udp_roundtrip_and_port_unreachable_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            udp_roundtrip_and_port_unreachable_with(true);
+        }
+    }
+
+    fn udp_roundtrip_and_port_unreachable_with(uring: bool) {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(addr) = server.local_addr().unwrap() else {
+            panic!()
+        };
+        let (mut host, mut poll) = new_host(uring);
+        let id = host.udp_open(addr).unwrap();
+        host.udp_send(id, b"abc").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"abc");
+        server.send_to(b"xyz", from).unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        assert_eq!(host.udp_recv(id, &mut buf).unwrap(), 3);
+        drop(server);
+        host.udp_send(id, b"again").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        let e = host.udp_recv(id, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    }
+}

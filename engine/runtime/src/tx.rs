@@ -1,0 +1,301 @@
+//! Frames toward the guest, and how the guest's kernel takes them in.
+//!
+//! A TAP write is where the guest's kernel receives the frame. Written plainly, the guest's
+//! whole receive path (IP, TCP, the socket wake-up) runs inside the write, one frame at a time:
+//! on a download that is the largest share of a worker's time. With the device's NAPI polls in
+//! kernel threads, a write only queues the frame; the poll thread takes the queue in batches,
+//! overlapped with hubnat's next writes, and the guest's GRO merges consecutive segments. But
+//! every frame then waits for that thread to be woken, which a request/response exchange feels
+//! in full. So `NapiSwitch` switches the polls to threads while the threads carrying flows write
+//! large batches (a bulk transfer), and back to softirq context (inside the write, as plain)
+//! when the batches are small again.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::port::tap::{NapiThreading, Tap, TapWriter};
+use hubnat_core::output::FrameBatch;
+
+/// Frames per batch, on average over a look's window, from which the traffic is a bulk
+/// transfer's (tenths). A request/response exchange writes one frame per batch; a download,
+/// even where frames are handed between threads in small groups, writes several.
+const BULK_MEAN_BATCH_X10: u64 = 20;
+const SOFTIRQ_MEAN_BATCH_X10: u64 = 15;
+
+/// How often the bulk rate is looked at (at most; only when frames are written).
+const WINDOW: Duration = Duration::from_millis(20);
+
+/// Frames per second above which the polls go to threads (about 60 Mbit/s of full-size frames)
+/// when batches are large enough, and below which they come back. Apart, so the mode does not
+/// flap. Low: it is the batch size that tells a transfer from request/response traffic, and a
+/// slow transfer gains from the threads too.
+const THREADED_ABOVE: u64 = 5_000;
+const SOFTIRQ_BELOW: u64 = 2_000;
+
+/// Decides, from the frames the writing threads report, where the TAP's NAPI polls run.
+pub struct NapiSwitch {
+    set: Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>,
+    base: Instant,
+    frames: AtomicU64,
+    batches: AtomicU64,
+    /// Nanoseconds after `base` before which nobody looks at the rate again.
+    next_look: AtomicU64,
+    state: Mutex<SwitchState>,
+}
+
+#[derive(Default)]
+struct SwitchState {
+    threaded: bool,
+    /// `frames`, `batches` and the time at the last look.
+    frames_then: u64,
+    batches_then: u64,
+    then: u64,
+    switches: u64,
+    /// The switch failed once: it is left as it is from then on.
+    broken: bool,
+}
+
+impl NapiSwitch {
+    /// A switch driving the device's `threaded` attribute, starting in softirq mode.
+    pub fn new(threading: NapiThreading) -> NapiSwitch {
+        NapiSwitch::with_setter(Box::new(move |on| threading.set(on)))
+    }
+
+    fn with_setter(set: Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>) -> NapiSwitch {
+        NapiSwitch {
+            set,
+            base: Instant::now(),
+            frames: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            // The first look needs a window behind it to measure a rate over.
+            next_look: AtomicU64::new(WINDOW.as_nanos() as u64),
+            state: Mutex::new(SwitchState::default()),
+        }
+    }
+
+    /// Reports a batch of `frames` about to be written.
+    pub fn note(&self, frames: usize) {
+        self.note_at(frames, self.base.elapsed().as_nanos() as u64);
+    }
+
+    fn note_at(&self, frames: usize, now: u64) {
+        self.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        if now < self.next_look.load(Ordering::Relaxed) {
+            return;
+        }
+        // Another thread is looking: its look covers this batch too.
+        let Ok(mut st) = self.state.try_lock() else {
+            return;
+        };
+        if now < self.next_look.load(Ordering::Relaxed) || st.broken {
+            return;
+        }
+        self.next_look
+            .store(now + WINDOW.as_nanos() as u64, Ordering::Relaxed);
+        let frames = self.frames.load(Ordering::Relaxed);
+        let batches = self.batches.load(Ordering::Relaxed);
+        let (df, db) = (frames - st.frames_then, batches - st.batches_then);
+        let rate = df.saturating_mul(1_000_000_000) / (now - st.then).max(1);
+        let mean_x10 = df * 10 / db.max(1);
+        st.frames_then = frames;
+        st.batches_then = batches;
+        st.then = now;
+        let want = if st.threaded {
+            rate >= SOFTIRQ_BELOW && mean_x10 >= SOFTIRQ_MEAN_BATCH_X10
+        } else {
+            rate >= THREADED_ABOVE && mean_x10 >= BULK_MEAN_BATCH_X10
+        };
+        if want == st.threaded {
+            return;
+        }
+        match (self.set)(want) {
+            Ok(()) => {
+                st.threaded = want;
+                st.switches += 1;
+                tracing::debug!(
+                    "TAP NAPI polls {} ({rate} frames/s, {}.{} per batch)",
+                    if want { "in threads" } else { "in softirq" },
+                    mean_x10 / 10,
+                    mean_x10 % 10
+                );
+            }
+            Err(e) => {
+                st.broken = true;
+                tracing::warn!("cannot switch the TAP's NAPI polls, left as they are: {e}");
+            }
+        }
+    }
+
+    /// Whether the polls run in threads now, and how often that changed.
+    pub fn state(&self) -> (bool, u64) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.threaded, st.switches)
+    }
+}
+
+/// A writing thread's way to its TAP (the control thread's, or one worker's).
+pub struct TapSender {
+    tap: Arc<Tap>,
+    /// Made on first use, on the owning thread (a ring accepts submissions from its creator).
+    writer: Option<TapWriter>,
+    napi: Option<Arc<NapiSwitch>>,
+}
+
+impl TapSender {
+    pub fn new(tap: Arc<Tap>, napi: Option<Arc<NapiSwitch>>) -> TapSender {
+        TapSender {
+            tap,
+            writer: None,
+            napi,
+        }
+    }
+
+    /// Where the TAP's NAPI polls run and how often they moved, when they are switched.
+    pub fn napi_state(&self) -> Option<(bool, u64)> {
+        self.napi.as_ref().map(|n| n.state())
+    }
+
+    /// Writes every frame of `out` and empties it (keeping its buffers). Returns how many the
+    /// device refused (queue full, link down), which the caller counts as drops.
+    pub fn send(&mut self, out: &mut FrameBatch) -> usize {
+        if out.is_empty() {
+            return 0;
+        }
+        if let Some(n) = &self.napi {
+            n.note(out.len());
+        }
+        let tap = &self.tap;
+        let failed = self
+            .writer
+            .get_or_insert_with(|| TapWriter::new(tap))
+            .send_all(out.iter());
+        out.clear();
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::tap::test_support::{frame, number, with_tap_and_capture};
+    use std::sync::Mutex as StdMutex;
+
+    const MS: u64 = 1_000_000;
+
+    fn recording() -> (NapiSwitch, Arc<StdMutex<Vec<bool>>>) {
+        let calls = Arc::new(StdMutex::new(Vec::new()));
+        let c = Arc::clone(&calls);
+        let sw = NapiSwitch::with_setter(Box::new(move |on| {
+            c.lock().unwrap().push(on);
+            Ok(())
+        }));
+        (sw, calls)
+    }
+
+    /// Many frames per batch at a high rate switch to threads within a window or two; single
+    /// frames at any rate (an echo exchange) never do; once the bulk stops, the polls come back.
+    #[test]
+    fn bulk_switches_to_threads_and_back() {
+        let (sw, calls) = recording();
+        // 40k single-frame batches a second: request/response, stays in softirq.
+        for i in 0..2000u64 {
+            sw.note_at(1, i * 25_000);
+        }
+        assert!(calls.lock().unwrap().is_empty());
+        // A download: 64-frame batches every 0.5 ms (128k frames/s).
+        let start = 50 * MS;
+        for i in 0..200u64 {
+            sw.note_at(64, start + i * MS / 2);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true]);
+        assert!(sw.state().0);
+        // It stops. The first look after it may still see the end of the transfer in its
+        // window; the one after sees the rate gone and switches back.
+        sw.note_at(1, start + 300 * MS);
+        sw.note_at(1, start + 330 * MS);
+        assert_eq!(*calls.lock().unwrap(), vec![true, false]);
+        assert_eq!(sw.state(), (false, 2));
+        // A download handed over in groups of 3 frames, 60k frames/s: bulk too.
+        let start = 1000 * MS;
+        for i in 0..1000u64 {
+            sw.note_at(3, start + i * 50_000);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true, false, true]);
+    }
+
+    /// Between the two thresholds the mode stays as it is, either way.
+    #[test]
+    fn rates_between_the_thresholds_do_not_flap() {
+        let (sw, calls) = recording();
+        // 3k frames/s in batches of 3: below THREADED_ABOVE.
+        for i in 0..500u64 {
+            sw.note_at(3, i * MS);
+        }
+        assert!(calls.lock().unwrap().is_empty());
+        for i in 0..100u64 {
+            sw.note_at(100, 500 * MS + i * MS);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true]);
+        // Back to 3k/s: above SOFTIRQ_BELOW, stays in threads.
+        for i in 0..500u64 {
+            sw.note_at(3, 600 * MS + i * MS);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true]);
+    }
+
+    /// A switch that fails is left alone: no retry on every batch, no flapping.
+    #[test]
+    fn a_failing_switch_is_tried_once() {
+        let tries = Arc::new(AtomicU64::new(0));
+        let t = Arc::clone(&tries);
+        let sw = NapiSwitch::with_setter(Box::new(move |_| {
+            t.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        }));
+        for i in 0..1000u64 {
+            sw.note_at(64, i * MS / 2);
+        }
+        assert_eq!(tries.load(Ordering::Relaxed), 1);
+        assert_eq!(sw.state(), (false, 0));
+    }
+
+    /// On a real device: a queue opened with NAPI, its switch flipped both ways through a sysfs
+    /// of its own, and frames written in each mode reach the device whole and in order.
+    #[test]
+    fn napi_switch_on_a_real_tap() {
+        with_tap_and_capture("hnnapi0", true, |tap, capture| {
+            let threading = NapiThreading::open("hnnapi0", None).expect("threaded attribute");
+            assert!(!threading.get().unwrap());
+            threading.set(true).unwrap();
+            assert!(threading.get().unwrap());
+            let sw = Arc::new(NapiSwitch::new(threading));
+            let mut s = TapSender::new(Arc::new(tap), Some(Arc::clone(&sw)));
+            let mut out = FrameBatch::new();
+            let mut next = 0u32;
+            // Bulk long enough to switch to threads, then single frames.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_millis(100) {
+                for _ in 0..64 {
+                    out.push(&frame(next, 1000));
+                    next += 1;
+                }
+                assert_eq!(s.send(&mut out), 0);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            assert!(sw.state().0, "bulk switched the polls to threads");
+            for _ in 0..3 {
+                std::thread::sleep(WINDOW + Duration::from_millis(5));
+                out.push(&frame(next, 1000));
+                next += 1;
+                assert_eq!(s.send(&mut out), 0);
+            }
+            assert!(!sw.state().0, "single frames switched them back");
+            let got = capture(next as usize);
+            let seq: Vec<u32> = got.iter().map(|f| number(f)).collect();
+            assert_eq!(seq, (0..next).collect::<Vec<_>>());
+        });
+    }
+}
