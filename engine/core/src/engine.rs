@@ -14,7 +14,7 @@ use crate::config::{Config, Mac};
 use crate::nat::Nat;
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockIo};
-use crate::stats::{Drop, Stats};
+use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
 use crate::vhost::dhcp::DhcpServer;
@@ -362,19 +362,19 @@ impl Engine {
         now: Instant,
         frame: &[u8],
         whole: &mut Vec<u8>,
-    ) -> Result<bool, Drop> {
-        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+    ) -> Result<bool, DropReason> {
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
         let src_mac = crate::wire::mac(eth.src_addr());
         if src_mac == self.ctx.mac || src_mac.0[0] & 1 != 0 {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         let bytes = eth.payload();
-        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
         if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if !ip.verify_checksum() {
-            return Err(Drop::BadChecksum);
+            return Err(DropReason::BadChecksum);
         }
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
         let src = ip.src_addr();
@@ -412,17 +412,17 @@ impl Engine {
         frame: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if !self.ctx.cfg.enabled {
-            return Err(Drop::Disabled);
+            return Err(DropReason::Disabled);
         }
-        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
         if eth.ethertype() != EthernetProtocol::Ipv4 {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
-        let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| Drop::Malformed)?;
+        let ip = Ipv4Packet::new_checked(eth.payload()).map_err(|_| DropReason::Malformed)?;
         if ip.more_frags() || ip.frag_offset() != 0 || !ip.verify_checksum() {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let ip = Ipv4Packet::new_unchecked(&eth.payload()[..ip.total_len() as usize]);
         // The engine that owns the flow needs the guest's MAC to answer it.
@@ -447,18 +447,18 @@ impl Engine {
         frame: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if !self.ctx.cfg.enabled {
-            return Err(Drop::Disabled);
+            return Err(DropReason::Disabled);
         }
-        let eth = EthernetFrame::new_checked(frame).map_err(|_| Drop::Malformed)?;
+        let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
         let dst = crate::wire::mac(eth.dst_addr());
         let src = crate::wire::mac(eth.src_addr());
         if src == self.ctx.mac || src.0[0] & 1 != 0 {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         if dst != self.ctx.mac && dst.0[0] & 1 == 0 {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         match eth.ethertype() {
             EthernetProtocol::Arp => {
@@ -478,7 +478,7 @@ impl Engine {
                 )
             }
             EthernetProtocol::Ipv4 => self.handle_ipv4(now, src, dst, eth.payload(), io, out),
-            _ => Err(Drop::Foreign),
+            _ => Err(DropReason::Foreign),
         }
     }
 
@@ -490,13 +490,13 @@ impl Engine {
         bytes: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
-        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    ) -> Result<(), DropReason> {
+        let ip = Ipv4Packet::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
         if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if !ip.verify_checksum() {
-            return Err(Drop::BadChecksum);
+            return Err(DropReason::BadChecksum);
         }
         // Ethernet may pad short frames: everything past the IP total length is padding.
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
@@ -512,7 +512,7 @@ impl Engine {
                     && (dst.is_broadcast() || dst == self.ctx.cfg.host.ip)
                 {
                     if !self.ctx.cfg.dhcp.enabled {
-                        return Err(Drop::Disabled);
+                        return Err(DropReason::Disabled);
                     }
                     return self.dhcp.handle(now, &mut self.ctx, src_mac, &ip, out);
                 }
@@ -520,7 +520,7 @@ impl Engine {
         }
         if dst_mac != self.ctx.mac {
             // Broadcast or multicast IP that is not DHCP: nothing for the virtual host.
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         // Fragmented ICMP for the virtual host is answered by the NAT after reassembly.
         let whole = !ip.more_frags() && ip.frag_offset() == 0;

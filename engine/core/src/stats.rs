@@ -3,7 +3,7 @@
 /// Why a frame was not handled. Every drop is counted under one of these.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(usize)]
-pub enum Drop {
+pub enum DropReason {
     /// Shorter than its headers say, or a header field out of range.
     Malformed,
     /// A checksum did not verify.
@@ -24,30 +24,30 @@ pub enum Drop {
     QueueFull,
 }
 
-impl Drop {
-    pub const ALL: [Drop; 9] = [
-        Drop::Malformed,
-        Drop::BadChecksum,
-        Drop::Foreign,
-        Drop::Disabled,
-        Drop::Limit,
-        Drop::Loop,
-        Drop::NoArp,
-        Drop::Unsupported,
-        Drop::QueueFull,
+impl DropReason {
+    pub const ALL: [DropReason; 9] = [
+        DropReason::Malformed,
+        DropReason::BadChecksum,
+        DropReason::Foreign,
+        DropReason::Disabled,
+        DropReason::Limit,
+        DropReason::Loop,
+        DropReason::NoArp,
+        DropReason::Unsupported,
+        DropReason::QueueFull,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
-            Drop::Malformed => "malformed",
-            Drop::BadChecksum => "bad_checksum",
-            Drop::Foreign => "foreign",
-            Drop::Disabled => "disabled",
-            Drop::Limit => "limit",
-            Drop::Loop => "loop",
-            Drop::NoArp => "no_arp",
-            Drop::Unsupported => "unsupported",
-            Drop::QueueFull => "queue_full",
+            DropReason::Malformed => "malformed",
+            DropReason::BadChecksum => "bad_checksum",
+            DropReason::Foreign => "foreign",
+            DropReason::Disabled => "disabled",
+            DropReason::Limit => "limit",
+            DropReason::Loop => "loop",
+            DropReason::NoArp => "no_arp",
+            DropReason::Unsupported => "unsupported",
+            DropReason::QueueFull => "queue_full",
         }
     }
 }
@@ -58,11 +58,11 @@ pub struct Stats {
     pub bytes_in: u64,
     pub frames_out: u64,
     pub bytes_out: u64,
-    pub drops: [u64; Drop::ALL.len()],
+    pub drops: [u64; DropReason::ALL.len()],
 }
 
 impl Stats {
-    pub fn drop(&mut self, why: Drop) {
+    pub fn drop(&mut self, why: DropReason) {
         self.drops[why as usize] += 1;
     }
 
@@ -77,7 +77,7 @@ impl Stats {
         }
     }
 
-    pub fn drops_of(&self, why: Drop) -> u64 {
+    pub fn drops_of(&self, why: DropReason) -> u64 {
         self.drops[why as usize]
     }
 }

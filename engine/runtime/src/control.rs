@@ -44,7 +44,7 @@ use crate::tx::{NapiSwitch, TapSender};
 use crate::worker::{Cmd, Inbox, Pool, Router, Shared, WorkerHandle, WorkerSetup, RING, WAKE};
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockEvent;
-use hubnat_core::stats::Drop;
+use hubnat_core::stats::DropReason;
 use hubnat_core::time::Instant;
 use hubnat_core::Config;
 use hubnat_core::Engine;
@@ -270,7 +270,7 @@ pub struct Runtime {
     whole: Vec<u8>,
 }
 
-impl std::ops::Drop for Runtime {
+impl Drop for Runtime {
     fn drop(&mut self) {
         self.stop_workers();
         if let Some((_, path)) = &self.control_listener {
@@ -737,7 +737,7 @@ impl Runtime {
         self.save_leases();
         let failed = self.tx.send(&mut self.out);
         // The device's queue is full or the link is down: drop, count, go on.
-        self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
+        self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;
         if let Some(sh) = &self.shared {
             sh.wake_marked(&mut self.wake);
         }

@@ -12,7 +12,7 @@
 //!
 //! Frames travel between threads in fixed-size buffers from one pool (no allocation per frame)
 //! through bounded lock-free queues; a full queue drops the frame and counts it
-//! (`Drop::QueueFull`), never blocking the reader. A queue's owner is woken (an eventfd) only
+//! (`DropReason::QueueFull`), never blocking the reader. A queue's owner is woken (an eventfd) only
 //! when a batch made its queue go from empty to non-empty.
 
 use std::hash::{BuildHasher, Hasher};
@@ -37,7 +37,7 @@ use crate::sock::Backend;
 use crate::tx::{NapiSwitch, TapSender};
 use hubnat_core::config::{Config, Mac};
 use hubnat_core::output::FrameBatch;
-use hubnat_core::stats::Drop;
+use hubnat_core::stats::DropReason;
 use hubnat_core::Engine;
 
 use crate::control::Clock;
@@ -306,7 +306,7 @@ impl Shared {
                     .forward_whole(to, whole.as_slice().into(), wake)
                     .is_err()
                 {
-                    engine.ctx.stats.drop(Drop::QueueFull);
+                    engine.ctx.stats.drop(DropReason::QueueFull);
                 }
             }
         }
@@ -325,10 +325,10 @@ impl Shared {
         stats: &mut hubnat_core::Stats,
     ) {
         if !from_pool {
-            stats.drop(Drop::QueueFull);
+            stats.drop(DropReason::QueueFull);
             bufs.put_back(buf, false);
         } else if let Err(buf) = self.forward(to, buf, len, wake) {
-            stats.drop(Drop::QueueFull);
+            stats.drop(DropReason::QueueFull);
             bufs.put_back(buf, true);
         }
     }
@@ -698,7 +698,7 @@ impl Worker {
         let now = self.clock.now();
         self.engine.flush(now, &mut self.host, &mut self.out);
         let failed = self.tx.send(&mut self.out);
-        self.engine.ctx.stats.drops[Drop::QueueFull as usize] += failed as u64;
+        self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;
         self.shared.wake_marked(&mut self.wake);
     }
 }
@@ -797,7 +797,7 @@ mod tests {
         assert_eq!(limits.count(hubnat_core::nat::Proto::Udp, GUEST_IP), 2);
         // A third session on either worker is over the guest's limit.
         a.handle_frame(T0, &frame(4003), &mut ha, &mut out);
-        assert_eq!(a.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(a.ctx.stats.drops_of(DropReason::Limit), 1);
         assert_eq!(a.nat.udp.len() + b.nat.udp.len(), 2);
         // Ids are unique across the two engines.
         let (ia, ib) = (a.nat.sessions()[0].id, b.nat.sessions()[0].id);
@@ -860,7 +860,7 @@ mod tests {
             &mut hb,
             &mut out,
         );
-        assert_eq!(b.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(b.ctx.stats.drops_of(DropReason::Limit), 1);
         assert_eq!(b.nat.sessions().len(), 0);
         // Once the first is gone, the other worker lets a new one through.
         a.shutdown(T0, &mut ha, &mut out);
@@ -895,7 +895,7 @@ mod tests {
         assert_eq!((a.nat.tcp.half_open(), b.nat.tcp.half_open()), (1, 1));
         // Each worker alone is under the limit; together they are at it.
         a.handle_frame(T0, &syn(5003), &mut ha, &mut out);
-        assert_eq!(a.ctx.stats.drops_of(Drop::Limit), 1);
+        assert_eq!(a.ctx.stats.drops_of(DropReason::Limit), 1);
         assert_eq!(a.nat.sessions().len(), 1);
         assert_eq!(limits.half_open(), 2);
         assert_eq!(
@@ -1160,7 +1160,7 @@ mod tests {
         shared.control_frame(
             &router, &mut ctl, &mut whole, T0, &bad, &mut hc, &mut out, &mut wake,
         );
-        assert_eq!(ctl.stats().drops_of(Drop::BadChecksum), 1);
+        assert_eq!(ctl.stats().drops_of(DropReason::BadChecksum), 1);
     }
 
     #[test]
@@ -1188,7 +1188,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ctl.stats().drops_of(Drop::QueueFull), 3);
+        assert_eq!(ctl.stats().drops_of(DropReason::QueueFull), 3);
         let mut got = 0;
         while shared.inboxes[0].pop_whole().is_some() {
             got += 1;
@@ -1218,7 +1218,7 @@ mod tests {
         let mut ip = Ipv4Packet::new_unchecked(&mut frag[14..]);
         ip.fill_checksum();
         e.handle_reassembled(T0, &frag, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
         assert_eq!(e.nat.sessions().len(), 0);
     }
 

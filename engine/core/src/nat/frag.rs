@@ -5,8 +5,8 @@
 //! of them together within `BUDGET` bytes; time is bounded by `TIMEOUT` from the first fragment.
 //! A fragment that overlaps one already received (even an exact duplicate: its bytes could
 //! differ), that runs past 65535 bytes, or that contradicts the known end drops the whole datagram
-//! (`Drop::Malformed`), as overlapping fragments are how filters are evaded. An incomplete datagram
-//! that times out is counted as `Drop::Malformed` too.
+//! (`DropReason::Malformed`), as overlapping fragments are how filters are evaded. An incomplete datagram
+//! that times out is counted as `DropReason::Malformed` too.
 //!
 //! Toward the guest the NAT never needs "fragmentation needed": what it sends comes out of host
 //! sockets as whole datagrams, and datagrams larger than the MTU are cut into fragments
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::wire::IPV4_HEADER_LEN;
 use crate::Ctx;
@@ -76,7 +76,11 @@ impl Reassembler {
 
     /// Adds a fragment; returns the whole datagram (IPv4 header + payload) once complete. The
     /// datagram is lent until the next call.
-    pub fn add(&mut self, now: Instant, ip: &Ipv4Packet<&[u8]>) -> Result<Option<&[u8]>, Drop> {
+    pub fn add(
+        &mut self,
+        now: Instant,
+        ip: &Ipv4Packet<&[u8]>,
+    ) -> Result<Option<&[u8]>, DropReason> {
         let key = Key {
             src: ip.src_addr(),
             dst: ip.dst_addr(),
@@ -91,7 +95,7 @@ impl Reassembler {
             Some(i) => i,
             None => {
                 if self.entries.len() >= MAX_DATAGRAMS {
-                    return Err(Drop::Limit);
+                    return Err(DropReason::Limit);
                 }
                 let mut buf = self.spare.pop().unwrap_or_default();
                 buf.clear();
@@ -112,7 +116,7 @@ impl Reassembler {
             || IPV4_HEADER_LEN + end > MAX_DATAGRAM;
         if bad {
             self.discard(idx);
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let e = &mut self.entries[idx];
         let contradicts = match e.total {
@@ -122,18 +126,18 @@ impl Reassembler {
         let overlaps = e.pieces.iter().any(|&(s, pe)| start < pe && s < end);
         if contradicts || overlaps {
             self.discard(idx);
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if e.pieces.len() >= MAX_PIECES {
             self.discard(idx);
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         let need = IPV4_HEADER_LEN + end;
         if need > e.buf.len() {
             let grow = need - e.buf.len();
             if self.held + grow > BUDGET {
                 self.discard(idx);
-                return Err(Drop::Limit);
+                return Err(DropReason::Limit);
             }
             self.held += grow;
             e.buf.resize(need, 0);
@@ -188,7 +192,7 @@ impl Reassembler {
         while i < self.entries.len() {
             if self.entries[i].deadline <= now {
                 self.discard(i);
-                ctx.stats.drop(Drop::Malformed);
+                ctx.stats.drop(DropReason::Malformed);
             } else {
                 i += 1;
             }
@@ -255,7 +259,7 @@ mod tests {
         e.handle_frame(T0, &frags[0], &mut h, &mut out);
         // The same first fragment again overlaps itself.
         e.handle_frame(T0, &frags[0], &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         assert!(e.nat.frag.is_empty());
         e.handle_frame(T0, &frags[1], &mut h, &mut out);
         e.handle_frame(T0, &frags[2], &mut h, &mut out);
@@ -274,7 +278,7 @@ mod tests {
             &udp[..8],
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         assert!(e.nat.frag.is_empty());
     }
 
@@ -292,11 +296,11 @@ mod tests {
             &[0; 16],
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         // A middle fragment that is not a multiple of 8 bytes.
         let f = ipv4_frame(GUEST_IP, REMOTE_IP, IpProtocol::Udp, 4, 0, true, &[0; 12]);
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 2);
         // A last fragment that ends before data already received.
         let f = ipv4_frame(GUEST_IP, REMOTE_IP, IpProtocol::Udp, 5, 800, true, &[0; 16]);
         e.handle_frame(T0, &f, &mut h, &mut out);
@@ -310,7 +314,7 @@ mod tests {
             &[0; 16],
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
         assert!(e.nat.frag.is_empty());
         assert!(sent(&mut h).is_empty());
     }
@@ -324,11 +328,14 @@ mod tests {
             e.handle_frame(T0, &frags[0], &mut h, &mut out);
         }
         assert_eq!(e.nat.frag.len(), MAX_DATAGRAMS);
-        assert_eq!(e.stats().drops_of(Drop::Limit), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 1);
         assert_eq!(e.poll_timeout(), Some(T0 + TIMEOUT));
         e.handle_timeout(T0 + TIMEOUT, &mut h, &mut out);
         assert!(e.nat.frag.is_empty());
-        assert_eq!(e.stats().drops_of(Drop::Malformed), MAX_DATAGRAMS as u64);
+        assert_eq!(
+            e.stats().drops_of(DropReason::Malformed),
+            MAX_DATAGRAMS as u64
+        );
         assert_eq!(e.nat.frag.held, 0);
         // The rest of a timed-out datagram starts a new one that never completes.
         let frags = fragments(100, &data, 1000);

@@ -30,7 +30,7 @@ use crate::nat::udp::READ_BUDGET;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
 use crate::Ctx;
@@ -124,7 +124,7 @@ impl IcmpNat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let (ident, seq_no, data) = crate::vhost::icmp::parse_echo_request(ip)?;
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if ctx.is_host_address(dst) {
@@ -137,7 +137,7 @@ impl IcmpNat {
             return emit_to_guest(ctx, out, &mut self.buf, dst, src, &reply);
         }
         if !ctx.cfg.in_subnet(src) {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         let host_dst = *host_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
         if !self.decide(io) {
@@ -158,7 +158,7 @@ impl IcmpNat {
             None => self.open(now, ctx, key, host_dst, io)?,
         };
         let Some(s) = self.slots[slot].as_mut() else {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         };
         let request = Icmpv4Repr::EchoRequest {
             ident,
@@ -181,7 +181,7 @@ impl IcmpNat {
             }
             Err(e) => {
                 tracing::debug!("ICMP session {}: send failed: {e}", s.info.id);
-                Err(Drop::QueueFull)
+                Err(DropReason::QueueFull)
             }
         }
     }
@@ -215,15 +215,15 @@ impl IcmpNat {
         key: Key,
         host_dst: Ipv4Addr,
         io: &mut impl SockIo,
-    ) -> Result<usize, Drop> {
+    ) -> Result<usize, DropReason> {
         if self.by_key.len() >= MAX_SESSIONS {
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         let sock = match self.probe.take() {
             Some(s) => s,
             None => io.icmp_open().map_err(|e| {
                 tracing::warn!("ICMP socket could not be opened: {e}");
-                Drop::Unsupported
+                DropReason::Unsupported
             })?,
         };
         let id = ctx.next_session_id();
@@ -302,7 +302,7 @@ impl IcmpNat {
             };
             let msg = &mut self.buf[..dgram.len];
             let Ok(mut packet) = Icmpv4Packet::new_checked(&mut msg[..]) else {
-                ctx.stats.drop(Drop::Malformed);
+                ctx.stats.drop(DropReason::Malformed);
                 continue;
             };
             let is_reply = packet.verify_checksum()
@@ -310,7 +310,7 @@ impl IcmpNat {
                 && packet.msg_code() == 0;
             let seq = packet.echo_seq_no();
             if !is_reply || *dgram.from.ip() != s.host_dst || !s.recent.contains(&Some(seq)) {
-                ctx.stats.drop(Drop::Foreign);
+                ctx.stats.drop(DropReason::Foreign);
                 continue;
             }
             // Back to the guest under its own ident, in place.
@@ -408,10 +408,10 @@ fn emit_to_guest(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     repr: &Icmpv4Repr,
-) -> Result<(), Drop> {
+) -> Result<(), DropReason> {
     let len = repr.buffer_len();
     if len > buf.len() {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     repr.emit(
         &mut Icmpv4Packet::new_unchecked(&mut buf[..len]),
@@ -427,8 +427,8 @@ fn push_message(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     msg: &[u8],
-) -> Result<(), Drop> {
-    let dst_mac = ctx.arp.lookup(dst).ok_or(Drop::NoArp)?;
+) -> Result<(), DropReason> {
+    let dst_mac = ctx.arp.lookup(dst).ok_or(DropReason::NoArp)?;
     let h = Ipv4Header::new(src, dst, IpProtocol::Icmp, ctx.next_ident());
     push_ipv4_fragments(out, ctx.mac, dst_mac, &h, msg, ctx.cfg.nat.mtu as usize);
     Ok(())
@@ -513,7 +513,7 @@ mod tests {
         let other = Ipv4Addr::new(192, 168, 30, 77);
         e.handle_frame(T0, &echo_frame(other, 1, 2, b"x"), &mut h, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(e.stats().drops_of(Drop::Loop), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Loop), 1);
     }
 
     #[test]
@@ -562,7 +562,7 @@ mod tests {
                 b"data".to_vec()
             )
         );
-        assert_eq!(e.stats().drops_of(Drop::Foreign), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Foreign), 2);
 
         assert_eq!(e.poll_timeout(), Some(T0 + IDLE_TIMEOUT));
         e.handle_timeout(T0 + IDLE_TIMEOUT, &mut h, &mut out);
@@ -626,7 +626,7 @@ mod tests {
         let reply = reply_msg(1, 1, b"x");
         let f = ipv4_frame(GUEST_IP, REMOTE_IP, IpProtocol::Icmp, 1, 0, false, &reply);
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Unsupported), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Unsupported), 1);
         let f = ipv4_frame(
             GUEST_IP,
             REMOTE_IP,
@@ -637,12 +637,12 @@ mod tests {
             &[8, 0, 0],
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         let mut bad = echo_frame(REMOTE_IP, 1, 1, b"abc");
         let n = bad.len();
         bad[n - 1] ^= 1;
         e.handle_frame(T0, &bad, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::BadChecksum), 1);
+        assert_eq!(e.stats().drops_of(DropReason::BadChecksum), 1);
         assert!(out.is_empty());
     }
 }

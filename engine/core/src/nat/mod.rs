@@ -17,7 +17,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet};
 use crate::config::Config;
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockIo};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::Ctx;
 
@@ -35,13 +35,13 @@ pub struct Nat {
 /// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
 /// network itself are never sent out: the segment is reached directly, not through the NAT, and a
 /// packet for them on the host side could only come back in (seed 3.7.4, loops).
-pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Drop> {
+pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
     let ip = *dst.ip();
     if Some(ip) == ctx.cfg.nat.host_loopback {
         return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
     }
     if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
-        return Err(Drop::Loop);
+        return Err(DropReason::Loop);
     }
     Ok(dst)
 }
@@ -113,14 +113,14 @@ impl Nat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if ip.more_frags() || ip.frag_offset() != 0 {
             // The reassembled datagram is lent by `frag`; the protocols are separate fields, so
             // it is handed on without a copy.
             let Some(whole) = self.frag.add(now, ip)? else {
                 return Ok(());
             };
-            let packet = Ipv4Packet::new_checked(whole).map_err(|_| Drop::Malformed)?;
+            let packet = Ipv4Packet::new_checked(whole).map_err(|_| DropReason::Malformed)?;
             let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
             return Self::handle_whole(protos, now, ctx, &packet, io, out);
         }
@@ -137,7 +137,7 @@ impl Nat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
         Self::handle_whole(protos, now, ctx, ip, io, out)
     }
@@ -149,18 +149,18 @@ impl Nat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let for_host = ctx.is_host_address(ip.dst_addr()) && ip.next_header() == IpProtocol::Icmp;
         if !ctx.cfg.nat.enabled && !for_host {
             // Nothing is relayed (DNS included) while NAT is off; the virtual host still answers
             // pings, reassembled ones too.
-            return Err(Drop::Disabled);
+            return Err(DropReason::Disabled);
         }
         match ip.next_header() {
             IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
             IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out),
             IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out),
-            _ => Err(Drop::Unsupported),
+            _ => Err(DropReason::Unsupported),
         }
     }
 

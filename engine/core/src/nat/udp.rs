@@ -9,7 +9,7 @@
 //! last datagram in either direction.
 //!
 //! Bounds: `cfg.nat.max_sessions` sessions in all and `cfg.nat.max_sessions_per_guest` per guest
-//! address; past them a new flow is refused (`Drop::Limit`) while the others go on. Expiry uses
+//! address; past them a new flow is refused (`DropReason::Limit`) while the others go on. Expiry uses
 //! a min-heap with one entry per session and lazy re-arming: traffic only moves `last_used`, and
 //! a popped deadline that turns out early is pushed again at the real one, so neither traffic nor
 //! `poll_timeout` ever scans the table.
@@ -38,7 +38,7 @@ use crate::event;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::vhost::dns::DnsRelay;
 use crate::vhost::icmp::{push_icmp, push_unreachable};
@@ -125,18 +125,18 @@ impl UdpNat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
-        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+    ) -> Result<(), DropReason> {
+        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if !udp.verify_checksum(&src.into(), &dst.into()) {
-            return Err(Drop::BadChecksum);
+            return Err(DropReason::BadChecksum);
         }
         if udp.src_port() == 0 || udp.dst_port() == 0 {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         // Only guests of the virtual network can be answered (their MACs are learned there).
         if !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         let guest = SocketAddrV4::new(src, udp.src_port());
         let to = SocketAddrV4::new(dst, udp.dst_port());
@@ -160,7 +160,7 @@ impl UdpNat {
             None => self.open(now, ctx, key, io)?,
         };
         let Some(s) = self.slots[slot].as_mut() else {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         };
         s.info.last_used = now;
         s.last_len = udp.len();
@@ -176,7 +176,7 @@ impl UdpNat {
             }
             Err(e) => {
                 tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
-                Err(Drop::QueueFull)
+                Err(DropReason::QueueFull)
             }
         }
     }
@@ -187,22 +187,22 @@ impl UdpNat {
         ctx: &mut Ctx,
         key: UdpKey,
         io: &mut impl SockIo,
-    ) -> Result<usize, Drop> {
+    ) -> Result<usize, DropReason> {
         let host_dst = host_destination(ctx, key.dst)?;
         let guest_count = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
         if self.by_key.len() >= ctx.cfg.nat.max_sessions
             || guest_count >= ctx.cfg.nat.max_sessions_per_guest
         {
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         // The same limits counted across every worker of the runtime (a no-op with one engine).
         if !ctx.admit_session(Proto::Udp, *key.guest.ip()) {
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         let sock = io.udp_open(host_dst).map_err(|e| {
             tracing::warn!("UDP socket to {host_dst} could not be opened: {e}");
             ctx.release_session(Proto::Udp, *key.guest.ip());
-            Drop::Limit
+            DropReason::Limit
         })?;
         let id = ctx.next_session_id();
         event::session_created("UDP", id, key.guest, key.dst);
@@ -432,8 +432,8 @@ pub(crate) fn send_to_guest(
     len: usize,
     from: SocketAddrV4,
     to: SocketAddrV4,
-) -> Result<(), Drop> {
-    let dst_mac = ctx.arp.lookup(*to.ip()).ok_or(Drop::NoArp)?;
+) -> Result<(), DropReason> {
+    let dst_mac = ctx.arp.lookup(*to.ip()).ok_or(DropReason::NoArp)?;
     let len = len.min(MAX_UDP_PAYLOAD);
     let datagram = &mut buf[..UDP_HEADER_LEN + len];
     let mut udp = UdpPacket::new_unchecked(&mut datagram[..]);
@@ -456,7 +456,7 @@ pub(crate) fn send_to_guest(
 
 /// The destination answered the session's last datagram with port unreachable: tell the guest,
 /// from the destination, quoting an IP + UDP header rebuilt from the session.
-fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(), Drop> {
+fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(), DropReason> {
     let mut quoted = [0u8; UDP_HEADER_LEN];
     let mut udp = UdpPacket::new_unchecked(&mut quoted[..]);
     udp.set_src_port(s.key.guest.port());
@@ -555,12 +555,12 @@ mod tests {
         }
         // Per guest: the third is refused.
         assert_eq!(e.nat.udp.len(), 2);
-        assert_eq!(e.stats().drops_of(Drop::Limit), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 1);
         e.handle_frame(T0, &udp_frame(sa(GUEST2_IP, 1), d, b"x"), &mut h, &mut out);
         // Global: the fourth is refused even for another guest.
         e.handle_frame(T0, &udp_frame(sa(GUEST2_IP, 2), d, b"x"), &mut h, &mut out);
         assert_eq!(e.nat.udp.len(), 3);
-        assert_eq!(e.stats().drops_of(Drop::Limit), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 2);
         // The earlier sessions still work both ways.
         e.handle_frame(
             T0,
@@ -577,7 +577,7 @@ mod tests {
         h.deliver_udp(sock, b"z");
         pump(&mut e, &mut h, &mut out, T0);
         assert_eq!(out.len(), 1);
-        assert_eq!(e.stats().drops_of(Drop::Limit), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 2);
     }
 
     #[test]
@@ -637,7 +637,7 @@ mod tests {
                 &mut out,
             );
         }
-        assert_eq!(e.stats().drops_of(Drop::Loop), 4);
+        assert_eq!(e.stats().drops_of(DropReason::Loop), 4);
         assert!(udp_ids(&h).is_empty());
         assert!(out.is_empty());
     }
@@ -705,30 +705,30 @@ mod tests {
             &[0x13, 0x88, 0],
         );
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         // Length field larger than the packet.
         let mut f = udp_frame(g, d, b"abcd");
         f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 2);
         // Length field smaller than the header.
         let mut f = udp_frame(g, d, b"abcd");
         f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
         // Bad checksum.
         let mut f = udp_frame(g, d, b"abcd");
         let n = f.len();
         f[n - 1] ^= 0xff;
         e.handle_frame(T0, &f, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::BadChecksum), 1);
+        assert_eq!(e.stats().drops_of(DropReason::BadChecksum), 1);
         // A zero checksum means "none" and is accepted.
         let mut f = udp_frame(g, d, b"abcd");
         f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0, 0]);
         e.handle_frame(T0, &f, &mut h, &mut out);
         // Port 0.
         e.handle_frame(T0, &udp_frame(sa(GUEST_IP, 0), d, b"x"), &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 4);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 4);
         let ids = udp_ids(&h);
         assert_eq!(ids.len(), 1);
         assert_eq!(h.udp(ids[0]).unwrap().sent, vec![b"abcd".to_vec()]);
@@ -740,7 +740,7 @@ mod tests {
         let (mut e, mut h, mut out) = setup_with(|c| c.nat.enabled = false);
         let frame = udp_frame(sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000), b"x");
         e.handle_frame(T0, &frame, &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Disabled), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Disabled), 1);
         assert!(udp_ids(&h).is_empty());
     }
 }

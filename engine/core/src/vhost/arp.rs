@@ -12,7 +12,7 @@ use smoltcp::wire::{
 
 use crate::config::Mac;
 use crate::output::FrameBatch;
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::wire::{eth, mac};
 
@@ -136,9 +136,9 @@ pub fn handle(
     cache: &mut ArpCache,
     payload: &[u8],
     out: &mut FrameBatch,
-) -> Result<(), Drop> {
-    let packet = ArpPacket::new_checked(payload).map_err(|_| Drop::Malformed)?;
-    let repr = ArpRepr::parse(&packet).map_err(|_| Drop::Unsupported)?;
+) -> Result<(), DropReason> {
+    let packet = ArpPacket::new_checked(payload).map_err(|_| DropReason::Malformed)?;
+    let repr = ArpRepr::parse(&packet).map_err(|_| DropReason::Unsupported)?;
     let ArpRepr::EthernetIpv4 {
         operation,
         source_hardware_addr,
@@ -147,14 +147,14 @@ pub fn handle(
         ..
     } = repr
     else {
-        return Err(Drop::Unsupported);
+        return Err(DropReason::Unsupported);
     };
     if packet.hardware_type() != ArpHardware::Ethernet {
-        return Err(Drop::Unsupported);
+        return Err(DropReason::Unsupported);
     }
     let sender = mac(source_hardware_addr);
     if sender == me.mac {
-        return Err(Drop::Foreign);
+        return Err(DropReason::Foreign);
     }
     if source_protocol_addr == me.ip {
         tracing::warn!(
@@ -244,7 +244,7 @@ mod tests {
         let req = request(HOST, HOST_IP, HOST_IP);
         assert_eq!(
             handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out),
-            Err(Drop::Foreign)
+            Err(DropReason::Foreign)
         );
     }
 
@@ -262,7 +262,7 @@ mod tests {
                 &req[..10],
                 &mut out
             ),
-            Err(Drop::Malformed)
+            Err(DropReason::Malformed)
         );
         let mut bad = req.clone();
         bad[4] = 8; // hardware address length 8: not Ethernet/IPv4

@@ -33,7 +33,7 @@ use smoltcp::wire::{
 use crate::config::{DhcpConfig, Mac};
 use crate::event;
 use crate::output::FrameBatch;
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::wire::eth;
 use crate::Ctx;
@@ -114,7 +114,7 @@ impl<'a> OptionIter<'a> {
 }
 
 impl<'a> Iterator for OptionIter<'a> {
-    type Item = Result<(u8, &'a [u8]), Drop>;
+    type Item = Result<(u8, &'a [u8]), DropReason>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -128,11 +128,11 @@ impl<'a> Iterator for OptionIter<'a> {
                 _ => {
                     let Some((&len, rest)) = rest.split_first() else {
                         self.buf = &[];
-                        return Some(Err(Drop::Malformed));
+                        return Some(Err(DropReason::Malformed));
                     };
                     if rest.len() < len as usize {
                         self.buf = &[];
-                        return Some(Err(Drop::Malformed));
+                        return Some(Err(DropReason::Malformed));
                     }
                     let (data, rest) = rest.split_at(len as usize);
                     self.buf = rest;
@@ -159,22 +159,22 @@ struct ClientMessage<'a> {
     max_message: Option<u16>,
 }
 
-fn ipv4_option(data: &[u8]) -> Result<Ipv4Addr, Drop> {
-    let b: [u8; 4] = data.try_into().map_err(|_| Drop::Malformed)?;
+fn ipv4_option(data: &[u8]) -> Result<Ipv4Addr, DropReason> {
+    let b: [u8; 4] = data.try_into().map_err(|_| DropReason::Malformed)?;
     Ok(Ipv4Addr::from(b))
 }
 
 impl<'a> ClientMessage<'a> {
-    fn parse(bytes: &'a [u8]) -> Result<ClientMessage<'a>, Drop> {
-        let p = DhcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    fn parse(bytes: &'a [u8]) -> Result<ClientMessage<'a>, DropReason> {
+        let p = DhcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
         if p.opcode() != DhcpOpCode::Request {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if p.hardware_type() != ArpHardware::Ethernet || p.hardware_len() != 6 {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if p.magic_number() != MAGIC_COOKIE {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let mut m = ClientMessage {
             kind: DhcpMessageType::Unknown(0),
@@ -198,7 +198,7 @@ impl<'a> ClientMessage<'a> {
         if overload & 2 != 0 {
             m.read_options(&bytes[SNAME_FIELD], &mut kind, false)?;
         }
-        m.kind = kind.ok_or(Drop::Malformed)?;
+        m.kind = kind.ok_or(DropReason::Malformed)?;
         Ok(m)
     }
 
@@ -208,14 +208,14 @@ impl<'a> ClientMessage<'a> {
         area: &'a [u8],
         kind: &mut Option<DhcpMessageType>,
         main: bool,
-    ) -> Result<u8, Drop> {
+    ) -> Result<u8, DropReason> {
         let mut overload = 0;
         for o in OptionIter::new(area) {
             let (code, data) = o?;
             match code {
                 opt::MESSAGE_TYPE => {
                     let &[t] = data else {
-                        return Err(Drop::Malformed);
+                        return Err(DropReason::Malformed);
                     };
                     *kind = Some(DhcpMessageType::from(t));
                 }
@@ -224,12 +224,12 @@ impl<'a> ClientMessage<'a> {
                 opt::HOST_NAME => self.host_name = data,
                 opt::PARAMETER_LIST => self.params = data,
                 opt::MAX_MESSAGE_SIZE => {
-                    let b: [u8; 2] = data.try_into().map_err(|_| Drop::Malformed)?;
+                    let b: [u8; 2] = data.try_into().map_err(|_| DropReason::Malformed)?;
                     self.max_message = Some(u16::from_be_bytes(b));
                 }
                 opt::OVERLOAD if main => {
                     let &[v @ 1..=3] = data else {
-                        return Err(Drop::Malformed);
+                        return Err(DropReason::Malformed);
                     };
                     overload = v;
                 }
@@ -427,22 +427,22 @@ impl DhcpServer {
         src_mac: Mac,
         ip: &Ipv4Packet<&[u8]>,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
-        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+    ) -> Result<(), DropReason> {
+        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
         if udp.checksum() != 0 && !udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into())
         {
-            return Err(Drop::BadChecksum);
+            return Err(DropReason::BadChecksum);
         }
         let msg = ClientMessage::parse(udp.payload())?;
         if msg.chaddr.0[0] & 1 != 0 || msg.chaddr == Mac::default() {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if msg.chaddr != src_mac {
             tracing::debug!(chaddr = %msg.chaddr, src = %src_mac, "DHCP chaddr differs from the Ethernet source");
         }
         if !msg.giaddr.is_unspecified() {
             // One segment, no relays: a relayed message is not for this server.
-            return Err(Drop::Unsupported);
+            return Err(DropReason::Unsupported);
         }
         self.expire(now);
         match msg.kind {
@@ -451,7 +451,7 @@ impl DhcpServer {
             DhcpMessageType::Decline => self.decline(now, ctx, &msg),
             DhcpMessageType::Release => self.release(ctx, &msg),
             DhcpMessageType::Inform => self.inform(now, ctx, src_mac, &msg, out),
-            _ => Err(Drop::Unsupported),
+            _ => Err(DropReason::Unsupported),
         }
     }
 
@@ -482,7 +482,7 @@ impl DhcpServer {
         src_mac: Mac,
         msg: &ClientMessage,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let mac = msg.chaddr;
         let Some(ip) = self.choose(now, ctx.cfg.host.ip, mac, msg.requested_ip) else {
             if self
@@ -492,7 +492,7 @@ impl DhcpServer {
                 event::dhcp_pool_exhausted(mac);
                 self.last_exhausted_log = Some(now);
             }
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         };
         if !self.by_ip.contains_key(&ip) {
             self.reserve(now, mac, ip);
@@ -515,22 +515,22 @@ impl DhcpServer {
         src_mac: Mac,
         msg: &ClientMessage,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let host_ip = ctx.cfg.host.ip;
         let ciaddr = (!msg.ciaddr.is_unspecified()).then_some(msg.ciaddr);
         let ip = match (msg.server_id, msg.requested_ip) {
             // SELECTING, and the client chose another server: our offer is void.
             (Some(sid), _) if sid != host_ip => {
                 self.cancel_offer_mac(msg.chaddr);
-                return Err(Drop::Foreign);
+                return Err(DropReason::Foreign);
             }
             // SELECTING (option 50 is a MUST there; tolerate a client that put it in ciaddr).
             (Some(_), Some(ip)) => ip,
-            (Some(_), None) => ciaddr.ok_or(Drop::Malformed)?,
+            (Some(_), None) => ciaddr.ok_or(DropReason::Malformed)?,
             // INIT-REBOOT.
             (None, Some(ip)) => ip,
             // RENEWING (unicast) or REBINDING (broadcast).
-            (None, None) => ciaddr.ok_or(Drop::Malformed)?,
+            (None, None) => ciaddr.ok_or(DropReason::Malformed)?,
         };
         let spec = if self.free_for(msg.chaddr, ip, now, host_ip) {
             let name = sanitize_host_name(msg.host_name);
@@ -556,11 +556,16 @@ impl DhcpServer {
         Ok(())
     }
 
-    fn decline(&mut self, now: Instant, ctx: &mut Ctx, msg: &ClientMessage) -> Result<(), Drop> {
+    fn decline(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        msg: &ClientMessage,
+    ) -> Result<(), DropReason> {
         if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
-        let ip = msg.requested_ip.ok_or(Drop::Malformed)?;
+        let ip = msg.requested_ip.ok_or(DropReason::Malformed)?;
         // Only the address this client was given (leased or offered) can be declined: a client
         // must not be able to take another's address out of use.
         let held = self.lease_of(msg.chaddr).is_some_and(|l| l.ip == ip)
@@ -585,9 +590,9 @@ impl DhcpServer {
         Ok(())
     }
 
-    fn release(&mut self, ctx: &Ctx, msg: &ClientMessage) -> Result<(), Drop> {
+    fn release(&mut self, ctx: &Ctx, msg: &ClientMessage) -> Result<(), DropReason> {
         if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         if let Some(&id) = self.by_mac.get(&msg.chaddr) {
             if self.leases[&id].ip == msg.ciaddr {
@@ -604,9 +609,9 @@ impl DhcpServer {
         src_mac: Mac,
         msg: &ClientMessage,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if msg.ciaddr.is_unspecified() {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let spec = ReplySpec {
             kind: DhcpMessageType::Ack,
@@ -1301,7 +1306,7 @@ mod tests {
             assert_eq!((r.kind, r.yiaddr), (ACK, offered));
             offered
         }
-        fn drops(&self, why: Drop) -> u64 {
+        fn drops(&self, why: DropReason) -> u64 {
             self.engine.stats().drops_of(why)
         }
         fn lines(&self) -> Vec<String> {
@@ -1438,7 +1443,7 @@ mod tests {
         let mut n = Net::new(config());
         assert_eq!(n.offer(B), ip(10));
         n.silent(&msg(REQUEST, B).server(ip(99)).requested(ip(10)));
-        assert_eq!(n.drops(Drop::Foreign), 1);
+        assert_eq!(n.drops(DropReason::Foreign), 1);
         assert!(n.leases().is_empty());
         // The address held for B is free again.
         assert_eq!(n.offer(C), ip(10));
@@ -1490,7 +1495,7 @@ mod tests {
         assert_ne!(n.offer(D), d);
         // A DECLINE without the address is malformed.
         n.silent(&msg(DECLINE, A).server(HOST_IP));
-        assert_eq!(n.drops(Drop::Malformed), 1);
+        assert_eq!(n.drops(DropReason::Malformed), 1);
     }
 
     #[test]
@@ -1510,7 +1515,7 @@ mod tests {
         assert!(n.lines().is_empty());
         // An INFORM without ciaddr is malformed.
         n.silent(&msg(INFORM, D));
-        assert_eq!(n.drops(Drop::Malformed), 1);
+        assert_eq!(n.drops(DropReason::Malformed), 1);
     }
 
     #[test]
@@ -1572,7 +1577,7 @@ mod tests {
         assert_eq!(n.offer(A), ip(10));
         assert_eq!(n.offer(B), ip(11));
         n.silent(&msg(DISCOVER, C));
-        assert_eq!(n.drops(Drop::Limit), 1);
+        assert_eq!(n.drops(DropReason::Limit), 1);
         assert_eq!(
             n.lines(),
             vec![
@@ -1591,7 +1596,7 @@ mod tests {
         assert_eq!(n.dora(B), ip(11));
         n.silent(&msg(DISCOVER, C));
         n.silent(&msg(DISCOVER, D));
-        assert_eq!(n.drops(Drop::Limit), 2);
+        assert_eq!(n.drops(DropReason::Limit), 2);
         assert_eq!(
             n.count_lines("no free address"),
             1,
@@ -1801,7 +1806,7 @@ mod tests {
         cfg.dhcp.enabled = false;
         let mut n = Net::new(cfg);
         n.silent(&msg(DISCOVER, A));
-        assert_eq!(n.drops(Drop::Disabled), 1);
+        assert_eq!(n.drops(DropReason::Disabled), 1);
     }
 
     // ---- malformed input ----
@@ -1859,15 +1864,15 @@ mod tests {
         cases.push(("renewal without ciaddr", msg(REQUEST, A).frame()));
         let total = cases.len() as u64;
         for (name, f) in &cases {
-            let before = n.drops(Drop::Malformed);
+            let before = n.drops(DropReason::Malformed);
             assert!(n.frame(f).is_empty(), "{name}: answered");
             assert_eq!(
-                n.drops(Drop::Malformed),
+                n.drops(DropReason::Malformed),
                 before + 1,
                 "{name}: not counted as malformed"
             );
         }
-        assert_eq!(n.drops(Drop::Malformed), total);
+        assert_eq!(n.drops(DropReason::Malformed), total);
         assert!(n.leases().is_empty());
         assert!(n.engine.dhcp.offers.is_empty());
 
@@ -1878,7 +1883,7 @@ mod tests {
         f[udp + 4..udp + 6].copy_from_slice(&(8u16 + 100).to_be_bytes());
         f[udp + 6..udp + 8].copy_from_slice(&[0, 0]);
         assert!(n.frame(&f).is_empty());
-        assert_eq!(n.drops(Drop::Malformed), total + 1);
+        assert_eq!(n.drops(DropReason::Malformed), total + 1);
         // A UDP length past the datagram: the engine does not take it for DHCP at all.
         let dropped: u64 = n.engine.stats().drops.iter().sum();
         let mut f = good.frame();
@@ -1891,7 +1896,7 @@ mod tests {
         let last = f.len() - 1;
         f[last] ^= 0xff;
         assert!(n.frame(&f).is_empty());
-        assert_eq!(n.drops(Drop::BadChecksum), 1);
+        assert_eq!(n.drops(DropReason::BadChecksum), 1);
         let mut f = good.frame();
         let ck = ETHERNET_HEADER_LEN + 20 + 6;
         f[ck..ck + 2].copy_from_slice(&[0, 0]);
@@ -1904,7 +1909,7 @@ mod tests {
         let mut m = good.clone();
         m.giaddr = Ipv4Addr::new(10, 0, 0, 1);
         n.silent(&m);
-        assert_eq!(n.drops(Drop::Unsupported), 6);
+        assert_eq!(n.drops(DropReason::Unsupported), 6);
         // A message without END but otherwise whole is accepted.
         let r = n.frame(&good.frame_of(&good.bootp(false)));
         assert_eq!(r.len(), 1);
@@ -1915,9 +1920,12 @@ mod tests {
         let items: Vec<_> = OptionIter::new(&[0, 0, 53, 1, 1, 0, 12, 0, 255, 7, 7]).collect();
         assert_eq!(items, vec![Ok((53, &[1u8][..])), Ok((12, &[][..]))]);
         let items: Vec<_> = OptionIter::new(&[53, 1, 1, 12, 5, 1]).collect();
-        assert_eq!(items, vec![Ok((53, &[1u8][..])), Err(Drop::Malformed)]);
+        assert_eq!(
+            items,
+            vec![Ok((53, &[1u8][..])), Err(DropReason::Malformed)]
+        );
         let items: Vec<_> = OptionIter::new(&[53]).collect();
-        assert_eq!(items, vec![Err(Drop::Malformed)]);
+        assert_eq!(items, vec![Err(DropReason::Malformed)]);
     }
 
     // ---- table management ----

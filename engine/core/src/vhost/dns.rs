@@ -31,7 +31,7 @@ use crate::nat::udp::{send_to_guest, DNS_PORT, READ_BUDGET};
 use crate::nat::{Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockId, SockIo};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::Ctx;
 
@@ -178,13 +178,13 @@ impl DnsRelay {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
         buf: &mut [u8],
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if query.len() < HEADER_LEN || query.len() > MAX_QUERY {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         if query[2] & QR != 0 {
             // A response sent to the relay: not a question.
-            return Err(Drop::Unsupported);
+            return Err(DropReason::Unsupported);
         }
         self.sync(ctx, io);
         if self.upstreams.is_empty() {
@@ -193,7 +193,7 @@ impl DnsRelay {
             return send_to_guest(ctx, out, buf, len, host, guest);
         }
         if self.pending.len() >= MAX_PENDING {
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         let id = self.fresh_id(ctx)?;
         let relayed = &mut buf[..query.len()];
@@ -214,7 +214,7 @@ impl DnsRelay {
             }
         }
         let Some(upstream) = sent_to else {
-            return Err(Drop::QueueFull);
+            return Err(DropReason::QueueFull);
         };
         let query_copy = (upstream + 1 < self.upstreams.len()).then(|| {
             let mut v = self.pool.pop().unwrap_or_default();
@@ -263,7 +263,7 @@ impl DnsRelay {
     }
 
     /// A random ID no query in flight has.
-    fn fresh_id(&mut self, ctx: &mut Ctx) -> Result<u16, Drop> {
+    fn fresh_id(&mut self, ctx: &mut Ctx) -> Result<u16, DropReason> {
         // At most MAX_PENDING of 65536 IDs are taken: a few draws always suffice in practice.
         for _ in 0..64 {
             let id = ctx.rng.random::<u16>();
@@ -271,7 +271,7 @@ impl DnsRelay {
                 return Ok(id);
             }
         }
-        Err(Drop::Limit)
+        Err(DropReason::Limit)
     }
 
     /// Reads answers from `sock` if it is an upstream socket: `None` if it is not one of ours,
@@ -314,9 +314,9 @@ impl DnsRelay {
         buf: &mut [u8],
         n: usize,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         if n < HEADER_LEN {
-            return Err(Drop::Malformed);
+            return Err(DropReason::Malformed);
         }
         let msg = &mut buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
         let id = u16::from_be_bytes([msg[0], msg[1]]);
@@ -326,10 +326,10 @@ impl DnsRelay {
             .is_some_and(|p| p.upstream == upstream && msg[2] & QR != 0);
         if !ours {
             // Late, forged, or from the wrong resolver.
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         }
         let Some(mut p) = self.pending.remove(&id) else {
-            return Err(Drop::Foreign);
+            return Err(DropReason::Foreign);
         };
         msg[..2].copy_from_slice(&p.orig_id.to_be_bytes());
         p.info.last_used = now;
@@ -506,7 +506,7 @@ mod tests {
         h.deliver_udp(s1, &wrong);
         pump(&mut e, &mut h, &mut out, T0);
         assert!(out.is_empty());
-        assert_eq!(e.stats().drops_of(Drop::Foreign), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Foreign), 1);
 
         h.deliver_udp(s1, &answer_to(&relayed));
         pump(&mut e, &mut h, &mut out, T0);
@@ -545,7 +545,7 @@ mod tests {
         h.deliver_udp(s1, &answer_to(&relayed));
         pump(&mut e, &mut h, &mut out, T0);
         assert!(out.is_empty());
-        assert_eq!(e.stats().drops_of(Drop::Foreign), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Foreign), 1);
         h.deliver_udp(s2, &answer_to(&relayed));
         pump(&mut e, &mut h, &mut out, T0);
         assert_eq!(out.len(), 1);
@@ -634,18 +634,18 @@ mod tests {
             &mut h,
             &mut out,
         );
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 1);
         e.handle_frame(
             T0,
             &udp_frame(guest(), host53(), &vec![0; MAX_QUERY + 1]),
             &mut h,
             &mut out,
         );
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 2);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 2);
         let mut resp = query(1);
         resp[2] |= QR;
         e.handle_frame(T0, &udp_frame(guest(), host53(), &resp), &mut h, &mut out);
-        assert_eq!(e.stats().drops_of(Drop::Unsupported), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Unsupported), 1);
         assert_eq!(e.nat.udp.dns.pending(), 0);
         // A short answer from the upstream is malformed.
         e.handle_frame(
@@ -657,7 +657,7 @@ mod tests {
         let (s1, _) = last_sent(&e, &mut h, 0);
         h.deliver_udp(s1, &[0; 5]);
         pump(&mut e, &mut h, &mut out, T0);
-        assert_eq!(e.stats().drops_of(Drop::Malformed), 3);
+        assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
         assert!(out.is_empty());
     }
 

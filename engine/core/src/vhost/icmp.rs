@@ -7,7 +7,7 @@ use smoltcp::wire::{
 };
 
 use crate::output::FrameBatch;
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::wire::{push_ipv4, Ipv4Header};
 use crate::Ctx;
 
@@ -16,10 +16,10 @@ pub type Echo<'a> = (u16, u16, &'a [u8]);
 
 /// Checks an ICMP message from a guest (`ip` is its IPv4 packet) and returns it if it is an echo
 /// request; anything else is a drop with its reason.
-pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, Drop> {
-    let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| Drop::Malformed)?;
+pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, DropReason> {
+    let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
     if !packet.verify_checksum() {
-        return Err(Drop::BadChecksum);
+        return Err(DropReason::BadChecksum);
     }
     match Icmpv4Repr::parse(&packet, &ChecksumCapabilities::default()) {
         Ok(Icmpv4Repr::EchoRequest {
@@ -27,7 +27,7 @@ pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, Dro
             seq_no,
             data,
         }) => Ok((ident, seq_no, data)),
-        _ => Err(Drop::Unsupported),
+        _ => Err(DropReason::Unsupported),
     }
 }
 
@@ -36,7 +36,7 @@ pub fn handle_to_host(
     ctx: &mut Ctx,
     ip: &Ipv4Packet<&[u8]>,
     out: &mut FrameBatch,
-) -> Result<(), Drop> {
+) -> Result<(), DropReason> {
     let (ident, seq_no, data) = parse_echo_request(ip)?;
     let reply = Icmpv4Repr::EchoReply {
         ident,
@@ -53,8 +53,8 @@ pub fn push_icmp(
     dst: std::net::Ipv4Addr,
     repr: &Icmpv4Repr,
     out: &mut FrameBatch,
-) -> Result<(), Drop> {
-    let dst_mac = ctx.arp.lookup(dst).ok_or(Drop::NoArp)?;
+) -> Result<(), DropReason> {
+    let dst_mac = ctx.arp.lookup(dst).ok_or(DropReason::NoArp)?;
     let h = Ipv4Header::new(src, dst, IpProtocol::Icmp, ctx.next_ident());
     push_ipv4(out, ctx.mac, dst_mac, &h, repr.buffer_len(), |p| {
         repr.emit(
@@ -76,7 +76,7 @@ pub fn push_unreachable(
     reason: Icmpv4DstUnreachable,
     ip: &Ipv4Packet<&[u8]>,
     out: &mut FrameBatch,
-) -> Result<(), Drop> {
+) -> Result<(), DropReason> {
     let header = Ipv4Repr {
         src_addr: ip.src_addr(),
         dst_addr: ip.dst_addr(),

@@ -20,7 +20,7 @@ use hubnat_core::config::{
 use hubnat_core::nat::{Proto, SessionInfo};
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockIo;
-use hubnat_core::stats::{Drop, Stats};
+use hubnat_core::stats::{DropReason, Stats};
 use hubnat_core::time::Instant;
 use hubnat_core::Engine;
 
@@ -666,7 +666,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         bytes_in: st.bytes_in,
         frames_out: st.frames_out,
         bytes_out: st.bytes_out,
-        drops: Drop::ALL
+        drops: DropReason::ALL
             .iter()
             .map(|d| (d.name().to_owned(), st.drops_of(*d)))
             .collect(),
@@ -816,7 +816,7 @@ mod tests {
         assert_eq!(change.changes, vec!["nat.enabled: true -> false"]);
         assert!(change.restart_needed.is_empty());
         udp_to(&mut e, &mut h, &mut out, 4001, 53000);
-        assert_eq!(e.stats().drops_of(Drop::Disabled), 1);
+        assert_eq!(e.stats().drops_of(DropReason::Disabled), 1);
         assert_eq!(e.nat.sessions().len(), 1, "the open session is not dropped");
         assert!(e.config().dhcp.enabled);
         let st = status(&e, T0);

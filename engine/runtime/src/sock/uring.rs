@@ -378,7 +378,7 @@ impl Ring {
             setup.defer_taskrun
         );
         let bufs = match BufRing::new(buf_count, buf_size).and_then(|mut b| {
-            // SAFETY: the entries stay mapped until after the group is unregistered (`Drop`).
+            // SAFETY: the entries stay mapped until after the group is unregistered (`DropReason`).
             unsafe {
                 ring.submitter().register_buf_ring_with_flags(
                     b.entries.as_ptr() as u64,

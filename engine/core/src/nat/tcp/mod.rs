@@ -34,7 +34,7 @@ use crate::event;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::Ctx;
 
@@ -117,7 +117,7 @@ impl TcpNat {
         ip: &Ipv4Packet<&[u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let seg = segment::parse(ip)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {
@@ -152,9 +152,9 @@ impl TcpNat {
         key: Key,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), Drop> {
+    ) -> Result<(), DropReason> {
         let (guest, dst) = key;
-        let guest_mac = ctx.arp.lookup(*guest.ip()).ok_or(Drop::NoArp)?;
+        let guest_mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
         let target = if ctx.is_host_address(*dst.ip()) {
             // The virtual host's own address: only DNS over TCP, relayed to the first resolver.
             let upstream = ctx.cfg.dns.upstream.iter().find_map(|a| match a {
@@ -170,7 +170,7 @@ impl TcpNat {
             }
         } else {
             if !ctx.cfg.nat.enabled {
-                return Err(Drop::Disabled);
+                return Err(DropReason::Disabled);
             }
             match host_destination(ctx, dst) {
                 Ok(t) => t,
@@ -188,12 +188,12 @@ impl TcpNat {
             || !ctx.admit_session(Proto::Tcp, *guest.ip())
         {
             reset(ctx, seg, key, out)?;
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         if !ctx.admit_half_open() {
             ctx.release_session(Proto::Tcp, *guest.ip());
             reset(ctx, seg, key, out)?;
-            return Err(Drop::Limit);
+            return Err(DropReason::Limit);
         }
         let id = ctx.next_session_id();
         event::session_created(Proto::Tcp.name(), id, guest, dst);
@@ -562,9 +562,9 @@ impl TcpNat {
 }
 
 /// Answers a segment that no connection takes with RST (RFC 9293 3.10.7.1).
-fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(), Drop> {
+fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(), DropReason> {
     let (guest, dst) = key;
-    let mac = ctx.arp.lookup(*guest.ip()).ok_or(Drop::NoArp)?;
+    let mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
     let hdr = segment::reset_for(seg, guest, dst);
     let ident = ctx.next_ident();
     segment::push(out, ctx.mac, mac, ident, hdr, 0, |_, _| 0);

@@ -13,7 +13,7 @@ use smoltcp::wire::{
 use super::seq::Seq;
 use crate::config::Mac;
 use crate::output::FrameBatch;
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::wire::{emit_ethernet, emit_ipv4_header, Ipv4Header, IPV4_HEADER_LEN};
 
 pub const TCP_HEADER_LEN: usize = 20;
@@ -50,18 +50,18 @@ impl Seg<'_> {
 /// Checks and parses the TCP segment of `ip`: a truncated header, a data offset below 5 or past
 /// the end, a bad option, port 0 or an impossible flag combination is `Malformed`; a checksum
 /// that does not verify is `BadChecksum`.
-pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, Drop> {
+pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason> {
     let bytes: &'a [u8] = ip.payload();
-    let tcp = TcpPacket::new_checked(bytes).map_err(|_| Drop::Malformed)?;
+    let tcp = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
     if !tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
-        return Err(Drop::BadChecksum);
+        return Err(DropReason::BadChecksum);
     }
     if tcp.src_port() == 0 || tcp.dst_port() == 0 {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     let (syn, fin, rst) = (tcp.syn(), tcp.fin(), tcp.rst());
     if (syn && (fin || rst)) || (fin && rst) {
-        return Err(Drop::Malformed);
+        return Err(DropReason::Malformed);
     }
     let mut seg = Seg {
         src_port: tcp.src_port(),
@@ -81,7 +81,7 @@ pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, Drop> {
     };
     let mut options = &bytes[TCP_HEADER_LEN..tcp.header_len() as usize];
     while !options.is_empty() {
-        let (rest, option) = TcpOption::parse(options).map_err(|_| Drop::Malformed)?;
+        let (rest, option) = TcpOption::parse(options).map_err(|_| DropReason::Malformed)?;
         match option {
             TcpOption::EndOfList => break,
             TcpOption::MaxSegmentSize(v) => seg.mss = Some(v),

@@ -14,7 +14,7 @@ use crate::config::{Config, Mac};
 use crate::output::FrameBatch;
 use crate::sim::{ConnectOutcome, SimSockets};
 use crate::sockio::{SockEvent, SockId};
-use crate::stats::Drop;
+use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::Engine;
 
@@ -294,7 +294,7 @@ impl T {
         self.h.tcp(id).expect("socket open")
     }
 
-    fn drops(&self, d: Drop) -> u64 {
+    fn drops(&self, d: DropReason) -> u64 {
         self.e.stats().drops_of(d)
     }
 }
@@ -994,7 +994,7 @@ fn half_open_limit() {
     s2.sport = GPORT + 1;
     let got = t.send(&s2);
     assert!(got.len() == 1 && got[0].rst && got[0].ack == Some(GISS + 1));
-    assert_eq!(t.drops(Drop::Limit), 1);
+    assert_eq!(t.drops(DropReason::Limit), 1);
 }
 
 #[test]
@@ -1007,7 +1007,7 @@ fn per_guest_limit() {
     s2.sport = GPORT + 1;
     let got = t.send(&s2);
     assert!(got.len() == 1 && got[0].rst);
-    assert_eq!(t.drops(Drop::Limit), 1);
+    assert_eq!(t.drops(DropReason::Limit), 1);
     assert_eq!(t.e.nat.sessions().len(), 1);
 }
 
@@ -1036,22 +1036,22 @@ fn malformed_segments_are_dropped() {
     let mut f = good[..tcp_at + 10].to_vec();
     fix_ip(&mut f);
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::Malformed), 1);
+    assert_eq!(t.drops(DropReason::Malformed), 1);
     // Data offset 4 (16 bytes).
     let mut f = good.clone();
     f[tcp_at + 12] = 4 << 4;
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::Malformed), 2);
+    assert_eq!(t.drops(DropReason::Malformed), 2);
     // Data offset past the end.
     let mut f = good.clone();
     f[tcp_at + 12] = 15 << 4;
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::Malformed), 3);
+    assert_eq!(t.drops(DropReason::Malformed), 3);
     // Bad checksum.
     let mut f = good.clone();
     f[tcp_at + 16] ^= 0xff;
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::BadChecksum), 1);
+    assert_eq!(t.drops(DropReason::BadChecksum), 1);
     // SYN+FIN.
     let mut s = t.syn(NONE);
     s.control = TcpControl::Syn;
@@ -1059,7 +1059,7 @@ fn malformed_segments_are_dropped() {
     f[tcp_at + 13] |= 0x01;
     fix_tcp(&mut f);
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::Malformed), 4);
+    assert_eq!(t.drops(DropReason::Malformed), 4);
     // Bad option length.
     let mut s = t.syn(NONE);
     s.opts = Some(Opts {
@@ -1070,7 +1070,7 @@ fn malformed_segments_are_dropped() {
     f[tcp_at + 21] = 7; // MSS option of length 7
     fix_tcp(&mut f);
     assert!(t.raw(&f).is_empty());
-    assert_eq!(t.drops(Drop::Malformed), 5);
+    assert_eq!(t.drops(DropReason::Malformed), 5);
     assert!(t.e.nat.sessions().is_empty());
 }
 
