@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use hubnat_bench::{flow_hash, hasher, parse_only};
+use hubnat_bench::{parse_only, Shards};
 use hubnat_replay::{gen, pcap, Driver, Frame, Script};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -86,11 +86,12 @@ fn main() {
     // One worker without the clock reads around every frame (the throughput figure).
     let (t1, _) = replay_share(&all, None);
 
-    // Two workers: shard by the symmetric flow hash; each thread replays its share.
-    let st = hasher();
+    // Two workers: shard by the runtime's router (the control thread's few frames go with
+    // worker 0's); each thread replays its share.
+    let shards = Shards::new(2);
     let mut shares: [Vec<&Frame>; 2] = [Vec::new(), Vec::new()];
     for f in &frames {
-        shares[(flow_hash(&st, &f.data) % 2) as usize].push(f);
+        shares[shards.owner(&f.data).min(1)].push(f);
     }
     let t = Instant::now();
     std::thread::scope(|s| {

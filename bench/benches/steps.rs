@@ -1,6 +1,6 @@
 //! criterion micro-benchmarks of the per-frame steps:
 //!   cargo bench -p hubnat-bench --bench steps
-//! parse (Ethernet/IPv4/TCP views), flow hash (symmetric ahash), dispatch (a UDP datagram of an
+//! parse (Ethernet/IPv4/TCP views), flow hash (the runtime's router), dispatch (a UDP datagram of an
 //! existing session through the whole core), TCP segment in (a data segment on an established
 //! connection to a sink, ACK out), TCP segment out (host data → one MSS segment to the guest),
 //! DHCP exchange (DISCOVER → OFFER, REQUEST → ACK).
@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use hubnat_bench::{flow_hash, hasher, parse_only};
+use hubnat_bench::{parse_only, Shards};
 use hubnat_core::{FrameBatch, Instant, SockEvent};
 use hubnat_replay::craft::{self, Conn, Session, ACK, PSH};
 use hubnat_replay::{Driver, Script};
@@ -20,10 +20,8 @@ fn steps(c: &mut Criterion) {
     let srv = SocketAddrV4::new(craft::SERVER_IP, 7);
     let frame = craft::udp_frame(m, g, srv, 1, &[0u8; 1000]);
     c.bench_function("parse", |b| b.iter(|| parse_only(black_box(&frame))));
-    let st = hasher();
-    c.bench_function("flow hash", |b| {
-        b.iter(|| flow_hash(&st, black_box(&frame)))
-    });
+    let shards = Shards::new(2);
+    c.bench_function("flow hash", |b| b.iter(|| shards.owner(black_box(&frame))));
 
     // dispatch: a UDP datagram of an existing session (the destination is silent).
     let script = Script::parse("[host]\nudp = \"silent\"\n").unwrap();

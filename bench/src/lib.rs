@@ -1,61 +1,61 @@
-//! Shared pieces of the benchmarks: the symmetric flow hash used to shard a capture over
-//! workers, and a header parse that stands for "read the pcap and look at each frame".
-
-use std::hash::{BuildHasher, Hasher};
+//! Shared pieces of the benchmarks: the runtime's own flow router, set up as a two-worker
+//! runtime on the replay's virtual host would have it (so a capture is sharded exactly as
+//! hubnat shards it), and a header parse that stands for "read the pcap and look at each
+//! frame".
 
 use smoltcp::wire::{
     EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
 };
 
-/// The flow of a frame with both directions mapped to one key: ((low addr, port), (high addr, port), proto).
-pub fn flow_key(frame: &[u8]) -> Option<(u64, u64, u8)> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
+use hubnat_replay::craft::HOST_IP;
+use hubnat_replay::script::REPLAY_MAC;
+use hubnat_runtime::router::Router;
+
+/// The threads a capture is sharded over: `workers` workers, and the control thread for the
+/// frames that are not a NAT flow.
+pub struct Shards {
+    router: Router,
+}
+
+impl Shards {
+    /// The router of a runtime with `workers` workers.
+    pub fn new(workers: usize) -> Shards {
+        Shards {
+            router: Router::new(workers),
+        }
     }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    let (sp, dp) = match ip.next_header() {
-        IpProtocol::Tcp => {
-            let t = TcpPacket::new_checked(ip.payload()).ok()?;
-            (t.src_port(), t.dst_port())
-        }
-        IpProtocol::Udp => {
-            let u = UdpPacket::new_checked(ip.payload()).ok()?;
-            (u.src_port(), u.dst_port())
-        }
-        _ => (0, 0),
-    };
-    let a = (u32::from(ip.src_addr()) as u64) << 16 | sp as u64;
-    let b = (u32::from(ip.dst_addr()) as u64) << 16 | dp as u64;
-    Some((a.min(b), a.max(b), u8::from(ip.next_header())))
-}
 
-/// A fixed-keyed ahash state (the same shard on every run).
-pub fn hasher() -> ahash::RandomState {
-    ahash::RandomState::with_seeds(1, 2, 3, 4)
-}
-
-/// The symmetric flow hash: the same for both directions of a flow.
-pub fn flow_hash(state: &ahash::RandomState, frame: &[u8]) -> u64 {
-    match flow_key(frame) {
-        Some((a, b, p)) => {
-            let mut h = state.build_hasher();
-            h.write_u64(a);
-            h.write_u64(b);
-            h.write_u8(p);
-            h.finish()
-        }
-        None => 0,
+    /// The thread that owns `frame`: a worker index, or `workers` for the control thread.
+    pub fn owner(&self, frame: &[u8]) -> usize {
+        self.router.route(frame, HOST_IP, REPLAY_MAC)
     }
 }
 
 /// The baseline's per-frame work: parse Ethernet, IPv4 and TCP/UDP headers, return a checksum
 /// of what was read so the work cannot be optimised away.
 pub fn parse_only(frame: &[u8]) -> u64 {
-    match flow_key(frame) {
-        Some((a, b, p)) => a ^ b.rotate_left(7) ^ p as u64,
-        None => 1,
-    }
+    let key = || -> Option<u64> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        let (sp, dp) = match ip.next_header() {
+            IpProtocol::Tcp => {
+                let t = TcpPacket::new_checked(ip.payload()).ok()?;
+                (t.src_port(), t.dst_port())
+            }
+            IpProtocol::Udp => {
+                let u = UdpPacket::new_checked(ip.payload()).ok()?;
+                (u.src_port(), u.dst_port())
+            }
+            _ => (0, 0),
+        };
+        let a = (u64::from(u32::from(ip.src_addr())) << 16) | u64::from(sp);
+        let b = (u64::from(u32::from(ip.dst_addr())) << 16) | u64::from(dp);
+        Some(a ^ b.rotate_left(7) ^ u64::from(u8::from(ip.next_header())))
+    };
+    key().unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -65,16 +65,19 @@ mod tests {
     use std::net::SocketAddrV4;
 
     #[test]
-    fn hash_is_symmetric_and_non_ip_goes_to_zero() {
+    fn both_directions_of_a_flow_have_one_owner_and_other_frames_go_to_control() {
+        let shards = Shards::new(2);
         let a = SocketAddrV4::new(craft::GUEST_IP, 1000);
         let b = SocketAddrV4::new(craft::SERVER_IP, 80);
         let m = craft::guest_mac(1);
         let f1 = craft::udp_frame(m, a, b, 1, b"x");
         let f2 = craft::udp_frame(m, b, a, 2, b"yy");
-        let s = hasher();
-        assert_eq!(flow_hash(&s, &f1), flow_hash(&s, &f2));
-        let f3 = craft::udp_frame(m, SocketAddrV4::new(craft::GUEST_IP, 1001), b, 1, b"x");
-        assert_ne!(flow_hash(&s, &f1), flow_hash(&s, &f3));
-        assert_eq!(flow_hash(&s, &[0u8; 10]), 0);
+        assert!(shards.owner(&f1) < 2);
+        assert_eq!(shards.owner(&f1), shards.owner(&f2));
+        assert_eq!(
+            shards.owner(&[0u8; 10]),
+            2,
+            "not a flow: the control thread's"
+        );
     }
 }

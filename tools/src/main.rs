@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -15,17 +14,19 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use hubnat_core::config::{Config, LogFormat, RawConfig};
-use hubnat_core::Engine;
-use hubnat_daemon::seclog::SecurityLog;
-use hubnat_runtime::operator::api::{
+use hubnat_core::{Engine, Mac};
+use hubnat_daemon::api::{
     self, ChangeView, LeaseRow, NatRow, Request, Response, Section, StatusView,
 };
-use hubnat_runtime::operator::leases::LEASE_FILE;
-use hubnat_runtime::operator::state;
-use hubnat_runtime::port::tap::{netns_path, NapiThreading, Tap, TapError};
+use hubnat_daemon::leases::LEASE_FILE;
+use hubnat_daemon::machine;
+use hubnat_daemon::seclog::SecurityLog;
+use hubnat_daemon::server::{bind_control, Server, ServerOptions};
+use hubnat_daemon::state;
+use hubnat_runtime::port::segment::{NapiMode, QueueMode, TapPort, TapSpec};
+use hubnat_runtime::port::tap::netns_path;
 use hubnat_runtime::sock::{Backend, BackendChoice};
-use hubnat_runtime::tx::NapiSwitch;
-use hubnat_runtime::{bind_control, Exit, Options, Runtime};
+use hubnat_runtime::{Exit, Options, Runtime};
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
 ///
@@ -279,20 +280,81 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     if workers == 0 || workers > 256 {
         bail!("--workers {workers}: choose 1 to 256");
     }
-    let choice = if args.multiqueue {
-        QueueChoice::Multi
-    } else {
-        args.tap_queues
+    let queues = match (args.multiqueue, args.tap_queues) {
+        (true, _) | (false, QueueChoice::Multi) => QueueMode::Multi,
+        (false, QueueChoice::Single) => QueueMode::Single,
+        (false, QueueChoice::Auto) => QueueMode::Auto,
     };
-    if choice == QueueChoice::Multi && workers < 2 {
+    if queues == QueueMode::Multi && workers < 2 {
         bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
     }
     let raw = match &args.config {
-        Some(path) => RawConfig::load(path)?,
+        Some(path) => machine::load_raw(path)?,
         None => RawConfig::default(),
     };
-    let mut cfg = Config::from_raw(&raw)?;
-    // Flags override the file's [control] table.
+    let mut cfg = run_config(&args, &raw)?;
+    init_logging(&args.log, open_security_log(&cfg)?)?;
+    let mut rng = SmallRng::from_os_rng();
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| cfg.state_dir.clone())
+        .unwrap_or_else(state::default_state_dir);
+    let mac = virtual_host_mac(&cfg, &state_dir, rng.random())?;
+    api::complete(&mut cfg, mac);
+    if cfg.dns.upstream.is_empty() {
+        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
+    }
+
+    let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
+    if let Some(why) = &fallback {
+        tracing::warn!("socket backend: {why}; using epoll");
+    }
+    let port = TapSpec {
+        name: &args.tap,
+        netns: args.netns.as_deref().map(netns_path),
+        mtu: u32::from(cfg.nat.mtu),
+        workers,
+        queues,
+        napi: match args.tap_napi {
+            NapiChoice::Auto => NapiMode::Auto,
+            NapiChoice::Threaded => NapiMode::Threaded,
+            NapiChoice::Off => NapiMode::Off,
+        },
+    }
+    .open()?;
+
+    let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(sig, stop_tx.try_clone()?)
+            .context("cannot install signal handlers")?;
+    }
+    log_start(&args, &cfg, &port, backend, workers);
+    let server = operator(&args, control_flag, &cfg, raw, &state_dir)?;
+
+    let mut taps = port.queues;
+    let tap = taps.remove(0);
+    let engine = Engine::new(cfg, mac, rng.random());
+    let opts = Options {
+        workers,
+        backend: Some(backend),
+        tap_queues: taps,
+        napi: port.napi,
+        operator: Some(Box::new(server)),
+    };
+    let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
+    match rt.run()? {
+        Exit::Stopped => {
+            tracing::info!("stopping: {} host sockets open", rt.sock.len());
+        }
+    }
+    Ok(())
+}
+
+/// The configuration `hubnat run` starts with: the file's, validated on this machine, with the
+/// flags that override its [control] table applied.
+fn run_config(args: &RunArgs, raw: &RawConfig) -> Result<Config> {
+    let mut cfg = machine::validate(raw)?;
     if let Some(p) = &args.security_log {
         cfg.control.security_log = Some(p.clone());
     }
@@ -310,131 +372,62 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         r.control.metrics = Some(m.clone());
         cfg.control.metrics = Config::from_raw(&r)?.control.metrics;
     }
-    let seclog = match &cfg.control.security_log {
-        Some(path) => Some(
-            SecurityLog::open(
-                path,
-                cfg.control.security_log_format,
-                cfg.control.reverse_lookup,
-            )
-            .with_context(|| format!("cannot open the security log {}", path.display()))?,
-        ),
-        None => None,
-    };
-    init_logging(&args.log, seclog)?;
-    let mut rng = SmallRng::from_os_rng();
+    Ok(cfg)
+}
 
-    let state_dir = args
-        .state_dir
-        .clone()
-        .or_else(|| cfg.state_dir.clone())
-        .unwrap_or_else(state::default_state_dir);
-    let mac = match cfg.host.mac {
-        Some(mac) => mac,
-        None => match state::load_or_create_mac(&state_dir, rng.random()) {
-            Ok((mac, true)) => {
-                tracing::info!(
-                    "chose the virtual host's MAC {mac}, kept in {}",
-                    state_dir.display()
-                );
-                mac
-            }
-            Ok((mac, false)) => mac,
-            Err(e) => bail!(
-                "cannot keep the virtual host's MAC in {}: {e}",
+fn open_security_log(cfg: &Config) -> Result<Option<SecurityLog>> {
+    let Some(path) = &cfg.control.security_log else {
+        return Ok(None);
+    };
+    let log = SecurityLog::open(
+        path,
+        cfg.control.security_log_format,
+        cfg.control.reverse_lookup,
+    )
+    .with_context(|| format!("cannot open the security log {}", path.display()))?;
+    Ok(Some(log))
+}
+
+/// The configured MAC, else the one chosen at first start and kept in `state_dir`.
+fn virtual_host_mac(cfg: &Config, state_dir: &Path, random: [u8; 4]) -> Result<Mac> {
+    if let Some(mac) = cfg.host.mac {
+        return Ok(mac);
+    }
+    match state::load_or_create_mac(state_dir, random) {
+        Ok((mac, true)) => {
+            tracing::info!(
+                "chose the virtual host's MAC {mac}, kept in {}",
                 state_dir.display()
-            ),
-        },
-    };
-    api::complete(&mut cfg, mac);
-    if cfg.dns.upstream.is_empty() {
-        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
-    }
-
-    let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
-    if let Some(why) = &fallback {
-        tracing::warn!("socket backend: {why}; using mio (epoll)");
-    }
-    let mtu = Some(u32::from(cfg.nat.mtu));
-    let netns = args.netns.as_deref().map(netns_path);
-    let open = |queues: usize, napi: bool| match &netns {
-        Some(path) => Tap::open_queues_in_netns(&args.tap, mtu, queues, napi, path),
-        None => Tap::open_queues(&args.tap, mtu, queues, napi),
-    };
-    // NAPI only where its polls can be moved to threads: in softirq alone they cost more than
-    // plain writes.
-    let open = |queues: usize| -> Result<(Vec<Tap>, Option<NapiThreading>), TapError> {
-        if args.tap_napi != NapiChoice::Off {
-            let taps = open(queues, true)?;
-            match NapiThreading::open(&args.tap, netns.as_deref()) {
-                Ok(t) => return Ok((taps, Some(t))),
-                Err(e) => {
-                    tracing::warn!(
-                        "TAP {}: cannot switch its NAPI polls ({e}); writing without NAPI",
-                        args.tap
-                    );
-                    drop(taps);
-                }
-            }
+            );
+            Ok(mac)
         }
-        Ok((open(queues, false)?, None))
-    };
-    let (mut taps, threading) = match choice {
-        QueueChoice::Single => open(1)?,
-        QueueChoice::Multi => open(workers)?,
-        QueueChoice::Auto if workers < 2 => open(1)?,
-        QueueChoice::Auto => match open(workers) {
-            Ok(t) => t,
-            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::warn!(
-                    "TAP {} exists as a single-queue device: the control thread reads it and \
-                     hands frames to the workers",
-                    args.tap
-                );
-                open(1)?
-            }
-            Err(e) => return Err(e.into()),
-        },
-    };
-    let queues = taps.len();
-    let tap = taps.remove(0);
-    let napi = match (threading, args.tap_napi) {
-        (None, _) => None,
-        (Some(t), NapiChoice::Threaded) => {
-            t.set(true)
-                .with_context(|| format!("cannot move TAP {}'s NAPI polls to threads", args.tap))?;
-            None
-        }
-        (Some(t), _) => Some(Arc::new(NapiSwitch::new(t))),
-    };
-    let napi_mode = match (&napi, args.tap_napi) {
-        (Some(_), _) => "NAPI polls switched by load",
-        (None, NapiChoice::Threaded) => "NAPI polls in threads",
-        (None, _) => "no NAPI",
-    };
-
-    let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::low_level::pipe::register(sig, stop_tx.try_clone()?)
-            .context("cannot install signal handlers")?;
+        Ok((mac, false)) => Ok(mac),
+        Err(e) => bail!(
+            "cannot keep the virtual host's MAC in {}: {e}",
+            state_dir.display()
+        ),
     }
+}
 
+fn log_start(args: &RunArgs, cfg: &Config, port: &TapPort, backend: Backend, workers: usize) {
     let where_ = args
         .netns
         .as_deref()
         .map(|n| format!(" in network namespace {n}"))
         .unwrap_or_default();
+    let queues = port.queues.len();
     tracing::info!(
-        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{} ({napi_mode}), MTU {}; socket backend {}; {}",
+        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{} ({}), MTU {}; socket backend {}; {}",
         env!("CARGO_PKG_VERSION"),
         cfg.host.ip,
-        mac,
-        tap.name(),
+        cfg.host.mac.map(|m| m.to_string()).unwrap_or_default(),
+        args.tap,
         if queues > 1 {
             format!(" ({queues} queues)")
         } else {
             String::new()
         },
+        port.napi_mode,
         cfg.nat.mtu,
         backend.name(),
         if workers > 1 {
@@ -455,7 +448,16 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         },
         cfg.dns.upstream
     );
+}
 
+/// The operator's side: the control socket, metrics, SIGHUP and the lease file.
+fn operator(
+    args: &RunArgs,
+    control_flag: Option<PathBuf>,
+    cfg: &Config,
+    raw: RawConfig,
+    state_dir: &Path,
+) -> Result<Server> {
     // The control socket: an explicit path must work; the default one may be taken by another
     // instance, which costs this one its control socket but not its service.
     let (control_path, explicit) = match (&control_flag, &cfg.control.socket) {
@@ -513,28 +515,14 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     let (hup_rx, hup_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, hup_tx)
         .context("cannot install signal handlers")?;
-    let lease_file = state_dir.join(LEASE_FILE);
-
-    let engine = Engine::new(cfg, mac, rng.random());
-    let opts = Options {
+    Ok(Server::new(ServerOptions {
         raw,
         config_path: args.config.clone(),
         control,
         metrics,
         reload: Some(hup_rx),
-        lease_file: Some(lease_file),
-        workers,
-        backend: Some(backend),
-        tap_queues: taps,
-        napi,
-    };
-    let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
-    match rt.run()? {
-        Exit::Stopped => {
-            tracing::info!("stopping: {} host sockets open", rt.host.len());
-        }
-    }
-    Ok(())
+        lease_file: Some(state_dir.join(LEASE_FILE)),
+    }))
 }
 
 fn on_off(b: bool) -> &'static str {

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -365,17 +365,19 @@ fn secs(field: &'static str, v: Option<u64>, default: u64) -> Result<Duration, C
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        Config::from_raw(&RawConfig::load(path)?)
-    }
-
     /// Every setting at the seed's default (the MAC still to be chosen by the caller).
     pub fn defaults() -> Config {
         Config::from_raw(&RawConfig::default()).expect("the defaults are valid")
     }
 
+    /// Validates `raw` on a machine that offers no defaults of its own (tests, the replay).
     pub fn from_raw(raw: &RawConfig) -> Result<Config, ConfigError> {
+        Config::from_raw_on(raw, &Machine::default())
+    }
+
+    /// Validates `raw`; what it leaves to the machine (the DHCP domain, the DNS relay's
+    /// upstreams) comes from `machine`.
+    pub fn from_raw_on(raw: &RawConfig, machine: &Machine) -> Result<Config, ConfigError> {
         let mac = match raw.host.mac.as_deref().map(str::trim) {
             None | Some("") | Some("auto") => None,
             Some(s) => {
@@ -516,7 +518,7 @@ impl Config {
                 }
                 Some(s.to_owned())
             }
-            None => host_domain_name(),
+            None => machine.domain.clone(),
         };
         let mut routes = Vec::new();
         for r in d.routes.iter().flatten() {
@@ -537,6 +539,15 @@ impl Config {
         let mut upstream = Vec::new();
         for s in raw.dns.upstream.iter().flatten() {
             upstream.push(parse_upstream("dns.upstream", s)?);
+        }
+        if upstream.is_empty() {
+            // The relay's sockets are IPv4.
+            upstream = machine
+                .nameservers
+                .iter()
+                .copied()
+                .filter(SocketAddr::is_ipv4)
+                .collect();
         }
         let dns_cfg = DnsConfig {
             upstream,
@@ -598,42 +609,32 @@ impl RawConfig {
     pub fn from_toml(text: &str) -> Result<RawConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
-
-    /// Reads a configuration file without validating it (`Config::from_raw` does that).
-    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
-        })
-    }
 }
 
-/// The host's DNS domain: `domain` or the first `search` entry of /etc/resolv.conf, else the
-/// part after the first dot of the host name. `None` when the host has none.
-pub fn host_domain_name() -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string("/etc/resolv.conf") {
-        for line in text.lines() {
-            let mut w = line.split_whitespace();
-            match w.next() {
-                Some("domain") | Some("search") => {
-                    if let Some(d) = w.next() {
-                        let d = d.trim_end_matches('.');
-                        if !d.is_empty() {
-                            return Some(d.to_owned());
-                        }
-                    }
+/// Facts about the machine hubnat runs on that a configuration defaults to: read by the daemon
+/// (the core reads no files) and handed to `Config::from_raw_on`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Machine {
+    /// The machine's DNS domain (the DHCP domain unless the configuration names one).
+    pub domain: Option<String>,
+    /// Its resolvers (the DNS relay's upstreams unless the configuration names some).
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// The DNS domain a resolv.conf names: its `domain` or first `search` entry.
+pub fn resolv_conf_domain(text: &str) -> Option<String> {
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        if let Some("domain" | "search") = w.next() {
+            if let Some(d) = w.next() {
+                let d = d.trim_end_matches('.');
+                if !d.is_empty() {
+                    return Some(d.to_owned());
                 }
-                _ => {}
             }
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let (_, domain) = host.trim().split_once('.')?;
-    (!domain.is_empty()).then(|| domain.to_owned())
+    None
 }
 
 /// The upstream resolvers of /etc/resolv.conf (its `nameserver` lines), port 53.

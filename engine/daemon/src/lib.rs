@@ -1,5 +1,16 @@
-//! hubnat-daemon: the operator's side of `hubnat run`: the security-log writer and the reverse
-//! lookups it names hosts with.
+//! hubnat-daemon: the operator's side of `hubnat run`.
+//!
+//! - `server`: the runtime's `Operator`: control socket, metrics endpoint, SIGHUP, lease file;
+//! - `api`: the management API (requests, answers, applying a configuration change);
+//! - `metrics`: the Prometheus text;
+//! - `leases`, `state`: the lease file and the state directory (atomic writes);
+//! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with.
 
+pub mod api;
+pub mod leases;
+pub mod machine;
+pub mod metrics;
 pub mod reverse;
 pub mod seclog;
+pub mod server;
+pub mod state;

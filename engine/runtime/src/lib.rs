@@ -1,15 +1,26 @@
 //! hubnat-runtime: the threads that drive hubnat's sans-IO core with real I/O.
 //!
-//! The control thread (`control`) reads the frame port, keeps the control plane (ARP, DHCP,
-//! the DNS relay, ICMP to the virtual host, fragments, timers) and serves the operator; the
-//! workers (`worker`) each own the NAT flows the router (`worker::Router`) hashes to them, with
-//! their own host-socket driver (`sock`). Frames reach the segment through a port (`port`).
+//! - `control`: the control thread's loop (the port, the control plane, timers, the operator);
+//! - `worker`: a worker thread's loop (the NAT flows hashed to it);
+//! - `router`: which thread owns a frame (the symmetric flow hash);
+//! - `queues`, `pool`: the bounded lock-free queues between threads and their frame buffers;
+//! - `tx`: frames out to the TAP, with its NAPI polls switched by load;
+//! - `sock`: the host-socket drivers (io_uring readiness and completions, or epoll);
+//! - `port`: the frame ports (TAP, AF_PACKET);
+//! - `operator`: the hook through which the daemon serves operators on the control thread.
 
+mod clock;
 pub mod control;
 pub mod operator;
+pub mod pool;
 pub mod port;
+pub mod queues;
+pub mod router;
 pub mod sock;
+pub mod tokens;
 pub mod tx;
 pub mod worker;
 
-pub use control::{bind_control, Exit, Options, Runtime};
+pub use control::{Exit, Options, Runtime};
+pub use operator::{Operator, Plane};
+pub use worker::WorkerReport;

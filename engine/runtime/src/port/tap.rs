@@ -37,6 +37,8 @@ pub enum TapError {
     OpenNetns { path: PathBuf, source: io::Error },
     #[error("cannot enter network namespace {path}: {source}")]
     EnterNetns { path: PathBuf, source: io::Error },
+    #[error("cannot move TAP device `{name}`'s NAPI polls to threads: {source}")]
+    Napi { name: String, source: io::Error },
 }
 
 /// `ifreq` as the TUN/TAP and interface ioctls take it: a name and a union we use as flags or MTU.

@@ -20,7 +20,7 @@ use crate::sock::uring::{Completion, Ready, Ring};
 use hubnat_core::sockio::{Datagram, SockEvent, SockId, SockIo};
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
-pub const FIRST_RESERVED_TOKEN: usize = u32::MAX as usize;
+pub use crate::tokens::FIRST_RESERVED_TOKEN;
 
 enum Icmp {
     /// SOCK_DGRAM/IPPROTO_ICMP ("ping socket"): the kernel chooses the ident, filters replies.

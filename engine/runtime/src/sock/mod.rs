@@ -11,14 +11,14 @@ pub enum Backend {
     /// One io_uring per worker thread (multishot polls, batched submission).
     Uring,
     /// epoll through mio.
-    Mio,
+    Epoll,
 }
 
 /// `--socket-backend`: a backend, or `auto` (io_uring where the kernel allows it, else mio).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BackendChoice {
     Uring,
-    Mio,
+    Epoll,
     Auto,
 }
 
@@ -27,7 +27,7 @@ impl FromStr for BackendChoice {
     fn from_str(s: &str) -> Result<BackendChoice, String> {
         match s {
             "uring" | "io_uring" => Ok(BackendChoice::Uring),
-            "mio" | "epoll" => Ok(BackendChoice::Mio),
+            "mio" | "epoll" => Ok(BackendChoice::Epoll),
             "auto" => Ok(BackendChoice::Auto),
             _ => Err(format!("`{s}`: choose uring, mio or auto")),
         }
@@ -38,7 +38,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Uring => "io_uring",
-            Backend::Mio => "mio (epoll)",
+            Backend::Epoll => "mio (epoll)",
         }
     }
 
@@ -46,14 +46,14 @@ impl Backend {
     /// and knows the operations used, else mio, with the reason.
     pub fn choose(choice: BackendChoice) -> Result<(Backend, Option<String>), String> {
         match choice {
-            BackendChoice::Mio => Ok((Backend::Mio, None)),
+            BackendChoice::Epoll => Ok((Backend::Epoll, None)),
             BackendChoice::Uring => match uring::probe() {
                 Ok(()) => Ok((Backend::Uring, None)),
                 Err(e) => Err(format!("io_uring is not available here: {e}")),
             },
             BackendChoice::Auto => match uring::probe() {
                 Ok(()) => Ok((Backend::Uring, None)),
-                Err(e) => Ok((Backend::Mio, Some(format!("io_uring unavailable ({e})")))),
+                Err(e) => Ok((Backend::Epoll, Some(format!("io_uring unavailable ({e})")))),
             },
         }
     }

@@ -6,23 +6,21 @@
 //! values are merged into the file's `RawConfig` and that is validated by `Config::from_raw`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::operator::leases::{unix_millis, WallClock};
-use crate::operator::state::write_atomically;
-use hubnat_core::config::{
-    resolv_conf_nameservers, Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawNat,
-};
-use hubnat_core::nat::{Proto, SessionInfo};
+use crate::leases::{unix_millis, WallClock};
+use crate::state::write_atomically;
+use hubnat_core::config::{Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawNat};
+use hubnat_core::nat::Proto;
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockIo;
-use hubnat_core::stats::{DropReason, Stats};
+use hubnat_core::stats::DropReason;
 use hubnat_core::time::Instant;
 use hubnat_core::Engine;
+use hubnat_runtime::WorkerReport;
 
 /// A part of the configuration, as the file's tables are named (`securenat` is the top level).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -140,45 +138,6 @@ pub struct WorkerView {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub drops: u64,
-}
-
-/// What a worker thread reports to the control thread: its counters, its session counts, and
-/// (when asked for the NAT table) its NAT sessions. The counters and counts are published by
-/// the worker as it runs (no round trip); the sessions list is sent on request.
-#[derive(Clone, Default, Debug, PartialEq)]
-pub struct WorkerReport {
-    pub stats: Stats,
-    /// Sessions per protocol (indexed by `Proto::index`).
-    pub counts: [usize; 4],
-    /// Empty unless the sessions were asked for.
-    pub sessions: Vec<SessionInfo>,
-}
-
-impl WorkerReport {
-    /// `engine`'s counters and session counts, and its sessions when `with_sessions`.
-    pub fn of(engine: &Engine, with_sessions: bool) -> WorkerReport {
-        WorkerReport {
-            stats: engine.stats().clone(),
-            counts: engine.nat.session_counts(),
-            sessions: if with_sessions {
-                engine.nat.sessions()
-            } else {
-                Vec::new()
-            },
-        }
-    }
-
-    /// Makes this report `engine`'s counters and counts (the sessions are left alone), without
-    /// allocating. Returns whether anything changed.
-    pub fn update_counters(&mut self, engine: &Engine) -> bool {
-        let counts = engine.nat.session_counts();
-        if self.stats == *engine.stats() && self.counts == counts {
-            return false;
-        }
-        self.stats.clone_from(engine.stats());
-        self.counts = counts;
-        true
-    }
 }
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -345,17 +304,9 @@ pub fn merge(
     serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
-/// Fills in what `hubnat run` decides rather than the file: the MAC chosen at first start, and
-/// the upstream resolvers of /etc/resolv.conf when none are configured.
+/// Fills in what `hubnat run` decides rather than the file: the MAC chosen at first start.
 pub fn complete(cfg: &mut Config, mac: hubnat_core::Mac) {
     cfg.host.mac.get_or_insert(mac);
-    if cfg.dns.upstream.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        cfg.dns.upstream = resolv_conf_nameservers(&text)
-            .into_iter()
-            .filter(SocketAddr::is_ipv4)
-            .collect();
-    }
 }
 
 fn blank<T: ToString>(v: Option<T>) -> Option<String> {
@@ -511,7 +462,7 @@ impl Control {
         let Some(path) = self.config_path.clone() else {
             return Err("hubnat runs without a configuration file (--config)".into());
         };
-        let raw = RawConfig::load(&path).map_err(|e| e.to_string())?;
+        let raw = crate::machine::load_raw(&path).map_err(|e| e.to_string())?;
         Ok(self.apply(raw, false, "configuration file", engine, now, io, out))
     }
 
@@ -526,7 +477,7 @@ impl Control {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Response {
-        let mut cfg = match Config::from_raw(&raw) {
+        let mut cfg = match crate::machine::validate(&raw) {
             Ok(c) => c,
             Err(e) => return Response::err(e),
         };
@@ -697,6 +648,8 @@ mod tests {
     fn setup() -> (Engine, SimSockets, FrameBatch) {
         let (mut e, h, out) = hubnat_core::testing::setup();
         let mac = e.ctx.mac;
+        // As `hubnat run` starts: the defaults on this machine.
+        e.ctx.cfg = crate::machine::validate(&RawConfig::default()).unwrap();
         complete(&mut e.ctx.cfg, mac);
         (e, h, out)
     }
@@ -947,11 +900,11 @@ mod tests {
             *save = true;
         }
         assert!(!c.handle(req.clone(), &mut e, T0, &mut h, &mut out).ok);
-        c.raw = RawConfig::load(&path).unwrap();
+        c.raw = crate::machine::load_raw(&path).unwrap();
         c.config_path = Some(path.clone());
         let r = c.handle(req, &mut e, T0, &mut h, &mut out);
         assert!(r.ok, "{r:?}");
-        let back = RawConfig::load(&path).unwrap();
+        let back = crate::machine::load_raw(&path).unwrap();
         assert_eq!(back.dhcp.lease, Some(600));
         assert_eq!(back.nat.udp_timeout, Some(30), "what the file said is kept");
         // An edit of the file, then a reload (SIGHUP).

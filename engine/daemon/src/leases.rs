@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::operator::state::write_atomically;
+use crate::state::write_atomically;
 use hubnat_core::config::Mac;
 use hubnat_core::time::Instant;
 use hubnat_core::vhost::dhcp::Lease;

@@ -3,9 +3,10 @@
 
 use std::fmt::Write;
 
-use crate::operator::api::{status_with, WorkerReport};
+use crate::api::status_with;
 use hubnat_core::time::Instant;
 use hubnat_core::Engine;
+use hubnat_runtime::WorkerReport;
 
 /// The exposition (format 0.0.4) of `engine`'s state at `now`.
 pub fn render(engine: &Engine, now: Instant) -> String {

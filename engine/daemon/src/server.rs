@@ -1,0 +1,643 @@
+//! The operator's side of `hubnat run`, plugged into the runtime's control thread as its
+//! `Operator`: the control socket (one JSON request per line, answered between batches against
+//! the engine itself), the metrics endpoint (Prometheus text over HTTP/1.0), SIGHUP (read the
+//! configuration file again), and the lease file (restored at start, written whenever the table
+//! changed, before the frames of that batch, a DHCP ACK among them, are written).
+//!
+//! With workers, their counters and session counts are read from what each last published, and
+//! the NAT table is asked of them without waiting: the loop goes on and the request is answered
+//! once all replied (`Pending`).
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use hubnat_core::config::RawConfig;
+use hubnat_core::time::Instant;
+use hubnat_core::Engine;
+use hubnat_runtime::tokens::FIRST_OPERATOR_TOKEN;
+use hubnat_runtime::{Operator, Plane, WorkerReport};
+
+use crate::api::{Control, NapiView, Request, Response};
+use crate::leases::{self, Loaded, WallClock};
+use crate::metrics;
+
+const CONTROL: Token = Token(FIRST_OPERATOR_TOKEN);
+const METRICS: Token = Token(FIRST_OPERATOR_TOKEN + 1);
+const HUP: Token = Token(FIRST_OPERATOR_TOKEN + 2);
+/// Connections (control and metrics) are tokens from here, one per slot.
+const FIRST_CONN: usize = FIRST_OPERATOR_TOKEN + 16;
+/// Operator connections open at once; more wait in the listener's backlog.
+pub const MAX_CONNS: usize = 32;
+/// Longest request line (or HTTP request head) accepted.
+pub const MAX_REQUEST: usize = 1 << 20;
+/// How long a request waits for a worker's report (the NAT table).
+const REPORT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What the operator's side is given (all of it optional).
+#[derive(Default)]
+pub struct ServerOptions {
+    /// The configuration file as read at start, and its path (for `--save` and SIGHUP).
+    pub raw: RawConfig,
+    /// The configuration file's path.
+    pub config_path: Option<PathBuf>,
+    /// A bound control socket (see `bind_control`) and its path (removed at exit).
+    pub control: Option<(mio::net::UnixListener, PathBuf)>,
+    /// A bound metrics listener.
+    pub metrics: Option<mio::net::TcpListener>,
+    /// Readable when the configuration should be read again (the read end of a SIGHUP pipe).
+    pub reload: Option<UnixStream>,
+    /// The lease file: restored at start, saved whenever the table changes.
+    pub lease_file: Option<PathBuf>,
+}
+
+enum Stream {
+    Unix(mio::net::UnixStream),
+    Tcp(mio::net::TcpStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An operator's connection: the control protocol or one HTTP request for the metrics.
+struct OperatorConn {
+    stream: Stream,
+    metrics: bool,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    sent: usize,
+    /// Close once `outbuf` is written (the peer closed, or the metrics answer is complete).
+    closing: bool,
+    writable_armed: bool,
+    /// A request waiting for the workers' replies (the lines after it wait too).
+    pending: Option<Pending>,
+}
+
+/// A request asked of the workers, answered by `poll` while the loop goes on.
+struct Pending {
+    req: Request,
+    /// Per worker, until it replied.
+    replies: Vec<(usize, Option<mpsc::Receiver<WorkerReport>>)>,
+    got: Vec<WorkerReport>,
+    deadline: Instant,
+}
+
+impl Pending {
+    /// Collects the replies in; true once every worker replied (or is gone), or at the
+    /// deadline (the late ones are left out).
+    fn ready(&mut self, now: Instant) -> bool {
+        let mut waiting = false;
+        for (i, rx) in &mut self.replies {
+            let Some(r) = rx else { continue };
+            match r.try_recv() {
+                Ok(rep) => {
+                    self.got.push(rep);
+                    *rx = None;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => *rx = None,
+                Err(mpsc::TryRecvError::Empty) if now >= self.deadline => {
+                    tracing::warn!("worker {i} did not report in time");
+                    *rx = None;
+                }
+                Err(mpsc::TryRecvError::Empty) => waiting = true,
+            }
+        }
+        !waiting
+    }
+}
+
+/// The lease file and whether the table in it is the engine's.
+struct LeaseFile {
+    path: PathBuf,
+    saved_generation: u64,
+    failing: bool,
+}
+
+/// The operator's side of a running instance (see the module's comment).
+pub struct Server {
+    control: Control,
+    control_listener: Option<(mio::net::UnixListener, PathBuf)>,
+    metrics_listener: Option<mio::net::TcpListener>,
+    reload: Option<UnixStream>,
+    conns: Vec<Option<OperatorConn>>,
+    leases: Option<LeaseFile>,
+}
+
+impl Server {
+    /// The operator's side with what `opts` gives it.
+    pub fn new(opts: ServerOptions) -> Server {
+        Server {
+            control: Control {
+                raw: opts.raw,
+                config_path: opts.config_path,
+                clock: WallClock {
+                    origin: SystemTime::now(),
+                },
+            },
+            control_listener: opts.control,
+            metrics_listener: opts.metrics,
+            reload: opts.reload,
+            conns: (0..MAX_CONNS).map(|_| None).collect(),
+            leases: opts.lease_file.map(|path| LeaseFile {
+                path,
+                saved_generation: 0,
+                failing: false,
+            }),
+        }
+    }
+
+    fn restore_leases(&mut self, engine: &mut Engine, now: Instant) {
+        let Some(file) = &self.leases else {
+            return;
+        };
+        let path = &file.path;
+        match leases::load(path, &self.control.clock) {
+            Ok(Loaded::Missing) => {
+                tracing::info!("lease file {}: none yet, starting empty", path.display())
+            }
+            Ok(Loaded::Leases(list)) => {
+                let total = list.len();
+                let kept = engine.dhcp.restore(now, list);
+                tracing::info!(
+                    "lease file {}: restored {kept} of {total} leases (the others had expired or no longer fit the range)",
+                    path.display()
+                );
+            }
+            Ok(Loaded::Corrupt { reason, moved_to }) => tracing::error!(
+                "lease file {} is corrupt ({reason}); set aside as {}, starting with an empty lease table",
+                path.display(),
+                moved_to.display()
+            ),
+            Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
+        }
+        // Write the table as restored (expired entries gone, a corrupt file replaced).
+        self.write_leases(engine);
+    }
+
+    fn write_leases(&mut self, engine: &Engine) {
+        let Some(file) = &mut self.leases else {
+            return;
+        };
+        let generation = engine.dhcp.generation();
+        match leases::save(&file.path, engine.dhcp.leases(), &self.control.clock) {
+            Ok(()) => {
+                file.saved_generation = generation;
+                if file.failing {
+                    tracing::info!("lease file {} written again", file.path.display());
+                }
+                file.failing = false;
+            }
+            Err(e) => {
+                if !file.failing {
+                    tracing::error!("cannot write lease file {}: {e}", file.path.display());
+                }
+                file.failing = true;
+            }
+        }
+    }
+
+    fn on_reload(&mut self, plane: &mut Plane<'_>) {
+        if let Some(r) = &self.reload {
+            let mut buf = [0u8; 64];
+            while matches!((&*r).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        tracing::info!("SIGHUP: reading the configuration file again");
+        match self
+            .control
+            .reload(plane.engine, plane.now, plane.sock, plane.out)
+        {
+            Ok(r) if r.ok => {
+                if r.result["changes"].as_array().is_some_and(|c| c.is_empty()) {
+                    tracing::info!("configuration unchanged");
+                }
+            }
+            Ok(r) => tracing::error!(
+                "configuration not reloaded: {}",
+                r.error.unwrap_or_default()
+            ),
+            Err(e) => tracing::error!("configuration not reloaded: {e}"),
+        }
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        self.conns.iter().position(Option::is_none)
+    }
+
+    /// Accepts what waits on the control socket (`metrics` false) or the metrics listener.
+    fn accept(&mut self, metrics: bool, plane: &mut Plane<'_>) {
+        while let Some(slot) = self.free_slot() {
+            let accepted = if metrics {
+                let Some(l) = &self.metrics_listener else {
+                    return;
+                };
+                l.accept().map(|(s, _)| Stream::Tcp(s))
+            } else {
+                let Some((l, _)) = &self.control_listener else {
+                    return;
+                };
+                l.accept().map(|(s, _)| Stream::Unix(s))
+            };
+            match accepted {
+                Ok(s) => self.add_conn(slot, s, metrics, plane),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    let what = if metrics { "metrics" } else { "control socket" };
+                    tracing::warn!("{what}: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_conn(&mut self, slot: usize, mut stream: Stream, metrics: bool, plane: &mut Plane<'_>) {
+        let token = Token(FIRST_CONN + slot);
+        if let Err(e) = plane
+            .registry
+            .register(stream.source(), token, Interest::READABLE)
+        {
+            tracing::warn!("cannot watch an operator connection: {e}");
+            return;
+        }
+        self.conns[slot] = Some(OperatorConn {
+            stream,
+            metrics,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            sent: 0,
+            closing: false,
+            writable_armed: false,
+            pending: None,
+        });
+        // Edge-triggered: what arrived before registration must be read now.
+        self.on_conn(slot, plane);
+    }
+
+    fn on_conn(&mut self, slot: usize, plane: &mut Plane<'_>) {
+        let Some(mut c) = self.conns[slot].take() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.closing = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    if c.inbuf.len() > MAX_REQUEST {
+                        c.inbuf.clear();
+                        c.closing = true;
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    close_conn(plane.registry, c);
+                    return;
+                }
+            }
+        }
+        if c.metrics {
+            answer_metrics(&mut c, plane);
+        } else {
+            self.serve_lines(&mut c, plane);
+        }
+        self.finish_conn(slot, c, plane.registry);
+    }
+
+    /// Answers the complete request lines of `c`, in order. A NAT table with workers is asked
+    /// of them (`Pending`): the lines after it wait for its answer, and the loop goes on.
+    fn serve_lines(&mut self, c: &mut OperatorConn, plane: &mut Plane<'_>) {
+        while c.pending.is_none() {
+            let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else {
+                return;
+            };
+            let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+            let resp = match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::NatTable) if plane.workers() > 0 => {
+                    c.pending = Some(Pending {
+                        req: Request::NatTable,
+                        replies: plane
+                            .ask_sessions()
+                            .into_iter()
+                            .map(|(i, rx)| (i, Some(rx)))
+                            .collect(),
+                        got: Vec::new(),
+                        deadline: plane.now + REPORT_TIMEOUT,
+                    });
+                    continue;
+                }
+                Ok(req) => {
+                    let status = matches!(req, Request::Status);
+                    // Counters and session counts as the workers last published them.
+                    let reports = if status {
+                        plane.published()
+                    } else {
+                        Vec::new()
+                    };
+                    let mut r = self.control.handle_with(
+                        req,
+                        plane.engine,
+                        &reports,
+                        plane.now,
+                        plane.sock,
+                        plane.out,
+                    );
+                    if let (true, Some((threaded, switches))) = (status && r.ok, plane.napi_state())
+                    {
+                        r.result["tap_napi"] =
+                            serde_json::to_value(NapiView { threaded, switches })
+                                .expect("serializes");
+                    }
+                    r
+                }
+                Err(e) => Response::err(format!("bad request: {e}")),
+            };
+            serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
+            c.outbuf.push(b'\n');
+        }
+    }
+
+    /// Writes what `c` has to send, closes it when done and closing, or watches it again.
+    fn finish_conn(&mut self, slot: usize, mut c: OperatorConn, registry: &Registry) {
+        // Write what can be written now; the rest when the socket is writable.
+        while c.sent < c.outbuf.len() {
+            match c.stream.write(&c.outbuf[c.sent..]) {
+                Ok(0) => break,
+                Ok(n) => c.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    close_conn(registry, c);
+                    return;
+                }
+            }
+        }
+        if c.sent == c.outbuf.len() {
+            c.outbuf.clear();
+            c.sent = 0;
+            if c.closing && c.pending.is_none() {
+                close_conn(registry, c);
+                return;
+            }
+        }
+        let want_write = !c.outbuf.is_empty();
+        if want_write != c.writable_armed {
+            let interest = if want_write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            let token = Token(FIRST_CONN + slot);
+            if registry
+                .reregister(c.stream.source(), token, interest)
+                .is_err()
+            {
+                close_conn(registry, c);
+                return;
+            }
+            c.writable_armed = want_write;
+        }
+        self.conns[slot] = Some(c);
+    }
+}
+
+impl Operator for Server {
+    fn register(&mut self, registry: &Registry) -> io::Result<()> {
+        if let Some(r) = &self.reload {
+            r.set_nonblocking(true)?;
+            registry.register(&mut SourceFd(&r.as_raw_fd()), HUP, Interest::READABLE)?;
+        }
+        if let Some((l, _)) = &mut self.control_listener {
+            registry.register(l, CONTROL, Interest::READABLE)?;
+        }
+        if let Some(l) = &mut self.metrics_listener {
+            registry.register(l, METRICS, Interest::READABLE)?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, plane: &mut Plane<'_>) {
+        self.restore_leases(plane.engine, plane.now);
+    }
+
+    fn ready(&mut self, token: Token, plane: &mut Plane<'_>) {
+        match token {
+            CONTROL => self.accept(false, plane),
+            METRICS => self.accept(true, plane),
+            HUP => self.on_reload(plane),
+            Token(t) if (FIRST_CONN..FIRST_CONN + MAX_CONNS).contains(&t) => {
+                self.on_conn(t - FIRST_CONN, plane)
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers the requests whose workers have all replied, or whose time is up (with what
+    /// came), then the lines that waited behind them.
+    fn poll(&mut self, plane: &mut Plane<'_>) {
+        for slot in 0..self.conns.len() {
+            let ready = self.conns[slot]
+                .as_mut()
+                .and_then(|c| c.pending.as_mut())
+                .is_some_and(|p| p.ready(plane.now));
+            if !ready {
+                continue;
+            }
+            let Some(mut c) = self.conns[slot].take() else {
+                continue;
+            };
+            let Some(p) = c.pending.take() else {
+                continue;
+            };
+            let resp = self.control.handle_with(
+                p.req,
+                plane.engine,
+                &p.got,
+                plane.now,
+                plane.sock,
+                plane.out,
+            );
+            serde_json::to_writer(&mut c.outbuf, &resp).expect("responses serialize");
+            c.outbuf.push(b'\n');
+            self.serve_lines(&mut c, plane);
+            self.finish_conn(slot, c, plane.registry);
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(|c| c.pending.as_ref().map(|p| p.deadline))
+            .min()
+    }
+
+    /// Writes the lease table if it changed since it was last written (one comparison per
+    /// batch when it did not).
+    fn before_write(&mut self, engine: &Engine) {
+        if self
+            .leases
+            .as_ref()
+            .is_some_and(|f| engine.dhcp.generation() != f.saved_generation)
+        {
+            self.write_leases(engine);
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((_, path)) = &self.control_listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// One HTTP/1.0 answer per connection, once the request head is in.
+fn answer_metrics(c: &mut OperatorConn, plane: &mut Plane<'_>) {
+    if !c.outbuf.is_empty() || c.inbuf.is_empty() {
+        return;
+    }
+    let head_done =
+        c.inbuf.windows(4).any(|w| w == b"\r\n\r\n") || c.inbuf.windows(2).any(|w| w == b"\n\n");
+    if !head_done && !c.closing {
+        return;
+    }
+    let first = c.inbuf.split(|&b| b == b'\n').next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    let mut words = first.split_whitespace();
+    let (method, target) = (words.next(), words.next());
+    let (status, body) = match (method, target) {
+        (Some("GET"), Some("/metrics" | "/")) => {
+            let reports = plane.published();
+            let mut body = metrics::render_with(plane.engine, &reports, plane.now);
+            if let Some(state) = plane.napi_state() {
+                metrics::render_napi(&mut body, state);
+            }
+            ("200 OK", body)
+        }
+        (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),
+        _ => ("405 Method Not Allowed", "GET only\n".to_owned()),
+    };
+    let _ = write!(
+        c.outbuf,
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    c.inbuf.clear();
+    c.closing = true;
+}
+
+fn close_conn(registry: &Registry, mut c: OperatorConn) {
+    let _ = registry.deregister(c.stream.source());
+}
+
+/// Binds the control socket at `path`, readable and writable by its owner only. A stale socket
+/// (nobody answering) is replaced; a live one means another instance uses the path.
+pub fn bind_control(path: &Path) -> io::Result<mio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another hubnat answers on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = mio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(frames: u64) -> WorkerReport {
+        let mut r = WorkerReport::default();
+        r.stats.frames_in = frames;
+        r
+    }
+
+    #[test]
+    fn a_pending_request_is_ready_when_every_worker_replied_or_its_time_is_up() {
+        let t0 = Instant::from_secs(1);
+        let (tx0, rx0) = mpsc::channel();
+        let (tx1, rx1) = mpsc::channel();
+        let mut p = Pending {
+            req: Request::NatTable,
+            replies: vec![(0, Some(rx0)), (1, Some(rx1))],
+            got: Vec::new(),
+            deadline: t0 + REPORT_TIMEOUT,
+        };
+        assert!(!p.ready(t0));
+        tx1.send(report(1)).unwrap();
+        assert!(!p.ready(t0), "worker 0 has not replied");
+        tx0.send(report(0)).unwrap();
+        assert!(p.ready(t0));
+        assert_eq!(p.got, vec![report(1), report(0)]);
+
+        // One never replies, one is gone: ready at the deadline, with what came.
+        let (_tx0, rx0) = mpsc::channel::<WorkerReport>();
+        let (tx1, rx1) = mpsc::channel();
+        let mut p = Pending {
+            req: Request::NatTable,
+            replies: vec![(0, Some(rx0)), (1, Some(rx1))],
+            got: Vec::new(),
+            deadline: t0 + REPORT_TIMEOUT,
+        };
+        drop(tx1);
+        assert!(!p.ready(t0));
+        assert!(p.ready(t0 + REPORT_TIMEOUT));
+        assert!(p.got.is_empty());
+    }
+}

@@ -1,0 +1,80 @@
+//! The operator's hook into the control thread.
+//!
+//! The runtime knows nothing of control sockets, metrics, configuration files or lease files:
+//! the daemon plugs them in as an `Operator`. Its sources (listeners, connections, a reload
+//! signal) are registered with the control thread's poll under tokens from
+//! `tokens::FIRST_OPERATOR_TOKEN` up, and it is called on that thread between batches with the
+//! engine at hand (`Plane`), so nothing is locked and no request races a frame.
+
+use std::io;
+use std::sync::mpsc;
+
+use mio::{Registry, Token};
+
+use crate::control::Workers;
+use crate::sock::driver::SockDriver;
+use crate::worker::WorkerReport;
+use hubnat_core::output::FrameBatch;
+use hubnat_core::time::Instant;
+use hubnat_core::Engine;
+
+/// The operator's side of the control thread.
+pub trait Operator: Send {
+    /// Registers its event sources with the control thread's poll, with tokens at or above
+    /// `tokens::FIRST_OPERATOR_TOKEN`.
+    fn register(&mut self, registry: &Registry) -> io::Result<()>;
+    /// Runs once before the first frame (e.g. the lease table is restored).
+    fn start(&mut self, plane: &mut Plane<'_>);
+    /// One of its tokens is ready.
+    fn ready(&mut self, token: Token, plane: &mut Plane<'_>);
+    /// Runs every loop iteration, after the batch was handled (e.g. requests waiting for the
+    /// workers are answered).
+    fn poll(&mut self, plane: &mut Plane<'_>);
+    /// The latest time at which `poll` should run again, if any.
+    fn deadline(&self) -> Option<Instant>;
+    /// Runs after each batch, before its frames are written to the port: what must be durable
+    /// before a guest hears of it (a DHCP ACK) is written here.
+    fn before_write(&mut self, engine: &Engine);
+    /// Runs when the runtime is dropped.
+    fn stop(&mut self);
+}
+
+/// What the control thread lends the operator for one call. A change to
+/// `engine.ctx.cfg` reaches the workers when the call returns.
+pub struct Plane<'a> {
+    /// Now, on the runtime's clock.
+    pub now: Instant,
+    /// The control thread's engine (with one worker: the only one).
+    pub engine: &'a mut Engine,
+    /// The control thread's host sockets (a reconfiguration may close some).
+    pub sock: &'a mut SockDriver,
+    /// Frames produced during the call (written with the next batch).
+    pub out: &'a mut FrameBatch,
+    /// The control thread's poll, for the operator's own sources.
+    pub registry: &'a Registry,
+    pub(crate) workers: &'a Workers,
+    pub(crate) napi: Option<(bool, u64)>,
+}
+
+impl Plane<'_> {
+    /// The number of worker threads (0: the control thread carries every flow).
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The counters and session counts every worker last published (no round trip).
+    pub fn published(&self) -> Vec<WorkerReport> {
+        self.workers.published()
+    }
+
+    /// Asks every worker for its sessions; each replies on its receiver (with its index), and
+    /// the control thread goes on meanwhile.
+    pub fn ask_sessions(&self) -> Vec<(usize, mpsc::Receiver<WorkerReport>)> {
+        self.workers.ask_sessions()
+    }
+
+    /// Where the TAP's NAPI polls run (threaded?) and how often they moved, if switched.
+    pub fn napi_state(&self) -> Option<(bool, u64)> {
+        self.napi
+    }
+}

@@ -1,0 +1,133 @@
+//! How `hubnat run` opens its TAP port: how many queues (one per worker, or one read by the
+//! control thread), whether NAPI is used, and what to fall back to when the device or the
+//! kernel refuses.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::port::tap::{NapiThreading, Tap, TapError};
+use crate::tx::NapiSwitch;
+
+/// `--tap-queues`: how the TAP is read with 2 or more workers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum QueueMode {
+    /// Multiqueue where the device allows it, else one queue (the log says so).
+    Auto,
+    /// One queue per worker, read by that worker.
+    Multi,
+    /// One queue, read by the control thread.
+    Single,
+}
+
+/// `--tap-napi`: where the device's NAPI polls run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NapiMode {
+    /// Switched by load between kernel threads (bulk) and the writes (request/response).
+    Auto,
+    /// Always in kernel threads.
+    Threaded,
+    /// No NAPI: each write runs the guest's receive path.
+    Off,
+}
+
+/// What to open.
+pub struct TapSpec<'a> {
+    /// The device's name.
+    pub name: &'a str,
+    /// The network namespace to make it in (None: hubnat's own).
+    pub netns: Option<PathBuf>,
+    /// The MTU to set.
+    pub mtu: u32,
+    /// The runtime's worker threads.
+    pub workers: usize,
+    /// How its queues are read.
+    pub queues: QueueMode,
+    /// Where its NAPI polls run.
+    pub napi: NapiMode,
+}
+
+/// An opened TAP port.
+pub struct TapPort {
+    /// Its queues: the first is the control thread's (or the only one), one per worker with a
+    /// multiqueue device.
+    pub queues: Vec<Tap>,
+    /// The NAPI switch, when the polls are moved by load.
+    pub napi: Option<Arc<NapiSwitch>>,
+    /// How frames are delivered, for the log.
+    pub napi_mode: &'static str,
+}
+
+impl TapSpec<'_> {
+    /// Opens the device as the spec says. A multiqueue open of an existing single-queue device
+    /// falls back to one queue under `QueueMode::Auto`; NAPI is used only where its polls can
+    /// be moved to threads (in softirq alone they cost more than plain writes), else hubnat
+    /// writes without it and says so.
+    pub fn open(&self) -> Result<TapPort, TapError> {
+        let (queues, threading) = match self.queues {
+            QueueMode::Single => self.open_napi(1)?,
+            QueueMode::Multi => self.open_napi(self.workers)?,
+            QueueMode::Auto if self.workers < 2 => self.open_napi(1)?,
+            QueueMode::Auto => match self.open_napi(self.workers) {
+                Ok(t) => t,
+                Err(TapError::Attach { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    tracing::warn!(
+                        "TAP {} exists as a single-queue device: the control thread reads it and \
+                         hands frames to the workers",
+                        self.name
+                    );
+                    self.open_napi(1)?
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let napi = match (threading, self.napi) {
+            (None, _) => None,
+            (Some(t), NapiMode::Threaded) => {
+                t.set(true).map_err(|source| TapError::Napi {
+                    name: self.name.to_owned(),
+                    source,
+                })?;
+                None
+            }
+            (Some(t), _) => Some(Arc::new(NapiSwitch::new(t))),
+        };
+        let napi_mode = match (&napi, self.napi) {
+            (Some(_), _) => "NAPI polls switched by load",
+            (None, NapiMode::Threaded) => "NAPI polls in threads",
+            (None, _) => "no NAPI",
+        };
+        Ok(TapPort {
+            queues,
+            napi,
+            napi_mode,
+        })
+    }
+
+    fn open_queues(&self, queues: usize, napi: bool) -> Result<Vec<Tap>, TapError> {
+        let mtu = Some(self.mtu);
+        match &self.netns {
+            Some(path) => Tap::open_queues_in_netns(self.name, mtu, queues, napi, path),
+            None => Tap::open_queues(self.name, mtu, queues, napi),
+        }
+    }
+
+    /// `queues` queues, with NAPI and its switch where both can be had.
+    fn open_napi(&self, queues: usize) -> Result<(Vec<Tap>, Option<NapiThreading>), TapError> {
+        if self.napi != NapiMode::Off {
+            let taps = self.open_queues(queues, true)?;
+            match NapiThreading::open(self.name, self.netns.as_deref().map(Path::new)) {
+                Ok(t) => return Ok((taps, Some(t))),
+                Err(e) => {
+                    tracing::warn!(
+                        "TAP {}: cannot switch its NAPI polls ({e}); writing without NAPI",
+                        self.name
+                    );
+                    drop(taps);
+                }
+            }
+        }
+        Ok((self.open_queues(queues, false)?, None))
+    }
+}

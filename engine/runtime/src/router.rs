@@ -1,0 +1,144 @@
+//! The flow router: which thread owns a frame.
+//!
+//! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
+//! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
+//! socket's answers meet on one worker), or the control thread for everything that is not a NAT
+//! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as DNS and
+//! ping, IP fragments, other protocols). The benchmarks shard captures with this same hash.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::Ipv4Addr;
+
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+
+use hubnat_core::config::Mac;
+
+/// Sends a flow's frames to its worker, everything else to the control thread.
+#[derive(Clone)]
+pub struct Router {
+    hasher: ahash::RandomState,
+    workers: usize,
+}
+
+impl Router {
+    pub fn new(workers: usize) -> Router {
+        Router {
+            hasher: ahash::RandomState::with_seeds(
+                0x6875_626e,
+                0x6174_2d72,
+                0x7274_2d66,
+                0x6c6f_7773,
+            ),
+            workers: workers.max(1),
+        }
+    }
+
+    /// The control thread's index (the workers are 0..workers).
+    pub fn control(&self) -> usize {
+        self.workers
+    }
+
+    /// The owner of `frame`: a worker index, or `control()`.
+    pub fn route(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> usize {
+        match self.flow_hash(frame, host_ip, host_mac) {
+            Some(h) => (h % self.workers as u64) as usize,
+            None => self.control(),
+        }
+    }
+
+    /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
+    fn flow_hash(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> Option<u64> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if eth.ethertype() != EthernetProtocol::Ipv4
+            || hubnat_core::wire::mac(eth.dst_addr()) != host_mac
+        {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if ip.more_frags() || ip.frag_offset() != 0 || ip.dst_addr() == host_ip {
+            return None;
+        }
+        let hl = usize::from(ip.header_len());
+        let l4 = eth.payload().get(hl..)?;
+        let (sp, dp) = match ip.next_header() {
+            IpProtocol::Tcp | IpProtocol::Udp => {
+                let p = l4.get(..4)?;
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
+            }
+            IpProtocol::Icmp => (0, 0),
+            _ => return None,
+        };
+        let a = (u64::from(u32::from(ip.src_addr())) << 16) | u64::from(sp);
+        let b = (u64::from(u32::from(ip.dst_addr())) << 16) | u64::from(dp);
+        let mut h = self.hasher.build_hasher();
+        h.write_u64(a.min(b));
+        h.write_u64(a.max(b));
+        h.write_u8(u8::from(ip.next_header()));
+        Some(h.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubnat_core::testing::*;
+    use std::net::SocketAddrV4;
+
+    #[test]
+    fn flows_go_to_workers_and_the_control_plane_to_control() {
+        let r = Router::new(2);
+        let m = HOST_MAC;
+        let mut seen = [0usize; 3];
+        for port in 0..64u16 {
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000 + port),
+                SocketAddrV4::new(REMOTE_IP, 53),
+                b"x",
+            );
+            seen[r.route(&f, HOST_IP, m)] += 1;
+        }
+        assert_eq!(seen[2], 0, "no flow goes to control");
+        assert!(seen[0] > 10 && seen[1] > 10, "flows spread: {seen:?}");
+        // DNS and anything else to the virtual host, broadcasts, junk: control.
+        let dns = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(HOST_IP, 53),
+            b"q",
+        );
+        assert_eq!(r.route(&dns, HOST_IP, m), 2);
+        let mut bcast = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 68),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+            b"d",
+        );
+        bcast[..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(r.route(&bcast, HOST_IP, m), 2);
+        assert_eq!(r.route(b"short", HOST_IP, m), 2);
+        assert_eq!(r.route(&[], HOST_IP, m), 2);
+        // Truncated L4 header: control (which counts it as malformed).
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(REMOTE_IP, 9),
+            b"x",
+        );
+        assert_eq!(r.route(&f[..14 + 20 + 2], HOST_IP, m), 2);
+    }
+
+    #[test]
+    fn both_directions_hash_alike_and_fragments_go_to_control() {
+        let r = Router::new(4);
+        let m = HOST_MAC;
+        let a = SocketAddrV4::new(GUEST_IP, 4000);
+        let b = SocketAddrV4::new(REMOTE_IP, 80);
+        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), HOST_IP, m);
+        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), HOST_IP, m);
+        assert!(h1.is_some());
+        assert_eq!(h1, h2);
+        let mut frag = udp_frame(a, b, b"x");
+        frag[14 + 6] |= 0x20; // more fragments
+        assert_eq!(r.route(&frag, HOST_IP, m), 4);
+    }
+}
