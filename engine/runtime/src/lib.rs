@@ -1,6 +1,6 @@
 //! hubnat-runtime: the threads that drive hubnat's sans-IO core with real I/O.
 //!
-//! - `control`: the control thread's loop (the port, the control plane, timers, the operator);
+//! - `control_thread`: the control thread's loop (the port, the control plane, timers, the operator);
 //! - `worker`: a worker thread's loop (the NAT flows hashed to it);
 //! - `router`: which thread owns a frame (the symmetric flow hash);
 //! - `queues`, `pool`: the bounded lock-free queues between threads and their frame buffers;
@@ -10,7 +10,7 @@
 //! - `operator`: the hook through which the daemon serves operators on the control thread.
 
 mod clock;
-pub mod control;
+pub mod control_thread;
 pub mod operator;
 pub mod pool;
 pub mod port;
@@ -21,6 +21,6 @@ pub mod tokens;
 pub mod tx;
 pub mod worker;
 
-pub use control::{Exit, Options, Runtime};
+pub use control_thread::{Exit, Options, Runtime};
 pub use operator::{Operator, Plane};
 pub use worker::WorkerReport;

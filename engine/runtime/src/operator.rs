@@ -11,7 +11,7 @@ use std::sync::mpsc;
 
 use mio::{Registry, Token};
 
-use crate::control::Workers;
+use crate::control_thread::Workers;
 use crate::sock::driver::SockDriver;
 use crate::worker::WorkerReport;
 use hubnat_core::output::FrameBatch;
