@@ -20,6 +20,7 @@ use hubnat_daemon::api::{
 };
 use hubnat_daemon::leases::LEASE_FILE;
 use hubnat_daemon::machine;
+use hubnat_daemon::sandbox;
 use hubnat_daemon::seclog::SecurityLog;
 use hubnat_daemon::server::{bind_control, Server, ServerOptions};
 use hubnat_daemon::state;
@@ -195,6 +196,19 @@ struct RunArgs {
     /// Same as --tap-queues multi (kept for scripts written before --tap-queues).
     #[arg(long, hide = true)]
     multiqueue: bool,
+    /// The user hubnat becomes once its TAP, sockets and files are open, when started as root.
+    /// Default: `hubnat` where that user exists, else `nobody`. The state directory (and a
+    /// control socket hubnat made) become that user's; the configuration file must be readable
+    /// by it for SIGHUP, and its directory writable for `--save`.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// Keep every privilege hubnat started with (no user change, capability drop, Landlock or
+    /// system-call filter). For debugging only.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// Once in the sandbox, try a forbidden system call (execve) and log what happened.
+    #[arg(long)]
+    sandbox_check: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -330,7 +344,12 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
             .context("cannot install signal handlers")?;
     }
     log_start(&args, &cfg, &port, backend, workers);
-    let server = operator(&args, control_flag, &cfg, raw, &state_dir)?;
+    let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
+    if !args.no_sandbox {
+        enter_sandbox(&args, &cfg, &port, &state_dir, control_path)?;
+    } else {
+        tracing::warn!("sandbox off (--no-sandbox): hubnat keeps every privilege it started with");
+    }
 
     let mut taps = port.queues;
     let tap = taps.remove(0);
@@ -343,6 +362,18 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         operator: Some(Box::new(server)),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
+    if !args.no_sandbox {
+        // Every thread exists and has made its rings: from here on, only the allow-list.
+        match sandbox::install_filter().context("sandbox")? {
+            true => tracing::info!("sandbox: system-call filter (seccomp) on every thread"),
+            false => tracing::warn!(
+                "sandbox: no system-call filter for this architecture; running without one"
+            ),
+        }
+        if args.sandbox_check {
+            tracing::info!("sandbox check: {}", sandbox::check_filter());
+        }
+    }
     match rt.run()? {
         Exit::Stopped => {
             tracing::info!("stopping: {} host sockets open", rt.sock.len());
@@ -450,14 +481,72 @@ fn log_start(args: &RunArgs, cfg: &Config, port: &TapPort, backend: Backend, wor
     );
 }
 
-/// The operator's side: the control socket, metrics, SIGHUP and the lease file.
+/// Becomes an unprivileged user with only the capabilities the data path needs, and confines
+/// the file system (see `hubnat_daemon::sandbox`). `control` is the control socket's path, and
+/// whether hubnat chose it (its directory is then hubnat's own).
+fn enter_sandbox(
+    args: &RunArgs,
+    cfg: &Config,
+    port: &TapPort,
+    state_dir: &Path,
+    control: Option<(PathBuf, bool)>,
+) -> Result<()> {
+    let user = args.user.clone().unwrap_or_else(sandbox::default_user);
+    let gid = if is_root() {
+        Some(sandbox::lookup(&user)?.1.as_raw())
+    } else {
+        None
+    };
+    let keep = sandbox::needed_capabilities(
+        port.napi.is_some(),
+        cfg.nat.icmp != hubnat_core::config::IcmpMode::Dummy,
+        gid,
+    );
+    let mut paths = sandbox::Paths {
+        read_write: vec![state_dir.to_owned()],
+        read_only: vec!["/etc".into(), "/usr/share/zoneinfo".into()],
+        give: vec![state_dir.to_owned()],
+    };
+    if let Some(dir) = args.config.as_deref().and_then(Path::parent) {
+        // The directory, not the file: an editor replaces the file, and `--save` writes a new
+        // one beside it.
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        paths.read_write.push(dir.to_owned());
+    }
+    if let Some((path, ours)) = control {
+        paths.give.push(path.clone());
+        if let Some(dir) = path.parent() {
+            paths.read_write.push(dir.to_owned());
+            if ours {
+                paths.give.push(dir.to_owned());
+            }
+        }
+    }
+    let report = sandbox::enter(&user, &keep, &paths).context("sandbox")?;
+    tracing::info!("sandbox: {}", report.on.join("; "));
+    for m in &report.missing {
+        tracing::warn!("sandbox: {m}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    uid() == Some(0)
+}
+
+/// The operator's side: the control socket, metrics, SIGHUP and the lease file; also the
+/// control socket's path and whether it is the default one.
 fn operator(
     args: &RunArgs,
     control_flag: Option<PathBuf>,
     cfg: &Config,
     raw: RawConfig,
     state_dir: &Path,
-) -> Result<Server> {
+) -> Result<(Server, Option<(PathBuf, bool)>)> {
     // The control socket: an explicit path must work; the default one may be taken by another
     // instance, which costs this one its control socket but not its service.
     let (control_path, explicit) = match (&control_flag, &cfg.control.socket) {
@@ -515,14 +604,16 @@ fn operator(
     let (hup_rx, hup_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, hup_tx)
         .context("cannot install signal handlers")?;
-    Ok(Server::new(ServerOptions {
+    let bound = control.as_ref().map(|(_, p)| (p.clone(), !explicit));
+    let server = Server::new(ServerOptions {
         raw,
         config_path: args.config.clone(),
         control,
         metrics,
         reload: Some(hup_rx),
         lease_file: Some(state_dir.join(LEASE_FILE)),
-    }))
+    });
+    Ok((server, bound))
 }
 
 fn on_off(b: bool) -> &'static str {

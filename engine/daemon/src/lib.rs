@@ -4,13 +4,16 @@
 //! - `api`: the management API (requests, answers, applying a configuration change);
 //! - `metrics`: the Prometheus text;
 //! - `leases`, `state`: the lease file and the state directory (atomic writes);
-//! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with.
+//! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with;
+//! - `sandbox`: least privilege once started (user, capabilities, Landlock, seccomp);
+//! - `machine`: the configuration file and the machine facts it defaults to.
 
 pub mod api;
 pub mod leases;
 pub mod machine;
 pub mod metrics;
 pub mod reverse;
+pub mod sandbox;
 pub mod seclog;
 pub mod server;
 pub mod state;

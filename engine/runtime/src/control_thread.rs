@@ -542,6 +542,7 @@ fn spawn_workers(
         pool: Pool::new(count, frame_size),
     });
     let mut queues = opts.tap_queues.drain(..).map(Arc::new);
+    let (ready_tx, ready_rx) = mpsc::channel();
     for (index, p) in polls.into_iter().enumerate() {
         let mut e = Engine::new(
             engine.ctx.cfg.clone(),
@@ -577,15 +578,27 @@ fn spawn_workers(
             frame_size,
             napi: opts.napi.clone(),
         };
+        let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("hubnat-w{index}"))
-            .spawn(move || worker::run(setup))?;
+            .spawn(move || worker::run(setup, ready))?;
         workers.handles.push(WorkerHandle {
             cmds: tx,
             thread: Some(thread),
         });
     }
     workers.shared = Some(shared);
+    // Every worker has its rings before this returns (the caller may install a system-call
+    // filter that makes no more).
+    for _ in 0..n {
+        let started = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("a worker thread ended at start")));
+        if let Err(e) = started {
+            workers.stop();
+            return Err(e);
+        }
+    }
     Ok(workers)
 }
 

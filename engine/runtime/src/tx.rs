@@ -138,17 +138,20 @@ impl NapiSwitch {
 
 /// A writing thread's way to its TAP (the control thread's, or one worker's).
 pub struct TapSender {
-    tap: Arc<Tap>,
-    /// Made on first use, on the owning thread (a ring accepts submissions from its creator).
-    writer: Option<TapWriter>,
+    /// The device the writer writes to, held so that its fd stays open.
+    _tap: Arc<Tap>,
+    /// A ring accepts submissions from its creator only: the sender is made on its thread.
+    writer: TapWriter,
     napi: Option<Arc<NapiSwitch>>,
 }
 
 impl TapSender {
+    /// A sender for the calling thread, the only one that may use it. Its ring is made now, so
+    /// that a thread has every ring it needs before the system-call filter is installed.
     pub fn new(tap: Arc<Tap>, napi: Option<Arc<NapiSwitch>>) -> TapSender {
         TapSender {
-            tap,
-            writer: None,
+            writer: TapWriter::new(&tap),
+            _tap: tap,
             napi,
         }
     }
@@ -167,11 +170,7 @@ impl TapSender {
         if let Some(n) = &self.napi {
             n.note(out.len());
         }
-        let tap = &self.tap;
-        let failed = self
-            .writer
-            .get_or_insert_with(|| TapWriter::new(tap))
-            .send_all(out.iter());
+        let failed = self.writer.send_all(out.iter());
         out.clear();
         failed
     }

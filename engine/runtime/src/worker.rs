@@ -130,16 +130,21 @@ struct Worker {
     in_ring: bool,
 }
 
-/// The worker thread's body.
-pub fn run(setup: WorkerSetup) {
+/// The worker thread's body. `ready` hears once the worker has made everything it needs
+/// (its rings among them), or why it could not.
+pub fn run(setup: WorkerSetup, ready: Sender<io::Result<()>>) {
     let index = setup.index;
     match Worker::new(setup) {
         Ok(mut w) => {
+            let _ = ready.send(Ok(()));
             if let Err(e) = w.run() {
                 tracing::error!("worker {index} stopped: {e}");
             }
         }
-        Err(e) => tracing::error!("worker {index} cannot start: {e}"),
+        Err(e) => {
+            tracing::error!("worker {index} cannot start: {e}");
+            let _ = ready.send(Err(e));
+        }
     }
 }
 

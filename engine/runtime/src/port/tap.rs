@@ -17,6 +17,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::sock::uring::restrict_and_enable;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("TAP device name `{0}` is empty or longer than 15 bytes")]
@@ -271,9 +273,15 @@ impl TapWriter {
     /// A writer for `tap`, made on (and used only by) the calling thread.
     pub fn new(tap: &Tap) -> TapWriter {
         let fd = tap.as_raw_fd();
+        // Restricted to writes (see `restrict_and_enable`).
         let ring = io_uring::IoUring::builder()
             .setup_single_issuer()
-            .build(WRITE_RING_ENTRIES);
+            .setup_r_disabled()
+            .build(WRITE_RING_ENTRIES)
+            .and_then(|r| {
+                restrict_and_enable(&r, &[io_uring::opcode::Write::CODE], 0, &[])?;
+                Ok(r)
+            });
         let ring = match ring {
             Ok(r) => Some(r),
             Err(e) => {

@@ -294,6 +294,10 @@ pub fn probe() -> io::Result<()> {
     let ring = IoUring::new(8)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
+    // The driver's rings are restricted to their opcodes (`restrict_driver_ring`): a kernel
+    // that cannot do that gets no io_uring from hubnat.
+    let restricted = IoUring::builder().setup_r_disabled().build(8)?;
+    restrict_driver_ring(&restricted)?;
     for (code, name) in [
         (opcode::PollAdd::CODE, "POLL_ADD"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
@@ -309,9 +313,49 @@ pub fn probe() -> io::Result<()> {
     Ok(())
 }
 
+/// Limits an io_uring, set up disabled (`IORING_SETUP_R_DISABLED`), to the submission opcodes
+/// `ops` (with the SQE flags `flags`) and the register opcodes `register_ops`, then enables it.
+/// io_uring's work is not seen by seccomp, so a ring that could take any opcode would be a way
+/// around the system-call filter; a restricted one takes only what hubnat submits.
+pub(crate) fn restrict_and_enable(
+    ring: &IoUring,
+    ops: &[u8],
+    flags: u8,
+    register_ops: &[u8],
+) -> io::Result<()> {
+    use io_uring::register::Restriction;
+    let mut res: Vec<Restriction> = ops.iter().map(|&op| Restriction::sqe_op(op)).collect();
+    res.extend(register_ops.iter().map(|&op| Restriction::register_op(op)));
+    res.push(Restriction::sqe_flags_allowed(flags));
+    ring.submitter().register_restrictions(&mut res)?;
+    ring.submitter().register_enable_rings()
+}
+
+/// What this driver's rings may do: the operations it submits, provided buffers for multishot
+/// receives, and taking the buffer ring back at the end.
+fn restrict_driver_ring(ring: &IoUring) -> io::Result<()> {
+    restrict_and_enable(
+        ring,
+        &[
+            opcode::PollAdd::CODE,
+            opcode::AsyncCancel::CODE,
+            opcode::Connect::CODE,
+            opcode::RecvMulti::CODE,
+        ],
+        squeue::Flags::BUFFER_SELECT.bits(),
+        &[IORING_UNREGISTER_PBUF_RING],
+    )
+}
+
+/// io_uring_register(2)'s opcode that takes a provided-buffer ring back (the kernel's value;
+/// the io-uring crate keeps its own copy private).
+const IORING_UNREGISTER_PBUF_RING: u8 = 23;
+
 fn build(setup: Setup) -> io::Result<IoUring<squeue::Entry, cqueue::Entry>> {
     let mut b = IoUring::builder();
     b.setup_cqsize(ENTRIES * 8);
+    // Enabled once restricted (`restrict_driver_ring`).
+    b.setup_r_disabled();
     if setup.single_issuer {
         b.setup_single_issuer();
     }
@@ -398,6 +442,7 @@ impl Ring {
                 None
             }
         };
+        restrict_driver_ring(&ring)?;
         Ok(Ring {
             ring,
             bufs,
