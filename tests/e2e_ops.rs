@@ -391,3 +391,49 @@ fn sighup_reloads_the_file_and_a_bad_file_changes_nothing() {
         .as_ref()
         .is_some_and(|p| p.log().contains("dhcp.range_start")));
 }
+
+#[test]
+fn idle_operator_connections_are_closed_and_cannot_lock_the_operator_out() {
+    require_root!();
+    let ops_dir = common::TempDir::new();
+    let ops = ops_dir.0.as_path();
+    let lab = Lab::start(&config(ops, ""));
+    wait_control(ops, &lab);
+    // More idle metrics connections than the endpoint has slots, each saying when hubnat
+    // closed it (the ones beyond the slots wait in the backlog, then get their turn).
+    let idle = "for i in $(seq 20); do (exec 3<>/dev/tcp/127.0.0.1/9464 && cat <&3 >/dev/null; \
+                echo closed) & done; wait";
+    let mut idlers = common::Proc::spawn(
+        "idle metrics clients",
+        lab.nat.cmd(&["bash", "-c", idle]),
+        Some(lab.dir.join("idlers.log")),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // The control socket has slots of its own: it answers while the metrics slots are full.
+    let st = ctl_json(ops, &["status"]);
+    assert!(st["frames_in"].is_u64(), "{st}");
+    // Every idle connection is closed by hubnat (5 s each, two turns), none left hanging.
+    wait_until(Duration::from_secs(20), || {
+        (!idlers.is_running()).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "idle metrics connections were not closed:\n{}",
+            lab.hubnat_log()
+        )
+    });
+    assert_eq!(
+        idlers.log().matches("closed").count(),
+        20,
+        "{}",
+        idlers.log()
+    );
+    // A control connection that never sends a request is closed too (after 30 s, so here only
+    // checked to be still served meanwhile), and the metrics endpoint serves again.
+    let m = lab.nat.exec_ok(&[
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/127.0.0.1/9464; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3",
+    ]);
+    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+}

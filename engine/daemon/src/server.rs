@@ -33,10 +33,21 @@ const METRICS: Token = Token(FIRST_OPERATOR_TOKEN + 1);
 const HUP: Token = Token(FIRST_OPERATOR_TOKEN + 2);
 /// Connections (control and metrics) are tokens from here, one per slot.
 const FIRST_CONN: usize = FIRST_OPERATOR_TOKEN + 16;
-/// Operator connections open at once; more wait in the listener's backlog.
-pub const MAX_CONNS: usize = 32;
-/// Longest request line (or HTTP request head) accepted.
+/// Control connections open at once; more wait in the listener's backlog. The metrics endpoint
+/// has slots of its own, so that a flood of scrapes (or a guest that reached a loopback
+/// listener) cannot lock the operator out of the control socket.
+pub const MAX_CONTROL_CONNS: usize = 16;
+/// Metrics connections open at once.
+pub const MAX_METRICS_CONNS: usize = 16;
+const MAX_CONNS: usize = MAX_CONTROL_CONNS + MAX_METRICS_CONNS;
+/// Longest request line accepted on the control socket.
 pub const MAX_REQUEST: usize = 1 << 20;
+/// Longest HTTP request head accepted by the metrics endpoint.
+pub const MAX_HTTP_HEAD: usize = 8 << 10;
+/// A control connection that sends no complete request for this long is closed.
+pub const CONTROL_IDLE: Duration = Duration::from_secs(30);
+/// A metrics connection that has not sent its request head within this time is closed.
+pub const METRICS_IDLE: Duration = Duration::from_secs(5);
 /// How long a request waits for a worker's report (the NAT table).
 const REPORT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -97,6 +108,11 @@ struct OperatorConn {
     stream: Stream,
     metrics: bool,
     inbuf: Vec<u8>,
+    /// How much of `inbuf` has been searched for the end of a request already (each byte is
+    /// looked at once, however the request arrives).
+    scanned: usize,
+    /// When it is closed unless a request completes first.
+    idle_deadline: Instant,
     outbuf: Vec<u8>,
     sent: usize,
     /// Close once `outbuf` is written (the peer closed, or the metrics answer is complete).
@@ -153,6 +169,8 @@ pub struct Server {
     metrics_listener: Option<mio::net::TcpListener>,
     reload: Option<UnixStream>,
     conns: Vec<Option<OperatorConn>>,
+    /// A slot was freed since the listeners were last drained.
+    freed: bool,
     leases: Option<LeaseFile>,
 }
 
@@ -171,6 +189,7 @@ impl Server {
             metrics_listener: opts.metrics,
             reload: opts.reload,
             conns: (0..MAX_CONNS).map(|_| None).collect(),
+            freed: false,
             leases: opts.lease_file.map(|path| LeaseFile {
                 path,
                 saved_generation: 0,
@@ -252,13 +271,19 @@ impl Server {
         }
     }
 
-    fn free_slot(&self) -> Option<usize> {
-        self.conns.iter().position(Option::is_none)
+    /// A free slot of the control connections' (`metrics` false) or the metrics endpoint's.
+    fn free_slot(&self, metrics: bool) -> Option<usize> {
+        let slots = if metrics {
+            MAX_CONTROL_CONNS..MAX_CONNS
+        } else {
+            0..MAX_CONTROL_CONNS
+        };
+        slots.into_iter().find(|&i| self.conns[i].is_none())
     }
 
     /// Accepts what waits on the control socket (`metrics` false) or the metrics listener.
     fn accept(&mut self, metrics: bool, plane: &mut Plane<'_>) {
-        while let Some(slot) = self.free_slot() {
+        while let Some(slot) = self.free_slot(metrics) {
             let accepted = if metrics {
                 let Some(l) = &self.metrics_listener else {
                     return;
@@ -291,10 +316,13 @@ impl Server {
             tracing::warn!("cannot watch an operator connection: {e}");
             return;
         }
+        let idle = if metrics { METRICS_IDLE } else { CONTROL_IDLE };
         self.conns[slot] = Some(OperatorConn {
             stream,
             metrics,
             inbuf: Vec::new(),
+            scanned: 0,
+            idle_deadline: plane.now + idle,
             outbuf: Vec::new(),
             sent: 0,
             closing: false,
@@ -318,8 +346,14 @@ impl Server {
                 }
                 Ok(n) => {
                     c.inbuf.extend_from_slice(&buf[..n]);
-                    if c.inbuf.len() > MAX_REQUEST {
+                    let limit = if c.metrics {
+                        MAX_HTTP_HEAD
+                    } else {
+                        MAX_REQUEST
+                    };
+                    if c.inbuf.len() > limit {
                         c.inbuf.clear();
+                        c.scanned = 0;
                         c.closing = true;
                         break;
                     }
@@ -327,7 +361,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    close_conn(plane.registry, c);
+                    self.close_conn(plane.registry, c);
                     return;
                 }
             }
@@ -344,10 +378,14 @@ impl Server {
     /// of them (`Pending`): the lines after it wait for its answer, and the loop goes on.
     fn serve_lines(&mut self, c: &mut OperatorConn, plane: &mut Plane<'_>) {
         while c.pending.is_none() {
-            let Some(nl) = c.inbuf.iter().position(|&b| b == b'\n') else {
+            let Some(at) = c.inbuf[c.scanned..].iter().position(|&b| b == b'\n') else {
+                c.scanned = c.inbuf.len();
                 return;
             };
+            let nl = c.scanned + at;
             let line: Vec<u8> = c.inbuf.drain(..=nl).collect();
+            c.scanned = 0;
+            c.idle_deadline = plane.now + CONTROL_IDLE;
             let resp = match serde_json::from_slice::<Request>(&line) {
                 Ok(Request::NatTable) if plane.workers() > 0 => {
                     c.pending = Some(Pending {
@@ -393,6 +431,34 @@ impl Server {
         }
     }
 
+    fn close_conn(&mut self, registry: &Registry, mut c: OperatorConn) {
+        let _ = registry.deregister(c.stream.source());
+        self.freed = true;
+    }
+
+    /// Accepts the connections that waited in the listeners' backlogs while every slot was
+    /// taken (the listeners are edge-triggered: no new event comes for them).
+    fn accept_waiting(&mut self, plane: &mut Plane<'_>) {
+        if std::mem::take(&mut self.freed) {
+            self.accept(false, plane);
+            self.accept(true, plane);
+        }
+    }
+
+    /// Closes the connections whose idle time is up (one waiting for the workers is not idle).
+    fn close_idle(&mut self, plane: &Plane<'_>) {
+        for slot in 0..self.conns.len() {
+            let expired = self.conns[slot]
+                .as_ref()
+                .is_some_and(|c| c.pending.is_none() && c.idle_deadline <= plane.now);
+            if let Some(c) = self.conns[slot].take_if(|_| expired) {
+                let what = if c.metrics { "metrics" } else { "control" };
+                tracing::debug!("{what} connection closed: idle");
+                self.close_conn(plane.registry, c);
+            }
+        }
+    }
+
     /// Writes what `c` has to send, closes it when done and closing, or watches it again.
     fn finish_conn(&mut self, slot: usize, mut c: OperatorConn, registry: &Registry) {
         // Write what can be written now; the rest when the socket is writable.
@@ -403,7 +469,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    close_conn(registry, c);
+                    self.close_conn(registry, c);
                     return;
                 }
             }
@@ -412,7 +478,7 @@ impl Server {
             c.outbuf.clear();
             c.sent = 0;
             if c.closing && c.pending.is_none() {
-                close_conn(registry, c);
+                self.close_conn(registry, c);
                 return;
             }
         }
@@ -428,7 +494,7 @@ impl Server {
                 .reregister(c.stream.source(), token, interest)
                 .is_err()
             {
-                close_conn(registry, c);
+                self.close_conn(registry, c);
                 return;
             }
             c.writable_armed = want_write;
@@ -466,11 +532,13 @@ impl Operator for Server {
             }
             _ => {}
         }
+        self.accept_waiting(plane);
     }
 
     /// Answers the requests whose workers have all replied, or whose time is up (with what
     /// came), then the lines that waited behind them.
     fn poll(&mut self, plane: &mut Plane<'_>) {
+        self.close_idle(plane);
         for slot in 0..self.conns.len() {
             let ready = self.conns[slot]
                 .as_mut()
@@ -498,13 +566,17 @@ impl Operator for Server {
             self.serve_lines(&mut c, plane);
             self.finish_conn(slot, c, plane.registry);
         }
+        self.accept_waiting(plane);
     }
 
     fn deadline(&self) -> Option<Instant> {
         self.conns
             .iter()
             .flatten()
-            .filter_map(|c| c.pending.as_ref().map(|p| p.deadline))
+            .map(|c| match &c.pending {
+                Some(p) => p.deadline,
+                None => c.idle_deadline,
+            })
             .min()
     }
 
@@ -532,8 +604,13 @@ fn answer_metrics(c: &mut OperatorConn, plane: &mut Plane<'_>) {
     if !c.outbuf.is_empty() || c.inbuf.is_empty() {
         return;
     }
+    // The head ends at an empty line; only what arrived since the last look is searched (from
+    // 3 bytes before it, where an end could straddle two reads).
+    let from = c.scanned.saturating_sub(3);
+    let tail = &c.inbuf[from..];
     let head_done =
-        c.inbuf.windows(4).any(|w| w == b"\r\n\r\n") || c.inbuf.windows(2).any(|w| w == b"\n\n");
+        tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
+    c.scanned = c.inbuf.len();
     if !head_done && !c.closing {
         return;
     }
@@ -560,10 +637,6 @@ fn answer_metrics(c: &mut OperatorConn, plane: &mut Plane<'_>) {
     );
     c.inbuf.clear();
     c.closing = true;
-}
-
-fn close_conn(registry: &Registry, mut c: OperatorConn) {
-    let _ = registry.deregister(c.stream.source());
 }
 
 /// Binds the control socket at `path`, readable and writable by its owner only. A stale socket

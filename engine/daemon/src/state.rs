@@ -35,7 +35,10 @@ fn running_as_root() -> bool {
 /// file beside it, fsync, rename, fsync of the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    // Made at start; once sandboxed hubnat may not make directories (mkdir is not allowed).
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
