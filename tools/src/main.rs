@@ -306,8 +306,15 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         Some(path) => machine::load_raw(path)?,
         None => RawConfig::default(),
     };
+    let (open_files, socket_budget) = machine::raise_open_files(workers + 1);
     let mut cfg = run_config(&args, &raw)?;
     init_logging(&args.log, open_security_log(&cfg)?)?;
+    tracing::info!(
+        "open files limit {open_files}: up to {socket_budget} host sockets for sessions; \
+         nat.max_sessions {}, per guest {}",
+        cfg.nat.max_sessions,
+        cfg.nat.max_sessions_per_guest
+    );
     let mut rng = SmallRng::from_os_rng();
     let state_dir = args
         .state_dir

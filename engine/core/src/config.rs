@@ -428,7 +428,7 @@ impl Config {
             0 => Err(field_err(field, "must be at least 1")),
             n => Ok(n),
         };
-        let nat = NatConfig {
+        let mut nat = NatConfig {
             enabled: raw.nat.enabled.unwrap_or(true),
             mtu: mtu as u16,
             tcp_timeout: secs("nat.tcp_timeout", raw.nat.tcp_timeout, 7200)?,
@@ -444,6 +444,15 @@ impl Config {
             max_half_open: positive("nat.max_half_open", raw.nat.max_half_open, 1024)?,
             host_loopback,
         };
+        if let Some(budget) = machine.socket_budget {
+            // Every session holds a host socket: no more sessions than the process may open
+            // sockets, so that the lease file and the operator's connections always find a
+            // descriptor. A guest's share stays below the total.
+            let budget = budget.max(1);
+            nat.max_sessions = nat.max_sessions.min(budget);
+            nat.max_sessions_per_guest = nat.max_sessions_per_guest.min(nat.max_sessions);
+            nat.max_half_open = nat.max_half_open.min(nat.max_sessions);
+        }
 
         let d = &raw.dhcp;
         let range_start = match &d.range_start {
@@ -619,6 +628,9 @@ pub struct Machine {
     pub domain: Option<String>,
     /// Its resolvers (the DNS relay's upstreams unless the configuration names some).
     pub nameservers: Vec<SocketAddr>,
+    /// How many host sockets the process can open beside what it keeps for itself (its open
+    /// files limit less a reserve): the session totals are held below it. None: no limit.
+    pub socket_budget: Option<usize>,
 }
 
 /// The DNS domain a resolv.conf names: its `domain` or first `search` entry.
@@ -755,5 +767,25 @@ mod tests {
         assert_eq!(c.dns.upstream[1], "127.0.0.2:5353".parse().unwrap());
         let ns = resolv_conf_nameservers("# x\nnameserver 10.0.0.2\nsearch a.b\nnameserver ::1\n");
         assert_eq!(ns.len(), 2);
+    }
+
+    #[test]
+    fn session_totals_stay_within_the_socket_budget() {
+        let machine = Machine {
+            socket_budget: Some(900),
+            ..Machine::default()
+        };
+        let c = Config::from_raw_on(&RawConfig::default(), &machine).unwrap();
+        assert_eq!(c.nat.max_sessions, 900);
+        assert_eq!(c.nat.max_sessions_per_guest, 900);
+        assert_eq!(c.nat.max_half_open, 900);
+        let raw = RawConfig::from_toml("[nat]\nmax_sessions = 100\n").unwrap();
+        let c = Config::from_raw_on(&raw, &machine).unwrap();
+        assert_eq!(
+            (c.nat.max_sessions, c.nat.max_sessions_per_guest),
+            (100, 100)
+        );
+        let c = Config::from_raw(&RawConfig::default()).unwrap();
+        assert_eq!(c.nat.max_sessions, 65536, "no budget, no clamp");
     }
 }

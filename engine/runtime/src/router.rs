@@ -4,7 +4,8 @@
 //! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
 //! socket's answers meet on one worker), or the control thread for everything that is not a NAT
 //! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as DNS and
-//! ping, IP fragments, other protocols). The benchmarks shard captures with this same hash.
+//! ping, IP fragments, other protocols). The seeds are random per process (a guest cannot aim
+//! its flows at one worker); the benchmarks shard captures with this same hash, seeds fixed.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::Ipv4Addr;
@@ -21,14 +22,18 @@ pub struct Router {
 }
 
 impl Router {
+    /// A router for `workers` workers with seeds of its own: the flow → worker map differs from
+    /// process to process, so a guest cannot choose flows that all land on one worker.
     pub fn new(workers: usize) -> Router {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        Router::with_seeds(workers, rng.random())
+    }
+
+    /// A router with fixed seeds (the same map on every run: the benchmarks).
+    pub fn with_seeds(workers: usize, seeds: [u64; 4]) -> Router {
         Router {
-            hasher: ahash::RandomState::with_seeds(
-                0x6875_626e,
-                0x6174_2d72,
-                0x7274_2d66,
-                0x6c6f_7773,
-            ),
+            hasher: ahash::RandomState::with_seeds(seeds[0], seeds[1], seeds[2], seeds[3]),
             workers: workers.max(1),
         }
     }
@@ -140,5 +145,33 @@ mod tests {
         let mut frag = udp_frame(a, b, b"x");
         frag[14 + 6] |= 0x20; // more fragments
         assert_eq!(r.route(&frag, HOST_IP, m), 4);
+    }
+
+    #[test]
+    fn each_router_has_its_own_map_and_keeps_both_directions_together() {
+        let flows: Vec<(Vec<u8>, Vec<u8>)> = (0..64u16)
+            .map(|i| {
+                let g = SocketAddrV4::new(GUEST_IP, 30000 + i);
+                let r = SocketAddrV4::new(REMOTE_IP, 80);
+                (udp_frame(g, r, b"x"), udp_frame(r, g, b"y"))
+            })
+            .collect();
+        let map = |router: &Router| -> Vec<usize> {
+            flows
+                .iter()
+                .map(|(out, back)| {
+                    let w = router.route(out, HOST_IP, HOST_MAC);
+                    let mut back = back.clone();
+                    // The answer's frame as the router sees it: to the virtual host's MAC.
+                    back[..6].copy_from_slice(&HOST_MAC.0);
+                    assert_eq!(router.route(&back, HOST_IP, HOST_MAC), w, "a flow split");
+                    w
+                })
+                .collect()
+        };
+        let (a, b) = (Router::new(4), Router::new(4));
+        assert_ne!(map(&a), map(&b), "two processes would share one flow map");
+        let fixed = |s| Router::with_seeds(4, [s, 2, 3, 4]);
+        assert_eq!(map(&fixed(1)), map(&fixed(1)));
     }
 }
