@@ -293,6 +293,9 @@ pub const NAT_SIDE_IP: &str = "10.77.0.1";
 pub const SERVER_IP: &str = "10.77.0.2";
 /// A static guest address (for tests that do not exercise DHCP).
 pub const GUEST_IP: &str = "192.168.30.50";
+/// The MACs of `Lab::two_guests`.
+pub const GUEST_A_MAC: &str = "02:00:00:00:0a:01";
+pub const GUEST_B_MAC: &str = "02:00:00:00:0b:01";
 
 impl Lab {
     /// Starts hubnat with `config` (TOML text) on a TAP `tap0` made in a new guest namespace.
@@ -416,6 +419,31 @@ impl Lab {
         let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
         self.hubnat = Some(p);
         self.guest.wait_for_link(&self.tap, Duration::from_secs(10));
+    }
+
+    /// Two guests on one segment: a bridge in the guest namespace with hubnat's TAP on it, and
+    /// two namespaces each linked to the bridge by a veth pair (their end named `eth0`, with
+    /// MACs 02:00:00:00:0a:01 and 02:00:00:00:0b:01). Neither has an address yet.
+    pub fn two_guests(&self) -> (Netns, Netns) {
+        let g = &self.guest;
+        g.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+        g.exec_ok(&["ip", "link", "set", &self.tap, "master", "br0"]);
+        g.exec_ok(&["ip", "link", "set", &self.tap, "up"]);
+        g.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        let make = |prefix: &str, mac: &str| {
+            let ns = Netns::new(prefix);
+            let near = unique("vg");
+            g.exec_ok(&[
+                "ip", "link", "add", &near, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns.name,
+            ]);
+            g.exec_ok(&["ip", "link", "set", &near, "master", "br0"]);
+            g.exec_ok(&["ip", "link", "set", &near, "up"]);
+            ns.exec_ok(&["ip", "link", "set", "eth0", "address", mac]);
+            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+            ns
+        };
+        (make("ga", GUEST_A_MAC), make("gb", GUEST_B_MAC))
     }
 
     pub fn hubnat_log(&self) -> String {

@@ -7,7 +7,11 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
 use anyhow::{bail, Context, Result};
+use hubnat_core::Mac;
+use hubnat_runtime::port::af_packet::PacketSocket;
 use clap::{Parser, Subcommand};
 use sha2::{Digest, Sha256};
 
@@ -76,6 +80,40 @@ enum Cmd {
         /// Source port to bind (0: any).
         #[arg(long, default_value_t = 0)]
         port: u16,
+    },
+    /// Write crafted frames onto an interface (a misbehaving guest): floods and spoofs that the
+    /// fair-share tests throw at hubnat. Runs where the interface is (the guest's namespace).
+    Inject {
+        /// The interface to write to (the guest's side of the segment).
+        #[arg(long)]
+        iface: String,
+        /// Ethernet source of every frame.
+        #[arg(long)]
+        src_mac: String,
+        /// Ethernet destination of unicast frames (the virtual host's MAC).
+        #[arg(long, default_value = "ff:ff:ff:ff:ff:ff")]
+        dst_mac: String,
+        /// IPv4 source.
+        #[arg(long, default_value = "0.0.0.0")]
+        src_ip: std::net::Ipv4Addr,
+        /// IPv4 destination.
+        #[arg(long, default_value = "192.168.30.1")]
+        dst_ip: std::net::Ipv4Addr,
+        /// Destination ports, cycled (`LO-HI` or one port).
+        #[arg(long, default_value = "1-65535")]
+        ports: String,
+        /// Frames to write.
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+        /// What to write: `syn` (TCP SYNs), `udp` (a datagram per port), `dns` (queries to the
+        /// destination's port 53), `frag` (first fragments never completed), `dhcp-starve`
+        /// (INIT-REBOOT requests for the range's addresses, each with a made-up chaddr),
+        /// `dhcp-release` / `dhcp-decline` (for `--client-mac` and `--src-ip`).
+        #[arg(long)]
+        kind: String,
+        /// The client a DHCP release or decline names (chaddr).
+        #[arg(long)]
+        client_mac: Option<String>,
     },
     /// Open CONNS connections to a tcp-echo at once, send BYTES on each, check the echoes.
     Multi {
@@ -158,8 +196,156 @@ fn serve_tcp(
     Ok(())
 }
 
+/// The frames of `inject`, one per call of the returned closure (`i` counts from 0).
+fn injected(
+    kind: &str,
+    src_mac: Mac,
+    dst_mac: Mac,
+    src_ip: Ipv4Addr,
+    dst_ip: Ipv4Addr,
+    ports: (u16, u16),
+    client_mac: Option<Mac>,
+) -> Result<Box<dyn Fn(u32) -> Vec<u8>>> {
+    use hubnat_replay::craft::{dhcp, ethernet, ipv4, tcp, udp, SYN};
+    use smoltcp::wire::IpProtocol;
+    let span = u32::from(ports.1 - ports.0) + 1;
+    let port = move |i: u32| ports.0 + (i % span) as u16;
+    let sport = |i: u32| 1024 + (i % 60000) as u16;
+    let ip_frame = move |proto, ident: u32, frag, l4: &[u8]| {
+        ethernet(dst_mac, src_mac, 0x0800, &ipv4(src_ip, dst_ip, proto, ident as u16, frag, l4))
+    };
+    // DHCP travels broadcast from 0.0.0.0:68 (or from the client's address when it has one).
+    let dhcp_frame = move |msg: &[u8]| {
+        let d = udp(
+            SocketAddrV4::new(src_ip, 68),
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
+            msg,
+        );
+        let ip = ipv4(src_ip, Ipv4Addr::BROADCAST, IpProtocol::Udp, 1, (0, false), &d);
+        ethernet(Mac::BROADCAST, src_mac, 0x0800, &ip)
+    };
+    Ok(match kind {
+        "syn" => Box::new(move |i| {
+            let seg = tcp(
+                SocketAddrV4::new(src_ip, sport(i)),
+                SocketAddrV4::new(dst_ip, port(i)),
+                SYN,
+                i.wrapping_mul(2_654_435_761),
+                0,
+                65535,
+                &[2, 4, 5, 180],
+                &[],
+            );
+            ip_frame(IpProtocol::Tcp, i, (0, false), &seg)
+        }),
+        "udp" => Box::new(move |i| {
+            let d = udp(
+                SocketAddrV4::new(src_ip, sport(i)),
+                SocketAddrV4::new(dst_ip, port(i)),
+                b"sweep",
+            );
+            ip_frame(IpProtocol::Udp, i, (0, false), &d)
+        }),
+        "dns" => Box::new(move |i| {
+            let q = hubnat_replay::craft::dns_query(i as u16, &format!("n{i}.flood.test"), 1);
+            let d = udp(
+                SocketAddrV4::new(src_ip, sport(i)),
+                SocketAddrV4::new(dst_ip, 53),
+                &q,
+            );
+            ip_frame(IpProtocol::Udp, i, (0, false), &d)
+        }),
+        "frag" => Box::new(move |i| {
+            // The first 1 KiB of a 4 KiB datagram; the rest never comes.
+            let d = udp(
+                SocketAddrV4::new(src_ip, sport(i)),
+                SocketAddrV4::new(dst_ip, port(i)),
+                &[0x55; 4000],
+            );
+            ip_frame(IpProtocol::Udp, i, (0, true), &d[..1024])
+        }),
+        "dhcp-starve" => Box::new(move |i| {
+            // A made-up client per frame, each asking for the next address of the default
+            // range without an OFFER first (INIT-REBOOT: no server identifier).
+            let chaddr = Mac([0x02, 0x5a, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            let want = Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 30, 10)) + i % 191);
+            let msg = dhcp(chaddr, i, Ipv4Addr::UNSPECIFIED, 3, &[(50, want.octets().to_vec())]);
+            dhcp_frame(&msg)
+        }),
+        "dhcp-release" | "dhcp-decline" => {
+            let Some(client) = client_mac else {
+                bail!("--kind {kind} needs --client-mac");
+            };
+            let release = kind == "dhcp-release";
+            Box::new(move |i| {
+                let server = (54u8, dst_ip.octets().to_vec());
+                let msg = if release {
+                    dhcp(client, i, src_ip, 7, &[server])
+                } else {
+                    dhcp(
+                        client,
+                        i,
+                        Ipv4Addr::UNSPECIFIED,
+                        4,
+                        &[server, (50, src_ip.octets().to_vec())],
+                    )
+                };
+                dhcp_frame(&msg)
+            })
+        }
+        other => bail!("--kind {other}: choose syn, udp, dns, frag, dhcp-starve, dhcp-release or dhcp-decline"),
+    })
+}
+
+fn parse_mac(s: &str) -> Result<Mac> {
+    s.parse::<Mac>()
+        .map_err(|_| anyhow::anyhow!("`{s}` is not a MAC address"))
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16)> {
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let (lo, hi): (u16, u16) = (lo.parse()?, hi.parse()?);
+    if lo == 0 || hi < lo {
+        bail!("--ports {s}: give LO-HI with 1 <= LO <= HI");
+    }
+    Ok((lo, hi))
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Inject {
+            iface,
+            src_mac,
+            dst_mac,
+            src_ip,
+            dst_ip,
+            ports,
+            count,
+            kind,
+            client_mac,
+        } => {
+            let client_mac = client_mac.as_deref().map(parse_mac).transpose()?;
+            let make = injected(
+                &kind,
+                parse_mac(&src_mac)?,
+                parse_mac(&dst_mac)?,
+                src_ip,
+                dst_ip,
+                parse_ports(&ports)?,
+                client_mac,
+            )?;
+            let sock = PacketSocket::open(&iface, Duration::from_millis(100))
+                .with_context(|| format!("AF_PACKET on {iface}"))?;
+            let mut failed = 0u32;
+            for i in 0..count {
+                if sock.send(&make(i)).is_err() {
+                    // The interface's queue is full: the next frame may go.
+                    failed += 1;
+                }
+            }
+            eprintln!("injected {} of {count} {kind} frames", count - failed);
+            Ok(())
+        }
         Cmd::UdpEcho { listen } => {
             let s = UdpSocket::bind(listen)?;
             eprintln!("listening on {listen}");

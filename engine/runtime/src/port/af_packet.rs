@@ -135,6 +135,15 @@ impl PacketSocket {
     }
 }
 
+impl PacketSocket {
+    /// Sends one whole Ethernet frame out of the interface the socket is bound to.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` is valid for reads of `frame.len()` bytes for the duration of the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        check(n as libc::c_int).map(drop)
+    }
+}
+
 impl AsRawFd for PacketSocket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
