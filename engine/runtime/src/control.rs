@@ -24,7 +24,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU32;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
@@ -342,10 +341,9 @@ impl Runtime {
         let mut workers = Vec::new();
         let mut shared = None;
         if n_workers > 0 {
-            let ids = Arc::new(AtomicU32::new(0));
-            engine.ctx.share_session_ids(Arc::clone(&ids));
-            let limits = Arc::new(hubnat_core::SharedLimits::default());
-            engine.ctx.share_limits(Arc::clone(&limits));
+            let sessions: Arc<dyn hubnat_core::SharedSessions> =
+                Arc::new(crate::limits::SharedLimits::default());
+            engine.ctx.share_sessions(Arc::clone(&sessions));
             let cap = crate::worker::queue_capacity(frame_size);
             let mut polls = Vec::new();
             let mut inboxes = Vec::new();
@@ -368,8 +366,7 @@ impl Runtime {
                     engine.ctx.mac,
                     rand::Rng::random(&mut engine.ctx.rng),
                 );
-                e.ctx.share_session_ids(Arc::clone(&ids));
-                e.ctx.share_limits(Arc::clone(&limits));
+                e.ctx.share_sessions(Arc::clone(&sessions));
                 // Idle expiry is this thread's schedule (`tick_expiry`).
                 e.set_external_expiry(true);
                 let (tap_in, tap_out) = if !multiqueue {

@@ -707,6 +707,7 @@ impl Worker {
 mod tests {
     use super::*;
     use hubnat_core::testing::*;
+    use hubnat_core::SharedSessions;
     use std::net::SocketAddrV4;
 
     fn mac() -> Mac {
@@ -779,11 +780,9 @@ mod tests {
         };
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
-            e.ctx.share_session_ids(Arc::clone(&ids));
+            e.ctx.share_sessions(limits.clone());
         }
         let frame = |port| {
             udp_frame(
@@ -841,9 +840,9 @@ mod tests {
         let mk = || setup_with(|c| c.nat.max_sessions_per_guest = 1);
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_sessions(limits.clone());
         }
         let dst = SocketAddrV4::new(REMOTE_IP, 80);
         a.handle_frame(
@@ -879,9 +878,9 @@ mod tests {
         let mk = || setup_with(|c| c.nat.max_half_open = 2);
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_sessions(limits.clone());
         }
         let syn = |port| {
             tcp_syn(
@@ -920,8 +919,8 @@ mod tests {
     fn a_worker_engine_expires_sessions_only_when_told() {
         use std::time::Duration;
         let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        e.ctx.share_limits(Arc::clone(&limits));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
+        e.ctx.share_sessions(limits.clone());
         e.set_external_expiry(true);
         let f = udp_frame(
             SocketAddrV4::new(GUEST_IP, 4000),
@@ -1085,12 +1084,10 @@ mod tests {
     fn a_fragmented_datagram_is_reassembled_by_control_and_handled_by_its_flows_worker() {
         let (_polls, shared) = three_inboxes();
         let router = Router::new(2);
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         let mk = || {
             let (mut e, h, _) = setup();
-            e.ctx.share_limits(Arc::clone(&limits));
-            e.ctx.share_session_ids(Arc::clone(&ids));
+            e.ctx.share_sessions(limits.clone());
             (e, h)
         };
         let (mut ctl, mut hc) = mk();
