@@ -527,6 +527,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         backend: Some(backend),
         tap_queues: taps,
         napi,
+        events: Some(Arc::new(hubnat_daemon::events::TracingSink)),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     match rt.run()? {

@@ -10,6 +10,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::{Config, Mac};
+use crate::event::{Event, Events};
 use crate::nat::{Nat, Proto};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockIo};
@@ -34,6 +35,8 @@ pub struct Ctx {
     session_id: u32,
     /// The ids and limits shared with the other engines of a multi-worker runtime.
     shared: Option<Arc<dyn SharedSessions>>,
+    /// What happened, waiting for `Engine::poll_event`.
+    pub(crate) events: Events,
 }
 
 /// The session accounting the engines of a multi-worker runtime share: one sequence of session
@@ -173,6 +176,7 @@ impl Engine {
                 ip_ident: 0,
                 session_id: 0,
                 shared: None,
+                events: Events::default(),
             },
             dhcp,
             nat,
@@ -185,6 +189,18 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats
+    }
+
+    /// The next event the core has to report, oldest first; `None` when there is none. The
+    /// caller drains them after each batch: the queue holds `event::QUEUE` at most, and drops
+    /// (and counts) what comes past that.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.ctx.events.pop()
+    }
+
+    /// Events dropped because the caller did not drain them in time.
+    pub fn events_lost(&self) -> u64 {
+        self.ctx.events.lost()
     }
 
     /// The virtual host comes up: announce it with a gratuitous ARP.
@@ -231,7 +247,7 @@ impl Engine {
         let announce =
             new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
         if new.dhcp != old.dhcp {
-            self.dhcp.reconfigure(&new.dhcp);
+            self.dhcp.reconfigure(&new.dhcp, &mut self.ctx.events);
         }
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);

@@ -153,6 +153,9 @@ pub struct Options {
     /// Where the TAP's NAPI polls run, switched by the load of every writing thread (None: the
     /// device has no NAPI, or it is not switched); see `tx`.
     pub napi: Option<Arc<NapiSwitch>>,
+    /// Where the engines' events go (every thread drains its own engine after each batch);
+    /// None: they are dropped.
+    pub events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 enum Stream {
@@ -267,6 +270,7 @@ pub struct Runtime {
     next_expire: Option<Instant>,
     /// Scratch for a datagram reassembled here for a worker's flow.
     whole: Vec<u8>,
+    events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 impl Drop for Runtime {
@@ -391,6 +395,7 @@ impl Runtime {
                     clock,
                     frame_size,
                     napi: opts.napi.clone(),
+                    events: opts.events.clone(),
                 };
                 let thread = std::thread::Builder::new()
                     .name(format!("hubnat-w{index}"))
@@ -435,6 +440,7 @@ impl Runtime {
             lease_save_failing: false,
             next_expire: None,
             whole: Vec::new(),
+            events: opts.events,
         };
         if !rt.workers.is_empty() {
             rt.next_expire = Some(clock.now() + expiry_tick(&rt.engine.ctx.cfg));
@@ -738,6 +744,7 @@ impl Runtime {
         if let Some(sh) = &self.shared {
             sh.wake_marked(&mut self.wake);
         }
+        crate::events::drain(&mut self.engine, self.events.as_deref());
     }
 
     fn drain_stop(&mut self) {

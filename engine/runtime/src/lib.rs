@@ -6,6 +6,7 @@
 //! their own host-socket driver (`sock`). Frames reach the segment through a port (`port`).
 
 pub mod control;
+pub mod events;
 pub mod limits;
 pub mod operator;
 pub mod port;

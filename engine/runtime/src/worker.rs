@@ -441,6 +441,7 @@ pub struct WorkerSetup {
     pub clock: Clock,
     pub frame_size: usize,
     pub napi: Option<Arc<NapiSwitch>>,
+    pub events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 struct Worker {
@@ -460,6 +461,7 @@ struct Worker {
     tx: TapSender,
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
+    events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 /// The worker thread's body.
@@ -515,6 +517,7 @@ impl Worker {
             bufs: ReadBufs::new(s.frame_size),
             tx: TapSender::new(s.tap_out, s.napi),
             in_ring: s.backend == Backend::Uring,
+            events: s.events,
         })
     }
 
@@ -700,6 +703,7 @@ impl Worker {
         let failed = self.tx.send(&mut self.out);
         self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;
         self.shared.wake_marked(&mut self.wake);
+        crate::events::drain(&mut self.engine, self.events.as_deref());
     }
 }
 

@@ -25,7 +25,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 
 use crate::config::{Config, IcmpMode};
-use crate::event;
+use crate::event::Event;
 use crate::nat::udp::READ_BUDGET;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
@@ -229,7 +229,12 @@ impl IcmpNat {
         let id = ctx.next_session_id();
         let guest = SocketAddrV4::new(key.guest, key.ident);
         let dst = SocketAddrV4::new(key.dst, 0);
-        event::session_created("ICMP", id, guest, dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Icmp,
+            id,
+            src: guest,
+            dst,
+        });
         let session = Session {
             key,
             sock,
@@ -257,7 +262,7 @@ impl IcmpNat {
         Ok(slot)
     }
 
-    fn close(&mut self, slot: usize, io: &mut impl SockIo) {
+    fn close(&mut self, ctx: &mut Ctx, slot: usize, io: &mut impl SockIo) {
         let Some(s) = self.slots[slot].take() else {
             return;
         };
@@ -265,13 +270,16 @@ impl IcmpNat {
         self.by_key.remove(&s.key);
         self.by_sock.remove(&s.sock);
         self.free.push(slot);
-        event::session_deleted("ICMP", s.info.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Icmp,
+            id: s.info.id,
+        });
     }
 
     /// Shutdown: closes every session's socket (and the probe's).
-    pub fn close_all(&mut self, io: &mut impl SockIo) {
+    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
         for slot in 0..self.slots.len() {
-            self.close(slot, io);
+            self.close(ctx, slot, io);
         }
         if let Some(s) = self.probe.take() {
             io.close(s);
@@ -384,18 +392,18 @@ impl IcmpNat {
         self.rearm_scratch = list;
 
         if !self.external_idle {
-            self.expire_idle(now, io);
+            self.expire_idle(now, ctx, io);
         }
     }
 
     /// Closes the sessions idle for `IDLE_TIMEOUT` at `now`.
-    pub fn expire_idle(&mut self, now: Instant, io: &mut impl SockIo) {
+    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
         while let Some(slot) =
             super::next_expired(&mut self.timers, &self.slots, now, IDLE_TIMEOUT, |s| {
                 &s.info
             })
         {
-            self.close(slot, io);
+            self.close(ctx, slot, io);
         }
     }
 }

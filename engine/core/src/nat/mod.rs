@@ -216,7 +216,7 @@ impl Nat {
     ) {
         self.tcp.close_all(now, ctx, io, out);
         self.udp.close_all(ctx, io);
-        self.icmp.close_all(io);
+        self.icmp.close_all(ctx, io);
     }
 
     /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
@@ -244,7 +244,7 @@ impl Nat {
     ) {
         self.tcp.expire_idle(now, ctx, io, out);
         self.udp.expire_idle(now, ctx, io);
-        self.icmp.expire_idle(now, io);
+        self.icmp.expire_idle(now, ctx, io);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

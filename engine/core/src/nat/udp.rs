@@ -34,7 +34,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::Config;
-use crate::event;
+use crate::event::Event;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
@@ -205,7 +205,12 @@ impl UdpNat {
             DropReason::Limit
         })?;
         let id = ctx.next_session_id();
-        event::session_created("UDP", id, key.guest, key.dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Udp,
+            id,
+            src: key.guest,
+            dst: key.dst,
+        });
         let session = Session {
             key,
             sock,
@@ -233,7 +238,7 @@ impl UdpNat {
         Ok(slot)
     }
 
-    fn close(&mut self, ctx: &Ctx, slot: usize, io: &mut impl SockIo) {
+    fn close(&mut self, ctx: &mut Ctx, slot: usize, io: &mut impl SockIo) {
         let Some(s) = self.slots[slot].take() else {
             return;
         };
@@ -248,11 +253,14 @@ impl UdpNat {
             }
         }
         self.free.push(slot);
-        event::session_deleted("UDP", s.info.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Udp,
+            id: s.info.id,
+        });
     }
 
     /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
-    pub fn close_all(&mut self, ctx: &Ctx, io: &mut impl SockIo) {
+    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
         for slot in 0..self.slots.len() {
             self.close(ctx, slot, io);
         }
@@ -536,6 +544,23 @@ mod tests {
         assert_eq!(h.closed, vec![sock]);
         assert_eq!(e.poll_timeout(), None);
         assert!(e.nat.sessions().is_empty());
+        let id = r.id;
+        assert_eq!(
+            std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>(),
+            vec![
+                Event::SessionCreated {
+                    proto: Proto::Udp,
+                    id,
+                    src: g,
+                    dst: d
+                },
+                Event::SessionDeleted {
+                    proto: Proto::Udp,
+                    id
+                },
+            ]
+        );
+        assert_eq!(e.events_lost(), 0);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use self::conn::{Conn, Cx, Next, Params, State};
 use self::segment::Seg;
 use self::seq::Seq;
 use crate::config::Config;
-use crate::event;
+use crate::event::Event;
 use crate::nat::{host_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
@@ -196,14 +196,27 @@ impl TcpNat {
             return Err(DropReason::Limit);
         }
         let id = ctx.next_session_id();
-        event::session_created(Proto::Tcp.name(), id, guest, dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Tcp,
+            id,
+            src: guest,
+            dst,
+        });
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
                 ctx.release_session(Proto::Tcp, *guest.ip());
                 ctx.release_half_open();
-                event::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
-                event::session_deleted(Proto::Tcp.name(), id);
+                ctx.events.push(Event::TcpConnectFailed {
+                    id,
+                    ip: *target.ip(),
+                    port: target.port(),
+                    reason: e.to_string(),
+                });
+                ctx.events.push(Event::SessionDeleted {
+                    proto: Proto::Tcp,
+                    id,
+                });
                 reset(ctx, seg, key, out)?;
                 return Ok(());
             }
@@ -288,13 +301,22 @@ impl TcpNat {
                     self.half_open -= 1;
                     cx.ctx.release_half_open();
                     let t = c.target;
-                    event::tcp_connected(c.id, &t.ip().to_string(), *t.ip(), t.port());
+                    cx.ctx.events.push(Event::TcpConnected {
+                        id: c.id,
+                        ip: *t.ip(),
+                        port: t.port(),
+                    });
                 }
                 c.on_connected(&mut cx)
             }
             SockEvent::ConnectFailed(_, kind) => {
                 let t = c.target;
-                event::tcp_connect_failed(c.id, *t.ip(), t.port(), &kind.to_string());
+                cx.ctx.events.push(Event::TcpConnectFailed {
+                    id: c.id,
+                    ip: *t.ip(),
+                    port: t.port(),
+                    reason: kind.to_string(),
+                });
                 c.refuse(&mut cx)
             }
             SockEvent::Readable(_) => c.on_readable(&mut cx),
@@ -342,7 +364,7 @@ impl TcpNat {
     }
 
     /// Forgets a connection, closing its socket.
-    fn remove(&mut self, key: Key, ctx: &Ctx, io: &mut impl SockIo) {
+    fn remove(&mut self, key: Key, ctx: &mut Ctx, io: &mut impl SockIo) {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
@@ -359,7 +381,10 @@ impl TcpNat {
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
         }
-        event::session_deleted(Proto::Tcp.name(), c.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Tcp,
+            id: c.id,
+        });
     }
 
     fn schedule(&mut self, key: Key, ctx: &Ctx) {
@@ -540,7 +565,12 @@ impl TcpNat {
             }
             if c.state == State::Connecting {
                 let t = c.target;
-                event::tcp_connect_failed(c.id, *t.ip(), t.port(), "timed out");
+                ctx.events.push(Event::TcpConnectFailed {
+                    id: c.id,
+                    ip: *t.ip(),
+                    port: t.port(),
+                    reason: "timed out".into(),
+                });
             }
             let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
             let next = c.on_timer(&mut cx, idle);
