@@ -116,7 +116,7 @@ impl Ctx {
     }
 
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
-    /// TCP connection whose host connect is in progress); false when they are all taken. Always
+    /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
     pub fn admit_half_open(&self) -> bool {
         match &self.shared {
@@ -491,7 +491,7 @@ impl Engine {
         self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)
     }
 
-    /// Handles an event from a host socket.
+    /// Handles an event from a sock-side socket.
     pub fn handle_host_event(
         &mut self,
         now: Instant,
@@ -505,7 +505,7 @@ impl Engine {
     }
 
     /// Lets the caller batch: with batching on, work that gains from being done once per batch
-    /// (writes of guests' TCP payload to host sockets, and the ACKs for it) waits for `flush`.
+    /// (writes of guests' TCP payload to sock-side sockets, and the ACKs for it) waits for `flush`.
     /// Off by default, so that each `handle_frame` is complete on its own (tests, replay).
     pub fn set_batching(&mut self, on: bool) {
         self.nat.tcp.set_batching(on);
@@ -519,7 +519,7 @@ impl Engine {
         self.count_out(out, before);
     }
 
-    /// Shutdown: every guest TCP session is reset (RST to the guest), every host socket closed.
+    /// Shutdown: every guest TCP session is reset (RST to the guest), every sock-side socket closed.
     pub fn shutdown(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.close_all(now, &mut self.ctx, io, out);

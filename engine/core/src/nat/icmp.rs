@@ -10,7 +10,7 @@
 //! - `Auto`: on first use, `Real` if an ICMP socket can be opened, else `Dummy`; decided once and
 //!   logged.
 //!
-//! Destinations that `host_destination` refuses (the virtual network itself) are dropped as
+//! Destinations that `sock_destination` refuses (the virtual network itself) are dropped as
 //! loops, in either mode; the host-loopback alias is pinged as 127.0.0.1 (or answered in dummy
 //! mode) and answers come from the alias. Echo requests to the virtual host's own address that
 //! arrive fragmented come here after reassembly and are answered from the virtual host. Replies
@@ -27,7 +27,7 @@ use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 use crate::config::{Config, IcmpMode};
 use crate::event::Event;
 use crate::nat::udp::READ_BUDGET;
-use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -139,7 +139,7 @@ impl IcmpNat {
         if !ctx.cfg.in_subnet(src) {
             return Err(DropReason::Foreign);
         }
-        let host_dst = *host_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
+        let host_dst = *sock_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
         if !self.decide(io) {
             let reply = Icmpv4Repr::EchoReply {
                 ident,

@@ -1,7 +1,7 @@
-//! The virtual NAT: guests' TCP, UDP and ICMP carried through host sockets.
+//! The virtual NAT: guests' TCP, UDP and ICMP carried through sock-side sockets.
 //!
 //! `Nat` routes a guest's IPv4 packet to its protocol (after reassembling fragments) and routes
-//! host-socket events back to the session that owns the socket. The protocols keep their own
+//! socket events back to the session that owns the socket. The protocols keep their own
 //! session tables; `sessions()` joins them into the seed's NAT table.
 
 pub mod frag;
@@ -30,12 +30,12 @@ pub struct Nat {
     pub icmp: icmp::IcmpNat,
 }
 
-/// Where a guest's destination really is on the host side, or why it may not be reached.
+/// Where a guest's destination really is on the sock side, or why it may not be reached.
 ///
 /// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
 /// network itself are never sent out: the segment is reached directly, not through the NAT, and a
-/// packet for them on the host side could only come back in (seed 3.7.4, loops).
-pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
+/// packet for them on the sock side could only come back in (seed 3.7.4, loops).
+pub fn sock_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
     let ip = *dst.ip();
     if Some(ip) == ctx.cfg.nat.host_loopback {
         return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
@@ -206,7 +206,7 @@ impl Nat {
         n
     }
 
-    /// Shutdown: resets every guest's TCP connection and closes every host socket.
+    /// Shutdown: resets every guest's TCP connection and closes every sock-side socket.
     pub fn close_all(
         &mut self,
         now: Instant,

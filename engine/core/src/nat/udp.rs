@@ -1,8 +1,8 @@
 //! UDP NAT sessions (and the door to the DNS relay).
 //!
 //! A datagram from a guest opens a session keyed by (guest address, guest port, destination
-//! address, destination port); each session owns one host UDP socket *connected* to the real
-//! destination (`host_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
+//! address, destination port); each session owns one sock-side UDP socket *connected* to the real
+//! destination (`sock_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
 //! network itself is refused). Answers go back to the guest from the address and port it wrote
 //! to, the alias included. An ICMP port unreachable that the connected socket reports comes back
 //! to the guest as one, from the destination. A session lives `cfg.nat.udp_timeout` past its
@@ -35,7 +35,7 @@ use smoltcp::wire::{
 
 use crate::config::Config;
 use crate::event::Event;
-use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -111,7 +111,7 @@ impl UdpNat {
         self.by_key.is_empty()
     }
 
-    /// The host socket of the session `key`, if there is one.
+    /// The sock-side socket of the session `key`, if there is one.
     pub fn socket_of(&self, key: &UdpKey) -> Option<SockId> {
         let slot = *self.by_key.get(key)?;
         self.slots[slot].as_ref().map(|s| s.sock)
@@ -188,7 +188,7 @@ impl UdpNat {
         key: UdpKey,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
-        let host_dst = host_destination(ctx, key.dst)?;
+        let host_dst = sock_destination(ctx, key.dst)?;
         let guest_count = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
         if self.by_key.len() >= ctx.cfg.nat.max_sessions
             || guest_count >= ctx.cfg.nat.max_sessions_per_guest

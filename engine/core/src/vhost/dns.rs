@@ -1,5 +1,5 @@
 //! The DNS relay of the virtual host (seed 3.7.4, "DNS Redirect"): UDP queries to the virtual
-//! host's port 53 are forwarded to the host's resolvers (`cfg.dns.upstream`) and the answers
+//! host's port 53 are forwarded to the real machine's resolvers (`cfg.dns.upstream`) and the answers
 //! returned to the guest from the virtual host's port 53.
 //!
 //! Every relayed query gets a fresh random ID, unique among the queries in flight, so that
