@@ -46,55 +46,6 @@ pub fn sock_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Dr
     Ok(dst)
 }
 
-/// Puts `v` into a free slot of a session table (one a closed session left, else a new one at
-/// the end) and returns its index. Slots keep their index for a session's life, so timers and
-/// socket maps can name a session by it.
-pub(crate) fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
-    match free.pop() {
-        Some(slot) => {
-            slots[slot] = Some(v);
-            slot
-        }
-        None => {
-            slots.push(Some(v));
-            slots.len() - 1
-        }
-    }
-}
-
-/// Idle-expiry timers of a slot table: `(deadline, slot, session id)`, one entry per session.
-/// Traffic only moves a session's `last_used`, never the heap; an entry that comes due for a
-/// session used since is pushed again at its real deadline (lazy deletion).
-pub(crate) type IdleTimers = std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>;
-
-/// The next session of `slots` that has been idle for `timeout` at `now`, re-arming the timers
-/// of those that were used since. Returns the slot to close.
-pub(crate) fn next_expired<T>(
-    timers: &mut IdleTimers,
-    slots: &[Option<T>],
-    now: Instant,
-    timeout: std::time::Duration,
-    info: impl Fn(&T) -> &SessionInfo,
-) -> Option<usize> {
-    use std::cmp::Reverse;
-    while let Some(&Reverse((deadline, slot, id))) = timers.peek() {
-        if deadline > now {
-            return None;
-        }
-        timers.pop();
-        let Some(s) = slots[slot].as_ref().filter(|s| info(s).id == id) else {
-            continue;
-        };
-        let real = info(s).last_used + timeout;
-        if real > now {
-            timers.push(Reverse((real, slot, id)));
-        } else {
-            return Some(slot);
-        }
-    }
-    None
-}
-
 impl Nat {
     pub fn new(cfg: &Config) -> Nat {
         Nat {
