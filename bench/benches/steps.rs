@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use hubnat_bench::{parse_only, Shards};
 use hubnat_core::{FrameBatch, Instant, SockEvent};
-use hubnat_replay::craft::{self, Conn, Session, ACK, PSH};
+use hubnat_replay::craft::{self, GuestConn, Session, ACK, PSH};
 use hubnat_replay::{Driver, Script};
 
 fn steps(c: &mut Criterion) {
@@ -38,7 +38,7 @@ fn steps(c: &mut Criterion) {
     // TCP segment in: data to an established connection with a sink behind it.
     let script = Script::parse("[host]\ntcp = \"sink\"\n").unwrap();
     let mut s = Session::new(&script);
-    let mut conn = Conn::new(m, g, SocketAddrV4::new(craft::SERVER_IP, 5001), 1000);
+    let mut conn = GuestConn::new(m, g, SocketAddrV4::new(craft::SERVER_IP, 5001), 1000);
     conn.connect(&mut s);
     let payload = vec![0x5a; 1448];
     c.bench_function("TCP segment in (1448 B, sink)", |b| {
@@ -54,7 +54,7 @@ fn steps(c: &mut Criterion) {
     // guest (which acknowledges everything at once every 64 segments, outside the timing).
     let script = Script::parse("[host]\ntcp = \"sink\"\n").unwrap();
     let mut s = Session::new(&script);
-    let mut conn = Conn::new(m, g, SocketAddrV4::new(craft::SERVER_IP, 5002), 1000);
+    let mut conn = GuestConn::new(m, g, SocketAddrV4::new(craft::SERVER_IP, 5002), 1000);
     conn.connect(&mut s);
     let id = *s.driver.host.sockets.keys().max().unwrap();
     let mut out = FrameBatch::new();

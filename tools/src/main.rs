@@ -367,6 +367,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tap_queues: taps,
         napi: port.napi,
         operator: Some(Box::new(server)),
+        events: Some(std::sync::Arc::new(hubnat_daemon::events::TracingSink)),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     if !args.no_sandbox {

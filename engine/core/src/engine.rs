@@ -1,7 +1,6 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -11,7 +10,8 @@ use smoltcp::wire::{
 };
 
 use crate::config::{Config, Mac};
-use crate::nat::Nat;
+use crate::event::{Event, Events};
+use crate::nat::{Nat, Proto};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockIo};
 use crate::stats::{DropReason, Stats};
@@ -31,81 +31,35 @@ pub struct Ctx {
     pub stats: Stats,
     pub rng: SmallRng,
     ip_ident: u16,
-    /// The NAT session id sequence; shared by every engine of a multi-worker runtime.
-    session_ids: Arc<AtomicU32>,
-    limits: Option<Arc<SharedLimits>>,
+    /// The last NAT session id drawn by a lone engine (one that shares no `SharedSessions`).
+    session_id: u32,
+    /// The ids and limits shared with the other engines of a multi-worker runtime.
+    shared: Option<Arc<dyn SharedSessions>>,
+    /// What happened, waiting for `Engine::poll_event`.
+    pub(crate) events: Events,
 }
 
-/// Session counts shared by the engines of a multi-worker runtime, per protocol: taken when a
-/// session is created (not per frame), so a lock is cheap here.
-#[derive(Default)]
-pub struct SharedLimits {
-    counts: std::sync::Mutex<std::collections::HashMap<(u8, Ipv4Addr), usize>>,
-    totals: [AtomicU32; 4],
-    /// TCP connections whose host connect is in progress, across the engines.
-    half_open: AtomicU32,
-}
-
-impl SharedLimits {
-    fn index(proto: crate::nat::Proto) -> usize {
-        proto.index()
-    }
-
-    fn admit(&self, proto: crate::nat::Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
-        let i = Self::index(proto);
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry((i as u8, guest)).or_insert(0);
-        if *n >= per || self.totals[i].load(Ordering::Relaxed) as usize >= total {
-            if *n == 0 {
-                counts.remove(&(i as u8, guest));
-            }
-            return false;
-        }
-        *n += 1;
-        self.totals[i].fetch_add(1, Ordering::Relaxed);
-        true
-    }
-
-    fn release(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
-        let i = Self::index(proto);
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&(i as u8, guest)) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&(i as u8, guest));
-            }
-            self.totals[i].fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
+/// The session accounting the engines of a multi-worker runtime share: one sequence of session
+/// ids and the session limits counted across them. The core only asks; the runtime implements it
+/// (with whatever synchronisation it needs), so the core itself stays free of locks and atomics.
+///
+/// Counts are taken when a session is created or ends, never per frame.
+pub trait SharedSessions: Send + Sync {
+    /// The id of the next NAT session, never 0, unique across the engines sharing this.
+    fn next_session_id(&self) -> u32;
+    /// Counts a new session of `proto` for `guest`, unless `total` sessions of `proto` or
+    /// `per_guest` of them for `guest` are already counted; false then.
+    fn admit(&self, proto: Proto, guest: Ipv4Addr, total: usize, per_guest: usize) -> bool;
+    /// Ends what `admit` counted.
+    fn release(&self, proto: Proto, guest: Ipv4Addr);
     /// Takes a half-open (connecting) TCP slot unless `max` are taken.
-    fn admit_half_open(&self, max: usize) -> bool {
-        self.half_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                ((n as usize) < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn release_half_open(&self) {
-        let _ = self
-            .half_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-
-    /// TCP connections connecting to their host, across the engines sharing these limits.
-    pub fn half_open(&self) -> usize {
-        self.half_open.load(Ordering::Acquire) as usize
-    }
-
+    fn admit_half_open(&self, max: usize) -> bool;
+    /// Gives back what `admit_half_open` took.
+    fn release_half_open(&self);
+    /// TCP connections connecting to their destination, across the engines.
+    fn half_open(&self) -> usize;
     /// Sessions of `proto` counted for `guest`.
-    pub fn count(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts
-            .get(&(Self::index(proto) as u8, guest))
-            .copied()
-            .unwrap_or(0)
-    }
+    fn count(&self, proto: Proto, guest: Ipv4Addr) -> usize;
 }
 
 impl Ctx {
@@ -117,21 +71,21 @@ impl Ctx {
 
     /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
     pub fn next_session_id(&mut self) -> u32 {
-        loop {
-            let id = self
-                .session_ids
-                .fetch_add(1, Ordering::Relaxed)
-                .wrapping_add(1);
-            if id != 0 {
-                return id;
-            }
+        if let Some(s) = &self.shared {
+            return s.next_session_id();
         }
+        self.session_id = self.session_id.wrapping_add(1);
+        if self.session_id == 0 {
+            self.session_id = 1;
+        }
+        self.session_id
     }
 
-    /// Makes this context draw session ids from `ids`, shared with other engines (the workers of
-    /// one runtime), so that ids stay unique across them.
-    pub fn share_session_ids(&mut self, ids: Arc<AtomicU32>) {
-        self.session_ids = ids;
+    /// Makes this context draw session ids from `shared` and count its sessions there, with the
+    /// other engines of a runtime (its workers), so that ids stay unique and the session limits
+    /// hold across them.
+    pub fn share_sessions(&mut self, shared: Arc<dyn SharedSessions>) {
+        self.shared = Some(shared);
     }
 
     pub fn host_ip(&self) -> Ipv4Addr {
@@ -139,11 +93,11 @@ impl Ctx {
     }
 
     /// Counts a new NAT session of `proto` for `guest` against the limits shared by the engines
-    /// of a multi-worker runtime (`share_limits`); false when `nat.max_sessions` or
+    /// of a multi-worker runtime (`share_sessions`); false when `nat.max_sessions` or
     /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
     /// protocols check their own tables).
-    pub fn admit_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) -> bool {
-        match &self.limits {
+    pub fn admit_session(&self, proto: Proto, guest: Ipv4Addr) -> bool {
+        match &self.shared {
             Some(l) => l.admit(
                 proto,
                 guest,
@@ -155,17 +109,17 @@ impl Ctx {
     }
 
     /// Ends what `admit_session` counted.
-    pub fn release_session(&self, proto: crate::nat::Proto, guest: Ipv4Addr) {
-        if let Some(l) = &self.limits {
+    pub fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
+        if let Some(l) = &self.shared {
             l.release(proto, guest);
         }
     }
 
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
-    /// TCP connection whose host connect is in progress); false when they are all taken. Always
+    /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
     pub fn admit_half_open(&self) -> bool {
-        match &self.limits {
+        match &self.shared {
             Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
             None => true,
         }
@@ -173,15 +127,9 @@ impl Ctx {
 
     /// Gives back what `admit_half_open` took.
     pub fn release_half_open(&self) {
-        if let Some(l) = &self.limits {
+        if let Some(l) = &self.shared {
             l.release_half_open();
         }
-    }
-
-    /// Makes this context count sessions in `limits`, shared with the other engines of a
-    /// runtime, so that the session limits hold across workers.
-    pub fn share_limits(&mut self, limits: Arc<SharedLimits>) {
-        self.limits = Some(limits);
     }
 
     /// The virtual network's directed broadcast address.
@@ -226,8 +174,9 @@ impl Engine {
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
-                session_ids: Arc::new(AtomicU32::new(0)),
-                limits: None,
+                session_id: 0,
+                shared: None,
+                events: Events::default(),
             },
             dhcp,
             nat,
@@ -240,6 +189,18 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats
+    }
+
+    /// The next event the core has to report, oldest first; `None` when there is none. The
+    /// caller drains them after each batch: the queue holds `event::QUEUE` at most, and drops
+    /// (and counts) what comes past that.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.ctx.events.pop()
+    }
+
+    /// Events dropped because the caller did not drain them in time.
+    pub fn events_lost(&self) -> u64 {
+        self.ctx.events.lost()
     }
 
     /// The virtual host comes up: announce it with a gratuitous ARP.
@@ -286,7 +247,7 @@ impl Engine {
         let announce =
             new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
         if new.dhcp != old.dhcp {
-            self.dhcp.reconfigure(&new.dhcp);
+            self.dhcp.reconfigure(&new.dhcp, &mut self.ctx.events);
         }
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);
@@ -530,7 +491,7 @@ impl Engine {
         self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)
     }
 
-    /// Handles an event from a host socket.
+    /// Handles an event from a sock-side socket.
     pub fn handle_host_event(
         &mut self,
         now: Instant,
@@ -544,7 +505,7 @@ impl Engine {
     }
 
     /// Lets the caller batch: with batching on, work that gains from being done once per batch
-    /// (writes of guests' TCP payload to host sockets, and the ACKs for it) waits for `flush`.
+    /// (writes of guests' TCP payload to sock-side sockets, and the ACKs for it) waits for `flush`.
     /// Off by default, so that each `handle_frame` is complete on its own (tests, replay).
     pub fn set_batching(&mut self, on: bool) {
         self.nat.tcp.set_batching(on);
@@ -558,7 +519,7 @@ impl Engine {
         self.count_out(out, before);
     }
 
-    /// Shutdown: every guest TCP session is reset (RST to the guest), every host socket closed.
+    /// Shutdown: every guest TCP session is reset (RST to the guest), every sock-side socket closed.
     pub fn shutdown(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.close_all(now, &mut self.ctx, io, out);

@@ -1,78 +1,145 @@
-//! The security log lines, in the seed's words (SoftEther manual 3.7.8).
+//! What the core reports to the operator, as values: DHCP entries and NAT sessions coming and
+//! going (the seed's security log, SoftEther manual 3.7.8, without its words).
 //!
-//! Every line goes through `tracing` with target `securenat`, so the runtime can route them to a
-//! log file with the seed's timestamps. Their texts live here and nowhere else.
+//! The core queues them in its context; the caller drains them with `Engine::poll_event` and
+//! decides what they become (the daemon writes the seed's lines). The queue is bounded so that
+//! a caller that never drains cannot make the core grow: past `QUEUE` events the newest are
+//! dropped and counted (`Engine::events_lost`).
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use crate::config::Mac;
+use crate::nat::Proto;
 
-pub const TARGET: &str = "securenat";
+/// Events the core holds until they are drained.
+pub const QUEUE: usize = 4096;
 
-pub fn dhcp_entry_created(id: u32, mac: Mac, ip: Ipv4Addr, host_name: &str, lease: Duration) {
-    tracing::info!(
-        target: TARGET,
-        "SecureNAT: The DHCP entry {id} was created. MAC address: {}, IP address: {ip}, host name: {host_name}, expiration date: {} seconds",
-        mac.dashed(),
-        lease.as_secs()
-    );
+/// One thing that happened, with what the security log says about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The DHCP server created lease `id` (a new entry, not a renewal).
+    DhcpEntryCreated {
+        /// The lease's id, in order of creation.
+        id: u32,
+        /// The client's hardware address.
+        mac: Mac,
+        /// The address leased.
+        ip: Ipv4Addr,
+        /// The client's host name, sanitised (empty when it sent none).
+        host_name: String,
+        /// The lease time granted.
+        lease: Duration,
+    },
+    /// Lease `id` ended (expired, released, or outside a new range).
+    DhcpEntryDeleted {
+        /// The lease's id.
+        id: u32,
+        /// The client's hardware address.
+        mac: Mac,
+        /// The address it had.
+        ip: Ipv4Addr,
+    },
+    /// A client asked for an address and none was free (reported at most once a minute).
+    DhcpPoolExhausted {
+        /// The client's hardware address.
+        mac: Mac,
+    },
+    /// A NAT session opened. Queries of the DNS relay are sessions of `Proto::Dns`, which the
+    /// seed's log calls UDP sessions.
+    SessionCreated {
+        /// The session's protocol.
+        proto: Proto,
+        /// The session id (one sequence for every protocol).
+        id: u32,
+        /// The guest's end (for ICMP, the guest's address and echo ident).
+        src: SocketAddrV4,
+        /// The destination as the guest addressed it (for ICMP, port 0).
+        dst: SocketAddrV4,
+    },
+    /// A NAT session ended.
+    SessionDeleted {
+        /// The session's protocol.
+        proto: Proto,
+        /// The session id.
+        id: u32,
+    },
+    /// The connection of TCP session `id` to its destination succeeded. The destination is an
+    /// address; naming it (a reverse lookup) is the operator side's business.
+    TcpConnected {
+        /// The session id.
+        id: u32,
+        /// The address connected to (on the sock side).
+        ip: Ipv4Addr,
+        /// The port connected to.
+        port: u16,
+    },
+    /// The connection of TCP session `id` to its destination failed.
+    TcpConnectFailed {
+        /// The session id.
+        id: u32,
+        /// The address tried (on the sock side).
+        ip: Ipv4Addr,
+        /// The port tried.
+        port: u16,
+        /// Why, as the sock side put it ("timed out" when no answer came in time).
+        reason: String,
+    },
 }
 
-pub fn dhcp_entry_deleted(id: u32, mac: Mac, ip: Ipv4Addr) {
-    tracing::info!(
-        target: TARGET,
-        "SecureNAT: The DHCP entry {id} was deleted. MAC address: {}, IP address: {ip}",
-        mac.dashed()
-    );
+/// The bounded queue of events waiting to be drained.
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    queue: VecDeque<Event>,
+    lost: u64,
 }
 
-pub fn dhcp_pool_exhausted(mac: Mac) {
-    tracing::warn!(
-        target: TARGET,
-        "SecureNAT: The DHCP server has no free address for the client {}.",
-        mac.dashed()
-    );
+impl Events {
+    /// Queues `e`, or drops and counts it when `QUEUE` events are waiting.
+    pub(crate) fn push(&mut self, e: Event) {
+        if self.queue.len() >= QUEUE {
+            self.lost += 1;
+            return;
+        }
+        self.queue.push_back(e);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Event> {
+        self.queue.pop_front()
+    }
+
+    /// Events dropped because the queue was full.
+    pub(crate) fn lost(&self) -> u64 {
+        self.lost
+    }
 }
 
-/// `proto` is "TCP" or "UDP" (and "ICMP", "DNS" for the sessions the NAT table also shows).
-pub fn session_created(proto: &str, id: u32, src: SocketAddrV4, dst: SocketAddrV4) {
-    tracing::info!(
-        target: TARGET,
-        "SecureNAT: The {proto} session {id} was created. Connection source {src}, Connection destination {dst}"
-    );
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub fn session_deleted(proto: &str, id: u32) {
-    tracing::info!(target: TARGET, "SecureNAT: The {proto} session {id} was deleted.");
-}
-
-/// The NAT passes the address as `host_name`; the security log (`control::seclog`) replaces it
-/// with the name a reverse lookup finds, off the data path, using the fields `session`, `ip`,
-/// `port` and `host_name` of this event.
-pub fn tcp_connected(id: u32, host_name: &str, ip: Ipv4Addr, port: u16) {
-    tracing::info!(
-        target: TARGET,
-        event = TCP_CONNECTED,
-        session = id,
-        ip = %ip,
-        port = port,
-        host_name = host_name,
-        "{}",
-        tcp_connected_text(id, host_name, ip, port)
-    );
-}
-
-/// The `event` field of `tcp_connected`.
-pub const TCP_CONNECTED: &str = "tcp_connected";
-
-pub fn tcp_connected_text(id: u32, host_name: &str, ip: Ipv4Addr, port: u16) -> String {
-    format!("SecureNAT: The connection to TCP session {id}: Host \"{host_name} ({ip})\", Port {port} was successful.")
-}
-
-pub fn tcp_connect_failed(id: u32, ip: Ipv4Addr, port: u16, why: &str) {
-    tracing::info!(
-        target: TARGET,
-        "SecureNAT: The connection to TCP session {id}: Host \"{ip}\", Port {port} failed: {why}."
-    );
+    #[test]
+    fn a_full_queue_drops_the_new_events_and_counts_them() {
+        let mut q = Events::default();
+        for id in 0..QUEUE as u32 + 3 {
+            q.push(Event::SessionDeleted {
+                proto: Proto::Udp,
+                id,
+            });
+        }
+        assert_eq!(q.lost(), 3);
+        assert_eq!(
+            q.pop(),
+            Some(Event::SessionDeleted {
+                proto: Proto::Udp,
+                id: 0
+            })
+        );
+        let mut n = 1;
+        while q.pop().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, QUEUE);
+    }
 }

@@ -25,7 +25,7 @@ pub mod vhost;
 pub mod wire;
 
 pub use config::{Config, Mac};
-pub use engine::{Ctx, Engine, Reassembly, SharedLimits};
+pub use engine::{Ctx, Engine, Reassembly, SharedSessions};
 pub use output::FrameBatch;
 pub use sockio::{SockEvent, SockId, SockIo};
 pub use stats::Stats;

@@ -1,4 +1,4 @@
-//! A simulated host side: in-memory sockets behind `SockIo`, for the core's tests and the
+//! A simulated sock side: in-memory sockets behind `SockIo`, for the core's tests and the
 //! deterministic replay. Nothing here touches the OS; every outcome is scripted by the caller.
 
 use std::collections::{HashMap, VecDeque};
@@ -57,7 +57,7 @@ pub enum SimSocket {
     Icmp(SimIcmp),
 }
 
-/// The simulated host. Scripts decide how connects end and how much a socket takes; events the
+/// The simulated sock side. Scripts decide how connects end and how much a socket takes; events the
 /// real driver would raise are queued in `events` for the test (or replay) to feed to the core.
 #[derive(Debug)]
 pub struct SimSockets {

@@ -1,15 +1,15 @@
-//! The host side of the core: the sockets through which the NAT carries guests' traffic.
+//! The sock side of the core: the sockets through which the NAT carries guests' traffic.
 //!
 //! The core calls these synchronously because TCP needs their answers at once: only what a socket
 //! accepted may be acknowledged to the guest, and data toward the guest is peeked from the socket
 //! (the socket buffer is the retransmission buffer) and discarded only once acknowledged. The
 //! runtime implements the trait with real sockets (`sock::`), tests and the replay with a
-//! simulated host (`sim::`). Readiness comes back to the core as `SockEvent`s.
+//! simulated sock side (`sim::`). Readiness comes back to the core as `SockEvent`s.
 
 use std::io;
 use std::net::SocketAddrV4;
 
-/// A host socket, as the driver numbers it.
+/// A sock-side socket, as the driver numbers it.
 pub type SockId = u32;
 
 /// What the driver tells the core about a socket.

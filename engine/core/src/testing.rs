@@ -19,7 +19,7 @@ pub const GUEST_MAC: Mac = Mac([2, 0, 0, 0, 0, 7]);
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
 pub const GUEST2_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 11);
-/// A documentation address (TEST-NET-3): only ever reached through the simulated host.
+/// A documentation address (TEST-NET-3): only ever reached through the simulated sock side.
 pub const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
 pub const T0: Instant = Instant::from_secs(1);
 
@@ -112,7 +112,7 @@ pub fn join_fragments(packets: &[Vec<u8>]) -> Vec<u8> {
     joined
 }
 
-/// Feeds every event the simulated host raised back into the engine.
+/// Feeds every event the simulated sock side raised back into the engine.
 pub fn pump(e: &mut Engine, h: &mut SimSockets, out: &mut FrameBatch, now: Instant) {
     for ev in h.drain_events() {
         e.handle_host_event(now, ev, h, out);

@@ -3,12 +3,14 @@
 //! - `server`: the runtime's `Operator`: control socket, metrics endpoint, SIGHUP, lease file;
 //! - `api`: the management API (requests, answers, applying a configuration change);
 //! - `metrics`: the Prometheus text;
+//! - `events`: the core's events in the seed's words, logged (`TracingSink`);
 //! - `leases`, `state`: the lease file and the state directory (atomic writes);
 //! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with;
 //! - `sandbox`: least privilege once started (user, capabilities, Landlock, seccomp);
 //! - `machine`: the configuration file and the machine facts it defaults to.
 
 pub mod api;
+pub mod events;
 pub mod leases;
 pub mod machine;
 pub mod metrics;

@@ -22,9 +22,9 @@ use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::Layer;
 
+use crate::events;
 use crate::reverse::{reverse_lookup, Resolver};
 use hubnat_core::config::LogFormat;
-use hubnat_core::event;
 
 /// Lines waiting for the writer.
 pub const QUEUE: usize = 4096;
@@ -126,7 +126,7 @@ impl SecurityLog {
                     move |ip, name, mut p: Pending| {
                         if let Some(name) = name {
                             p.line.message =
-                                event::tcp_connected_text(p.session, &name, ip, p.port);
+                                events::tcp_connected_text(p.session, &name, ip, p.port);
                         }
                         // Not the data path: waiting for room here is fine.
                         let _ = tx.send(p.line);
@@ -207,7 +207,7 @@ impl Visit for Fields {
 impl<S: Subscriber> Layer<S> for SecurityLog {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
-        if meta.target() != event::TARGET {
+        if meta.target() != events::TARGET {
             return;
         }
         let time = Local::now();
@@ -219,7 +219,7 @@ impl<S: Subscriber> Layer<S> for SecurityLog {
             event: f.event.clone(),
             message: f.message,
         };
-        if let (Some(r), Some(event::TCP_CONNECTED), Some(session), Some(ip), Some(port)) = (
+        if let (Some(r), Some(events::TCP_CONNECTED), Some(session), Some(ip), Some(port)) = (
             &self.resolver,
             f.event.as_deref(),
             f.session,
@@ -246,6 +246,8 @@ impl<S: Subscriber> Layer<S> for SecurityLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hubnat_core::event::Event;
+    use hubnat_runtime::events::EventSink;
     use std::sync::Mutex;
     use std::time::Duration;
     use tracing_subscriber::layer::SubscriberExt;
@@ -284,12 +286,32 @@ mod tests {
     fn emit_seed_example() {
         let mac: hubnat_core::Mac = "00-AC-85-40-B5-50".parse().unwrap();
         let c = Ipv4Addr::new(192, 168, 30, 10);
-        event::dhcp_entry_created(1, mac, c, "NT4", Duration::from_secs(7200));
         let src = std::net::SocketAddrV4::new(c, 1079);
         let dst = std::net::SocketAddrV4::new(Ipv4Addr::new(207, 46, 0, 166), 1863);
-        event::session_created("TCP", 1, src, dst);
-        event::tcp_connected(1, "207.46.0.166", *dst.ip(), 1863);
-        event::session_deleted("TCP", 1);
+        let tcp = hubnat_core::nat::Proto::Tcp;
+        for e in [
+            Event::DhcpEntryCreated {
+                id: 1,
+                mac,
+                ip: c,
+                host_name: "NT4".into(),
+                lease: Duration::from_secs(7200),
+            },
+            Event::SessionCreated {
+                proto: tcp,
+                id: 1,
+                src,
+                dst,
+            },
+            Event::TcpConnected {
+                id: 1,
+                ip: *dst.ip(),
+                port: 1863,
+            },
+            Event::SessionDeleted { proto: tcp, id: 1 },
+        ] {
+            events::TracingSink.event(&e);
+        }
         tracing::info!(target: "other", "not for the security log");
     }
 

@@ -330,7 +330,7 @@ pub fn parse_tcp(frame: &[u8]) -> Option<Seg> {
 }
 
 /// A crafted guest's TCP connection.
-pub struct Conn {
+pub struct GuestConn {
     pub mac: Mac,
     pub src: SocketAddrV4,
     pub dst: SocketAddrV4,
@@ -344,9 +344,9 @@ pub struct Conn {
     pub peer_fin: bool,
 }
 
-impl Conn {
-    pub fn new(mac: Mac, src: SocketAddrV4, dst: SocketAddrV4, isn: u32) -> Conn {
-        Conn {
+impl GuestConn {
+    pub fn new(mac: Mac, src: SocketAddrV4, dst: SocketAddrV4, isn: u32) -> GuestConn {
+        GuestConn {
             mac,
             src,
             dst,
@@ -801,7 +801,7 @@ fn chunk(i: usize, n: usize) -> Vec<u8> {
 }
 
 fn upload_scenario(s: &mut Session) {
-    let mut c = Conn::new(guest_mac(8), g(41000), srv(5001), 1_000_000);
+    let mut c = GuestConn::new(guest_mac(8), g(41000), srv(5001), 1_000_000);
     c.connect(s);
     let base = c.seq;
     let mss = 1448usize;
@@ -837,7 +837,7 @@ fn upload_scenario(s: &mut Session) {
 }
 
 fn download_scenario(s: &mut Session) {
-    let mut c = Conn::new(guest_mac(9), g(41001), srv(80), 2_000_000);
+    let mut c = GuestConn::new(guest_mac(9), g(41001), srv(80), 2_000_000);
     c.win = 256; // ×128 = 32 KiB: the core must respect it
     c.connect(s);
     s.wait_ms(1);
@@ -855,10 +855,10 @@ fn download_scenario(s: &mut Session) {
 }
 
 fn refused_scenario(s: &mut Session) {
-    let mut a = Conn::new(guest_mac(10), g(42000), srv(81), 3_000_000);
+    let mut a = GuestConn::new(guest_mac(10), g(42000), srv(81), 3_000_000);
     a.connect(s);
     s.wait_ms(10);
-    let mut b = Conn::new(guest_mac(10), g(42001), srv(82), 4_000_000);
+    let mut b = GuestConn::new(guest_mac(10), g(42001), srv(82), 4_000_000);
     b.connect(s);
     // the guest retransmits its SYN while the connect hangs; the core's timeout ends it
     s.wait_ms(1000);
@@ -866,7 +866,7 @@ fn refused_scenario(s: &mut Session) {
     b.connect(s);
     s.wait_ms(3000);
     // an ACK for no connection, a RST for no connection
-    let mut stray = Conn::new(guest_mac(10), g(42002), srv(83), 5_000_000);
+    let mut stray = GuestConn::new(guest_mac(10), g(42002), srv(83), 5_000_000);
     stray.ack = 77;
     stray.send(s, ACK, &[]);
     stray.send(s, RST, &[]);
@@ -874,9 +874,9 @@ fn refused_scenario(s: &mut Session) {
 
 fn many_flows_scenario(s: &mut Session) {
     let m = guest_mac(11);
-    let mut conns: Vec<Conn> = (0..24)
+    let mut conns: Vec<GuestConn> = (0..24)
         .map(|i| {
-            Conn::new(
+            GuestConn::new(
                 m,
                 g(43000 + i),
                 srv(7000 + i % 4),
@@ -998,7 +998,7 @@ fn malformed_scenario(s: &mut Session) {
     f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
     v.push(f);
     // TCP: bad checksum; data offset past the segment; a SYN whose MSS option runs past the header
-    let c = Conn::new(m, g(46001), srv(80), 9);
+    let c = GuestConn::new(m, g(46001), srv(80), 9);
     let mut f = c.build(s, SYN, &[]);
     let l = f.len();
     f[l - 1] ^= 1;

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddrV4;
 
-use super::craft::{self, Conn, Session, ACK, FIN, PSH};
+use super::craft::{self, GuestConn, Session, ACK, FIN, PSH};
 use super::*;
 
 fn srv(port: u16) -> SocketAddrV4 {
@@ -47,7 +47,7 @@ fn dns_answers_from_the_table() {
 #[test]
 fn echo_destination_returns_the_bytes_and_closes_after_the_guest() {
     let mut s = Session::new(&Script::default());
-    let mut c = Conn::new(craft::guest_mac(1), guest(1000), srv(7), 100);
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1000), srv(7), 100);
     c.connect(&mut s);
     let out = c.send(&mut s, ACK | PSH, b"hello");
     let data: Vec<_> = out
@@ -68,7 +68,7 @@ fn echo_destination_returns_the_bytes_and_closes_after_the_guest() {
 fn fixed_destination_sends_its_bytes_then_fin_once_taken() {
     let script = Script::parse("[host]\ntcp = \"fixed:3000\"\n").unwrap();
     let mut s = Session::new(&script);
-    let mut c = Conn::new(craft::guest_mac(1), guest(1001), srv(80), 100);
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1001), srv(80), 100);
     let out = c.connect(&mut s);
     let mut data: u32 = out
         .iter()
@@ -95,7 +95,7 @@ fn fixed_destination_sends_its_bytes_then_fin_once_taken() {
 fn refused_connect_gives_rst_and_replay_is_repeatable() {
     let script = Script::parse("[host]\ndefault_connect = \"refuse\"\n").unwrap();
     let mut s = Session::new(&script);
-    let mut c = Conn::new(craft::guest_mac(1), guest(1002), srv(81), 100);
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1002), srv(81), 100);
     let out = c.connect(&mut s);
     assert!(out
         .iter()
@@ -111,7 +111,7 @@ fn rebasing_translates_a_foreign_isn() {
     // replayed core's ISN, so the core takes its data.
     let script = Script::parse("[host]\ntcp = \"sink\"\n").unwrap();
     let mut s = Session::new(&script);
-    let mut c = Conn::new(craft::guest_mac(1), guest(1003), srv(5001), 100);
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1003), srv(5001), 100);
     let syn = craft::tcp(
         guest(1003),
         srv(5001),

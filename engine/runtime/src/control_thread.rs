@@ -27,6 +27,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::clock::{wait, Clock};
+use crate::events::EventSink;
+use crate::limits::SharedLimits;
 use crate::operator::{Operator, Plane};
 use crate::pool::{Pool, ReadBufs};
 use crate::port::tap::Tap;
@@ -44,7 +46,7 @@ use hubnat_core::stats::DropReason;
 use hubnat_core::time::Instant;
 use hubnat_core::Config;
 use hubnat_core::Engine;
-use hubnat_core::SharedLimits;
+use hubnat_core::SharedSessions;
 
 /// Largest frame the port delivers: the largest MTU plus the Ethernet header and a VLAN tag.
 const MAX_FRAME: usize = hubnat_core::config::MAX_MTU as usize + 18;
@@ -71,6 +73,9 @@ pub struct Options {
     pub napi: Option<Arc<NapiSwitch>>,
     /// The operator's side, called on the control thread between batches.
     pub operator: Option<Box<dyn Operator>>,
+    /// Where the engines' events go (every thread drains its own engine after each batch);
+    /// None: they are dropped.
+    pub events: Option<Arc<dyn EventSink>>,
 }
 
 /// The worker threads as the control thread holds them, and what it shares with them.
@@ -168,6 +173,7 @@ pub struct Runtime {
     next_expire: Option<Instant>,
     /// Scratch for a datagram reassembled here for a worker's flow.
     whole: Vec<u8>,
+    events: Option<Arc<dyn EventSink>>,
 }
 
 impl Drop for Runtime {
@@ -247,6 +253,7 @@ impl Runtime {
             operator: opts.operator.take(),
             next_expire,
             whole: Vec::new(),
+            events: opts.events.clone(),
         };
         rt.with_operator(|op, plane| op.start(plane));
         Ok(rt)
@@ -478,6 +485,7 @@ impl Runtime {
         if let Some(sh) = &self.workers.shared {
             sh.wake_marked(&mut self.wake);
         }
+        crate::events::drain(&mut self.engine, self.events.as_deref());
     }
 
     fn drain_stop(&mut self) {
@@ -522,10 +530,8 @@ fn spawn_workers(
     }
     let multiqueue = !opts.tap_queues.is_empty();
     let frame_size = usize::from(engine.ctx.cfg.nat.mtu) + 18;
-    let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    engine.ctx.share_session_ids(Arc::clone(&ids));
-    let limits = Arc::new(SharedLimits::default());
-    engine.ctx.share_limits(Arc::clone(&limits));
+    let sessions: Arc<dyn SharedSessions> = Arc::new(SharedLimits::default());
+    engine.ctx.share_sessions(Arc::clone(&sessions));
     let cap = queue_capacity(frame_size);
     let mut polls = Vec::new();
     let mut inboxes = Vec::new();
@@ -549,8 +555,7 @@ fn spawn_workers(
             engine.ctx.mac,
             rand::Rng::random(&mut engine.ctx.rng),
         );
-        e.ctx.share_session_ids(Arc::clone(&ids));
-        e.ctx.share_limits(Arc::clone(&limits));
+        e.ctx.share_sessions(Arc::clone(&sessions));
         // Idle expiry is the control thread's schedule (`tick_expiry`).
         e.set_external_expiry(true);
         let (tap_in, tap_out) = if !multiqueue {
@@ -577,6 +582,7 @@ fn spawn_workers(
             clock,
             frame_size,
             napi: opts.napi.clone(),
+            events: opts.events.clone(),
         };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()

@@ -7,10 +7,14 @@
 //! - `tx`: frames out to the TAP, with its NAPI polls switched by load;
 //! - `sock`: the host-socket drivers (io_uring readiness and completions, or epoll);
 //! - `port`: the frame ports (TAP, AF_PACKET);
-//! - `operator`: the hook through which the daemon serves operators on the control thread.
+//! - `operator`: the hook through which the daemon serves operators on the control thread;
+//! - `events`: where each thread drains its engine's events; `limits`: the session ids and
+//!   limits the engines of one runtime share.
 
 mod clock;
 pub mod control_thread;
+pub mod events;
+pub mod limits;
 pub mod operator;
 pub mod pool;
 pub mod port;

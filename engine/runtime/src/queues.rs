@@ -221,6 +221,7 @@ mod tests {
     use super::*;
     use crate::tokens::WAKE;
     use hubnat_core::testing::*;
+    use hubnat_core::SharedSessions;
     use mio::Poll;
     use smoltcp::wire::{IpProtocol, Ipv4Packet};
     use std::net::SocketAddrV4;
@@ -275,12 +276,10 @@ mod tests {
     fn a_fragmented_datagram_is_reassembled_by_control_and_handled_by_its_flows_worker() {
         let (_polls, shared) = three_inboxes();
         let router = Router::new(2);
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         let mk = || {
             let (mut e, h, _) = setup();
-            e.ctx.share_limits(Arc::clone(&limits));
-            e.ctx.share_session_ids(Arc::clone(&ids));
+            e.ctx.share_sessions(limits.clone());
             (e, h)
         };
         let (mut ctl, mut hc) = mk();

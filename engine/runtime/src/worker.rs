@@ -109,6 +109,7 @@ pub struct WorkerSetup {
     pub clock: Clock,
     pub frame_size: usize,
     pub napi: Option<Arc<NapiSwitch>>,
+    pub events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 struct Worker {
@@ -128,6 +129,7 @@ struct Worker {
     tx: TapSender,
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
+    events: Option<Arc<dyn crate::events::EventSink>>,
 }
 
 /// The worker thread's body. `ready` hears once the worker has made everything it needs
@@ -188,6 +190,7 @@ impl Worker {
             bufs: ReadBufs::new(s.frame_size),
             tx: TapSender::new(s.tap_out, s.napi),
             in_ring: s.backend == Backend::Uring,
+            events: s.events,
         })
     }
 
@@ -373,6 +376,7 @@ impl Worker {
         let failed = self.tx.send(&mut self.out);
         self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;
         self.shared.wake_marked(&mut self.wake);
+        crate::events::drain(&mut self.engine, self.events.as_deref());
     }
 }
 
@@ -380,6 +384,7 @@ impl Worker {
 mod tests {
     use super::*;
     use hubnat_core::testing::*;
+    use hubnat_core::SharedSessions;
     use smoltcp::wire::IpProtocol;
     use std::net::SocketAddrV4;
 
@@ -392,11 +397,9 @@ mod tests {
         };
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        let ids = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
-            e.ctx.share_session_ids(Arc::clone(&ids));
+            e.ctx.share_sessions(limits.clone());
         }
         let frame = |port| {
             udp_frame(
@@ -454,9 +457,9 @@ mod tests {
         let mk = || setup_with(|c| c.nat.max_sessions_per_guest = 1);
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_sessions(limits.clone());
         }
         let dst = SocketAddrV4::new(REMOTE_IP, 80);
         a.handle_frame(
@@ -492,9 +495,9 @@ mod tests {
         let mk = || setup_with(|c| c.nat.max_half_open = 2);
         let (mut a, mut ha, mut out) = mk();
         let (mut b, mut hb, _) = mk();
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
+        let limits = Arc::new(crate::limits::SharedLimits::default());
         for e in [&mut a, &mut b] {
-            e.ctx.share_limits(Arc::clone(&limits));
+            e.ctx.share_sessions(limits.clone());
         }
         let syn = |port| {
             tcp_syn(
@@ -533,8 +536,8 @@ mod tests {
     fn a_worker_engine_expires_sessions_only_when_told() {
         use std::time::Duration;
         let (mut e, mut h, mut out) = setup_with(|c| c.nat.udp_timeout = Duration::from_secs(60));
-        let limits = Arc::new(hubnat_core::SharedLimits::default());
-        e.ctx.share_limits(Arc::clone(&limits));
+        let limits = Arc::new(crate::limits::SharedLimits::default());
+        e.ctx.share_sessions(limits.clone());
         e.set_external_expiry(true);
         let f = udp_frame(
             SocketAddrV4::new(GUEST_IP, 4000),

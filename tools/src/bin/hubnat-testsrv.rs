@@ -10,9 +10,9 @@ use std::time::Duration;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 use hubnat_core::Mac;
 use hubnat_runtime::port::af_packet::PacketSocket;
-use clap::{Parser, Subcommand};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
@@ -212,7 +212,12 @@ fn injected(
     let port = move |i: u32| ports.0 + (i % span) as u16;
     let sport = |i: u32| 1024 + (i % 60000) as u16;
     let ip_frame = move |proto, ident: u32, frag, l4: &[u8]| {
-        ethernet(dst_mac, src_mac, 0x0800, &ipv4(src_ip, dst_ip, proto, ident as u16, frag, l4))
+        ethernet(
+            dst_mac,
+            src_mac,
+            0x0800,
+            &ipv4(src_ip, dst_ip, proto, ident as u16, frag, l4),
+        )
     };
     // DHCP travels broadcast from 0.0.0.0:68 (or from the client's address when it has one).
     let dhcp_frame = move |msg: &[u8]| {
@@ -221,7 +226,14 @@ fn injected(
             SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
             msg,
         );
-        let ip = ipv4(src_ip, Ipv4Addr::BROADCAST, IpProtocol::Udp, 1, (0, false), &d);
+        let ip = ipv4(
+            src_ip,
+            Ipv4Addr::BROADCAST,
+            IpProtocol::Udp,
+            1,
+            (0, false),
+            &d,
+        );
         ethernet(Mac::BROADCAST, src_mac, 0x0800, &ip)
     };
     Ok(match kind {
@@ -269,7 +281,13 @@ fn injected(
             // range without an OFFER first (INIT-REBOOT: no server identifier).
             let chaddr = Mac([0x02, 0x5a, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
             let want = Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 30, 10)) + i % 191);
-            let msg = dhcp(chaddr, i, Ipv4Addr::UNSPECIFIED, 3, &[(50, want.octets().to_vec())]);
+            let msg = dhcp(
+                chaddr,
+                i,
+                Ipv4Addr::UNSPECIFIED,
+                3,
+                &[(50, want.octets().to_vec())],
+            );
             dhcp_frame(&msg)
         }),
         "dhcp-release" | "dhcp-decline" => {
@@ -293,7 +311,9 @@ fn injected(
                 dhcp_frame(&msg)
             })
         }
-        other => bail!("--kind {other}: choose syn, udp, dns, frag, dhcp-starve, dhcp-release or dhcp-decline"),
+        other => bail!(
+            "--kind {other}: choose syn, udp, dns, frag, dhcp-starve, dhcp-release or dhcp-decline"
+        ),
     })
 }
 

@@ -8,7 +8,7 @@
 //! (`DropReason::Malformed`), as overlapping fragments are how filters are evaded. An incomplete datagram
 //! that times out is counted as `DropReason::Malformed` too.
 //!
-//! Toward the guest the NAT never needs "fragmentation needed": what it sends comes out of host
+//! Toward the guest the NAT never needs "fragmentation needed": what it sends comes out of sock-side
 //! sockets as whole datagrams, and datagrams larger than the MTU are cut into fragments
 //! (`crate::wire::push_ipv4_fragments`, DF cleared) rather than refused.
 

@@ -10,14 +10,12 @@
 //! - `Auto`: on first use, `Real` if an ICMP socket can be opened, else `Dummy`; decided once and
 //!   logged.
 //!
-//! Destinations that `host_destination` refuses (the virtual network itself) are dropped as
+//! Destinations that `sock_destination` refuses (the virtual network itself) are dropped as
 //! loops, in either mode; the host-loopback alias is pinged as 127.0.0.1 (or answered in dummy
 //! mode) and answers come from the alias. Echo requests to the virtual host's own address that
 //! arrive fragmented come here after reassembly and are answered from the virtual host. Replies
 //! larger than the MTU leave in fragments. Other ICMP messages from guests are not relayed.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
@@ -25,9 +23,10 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 
 use crate::config::{Config, IcmpMode};
-use crate::event;
+use crate::event::Event;
+use crate::nat::session::{self, SessionTable};
 use crate::nat::udp::READ_BUDGET;
-use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -50,25 +49,24 @@ struct Key {
     dst: Ipv4Addr,
 }
 
-struct Session {
-    key: Key,
-    sock: SockId,
+/// What an echo session keeps beyond the table's common part.
+struct Echo {
+    /// The destination as pinged on the sock side.
     host_dst: Ipv4Addr,
+    /// The last `RECENT` sequence numbers sent, to recognise replies by.
     recent: [Option<u16>; RECENT],
+    /// Where in `recent` the next one goes.
     next: usize,
-    info: SessionInfo,
 }
+
+type Session = session::Session<Key, Echo>;
 
 pub struct IcmpNat {
     /// `Some(true)` once real mode is in use, `Some(false)` for dummy.
     real: Option<bool>,
     /// The socket `Auto` opened to probe, kept for the first session.
     probe: Option<SockId>,
-    slots: Vec<Option<Session>>,
-    free: Vec<usize>,
-    by_key: HashMap<Key, usize>,
-    by_sock: HashMap<SockId, usize>,
-    timers: super::IdleTimers,
+    table: SessionTable<Key, Echo>,
     /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
     pub(crate) external_idle: bool,
     rearm: Vec<SockId>,
@@ -85,11 +83,7 @@ impl IcmpNat {
                 IcmpMode::Auto => None,
             },
             probe: None,
-            slots: Vec::new(),
-            free: Vec::new(),
-            by_key: HashMap::new(),
-            by_sock: HashMap::new(),
-            timers: BinaryHeap::new(),
+            table: SessionTable::new(),
             external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
@@ -104,17 +98,16 @@ impl IcmpNat {
 
     /// Real-mode sessions open.
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.table.is_empty()
     }
 
     /// The echo socket of the session of `guest`'s `ident` toward `dst`.
     pub fn socket_of(&self, guest: Ipv4Addr, ident: u16, dst: Ipv4Addr) -> Option<SockId> {
-        let slot = *self.by_key.get(&Key { guest, ident, dst })?;
-        self.slots[slot].as_ref().map(|s| s.sock)
+        self.table.socket_of(&Key { guest, ident, dst })
     }
 
     pub fn handle(
@@ -139,7 +132,7 @@ impl IcmpNat {
         if !ctx.cfg.in_subnet(src) {
             return Err(DropReason::Foreign);
         }
-        let host_dst = *host_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
+        let host_dst = *sock_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
         if !self.decide(io) {
             let reply = Icmpv4Repr::EchoReply {
                 ident,
@@ -153,11 +146,11 @@ impl IcmpNat {
             ident,
             dst,
         };
-        let slot = match self.by_key.get(&key) {
-            Some(&slot) => slot,
+        let slot = match self.table.slot(&key) {
+            Some(slot) => slot,
             None => self.open(now, ctx, key, host_dst, io)?,
         };
-        let Some(s) = self.slots[slot].as_mut() else {
+        let Some(s) = self.table.get_mut(slot) else {
             return Err(DropReason::Malformed);
         };
         let request = Icmpv4Repr::EchoRequest {
@@ -171,10 +164,10 @@ impl IcmpNat {
             &ChecksumCapabilities::default(),
         );
         s.info.last_used = now;
-        match io.icmp_send(s.sock, s.host_dst, &self.buf[..len]) {
+        match io.icmp_send(s.sock, s.state.host_dst, &self.buf[..len]) {
             Ok(()) => {
-                s.recent[s.next] = Some(seq_no);
-                s.next = (s.next + 1) % RECENT;
+                s.state.recent[s.state.next] = Some(seq_no);
+                s.state.next = (s.state.next + 1) % RECENT;
                 s.info.packets_to_host += 1;
                 s.info.bytes_to_host += data.len() as u64;
                 Ok(())
@@ -216,7 +209,7 @@ impl IcmpNat {
         host_dst: Ipv4Addr,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
-        if self.by_key.len() >= MAX_SESSIONS {
+        if self.table.full(key.guest, MAX_SESSIONS, usize::MAX) {
             return Err(DropReason::Limit);
         }
         let sock = match self.probe.take() {
@@ -229,13 +222,20 @@ impl IcmpNat {
         let id = ctx.next_session_id();
         let guest = SocketAddrV4::new(key.guest, key.ident);
         let dst = SocketAddrV4::new(key.dst, 0);
-        event::session_created("ICMP", id, guest, dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Icmp,
+            id,
+            src: guest,
+            dst,
+        });
         let session = Session {
             key,
             sock,
-            host_dst,
-            recent: [None; RECENT],
-            next: 0,
+            state: Echo {
+                host_dst,
+                recent: [None; RECENT],
+                next: 0,
+            },
             info: SessionInfo {
                 id,
                 proto: Proto::Icmp,
@@ -250,28 +250,24 @@ impl IcmpNat {
                 state: "Echo",
             },
         };
-        let slot = super::place(&mut self.slots, &mut self.free, session);
-        self.by_key.insert(key, slot);
-        self.by_sock.insert(sock, slot);
-        self.timers.push(Reverse((now + IDLE_TIMEOUT, slot, id)));
-        Ok(slot)
+        Ok(self.table.insert(session, now + IDLE_TIMEOUT))
     }
 
-    fn close(&mut self, slot: usize, io: &mut impl SockIo) {
-        let Some(s) = self.slots[slot].take() else {
+    fn close(&mut self, ctx: &mut Ctx, slot: usize, io: &mut impl SockIo) {
+        let Some(s) = self.table.remove(slot) else {
             return;
         };
         io.close(s.sock);
-        self.by_key.remove(&s.key);
-        self.by_sock.remove(&s.sock);
-        self.free.push(slot);
-        event::session_deleted("ICMP", s.info.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Icmp,
+            id: s.info.id,
+        });
     }
 
     /// Shutdown: closes every session's socket (and the probe's).
-    pub fn close_all(&mut self, io: &mut impl SockIo) {
-        for slot in 0..self.slots.len() {
-            self.close(slot, io);
+    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
+        for slot in 0..self.table.slot_count() {
+            self.close(ctx, slot, io);
         }
         if let Some(s) = self.probe.take() {
             io.close(s);
@@ -289,8 +285,8 @@ impl IcmpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Option<bool> {
-        let slot = *self.by_sock.get(&sock)?;
-        let s = self.slots[slot].as_mut()?;
+        let slot = self.table.slot_of_sock(sock)?;
+        let s = self.table.get_mut(slot)?;
         for _ in 0..READ_BUDGET {
             let dgram = match io.icmp_recv(sock, &mut self.buf) {
                 Ok(d) => d,
@@ -309,7 +305,10 @@ impl IcmpNat {
                 && packet.msg_type() == smoltcp::wire::Icmpv4Message::EchoReply
                 && packet.msg_code() == 0;
             let seq = packet.echo_seq_no();
-            if !is_reply || *dgram.from.ip() != s.host_dst || !s.recent.contains(&Some(seq)) {
+            if !is_reply
+                || *dgram.from.ip() != s.state.host_dst
+                || !s.state.recent.contains(&Some(seq))
+            {
                 ctx.stats.drop(DropReason::Foreign);
                 continue;
             }
@@ -347,7 +346,7 @@ impl IcmpNat {
                 None => Some(ev),
             },
             SockEvent::Writable(sock) | SockEvent::Failed(sock, _)
-                if self.by_sock.contains_key(&sock) || self.probe == Some(sock) =>
+                if self.table.owns(sock) || self.probe == Some(sock) =>
             {
                 None
             }
@@ -356,12 +355,12 @@ impl IcmpNat {
     }
 
     pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
-        into.extend(self.slots.iter().flatten().map(|s| s.info.clone()));
+        self.table.sessions(into);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
-        let idle = self.timers.peek().map(|r| r.0 .0);
+        let idle = self.table.next_deadline();
         earliest(due_now, idle.filter(|_| !self.external_idle))
     }
 
@@ -384,18 +383,14 @@ impl IcmpNat {
         self.rearm_scratch = list;
 
         if !self.external_idle {
-            self.expire_idle(now, io);
+            self.expire_idle(now, ctx, io);
         }
     }
 
     /// Closes the sessions idle for `IDLE_TIMEOUT` at `now`.
-    pub fn expire_idle(&mut self, now: Instant, io: &mut impl SockIo) {
-        while let Some(slot) =
-            super::next_expired(&mut self.timers, &self.slots, now, IDLE_TIMEOUT, |s| {
-                &s.info
-            })
-        {
-            self.close(slot, io);
+    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
+        while let Some(slot) = self.table.next_expired(now, IDLE_TIMEOUT) {
+            self.close(ctx, slot, io);
         }
     }
 }

@@ -1,7 +1,7 @@
-//! The virtual NAT: guests' TCP, UDP and ICMP carried through host sockets.
+//! The virtual NAT: guests' TCP, UDP and ICMP carried through sock-side sockets.
 //!
 //! `Nat` routes a guest's IPv4 packet to its protocol (after reassembling fragments) and routes
-//! host-socket events back to the session that owns the socket. The protocols keep their own
+//! socket events back to the session that owns the socket. The protocols keep their own
 //! session tables; `sessions()` joins them into the seed's NAT table.
 
 pub mod frag;
@@ -30,12 +30,12 @@ pub struct Nat {
     pub icmp: icmp::IcmpNat,
 }
 
-/// Where a guest's destination really is on the host side, or why it may not be reached.
+/// Where a guest's destination really is on the sock side, or why it may not be reached.
 ///
 /// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
 /// network itself are never sent out: the segment is reached directly, not through the NAT, and a
-/// packet for them on the host side could only come back in (seed 3.7.4, loops).
-pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
+/// packet for them on the sock side could only come back in (seed 3.7.4, loops).
+pub fn sock_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
     let ip = *dst.ip();
     if Some(ip) == ctx.cfg.nat.host_loopback {
         return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
@@ -44,55 +44,6 @@ pub fn host_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, Dr
         return Err(DropReason::Loop);
     }
     Ok(dst)
-}
-
-/// Puts `v` into a free slot of a session table (one a closed session left, else a new one at
-/// the end) and returns its index. Slots keep their index for a session's life, so timers and
-/// socket maps can name a session by it.
-pub(crate) fn place<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
-    match free.pop() {
-        Some(slot) => {
-            slots[slot] = Some(v);
-            slot
-        }
-        None => {
-            slots.push(Some(v));
-            slots.len() - 1
-        }
-    }
-}
-
-/// Idle-expiry timers of a slot table: `(deadline, slot, session id)`, one entry per session.
-/// Traffic only moves a session's `last_used`, never the heap; an entry that comes due for a
-/// session used since is pushed again at its real deadline (lazy deletion).
-pub(crate) type IdleTimers = std::collections::BinaryHeap<std::cmp::Reverse<(Instant, usize, u32)>>;
-
-/// The next session of `slots` that has been idle for `timeout` at `now`, re-arming the timers
-/// of those that were used since. Returns the slot to close.
-pub(crate) fn next_expired<T>(
-    timers: &mut IdleTimers,
-    slots: &[Option<T>],
-    now: Instant,
-    timeout: std::time::Duration,
-    info: impl Fn(&T) -> &SessionInfo,
-) -> Option<usize> {
-    use std::cmp::Reverse;
-    while let Some(&Reverse((deadline, slot, id))) = timers.peek() {
-        if deadline > now {
-            return None;
-        }
-        timers.pop();
-        let Some(s) = slots[slot].as_ref().filter(|s| info(s).id == id) else {
-            continue;
-        };
-        let real = info(s).last_used + timeout;
-        if real > now {
-            timers.push(Reverse((real, slot, id)));
-        } else {
-            return Some(slot);
-        }
-    }
-    None
 }
 
 impl Nat {
@@ -206,7 +157,7 @@ impl Nat {
         n
     }
 
-    /// Shutdown: resets every guest's TCP connection and closes every host socket.
+    /// Shutdown: resets every guest's TCP connection and closes every sock-side socket.
     pub fn close_all(
         &mut self,
         now: Instant,
@@ -216,7 +167,7 @@ impl Nat {
     ) {
         self.tcp.close_all(now, ctx, io, out);
         self.udp.close_all(ctx, io);
-        self.icmp.close_all(io);
+        self.icmp.close_all(ctx, io);
     }
 
     /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
@@ -244,7 +195,7 @@ impl Nat {
     ) {
         self.tcp.expire_idle(now, ctx, io, out);
         self.udp.expire_idle(now, ctx, io);
-        self.icmp.expire_idle(now, io);
+        self.icmp.expire_idle(now, ctx, io);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -1,18 +1,16 @@
 //! UDP NAT sessions (and the door to the DNS relay).
 //!
 //! A datagram from a guest opens a session keyed by (guest address, guest port, destination
-//! address, destination port); each session owns one host UDP socket *connected* to the real
-//! destination (`host_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
+//! address, destination port); each session owns one sock-side UDP socket *connected* to the real
+//! destination (`sock_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
 //! network itself is refused). Answers go back to the guest from the address and port it wrote
 //! to, the alias included. An ICMP port unreachable that the connected socket reports comes back
 //! to the guest as one, from the destination. A session lives `cfg.nat.udp_timeout` past its
 //! last datagram in either direction.
 //!
 //! Bounds: `cfg.nat.max_sessions` sessions in all and `cfg.nat.max_sessions_per_guest` per guest
-//! address; past them a new flow is refused (`DropReason::Limit`) while the others go on. Expiry uses
-//! a min-heap with one entry per session and lazy re-arming: traffic only moves `last_used`, and
-//! a popped deadline that turns out early is pushed again at the real one, so neither traffic nor
-//! `poll_timeout` ever scans the table.
+//! address; past them a new flow is refused (`DropReason::Limit`) while the others go on. The
+//! sessions, their limits and their idle expiry are a `session::SessionTable`, as ICMP's are.
 //!
 //! Reading: the driver's readiness is taken as edge-triggered. On `Readable` a socket is read
 //! until it would block, but at most `READ_BUDGET` datagrams at a time so that one busy flow
@@ -24,18 +22,17 @@
 //! UDP to the virtual host itself: port 53 goes to the DNS relay (`host::dns`), any other port
 //! gets ICMP port unreachable from the virtual host.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 
 use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UDP_HEADER_LEN,
 };
 
 use crate::config::Config;
-use crate::event;
-use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::event::Event;
+use crate::nat::session::{self, SessionTable};
+use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -58,23 +55,16 @@ pub struct UdpKey {
     pub dst: SocketAddrV4,
 }
 
-struct Session {
-    key: UdpKey,
-    sock: SockId,
-    info: SessionInfo,
+/// What a UDP session keeps beyond the table's common part.
+struct Datagrams {
     /// UDP length of the guest's last datagram, quoted in a port unreachable.
     last_len: u16,
 }
 
+type Session = session::Session<UdpKey, Datagrams>;
+
 pub struct UdpNat {
-    slots: Vec<Option<Session>>,
-    free: Vec<usize>,
-    by_key: HashMap<UdpKey, usize>,
-    by_sock: HashMap<SockId, usize>,
-    per_guest: HashMap<Ipv4Addr, usize>,
-    /// (deadline, slot, session id): one entry per live session, possibly earlier than its
-    /// real deadline.
-    timers: super::IdleTimers,
+    table: SessionTable<UdpKey, Datagrams>,
     /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
     pub(crate) external_idle: bool,
     /// Sockets that still had data when their read budget ran out.
@@ -88,12 +78,7 @@ pub struct UdpNat {
 impl UdpNat {
     pub fn new(cfg: &Config) -> UdpNat {
         UdpNat {
-            slots: Vec::new(),
-            free: Vec::new(),
-            by_key: HashMap::new(),
-            by_sock: HashMap::new(),
-            per_guest: HashMap::new(),
-            timers: BinaryHeap::new(),
+            table: SessionTable::new(),
             external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
@@ -104,17 +89,16 @@ impl UdpNat {
 
     /// NAT sessions open (DNS relays not included).
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.table.is_empty()
     }
 
-    /// The host socket of the session `key`, if there is one.
+    /// The sock-side socket of the session `key`, if there is one.
     pub fn socket_of(&self, key: &UdpKey) -> Option<SockId> {
-        let slot = *self.by_key.get(key)?;
-        self.slots[slot].as_ref().map(|s| s.sock)
+        self.table.socket_of(key)
     }
 
     /// Handles a whole (reassembled) UDP datagram from a guest.
@@ -155,15 +139,15 @@ impl UdpNat {
             return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out);
         }
         let key = UdpKey { guest, dst: to };
-        let slot = match self.by_key.get(&key) {
-            Some(&slot) => slot,
+        let slot = match self.table.slot(&key) {
+            Some(slot) => slot,
             None => self.open(now, ctx, key, io)?,
         };
-        let Some(s) = self.slots[slot].as_mut() else {
+        let Some(s) = self.table.get_mut(slot) else {
             return Err(DropReason::Malformed);
         };
         s.info.last_used = now;
-        s.last_len = udp.len();
+        s.state.last_len = udp.len();
         match io.udp_send(s.sock, udp.payload()) {
             Ok(_) => {
                 s.info.packets_to_host += 1;
@@ -188,11 +172,13 @@ impl UdpNat {
         key: UdpKey,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
-        let host_dst = host_destination(ctx, key.dst)?;
-        let guest_count = self.per_guest.get(key.guest.ip()).copied().unwrap_or(0);
-        if self.by_key.len() >= ctx.cfg.nat.max_sessions
-            || guest_count >= ctx.cfg.nat.max_sessions_per_guest
-        {
+        let host_dst = sock_destination(ctx, key.dst)?;
+        let nat = &ctx.cfg.nat;
+        if self.table.full(
+            *key.guest.ip(),
+            nat.max_sessions,
+            nat.max_sessions_per_guest,
+        ) {
             return Err(DropReason::Limit);
         }
         // The same limits counted across every worker of the runtime (a no-op with one engine).
@@ -205,7 +191,12 @@ impl UdpNat {
             DropReason::Limit
         })?;
         let id = ctx.next_session_id();
-        event::session_created("UDP", id, key.guest, key.dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Udp,
+            id,
+            src: key.guest,
+            dst: key.dst,
+        });
         let session = Session {
             key,
             sock,
@@ -222,38 +213,28 @@ impl UdpNat {
                 packets_to_guest: 0,
                 state: "Established",
             },
-            last_len: UDP_HEADER_LEN as u16,
+            state: Datagrams {
+                last_len: UDP_HEADER_LEN as u16,
+            },
         };
-        let slot = super::place(&mut self.slots, &mut self.free, session);
-        self.by_key.insert(key, slot);
-        self.by_sock.insert(sock, slot);
-        *self.per_guest.entry(*key.guest.ip()).or_insert(0) += 1;
-        self.timers
-            .push(Reverse((now + ctx.cfg.nat.udp_timeout, slot, id)));
-        Ok(slot)
+        Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
     }
 
-    fn close(&mut self, ctx: &Ctx, slot: usize, io: &mut impl SockIo) {
-        let Some(s) = self.slots[slot].take() else {
+    fn close(&mut self, ctx: &mut Ctx, slot: usize, io: &mut impl SockIo) {
+        let Some(s) = self.table.remove(slot) else {
             return;
         };
         ctx.release_session(Proto::Udp, *s.key.guest.ip());
         io.close(s.sock);
-        self.by_key.remove(&s.key);
-        self.by_sock.remove(&s.sock);
-        if let Some(n) = self.per_guest.get_mut(s.key.guest.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_guest.remove(s.key.guest.ip());
-            }
-        }
-        self.free.push(slot);
-        event::session_deleted("UDP", s.info.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Udp,
+            id: s.info.id,
+        });
     }
 
     /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
-    pub fn close_all(&mut self, ctx: &Ctx, io: &mut impl SockIo) {
-        for slot in 0..self.slots.len() {
+    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
+        for slot in 0..self.table.slot_count() {
             self.close(ctx, slot, io);
         }
         self.rearm.clear();
@@ -269,7 +250,7 @@ impl UdpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> bool {
-        let Some(s) = self.slots[slot].as_mut() else {
+        let Some(s) = self.table.get_mut(slot) else {
             return false;
         };
         for _ in 0..READ_BUDGET {
@@ -307,7 +288,7 @@ impl UdpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> bool {
-        let more = if let Some(&slot) = self.by_sock.get(&sock) {
+        let more = if let Some(slot) = self.table.slot_of_sock(sock) {
             self.read_session(now, ctx, slot, io, out)
         } else if let Some(more) = self.dns.on_readable(now, ctx, sock, io, out, &mut self.buf) {
             more
@@ -338,9 +319,9 @@ impl UdpNat {
                 }
             }
             SockEvent::Failed(sock, kind) => {
-                if let Some(&slot) = self.by_sock.get(&sock) {
+                if let Some(slot) = self.table.slot_of_sock(sock) {
                     if kind == io::ErrorKind::ConnectionRefused {
-                        if let Some(s) = self.slots[slot].as_ref() {
+                        if let Some(s) = self.table.get(slot) {
                             if let Err(why) = reflect_refused(ctx, out, s) {
                                 ctx.stats.drop(why);
                             }
@@ -354,23 +335,19 @@ impl UdpNat {
                 }
             }
             // Datagrams are sent at once or dropped: writability is of no interest.
-            SockEvent::Writable(sock)
-                if self.by_sock.contains_key(&sock) || self.dns.owns(sock) =>
-            {
-                None
-            }
+            SockEvent::Writable(sock) if self.table.owns(sock) || self.dns.owns(sock) => None,
             _ => Some(ev),
         }
     }
 
     pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
-        into.extend(self.slots.iter().flatten().map(|s| s.info.clone()));
+        self.table.sessions(into);
         self.dns.sessions(into);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
-        let idle = self.timers.peek().map(|r| r.0 .0);
+        let idle = self.table.next_deadline();
         let t = earliest(due_now, idle.filter(|_| !self.external_idle));
         earliest(t, self.dns.poll_timeout())
     }
@@ -398,25 +375,14 @@ impl UdpNat {
     /// Every session's idle deadline again from `ctx`'s `nat.udp_timeout` (a reload that
     /// shortened it must not wait for the deadlines the longer one set).
     pub fn reschedule_all(&mut self, ctx: &Ctx) {
-        let timeout = ctx.cfg.nat.udp_timeout;
-        self.timers = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| {
-                let s = s.as_ref()?;
-                Some(Reverse((s.info.last_used + timeout, slot, s.info.id)))
-            })
-            .collect();
+        self.table.reschedule(ctx.cfg.nat.udp_timeout);
     }
 
     /// Closes the sessions idle for `nat.udp_timeout` at `now` (DNS relays keep their own
     /// timers).
     pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
         let timeout = ctx.cfg.nat.udp_timeout;
-        while let Some(slot) =
-            super::next_expired(&mut self.timers, &self.slots, now, timeout, |s| &s.info)
-        {
+        while let Some(slot) = self.table.next_expired(now, timeout) {
             self.close(ctx, slot, io);
         }
     }
@@ -461,7 +427,7 @@ fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(
     let mut udp = UdpPacket::new_unchecked(&mut quoted[..]);
     udp.set_src_port(s.key.guest.port());
     udp.set_dst_port(s.key.dst.port());
-    udp.set_len(s.last_len);
+    udp.set_len(s.state.last_len);
     udp.set_checksum(0);
     let repr = Icmpv4Repr::DstUnreachable {
         reason: Icmpv4DstUnreachable::PortUnreachable,
@@ -469,7 +435,7 @@ fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(
             src_addr: *s.key.guest.ip(),
             dst_addr: *s.key.dst.ip(),
             next_header: IpProtocol::Udp,
-            payload_len: s.last_len as usize,
+            payload_len: s.state.last_len as usize,
             hop_limit: crate::wire::DEFAULT_TTL,
         },
         data: &quoted,
@@ -483,6 +449,7 @@ mod tests {
     use crate::sim::{SimSocket, SimSockets};
     use crate::testing::*;
     use smoltcp::wire::{Icmpv4Message, Icmpv4Packet};
+    use std::net::Ipv4Addr;
     use std::time::Duration;
 
     fn sa(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
@@ -536,6 +503,23 @@ mod tests {
         assert_eq!(h.closed, vec![sock]);
         assert_eq!(e.poll_timeout(), None);
         assert!(e.nat.sessions().is_empty());
+        let id = r.id;
+        assert_eq!(
+            std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>(),
+            vec![
+                Event::SessionCreated {
+                    proto: Proto::Udp,
+                    id,
+                    src: g,
+                    dst: d
+                },
+                Event::SessionDeleted {
+                    proto: Proto::Udp,
+                    id
+                },
+            ]
+        );
+        assert_eq!(e.events_lost(), 0);
     }
 
     #[test]

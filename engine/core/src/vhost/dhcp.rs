@@ -31,7 +31,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::{DhcpConfig, Mac};
-use crate::event;
+use crate::event::{Event, Events};
 use crate::output::FrameBatch;
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
@@ -387,7 +387,7 @@ impl DhcpServer {
 
     /// Applies a new DHCP configuration: leases, offers, declines and remembered addresses that
     /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
-    pub fn reconfigure(&mut self, cfg: &DhcpConfig) {
+    pub(crate) fn reconfigure(&mut self, cfg: &DhcpConfig, events: &mut Events) {
         self.cfg = cfg.clone();
         let gone: Vec<u32> = self
             .leases
@@ -396,7 +396,7 @@ impl DhcpServer {
             .map(|l| l.id)
             .collect();
         for id in gone {
-            self.remove_lease(id);
+            self.remove_lease(id, events);
         }
         let cfg = &self.cfg;
         let keep = |ip: &Ipv4Addr| Self::cfg_assignable_in(cfg, *ip, Ipv4Addr::UNSPECIFIED);
@@ -444,7 +444,7 @@ impl DhcpServer {
             // One segment, no relays: a relayed message is not for this server.
             return Err(DropReason::Unsupported);
         }
-        self.expire(now);
+        self.expire(now, &mut ctx.events);
         match msg.kind {
             DhcpMessageType::Discover => self.discover(now, ctx, src_mac, &msg, out),
             DhcpMessageType::Request => self.request(now, ctx, src_mac, &msg, out),
@@ -459,8 +459,8 @@ impl DhcpServer {
         earliest(self.expiry.first().map(|&(t, _)| t), self.sweep_at)
     }
 
-    pub fn handle_timeout(&mut self, now: Instant, _ctx: &mut Ctx) {
-        self.expire(now);
+    pub fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
+        self.expire(now, &mut ctx.events);
         if self.sweep_at.is_some_and(|t| t <= now) {
             self.offers.retain(|_, o| o.until > now);
             let offers = &self.offers;
@@ -489,7 +489,7 @@ impl DhcpServer {
                 .last_exhausted_log
                 .is_none_or(|t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
             {
-                event::dhcp_pool_exhausted(mac);
+                ctx.events.push(Event::DhcpPoolExhausted { mac });
                 self.last_exhausted_log = Some(now);
             }
             return Err(DropReason::Limit);
@@ -534,7 +534,7 @@ impl DhcpServer {
         };
         let spec = if self.free_for(msg.chaddr, ip, now, host_ip) {
             let name = sanitize_host_name(msg.host_name);
-            self.commit(now, msg.chaddr, ip, name);
+            self.commit(now, msg.chaddr, ip, name, &mut ctx.events);
             ReplySpec {
                 kind: DhcpMessageType::Ack,
                 ciaddr: msg.ciaddr,
@@ -577,7 +577,7 @@ impl DhcpServer {
         tracing::warn!(client = %msg.chaddr, %ip, "DHCP client declined an address: it is in use on the segment");
         if let Some(&id) = self.by_mac.get(&msg.chaddr) {
             if self.leases[&id].ip == ip {
-                self.remove_lease(id);
+                self.remove_lease(id, &mut ctx.events);
             }
         }
         self.cancel_offer_ip(ip);
@@ -590,13 +590,13 @@ impl DhcpServer {
         Ok(())
     }
 
-    fn release(&mut self, ctx: &Ctx, msg: &ClientMessage) -> Result<(), DropReason> {
+    fn release(&mut self, ctx: &mut Ctx, msg: &ClientMessage) -> Result<(), DropReason> {
         if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
             return Err(DropReason::Foreign);
         }
         if let Some(&id) = self.by_mac.get(&msg.chaddr) {
             if self.leases[&id].ip == msg.ciaddr {
-                self.remove_lease(id);
+                self.remove_lease(id, &mut ctx.events);
             }
         }
         Ok(())
@@ -766,7 +766,14 @@ impl DhcpServer {
     }
 
     /// ACKs `ip` to `mac`: renews its lease, or creates one (moving the client off another).
-    fn commit(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr, host_name: String) {
+    fn commit(
+        &mut self,
+        now: Instant,
+        mac: Mac,
+        ip: Ipv4Addr,
+        host_name: String,
+        events: &mut Events,
+    ) {
         self.cancel_offer_mac(mac);
         self.cancel_offer_ip(ip);
         let expires_at = now + self.cfg.lease;
@@ -783,14 +790,20 @@ impl DhcpServer {
                 self.generation += 1;
                 return;
             }
-            self.remove_lease(id);
+            self.remove_lease(id, events);
         }
         let mut id = self.next_id;
         while self.leases.contains_key(&id) || id == 0 {
             id = id.wrapping_add(1);
         }
         self.next_id = id.wrapping_add(1).max(1);
-        event::dhcp_entry_created(id, mac, ip, &host_name, self.cfg.lease);
+        events.push(Event::DhcpEntryCreated {
+            id,
+            mac,
+            ip,
+            host_name: host_name.clone(),
+            lease: self.cfg.lease,
+        });
         self.insert_lease(Lease {
             id,
             leased_at: now,
@@ -810,22 +823,26 @@ impl DhcpServer {
         self.leases.insert(l.id, l);
     }
 
-    fn remove_lease(&mut self, id: u32) {
+    fn remove_lease(&mut self, id: u32, events: &mut Events) {
         if let Some(l) = self.leases.remove(&id) {
             self.generation += 1;
             self.by_ip.remove(&l.ip);
             self.by_mac.remove(&l.mac);
             self.expiry.remove(&(l.expires_at, id));
-            event::dhcp_entry_deleted(id, l.mac, l.ip);
+            events.push(Event::DhcpEntryDeleted {
+                id,
+                mac: l.mac,
+                ip: l.ip,
+            });
         }
     }
 
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant, events: &mut Events) {
         while let Some(&(t, id)) = self.expiry.first() {
             if t > now {
                 break;
             }
-            self.remove_lease(id);
+            self.remove_lease(id, events);
         }
     }
 
@@ -985,11 +1002,7 @@ impl OptionWriter<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use smoltcp::wire::{EthernetFrame, ETHERNET_HEADER_LEN};
-    use tracing::field::{Field, Visit};
-    use tracing::span;
 
     use super::*;
     use crate::config::{Config, StaticRoute};
@@ -1017,40 +1030,6 @@ mod tests {
     const OFFER: u8 = 2;
     const ACK: u8 = 5;
     const NAK: u8 = 6;
-
-    // ---- log capture: a minimal subscriber that keeps the security log lines ----
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<String>>>);
-
-    struct Message(String);
-    impl Visit for Message {
-        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            if field.name() == "message" {
-                self.0 = format!("{value:?}");
-            }
-        }
-    }
-
-    impl tracing::Subscriber for Capture {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-            span::Id::from_u64(1)
-        }
-        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-        fn event(&self, e: &tracing::Event<'_>) {
-            if e.metadata().target() == event::TARGET {
-                let mut m = Message(String::new());
-                e.record(&mut m);
-                self.0.lock().unwrap().push(m.0);
-            }
-        }
-        fn enter(&self, _: &span::Id) {}
-        fn exit(&self, _: &span::Id) {}
-    }
 
     // ---- a client message, built field by field ----
 
@@ -1246,7 +1225,8 @@ mod tests {
         engine: Engine,
         host: SimSockets,
         now: Instant,
-        log: Capture,
+        /// Every event the engine reported, drained after each step.
+        events: Vec<Event>,
     }
 
     fn config() -> Config {
@@ -1261,16 +1241,14 @@ mod tests {
                 engine: Engine::new(cfg, HOST_MAC, 1),
                 host: SimSockets::default(),
                 now: Instant::from_secs(1000),
-                log: Capture::default(),
+                events: Vec::new(),
             }
         }
         fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
             let mut out = FrameBatch::new();
-            let sub = self.log.clone();
-            tracing::subscriber::with_default(sub, || {
-                self.engine
-                    .handle_frame(self.now, frame, &mut self.host, &mut out)
-            });
+            self.engine
+                .handle_frame(self.now, frame, &mut self.host, &mut out);
+            self.drain();
             out.iter().map(parse_reply).collect()
         }
         fn send(&mut self, m: &Msg) -> Vec<Reply> {
@@ -1287,11 +1265,9 @@ mod tests {
         fn advance(&mut self, d: Duration) {
             self.now = self.now + d;
             let mut out = FrameBatch::new();
-            let sub = self.log.clone();
-            tracing::subscriber::with_default(sub, || {
-                self.engine
-                    .handle_timeout(self.now, &mut self.host, &mut out)
-            });
+            self.engine
+                .handle_timeout(self.now, &mut self.host, &mut out);
+            self.drain();
             assert!(out.is_empty());
         }
         fn offer(&mut self, mac: Mac) -> Ipv4Addr {
@@ -1309,11 +1285,19 @@ mod tests {
         fn drops(&self, why: DropReason) -> u64 {
             self.engine.stats().drops_of(why)
         }
-        fn lines(&self) -> Vec<String> {
-            self.log.0.lock().unwrap().clone()
+        fn drain(&mut self) {
+            while let Some(e) = self.engine.poll_event() {
+                self.events.push(e);
+            }
         }
-        fn count_lines(&self, part: &str) -> usize {
-            self.lines().iter().filter(|l| l.contains(part)).count()
+        fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
+            self.events.iter().filter(|e| f(e)).count()
+        }
+        fn created(&self) -> usize {
+            self.count(|e| matches!(e, Event::DhcpEntryCreated { .. }))
+        }
+        fn deleted(&self, id: u32) -> usize {
+            self.count(|e| matches!(e, Event::DhcpEntryDeleted { id: i, .. } if *i == id))
         }
         fn leases(&self) -> Vec<Lease> {
             self.engine.dhcp.leases().cloned().collect()
@@ -1369,8 +1353,14 @@ mod tests {
         assert_eq!(l.leased_at, n.now);
         assert_eq!(l.expires_at, n.now + Duration::from_secs(7200));
         assert_eq!(
-            n.lines(),
-            vec!["SecureNAT: The DHCP entry 1 was created. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10, host name: NT4, expiration date: 7200 seconds"]
+            n.events,
+            vec![Event::DhcpEntryCreated {
+                id: 1,
+                mac: A,
+                ip: ip(10),
+                host_name: "NT4".into(),
+                lease: Duration::from_secs(7200),
+            }]
         );
         // The unicast taught the neighbour table where the client is.
         assert_eq!(n.engine.ctx.arp.lookup(ip(10)), Some(A));
@@ -1455,10 +1445,12 @@ mod tests {
         assert_eq!(n.dora(A), ip(10));
         n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(HOST_IP));
         assert!(n.leases().is_empty());
-        assert_eq!(
-            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
-            1
-        );
+        let gone = Event::DhcpEntryDeleted {
+            id: 1,
+            mac: A,
+            ip: ip(10),
+        };
+        assert_eq!(n.count(|e| *e == gone), 1);
         // Another client is kept off the address A may come back for.
         assert_eq!(n.dora(B), ip(11));
         assert_eq!(n.dora(A), ip(10));
@@ -1475,7 +1467,7 @@ mod tests {
         assert_eq!(n.dora(A), ip(10));
         n.silent(&msg(DECLINE, A).requested(ip(10)).server(HOST_IP));
         assert!(n.leases().is_empty());
-        assert_eq!(n.count_lines("was deleted"), 1);
+        assert_eq!(n.deleted(1), 1);
         assert_eq!(n.offer(A), ip(11));
         assert_eq!(n.offer(B), ip(12));
         // Nor given on request.
@@ -1512,7 +1504,7 @@ mod tests {
         assert_eq!(r.opt(opt::ROUTER), Some(&HOST_IP.octets()[..]));
         assert_eq!(r.opt(opt::DNS_SERVERS), Some(&HOST_IP.octets()[..]));
         assert!(n.leases().is_empty());
-        assert!(n.lines().is_empty());
+        assert!(n.events.is_empty());
         // An INFORM without ciaddr is malformed.
         n.silent(&msg(INFORM, D));
         assert_eq!(n.drops(DropReason::Malformed), 1);
@@ -1538,8 +1530,8 @@ mod tests {
         let r = n.one(&m);
         assert_eq!((r.kind, r.dst, r.eth_dst), (ACK, ip(10), A));
         assert_eq!(n.leases()[0].id, 1);
-        assert_eq!(n.count_lines("was created"), 1);
-        assert_eq!(n.count_lines("was deleted"), 0);
+        assert_eq!(n.created(), 1);
+        assert_eq!(n.count(|e| matches!(e, Event::DhcpEntryDeleted { .. })), 0);
         assert_eq!(n.leases().len(), 1);
     }
 
@@ -1555,10 +1547,12 @@ mod tests {
         assert_eq!(n.leases().len(), 1);
         n.advance(Duration::from_secs(1));
         assert!(n.leases().is_empty());
-        assert_eq!(
-            n.count_lines("The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10"),
-            1
-        );
+        let gone = Event::DhcpEntryDeleted {
+            id: 1,
+            mac: A,
+            ip: ip(10),
+        };
+        assert_eq!(n.count(|e| *e == gone), 1);
         // The address stays A's while nobody else takes it.
         assert_eq!(n.dora(B), ip(11));
         assert_eq!(n.dora(A), ip(10));
@@ -1578,12 +1572,7 @@ mod tests {
         assert_eq!(n.offer(B), ip(11));
         n.silent(&msg(DISCOVER, C));
         assert_eq!(n.drops(DropReason::Limit), 1);
-        assert_eq!(
-            n.lines(),
-            vec![
-                "SecureNAT: The DHCP server has no free address for the client 02-00-00-00-00-0C."
-            ]
-        );
+        assert_eq!(n.events, vec![Event::DhcpPoolExhausted { mac: C }]);
         // Once the offers lapse, the third client is served.
         n.advance(OFFER_HOLD);
         assert_eq!(n.offer(C), ip(10));
@@ -1598,9 +1587,9 @@ mod tests {
         n.silent(&msg(DISCOVER, D));
         assert_eq!(n.drops(DropReason::Limit), 2);
         assert_eq!(
-            n.count_lines("no free address"),
+            n.count(|e| matches!(e, Event::DhcpPoolExhausted { .. })),
             1,
-            "the log line is rate-limited"
+            "the report is rate-limited"
         );
         assert_eq!(n.one(&msg(REQUEST, C).requested(ip(11))).kind, NAK);
         assert_eq!(n.leases().len(), 2);
@@ -1781,8 +1770,11 @@ mod tests {
         let l = n.leases();
         assert_eq!(l.len(), 1);
         assert_eq!((l[0].id, l[0].ip), (2, ip(60)));
-        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
-        assert_eq!(n.count_lines("entry 2 was created"), 1);
+        assert_eq!(n.deleted(1), 1);
+        assert_eq!(
+            n.count(|e| matches!(e, Event::DhcpEntryCreated { id: 2, .. })),
+            1
+        );
         // .10 is free again for others.
         assert_eq!(n.one(&msg(REQUEST, B).requested(ip(10))).kind, ACK);
     }
@@ -1964,7 +1956,7 @@ mod tests {
         assert_eq!(n.offer(A), ip(20));
         let r = n.one(&msg(REQUEST, A).configured_at(ip(20)));
         assert_eq!(r.kind, ACK);
-        assert_eq!(n.count_lines("created"), 0);
+        assert_eq!(n.created(), 0);
         // Others cannot take it; new entries continue after the highest id.
         assert_eq!(n.one(&msg(REQUEST, B).requested(ip(20))).kind, NAK);
         n.dora(B);
@@ -1979,12 +1971,12 @@ mod tests {
         n.one(&msg(REQUEST, B).requested(ip(100)));
         let mut cfg = n.engine.dhcp.config().clone();
         cfg.range_start = ip(50);
-        let sub = n.log.clone();
-        tracing::subscriber::with_default(sub, || n.engine.dhcp.reconfigure(&cfg));
+        n.engine.dhcp.reconfigure(&cfg, &mut n.engine.ctx.events);
+        n.drain();
         let l = n.leases();
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].mac, B);
-        assert_eq!(n.count_lines("entry 1 was deleted"), 1);
+        assert_eq!(n.deleted(1), 1);
         assert_eq!(n.offer(A), ip(50));
     }
 

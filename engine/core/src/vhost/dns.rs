@@ -1,5 +1,5 @@
 //! The DNS relay of the virtual host (seed 3.7.4, "DNS Redirect"): UDP queries to the virtual
-//! host's port 53 are forwarded to the host's resolvers (`cfg.dns.upstream`) and the answers
+//! host's port 53 are forwarded to the real machine's resolvers (`cfg.dns.upstream`) and the answers
 //! returned to the guest from the virtual host's port 53.
 //!
 //! Every relayed query gets a fresh random ID, unique among the queries in flight, so that
@@ -26,7 +26,7 @@ use rand::Rng;
 use smoltcp::wire::UDP_HEADER_LEN;
 
 use crate::config::Config;
-use crate::event;
+use crate::event::Event;
 use crate::nat::udp::{send_to_guest, DNS_PORT, READ_BUDGET};
 use crate::nat::{Proto, SessionInfo};
 use crate::output::FrameBatch;
@@ -133,7 +133,7 @@ impl DnsRelay {
 
     /// Follows the configuration's upstream list (the runtime may fill or replace it); a change
     /// closes the old sockets and forgets the queries in flight.
-    fn sync(&mut self, ctx: &Ctx, io: &mut impl SockIo) {
+    fn sync(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
         let wanted = ctx
             .cfg
             .dns
@@ -149,7 +149,10 @@ impl DnsRelay {
             }
         }
         for (_, p) in self.pending.drain() {
-            event::session_deleted("UDP", p.info.id);
+            ctx.events.push(Event::SessionDeleted {
+                proto: Proto::Dns,
+                id: p.info.id,
+            });
         }
         self.timers.clear();
         self.upstreams = wanted.map(|addr| Upstream { addr, sock: None }).collect();
@@ -224,7 +227,12 @@ impl DnsRelay {
         });
         let sid = ctx.next_session_id();
         let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
-        event::session_created("UDP", sid, guest, host);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Dns,
+            id: sid,
+            src: guest,
+            dst: host,
+        });
         let deadline = now + ctx.cfg.dns.query_timeout;
         self.pending.insert(
             id,
@@ -333,7 +341,10 @@ impl DnsRelay {
         };
         msg[..2].copy_from_slice(&p.orig_id.to_be_bytes());
         p.info.last_used = now;
-        event::session_deleted("UDP", p.info.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Dns,
+            id: p.info.id,
+        });
         self.recycle(p.query.take());
         let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
         send_to_guest(ctx, out, buf, n, host, p.guest)
@@ -395,7 +406,10 @@ impl DnsRelay {
                     continue;
                 }
             }
-            event::session_deleted("UDP", p.info.id);
+            ctx.events.push(Event::SessionDeleted {
+                proto: Proto::Dns,
+                id: p.info.id,
+            });
         }
     }
 }

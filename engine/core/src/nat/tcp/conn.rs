@@ -1,14 +1,14 @@
-//! One terminated TCP connection: the guest's peer on one side, a host socket on the other.
+//! One terminated TCP connection: the guest's peer on one side, a sock-side socket on the other.
 //!
-//! Guest → host, in-order payload is written straight to the socket and only what the socket
+//! Guest → sock side, in-order payload is written straight to the socket and only what the socket
 //! took is acknowledged; what it refused, and what arrived out of order, waits in the bounded
-//! `Reasm` ring inside the advertised window (nothing beyond it is ever accepted). Host → guest,
+//! `Reasm` ring inside the advertised window (nothing beyond it is ever accepted). Sock side → guest,
 //! data stays in the socket until the guest acknowledges it: segments are peeked from the socket
 //! at `seq - snd_una` straight into the outgoing frame, retransmissions re-peek, and an ACK
 //! consumes. Congestion control is NewReno (RFC 5681/6582) with SACK-guided hole retransmission
 //! (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
 //!
-//! Memory: `size_of::<Conn>()` (456 bytes on x86-64; a test asserts at most 512) plus the
+//! Memory: `size_of::<TcpConn>()` (456 bytes on x86-64; a test asserts at most 512) plus the
 //! reassembly ring of `rcv_buf` bytes (256 KiB by default), held only while data waits in it
 //! (out of order, refused by a full socket, or, with batching, until the batch's write) and
 //! otherwise back in the per-thread pool (`reasm::POOLED_RINGS`): an idle connection holds none.
@@ -33,7 +33,7 @@ pub const INITIAL_RTO: Duration = Duration::from_secs(1);
 /// Retransmissions of one segment before the connection is given up (reset both ways).
 pub const MAX_BACKOFFS: u8 = 8;
 /// How long a closed connection's tombstone answers retransmitted FINs (shortened TIME-WAIT; the
-/// host socket is already closed).
+/// sock-side socket is already closed).
 pub const TIME_WAIT: Duration = Duration::from_secs(5);
 /// RFC 9293 default MSS when the guest sends none.
 const DEFAULT_MSS: usize = 536;
@@ -43,11 +43,11 @@ const INITIAL_WINDOW: usize = 10;
 const SACK_SLOTS: usize = 4;
 
 /// With batching, a connection writes at once (not at the batch's end) once this much waits:
-/// the size of one GSO packet on the host side.
+/// the size of one GSO packet on the sock side.
 const FLUSH_AT: usize = 64 * 1024;
 
 /// The most unacknowledged data toward the guest, in bytes (at least `MIN_FLIGHT_SEGMENTS`).
-/// Unacknowledged data stays in the host socket and every peek at an offset makes the kernel
+/// Unacknowledged data stays in the sock-side socket and every peek at an offset makes the kernel
 /// walk the socket's queue from its head to that offset, a buffer at a time: with the guest's
 /// multi-megabyte windows that walk took a fifth of the download's CPU. A virtual segment's
 /// round trip is tens of microseconds, so 256 KiB still covers its bandwidth-delay product many
@@ -69,7 +69,7 @@ pub enum Next {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum State {
-    /// The host connect is in progress (we have the guest's SYN, sent nothing yet).
+    /// The sock-side connect is in progress (we have the guest's SYN, sent nothing yet).
     Connecting,
     /// SYN-ACK sent, waiting for the guest's ACK.
     SynReceived,
@@ -79,8 +79,9 @@ pub enum State {
     TimeWait,
 }
 
-/// The shared arguments of every handler.
-pub struct Cx<'a, H: SockIo> {
+/// One handling of a TCP connection (a segment from the guest, a socket event, a timer): what
+/// every handler of `TcpConn` works with. Not the engine-wide `Ctx`, which it borrows.
+pub struct Handling<'a, H: SockIo> {
     pub now: Instant,
     pub ctx: &'a mut Ctx,
     pub io: &'a mut H,
@@ -88,15 +89,15 @@ pub struct Cx<'a, H: SockIo> {
     pub peek: &'a mut PeekCache,
 }
 
-impl<'a, H: SockIo> Cx<'a, H> {
+impl<'a, H: SockIo> Handling<'a, H> {
     pub fn new(
         now: Instant,
         ctx: &'a mut Ctx,
         io: &'a mut H,
         out: &'a mut FrameBatch,
         peek: &'a mut PeekCache,
-    ) -> Cx<'a, H> {
-        Cx {
+    ) -> Handling<'a, H> {
+        Handling {
             now,
             ctx,
             io,
@@ -151,7 +152,7 @@ pub struct Params {
 /// A socket operation failed: reset both ways.
 struct Broken;
 
-pub struct Conn {
+pub struct TcpConn {
     pub id: u32,
     pub sock: Option<SockId>,
     /// Batching (see `Engine::set_batching`): in-order payload waits in the ring for
@@ -164,7 +165,7 @@ pub struct Conn {
     pub guest: SocketAddrV4,
     /// The destination as the guest sees it (source of our segments).
     pub dst: SocketAddrV4,
-    /// Where the host socket connects (differs from `dst` for the host loopback alias and DNS).
+    /// Where the sock-side socket connects (differs from `dst` for the host loopback alias and DNS).
     pub target: SocketAddrV4,
     guest_mac: Mac,
     pub state: State,
@@ -194,14 +195,14 @@ pub struct Conn {
     /// The MSS we offer (largest payload the guest may send us).
     our_mss: u16,
 
-    // Receive side (guest → host).
+    // Receive side (guest → sock side).
     irs: Seq,
     pub rcv_nxt: Seq,
     rcv_wnd: usize,
     reasm: Reasm,
     /// Sequence number of the guest's FIN, once seen (processed when `rcv_nxt` reaches it).
     guest_fin: Option<Seq>,
-    /// The guest's FIN was consumed and the host socket shut for writing.
+    /// The guest's FIN was consumed and the sock-side socket shut for writing.
     shut_wr: bool,
     guest_closed_first: bool,
     /// In-order segments written but not acknowledged yet.
@@ -213,7 +214,7 @@ pub struct Conn {
     /// FIN arriving later always brings a `Readable`, which clears it.
     host_drained: bool,
 
-    // Send side (host → guest).
+    // Send side (sock side → guest).
     iss: Seq,
     snd_una: Seq,
     pub snd_nxt: Seq,
@@ -221,7 +222,7 @@ pub struct Conn {
     snd_wnd: usize,
     snd_wl1: Seq,
     snd_wl2: Seq,
-    /// Our FIN's sequence number, once the host's EOF was seen.
+    /// Our FIN's sequence number, once the destination's EOF was seen.
     fin_seq: Option<Seq>,
     cwnd: usize,
     ssthresh: usize,
@@ -259,7 +260,7 @@ fn soft<T: Default>(r: io::Result<T>) -> Result<T, Broken> {
     }
 }
 
-impl Conn {
+impl TcpConn {
     /// A connection for the guest's SYN `syn`, in `Connecting` state.
     pub fn new(
         id: u32,
@@ -269,7 +270,7 @@ impl Conn {
         syn: &Seg,
         now: Instant,
         p: &Params,
-    ) -> Conn {
+    ) -> TcpConn {
         let ts_enabled = syn.timestamp.is_some();
         let our_mss = p.mtu.saturating_sub(40).clamp(64, 65535);
         let guest_mss = syn.mss.map_or(DEFAULT_MSS, usize::from).max(64);
@@ -288,7 +289,7 @@ impl Conn {
             None => (0, 0),
         };
         let rcv_wnd = ((cap >> rcv_shift).min(65535)) << rcv_shift;
-        Conn {
+        TcpConn {
             id,
             sock: None,
             defer_writes: false,
@@ -419,14 +420,14 @@ impl Conn {
         h
     }
 
-    fn push_hdr<H: SockIo>(&mut self, cx: &mut Cx<H>, hdr: Hdr) {
+    fn push_hdr<H: SockIo>(&mut self, cx: &mut Handling<H>, hdr: Hdr) {
         let ident = cx.ctx.next_ident();
         segment::push(cx.out, cx.ctx.mac, self.guest_mac, ident, hdr, 0, |_, _| 0);
         self.packets_to_guest += 1;
     }
 
     /// A pure ACK (with SACK blocks for what waits out of order).
-    fn send_ack<H: SockIo>(&mut self, cx: &mut Cx<H>) {
+    fn send_ack<H: SockIo>(&mut self, cx: &mut Handling<H>) {
         let mut h = self.hdr(cx.now, self.snd_nxt);
         if self.sack_ok {
             h.sack = self.reasm.sack_blocks(self.rcv_nxt);
@@ -441,7 +442,7 @@ impl Conn {
     }
 
     /// RST|ACK toward the guest at our current position.
-    fn send_rst<H: SockIo>(&mut self, cx: &mut Cx<H>) {
+    fn send_rst<H: SockIo>(&mut self, cx: &mut Handling<H>) {
         let mut h = self.hdr(cx.now, self.snd_nxt);
         h.rst = true;
         h.timestamp = None;
@@ -451,7 +452,7 @@ impl Conn {
         self.push_hdr(cx, h);
     }
 
-    fn send_syn_ack<H: SockIo>(&mut self, cx: &mut Cx<H>) {
+    fn send_syn_ack<H: SockIo>(&mut self, cx: &mut Handling<H>) {
         let mut h = self.hdr(cx.now, self.iss);
         h.syn = true;
         h.window = self.rcv_wnd.min(65535) as u16;
@@ -461,9 +462,9 @@ impl Conn {
         self.push_hdr(cx, h);
     }
 
-    // ---- host events ----------------------------------------------------------------------
+    // ---- socket events ---------------------------------------------------------------------
 
-    pub fn on_connected<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    pub fn on_connected<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state != State::Connecting {
             return Next::Keep;
         }
@@ -478,13 +479,13 @@ impl Conn {
     }
 
     /// The connect failed or timed out: the guest sees "connection refused".
-    pub fn refuse<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    pub fn refuse<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.send_rst(cx);
         Next::Delete
     }
 
-    /// The host socket failed (reset by the destination): reset the guest.
-    pub fn on_failed<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    /// The sock-side socket failed (reset by the destination): reset the guest.
+    pub fn on_failed<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state == State::Connecting {
             return self.refuse(cx);
         }
@@ -492,13 +493,13 @@ impl Conn {
         Next::Delete
     }
 
-    pub fn on_readable<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    pub fn on_readable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.last_used = cx.now;
         self.host_drained = false;
         self.output(cx, false)
     }
 
-    pub fn on_writable<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    pub fn on_writable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state != State::Open {
             return Next::Keep;
         }
@@ -518,7 +519,7 @@ impl Conn {
         self.output(cx, false)
     }
 
-    fn reset_both<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    fn reset_both<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.send_rst(cx);
         if let Some(s) = self.sock {
             cx.io.tcp_abort(s);
@@ -528,7 +529,7 @@ impl Conn {
 
     // ---- timers ---------------------------------------------------------------------------
 
-    pub fn on_timer<H: SockIo>(&mut self, cx: &mut Cx<H>, idle: Duration) -> Next {
+    pub fn on_timer<H: SockIo>(&mut self, cx: &mut Handling<H>, idle: Duration) -> Next {
         let now = cx.now;
         let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
         match self.state {
@@ -568,7 +569,7 @@ impl Conn {
         Next::Keep
     }
 
-    fn on_rto<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    fn on_rto<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.rto_deadline = None;
         if self.backoffs >= MAX_BACKOFFS {
             return self.reset_both(cx);
@@ -617,9 +618,9 @@ impl Conn {
     }
 }
 
-impl Conn {
+impl TcpConn {
     /// Handles a segment from the guest for this connection.
-    pub fn on_segment<H: SockIo>(&mut self, cx: &mut Cx<H>, seg: &Seg) -> Next {
+    pub fn on_segment<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg) -> Next {
         self.packets_to_host += 1;
         match self.state {
             State::Connecting => {
@@ -736,7 +737,7 @@ impl Conn {
     }
 
     /// The ACK field of a segment in a synchronized state. `Err` ends handling of the segment.
-    fn on_ack<H: SockIo>(&mut self, cx: &mut Cx<H>, seg: &Seg, ack: Seq) -> Result<(), Next> {
+    fn on_ack<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg, ack: Seq) -> Result<(), Next> {
         let now = cx.now;
         if ack > self.snd_max {
             // Acknowledges something not yet sent.
@@ -900,7 +901,7 @@ impl Conn {
 
     /// Retransmits the next hole of the scoreboard from `rtx_next` on (or, with no SACK
     /// information, the first unacknowledged segment once).
-    fn retransmit_hole<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Result<(), Broken> {
+    fn retransmit_hole<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<(), Broken> {
         let mut s = self.rtx_next.max(self.snd_una);
         let mut end = None;
         for &(a, b) in &self.sacked[..self.n_sacked as usize] {
@@ -933,7 +934,7 @@ impl Conn {
     /// our FIN when it falls right after them). Returns the sequence space used (0: nothing).
     fn send_segment<H: SockIo>(
         &mut self,
-        cx: &mut Cx<H>,
+        cx: &mut Handling<H>,
         seq: Seq,
         want: usize,
     ) -> Result<usize, Broken> {
@@ -1001,7 +1002,7 @@ impl Conn {
 
     /// Sends new data (and our FIN) as far as the guest's window and the congestion window go.
     /// Returns the number of segments sent.
-    fn transmit<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Result<usize, Broken> {
+    fn transmit<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<usize, Broken> {
         if self.state != State::Open || self.sock.is_none() || self.nothing_new() {
             return Ok(0);
         }
@@ -1012,13 +1013,13 @@ impl Conn {
         r
     }
 
-    /// Whether the next segment would be new data that the host socket is known not to hold.
+    /// Whether the next segment would be new data that the sock-side socket is known not to hold.
     fn nothing_new(&self) -> bool {
         self.host_drained && self.snd_nxt >= self.snd_max && self.fin_seq.is_none()
     }
 
     /// Peeks what `transmit` may send in one call, when that is more than one segment.
-    fn fill_peek_cache<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Result<(), Broken> {
+    fn fill_peek_cache<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<(), Broken> {
         let Some(sock) = self.sock else {
             return Ok(());
         };
@@ -1047,7 +1048,7 @@ impl Conn {
 
     fn transmit_segments<H: SockIo>(
         &mut self,
-        cx: &mut Cx<H>,
+        cx: &mut Handling<H>,
         now: Instant,
     ) -> Result<usize, Broken> {
         let mut segs = 0;
@@ -1112,7 +1113,7 @@ impl Conn {
 
     /// Takes the payload (and FIN) of an acceptable segment. Returns whether a duplicate ACK is
     /// due at once (data beyond a hole).
-    fn receive<H: SockIo>(&mut self, cx: &mut Cx<H>, seg: &Seg) -> Result<bool, Broken> {
+    fn receive<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg) -> Result<bool, Broken> {
         let Some(sock) = self.sock else {
             return Ok(false);
         };
@@ -1190,7 +1191,7 @@ impl Conn {
 
     /// Ends a batch (see `defer_writes`): writes what waited, consumes a FIN behind it, and
     /// sends the ACK that is owed.
-    pub fn flush_writes<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Next {
+    pub fn flush_writes<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.flush_pending = false;
         if self.write_blocked {
             // `on_writable` drains once the socket has room.
@@ -1207,7 +1208,7 @@ impl Conn {
     }
 
     /// Writes what waits in the ring from `rcv_nxt` on to the socket, as far as it takes.
-    fn drain<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Result<(), Broken> {
+    fn drain<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<(), Broken> {
         let Some(sock) = self.sock else {
             return Ok(());
         };
@@ -1237,7 +1238,7 @@ impl Conn {
     }
 
     /// Consumes the guest's FIN once everything before it reached the socket.
-    fn process_fin<H: SockIo>(&mut self, cx: &mut Cx<H>) -> Result<(), Broken> {
+    fn process_fin<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<(), Broken> {
         if self.shut_wr || self.guest_fin != Some(self.rcv_nxt) || self.write_blocked {
             return Ok(());
         }
@@ -1252,7 +1253,7 @@ impl Conn {
     }
 
     /// Sends what may be sent and the ACK that is owed; decides whether the connection is over.
-    fn output<H: SockIo>(&mut self, cx: &mut Cx<H>, dup_ack: bool) -> Next {
+    fn output<H: SockIo>(&mut self, cx: &mut Handling<H>, dup_ack: bool) -> Next {
         if dup_ack {
             self.send_ack(cx);
         }

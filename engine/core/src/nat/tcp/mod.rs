@@ -1,10 +1,10 @@
 //! The user-mode TCP endpoint: every guest connection is terminated here and carried through a
-//! host socket (DESIGN.md, "TCP termination").
+//! sock-side socket (DESIGN.md, "TCP termination").
 //!
 //! `TcpNat` is the connection table and the dispatcher: it parses and checks each guest segment,
-//! opens connections on SYN (a host connect first, the SYN-ACK only once it succeeds), enforces
-//! the session limits, answers segments of unknown connections with RST, routes host-socket
-//! events, and runs the timers. One connection's state machine is `conn::Conn`.
+//! opens connections on SYN (a sock-side connect first, the SYN-ACK only once it succeeds), enforces
+//! the session limits, answers segments of unknown connections with RST, routes sock-side socket
+//! events, and runs the timers. One connection's state machine is `conn::TcpConn`.
 //!
 //! Timers: each connection has one deadline (the earliest of its connect, retransmission,
 //! persist, ACK-flush, idle and TIME-WAIT deadlines). The heap holds `(deadline, key)` entries,
@@ -26,26 +26,26 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use rand::Rng;
 use smoltcp::wire::Ipv4Packet;
 
-use self::conn::{Conn, Cx, Next, Params, State};
+use self::conn::{Handling, Next, Params, State, TcpConn};
 use self::segment::Seg;
 use self::seq::Seq;
 use crate::config::Config;
-use crate::event;
-use crate::nat::{host_destination, Proto, SessionInfo};
+use crate::event::Event;
+use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::Ctx;
 
-/// The receive window (and reassembly bound) of each connection, guest → host.
+/// The receive window (and reassembly bound) of each connection, guest → sock side.
 pub const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
 /// (guest, destination as the guest addressed it)
 type Key = (SocketAddrV4, SocketAddrV4);
 
 pub struct TcpNat {
-    conns: HashMap<Key, Conn>,
+    conns: HashMap<Key, TcpConn>,
     by_sock: HashMap<SockId, Key>,
     per_guest: HashMap<Ipv4Addr, usize>,
     half_open: usize,
@@ -57,7 +57,7 @@ pub struct TcpNat {
     external_idle: bool,
     due: Vec<Key>,
     rcv_buf: usize,
-    /// Whether guests' payload is written to host sockets once per batch (`flush`).
+    /// Whether guests' payload is written to sock-side sockets once per batch (`flush`).
     batching: bool,
     /// Connections with payload waiting for `flush`.
     dirty: Vec<Key>,
@@ -105,7 +105,7 @@ impl TcpNat {
             .fold((0, 0), |(h, q), c| (h + c.heap_bytes(), q + c.queued()))
     }
 
-    /// Connections whose host connect is still in progress.
+    /// Connections whose sock-side connect is still in progress.
     pub fn half_open(&self) -> usize {
         self.half_open
     }
@@ -121,7 +121,7 @@ impl TcpNat {
         let seg = segment::parse(ip)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {
-            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
             match c.on_segment(&mut cx, &seg) {
                 Next::Reopen => self.remove(key, ctx, io),
                 next => {
@@ -143,7 +143,7 @@ impl TcpNat {
         Ok(())
     }
 
-    /// A SYN for no connection: check limits and destination, start the host connect.
+    /// A SYN for no connection: check limits and destination, start the sock-side connect.
     fn open(
         &mut self,
         now: Instant,
@@ -172,7 +172,7 @@ impl TcpNat {
             if !ctx.cfg.nat.enabled {
                 return Err(DropReason::Disabled);
             }
-            match host_destination(ctx, dst) {
+            match sock_destination(ctx, dst) {
                 Ok(t) => t,
                 Err(why) => {
                     reset(ctx, seg, key, out)?;
@@ -196,14 +196,27 @@ impl TcpNat {
             return Err(DropReason::Limit);
         }
         let id = ctx.next_session_id();
-        event::session_created(Proto::Tcp.name(), id, guest, dst);
+        ctx.events.push(Event::SessionCreated {
+            proto: Proto::Tcp,
+            id,
+            src: guest,
+            dst,
+        });
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
                 ctx.release_session(Proto::Tcp, *guest.ip());
                 ctx.release_half_open();
-                event::tcp_connect_failed(id, *target.ip(), target.port(), &e.to_string());
-                event::session_deleted(Proto::Tcp.name(), id);
+                ctx.events.push(Event::TcpConnectFailed {
+                    id,
+                    ip: *target.ip(),
+                    port: target.port(),
+                    reason: e.to_string(),
+                });
+                ctx.events.push(Event::SessionDeleted {
+                    proto: Proto::Tcp,
+                    id,
+                });
                 reset(ctx, seg, key, out)?;
                 return Ok(());
             }
@@ -215,7 +228,7 @@ impl TcpNat {
             ts_offset: ctx.rng.random(),
             connect_timeout: ctx.cfg.nat.tcp_connect_timeout,
         };
-        let mut c = Conn::new(id, guest, dst, guest_mac, seg, now, &params);
+        let mut c = TcpConn::new(id, guest, dst, guest_mac, seg, now, &params);
         c.defer_writes = self.batching;
         c.sock = Some(sock);
         c.target = target;
@@ -252,7 +265,7 @@ impl TcpNat {
             if !c.flush_pending {
                 continue;
             }
-            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
             let next = c.flush_writes(&mut cx);
             self.after(key, next, ctx, io);
         }
@@ -281,20 +294,29 @@ impl TcpNat {
             self.by_sock.remove(&sock);
             return Some(ev);
         };
-        let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+        let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
         let next = match ev {
             SockEvent::Connected(_) => {
                 if c.state == State::Connecting {
                     self.half_open -= 1;
                     cx.ctx.release_half_open();
                     let t = c.target;
-                    event::tcp_connected(c.id, &t.ip().to_string(), *t.ip(), t.port());
+                    cx.ctx.events.push(Event::TcpConnected {
+                        id: c.id,
+                        ip: *t.ip(),
+                        port: t.port(),
+                    });
                 }
                 c.on_connected(&mut cx)
             }
             SockEvent::ConnectFailed(_, kind) => {
                 let t = c.target;
-                event::tcp_connect_failed(c.id, *t.ip(), t.port(), &kind.to_string());
+                cx.ctx.events.push(Event::TcpConnectFailed {
+                    id: c.id,
+                    ip: *t.ip(),
+                    port: t.port(),
+                    reason: kind.to_string(),
+                });
                 c.refuse(&mut cx)
             }
             SockEvent::Readable(_) => c.on_readable(&mut cx),
@@ -342,7 +364,7 @@ impl TcpNat {
     }
 
     /// Forgets a connection, closing its socket.
-    fn remove(&mut self, key: Key, ctx: &Ctx, io: &mut impl SockIo) {
+    fn remove(&mut self, key: Key, ctx: &mut Ctx, io: &mut impl SockIo) {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
@@ -359,7 +381,10 @@ impl TcpNat {
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
         }
-        event::session_deleted(Proto::Tcp.name(), c.id);
+        ctx.events.push(Event::SessionDeleted {
+            proto: Proto::Tcp,
+            id: c.id,
+        });
     }
 
     fn schedule(&mut self, key: Key, ctx: &Ctx) {
@@ -380,7 +405,7 @@ impl TcpNat {
     }
 
     /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
-    /// connection is forgotten with its host socket closed.
+    /// connection is forgotten with its sock-side socket closed.
     pub fn close_all(
         &mut self,
         now: Instant,
@@ -392,7 +417,7 @@ impl TcpNat {
         for key in keys {
             if let Some(c) = self.conns.get_mut(&key) {
                 if c.state != State::TimeWait {
-                    let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+                    let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
                     let _ = c.on_failed(&mut cx);
                 }
             }
@@ -477,7 +502,7 @@ impl TcpNat {
                 self.idle_timers.push(Reverse((real, key, id)));
                 continue;
             }
-            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
             let next = c.on_timer(&mut cx, idle);
             self.after(key, next, ctx, io);
         }
@@ -540,9 +565,14 @@ impl TcpNat {
             }
             if c.state == State::Connecting {
                 let t = c.target;
-                event::tcp_connect_failed(c.id, *t.ip(), t.port(), "timed out");
+                ctx.events.push(Event::TcpConnectFailed {
+                    id: c.id,
+                    ip: *t.ip(),
+                    port: t.port(),
+                    reason: "timed out".into(),
+                });
             }
-            let mut cx = Cx::new(now, ctx, io, out, &mut self.peek);
+            let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
             let next = c.on_timer(&mut cx, idle);
             self.after(key, next, ctx, io);
         }

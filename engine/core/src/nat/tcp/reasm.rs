@@ -1,6 +1,6 @@
-//! The bounded receive queue of one connection (guest → host).
+//! The bounded receive queue of one connection (guest → sock side).
 //!
-//! It holds the bytes of the receive window that could not be written to the host socket yet:
+//! It holds the bytes of the receive window that could not be written to the sock-side socket yet:
 //! segments that arrived out of order (behind a hole), and in-order bytes the socket refused
 //! while its buffer was full. Storage is a ring of `cap` bytes (a power of two) indexed by
 //! sequence number modulo `cap`, so every byte of the window `[rcv_nxt, rcv_nxt + cap)` has a

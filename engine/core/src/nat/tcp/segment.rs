@@ -1,7 +1,7 @@
 //! One TCP segment: parsed from a guest's packet, or built into a frame toward a guest.
 //!
 //! Parsing uses smoltcp's checked `TcpPacket` view and its option parser; building writes the
-//! header in place around a payload region that the caller fills directly (from a host socket's
+//! header in place around a payload region that the caller fills directly (from a sock-side socket's
 //! peek), so payload bytes are copied once, socket to frame.
 
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -1,4 +1,4 @@
-//! Segment-in / segment-out scripts driving the whole engine with a simulated host.
+//! Segment-in / segment-out scripts driving the whole engine with a simulated sock side.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -9,7 +9,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr, ETHERNET_HEADER_LEN,
 };
 
-use super::conn::{Conn, MAX_BACKOFFS, TIME_WAIT};
+use super::conn::{TcpConn, MAX_BACKOFFS, TIME_WAIT};
 use crate::config::{Config, Mac};
 use crate::output::FrameBatch;
 use crate::sim::{ConnectOutcome, SimSockets};
@@ -210,7 +210,7 @@ impl T {
         buf
     }
 
-    /// Runs host events and due timers until nothing more happens; returns the segments out.
+    /// Runs socket events and due timers until nothing more happens; returns the segments out.
     fn pump(&mut self) -> Vec<Got> {
         loop {
             let evs = self.h.drain_events();
@@ -426,7 +426,7 @@ fn connect_timeout_is_rst() {
     assert_eq!(t.h.closed.len(), 1);
 }
 
-// ---- guest → host ----------------------------------------------------------------------------
+// ---- guest → sock side -----------------------------------------------------------------
 
 #[test]
 fn upload_in_order_acks_every_second_segment() {
@@ -611,7 +611,7 @@ fn out_of_window_segment_is_acked_and_dropped() {
     assert!(t.tcp().written.is_empty());
 }
 
-// ---- host → guest ----------------------------------------------------------------------------
+// ---- sock side → guest -----------------------------------------------------------------
 
 #[test]
 fn download_within_mss_and_window_consumes_on_ack() {
@@ -640,7 +640,7 @@ fn download_within_mss_and_window_consumes_on_ack() {
     assert_eq!(got[1].payload, data[4000..5000]);
 }
 
-/// An upload's ACKs do not peek at a host socket that has nothing to send (each such peek is a
+/// An upload's ACKs do not peek at a sock-side socket that has nothing to send (each such peek is a
 /// failed syscall); data the destination sends later still goes out at once.
 #[test]
 fn an_upload_does_not_peek_an_empty_socket_per_ack() {
@@ -864,7 +864,7 @@ fn guest_fin_half_close_then_host_finishes() {
     assert!(t.tcp().shut_write);
     assert_eq!(t.tcp().written, b"bye");
     assert_eq!(t.state(), "CLOSE_WAIT");
-    // The host still sends.
+    // The destination still sends.
     let sock = t.sock;
     t.h.deliver_tcp(sock, b"response");
     let got = t.pump();
@@ -1120,9 +1120,9 @@ fn session_row_counts_both_ways() {
 fn connection_state_is_small() {
     // The per-connection footprint the module doc promises (the ring is separate and lazy).
     assert!(
-        std::mem::size_of::<Conn>() <= 512,
+        std::mem::size_of::<TcpConn>() <= 512,
         "{}",
-        std::mem::size_of::<Conn>()
+        std::mem::size_of::<TcpConn>()
     );
     let mut t = T::new();
     t.establish(NONE);

@@ -1,0 +1,207 @@
+//! The core's events as the seed's security log lines (SoftEther manual 3.7.8).
+//!
+//! `TracingSink` is the runtime's `EventSink`: it emits each event through `tracing` with target
+//! `securenat`, so that the security log (`seclog`) and any other subscriber get them with the
+//! seed's words. The words live here and nowhere else.
+
+use hubnat_core::event::Event;
+use hubnat_core::nat::Proto;
+use hubnat_runtime::events::EventSink;
+
+/// The `tracing` target of the security log's events.
+pub const TARGET: &str = "securenat";
+
+/// The `event` field of a "connection successful" line (the one `seclog` names the host of).
+pub const TCP_CONNECTED: &str = "tcp_connected";
+
+/// The runtime's event sink: every event becomes a `securenat` tracing event.
+pub struct TracingSink;
+
+impl EventSink for TracingSink {
+    fn event(&self, e: &Event) {
+        emit(e);
+    }
+}
+
+/// Emits `e` through `tracing` (target `securenat`): the seed's line as the message, at info
+/// (warn for an exhausted pool). A "connection successful" event also carries the fields
+/// `event`, `session`, `ip`, `port` and `host_name` (the address until a reverse lookup names
+/// it), which the security log's lookup relies on.
+pub fn emit(e: &Event) {
+    match e {
+        Event::DhcpPoolExhausted { .. } => {
+            tracing::warn!(target: TARGET, "{}", seed_text(e));
+        }
+        Event::TcpConnected { id, ip, port } => {
+            let host_name = ip.to_string();
+            tracing::info!(
+                target: TARGET,
+                event = TCP_CONNECTED,
+                session = id,
+                ip = %ip,
+                port = port,
+                host_name = host_name.as_str(),
+                "{}",
+                tcp_connected_text(*id, &host_name, *ip, *port)
+            );
+        }
+        _ => tracing::info!(target: TARGET, "{}", seed_text(e)),
+    }
+}
+
+/// The seed's line for `e` (without its timestamp).
+pub fn seed_text(e: &Event) -> String {
+    match e {
+        Event::DhcpEntryCreated {
+            id,
+            mac,
+            ip,
+            host_name,
+            lease,
+        } => format!(
+            "SecureNAT: The DHCP entry {id} was created. MAC address: {}, IP address: {ip}, host name: {host_name}, expiration date: {} seconds",
+            mac.dashed(),
+            lease.as_secs()
+        ),
+        Event::DhcpEntryDeleted { id, mac, ip } => format!(
+            "SecureNAT: The DHCP entry {id} was deleted. MAC address: {}, IP address: {ip}",
+            mac.dashed()
+        ),
+        Event::DhcpPoolExhausted { mac } => format!(
+            "SecureNAT: The DHCP server has no free address for the client {}.",
+            mac.dashed()
+        ),
+        Event::SessionCreated { proto, id, src, dst } => format!(
+            "SecureNAT: The {} session {id} was created. Connection source {src}, Connection destination {dst}",
+            log_name(*proto)
+        ),
+        Event::SessionDeleted { proto, id } => {
+            format!("SecureNAT: The {} session {id} was deleted.", log_name(*proto))
+        }
+        Event::TcpConnected { id, ip, port } => {
+            tcp_connected_text(*id, &ip.to_string(), *ip, *port)
+        }
+        Event::TcpConnectFailed {
+            id,
+            ip,
+            port,
+            reason,
+        } => format!(
+            "SecureNAT: The connection to TCP session {id}: Host \"{ip}\", Port {port} failed: {reason}."
+        ),
+    }
+}
+
+/// The "connection successful" line, with the host named `host_name`.
+pub fn tcp_connected_text(id: u32, host_name: &str, ip: std::net::Ipv4Addr, port: u16) -> String {
+    format!("SecureNAT: The connection to TCP session {id}: Host \"{host_name} ({ip})\", Port {port} was successful.")
+}
+
+/// A protocol as the seed's log names it: the DNS relay's queries are UDP sessions there.
+fn log_name(proto: Proto) -> &'static str {
+    match proto {
+        Proto::Dns => Proto::Udp.name(),
+        p => p.name(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::time::Duration;
+
+    #[test]
+    fn the_lines_are_the_seeds() {
+        let mac: hubnat_core::Mac = "00-AC-85-40-B5-50".parse().unwrap();
+        let c = Ipv4Addr::new(192, 168, 30, 10);
+        let far = Ipv4Addr::new(207, 46, 0, 166);
+        let src = SocketAddrV4::new(c, 1079);
+        let dst = SocketAddrV4::new(far, 1863);
+        let cases = [
+            (
+                Event::DhcpEntryCreated {
+                    id: 1,
+                    mac,
+                    ip: c,
+                    host_name: "NT4".into(),
+                    lease: Duration::from_secs(7200),
+                },
+                "SecureNAT: The DHCP entry 1 was created. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10, host name: NT4, expiration date: 7200 seconds",
+            ),
+            (
+                Event::DhcpEntryDeleted { id: 1, mac, ip: c },
+                "SecureNAT: The DHCP entry 1 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: 192.168.30.10",
+            ),
+            (
+                Event::DhcpPoolExhausted { mac },
+                "SecureNAT: The DHCP server has no free address for the client 00-AC-85-40-B5-50.",
+            ),
+            (
+                Event::SessionCreated {
+                    proto: Proto::Tcp,
+                    id: 1,
+                    src,
+                    dst,
+                },
+                "SecureNAT: The TCP session 1 was created. Connection source 192.168.30.10:1079, Connection destination 207.46.0.166:1863",
+            ),
+            (
+                Event::SessionCreated {
+                    proto: Proto::Dns,
+                    id: 2,
+                    src,
+                    dst: SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 1), 53),
+                },
+                "SecureNAT: The UDP session 2 was created. Connection source 192.168.30.10:1079, Connection destination 192.168.30.1:53",
+            ),
+            (
+                Event::SessionCreated {
+                    proto: Proto::Icmp,
+                    id: 3,
+                    src: SocketAddrV4::new(c, 7),
+                    dst: SocketAddrV4::new(far, 0),
+                },
+                "SecureNAT: The ICMP session 3 was created. Connection source 192.168.30.10:7, Connection destination 207.46.0.166:0",
+            ),
+            (
+                Event::TcpConnected {
+                    id: 1,
+                    ip: far,
+                    port: 1863,
+                },
+                "SecureNAT: The connection to TCP session 1: Host \"207.46.0.166 (207.46.0.166)\", Port 1863 was successful.",
+            ),
+            (
+                Event::TcpConnectFailed {
+                    id: 4,
+                    ip: far,
+                    port: 80,
+                    reason: "timed out".into(),
+                },
+                "SecureNAT: The connection to TCP session 4: Host \"207.46.0.166\", Port 80 failed: timed out.",
+            ),
+            (
+                Event::SessionDeleted {
+                    proto: Proto::Udp,
+                    id: 2,
+                },
+                "SecureNAT: The UDP session 2 was deleted.",
+            ),
+            (
+                Event::SessionDeleted {
+                    proto: Proto::Dns,
+                    id: 2,
+                },
+                "SecureNAT: The UDP session 2 was deleted.",
+            ),
+        ];
+        for (e, line) in cases {
+            assert_eq!(seed_text(&e), line);
+        }
+        assert_eq!(
+            tcp_connected_text(1, "baym-sb26.msgr.hotmail.com", far, 1863),
+            "SecureNAT: The connection to TCP session 1: Host \"baym-sb26.msgr.hotmail.com (207.46.0.166)\", Port 1863 was successful."
+        );
+    }
+}
