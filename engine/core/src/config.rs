@@ -153,6 +153,11 @@ pub struct ControlConfig {
     pub security_log_format: LogFormat,
     pub metrics: Option<SocketAddr>,
     pub reverse_lookup: bool,
+    /// The security log's size cap in bytes (it is rotated to FILE.1 there); None: no cap.
+    pub security_log_max: Option<u64>,
+    /// Log lines per second per kind of event, beyond which lines are counted and summarised
+    /// instead of written; 0: no limit.
+    pub log_rate: u32,
 }
 
 /// The whole, validated configuration.
@@ -223,6 +228,10 @@ pub struct RawControl {
     pub metrics: Option<String>,
     /// Resolve the host name of "connection successful" lines (off the data path).
     pub reverse_lookup: Option<bool>,
+    /// The security log's size cap in MiB, at which it is rotated (one old file kept); 0: none.
+    pub security_log_max_mib: Option<u64>,
+    /// Log lines per second per kind of event (session created, DHCP entry, ...); 0: no limit.
+    pub log_rate: Option<u32>,
 }
 
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
@@ -590,6 +599,13 @@ impl Config {
             security_log_format: c.security_log_format.unwrap_or_default(),
             metrics,
             reverse_lookup: c.reverse_lookup.unwrap_or(true),
+            security_log_max: match c.security_log_max_mib.unwrap_or(64) {
+                0 => None,
+                mib => Some(mib.checked_mul(1 << 20).ok_or_else(|| {
+                    field_err("control.security_log_max_mib", "is too large")
+                })?),
+            },
+            log_rate: c.log_rate.unwrap_or(200),
         };
 
         Ok(Config {

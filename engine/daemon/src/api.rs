@@ -361,6 +361,8 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             security_log_format: Some(cfg.control.security_log_format),
             metrics: blank(cfg.control.metrics),
             reverse_lookup: Some(cfg.control.reverse_lookup),
+            security_log_max_mib: Some(cfg.control.security_log_max.map_or(0, |b| b >> 20)),
+            log_rate: Some(cfg.control.log_rate),
         },
     }
 }
