@@ -13,6 +13,8 @@ use crate::output::FrameBatch;
 
 pub const IPV4_HEADER_LEN: usize = 20;
 pub const DEFAULT_TTL: u8 = 64;
+/// The DNS server port (UDP and TCP).
+pub const DNS_PORT: u16 = 53;
 
 pub fn eth(mac: Mac) -> EthernetAddress {
     EthernetAddress(mac.0)
