@@ -1,6 +1,8 @@
 //! Frame building on top of `smoltcp::wire`: one place that lays out Ethernet + IPv4 + payload,
 //! so every protocol of the virtual host and the NAT emits frames the same way.
 
+pub mod dhcp_options;
+
 use std::net::Ipv4Addr;
 
 use smoltcp::wire::{
