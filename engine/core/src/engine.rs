@@ -11,13 +11,14 @@ use smoltcp::wire::{
 
 use crate::config::{Config, Mac};
 use crate::event::{Event, Events};
-use crate::nat::{Nat, Proto};
+use crate::nat::{Nat, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockIo};
 use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
 use crate::vhost::dhcp::DhcpServer;
+use crate::vhost::dns::DnsRelay;
 use crate::vhost::icmp;
 use crate::wire::IPV4_HEADER_LEN;
 
@@ -158,6 +159,8 @@ pub enum Reassembly {
 pub struct Engine {
     pub ctx: Ctx,
     pub dhcp: DhcpServer,
+    /// The virtual host's DNS relay: a control-plane job, fed the queries the NAT hands back.
+    pub dns: DnsRelay,
     pub nat: Nat,
 }
 
@@ -166,6 +169,7 @@ impl Engine {
     pub fn new(cfg: Config, mac: Mac, seed: u64) -> Engine {
         let dhcp = DhcpServer::new(&cfg.dhcp);
         let nat = Nat::new(&cfg);
+        let dns = DnsRelay::new(&cfg);
         Engine {
             ctx: Ctx {
                 cfg,
@@ -179,8 +183,27 @@ impl Engine {
                 events: Events::default(),
             },
             dhcp,
+            dns,
             nat,
         }
+    }
+
+    /// The seed's NAT table: every session of every protocol, the DNS relay's queries in flight
+    /// among them (`Proto::Dns`), by id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut v = Vec::new();
+        self.nat.sessions(&mut v);
+        self.dns.sessions(&mut v);
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// How many sessions `sessions()` would list, per protocol (indexed by `Proto::index`),
+    /// without building the list.
+    pub fn session_counts(&self) -> [usize; 4] {
+        let mut n = self.nat.session_counts();
+        n[Proto::Dns.index()] = self.dns.pending();
+        n
     }
 
     pub fn config(&self) -> &Config {
@@ -391,8 +414,15 @@ impl Engine {
         if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
             self.ctx.arp.learn(now, src, src_mac);
         }
-        self.nat
-            .handle_reassembled(now, &mut self.ctx, &ip, io, out)
+        let query = self
+            .nat
+            .handle_reassembled(now, &mut self.ctx, &ip, io, out)?;
+        match query {
+            Some(q) => self
+                .dns
+                .handle_query(now, &mut self.ctx, q.guest, q.query, io, out),
+            None => Ok(()),
+        }
     }
 
     fn count_out(&mut self, out: &FrameBatch, before: usize) {
@@ -488,7 +518,12 @@ impl Engine {
         if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp && whole {
             return icmp::handle_to_host(&mut self.ctx, &ip, out);
         }
-        self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)
+        match self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)? {
+            Some(q) => self
+                .dns
+                .handle_query(now, &mut self.ctx, q.guest, q.query, io, out),
+            None => Ok(()),
+        }
     }
 
     /// Handles an event from a sock-side socket.
@@ -500,7 +535,9 @@ impl Engine {
         out: &mut FrameBatch,
     ) {
         let before = out.len();
-        self.nat.handle_host_event(now, &mut self.ctx, ev, io, out);
+        if let Some(ev) = self.dns.handle_sock_event(now, &mut self.ctx, ev, io, out) {
+            self.nat.handle_host_event(now, &mut self.ctx, ev, io, out);
+        }
         self.count_out(out, before);
     }
 
@@ -523,6 +560,7 @@ impl Engine {
     pub fn shutdown(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.close_all(now, &mut self.ctx, io, out);
+        self.dns.close_all(io);
         self.count_out(out, before);
     }
 
@@ -544,13 +582,15 @@ impl Engine {
 
     /// When `handle_timeout` next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        earliest(self.dhcp.poll_timeout(), self.nat.poll_timeout())
+        let vhost = earliest(self.dhcp.poll_timeout(), self.dns.poll_timeout());
+        earliest(vhost, self.nat.poll_timeout())
     }
 
     /// Expires leases and sessions, retransmits, and runs every other timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.dhcp.handle_timeout(now, &mut self.ctx);
+        self.dns.handle_timeout(now, &mut self.ctx, io, out);
         self.nat.handle_timeout(now, &mut self.ctx, io, out);
         self.ctx.arp.expire(now);
         self.count_out(out, before);

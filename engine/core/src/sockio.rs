@@ -70,3 +70,7 @@ pub trait SockIo {
     /// Closes any socket and forgets its id.
     fn close(&mut self, id: SockId);
 }
+
+/// Datagrams read from one socket per readiness event (or per `handle_timeout` round), so that
+/// one busy socket cannot starve the rest.
+pub const READ_BUDGET: usize = 64;

@@ -538,7 +538,7 @@ impl Control {
     /// The NAT table of the control engine and every worker's sessions, by id.
     pub fn nat_table_with(&self, engine: &Engine, workers: &[WorkerReport]) -> Vec<NatRow> {
         let ms = |t| unix_millis(self.clock.wall(t));
-        let mut sessions = engine.nat.sessions();
+        let mut sessions = engine.sessions();
         for w in workers {
             sessions.extend(w.sessions.iter().cloned());
         }
@@ -584,7 +584,7 @@ pub fn status(engine: &Engine, now: Instant) -> StatusView {
 
 /// The status of the control engine plus its workers' reports (sessions and counters summed).
 pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> StatusView {
-    let mut counts = engine.nat.session_counts();
+    let mut counts = engine.session_counts();
     let mut st = engine.stats().clone();
     let mut views = Vec::new();
     for (i, w) in workers.iter().enumerate() {
@@ -758,7 +758,7 @@ mod tests {
         let (mut e, mut h, mut out) = setup();
         let mut c = control();
         udp_to(&mut e, &mut h, &mut out, 4000, 53000);
-        assert_eq!(e.nat.sessions().len(), 1);
+        assert_eq!(e.sessions().len(), 1);
         let r = c.handle(
             set(Section::Nat, &[("enabled", "false")]),
             &mut e,
@@ -772,7 +772,7 @@ mod tests {
         assert!(change.restart_needed.is_empty());
         udp_to(&mut e, &mut h, &mut out, 4001, 53000);
         assert_eq!(e.stats().drops_of(DropReason::Disabled), 1);
-        assert_eq!(e.nat.sessions().len(), 1, "the open session is not dropped");
+        assert_eq!(e.sessions().len(), 1, "the open session is not dropped");
         assert!(e.config().dhcp.enabled);
         let st = status(&e, T0);
         assert!(!st.nat && st.dhcp && st.securenat);
@@ -788,7 +788,7 @@ mod tests {
         );
         assert!(r.ok);
         udp_to(&mut e, &mut h, &mut out, 4001, 53000);
-        assert_eq!(e.nat.sessions().len(), 2);
+        assert_eq!(e.sessions().len(), 2);
     }
 
     #[test]
@@ -822,7 +822,7 @@ mod tests {
             vec![1],
             "the lease outside the new range is gone, the other kept"
         );
-        assert_eq!(e.nat.sessions().len(), 1);
+        assert_eq!(e.sessions().len(), 1);
         let got = section_value(&effective_raw(e.config()), Section::Dhcp);
         assert_eq!(got["range_end"], "192.168.30.100");
         assert_eq!(got["lease"], 60);

@@ -305,7 +305,7 @@ mod tests {
             );
         }
         assert_eq!(
-            ctl.nat.sessions().len(),
+            ctl.sessions().len(),
             0,
             "no session on the control thread"
         );
@@ -408,7 +408,7 @@ mod tests {
         ip.fill_checksum();
         e.handle_reassembled(T0, &frag, &mut h, &mut out);
         assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
-        assert_eq!(e.nat.sessions().len(), 0);
+        assert_eq!(e.sessions().len(), 0);
     }
 
     #[test]

@@ -52,9 +52,9 @@ impl WorkerReport {
     pub fn of(engine: &Engine, with_sessions: bool) -> WorkerReport {
         WorkerReport {
             stats: engine.stats().clone(),
-            counts: engine.nat.session_counts(),
+            counts: engine.session_counts(),
             sessions: if with_sessions {
-                engine.nat.sessions()
+                engine.sessions()
             } else {
                 Vec::new()
             },
@@ -64,7 +64,7 @@ impl WorkerReport {
     /// Makes this report `engine`'s counters and counts (the sessions are left alone), without
     /// allocating. Returns whether anything changed.
     pub fn update_counters(&mut self, engine: &Engine) -> bool {
-        let counts = engine.nat.session_counts();
+        let counts = engine.session_counts();
         if self.stats == *engine.stats() && self.counts == counts {
             return false;
         }
@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(a.ctx.stats.drops_of(DropReason::Limit), 1);
         assert_eq!(a.nat.udp.len() + b.nat.udp.len(), 2);
         // Ids are unique across the two engines.
-        let (ia, ib) = (a.nat.sessions()[0].id, b.nat.sessions()[0].id);
+        let (ia, ib) = (a.sessions()[0].id, b.sessions()[0].id);
         assert_ne!(ia, ib);
         // Shutdown releases what the sessions held: a new one is let through.
         a.shutdown(T0, &mut ha, &mut out);
@@ -477,7 +477,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(b.ctx.stats.drops_of(DropReason::Limit), 1);
-        assert_eq!(b.nat.sessions().len(), 0);
+        assert_eq!(b.sessions().len(), 0);
         // Once the first is gone, the other worker lets a new one through.
         a.shutdown(T0, &mut ha, &mut out);
         assert_eq!(limits.count(hubnat_core::nat::Proto::Tcp, GUEST_IP), 0);
@@ -487,7 +487,7 @@ mod tests {
             &mut hb,
             &mut out,
         );
-        assert_eq!(b.nat.sessions().len(), 1);
+        assert_eq!(b.sessions().len(), 1);
     }
 
     #[test]
@@ -512,7 +512,7 @@ mod tests {
         // Each worker alone is under the limit; together they are at it.
         a.handle_frame(T0, &syn(5003), &mut ha, &mut out);
         assert_eq!(a.ctx.stats.drops_of(DropReason::Limit), 1);
-        assert_eq!(a.nat.sessions().len(), 1);
+        assert_eq!(a.sessions().len(), 1);
         assert_eq!(limits.half_open(), 2);
         assert_eq!(
             limits.count(hubnat_core::nat::Proto::Tcp, GUEST_IP),
@@ -525,7 +525,7 @@ mod tests {
         }
         assert_eq!(limits.half_open(), 1);
         a.handle_frame(T0, &syn(5004), &mut ha, &mut out);
-        assert_eq!(a.nat.sessions().len(), 2);
+        assert_eq!(a.sessions().len(), 2);
         assert_eq!(limits.half_open(), 2);
         // A connection removed while connecting gives its slot back.
         a.shutdown(T0, &mut ha, &mut out);
@@ -591,12 +591,12 @@ mod tests {
         e.handle_frame(T0, &syn, &mut h, &mut out);
         assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
         e.handle_timeout(T0 + Duration::from_secs(100), &mut h, &mut out);
-        assert_eq!(e.nat.sessions().len(), 1);
+        assert_eq!(e.sessions().len(), 1);
         out.clear();
         e.expire_sessions(T0 + Duration::from_secs(59), &mut h, &mut out);
-        assert_eq!(e.nat.sessions().len(), 1);
+        assert_eq!(e.sessions().len(), 1);
         e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
-        assert_eq!(e.nat.sessions().len(), 0, "idle: reset");
+        assert_eq!(e.sessions().len(), 0, "idle: reset");
         assert_eq!(out.len(), 1, "the guest gets its RST");
         assert_eq!(e.nat.tcp.half_open(), 0);
 
@@ -607,7 +607,7 @@ mod tests {
         e.set_external_expiry(true);
         assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(1000)));
         e.expire_sessions(T0 + Duration::from_secs(61), &mut h, &mut out);
-        assert_eq!(e.nat.sessions().len(), 0);
+        assert_eq!(e.sessions().len(), 0);
     }
 
     #[test]
@@ -632,7 +632,7 @@ mod tests {
             e.set_external_expiry(worker);
             e.handle_frame(T0, &udp, &mut h, &mut out);
             e.handle_frame(T0, &syn, &mut h, &mut out);
-            assert_eq!(e.nat.sessions().len(), 2);
+            assert_eq!(e.sessions().len(), 2);
             // Ten seconds in, the timeouts become five seconds: both sessions are overdue.
             let now = T0 + Duration::from_secs(10);
             let mut cfg = e.ctx.cfg.clone();
@@ -648,7 +648,7 @@ mod tests {
                 );
                 e.handle_timeout(now, &mut h, &mut out);
             }
-            assert_eq!(e.nat.sessions().len(), 0, "worker {worker}");
+            assert_eq!(e.sessions().len(), 0, "worker {worker}");
         }
     }
 }

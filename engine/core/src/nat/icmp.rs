@@ -25,10 +25,9 @@ use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 use crate::config::{Config, IcmpMode};
 use crate::event::Event;
 use crate::nat::session::{self, SessionTable};
-use crate::nat::udp::READ_BUDGET;
 use crate::nat::{sock_destination, Proto, SessionInfo};
 use crate::output::FrameBatch;
-use crate::sockio::{SockEvent, SockId, SockIo};
+use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
@@ -493,7 +492,7 @@ mod tests {
             (REMOTE_IP, Icmpv4Message::EchoReply, 77, 1, b"abc".to_vec())
         );
         assert!(h.sockets.is_empty());
-        assert!(e.nat.sessions().is_empty());
+        assert!(e.sessions().is_empty());
     }
 
     #[test]
@@ -531,7 +530,7 @@ mod tests {
         let req = Icmpv4Packet::new_checked(&msg[..]).unwrap();
         assert_eq!(req.msg_type(), Icmpv4Message::EchoRequest);
         assert_eq!((req.echo_seq_no(), req.data()), (5, &b"data"[..]));
-        let rows = e.nat.sessions();
+        let rows = e.sessions();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].proto, Proto::Icmp);
 

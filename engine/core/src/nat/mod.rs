@@ -2,7 +2,9 @@
 //!
 //! `Nat` routes a guest's IPv4 packet to its protocol (after reassembling fragments) and routes
 //! socket events back to the session that owns the socket. The protocols keep their own
-//! session tables; `sessions()` joins them into the seed's NAT table.
+//! session tables; `Engine::sessions` joins them, with the DNS relay's queries, into the seed's
+//! NAT table. A UDP query to the virtual host's DNS port is not carried: it comes back to the
+//! engine as a `DnsQuery` for the virtual host's relay.
 
 pub mod frag;
 pub mod icmp;
@@ -22,6 +24,15 @@ use crate::time::{earliest, Instant};
 use crate::Ctx;
 
 pub use session::{Proto, SessionInfo};
+
+/// A guest's query to the virtual host's DNS port, which the NAT does not carry: the engine
+/// gives it to the virtual host's relay (`vhost::dns`).
+pub struct DnsQuery<'a> {
+    /// The guest's address and port, where the answer goes.
+    pub guest: SocketAddrV4,
+    /// The UDP payload (the DNS message).
+    pub query: &'a [u8],
+}
 
 pub struct Nat {
     pub frag: frag::Reassembler,
@@ -57,19 +68,20 @@ impl Nat {
     }
 
     /// Handles an IPv4 packet from a guest that is neither DHCP nor ICMP to the virtual host.
-    pub fn handle_ipv4(
-        &mut self,
+    /// A DNS query to the virtual host comes back for the engine to relay.
+    pub fn handle_ipv4<'a>(
+        &'a mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &Ipv4Packet<&'a [u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         if ip.more_frags() || ip.frag_offset() != 0 {
             // The reassembled datagram is lent by `frag`; the protocols are separate fields, so
             // it is handed on without a copy.
             let Some(whole) = self.frag.add(now, ip)? else {
-                return Ok(());
+                return Ok(None);
             };
             let packet = Ipv4Packet::new_checked(whole).map_err(|_| DropReason::Malformed)?;
             let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
@@ -81,26 +93,26 @@ impl Nat {
 
     /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
     /// produced, as `handle_ipv4` does once its fragments are in.
-    pub fn handle_reassembled(
+    pub fn handle_reassembled<'a>(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &Ipv4Packet<&'a [u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
         Self::handle_whole(protos, now, ctx, ip, io, out)
     }
 
-    fn handle_whole(
+    fn handle_whole<'a>(
         (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &Ipv4Packet<&'a [u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         let for_host = ctx.is_host_address(ip.dst_addr()) && ip.next_header() == IpProtocol::Icmp;
         if !ctx.cfg.nat.enabled && !for_host {
             // Nothing is relayed (DNS included) while NAT is off; the virtual host still answers
@@ -109,8 +121,8 @@ impl Nat {
         }
         match ip.next_header() {
             IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
-            IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out),
-            IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out),
+            IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out).map(|()| None),
+            IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out).map(|()| None),
             _ => Err(DropReason::Unsupported),
         }
     }
@@ -136,24 +148,21 @@ impl Nat {
         }
     }
 
-    /// The seed's NAT table: every session of every protocol.
-    pub fn sessions(&self) -> Vec<SessionInfo> {
-        let mut v = Vec::new();
-        self.tcp.sessions(&mut v);
-        self.udp.sessions(&mut v);
-        self.icmp.sessions(&mut v);
-        v.sort_by_key(|s| s.id);
-        v
+    /// The NAT's rows of the seed's NAT table (`Engine::sessions` adds the DNS relay's), in no
+    /// particular order.
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
+        self.tcp.sessions(into);
+        self.udp.sessions(into);
+        self.icmp.sessions(into);
     }
 
-    /// How many sessions `sessions()` would list, per protocol (indexed by `Proto::index`),
-    /// without building the list.
-    pub fn session_counts(&self) -> [usize; 4] {
+    /// How many rows `sessions` adds, per protocol (indexed by `Proto::index`; none of
+    /// `Proto::Dns`, the DNS relay's), without building the list.
+    pub(crate) fn session_counts(&self) -> [usize; 4] {
         let mut n = [0; 4];
         n[Proto::Tcp.index()] = self.tcp.len();
         n[Proto::Udp.index()] = self.udp.len();
         n[Proto::Icmp.index()] = self.icmp.len();
-        n[Proto::Dns.index()] = self.udp.dns.pending();
         n
     }
 

@@ -19,8 +19,8 @@
 //! owned here, behind room for the UDP header, and emitted from there (cut into IPv4 fragments
 //! when larger than the MTU): nothing is allocated per datagram.
 //!
-//! UDP to the virtual host itself: port 53 goes to the DNS relay (`host::dns`), any other port
-//! gets ICMP port unreachable from the virtual host.
+//! UDP to the virtual host itself: port 53 is handed back to the engine for the virtual host's
+//! DNS relay (`DnsQuery`), any other port gets ICMP port unreachable from the virtual host.
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -32,21 +32,17 @@ use smoltcp::wire::{
 use crate::config::Config;
 use crate::event::Event;
 use crate::nat::session::{self, SessionTable};
-use crate::nat::{sock_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, DnsQuery, Proto, SessionInfo};
 use crate::output::FrameBatch;
-use crate::sockio::{SockEvent, SockId, SockIo};
+use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
-use crate::vhost::dns::DnsRelay;
 use crate::vhost::icmp::{push_icmp, push_unreachable};
-use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
+use crate::wire::{push_ipv4_fragments, Ipv4Header, DNS_PORT, IPV4_HEADER_LEN};
 use crate::Ctx;
 
-/// Datagrams read from one socket per readiness event (or per `handle_timeout` round).
-pub const READ_BUDGET: usize = 64;
 /// The largest UDP payload an IPv4 datagram can carry.
 pub const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN;
-pub const DNS_PORT: u16 = 53;
 
 /// A UDP session's identity: the guest's end and the destination as the guest addressed it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -72,22 +68,20 @@ pub struct UdpNat {
     rearm_scratch: Vec<SockId>,
     /// Receive buffer: UDP header room, then the payload.
     buf: Box<[u8]>,
-    pub dns: DnsRelay,
 }
 
 impl UdpNat {
-    pub fn new(cfg: &Config) -> UdpNat {
+    pub fn new(_cfg: &Config) -> UdpNat {
         UdpNat {
             table: SessionTable::new(),
             external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
             buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
-            dns: DnsRelay::new(cfg),
         }
     }
 
-    /// NAT sessions open (DNS relays not included).
+    /// NAT sessions open.
     pub fn len(&self) -> usize {
         self.table.len()
     }
@@ -101,15 +95,16 @@ impl UdpNat {
         self.table.socket_of(key)
     }
 
-    /// Handles a whole (reassembled) UDP datagram from a guest.
-    pub fn handle(
+    /// Handles a whole (reassembled) UDP datagram from a guest; a query to the virtual host's
+    /// DNS port is not the NAT's to carry and comes back as a `DnsQuery`.
+    pub fn handle<'a>(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &Ipv4Packet<&'a [u8]>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if !udp.verify_checksum(&src.into(), &dst.into()) {
@@ -126,17 +121,13 @@ impl UdpNat {
         let to = SocketAddrV4::new(dst, udp.dst_port());
         if ctx.is_host_address(dst) {
             if to.port() == DNS_PORT {
-                return self.dns.handle_query(
-                    now,
-                    ctx,
+                return Ok(Some(DnsQuery {
                     guest,
-                    udp.payload(),
-                    io,
-                    out,
-                    &mut self.buf,
-                );
+                    query: udp.payload(),
+                }));
             }
-            return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out);
+            return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
+                .map(|()| None);
         }
         let key = UdpKey { guest, dst: to };
         let slot = match self.table.slot(&key) {
@@ -152,11 +143,12 @@ impl UdpNat {
             Ok(_) => {
                 s.info.packets_to_host += 1;
                 s.info.bytes_to_host += udp.payload().len() as u64;
-                Ok(())
+                Ok(None)
             }
             // An earlier datagram's port unreachable can surface on a connected socket's send.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
+                    .map(|()| None)
             }
             Err(e) => {
                 tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
@@ -238,7 +230,6 @@ impl UdpNat {
             self.close(ctx, slot, io);
         }
         self.rearm.clear();
-        self.dns.close_all(io);
     }
 
     /// Reads session `slot`'s socket up to the budget; true when data may remain.
@@ -290,8 +281,6 @@ impl UdpNat {
     ) -> bool {
         let more = if let Some(slot) = self.table.slot_of_sock(sock) {
             self.read_session(now, ctx, slot, io, out)
-        } else if let Some(more) = self.dns.on_readable(now, ctx, sock, io, out, &mut self.buf) {
-            more
         } else {
             return false;
         };
@@ -328,28 +317,24 @@ impl UdpNat {
                         }
                     }
                     None
-                } else if self.dns.owns(sock) {
-                    None
                 } else {
                     Some(ev)
                 }
             }
             // Datagrams are sent at once or dropped: writability is of no interest.
-            SockEvent::Writable(sock) if self.table.owns(sock) || self.dns.owns(sock) => None,
+            SockEvent::Writable(sock) if self.table.owns(sock) => None,
             _ => Some(ev),
         }
     }
 
     pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
         self.table.sessions(into);
-        self.dns.sessions(into);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
         let idle = self.table.next_deadline();
-        let t = earliest(due_now, idle.filter(|_| !self.external_idle));
-        earliest(t, self.dns.poll_timeout())
+        earliest(due_now, idle.filter(|_| !self.external_idle))
     }
 
     pub fn handle_timeout(
@@ -369,7 +354,6 @@ impl UdpNat {
         if !self.external_idle {
             self.expire_idle(now, ctx, io);
         }
-        self.dns.handle_timeout(now, ctx, io, out);
     }
 
     /// Every session's idle deadline again from `ctx`'s `nat.udp_timeout` (a reload that
@@ -378,8 +362,7 @@ impl UdpNat {
         self.table.reschedule(ctx.cfg.nat.udp_timeout);
     }
 
-    /// Closes the sessions idle for `nat.udp_timeout` at `now` (DNS relays keep their own
-    /// timers).
+    /// Closes the sessions idle for `nat.udp_timeout` at `now`.
     pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
         let timeout = ctx.cfg.nat.udp_timeout;
         while let Some(slot) = self.table.next_expired(now, timeout) {
@@ -481,7 +464,7 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(parse_udp(&p[0]), (d, g, b"pong".to_vec()));
 
-        let rows = e.nat.sessions();
+        let rows = e.sessions();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
         assert_eq!((r.proto, r.guest, r.dst), (Proto::Udp, g, d));
@@ -502,7 +485,7 @@ mod tests {
         assert!(e.nat.udp.is_empty());
         assert_eq!(h.closed, vec![sock]);
         assert_eq!(e.poll_timeout(), None);
-        assert!(e.nat.sessions().is_empty());
+        assert!(e.sessions().is_empty());
         let id = r.id;
         assert_eq!(
             std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>(),

@@ -27,12 +27,13 @@ use smoltcp::wire::UDP_HEADER_LEN;
 
 use crate::config::Config;
 use crate::event::Event;
-use crate::nat::udp::{send_to_guest, DNS_PORT, READ_BUDGET};
-use crate::nat::{Proto, SessionInfo};
+use crate::nat::session::{Proto, SessionInfo};
+use crate::nat::udp::{send_to_guest, MAX_UDP_PAYLOAD};
 use crate::output::FrameBatch;
-use crate::sockio::{SockId, SockIo};
+use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
-use crate::time::Instant;
+use crate::time::{earliest, Instant};
+use crate::wire::DNS_PORT;
 use crate::Ctx;
 
 /// Queries in flight at once.
@@ -94,6 +95,11 @@ pub struct DnsRelay {
     /// (deadline, relay ID, session id); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
     pool: Vec<Vec<u8>>,
+    /// Upstream sockets that still had answers when their read budget ran out.
+    rearm: Vec<SockId>,
+    rearm_scratch: Vec<SockId>,
+    /// Scratch for a query or an answer: UDP header room, then the DNS message.
+    buf: Box<[u8]>,
 }
 
 impl DnsRelay {
@@ -103,6 +109,9 @@ impl DnsRelay {
             pending: HashMap::new(),
             timers: BinaryHeap::new(),
             pool: Vec::new(),
+            rearm: Vec::new(),
+            rearm_scratch: Vec::new(),
+            buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
         }
     }
 
@@ -124,6 +133,7 @@ impl DnsRelay {
             }
         }
         self.pending.clear();
+        self.rearm.clear();
     }
 
     /// The socket to upstream `i` if it is open.
@@ -169,10 +179,26 @@ impl DnsRelay {
         Ok(s)
     }
 
-    /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53). `buf` is
-    /// scratch space at least as large as a UDP datagram.
-    #[allow(clippy::too_many_arguments)]
+    /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53).
     pub fn handle_query(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        guest: SocketAddrV4,
+        query: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), DropReason> {
+        // Lent out of `self` for the call, which needs `self` too; an empty box allocates nothing.
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.relay_query(now, ctx, guest, query, io, out, &mut buf);
+        self.buf = buf;
+        r
+    }
+
+    /// `handle_query`, with `buf` as scratch space at least as large as a UDP datagram.
+    #[allow(clippy::too_many_arguments)]
+    fn relay_query(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -282,9 +308,48 @@ impl DnsRelay {
         Err(DropReason::Limit)
     }
 
+    /// Handles `ev` if it is for an upstream socket; else gives it back.
+    pub fn handle_sock_event(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ev: SockEvent,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<SockEvent> {
+        match ev {
+            SockEvent::Readable(sock) => {
+                let Some(more) = self.read_socket(now, ctx, sock, io, out) else {
+                    return Some(ev);
+                };
+                if more && !self.rearm.contains(&sock) {
+                    self.rearm.push(sock);
+                }
+                None
+            }
+            // Failures surface on the reads, and queries are sent at once or not at all.
+            SockEvent::Failed(sock, _) | SockEvent::Writable(sock) if self.owns(sock) => None,
+            _ => Some(ev),
+        }
+    }
+
     /// Reads answers from `sock` if it is an upstream socket: `None` if it is not one of ours,
     /// else whether data may remain after the read budget.
-    pub fn on_readable(
+    fn read_socket(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Option<bool> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let more = self.read_answers(now, ctx, sock, io, out, &mut buf);
+        self.buf = buf;
+        more
+    }
+
+    fn read_answers(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -363,17 +428,30 @@ impl DnsRelay {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|r| r.0 .0)
+        let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
+        earliest(due_now, self.timers.peek().map(|r| r.0 .0))
     }
 
-    /// Queries past their deadline go to the next upstream once, then are forgotten.
+    /// Reads the upstream sockets left with answers, then sends the queries past their
+    /// deadline to the next upstream once, and forgets them after that.
     pub fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
         io: &mut impl SockIo,
-        _out: &mut FrameBatch,
+        out: &mut FrameBatch,
     ) {
+        std::mem::swap(&mut self.rearm, &mut self.rearm_scratch);
+        let mut list = std::mem::take(&mut self.rearm_scratch);
+        for sock in list.drain(..) {
+            if self.read_socket(now, ctx, sock, io, out) == Some(true)
+                && !self.rearm.contains(&sock)
+            {
+                self.rearm.push(sock);
+            }
+        }
+        self.rearm_scratch = list;
+
         while let Some(&Reverse((deadline, id, sid))) = self.timers.peek() {
             if deadline > now {
                 break;
@@ -490,7 +568,7 @@ mod tests {
 
     /// The socket of upstream `i` and the last query sent on it.
     fn last_sent(e: &crate::Engine, h: &mut SimSockets, i: usize) -> (SockId, Vec<u8>) {
-        let s = e.nat.udp.dns.upstream_socket(i).unwrap();
+        let s = e.dns.upstream_socket(i).unwrap();
         (s, h.udp(s).unwrap().sent.last().unwrap().clone())
     }
 
@@ -507,7 +585,7 @@ mod tests {
         assert_eq!(h.udp(s1).unwrap().dst, UP1);
         assert_eq!(relayed[2..], query(0x1234)[2..]);
         let new_id = u16::from_be_bytes([relayed[0], relayed[1]]);
-        let rows = e.nat.sessions();
+        let rows = e.sessions();
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].proto, rows[0].guest, rows[0].dst),
@@ -530,8 +608,8 @@ mod tests {
         assert_eq!((from, to), (host53(), guest()));
         assert_eq!(payload[..2], 0x1234u16.to_be_bytes());
         assert_eq!(payload[2..], answer_to(&relayed)[2..]);
-        assert_eq!(e.nat.udp.dns.pending(), 0);
-        assert!(e.nat.sessions().is_empty());
+        assert_eq!(e.dns.pending(), 0);
+        assert!(e.sessions().is_empty());
         // A duplicate answer finds nothing in flight.
         h.deliver_udp(s1, &answer_to(&relayed));
         pump(&mut e, &mut h, &mut out, T0);
@@ -577,15 +655,15 @@ mod tests {
         );
         let t1 = T0 + Duration::from_secs(2);
         e.handle_timeout(t1, &mut h, &mut out);
-        assert_eq!(e.nat.udp.dns.pending(), 1);
+        assert_eq!(e.dns.pending(), 1);
         assert_eq!(e.poll_timeout(), Some(t1 + Duration::from_secs(2)));
         e.handle_timeout(t1 + Duration::from_secs(2), &mut h, &mut out);
-        assert_eq!(e.nat.udp.dns.pending(), 0);
+        assert_eq!(e.dns.pending(), 0);
         assert_eq!(e.poll_timeout(), None);
         assert!(out.is_empty());
         // Sent once to each upstream.
-        let s1 = e.nat.udp.dns.upstream_socket(0).unwrap();
-        let s2 = e.nat.udp.dns.upstream_socket(1).unwrap();
+        let s1 = e.dns.upstream_socket(0).unwrap();
+        let s2 = e.dns.upstream_socket(1).unwrap();
         assert_eq!(h.udp(s1).unwrap().sent.len(), 1);
         assert_eq!(h.udp(s2).unwrap().sent.len(), 1);
     }
@@ -597,7 +675,7 @@ mod tests {
             let g = SocketAddrV4::new(GUEST_IP, 2000 + port);
             e.handle_frame(T0, &udp_frame(g, host53(), &query(1)), &mut h, &mut out);
         }
-        let s1 = e.nat.udp.dns.upstream_socket(0).unwrap();
+        let s1 = e.dns.upstream_socket(0).unwrap();
         let mut ids: Vec<u16> = h
             .udp(s1)
             .unwrap()
@@ -608,7 +686,7 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 200);
-        assert_eq!(e.nat.sessions().len(), 200);
+        assert_eq!(e.sessions().len(), 200);
     }
 
     #[test]
@@ -660,7 +738,7 @@ mod tests {
         resp[2] |= QR;
         e.handle_frame(T0, &udp_frame(guest(), host53(), &resp), &mut h, &mut out);
         assert_eq!(e.stats().drops_of(DropReason::Unsupported), 1);
-        assert_eq!(e.nat.udp.dns.pending(), 0);
+        assert_eq!(e.dns.pending(), 0);
         // A short answer from the upstream is malformed.
         e.handle_frame(
             T0,

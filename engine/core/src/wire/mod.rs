@@ -1,6 +1,8 @@
 //! Frame building on top of `smoltcp::wire`: one place that lays out Ethernet + IPv4 + payload,
 //! so every protocol of the virtual host and the NAT emits frames the same way.
 
+pub mod dhcp_options;
+
 use std::net::Ipv4Addr;
 
 use smoltcp::wire::{
@@ -13,6 +15,8 @@ use crate::output::FrameBatch;
 
 pub const IPV4_HEADER_LEN: usize = 20;
 pub const DEFAULT_TTL: u8 = 64;
+/// The DNS server port (UDP and TCP).
+pub const DNS_PORT: u16 = 53;
 
 pub fn eth(mac: Mac) -> EthernetAddress {
     EthernetAddress(mac.0)

@@ -283,7 +283,7 @@ impl T {
     }
 
     fn state(&self) -> &'static str {
-        let s = self.e.nat.sessions();
+        let s = self.e.sessions();
         s.iter()
             .find(|s| s.dst == self.dst)
             .map_or("none", |s| s.state)
@@ -446,7 +446,7 @@ fn upload_in_order_acks_every_second_segment() {
     let got = t.send(&t.data(3000, &data[3000..]));
     assert_eq!(got[0].ack, Some(GISS + 1 + 4000));
     assert_eq!(t.tcp().written, data);
-    let s = &t.e.nat.sessions()[0];
+    let s = &t.e.sessions()[0];
     assert_eq!(s.bytes_to_host, 4000);
 }
 
@@ -973,7 +973,7 @@ fn shutdown_resets_every_guest_and_closes_every_socket() {
     assert_eq!(got[0].seq, t.iss + 1);
     assert_eq!(t.state(), "none");
     assert!(t.h.closed.contains(&sock));
-    assert!(t.e.nat.sessions().is_empty());
+    assert!(t.e.sessions().is_empty());
 }
 
 impl T {
@@ -1008,7 +1008,7 @@ fn per_guest_limit() {
     let got = t.send(&s2);
     assert!(got.len() == 1 && got[0].rst);
     assert_eq!(t.drops(DropReason::Limit), 1);
-    assert_eq!(t.e.nat.sessions().len(), 1);
+    assert_eq!(t.e.sessions().len(), 1);
 }
 
 #[test]
@@ -1071,7 +1071,7 @@ fn malformed_segments_are_dropped() {
     fix_tcp(&mut f);
     assert!(t.raw(&f).is_empty());
     assert_eq!(t.drops(DropReason::Malformed), 5);
-    assert!(t.e.nat.sessions().is_empty());
+    assert!(t.e.sessions().is_empty());
 }
 
 fn fix_ip(f: &mut [u8]) {
@@ -1108,7 +1108,7 @@ fn session_row_counts_both_ways() {
     let sock = t.sock;
     t.h.deliver_tcp(sock, b"pong!");
     t.pump();
-    let s = &t.e.nat.sessions()[0];
+    let s = &t.e.sessions()[0];
     assert_eq!(s.proto, crate::nat::Proto::Tcp);
     assert_eq!(s.guest, SocketAddrV4::new(GUEST, GPORT));
     assert_eq!(s.dst, SocketAddrV4::new(DST, 80));
