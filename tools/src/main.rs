@@ -360,6 +360,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
 
     let mut taps = port.queues;
     let tap = taps.remove(0);
+    let log_rate = cfg.control.log_rate;
     let engine = Engine::new(cfg, mac, rng.random());
     let opts = Options {
         workers,
@@ -367,7 +368,9 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         tap_queues: taps,
         napi: port.napi,
         operator: Some(Box::new(server)),
-        events: Some(std::sync::Arc::new(hubnat_daemon::events::TracingSink)),
+        events: Some(std::sync::Arc::new(
+            hubnat_daemon::events::TracingSink::new(log_rate),
+        )),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     if !args.no_sandbox {
@@ -422,6 +425,7 @@ fn open_security_log(cfg: &Config) -> Result<Option<SecurityLog>> {
         path,
         cfg.control.security_log_format,
         cfg.control.reverse_lookup,
+        cfg.control.security_log_max,
     )
     .with_context(|| format!("cannot open the security log {}", path.display()))?;
     Ok(Some(log))
@@ -524,6 +528,17 @@ fn enter_sandbox(
             dir
         };
         paths.read_write.push(dir.to_owned());
+    }
+    if let Some(log) = &cfg.control.security_log {
+        // Rotation renames the log and makes a new one beside it: its directory must be
+        // writable, which hubnat makes it only where the directory is its own (named hubnat).
+        paths.give.push(log.clone());
+        if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+            paths.read_write.push(dir.to_owned());
+            if dir.file_name().is_some_and(|n| n == "hubnat") {
+                paths.give.push(dir.to_owned());
+            }
+        }
     }
     if let Some((path, ours)) = control {
         paths.give.push(path.clone());

@@ -4,6 +4,9 @@
 //! `securenat`, so that the security log (`seclog`) and any other subscriber get them with the
 //! seed's words. The words live here and nowhere else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use hubnat_core::event::Event;
 use hubnat_core::nat::Proto;
 use hubnat_runtime::events::EventSink;
@@ -14,12 +17,91 @@ pub const TARGET: &str = "securenat";
 /// The `event` field of a "connection successful" line (the one `seclog` names the host of).
 pub const TCP_CONNECTED: &str = "tcp_connected";
 
-/// The runtime's event sink: every event becomes a `securenat` tracing event.
-pub struct TracingSink;
+/// The runtime's event sink: every event becomes a `securenat` tracing event, at most
+/// `per_second` a second of each kind (0: no limit). Beyond that, lines are counted, and the
+/// count is logged as one line when the kind's next second begins: a flood of sessions costs a
+/// line a second, not a line a session, on stderr and in the security log.
+pub struct TracingSink {
+    per_second: u64,
+    start: Instant,
+    kinds: [KindLimit; KINDS],
+}
+
+/// One kind's window: the second it counts (since `start`), lines written and lines held back
+/// in it. Atomics: the sink is called from every thread, never under a lock.
+#[derive(Default)]
+struct KindLimit {
+    second: AtomicU64,
+    written: AtomicU64,
+    held: AtomicU64,
+}
+
+const KINDS: usize = 7;
+
+/// The kind of `e` (its variant), as an index, and its name for the summary line.
+fn kind(e: &Event) -> (usize, &'static str) {
+    match e {
+        Event::DhcpEntryCreated { .. } => (0, "DHCP entry created"),
+        Event::DhcpEntryDeleted { .. } => (1, "DHCP entry deleted"),
+        Event::DhcpPoolExhausted { .. } => (2, "DHCP pool exhausted"),
+        Event::SessionCreated { .. } => (3, "session created"),
+        Event::SessionDeleted { .. } => (4, "session deleted"),
+        Event::TcpConnected { .. } => (5, "connection successful"),
+        Event::TcpConnectFailed { .. } => (6, "connection failed"),
+    }
+}
+
+impl TracingSink {
+    /// A sink that writes at most `per_second` lines a second of each kind (0: all).
+    pub fn new(per_second: u32) -> TracingSink {
+        TracingSink {
+            per_second: u64::from(per_second),
+            start: Instant::now(),
+            kinds: Default::default(),
+        }
+    }
+
+    /// Whether the line for `e` may be written now; logs the summary of the kind's previous
+    /// second first when lines were held back in it.
+    fn admit(&self, e: &Event) -> bool {
+        if self.per_second == 0 {
+            return true;
+        }
+        let (i, name) = kind(e);
+        let k = &self.kinds[i];
+        let now = self.start.elapsed().as_secs();
+        let second = k.second.load(Ordering::Relaxed);
+        if now != second
+            && k.second
+                .compare_exchange(second, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            // This thread opened the new second: it reports the old one.
+            k.written.store(0, Ordering::Relaxed);
+            let held = k.held.swap(0, Ordering::Relaxed);
+            if held > 0 {
+                tracing::warn!(
+                    target: TARGET,
+                    event = "suppressed",
+                    "SecureNAT: {held} \"{name}\" lines suppressed (more than {} a second).",
+                    self.per_second
+                );
+            }
+        }
+        if k.written.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            true
+        } else {
+            k.held.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
 
 impl EventSink for TracingSink {
     fn event(&self, e: &Event) {
-        emit(e);
+        if self.admit(e) {
+            emit(e);
+        }
     }
 }
 
@@ -108,6 +190,31 @@ fn log_name(proto: Proto) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_one_kind_is_cut_to_the_rate_and_others_pass() {
+        let sink = TracingSink::new(3);
+        let created = Event::SessionDeleted {
+            proto: Proto::Udp,
+            id: 1,
+        };
+        let failed = Event::TcpConnectFailed {
+            id: 2,
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            port: 1,
+            reason: "refused".into(),
+        };
+        let passed = (0..100).filter(|_| sink.admit(&created)).count();
+        // Within one second (the test is far shorter), unless the second turned meanwhile.
+        assert!(passed == 3 || passed == 6, "{passed}");
+        assert!(sink.admit(&failed), "another kind has its own budget");
+        let (i, _) = kind(&created);
+        assert!(sink.kinds[i].held.load(Ordering::Relaxed) >= 94);
+        assert!(
+            (0..10).all(|_| TracingSink::new(0).admit(&created)),
+            "0: no limit"
+        );
+    }
     use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::Duration;
 

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
@@ -80,10 +80,16 @@ pub struct SecurityLog {
 }
 
 impl SecurityLog {
-    /// Appends to `path` (created with mode 0640 if missing). With `reverse_lookup` the host of
+    /// Appends to `path` (created with mode 0640 if missing), rotated to `path.1` when it
+    /// would grow past `max_bytes` (None: no cap). With `reverse_lookup` the host of
     /// "connection successful" lines is looked up.
-    pub fn open(path: &Path, format: LogFormat, reverse_lookup: bool) -> io::Result<SecurityLog> {
-        let file = open_append(path)?;
+    pub fn open(
+        path: &Path,
+        format: LogFormat,
+        reverse_lookup: bool,
+        max_bytes: Option<u64>,
+    ) -> io::Result<SecurityLog> {
+        let file = RotatingFile::open(path, max_bytes)?;
         let lookup: fn(Ipv4Addr) -> Option<String> = self::reverse_lookup;
         Self::with_writer(Box::new(file), format, reverse_lookup.then_some(lookup))
     }
@@ -142,6 +148,76 @@ impl SecurityLog {
         if self.tx.try_send(line).is_err() {
             self.lost.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// The security log's file with a size cap: at the cap it is renamed to `FILE.1` (replacing
+/// the one before) and a new file is begun, so the log takes at most twice the cap on disk.
+/// Where the rename or the new file is refused (the directory is not hubnat's to write), lines
+/// past the cap are dropped and counted rather than let the file grow.
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max: Option<u64>,
+    /// Lines dropped since the cap could not be kept by rotating.
+    dropped: u64,
+}
+
+impl RotatingFile {
+    /// Opens `path` for appending, capped at `max` bytes.
+    pub fn open(path: &Path, max: Option<u64>) -> io::Result<RotatingFile> {
+        let file = open_append(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile {
+            path: path.to_owned(),
+            file,
+            size,
+            max,
+            dropped: 0,
+        })
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = open_append(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.max.is_some_and(|m| self.size + buf.len() as u64 > m) && self.size > 0 {
+            if let Err(e) = self.rotate() {
+                if self.dropped == 0 {
+                    eprintln!(
+                        "hubnat: the security log {} reached its size cap and cannot be rotated ({e}): lines are dropped",
+                        self.path.display()
+                    );
+                }
+                self.dropped += 1;
+                // Taken as written: the caller must not retry a line the cap refused.
+                return Ok(buf.len());
+            }
+            if self.dropped > 0 {
+                let note = format!(
+                    "SecureNAT: {} security log lines were dropped at the size cap.\n",
+                    std::mem::take(&mut self.dropped)
+                );
+                self.size += note.len() as u64;
+                self.file.write_all(note.as_bytes())?;
+            }
+        }
+        let n = self.file.write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -310,7 +386,7 @@ mod tests {
             },
             Event::SessionDeleted { proto: tcp, id: 1 },
         ] {
-            events::TracingSink.event(&e);
+            events::TracingSink::new(0).event(&e);
         }
         tracing::info!(target: "other", "not for the security log");
     }
@@ -381,5 +457,27 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("Host \"207.46.0.166 (207.46.0.166)\""));
+    }
+
+    #[test]
+    fn the_file_is_rotated_at_its_cap_and_keeps_one_old_file() {
+        let dir = std::env::temp_dir().join(format!("hubnat-seclog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("security.log");
+        let mut f = RotatingFile::open(&path, Some(100)).unwrap();
+        for i in 0..30 {
+            writeln!(f, "line {i:03} of the security log").unwrap();
+        }
+        let cur = std::fs::read_to_string(&path).unwrap();
+        let old = std::fs::read_to_string(dir.join("security.log.1")).unwrap();
+        assert!(
+            cur.len() <= 100 && old.len() <= 100,
+            "{} {}",
+            cur.len(),
+            old.len()
+        );
+        assert!(cur.ends_with("line 029 of the security log\n"), "{cur}");
+        assert!(old.lines().count() >= 2);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
