@@ -111,6 +111,8 @@ pub struct NatConfig {
     pub max_half_open: usize,
     /// An address of the virtual network that stands for the host's 127.0.0.1 (off by default).
     pub host_loopback: Option<Ipv4Addr>,
+    /// The operator's egress rules, in order (`nat::policy`); before the refused defaults.
+    pub egress: Vec<crate::nat::policy::Rule>,
 }
 
 #[derive(Clone, PartialEq, Debug)]
@@ -255,6 +257,8 @@ pub struct RawNat {
     pub max_sessions_per_guest: Option<usize>,
     pub max_half_open: Option<usize>,
     pub host_loopback: Option<String>,
+    /// Egress rules, `allow|deny CIDR [tcp|udp|icmp] [PORT|LOW-HIGH]`, first match wins.
+    pub egress: Option<Vec<String>>,
 }
 
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
@@ -452,6 +456,13 @@ impl Config {
             )?,
             max_half_open: positive("nat.max_half_open", raw.nat.max_half_open, 1024)?,
             host_loopback,
+            egress: raw
+                .nat
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| r.parse().map_err(|e: String| field_err("nat.egress", e)))
+                .collect::<Result<_, _>>()?,
         };
         if let Some(budget) = machine.socket_budget {
             // Every session holds a host socket: no more sessions than the process may open
@@ -557,6 +568,21 @@ impl Config {
         let mut upstream = Vec::new();
         for s in raw.dns.upstream.iter().flatten() {
             upstream.push(parse_upstream("dns.upstream", s)?);
+        }
+        for u in &upstream {
+            if let std::net::SocketAddr::V4(a) = u {
+                if let Some(rule) = crate::nat::policy::denied_by(
+                    &nat.egress,
+                    crate::nat::Proto::Udp,
+                    *a.ip(),
+                    a.port(),
+                ) {
+                    return Err(field_err(
+                        "dns.upstream",
+                        format!("{u} is denied by the egress rule `{rule}`"),
+                    ));
+                }
+            }
         }
         if upstream.is_empty() {
             // The relay's sockets are IPv4.
@@ -804,5 +830,17 @@ mod tests {
         );
         let c = Config::from_raw(&RawConfig::default()).unwrap();
         assert_eq!(c.nat.max_sessions, 65536, "no budget, no clamp");
+    }
+
+    #[test]
+    fn egress_rules_are_checked_and_a_denied_upstream_is_refused() {
+        let c = load("[nat]\negress = [\"deny 10.0.0.0/8\", \"allow 169.254.169.254 tcp 80\"]\n")
+            .unwrap();
+        assert_eq!(c.nat.egress.len(), 2);
+        let e = load("[nat]\negress = [\"allow 10.0.0.1/8\"]\n").unwrap_err();
+        assert_eq!(field_of(e), "nat.egress");
+        let e = load("[nat]\negress = [\"deny 10.0.0.0/8\"]\n[dns]\nupstream = [\"10.0.0.53\"]\n")
+            .unwrap_err();
+        assert_eq!(field_of(e), "dns.upstream");
     }
 }

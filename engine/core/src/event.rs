@@ -75,6 +75,15 @@ pub enum Event {
         /// The port connected to.
         port: u16,
     },
+    /// The egress policy refused a guest's flow (no session was made).
+    EgressRefused {
+        /// The flow's protocol.
+        proto: Proto,
+        /// The guest's end.
+        src: SocketAddrV4,
+        /// The destination as the guest addressed it (port 0 for ICMP).
+        dst: SocketAddrV4,
+    },
     /// The connection of TCP session `id` to its destination failed.
     TcpConnectFailed {
         /// The session id.

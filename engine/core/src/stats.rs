@@ -22,10 +22,12 @@ pub enum DropReason {
     Unsupported,
     /// An inter-thread queue or socket buffer was full.
     QueueFull,
+    /// The egress policy refuses the destination (`nat::policy`).
+    Policy,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Foreign,
@@ -35,6 +37,7 @@ impl DropReason {
         DropReason::NoArp,
         DropReason::Unsupported,
         DropReason::QueueFull,
+        DropReason::Policy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +51,7 @@ impl DropReason {
             DropReason::NoArp => "no_arp",
             DropReason::Unsupported => "unsupported",
             DropReason::QueueFull => "queue_full",
+            DropReason::Policy => "policy",
         }
     }
 }

@@ -215,6 +215,7 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("max_sessions_per_guest", Kind::Int),
             ("max_half_open", Kind::Int),
             ("host_loopback", Kind::Str),
+            ("egress", Kind::List),
         ],
     ),
     (
@@ -335,6 +336,7 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             max_sessions_per_guest: Some(cfg.nat.max_sessions_per_guest),
             max_half_open: Some(cfg.nat.max_half_open),
             host_loopback: blank(cfg.nat.host_loopback),
+            egress: Some(cfg.nat.egress.iter().map(|r| r.to_string()).collect()),
         },
         dhcp: RawDhcp {
             enabled: Some(cfg.dhcp.enabled),

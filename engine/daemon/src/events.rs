@@ -36,7 +36,7 @@ struct KindLimit {
     held: AtomicU64,
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 
 /// The kind of `e` (its variant), as an index, and its name for the summary line.
 fn kind(e: &Event) -> (usize, &'static str) {
@@ -48,6 +48,7 @@ fn kind(e: &Event) -> (usize, &'static str) {
         Event::SessionDeleted { .. } => (4, "session deleted"),
         Event::TcpConnected { .. } => (5, "connection successful"),
         Event::TcpConnectFailed { .. } => (6, "connection failed"),
+        Event::EgressRefused { .. } => (7, "refused by the egress policy"),
     }
 }
 
@@ -111,7 +112,7 @@ impl EventSink for TracingSink {
 /// it), which the security log's lookup relies on.
 pub fn emit(e: &Event) {
     match e {
-        Event::DhcpPoolExhausted { .. } => {
+        Event::DhcpPoolExhausted { .. } | Event::EgressRefused { .. } => {
             tracing::warn!(target: TARGET, "{}", seed_text(e));
         }
         Event::TcpConnected { id, ip, port } => {
@@ -163,6 +164,10 @@ pub fn seed_text(e: &Event) -> String {
         Event::TcpConnected { id, ip, port } => {
             tcp_connected_text(*id, &ip.to_string(), *ip, *port)
         }
+        Event::EgressRefused { proto, src, dst } => format!(
+            "SecureNAT: The {} connection from {src} to {dst} was refused by the egress policy.",
+            log_name(*proto)
+        ),
         Event::TcpConnectFailed {
             id,
             ip,

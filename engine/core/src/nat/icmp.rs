@@ -131,7 +131,15 @@ impl IcmpNat {
         if !ctx.cfg.in_subnet(src) {
             return Err(DropReason::Foreign);
         }
-        let host_dst = *sock_destination(ctx, SocketAddrV4::new(dst, 0))?.ip();
+        let from = SocketAddrV4::new(src, ident);
+        let host_dst = match sock_destination(ctx, Proto::Icmp, from, SocketAddrV4::new(dst, 0)) {
+            Ok(d) => *d.ip(),
+            Err(DropReason::Policy) => {
+                crate::nat::udp::refuse(ctx, ip, out);
+                return Err(DropReason::Policy);
+            }
+            Err(e) => return Err(e),
+        };
         if !self.decide(io) {
             let reply = Icmpv4Repr::EchoReply {
                 ident,

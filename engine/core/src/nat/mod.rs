@@ -8,6 +8,7 @@
 
 pub mod frag;
 pub mod icmp;
+pub mod policy;
 pub mod session;
 pub mod tcp;
 pub mod udp;
@@ -41,18 +42,34 @@ pub struct Nat {
     pub icmp: icmp::IcmpNat,
 }
 
-/// Where a guest's destination really is on the sock side, or why it may not be reached.
+/// Where a guest's flow of `proto` from `guest` to `dst` really goes on the sock side, or why it
+/// may not.
 ///
-/// The host-loopback alias (when configured) stands for 127.0.0.1. Addresses of the virtual
-/// network itself are never sent out: the segment is reached directly, not through the NAT, and a
-/// packet for them on the sock side could only come back in (seed 3.7.4, loops).
-pub fn sock_destination(ctx: &Ctx, dst: SocketAddrV4) -> Result<SocketAddrV4, DropReason> {
+/// The host-loopback alias (when configured) stands for 127.0.0.1: the one documented door to
+/// the host's loopback. Addresses of the virtual network itself are never sent out: the segment
+/// is reached directly, not through the NAT, and a packet for them on the sock side could only
+/// come back in (seed 3.7.4, loops). Everything else passes the egress policy (`policy`); a
+/// refusal is reported as an event (the log's rate limit keeps a scan from flooding it).
+pub fn sock_destination(
+    ctx: &mut Ctx,
+    proto: Proto,
+    guest: SocketAddrV4,
+    dst: SocketAddrV4,
+) -> Result<SocketAddrV4, DropReason> {
     let ip = *dst.ip();
     if Some(ip) == ctx.cfg.nat.host_loopback {
         return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
     }
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
+    if ip.is_unspecified() || ip.is_broadcast() || ctx.cfg.in_subnet(ip) {
         return Err(DropReason::Loop);
+    }
+    if !policy::permits(&ctx.cfg.nat.egress, proto, ip, dst.port()) {
+        ctx.events.push(crate::event::Event::EgressRefused {
+            proto,
+            src: guest,
+            dst,
+        });
+        return Err(DropReason::Policy);
     }
     Ok(dst)
 }

@@ -41,6 +41,14 @@ use crate::vhost::icmp::{push_icmp, push_unreachable};
 use crate::wire::{push_ipv4_fragments, Ipv4Header, DNS_PORT, IPV4_HEADER_LEN};
 use crate::Ctx;
 
+/// Tells the guest that sent `ip` that the egress policy refuses its destination: ICMP
+/// destination unreachable, administratively prohibited, from the virtual host (its router).
+pub(crate) fn refuse(ctx: &mut Ctx, ip: &Ipv4Packet<&[u8]>, out: &mut FrameBatch) {
+    let from = ctx.host_ip();
+    // Without the guest's MAC there is no one to tell; the drop is counted either way.
+    let _ = push_unreachable(ctx, from, Icmpv4DstUnreachable::CommProhibited, ip, out);
+}
+
 /// The largest UDP payload an IPv4 datagram can carry.
 pub const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN;
 
@@ -132,7 +140,14 @@ impl UdpNat {
         let key = UdpKey { guest, dst: to };
         let slot = match self.table.slot(&key) {
             Some(slot) => slot,
-            None => self.open(now, ctx, key, io)?,
+            None => match self.open(now, ctx, key, io) {
+                Ok(slot) => slot,
+                Err(DropReason::Policy) => {
+                    refuse(ctx, ip, out);
+                    return Err(DropReason::Policy);
+                }
+                Err(e) => return Err(e),
+            },
         };
         let Some(s) = self.table.get_mut(slot) else {
             return Err(DropReason::Malformed);
@@ -164,7 +179,7 @@ impl UdpNat {
         key: UdpKey,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
-        let host_dst = sock_destination(ctx, key.dst)?;
+        let host_dst = sock_destination(ctx, Proto::Udp, key.guest, key.dst)?;
         let nat = &ctx.cfg.nat;
         if self.table.full(
             *key.guest.ip(),

@@ -172,7 +172,7 @@ impl TcpNat {
             if !ctx.cfg.nat.enabled {
                 return Err(DropReason::Disabled);
             }
-            match sock_destination(ctx, dst) {
+            match sock_destination(ctx, Proto::Tcp, guest, dst) {
                 Ok(t) => t,
                 Err(why) => {
                     reset(ctx, seg, key, out)?;
