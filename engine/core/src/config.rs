@@ -113,6 +113,10 @@ pub struct NatConfig {
     pub host_loopback: Option<Ipv4Addr>,
     /// The operator's egress rules, in order (`nat::policy`); before the refused defaults.
     pub egress: Vec<crate::nat::policy::Rule>,
+    /// How guests' source addresses are bound to their MACs (`vhost::bindings`).
+    pub source_check: crate::vhost::bindings::SourceCheck,
+    /// Static bindings: these addresses only from these MACs.
+    pub bindings: Vec<(Mac, Ipv4Addr)>,
 }
 
 #[derive(Clone, PartialEq, Debug)]
@@ -259,6 +263,10 @@ pub struct RawNat {
     pub host_loopback: Option<String>,
     /// Egress rules, `allow|deny CIDR [tcp|udp|icmp] [PORT|LOW-HIGH]`, first match wins.
     pub egress: Option<Vec<String>>,
+    /// `learn` (the default), `lease` or `subnet`.
+    pub source_check: Option<crate::vhost::bindings::SourceCheck>,
+    /// Static bindings, `"MAC IP"` each.
+    pub bindings: Option<Vec<String>>,
 }
 
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
@@ -463,7 +471,25 @@ impl Config {
                 .flatten()
                 .map(|r| r.parse().map_err(|e: String| field_err("nat.egress", e)))
                 .collect::<Result<_, _>>()?,
+            source_check: raw.nat.source_check.unwrap_or_default(),
+            bindings: Vec::new(),
         };
+        for b in raw.nat.bindings.iter().flatten() {
+            let bad = |why: &str| field_err("nat.bindings", format!("`{b}`: {why}"));
+            let mut w = b.split_whitespace();
+            let (Some(m), Some(a), None) = (w.next(), w.next(), w.next()) else {
+                return Err(bad("give a MAC and an address"));
+            };
+            let mac: Mac = m.parse().map_err(|_| bad("not a MAC address"))?;
+            let ip: Ipv4Addr = a.parse().map_err(|_| bad("not an IPv4 address"))?;
+            if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
+                return Err(bad("the address must be a guest's of the virtual network"));
+            }
+            if nat.bindings.iter().any(|(_, other)| *other == ip) {
+                return Err(bad("the address is bound twice"));
+            }
+            nat.bindings.push((mac, ip));
+        }
         if let Some(budget) = machine.socket_budget {
             // Every session holds a host socket: no more sessions than the process may open
             // sockets, so that the lease file and the operator's connections always find a

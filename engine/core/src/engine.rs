@@ -17,6 +17,7 @@ use crate::sockio::{SockEvent, SockIo};
 use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
+use crate::vhost::bindings::{Bindings, BoundBy, Sources};
 use crate::vhost::dhcp::DhcpServer;
 use crate::vhost::dns::DnsRelay;
 use crate::vhost::icmp;
@@ -36,6 +37,10 @@ pub struct Ctx {
     session_id: u32,
     /// The ids and limits shared with the other engines of a multi-worker runtime.
     shared: Option<Arc<dyn SharedSessions>>,
+    /// Which MAC may send from which address (`vhost::bindings`).
+    pub(crate) sources: Sources,
+    /// The lease table's generation the source bindings were last brought in line with.
+    leases_bound: u64,
     /// What happened, waiting for `Engine::poll_event`.
     pub(crate) events: Events,
 }
@@ -61,6 +66,18 @@ pub trait SharedSessions: Send + Sync {
     fn half_open(&self) -> usize;
     /// Sessions of `proto` counted for `guest`.
     fn count(&self, proto: Proto, guest: Ipv4Addr) -> usize;
+    /// Changes whenever the source bindings change (engines copy them again then).
+    fn bindings_generation(&self) -> u64;
+    /// A copy of the source bindings.
+    fn bindings(&self) -> Bindings;
+    /// Binds `ip` to `mac` by first use if it is free (`Bindings::claim`); true when bound.
+    fn claim_binding(&self, now: Instant, mac: Mac, ip: Ipv4Addr) -> bool;
+    /// Binds `ip` to `mac` for a lease or the configuration.
+    fn bind(&self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy);
+    /// Ends a binding of kind `by`.
+    fn unbind(&self, ip: Ipv4Addr, by: BoundBy);
+    /// Records that a bound address is still in use.
+    fn touch_binding(&self, now: Instant, ip: Ipv4Addr);
 }
 
 impl Ctx {
@@ -86,7 +103,14 @@ impl Ctx {
     /// other engines of a runtime (its workers), so that ids stay unique and the session limits
     /// hold across them.
     pub fn share_sessions(&mut self, shared: Arc<dyn SharedSessions>) {
+        self.sources.share(Arc::clone(&shared));
         self.shared = Some(shared);
+    }
+
+    /// Whether `mac` may send from `ip` (`nat.source_check`); a refusal is counted as spoofed.
+    pub(crate) fn source_ok(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr) -> bool {
+        let mode = self.cfg.nat.source_check;
+        self.sources.check(mode, now, mac, ip)
     }
 
     pub fn host_ip(&self) -> Ipv4Addr {
@@ -170,7 +194,7 @@ impl Engine {
         let dhcp = DhcpServer::new(&cfg.dhcp);
         let nat = Nat::new(&cfg);
         let dns = DnsRelay::new(&cfg);
-        Engine {
+        let mut e = Engine {
             ctx: Ctx {
                 cfg,
                 mac,
@@ -180,12 +204,38 @@ impl Engine {
                 ip_ident: 0,
                 session_id: 0,
                 shared: None,
+                sources: Sources::default(),
+                leases_bound: 0,
                 events: Events::default(),
             },
             dhcp,
             dns,
             nat,
+        };
+        e.bind_static(Instant::ZERO, &[]);
+        e
+    }
+
+    /// Binds the configuration's static bindings, ending those of `old` that it no longer has.
+    fn bind_static(&mut self, now: Instant, old: &[(Mac, Ipv4Addr)]) {
+        for (_, ip) in old {
+            self.ctx.sources.unbind(*ip, BoundBy::Static);
         }
+        for (mac, ip) in self.ctx.cfg.nat.bindings.clone() {
+            self.ctx.sources.bind(now, ip, mac, BoundBy::Static);
+        }
+    }
+
+    /// Brings the source bindings in line with the lease table when it changed (a cheap
+    /// comparison otherwise). Only the engine that runs DHCP has leases to bind.
+    fn bind_leases(&mut self, now: Instant) {
+        let generation = self.dhcp.generation();
+        if generation == self.ctx.leases_bound {
+            return;
+        }
+        self.ctx.leases_bound = generation;
+        let leases: Vec<(Ipv4Addr, Mac)> = self.dhcp.leases().map(|l| (l.ip, l.mac)).collect();
+        self.ctx.sources.sync_leases(now, &leases);
     }
 
     /// The seed's NAT table: every session of every protocol, the DNS relay's queries in flight
@@ -242,7 +292,7 @@ impl Engine {
     /// by a restart.
     pub fn reconfigure(
         &mut self,
-        _now: Instant,
+        now: Instant,
         mut new: Config,
         _io: &mut impl SockIo,
         out: &mut FrameBatch,
@@ -275,7 +325,11 @@ impl Engine {
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);
         self.ctx.mac = mac;
-        self.ctx.cfg = new;
+        let old_static = std::mem::replace(&mut self.ctx.cfg, new).nat.bindings;
+        if old_static != self.ctx.cfg.nat.bindings {
+            self.bind_static(now, &old_static);
+        }
+        self.bind_leases(now);
         if timeouts {
             self.nat.timeouts_changed(&self.ctx);
         }
@@ -301,6 +355,7 @@ impl Engine {
         if let Err(why) = self.dispatch_frame(now, frame, io, out) {
             self.ctx.stats.drop(why);
         }
+        self.bind_leases(now);
         self.count_out(out, before);
     }
 
@@ -363,6 +418,9 @@ impl Engine {
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
         let src = ip.src_addr();
         if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            if !self.ctx.source_ok(now, src_mac, src) {
+                return Err(DropReason::Spoofed);
+            }
             self.ctx.arp.learn(now, src, src_mac);
         }
         let Some(datagram) = self.nat.frag.add(now, &ip)? else {
@@ -459,14 +517,14 @@ impl Engine {
                     alias: self.ctx.cfg.nat.host_loopback,
                 };
                 let cfg = &self.ctx.cfg;
-                arp::handle(
-                    now,
-                    &me,
-                    |ip| cfg.in_subnet(ip),
-                    &mut self.ctx.arp,
-                    eth.payload(),
-                    out,
-                )
+                let sources = &mut self.ctx.sources;
+                let mode = cfg.nat.source_check;
+                // A neighbour entry only for a guest's address, from the MAC that holds it.
+                let may_learn = |ip, mac| {
+                    (cfg.in_subnet(ip) && ip != cfg.host.ip)
+                        .then(|| sources.check(mode, now, mac, ip))
+                };
+                arp::handle(now, &me, may_learn, &mut self.ctx.arp, eth.payload(), out)
             }
             EthernetProtocol::Ipv4 => self.handle_ipv4(now, src, dst, eth.payload(), io, out),
             _ => Err(DropReason::Foreign),
@@ -493,6 +551,11 @@ impl Engine {
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+            // A source another guest holds is not carried, nor does it move the neighbour
+            // entry (the victim's answers would go to the sender).
+            if !self.ctx.source_ok(now, src_mac, src) {
+                return Err(DropReason::Spoofed);
+            }
             self.ctx.arp.learn(now, src, src_mac);
         }
 
@@ -590,6 +653,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.dhcp.handle_timeout(now, &mut self.ctx);
+        self.bind_leases(now);
         self.dns.handle_timeout(now, &mut self.ctx, io, out);
         self.nat.handle_timeout(now, &mut self.ctx, io, out);
         self.ctx.arp.expire(now);

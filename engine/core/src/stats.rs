@@ -24,10 +24,13 @@ pub enum DropReason {
     QueueFull,
     /// The egress policy refuses the destination (`nat::policy`).
     Policy,
+    /// A source address another guest holds (`vhost::bindings`), or a DHCP message about
+    /// another client's lease.
+    Spoofed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Foreign,
@@ -38,6 +41,7 @@ impl DropReason {
         DropReason::Unsupported,
         DropReason::QueueFull,
         DropReason::Policy,
+        DropReason::Spoofed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +56,7 @@ impl DropReason {
             DropReason::Unsupported => "unsupported",
             DropReason::QueueFull => "queue_full",
             DropReason::Policy => "policy",
+            DropReason::Spoofed => "spoofed",
         }
     }
 }

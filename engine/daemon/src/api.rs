@@ -216,6 +216,8 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("max_half_open", Kind::Int),
             ("host_loopback", Kind::Str),
             ("egress", Kind::List),
+            ("source_check", Kind::Str),
+            ("bindings", Kind::List),
         ],
     ),
     (
@@ -337,6 +339,14 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             max_half_open: Some(cfg.nat.max_half_open),
             host_loopback: blank(cfg.nat.host_loopback),
             egress: Some(cfg.nat.egress.iter().map(|r| r.to_string()).collect()),
+            source_check: Some(cfg.nat.source_check),
+            bindings: Some(
+                cfg.nat
+                    .bindings
+                    .iter()
+                    .map(|(mac, ip)| format!("{mac} {ip}"))
+                    .collect(),
+            ),
         },
         dhcp: RawDhcp {
             enabled: Some(cfg.dhcp.enabled),
@@ -723,8 +733,12 @@ mod tests {
                 let mut v = BTreeMap::new();
                 v.insert(k.to_string(), val.to_string());
                 if let Err(e) = merge(&RawConfig::default(), *section, &v) {
-                    // Only the enum-typed field may refuse a made-up word.
-                    assert!(*k == "icmp", "{}.{k}: {e}", section.name());
+                    // Only the enum-typed fields may refuse a made-up word.
+                    assert!(
+                        *k == "icmp" || *k == "source_check",
+                        "{}.{k}: {e}",
+                        section.name()
+                    );
                 }
             }
         }

@@ -7,8 +7,12 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
+use std::sync::atomic::AtomicU64;
+
 use hubnat_core::nat::Proto;
-use hubnat_core::SharedSessions;
+use hubnat_core::time::Instant;
+use hubnat_core::vhost::bindings::{Bindings, BoundBy};
+use hubnat_core::{Mac, SharedSessions};
 
 /// Session counts per protocol and guest, half-open TCP connections and the session id
 /// sequence, for every engine of one runtime.
@@ -19,6 +23,20 @@ pub struct SharedLimits {
     /// TCP connections whose connect on the sock side is in progress, across the engines.
     half_open: AtomicU32,
     session_ids: AtomicU32,
+    /// The segment's source bindings; engines copy them when `bindings_generation` moved.
+    bindings: Mutex<Bindings>,
+    bindings_generation: AtomicU64,
+}
+
+impl SharedLimits {
+    fn with_bindings<T>(&self, f: impl FnOnce(&mut Bindings) -> T) -> T {
+        let mut b = self.bindings.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut b)
+    }
+
+    fn bindings_changed(&self) {
+        self.bindings_generation.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl SharedSessions for SharedLimits {
@@ -77,6 +95,37 @@ impl SharedSessions for SharedLimits {
 
     fn half_open(&self) -> usize {
         self.half_open.load(Ordering::Acquire) as usize
+    }
+
+    fn bindings_generation(&self) -> u64 {
+        self.bindings_generation.load(Ordering::Acquire)
+    }
+
+    fn bindings(&self) -> Bindings {
+        self.with_bindings(|b| b.clone())
+    }
+
+    fn claim_binding(&self, now: Instant, mac: Mac, ip: Ipv4Addr) -> bool {
+        let claimed = self.with_bindings(|b| b.claim(now, mac, ip));
+        if claimed {
+            self.bindings_changed();
+        }
+        claimed
+    }
+
+    fn bind(&self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy) {
+        self.with_bindings(|b| b.bind(now, ip, mac, by));
+        self.bindings_changed();
+    }
+
+    fn unbind(&self, ip: Ipv4Addr, by: BoundBy) {
+        self.with_bindings(|b| b.unbind(ip, by));
+        self.bindings_changed();
+    }
+
+    fn touch_binding(&self, now: Instant, ip: Ipv4Addr) {
+        // Not a change the engines need to copy: only expiry reads it, here.
+        self.with_bindings(|b| b.touch(now, ip));
     }
 
     fn count(&self, proto: Proto, guest: Ipv4Addr) -> usize {

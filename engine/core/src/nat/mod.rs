@@ -60,7 +60,8 @@ pub fn sock_destination(
     if Some(ip) == ctx.cfg.nat.host_loopback {
         return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
     }
-    if ip.is_unspecified() || ip.is_broadcast() || ctx.cfg.in_subnet(ip) {
+    // Multicast is refused silently: no ICMP error may answer a packet to a group (RFC 1122).
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
         return Err(DropReason::Loop);
     }
     if !policy::permits(&ctx.cfg.nat.egress, proto, ip, dst.port()) {

@@ -34,6 +34,8 @@ struct Neighbour {
 #[derive(Default)]
 pub struct ArpCache {
     table: HashMap<Ipv4Addr, Neighbour>,
+    /// When a claim of the virtual host's address was last logged.
+    claim_warned: Option<Instant>,
 }
 
 impl ArpCache {
@@ -129,10 +131,13 @@ pub struct ArpIdentity {
 
 /// Handles an ARP packet (the Ethernet payload). Learns the sender when it is on our subnet and
 /// answers requests for the virtual host's addresses.
+/// How often a claim of the virtual host's own address is logged (each is counted).
+const CLAIM_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub fn handle(
     now: Instant,
     me: &ArpIdentity,
-    in_subnet: impl Fn(Ipv4Addr) -> bool,
+    mut may_learn: impl FnMut(Ipv4Addr, Mac) -> Option<bool>,
     cache: &mut ArpCache,
     payload: &[u8],
     out: &mut FrameBatch,
@@ -156,14 +161,27 @@ pub fn handle(
     if sender == me.mac {
         return Err(DropReason::Foreign);
     }
+    let mut refused = false;
     if source_protocol_addr == me.ip {
-        tracing::warn!(
-            "another host ({}) claims the virtual host's address {}",
-            sender,
-            me.ip
-        );
-    } else if in_subnet(source_protocol_addr) {
-        cache.learn(now, source_protocol_addr, sender);
+        // Once a minute at most: a guest repeating the claim must not flood the log.
+        if cache
+            .claim_warned
+            .is_none_or(|t| now.saturating_since(t) >= CLAIM_WARN_EVERY)
+        {
+            cache.claim_warned = Some(now);
+            tracing::warn!(
+                "another host ({}) claims the virtual host's address {}",
+                sender,
+                me.ip
+            );
+        }
+        refused = true;
+    } else {
+        match may_learn(source_protocol_addr, sender) {
+            Some(true) => cache.learn(now, source_protocol_addr, sender),
+            Some(false) => refused = true,
+            None => {}
+        }
     }
     let ours = target_protocol_addr == me.ip || Some(target_protocol_addr) == me.alias;
     if operation == ArpOperation::Request && ours && source_protocol_addr != target_protocol_addr {
@@ -175,6 +193,9 @@ pub fn handle(
             target_protocol_addr: source_protocol_addr,
         };
         push_arp(out, sender, &reply);
+    }
+    if refused {
+        return Err(DropReason::Spoofed);
     }
     Ok(())
 }
@@ -196,8 +217,8 @@ mod tests {
         }
     }
 
-    fn subnet(ip: Ipv4Addr) -> bool {
-        ip.octets()[..3] == [192, 168, 30]
+    fn subnet(ip: Ipv4Addr, _: Mac) -> Option<bool> {
+        (ip.octets()[..3] == [192, 168, 30]).then_some(true)
     }
 
     fn request(from: Mac, from_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
