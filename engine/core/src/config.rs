@@ -601,9 +601,10 @@ impl Config {
             reverse_lookup: c.reverse_lookup.unwrap_or(true),
             security_log_max: match c.security_log_max_mib.unwrap_or(64) {
                 0 => None,
-                mib => Some(mib.checked_mul(1 << 20).ok_or_else(|| {
-                    field_err("control.security_log_max_mib", "is too large")
-                })?),
+                mib => Some(
+                    mib.checked_mul(1 << 20)
+                        .ok_or_else(|| field_err("control.security_log_max_mib", "is too large"))?,
+                ),
             },
             log_rate: c.log_rate.unwrap_or(200),
         };

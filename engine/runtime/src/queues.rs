@@ -304,11 +304,7 @@ mod tests {
                 &router, &mut ctl, &mut whole, T0, f, &mut hc, &mut out, &mut wake,
             );
         }
-        assert_eq!(
-            ctl.sessions().len(),
-            0,
-            "no session on the control thread"
-        );
+        assert_eq!(ctl.sessions().len(), 0, "no session on the control thread");
         assert_eq!(ctl.stats().frames_in, 3);
         assert!(wake[owner], "the owner is woken");
         assert!(shared.inboxes[1 - owner].is_empty());
