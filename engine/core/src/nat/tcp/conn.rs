@@ -2,22 +2,23 @@
 //!
 //! Guest → sock side, in-order payload is written straight to the socket and only what the socket
 //! took is acknowledged; what it refused, and what arrived out of order, waits in the bounded
-//! `Reasm` ring inside the advertised window (nothing beyond it is ever accepted). Sock side → guest,
-//! data stays in the socket until the guest acknowledges it: segments are peeked from the socket
-//! at `seq - snd_una` straight into the outgoing frame, retransmissions re-peek, and an ACK
-//! consumes. Congestion control is NewReno (RFC 5681/6582) with SACK-guided hole retransmission
-//! (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
+//! reassembly ring (`RecvRing`) inside the advertised window (nothing beyond it is ever
+//! accepted). Sock side → guest, data stays in the socket until the guest acknowledges it:
+//! segments are peeked from the socket at `seq - snd_una` straight into the outgoing frame,
+//! retransmissions re-peek, and an ACK consumes. Congestion control is NewReno (RFC 5681/6582)
+//! with SACK-guided hole retransmission (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
 //!
 //! Memory: `size_of::<TcpConn>()` (456 bytes on x86-64; a test asserts at most 512) plus the
 //! reassembly ring of `rcv_buf` bytes (256 KiB by default), held only while data waits in it
 //! (out of order, refused by a full socket, or, with batching, until the batch's write) and
-//! otherwise back in the per-thread pool (`reasm::POOLED_RINGS`): an idle connection holds none.
+//! otherwise back in the per-thread pool (`reassembly::POOLED_RINGS`): an idle connection holds
+//! none.
 
 use std::io;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use super::reasm::Reasm;
+use super::reassembly::RecvRing;
 use super::segment::{self, Hdr, Seg, TS_OPTION_LEN};
 use super::seq::Seq;
 use crate::config::Mac;
@@ -199,7 +200,7 @@ pub struct TcpConn {
     irs: Seq,
     pub rcv_nxt: Seq,
     rcv_wnd: usize,
-    reasm: Reasm,
+    ring: RecvRing,
     /// Sequence number of the guest's FIN, once seen (processed when `rcv_nxt` reaches it).
     guest_fin: Option<Seq>,
     /// The guest's FIN was consumed and the sock-side socket shut for writing.
@@ -276,8 +277,8 @@ impl TcpConn {
         let guest_mss = syn.mss.map_or(DEFAULT_MSS, usize::from).max(64);
         let opt = if ts_enabled { TS_OPTION_LEN } else { 0 };
         let mss = guest_mss.min(our_mss) - opt;
-        let reasm = Reasm::new(p.rcv_buf.max(4096));
-        let cap = reasm.cap();
+        let ring = RecvRing::new(p.rcv_buf.max(4096));
+        let cap = ring.cap();
         let (snd_shift, rcv_shift) = match syn.window_scale {
             Some(ws) => {
                 let mut s = 0u8;
@@ -320,7 +321,7 @@ impl TcpConn {
             irs: syn.seq,
             rcv_nxt: syn.seq + 1,
             rcv_wnd,
-            reasm,
+            ring,
             guest_fin: None,
             shut_wr: false,
             guest_closed_first: false,
@@ -392,12 +393,12 @@ impl TcpConn {
 
     /// Bytes of heap this connection holds (the reassembly ring, once used).
     pub fn heap_bytes(&self) -> usize {
-        self.reasm.allocated()
+        self.ring.allocated()
     }
 
     /// Guest bytes waiting in the ring (out of order, or refused by the socket).
     pub fn queued(&self) -> usize {
-        self.reasm.len()
+        self.ring.len()
     }
 
     // ---- building segments ----------------------------------------------------------------
@@ -430,7 +431,7 @@ impl TcpConn {
     fn send_ack<H: SockIo>(&mut self, cx: &mut Handling<H>) {
         let mut h = self.hdr(cx.now, self.snd_nxt);
         if self.sack_ok {
-            h.sack = self.reasm.sack_blocks(self.rcv_nxt);
+            h.sack = self.ring.sack_blocks(self.rcv_nxt);
         }
         self.push_hdr(cx, h);
         self.ack_sent();
@@ -1141,16 +1142,16 @@ impl TcpConn {
             }
             return Ok(false);
         }
-        let queued = self.reasm.contiguous(self.rcv_nxt);
+        let queued = self.ring.contiguous(self.rcv_nxt);
         let in_order = seq == self.rcv_nxt && queued == 0 && !self.write_blocked;
         // The first in-order segment of a batch goes to the socket at once, so a connection
         // that sends one segment at a time (interactive, or idle but for a keep-alive) never
         // needs a ring; the rest of a batch waits and is written together at its end.
         if self.defer_writes && (self.flush_pending || !in_order) {
             let hole = seq > self.rcv_nxt + queued;
-            self.reasm.insert(self.rcv_nxt, seq, data);
+            self.ring.insert(self.rcv_nxt, seq, data);
             if !hole && !self.write_blocked {
-                if self.reasm.contiguous(self.rcv_nxt) >= FLUSH_AT {
+                if self.ring.contiguous(self.rcv_nxt) >= FLUSH_AT {
                     // Enough for a large write: do not wait for the end of the batch.
                     self.drain(cx)?;
                 } else {
@@ -1163,7 +1164,7 @@ impl TcpConn {
             let n = soft(cx.io.tcp_send(sock, data))?.min(data.len());
             self.rcv_nxt = self.rcv_nxt + n;
             self.bytes_to_host += n as u64;
-            self.reasm.advance(self.rcv_nxt);
+            self.ring.advance(self.rcv_nxt);
             if n > 0 {
                 self.ack_owed = self.ack_owed.saturating_add(1);
                 // The batch has begun: what follows waits for its end, and so does the ACK.
@@ -1173,8 +1174,8 @@ impl TcpConn {
                 self.write_blocked = true;
                 // Kept (not acknowledged) until the socket takes it; if the ring cannot hold
                 // it, the guest retransmits.
-                self.reasm.insert(self.rcv_nxt, self.rcv_nxt, &data[n..]);
-            } else if !self.reasm.is_empty() {
+                self.ring.insert(self.rcv_nxt, self.rcv_nxt, &data[n..]);
+            } else if !self.ring.is_empty() {
                 // Filled a hole: hand over what waited, acknowledge at once.
                 self.drain(cx)?;
                 self.ack_owed = 2;
@@ -1182,7 +1183,7 @@ impl TcpConn {
             return Ok(false);
         }
         let hole = seq > self.rcv_nxt + queued;
-        self.reasm.insert(self.rcv_nxt, seq, data);
+        self.ring.insert(self.rcv_nxt, seq, data);
         if !hole && !self.write_blocked {
             self.drain(cx)?;
         }
@@ -1213,18 +1214,18 @@ impl TcpConn {
             return Ok(());
         };
         loop {
-            let n = self.reasm.contiguous(self.rcv_nxt);
+            let n = self.ring.contiguous(self.rcv_nxt);
             if n == 0 {
                 break;
             }
-            let (a, b) = self.reasm.slices(self.rcv_nxt, n);
+            let (a, b) = self.ring.slices(self.rcv_nxt, n);
             let mut w = soft(cx.io.tcp_send(sock, a))?.min(a.len());
             if w == a.len() && !b.is_empty() {
                 w += soft(cx.io.tcp_send(sock, b))?.min(b.len());
             }
             self.rcv_nxt = self.rcv_nxt + w;
             self.bytes_to_host += w as u64;
-            self.reasm.advance(self.rcv_nxt);
+            self.ring.advance(self.rcv_nxt);
             if w > 0 {
                 self.ack_owed = 2;
             }
@@ -1233,7 +1234,7 @@ impl TcpConn {
                 break;
             }
         }
-        self.reasm.release_if_empty();
+        self.ring.release_if_empty();
         Ok(())
     }
 
@@ -1281,7 +1282,7 @@ impl TcpConn {
             self.rto_deadline = None;
             self.persist_deadline = None;
             self.ack_deadline = None;
-            self.reasm = Reasm::new(self.reasm.cap());
+            self.ring = RecvRing::new(self.ring.cap());
             return Next::TimeWait;
         }
         Next::Keep

@@ -13,7 +13,7 @@
 //! `poll_timeout` is a heap peek, and the data path rarely touches the heap.
 
 mod conn;
-mod reasm;
+mod reassembly;
 mod segment;
 mod seq;
 #[cfg(test)]

@@ -43,17 +43,17 @@ fn give_ring(buf: Vec<u8>) {
     })
 }
 
-pub struct Reasm {
+pub struct RecvRing {
     cap: usize,
     buf: Vec<u8>,
     /// Disjoint, non-adjacent `[start, end)` ranges, ascending.
     ranges: Vec<(Seq, Seq)>,
 }
 
-impl Reasm {
+impl RecvRing {
     /// `cap` is rounded up to a power of two.
-    pub fn new(cap: usize) -> Reasm {
-        Reasm {
+    pub fn new(cap: usize) -> RecvRing {
+        RecvRing {
             cap: cap.next_power_of_two(),
             buf: Vec::new(),
             ranges: Vec::new(),
@@ -160,7 +160,7 @@ impl Reasm {
     }
 }
 
-impl Drop for Reasm {
+impl Drop for RecvRing {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
             give_ring(std::mem::take(&mut self.buf));
@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn storage_goes_back_to_the_pool_when_empty() {
-        let mut r = Reasm::new(1 << 14);
+        let mut r = RecvRing::new(1 << 14);
         r.insert(Seq(0), Seq(0), b"abc");
         assert!(r.allocated() >= 1 << 14);
         r.release_if_empty();
@@ -183,14 +183,14 @@ mod tests {
         r.release_if_empty();
         assert_eq!(r.buf.capacity(), 0);
         // The next ring of that size comes from the pool.
-        let mut q = Reasm::new(1 << 14);
+        let mut q = RecvRing::new(1 << 14);
         q.insert(Seq(10), Seq(10), b"x");
         assert_eq!(q.slices(Seq(10), 1).0, b"x");
     }
 
     #[test]
     fn fills_holes_and_merges() {
-        let mut r = Reasm::new(16);
+        let mut r = RecvRing::new(16);
         let base = Seq(u32::MAX - 5);
         assert!(r.insert(base, base + 4, b"efgh"));
         assert!(r.insert(base, base + 10, b"kl"));
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn range_count_is_bounded() {
-        let mut r = Reasm::new(1024);
+        let mut r = RecvRing::new(1024);
         let base = Seq(0);
         for i in 0..MAX_RANGES {
             assert!(r.insert(base, base + (2 + i * 4), b"x"));

@@ -18,9 +18,10 @@
 //! source), a client that set the broadcast flag gets a broadcast, and any other gets a unicast
 //! to yiaddr at chaddr. Relayed messages (giaddr set) are not served: one segment, no relays.
 //!
-//! The message view is `smoltcp::wire::DhcpPacket`; the options area is `wire::dhcp_options`.
+//! This file handles the messages and builds the replies; the address choice and the lease table
+//! are in `pool`. The message view is `smoltcp::wire::DhcpPacket`; the options area is
+//! `wire::dhcp_options`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ use crate::config::{DhcpConfig, Mac};
 use crate::event::{Event, Events};
 use crate::output::FrameBatch;
 use crate::stats::DropReason;
-use crate::time::{earliest, Instant};
+use crate::time::Instant;
 use crate::wire::dhcp_options::{
     encode_classless_routes, ipv4_option, opt, OptionIter, OptionWriter, FILE_FIELD, MAGIC_COOKIE,
     MIN_BOOTP_LEN, OPTIONS_OFFSET, SNAME_FIELD,
@@ -41,13 +42,11 @@ use crate::wire::dhcp_options::{
 use crate::wire::eth;
 use crate::Ctx;
 
-/// How long an OFFER holds its address for the client it was made to.
-pub const OFFER_HOLD: Duration = Duration::from_secs(60);
-/// How long an address a client DECLINEd (it found it in use) is kept out of the pool.
-pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
-/// Bound on remembered client → address pairs (they are also bounded by the range size: each
-/// remembered address belongs to one client only).
-pub const MAX_REMEMBERED: usize = 65536;
+mod pool;
+
+use self::pool::Pool;
+pub use self::pool::{Lease, DECLINE_HOLD, MAX_REMEMBERED, OFFER_HOLD};
+
 /// Host names (option 12) are kept to this many characters.
 pub const MAX_HOST_NAME: usize = 64;
 /// At most one "pool exhausted" log line per this interval (a flood of DISCOVERs must not flood
@@ -57,20 +56,6 @@ pub const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The largest message every client accepts (RFC 2131 2: 576-byte IP datagrams).
 const MIN_MAX_MESSAGE: usize = 576;
 const IP_UDP_HEADERS: usize = 28;
-
-/// One entry of the lease table (what `DhcpTable` shows).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// Increasing from 1: the number in the seed's "The DHCP entry N was created" line.
-    pub id: u32,
-    /// When the entry was created (a renewal does not change it).
-    pub leased_at: Instant,
-    pub expires_at: Instant,
-    pub mac: Mac,
-    pub ip: Ipv4Addr,
-    /// Option 12 of the client, printable ASCII only; empty when the client sent none.
-    pub host_name: String,
-}
 
 /// What a client's message means to the server (the parsed `Repr` of a BOOTREQUEST).
 #[derive(Clone, Copy, Debug)]
@@ -179,18 +164,6 @@ pub fn sanitize_host_name(raw: &[u8]) -> String {
         .collect()
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Offer {
-    mac: Mac,
-    until: Instant,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Remembered {
-    ip: Ipv4Addr,
-    at: Instant,
-}
-
 /// What a reply carries beyond the message type.
 #[derive(Clone, Copy)]
 struct ReplySpec {
@@ -204,124 +177,51 @@ struct ReplySpec {
 }
 
 pub struct DhcpServer {
-    cfg: DhcpConfig,
-    /// By id, so that listing is in creation order.
-    leases: BTreeMap<u32, Lease>,
-    by_ip: HashMap<Ipv4Addr, u32>,
-    by_mac: HashMap<Mac, u32>,
-    expiry: BTreeSet<(Instant, u32)>,
-    next_id: u32,
-    offers: HashMap<Ipv4Addr, Offer>,
-    offer_of: HashMap<Mac, Ipv4Addr>,
-    declined: HashMap<Ipv4Addr, Instant>,
-    memory: HashMap<Mac, Remembered>,
-    remembered_by: HashMap<Ipv4Addr, Mac>,
-    /// When expired offers and declines are next swept.
-    sweep_at: Option<Instant>,
+    pool: Pool,
     last_exhausted_log: Option<Instant>,
     /// The reply being built (kept, so building allocates nothing once warm).
     scratch: Vec<u8>,
     routes_buf: Vec<u8>,
-    /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
-    /// knows when to save it.
-    generation: u64,
 }
 
 impl DhcpServer {
     pub fn new(cfg: &DhcpConfig) -> DhcpServer {
         DhcpServer {
-            cfg: cfg.clone(),
-            leases: BTreeMap::new(),
-            by_ip: HashMap::new(),
-            by_mac: HashMap::new(),
-            expiry: BTreeSet::new(),
-            next_id: 1,
-            offers: HashMap::new(),
-            offer_of: HashMap::new(),
-            declined: HashMap::new(),
-            memory: HashMap::new(),
-            remembered_by: HashMap::new(),
-            sweep_at: None,
+            pool: Pool::new(cfg),
             last_exhausted_log: None,
             scratch: Vec::with_capacity(MIN_MAX_MESSAGE),
             routes_buf: Vec::new(),
-            generation: 0,
         }
     }
 
     /// A counter that changes whenever the lease table does (created, renewed, removed).
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.pool.generation()
     }
 
     /// The lease table, in order of creation.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values()
+        self.pool.leases()
     }
 
     pub fn lease_of(&self, mac: Mac) -> Option<&Lease> {
-        self.by_mac.get(&mac).and_then(|id| self.leases.get(id))
+        self.pool.lease_of(mac)
     }
 
     pub fn config(&self) -> &DhcpConfig {
-        &self.cfg
+        self.pool.config()
     }
 
     /// Loads a saved lease table. Entries that are expired, outside the range, or that repeat an
     /// id, address or MAC already in the table are skipped. Returns how many were kept.
     pub fn restore(&mut self, now: Instant, leases: Vec<Lease>) -> usize {
-        let mut kept = 0;
-        for l in leases {
-            let fresh = l.expires_at > now
-                && l.id != 0
-                && !self.leases.contains_key(&l.id)
-                && !self.by_mac.contains_key(&l.mac)
-                && l.mac.0[0] & 1 == 0
-                && self.free_for(l.mac, l.ip, now, Ipv4Addr::UNSPECIFIED);
-            if !fresh {
-                tracing::debug!(id = l.id, ip = %l.ip, mac = %l.mac, "saved DHCP lease skipped");
-                continue;
-            }
-            self.next_id = self.next_id.max(l.id.wrapping_add(1).max(1));
-            self.remember(l.mac, l.ip, now);
-            self.insert_lease(l);
-            kept += 1;
-        }
-        kept
+        self.pool.restore(now, leases)
     }
 
     /// Applies a new DHCP configuration: leases, offers, declines and remembered addresses that
     /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
     pub(crate) fn reconfigure(&mut self, cfg: &DhcpConfig, events: &mut Events) {
-        self.cfg = cfg.clone();
-        let gone: Vec<u32> = self
-            .leases
-            .values()
-            .filter(|l| !self.assignable(l.ip, Ipv4Addr::UNSPECIFIED))
-            .map(|l| l.id)
-            .collect();
-        for id in gone {
-            self.remove_lease(id, events);
-        }
-        let cfg = &self.cfg;
-        let keep = |ip: &Ipv4Addr| Self::cfg_assignable_in(cfg, *ip, Ipv4Addr::UNSPECIFIED);
-        let stale_offers: Vec<Ipv4Addr> =
-            self.offers.keys().filter(|ip| !keep(ip)).copied().collect();
-        let stale_memory: Vec<Ipv4Addr> = self
-            .remembered_by
-            .keys()
-            .filter(|ip| !keep(ip))
-            .copied()
-            .collect();
-        self.declined.retain(|ip, _| keep(ip));
-        for ip in stale_offers {
-            self.cancel_offer_ip(ip);
-        }
-        for ip in stale_memory {
-            if let Some(mac) = self.remembered_by.remove(&ip) {
-                self.memory.remove(&mac);
-            }
-        }
+        self.pool.reconfigure(cfg, events);
     }
 
     /// Handles a datagram to UDP port 67 (`ip` is its whole IPv4 packet, not fragmented).
@@ -349,7 +249,7 @@ impl DhcpServer {
             // One segment, no relays: a relayed message is not for this server.
             return Err(DropReason::Unsupported);
         }
-        self.expire(now, &mut ctx.events);
+        self.pool.expire(now, &mut ctx.events);
         match msg.kind {
             DhcpMessageType::Discover => self.discover(now, ctx, src_mac, &msg, out),
             DhcpMessageType::Request => self.request(now, ctx, src_mac, &msg, out),
@@ -361,23 +261,11 @@ impl DhcpServer {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        earliest(self.expiry.first().map(|&(t, _)| t), self.sweep_at)
+        self.pool.poll_timeout()
     }
 
     pub fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
-        self.expire(now, &mut ctx.events);
-        if self.sweep_at.is_some_and(|t| t <= now) {
-            self.offers.retain(|_, o| o.until > now);
-            let offers = &self.offers;
-            self.offer_of.retain(|_, ip| offers.contains_key(ip));
-            self.declined.retain(|_, &mut t| t > now);
-            self.sweep_at = self
-                .offers
-                .values()
-                .map(|o| o.until)
-                .chain(self.declined.values().copied())
-                .min();
-        }
+        self.pool.handle_timeout(now, &mut ctx.events);
     }
 
     fn discover(
@@ -389,7 +277,10 @@ impl DhcpServer {
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         let mac = msg.chaddr;
-        let Some(ip) = self.choose(now, ctx.cfg.host.ip, mac, msg.requested_ip) else {
+        let Some(ip) = self
+            .pool
+            .choose(now, ctx.cfg.host.ip, mac, msg.requested_ip)
+        else {
             if self
                 .last_exhausted_log
                 .is_none_or(|t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
@@ -399,8 +290,8 @@ impl DhcpServer {
             }
             return Err(DropReason::Limit);
         };
-        if !self.by_ip.contains_key(&ip) {
-            self.reserve(now, mac, ip);
+        if !self.pool.is_leased(ip) {
+            self.pool.reserve(now, mac, ip);
         }
         let spec = ReplySpec {
             kind: DhcpMessageType::Offer,
@@ -426,7 +317,7 @@ impl DhcpServer {
         let ip = match (msg.server_id, msg.requested_ip) {
             // SELECTING, and the client chose another server: our offer is void.
             (Some(sid), _) if sid != host_ip => {
-                self.cancel_offer_mac(msg.chaddr);
+                self.pool.cancel_offer_mac(msg.chaddr);
                 return Err(DropReason::Foreign);
             }
             // SELECTING (option 50 is a MUST there; tolerate a client that put it in ciaddr).
@@ -437,9 +328,9 @@ impl DhcpServer {
             // RENEWING (unicast) or REBINDING (broadcast).
             (None, None) => ciaddr.ok_or(DropReason::Malformed)?,
         };
-        let spec = if self.free_for(msg.chaddr, ip, now, host_ip) {
+        let spec = if self.pool.free_for(msg.chaddr, ip, now, host_ip) {
             let name = sanitize_host_name(msg.host_name);
-            self.commit(now, msg.chaddr, ip, name, &mut ctx.events);
+            self.pool.commit(now, msg.chaddr, ip, name, &mut ctx.events);
             ReplySpec {
                 kind: DhcpMessageType::Ack,
                 ciaddr: msg.ciaddr,
@@ -471,27 +362,12 @@ impl DhcpServer {
             return Err(DropReason::Foreign);
         }
         let ip = msg.requested_ip.ok_or(DropReason::Malformed)?;
-        // Only the address this client was given (leased or offered) can be declined: a client
-        // must not be able to take another's address out of use.
-        let held = self.lease_of(msg.chaddr).is_some_and(|l| l.ip == ip)
-            || self.offer_of.get(&msg.chaddr) == Some(&ip);
-        if !held || !self.in_range(ip) {
+        if !self.pool.holds(msg.chaddr, ip) {
             tracing::debug!(client = %msg.chaddr, %ip, "DHCP DECLINE of an address the client does not hold ignored");
             return Ok(());
         }
         tracing::warn!(client = %msg.chaddr, %ip, "DHCP client declined an address: it is in use on the segment");
-        if let Some(&id) = self.by_mac.get(&msg.chaddr) {
-            if self.leases[&id].ip == ip {
-                self.remove_lease(id, &mut ctx.events);
-            }
-        }
-        self.cancel_offer_ip(ip);
-        if let Some(m) = self.remembered_by.remove(&ip) {
-            self.memory.remove(&m);
-        }
-        let until = now + DECLINE_HOLD;
-        self.declined.insert(ip, until);
-        self.schedule_sweep(until);
+        self.pool.decline(now, msg.chaddr, ip, &mut ctx.events);
         Ok(())
     }
 
@@ -499,11 +375,7 @@ impl DhcpServer {
         if msg.server_id.is_some_and(|s| s != ctx.cfg.host.ip) {
             return Err(DropReason::Foreign);
         }
-        if let Some(&id) = self.by_mac.get(&msg.chaddr) {
-            if self.leases[&id].ip == msg.ciaddr {
-                self.remove_lease(id, &mut ctx.events);
-            }
-        }
+        self.pool.release(msg.chaddr, msg.ciaddr, &mut ctx.events);
         Ok(())
     }
 
@@ -529,228 +401,6 @@ impl DhcpServer {
         Ok(())
     }
 
-    // ---- the address pool ----
-
-    fn in_range(&self, ip: Ipv4Addr) -> bool {
-        (u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end)).contains(&u32::from(ip))
-    }
-
-    fn cfg_assignable_in(cfg: &DhcpConfig, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
-        let n = u32::from(ip);
-        let mask = u32::from(cfg.mask);
-        let net = u32::from(cfg.range_start) & mask;
-        (u32::from(cfg.range_start)..=u32::from(cfg.range_end)).contains(&n)
-            && n & mask == net
-            && (mask == u32::MAX || (n != net && n != net | !mask))
-            && ip != host_ip
-            && Some(ip) != cfg.gateway
-            && !cfg.dns.contains(&ip)
-    }
-
-    /// An address of the range that the server may hand out at all (not the subnet's network or
-    /// broadcast address, nor the virtual host's, the gateway's or a DNS server's).
-    fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
-        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
-    }
-
-    /// Whether `ip` may be given to `mac` now: ours to give, and not leased or offered to
-    /// another client, nor declined.
-    fn free_for(&self, mac: Mac, ip: Ipv4Addr, now: Instant, host_ip: Ipv4Addr) -> bool {
-        self.assignable(ip, host_ip)
-            && self
-                .by_ip
-                .get(&ip)
-                .is_none_or(|id| self.leases[id].mac == mac)
-            && self
-                .offers
-                .get(&ip)
-                .is_none_or(|o| o.mac == mac || o.until <= now)
-            && self.declined.get(&ip).is_none_or(|&t| t <= now)
-    }
-
-    fn choose(
-        &self,
-        now: Instant,
-        host_ip: Ipv4Addr,
-        mac: Mac,
-        requested: Option<Ipv4Addr>,
-    ) -> Option<Ipv4Addr> {
-        let free = |ip: Ipv4Addr| self.free_for(mac, ip, now, host_ip);
-        if let Some(l) = self.lease_of(mac) {
-            if free(l.ip) {
-                return Some(l.ip);
-            }
-        }
-        if let Some(&ip) = self.offer_of.get(&mac) {
-            if free(ip) {
-                return Some(ip);
-            }
-        }
-        if let Some(ip) = requested.filter(|&ip| free(ip)) {
-            return Some(ip);
-        }
-        if let Some(r) = self.memory.get(&mac) {
-            if free(r.ip) {
-                return Some(r.ip);
-            }
-        }
-        // A fresh address: prefer one that no other client may come back for.
-        let mut fallback = None;
-        for n in u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end) {
-            let ip = Ipv4Addr::from(n);
-            if !free(ip) {
-                continue;
-            }
-            match self.remembered_by.get(&ip) {
-                Some(&m) if m != mac => {
-                    fallback.get_or_insert(ip);
-                }
-                _ => return Some(ip),
-            }
-        }
-        fallback
-    }
-
-    fn schedule_sweep(&mut self, at: Instant) {
-        self.sweep_at = Some(self.sweep_at.map_or(at, |t| t.min(at)));
-    }
-
-    fn reserve(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr) {
-        if self.offer_of.get(&mac).is_some_and(|&old| old != ip) {
-            self.cancel_offer_mac(mac);
-        }
-        let until = now + OFFER_HOLD;
-        if let Some(prev) = self.offers.insert(ip, Offer { mac, until }) {
-            if prev.mac != mac && self.offer_of.get(&prev.mac) == Some(&ip) {
-                self.offer_of.remove(&prev.mac);
-            }
-        }
-        self.offer_of.insert(mac, ip);
-        self.schedule_sweep(until);
-    }
-
-    fn cancel_offer_mac(&mut self, mac: Mac) {
-        if let Some(ip) = self.offer_of.remove(&mac) {
-            if self.offers.get(&ip).is_some_and(|o| o.mac == mac) {
-                self.offers.remove(&ip);
-            }
-        }
-    }
-
-    fn cancel_offer_ip(&mut self, ip: Ipv4Addr) {
-        if let Some(o) = self.offers.remove(&ip) {
-            if self.offer_of.get(&o.mac) == Some(&ip) {
-                self.offer_of.remove(&o.mac);
-            }
-        }
-    }
-
-    fn remember(&mut self, mac: Mac, ip: Ipv4Addr, now: Instant) {
-        if let Some(old_mac) = self.remembered_by.insert(ip, mac) {
-            if old_mac != mac {
-                self.memory.remove(&old_mac);
-            }
-        }
-        if let Some(prev) = self.memory.insert(mac, Remembered { ip, at: now }) {
-            if prev.ip != ip && self.remembered_by.get(&prev.ip) == Some(&mac) {
-                self.remembered_by.remove(&prev.ip);
-            }
-        }
-        if self.memory.len() > MAX_REMEMBERED {
-            let oldest = self
-                .memory
-                .iter()
-                .filter(|(m, _)| **m != mac)
-                .min_by_key(|(_, r)| r.at)
-                .map(|(m, r)| (*m, r.ip));
-            if let Some((m, ip)) = oldest {
-                self.memory.remove(&m);
-                self.remembered_by.remove(&ip);
-            }
-        }
-    }
-
-    /// ACKs `ip` to `mac`: renews its lease, or creates one (moving the client off another).
-    fn commit(
-        &mut self,
-        now: Instant,
-        mac: Mac,
-        ip: Ipv4Addr,
-        host_name: String,
-        events: &mut Events,
-    ) {
-        self.cancel_offer_mac(mac);
-        self.cancel_offer_ip(ip);
-        let expires_at = now + self.cfg.lease;
-        if let Some(&id) = self.by_mac.get(&mac) {
-            let l = self.leases.get_mut(&id).expect("by_mac points at a lease");
-            if l.ip == ip {
-                self.expiry.remove(&(l.expires_at, id));
-                l.expires_at = expires_at;
-                if !host_name.is_empty() {
-                    l.host_name = host_name;
-                }
-                self.expiry.insert((expires_at, id));
-                self.remember(mac, ip, now);
-                self.generation += 1;
-                return;
-            }
-            self.remove_lease(id, events);
-        }
-        let mut id = self.next_id;
-        while self.leases.contains_key(&id) || id == 0 {
-            id = id.wrapping_add(1);
-        }
-        self.next_id = id.wrapping_add(1).max(1);
-        events.push(Event::DhcpEntryCreated {
-            id,
-            mac,
-            ip,
-            host_name: host_name.clone(),
-            lease: self.cfg.lease,
-        });
-        self.insert_lease(Lease {
-            id,
-            leased_at: now,
-            expires_at,
-            mac,
-            ip,
-            host_name,
-        });
-        self.remember(mac, ip, now);
-    }
-
-    fn insert_lease(&mut self, l: Lease) {
-        self.generation += 1;
-        self.by_ip.insert(l.ip, l.id);
-        self.by_mac.insert(l.mac, l.id);
-        self.expiry.insert((l.expires_at, l.id));
-        self.leases.insert(l.id, l);
-    }
-
-    fn remove_lease(&mut self, id: u32, events: &mut Events) {
-        if let Some(l) = self.leases.remove(&id) {
-            self.generation += 1;
-            self.by_ip.remove(&l.ip);
-            self.by_mac.remove(&l.mac);
-            self.expiry.remove(&(l.expires_at, id));
-            events.push(Event::DhcpEntryDeleted {
-                id,
-                mac: l.mac,
-                ip: l.ip,
-            });
-        }
-    }
-
-    fn expire(&mut self, now: Instant, events: &mut Events) {
-        while let Some(&(t, id)) = self.expiry.first() {
-            if t > now {
-                break;
-            }
-            self.remove_lease(id, events);
-        }
-    }
-
     // ---- replies ----
 
     /// Builds the reply in `scratch` and sends it as RFC 2131 4.1 says.
@@ -767,6 +417,7 @@ impl DhcpServer {
         let limit = (msg.max_message.map_or(0, usize::from).max(MIN_MAX_MESSAGE))
             .min(usize::from(ctx.cfg.nat.mtu))
             - IP_UDP_HEADERS;
+        let cfg = self.pool.config();
         let buf = &mut self.scratch;
         buf.clear();
         buf.resize(OPTIONS_OFFSET, 0);
@@ -794,7 +445,7 @@ impl DhcpServer {
         w.put(opt::MESSAGE_TYPE, &[u8::from(spec.kind)]);
         w.put(opt::SERVER_ID, &host_ip.octets());
         if spec.lease {
-            let secs = self.cfg.lease.as_secs().min(u64::from(u32::MAX - 1)) as u32;
+            let secs = cfg.lease.as_secs().min(u64::from(u32::MAX - 1)) as u32;
             w.put(opt::LEASE_TIME, &secs.to_be_bytes());
             w.put(opt::RENEWAL_TIME, &(secs / 2).to_be_bytes());
             w.put(
@@ -806,25 +457,25 @@ impl DhcpServer {
             w.put(opt::MESSAGE, b"requested address not available");
         }
         if spec.config {
-            w.put(opt::SUBNET_MASK, &self.cfg.mask.octets());
-            if let Some(gw) = self.cfg.gateway {
+            w.put(opt::SUBNET_MASK, &cfg.mask.octets());
+            if let Some(gw) = cfg.gateway {
                 w.put(opt::ROUTER, &gw.octets());
             }
-            if !self.cfg.dns.is_empty() {
+            if !cfg.dns.is_empty() {
                 let mut dns = [0u8; 8];
-                let n = self.cfg.dns.len().min(2);
-                for (i, s) in self.cfg.dns.iter().take(2).enumerate() {
+                let n = cfg.dns.len().min(2);
+                for (i, s) in cfg.dns.iter().take(2).enumerate() {
                     dns[i * 4..i * 4 + 4].copy_from_slice(&s.octets());
                 }
                 w.put(opt::DNS_SERVERS, &dns[..n * 4]);
             }
-            if let Some(d) = &self.cfg.domain {
+            if let Some(d) = &cfg.domain {
                 let d = d.as_bytes();
                 w.put(opt::DOMAIN_NAME, &d[..d.len().min(255)]);
             }
-            if !self.cfg.routes.is_empty() {
+            if !cfg.routes.is_empty() {
                 self.routes_buf.clear();
-                encode_classless_routes(&self.cfg.routes, self.cfg.gateway, &mut self.routes_buf);
+                encode_classless_routes(&cfg.routes, cfg.gateway, &mut self.routes_buf);
                 w.put_long(opt::CLASSLESS_ROUTES, &self.routes_buf);
                 if msg.params.contains(&opt::MS_CLASSLESS_ROUTES) {
                     w.put_long(opt::MS_CLASSLESS_ROUTES, &self.routes_buf);
@@ -865,6 +516,7 @@ impl DhcpServer {
 }
 
 #[cfg(test)]
+/// The message-path tests, and the test network that the pool's tests share.
 mod tests {
     use smoltcp::wire::{EthernetFrame, ETHERNET_HEADER_LEN};
 
@@ -873,32 +525,32 @@ mod tests {
     use crate::sim::SimSockets;
     use crate::Engine;
 
-    const HOST_MAC: Mac = Mac([0x00, 0xac, 1, 2, 3, 4]);
+    pub(super) const HOST_MAC: Mac = Mac([0x00, 0xac, 1, 2, 3, 4]);
     /// The client of the seed's log line.
-    const A: Mac = Mac([0x00, 0xAC, 0x85, 0x40, 0xB5, 0x50]);
-    const B: Mac = Mac([0x02, 0, 0, 0, 0, 0x0b]);
-    const C: Mac = Mac([0x02, 0, 0, 0, 0, 0x0c]);
-    const D: Mac = Mac([0x02, 0, 0, 0, 0, 0x0d]);
-    const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
-    const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+    pub(super) const A: Mac = Mac([0x00, 0xAC, 0x85, 0x40, 0xB5, 0x50]);
+    pub(super) const B: Mac = Mac([0x02, 0, 0, 0, 0, 0x0b]);
+    pub(super) const C: Mac = Mac([0x02, 0, 0, 0, 0, 0x0c]);
+    pub(super) const D: Mac = Mac([0x02, 0, 0, 0, 0, 0x0d]);
+    pub(super) const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+    pub(super) const ANY: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
 
-    fn ip(last: u8) -> Ipv4Addr {
+    pub(super) fn ip(last: u8) -> Ipv4Addr {
         Ipv4Addr::new(192, 168, 30, last)
     }
 
-    const DISCOVER: u8 = 1;
-    const REQUEST: u8 = 3;
-    const DECLINE: u8 = 4;
-    const RELEASE: u8 = 7;
-    const INFORM: u8 = 8;
-    const OFFER: u8 = 2;
-    const ACK: u8 = 5;
-    const NAK: u8 = 6;
+    pub(super) const DISCOVER: u8 = 1;
+    pub(super) const REQUEST: u8 = 3;
+    pub(super) const DECLINE: u8 = 4;
+    pub(super) const RELEASE: u8 = 7;
+    pub(super) const INFORM: u8 = 8;
+    pub(super) const OFFER: u8 = 2;
+    pub(super) const ACK: u8 = 5;
+    pub(super) const NAK: u8 = 6;
 
     // ---- a client message, built field by field ----
 
     #[derive(Clone)]
-    struct Msg {
+    pub(super) struct Msg {
         mac: Mac,
         eth_dst: Mac,
         src: Ipv4Addr,
@@ -915,7 +567,7 @@ mod tests {
         options: Vec<u8>,
     }
 
-    fn msg(kind: u8, mac: Mac) -> Msg {
+    pub(super) fn msg(kind: u8, mac: Mac) -> Msg {
         Msg {
             mac,
             eth_dst: Mac::BROADCAST,
@@ -935,34 +587,34 @@ mod tests {
     }
 
     impl Msg {
-        fn opt(mut self, code: u8, data: &[u8]) -> Msg {
+        pub(super) fn opt(mut self, code: u8, data: &[u8]) -> Msg {
             self.options.push(code);
             self.options.push(data.len() as u8);
             self.options.extend_from_slice(data);
             self
         }
-        fn requested(self, a: Ipv4Addr) -> Msg {
+        pub(super) fn requested(self, a: Ipv4Addr) -> Msg {
             self.opt(opt::REQUESTED_IP, &a.octets())
         }
-        fn server(self, a: Ipv4Addr) -> Msg {
+        pub(super) fn server(self, a: Ipv4Addr) -> Msg {
             self.opt(opt::SERVER_ID, &a.octets())
         }
-        fn host_name(self, n: &str) -> Msg {
+        pub(super) fn host_name(self, n: &str) -> Msg {
             self.opt(opt::HOST_NAME, n.as_bytes())
         }
         /// A unicast from a configured client (renewing, INFORM).
-        fn configured_at(mut self, a: Ipv4Addr) -> Msg {
+        pub(super) fn configured_at(mut self, a: Ipv4Addr) -> Msg {
             self.ciaddr = a;
             self.src = a;
             self.dst = HOST_IP;
             self.eth_dst = HOST_MAC;
             self
         }
-        fn broadcast_flag(mut self) -> Msg {
+        pub(super) fn broadcast_flag(mut self) -> Msg {
             self.flags = 0x8000;
             self
         }
-        fn bootp(&self, end: bool) -> Vec<u8> {
+        pub(super) fn bootp(&self, end: bool) -> Vec<u8> {
             let mut b = vec![0u8; OPTIONS_OFFSET];
             b[0] = self.op;
             b[1] = self.htype;
@@ -979,7 +631,7 @@ mod tests {
             }
             b
         }
-        fn frame_of(&self, payload: &[u8]) -> Vec<u8> {
+        pub(super) fn frame_of(&self, payload: &[u8]) -> Vec<u8> {
             let mut out = FrameBatch::new();
             crate::wire::push_udp(
                 &mut out,
@@ -994,7 +646,7 @@ mod tests {
             );
             out.get(0).unwrap().to_vec()
         }
-        fn frame(&self) -> Vec<u8> {
+        pub(super) fn frame(&self) -> Vec<u8> {
             self.frame_of(&self.bootp(true))
         }
     }
@@ -1002,14 +654,14 @@ mod tests {
     // ---- a reply, parsed (checksums verified) ----
 
     #[derive(Debug)]
-    struct Reply {
+    pub(super) struct Reply {
         eth_dst: Mac,
         eth_src: Mac,
         src: Ipv4Addr,
         dst: Ipv4Addr,
         sport: u16,
         dport: u16,
-        kind: u8,
+        pub(super) kind: u8,
         xid: u32,
         flags: u16,
         ciaddr: Ipv4Addr,
@@ -1021,19 +673,19 @@ mod tests {
     }
 
     impl Reply {
-        fn opt(&self, code: u8) -> Option<&[u8]> {
+        pub(super) fn opt(&self, code: u8) -> Option<&[u8]> {
             self.options
                 .iter()
                 .find(|(c, _)| *c == code)
                 .map(|(_, d)| d.as_slice())
         }
-        fn opt_u32(&self, code: u8) -> Option<u32> {
+        pub(super) fn opt_u32(&self, code: u8) -> Option<u32> {
             self.opt(code)
                 .map(|d| u32::from_be_bytes(d.try_into().unwrap()))
         }
     }
 
-    fn parse_reply(frame: &[u8]) -> Reply {
+    pub(super) fn parse_reply(frame: &[u8]) -> Reply {
         let e = EthernetFrame::new_checked(frame).unwrap();
         let ipp = Ipv4Packet::new_checked(e.payload()).unwrap();
         assert!(ipp.verify_checksum());
@@ -1085,22 +737,22 @@ mod tests {
 
     // ---- the whole engine ----
 
-    struct Net {
-        engine: Engine,
+    pub(super) struct Net {
+        pub(super) engine: Engine,
         host: SimSockets,
-        now: Instant,
+        pub(super) now: Instant,
         /// Every event the engine reported, drained after each step.
         events: Vec<Event>,
     }
 
-    fn config() -> Config {
+    pub(super) fn config() -> Config {
         let mut c = Config::defaults();
         c.dhcp.domain = Some("example.test".into());
         c
     }
 
     impl Net {
-        fn new(cfg: Config) -> Net {
+        pub(super) fn new(cfg: Config) -> Net {
             Net {
                 engine: Engine::new(cfg, HOST_MAC, 1),
                 host: SimSockets::default(),
@@ -1108,25 +760,25 @@ mod tests {
                 events: Vec::new(),
             }
         }
-        fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
+        pub(super) fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
             let mut out = FrameBatch::new();
             self.engine
                 .handle_frame(self.now, frame, &mut self.host, &mut out);
             self.drain();
             out.iter().map(parse_reply).collect()
         }
-        fn send(&mut self, m: &Msg) -> Vec<Reply> {
+        pub(super) fn send(&mut self, m: &Msg) -> Vec<Reply> {
             self.frame(&m.frame())
         }
-        fn one(&mut self, m: &Msg) -> Reply {
+        pub(super) fn one(&mut self, m: &Msg) -> Reply {
             let mut r = self.send(m);
             assert_eq!(r.len(), 1, "expected one reply");
             r.pop().unwrap()
         }
-        fn silent(&mut self, m: &Msg) {
+        pub(super) fn silent(&mut self, m: &Msg) {
             assert!(self.send(m).is_empty(), "expected no reply");
         }
-        fn advance(&mut self, d: Duration) {
+        pub(super) fn advance(&mut self, d: Duration) {
             self.now = self.now + d;
             let mut out = FrameBatch::new();
             self.engine
@@ -1134,36 +786,36 @@ mod tests {
             self.drain();
             assert!(out.is_empty());
         }
-        fn offer(&mut self, mac: Mac) -> Ipv4Addr {
+        pub(super) fn offer(&mut self, mac: Mac) -> Ipv4Addr {
             let r = self.one(&msg(DISCOVER, mac));
             assert_eq!(r.kind, OFFER);
             r.yiaddr
         }
         /// DISCOVER, OFFER, REQUEST, ACK: the address the client ends with.
-        fn dora(&mut self, mac: Mac) -> Ipv4Addr {
+        pub(super) fn dora(&mut self, mac: Mac) -> Ipv4Addr {
             let offered = self.offer(mac);
             let r = self.one(&msg(REQUEST, mac).server(HOST_IP).requested(offered));
             assert_eq!((r.kind, r.yiaddr), (ACK, offered));
             offered
         }
-        fn drops(&self, why: DropReason) -> u64 {
+        pub(super) fn drops(&self, why: DropReason) -> u64 {
             self.engine.stats().drops_of(why)
         }
-        fn drain(&mut self) {
+        pub(super) fn drain(&mut self) {
             while let Some(e) = self.engine.poll_event() {
                 self.events.push(e);
             }
         }
-        fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
+        pub(super) fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
             self.events.iter().filter(|e| f(e)).count()
         }
-        fn created(&self) -> usize {
+        pub(super) fn created(&self) -> usize {
             self.count(|e| matches!(e, Event::DhcpEntryCreated { .. }))
         }
-        fn deleted(&self, id: u32) -> usize {
+        pub(super) fn deleted(&self, id: u32) -> usize {
             self.count(|e| matches!(e, Event::DhcpEntryDeleted { id: i, .. } if *i == id))
         }
-        fn leases(&self) -> Vec<Lease> {
+        pub(super) fn leases(&self) -> Vec<Lease> {
             self.engine.dhcp.leases().cloned().collect()
         }
     }
@@ -1730,7 +1382,7 @@ mod tests {
         }
         assert_eq!(n.drops(DropReason::Malformed), total);
         assert!(n.leases().is_empty());
-        assert!(n.engine.dhcp.offers.is_empty());
+        assert!(n.engine.dhcp.pool.no_offers());
 
         // A UDP length that cuts the message short (checksum left out, so that it is the DHCP
         // parser that refuses it).
@@ -1769,83 +1421,5 @@ mod tests {
         // A message without END but otherwise whole is accepted.
         let r = n.frame(&good.frame_of(&good.bootp(false)));
         assert_eq!(r.len(), 1);
-    }
-
-    // ---- table management ----
-
-    fn lease(id: u32, mac: Mac, a: Ipv4Addr, expires: u64) -> Lease {
-        Lease {
-            id,
-            leased_at: Instant::from_secs(0),
-            expires_at: Instant::from_secs(expires),
-            mac,
-            ip: a,
-            host_name: format!("h{id}"),
-        }
-    }
-
-    #[test]
-    fn restore_keeps_valid_entries_only() {
-        let mut n = Net::new(config());
-        let now = n.now;
-        let kept = n.engine.dhcp.restore(
-            now,
-            vec![
-                lease(5, A, ip(20), 5000),
-                lease(6, B, ip(21), 500),                        // expired
-                lease(7, C, ip(250), 5000),                      // outside the range
-                lease(8, D, ip(20), 5000),                       // address taken
-                lease(9, A, ip(22), 5000),                       // MAC taken
-                lease(5, Mac([2, 0, 0, 0, 1, 1]), ip(23), 5000), // id taken
-                lease(3, Mac([2, 0, 0, 0, 1, 2]), ip(24), 5000),
-            ],
-        );
-        assert_eq!(kept, 2);
-        let ids: Vec<u32> = n.leases().iter().map(|l| l.id).collect();
-        assert_eq!(ids, vec![3, 5]);
-        // The restored client gets its address back, and renewing does not log "created".
-        assert_eq!(n.offer(A), ip(20));
-        let r = n.one(&msg(REQUEST, A).configured_at(ip(20)));
-        assert_eq!(r.kind, ACK);
-        assert_eq!(n.created(), 0);
-        // Others cannot take it; new entries continue after the highest id.
-        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(20))).kind, NAK);
-        n.dora(B);
-        assert_eq!(n.leases().last().unwrap().id, 6);
-        assert_eq!(n.engine.dhcp.lease_of(B).unwrap().id, 6);
-    }
-
-    #[test]
-    fn reconfigure_drops_what_is_outside_the_new_range() {
-        let mut n = Net::new(config());
-        assert_eq!(n.dora(A), ip(10));
-        n.one(&msg(REQUEST, B).requested(ip(100)));
-        let mut cfg = n.engine.dhcp.config().clone();
-        cfg.range_start = ip(50);
-        n.engine.dhcp.reconfigure(&cfg, &mut n.engine.ctx.events);
-        n.drain();
-        let l = n.leases();
-        assert_eq!(l.len(), 1);
-        assert_eq!(l[0].mac, B);
-        assert_eq!(n.deleted(1), 1);
-        assert_eq!(n.offer(A), ip(50));
-    }
-
-    #[test]
-    fn remembered_addresses_are_bounded_by_the_range() {
-        let mut cfg = config();
-        cfg.dhcp.range_start = ip(10);
-        cfg.dhcp.range_end = ip(11);
-        let mut n = Net::new(cfg);
-        for i in 0..20u8 {
-            let mac = Mac([2, 0, 0, 0, 2, i]);
-            let a = n.dora(mac);
-            n.silent(&msg(RELEASE, mac).configured_at(a).server(HOST_IP));
-        }
-        let s = &n.engine.dhcp;
-        assert!(s.memory.len() <= 2 && s.remembered_by.len() <= 2);
-        assert_eq!(s.memory.len(), s.remembered_by.len());
-        assert!(s.leases.is_empty() && s.by_ip.is_empty() && s.by_mac.is_empty());
-        assert!(s.expiry.is_empty());
     }
 }

@@ -1,0 +1,526 @@
+//! The address pool and the lease table of the DHCP server: which address a client gets, the
+//! offers and declines that hold addresses back, the addresses remembered for clients that come
+//! back, lease expiry, and the restore of a saved table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::config::{DhcpConfig, Mac};
+use crate::event::{Event, Events};
+use crate::time::{earliest, Instant};
+
+/// How long an OFFER holds its address for the client it was made to.
+pub const OFFER_HOLD: Duration = Duration::from_secs(60);
+/// How long an address a client DECLINEd (it found it in use) is kept out of the pool.
+pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+/// Bound on remembered client → address pairs (they are also bounded by the range size: each
+/// remembered address belongs to one client only).
+pub const MAX_REMEMBERED: usize = 65536;
+
+/// One entry of the lease table (what `DhcpTable` shows).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Increasing from 1: the number in the seed's "The DHCP entry N was created" line.
+    pub id: u32,
+    /// When the entry was created (a renewal does not change it).
+    pub leased_at: Instant,
+    pub expires_at: Instant,
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    /// Option 12 of the client, printable ASCII only; empty when the client sent none.
+    pub host_name: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Offer {
+    mac: Mac,
+    until: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    ip: Ipv4Addr,
+    at: Instant,
+}
+
+/// The lease table and the state that decides which address is free for whom.
+pub(super) struct Pool {
+    cfg: DhcpConfig,
+    /// By id, so that listing is in creation order.
+    leases: BTreeMap<u32, Lease>,
+    by_ip: HashMap<Ipv4Addr, u32>,
+    by_mac: HashMap<Mac, u32>,
+    expiry: BTreeSet<(Instant, u32)>,
+    next_id: u32,
+    offers: HashMap<Ipv4Addr, Offer>,
+    offer_of: HashMap<Mac, Ipv4Addr>,
+    declined: HashMap<Ipv4Addr, Instant>,
+    memory: HashMap<Mac, Remembered>,
+    remembered_by: HashMap<Ipv4Addr, Mac>,
+    /// When expired offers and declines are next swept.
+    sweep_at: Option<Instant>,
+    /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
+    /// knows when to save it.
+    generation: u64,
+}
+
+impl Pool {
+    pub(super) fn new(cfg: &DhcpConfig) -> Pool {
+        Pool {
+            cfg: cfg.clone(),
+            leases: BTreeMap::new(),
+            by_ip: HashMap::new(),
+            by_mac: HashMap::new(),
+            expiry: BTreeSet::new(),
+            next_id: 1,
+            offers: HashMap::new(),
+            offer_of: HashMap::new(),
+            declined: HashMap::new(),
+            memory: HashMap::new(),
+            remembered_by: HashMap::new(),
+            sweep_at: None,
+            generation: 0,
+        }
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(super) fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub(super) fn lease_of(&self, mac: Mac) -> Option<&Lease> {
+        self.by_mac.get(&mac).and_then(|id| self.leases.get(id))
+    }
+
+    pub(super) fn is_leased(&self, ip: Ipv4Addr) -> bool {
+        self.by_ip.contains_key(&ip)
+    }
+
+    #[cfg(test)]
+    pub(super) fn no_offers(&self) -> bool {
+        self.offers.is_empty()
+    }
+
+    pub(super) fn config(&self) -> &DhcpConfig {
+        &self.cfg
+    }
+
+    /// Loads a saved lease table. Entries that are expired, outside the range, or that repeat an
+    /// id, address or MAC already in the table are skipped. Returns how many were kept.
+    pub(super) fn restore(&mut self, now: Instant, leases: Vec<Lease>) -> usize {
+        let mut kept = 0;
+        for l in leases {
+            let fresh = l.expires_at > now
+                && l.id != 0
+                && !self.leases.contains_key(&l.id)
+                && !self.by_mac.contains_key(&l.mac)
+                && l.mac.0[0] & 1 == 0
+                && self.free_for(l.mac, l.ip, now, Ipv4Addr::UNSPECIFIED);
+            if !fresh {
+                tracing::debug!(id = l.id, ip = %l.ip, mac = %l.mac, "saved DHCP lease skipped");
+                continue;
+            }
+            self.next_id = self.next_id.max(l.id.wrapping_add(1).max(1));
+            self.remember(l.mac, l.ip, now);
+            self.insert_lease(l);
+            kept += 1;
+        }
+        kept
+    }
+
+    /// Applies a new DHCP configuration: leases, offers, declines and remembered addresses that
+    /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
+    pub(super) fn reconfigure(&mut self, cfg: &DhcpConfig, events: &mut Events) {
+        self.cfg = cfg.clone();
+        let gone: Vec<u32> = self
+            .leases
+            .values()
+            .filter(|l| !self.assignable(l.ip, Ipv4Addr::UNSPECIFIED))
+            .map(|l| l.id)
+            .collect();
+        for id in gone {
+            self.remove_lease(id, events);
+        }
+        let cfg = &self.cfg;
+        let keep = |ip: &Ipv4Addr| Self::cfg_assignable_in(cfg, *ip, Ipv4Addr::UNSPECIFIED);
+        let stale_offers: Vec<Ipv4Addr> =
+            self.offers.keys().filter(|ip| !keep(ip)).copied().collect();
+        let stale_memory: Vec<Ipv4Addr> = self
+            .remembered_by
+            .keys()
+            .filter(|ip| !keep(ip))
+            .copied()
+            .collect();
+        self.declined.retain(|ip, _| keep(ip));
+        for ip in stale_offers {
+            self.cancel_offer_ip(ip);
+        }
+        for ip in stale_memory {
+            if let Some(mac) = self.remembered_by.remove(&ip) {
+                self.memory.remove(&mac);
+            }
+        }
+    }
+
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        earliest(self.expiry.first().map(|&(t, _)| t), self.sweep_at)
+    }
+
+    /// Ends the leases that expired, and forgets the offers and declines that ran out.
+    pub(super) fn handle_timeout(&mut self, now: Instant, events: &mut Events) {
+        self.expire(now, events);
+        if self.sweep_at.is_some_and(|t| t <= now) {
+            self.offers.retain(|_, o| o.until > now);
+            let offers = &self.offers;
+            self.offer_of.retain(|_, ip| offers.contains_key(ip));
+            self.declined.retain(|_, &mut t| t > now);
+            self.sweep_at = self
+                .offers
+                .values()
+                .map(|o| o.until)
+                .chain(self.declined.values().copied())
+                .min();
+        }
+    }
+
+    /// Whether `mac` was given `ip` (leased or offered): only then may it decline it, so that a
+    /// client cannot take another's address out of use.
+    pub(super) fn holds(&self, mac: Mac, ip: Ipv4Addr) -> bool {
+        let held =
+            self.lease_of(mac).is_some_and(|l| l.ip == ip) || self.offer_of.get(&mac) == Some(&ip);
+        held && self.in_range(ip)
+    }
+
+    /// Takes `ip`, which `mac` declined, out of use for [`DECLINE_HOLD`].
+    pub(super) fn decline(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr, events: &mut Events) {
+        if let Some(&id) = self.by_mac.get(&mac) {
+            if self.leases[&id].ip == ip {
+                self.remove_lease(id, events);
+            }
+        }
+        self.cancel_offer_ip(ip);
+        if let Some(m) = self.remembered_by.remove(&ip) {
+            self.memory.remove(&m);
+        }
+        let until = now + DECLINE_HOLD;
+        self.declined.insert(ip, until);
+        self.schedule_sweep(until);
+    }
+
+    /// Ends the lease of `mac` if it is on `ip`.
+    pub(super) fn release(&mut self, mac: Mac, ip: Ipv4Addr, events: &mut Events) {
+        if let Some(&id) = self.by_mac.get(&mac) {
+            if self.leases[&id].ip == ip {
+                self.remove_lease(id, events);
+            }
+        }
+    }
+
+    fn in_range(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end)).contains(&u32::from(ip))
+    }
+
+    fn cfg_assignable_in(cfg: &DhcpConfig, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        let mask = u32::from(cfg.mask);
+        let net = u32::from(cfg.range_start) & mask;
+        (u32::from(cfg.range_start)..=u32::from(cfg.range_end)).contains(&n)
+            && n & mask == net
+            && (mask == u32::MAX || (n != net && n != net | !mask))
+            && ip != host_ip
+            && Some(ip) != cfg.gateway
+            && !cfg.dns.contains(&ip)
+    }
+
+    /// An address of the range that the server may hand out at all (not the subnet's network or
+    /// broadcast address, nor the virtual host's, the gateway's or a DNS server's).
+    fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
+    }
+
+    /// Whether `ip` may be given to `mac` now: ours to give, and not leased or offered to
+    /// another client, nor declined.
+    pub(super) fn free_for(&self, mac: Mac, ip: Ipv4Addr, now: Instant, host_ip: Ipv4Addr) -> bool {
+        self.assignable(ip, host_ip)
+            && self
+                .by_ip
+                .get(&ip)
+                .is_none_or(|id| self.leases[id].mac == mac)
+            && self
+                .offers
+                .get(&ip)
+                .is_none_or(|o| o.mac == mac || o.until <= now)
+            && self.declined.get(&ip).is_none_or(|&t| t <= now)
+    }
+
+    pub(super) fn choose(
+        &self,
+        now: Instant,
+        host_ip: Ipv4Addr,
+        mac: Mac,
+        requested: Option<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let free = |ip: Ipv4Addr| self.free_for(mac, ip, now, host_ip);
+        if let Some(l) = self.lease_of(mac) {
+            if free(l.ip) {
+                return Some(l.ip);
+            }
+        }
+        if let Some(&ip) = self.offer_of.get(&mac) {
+            if free(ip) {
+                return Some(ip);
+            }
+        }
+        if let Some(ip) = requested.filter(|&ip| free(ip)) {
+            return Some(ip);
+        }
+        if let Some(r) = self.memory.get(&mac) {
+            if free(r.ip) {
+                return Some(r.ip);
+            }
+        }
+        // A fresh address: prefer one that no other client may come back for.
+        let mut fallback = None;
+        for n in u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end) {
+            let ip = Ipv4Addr::from(n);
+            if !free(ip) {
+                continue;
+            }
+            match self.remembered_by.get(&ip) {
+                Some(&m) if m != mac => {
+                    fallback.get_or_insert(ip);
+                }
+                _ => return Some(ip),
+            }
+        }
+        fallback
+    }
+
+    fn schedule_sweep(&mut self, at: Instant) {
+        self.sweep_at = Some(self.sweep_at.map_or(at, |t| t.min(at)));
+    }
+
+    pub(super) fn reserve(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr) {
+        if self.offer_of.get(&mac).is_some_and(|&old| old != ip) {
+            self.cancel_offer_mac(mac);
+        }
+        let until = now + OFFER_HOLD;
+        if let Some(prev) = self.offers.insert(ip, Offer { mac, until }) {
+            if prev.mac != mac && self.offer_of.get(&prev.mac) == Some(&ip) {
+                self.offer_of.remove(&prev.mac);
+            }
+        }
+        self.offer_of.insert(mac, ip);
+        self.schedule_sweep(until);
+    }
+
+    pub(super) fn cancel_offer_mac(&mut self, mac: Mac) {
+        if let Some(ip) = self.offer_of.remove(&mac) {
+            if self.offers.get(&ip).is_some_and(|o| o.mac == mac) {
+                self.offers.remove(&ip);
+            }
+        }
+    }
+
+    fn cancel_offer_ip(&mut self, ip: Ipv4Addr) {
+        if let Some(o) = self.offers.remove(&ip) {
+            if self.offer_of.get(&o.mac) == Some(&ip) {
+                self.offer_of.remove(&o.mac);
+            }
+        }
+    }
+
+    fn remember(&mut self, mac: Mac, ip: Ipv4Addr, now: Instant) {
+        if let Some(old_mac) = self.remembered_by.insert(ip, mac) {
+            if old_mac != mac {
+                self.memory.remove(&old_mac);
+            }
+        }
+        if let Some(prev) = self.memory.insert(mac, Remembered { ip, at: now }) {
+            if prev.ip != ip && self.remembered_by.get(&prev.ip) == Some(&mac) {
+                self.remembered_by.remove(&prev.ip);
+            }
+        }
+        if self.memory.len() > MAX_REMEMBERED {
+            let oldest = self
+                .memory
+                .iter()
+                .filter(|(m, _)| **m != mac)
+                .min_by_key(|(_, r)| r.at)
+                .map(|(m, r)| (*m, r.ip));
+            if let Some((m, ip)) = oldest {
+                self.memory.remove(&m);
+                self.remembered_by.remove(&ip);
+            }
+        }
+    }
+
+    /// ACKs `ip` to `mac`: renews its lease, or creates one (moving the client off another).
+    pub(super) fn commit(
+        &mut self,
+        now: Instant,
+        mac: Mac,
+        ip: Ipv4Addr,
+        host_name: String,
+        events: &mut Events,
+    ) {
+        self.cancel_offer_mac(mac);
+        self.cancel_offer_ip(ip);
+        let expires_at = now + self.cfg.lease;
+        if let Some(&id) = self.by_mac.get(&mac) {
+            let l = self.leases.get_mut(&id).expect("by_mac points at a lease");
+            if l.ip == ip {
+                self.expiry.remove(&(l.expires_at, id));
+                l.expires_at = expires_at;
+                if !host_name.is_empty() {
+                    l.host_name = host_name;
+                }
+                self.expiry.insert((expires_at, id));
+                self.remember(mac, ip, now);
+                self.generation += 1;
+                return;
+            }
+            self.remove_lease(id, events);
+        }
+        let mut id = self.next_id;
+        while self.leases.contains_key(&id) || id == 0 {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1).max(1);
+        events.push(Event::DhcpEntryCreated {
+            id,
+            mac,
+            ip,
+            host_name: host_name.clone(),
+            lease: self.cfg.lease,
+        });
+        self.insert_lease(Lease {
+            id,
+            leased_at: now,
+            expires_at,
+            mac,
+            ip,
+            host_name,
+        });
+        self.remember(mac, ip, now);
+    }
+
+    fn insert_lease(&mut self, l: Lease) {
+        self.generation += 1;
+        self.by_ip.insert(l.ip, l.id);
+        self.by_mac.insert(l.mac, l.id);
+        self.expiry.insert((l.expires_at, l.id));
+        self.leases.insert(l.id, l);
+    }
+
+    fn remove_lease(&mut self, id: u32, events: &mut Events) {
+        if let Some(l) = self.leases.remove(&id) {
+            self.generation += 1;
+            self.by_ip.remove(&l.ip);
+            self.by_mac.remove(&l.mac);
+            self.expiry.remove(&(l.expires_at, id));
+            events.push(Event::DhcpEntryDeleted {
+                id,
+                mac: l.mac,
+                ip: l.ip,
+            });
+        }
+    }
+
+    pub(super) fn expire(&mut self, now: Instant, events: &mut Events) {
+        while let Some(&(t, id)) = self.expiry.first() {
+            if t > now {
+                break;
+            }
+            self.remove_lease(id, events);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhost::dhcp::tests::{
+        config, ip, msg, Net, A, ACK, B, C, D, HOST_IP, NAK, RELEASE, REQUEST,
+    };
+
+    fn lease(id: u32, mac: Mac, a: Ipv4Addr, expires: u64) -> Lease {
+        Lease {
+            id,
+            leased_at: Instant::from_secs(0),
+            expires_at: Instant::from_secs(expires),
+            mac,
+            ip: a,
+            host_name: format!("h{id}"),
+        }
+    }
+
+    #[test]
+    fn restore_keeps_valid_entries_only() {
+        let mut n = Net::new(config());
+        let now = n.now;
+        let kept = n.engine.dhcp.restore(
+            now,
+            vec![
+                lease(5, A, ip(20), 5000),
+                lease(6, B, ip(21), 500),                        // expired
+                lease(7, C, ip(250), 5000),                      // outside the range
+                lease(8, D, ip(20), 5000),                       // address taken
+                lease(9, A, ip(22), 5000),                       // MAC taken
+                lease(5, Mac([2, 0, 0, 0, 1, 1]), ip(23), 5000), // id taken
+                lease(3, Mac([2, 0, 0, 0, 1, 2]), ip(24), 5000),
+            ],
+        );
+        assert_eq!(kept, 2);
+        let ids: Vec<u32> = n.leases().iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![3, 5]);
+        // The restored client gets its address back, and renewing does not log "created".
+        assert_eq!(n.offer(A), ip(20));
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(20)));
+        assert_eq!(r.kind, ACK);
+        assert_eq!(n.created(), 0);
+        // Others cannot take it; new entries continue after the highest id.
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(20))).kind, NAK);
+        n.dora(B);
+        assert_eq!(n.leases().last().unwrap().id, 6);
+        assert_eq!(n.engine.dhcp.lease_of(B).unwrap().id, 6);
+    }
+
+    #[test]
+    fn reconfigure_drops_what_is_outside_the_new_range() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(A), ip(10));
+        n.one(&msg(REQUEST, B).requested(ip(100)));
+        let mut cfg = n.engine.dhcp.config().clone();
+        cfg.range_start = ip(50);
+        n.engine.dhcp.reconfigure(&cfg, &mut n.engine.ctx.events);
+        n.drain();
+        let l = n.leases();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].mac, B);
+        assert_eq!(n.deleted(1), 1);
+        assert_eq!(n.offer(A), ip(50));
+    }
+
+    #[test]
+    fn remembered_addresses_are_bounded_by_the_range() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        let mut n = Net::new(cfg);
+        for i in 0..20u8 {
+            let mac = Mac([2, 0, 0, 0, 2, i]);
+            let a = n.dora(mac);
+            n.silent(&msg(RELEASE, mac).configured_at(a).server(HOST_IP));
+        }
+        let s = &n.engine.dhcp.pool;
+        assert!(s.memory.len() <= 2 && s.remembered_by.len() <= 2);
+        assert_eq!(s.memory.len(), s.remembered_by.len());
+        assert!(s.leases.is_empty() && s.by_ip.is_empty() && s.by_mac.is_empty());
+        assert!(s.expiry.is_empty());
+    }
+}

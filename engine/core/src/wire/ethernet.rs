@@ -1,0 +1,21 @@
+//! Ethernet: the MAC address conversions and the header of the IPv4 frames the core emits.
+
+use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol};
+
+use crate::config::Mac;
+
+pub fn eth(mac: Mac) -> EthernetAddress {
+    EthernetAddress(mac.0)
+}
+
+pub fn mac(addr: EthernetAddress) -> Mac {
+    Mac(addr.0)
+}
+
+/// Writes the Ethernet header of an IPv4 frame.
+pub fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
+    let mut eth_frame = EthernetFrame::new_unchecked(frame);
+    eth_frame.set_src_addr(eth(src));
+    eth_frame.set_dst_addr(eth(dst));
+    eth_frame.set_ethertype(EthernetProtocol::Ipv4);
+}
