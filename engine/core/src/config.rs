@@ -131,6 +131,9 @@ pub struct DhcpConfig {
     pub dns: Vec<Ipv4Addr>,
     pub domain: Option<String>,
     pub routes: Vec<StaticRoute>,
+    /// Only a client's own messages are served: the client hardware address must be the
+    /// frame's Ethernet source (default true).
+    pub check_chaddr: bool,
 }
 
 #[derive(Clone, PartialEq, Debug)]
@@ -285,6 +288,8 @@ pub struct RawDhcp {
     pub domain: Option<String>,
     /// `"10.1.0.0/16 via 192.168.30.254"`
     pub routes: Option<Vec<String>>,
+    /// Refuse messages whose client hardware address is not the frame's Ethernet source.
+    pub check_chaddr: Option<bool>,
 }
 
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
@@ -589,6 +594,7 @@ impl Config {
             dns,
             domain,
             routes,
+            check_chaddr: d.check_chaddr.unwrap_or(true),
         };
 
         let mut upstream = Vec::new();

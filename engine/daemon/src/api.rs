@@ -232,6 +232,7 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("dns", Kind::List),
             ("domain", Kind::Str),
             ("routes", Kind::List),
+            ("check_chaddr", Kind::Bool),
         ],
     ),
     (
@@ -358,6 +359,7 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             dns: Some(cfg.dhcp.dns.iter().map(|d| d.to_string()).collect()),
             domain: blank(cfg.dhcp.domain.as_ref()),
             routes: Some(cfg.dhcp.routes.iter().map(|r| r.to_string()).collect()),
+            check_chaddr: Some(cfg.dhcp.check_chaddr),
         },
         dns: RawDns {
             upstream: Some(cfg.dns.upstream.iter().map(|a| a.to_string()).collect()),

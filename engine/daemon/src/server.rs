@@ -159,8 +159,19 @@ impl Pending {
 struct LeaseFile {
     path: PathBuf,
     saved_generation: u64,
+    /// The bindings in the file: a new or moved binding is written before its ACK leaves.
+    saved_bindings: u64,
+    /// When the file was last written: renewals, which only move an expiry, are written
+    /// together at most every `RENEWALS_EVERY`.
+    saved_at: Option<Instant>,
+    /// Renewals are in the engine's table but not yet in the file.
+    renewals_waiting: bool,
     failing: bool,
 }
+
+/// How often renewals alone cause the lease file to be written (a client renewing every
+/// second must not make hubnat fsync every second per client).
+const RENEWALS_EVERY: Duration = Duration::from_secs(1);
 
 /// The operator's side of a running instance (see the module's comment).
 pub struct Server {
@@ -193,6 +204,9 @@ impl Server {
             leases: opts.lease_file.map(|path| LeaseFile {
                 path,
                 saved_generation: 0,
+                saved_bindings: 0,
+                saved_at: None,
+                renewals_waiting: false,
                 failing: false,
             }),
         }
@@ -223,17 +237,21 @@ impl Server {
             Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
         }
         // Write the table as restored (expired entries gone, a corrupt file replaced).
-        self.write_leases(engine);
+        self.write_leases(engine, now);
     }
 
-    fn write_leases(&mut self, engine: &Engine) {
+    fn write_leases(&mut self, engine: &Engine, now: Instant) {
         let Some(file) = &mut self.leases else {
             return;
         };
         let generation = engine.dhcp.generation();
+        let bindings = engine.dhcp.binding_generation();
         match leases::save(&file.path, engine.dhcp.leases(), &self.control.clock) {
             Ok(()) => {
                 file.saved_generation = generation;
+                file.saved_bindings = bindings;
+                file.saved_at = Some(now);
+                file.renewals_waiting = false;
                 if file.failing {
                     tracing::info!("lease file {} written again", file.path.display());
                 }
@@ -570,25 +588,41 @@ impl Operator for Server {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.conns
+        let conns = self
+            .conns
             .iter()
             .flatten()
             .map(|c| match &c.pending {
                 Some(p) => p.deadline,
                 None => c.idle_deadline,
             })
-            .min()
-    }
-
-    /// Writes the lease table if it changed since it was last written (one comparison per
-    /// batch when it did not).
-    fn before_write(&mut self, engine: &Engine) {
-        if self
+            .min();
+        // Renewals waiting for their write (`before_write` runs after the wake-up's batch).
+        let renewals = self
             .leases
             .as_ref()
-            .is_some_and(|f| engine.dhcp.generation() != f.saved_generation)
-        {
-            self.write_leases(engine);
+            .filter(|f| f.renewals_waiting)
+            .and_then(|f| f.saved_at)
+            .map(|t| t + RENEWALS_EVERY);
+        hubnat_core::time::earliest(conns, renewals)
+    }
+
+    /// Writes the lease table when a binding changed (before the ACK that made it leaves), or
+    /// when renewals wait and the last write is `RENEWALS_EVERY` old (two comparisons per
+    /// batch when nothing changed).
+    fn before_write(&mut self, engine: &Engine, now: Instant) {
+        let Some(f) = &self.leases else {
+            return;
+        };
+        let binding_changed = engine.dhcp.binding_generation() != f.saved_bindings;
+        let renewed = engine.dhcp.generation() != f.saved_generation;
+        let due = f
+            .saved_at
+            .is_none_or(|t| now.saturating_since(t) >= RENEWALS_EVERY);
+        if binding_changed || (renewed && due) {
+            self.write_leases(engine, now);
+        } else if let Some(f) = &mut self.leases {
+            f.renewals_waiting = renewed;
         }
     }
 

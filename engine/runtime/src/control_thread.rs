@@ -477,7 +477,7 @@ impl Runtime {
         // What the batch changed is the operator's before its frames leave (the lease table
         // reaches the disk before the ACK that grants a lease reaches the guest).
         if let Some(op) = &mut self.operator {
-            op.before_write(&self.engine);
+            op.before_write(&self.engine, now);
         }
         let failed = self.tx.send(&mut self.out);
         // The device's queue is full or the link is down: drop, count, go on.

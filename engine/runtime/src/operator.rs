@@ -34,7 +34,7 @@ pub trait Operator: Send {
     fn deadline(&self) -> Option<Instant>;
     /// Runs after each batch, before its frames are written to the port: what must be durable
     /// before a guest hears of it (a DHCP ACK) is written here.
-    fn before_write(&mut self, engine: &Engine);
+    fn before_write(&mut self, engine: &Engine, now: Instant);
     /// Runs when the runtime is dropped.
     fn stop(&mut self);
 }

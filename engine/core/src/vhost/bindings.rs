@@ -262,6 +262,11 @@ impl Sources {
         self.local.bind(now, ip, mac, by);
     }
 
+    /// When `ip`'s owner was last seen sending from it, as far as this engine knows.
+    pub fn last_seen(&self, ip: Ipv4Addr) -> Option<Instant> {
+        self.local.get(ip).map(|b| b.last_seen)
+    }
+
     /// Makes the lease bindings those of `leases` (address, MAC): the lease table changed.
     pub fn sync_leases(&mut self, now: Instant, leases: &[(Ipv4Addr, Mac)]) {
         self.refresh();

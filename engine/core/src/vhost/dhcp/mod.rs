@@ -22,6 +22,7 @@
 //! are in `pool`. The message view is `smoltcp::wire::DhcpPacket`; the options area is
 //! `wire::dhcp_options`.
 
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -176,8 +177,17 @@ struct ReplySpec {
     config: bool,
 }
 
+/// A lease must be this old before its address can be taken back for another client.
+const RECLAIM_AGE: Duration = Duration::from_secs(10);
+/// How long an ARP probe of a lease's address waits for an answer.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+/// Probes sent for one request of a client the full pool could not serve.
+const PROBES_AT_ONCE: usize = 4;
+
 pub struct DhcpServer {
     pool: Pool,
+    /// Addresses probed by ARP before being taken back (`reclaim`), and when.
+    probes: HashMap<Ipv4Addr, Instant>,
     last_exhausted_log: Option<Instant>,
     /// The reply being built (kept, so building allocates nothing once warm).
     scratch: Vec<u8>,
@@ -188,6 +198,7 @@ impl DhcpServer {
     pub fn new(cfg: &DhcpConfig) -> DhcpServer {
         DhcpServer {
             pool: Pool::new(cfg),
+            probes: HashMap::new(),
             last_exhausted_log: None,
             scratch: Vec::with_capacity(MIN_MAX_MESSAGE),
             routes_buf: Vec::new(),
@@ -197,6 +208,49 @@ impl DhcpServer {
     /// A counter that changes whenever the lease table does (created, renewed, removed).
     pub fn generation(&self) -> u64 {
         self.pool.generation()
+    }
+
+    /// A counter that changes when a lease is created, moved or removed, but not when one is
+    /// only renewed: what must reach the lease file before the client hears of it.
+    pub fn binding_generation(&self) -> u64 {
+        self.pool.binding_generation()
+    }
+
+    /// The pool is full: takes back an address whose lease has shown no sign of use since it
+    /// was granted (no frame from it, not even the ARP every client sends for its router), once
+    /// an ARP probe for it went unanswered for `PROBE_WAIT`. Until then, probes the likeliest
+    /// candidates and returns None: the client asks again in a few seconds. So made-up clients
+    /// that drained the pool cannot keep a real one out, and a quiet real client answers the
+    /// probe and keeps its address.
+    fn reclaim(&mut self, now: Instant, ctx: &mut Ctx, out: &mut FrameBatch) -> Option<Ipv4Addr> {
+        let unused = |ctx: &Ctx, ip: Ipv4Addr, granted: Instant| {
+            ctx.sources.last_seen(ip).is_none_or(|seen| seen <= granted)
+        };
+        let old_enough = Instant::from_micros(now.as_micros().saturating_sub(RECLAIM_AGE.as_micros() as u64));
+        let candidates: Vec<(u32, Ipv4Addr, Instant)> =
+            self.pool.granted_before(old_enough).collect();
+        self.probes.retain(|ip, _| candidates.iter().any(|(_, c, _)| c == ip));
+        for &(id, ip, granted) in &candidates {
+            if let Some(&probed) = self.probes.get(&ip) {
+                if now.saturating_since(probed) >= PROBE_WAIT && unused(ctx, ip, granted) {
+                    self.probes.remove(&ip);
+                    self.pool.take_back(id, &mut ctx.events);
+                    return Some(ip);
+                }
+            }
+        }
+        let mut sent = 0;
+        for &(_, ip, granted) in &candidates {
+            if sent == PROBES_AT_ONCE {
+                break;
+            }
+            if !self.probes.contains_key(&ip) && unused(ctx, ip, granted) {
+                self.probes.insert(ip, now);
+                crate::vhost::arp::push_request(out, ctx.mac, ctx.cfg.host.ip, ip);
+                sent += 1;
+            }
+        }
+        None
     }
 
     /// The lease table, in order of creation.
@@ -243,6 +297,11 @@ impl DhcpServer {
             return Err(DropReason::Malformed);
         }
         if msg.chaddr != src_mac {
+            // A client speaks for itself only: another MAC's RELEASE or DECLINE would take
+            // that client's address away, and made-up clients would drain the pool.
+            if self.pool.config().check_chaddr {
+                return Err(DropReason::Spoofed);
+            }
             tracing::debug!(chaddr = %msg.chaddr, src = %src_mac, "DHCP chaddr differs from the Ethernet source");
         }
         if !msg.giaddr.is_unspecified() {
@@ -277,10 +336,10 @@ impl DhcpServer {
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         let mac = msg.chaddr;
-        let Some(ip) = self
+        let chosen = self
             .pool
-            .choose(now, ctx.cfg.host.ip, mac, msg.requested_ip)
-        else {
+            .choose(now, ctx.cfg.host.ip, mac, msg.requested_ip);
+        let Some(ip) = chosen.or_else(|| self.reclaim(now, ctx, out)) else {
             if self
                 .last_exhausted_log
                 .is_none_or(|t| now.saturating_since(t) >= EXHAUSTED_LOG_INTERVAL)
@@ -389,6 +448,14 @@ impl DhcpServer {
     ) -> Result<(), DropReason> {
         if msg.ciaddr.is_unspecified() {
             return Err(DropReason::Malformed);
+        }
+        // The answer goes to ciaddr, and the neighbour entry it needs would be the client's:
+        // only a guest's own address of the virtual network qualifies.
+        if !ctx.cfg.in_subnet(msg.ciaddr) || ctx.is_host_address(msg.ciaddr) {
+            return Err(DropReason::Foreign);
+        }
+        if !ctx.source_ok(now, src_mac, msg.ciaddr) {
+            return Err(DropReason::Spoofed);
         }
         let spec = ReplySpec {
             kind: DhcpMessageType::Ack,
@@ -743,6 +810,8 @@ mod tests {
         pub(super) now: Instant,
         /// Every event the engine reported, drained after each step.
         events: Vec<Event>,
+        /// ARP probes the server sent.
+        pub(super) probes: usize,
     }
 
     pub(super) fn config() -> Config {
@@ -758,6 +827,7 @@ mod tests {
                 host: SimSockets::default(),
                 now: Instant::from_secs(1000),
                 events: Vec::new(),
+                probes: 0,
             }
         }
         pub(super) fn frame(&mut self, frame: &[u8]) -> Vec<Reply> {
@@ -765,7 +835,15 @@ mod tests {
             self.engine
                 .handle_frame(self.now, frame, &mut self.host, &mut out);
             self.drain();
-            out.iter().map(parse_reply).collect()
+            // ARP probes of addresses to take back (`reclaim`) are counted, not parsed.
+            self.probes += out
+                .iter()
+                .filter(|f| f.get(12..14) == Some(&[8, 6]) && f.get(20..22) == Some(&[0, 1]))
+                .count();
+            out.iter()
+                .filter(|f| f.get(12..14) != Some(&[8, 6]))
+                .map(parse_reply)
+                .collect()
         }
         pub(super) fn send(&mut self, m: &Msg) -> Vec<Reply> {
             self.frame(&m.frame())
@@ -1252,8 +1330,69 @@ mod tests {
     }
 
     #[test]
-    fn chaddr_other_than_the_ethernet_source_is_served_at_chaddr() {
+    fn a_full_pool_takes_back_an_unused_lease_after_an_unanswered_probe() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(12);
+        let mut n = Net::new(cfg);
+        // Made-up clients, each from its own MAC, take every address and are never heard of
+        // again; one real client (C) uses its address.
+        let fakes = [Mac([2, 0x5a, 0, 0, 0, 1]), Mac([2, 0x5a, 0, 0, 0, 2])];
+        for f in fakes {
+            n.dora(f);
+        }
+        let c_ip = n.dora(C);
+        n.advance(Duration::from_secs(11));
+        // C sends an ARP for its router: it is in use.
+        n.frame(&arp_request_from(C, c_ip, HOST_IP));
+        // A newcomer: the full pool probes the unused addresses first, answering nothing.
+        n.silent(&msg(DISCOVER, D));
+        assert_eq!(n.probes, 2, "only the unused leases are probed");
+        n.advance(Duration::from_secs(2));
+        let r = n.one(&msg(DISCOVER, D));
+        assert_eq!(r.kind, OFFER);
+        assert_ne!(r.yiaddr, c_ip, "the used address is kept");
+        assert!(n.leases().iter().any(|l| l.mac == C && l.ip == c_ip));
+    }
+
+    fn arp_request_from(mac: Mac, from: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
+        let repr = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: EthernetAddress(mac.0),
+            source_protocol_addr: from,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let mut f = vec![0u8; 14 + repr.buffer_len()];
+        f[..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&mac.0);
+        f[12..14].copy_from_slice(&[8, 6]);
+        repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
+        f
+    }
+
+    #[test]
+    fn a_message_for_another_client_is_refused() {
         let mut n = Net::new(config());
+        let a = n.dora(A);
+        // B asks in A's name: to release A's lease, or to take addresses as made-up clients.
+        let mut m = msg(RELEASE, A).configured_at(a).server(HOST_IP);
+        m.mac = B;
+        n.silent(&m);
+        let mut m = msg(DISCOVER, C);
+        m.mac = B;
+        n.silent(&m);
+        assert_eq!(n.drops(DropReason::Spoofed), 2);
+        assert_eq!(n.leases().len(), 1, "A keeps its lease");
+        assert_eq!(n.leases()[0].mac, A);
+    }
+
+    #[test]
+    fn without_the_chaddr_check_another_client_is_served_at_chaddr() {
+        let mut cfg = config();
+        cfg.dhcp.check_chaddr = false;
+        let mut n = Net::new(cfg);
         let mut m = msg(DISCOVER, A);
         m.chaddr = B;
         let r = n.one(&m);

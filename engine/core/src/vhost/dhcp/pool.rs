@@ -63,6 +63,7 @@ pub(super) struct Pool {
     /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
     /// knows when to save it.
     generation: u64,
+    binding_generation: u64,
 }
 
 impl Pool {
@@ -81,11 +82,30 @@ impl Pool {
             remembered_by: HashMap::new(),
             sweep_at: None,
             generation: 0,
+            binding_generation: 0,
         }
     }
 
     pub(super) fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// A counter that changes when a binding is made, moved or ended (not on a renewal).
+    pub(super) fn binding_generation(&self) -> u64 {
+        self.binding_generation
+    }
+
+    /// Leases granted at least `min_age` ago, as (id, address, granted at).
+    pub(super) fn granted_before(&self, t: Instant) -> impl Iterator<Item = (u32, Ipv4Addr, Instant)> + '_ {
+        self.leases
+            .values()
+            .filter(move |l| l.leased_at <= t)
+            .map(|l| (l.id, l.ip, l.leased_at))
+    }
+
+    /// Ends lease `id` before its time (its address is taken back).
+    pub(super) fn take_back(&mut self, id: u32, events: &mut Events) {
+        self.remove_lease(id, events);
     }
 
     pub(super) fn leases(&self) -> impl Iterator<Item = &Lease> {
@@ -411,6 +431,7 @@ impl Pool {
 
     fn insert_lease(&mut self, l: Lease) {
         self.generation += 1;
+        self.binding_generation += 1;
         self.by_ip.insert(l.ip, l.id);
         self.by_mac.insert(l.mac, l.id);
         self.expiry.insert((l.expires_at, l.id));
@@ -420,6 +441,7 @@ impl Pool {
     fn remove_lease(&mut self, id: u32, events: &mut Events) {
         if let Some(l) = self.leases.remove(&id) {
             self.generation += 1;
+            self.binding_generation += 1;
             self.by_ip.remove(&l.ip);
             self.by_mac.remove(&l.mac);
             self.expiry.remove(&(l.expires_at, id));
