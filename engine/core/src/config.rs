@@ -115,6 +115,10 @@ pub struct NatConfig {
     pub egress: Vec<crate::nat::policy::Rule>,
     /// How guests' source addresses are bound to their MACs (`vhost::bindings`).
     pub source_check: crate::vhost::bindings::SourceCheck,
+    /// New sessions a guest may open per second (a one-second burst); 0: no limit.
+    pub new_sessions_per_second: u32,
+    /// TCP connections one guest may have connecting at once (its share of `max_half_open`).
+    pub max_half_open_per_guest: usize,
     /// Static bindings: these addresses only from these MACs.
     pub bindings: Vec<(Mac, Ipv4Addr)>,
 }
@@ -268,6 +272,10 @@ pub struct RawNat {
     pub egress: Option<Vec<String>>,
     /// `learn` (the default), `lease` or `subnet`.
     pub source_check: Option<crate::vhost::bindings::SourceCheck>,
+    /// New sessions a guest may open per second; 0: no limit.
+    pub new_sessions_per_second: Option<u32>,
+    /// A guest's share of `max_half_open`.
+    pub max_half_open_per_guest: Option<usize>,
     /// Static bindings, `"MAC IP"` each.
     pub bindings: Option<Vec<String>>,
 }
@@ -477,7 +485,19 @@ impl Config {
                 .map(|r| r.parse().map_err(|e: String| field_err("nat.egress", e)))
                 .collect::<Result<_, _>>()?,
             source_check: raw.nat.source_check.unwrap_or_default(),
+            new_sessions_per_second: raw.nat.new_sessions_per_second.unwrap_or(10_000),
+            max_half_open_per_guest: 0,
             bindings: Vec::new(),
+        };
+        nat.max_half_open_per_guest = match raw.nat.max_half_open_per_guest {
+            Some(0) => {
+                return Err(field_err(
+                    "nat.max_half_open_per_guest",
+                    "must be at least 1",
+                ))
+            }
+            Some(n) => n,
+            None => (nat.max_half_open / 4).max(1),
         };
         for b in raw.nat.bindings.iter().flatten() {
             let bad = |why: &str| field_err("nat.bindings", format!("`{b}`: {why}"));
@@ -500,9 +520,13 @@ impl Config {
             // sockets, so that the lease file and the operator's connections always find a
             // descriptor. A guest's share stays below the total.
             let budget = budget.max(1);
-            nat.max_sessions = nat.max_sessions.min(budget);
-            nat.max_sessions_per_guest = nat.max_sessions_per_guest.min(nat.max_sessions);
+            if nat.max_sessions > budget {
+                nat.max_sessions = budget;
+                // A guest's share stays a share: one guest alone cannot take every socket.
+                nat.max_sessions_per_guest = nat.max_sessions_per_guest.min((budget / 4).max(1));
+            }
             nat.max_half_open = nat.max_half_open.min(nat.max_sessions);
+            nat.max_half_open_per_guest = nat.max_half_open_per_guest.min(nat.max_half_open);
         }
 
         let d = &raw.dhcp;
@@ -852,13 +876,17 @@ mod tests {
         };
         let c = Config::from_raw_on(&RawConfig::default(), &machine).unwrap();
         assert_eq!(c.nat.max_sessions, 900);
-        assert_eq!(c.nat.max_sessions_per_guest, 900);
+        assert_eq!(
+            c.nat.max_sessions_per_guest, 225,
+            "a quarter: a share, not the lot"
+        );
         assert_eq!(c.nat.max_half_open, 900);
+        assert_eq!(c.nat.max_half_open_per_guest, 256);
         let raw = RawConfig::from_toml("[nat]\nmax_sessions = 100\n").unwrap();
         let c = Config::from_raw_on(&raw, &machine).unwrap();
         assert_eq!(
             (c.nat.max_sessions, c.nat.max_sessions_per_guest),
-            (100, 100)
+            (100, 4096)
         );
         let c = Config::from_raw(&RawConfig::default()).unwrap();
         assert_eq!(c.nat.max_sessions, 65536, "no budget, no clamp");

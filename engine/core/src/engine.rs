@@ -39,6 +39,8 @@ pub struct Ctx {
     shared: Option<Arc<dyn SharedSessions>>,
     /// Which MAC may send from which address (`vhost::bindings`).
     pub(crate) sources: Sources,
+    /// Each guest's rate of new sessions (`nat.new_sessions_per_second`).
+    new_sessions: crate::nat::rate::NewSessions,
     /// The lease table's generation the source bindings were last brought in line with.
     leases_bound: u64,
     /// What happened, waiting for `Engine::poll_event`.
@@ -58,10 +60,11 @@ pub trait SharedSessions: Send + Sync {
     fn admit(&self, proto: Proto, guest: Ipv4Addr, total: usize, per_guest: usize) -> bool;
     /// Ends what `admit` counted.
     fn release(&self, proto: Proto, guest: Ipv4Addr);
-    /// Takes a half-open (connecting) TCP slot unless `max` are taken.
-    fn admit_half_open(&self, max: usize) -> bool;
+    /// Takes a half-open (connecting) TCP slot for `guest` unless `max` are taken, or
+    /// `per_guest` of them by `guest`.
+    fn admit_half_open(&self, guest: Ipv4Addr, max: usize, per_guest: usize) -> bool;
     /// Gives back what `admit_half_open` took.
-    fn release_half_open(&self);
+    fn release_half_open(&self, guest: Ipv4Addr);
     /// TCP connections connecting to their destination, across the engines.
     fn half_open(&self) -> usize;
     /// Sessions of `proto` counted for `guest`.
@@ -117,11 +120,15 @@ impl Ctx {
         self.cfg.host.ip
     }
 
-    /// Counts a new NAT session of `proto` for `guest` against the limits shared by the engines
-    /// of a multi-worker runtime (`share_sessions`); false when `nat.max_sessions` or
-    /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
-    /// protocols check their own tables).
-    pub fn admit_session(&self, proto: Proto, guest: Ipv4Addr) -> bool {
+    /// Counts a new NAT session of `proto` for `guest`: false when the guest opens sessions
+    /// faster than `nat.new_sessions_per_second`, or, across the engines of a multi-worker
+    /// runtime (`share_sessions`), when `nat.max_sessions` or `nat.max_sessions_per_guest` is
+    /// reached (a lone engine's protocols check their own tables for those).
+    pub fn admit_session(&mut self, now: Instant, proto: Proto, guest: Ipv4Addr) -> bool {
+        let rate = self.cfg.nat.new_sessions_per_second;
+        if !self.new_sessions.admit(now, guest, rate) {
+            return false;
+        }
         match &self.shared {
             Some(l) => l.admit(
                 proto,
@@ -143,17 +150,18 @@ impl Ctx {
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
     /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
-    pub fn admit_half_open(&self) -> bool {
+    pub fn admit_half_open(&self, guest: Ipv4Addr) -> bool {
+        let nat = &self.cfg.nat;
         match &self.shared {
-            Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
+            Some(l) => l.admit_half_open(guest, nat.max_half_open, nat.max_half_open_per_guest),
             None => true,
         }
     }
 
     /// Gives back what `admit_half_open` took.
-    pub fn release_half_open(&self) {
+    pub fn release_half_open(&self, guest: Ipv4Addr) {
         if let Some(l) = &self.shared {
-            l.release_half_open();
+            l.release_half_open(guest);
         }
     }
 
@@ -205,6 +213,7 @@ impl Engine {
                 session_id: 0,
                 shared: None,
                 sources: Sources::default(),
+                new_sessions: Default::default(),
                 leases_bound: 0,
                 events: Events::default(),
             },

@@ -68,6 +68,8 @@ pub struct Stats {
     pub frames_out: u64,
     pub bytes_out: u64,
     pub drops: [u64; DropReason::ALL.len()],
+    /// Idle sessions ended to make room for new ones in a full table.
+    pub evicted: u64,
 }
 
 impl Stats {
@@ -81,6 +83,7 @@ impl Stats {
         self.bytes_in += other.bytes_in;
         self.frames_out += other.frames_out;
         self.bytes_out += other.bytes_out;
+        self.evicted += other.evicted;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

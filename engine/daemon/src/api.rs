@@ -111,6 +111,9 @@ pub struct StatusView {
     pub frames_out: u64,
     pub bytes_out: u64,
     pub drops: BTreeMap<String, u64>,
+    /// Idle sessions ended to make room in a full table.
+    #[serde(default)]
+    pub evicted_sessions: u64,
     /// Per worker thread (multi-worker runtime only): what each carries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<WorkerView>,
@@ -217,6 +220,8 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("host_loopback", Kind::Str),
             ("egress", Kind::List),
             ("source_check", Kind::Str),
+            ("new_sessions_per_second", Kind::Int),
+            ("max_half_open_per_guest", Kind::Int),
             ("bindings", Kind::List),
         ],
     ),
@@ -341,6 +346,8 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             host_loopback: blank(cfg.nat.host_loopback),
             egress: Some(cfg.nat.egress.iter().map(|r| r.to_string()).collect()),
             source_check: Some(cfg.nat.source_check),
+            new_sessions_per_second: Some(cfg.nat.new_sessions_per_second),
+            max_half_open_per_guest: Some(cfg.nat.max_half_open_per_guest),
             bindings: Some(
                 cfg.nat
                     .bindings
@@ -633,6 +640,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         bytes_in: st.bytes_in,
         frames_out: st.frames_out,
         bytes_out: st.bytes_out,
+        evicted_sessions: st.evicted,
         drops: DropReason::ALL
             .iter()
             .map(|d| (d.name().to_owned(), st.drops_of(*d)))

@@ -101,6 +101,12 @@ pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         "Frames dropped, by reason.",
         &drops,
     );
+    metric(
+        "sessions_evicted_total",
+        "counter",
+        "Idle sessions ended to make room for new ones in a full table.",
+        &[("", s.evicted_sessions)],
+    );
     o
 }
 

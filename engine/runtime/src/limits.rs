@@ -14,6 +14,9 @@ use hubnat_core::time::Instant;
 use hubnat_core::vhost::bindings::{Bindings, BoundBy};
 use hubnat_core::{Mac, SharedSessions};
 
+/// The key of a guest's half-open TCP count in `counts` (beside the protocols' indexes).
+const HALF_OPEN: u8 = u8::MAX;
+
 /// Session counts per protocol and guest, half-open TCP connections and the session id
 /// sequence, for every engine of one runtime.
 #[derive(Default)]
@@ -79,18 +82,35 @@ impl SharedSessions for SharedLimits {
         }
     }
 
-    fn admit_half_open(&self, max: usize) -> bool {
-        self.half_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                ((n as usize) < max).then_some(n + 1)
-            })
-            .is_ok()
+    fn admit_half_open(&self, guest: Ipv4Addr, max: usize, per_guest: usize) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry((HALF_OPEN, guest)).or_insert(0);
+        let taken = *n < per_guest
+            && self
+                .half_open
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                    ((h as usize) < max).then_some(h + 1)
+                })
+                .is_ok();
+        if taken {
+            *n += 1;
+        } else if *n == 0 {
+            counts.remove(&(HALF_OPEN, guest));
+        }
+        taken
     }
 
-    fn release_half_open(&self) {
-        let _ = self
-            .half_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    fn release_half_open(&self, guest: Ipv4Addr) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&(HALF_OPEN, guest)) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&(HALF_OPEN, guest));
+            }
+            let _ = self
+                .half_open
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| h.checked_sub(1));
+        }
     }
 
     fn half_open(&self) -> usize {

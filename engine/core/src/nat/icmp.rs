@@ -37,6 +37,8 @@ use crate::Ctx;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Real-mode sessions at once.
 pub const MAX_SESSIONS: usize = 1024;
+/// Real-ICMP sessions one guest may hold (a quarter of the table).
+pub const MAX_SESSIONS_PER_GUEST: usize = MAX_SESSIONS / 4;
 /// Sequence numbers remembered per session to recognise replies.
 const RECENT: usize = 16;
 const MAX_MESSAGE: usize = 65535 - IPV4_HEADER_LEN;
@@ -216,13 +218,30 @@ impl IcmpNat {
         host_dst: Ipv4Addr,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
-        if self.table.full(key.guest, MAX_SESSIONS, usize::MAX) {
+        if self.table.len() >= MAX_SESSIONS {
+            if let Some(slot) = self.table.idlest(now, IDLE_TIMEOUT, session::EVICT_IDLE) {
+                self.close(ctx, slot, io);
+                ctx.stats.evicted += 1;
+            }
+        }
+        let per_guest = ctx
+            .cfg
+            .nat
+            .max_sessions_per_guest
+            .min(MAX_SESSIONS_PER_GUEST);
+        if self.table.full(key.guest, MAX_SESSIONS, per_guest) {
+            return Err(DropReason::Limit);
+        }
+        // Counted with the other protocols' sessions, across the workers, and in the guest's
+        // rate of new sessions.
+        if !ctx.admit_session(now, Proto::Icmp, key.guest) {
             return Err(DropReason::Limit);
         }
         let sock = match self.probe.take() {
             Some(s) => s,
             None => io.icmp_open().map_err(|e| {
                 tracing::warn!("ICMP socket could not be opened: {e}");
+                ctx.release_session(Proto::Icmp, key.guest);
                 DropReason::Unsupported
             })?,
         };
@@ -264,6 +283,7 @@ impl IcmpNat {
         let Some(s) = self.table.remove(slot) else {
             return;
         };
+        ctx.release_session(Proto::Icmp, s.key.guest);
         io.close(s.sock);
         ctx.events.push(Event::SessionDeleted {
             proto: Proto::Icmp,

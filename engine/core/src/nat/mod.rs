@@ -9,6 +9,7 @@
 pub mod frag;
 pub mod icmp;
 pub mod policy;
+pub(crate) mod rate;
 pub mod session;
 pub mod tcp;
 pub mod udp;

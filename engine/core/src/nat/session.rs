@@ -54,6 +54,9 @@ pub struct SessionInfo {
 
 /// One session of a `SessionTable`: what every datagram protocol keeps (its key, its socket,
 /// its row of the NAT table) and the protocol's own state.
+/// A session idle this long may be ended to make room in a full table.
+pub(crate) const EVICT_IDLE: Duration = Duration::from_secs(60);
+
 pub(crate) struct Session<K, S> {
     pub(crate) key: K,
     pub(crate) sock: SockId,
@@ -194,6 +197,32 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
             } else {
                 return Some(slot);
             }
+        }
+        None
+    }
+
+    /// The session to end so that a new one fits a full table: the one nearest its idle
+    /// deadline (the longest idle, as every session of a table has the same timeout), if it
+    /// has been idle for `idle` at least. Stale timer entries on the way are dropped, and an
+    /// entry that is early is put back at its real deadline (as `next_expired` does).
+    pub(crate) fn idlest(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+        idle: Duration,
+    ) -> Option<usize> {
+        while let Some(&Reverse((deadline, slot, id))) = self.timers.peek() {
+            let Some(s) = self.get(slot).filter(|s| s.info.id == id) else {
+                self.timers.pop();
+                continue;
+            };
+            let real = s.info.last_used + timeout;
+            if real > deadline {
+                self.timers.pop();
+                self.timers.push(Reverse((real, slot, id)));
+                continue;
+            }
+            return (now.saturating_since(s.info.last_used) >= idle).then_some(slot);
         }
         None
     }

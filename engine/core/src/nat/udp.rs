@@ -180,16 +180,21 @@ impl UdpNat {
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
         let host_dst = sock_destination(ctx, Proto::Udp, key.guest, key.dst)?;
-        let nat = &ctx.cfg.nat;
-        if self.table.full(
-            *key.guest.ip(),
-            nat.max_sessions,
-            nat.max_sessions_per_guest,
-        ) {
+        let (total, per_guest) = (ctx.cfg.nat.max_sessions, ctx.cfg.nat.max_sessions_per_guest);
+        if self.table.len() >= total {
+            // Full: the longest idle session makes room, if it has been idle long enough.
+            let timeout = ctx.cfg.nat.udp_timeout;
+            if let Some(slot) = self.table.idlest(now, timeout, session::EVICT_IDLE) {
+                self.close(ctx, slot, io);
+                ctx.stats.evicted += 1;
+            }
+        }
+        if self.table.full(*key.guest.ip(), total, per_guest) {
             return Err(DropReason::Limit);
         }
-        // The same limits counted across every worker of the runtime (a no-op with one engine).
-        if !ctx.admit_session(Proto::Udp, *key.guest.ip()) {
+        // The same limits counted across every worker of the runtime (a no-op with one engine),
+        // and the guest's rate of new sessions.
+        if !ctx.admit_session(now, Proto::Udp, *key.guest.ip()) {
             return Err(DropReason::Limit);
         }
         let sock = io.udp_open(host_dst).map_err(|e| {

@@ -41,6 +41,16 @@ use crate::Ctx;
 /// The receive window (and reassembly bound) of each connection, guest → sock side.
 pub const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
+/// Takes one from `guest`'s count, forgetting guests at zero.
+fn dec(counts: &mut HashMap<Ipv4Addr, usize>, guest: Ipv4Addr) {
+    if let Some(n) = counts.get_mut(&guest) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&guest);
+        }
+    }
+}
+
 /// (guest, destination as the guest addressed it)
 type Key = (SocketAddrV4, SocketAddrV4);
 
@@ -49,6 +59,8 @@ pub struct TcpNat {
     by_sock: HashMap<SockId, Key>,
     per_guest: HashMap<Ipv4Addr, usize>,
     half_open: usize,
+    /// Connecting connections per guest (its share of `half_open`).
+    half_open_of: HashMap<Ipv4Addr, usize>,
     tombstones: usize,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     /// With `external_idle`: `(deadline, key, session id)`, one entry per connection, for
@@ -72,6 +84,7 @@ impl TcpNat {
             by_sock: HashMap::new(),
             per_guest: HashMap::new(),
             half_open: 0,
+            half_open_of: HashMap::new(),
             tombstones: 0,
             timers: BinaryHeap::new(),
             idle_timers: BinaryHeap::new(),
@@ -182,15 +195,19 @@ impl TcpNat {
         };
         let nat = &ctx.cfg.nat;
         let guest_count = self.per_guest.get(guest.ip()).copied().unwrap_or(0);
+        let guest_half_open = self.half_open_of.get(guest.ip()).copied().unwrap_or(0);
+        // A guest's share of the connecting slots: a SYN flood fills the flooder's share, and
+        // its neighbours still connect.
         if self.live() >= nat.max_sessions
             || guest_count >= nat.max_sessions_per_guest
             || self.half_open >= nat.max_half_open
-            || !ctx.admit_session(Proto::Tcp, *guest.ip())
+            || guest_half_open >= nat.max_half_open_per_guest
+            || !ctx.admit_session(now, Proto::Tcp, *guest.ip())
         {
             reset(ctx, seg, key, out)?;
             return Err(DropReason::Limit);
         }
-        if !ctx.admit_half_open() {
+        if !ctx.admit_half_open(*guest.ip()) {
             ctx.release_session(Proto::Tcp, *guest.ip());
             reset(ctx, seg, key, out)?;
             return Err(DropReason::Limit);
@@ -206,7 +223,7 @@ impl TcpNat {
             Ok(s) => s,
             Err(e) => {
                 ctx.release_session(Proto::Tcp, *guest.ip());
-                ctx.release_half_open();
+                ctx.release_half_open(*guest.ip());
                 ctx.events.push(Event::TcpConnectFailed {
                     id,
                     ip: *target.ip(),
@@ -240,6 +257,7 @@ impl TcpNat {
         self.by_sock.insert(sock, key);
         *self.per_guest.entry(*guest.ip()).or_insert(0) += 1;
         self.half_open += 1;
+        *self.half_open_of.entry(*guest.ip()).or_insert(0) += 1;
         self.schedule(key, ctx);
         Ok(())
     }
@@ -299,7 +317,8 @@ impl TcpNat {
             SockEvent::Connected(_) => {
                 if c.state == State::Connecting {
                     self.half_open -= 1;
-                    cx.ctx.release_half_open();
+                    dec(&mut self.half_open_of, *key.0.ip());
+                    cx.ctx.release_half_open(*key.0.ip());
                     let t = c.target;
                     cx.ctx.events.push(Event::TcpConnected {
                         id: c.id,
@@ -376,7 +395,8 @@ impl TcpNat {
             State::TimeWait => self.tombstones -= 1,
             State::Connecting => {
                 self.half_open -= 1;
-                ctx.release_half_open();
+                dec(&mut self.half_open_of, *key.0.ip());
+                ctx.release_half_open(*key.0.ip());
                 self.dec_guest(ctx, *key.0.ip());
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),

@@ -226,10 +226,14 @@ impl DhcpServer {
         let unused = |ctx: &Ctx, ip: Ipv4Addr, granted: Instant| {
             ctx.sources.last_seen(ip).is_none_or(|seen| seen <= granted)
         };
-        let old_enough = Instant::from_micros(now.as_micros().saturating_sub(RECLAIM_AGE.as_micros() as u64));
+        let old_enough = Instant::from_micros(
+            now.as_micros()
+                .saturating_sub(RECLAIM_AGE.as_micros() as u64),
+        );
         let candidates: Vec<(u32, Ipv4Addr, Instant)> =
             self.pool.granted_before(old_enough).collect();
-        self.probes.retain(|ip, _| candidates.iter().any(|(_, c, _)| c == ip));
+        self.probes
+            .retain(|ip, _| candidates.iter().any(|(_, c, _)| c == ip));
         for &(id, ip, granted) in &candidates {
             if let Some(&probed) = self.probes.get(&ip) {
                 if now.saturating_since(probed) >= PROBE_WAIT && unused(ctx, ip, granted) {

@@ -96,7 +96,10 @@ impl Pool {
     }
 
     /// Leases granted at least `min_age` ago, as (id, address, granted at).
-    pub(super) fn granted_before(&self, t: Instant) -> impl Iterator<Item = (u32, Ipv4Addr, Instant)> + '_ {
+    pub(super) fn granted_before(
+        &self,
+        t: Instant,
+    ) -> impl Iterator<Item = (u32, Ipv4Addr, Instant)> + '_ {
         self.leases
             .values()
             .filter(move |l| l.leased_at <= t)
