@@ -119,6 +119,10 @@ pub struct NatConfig {
     pub new_sessions_per_second: u32,
     /// TCP connections one guest may have connecting at once (its share of `max_half_open`).
     pub max_half_open_per_guest: usize,
+    /// MiB of TCP receive rings (out-of-order and unsent guest data) one thread's connections
+    /// may hold (default 256), and one guest's of them (default 32).
+    pub reassembly_mib: usize,
+    pub reassembly_per_guest_mib: usize,
     /// Static bindings: these addresses only from these MACs.
     pub bindings: Vec<(Mac, Ipv4Addr)>,
 }
@@ -276,6 +280,9 @@ pub struct RawNat {
     pub new_sessions_per_second: Option<u32>,
     /// A guest's share of `max_half_open`.
     pub max_half_open_per_guest: Option<usize>,
+    /// MiB of TCP receive rings per thread, and per guest.
+    pub reassembly_mib: Option<usize>,
+    pub reassembly_per_guest_mib: Option<usize>,
     /// Static bindings, `"MAC IP"` each.
     pub bindings: Option<Vec<String>>,
 }
@@ -487,6 +494,12 @@ impl Config {
             source_check: raw.nat.source_check.unwrap_or_default(),
             new_sessions_per_second: raw.nat.new_sessions_per_second.unwrap_or(10_000),
             max_half_open_per_guest: 0,
+            reassembly_mib: positive("nat.reassembly_mib", raw.nat.reassembly_mib, 256)?,
+            reassembly_per_guest_mib: positive(
+                "nat.reassembly_per_guest_mib",
+                raw.nat.reassembly_per_guest_mib,
+                32,
+            )?,
             bindings: Vec::new(),
         };
         nat.max_half_open_per_guest = match raw.nat.max_half_open_per_guest {

@@ -222,6 +222,8 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("source_check", Kind::Str),
             ("new_sessions_per_second", Kind::Int),
             ("max_half_open_per_guest", Kind::Int),
+            ("reassembly_mib", Kind::Int),
+            ("reassembly_per_guest_mib", Kind::Int),
             ("bindings", Kind::List),
         ],
     ),
@@ -348,6 +350,8 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             source_check: Some(cfg.nat.source_check),
             new_sessions_per_second: Some(cfg.nat.new_sessions_per_second),
             max_half_open_per_guest: Some(cfg.nat.max_half_open_per_guest),
+            reassembly_mib: Some(cfg.nat.reassembly_mib),
+            reassembly_per_guest_mib: Some(cfg.nat.reassembly_per_guest_mib),
             bindings: Some(
                 cfg.nat
                     .bindings

@@ -1,7 +1,8 @@
 //! IPv4 reassembly of guests' fragments (RFC 791, with RFC 5722's rule for overlaps).
 //!
 //! Datagrams in progress are keyed by (source, destination, protocol, identification). Memory is
-//! bounded three ways: at most `MAX_DATAGRAMS` in progress, none larger than 65535 bytes, and all
+//! bounded three ways: at most `MAX_DATAGRAMS` in progress (`MAX_DATAGRAMS_PER_SOURCE` from one
+//! source), none larger than 65535 bytes, and all
 //! of them together within `BUDGET` bytes; time is bounded by `TIMEOUT` from the first fragment.
 //! A fragment that overlaps one already received (even an exact duplicate: its bytes could
 //! differ), that runs past 65535 bytes, or that contradicts the known end drops the whole datagram
@@ -24,6 +25,8 @@ use crate::Ctx;
 
 /// Datagrams being reassembled at once.
 pub const MAX_DATAGRAMS: usize = 64;
+/// Datagrams in progress from one source: a guest's fragments cannot take every slot.
+pub const MAX_DATAGRAMS_PER_SOURCE: usize = MAX_DATAGRAMS / 4;
 /// Bytes held by all datagrams in progress together.
 pub const BUDGET: usize = 1 << 20;
 /// How long a datagram may take to arrive whole (RFC 791 suggests 15 s as a lower bound).
@@ -94,7 +97,10 @@ impl Reassembler {
         let idx = match self.entries.iter().position(|e| e.key == key) {
             Some(i) => i,
             None => {
-                if self.entries.len() >= MAX_DATAGRAMS {
+                if self.entries.len() >= MAX_DATAGRAMS
+                    || self.entries.iter().filter(|e| e.key.src == key.src).count()
+                        >= MAX_DATAGRAMS_PER_SOURCE
+                {
                     return Err(DropReason::Limit);
                 }
                 let mut buf = self.spare.pop().unwrap_or_default();
@@ -209,21 +215,17 @@ mod tests {
 
     /// A UDP datagram from the guest, cut into IPv4 fragments of `per` payload bytes.
     fn fragments(ident: u16, payload: &[u8], per: usize) -> Vec<Vec<u8>> {
+        fragments_from(GUEST_IP, ident, payload, per)
+    }
+
+    fn fragments_from(src: Ipv4Addr, ident: u16, payload: &[u8], per: usize) -> Vec<Vec<u8>> {
         let mut udp = vec![0u8; 8 + payload.len()];
-        crate::wire::emit_udp(&mut udp, GUEST_IP, 5000, REMOTE_IP, 7, payload);
+        crate::wire::emit_udp(&mut udp, src, 5000, REMOTE_IP, 7, payload);
         udp.chunks(per)
             .enumerate()
             .map(|(i, c)| {
                 let more = (i + 1) * per < udp.len();
-                ipv4_frame(
-                    GUEST_IP,
-                    REMOTE_IP,
-                    IpProtocol::Udp,
-                    ident,
-                    i * per,
-                    more,
-                    c,
-                )
+                ipv4_frame(src, REMOTE_IP, IpProtocol::Udp, ident, i * per, more, c)
             })
             .collect()
     }
@@ -321,14 +323,31 @@ mod tests {
 
     #[test]
     fn incomplete_datagram_times_out_and_table_is_bounded() {
-        let (mut e, mut h, mut out) = setup();
+        // Several sources from one test MAC: no source binding in the way.
+        let (mut e, mut h, mut out) =
+            setup_with(|c| c.nat.source_check = crate::vhost::bindings::SourceCheck::Subnet);
         let data = vec![1u8; 2000];
-        for ident in 0..MAX_DATAGRAMS as u16 + 1 {
+        // One source fills its share only...
+        for ident in 0..MAX_DATAGRAMS_PER_SOURCE as u16 + 1 {
             let frags = fragments(100 + ident, &data, 1000);
             e.handle_frame(T0, &frags[0], &mut h, &mut out);
         }
-        assert_eq!(e.nat.frag.len(), MAX_DATAGRAMS);
+        assert_eq!(e.nat.frag.len(), MAX_DATAGRAMS_PER_SOURCE);
         assert_eq!(e.stats().drops_of(DropReason::Limit), 1);
+        // ...and the sources together the table.
+        let per = MAX_DATAGRAMS / MAX_DATAGRAMS_PER_SOURCE;
+        for n in 1..=per as u8 {
+            let src = Ipv4Addr::new(192, 168, 30, 10 + n);
+            for ident in 0..MAX_DATAGRAMS_PER_SOURCE as u16 {
+                let frags = fragments_from(src, 100 + ident, &data, 1000);
+                e.handle_frame(T0, &frags[0], &mut h, &mut out);
+            }
+        }
+        assert_eq!(e.nat.frag.len(), MAX_DATAGRAMS);
+        assert_eq!(
+            e.stats().drops_of(DropReason::Limit),
+            1 + MAX_DATAGRAMS_PER_SOURCE as u64
+        );
         assert_eq!(e.poll_timeout(), Some(T0 + TIMEOUT));
         e.handle_timeout(T0 + TIMEOUT, &mut h, &mut out);
         assert!(e.nat.frag.is_empty());

@@ -14,7 +14,7 @@
 //! The NAT table shows one `Proto::Dns` row per query in flight (guest address and port, the
 //! virtual host's port 53), and each is logged as a UDP session, as SecureNAT's log does.
 //!
-//! Bounds: `MAX_PENDING` queries in flight; queries longer than `MAX_QUERY` are refused; the
+//! Bounds: `MAX_PENDING` queries in flight (`MAX_PENDING_PER_GUEST` for one guest); queries longer than `MAX_QUERY` are refused; the
 //! deadline heap is rebuilt from the queries in flight when answered ones' stale entries pile up.
 
 use std::cmp::Reverse;
@@ -38,6 +38,8 @@ use crate::Ctx;
 
 /// Queries in flight at once.
 pub const MAX_PENDING: usize = 4096;
+/// Queries in flight for one guest: a guest's flood of queries leaves room for the others'.
+pub const MAX_PENDING_PER_GUEST: usize = MAX_PENDING / 16;
 /// The longest query relayed (EDNS queries are well under this).
 pub const MAX_QUERY: usize = 4096;
 const HEADER_LEN: usize = 12;
@@ -92,6 +94,8 @@ struct Pending {
 pub struct DnsRelay {
     upstreams: Vec<Upstream>,
     pending: HashMap<u16, Pending>,
+    /// Queries in flight per guest address.
+    pending_of: HashMap<std::net::Ipv4Addr, usize>,
     /// (deadline, relay ID, session id); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
     pool: Vec<Vec<u8>>,
@@ -107,6 +111,7 @@ impl DnsRelay {
         DnsRelay {
             upstreams: Vec::new(),
             pending: HashMap::new(),
+            pending_of: HashMap::new(),
             timers: BinaryHeap::new(),
             pool: Vec::new(),
             rearm: Vec::new(),
@@ -133,6 +138,7 @@ impl DnsRelay {
             }
         }
         self.pending.clear();
+        self.pending_of.clear();
         self.rearm.clear();
     }
 
@@ -158,6 +164,7 @@ impl DnsRelay {
                 io.close(s);
             }
         }
+        self.pending_of.clear();
         for (_, p) in self.pending.drain() {
             ctx.events.push(Event::SessionDeleted {
                 proto: Proto::Dns,
@@ -177,6 +184,16 @@ impl DnsRelay {
         let s = io.udp_open(u.addr)?;
         u.sock = Some(s);
         Ok(s)
+    }
+
+    /// A query of `guest` is no longer in flight.
+    fn answered(&mut self, guest: std::net::Ipv4Addr) {
+        if let Some(n) = self.pending_of.get_mut(&guest) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_of.remove(&guest);
+            }
+        }
     }
 
     /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53).
@@ -221,7 +238,12 @@ impl DnsRelay {
             let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
             return send_to_guest(ctx, out, buf, len, host, guest);
         }
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending.len() >= MAX_PENDING
+            || self
+                .pending_of
+                .get(guest.ip())
+                .is_some_and(|&n| n >= MAX_PENDING_PER_GUEST)
+        {
             return Err(DropReason::Limit);
         }
         let id = self.fresh_id(ctx)?;
@@ -260,6 +282,7 @@ impl DnsRelay {
             dst: host,
         });
         let deadline = now + ctx.cfg.dns.query_timeout;
+        *self.pending_of.entry(*guest.ip()).or_insert(0) += 1;
         self.pending.insert(
             id,
             Pending {
@@ -404,6 +427,7 @@ impl DnsRelay {
         let Some(mut p) = self.pending.remove(&id) else {
             return Err(DropReason::Foreign);
         };
+        self.answered(*p.guest.ip());
         msg[..2].copy_from_slice(&p.orig_id.to_be_bytes());
         p.info.last_used = now;
         ctx.events.push(Event::SessionDeleted {
@@ -484,6 +508,7 @@ impl DnsRelay {
                     continue;
                 }
             }
+            self.answered(*p.guest.ip());
             ctx.events.push(Event::SessionDeleted {
                 proto: Proto::Dns,
                 id: p.info.id,

@@ -18,7 +18,7 @@ use std::io;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use super::reassembly::RecvRing;
+use super::reassembly::{RecvRing, RingBudget};
 use super::segment::{self, Hdr, Seg, TS_OPTION_LEN};
 use super::seq::Seq;
 use crate::config::Mac;
@@ -144,6 +144,8 @@ impl PeekCache {
 /// The parameters a new connection takes from the configuration and the randomness.
 pub struct Params {
     pub rcv_buf: usize,
+    /// The ring storage the connections of this thread may hold.
+    pub rings: RingBudget,
     pub mtu: usize,
     pub iss: Seq,
     pub ts_offset: u32,
@@ -277,7 +279,7 @@ impl TcpConn {
         let guest_mss = syn.mss.map_or(DEFAULT_MSS, usize::from).max(64);
         let opt = if ts_enabled { TS_OPTION_LEN } else { 0 };
         let mss = guest_mss.min(our_mss) - opt;
-        let ring = RecvRing::new(p.rcv_buf.max(4096));
+        let ring = RecvRing::new(p.rcv_buf.max(4096), *guest.ip(), p.rings);
         let cap = ring.cap();
         let (snd_shift, rcv_shift) = match syn.window_scale {
             Some(ws) => {
@@ -1282,7 +1284,7 @@ impl TcpConn {
             self.rto_deadline = None;
             self.persist_deadline = None;
             self.ack_deadline = None;
-            self.ring = RecvRing::new(self.ring.cap());
+            self.ring = RecvRing::new(self.ring.cap(), *self.guest.ip(), self.ring.budget());
             return Next::TimeWait;
         }
         Next::Keep

@@ -27,6 +27,7 @@ use rand::Rng;
 use smoltcp::wire::Ipv4Packet;
 
 use self::conn::{Handling, Next, Params, State, TcpConn};
+use self::reassembly::RingBudget;
 use self::segment::Seg;
 use self::seq::Seq;
 use crate::config::Config;
@@ -240,6 +241,10 @@ impl TcpNat {
         };
         let params = Params {
             rcv_buf: self.rcv_buf,
+            rings: RingBudget {
+                total: ctx.cfg.nat.reassembly_mib << 20,
+                per_guest: ctx.cfg.nat.reassembly_per_guest_mib << 20,
+            },
             mtu: ctx.cfg.nat.mtu as usize,
             iss: Seq(ctx.rng.random()),
             ts_offset: ctx.rng.random(),

@@ -11,8 +11,79 @@
 //! segment that would need more is dropped (the guest retransmits it).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 
 use super::seq::Seq;
+
+/// How much ring storage the connections of one thread (one engine) may hold: in all, and for
+/// one guest. A guest that leaves a hole in every connection fills its own share; past it, its
+/// segments that would need a ring are dropped (and retransmitted), and the others' rings are
+/// still there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingBudget {
+    /// Bytes of rings held at once, in all.
+    pub total: usize,
+    /// Bytes of rings one guest's connections hold at once.
+    pub per_guest: usize,
+}
+
+#[cfg(test)]
+impl RingBudget {
+    /// No bound (tests of the ring itself).
+    pub const UNLIMITED: RingBudget = RingBudget {
+        total: usize::MAX,
+        per_guest: usize::MAX,
+    };
+}
+
+/// Ring storage held by this thread's connections.
+#[derive(Default)]
+struct Held {
+    total: usize,
+    per_guest: HashMap<Ipv4Addr, usize>,
+}
+
+thread_local! {
+    static HELD: RefCell<Held> = RefCell::new(Held::default());
+}
+
+/// Counts `cap` bytes for `guest` unless `budget` would be exceeded.
+fn reserve(guest: Ipv4Addr, cap: usize, budget: RingBudget) -> bool {
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        let mine = h.per_guest.get(&guest).copied().unwrap_or(0);
+        if h.total.saturating_add(cap) > budget.total || mine.saturating_add(cap) > budget.per_guest
+        {
+            return false;
+        }
+        h.total += cap;
+        *h.per_guest.entry(guest).or_insert(0) += cap;
+        true
+    })
+}
+
+fn unreserve(guest: Ipv4Addr, cap: usize) {
+    HELD.with(|h| {
+        let mut h = h.borrow_mut();
+        h.total = h.total.saturating_sub(cap);
+        if let Some(n) = h.per_guest.get_mut(&guest) {
+            *n = n.saturating_sub(cap);
+            if *n == 0 {
+                h.per_guest.remove(&guest);
+            }
+        }
+    })
+}
+
+/// Ring storage held by this thread's connections now (bytes), in all and for `guest`.
+#[cfg(test)]
+pub(crate) fn held(guest: Ipv4Addr) -> (usize, usize) {
+    HELD.with(|h| {
+        let h = h.borrow();
+        (h.total, h.per_guest.get(&guest).copied().unwrap_or(0))
+    })
+}
 
 /// Most disjoint ranges held at once (also bounds the work per segment).
 pub const MAX_RANGES: usize = 16;
@@ -46,22 +117,33 @@ fn give_ring(buf: Vec<u8>) {
 pub struct RecvRing {
     cap: usize,
     buf: Vec<u8>,
+    /// Whose connection this is, and its budget (counted while `buf` is held).
+    guest: Ipv4Addr,
+    budget: RingBudget,
     /// Disjoint, non-adjacent `[start, end)` ranges, ascending.
     ranges: Vec<(Seq, Seq)>,
 }
 
 impl RecvRing {
-    /// `cap` is rounded up to a power of two.
-    pub fn new(cap: usize) -> RecvRing {
+    /// `cap` is rounded up to a power of two; the storage, when taken, counts against
+    /// `budget` for `guest`.
+    pub fn new(cap: usize, guest: Ipv4Addr, budget: RingBudget) -> RecvRing {
         RecvRing {
             cap: cap.next_power_of_two(),
             buf: Vec::new(),
+            guest,
+            budget,
             ranges: Vec::new(),
         }
     }
 
     pub fn cap(&self) -> usize {
         self.cap
+    }
+
+    /// The budget the ring counts against.
+    pub fn budget(&self) -> RingBudget {
+        self.budget
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,6 +178,9 @@ impl RecvRing {
             return false;
         }
         if self.buf.is_empty() {
+            if !reserve(self.guest, self.cap, self.budget) {
+                return false;
+            }
             self.buf = take_ring(self.cap);
             self.ranges.reserve_exact(MAX_RANGES);
         }
@@ -135,6 +220,7 @@ impl RecvRing {
     /// Gives the storage back to the pool when nothing waits in it.
     pub fn release_if_empty(&mut self) {
         if self.ranges.is_empty() && !self.buf.is_empty() {
+            unreserve(self.guest, self.cap);
             give_ring(std::mem::take(&mut self.buf));
         }
     }
@@ -163,6 +249,7 @@ impl RecvRing {
 impl Drop for RecvRing {
     fn drop(&mut self) {
         if !self.buf.is_empty() {
+            unreserve(self.guest, self.cap);
             give_ring(std::mem::take(&mut self.buf));
         }
     }
@@ -172,9 +259,41 @@ impl Drop for RecvRing {
 mod tests {
     use super::*;
 
+    const G: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+
+    #[test]
+    fn rings_count_against_the_budget_and_come_back() {
+        let budget = RingBudget {
+            total: 3 << 10,
+            per_guest: 2 << 10,
+        };
+        let other = Ipv4Addr::new(192, 168, 30, 11);
+        let start = held(G);
+        let mut a = RecvRing::new(1024, G, budget);
+        let mut b = RecvRing::new(1024, G, budget);
+        let mut c = RecvRing::new(1024, G, budget);
+        let mut d = RecvRing::new(1024, other, budget);
+        assert!(a.insert(Seq(0), Seq(10), b"x"));
+        assert!(b.insert(Seq(0), Seq(10), b"x"));
+        assert!(
+            !c.insert(Seq(0), Seq(10), b"x"),
+            "the guest's share is spent"
+        );
+        assert!(
+            d.insert(Seq(0), Seq(10), b"x"),
+            "another guest still gets a ring"
+        );
+        assert_eq!(held(G).1 - start.1, 2048);
+        drop(a);
+        b.advance(Seq(11));
+        b.release_if_empty();
+        assert_eq!(held(G).1, start.1, "released rings are no longer counted");
+        assert!(c.insert(Seq(0), Seq(10), b"x"));
+    }
+
     #[test]
     fn storage_goes_back_to_the_pool_when_empty() {
-        let mut r = RecvRing::new(1 << 14);
+        let mut r = RecvRing::new(1 << 14, G, RingBudget::UNLIMITED);
         r.insert(Seq(0), Seq(0), b"abc");
         assert!(r.allocated() >= 1 << 14);
         r.release_if_empty();
@@ -183,14 +302,14 @@ mod tests {
         r.release_if_empty();
         assert_eq!(r.buf.capacity(), 0);
         // The next ring of that size comes from the pool.
-        let mut q = RecvRing::new(1 << 14);
+        let mut q = RecvRing::new(1 << 14, G, RingBudget::UNLIMITED);
         q.insert(Seq(10), Seq(10), b"x");
         assert_eq!(q.slices(Seq(10), 1).0, b"x");
     }
 
     #[test]
     fn fills_holes_and_merges() {
-        let mut r = RecvRing::new(16);
+        let mut r = RecvRing::new(16, G, RingBudget::UNLIMITED);
         let base = Seq(u32::MAX - 5);
         assert!(r.insert(base, base + 4, b"efgh"));
         assert!(r.insert(base, base + 10, b"kl"));
@@ -215,7 +334,7 @@ mod tests {
 
     #[test]
     fn range_count_is_bounded() {
-        let mut r = RecvRing::new(1024);
+        let mut r = RecvRing::new(1024, G, RingBudget::UNLIMITED);
         let base = Seq(0);
         for i in 0..MAX_RANGES {
             assert!(r.insert(base, base + (2 + i * 4), b"x"));

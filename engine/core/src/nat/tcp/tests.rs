@@ -1128,3 +1128,41 @@ fn connection_state_is_small() {
     t.establish(NONE);
     assert_eq!(t.e.nat.tcp.buffer_usage().0, 0);
 }
+
+#[test]
+fn thousands_of_connections_with_a_hole_each_stay_within_the_guests_ring_budget() {
+    // One guest opens 4,096 connections and leaves a hole at the front of each, so every one
+    // would hold a 256 KiB ring until its idle timeout: 1 GiB. The guest's share is 32 MiB.
+    let mut t = T::new();
+    let per_guest = t.e.config().nat.reassembly_per_guest_mib << 20;
+    assert_eq!(per_guest, 32 << 20, "the default share");
+    let before = super::reassembly::held(GUEST);
+    let mut held_back = 0;
+    for i in 0..4096u16 {
+        let mut syn = t.syn(ALL);
+        syn.sport = 20000 + i;
+        let got = t.send(&syn);
+        let iss = got.iter().find(|g| g.syn).expect("SYN-ACK").seq;
+        let mut ack = t.s(TcpControl::None, GISS + 1, Some(iss + 1));
+        ack.sport = syn.sport;
+        t.send(&ack);
+        let mut d = t.s(TcpControl::Psh, GISS + 1 + 1000, Some(iss + 1));
+        d.sport = syn.sport;
+        d.payload = vec![7; 100];
+        let got = t.send(&d);
+        // A segment that got a ring is SACKed; one past the budget is dropped unSACKed (the
+        // guest sends it again later).
+        if got.iter().all(|g| g.sack.is_empty()) {
+            held_back += 1;
+        }
+    }
+    let (_, mine) = super::reassembly::held(GUEST);
+    let used = mine - before.1;
+    assert!(used <= per_guest, "{used} bytes of rings held");
+    assert!(
+        used > per_guest - (256 << 10),
+        "the share is used, not more"
+    );
+    assert_eq!(held_back, 4096 - per_guest / (256 << 10));
+    assert_eq!(t.e.session_counts()[crate::nat::Proto::Tcp.index()], 4096);
+}
