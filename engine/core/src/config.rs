@@ -66,9 +66,9 @@ impl std::str::FromStr for Mac {
 /// A static route pushed to DHCP clients with option 121 (RFC 3442).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct StaticRoute {
-    pub dest: Ipv4Addr,
-    pub prefix_len: u8,
-    pub gateway: Ipv4Addr,
+    pub(crate) dest: Ipv4Addr,
+    pub(crate) prefix_len: u8,
+    pub(crate) gateway: Ipv4Addr,
 }
 
 impl fmt::Display for StaticRoute {
@@ -295,11 +295,11 @@ pub struct RawDns {
     pub query_timeout: Option<u64>,
 }
 
-pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
-pub const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-pub const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
-pub const DEFAULT_RANGE_END: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 200);
-pub const MIN_MTU: u32 = 576;
+pub(crate) const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+pub(crate) const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+pub(crate) const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+pub(crate) const DEFAULT_RANGE_END: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 200);
+pub(crate) const MIN_MTU: u32 = 576;
 pub const MAX_MTU: u32 = 65520;
 
 fn parse_ip(field: &'static str, v: &str) -> Result<Ipv4Addr, ConfigError> {
@@ -355,7 +355,7 @@ fn parse_route(v: &str) -> Result<StaticRoute, ConfigError> {
     })
 }
 
-pub fn prefix_mask(len: u8) -> u32 {
+pub(crate) fn prefix_mask(len: u8) -> u32 {
     if len == 0 {
         0
     } else {
@@ -363,7 +363,7 @@ pub fn prefix_mask(len: u8) -> u32 {
     }
 }
 
-pub fn parse_upstream(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_upstream(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
     let v = v.trim();
     if let Ok(sa) = v.parse::<SocketAddr>() {
         return Ok(sa);
@@ -672,13 +672,7 @@ impl Config {
         })
     }
 
-    /// The virtual network as (network address, mask).
-    pub fn subnet(&self) -> (Ipv4Addr, Ipv4Addr) {
-        let m = u32::from(self.host.mask);
-        (Ipv4Addr::from(u32::from(self.host.ip) & m), self.host.mask)
-    }
-
-    pub fn in_subnet(&self, ip: Ipv4Addr) -> bool {
+    pub(crate) fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         same_subnet(ip, self.host.ip, self.host.mask)
     }
 }

@@ -29,7 +29,7 @@ pub struct Ctx {
     pub cfg: Config,
     /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
     pub mac: Mac,
-    pub arp: ArpCache,
+    pub(crate) arp: ArpCache,
     pub stats: Stats,
     pub rng: SmallRng,
     ip_ident: u16,
@@ -82,13 +82,13 @@ pub trait SharedSessions: Send + Sync {
 
 impl Ctx {
     /// The IPv4 identification for the next packet the virtual host originates.
-    pub fn next_ident(&mut self) -> u16 {
+    pub(crate) fn next_ident(&mut self) -> u16 {
         self.ip_ident = self.ip_ident.wrapping_add(1);
         self.ip_ident
     }
 
     /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
-    pub fn next_session_id(&mut self) -> u32 {
+    pub(crate) fn next_session_id(&mut self) -> u32 {
         if let Some(s) = &self.shared {
             return s.next_session_id();
         }
@@ -113,7 +113,7 @@ impl Ctx {
         self.sources.check(mode, now, mac, ip)
     }
 
-    pub fn host_ip(&self) -> Ipv4Addr {
+    pub(crate) fn host_ip(&self) -> Ipv4Addr {
         self.cfg.host.ip
     }
 
@@ -121,7 +121,7 @@ impl Ctx {
     /// of a multi-worker runtime (`share_sessions`); false when `nat.max_sessions` or
     /// `nat.max_sessions_per_guest` is reached across them. Always true for a lone engine (its
     /// protocols check their own tables).
-    pub fn admit_session(&self, proto: Proto, guest: Ipv4Addr) -> bool {
+    pub(crate) fn admit_session(&self, proto: Proto, guest: Ipv4Addr) -> bool {
         match &self.shared {
             Some(l) => l.admit(
                 proto,
@@ -134,7 +134,7 @@ impl Ctx {
     }
 
     /// Ends what `admit_session` counted.
-    pub fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
+    pub(crate) fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
         if let Some(l) = &self.shared {
             l.release(proto, guest);
         }
@@ -143,7 +143,7 @@ impl Ctx {
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
     /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
-    pub fn admit_half_open(&self) -> bool {
+    pub(crate) fn admit_half_open(&self) -> bool {
         match &self.shared {
             Some(l) => l.admit_half_open(self.cfg.nat.max_half_open),
             None => true,
@@ -151,19 +151,14 @@ impl Ctx {
     }
 
     /// Gives back what `admit_half_open` took.
-    pub fn release_half_open(&self) {
+    pub(crate) fn release_half_open(&self) {
         if let Some(l) = &self.shared {
             l.release_half_open();
         }
     }
 
-    /// The virtual network's directed broadcast address.
-    pub fn subnet_broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.cfg.host.ip) | !u32::from(self.cfg.host.mask))
-    }
-
     /// Whether `ip` is one of the addresses the virtual host itself answers for.
-    pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+    pub(crate) fn is_host_address(&self, ip: Ipv4Addr) -> bool {
         ip == self.cfg.host.ip
     }
 }
@@ -184,7 +179,7 @@ pub struct Engine {
     pub ctx: Ctx,
     pub dhcp: DhcpServer,
     /// The virtual host's DNS relay: a control-plane job, fed the queries the NAT hands back.
-    pub dns: DnsRelay,
+    pub(crate) dns: DnsRelay,
     pub nat: Nat,
 }
 
@@ -272,7 +267,8 @@ impl Engine {
     }
 
     /// Events dropped because the caller did not drain them in time.
-    pub fn events_lost(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn events_lost(&self) -> u64 {
         self.ctx.events.lost()
     }
 

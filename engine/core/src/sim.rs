@@ -22,7 +22,7 @@ pub struct SimUdp {
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
     /// Datagrams (or an ICMP port unreachable, as `Err`) waiting to be received by the core.
-    pub inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
+    pub(crate) inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
 }
 
 #[derive(Debug)]
@@ -32,13 +32,13 @@ pub struct SimTcp {
     /// Everything the core wrote to the destination.
     pub written: Vec<u8>,
     /// How many `tcp_send` calls wrote something.
-    pub writes: usize,
+    pub(crate) writes: usize,
     /// How many more bytes the socket's send buffer takes before it reports full.
-    pub send_space: usize,
+    pub(crate) send_space: usize,
     /// Bytes from the destination not yet consumed by the core (peek reads from here).
     pub recv: VecDeque<u8>,
     /// The destination has sent FIN.
-    pub peer_fin: bool,
+    pub(crate) peer_fin: bool,
     /// The core sent FIN toward the destination.
     pub shut_write: bool,
     pub aborted: bool,
@@ -47,7 +47,7 @@ pub struct SimTcp {
 #[derive(Debug, Default)]
 pub struct SimIcmp {
     pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
-    pub inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
+    pub(crate) inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
 }
 
 #[derive(Debug)]
@@ -67,7 +67,7 @@ pub struct SimSockets {
     pub connect_script: HashMap<SocketAddrV4, ConnectOutcome>,
     pub default_connect: ConnectOutcome,
     /// Send-buffer size of each new TCP socket.
-    pub tcp_send_buffer: usize,
+    pub(crate) tcp_send_buffer: usize,
     /// Whether ICMP sockets can be opened (the "real" ICMP mode).
     pub icmp_allowed: bool,
     /// Events a real driver would report; `drain_events` hands them over.
@@ -75,8 +75,8 @@ pub struct SimSockets {
     /// Ids that were closed, in order.
     pub closed: Vec<SockId>,
     /// TCP peeks asked for, and how many found nothing (each a wasted syscall on a real host).
-    pub peeks: u64,
-    pub empty_peeks: u64,
+    pub(crate) peeks: u64,
+    pub(crate) empty_peeks: u64,
 }
 
 impl Default for SimSockets {
@@ -130,7 +130,7 @@ impl SimSockets {
         }
     }
 
-    pub fn icmp(&mut self, id: SockId) -> Option<&mut SimIcmp> {
+    pub(crate) fn icmp(&mut self, id: SockId) -> Option<&mut SimIcmp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Icmp(i)) => Some(i),
             _ => None,

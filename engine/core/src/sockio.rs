@@ -73,4 +73,4 @@ pub trait SockIo {
 
 /// Datagrams read from one socket per readiness event (or per `handle_timeout` round), so that
 /// one busy socket cannot starve the rest.
-pub const READ_BUDGET: usize = 64;
+pub(crate) const READ_BUDGET: usize = 64;

@@ -16,7 +16,8 @@ impl Instant {
         Instant(us)
     }
 
-    pub const fn from_millis(ms: u64) -> Instant {
+    #[cfg(test)]
+    pub(crate) const fn from_millis(ms: u64) -> Instant {
         Instant(ms * 1000)
     }
 

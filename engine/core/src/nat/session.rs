@@ -19,9 +19,7 @@ pub enum Proto {
 }
 
 impl Proto {
-    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Dns];
-
-    /// Its position in `ALL` (and in per-protocol arrays such as `Nat::session_counts`).
+    /// Its position in per-protocol arrays such as `Nat::session_counts`.
     pub fn index(self) -> usize {
         self as usize
     }
@@ -95,6 +93,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_key.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
@@ -118,6 +117,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_sock.contains_key(&sock)
     }
 
+    #[cfg(test)]
     pub(crate) fn socket_of(&self, key: &K) -> Option<SockId> {
         self.get(self.slot(key)?).map(|s| s.sock)
     }

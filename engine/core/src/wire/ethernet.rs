@@ -4,7 +4,7 @@ use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol};
 
 use crate::config::Mac;
 
-pub fn eth(mac: Mac) -> EthernetAddress {
+pub(crate) fn eth(mac: Mac) -> EthernetAddress {
     EthernetAddress(mac.0)
 }
 
@@ -13,7 +13,7 @@ pub fn mac(addr: EthernetAddress) -> Mac {
 }
 
 /// Writes the Ethernet header of an IPv4 frame.
-pub fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
+pub(crate) fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
     let mut eth_frame = EthernetFrame::new_unchecked(frame);
     eth_frame.set_src_addr(eth(src));
     eth_frame.set_dst_addr(eth(dst));

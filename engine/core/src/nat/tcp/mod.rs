@@ -39,7 +39,7 @@ use crate::time::Instant;
 use crate::Ctx;
 
 /// The receive window (and reassembly bound) of each connection, guest → sock side.
-pub const DEFAULT_RCV_BUF: usize = 256 * 1024;
+pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
 /// (guest, destination as the guest addressed it)
 type Key = (SocketAddrV4, SocketAddrV4);
@@ -66,7 +66,7 @@ pub struct TcpNat {
 }
 
 impl TcpNat {
-    pub fn new(_cfg: &Config) -> TcpNat {
+    pub(crate) fn new(_cfg: &Config) -> TcpNat {
         TcpNat {
             conns: HashMap::new(),
             by_sock: HashMap::new(),
@@ -85,21 +85,18 @@ impl TcpNat {
     }
 
     /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     /// Connections in the table that are not TIME-WAIT tombstones.
-    pub fn live(&self) -> usize {
+    pub(crate) fn live(&self) -> usize {
         self.conns.len() - self.tombstones
     }
 
     /// Heap bytes held by the connections' reassembly rings, and guest bytes queued in them.
-    pub fn buffer_usage(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn buffer_usage(&self) -> (usize, usize) {
         self.conns
             .values()
             .fold((0, 0), |(h, q), c| (h + c.heap_bytes(), q + c.queued()))
@@ -110,7 +107,7 @@ impl TcpNat {
         self.half_open
     }
 
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -245,12 +242,12 @@ impl TcpNat {
     }
 
     /// See `Engine::set_batching`.
-    pub fn set_batching(&mut self, on: bool) {
+    pub(crate) fn set_batching(&mut self, on: bool) {
         self.batching = on;
     }
 
     /// Writes the guests' payload that waited for the end of the batch, and acknowledges it.
-    pub fn flush(
+    pub(crate) fn flush(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -272,7 +269,7 @@ impl TcpNat {
     }
 
     /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
-    pub fn handle_host_event(
+    pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -406,7 +403,7 @@ impl TcpNat {
 
     /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
     /// connection is forgotten with its sock-side socket closed.
-    pub fn close_all(
+    pub(crate) fn close_all(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -439,7 +436,7 @@ impl TcpNat {
     /// With `on`, idle connections are reset only by `expire_idle` (run on the caller's
     /// schedule), and `poll_timeout` no longer wakes for idle deadlines; the protocol's own
     /// timers (connect, retransmission, persist, delayed ACK, TIME-WAIT) stay here.
-    pub fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
+    pub(crate) fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
         if self.external_idle == on {
             return;
         }
@@ -450,7 +447,7 @@ impl TcpNat {
     /// Every connection's deadlines again, from `ctx`'s configuration: after a switch of who
     /// runs idle expiry, or a reload that changed `nat.tcp_timeout` (a shorter timeout must not
     /// wait for the deadlines the longer one set).
-    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+    pub(crate) fn reschedule_all(&mut self, ctx: &Ctx) {
         self.rebuild_idle(ctx);
         self.timers.clear();
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -478,7 +475,7 @@ impl TcpNat {
 
     /// Resets the connections idle for `nat.tcp_timeout` at `now` (toward the guest and the
     /// destination). With `set_external_idle(true)` only this ends idle connections.
-    pub fn expire_idle(
+    pub(crate) fn expire_idle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -512,7 +509,7 @@ impl TcpNat {
         }
     }
 
-    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
         into.extend(self.conns.values().map(|c| SessionInfo {
             id: c.id,
             proto: Proto::Tcp,
@@ -529,11 +526,11 @@ impl TcpNat {
     }
 
     /// The earliest heap entry (possibly one that has moved later: a harmless early wake-up).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|r| r.0 .0)
     }
 
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,

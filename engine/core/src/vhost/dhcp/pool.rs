@@ -11,12 +11,12 @@ use crate::event::{Event, Events};
 use crate::time::{earliest, Instant};
 
 /// How long an OFFER holds its address for the client it was made to.
-pub const OFFER_HOLD: Duration = Duration::from_secs(60);
+pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(60);
 /// How long an address a client DECLINEd (it found it in use) is kept out of the pool.
-pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+pub(crate) const DECLINE_HOLD: Duration = Duration::from_secs(600);
 /// Bound on remembered client → address pairs (they are also bounded by the range size: each
 /// remembered address belongs to one client only).
-pub const MAX_REMEMBERED: usize = 65536;
+pub(crate) const MAX_REMEMBERED: usize = 65536;
 
 /// One entry of the lease table (what `DhcpTable` shows).
 #[derive(Clone, Debug, PartialEq, Eq)]
