@@ -26,11 +26,14 @@ use crate::wire::IPV4_HEADER_LEN;
 /// What every part of the core shares: the configuration, the virtual host's identity, the
 /// neighbour table, counters, and the injected randomness.
 pub struct Ctx {
+    /// The configuration in force.
     pub cfg: Config,
     /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
     pub mac: Mac,
     pub(crate) arp: ArpCache,
+    /// What this engine counted: frames, bytes, drops.
     pub stats: Stats,
+    /// The one source of randomness of the core, seeded by the caller.
     pub rng: SmallRng,
     ip_ident: u16,
     /// The last NAT session id drawn by a lone engine (one that shares no `SharedSessions`).
@@ -175,11 +178,16 @@ pub enum Reassembly {
     Whole,
 }
 
+/// The whole core of one segment: the virtual host and the NAT, driven by frames, socket
+/// events and time (see the crate's documentation).
 pub struct Engine {
+    /// What every part shares: configuration, MAC, counters, randomness.
     pub ctx: Ctx,
+    /// The virtual DHCP server and its lease table.
     pub dhcp: DhcpServer,
     /// The virtual host's DNS relay: a control-plane job, fed the queries the NAT hands back.
     pub(crate) dns: DnsRelay,
+    /// The user-mode NAT: fragment reassembly, UDP and TCP sessions.
     pub nat: Nat,
 }
 
@@ -251,10 +259,12 @@ impl Engine {
         n
     }
 
+    /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.ctx.cfg
     }
 
+    /// The counters of this engine.
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats
     }

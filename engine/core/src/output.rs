@@ -9,6 +9,7 @@ pub struct FrameBatch {
 }
 
 impl FrameBatch {
+    /// An empty batch.
     pub fn new() -> FrameBatch {
         FrameBatch::default()
     }
@@ -43,14 +44,17 @@ impl FrameBatch {
         }
     }
 
+    /// How many frames the batch holds.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the batch holds no frame.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The frames, in the order they were emitted.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         self.bufs[..self.len].iter().map(|b| b.as_slice())
     }
@@ -60,6 +64,7 @@ impl FrameBatch {
         (i < self.len).then(|| self.bufs[i].as_slice())
     }
 
+    /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.len = 0;
     }

@@ -10,14 +10,18 @@ use crate::sockio::{Datagram, SockEvent, SockId, SockIo};
 /// How a simulated TCP connect ends.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ConnectOutcome {
+    /// Connects.
     Accept,
+    /// Is refused (connection refused).
     Refuse,
     /// Never answers (the core's connect timeout decides).
     Silent,
 }
 
+/// A simulated UDP socket.
 #[derive(Debug)]
 pub struct SimUdp {
+    /// The destination it is connected to.
     pub dst: SocketAddrV4,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
@@ -25,9 +29,12 @@ pub struct SimUdp {
     pub(crate) inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
 }
 
+/// A simulated TCP socket.
 #[derive(Debug)]
 pub struct SimTcp {
+    /// The destination it connects to.
     pub dst: SocketAddrV4,
+    /// The connect succeeded.
     pub connected: bool,
     /// Everything the core wrote to the destination.
     pub written: Vec<u8>,
@@ -41,19 +48,26 @@ pub struct SimTcp {
     pub(crate) peer_fin: bool,
     /// The core sent FIN toward the destination.
     pub shut_write: bool,
+    /// The core reset the connection.
     pub aborted: bool,
 }
 
+/// A simulated ICMP echo socket.
 #[derive(Debug, Default)]
 pub struct SimIcmp {
+    /// Messages the core sent, with their destination, in order.
     pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
     pub(crate) inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
 }
 
+/// A simulated socket of any kind.
 #[derive(Debug)]
 pub enum SimSocket {
+    /// A UDP socket.
     Udp(SimUdp),
+    /// A TCP socket.
     Tcp(SimTcp),
+    /// An ICMP echo socket.
     Icmp(SimIcmp),
 }
 
@@ -61,10 +75,12 @@ pub enum SimSocket {
 /// real driver would raise are queued in `events` for the test (or replay) to feed to the core.
 #[derive(Debug)]
 pub struct SimSockets {
+    /// The open sockets, by id.
     pub sockets: HashMap<SockId, SimSocket>,
     next_id: SockId,
     /// Per destination; destinations not listed get `default_connect`.
     pub connect_script: HashMap<SocketAddrV4, ConnectOutcome>,
+    /// How connects to destinations not in `connect_script` end.
     pub default_connect: ConnectOutcome,
     /// Send-buffer size of each new TCP socket.
     pub(crate) tcp_send_buffer: usize,
@@ -112,10 +128,12 @@ impl SimSockets {
         id
     }
 
+    /// Takes the queued events, oldest first.
     pub fn drain_events(&mut self) -> Vec<SockEvent> {
         self.events.drain(..).collect()
     }
 
+    /// The UDP socket `id`, if it is one.
     pub fn udp(&mut self, id: SockId) -> Option<&mut SimUdp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Udp(u)) => Some(u),
@@ -123,6 +141,7 @@ impl SimSockets {
         }
     }
 
+    /// The TCP socket `id`, if it is one.
     pub fn tcp(&mut self, id: SockId) -> Option<&mut SimTcp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Tcp(t)) => Some(t),
@@ -189,6 +208,7 @@ impl SimSockets {
         }
     }
 
+    /// Queues an ICMP message from `from` for the ICMP socket `id` (and raises `Readable`).
     pub fn deliver_icmp(&mut self, id: SockId, from: Ipv4Addr, message: &[u8]) {
         if let Some(i) = self.icmp(id) {
             i.inbox.push_back((from, message.to_vec()));

@@ -10,8 +10,10 @@ use std::time::Duration;
 pub struct Instant(u64);
 
 impl Instant {
+    /// The origin.
     pub const ZERO: Instant = Instant(0);
 
+    /// `us` microseconds past the origin.
     pub const fn from_micros(us: u64) -> Instant {
         Instant(us)
     }
@@ -21,10 +23,12 @@ impl Instant {
         Instant(ms * 1000)
     }
 
+    /// `s` seconds past the origin.
     pub const fn from_secs(s: u64) -> Instant {
         Instant(s * 1_000_000)
     }
 
+    /// Microseconds past the origin.
     pub const fn as_micros(self) -> u64 {
         self.0
     }

@@ -54,6 +54,7 @@ struct Entry {
     have_first: bool,
 }
 
+/// Reassembles the guests' fragmented IPv4 datagrams.
 #[derive(Default)]
 pub struct Reassembler {
     entries: Vec<Entry>,

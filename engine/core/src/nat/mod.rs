@@ -35,9 +35,13 @@ pub(crate) struct DnsQuery<'a> {
     pub(crate) query: &'a [u8],
 }
 
+/// The user-mode NAT: the guests' flows to other hosts, carried through the sock side.
 pub struct Nat {
+    /// Reassembly of the guests' fragmented IPv4 datagrams.
     pub frag: frag::Reassembler,
+    /// The UDP sessions.
     pub udp: udp::UdpNat,
+    /// The TCP connections.
     pub tcp: tcp::TcpNat,
     pub(crate) icmp: icmp::IcmpNat,
 }

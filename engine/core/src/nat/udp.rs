@@ -67,6 +67,7 @@ struct Datagrams {
 
 type Session = session::Session<UdpKey, Datagrams>;
 
+/// The UDP side of the NAT: one session, and one connected socket, per guest flow.
 pub struct UdpNat {
     table: SessionTable<UdpKey, Datagrams>,
     /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.

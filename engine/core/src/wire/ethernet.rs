@@ -8,6 +8,7 @@ pub(crate) fn eth(mac: Mac) -> EthernetAddress {
     EthernetAddress(mac.0)
 }
 
+/// The `Mac` of a smoltcp Ethernet address.
 pub fn mac(addr: EthernetAddress) -> Mac {
     Mac(addr.0)
 }

@@ -44,6 +44,7 @@ pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;
 /// (guest, destination as the guest addressed it)
 type Key = (SocketAddrV4, SocketAddrV4);
 
+/// The TCP side of the NAT: the guests' connections, each relayed to a sock-side connection.
 pub struct TcpNat {
     conns: HashMap<Key, TcpConn>,
     by_sock: HashMap<SockId, Key>,

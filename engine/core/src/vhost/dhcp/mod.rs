@@ -178,6 +178,7 @@ struct ReplySpec {
     config: bool,
 }
 
+/// The virtual DHCP server: answers the guests' DHCP messages and keeps the lease table.
 pub struct DhcpServer {
     pool: Pool,
     last_exhausted_log: Option<Instant>,

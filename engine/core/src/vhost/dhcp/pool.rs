@@ -25,8 +25,11 @@ pub struct Lease {
     pub id: u32,
     /// When the entry was created (a renewal does not change it).
     pub leased_at: Instant,
+    /// When the lease ends unless the client renews it.
     pub expires_at: Instant,
+    /// The client's hardware address.
     pub mac: Mac,
+    /// The address leased.
     pub ip: Ipv4Addr,
     /// Option 12 of the client, printable ASCII only; empty when the client sent none.
     pub host_name: String,
