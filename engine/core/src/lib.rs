@@ -10,6 +10,8 @@
 //! segment; the *sock side* ([`sockio`]) is the real machine's sockets through which the NAT
 //! carries the guests' traffic.
 
+#![warn(unreachable_pub, missing_docs)]
+
 pub mod config;
 mod engine;
 pub mod event;
