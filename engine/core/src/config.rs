@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
+    /// The broadcast address, ff:ff:ff:ff:ff:ff.
     pub const BROADCAST: Mac = Mac([0xff; 6]);
 
     /// The seed's default: six bytes of which the first two are 00:AC and the rest random.
@@ -66,9 +67,9 @@ impl std::str::FromStr for Mac {
 /// A static route pushed to DHCP clients with option 121 (RFC 3442).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct StaticRoute {
-    pub dest: Ipv4Addr,
-    pub prefix_len: u8,
-    pub gateway: Ipv4Addr,
+    pub(crate) dest: Ipv4Addr,
+    pub(crate) prefix_len: u8,
+    pub(crate) gateway: Ipv4Addr,
 }
 
 impl fmt::Display for StaticRoute {
@@ -89,25 +90,37 @@ pub enum IcmpMode {
     Auto,
 }
 
+/// The virtual host: its MAC and its address on the virtual network.
 #[derive(Clone, PartialEq, Debug)]
 pub struct HostConfig {
     /// `None` until the runtime has chosen (and stored) the random default.
     pub mac: Option<Mac>,
+    /// The virtual host's address (default 192.168.30.1).
     pub ip: Ipv4Addr,
+    /// The virtual network's mask (default 255.255.255.0).
     pub mask: Ipv4Addr,
 }
 
+/// The user-mode NAT: its switch, timeouts and limits, and who may send what.
 #[derive(Clone, PartialEq, Debug)]
 pub struct NatConfig {
+    /// Whether the NAT carries the guests' traffic to the sock side (default on).
     pub enabled: bool,
     /// Largest IP packet on the segment (the Ethernet payload), as the seed defines it.
     pub mtu: u16,
+    /// How long an idle TCP session is kept (default 7200 s).
     pub tcp_timeout: Duration,
+    /// How long an idle UDP session is kept (default 600 s).
     pub udp_timeout: Duration,
+    /// How long a sock-side TCP connect may take before the guest is refused (default 30 s).
     pub tcp_connect_timeout: Duration,
+    /// What is done with echo requests for other hosts (default `auto`).
     pub icmp: IcmpMode,
+    /// Most NAT sessions at once (default 65536, held below the machine's socket budget).
     pub max_sessions: usize,
+    /// Most NAT sessions one guest may hold at once (default 4096).
     pub max_sessions_per_guest: usize,
+    /// Most TCP connections whose sock-side connect is still in progress (default 1024).
     pub max_half_open: usize,
     /// An address of the virtual network that stands for the host's 127.0.0.1 (off by default).
     pub host_loopback: Option<Ipv4Addr>,
@@ -120,34 +133,46 @@ pub struct NatConfig {
     /// TCP connections one guest may have connecting at once (its share of `max_half_open`).
     pub max_half_open_per_guest: usize,
     /// MiB of TCP receive rings (out-of-order and unsent guest data) one thread's connections
-    /// may hold (default 256), and one guest's of them (default 32).
+    /// may hold (default 256).
     pub reassembly_mib: usize,
+    /// MiB of those rings one guest's connections may hold (default 32).
     pub reassembly_per_guest_mib: usize,
     /// Static bindings: these addresses only from these MACs.
     pub bindings: Vec<(Mac, Ipv4Addr)>,
 }
 
+/// The virtual DHCP server: the address range and what the clients are told.
 #[derive(Clone, PartialEq, Debug)]
 pub struct DhcpConfig {
+    /// Whether the virtual host answers DHCP (default on).
     pub enabled: bool,
+    /// First address handed out (default 192.168.30.10).
     pub range_start: Ipv4Addr,
+    /// Last address handed out (default 192.168.30.200).
     pub range_end: Ipv4Addr,
+    /// The mask given to the clients (default 255.255.255.0).
     pub mask: Ipv4Addr,
+    /// The lease time granted (default 7200 s).
     pub lease: Duration,
+    /// The router given to the clients (default the virtual host; `None`: option left out).
     pub gateway: Option<Ipv4Addr>,
     /// Zero, one or two servers (option 6).
     pub dns: Vec<Ipv4Addr>,
+    /// The domain name given to the clients (default the machine's domain; `None`: left out).
     pub domain: Option<String>,
+    /// Static routes given to the clients (option 121; default none).
     pub routes: Vec<StaticRoute>,
     /// Only a client's own messages are served: the client hardware address must be the
     /// frame's Ethernet source (default true).
     pub check_chaddr: bool,
 }
 
+/// The DNS relay: where the virtual host forwards the guests' queries.
 #[derive(Clone, PartialEq, Debug)]
 pub struct DnsConfig {
     /// Upstream resolvers; empty means "read /etc/resolv.conf at start".
     pub upstream: Vec<SocketAddr>,
+    /// How long an upstream has to answer before the next one is tried (default 5 s).
     pub query_timeout: Duration,
 }
 
@@ -162,13 +187,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the operator reaches a running instance: control socket, security log, metrics.
 #[derive(Clone, PartialEq, Debug, Default)]
 pub struct ControlConfig {
     /// `None`: the runtime's default path; `Some("")`: no control socket.
     pub socket: Option<PathBuf>,
+    /// File the security log is appended to (default none).
     pub security_log: Option<PathBuf>,
+    /// The security log's line format (default text).
     pub security_log_format: LogFormat,
+    /// Loopback address of the Prometheus endpoint (default none: off).
     pub metrics: Option<SocketAddr>,
+    /// Whether the security log resolves the host name of connections (default on).
     pub reverse_lookup: bool,
     /// The security log's size cap in bytes (it is rotated to FILE.1 there); None: no cap.
     pub security_log_max: Option<u64>,
@@ -182,27 +212,45 @@ pub struct ControlConfig {
 pub struct Config {
     /// SecureNAT as a whole: when off, the virtual host does not answer at all.
     pub enabled: bool,
+    /// The virtual host's MAC and address.
     pub host: HostConfig,
+    /// The NAT's settings.
     pub nat: NatConfig,
+    /// The DHCP server's settings.
     pub dhcp: DhcpConfig,
+    /// The DNS relay's settings.
     pub dns: DnsConfig,
     /// Where state that must survive a restart is kept (the chosen MAC, the lease table).
     pub state_dir: Option<PathBuf>,
+    /// The operator's side: control socket, security log, metrics.
     pub control: ControlConfig,
 }
 
+/// Why a configuration was refused; each error names the file or the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read configuration file {path}: {source}")]
     Read {
+        /// The file's path.
         path: PathBuf,
+        /// Why reading it failed.
         source: std::io::Error,
     },
+    /// The file is not valid TOML.
     #[error("configuration file {path} is not valid TOML: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file's path.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A field has a value that is refused.
     #[error("configuration field `{field}`: {message}")]
     Field {
+        /// The field, as it is written in the file (`nat.mtu`).
         field: &'static str,
+        /// What is wrong with its value.
         message: String,
     },
 }
@@ -218,16 +266,23 @@ fn field_err(field: &'static str, message: impl Into<String>) -> ConfigError {
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    /// SecureNAT as a whole (default on).
     pub enabled: Option<bool>,
+    /// Directory for the state kept across restarts (default none).
     pub state_dir: Option<String>,
+    /// The `[host]` table.
     #[serde(default)]
     pub host: RawHost,
+    /// The `[nat]` table.
     #[serde(default)]
     pub nat: RawNat,
+    /// The `[dhcp]` table.
     #[serde(default)]
     pub dhcp: RawDhcp,
+    /// The `[dns]` table.
     #[serde(default)]
     pub dns: RawDns,
+    /// The `[control]` table.
     #[serde(default)]
     pub control: RawControl,
 }
@@ -240,6 +295,7 @@ pub struct RawControl {
     pub socket: Option<String>,
     /// File the security log (target `securenat`) is appended to.
     pub security_log: Option<String>,
+    /// `text` (the default) or `json`.
     pub security_log_format: Option<LogFormat>,
     /// Loopback address of the Prometheus endpoint, e.g. `127.0.0.1:9100`; off when missing.
     pub metrics: Option<String>,
@@ -251,26 +307,41 @@ pub struct RawControl {
     pub log_rate: Option<u32>,
 }
 
+/// The `[host]` table as written.
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
+    /// The virtual host's MAC; missing, `""` or `auto`: a random 00:AC:... chosen once.
     pub mac: Option<String>,
+    /// The virtual host's address (default 192.168.30.1).
     pub ip: Option<String>,
+    /// The virtual network's mask (default 255.255.255.0).
     pub mask: Option<String>,
 }
 
+/// The `[nat]` table as written.
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawNat {
+    /// Whether the NAT runs (default true).
     pub enabled: Option<bool>,
+    /// Largest IP packet on the segment, 576 to 65520 (default 1500).
     pub mtu: Option<u32>,
+    /// Idle TCP session timeout in seconds (default 7200).
     pub tcp_timeout: Option<u64>,
+    /// Idle UDP session timeout in seconds (default 600).
     pub udp_timeout: Option<u64>,
+    /// Sock-side TCP connect timeout in seconds (default 30).
     pub tcp_connect_timeout: Option<u64>,
+    /// `dummy`, `real` or `auto` (the default).
     pub icmp: Option<IcmpMode>,
+    /// Most NAT sessions at once (default 65536).
     pub max_sessions: Option<usize>,
+    /// Most NAT sessions per guest (default 4096).
     pub max_sessions_per_guest: Option<usize>,
+    /// Most TCP connects in progress at once (default 1024).
     pub max_half_open: Option<usize>,
+    /// An address of the virtual network that stands for the host's 127.0.0.1; missing or `""`: none.
     pub host_loopback: Option<String>,
     /// Egress rules, `allow|deny CIDR [tcp|udp|icmp] [PORT|LOW-HIGH]`, first match wins.
     pub egress: Option<Vec<String>>,
@@ -280,20 +351,27 @@ pub struct RawNat {
     pub new_sessions_per_second: Option<u32>,
     /// A guest's share of `max_half_open`.
     pub max_half_open_per_guest: Option<usize>,
-    /// MiB of TCP receive rings per thread, and per guest.
+    /// MiB of TCP receive rings per thread.
     pub reassembly_mib: Option<usize>,
+    /// MiB of TCP receive rings per guest (and thread).
     pub reassembly_per_guest_mib: Option<usize>,
     /// Static bindings, `"MAC IP"` each.
     pub bindings: Option<Vec<String>>,
 }
 
+/// The `[dhcp]` table as written.
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawDhcp {
+    /// Whether the DHCP server runs (default true).
     pub enabled: Option<bool>,
+    /// First address handed out (default 192.168.30.10).
     pub range_start: Option<String>,
+    /// Last address handed out (default 192.168.30.200).
     pub range_end: Option<String>,
+    /// The mask given to the clients (default 255.255.255.0).
     pub mask: Option<String>,
+    /// Lease time in seconds (default 7200).
     pub lease: Option<u64>,
     /// `""` leaves the option out (seed 3.7.6).
     pub gateway: Option<String>,
@@ -307,19 +385,22 @@ pub struct RawDhcp {
     pub check_chaddr: Option<bool>,
 }
 
+/// The `[dns]` table as written.
 #[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
     /// `"127.0.0.1"` or `"127.0.0.1:5353"`; missing means /etc/resolv.conf.
     pub upstream: Option<Vec<String>>,
+    /// Seconds an upstream has to answer (default 5).
     pub query_timeout: Option<u64>,
 }
 
-pub const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
-pub const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-pub const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
-pub const DEFAULT_RANGE_END: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 200);
-pub const MIN_MTU: u32 = 576;
+pub(crate) const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
+pub(crate) const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+pub(crate) const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+pub(crate) const DEFAULT_RANGE_END: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 200);
+pub(crate) const MIN_MTU: u32 = 576;
+/// The largest `nat.mtu` accepted, in bytes.
 pub const MAX_MTU: u32 = 65520;
 
 fn parse_ip(field: &'static str, v: &str) -> Result<Ipv4Addr, ConfigError> {
@@ -375,7 +456,7 @@ fn parse_route(v: &str) -> Result<StaticRoute, ConfigError> {
     })
 }
 
-pub fn prefix_mask(len: u8) -> u32 {
+pub(crate) fn prefix_mask(len: u8) -> u32 {
     if len == 0 {
         0
     } else {
@@ -383,7 +464,7 @@ pub fn prefix_mask(len: u8) -> u32 {
     }
 }
 
-pub fn parse_upstream(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+pub(crate) fn parse_upstream(field: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
     let v = v.trim();
     if let Ok(sa) = v.parse::<SocketAddr>() {
         return Ok(sa);
@@ -715,18 +796,13 @@ impl Config {
         })
     }
 
-    /// The virtual network as (network address, mask).
-    pub fn subnet(&self) -> (Ipv4Addr, Ipv4Addr) {
-        let m = u32::from(self.host.mask);
-        (Ipv4Addr::from(u32::from(self.host.ip) & m), self.host.mask)
-    }
-
-    pub fn in_subnet(&self, ip: Ipv4Addr) -> bool {
+    pub(crate) fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         same_subnet(ip, self.host.ip, self.host.mask)
     }
 }
 
 impl RawConfig {
+    /// Reads a configuration file's text; the error is the TOML parser's message.
     pub fn from_toml(text: &str) -> Result<RawConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }

@@ -26,11 +26,14 @@ use crate::wire::IPV4_HEADER_LEN;
 /// What every part of the core shares: the configuration, the virtual host's identity, the
 /// neighbour table, counters, and the injected randomness.
 pub struct Ctx {
+    /// The configuration in force.
     pub cfg: Config,
     /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
     pub mac: Mac,
-    pub arp: ArpCache,
+    pub(crate) arp: ArpCache,
+    /// What this engine counted: frames, bytes, drops.
     pub stats: Stats,
+    /// The one source of randomness of the core, seeded by the caller.
     pub rng: SmallRng,
     ip_ident: u16,
     /// The last NAT session id drawn by a lone engine (one that shares no `SharedSessions`).
@@ -85,13 +88,13 @@ pub trait SharedSessions: Send + Sync {
 
 impl Ctx {
     /// The IPv4 identification for the next packet the virtual host originates.
-    pub fn next_ident(&mut self) -> u16 {
+    pub(crate) fn next_ident(&mut self) -> u16 {
         self.ip_ident = self.ip_ident.wrapping_add(1);
         self.ip_ident
     }
 
     /// The id of the next NAT session (one sequence for every protocol, as the seed's log shows).
-    pub fn next_session_id(&mut self) -> u32 {
+    pub(crate) fn next_session_id(&mut self) -> u32 {
         if let Some(s) = &self.shared {
             return s.next_session_id();
         }
@@ -116,7 +119,7 @@ impl Ctx {
         self.sources.check(mode, now, mac, ip)
     }
 
-    pub fn host_ip(&self) -> Ipv4Addr {
+    pub(crate) fn host_ip(&self) -> Ipv4Addr {
         self.cfg.host.ip
     }
 
@@ -124,7 +127,7 @@ impl Ctx {
     /// faster than `nat.new_sessions_per_second`, or, across the engines of a multi-worker
     /// runtime (`share_sessions`), when `nat.max_sessions` or `nat.max_sessions_per_guest` is
     /// reached (a lone engine's protocols check their own tables for those).
-    pub fn admit_session(&mut self, now: Instant, proto: Proto, guest: Ipv4Addr) -> bool {
+    pub(crate) fn admit_session(&mut self, now: Instant, proto: Proto, guest: Ipv4Addr) -> bool {
         let rate = self.cfg.nat.new_sessions_per_second;
         if !self.new_sessions.admit(now, guest, rate) {
             return false;
@@ -141,7 +144,7 @@ impl Ctx {
     }
 
     /// Ends what `admit_session` counted.
-    pub fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
+    pub(crate) fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
         if let Some(l) = &self.shared {
             l.release(proto, guest);
         }
@@ -150,7 +153,7 @@ impl Ctx {
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
     /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
-    pub fn admit_half_open(&self, guest: Ipv4Addr) -> bool {
+    pub(crate) fn admit_half_open(&self, guest: Ipv4Addr) -> bool {
         let nat = &self.cfg.nat;
         match &self.shared {
             Some(l) => l.admit_half_open(guest, nat.max_half_open, nat.max_half_open_per_guest),
@@ -159,19 +162,14 @@ impl Ctx {
     }
 
     /// Gives back what `admit_half_open` took.
-    pub fn release_half_open(&self, guest: Ipv4Addr) {
+    pub(crate) fn release_half_open(&self, guest: Ipv4Addr) {
         if let Some(l) = &self.shared {
             l.release_half_open(guest);
         }
     }
 
-    /// The virtual network's directed broadcast address.
-    pub fn subnet_broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.cfg.host.ip) | !u32::from(self.cfg.host.mask))
-    }
-
     /// Whether `ip` is one of the addresses the virtual host itself answers for.
-    pub fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+    pub(crate) fn is_host_address(&self, ip: Ipv4Addr) -> bool {
         ip == self.cfg.host.ip
     }
 }
@@ -188,11 +186,16 @@ pub enum Reassembly {
     Whole,
 }
 
+/// The whole core of one segment: the virtual host and the NAT, driven by frames, socket
+/// events and time (see the crate's documentation).
 pub struct Engine {
+    /// What every part shares: configuration, MAC, counters, randomness.
     pub ctx: Ctx,
+    /// The virtual DHCP server and its lease table.
     pub dhcp: DhcpServer,
     /// The virtual host's DNS relay: a control-plane job, fed the queries the NAT hands back.
-    pub dns: DnsRelay,
+    pub(crate) dns: DnsRelay,
+    /// The user-mode NAT: fragment reassembly, UDP and TCP sessions.
     pub nat: Nat,
 }
 
@@ -265,10 +268,12 @@ impl Engine {
         n
     }
 
+    /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.ctx.cfg
     }
 
+    /// The counters of this engine.
     pub fn stats(&self) -> &Stats {
         &self.ctx.stats
     }
@@ -281,7 +286,8 @@ impl Engine {
     }
 
     /// Events dropped because the caller did not drain them in time.
-    pub fn events_lost(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn events_lost(&self) -> u64 {
         self.ctx.events.lost()
     }
 

@@ -14,7 +14,7 @@ use crate::config::Mac;
 use crate::nat::Proto;
 
 /// Events the core holds until they are drained.
-pub const QUEUE: usize = 4096;
+pub(crate) const QUEUE: usize = 4096;
 
 /// One thing that happened, with what the security log says about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +119,7 @@ impl Events {
     }
 
     /// Events dropped because the queue was full.
+    #[cfg(test)]
     pub(crate) fn lost(&self) -> u64 {
         self.lost
     }

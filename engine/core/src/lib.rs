@@ -10,6 +10,8 @@
 //! segment; the *sock side* ([`sockio`]) is the real machine's sockets through which the NAT
 //! carries the guests' traffic.
 
+#![warn(unreachable_pub, missing_docs)]
+
 pub mod config;
 mod engine;
 pub mod event;
@@ -24,9 +26,11 @@ pub mod time;
 pub mod vhost;
 pub mod wire;
 
-pub use config::{Config, Mac};
+pub use config::{Config, ConfigError, Mac, RawConfig};
 pub use engine::{Ctx, Engine, Reassembly, SharedSessions};
+pub use event::Event;
+pub use nat::Proto;
 pub use output::FrameBatch;
 pub use sockio::{SockEvent, SockId, SockIo};
-pub use stats::Stats;
+pub use stats::{DropReason, Stats};
 pub use time::Instant;

@@ -9,12 +9,13 @@ pub struct FrameBatch {
 }
 
 impl FrameBatch {
+    /// An empty batch.
     pub fn new() -> FrameBatch {
         FrameBatch::default()
     }
 
     /// Appends a frame of exactly `size` zeroed bytes and lets `fill` write it.
-    pub fn push_with<R>(&mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+    pub(crate) fn push_with<R>(&mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
         if self.len == self.bufs.len() {
             self.bufs.push(Vec::with_capacity(size.max(1514)));
         }
@@ -31,34 +32,39 @@ impl FrameBatch {
     }
 
     /// Drops the last frame pushed (a builder that found it could not finish).
-    pub fn pop(&mut self) {
+    pub(crate) fn pop(&mut self) {
         self.len = self.len.saturating_sub(1);
     }
 
     /// Shortens the last frame pushed to `len` bytes (a builder that wrote less than it
     /// reserved, e.g. a TCP segment whose socket had fewer bytes than the window allowed).
-    pub fn truncate_last(&mut self, len: usize) {
+    pub(crate) fn truncate_last(&mut self, len: usize) {
         if self.len > 0 {
             self.bufs[self.len - 1].truncate(len);
         }
     }
 
+    /// How many frames the batch holds.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the batch holds no frame.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The frames, in the order they were emitted.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         self.bufs[..self.len].iter().map(|b| b.as_slice())
     }
 
-    pub fn get(&self, i: usize) -> Option<&[u8]> {
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn get(&self, i: usize) -> Option<&[u8]> {
         (i < self.len).then(|| self.bufs[i].as_slice())
     }
 
+    /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.len = 0;
     }

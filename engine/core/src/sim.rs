@@ -10,50 +10,64 @@ use crate::sockio::{Datagram, SockEvent, SockId, SockIo};
 /// How a simulated TCP connect ends.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ConnectOutcome {
+    /// Connects.
     Accept,
+    /// Is refused (connection refused).
     Refuse,
     /// Never answers (the core's connect timeout decides).
     Silent,
 }
 
+/// A simulated UDP socket.
 #[derive(Debug)]
 pub struct SimUdp {
+    /// The destination it is connected to.
     pub dst: SocketAddrV4,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
     /// Datagrams (or an ICMP port unreachable, as `Err`) waiting to be received by the core.
-    pub inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
+    pub(crate) inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
 }
 
+/// A simulated TCP socket.
 #[derive(Debug)]
 pub struct SimTcp {
+    /// The destination it connects to.
     pub dst: SocketAddrV4,
+    /// The connect succeeded.
     pub connected: bool,
     /// Everything the core wrote to the destination.
     pub written: Vec<u8>,
     /// How many `tcp_send` calls wrote something.
-    pub writes: usize,
+    pub(crate) writes: usize,
     /// How many more bytes the socket's send buffer takes before it reports full.
-    pub send_space: usize,
+    pub(crate) send_space: usize,
     /// Bytes from the destination not yet consumed by the core (peek reads from here).
     pub recv: VecDeque<u8>,
     /// The destination has sent FIN.
-    pub peer_fin: bool,
+    pub(crate) peer_fin: bool,
     /// The core sent FIN toward the destination.
     pub shut_write: bool,
+    /// The core reset the connection.
     pub aborted: bool,
 }
 
+/// A simulated ICMP echo socket.
 #[derive(Debug, Default)]
 pub struct SimIcmp {
+    /// Messages the core sent, with their destination, in order.
     pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
-    pub inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
+    pub(crate) inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
 }
 
+/// A simulated socket of any kind.
 #[derive(Debug)]
 pub enum SimSocket {
+    /// A UDP socket.
     Udp(SimUdp),
+    /// A TCP socket.
     Tcp(SimTcp),
+    /// An ICMP echo socket.
     Icmp(SimIcmp),
 }
 
@@ -61,13 +75,15 @@ pub enum SimSocket {
 /// real driver would raise are queued in `events` for the test (or replay) to feed to the core.
 #[derive(Debug)]
 pub struct SimSockets {
+    /// The open sockets, by id.
     pub sockets: HashMap<SockId, SimSocket>,
     next_id: SockId,
     /// Per destination; destinations not listed get `default_connect`.
     pub connect_script: HashMap<SocketAddrV4, ConnectOutcome>,
+    /// How connects to destinations not in `connect_script` end.
     pub default_connect: ConnectOutcome,
     /// Send-buffer size of each new TCP socket.
-    pub tcp_send_buffer: usize,
+    pub(crate) tcp_send_buffer: usize,
     /// Whether ICMP sockets can be opened (the "real" ICMP mode).
     pub icmp_allowed: bool,
     /// Events a real driver would report; `drain_events` hands them over.
@@ -75,8 +91,8 @@ pub struct SimSockets {
     /// Ids that were closed, in order.
     pub closed: Vec<SockId>,
     /// TCP peeks asked for, and how many found nothing (each a wasted syscall on a real host).
-    pub peeks: u64,
-    pub empty_peeks: u64,
+    pub(crate) peeks: u64,
+    pub(crate) empty_peeks: u64,
 }
 
 impl Default for SimSockets {
@@ -112,10 +128,12 @@ impl SimSockets {
         id
     }
 
+    /// Takes the queued events, oldest first.
     pub fn drain_events(&mut self) -> Vec<SockEvent> {
         self.events.drain(..).collect()
     }
 
+    /// The UDP socket `id`, if it is one.
     pub fn udp(&mut self, id: SockId) -> Option<&mut SimUdp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Udp(u)) => Some(u),
@@ -123,6 +141,7 @@ impl SimSockets {
         }
     }
 
+    /// The TCP socket `id`, if it is one.
     pub fn tcp(&mut self, id: SockId) -> Option<&mut SimTcp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Tcp(t)) => Some(t),
@@ -130,7 +149,7 @@ impl SimSockets {
         }
     }
 
-    pub fn icmp(&mut self, id: SockId) -> Option<&mut SimIcmp> {
+    pub(crate) fn icmp(&mut self, id: SockId) -> Option<&mut SimIcmp> {
         match self.sockets.get_mut(&id) {
             Some(SimSocket::Icmp(i)) => Some(i),
             _ => None,
@@ -189,6 +208,7 @@ impl SimSockets {
         }
     }
 
+    /// Queues an ICMP message from `from` for the ICMP socket `id` (and raises `Readable`).
     pub fn deliver_icmp(&mut self, id: SockId, from: Ipv4Addr, message: &[u8]) {
         if let Some(i) = self.icmp(id) {
             i.inbox.push_back((from, message.to_vec()));

@@ -30,14 +30,19 @@ pub enum SockEvent {
 /// A datagram received on a UDP or ICMP socket.
 #[derive(Clone, Copy, Debug)]
 pub struct Datagram {
+    /// Its length in bytes (as much of it as the buffer took).
     pub len: usize,
+    /// Where it came from.
     pub from: SocketAddrV4,
 }
 
+/// The sock side as the core sees it: the host's sockets, opened, used and closed on its
+/// behalf. The runtime implements it with real sockets, `sim::SimSockets` in memory.
 pub trait SockIo {
     /// Opens a UDP socket connected to `dst` (bound to an ephemeral port) for one NAT session;
     /// being connected, it receives only `dst`'s answers and reports its ICMP errors.
     fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;
+    /// Sends one datagram on the UDP socket `id`; returns the bytes sent.
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize>;
     /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting;
     /// `Err(ConnectionRefused)` when the destination answered with ICMP port unreachable.
@@ -73,4 +78,4 @@ pub trait SockIo {
 
 /// Datagrams read from one socket per readiness event (or per `handle_timeout` round), so that
 /// one busy socket cannot starve the rest.
-pub const READ_BUDGET: usize = 64;
+pub(crate) const READ_BUDGET: usize = 64;

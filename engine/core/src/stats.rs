@@ -30,6 +30,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every reason, in the order of their index in `Stats::drops`.
     pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
@@ -44,6 +45,7 @@ impl DropReason {
         DropReason::Spoofed,
     ];
 
+    /// Its name in the statistics the operator reads (`bad_checksum`, ...).
     pub fn name(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
@@ -61,18 +63,25 @@ impl DropReason {
     }
 }
 
+/// Counters of one engine (the runtime sums those of its workers).
 #[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct Stats {
+    /// Frames received from the segment.
     pub frames_in: u64,
+    /// Bytes of those frames.
     pub bytes_in: u64,
+    /// Frames emitted to the segment.
     pub frames_out: u64,
+    /// Bytes of those frames.
     pub bytes_out: u64,
+    /// Frames dropped, by reason (indexed by `DropReason as usize`).
     pub drops: [u64; DropReason::ALL.len()],
     /// Idle sessions ended to make room for new ones in a full table.
     pub evicted: u64,
 }
 
 impl Stats {
+    /// Counts one frame dropped for `why`.
     pub fn drop(&mut self, why: DropReason) {
         self.drops[why as usize] += 1;
     }
@@ -89,6 +98,7 @@ impl Stats {
         }
     }
 
+    /// Frames dropped for `why`.
     pub fn drops_of(&self, why: DropReason) -> u64 {
         self.drops[why as usize]
     }

@@ -10,20 +10,25 @@ use std::time::Duration;
 pub struct Instant(u64);
 
 impl Instant {
+    /// The origin.
     pub const ZERO: Instant = Instant(0);
 
+    /// `us` microseconds past the origin.
     pub const fn from_micros(us: u64) -> Instant {
         Instant(us)
     }
 
-    pub const fn from_millis(ms: u64) -> Instant {
+    #[cfg(test)]
+    pub(crate) const fn from_millis(ms: u64) -> Instant {
         Instant(ms * 1000)
     }
 
+    /// `s` seconds past the origin.
     pub const fn from_secs(s: u64) -> Instant {
         Instant(s * 1_000_000)
     }
 
+    /// Microseconds past the origin.
     pub const fn as_micros(self) -> u64 {
         self.0
     }

@@ -24,13 +24,13 @@ use crate::wire::IPV4_HEADER_LEN;
 use crate::Ctx;
 
 /// Datagrams being reassembled at once.
-pub const MAX_DATAGRAMS: usize = 64;
+pub(crate) const MAX_DATAGRAMS: usize = 64;
 /// Datagrams in progress from one source: a guest's fragments cannot take every slot.
-pub const MAX_DATAGRAMS_PER_SOURCE: usize = MAX_DATAGRAMS / 4;
+pub(crate) const MAX_DATAGRAMS_PER_SOURCE: usize = MAX_DATAGRAMS / 4;
 /// Bytes held by all datagrams in progress together.
-pub const BUDGET: usize = 1 << 20;
+pub(crate) const BUDGET: usize = 1 << 20;
 /// How long a datagram may take to arrive whole (RFC 791 suggests 15 s as a lower bound).
-pub const TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 /// Received ranges tracked per datagram: more pieces than this is an attack, not a datagram.
 const MAX_PIECES: usize = 256;
 const MAX_DATAGRAM: usize = 65535;
@@ -57,6 +57,7 @@ struct Entry {
     have_first: bool,
 }
 
+/// Reassembles the guests' fragmented IPv4 datagrams.
 #[derive(Default)]
 pub struct Reassembler {
     entries: Vec<Entry>,
@@ -73,13 +74,14 @@ impl Reassembler {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Adds a fragment; returns the whole datagram (IPv4 header + payload) once complete. The
     /// datagram is lent until the next call.
-    pub fn add(
+    pub(crate) fn add(
         &mut self,
         now: Instant,
         ip: &Ipv4Packet<&[u8]>,
@@ -188,12 +190,12 @@ impl Reassembler {
     }
 
     /// The earliest deadline of a datagram in progress (at most `MAX_DATAGRAMS` to look at).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.entries.iter().map(|e| e.deadline).min()
     }
 
     /// Drops the datagrams whose time is up, counting each as malformed (it never came whole).
-    pub fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
         let mut i = 0;
         while i < self.entries.len() {
             if self.entries[i].deadline <= now {

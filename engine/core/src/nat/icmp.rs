@@ -36,9 +36,9 @@ use crate::Ctx;
 /// A real-mode session ends this long after its last request or reply.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Real-mode sessions at once.
-pub const MAX_SESSIONS: usize = 1024;
+pub(crate) const MAX_SESSIONS: usize = 1024;
 /// Real-ICMP sessions one guest may hold (a quarter of the table).
-pub const MAX_SESSIONS_PER_GUEST: usize = MAX_SESSIONS / 4;
+pub(crate) const MAX_SESSIONS_PER_GUEST: usize = MAX_SESSIONS / 4;
 /// Sequence numbers remembered per session to recognise replies.
 const RECENT: usize = 16;
 const MAX_MESSAGE: usize = 65535 - IPV4_HEADER_LEN;
@@ -62,7 +62,7 @@ struct Echo {
 
 type Session = session::Session<Key, Echo>;
 
-pub struct IcmpNat {
+pub(crate) struct IcmpNat {
     /// `Some(true)` once real mode is in use, `Some(false)` for dummy.
     real: Option<bool>,
     /// The socket `Auto` opened to probe, kept for the first session.
@@ -76,7 +76,7 @@ pub struct IcmpNat {
 }
 
 impl IcmpNat {
-    pub fn new(cfg: &Config) -> IcmpNat {
+    pub(crate) fn new(cfg: &Config) -> IcmpNat {
         IcmpNat {
             real: match cfg.nat.icmp {
                 IcmpMode::Dummy => Some(false),
@@ -93,25 +93,28 @@ impl IcmpNat {
     }
 
     /// The mode in use: `Some(true)` real, `Some(false)` dummy, `None` not decided yet.
-    pub fn real_mode(&self) -> Option<bool> {
+    #[cfg(test)]
+    pub(crate) fn real_mode(&self) -> Option<bool> {
         self.real
     }
 
     /// Real-mode sessions open.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.table.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
 
     /// The echo socket of the session of `guest`'s `ident` toward `dst`.
-    pub fn socket_of(&self, guest: Ipv4Addr, ident: u16, dst: Ipv4Addr) -> Option<SockId> {
+    #[cfg(test)]
+    pub(crate) fn socket_of(&self, guest: Ipv4Addr, ident: u16, dst: Ipv4Addr) -> Option<SockId> {
         self.table.socket_of(&Key { guest, ident, dst })
     }
 
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -292,7 +295,7 @@ impl IcmpNat {
     }
 
     /// Shutdown: closes every session's socket (and the probe's).
-    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
+    pub(crate) fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
         for slot in 0..self.table.slot_count() {
             self.close(ctx, slot, io);
         }
@@ -353,7 +356,7 @@ impl IcmpNat {
     }
 
     /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
-    pub fn handle_host_event(
+    pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -381,17 +384,17 @@ impl IcmpNat {
         }
     }
 
-    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
         self.table.sessions(into);
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
         let idle = self.table.next_deadline();
         earliest(due_now, idle.filter(|_| !self.external_idle))
     }
 
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -415,7 +418,7 @@ impl IcmpNat {
     }
 
     /// Closes the sessions idle for `IDLE_TIMEOUT` at `now`.
-    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
+    pub(crate) fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
         while let Some(slot) = self.table.next_expired(now, IDLE_TIMEOUT) {
             self.close(ctx, slot, io);
         }

@@ -6,13 +6,13 @@
 //! NAT table. A UDP query to the virtual host's DNS port is not carried: it comes back to the
 //! engine as a `DnsQuery` for the virtual host's relay.
 
-pub mod frag;
+pub(crate) mod frag;
 pub mod icmp;
-pub mod policy;
+pub(crate) mod policy;
 pub(crate) mod rate;
-pub mod session;
-pub mod tcp;
-pub mod udp;
+pub(crate) mod session;
+pub(crate) mod tcp;
+pub(crate) mod udp;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -29,18 +29,22 @@ pub use session::{Proto, SessionInfo};
 
 /// A guest's query to the virtual host's DNS port, which the NAT does not carry: the engine
 /// gives it to the virtual host's relay (`vhost::dns`).
-pub struct DnsQuery<'a> {
+pub(crate) struct DnsQuery<'a> {
     /// The guest's address and port, where the answer goes.
-    pub guest: SocketAddrV4,
+    pub(crate) guest: SocketAddrV4,
     /// The UDP payload (the DNS message).
-    pub query: &'a [u8],
+    pub(crate) query: &'a [u8],
 }
 
+/// The user-mode NAT: the guests' flows to other hosts, carried through the sock side.
 pub struct Nat {
+    /// Reassembly of the guests' fragmented IPv4 datagrams.
     pub frag: frag::Reassembler,
+    /// The UDP sessions.
     pub udp: udp::UdpNat,
+    /// The TCP connections.
     pub tcp: tcp::TcpNat,
-    pub icmp: icmp::IcmpNat,
+    pub(crate) icmp: icmp::IcmpNat,
 }
 
 /// Where a guest's flow of `proto` from `guest` to `dst` really goes on the sock side, or why it
@@ -51,7 +55,7 @@ pub struct Nat {
 /// is reached directly, not through the NAT, and a packet for them on the sock side could only
 /// come back in (seed 3.7.4, loops). Everything else passes the egress policy (`policy`); a
 /// refusal is reported as an event (the log's rate limit keeps a scan from flooding it).
-pub fn sock_destination(
+pub(crate) fn sock_destination(
     ctx: &mut Ctx,
     proto: Proto,
     guest: SocketAddrV4,
@@ -77,7 +81,7 @@ pub fn sock_destination(
 }
 
 impl Nat {
-    pub fn new(cfg: &Config) -> Nat {
+    pub(crate) fn new(cfg: &Config) -> Nat {
         Nat {
             frag: frag::Reassembler::default(),
             udp: udp::UdpNat::new(cfg),
@@ -88,7 +92,7 @@ impl Nat {
 
     /// Handles an IPv4 packet from a guest that is neither DHCP nor ICMP to the virtual host.
     /// A DNS query to the virtual host comes back for the engine to relay.
-    pub fn handle_ipv4<'a>(
+    pub(crate) fn handle_ipv4<'a>(
         &'a mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -112,7 +116,7 @@ impl Nat {
 
     /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
     /// produced, as `handle_ipv4` does once its fragments are in.
-    pub fn handle_reassembled<'a>(
+    pub(crate) fn handle_reassembled<'a>(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -146,7 +150,7 @@ impl Nat {
         }
     }
 
-    pub fn handle_host_event(
+    pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -186,7 +190,7 @@ impl Nat {
     }
 
     /// Shutdown: resets every guest's TCP connection and closes every sock-side socket.
-    pub fn close_all(
+    pub(crate) fn close_all(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -201,20 +205,20 @@ impl Nat {
     /// With `on`, sessions are no longer expired for idleness by `handle_timeout` (nor does
     /// `poll_timeout` wake for it): `expire_sessions` does it when the caller says (a worker of
     /// a multi-worker runtime, on the control thread's tick). TCP's protocol timers stay.
-    pub fn set_external_expiry(&mut self, on: bool, ctx: &Ctx) {
+    pub(crate) fn set_external_expiry(&mut self, on: bool, ctx: &Ctx) {
         self.udp.external_idle = on;
         self.icmp.external_idle = on;
         self.tcp.set_external_idle(on, ctx);
     }
 
     /// Applies changed session timeouts to the sessions already open.
-    pub fn timeouts_changed(&mut self, ctx: &Ctx) {
+    pub(crate) fn timeouts_changed(&mut self, ctx: &Ctx) {
         self.udp.reschedule_all(ctx);
         self.tcp.reschedule_all(ctx);
     }
 
     /// Ends the TCP, UDP and ICMP sessions idle past their timeouts at `now`.
-    pub fn expire_sessions(
+    pub(crate) fn expire_sessions(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -226,13 +230,13 @@ impl Nat {
         self.icmp.expire_idle(now, ctx, io);
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let t = earliest(self.tcp.poll_timeout(), self.udp.poll_timeout());
         let t = earliest(t, self.icmp.poll_timeout());
         earliest(t, self.frag.poll_timeout())
     }
 
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,

@@ -17,7 +17,7 @@ use crate::nat::session::Proto;
 
 /// What a rule does with the destinations it matches.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Action {
+pub(crate) enum Action {
     /// The flow is carried.
     Allow,
     /// The flow is refused (RST for TCP, ICMP administratively prohibited otherwise).
@@ -28,19 +28,19 @@ pub enum Action {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Rule {
     /// Allow or deny.
-    pub action: Action,
+    pub(crate) action: Action,
     /// The network's address (host bits clear).
-    pub net: Ipv4Addr,
+    pub(crate) net: Ipv4Addr,
     /// The network's prefix length.
-    pub prefix: u8,
+    pub(crate) prefix: u8,
     /// The protocol it applies to; None: every protocol.
-    pub proto: Option<Proto>,
+    pub(crate) proto: Option<Proto>,
     /// The destination ports it applies to (TCP and UDP); None: every port.
-    pub ports: Option<(u16, u16)>,
+    pub(crate) ports: Option<(u16, u16)>,
 }
 
 /// The ranges refused unless a rule allows them, with why (for the log and the docs).
-pub const REFUSED_BY_DEFAULT: [(Ipv4Addr, u8, &str); 5] = [
+pub(crate) const REFUSED_BY_DEFAULT: [(Ipv4Addr, u8, &str); 5] = [
     (Ipv4Addr::new(0, 0, 0, 0), 8, "this network"),
     (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
     (
@@ -62,7 +62,7 @@ fn in_net(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
 
 impl Rule {
     /// Whether the rule covers a flow of `proto` to `ip`:`port` (port 0 for ICMP).
-    pub fn matches(&self, proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
+    pub(crate) fn matches(&self, proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
         in_net(ip, self.net, self.prefix)
             && self
                 .proto
@@ -165,7 +165,7 @@ impl FromStr for Rule {
 
 /// Whether a flow of `proto` to `ip`:`port` may leave: the first of `rules` that matches
 /// decides; with none, the ranges of `REFUSED_BY_DEFAULT` are refused and the rest allowed.
-pub fn permits(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
+pub(crate) fn permits(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
     if let Some(r) = rules.iter().find(|r| r.matches(proto, ip, port)) {
         return r.action == Action::Allow;
     }
@@ -176,7 +176,7 @@ pub fn permits(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
 
 /// The first operator rule that denies `ip`:`port` for `proto` (the defaults aside): how the
 /// configuration refuses a DNS upstream the policy would not let a guest reach.
-pub fn denied_by(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> Option<&Rule> {
+pub(crate) fn denied_by(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> Option<&Rule> {
     rules
         .iter()
         .find(|r| r.matches(proto, ip, port))

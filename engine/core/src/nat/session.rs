@@ -10,22 +10,26 @@ use std::time::Duration;
 use crate::sockio::SockId;
 use crate::time::Instant;
 
+/// The protocol of a NAT session.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Proto {
+    /// A TCP connection.
     Tcp,
+    /// A UDP flow.
     Udp,
+    /// An ICMP echo exchange.
     Icmp,
+    /// A query of the virtual host's DNS relay.
     Dns,
 }
 
 impl Proto {
-    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Dns];
-
-    /// Its position in `ALL` (and in per-protocol arrays such as `Nat::session_counts`).
+    /// Its position in per-protocol arrays such as `Nat::session_counts`.
     pub fn index(self) -> usize {
         self as usize
     }
 
+    /// Its name in the security log and the operator's session list (`TCP`, `UDP`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "TCP",
@@ -36,19 +40,30 @@ impl Proto {
     }
 }
 
+/// One row of the NAT table, as the operator sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionInfo {
     /// Shared by all protocols, as in the seed's log (TCP 1, UDP 2, TCP 3, ...).
     pub id: u32,
+    /// The session's protocol.
     pub proto: Proto,
+    /// The guest's end (for ICMP, its address and echo ident).
     pub guest: SocketAddrV4,
+    /// The destination as the guest addressed it.
     pub dst: SocketAddrV4,
+    /// When the session opened.
     pub created: Instant,
+    /// When it last carried something.
     pub last_used: Instant,
+    /// Bytes from the guest toward the destination.
     pub bytes_to_host: u64,
+    /// Bytes from the destination to the guest.
     pub bytes_to_guest: u64,
+    /// Packets from the guest toward the destination.
     pub packets_to_host: u64,
+    /// Packets from the destination to the guest.
     pub packets_to_guest: u64,
+    /// The session's state in words (`Established`, `Echo`, `Querying`, ...).
     pub state: &'static str,
 }
 
@@ -98,6 +113,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_key.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
@@ -121,6 +137,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_sock.contains_key(&sock)
     }
 
+    #[cfg(test)]
     pub(crate) fn socket_of(&self, key: &K) -> Option<SockId> {
         self.get(self.slot(key)?).map(|s| s.sock)
     }

@@ -50,13 +50,13 @@ pub(crate) fn refuse(ctx: &mut Ctx, ip: &Ipv4Packet<&[u8]>, out: &mut FrameBatch
 }
 
 /// The largest UDP payload an IPv4 datagram can carry.
-pub const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN;
+pub(crate) const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN;
 
 /// A UDP session's identity: the guest's end and the destination as the guest addressed it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct UdpKey {
-    pub guest: SocketAddrV4,
-    pub dst: SocketAddrV4,
+pub(crate) struct UdpKey {
+    pub(crate) guest: SocketAddrV4,
+    pub(crate) dst: SocketAddrV4,
 }
 
 /// What a UDP session keeps beyond the table's common part.
@@ -67,6 +67,7 @@ struct Datagrams {
 
 type Session = session::Session<UdpKey, Datagrams>;
 
+/// The UDP side of the NAT: one session, and one connected socket, per guest flow.
 pub struct UdpNat {
     table: SessionTable<UdpKey, Datagrams>,
     /// Idle expiry is run by `expire_idle` on the caller's schedule, not by `handle_timeout`.
@@ -79,7 +80,7 @@ pub struct UdpNat {
 }
 
 impl UdpNat {
-    pub fn new(_cfg: &Config) -> UdpNat {
+    pub(crate) fn new(_cfg: &Config) -> UdpNat {
         UdpNat {
             table: SessionTable::new(),
             external_idle: false,
@@ -94,18 +95,20 @@ impl UdpNat {
         self.table.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
 
     /// The sock-side socket of the session `key`, if there is one.
-    pub fn socket_of(&self, key: &UdpKey) -> Option<SockId> {
+    #[cfg(test)]
+    pub(crate) fn socket_of(&self, key: &UdpKey) -> Option<SockId> {
         self.table.socket_of(key)
     }
 
     /// Handles a whole (reassembled) UDP datagram from a guest; a query to the virtual host's
     /// DNS port is not the NAT's to carry and comes back as a `DnsQuery`.
-    pub fn handle<'a>(
+    pub(crate) fn handle<'a>(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -245,7 +248,7 @@ impl UdpNat {
     }
 
     /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
-    pub fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
+    pub(crate) fn close_all(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
         for slot in 0..self.table.slot_count() {
             self.close(ctx, slot, io);
         }
@@ -311,7 +314,7 @@ impl UdpNat {
     }
 
     /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
-    pub fn handle_host_event(
+    pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -347,17 +350,17 @@ impl UdpNat {
         }
     }
 
-    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
         self.table.sessions(into);
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
         let idle = self.table.next_deadline();
         earliest(due_now, idle.filter(|_| !self.external_idle))
     }
 
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -378,12 +381,12 @@ impl UdpNat {
 
     /// Every session's idle deadline again from `ctx`'s `nat.udp_timeout` (a reload that
     /// shortened it must not wait for the deadlines the longer one set).
-    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+    pub(crate) fn reschedule_all(&mut self, ctx: &Ctx) {
         self.table.reschedule(ctx.cfg.nat.udp_timeout);
     }
 
     /// Closes the sessions idle for `nat.udp_timeout` at `now`.
-    pub fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
+    pub(crate) fn expire_idle(&mut self, now: Instant, ctx: &mut Ctx, io: &mut impl SockIo) {
         let timeout = ctx.cfg.nat.udp_timeout;
         while let Some(slot) = self.table.next_expired(now, timeout) {
             self.close(ctx, slot, io);

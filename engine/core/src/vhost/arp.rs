@@ -18,9 +18,9 @@ use crate::wire::{eth, mac};
 
 /// Bound on learned neighbours: a segment with more hosts than this is not one SecureNAT serves,
 /// and a flood of forged ARP must not grow memory.
-pub const MAX_NEIGHBOURS: usize = 4096;
+pub(crate) const MAX_NEIGHBOURS: usize = 4096;
 /// A neighbour not heard from for this long is forgotten.
-pub const NEIGHBOUR_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const NEIGHBOUR_TTL: Duration = Duration::from_secs(3600);
 
 const ARP_LEN: usize = 28;
 
@@ -32,27 +32,29 @@ struct Neighbour {
 
 /// Guests' IPv4 → MAC, learned from what they send.
 #[derive(Default)]
-pub struct ArpCache {
+pub(crate) struct ArpCache {
     table: HashMap<Ipv4Addr, Neighbour>,
     /// When a claim of the virtual host's address was last logged.
     claim_warned: Option<Instant>,
 }
 
 impl ArpCache {
-    pub fn lookup(&self, ip: Ipv4Addr) -> Option<Mac> {
+    pub(crate) fn lookup(&self, ip: Ipv4Addr) -> Option<Mac> {
         self.table.get(&ip).map(|n| n.mac)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.table.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()
     }
 
     /// Records that `ip` is at `mac`. Multicast/broadcast MACs and 0.0.0.0 are never learned.
-    pub fn learn(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac) {
+    pub(crate) fn learn(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac) {
         if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || mac.0[0] & 1 != 0 {
             return;
         }
@@ -77,11 +79,7 @@ impl ArpCache {
         self.table.insert(ip, Neighbour { mac, seen: now });
     }
 
-    pub fn forget(&mut self, ip: Ipv4Addr) {
-        self.table.remove(&ip);
-    }
-
-    pub fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant) {
         self.table
             .retain(|_, n| now.saturating_since(n.seen) < NEIGHBOUR_TTL);
     }
@@ -105,12 +103,17 @@ fn push_arp(out: &mut FrameBatch, eth_dst: Mac, repr: &ArpRepr) {
 }
 
 /// The gratuitous ARP a host sends when its address comes up (a request for its own address).
-pub fn push_gratuitous(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr) {
+pub(crate) fn push_gratuitous(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr) {
     push_request(out, host_mac, host_ip, host_ip);
 }
 
 /// An ARP request for `target` (when the core must reach a guest whose MAC it does not know).
-pub fn push_request(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr, target: Ipv4Addr) {
+pub(crate) fn push_request(
+    out: &mut FrameBatch,
+    host_mac: Mac,
+    host_ip: Ipv4Addr,
+    target: Ipv4Addr,
+) {
     let repr = ArpRepr::EthernetIpv4 {
         operation: ArpOperation::Request,
         source_hardware_addr: eth(host_mac),
@@ -122,11 +125,11 @@ pub fn push_request(out: &mut FrameBatch, host_mac: Mac, host_ip: Ipv4Addr, targ
 }
 
 /// Which of the virtual network's addresses the virtual host answers ARP for.
-pub struct ArpIdentity {
-    pub mac: Mac,
-    pub ip: Ipv4Addr,
+pub(crate) struct ArpIdentity {
+    pub(crate) mac: Mac,
+    pub(crate) ip: Ipv4Addr,
     /// An extra address answered with the same MAC (the host-loopback address, when on).
-    pub alias: Option<Ipv4Addr>,
+    pub(crate) alias: Option<Ipv4Addr>,
 }
 
 /// Handles an ARP packet (the Ethernet payload). Learns the sender when it is on our subnet and
@@ -134,7 +137,7 @@ pub struct ArpIdentity {
 /// How often a claim of the virtual host's own address is logged (each is counted).
 const CLAIM_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-pub fn handle(
+pub(crate) fn handle(
     now: Instant,
     me: &ArpIdentity,
     mut may_learn: impl FnMut(Ipv4Addr, Mac) -> Option<bool>,

@@ -55,21 +55,21 @@ pub enum BoundBy {
 
 /// One address's owner.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct Binding {
+pub(crate) struct Binding {
     /// The MAC that may send from the address.
-    pub mac: Mac,
+    pub(crate) mac: Mac,
     /// Why.
-    pub by: BoundBy,
+    pub(crate) by: BoundBy,
     /// When the owner last sent from it (learned bindings expire by it).
-    pub last_seen: Instant,
+    pub(crate) last_seen: Instant,
 }
 
 /// Learned addresses a MAC may hold at once.
-pub const MAX_LEARNED_PER_MAC: usize = 4;
+pub(crate) const MAX_LEARNED_PER_MAC: usize = 4;
 /// Learned addresses in all.
-pub const MAX_LEARNED: usize = 4096;
+pub(crate) const MAX_LEARNED: usize = 4096;
 /// A learned address unused this long is free for another MAC.
-pub const LEARNED_IDLE: Duration = Duration::from_secs(600);
+pub(crate) const LEARNED_IDLE: Duration = Duration::from_secs(600);
 /// How often an engine tells the shared bindings that a learned address is still in use.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
@@ -180,7 +180,7 @@ impl Bindings {
     }
 
     /// The owner of `ip`, if bound.
-    pub fn get(&self, ip: Ipv4Addr) -> Option<&Binding> {
+    pub(crate) fn get(&self, ip: Ipv4Addr) -> Option<&Binding> {
         self.by_ip.get(&ip)
     }
 
@@ -196,7 +196,7 @@ impl Bindings {
 /// An engine's view of the bindings: its own copy, kept in step with the shared ones when the
 /// engine is one of several.
 #[derive(Default)]
-pub struct Sources {
+pub(crate) struct Sources {
     local: Bindings,
     generation: u64,
     shared: Option<Arc<dyn SharedSessions>>,
@@ -206,7 +206,7 @@ pub struct Sources {
 
 impl Sources {
     /// Makes the bindings those of `shared` (the engines of one runtime see the same).
-    pub fn share(&mut self, shared: Arc<dyn SharedSessions>) {
+    pub(crate) fn share(&mut self, shared: Arc<dyn SharedSessions>) {
         self.shared = Some(shared);
         self.generation = u64::MAX;
     }
@@ -222,7 +222,13 @@ impl Sources {
     }
 
     /// Whether `mac` may send from `ip` now (binding it by first use where the mode allows).
-    pub fn check(&mut self, mode: SourceCheck, now: Instant, mac: Mac, ip: Ipv4Addr) -> bool {
+    pub(crate) fn check(
+        &mut self,
+        mode: SourceCheck,
+        now: Instant,
+        mac: Mac,
+        ip: Ipv4Addr,
+    ) -> bool {
         if mode == SourceCheck::Subnet {
             return true;
         }
@@ -255,7 +261,7 @@ impl Sources {
     }
 
     /// Binds `ip` to `mac` (a lease or the configuration), in the shared bindings too.
-    pub fn bind(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy) {
+    pub(crate) fn bind(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy) {
         if let Some(s) = &self.shared {
             s.bind(now, ip, mac, by);
         }
@@ -263,12 +269,12 @@ impl Sources {
     }
 
     /// When `ip`'s owner was last seen sending from it, as far as this engine knows.
-    pub fn last_seen(&self, ip: Ipv4Addr) -> Option<Instant> {
+    pub(crate) fn last_seen(&self, ip: Ipv4Addr) -> Option<Instant> {
         self.local.get(ip).map(|b| b.last_seen)
     }
 
     /// Makes the lease bindings those of `leases` (address, MAC): the lease table changed.
-    pub fn sync_leases(&mut self, now: Instant, leases: &[(Ipv4Addr, Mac)]) {
+    pub(crate) fn sync_leases(&mut self, now: Instant, leases: &[(Ipv4Addr, Mac)]) {
         self.refresh();
         let gone: Vec<Ipv4Addr> = self
             .local
@@ -289,7 +295,7 @@ impl Sources {
     }
 
     /// Ends a binding of kind `by`, in the shared bindings too.
-    pub fn unbind(&mut self, ip: Ipv4Addr, by: BoundBy) {
+    pub(crate) fn unbind(&mut self, ip: Ipv4Addr, by: BoundBy) {
         if let Some(s) = &self.shared {
             s.unbind(ip, by);
         }

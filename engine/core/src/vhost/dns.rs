@@ -37,11 +37,11 @@ use crate::wire::DNS_PORT;
 use crate::Ctx;
 
 /// Queries in flight at once.
-pub const MAX_PENDING: usize = 4096;
+pub(crate) const MAX_PENDING: usize = 4096;
 /// Queries in flight for one guest: a guest's flood of queries leaves room for the others'.
-pub const MAX_PENDING_PER_GUEST: usize = MAX_PENDING / 16;
+pub(crate) const MAX_PENDING_PER_GUEST: usize = MAX_PENDING / 16;
 /// The longest query relayed (EDNS queries are well under this).
-pub const MAX_QUERY: usize = 4096;
+pub(crate) const MAX_QUERY: usize = 4096;
 const HEADER_LEN: usize = 12;
 const QR: u8 = 0x80;
 const RCODE_SERVFAIL: u8 = 2;
@@ -49,7 +49,8 @@ const RCODE_SERVFAIL: u8 = 2;
 const POOL: usize = 64;
 
 /// The resolver a guest's DNS over TCP to the virtual host is sent to: the first usable upstream.
-pub fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddrV4> {
+#[cfg(test)]
+pub(crate) fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddrV4> {
     ctx.cfg
         .dns
         .upstream
@@ -91,7 +92,7 @@ struct Pending {
     info: SessionInfo,
 }
 
-pub struct DnsRelay {
+pub(crate) struct DnsRelay {
     upstreams: Vec<Upstream>,
     pending: HashMap<u16, Pending>,
     /// Queries in flight per guest address.
@@ -107,7 +108,7 @@ pub struct DnsRelay {
 }
 
 impl DnsRelay {
-    pub fn new(_cfg: &Config) -> DnsRelay {
+    pub(crate) fn new(_cfg: &Config) -> DnsRelay {
         DnsRelay {
             upstreams: Vec::new(),
             pending: HashMap::new(),
@@ -121,17 +122,17 @@ impl DnsRelay {
     }
 
     /// Queries in flight.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.len()
     }
 
     /// Whether `sock` is one of the upstream sockets.
-    pub fn owns(&self, sock: SockId) -> bool {
+    pub(crate) fn owns(&self, sock: SockId) -> bool {
         self.upstreams.iter().any(|u| u.sock == Some(sock))
     }
 
     /// Shutdown: closes the upstream sockets and forgets the queries in flight.
-    pub fn close_all(&mut self, io: &mut impl SockIo) {
+    pub(crate) fn close_all(&mut self, io: &mut impl SockIo) {
         for u in &mut self.upstreams {
             if let Some(s) = u.sock.take() {
                 io.close(s);
@@ -143,7 +144,8 @@ impl DnsRelay {
     }
 
     /// The socket to upstream `i` if it is open.
-    pub fn upstream_socket(&self, i: usize) -> Option<SockId> {
+    #[cfg(test)]
+    pub(crate) fn upstream_socket(&self, i: usize) -> Option<SockId> {
         self.upstreams.get(i).and_then(|u| u.sock)
     }
 
@@ -197,7 +199,7 @@ impl DnsRelay {
     }
 
     /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53).
-    pub fn handle_query(
+    pub(crate) fn handle_query(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -332,7 +334,7 @@ impl DnsRelay {
     }
 
     /// Handles `ev` if it is for an upstream socket; else gives it back.
-    pub fn handle_sock_event(
+    pub(crate) fn handle_sock_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -447,18 +449,18 @@ impl DnsRelay {
         }
     }
 
-    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
         into.extend(self.pending.values().map(|p| p.info.clone()));
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let due_now = (!self.rearm.is_empty()).then_some(Instant::ZERO);
         earliest(due_now, self.timers.peek().map(|r| r.0 .0))
     }
 
     /// Reads the upstream sockets left with answers, then sends the queries past their
     /// deadline to the next upstream once, and forgets them after that.
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,

@@ -12,11 +12,11 @@ use crate::wire::{push_ipv4, Ipv4Header};
 use crate::Ctx;
 
 /// An echo request: (ident, sequence number, data).
-pub type Echo<'a> = (u16, u16, &'a [u8]);
+pub(crate) type Echo<'a> = (u16, u16, &'a [u8]);
 
 /// Checks an ICMP message from a guest (`ip` is its IPv4 packet) and returns it if it is an echo
 /// request; anything else is a drop with its reason.
-pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, DropReason> {
+pub(crate) fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, DropReason> {
     let packet = Icmpv4Packet::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
     if !packet.verify_checksum() {
         return Err(DropReason::BadChecksum);
@@ -32,7 +32,7 @@ pub fn parse_echo_request<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Echo<'a>, Dro
 }
 
 /// Answers an echo request addressed to the virtual host. `ip` is the request's IPv4 packet.
-pub fn handle_to_host(
+pub(crate) fn handle_to_host(
     ctx: &mut Ctx,
     ip: &Ipv4Packet<&[u8]>,
     out: &mut FrameBatch,
@@ -47,7 +47,7 @@ pub fn handle_to_host(
 }
 
 /// Sends `repr` from `src` to the guest `dst` (whose MAC must be known).
-pub fn push_icmp(
+pub(crate) fn push_icmp(
     ctx: &mut Ctx,
     src: std::net::Ipv4Addr,
     dst: std::net::Ipv4Addr,
@@ -70,7 +70,7 @@ const QUOTED_PAYLOAD: usize = 8;
 
 /// Sends a destination-unreachable error about the guest's packet `ip` back to the guest, from
 /// `src` (the virtual host, or the destination it speaks for).
-pub fn push_unreachable(
+pub(crate) fn push_unreachable(
     ctx: &mut Ctx,
     src: std::net::Ipv4Addr,
     reason: Icmpv4DstUnreachable,

@@ -8,7 +8,7 @@ use crate::config::StaticRoute;
 use crate::stats::DropReason;
 
 /// The smallest BOOTP message (RFC 1542 2.1): replies are padded to it.
-pub const MIN_BOOTP_LEN: usize = 300;
+pub(crate) const MIN_BOOTP_LEN: usize = 300;
 pub(crate) const OPTIONS_OFFSET: usize = 240;
 pub(crate) const MAGIC_COOKIE: u32 = 0x6382_5363;
 /// `sname` and `file` of a BOOTP message (smoltcp keeps its field table private, and its
@@ -17,37 +17,37 @@ pub(crate) const SNAME_FIELD: std::ops::Range<usize> = 44..108;
 pub(crate) const FILE_FIELD: std::ops::Range<usize> = 108..236;
 
 /// Option codes (RFC 2132, RFC 3442).
-pub mod opt {
-    pub const PAD: u8 = 0;
-    pub const SUBNET_MASK: u8 = 1;
-    pub const ROUTER: u8 = 3;
-    pub const DNS_SERVERS: u8 = 6;
-    pub const HOST_NAME: u8 = 12;
-    pub const DOMAIN_NAME: u8 = 15;
-    pub const REQUESTED_IP: u8 = 50;
-    pub const LEASE_TIME: u8 = 51;
-    pub const OVERLOAD: u8 = 52;
-    pub const MESSAGE_TYPE: u8 = 53;
-    pub const SERVER_ID: u8 = 54;
-    pub const PARAMETER_LIST: u8 = 55;
-    pub const MESSAGE: u8 = 56;
-    pub const MAX_MESSAGE_SIZE: u8 = 57;
-    pub const RENEWAL_TIME: u8 = 58;
-    pub const REBINDING_TIME: u8 = 59;
-    pub const CLASSLESS_ROUTES: u8 = 121;
+pub(crate) mod opt {
+    pub(crate) const PAD: u8 = 0;
+    pub(crate) const SUBNET_MASK: u8 = 1;
+    pub(crate) const ROUTER: u8 = 3;
+    pub(crate) const DNS_SERVERS: u8 = 6;
+    pub(crate) const HOST_NAME: u8 = 12;
+    pub(crate) const DOMAIN_NAME: u8 = 15;
+    pub(crate) const REQUESTED_IP: u8 = 50;
+    pub(crate) const LEASE_TIME: u8 = 51;
+    pub(crate) const OVERLOAD: u8 = 52;
+    pub(crate) const MESSAGE_TYPE: u8 = 53;
+    pub(crate) const SERVER_ID: u8 = 54;
+    pub(crate) const PARAMETER_LIST: u8 = 55;
+    pub(crate) const MESSAGE: u8 = 56;
+    pub(crate) const MAX_MESSAGE_SIZE: u8 = 57;
+    pub(crate) const RENEWAL_TIME: u8 = 58;
+    pub(crate) const REBINDING_TIME: u8 = 59;
+    pub(crate) const CLASSLESS_ROUTES: u8 = 121;
     /// Microsoft's pre-standard copy of option 121, sent only to clients that ask for it.
-    pub const MS_CLASSLESS_ROUTES: u8 = 249;
-    pub const END: u8 = 255;
+    pub(crate) const MS_CLASSLESS_ROUTES: u8 = 249;
+    pub(crate) const END: u8 = 255;
 }
 
 /// A strict walk over a DHCP options area: pads are skipped, END stops it; an option whose
 /// length runs past the area is an error. An area that ends without END is accepted.
-pub struct OptionIter<'a> {
+pub(crate) struct OptionIter<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> OptionIter<'a> {
-    pub fn new(area: &'a [u8]) -> OptionIter<'a> {
+    pub(crate) fn new(area: &'a [u8]) -> OptionIter<'a> {
         OptionIter { buf: area }
     }
 }
@@ -89,7 +89,7 @@ pub(crate) fn ipv4_option(data: &[u8]) -> Result<Ipv4Addr, DropReason> {
 }
 
 /// RFC 3442 option 121 payload for `routes` (plus the default route through `gateway`).
-pub fn encode_classless_routes(
+pub(crate) fn encode_classless_routes(
     routes: &[StaticRoute],
     gateway: Option<Ipv4Addr>,
     into: &mut Vec<u8>,

@@ -4,16 +4,17 @@ use smoltcp::wire::{EthernetAddress, EthernetFrame, EthernetProtocol};
 
 use crate::config::Mac;
 
-pub fn eth(mac: Mac) -> EthernetAddress {
+pub(crate) fn eth(mac: Mac) -> EthernetAddress {
     EthernetAddress(mac.0)
 }
 
+/// The `Mac` of a smoltcp Ethernet address.
 pub fn mac(addr: EthernetAddress) -> Mac {
     Mac(addr.0)
 }
 
 /// Writes the Ethernet header of an IPv4 frame.
-pub fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
+pub(crate) fn emit_ethernet(frame: &mut [u8], src: Mac, dst: Mac) {
     let mut eth_frame = EthernetFrame::new_unchecked(frame);
     eth_frame.set_src_addr(eth(src));
     eth_frame.set_dst_addr(eth(dst));

@@ -9,22 +9,27 @@ use super::ethernet::emit_ethernet;
 use crate::config::Mac;
 use crate::output::FrameBatch;
 
-pub const IPV4_HEADER_LEN: usize = 20;
-pub const DEFAULT_TTL: u8 = 64;
+pub(crate) const IPV4_HEADER_LEN: usize = 20;
+pub(crate) const DEFAULT_TTL: u8 = 64;
 
 /// The IPv4 header fields a builder chooses.
 #[derive(Clone, Copy, Debug)]
-pub struct Ipv4Header {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    pub protocol: IpProtocol,
-    pub ident: u16,
-    pub ttl: u8,
-    pub dont_frag: bool,
+pub(crate) struct Ipv4Header {
+    pub(crate) src: Ipv4Addr,
+    pub(crate) dst: Ipv4Addr,
+    pub(crate) protocol: IpProtocol,
+    pub(crate) ident: u16,
+    pub(crate) ttl: u8,
+    pub(crate) dont_frag: bool,
 }
 
 impl Ipv4Header {
-    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, protocol: IpProtocol, ident: u16) -> Ipv4Header {
+    pub(crate) fn new(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: IpProtocol,
+        ident: u16,
+    ) -> Ipv4Header {
         Ipv4Header {
             src,
             dst,
@@ -38,7 +43,7 @@ impl Ipv4Header {
 
 /// Writes the IPv4 header (with checksum) of a packet whose payload is `payload_len` bytes,
 /// at offset `frag_offset` (bytes, a multiple of 8) of its datagram.
-pub fn emit_ipv4_header(
+pub(crate) fn emit_ipv4_header(
     packet: &mut [u8],
     h: &Ipv4Header,
     payload_len: usize,
@@ -65,7 +70,7 @@ pub fn emit_ipv4_header(
 
 /// Appends one Ethernet + IPv4 frame whose L4 payload (`payload_len` bytes) `fill` writes. The
 /// payload must fit in one packet; see `push_ipv4_fragments` for datagrams that do not.
-pub fn push_ipv4<R>(
+pub(crate) fn push_ipv4<R>(
     out: &mut FrameBatch,
     src: Mac,
     dst: Mac,
@@ -83,7 +88,7 @@ pub fn push_ipv4<R>(
 
 /// Appends a whole IPv4 datagram (its L4 bytes already built in `datagram`), cut into fragments
 /// no larger than `mtu` when it does not fit in one packet. Returns the number of frames.
-pub fn push_ipv4_fragments(
+pub(crate) fn push_ipv4_fragments(
     out: &mut FrameBatch,
     src: Mac,
     dst: Mac,

@@ -2,16 +2,18 @@
 //! so every protocol of the virtual host and the NAT emits frames the same way. One file per
 //! protocol; the builders are re-exported here, so callers name them `wire::X`.
 
-pub mod dhcp_options;
+pub(crate) mod dhcp_options;
 mod ethernet;
 mod ipv4;
 mod udp;
 
-pub use self::ethernet::{emit_ethernet, eth, mac};
-pub use self::ipv4::{
+pub use self::ethernet::mac;
+pub(crate) use self::ethernet::{emit_ethernet, eth};
+pub(crate) use self::ipv4::{
     emit_ipv4_header, push_ipv4, push_ipv4_fragments, Ipv4Header, DEFAULT_TTL, IPV4_HEADER_LEN,
 };
-pub use self::udp::{emit_udp, push_udp};
+pub use self::udp::emit_udp;
+pub(crate) use self::udp::push_udp;
 
 /// The DNS server port (UDP and TCP).
-pub const DNS_PORT: u16 = 53;
+pub(crate) const DNS_PORT: u16 = 53;

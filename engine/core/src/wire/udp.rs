@@ -27,7 +27,7 @@ pub fn emit_udp(
 
 /// Appends a UDP datagram in one frame (the caller has checked it fits the MTU).
 #[allow(clippy::too_many_arguments)]
-pub fn push_udp(
+pub(crate) fn push_udp(
     out: &mut FrameBatch,
     src_mac: Mac,
     dst_mac: Mac,

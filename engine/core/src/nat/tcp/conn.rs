@@ -28,14 +28,14 @@ use crate::time::{earliest, Instant};
 use crate::Ctx;
 
 /// RFC 6298 bounds (2.4 allows a smaller minimum than 1 s; Linux uses 200 ms).
-pub const MIN_RTO: Duration = Duration::from_millis(200);
-pub const MAX_RTO: Duration = Duration::from_secs(60);
-pub const INITIAL_RTO: Duration = Duration::from_secs(1);
+pub(crate) const MIN_RTO: Duration = Duration::from_millis(200);
+pub(crate) const MAX_RTO: Duration = Duration::from_secs(60);
+pub(crate) const INITIAL_RTO: Duration = Duration::from_secs(1);
 /// Retransmissions of one segment before the connection is given up (reset both ways).
-pub const MAX_BACKOFFS: u8 = 8;
+pub(crate) const MAX_BACKOFFS: u8 = 8;
 /// How long a closed connection's tombstone answers retransmitted FINs (shortened TIME-WAIT; the
 /// sock-side socket is already closed).
-pub const TIME_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const TIME_WAIT: Duration = Duration::from_secs(5);
 /// RFC 9293 default MSS when the guest sends none.
 const DEFAULT_MSS: usize = 536;
 /// Initial congestion window, in segments (RFC 6928).
@@ -58,7 +58,7 @@ const MIN_FLIGHT_SEGMENTS: usize = 16;
 
 /// What the caller of an event handler must do with the connection afterwards.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Next {
+pub(crate) enum Next {
     Keep,
     /// The connection is over: close its socket (already aborted if it had to be) and forget it.
     Delete,
@@ -69,7 +69,7 @@ pub enum Next {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum State {
+pub(crate) enum State {
     /// The sock-side connect is in progress (we have the guest's SYN, sent nothing yet).
     Connecting,
     /// SYN-ACK sent, waiting for the guest's ACK.
@@ -82,16 +82,16 @@ pub enum State {
 
 /// One handling of a TCP connection (a segment from the guest, a socket event, a timer): what
 /// every handler of `TcpConn` works with. Not the engine-wide `Ctx`, which it borrows.
-pub struct Handling<'a, H: SockIo> {
-    pub now: Instant,
-    pub ctx: &'a mut Ctx,
-    pub io: &'a mut H,
-    pub out: &'a mut FrameBatch,
-    pub peek: &'a mut PeekCache,
+pub(crate) struct Handling<'a, H: SockIo> {
+    pub(crate) now: Instant,
+    pub(crate) ctx: &'a mut Ctx,
+    pub(crate) io: &'a mut H,
+    pub(crate) out: &'a mut FrameBatch,
+    pub(crate) peek: &'a mut PeekCache,
 }
 
 impl<'a, H: SockIo> Handling<'a, H> {
-    pub fn new(
+    pub(crate) fn new(
         now: Instant,
         ctx: &'a mut Ctx,
         io: &'a mut H,
@@ -117,7 +117,7 @@ const PEEK_MAX: usize = 64 * 1024;
 /// the front to the peek offset on every call; one large peek per `transmit` does both once.
 /// The bytes are copied once more (cache → frame), which costs far less than the syscalls.
 #[derive(Default)]
-pub struct PeekCache {
+pub(crate) struct PeekCache {
     buf: Vec<u8>,
     /// Whose bytes these are, and the sequence number of the first.
     owner: Option<(SockId, Seq)>,
@@ -142,40 +142,40 @@ impl PeekCache {
 }
 
 /// The parameters a new connection takes from the configuration and the randomness.
-pub struct Params {
-    pub rcv_buf: usize,
+pub(crate) struct Params {
+    pub(crate) rcv_buf: usize,
     /// The ring storage the connections of this thread may hold.
-    pub rings: RingBudget,
-    pub mtu: usize,
-    pub iss: Seq,
-    pub ts_offset: u32,
-    pub connect_timeout: Duration,
+    pub(crate) rings: RingBudget,
+    pub(crate) mtu: usize,
+    pub(crate) iss: Seq,
+    pub(crate) ts_offset: u32,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// A socket operation failed: reset both ways.
 struct Broken;
 
-pub struct TcpConn {
-    pub id: u32,
-    pub sock: Option<SockId>,
+pub(crate) struct TcpConn {
+    pub(crate) id: u32,
+    pub(crate) sock: Option<SockId>,
     /// Batching (see `Engine::set_batching`): in-order payload waits in the ring for
     /// `flush_writes`, so a batch's segments reach the socket in one write.
-    pub defer_writes: bool,
+    pub(crate) defer_writes: bool,
     /// Payload waits for `flush_writes`.
-    pub flush_pending: bool,
+    pub(crate) flush_pending: bool,
     /// On the table's list of connections to flush.
-    pub in_dirty: bool,
-    pub guest: SocketAddrV4,
+    pub(crate) in_dirty: bool,
+    pub(crate) guest: SocketAddrV4,
     /// The destination as the guest sees it (source of our segments).
-    pub dst: SocketAddrV4,
+    pub(crate) dst: SocketAddrV4,
     /// Where the sock-side socket connects (differs from `dst` for the host loopback alias and DNS).
-    pub target: SocketAddrV4,
+    pub(crate) target: SocketAddrV4,
     guest_mac: Mac,
-    pub state: State,
-    pub created: Instant,
-    pub last_used: Instant,
+    pub(crate) state: State,
+    pub(crate) created: Instant,
+    pub(crate) last_used: Instant,
     /// The earliest deadline this connection has in the timer heap.
-    pub scheduled: Option<Instant>,
+    pub(crate) scheduled: Option<Instant>,
     connect_deadline: Option<Instant>,
     tw_deadline: Option<Instant>,
     rto_deadline: Option<Instant>,
@@ -200,7 +200,7 @@ pub struct TcpConn {
 
     // Receive side (guest → sock side).
     irs: Seq,
-    pub rcv_nxt: Seq,
+    pub(crate) rcv_nxt: Seq,
     rcv_wnd: usize,
     ring: RecvRing,
     /// Sequence number of the guest's FIN, once seen (processed when `rcv_nxt` reaches it).
@@ -220,7 +220,7 @@ pub struct TcpConn {
     // Send side (sock side → guest).
     iss: Seq,
     snd_una: Seq,
-    pub snd_nxt: Seq,
+    pub(crate) snd_nxt: Seq,
     snd_max: Seq,
     snd_wnd: usize,
     snd_wl1: Seq,
@@ -244,10 +244,10 @@ pub struct TcpConn {
     timing: Option<(Seq, Instant)>,
     persist_backoffs: u8,
 
-    pub bytes_to_host: u64,
-    pub bytes_to_guest: u64,
-    pub packets_to_host: u64,
-    pub packets_to_guest: u64,
+    pub(crate) bytes_to_host: u64,
+    pub(crate) bytes_to_guest: u64,
+    pub(crate) packets_to_host: u64,
+    pub(crate) packets_to_guest: u64,
 }
 
 fn ts_clock(now: Instant, offset: u32) -> u32 {
@@ -265,7 +265,7 @@ fn soft<T: Default>(r: io::Result<T>) -> Result<T, Broken> {
 
 impl TcpConn {
     /// A connection for the guest's SYN `syn`, in `Connecting` state.
-    pub fn new(
+    pub(crate) fn new(
         id: u32,
         guest: SocketAddrV4,
         dst: SocketAddrV4,
@@ -359,7 +359,7 @@ impl TcpConn {
     }
 
     /// The state's name for the session table.
-    pub fn state_name(&self) -> &'static str {
+    pub(crate) fn state_name(&self) -> &'static str {
         match self.state {
             State::Connecting => "SYN_SENT",
             State::SynReceived => "SYN_RECEIVED",
@@ -377,7 +377,7 @@ impl TcpConn {
     }
 
     /// When this connection next needs `on_timer`.
-    pub fn deadline(&self, idle: Duration) -> Option<Instant> {
+    pub(crate) fn deadline(&self, idle: Duration) -> Option<Instant> {
         if self.state == State::TimeWait {
             return self.tw_deadline;
         }
@@ -394,12 +394,14 @@ impl TcpConn {
     }
 
     /// Bytes of heap this connection holds (the reassembly ring, once used).
-    pub fn heap_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn heap_bytes(&self) -> usize {
         self.ring.allocated()
     }
 
     /// Guest bytes waiting in the ring (out of order, or refused by the socket).
-    pub fn queued(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
         self.ring.len()
     }
 
@@ -467,7 +469,7 @@ impl TcpConn {
 
     // ---- socket events ---------------------------------------------------------------------
 
-    pub fn on_connected<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn on_connected<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state != State::Connecting {
             return Next::Keep;
         }
@@ -482,13 +484,13 @@ impl TcpConn {
     }
 
     /// The connect failed or timed out: the guest sees "connection refused".
-    pub fn refuse<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn refuse<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.send_rst(cx);
         Next::Delete
     }
 
     /// The sock-side socket failed (reset by the destination): reset the guest.
-    pub fn on_failed<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn on_failed<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state == State::Connecting {
             return self.refuse(cx);
         }
@@ -496,13 +498,13 @@ impl TcpConn {
         Next::Delete
     }
 
-    pub fn on_readable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn on_readable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.last_used = cx.now;
         self.host_drained = false;
         self.output(cx, false)
     }
 
-    pub fn on_writable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn on_writable<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         if self.state != State::Open {
             return Next::Keep;
         }
@@ -532,7 +534,7 @@ impl TcpConn {
 
     // ---- timers ---------------------------------------------------------------------------
 
-    pub fn on_timer<H: SockIo>(&mut self, cx: &mut Handling<H>, idle: Duration) -> Next {
+    pub(crate) fn on_timer<H: SockIo>(&mut self, cx: &mut Handling<H>, idle: Duration) -> Next {
         let now = cx.now;
         let due = |d: Option<Instant>| d.is_some_and(|d| d <= now);
         match self.state {
@@ -623,7 +625,7 @@ impl TcpConn {
 
 impl TcpConn {
     /// Handles a segment from the guest for this connection.
-    pub fn on_segment<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg) -> Next {
+    pub(crate) fn on_segment<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg) -> Next {
         self.packets_to_host += 1;
         match self.state {
             State::Connecting => {
@@ -1194,7 +1196,7 @@ impl TcpConn {
 
     /// Ends a batch (see `defer_writes`): writes what waited, consumes a FIN behind it, and
     /// sends the ACK that is owed.
-    pub fn flush_writes<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
+    pub(crate) fn flush_writes<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.flush_pending = false;
         if self.write_blocked {
             // `on_writable` drains once the socket has room.

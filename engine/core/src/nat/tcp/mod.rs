@@ -40,7 +40,7 @@ use crate::time::Instant;
 use crate::Ctx;
 
 /// The receive window (and reassembly bound) of each connection, guest → sock side.
-pub const DEFAULT_RCV_BUF: usize = 256 * 1024;
+pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
 /// Takes one from `guest`'s count, forgetting guests at zero.
 fn dec(counts: &mut HashMap<Ipv4Addr, usize>, guest: Ipv4Addr) {
@@ -55,6 +55,7 @@ fn dec(counts: &mut HashMap<Ipv4Addr, usize>, guest: Ipv4Addr) {
 /// (guest, destination as the guest addressed it)
 type Key = (SocketAddrV4, SocketAddrV4);
 
+/// The TCP side of the NAT: the guests' connections, each relayed to a sock-side connection.
 pub struct TcpNat {
     conns: HashMap<Key, TcpConn>,
     by_sock: HashMap<SockId, Key>,
@@ -79,7 +80,7 @@ pub struct TcpNat {
 }
 
 impl TcpNat {
-    pub fn new(_cfg: &Config) -> TcpNat {
+    pub(crate) fn new(_cfg: &Config) -> TcpNat {
         TcpNat {
             conns: HashMap::new(),
             by_sock: HashMap::new(),
@@ -99,21 +100,18 @@ impl TcpNat {
     }
 
     /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
-
     /// Connections in the table that are not TIME-WAIT tombstones.
-    pub fn live(&self) -> usize {
+    pub(crate) fn live(&self) -> usize {
         self.conns.len() - self.tombstones
     }
 
     /// Heap bytes held by the connections' reassembly rings, and guest bytes queued in them.
-    pub fn buffer_usage(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn buffer_usage(&self) -> (usize, usize) {
         self.conns
             .values()
             .fold((0, 0), |(h, q), c| (h + c.heap_bytes(), q + c.queued()))
@@ -124,7 +122,7 @@ impl TcpNat {
         self.half_open
     }
 
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -268,12 +266,12 @@ impl TcpNat {
     }
 
     /// See `Engine::set_batching`.
-    pub fn set_batching(&mut self, on: bool) {
+    pub(crate) fn set_batching(&mut self, on: bool) {
         self.batching = on;
     }
 
     /// Writes the guests' payload that waited for the end of the batch, and acknowledges it.
-    pub fn flush(
+    pub(crate) fn flush(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -295,7 +293,7 @@ impl TcpNat {
     }
 
     /// Handles `ev` if one of this protocol's sessions owns its socket; else gives it back.
-    pub fn handle_host_event(
+    pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -431,7 +429,7 @@ impl TcpNat {
 
     /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
     /// connection is forgotten with its sock-side socket closed.
-    pub fn close_all(
+    pub(crate) fn close_all(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -464,7 +462,7 @@ impl TcpNat {
     /// With `on`, idle connections are reset only by `expire_idle` (run on the caller's
     /// schedule), and `poll_timeout` no longer wakes for idle deadlines; the protocol's own
     /// timers (connect, retransmission, persist, delayed ACK, TIME-WAIT) stay here.
-    pub fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
+    pub(crate) fn set_external_idle(&mut self, on: bool, ctx: &Ctx) {
         if self.external_idle == on {
             return;
         }
@@ -475,7 +473,7 @@ impl TcpNat {
     /// Every connection's deadlines again, from `ctx`'s configuration: after a switch of who
     /// runs idle expiry, or a reload that changed `nat.tcp_timeout` (a shorter timeout must not
     /// wait for the deadlines the longer one set).
-    pub fn reschedule_all(&mut self, ctx: &Ctx) {
+    pub(crate) fn reschedule_all(&mut self, ctx: &Ctx) {
         self.rebuild_idle(ctx);
         self.timers.clear();
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -503,7 +501,7 @@ impl TcpNat {
 
     /// Resets the connections idle for `nat.tcp_timeout` at `now` (toward the guest and the
     /// destination). With `set_external_idle(true)` only this ends idle connections.
-    pub fn expire_idle(
+    pub(crate) fn expire_idle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -537,7 +535,7 @@ impl TcpNat {
         }
     }
 
-    pub fn sessions(&self, into: &mut Vec<SessionInfo>) {
+    pub(crate) fn sessions(&self, into: &mut Vec<SessionInfo>) {
         into.extend(self.conns.values().map(|c| SessionInfo {
             id: c.id,
             proto: Proto::Tcp,
@@ -554,11 +552,11 @@ impl TcpNat {
     }
 
     /// The earliest heap entry (possibly one that has moved later: a harmless early wake-up).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.timers.peek().map(|r| r.0 .0)
     }
 
-    pub fn handle_timeout(
+    pub(crate) fn handle_timeout(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,

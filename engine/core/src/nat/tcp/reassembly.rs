@@ -21,17 +21,17 @@ use super::seq::Seq;
 /// segments that would need a ring are dropped (and retransmitted), and the others' rings are
 /// still there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingBudget {
+pub(crate) struct RingBudget {
     /// Bytes of rings held at once, in all.
-    pub total: usize,
+    pub(crate) total: usize,
     /// Bytes of rings one guest's connections hold at once.
-    pub per_guest: usize,
+    pub(crate) per_guest: usize,
 }
 
 #[cfg(test)]
 impl RingBudget {
     /// No bound (tests of the ring itself).
-    pub const UNLIMITED: RingBudget = RingBudget {
+    pub(crate) const UNLIMITED: RingBudget = RingBudget {
         total: usize::MAX,
         per_guest: usize::MAX,
     };
@@ -86,10 +86,10 @@ pub(crate) fn held(guest: Ipv4Addr) -> (usize, usize) {
 }
 
 /// Most disjoint ranges held at once (also bounds the work per segment).
-pub const MAX_RANGES: usize = 16;
+pub(crate) const MAX_RANGES: usize = 16;
 
 /// Most free rings a thread keeps for reuse (beyond these, a released ring is freed).
-pub const POOLED_RINGS: usize = 16;
+pub(crate) const POOLED_RINGS: usize = 16;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -114,7 +114,7 @@ fn give_ring(buf: Vec<u8>) {
     })
 }
 
-pub struct RecvRing {
+pub(crate) struct RecvRing {
     cap: usize,
     buf: Vec<u8>,
     /// Whose connection this is, and its budget (counted while `buf` is held).
@@ -127,7 +127,7 @@ pub struct RecvRing {
 impl RecvRing {
     /// `cap` is rounded up to a power of two; the storage, when taken, counts against
     /// `budget` for `guest`.
-    pub fn new(cap: usize, guest: Ipv4Addr, budget: RingBudget) -> RecvRing {
+    pub(crate) fn new(cap: usize, guest: Ipv4Addr, budget: RingBudget) -> RecvRing {
         RecvRing {
             cap: cap.next_power_of_two(),
             buf: Vec::new(),
@@ -137,32 +137,34 @@ impl RecvRing {
         }
     }
 
-    pub fn cap(&self) -> usize {
+    pub(crate) fn cap(&self) -> usize {
         self.cap
     }
 
     /// The budget the ring counts against.
-    pub fn budget(&self) -> RingBudget {
+    pub(crate) fn budget(&self) -> RingBudget {
         self.budget
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
 
     /// Bytes held.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.ranges.iter().map(|(s, e)| e.since(*s)).sum()
     }
 
     /// Bytes the ring holds on the heap (zero until first used).
-    pub fn allocated(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn allocated(&self) -> usize {
         self.buf.capacity() + self.ranges.capacity() * std::mem::size_of::<(Seq, Seq)>()
     }
 
     /// Stores `data` at `seq`. The caller has trimmed it to `[rcv_nxt, rcv_nxt + cap)`.
     /// Returns false (storing nothing) when it would need more than `MAX_RANGES` ranges.
-    pub fn insert(&mut self, rcv_nxt: Seq, seq: Seq, data: &[u8]) -> bool {
+    pub(crate) fn insert(&mut self, rcv_nxt: Seq, seq: Seq, data: &[u8]) -> bool {
         if data.is_empty() {
             return true;
         }
@@ -203,7 +205,7 @@ impl RecvRing {
     }
 
     /// How many bytes from `rcv_nxt` on are held without a hole.
-    pub fn contiguous(&self, rcv_nxt: Seq) -> usize {
+    pub(crate) fn contiguous(&self, rcv_nxt: Seq) -> usize {
         match self.ranges.first() {
             Some(&(s, e)) if s <= rcv_nxt => e.since(rcv_nxt),
             _ => 0,
@@ -211,14 +213,14 @@ impl RecvRing {
     }
 
     /// The `n` bytes from `seq` on (held), as at most two slices of the ring.
-    pub fn slices(&self, seq: Seq, n: usize) -> (&[u8], &[u8]) {
+    pub(crate) fn slices(&self, seq: Seq, n: usize) -> (&[u8], &[u8]) {
         let at = seq.0 as usize & (self.cap - 1);
         let first = n.min(self.cap - at);
         (&self.buf[at..at + first], &self.buf[..n - first])
     }
 
     /// Gives the storage back to the pool when nothing waits in it.
-    pub fn release_if_empty(&mut self) {
+    pub(crate) fn release_if_empty(&mut self) {
         if self.ranges.is_empty() && !self.buf.is_empty() {
             unreserve(self.guest, self.cap);
             give_ring(std::mem::take(&mut self.buf));
@@ -226,7 +228,7 @@ impl RecvRing {
     }
 
     /// Forgets everything before `rcv_nxt` (written to the socket).
-    pub fn advance(&mut self, rcv_nxt: Seq) {
+    pub(crate) fn advance(&mut self, rcv_nxt: Seq) {
         self.ranges.retain(|r| r.1 > rcv_nxt);
         if let Some(r) = self.ranges.first_mut() {
             r.0 = r.0.max(rcv_nxt);
@@ -234,7 +236,7 @@ impl RecvRing {
     }
 
     /// Up to three ranges held beyond `rcv_nxt`, for SACK blocks (RFC 2018).
-    pub fn sack_blocks(&self, rcv_nxt: Seq) -> [Option<(u32, u32)>; 3] {
+    pub(crate) fn sack_blocks(&self, rcv_nxt: Seq) -> [Option<(u32, u32)>; 3] {
         let mut out = [None; 3];
         for (slot, r) in out
             .iter_mut()

@@ -16,33 +16,33 @@ use crate::output::FrameBatch;
 use crate::stats::DropReason;
 use crate::wire::{emit_ethernet, emit_ipv4_header, Ipv4Header, IPV4_HEADER_LEN};
 
-pub const TCP_HEADER_LEN: usize = 20;
+pub(crate) const TCP_HEADER_LEN: usize = 20;
 /// Bytes the timestamp option takes in every segment once negotiated (with its two NOPs).
-pub const TS_OPTION_LEN: usize = 12;
+pub(crate) const TS_OPTION_LEN: usize = 12;
 
 /// A guest's segment, checked and parsed.
 #[derive(Clone, Copy, Debug)]
-pub struct Seg<'a> {
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub seq: Seq,
-    pub ack: Option<Seq>,
-    pub syn: bool,
-    pub fin: bool,
-    pub rst: bool,
-    pub window: u16,
-    pub mss: Option<u16>,
-    pub window_scale: Option<u8>,
-    pub sack_permitted: bool,
-    pub sack: [Option<(u32, u32)>; 3],
+pub(crate) struct Seg<'a> {
+    pub(crate) src_port: u16,
+    pub(crate) dst_port: u16,
+    pub(crate) seq: Seq,
+    pub(crate) ack: Option<Seq>,
+    pub(crate) syn: bool,
+    pub(crate) fin: bool,
+    pub(crate) rst: bool,
+    pub(crate) window: u16,
+    pub(crate) mss: Option<u16>,
+    pub(crate) window_scale: Option<u8>,
+    pub(crate) sack_permitted: bool,
+    pub(crate) sack: [Option<(u32, u32)>; 3],
     /// (TSval, TSecr)
-    pub timestamp: Option<(u32, u32)>,
-    pub payload: &'a [u8],
+    pub(crate) timestamp: Option<(u32, u32)>,
+    pub(crate) payload: &'a [u8],
 }
 
 impl Seg<'_> {
     /// Sequence space the segment occupies (payload, SYN and FIN).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.payload.len() + self.syn as usize + self.fin as usize
     }
 }
@@ -50,7 +50,7 @@ impl Seg<'_> {
 /// Checks and parses the TCP segment of `ip`: a truncated header, a data offset below 5 or past
 /// the end, a bad option, port 0 or an impossible flag combination is `Malformed`; a checksum
 /// that does not verify is `BadChecksum`.
-pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason> {
+pub(crate) fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason> {
     let bytes: &'a [u8] = ip.payload();
     let tcp = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
     if !tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
@@ -98,27 +98,27 @@ pub fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason> {
 
 /// The header of a segment toward a guest.
 #[derive(Clone, Copy, Debug)]
-pub struct Hdr {
+pub(crate) struct Hdr {
     /// The guest's peer as the guest sees it (the source of our segments).
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
-    pub seq: Seq,
-    pub ack: Option<Seq>,
-    pub syn: bool,
-    pub fin: bool,
-    pub rst: bool,
-    pub psh: bool,
-    pub window: u16,
-    pub mss: Option<u16>,
-    pub window_scale: Option<u8>,
-    pub sack_permitted: bool,
-    pub timestamp: Option<(u32, u32)>,
-    pub sack: [Option<(u32, u32)>; 3],
+    pub(crate) src: SocketAddrV4,
+    pub(crate) dst: SocketAddrV4,
+    pub(crate) seq: Seq,
+    pub(crate) ack: Option<Seq>,
+    pub(crate) syn: bool,
+    pub(crate) fin: bool,
+    pub(crate) rst: bool,
+    pub(crate) psh: bool,
+    pub(crate) window: u16,
+    pub(crate) mss: Option<u16>,
+    pub(crate) window_scale: Option<u8>,
+    pub(crate) sack_permitted: bool,
+    pub(crate) timestamp: Option<(u32, u32)>,
+    pub(crate) sack: [Option<(u32, u32)>; 3],
 }
 
 impl Hdr {
     /// A header with no flags, no ACK and no options.
-    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, seq: Seq) -> Hdr {
+    pub(crate) fn new(src: SocketAddrV4, dst: SocketAddrV4, seq: Seq) -> Hdr {
         Hdr {
             src,
             dst,
@@ -138,7 +138,7 @@ impl Hdr {
     }
 
     /// Header length with options, padded to 4 bytes.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         let mut n = TCP_HEADER_LEN;
         n += self.mss.map_or(0, |_| 4);
         n += self.window_scale.map_or(0, |_| 4); // NOP + 3
@@ -201,7 +201,7 @@ impl Hdr {
 /// header. A segment with no payload and no SYN/FIN/RST is only emitted when `max_payload`
 /// is zero (a pure ACK); otherwise an empty fill takes the frame back. Returns the payload
 /// length and the header as sent.
-pub fn push(
+pub(crate) fn push(
     out: &mut FrameBatch,
     src_mac: Mac,
     dst_mac: Mac,
@@ -247,7 +247,7 @@ pub fn push(
 }
 
 /// The reset RFC 9293 (3.10.7.1) answers a segment with when no connection owns it.
-pub fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> Hdr {
+pub(crate) fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> Hdr {
     let mut h = Hdr::new(peer, guest, Seq(0));
     h.rst = true;
     match seg.ack {
@@ -258,7 +258,7 @@ pub fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> Hdr {
 }
 
 /// Socket addresses of a packet's source and destination with the segment's ports.
-pub fn endpoints(ip: &Ipv4Packet<&[u8]>, seg: &Seg) -> (SocketAddrV4, SocketAddrV4) {
+pub(crate) fn endpoints(ip: &Ipv4Packet<&[u8]>, seg: &Seg) -> (SocketAddrV4, SocketAddrV4) {
     let (s, d): (Ipv4Addr, Ipv4Addr) = (ip.src_addr(), ip.dst_addr());
     (
         SocketAddrV4::new(s, seg.src_port),

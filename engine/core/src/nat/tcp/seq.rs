@@ -7,20 +7,20 @@ use std::ops::{Add, Sub};
 /// A sequence number. Ordering is circular: `a < b` when `b` is less than 2^31 ahead of `a`,
 /// which is meaningful only for numbers within one window of each other.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Seq(pub u32);
+pub(crate) struct Seq(pub u32);
 
 impl Seq {
     /// The signed distance from `other` to `self`.
-    pub fn diff(self, other: Seq) -> i32 {
+    pub(crate) fn diff(self, other: Seq) -> i32 {
         self.0.wrapping_sub(other.0) as i32
     }
 
     /// The distance from `other` up to `self`, which must not be behind it (zero if it is).
-    pub fn since(self, other: Seq) -> usize {
+    pub(crate) fn since(self, other: Seq) -> usize {
         self.diff(other).max(0) as usize
     }
 
-    pub fn max(self, other: Seq) -> Seq {
+    pub(crate) fn max(self, other: Seq) -> Seq {
         if self >= other {
             self
         } else {
@@ -28,7 +28,7 @@ impl Seq {
         }
     }
 
-    pub fn min(self, other: Seq) -> Seq {
+    pub(crate) fn min(self, other: Seq) -> Seq {
         if self <= other {
             self
         } else {
@@ -37,7 +37,7 @@ impl Seq {
     }
 
     /// Whether `self` lies in `[start, end)`.
-    pub fn in_range(self, start: Seq, end: Seq) -> bool {
+    pub(crate) fn in_range(self, start: Seq, end: Seq) -> bool {
         start <= self && self < end
     }
 }

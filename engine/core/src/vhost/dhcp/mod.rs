@@ -45,14 +45,16 @@ use crate::Ctx;
 
 mod pool;
 
+pub use self::pool::Lease;
 use self::pool::Pool;
-pub use self::pool::{Lease, DECLINE_HOLD, MAX_REMEMBERED, OFFER_HOLD};
+#[cfg(test)]
+pub(crate) use self::pool::{DECLINE_HOLD, OFFER_HOLD};
 
 /// Host names (option 12) are kept to this many characters.
-pub const MAX_HOST_NAME: usize = 64;
+pub(crate) const MAX_HOST_NAME: usize = 64;
 /// At most one "pool exhausted" log line per this interval (a flood of DISCOVERs must not flood
 /// the log); every silenced DISCOVER is still counted as a `limit` drop.
-pub const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const EXHAUSTED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The largest message every client accepts (RFC 2131 2: 576-byte IP datagrams).
 const MIN_MAX_MESSAGE: usize = 576;
@@ -152,7 +154,7 @@ impl<'a> ClientMessage<'a> {
 
 /// Option 12 as the lease table and the log show it: printable ASCII without spaces or commas
 /// (the log line is comma-separated), trailing NULs dropped, at most [`MAX_HOST_NAME`] chars.
-pub fn sanitize_host_name(raw: &[u8]) -> String {
+pub(crate) fn sanitize_host_name(raw: &[u8]) -> String {
     let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
     raw[..end]
         .iter()
@@ -184,6 +186,7 @@ const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// Probes sent for one request of a client the full pool could not serve.
 const PROBES_AT_ONCE: usize = 4;
 
+/// The virtual DHCP server: answers the guests' DHCP messages and keeps the lease table.
 pub struct DhcpServer {
     pool: Pool,
     /// Addresses probed by ARP before being taken back (`reclaim`), and when.
@@ -195,7 +198,7 @@ pub struct DhcpServer {
 }
 
 impl DhcpServer {
-    pub fn new(cfg: &DhcpConfig) -> DhcpServer {
+    pub(crate) fn new(cfg: &DhcpConfig) -> DhcpServer {
         DhcpServer {
             pool: Pool::new(cfg),
             probes: HashMap::new(),
@@ -262,11 +265,13 @@ impl DhcpServer {
         self.pool.leases()
     }
 
-    pub fn lease_of(&self, mac: Mac) -> Option<&Lease> {
+    #[cfg(test)]
+    pub(crate) fn lease_of(&self, mac: Mac) -> Option<&Lease> {
         self.pool.lease_of(mac)
     }
 
-    pub fn config(&self) -> &DhcpConfig {
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &DhcpConfig {
         self.pool.config()
     }
 
@@ -283,7 +288,7 @@ impl DhcpServer {
     }
 
     /// Handles a datagram to UDP port 67 (`ip` is its whole IPv4 packet, not fragmented).
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
@@ -323,11 +328,11 @@ impl DhcpServer {
         }
     }
 
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.pool.poll_timeout()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
+    pub(crate) fn handle_timeout(&mut self, now: Instant, ctx: &mut Ctx) {
         self.pool.handle_timeout(now, &mut ctx.events);
     }
 

@@ -11,12 +11,12 @@ use crate::event::{Event, Events};
 use crate::time::{earliest, Instant};
 
 /// How long an OFFER holds its address for the client it was made to.
-pub const OFFER_HOLD: Duration = Duration::from_secs(60);
+pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(60);
 /// How long an address a client DECLINEd (it found it in use) is kept out of the pool.
-pub const DECLINE_HOLD: Duration = Duration::from_secs(600);
+pub(crate) const DECLINE_HOLD: Duration = Duration::from_secs(600);
 /// Bound on remembered client → address pairs (they are also bounded by the range size: each
 /// remembered address belongs to one client only).
-pub const MAX_REMEMBERED: usize = 65536;
+pub(crate) const MAX_REMEMBERED: usize = 65536;
 
 /// One entry of the lease table (what `DhcpTable` shows).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,8 +25,11 @@ pub struct Lease {
     pub id: u32,
     /// When the entry was created (a renewal does not change it).
     pub leased_at: Instant,
+    /// When the lease ends unless the client renews it.
     pub expires_at: Instant,
+    /// The client's hardware address.
     pub mac: Mac,
+    /// The address leased.
     pub ip: Ipv4Addr,
     /// Option 12 of the client, printable ASCII only; empty when the client sent none.
     pub host_name: String,
