@@ -179,7 +179,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     watchdog(Duration::from_secs_f64(cli.case_timeout.max(1.0)), seed);
     let out = fuzz(&pool, &opts, &mut run_core);
     let (s, elapsed) = (&out.stats, out.stats.elapsed.as_secs_f64());
-    println!("{}", core_stats_line());
+    println!(
+        "{}; slowest case {} ({:.2} s)",
+        core_stats_line(),
+        s.slowest.0,
+        s.slowest.1.as_secs_f64()
+    );
     let Some(found) = out.found else {
         println!(
             "fuzz: {} cases, {} frames, {elapsed:.1} s, no panic (seed {seed})",
@@ -2646,6 +2651,8 @@ struct RunStats {
     cases: u64,
     frames: u64,
     elapsed: Duration,
+    /// The case that took longest, and how long (a slow one is where a hang would start).
+    slowest: (u64, Duration),
 }
 
 struct Found {
@@ -2706,7 +2713,12 @@ fn fuzz<T: FnMut(&Case, Option<&mut Vec<Vec<u8>>>)>(
                 steps_text(&case, &frames)
             );
         }
-        if let Some(p) = catch(|| target(&case, None)) {
+        let t0 = WallClock::now();
+        let caught = catch(|| target(&case, None));
+        if t0.elapsed() > stats.slowest.1 {
+            stats.slowest = (index, t0.elapsed());
+        }
+        if let Some(p) = caught {
             stats.elapsed = start.elapsed();
             if opts.progress {
                 eprintln!(
