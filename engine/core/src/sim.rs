@@ -83,7 +83,7 @@ pub struct SimSockets {
     /// How connects to destinations not in `connect_script` end.
     pub default_connect: ConnectOutcome,
     /// Send-buffer size of each new TCP socket.
-    pub(crate) tcp_send_buffer: usize,
+    pub tcp_send_buffer: usize,
     /// Whether ICMP sockets can be opened (the "real" ICMP mode).
     pub icmp_allowed: bool,
     /// Events a real driver would report; `drain_events` hands them over.

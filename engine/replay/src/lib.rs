@@ -148,6 +148,35 @@ impl Driver {
         self.run_timers(end, emit);
     }
 
+    /// The core's current time.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// A gap in the guest's traffic until capture time `ts`: runs every timer due meanwhile, as
+    /// the next frame would, so that a fuzzer can move time on without sending anything. Nothing
+    /// happens before the first frame (the capture's time zero is not known yet).
+    pub fn advance(&mut self, ts: Duration, emit: &mut impl FnMut(Duration, &[u8])) {
+        let Some(origin) = self.origin else { return };
+        let until =
+            Instant::from_micros(ts.saturating_sub(origin).as_micros() as u64).max(self.now);
+        self.run_timers(until, emit);
+        self.now = until;
+    }
+
+    /// Lets `act` drive the core directly at the current time (a socket event of its own, a
+    /// flush, a reconfiguration...), then lets the host side react to what the core did.
+    pub fn act(
+        &mut self,
+        act: impl FnOnce(&mut Engine, Instant, &mut SimSockets, &mut FrameBatch),
+        emit: &mut impl FnMut(Duration, &[u8]),
+    ) {
+        let now = self.now;
+        act(&mut self.engine, now, &mut self.host, &mut self.out);
+        self.settle(now);
+        self.flush(now, emit);
+    }
+
     fn run_timers(&mut self, until: Instant, emit: &mut impl FnMut(Duration, &[u8])) {
         let mut runs = 0;
         while let Some(t) = self.engine.poll_timeout() {

@@ -185,3 +185,53 @@ fn timers_run_in_the_tail_and_not_past_it() {
         assert_eq!(drv.engine.nat.frag.len(), pending, "tail {tail}");
     }
 }
+
+#[test]
+fn advance_runs_timers_and_act_reaches_the_core() {
+    // A connect that never answers: the guest is reset at the 2 s connect timeout when time moves
+    // on without a frame; a failure handed to the core through `act` resets another at once.
+    let script = Script::parse(
+        "[host]\ndefault_connect = \"silent\"\n[engine]\nnat = { tcp_connect_timeout = 2 }\n",
+    )
+    .unwrap();
+    let syn = |port: u16| {
+        let t = craft::tcp(guest(port), srv(80), craft::SYN, 100, 0, 64240, &[], &[]);
+        let ip = craft::ipv4(
+            craft::GUEST_IP,
+            craft::SERVER_IP,
+            smoltcp::wire::IpProtocol::Tcp,
+            1,
+            (0, false),
+            &t,
+        );
+        craft::ethernet(script::REPLAY_MAC, craft::guest_mac(1), 0x0800, &ip)
+    };
+    let mut drv = Driver::new(script);
+    let out: std::cell::RefCell<Vec<(Duration, u16)>> = Default::default();
+    let mut emit = |ts: Duration, f: &[u8]| {
+        if let Some(s) = craft::parse_tcp(f).filter(|s| s.flags & craft::RST != 0) {
+            out.borrow_mut().push((ts - craft::EPOCH, s.dst.port()));
+        }
+    };
+    let s = Duration::from_secs;
+    drv.advance(craft::EPOCH + s(5), &mut emit);
+    assert_eq!(drv.now(), Instant::ZERO, "no time before the first frame");
+    drv.frame(craft::EPOCH, &syn(1000), &mut emit);
+    drv.advance(craft::EPOCH + s(1), &mut emit);
+    assert!(out.borrow().is_empty());
+    drv.advance(craft::EPOCH + s(3), &mut emit);
+    assert_eq!(*out.borrow(), vec![(s(2), 1000)], "reset at its deadline");
+    assert_eq!(drv.now(), Instant::from_secs(3));
+    drv.frame(craft::EPOCH + s(3), &syn(1001), &mut emit);
+    let id = *drv
+        .host
+        .ids(|s| matches!(s, SimSocket::Tcp(_)))
+        .last()
+        .unwrap();
+    let failed = hubnat_core::SockEvent::ConnectFailed(id, std::io::ErrorKind::ConnectionRefused);
+    drv.act(
+        |e, now, io, out| e.handle_host_event(now, failed, io, out),
+        &mut emit,
+    );
+    assert_eq!(*out.borrow(), vec![(s(2), 1000), (s(3), 1001)]);
+}
