@@ -400,9 +400,17 @@ impl Lab {
     }
 
     pub fn start_hubnat_args(&mut self, config: &str, args: &[&str]) {
+        self.start_hubnat_wrapped(config, args, &[]);
+    }
+
+    /// `start_hubnat_args` with hubnat run under `wrapper` (e.g. `prlimit --nofile=1024:1024`).
+    pub fn start_hubnat_wrapped(&mut self, config: &str, args: &[&str], wrapper: &[&str]) {
         let cfg = self.dir.join("hubnat.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut cmd = self.nat.cmd(&[hubnat_bin().to_str().unwrap()]);
+        let bin = hubnat_bin();
+        let mut argv = wrapper.to_vec();
+        argv.push(bin.to_str().unwrap());
+        let mut cmd = self.nat.cmd(&argv);
         cmd.args([
             "run",
             "--tap",
