@@ -1,5 +1,5 @@
 //! The user-mode TCP endpoint: every guest connection is terminated here and carried through a
-//! sock-side socket (DESIGN.md, "TCP termination").
+//! sock-side socket (ARCHITECTURE.md, "The core is sans-IO").
 //!
 //! `TcpNat` is the connection table and the dispatcher: it parses and checks each guest segment,
 //! opens connections on SYN (a sock-side connect first, the SYN-ACK only once it succeeds), enforces
