@@ -500,298 +500,18 @@ impl Config {
     /// Validates `raw`; what it leaves to the machine (the DHCP domain, the DNS relay's
     /// upstreams) comes from `machine`.
     pub fn from_raw_on(raw: &RawConfig, machine: &Machine) -> Result<Config, ConfigError> {
-        let mac = match raw.host.mac.as_deref().map(str::trim) {
-            None | Some("") | Some("auto") => None,
-            Some(s) => {
-                let mac: Mac = s
-                    .parse()
-                    .map_err(|_| field_err("host.mac", format!("`{s}` is not a MAC address")))?;
-                if mac.0[0] & 1 != 0 {
-                    return Err(field_err("host.mac", "a multicast MAC cannot be a host's"));
-                }
-                Some(mac)
-            }
-        };
-        let host_ip = match &raw.host.ip {
-            Some(v) => parse_ip("host.ip", v)?,
-            None => DEFAULT_HOST_IP,
-        };
-        let host_mask = match &raw.host.mask {
-            Some(v) => parse_mask("host.mask", v)?,
-            None => DEFAULT_MASK,
-        };
-        let host = HostConfig {
-            mac,
-            ip: host_ip,
-            mask: host_mask,
-        };
-
-        let mtu = raw.nat.mtu.unwrap_or(1500);
-        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
-            return Err(field_err(
-                "nat.mtu",
-                format!("{mtu} is outside {MIN_MTU}..={MAX_MTU}"),
-            ));
-        }
-        let host_loopback = match raw.nat.host_loopback.as_deref() {
-            None | Some("") => None,
-            Some(v) => {
-                let ip = parse_ip("nat.host_loopback", v)?;
-                if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
-                    return Err(field_err(
-                        "nat.host_loopback",
-                        format!("{ip} must be an address of the virtual network other than the virtual host's"),
-                    ));
-                }
-                Some(ip)
-            }
-        };
-        let positive = |field: &'static str, v: Option<usize>, d: usize| match v.unwrap_or(d) {
-            0 => Err(field_err(field, "must be at least 1")),
-            n => Ok(n),
-        };
-        let mut nat = NatConfig {
-            enabled: raw.nat.enabled.unwrap_or(true),
-            mtu: mtu as u16,
-            tcp_timeout: secs("nat.tcp_timeout", raw.nat.tcp_timeout, 7200)?,
-            udp_timeout: secs("nat.udp_timeout", raw.nat.udp_timeout, 600)?,
-            tcp_connect_timeout: secs("nat.tcp_connect_timeout", raw.nat.tcp_connect_timeout, 30)?,
-            icmp: raw.nat.icmp.unwrap_or(IcmpMode::Auto),
-            max_sessions: positive("nat.max_sessions", raw.nat.max_sessions, 65536)?,
-            max_sessions_per_guest: positive(
-                "nat.max_sessions_per_guest",
-                raw.nat.max_sessions_per_guest,
-                4096,
-            )?,
-            max_half_open: positive("nat.max_half_open", raw.nat.max_half_open, 1024)?,
-            host_loopback,
-            egress: raw
-                .nat
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| r.parse().map_err(|e: String| field_err("nat.egress", e)))
-                .collect::<Result<_, _>>()?,
-            source_check: raw.nat.source_check.unwrap_or_default(),
-            new_sessions_per_second: raw.nat.new_sessions_per_second.unwrap_or(10_000),
-            max_half_open_per_guest: 0,
-            reassembly_mib: positive("nat.reassembly_mib", raw.nat.reassembly_mib, 256)?,
-            reassembly_per_guest_mib: positive(
-                "nat.reassembly_per_guest_mib",
-                raw.nat.reassembly_per_guest_mib,
-                32,
-            )?,
-            bindings: Vec::new(),
-        };
-        nat.max_half_open_per_guest = match raw.nat.max_half_open_per_guest {
-            Some(0) => {
-                return Err(field_err(
-                    "nat.max_half_open_per_guest",
-                    "must be at least 1",
-                ))
-            }
-            Some(n) => n,
-            None => (nat.max_half_open / 4).max(1),
-        };
-        for b in raw.nat.bindings.iter().flatten() {
-            let bad = |why: &str| field_err("nat.bindings", format!("`{b}`: {why}"));
-            let mut w = b.split_whitespace();
-            let (Some(m), Some(a), None) = (w.next(), w.next(), w.next()) else {
-                return Err(bad("give a MAC and an address"));
-            };
-            let mac: Mac = m.parse().map_err(|_| bad("not a MAC address"))?;
-            let ip: Ipv4Addr = a.parse().map_err(|_| bad("not an IPv4 address"))?;
-            if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
-                return Err(bad("the address must be a guest's of the virtual network"));
-            }
-            if nat.bindings.iter().any(|(_, other)| *other == ip) {
-                return Err(bad("the address is bound twice"));
-            }
-            nat.bindings.push((mac, ip));
-        }
-        if let Some(budget) = machine.socket_budget {
-            // Every session holds a host socket: no more sessions than the process may open
-            // sockets, so that the lease file and the operator's connections always find a
-            // descriptor. A guest's share stays below the total.
-            let budget = budget.max(1);
-            if nat.max_sessions > budget {
-                nat.max_sessions = budget;
-                // A guest's share stays a share: one guest alone cannot take every socket.
-                nat.max_sessions_per_guest = nat.max_sessions_per_guest.min((budget / 4).max(1));
-            }
-            nat.max_half_open = nat.max_half_open.min(nat.max_sessions);
-            nat.max_half_open_per_guest = nat.max_half_open_per_guest.min(nat.max_half_open);
-        }
-
-        let d = &raw.dhcp;
-        let range_start = match &d.range_start {
-            Some(v) => parse_ip("dhcp.range_start", v)?,
-            None => DEFAULT_RANGE_START,
-        };
-        let range_end = match &d.range_end {
-            Some(v) => parse_ip("dhcp.range_end", v)?,
-            None => DEFAULT_RANGE_END,
-        };
-        let dmask = match &d.mask {
-            Some(v) => parse_mask("dhcp.mask", v)?,
-            None => DEFAULT_MASK,
-        };
-        if u32::from(range_start) > u32::from(range_end) {
-            return Err(field_err(
-                "dhcp.range_start",
-                format!("{range_start} is after dhcp.range_end {range_end}"),
-            ));
-        }
-        for (field, a) in [
-            ("dhcp.range_start", range_start),
-            ("dhcp.range_end", range_end),
-        ] {
-            if !same_subnet(a, host_ip, host_mask) {
-                return Err(field_err(
-                    field,
-                    format!("{a} is outside the virtual host's subnet {host_ip}/{host_mask}"),
-                ));
-            }
-        }
-        let gateway = match &d.gateway {
-            Some(v) => parse_blankable_ip("dhcp.gateway", v)?,
-            None => Some(host_ip),
-        };
-        if let Some(gw) = gateway {
-            if !same_subnet(gw, range_start, dmask) {
-                return Err(field_err(
-                    "dhcp.gateway",
-                    format!("{gw} is not in the clients' subnet {range_start}/{dmask}"),
-                ));
-            }
-        }
-        let dns = match &d.dns {
-            Some(list) => {
-                if list.len() > 2 {
-                    return Err(field_err("dhcp.dns", "at most two servers"));
-                }
-                let mut v = Vec::new();
-                for s in list {
-                    if let Some(ip) = parse_blankable_ip("dhcp.dns", s)? {
-                        v.push(ip);
-                    }
-                }
-                v
-            }
-            None => vec![host_ip],
-        };
-        let domain = match &d.domain {
-            Some(s) if s.trim().is_empty() => None,
-            Some(s) => {
-                let s = s.trim();
-                if s.len() > 253
-                    || !s
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
-                {
-                    return Err(field_err(
-                        "dhcp.domain",
-                        format!("`{s}` is not a domain name"),
-                    ));
-                }
-                Some(s.to_owned())
-            }
-            None => machine.domain.clone(),
-        };
-        let mut routes = Vec::new();
-        for r in d.routes.iter().flatten() {
-            routes.push(parse_route(r)?);
-        }
-        let dhcp = DhcpConfig {
-            enabled: d.enabled.unwrap_or(true),
-            range_start,
-            range_end,
-            mask: dmask,
-            lease: secs("dhcp.lease", d.lease, 7200)?,
-            gateway,
-            dns,
-            domain,
-            routes,
-            check_chaddr: d.check_chaddr.unwrap_or(true),
-        };
-
-        let mut upstream = Vec::new();
-        for s in raw.dns.upstream.iter().flatten() {
-            upstream.push(parse_upstream("dns.upstream", s)?);
-        }
-        for u in &upstream {
-            if let std::net::SocketAddr::V4(a) = u {
-                if let Some(rule) = crate::nat::policy::denied_by(
-                    &nat.egress,
-                    crate::nat::Proto::Udp,
-                    *a.ip(),
-                    a.port(),
-                ) {
-                    return Err(field_err(
-                        "dns.upstream",
-                        format!("{u} is denied by the egress rule `{rule}`"),
-                    ));
-                }
-            }
-        }
-        if upstream.is_empty() {
-            // The relay's sockets are IPv4.
-            upstream = machine
-                .nameservers
-                .iter()
-                .copied()
-                .filter(SocketAddr::is_ipv4)
-                .collect();
-        }
-        let dns_cfg = DnsConfig {
-            upstream,
-            query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
-        };
-
-        let c = &raw.control;
-        let metrics = match c.metrics.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(v) => {
-                let sa: SocketAddr = v.parse().map_err(|_| {
-                    field_err("control.metrics", format!("`{v}` is not an address:port"))
-                })?;
-                if !sa.ip().is_loopback() {
-                    return Err(field_err(
-                        "control.metrics",
-                        format!("{sa} is not a loopback address"),
-                    ));
-                }
-                Some(sa)
-            }
-        };
-        let control = ControlConfig {
-            socket: c.socket.as_ref().map(|s| PathBuf::from(s.trim())),
-            security_log: c
-                .security_log
-                .as_deref()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-            security_log_format: c.security_log_format.unwrap_or_default(),
-            metrics,
-            reverse_lookup: c.reverse_lookup.unwrap_or(true),
-            security_log_max: match c.security_log_max_mib.unwrap_or(64) {
-                0 => None,
-                mib => Some(
-                    mib.checked_mul(1 << 20)
-                        .ok_or_else(|| field_err("control.security_log_max_mib", "is too large"))?,
-                ),
-            },
-            log_rate: c.log_rate.unwrap_or(200),
-        };
-
+        let host = host_config(raw)?;
+        let nat = nat_config(raw, &host, machine)?;
+        let dhcp = dhcp_config(raw, &host, machine)?;
+        let dns = dns_config(raw, &nat, machine)?;
+        let control = control_config(raw)?;
         Ok(Config {
             control,
             enabled: raw.enabled.unwrap_or(true),
             host,
             nat,
             dhcp,
-            dns: dns_cfg,
+            dns,
             state_dir: raw.state_dir.as_ref().map(PathBuf::from),
         })
     }
@@ -799,6 +519,322 @@ impl Config {
     pub(crate) fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         same_subnet(ip, self.host.ip, self.host.mask)
     }
+}
+
+/// `[host]`: the virtual host's interface.
+fn host_config(raw: &RawConfig) -> Result<HostConfig, ConfigError> {
+    let mac = match raw.host.mac.as_deref().map(str::trim) {
+        None | Some("") | Some("auto") => None,
+        Some(s) => {
+            let mac: Mac = s
+                .parse()
+                .map_err(|_| field_err("host.mac", format!("`{s}` is not a MAC address")))?;
+            if mac.0[0] & 1 != 0 {
+                return Err(field_err("host.mac", "a multicast MAC cannot be a host's"));
+            }
+            Some(mac)
+        }
+    };
+    let host_ip = match &raw.host.ip {
+        Some(v) => parse_ip("host.ip", v)?,
+        None => DEFAULT_HOST_IP,
+    };
+    let host_mask = match &raw.host.mask {
+        Some(v) => parse_mask("host.mask", v)?,
+        None => DEFAULT_MASK,
+    };
+    Ok(HostConfig {
+        mac,
+        ip: host_ip,
+        mask: host_mask,
+    })
+}
+
+/// `[nat]`: the NAT's limits, policy and source binding, held below `machine`'s socket budget.
+fn nat_config(
+    raw: &RawConfig,
+    host: &HostConfig,
+    machine: &Machine,
+) -> Result<NatConfig, ConfigError> {
+    let (host_ip, host_mask) = (host.ip, host.mask);
+    let mtu = raw.nat.mtu.unwrap_or(1500);
+    if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+        return Err(field_err(
+            "nat.mtu",
+            format!("{mtu} is outside {MIN_MTU}..={MAX_MTU}"),
+        ));
+    }
+    let host_loopback = match raw.nat.host_loopback.as_deref() {
+        None | Some("") => None,
+        Some(v) => {
+            let ip = parse_ip("nat.host_loopback", v)?;
+            if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
+                return Err(field_err(
+                        "nat.host_loopback",
+                        format!("{ip} must be an address of the virtual network other than the virtual host's"),
+                    ));
+            }
+            Some(ip)
+        }
+    };
+    let positive = |field: &'static str, v: Option<usize>, d: usize| match v.unwrap_or(d) {
+        0 => Err(field_err(field, "must be at least 1")),
+        n => Ok(n),
+    };
+    let mut nat = NatConfig {
+        enabled: raw.nat.enabled.unwrap_or(true),
+        mtu: mtu as u16,
+        tcp_timeout: secs("nat.tcp_timeout", raw.nat.tcp_timeout, 7200)?,
+        udp_timeout: secs("nat.udp_timeout", raw.nat.udp_timeout, 600)?,
+        tcp_connect_timeout: secs("nat.tcp_connect_timeout", raw.nat.tcp_connect_timeout, 30)?,
+        icmp: raw.nat.icmp.unwrap_or(IcmpMode::Auto),
+        max_sessions: positive("nat.max_sessions", raw.nat.max_sessions, 65536)?,
+        max_sessions_per_guest: positive(
+            "nat.max_sessions_per_guest",
+            raw.nat.max_sessions_per_guest,
+            4096,
+        )?,
+        max_half_open: positive("nat.max_half_open", raw.nat.max_half_open, 1024)?,
+        host_loopback,
+        egress: raw
+            .nat
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| r.parse().map_err(|e: String| field_err("nat.egress", e)))
+            .collect::<Result<_, _>>()?,
+        source_check: raw.nat.source_check.unwrap_or_default(),
+        new_sessions_per_second: raw.nat.new_sessions_per_second.unwrap_or(10_000),
+        max_half_open_per_guest: 0,
+        reassembly_mib: positive("nat.reassembly_mib", raw.nat.reassembly_mib, 256)?,
+        reassembly_per_guest_mib: positive(
+            "nat.reassembly_per_guest_mib",
+            raw.nat.reassembly_per_guest_mib,
+            32,
+        )?,
+        bindings: Vec::new(),
+    };
+    nat.max_half_open_per_guest = match raw.nat.max_half_open_per_guest {
+        Some(0) => {
+            return Err(field_err(
+                "nat.max_half_open_per_guest",
+                "must be at least 1",
+            ))
+        }
+        Some(n) => n,
+        None => (nat.max_half_open / 4).max(1),
+    };
+    for b in raw.nat.bindings.iter().flatten() {
+        let bad = |why: &str| field_err("nat.bindings", format!("`{b}`: {why}"));
+        let mut w = b.split_whitespace();
+        let (Some(m), Some(a), None) = (w.next(), w.next(), w.next()) else {
+            return Err(bad("give a MAC and an address"));
+        };
+        let mac: Mac = m.parse().map_err(|_| bad("not a MAC address"))?;
+        let ip: Ipv4Addr = a.parse().map_err(|_| bad("not an IPv4 address"))?;
+        if !same_subnet(ip, host_ip, host_mask) || ip == host_ip {
+            return Err(bad("the address must be a guest's of the virtual network"));
+        }
+        if nat.bindings.iter().any(|(_, other)| *other == ip) {
+            return Err(bad("the address is bound twice"));
+        }
+        nat.bindings.push((mac, ip));
+    }
+    if let Some(budget) = machine.socket_budget {
+        // Every session holds a host socket: no more sessions than the process may open
+        // sockets, so that the lease file and the operator's connections always find a
+        // descriptor. A guest's share stays below the total.
+        let budget = budget.max(1);
+        if nat.max_sessions > budget {
+            nat.max_sessions = budget;
+            // A guest's share stays a share: one guest alone cannot take every socket.
+            nat.max_sessions_per_guest = nat.max_sessions_per_guest.min((budget / 4).max(1));
+        }
+        nat.max_half_open = nat.max_half_open.min(nat.max_sessions);
+        nat.max_half_open_per_guest = nat.max_half_open_per_guest.min(nat.max_half_open);
+    }
+
+    Ok(nat)
+}
+
+/// `[dhcp]`: the virtual DHCP server.
+fn dhcp_config(
+    raw: &RawConfig,
+    host: &HostConfig,
+    machine: &Machine,
+) -> Result<DhcpConfig, ConfigError> {
+    let (host_ip, host_mask) = (host.ip, host.mask);
+    let d = &raw.dhcp;
+    let range_start = match &d.range_start {
+        Some(v) => parse_ip("dhcp.range_start", v)?,
+        None => DEFAULT_RANGE_START,
+    };
+    let range_end = match &d.range_end {
+        Some(v) => parse_ip("dhcp.range_end", v)?,
+        None => DEFAULT_RANGE_END,
+    };
+    let dmask = match &d.mask {
+        Some(v) => parse_mask("dhcp.mask", v)?,
+        None => DEFAULT_MASK,
+    };
+    if u32::from(range_start) > u32::from(range_end) {
+        return Err(field_err(
+            "dhcp.range_start",
+            format!("{range_start} is after dhcp.range_end {range_end}"),
+        ));
+    }
+    for (field, a) in [
+        ("dhcp.range_start", range_start),
+        ("dhcp.range_end", range_end),
+    ] {
+        if !same_subnet(a, host_ip, host_mask) {
+            return Err(field_err(
+                field,
+                format!("{a} is outside the virtual host's subnet {host_ip}/{host_mask}"),
+            ));
+        }
+    }
+    let gateway = match &d.gateway {
+        Some(v) => parse_blankable_ip("dhcp.gateway", v)?,
+        None => Some(host_ip),
+    };
+    if let Some(gw) = gateway {
+        if !same_subnet(gw, range_start, dmask) {
+            return Err(field_err(
+                "dhcp.gateway",
+                format!("{gw} is not in the clients' subnet {range_start}/{dmask}"),
+            ));
+        }
+    }
+    let dns = match &d.dns {
+        Some(list) => {
+            if list.len() > 2 {
+                return Err(field_err("dhcp.dns", "at most two servers"));
+            }
+            let mut v = Vec::new();
+            for s in list {
+                if let Some(ip) = parse_blankable_ip("dhcp.dns", s)? {
+                    v.push(ip);
+                }
+            }
+            v
+        }
+        None => vec![host_ip],
+    };
+    let domain = match &d.domain {
+        Some(s) if s.trim().is_empty() => None,
+        Some(s) => {
+            let s = s.trim();
+            if s.len() > 253
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b))
+            {
+                return Err(field_err(
+                    "dhcp.domain",
+                    format!("`{s}` is not a domain name"),
+                ));
+            }
+            Some(s.to_owned())
+        }
+        None => machine.domain.clone(),
+    };
+    let mut routes = Vec::new();
+    for r in d.routes.iter().flatten() {
+        routes.push(parse_route(r)?);
+    }
+    Ok(DhcpConfig {
+        enabled: d.enabled.unwrap_or(true),
+        range_start,
+        range_end,
+        mask: dmask,
+        lease: secs("dhcp.lease", d.lease, 7200)?,
+        gateway,
+        dns,
+        domain,
+        routes,
+        check_chaddr: d.check_chaddr.unwrap_or(true),
+    })
+}
+
+/// `[dns]`: the relay's upstreams (the machine's when none are named), none an egress rule denies.
+fn dns_config(
+    raw: &RawConfig,
+    nat: &NatConfig,
+    machine: &Machine,
+) -> Result<DnsConfig, ConfigError> {
+    let mut upstream = Vec::new();
+    for s in raw.dns.upstream.iter().flatten() {
+        upstream.push(parse_upstream("dns.upstream", s)?);
+    }
+    for u in &upstream {
+        if let std::net::SocketAddr::V4(a) = u {
+            if let Some(rule) = crate::nat::policy::denied_by(
+                &nat.egress,
+                crate::nat::Proto::Udp,
+                *a.ip(),
+                a.port(),
+            ) {
+                return Err(field_err(
+                    "dns.upstream",
+                    format!("{u} is denied by the egress rule `{rule}`"),
+                ));
+            }
+        }
+    }
+    if upstream.is_empty() {
+        // The relay's sockets are IPv4.
+        upstream = machine
+            .nameservers
+            .iter()
+            .copied()
+            .filter(SocketAddr::is_ipv4)
+            .collect();
+    }
+    Ok(DnsConfig {
+        upstream,
+        query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
+    })
+}
+
+/// `[control]`: the operator's side.
+fn control_config(raw: &RawConfig) -> Result<ControlConfig, ConfigError> {
+    let c = &raw.control;
+    let metrics = match c.metrics.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(v) => {
+            let sa: SocketAddr = v.parse().map_err(|_| {
+                field_err("control.metrics", format!("`{v}` is not an address:port"))
+            })?;
+            if !sa.ip().is_loopback() {
+                return Err(field_err(
+                    "control.metrics",
+                    format!("{sa} is not a loopback address"),
+                ));
+            }
+            Some(sa)
+        }
+    };
+    Ok(ControlConfig {
+        socket: c.socket.as_ref().map(|s| PathBuf::from(s.trim())),
+        security_log: c
+            .security_log
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+        security_log_format: c.security_log_format.unwrap_or_default(),
+        metrics,
+        reverse_lookup: c.reverse_lookup.unwrap_or(true),
+        security_log_max: match c.security_log_max_mib.unwrap_or(64) {
+            0 => None,
+            mib => Some(
+                mib.checked_mul(1 << 20)
+                    .ok_or_else(|| field_err("control.security_log_max_mib", "is too large"))?,
+            ),
+        },
+        log_rate: c.log_rate.unwrap_or(200),
+    })
 }
 
 impl RawConfig {
