@@ -42,37 +42,11 @@ fn loopback_and_metadata_are_refused_until_allowed_at_run_time() {
     let ops = ops_dir.0.as_path();
     let lab = Lab::start_with_server(&config(ops));
     // Services of the host: on its loopback, and on the metadata address.
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "loopback service\n").unwrap();
     lab.nat
         .exec_ok(&["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
-    let _lo_http = Proc::spawn(
-        "httpd on loopback",
-        lab.nat.cmd(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "127.0.0.1:18080",
-            "-h",
-            www.to_str().unwrap(),
-        ]),
-        None,
-    );
-    let _md_http = Proc::spawn(
-        "httpd on the metadata address",
-        lab.nat.cmd(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "169.254.169.254:80",
-            "-h",
-            www.to_str().unwrap(),
-        ]),
-        None,
-    );
+    let page = "loopback service\n";
+    let _lo_http = lab.httpd(&lab.nat, Some("127.0.0.1:18080"), page);
+    let _md_http = lab.httpd(&lab.nat, Some("169.254.169.254:80"), page);
     let bin = common::testsrv_bin();
     let _lo_udp = Proc::spawn(
         "udp echo on loopback",

@@ -109,24 +109,7 @@ fn curl_ok(ns: &Netns) -> bool {
 }
 
 fn serve_http(lab: &Lab) -> Proc {
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "for B\n").unwrap();
-    let p = Proc::spawn(
-        "busybox httpd",
-        lab.server().cmd(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            www.to_str().unwrap(),
-        ]),
-        None,
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    p
+    lab.httpd(lab.server(), None, "for B\n")
 }
 
 #[test]

@@ -17,23 +17,7 @@ fn at(port: u16) -> String {
 fn curl_fetches_a_page() {
     require_root!();
     let lab = Lab::start_with_server("");
-    let www = lab.dir.join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("index.html"), "<h1>hello through hubnat</h1>\n").unwrap();
-    let _httpd = Proc::spawn(
-        "busybox httpd",
-        lab.server().cmd(&[
-            "busybox",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            www.to_str().unwrap(),
-        ]),
-        None,
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let _httpd = lab.httpd(lab.server(), None, "<h1>hello through hubnat</h1>\n");
     let page = lab.guest.exec_ok(&[
         "curl",
         "-sS",

@@ -387,6 +387,30 @@ impl Lab {
         p
     }
 
+    /// Serves `page` as /index.html with busybox httpd on port 8080 of `ns`, bound to `addr`
+    /// (`None`: every address), and waits a moment for it to listen.
+    pub fn httpd(&self, ns: &Netns, addr: Option<&str>, page: &str) -> Proc {
+        let www = self.dir.join(&unique("www-"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("index.html"), page).unwrap();
+        let listen = addr.unwrap_or("8080");
+        let p = Proc::spawn(
+            "busybox httpd",
+            ns.cmd(&[
+                "busybox",
+                "httpd",
+                "-f",
+                "-p",
+                listen,
+                "-h",
+                www.to_str().unwrap(),
+            ]),
+            None,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        p
+    }
+
     /// Runs `hubnat-testsrv ARGS` in the guest namespace (a client) and returns its output.
     pub fn client(&self, args: &[&str]) -> Output {
         let bin = testsrv_bin();
