@@ -130,6 +130,12 @@ impl TcpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
+        // Only guests of the virtual network can be answered (as UDP and ICMP hold too): an
+        // off-subnet source would make a connection, and a neighbour entry, for no guest.
+        let src = ip.src_addr();
+        if !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
+            return Err(DropReason::Foreign);
+        }
         let seg = segment::parse(ip)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {

@@ -1166,3 +1166,19 @@ fn thousands_of_connections_with_a_hole_each_stay_within_the_guests_ring_budget(
     assert_eq!(held_back, 4096 - per_guest / (256 << 10));
     assert_eq!(t.e.session_counts()[crate::nat::Proto::Tcp.index()], 4096);
 }
+
+#[test]
+fn a_syn_from_outside_the_virtual_network_is_not_carried() {
+    let mut t = T::new();
+    let mut f = t.frame(&t.syn(ALL));
+    // The same SYN with a source no guest of the segment can have (checksums redone).
+    let mut ip = Ipv4Packet::new_unchecked(&mut f[14..]);
+    ip.set_src_addr(Ipv4Addr::new(8, 8, 8, 8));
+    ip.fill_checksum();
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let mut tcp = TcpPacket::new_unchecked(ip.payload_mut());
+    tcp.fill_checksum(&src.into(), &dst.into());
+    assert!(t.raw(&f).is_empty(), "no SYN-ACK, no RST");
+    assert_eq!(t.drops(DropReason::Foreign), 1);
+    assert!(t.h.sockets.is_empty(), "no socket");
+}
