@@ -929,6 +929,18 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        // Requests still in flight (the polls of the thread's TAP queue among them) hold their
+        // files until the kernel tears the ring down, in the background after it is closed: a
+        // TAP device would outlive hubnat and a new instance could not take its name at once.
+        // Cancelling them all now lets the files go before this returns.
+        let any = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
+            .build()
+            .user_data(IGNORE);
+        if self.push(&any).is_ok() {
+            let ts = types::Timespec::from(Duration::from_millis(200));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+        }
         if self.bufs.is_some() {
             // Nothing selects a buffer any more before they are unmapped.
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
