@@ -647,8 +647,13 @@ fn nat_config(
         let budget = budget.max(1);
         if nat.max_sessions > budget {
             nat.max_sessions = budget;
-            // A guest's share stays a share: one guest alone cannot take every socket.
-            nat.max_sessions_per_guest = nat.max_sessions_per_guest.min((budget / 4).max(1));
+            // A guest's default share stays a share: one guest alone cannot take every socket.
+            // A share the operator set is kept, within the total.
+            let share = match raw.nat.max_sessions_per_guest {
+                Some(_) => budget,
+                None => (budget / 4).max(1),
+            };
+            nat.max_sessions_per_guest = nat.max_sessions_per_guest.min(share);
         }
         nat.max_half_open = nat.max_half_open.min(nat.max_sessions);
         nat.max_half_open_per_guest = nat.max_half_open_per_guest.min(nat.max_half_open);
@@ -1007,6 +1012,9 @@ mod tests {
         );
         assert_eq!(c.nat.max_half_open, 900);
         assert_eq!(c.nat.max_half_open_per_guest, 256);
+        let raw = RawConfig::from_toml("[nat]\nmax_sessions_per_guest = 800\n").unwrap();
+        let c = Config::from_raw_on(&raw, &machine).unwrap();
+        assert_eq!(c.nat.max_sessions_per_guest, 800, "a share the operator set is kept");
         let raw = RawConfig::from_toml("[nat]\nmax_sessions = 100\n").unwrap();
         let c = Config::from_raw_on(&raw, &machine).unwrap();
         assert_eq!(
