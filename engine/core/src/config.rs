@@ -1014,7 +1014,10 @@ mod tests {
         assert_eq!(c.nat.max_half_open_per_guest, 256);
         let raw = RawConfig::from_toml("[nat]\nmax_sessions_per_guest = 800\n").unwrap();
         let c = Config::from_raw_on(&raw, &machine).unwrap();
-        assert_eq!(c.nat.max_sessions_per_guest, 800, "a share the operator set is kept");
+        assert_eq!(
+            c.nat.max_sessions_per_guest, 800,
+            "a share the operator set is kept"
+        );
         let raw = RawConfig::from_toml("[nat]\nmax_sessions = 100\n").unwrap();
         let c = Config::from_raw_on(&raw, &machine).unwrap();
         assert_eq!(
