@@ -36,7 +36,10 @@ usage() {
   cat <<'EOF'
 Usage: sudo tools/compare.sh [options]
 
-  --systems LIST   comma-separated, any of hubnat,slirp4netns,pasta,softether,kernel (default: all)
+  --systems LIST   comma-separated, any of hubnat,slirp4netns,pasta,softether,kernel (default: all),
+                   and hubnat's other ports: hubnat-stream, hubnat-dgram (QEMU's socket framings,
+                   relayed from the guest's TAP by hubnat-testsrv socket-guest), hubnat-packet
+                   (a veth joined by --attach)
   --mtu LIST       MTUs for the iperf3 runs (default 1500,65520); the first also carries the
                    latency, connection-rate and memory runs
   --duration S     seconds per iperf3 direction and per latency / connection-rate run (default 10)
@@ -201,13 +204,14 @@ mkns() {
 BIN="$ROOT/target/$PROFILE"
 [ "$PROFILE" = dev ] && BIN="$ROOT/target/debug"
 if [ "$BUILD" = 1 ]; then
-  log "building hubnat, hubnat-load, hubnat-chart (profile $PROFILE)"
+  log "building hubnat, hubnat-load, hubnat-chart, hubnat-testsrv (profile $PROFILE)"
   (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p hubnat-tools \
-    --bin hubnat --bin hubnat-load --bin hubnat-chart) || die "build failed"
+    --bin hubnat --bin hubnat-load --bin hubnat-chart --bin hubnat-testsrv) || die "build failed"
 fi
 HUBNAT="$BIN/hubnat"
 LOAD="$BIN/hubnat-load"
 CHART="$BIN/hubnat-chart"
+TESTSRV="$BIN/hubnat-testsrv"
 for b in "$LOAD" "$CHART"; do [ -x "$b" ] || die "missing $b (build it, or drop --no-build)"; done
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +222,10 @@ has() { command -v "$1" >/dev/null 2>&1; }
 check_system() {
   case "$1" in
     hubnat) [ -x "$HUBNAT" ] || echo "no $HUBNAT" ;;
+    hubnat-stream|hubnat-dgram|hubnat-packet)
+      if [ ! -x "$HUBNAT" ]; then echo "no $HUBNAT"
+      elif [ ! -x "$TESTSRV" ]; then echo "no $TESTSRV"
+      fi ;;
     slirp4netns) has slirp4netns || echo "slirp4netns is not installed (apt-get install slirp4netns)" ;;
     pasta)
       if ! has pasta; then echo "pasta is not installed (apt-get install passt)"
@@ -332,29 +340,74 @@ setup_kernel() { # mtu
   ip -n "$SRV_NS" route add 192.168.30.0/24 via "$NAT_IP"
 }
 
-setup_hubnat() { # mtu
-  mkns g; GUEST_NS=$MKNS
-  GUEST=(ip netns exec "$GUEST_NS")
-  local want=20000
+# hubnat: its configuration, started in the NAT namespace with the given ports.
+hubnat_config() { # mtu
   cat > "$IDIR/hubnat.toml" <<EOF
 [nat]
 mtu = $1
 max_sessions = 65536
-max_sessions_per_guest = $want
+max_sessions_per_guest = 20000
 [dns]
 upstream = ["$SERVER_IP"]
 EOF
-  ip netns exec "$NAT_NS" "$HUBNAT" run --tap tap0 --netns "/run/netns/$GUEST_NS" \
+}
+
+start_hubnat_ports() { # port arguments...
+  ip netns exec "$NAT_NS" "$HUBNAT" run "$@" \
     --config "$IDIR/hubnat.toml" --state-dir "$IDIR/hubnat-state" --log warn \
     ${HUBNAT_RUN_ARGS:-} > "$IDIR/hubnat.log" 2>&1 &
   PIDS+=($!)
+}
+
+guest_static() { # dev
+  ip -n "$GUEST_NS" addr add 192.168.30.50/24 dev "$1"
+  ip -n "$GUEST_NS" link set "$1" up
+  ip -n "$GUEST_NS" route add default via 192.168.30.1
+  wait_for 5 "${GUEST[@]}" ping -c1 -W1 192.168.30.1 || { echo "hubnat does not answer ping"; return 1; }
+}
+
+setup_hubnat() { # mtu
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  hubnat_config "$1"
+  start_hubnat_ports --tap tap0 --netns "/run/netns/$GUEST_NS"
   if ! wait_for 10 ip -n "$GUEST_NS" link show tap0; then
     echo "hubnat did not make tap0: $(first_line "$IDIR/hubnat.log")"; return 1
   fi
-  ip -n "$GUEST_NS" addr add 192.168.30.50/24 dev tap0
-  ip -n "$GUEST_NS" link set tap0 up
-  ip -n "$GUEST_NS" route add default via 192.168.30.1
-  wait_for 5 "${GUEST[@]}" ping -c1 -W1 192.168.30.1 || { echo "hubnat does not answer ping"; return 1; }
+  guest_static tap0
+}
+
+# hubnat's other kinds of port, each with the guest's kernel stack behind it: a QEMU stream or
+# datagram socket (the guest's TAP relayed in QEMU's framing by hubnat-testsrv socket-guest, as
+# QEMU would), or a veth joined by AF_PACKET (--attach). Compared with `hubnat` (the TAP).
+setup_socket_port() { # mtu kind(stream|dgram)
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  hubnat_config "$1"
+  local sock="$IDIR/hubnat.sock" how
+  start_hubnat_ports --port "$2:$sock"
+  wait_for 10 test -S "$sock" || { echo "hubnat did not make $sock: $(first_line "$IDIR/hubnat.log")"; return 1; }
+  if [ "$2" = stream ]; then how=(--stream "$sock"); else how=(--dgram "$sock" --local "$IDIR/guest.sock"); fi
+  "$TESTSRV" socket-guest --netns "/run/netns/$GUEST_NS" --tap eth0 --mtu "$1" "${how[@]}" \
+    > "$IDIR/socket-guest.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 10 ip -n "$GUEST_NS" link show eth0 || { echo "no guest TAP: $(first_line "$IDIR/socket-guest.log")"; return 1; }
+  guest_static eth0
+}
+setup_hubnat-stream() { setup_socket_port "$1" stream; }
+setup_hubnat-dgram() { setup_socket_port "$1" dgram; }
+
+setup_hubnat-packet() { # mtu
+  mkns g; GUEST_NS=$MKNS
+  GUEST=(ip netns exec "$GUEST_NS")
+  hubnat_config "$1"
+  local v="${TAG}p$SEQ"
+  ip link add "$v" netns "$NAT_NS" mtu "$1" type veth peer name eth0 netns "$GUEST_NS" mtu "$1" || return 1
+  offloads_off "$NAT_NS" "$v"
+  offloads_off "$GUEST_NS" eth0
+  ip -n "$NAT_NS" link set "$v" up
+  start_hubnat_ports --attach "$v"
+  guest_static eth0
 }
 
 setup_slirp4netns() { # mtu

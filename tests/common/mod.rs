@@ -321,9 +321,9 @@ impl Lab {
         Lab::start_with_server_args(config, &[])
     }
 
-    /// `start_with_server` with extra `hubnat run` arguments (they take the place of the same
-    /// flags in HUBNAT_E2E_ARGS).
-    pub fn start_with_server_args(config: &str, args: &[&str]) -> Lab {
+    /// The lab's namespaces (guest, hubnat's, and a server behind hubnat's, 10.77.0.2), with
+    /// hubnat not started: a test that runs hubnat its own way (`start_hubnat_cmd`).
+    pub fn bare_with_server() -> Lab {
         let dir = TempDir::new();
         let guest = Netns::new("hg");
         let nat = Netns::new("hn");
@@ -347,14 +347,20 @@ impl Lab {
         nat.exec_ok(&["ip", "link", "set", &a, "up"]);
         server.exec_ok(&["ip", "addr", "add", &format!("{SERVER_IP}/24"), "dev", &b]);
         server.exec_ok(&["ip", "link", "set", &b, "up"]);
-        let mut lab = Lab {
+        Lab {
             dir,
             guest,
             nat,
             server: Some(server),
             hubnat: None,
             tap: "tap0".into(),
-        };
+        }
+    }
+
+    /// `start_with_server` with extra `hubnat run` arguments (they take the place of the same
+    /// flags in HUBNAT_E2E_ARGS).
+    pub fn start_with_server_args(config: &str, args: &[&str]) -> Lab {
+        let mut lab = Lab::bare_with_server();
         lab.start_hubnat_args(config, args);
         lab.guest.exec_ok(&[
             "ip",
@@ -453,6 +459,23 @@ impl Lab {
         self.guest.wait_for_link(&self.tap, Duration::from_secs(10));
     }
 
+    /// Starts hubnat in its namespace with `args` as they are after `hubnat run` (no TAP of
+    /// the lab's: the test names every port), the lab's state directory, `config` and debug
+    /// logs, plus HUBNAT_E2E_ARGS.
+    pub fn start_hubnat_cmd(&mut self, config: &str, args: &[&str]) {
+        let cfg = self.dir.join("hubnat.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let bin = hubnat_bin();
+        let mut cmd = self.nat.cmd(&[bin.to_str().unwrap(), "run", "--config"]);
+        cmd.arg(&cfg)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--log", "debug"])
+            .args(merge_args(&extra_args(), args));
+        let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
+        self.hubnat = Some(p);
+    }
+
     /// Two guests on one segment: a bridge in the guest namespace with hubnat's TAP on it, and
     /// two namespaces each linked to the bridge by a veth pair (their end named `eth0`, with
     /// MACs 02:00:00:00:0a:01 and 02:00:00:00:0b:01). Neither has an address yet.
@@ -462,6 +485,13 @@ impl Lab {
         g.exec_ok(&["ip", "link", "set", &self.tap, "master", "br0"]);
         g.exec_ok(&["ip", "link", "set", &self.tap, "up"]);
         g.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        self.two_guests_on_bridge("br0")
+    }
+
+    /// Two guest namespaces on `bridge` (a bridge in the lab's guest namespace), as
+    /// `two_guests` makes them.
+    pub fn two_guests_on_bridge(&self, bridge: &str) -> (Netns, Netns) {
+        let g = &self.guest;
         let make = |prefix: &str, mac: &str| {
             let ns = Netns::new(prefix);
             let near = unique("vg");
@@ -469,7 +499,7 @@ impl Lab {
                 "ip", "link", "add", &near, "type", "veth", "peer", "name", "eth0", "netns",
                 &ns.name,
             ]);
-            g.exec_ok(&["ip", "link", "set", &near, "master", "br0"]);
+            g.exec_ok(&["ip", "link", "set", &near, "master", bridge]);
             g.exec_ok(&["ip", "link", "set", &near, "up"]);
             ns.exec_ok(&["ip", "link", "set", "eth0", "address", mac]);
             ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
@@ -559,4 +589,32 @@ pub fn ctl_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     a.push("--json");
     let out = ctl(dir, &a);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+impl Lab {
+    /// dnsmasq as a DNS server only (no DHCP, no hosts file, no upstream of its own) in `ns`,
+    /// listening on `addr` port 53 and answering `records` (dnsmasq's `--host-record` values,
+    /// `NAME,ADDR`): the resolver a test names as hubnat's `[dns] upstream`, so nothing ever
+    /// reaches the machine's own.
+    pub fn dnsmasq(&self, ns: &Netns, addr: &str, records: &[&str]) -> Proc {
+        let mut cmd = ns.cmd(&[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+        ]);
+        cmd.args(["--conf-file=/dev/null", "--bind-interfaces", "--port=53"])
+            .arg(format!("--listen-address={addr}"))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.join(&unique("dnsmasq-pid-")).display()
+            ))
+            .args(records.iter().map(|r| format!("--host-record={r}")))
+            .arg("--user=root");
+        let log = self.dir.join(&unique("dnsmasq-"));
+        let p = Proc::spawn("dnsmasq", cmd, Some(log));
+        // dnsmasq gives no sign of being ready; it binds within a moment, as busybox httpd does.
+        std::thread::sleep(Duration::from_millis(300));
+        p
+    }
 }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use hubnat_core::config::{Config, LogFormat, RawConfig};
 use hubnat_core::{Engine, Mac};
 use hubnat_daemon::api::{
-    self, ChangeView, LeaseRow, NatRow, Request, Response, Section, StatusView,
+    self, ChangeView, LeaseRow, NatRow, PortRow, Request, Response, Section, StatusView,
 };
 use hubnat_daemon::leases::LEASE_FILE;
 use hubnat_daemon::machine;
@@ -24,7 +24,9 @@ use hubnat_daemon::sandbox;
 use hubnat_daemon::seclog::SecurityLog;
 use hubnat_daemon::server::{bind_control, Server, ServerOptions};
 use hubnat_daemon::state;
+use hubnat_runtime::port::link::Link;
 use hubnat_runtime::port::segment::{NapiMode, QueueMode, TapPort, TapSpec};
+use hubnat_runtime::port::spec::PortSpec;
 use hubnat_runtime::port::tap::netns_path;
 use hubnat_runtime::sock::{Backend, BackendChoice};
 use hubnat_runtime::{Exit, Options, Runtime};
@@ -51,7 +53,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the virtual host on a segment until SIGINT or SIGTERM (SIGHUP reloads --config).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// SecureNAT's status: sessions by protocol, DHCP clients, uptime, traffic, drops.
     Status,
     /// The NAT session table.
@@ -85,6 +87,31 @@ enum Command {
     },
     /// Read the running instance's configuration file again (as SIGHUP does).
     Reload,
+    /// The segment's ports: list, add SPEC, remove ID.
+    Port {
+        #[command(subcommand)]
+        op: PortOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortOp {
+    /// Every port with its frame counters and the guests learned on it.
+    List,
+    /// Open a port and add it to the segment: `stream:PATH`, `dgram:PATH[,PEER]`,
+    /// `tap:NAME`, `packet:IFACE` (see `hubnat run --help`). With the sandbox on, new sockets
+    /// can be made only in the directories of the sockets given at start and the state
+    /// directory, and a TAP or an interface needs privileges hubnat gave up: give those at
+    /// start.
+    Add {
+        #[arg(value_name = "SPEC")]
+        spec: String,
+    },
+    /// Remove a port by its number (as `port list` shows it). The segment's first TAP stays.
+    Remove {
+        #[arg(value_name = "ID")]
+        id: u32,
+    },
 }
 
 #[derive(Args)]
@@ -137,14 +164,42 @@ enum FormatArg {
 
 #[derive(Args)]
 struct RunArgs {
-    /// TAP device to create (or attach to) as the segment.
+    /// TAP device to create (or attach to) as the segment's first port: read and written by
+    /// every thread, the fastest way in. Default: `hubnat0` when no other port is given.
     #[arg(long, value_name = "NAME")]
-    tap: String,
+    tap: Option<String>,
+    /// A further port of the segment (repeatable); every port is switched with the others as
+    /// a learning Ethernet switch would, so guests on different ports reach each other and the
+    /// virtual host serves them all. `stream:PATH`: listen on a unix stream socket for QEMU's
+    /// `-netdev stream,server=off,addr.type=unix,addr.path=PATH` (one guest at a time;
+    /// reconnects are served). `dgram:PATH[,PEER]`: bind a unix datagram socket for QEMU's
+    /// `-netdev dgram,remote.type=unix,remote.path=PATH,local...` (the peer is learned from
+    /// what it sends). `tap:NAME`: another TAP. `packet:IFACE`: join an existing interface
+    /// (as --attach). `fd:N`: an inherited descriptor (as --fd).
+    #[arg(long = "port", value_name = "SPEC")]
+    ports: Vec<String>,
+    /// Join an existing interface (a bridge port, a veth, another program's TAP) by AF_PACKET,
+    /// so hubnat serves a segment it does not own (repeatable; needs CAP_NET_RAW).
+    #[arg(long, value_name = "IFACE")]
+    attach: Vec<String>,
+    /// Serve a descriptor inherited from the launcher (repeatable): a TAP, a connected unix
+    /// stream socket (QEMU's framing), a unix datagram socket or an AF_PACKET socket, told
+    /// apart by the descriptor itself.
+    #[arg(long = "fd", value_name = "N")]
+    fds: Vec<i32>,
     /// Create the TAP device inside this network namespace (a path such as /proc/PID/ns/net, a
     /// PID, or a name made by `ip netns add`) and bring it up there, leaving its addressing to
     /// the guest's DHCP client. hubnat itself, and its host sockets, stay where it runs.
     #[arg(long, value_name = "PATH|PID|NAME")]
     netns: Option<String>,
+    /// Create the TAP device from inside this user namespace (a path such as
+    /// /proc/PID/ns/user, or a PID) as well: the way into a rootless container's network
+    /// namespace, which only its own user namespace may add devices to, for hubnat run by the
+    /// user that made it (as slirp4netns does). Without --netns, the network namespace of the
+    /// same process. A short-lived child process joins both namespaces to open the device;
+    /// hubnat itself, and its host sockets, stay where it runs.
+    #[arg(long, value_name = "PATH|PID")]
+    userns: Option<String>,
     /// Configuration file (TOML). Without it every setting takes SecureNAT's default.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -230,7 +285,7 @@ fn main() {
     let control = cli.control.clone();
     let json = cli.json;
     let result = match cli.command {
-        Command::Run(args) => run(args, control),
+        Command::Run(args) => run(*args, control),
         other => client_command(other, control, json),
     };
     if let Err(e) = result {
@@ -302,6 +357,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     if queues == QueueMode::Multi && workers < 2 {
         bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
     }
+    let (first_tap, specs) = port_specs(&args)?;
     let raw = match &args.config {
         Some(path) => machine::load_raw(path)?,
         None => RawConfig::default(),
@@ -331,42 +387,62 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     if let Some(why) = &fallback {
         tracing::warn!("socket backend: {why}; using epoll");
     }
-    let port = TapSpec {
-        name: &args.tap,
-        netns: args.netns.as_deref().map(netns_path),
-        mtu: u32::from(cfg.nat.mtu),
-        workers,
-        queues,
-        napi: match args.tap_napi {
-            NapiChoice::Auto => NapiMode::Auto,
-            NapiChoice::Threaded => NapiMode::Threaded,
-            NapiChoice::Off => NapiMode::Off,
-        },
+    let first_tap = first_tap.map(|name| {
+        TapSpec {
+            name: &name,
+            netns: args.netns.as_deref().map(netns_path).or_else(|| {
+                args.userns
+                    .as_deref()
+                    .and_then(hubnat_runtime::port::tap::userns_netns)
+            }),
+            userns: args
+                .userns
+                .as_deref()
+                .map(hubnat_runtime::port::tap::userns_path),
+            mtu: u32::from(cfg.nat.mtu),
+            workers,
+            queues,
+            napi: match args.tap_napi {
+                NapiChoice::Auto => NapiMode::Auto,
+                NapiChoice::Threaded => NapiMode::Threaded,
+                NapiChoice::Off => NapiMode::Off,
+            },
+        }
+        .open()
+    });
+    let port = first_tap.transpose()?;
+    let mut links = Vec::new();
+    for spec in &specs {
+        links.push(spec.open(cfg.nat.mtu)?);
     }
-    .open()?;
-
     let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::low_level::pipe::register(sig, stop_tx.try_clone()?)
             .context("cannot install signal handlers")?;
     }
-    log_start(&args, &cfg, &port, backend, workers);
+    log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
     if !args.no_sandbox {
-        enter_sandbox(&args, &cfg, &port, &state_dir, control_path)?;
+        enter_sandbox(&args, &cfg, port.as_ref(), &specs, &state_dir, control_path)?;
     } else {
         tracing::warn!("sandbox off (--no-sandbox): hubnat keeps every privilege it started with");
     }
 
-    let mut taps = port.queues;
-    let tap = taps.remove(0);
+    let (tap, taps, napi) = match port {
+        Some(mut p) => {
+            let first = p.queues.remove(0);
+            (Some(first), p.queues, p.napi)
+        }
+        None => (None, Vec::new(), None),
+    };
     let log_rate = cfg.control.log_rate;
     let engine = Engine::new(cfg, mac, rng.random());
     let opts = Options {
         workers,
         backend: Some(backend),
         tap_queues: taps,
-        napi: port.napi,
+        ports: links,
+        napi,
         operator: Some(Box::new(server)),
         events: Some(std::sync::Arc::new(
             hubnat_daemon::events::TracingSink::new(log_rate),
@@ -392,6 +468,49 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The segment's first TAP (its name), and the other ports in the order given: `--port`,
+/// then `--attach`, then `--fd`. Without any port, the TAP `hubnat0`; without `--tap`, a
+/// `tap:` port given first is the first TAP.
+fn port_specs(args: &RunArgs) -> Result<(Option<String>, Vec<PortSpec>)> {
+    let mut specs = Vec::new();
+    for p in &args.ports {
+        specs.push(p.parse::<PortSpec>()?);
+    }
+    for i in &args.attach {
+        specs.push(format!("packet:{i}").parse::<PortSpec>()?);
+    }
+    for n in &args.fds {
+        specs.push(format!("fd:{n}").parse::<PortSpec>()?);
+    }
+    let first = match (&args.tap, specs.first()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, None) => Some(DEFAULT_TAP.to_owned()),
+        (None, Some(PortSpec::Tap(name))) => {
+            let name = name.clone();
+            specs.remove(0);
+            Some(name)
+        }
+        (None, Some(_)) => None,
+    };
+    if first.is_none() && (args.netns.is_some() || args.userns.is_some()) {
+        bail!("--netns and --userns say where to create the TAP, and no TAP is given (--tap NAME)");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in first
+        .iter()
+        .map(|t| format!("tap:{t}"))
+        .chain(specs.iter().map(|s| s.to_string()))
+    {
+        if !seen.insert(s.clone()) {
+            bail!("port {s} is given twice");
+        }
+    }
+    Ok((first, specs))
+}
+
+/// The TAP `hubnat run` serves when given no port.
+const DEFAULT_TAP: &str = "hubnat0";
 
 /// The configuration `hubnat run` starts with: the file's, validated on this machine, with the
 /// flags that override its [control] table applied.
@@ -452,25 +571,45 @@ fn virtual_host_mac(cfg: &Config, state_dir: &Path, random: [u8; 4]) -> Result<M
     }
 }
 
-fn log_start(args: &RunArgs, cfg: &Config, port: &TapPort, backend: Backend, workers: usize) {
-    let where_ = args
-        .netns
-        .as_deref()
-        .map(|n| format!(" in network namespace {n}"))
-        .unwrap_or_default();
-    let queues = port.queues.len();
+fn log_start(
+    args: &RunArgs,
+    cfg: &Config,
+    port: Option<&TapPort>,
+    links: &[std::sync::Arc<dyn Link>],
+    backend: Backend,
+    workers: usize,
+) {
+    let mut on = Vec::new();
+    if let Some(port) = port {
+        let where_ = match (&args.netns, &args.userns) {
+            (Some(n), Some(u)) => format!(" in network namespace {n} (user namespace {u})"),
+            (Some(n), None) => format!(" in network namespace {n}"),
+            (None, Some(u)) => format!(" in the namespaces of {u}"),
+            (None, None) => String::new(),
+        };
+        let queues = port.queues.len();
+        on.push(format!(
+            "TAP {}{where_}{} ({})",
+            port.queues[0].name(),
+            if queues > 1 {
+                format!(" ({queues} queues)")
+            } else {
+                String::new()
+            },
+            port.napi_mode,
+        ));
+    }
+    on.extend(
+        links
+            .iter()
+            .map(|l| format!("{} {}", l.kind(), l.address())),
+    );
     tracing::info!(
-        "hubnat {}: virtual host {} ({}) on TAP {}{where_}{} ({}), MTU {}; socket backend {}; {}",
+        "hubnat {}: virtual host {} ({}) on {}, MTU {}; socket backend {}; {}",
         env!("CARGO_PKG_VERSION"),
         cfg.host.ip,
         cfg.host.mac.map(|m| m.to_string()).unwrap_or_default(),
-        args.tap,
-        if queues > 1 {
-            format!(" ({queues} queues)")
-        } else {
-            String::new()
-        },
-        port.napi_mode,
+        on.join(", "),
         cfg.nat.mtu,
         backend.name(),
         if workers > 1 {
@@ -499,7 +638,8 @@ fn log_start(args: &RunArgs, cfg: &Config, port: &TapPort, backend: Backend, wor
 fn enter_sandbox(
     args: &RunArgs,
     cfg: &Config,
-    port: &TapPort,
+    port: Option<&TapPort>,
+    specs: &[PortSpec],
     state_dir: &Path,
     control: Option<(PathBuf, bool)>,
 ) -> Result<()> {
@@ -510,7 +650,7 @@ fn enter_sandbox(
         None
     };
     let keep = sandbox::needed_capabilities(
-        port.napi.is_some(),
+        port.is_some_and(|p| p.napi.is_some()),
         cfg.nat.icmp != hubnat_core::config::IcmpMode::Dummy,
         gid,
     );
@@ -537,6 +677,15 @@ fn enter_sandbox(
             paths.read_write.push(dir.to_owned());
             if dir.file_name().is_some_and(|n| n == "hubnat") {
                 paths.give.push(dir.to_owned());
+            }
+        }
+    }
+    // A socket port's file is removed when it leaves the segment, and `hubnat port add` may
+    // make new sockets beside it.
+    for spec in specs {
+        if let PortSpec::Stream(path) | PortSpec::Dgram(path, _) = spec {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                paths.read_write.push(dir.to_owned());
             }
         }
     }
@@ -714,6 +863,11 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
         Command::NatTable => Request::NatTable,
         Command::DhcpTable => Request::DhcpTable,
         Command::Reload => Request::Reload,
+        Command::Port { op } => match op {
+            PortOp::List => Request::PortList,
+            PortOp::Add { spec } => Request::PortAdd { spec: spec.clone() },
+            PortOp::Remove { id } => Request::PortRemove { id: *id },
+        },
         Command::Host { op } | Command::Dns { op } => {
             let section = if matches!(cmd, Command::Host { .. }) {
                 Section::Host
@@ -743,6 +897,9 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
         Request::DhcpTable => print_dhcp_table(&serde_json::from_value::<Vec<LeaseRow>>(result)?),
         Request::Get { .. } => print_fields(&result),
         Request::Set { .. } | Request::Reload => print_change(&serde_json::from_value(result)?),
+        Request::PortList | Request::PortAdd { .. } | Request::PortRemove { .. } => {
+            print_ports(&serde_json::from_value::<Vec<PortRow>>(result)?)
+        }
     }
     Ok(())
 }
@@ -825,6 +982,50 @@ fn print_status(s: &StatusView) {
         rows.push(vec![format!("Dropped: {why}"), n.to_string()]);
     }
     table(&["Item", "Value"], &rows);
+    if !s.ports.is_empty() {
+        println!();
+        print_ports(&s.ports);
+    }
+}
+
+fn print_ports(rows: &[PortRow]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.to_string(),
+                p.kind.clone(),
+                p.address.clone(),
+                match (&p.peer, p.connected) {
+                    (Some(peer), true) => peer.clone(),
+                    (None, true) => "yes".into(),
+                    (_, false) => "no".into(),
+                },
+                format!("{} / {}", p.frames_in, p.frames_out),
+                format!("{} / {}", p.bytes_in, p.bytes_out),
+                p.macs.to_string(),
+                format!(
+                    "{} out, {} filtered, {} malformed",
+                    p.dropped_out, p.filtered_in, p.malformed
+                ),
+                format!("{} / {}", p.connects, p.disconnects),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "Port",
+            "Kind",
+            "Address",
+            "Peer",
+            "Frames in / out",
+            "Bytes in / out",
+            "Guests",
+            "Dropped",
+            "Connects / drops",
+        ],
+        &rows,
+    );
 }
 
 fn print_nat_table(rows: &[NatRow]) {

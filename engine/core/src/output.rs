@@ -64,6 +64,19 @@ impl FrameBatch {
         (i < self.len).then(|| self.bufs[i].as_slice())
     }
 
+    /// Keeps only the frames `keep` says yes to, in their order (the buffers of the others stay
+    /// for reuse).
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.len {
+            if keep(&self.bufs[i]) {
+                self.bufs.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.len = kept;
+    }
+
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.len = 0;
@@ -90,5 +103,21 @@ mod tests {
         assert_eq!(b.bufs[0].as_ptr(), p);
         assert_eq!(b.get(0), Some(&[9][..]));
         assert_eq!(b.get(1), None);
+    }
+
+    #[test]
+    fn retain_keeps_the_chosen_frames_in_order() {
+        let mut b = FrameBatch::new();
+        for i in 0..6u8 {
+            b.push(&[i]);
+        }
+        b.retain(|f| f[0] % 2 == 0);
+        assert_eq!(
+            b.iter().collect::<Vec<_>>(),
+            vec![&[0][..], &[2][..], &[4][..]]
+        );
+        b.push(&[7]);
+        assert_eq!(b.len(), 4);
+        assert_eq!(b.get(3), Some(&[7][..]));
     }
 }

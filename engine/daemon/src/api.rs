@@ -65,6 +65,65 @@ pub enum Request {
     },
     /// Reads the configuration file again (what SIGHUP does).
     Reload,
+    /// The segment's ports with their counters.
+    PortList,
+    /// Opens a port (`stream:PATH`, `dgram:PATH[,PEER]`, `tap:NAME`, `packet:IFACE`) and adds
+    /// it to the segment.
+    PortAdd {
+        spec: String,
+    },
+    /// Removes a port by its number.
+    PortRemove {
+        id: u32,
+    },
+}
+
+/// One port of the segment, as `port list` and `status` show it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct PortRow {
+    pub id: u32,
+    pub kind: String,
+    pub address: String,
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub frames_in: u64,
+    pub bytes_in: u64,
+    pub frames_out: u64,
+    pub bytes_out: u64,
+    /// Frames for the port it did not take (no peer, its buffer full).
+    pub dropped_out: u64,
+    /// Frames from the port the switch dropped (sent back to their own port, or forged from
+    /// the virtual host's MAC).
+    pub filtered_in: u64,
+    /// Frames refused at the port's framing (bad length, truncated).
+    pub malformed: u64,
+    pub connects: u64,
+    pub disconnects: u64,
+    /// Guest MAC addresses learned on the port.
+    pub macs: u32,
+}
+
+impl From<hubnat_runtime::port::switch::PortView> for PortRow {
+    fn from(p: hubnat_runtime::port::switch::PortView) -> PortRow {
+        PortRow {
+            id: p.id,
+            kind: p.kind.to_owned(),
+            address: p.address,
+            connected: p.link.connected,
+            peer: p.link.peer,
+            frames_in: p.rx_frames,
+            bytes_in: p.rx_bytes,
+            frames_out: p.tx_frames,
+            bytes_out: p.tx_bytes,
+            dropped_out: p.tx_dropped,
+            filtered_in: p.rx_filtered,
+            malformed: p.link.malformed,
+            connects: p.link.connects,
+            disconnects: p.link.disconnects,
+            macs: p.macs,
+        }
+    }
 }
 
 /// `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
@@ -120,6 +179,9 @@ pub struct StatusView {
     /// Where the TAP's NAPI polls run, when the runtime switches them (`--tap-napi auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap_napi: Option<NapiView>,
+    /// The segment's ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRow>,
 }
 
 /// The TAP's NAPI polls, as `status` shows them.
@@ -475,6 +537,11 @@ impl Control {
                 Ok(r) => r,
                 Err(e) => Response::err(e),
             },
+            // The ports are the runtime's: the server answers these with the control thread's
+            // `Plane`.
+            Request::PortList | Request::PortAdd { .. } | Request::PortRemove { .. } => {
+                Response::err("ports are managed by the running hubnat's control thread")
+            }
         }
     }
 
@@ -651,6 +718,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
             .collect(),
         workers: views,
         tap_napi: None,
+        ports: Vec::new(),
     }
 }
 

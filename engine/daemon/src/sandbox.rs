@@ -92,6 +92,9 @@ pub fn default_user() -> String {
 ///   write of the device's `threaded` attribute);
 /// - CAP_NET_RAW when guests' pings are carried by real ICMP and the user's group may not open
 ///   ping sockets here (`net.ipv4.ping_group_range`), so raw sockets are the way.
+///
+/// `gid` is the group hubnat runs as in the sandbox: the `--user`'s as root, None for the
+/// current one (an unprivileged start changes no ids).
 pub fn needed_capabilities(
     napi_switch: bool,
     real_icmp: bool,
@@ -101,7 +104,8 @@ pub fn needed_capabilities(
     if napi_switch {
         keep.push(Capability::CAP_NET_ADMIN);
     }
-    if real_icmp && !gid.is_some_and(ping_sockets_allowed) {
+    let gid = gid.unwrap_or_else(|| Gid::current().as_raw());
+    if real_icmp && !ping_sockets_allowed(gid) {
         keep.push(Capability::CAP_NET_RAW);
     }
     keep
@@ -134,7 +138,9 @@ pub fn lookup(name: &str) -> Result<(Uid, Gid), SandboxError> {
 /// capabilities to keep.
 pub fn enter(user: &str, keep: &[Capability], paths: &Paths) -> Result<Report, SandboxError> {
     let mut report = Report::default();
-    let keep: CapsHashSet = keep.iter().copied().collect();
+    let mut keep: CapsHashSet = keep.iter().copied().collect();
+    // Capabilities the data path could use that an unprivileged start does not have.
+    let mut lacking: Vec<String> = Vec::new();
     if Uid::effective().is_root() {
         become_user(user, &keep, paths)?;
         let (uid, gid) = (Uid::current(), Gid::current());
@@ -151,6 +157,17 @@ pub fn enter(user: &str, keep: &[Capability], paths: &Paths) -> Result<Report, S
             "running as uid {} (not root: no user change)",
             Uid::current()
         ));
+        // An unprivileged start keeps what it was given, usually nothing: asking for more
+        // would fail. Without CAP_NET_RAW, pings go out by ping socket where
+        // net.ipv4.ping_group_range allows, else get dummy replies (the core says which).
+        let held = caps::read(None, CapSet::Permitted).map_err(SandboxError::Caps)?;
+        lacking = keep
+            .iter()
+            .filter(|c| !held.contains(c))
+            .map(|c| c.to_string())
+            .collect();
+        lacking.sort();
+        keep.retain(|c| held.contains(c));
     }
     // What is left of the capabilities (an unprivileged start has none to speak of).
     caps::set(None, CapSet::Effective, &keep).map_err(SandboxError::Caps)?;
@@ -161,13 +178,17 @@ pub fn enter(user: &str, keep: &[Capability], paths: &Paths) -> Result<Report, S
             .missing
             .push("ambient capabilities not cleared".into());
     }
-    report.on.push(if keep.is_empty() {
+    let mut caps_line = if keep.is_empty() {
         "no capabilities".to_owned()
     } else {
         let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
         names.sort();
         format!("capabilities kept: {}", names.join(", "))
-    });
+    };
+    if !lacking.is_empty() {
+        caps_line += &format!(" ({} not held: running without)", lacking.join(", "));
+    }
+    report.on.push(caps_line);
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
     report.on.push("no-new-privs".into());
     match confine_files(paths) {
@@ -329,6 +350,8 @@ const ALLOWED: &[(&str, i64)] = &[
     ("connect", libc::SYS_connect),
     ("bind", libc::SYS_bind),
     ("accept4", libc::SYS_accept4),
+    // A socket port added at run time (`hubnat port add stream:PATH`) listens.
+    ("listen", libc::SYS_listen),
     ("getsockname", libc::SYS_getsockname),
     ("getpeername", libc::SYS_getpeername),
     ("setsockopt", libc::SYS_setsockopt),
@@ -357,9 +380,16 @@ const ALLOWED_X86_64: &[(&str, i64)] = &[
 #[cfg(not(target_arch = "x86_64"))]
 const ALLOWED_X86_64: &[(&str, i64)] = &[];
 
-/// ioctl requests allowed: non-blocking mode and queue lengths of sockets (the request is an
-/// unsigned long: 64 bits on the architectures the filter is written for).
-const IOCTLS: [u64; 3] = [libc::FIONBIO, libc::FIONREAD, libc::TIOCOUTQ];
+/// ioctl requests allowed: non-blocking mode and queue lengths of sockets, and an interface's
+/// name and flags (read only: a joined interface's state for `port list`). The request is an
+/// unsigned long: 64 bits on the architectures the filter is written for.
+const IOCTLS: [u64; 5] = [
+    libc::FIONBIO,
+    libc::FIONREAD,
+    libc::TIOCOUTQ,
+    libc::SIOCGIFNAME,
+    libc::SIOCGIFFLAGS,
+];
 
 fn target_arch() -> Option<TargetArch> {
     if cfg!(target_arch = "x86_64") {

@@ -24,7 +24,7 @@ use hubnat_core::Engine;
 use hubnat_runtime::tokens::FIRST_OPERATOR_TOKEN;
 use hubnat_runtime::{Operator, Plane, WorkerReport};
 
-use crate::api::{Control, NapiView, Request, Response};
+use crate::api::{Control, NapiView, PortRow, Request, Response};
 use crate::leases::{self, Loaded, WallClock};
 use crate::metrics;
 
@@ -418,6 +418,12 @@ impl Server {
                     });
                     continue;
                 }
+                Ok(Request::PortList) => Response::ok(port_rows(plane)),
+                Ok(Request::PortAdd { spec }) => add_port(&spec, plane),
+                Ok(Request::PortRemove { id }) => match plane.remove_port(id) {
+                    Ok(()) => Response::ok(port_rows(plane)),
+                    Err(e) => Response::err(e),
+                },
                 Ok(req) => {
                     let status = matches!(req, Request::Status);
                     // Counters and session counts as the workers last published them.
@@ -434,6 +440,10 @@ impl Server {
                         plane.sock,
                         plane.out,
                     );
+                    if status && r.ok {
+                        r.result["ports"] =
+                            serde_json::to_value(port_rows(plane)).expect("serializes");
+                    }
                     if let (true, Some((threaded, switches))) = (status && r.ok, plane.napi_state())
                     {
                         r.result["tap_napi"] =
@@ -634,6 +644,31 @@ impl Operator for Server {
 }
 
 /// One HTTP/1.0 answer per connection, once the request head is in.
+fn port_rows(plane: &Plane<'_>) -> Vec<PortRow> {
+    plane.ports().into_iter().map(PortRow::from).collect()
+}
+
+/// Opens the port `spec` names and adds it to the segment; the answer is the ports then, or
+/// why it could not be (the segment is unchanged).
+fn add_port(spec: &str, plane: &mut Plane<'_>) -> Response {
+    use hubnat_runtime::port::spec::PortSpec;
+    let spec: PortSpec = match spec.parse() {
+        Ok(s) => s,
+        Err(e) => return Response::err(e),
+    };
+    if matches!(spec, PortSpec::Fd(_)) {
+        return Response::err("fd: ports are given on hubnat run's command line only");
+    }
+    let link = match spec.open(plane.engine.ctx.cfg.nat.mtu) {
+        Ok(l) => l,
+        Err(e) => return Response::err(e),
+    };
+    match plane.add_port(link) {
+        Ok(_) => Response::ok(port_rows(plane)),
+        Err(e) => Response::err(format!("port {spec}: {e}")),
+    }
+}
+
 fn answer_metrics(c: &mut OperatorConn, plane: &mut Plane<'_>) {
     if !c.outbuf.is_empty() || c.inbuf.is_empty() {
         return;

@@ -31,14 +31,16 @@ use crate::events::EventSink;
 use crate::limits::SharedLimits;
 use crate::operator::{Operator, Plane};
 use crate::pool::{Pool, ReadBufs};
+use crate::port::link::{Link, TapLink};
+use crate::port::switch::{PortId, Switch, FIRST_TAP};
 use crate::port::tap::Tap;
 use crate::queues::{queue_capacity, Inbox, Shared};
 use crate::router::Router;
 use crate::sock::driver::SockDriver;
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
-use crate::tokens::{FIRST_OPERATOR_TOKEN, PORT, RING, STOP, WAKE};
-use crate::tx::{NapiSwitch, TapSender};
+use crate::tokens::{port_of_token, port_token, FIRST_OPERATOR_TOKEN, PORT, RING, STOP, WAKE};
+use crate::tx::{NapiSwitch, PortSender, TapSender};
 use crate::worker::{self, Cmd, WorkerHandle, WorkerReport, WorkerSetup, MAX_FRAMES_PER_BATCH};
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockEvent;
@@ -68,6 +70,9 @@ pub struct Options {
     /// The other queues of a multiqueue TAP (the one given to `with_options` is queue 0):
     /// one per worker, each read by its worker.
     pub tap_queues: Vec<Tap>,
+    /// The segment's other ports (QEMU sockets, joined interfaces, further TAPs), switched
+    /// with the TAP; read by the control thread.
+    pub ports: Vec<Arc<dyn Link>>,
     /// Where the TAP's NAPI polls run, switched by the load of every writing thread (None: the
     /// device has no NAPI, or it is not switched); see `tx`.
     pub napi: Option<Arc<NapiSwitch>>,
@@ -158,12 +163,17 @@ pub struct Runtime {
     /// This thread's host-socket driver.
     pub sock: SockDriver,
     poll: Poll,
-    tap: Arc<Tap>,
+    /// The segment's first TAP, read and written by the threads themselves (None: the
+    /// segment's ports are all read through the switch).
+    tap: Option<Arc<Tap>>,
+    switch: Arc<Switch>,
+    /// When the switch next forgets silent addresses.
+    next_age: Instant,
     workers: Workers,
     router: Router,
     wake: Vec<bool>,
     bufs: ReadBufs,
-    tx: TapSender,
+    tx: PortSender,
     stop: UnixStream,
     clock: Clock,
     out: FrameBatch,
@@ -188,17 +198,31 @@ impl Drop for Runtime {
 impl Runtime {
     /// `stop` becomes readable when the loop should end (the read end of a signal pipe).
     pub fn new(engine: Engine, tap: Tap, stop: UnixStream) -> io::Result<Runtime> {
-        Runtime::with_options(engine, tap, stop, Options::default())
+        Runtime::with_options(engine, Some(tap), stop, Options::default())
     }
 
     /// Like `new`, laid out as `opts` says: starts the workers and registers the operator's
-    /// sources, whose `start` runs before the first frame.
+    /// sources, whose `start` runs before the first frame. `tap` is the segment's first TAP
+    /// (the fast path: its queues are read by the threads, its writes batched); the other
+    /// ports are `opts.ports`. There must be at least one port.
     pub fn with_options(
         mut engine: Engine,
-        tap: Tap,
+        tap: Option<Tap>,
         stop: UnixStream,
         mut opts: Options,
     ) -> io::Result<Runtime> {
+        if tap.is_none() && opts.ports.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the segment needs at least one port",
+            ));
+        }
+        if tap.is_none() && !opts.tap_queues.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TAP queues without a TAP",
+            ));
+        }
         stop.set_nonblocking(true)?;
         let clock = Clock::default();
         let poll = Poll::new()?;
@@ -212,10 +236,24 @@ impl Runtime {
                 "a multiqueue TAP needs one queue per worker",
             ));
         }
-        let tap = Arc::new(tap);
-        if !multiqueue {
-            poll.registry()
-                .register(&mut SourceFd(&tap.as_raw_fd()), PORT, Interest::READABLE)?;
+        let tap = tap.map(Arc::new);
+        let switch = Arc::new(Switch::new(engine.ctx.mac.0));
+        if let Some(tap) = &tap {
+            let id = switch
+                .add(Arc::new(TapLink::new(Arc::clone(tap))))
+                .map_err(io::Error::other)?;
+            debug_assert_eq!(id, FIRST_TAP);
+            switch.set_batched(FIRST_TAP);
+            if !multiqueue {
+                poll.registry().register(
+                    &mut SourceFd(&tap.as_raw_fd()),
+                    PORT,
+                    Interest::READABLE,
+                )?;
+            }
+        }
+        for link in opts.ports.drain(..) {
+            add_port(&switch, poll.registry(), link)?;
         }
         poll.registry()
             .register(&mut SourceFd(&stop.as_raw_fd()), STOP, Interest::READABLE)?;
@@ -227,7 +265,8 @@ impl Runtime {
         let workers = spawn_workers(
             &mut engine,
             &poll,
-            &tap,
+            tap.as_ref(),
+            &switch,
             &router,
             clock,
             backend,
@@ -235,12 +274,19 @@ impl Runtime {
             n_workers,
         )?;
         let next_expire = (n_workers > 0).then(|| clock.now() + expiry_tick(&engine.ctx.cfg));
-        let tx = TapSender::new(Arc::clone(&tap), opts.napi.clone());
+        let tx = PortSender::new(
+            tap.as_ref()
+                .map(|t| TapSender::new(Arc::clone(t), opts.napi.clone())),
+            Arc::clone(&switch),
+        );
+        let next_age = clock.now() + AGE_TICK;
         let mut rt = Runtime {
             engine,
             sock,
             poll,
             tap,
+            switch,
+            next_age,
             workers,
             router,
             wake: vec![false; n_workers + 1],
@@ -286,6 +332,9 @@ impl Runtime {
                     PORT => self.read_port(now)?,
                     STOP => stop = true,
                     WAKE | RING => {}
+                    Token(t) if port_of_token(t).is_some() => {
+                        self.read_link(now, port_of_token(t).unwrap_or_default())
+                    }
                     Token(t) if t >= FIRST_OPERATOR_TOKEN => {
                         self.with_operator(|op, plane| op.ready(event.token(), plane))
                     }
@@ -305,6 +354,10 @@ impl Runtime {
                     .handle_timeout(now, &mut self.sock, &mut self.out);
             }
             self.tick_expiry(now);
+            if now >= self.next_age {
+                self.switch.age();
+                self.next_age = now + AGE_TICK;
+            }
             if self.operator.is_some() {
                 self.with_operator(|op, plane| op.poll(plane));
             }
@@ -356,6 +409,7 @@ impl Runtime {
             sock: &mut self.sock,
             out: &mut self.out,
             registry: self.poll.registry(),
+            switch: &self.switch,
             workers: &self.workers,
             napi: self.tx.napi_state(),
         };
@@ -393,42 +447,105 @@ impl Runtime {
     }
 
     fn read_port(&mut self, now: Instant) -> io::Result<()> {
+        let Some(tap) = self.tap.clone() else {
+            return Ok(());
+        };
         // Edge-triggered: read until the device would block, flushing every batch.
-        let me = self.router.control();
+        let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 // With workers, frames are read into pool buffers so that a worker's frame is
                 // queued without a copy; this thread's own frames reuse the buffer.
                 let pool = self.workers.shared.as_ref().map(|sh| &sh.pool);
-                let Some((buf, n, from_pool)) = self.bufs.recv(&self.tap, pool)? else {
+                let Some((buf, n, from_pool)) = self.bufs.recv(&tap, pool)? else {
                     self.flush();
+                    self.switch.count_rx(FIRST_TAP, frames, bytes);
                     return Ok(());
                 };
-                let to = if self.workers.len() == 0 {
-                    me
+                if self.switch.several() {
+                    if !self.switch.ingress(FIRST_TAP, &buf[..n]) {
+                        self.bufs.put_back(buf, from_pool);
+                        continue;
+                    }
                 } else {
-                    let cfg = &self.engine.ctx.cfg;
-                    self.router
-                        .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
-                };
-                if to == me {
-                    self.handle_own(now, &buf[..n]);
-                    self.bufs.put_back(buf, from_pool);
-                    continue;
+                    frames += 1;
+                    bytes += n as u64;
                 }
-                let sh = self.workers.shared.as_ref().expect("workers share queues");
-                let stats = &mut self.engine.ctx.stats;
-                sh.hand_over(
-                    to,
-                    (buf, from_pool),
-                    n,
-                    &mut self.bufs,
-                    &mut self.wake,
-                    stats,
-                );
+                self.dispatch(now, buf, n, from_pool);
             }
             self.flush();
         }
+    }
+
+    /// Reads port `id` (a port other than the first TAP) until it has nothing more; a port
+    /// that fails for good is removed from the segment.
+    fn read_link(&mut self, now: Instant, id: PortId) {
+        let Some(link) = self.switch.link(id) else {
+            // Removed, with events of its token still in this wake-up's list.
+            return;
+        };
+        let mut done = 0;
+        loop {
+            let pool = self.workers.shared.as_ref().map(|sh| &sh.pool);
+            let (mut buf, from_pool) = self.bufs.take(pool);
+            match link.recv(&mut buf) {
+                Ok(Some(n)) => {
+                    if self.switch.ingress(id, &buf[..n]) {
+                        self.dispatch(now, buf, n, from_pool);
+                    } else {
+                        self.bufs.put_back(buf, from_pool);
+                    }
+                    done += 1;
+                    if done % MAX_FRAMES_PER_BATCH == 0 {
+                        self.flush();
+                    }
+                }
+                Ok(None) => {
+                    self.bufs.put_back(buf, from_pool);
+                    break;
+                }
+                Err(e) => {
+                    self.bufs.put_back(buf, from_pool);
+                    tracing::warn!(
+                        "port {id} ({} {}) failed and leaves the segment: {e}",
+                        link.kind(),
+                        link.address()
+                    );
+                    if let Err(e) = remove_port(&self.switch, self.poll.registry(), id) {
+                        tracing::warn!("port {id}: {e}");
+                    }
+                    break;
+                }
+            }
+        }
+        self.flush();
+    }
+
+    /// A frame read from a port, for the engines: handled here, or handed to its flow's worker.
+    fn dispatch(&mut self, now: Instant, buf: Box<[u8]>, n: usize, from_pool: bool) {
+        let me = self.router.control();
+        let to = if self.workers.len() == 0 {
+            me
+        } else {
+            let cfg = &self.engine.ctx.cfg;
+            self.router
+                .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
+        };
+        if to == me {
+            self.handle_own(now, &buf[..n]);
+            self.bufs.put_back(buf, from_pool);
+            return;
+        }
+        let sh = self.workers.shared.as_ref().expect("workers share queues");
+        let stats = &mut self.engine.ctx.stats;
+        sh.hand_over(
+            to,
+            (buf, from_pool),
+            n,
+            &mut self.bufs,
+            &mut self.wake,
+            stats,
+        );
     }
 
     /// Handles a frame this thread owns; with workers, fragments are reassembled and the
@@ -513,7 +630,8 @@ fn sock_driver(backend: Backend, poll: &Poll) -> io::Result<SockDriver> {
 fn spawn_workers(
     engine: &mut Engine,
     poll: &Poll,
-    tap: &Arc<Tap>,
+    tap: Option<&Arc<Tap>>,
+    switch: &Arc<Switch>,
     router: &Router,
     clock: Clock,
     backend: Backend,
@@ -558,15 +676,16 @@ fn spawn_workers(
         e.ctx.share_sessions(Arc::clone(&sessions));
         // Idle expiry is the control thread's schedule (`tick_expiry`).
         e.set_external_expiry(true);
-        let (tap_in, tap_out) = if !multiqueue {
-            (None, Arc::clone(tap))
-        } else if index == 0 {
-            (Some(Arc::clone(tap)), Arc::clone(tap))
-        } else {
-            let q = queues.next().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "one TAP queue per worker")
-            })?;
-            (Some(Arc::clone(&q)), q)
+        let (tap_in, tap_out) = match tap {
+            None => (None, None),
+            Some(tap) if !multiqueue => (None, Some(Arc::clone(tap))),
+            Some(tap) if index == 0 => (Some(Arc::clone(tap)), Some(Arc::clone(tap))),
+            Some(_) => {
+                let q = queues.next().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "one TAP queue per worker")
+                })?;
+                (Some(Arc::clone(&q)), Some(q))
+            }
         };
         let (tx, rx) = mpsc::channel();
         let setup = WorkerSetup {
@@ -576,6 +695,7 @@ fn spawn_workers(
             poll: p,
             tap_out,
             tap_in,
+            switch: Arc::clone(switch),
             shared: Arc::clone(&shared),
             router: router.clone(),
             cmds: rx,
@@ -606,6 +726,46 @@ fn spawn_workers(
         }
     }
     Ok(workers)
+}
+
+/// How often the switch looks for silent addresses to forget.
+const AGE_TICK: Duration = Duration::from_secs(10);
+
+/// Adds `link` to the segment and registers it with the control thread's poll.
+pub(crate) fn add_port(
+    switch: &Switch,
+    registry: &mio::Registry,
+    link: Arc<dyn Link>,
+) -> io::Result<PortId> {
+    let id = switch.add(Arc::clone(&link)).map_err(io::Error::other)?;
+    if let Err(e) = link.register(registry, port_token(id)) {
+        let _ = switch.remove(id);
+        return Err(e);
+    }
+    tracing::info!(
+        "port {id} ({} {}) joined the segment",
+        link.kind(),
+        link.address()
+    );
+    Ok(id)
+}
+
+/// Removes port `id` from the segment and from the control thread's poll.
+pub(crate) fn remove_port(
+    switch: &Switch,
+    registry: &mio::Registry,
+    id: PortId,
+) -> Result<(), crate::port::switch::SwitchError> {
+    let link = switch.remove(id)?;
+    if let Err(e) = link.deregister(registry) {
+        tracing::debug!("port {id}: deregistering: {e}");
+    }
+    tracing::info!(
+        "port {id} ({} {}) left the segment",
+        link.kind(),
+        link.address()
+    );
+    Ok(())
 }
 
 /// How often the workers are told to expire idle sessions: a tenth of the shortest idle

@@ -11,7 +11,11 @@ use std::sync::mpsc;
 
 use mio::{Registry, Token};
 
-use crate::control_thread::Workers;
+use std::sync::Arc;
+
+use crate::control_thread::{add_port, remove_port, Workers};
+use crate::port::link::Link;
+use crate::port::switch::{PortId, PortView, Switch, SwitchError};
 use crate::sock::driver::SockDriver;
 use crate::worker::WorkerReport;
 use hubnat_core::output::FrameBatch;
@@ -52,6 +56,7 @@ pub struct Plane<'a> {
     pub out: &'a mut FrameBatch,
     /// The control thread's poll, for the operator's own sources.
     pub registry: &'a Registry,
+    pub(crate) switch: &'a Arc<Switch>,
     pub(crate) workers: &'a Workers,
     pub(crate) napi: Option<(bool, u64)>,
 }
@@ -71,6 +76,27 @@ impl Plane<'_> {
     /// the control thread goes on meanwhile.
     pub fn ask_sessions(&self) -> Vec<(usize, mpsc::Receiver<WorkerReport>)> {
         self.workers.ask_sessions()
+    }
+
+    /// Adds a port to the segment (read by the control thread, switched at once).
+    pub fn add_port(&self, link: Arc<dyn Link>) -> io::Result<PortId> {
+        add_port(self.switch, self.registry, link)
+    }
+
+    /// Removes a port from the segment; its descriptors close when the last frame being sent
+    /// to it is done.
+    pub fn remove_port(&self, id: PortId) -> Result<(), SwitchError> {
+        remove_port(self.switch, self.registry, id)
+    }
+
+    /// Every port of the segment with its counters.
+    pub fn ports(&self) -> Vec<PortView> {
+        self.switch.ports()
+    }
+
+    /// Learned addresses, addresses refused for a full table, and moves between ports.
+    pub fn mac_stats(&self) -> (usize, u64, u64) {
+        self.switch.mac_stats()
     }
 
     /// Where the TAP's NAPI polls run (threaded?) and how often they moved, if switched.

@@ -16,6 +16,21 @@ pub const STOP: Token = Token(FIRST_RESERVED_TOKEN + 1);
 pub const WAKE: Token = Token(FIRST_RESERVED_TOKEN + 5);
 /// A thread's io_uring (completions are waiting).
 pub const RING: Token = Token(FIRST_RESERVED_TOKEN + 6);
+/// The ports the control thread reads through the switch (every port but the first TAP): the
+/// token of port N is `FIRST_PORT_TOKEN + N`. Far above the operator's tokens, which are few.
+pub const FIRST_PORT_TOKEN: usize = FIRST_RESERVED_TOKEN + (1 << 24);
+
+/// The token of port `id`.
+pub fn port_token(id: u32) -> Token {
+    Token(FIRST_PORT_TOKEN + id as usize)
+}
+
+/// The port whose token `t` is, if it is a port's.
+pub fn port_of_token(t: usize) -> Option<u32> {
+    t.checked_sub(FIRST_PORT_TOKEN)
+        .and_then(|n| u32::try_from(n).ok())
+}
+
 /// The operator's sources (control socket, metrics, reload signal, their connections) are
 /// tokens from here up, numbered by the operator.
 pub const FIRST_OPERATOR_TOKEN: usize = FIRST_RESERVED_TOKEN + 16;

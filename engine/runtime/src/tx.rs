@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::port::switch::Switch;
 use crate::port::tap::{NapiThreading, Tap, TapWriter};
 use hubnat_core::output::FrameBatch;
 
@@ -172,6 +173,46 @@ impl TapSender {
         }
         let failed = self.writer.send_all(out.iter());
         out.clear();
+        failed
+    }
+}
+
+/// A thread's way to the segment's ports: its own batched writer for the first TAP (if the
+/// segment has one), and the switch for the rest.
+pub struct PortSender {
+    tap: Option<TapSender>,
+    switch: Arc<Switch>,
+}
+
+impl PortSender {
+    /// `tap`: the calling thread's writer for the switch's batched port.
+    pub fn new(tap: Option<TapSender>, switch: Arc<Switch>) -> PortSender {
+        PortSender { tap, switch }
+    }
+
+    /// Where the TAP's NAPI polls run and how often they moved, when they are switched.
+    pub fn napi_state(&self) -> Option<(bool, u64)> {
+        self.tap.as_ref().and_then(TapSender::napi_state)
+    }
+
+    /// Sends every frame of `out` to its port and empties it (keeping its buffers). Returns
+    /// how many the batched TAP refused; the other ports count their own refusals.
+    pub fn send(&mut self, out: &mut FrameBatch) -> usize {
+        if out.is_empty() {
+            return 0;
+        }
+        if self.tap.is_none() || self.switch.several() {
+            let switch = &self.switch;
+            out.retain(|f| switch.egress(f));
+        }
+        let Some(tap) = &mut self.tap else {
+            out.clear();
+            return 0;
+        };
+        let frames = out.len() as u64;
+        let bytes = out.iter().map(|f| f.len() as u64).sum();
+        let failed = tap.send(out);
+        self.switch.count_batched_tx(frames, bytes, failed as u64);
         failed
     }
 }

@@ -17,6 +17,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::clock::{wait, Clock, SPIN};
 use crate::pool::ReadBufs;
+use crate::port::switch::{Switch, FIRST_TAP};
 use crate::port::tap::Tap;
 use crate::queues::Shared;
 use crate::router::Router;
@@ -24,7 +25,7 @@ use crate::sock::driver::SockDriver;
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
 use crate::tokens::{PORT, RING, WAKE};
-use crate::tx::{NapiSwitch, TapSender};
+use crate::tx::{NapiSwitch, PortSender, TapSender};
 use hubnat_core::config::Config;
 use hubnat_core::nat::SessionInfo;
 use hubnat_core::output::FrameBatch;
@@ -99,8 +100,11 @@ pub struct WorkerSetup {
     pub engine: Engine,
     pub backend: Backend,
     pub poll: Poll,
-    /// Where its frames are written (its own queue of a multiqueue TAP, or the one TAP).
-    pub tap_out: Arc<Tap>,
+    /// Where its frames for the segment's first TAP are written (its own queue of a
+    /// multiqueue TAP, or the one TAP); None: the segment has no TAP of the threads' own.
+    pub tap_out: Option<Arc<Tap>>,
+    /// The segment's ports (frames for the other ports go through it).
+    pub switch: Arc<Switch>,
     /// Its own queue of a multiqueue TAP, read by this worker.
     pub tap_in: Option<Arc<Tap>>,
     pub shared: Arc<Shared>,
@@ -126,7 +130,8 @@ struct Worker {
     host_events: Vec<hubnat_core::SockEvent>,
     wake: Vec<bool>,
     bufs: ReadBufs,
-    tx: TapSender,
+    tx: PortSender,
+    switch: Arc<Switch>,
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
     events: Option<Arc<dyn crate::events::EventSink>>,
@@ -188,7 +193,11 @@ impl Worker {
             host_events: Vec::new(),
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
-            tx: TapSender::new(s.tap_out, s.napi),
+            tx: PortSender::new(
+                s.tap_out.map(|t| TapSender::new(t, s.napi)),
+                Arc::clone(&s.switch),
+            ),
+            switch: s.switch,
             in_ring: s.backend == Backend::Uring,
             events: s.events,
         })
@@ -316,13 +325,24 @@ impl Worker {
         let Some(tap) = self.tap_in.clone() else {
             return Ok(());
         };
+        let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 let Some((buf, n, from_pool)) = self.bufs.recv(&tap, Some(&self.shared.pool))?
                 else {
                     self.flush();
+                    self.switch.count_rx(FIRST_TAP, frames, bytes);
                     return Ok(());
                 };
+                if self.switch.several() {
+                    if !self.switch.ingress(FIRST_TAP, &buf[..n]) {
+                        self.bufs.put_back(buf, from_pool);
+                        continue;
+                    }
+                } else {
+                    frames += 1;
+                    bytes += n as u64;
+                }
                 let cfg = &self.engine.ctx.cfg;
                 let to = self
                     .router

@@ -124,6 +124,29 @@ enum Cmd {
         #[arg(long, default_value_t = 65536)]
         bytes: u64,
     },
+    /// Stand in for a QEMU guest of a hubnat socket port: make a TAP in a network namespace and
+    /// relay its frames to and from hubnat's socket (QEMU's `-netdev stream` or `-netdev dgram`
+    /// framing) until hubnat closes the connection (exit 0) or something fails (exit 1).
+    SocketGuest {
+        /// The guest's network namespace: a name made by `ip netns add`, a PID or a path.
+        #[arg(long)]
+        netns: String,
+        /// The TAP device to make there.
+        #[arg(long)]
+        tap: String,
+        /// The TAP device's MTU.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// hubnat's stream socket (`stream:PATH`) to connect to.
+        #[arg(long, required_unless_present = "dgram", conflicts_with_all = ["dgram", "local"])]
+        stream: Option<std::path::PathBuf>,
+        /// hubnat's datagram socket (`dgram:PATH`) to send to.
+        #[arg(long, requires = "local")]
+        dgram: Option<std::path::PathBuf>,
+        /// The datagram socket to bind, where hubnat sends (with --dgram).
+        #[arg(long, requires = "dgram")]
+        local: Option<std::path::PathBuf>,
+    },
 }
 
 /// The seeded byte stream (xorshift64*), generated in blocks.
@@ -512,6 +535,376 @@ fn main() -> Result<()> {
             }
             println!("ok {conns} connections of {bytes} bytes");
             Ok(())
+        }
+        Cmd::SocketGuest {
+            netns,
+            tap,
+            mtu,
+            stream,
+            dgram,
+            local,
+        } => {
+            let transport = match (stream, dgram, local) {
+                (Some(path), None, None) => socket_guest::Transport::Stream(path),
+                (None, Some(remote), Some(local)) => {
+                    socket_guest::Transport::Dgram { remote, local }
+                }
+                _ => bail!("give --stream PATH, or --dgram PATH with --local PATH"),
+            };
+            socket_guest::run(&netns, &tap, mtu, transport)
+        }
+    }
+}
+
+/// `socket-guest`: what QEMU does with a guest's NIC on a socket netdev, with a TAP in a network
+/// namespace as the NIC, so that a kernel's TCP/IP stack can be a guest of a hubnat socket port.
+/// One thread polls both descriptors (edge-triggered), reads each until it has nothing more, and
+/// moves frames in batches: a stream's bytes in large reads and writes, the TAP's writes through
+/// a `TapWriter` (io_uring). Buffers are made once.
+mod socket_guest {
+    use std::io::{self, Read, Write};
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    use std::path::{Path, PathBuf};
+
+    use anyhow::{bail, Context, Result};
+    use hubnat_runtime::port::tap::{netns_path, Tap, TapWriter};
+    use mio::unix::SourceFd;
+    use mio::{Events, Interest, Poll, Token};
+
+    /// How the guest reaches hubnat.
+    pub enum Transport {
+        /// Connect to hubnat's stream socket.
+        Stream(PathBuf),
+        /// Bind `local` and exchange datagrams with hubnat's socket at `remote`.
+        Dgram { remote: PathBuf, local: PathBuf },
+    }
+
+    const TAP: Token = Token(0);
+    const SOCKET: Token = Token(1);
+    /// Stream bytes held each way: many frames per read and write.
+    const STREAM_BUFFER: usize = 256 * 1024;
+    /// Datagrams read before they go to the TAP together.
+    const DGRAM_BATCH: usize = 64;
+    /// The Ethernet header (and the shortest frame).
+    const ETHERNET_HEADER: usize = 14;
+    /// A frame's length prefix on a stream.
+    const LENGTH_PREFIX: usize = 4;
+
+    pub fn run(netns: &str, tap_name: &str, mtu: u32, transport: Transport) -> Result<()> {
+        let netns = netns_path(netns);
+        let tap = Tap::open_in_netns(tap_name, Some(mtu), &netns)
+            .with_context(|| format!("TAP {tap_name} in {}", netns.display()))?;
+        // The Ethernet header and a VLAN tag on top of the MTU.
+        let max_frame = mtu as usize + 18;
+        let ended = match transport {
+            Transport::Stream(path) => {
+                let socket = UnixStream::connect(&path)
+                    .with_context(|| format!("connect to {}", path.display()))?;
+                socket.set_nonblocking(true)?;
+                eprintln!("relaying {tap_name} to {}", path.display());
+                relay_stream(&tap, &socket, max_frame)?
+            }
+            Transport::Dgram { remote, local } => {
+                let bound = BoundPath::bind(&local)?;
+                let socket = &bound.socket;
+                socket
+                    .connect(&remote)
+                    .with_context(|| format!("connect to {}", remote.display()))?;
+                socket.set_nonblocking(true)?;
+                eprintln!(
+                    "relaying {tap_name} to {} from {}",
+                    remote.display(),
+                    local.display()
+                );
+                relay_dgram(&tap, socket, max_frame)?
+            }
+        };
+        eprintln!("{ended}");
+        Ok(())
+    }
+
+    /// The datagram socket bound at `--local`, whose file goes with it.
+    struct BoundPath {
+        path: PathBuf,
+        socket: UnixDatagram,
+    }
+
+    impl BoundPath {
+        fn bind(path: &Path) -> Result<BoundPath> {
+            // A socket file left by an earlier run would make the bind fail.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.file_type().is_socket() {
+                    bail!("{} exists and is not a socket", path.display());
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove the old socket {}", path.display()))?;
+            }
+            let socket =
+                UnixDatagram::bind(path).with_context(|| format!("bind {}", path.display()))?;
+            // hubnat sends to this path as the unprivileged user its sandbox became, and
+            // sending to a unix socket needs write permission on its file.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .with_context(|| format!("chmod {}", path.display()))?;
+            Ok(BoundPath {
+                path: path.to_owned(),
+                socket,
+            })
+        }
+    }
+
+    impl Drop for BoundPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// What the descriptors may give or take without blocking, as edge-triggered events say:
+    /// set by an event, cleared by a WouldBlock.
+    struct Ready {
+        tap: bool,
+        readable: bool,
+        writable: bool,
+    }
+
+    impl Ready {
+        /// Waits for events and notes them.
+        fn wait(&mut self, poll: &mut Poll, events: &mut Events) -> Result<()> {
+            match poll.poll(events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+                Err(e) => return Err(e).context("poll"),
+            }
+            for event in events.iter() {
+                if event.token() == TAP {
+                    self.tap = true;
+                } else {
+                    // Errors and hang-ups show in the next read or write.
+                    self.readable |=
+                        event.is_readable() || event.is_read_closed() || event.is_error();
+                    self.writable |=
+                        event.is_writable() || event.is_write_closed() || event.is_error();
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn poll_both(tap: &Tap, socket: RawFd) -> Result<(Poll, Events, Ready)> {
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&socket),
+            SOCKET,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let ready = Ready {
+            tap: true,
+            readable: true,
+            writable: true,
+        };
+        Ok((poll, Events::with_capacity(8), ready))
+    }
+
+    /// Whether a socket error means hubnat went away.
+    fn hubnat_gone(e: &io::Error) -> bool {
+        matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::NotFound
+        )
+    }
+
+    /// The whole frames at the start of `bytes` (each after its length): where they end.
+    fn whole_frames(bytes: &[u8], max_frame: usize) -> Result<usize> {
+        let mut at = 0;
+        while let Some(prefix) = bytes.get(at..at + LENGTH_PREFIX) {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if !(ETHERNET_HEADER..=max_frame).contains(&len) {
+                bail!("hubnat sent a frame length of {len} (frames are {ETHERNET_HEADER} to {max_frame} bytes)");
+            }
+            if bytes.len() - at < LENGTH_PREFIX + len {
+                break;
+            }
+            at += LENGTH_PREFIX + len;
+        }
+        Ok(at)
+    }
+
+    /// The frames of bytes `whole_frames` accepted.
+    fn frames(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+        std::iter::from_fn(move || {
+            let prefix = bytes.get(..LENGTH_PREFIX)?;
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            let frame = bytes.get(LENGTH_PREFIX..LENGTH_PREFIX + len)?;
+            bytes = &bytes[LENGTH_PREFIX + len..];
+            Some(frame)
+        })
+    }
+
+    /// Moves `buf[start..end]` to the front.
+    fn compact(buf: &mut [u8], start: &mut usize, end: &mut usize) {
+        if *start > 0 {
+            buf.copy_within(*start..*end, 0);
+            *end -= *start;
+            *start = 0;
+        }
+    }
+
+    /// Relays until hubnat closes the stream; why it ended.
+    fn relay_stream(tap: &Tap, socket: &UnixStream, max_frame: usize) -> Result<&'static str> {
+        let (mut poll, mut events, mut ready) = poll_both(tap, socket.as_raw_fd())?;
+        let mut writer = TapWriter::new(tap);
+        let mut socket = socket;
+        // Towards hubnat: length-prefixed frames read from the TAP, `out[out_start..out_end]`.
+        let mut out = vec![0u8; STREAM_BUFFER];
+        let (mut out_start, mut out_end) = (0, 0);
+        // From hubnat: `inb[in_start..in_end]`, whole frames and the start of the next.
+        let mut inb = vec![0u8; STREAM_BUFFER];
+        let (mut in_start, mut in_end) = (0, 0);
+        loop {
+            let mut progress = true;
+            while progress {
+                progress = false;
+                if ready.tap {
+                    if out.len() - out_end < LENGTH_PREFIX + max_frame {
+                        compact(&mut out, &mut out_start, &mut out_end);
+                    }
+                    while out.len() - out_end >= LENGTH_PREFIX + max_frame {
+                        let body = out_end + LENGTH_PREFIX;
+                        match tap.recv(&mut out[body..body + max_frame]) {
+                            Ok(n) => {
+                                out[out_end..body].copy_from_slice(&(n as u32).to_be_bytes());
+                                out_end = body + n;
+                                progress = true;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                ready.tap = false;
+                                break;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e).context("read the TAP"),
+                        }
+                    }
+                }
+                if ready.writable && out_end > out_start {
+                    match socket.write(&out[out_start..out_end]) {
+                        Ok(n) => {
+                            out_start += n;
+                            if out_start == out_end {
+                                (out_start, out_end) = (0, 0);
+                            }
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if hubnat_gone(&e) => return Ok("hubnat closed the connection"),
+                        Err(e) => return Err(e).context("write to hubnat"),
+                    }
+                }
+                if ready.readable {
+                    compact(&mut inb, &mut in_start, &mut in_end);
+                    match socket.read(&mut inb[in_end..]) {
+                        Ok(0) => {
+                            let whole = whole_frames(&inb[in_start..in_end], max_frame)?;
+                            writer.send_all(frames(&inb[in_start..in_start + whole]));
+                            return Ok("hubnat closed the connection");
+                        }
+                        Ok(n) => {
+                            in_end += n;
+                            progress = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.readable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if hubnat_gone(&e) => return Ok("hubnat closed the connection"),
+                        Err(e) => return Err(e).context("read from hubnat"),
+                    }
+                }
+                let whole = whole_frames(&inb[in_start..in_end], max_frame)?;
+                if whole > 0 {
+                    // A full TAP drops frames, as a wire would: TCP above recovers.
+                    writer.send_all(frames(&inb[in_start..in_start + whole]));
+                    in_start += whole;
+                    if in_start == in_end {
+                        (in_start, in_end) = (0, 0);
+                    }
+                }
+            }
+            ready.wait(&mut poll, &mut events)?;
+        }
+    }
+
+    /// Relays until hubnat's socket is gone; why it ended.
+    fn relay_dgram(tap: &Tap, socket: &UnixDatagram, max_frame: usize) -> Result<&'static str> {
+        let (mut poll, mut events, mut ready) = poll_both(tap, socket.as_raw_fd())?;
+        let mut writer = TapWriter::new(tap);
+        // From hubnat: a batch of datagrams, each in a slot one byte longer than a frame can
+        // be, so that one too long shows.
+        let slot = max_frame + 1;
+        let mut slots = vec![0u8; DGRAM_BATCH * slot];
+        let mut lens = [0usize; DGRAM_BATCH];
+        // Towards hubnat: the frame read from the TAP that the socket has not taken yet.
+        let mut held = vec![0u8; max_frame];
+        let mut held_len = None;
+        let mut bad = 0u64;
+        loop {
+            let mut progress = true;
+            while progress {
+                progress = false;
+                while ready.writable && (held_len.is_some() || ready.tap) {
+                    let n = match held_len {
+                        Some(n) => n,
+                        None => match tap.recv(&mut held) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                ready.tap = false;
+                                break;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => return Err(e).context("read the TAP"),
+                        },
+                    };
+                    held_len = Some(n);
+                    match socket.send(&held[..n]) {
+                        Ok(_) => {
+                            held_len = None;
+                            progress = true;
+                        }
+                        // hubnat's queue is full: the frame waits for room.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.writable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if hubnat_gone(&e) => return Ok("hubnat's socket is gone"),
+                        Err(e) => return Err(e).context("send to hubnat"),
+                    }
+                }
+                let mut count = 0;
+                while ready.readable && count < DGRAM_BATCH {
+                    match socket.recv(&mut slots[count * slot..(count + 1) * slot]) {
+                        Ok(n) if (ETHERNET_HEADER..=max_frame).contains(&n) => {
+                            lens[count] = n;
+                            count += 1;
+                        }
+                        Ok(n) => {
+                            bad += 1;
+                            eprintln!("dropped a datagram of {n} bytes from hubnat ({bad} so far)");
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.readable = false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if hubnat_gone(&e) => return Ok("hubnat's socket is gone"),
+                        Err(e) => return Err(e).context("receive from hubnat"),
+                    }
+                }
+                if count > 0 {
+                    let batch = (0..count).map(|i| &slots[i * slot..i * slot + lens[i]]);
+                    writer.send_all(batch);
+                    progress = true;
+                }
+            }
+            ready.wait(&mut poll, &mut events)?;
         }
     }
 }

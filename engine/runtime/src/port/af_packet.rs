@@ -21,7 +21,7 @@ pub struct PacketSocket {
     fd: OwnedFd,
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -34,7 +34,7 @@ fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
 }
 
-const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+pub(crate) const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
 
 impl PacketSocket {
     /// Opens a socket bound to interface `iface` of the calling thread's namespace, with reads
@@ -147,6 +147,13 @@ impl PacketSocket {
 impl AsRawFd for PacketSocket {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+/// The socket itself, for a port that takes an inherited one over (`PacketPort::from_fd`).
+impl From<PacketSocket> for OwnedFd {
+    fn from(sock: PacketSocket) -> OwnedFd {
+        sock.fd
     }
 }
 

@@ -36,6 +36,9 @@ pub struct TapSpec<'a> {
     pub name: &'a str,
     /// The network namespace to make it in (None: hubnat's own).
     pub netns: Option<PathBuf>,
+    /// The user namespace owning `netns`, to make the device from inside it (a rootless
+    /// container's: see `Tap::open_queues_in_namespaces`). Needs `netns`.
+    pub userns: Option<PathBuf>,
     /// The MTU to set.
     pub mtu: u32,
     /// The runtime's worker threads.
@@ -69,8 +72,8 @@ impl TapSpec<'_> {
             QueueMode::Auto if self.workers < 2 => self.open_napi(1)?,
             QueueMode::Auto => match self.open_napi(self.workers) {
                 Ok(t) => t,
-                Err(TapError::Attach { source, .. })
-                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                Err(TapError::Attach { error, .. })
+                    if error.raw_os_error() == Some(libc::EINVAL) =>
                 {
                     tracing::warn!(
                         "TAP {} exists as a single-queue device: the control thread reads it and \
@@ -85,9 +88,9 @@ impl TapSpec<'_> {
         let napi = match (threading, self.napi) {
             (None, _) => None,
             (Some(t), NapiMode::Threaded) => {
-                t.set(true).map_err(|source| TapError::Napi {
+                t.set(true).map_err(|error| TapError::Napi {
                     name: self.name.to_owned(),
-                    source,
+                    error,
                 })?;
                 None
             }
@@ -107,9 +110,13 @@ impl TapSpec<'_> {
 
     fn open_queues(&self, queues: usize, napi: bool) -> Result<Vec<Tap>, TapError> {
         let mtu = Some(self.mtu);
-        match &self.netns {
-            Some(path) => Tap::open_queues_in_netns(self.name, mtu, queues, napi, path),
-            None => Tap::open_queues(self.name, mtu, queues, napi),
+        match (&self.userns, &self.netns) {
+            (Some(user), Some(net)) => {
+                Tap::open_queues_in_namespaces(self.name, mtu, queues, napi, Some(user), net)
+            }
+            (Some(user), None) => Err(TapError::UsernsWithoutNetns { path: user.clone() }),
+            (None, Some(path)) => Tap::open_queues_in_netns(self.name, mtu, queues, napi, path),
+            (None, None) => Tap::open_queues(self.name, mtu, queues, napi),
         }
     }
 

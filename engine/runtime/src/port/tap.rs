@@ -19,38 +19,84 @@ use std::path::{Path, PathBuf};
 
 use crate::sock::uring::restrict_and_enable;
 
+/// Why a TAP could not be had. Each message says the system's reason itself; the reason is not
+/// also the error's `source`, which `{:#}` would print a second time.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("TAP device name `{0}` is empty or longer than 15 bytes")]
     BadName(String),
-    #[error("cannot open /dev/net/tun: {0}")]
+    #[error("cannot open /dev/net/tun: {}{}", .0, tun_hint(.0))]
     OpenTun(io::Error),
-    #[error("cannot create or attach TAP device `{name}`: {source}")]
-    Attach { name: String, source: io::Error },
-    #[error("cannot bring TAP device `{name}` up: {source}")]
-    Up { name: String, source: io::Error },
-    #[error("cannot set the MTU of TAP device `{name}` to {mtu}: {source}")]
+    #[error("cannot create or attach TAP device `{name}`: {error}")]
+    Attach { name: String, error: io::Error },
+    #[error("cannot bring TAP device `{name}` up: {error}")]
+    Up { name: String, error: io::Error },
+    #[error("cannot set the MTU of TAP device `{name}` to {mtu}: {error}")]
     Mtu {
         name: String,
         mtu: u32,
-        source: io::Error,
+        error: io::Error,
     },
-    #[error("cannot open network namespace {path}: {source}")]
-    OpenNetns { path: PathBuf, source: io::Error },
-    #[error("cannot enter network namespace {path}: {source}")]
-    EnterNetns { path: PathBuf, source: io::Error },
-    #[error("cannot move TAP device `{name}`'s NAPI polls to threads: {source}")]
-    Napi { name: String, source: io::Error },
+    #[error("cannot open network namespace {path}: {error}")]
+    OpenNetns { path: PathBuf, error: io::Error },
+    #[error("cannot enter network namespace {path}: {error}")]
+    EnterNetns { path: PathBuf, error: io::Error },
+    #[error("cannot move TAP device `{name}`'s NAPI polls to threads: {error}")]
+    Napi { name: String, error: io::Error },
+    #[error("cannot open the user namespace {}: {error}", ns_name(.path))]
+    OpenUserns { path: PathBuf, error: io::Error },
+    #[error("cannot join the user namespace {}: {error}{}", ns_name(.path), join_hint(.error))]
+    EnterUserns { path: PathBuf, error: io::Error },
+    #[error("user namespace {}: name the network namespace to make the TAP in too (--netns)", ns_name(.path))]
+    UsernsWithoutNetns { path: PathBuf },
+    #[error("cannot start the process that joins the guest's namespaces: {0}")]
+    HelperStart(io::Error),
+    #[error("the process that opens TAP device `{name}` in the guest's namespaces {what}")]
+    Helper { name: String, what: String },
+    #[error("descriptor {fd} is not a TAP device: {why}")]
+    NotTap { fd: RawFd, why: String },
+}
+
+/// A namespace file as an operator named it: "of PID N" for /proc/N/ns/..., else its path.
+fn ns_name(path: &Path) -> String {
+    let pid = path
+        .strip_prefix("/proc")
+        .ok()
+        .and_then(|rest| rest.iter().next())
+        .and_then(|p| p.to_str())
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    match pid {
+        Some(pid) => format!("of PID {pid}"),
+        None => format!("at {}", path.display()),
+    }
+}
+
+/// Why an ordinary user may be refused /dev/net/tun.
+fn tun_hint(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EACCES) => " (an unprivileged user needs it readable and writable: mode 0666)",
+        _ => "",
+    }
+}
+
+/// What an operator can do about a refused join.
+fn join_hint(error: &io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EPERM) => " (run hubnat as the user that made the namespace, or as root)",
+        _ => "",
+    }
 }
 
 /// `ifreq` as the TUN/TAP and interface ioctls take it: a name and a union we use as flags or MTU.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct IfReq {
     name: [libc::c_char; libc::IFNAMSIZ],
     data: IfReqData,
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 union IfReqData {
     flags: libc::c_short,
     mtu: libc::c_int,
@@ -113,9 +159,7 @@ impl Tap {
     }
 
     fn attach(name: &str, multi_queue: bool, napi: bool) -> Result<Tap, TapError> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
-            return Err(TapError::BadName(name.to_owned()));
-        }
+        check_name(name)?;
         let path = CString::new("/dev/net/tun").expect("no NUL");
         // SAFETY: `path` is a valid NUL-terminated string; the returned fd is checked below.
         let raw = unsafe {
@@ -130,19 +174,12 @@ impl Tap {
         // SAFETY: `raw` is a freshly opened fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq::new(name);
-        let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
-        if multi_queue {
-            flags |= libc::IFF_MULTI_QUEUE;
-        }
-        if napi {
-            flags |= libc::IFF_NAPI;
-        }
-        req.data.flags = flags as libc::c_short;
+        req.data.flags = tap_flags(multi_queue, napi);
         // SAFETY: TUNSETIFF reads and writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })
-            .map_err(|source| TapError::Attach {
+            .map_err(|error| TapError::Attach {
                 name: name.to_owned(),
-                source,
+                error,
             })?;
         Ok(Tap {
             fd,
@@ -165,28 +202,182 @@ impl Tap {
         napi: bool,
         netns: &Path,
     ) -> Result<Vec<Tap>, TapError> {
-        let target = File::open(netns).map_err(|source| TapError::OpenNetns {
+        let target = File::open(netns).map_err(|error| TapError::OpenNetns {
             path: netns.to_owned(),
-            source,
+            error,
         })?;
         let own_path = Path::new("/proc/thread-self/ns/net");
-        let own = File::open(own_path).map_err(|source| TapError::OpenNetns {
+        let own = File::open(own_path).map_err(|error| TapError::OpenNetns {
             path: own_path.to_owned(),
-            source,
+            error,
         })?;
-        setns(target.as_fd()).map_err(|source| TapError::EnterNetns {
+        setns(target.as_fd()).map_err(|error| TapError::EnterNetns {
             path: netns.to_owned(),
-            source,
+            error,
         })?;
         let result = Tap::open_queues(name, mtu, queues, napi);
-        if let Err(source) = setns(own.as_fd()) {
+        if let Err(error) = setns(own.as_fd()) {
             // Staying in the guest's namespace would send host traffic into it: refuse to go on.
             return Err(TapError::EnterNetns {
                 path: own_path.to_owned(),
-                source,
+                error,
             });
         }
         result
+    }
+
+    /// `open_queues` inside the user namespace at `userns` and the network namespace at
+    /// `netns` (without `userns`, as `open_queues_in_netns`), as slirp4netns does for rootless
+    /// containers: where hubnat is not root, only a process inside the user namespace that owns
+    /// the guest's network namespace may create a device there. A multithreaded process cannot
+    /// join a user namespace and no process can leave one, so a forked child joins both, opens
+    /// the queues, sets the MTU, brings the link up and sends the queues' descriptors back;
+    /// hubnat itself, and its host sockets, stay where they are.
+    pub fn open_queues_in_namespaces(
+        name: &str,
+        mtu: Option<u32>,
+        queues: usize,
+        napi: bool,
+        userns: Option<&Path>,
+        netns: &Path,
+    ) -> Result<Vec<Tap>, TapError> {
+        let Some(userns) = userns else {
+            return Tap::open_queues_in_netns(name, mtu, queues, napi, netns);
+        };
+        check_name(name)?;
+        let user = File::open(userns).map_err(|error| TapError::OpenUserns {
+            path: userns.to_owned(),
+            error,
+        })?;
+        let net = File::open(netns).map_err(|error| TapError::OpenNetns {
+            path: netns.to_owned(),
+            error,
+        })?;
+        // The kernel refuses to join the user namespace one is already in (a root hubnat
+        // named its own, say): there is nothing to join then.
+        let join_user = !same_file(&user, Path::new("/proc/self/ns/user"));
+        let queues = queues.max(1);
+        let mut attach = IfReq::new(name);
+        attach.data.flags = tap_flags(queues > 1, napi);
+        let set_mtu = mtu.map(|mtu| {
+            let mut req = IfReq::new(name);
+            req.data.mtu = mtu as libc::c_int;
+            req
+        });
+        let plan = HelperPlan {
+            userns: join_user.then(|| user.as_raw_fd()),
+            netns: net.as_raw_fd(),
+            attach,
+            mtu: set_mtu,
+            link: IfReq::new(name),
+        };
+        let fds = run_helper(&plan, queues).map_err(|failure| {
+            let os_error = |errno| io::Error::from_raw_os_error(errno);
+            match failure {
+                HelperFailure::Step(Step::JoinUser, errno) => TapError::EnterUserns {
+                    path: userns.to_owned(),
+                    error: os_error(errno),
+                },
+                HelperFailure::Step(Step::JoinNet, errno) => TapError::EnterNetns {
+                    path: netns.to_owned(),
+                    error: os_error(errno),
+                },
+                HelperFailure::Step(Step::OpenTun, errno) => TapError::OpenTun(os_error(errno)),
+                HelperFailure::Step(Step::Attach, errno) => TapError::Attach {
+                    name: name.to_owned(),
+                    error: os_error(errno),
+                },
+                HelperFailure::Step(Step::Mtu, errno) => TapError::Mtu {
+                    name: name.to_owned(),
+                    mtu: mtu.unwrap_or_default(),
+                    error: os_error(errno),
+                },
+                HelperFailure::Step(Step::Control | Step::Up, errno) => TapError::Up {
+                    name: name.to_owned(),
+                    error: os_error(errno),
+                },
+                HelperFailure::Step(Step::Send, errno) => TapError::Helper {
+                    name: name.to_owned(),
+                    what: format!("could not send the queues back: {}", os_error(errno)),
+                },
+                HelperFailure::Step(step @ (Step::Queues | Step::Done), _) => TapError::Helper {
+                    name: name.to_owned(),
+                    what: format!("answered out of turn ({step:?})"),
+                },
+                HelperFailure::Start(e) => TapError::HelperStart(e),
+                HelperFailure::Other(what) => TapError::Helper {
+                    name: name.to_owned(),
+                    what,
+                },
+            }
+        })?;
+        Ok(fds
+            .into_iter()
+            .map(|fd| Tap {
+                fd,
+                name: name.to_owned(),
+            })
+            .collect())
+    }
+
+    /// A TAP queue opened by someone else and handed over as a descriptor (a launcher that
+    /// made the device, as libvirt or a container runtime does). It must be a TUN/TAP
+    /// character device attached to a TAP (Ethernet frames, without packet-information or
+    /// virtio-net headers); its name is the kernel's (TUNGETIFF). The descriptor is made
+    /// non-blocking, which the launcher's copies of it see too.
+    pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
+        use std::os::unix::fs::FileTypeExt;
+        let raw = fd.as_raw_fd();
+        let not_tap = |why: String| TapError::NotTap { fd: raw, why };
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| not_tap(format!("cannot look at it: {e}")))?;
+        if !meta.file_type().is_char_device() {
+            return Err(not_tap("not a character device".into()));
+        }
+        let fd = OwnedFd::from(file);
+        let mut req = IfReq::new("");
+        // SAFETY: TUNGETIFF writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
+        if let Err(e) = check(unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req as *mut IfReq) })
+        {
+            return Err(not_tap(match e.raw_os_error() {
+                Some(libc::EBADFD) => "a TUN/TAP descriptor with no device attached".into(),
+                Some(libc::ENOTTY | libc::EINVAL) => "not a TUN/TAP descriptor".into(),
+                _ => format!("cannot ask for its device: {e}"),
+            }));
+        }
+        // SAFETY: TUNGETIFF filled the `flags` member of the union.
+        let flags = libc::c_int::from(unsafe { req.data.flags });
+        if flags & libc::IFF_TAP == 0 {
+            return Err(not_tap("a TUN device (IP packets), not a TAP".into()));
+        }
+        if flags & libc::IFF_NO_PI == 0 {
+            return Err(not_tap(
+                "its frames carry packet-information headers (no IFF_NO_PI)".into(),
+            ));
+        }
+        if flags & libc::IFF_VNET_HDR != 0 {
+            return Err(not_tap("its frames carry virtio-net headers".into()));
+        }
+        let len = req
+            .name
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(req.name.len());
+        let bytes: Vec<u8> = req.name[..len].iter().map(|&c| c as u8).collect();
+        let name = String::from_utf8(bytes)
+            .ok()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| not_tap("its device has no readable name".into()))?;
+        // SAFETY: F_GETFL and F_SETFL on a descriptor owned here; results are checked.
+        let mode = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if mode < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, mode | libc::O_NONBLOCK) } < 0 {
+            let e = io::Error::last_os_error();
+            return Err(not_tap(format!("cannot make it non-blocking: {e}")));
+        }
+        Ok(Tap { fd, name })
     }
 
     pub fn name(&self) -> &str {
@@ -206,9 +397,9 @@ impl Tap {
     }
 
     fn bring_up(&self) -> Result<(), TapError> {
-        let err = |source| TapError::Up {
+        let err = |error| TapError::Up {
             name: self.name.clone(),
-            source,
+            error,
         };
         let mut req = IfReq::new(&self.name);
         self.ifreq_ioctl(libc::SIOCGIFFLAGS, &mut req)
@@ -223,10 +414,10 @@ impl Tap {
         let mut req = IfReq::new(&self.name);
         req.data.mtu = mtu as libc::c_int;
         self.ifreq_ioctl(libc::SIOCSIFMTU, &mut req)
-            .map_err(|source| TapError::Mtu {
+            .map_err(|error| TapError::Mtu {
                 name: self.name.clone(),
                 mtu,
-                source,
+                error,
             })
     }
 
@@ -389,6 +580,403 @@ impl AsRawFd for Tap {
     }
 }
 
+fn check_name(name: &str) -> Result<(), TapError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+        return Err(TapError::BadName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// TUNSETIFF's flags for one queue of a TAP device.
+fn tap_flags(multi_queue: bool, napi: bool) -> libc::c_short {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    if napi {
+        flags |= libc::IFF_NAPI;
+    }
+    flags as libc::c_short
+}
+
+/// Whether `file` is the file at `path` (same device and inode).
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// What the namespace helper process (`Tap::open_queues_in_namespaces`) is to do, all of it
+/// prepared before the fork.
+struct HelperPlan {
+    /// The user namespace to join first (None: hubnat is in it already).
+    userns: Option<RawFd>,
+    netns: RawFd,
+    /// TUNSETIFF's request for each queue.
+    attach: IfReq,
+    /// SIOCSIFMTU's request, when an MTU is to be set.
+    mtu: Option<IfReq>,
+    /// The device's name, for SIOCGIFFLAGS and SIOCSIFFLAGS.
+    link: IfReq,
+}
+
+/// The helper's steps, as its reports name them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+enum Step {
+    /// A report carrying queue descriptors.
+    Queues = 1,
+    /// Every queue sent: the last report of a helper that succeeded.
+    Done,
+    JoinUser,
+    JoinNet,
+    OpenTun,
+    Attach,
+    /// The socket interface ioctls go through.
+    Control,
+    Mtu,
+    Up,
+    /// Sending the descriptors back.
+    Send,
+}
+
+impl Step {
+    fn from_u32(n: u32) -> Option<Step> {
+        [
+            Step::Queues,
+            Step::Done,
+            Step::JoinUser,
+            Step::JoinNet,
+            Step::OpenTun,
+            Step::Attach,
+            Step::Control,
+            Step::Mtu,
+            Step::Up,
+            Step::Send,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == n)
+    }
+}
+
+/// One message from the helper: a step and, for a failed one, its errno.
+const REPORT_LEN: usize = 8;
+
+fn report_bytes(step: Step, errno: i32) -> [u8; REPORT_LEN] {
+    let mut b = [0u8; REPORT_LEN];
+    b[..4].copy_from_slice(&(step as u32).to_ne_bytes());
+    b[4..].copy_from_slice(&errno.to_ne_bytes());
+    b
+}
+
+/// Descriptors per message: below the kernel's SCM_MAX_FD (253), and a TAP has at most 256
+/// queues.
+const FDS_PER_MESSAGE: usize = 64;
+// SAFETY: CMSG_SPACE only computes a size.
+const CMSG_BUF_LEN: usize =
+    unsafe { libc::CMSG_SPACE((FDS_PER_MESSAGE * std::mem::size_of::<RawFd>()) as u32) } as usize;
+
+/// Control-message room for `FDS_PER_MESSAGE` descriptors, aligned as `cmsghdr` must be.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_BUF_LEN]);
+
+/// How long the helper may take: its work is a few system calls, so only a helper stuck in
+/// the kernel takes longer.
+const HELPER_TIMEOUT_SECS: libc::time_t = 10;
+
+enum HelperFailure {
+    Start(io::Error),
+    Step(Step, i32),
+    Other(String),
+}
+
+/// Forks the namespace helper, which carries out `plan` for `queues` queues; returns their
+/// descriptors, or why there are none. The helper is always waited for.
+fn run_helper(plan: &HelperPlan, queues: usize) -> Result<Vec<OwnedFd>, HelperFailure> {
+    let mut pair = [-1; 2];
+    // SAFETY: `pair` has room for the two descriptors socketpair writes.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    })
+    .map_err(HelperFailure::Start)?;
+    // SAFETY: socketpair succeeded: both descriptors are new and owned here.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let timeout = libc::timeval {
+        tv_sec: HELPER_TIMEOUT_SECS,
+        tv_usec: 0,
+    };
+    // SAFETY: SO_RCVTIMEO reads a `timeval` of the given size, which outlives the call.
+    check(unsafe {
+        libc::setsockopt(
+            ours.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map_err(HelperFailure::Start)?;
+    // The helper fills these in: it may not allocate.
+    let mut slots = vec![-1 as RawFd; queues];
+    // SAFETY: the child runs only `helper_main`, which makes raw system calls on memory
+    // prepared here and ends with _exit: nothing that another thread of this process could
+    // have left locked at the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(HelperFailure::Start(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        helper_main(plan, &mut slots, theirs.as_raw_fd());
+    }
+    // Only the helper may hold its end: its exit is then seen here as the end of the stream.
+    drop(theirs);
+    let mut fds = Vec::with_capacity(queues);
+    let answer = loop {
+        match recv_report(&ours, &mut fds) {
+            Ok(Some((Some(Step::Queues), _))) => continue,
+            other => break other,
+        }
+    };
+    if answer.is_err() {
+        // Stuck or babbling: it is ours to end.
+        // SAFETY: `pid` is the helper forked above and not yet waited for.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let status = reap(pid);
+    match answer {
+        Ok(Some((Some(Step::Done), _))) if fds.len() == queues => Ok(fds),
+        Ok(Some((Some(Step::Done), _))) => Err(HelperFailure::Other(format!(
+            "sent {} descriptors for {queues} queues",
+            fds.len()
+        ))),
+        Ok(Some((Some(step), errno))) => Err(HelperFailure::Step(step, errno)),
+        Ok(Some((None, _))) => Err(HelperFailure::Other("sent an unknown report".into())),
+        Ok(None) => Err(HelperFailure::Other(format!(
+            "ended without an answer ({status})"
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(HelperFailure::Other(format!(
+            "did not answer within {HELPER_TIMEOUT_SECS} s"
+        ))),
+        Err(e) => Err(HelperFailure::Other(format!("could not be heard: {e}"))),
+    }
+}
+
+/// Waits for process `pid` to end; says how it ended.
+fn reap(pid: libc::pid_t) -> String {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is valid for the write; `pid` is a child of this process.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return if libc::WIFEXITED(status) {
+                format!("exit status {}", libc::WEXITSTATUS(status))
+            } else if libc::WIFSIGNALED(status) {
+                format!("killed by signal {}", libc::WTERMSIG(status))
+            } else {
+                format!("wait status {status}")
+            };
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return format!("not waited for: {e}");
+        }
+    }
+}
+
+/// Receives one report (None at the end of the stream) and appends the descriptors it
+/// carries to `fds` (close-on-exec).
+#[allow(clippy::type_complexity)]
+fn recv_report(sock: &OwnedFd, fds: &mut Vec<OwnedFd>) -> io::Result<Option<(Option<Step>, i32)>> {
+    let mut bytes = [0u8; REPORT_LEN];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: REPORT_LEN,
+    };
+    let mut control = CmsgBuf([0; CMSG_BUF_LEN]);
+    // SAFETY: msghdr is plain data; all-zero is an empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CMSG_BUF_LEN as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` and `control`, which outlive the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Every descriptor that arrived is owned (and so closed) before anything else can fail.
+    // SAFETY: `msg` was filled in by recvmsg; the CMSG_* walk stays within `msg_controllen`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a header inside `control`, as CMSG_FIRSTHDR/CMSG_NXTHDR give them.
+        let (level, kind, len) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_LEN only computes a size.
+            let (data, header) = unsafe { (libc::CMSG_DATA(cmsg), libc::CMSG_LEN(0) as usize) };
+            // `cmsg_len` is a usize with glibc, a u32 with musl.
+            #[allow(clippy::unnecessary_cast)]
+            let count = (len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+            for i in 0..count {
+                // SAFETY: the kernel wrote `count` descriptors after the header; each is new
+                // to this process and owned by nothing else.
+                fds.push(unsafe {
+                    OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.cast::<RawFd>().add(i)))
+                });
+            }
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("descriptors were cut off"));
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    if n as usize != REPORT_LEN {
+        return Err(io::Error::other(format!("a report of {n} bytes")));
+    }
+    let step = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let errno = i32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    Ok(Some((Step::from_u32(step), errno)))
+}
+
+/// The namespace helper's whole life, in the child of a fork made by a possibly multithreaded
+/// process: raw system calls on memory prepared before the fork only (no allocation, no
+/// locks, no unwinding), and _exit.
+fn helper_main(plan: &HelperPlan, slots: &mut [RawFd], sock: RawFd) -> ! {
+    let (step, errno) = match helper_steps(plan, slots, sock) {
+        Ok(()) => (Step::Done, 0),
+        Err(failed) => failed,
+    };
+    // A lost report is seen by the parent as an exit without an answer.
+    let _ = send_report(sock, step, errno, &[]);
+    // SAFETY: ends this forked copy at once, running none of the parent's exit handlers.
+    unsafe { libc::_exit(if step == Step::Done { 0 } else { 1 }) }
+}
+
+fn last_errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn helper_steps(plan: &HelperPlan, slots: &mut [RawFd], sock: RawFd) -> Result<(), (Step, i32)> {
+    let fail = |step| (step, last_errno());
+    if let Some(userns) = plan.userns {
+        // SAFETY: setns on a namespace descriptor changes only this (single-threaded) process.
+        if unsafe { libc::setns(userns, libc::CLONE_NEWUSER) } < 0 {
+            return Err(fail(Step::JoinUser));
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setns(plan.netns, libc::CLONE_NEWNET) } < 0 {
+        return Err(fail(Step::JoinNet));
+    }
+    for slot in slots.iter_mut() {
+        // SAFETY: a constant NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(fail(Step::OpenTun));
+        }
+        *slot = fd;
+        let mut req = plan.attach;
+        // SAFETY: TUNSETIFF reads and writes an `ifreq`, which `IfReq` lays out.
+        if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req as *mut IfReq) } < 0 {
+            return Err(fail(Step::Attach));
+        }
+    }
+    // Made here, so that it is a socket of the guest's network namespace.
+    // SAFETY: plain socket creation; the result is checked.
+    let control = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if control < 0 {
+        return Err(fail(Step::Control));
+    }
+    if let Some(mut req) = plan.mtu {
+        // SAFETY: SIOCSIFMTU reads an `ifreq`.
+        if unsafe { libc::ioctl(control, libc::SIOCSIFMTU, &mut req as *mut IfReq) } < 0 {
+            return Err(fail(Step::Mtu));
+        }
+    }
+    let mut req = plan.link;
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write an `ifreq`.
+    if unsafe { libc::ioctl(control, libc::SIOCGIFFLAGS, &mut req as *mut IfReq) } < 0 {
+        return Err(fail(Step::Up));
+    }
+    // SAFETY: SIOCGIFFLAGS filled the `flags` member of the union.
+    let flags = unsafe { req.data.flags };
+    req.data.flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(control, libc::SIOCSIFFLAGS, &mut req as *mut IfReq) } < 0 {
+        return Err(fail(Step::Up));
+    }
+    for chunk in slots.chunks(FDS_PER_MESSAGE) {
+        if let Err(e) = send_report(sock, Step::Queues, 0, chunk) {
+            return Err((Step::Send, e));
+        }
+    }
+    Ok(())
+}
+
+/// Sends one report with `fds` attached (at most `FDS_PER_MESSAGE`); the errno on failure.
+/// Safe to call in the helper: no allocation.
+fn send_report(sock: RawFd, step: Step, errno: i32, fds: &[RawFd]) -> Result<(), i32> {
+    let bytes = report_bytes(step, errno);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: REPORT_LEN,
+    };
+    let mut control = CmsgBuf([0; CMSG_BUF_LEN]);
+    // SAFETY: msghdr is plain data; all-zero is an empty header, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let fds = &fds[..fds.len().min(FDS_PER_MESSAGE)];
+    if !fds.is_empty() {
+        let payload = std::mem::size_of_val(fds) as u32;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size, at most CMSG_BUF_LEN here.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as _;
+        // SAFETY: `msg_control` holds room for one header and `payload` bytes of data, as
+        // CMSG_SPACE computed; CMSG_FIRSTHDR is then non-null and CMSG_DATA within it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload as usize,
+            );
+        }
+    }
+    // SAFETY: `msg` points at `iov`, `bytes` and `control`, which outlive the call.
+    if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: `fd` is an open namespace fd; setns only changes this thread's namespace.
     check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })
@@ -496,18 +1084,41 @@ impl NapiThreading {
 
 /// Resolves `--netns`: a path, a PID (its /proc/PID/ns/net), or a name made by `ip netns add`.
 pub fn netns_path(spec: &str) -> PathBuf {
+    ns_path(spec, "net").unwrap_or_else(|| PathBuf::from(format!("/run/netns/{spec}")))
+}
+
+/// Resolves `--userns`: a path, or a PID (its /proc/PID/ns/user).
+pub fn userns_path(spec: &str) -> PathBuf {
+    ns_path(spec, "user").unwrap_or_else(|| PathBuf::from(spec))
+}
+
+/// The network namespace of the process `--userns` names (by PID or as /proc/PID/ns/user), for
+/// `--userns` without `--netns`; None where it names no process.
+pub fn userns_netns(spec: &str) -> Option<PathBuf> {
+    let path = userns_path(spec);
+    let pid = path
+        .to_str()?
+        .strip_prefix("/proc/")?
+        .strip_suffix("/ns/user")?;
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| PathBuf::from(format!("/proc/{pid}/ns/net")))
+}
+
+/// A PID's namespace of `kind` (/proc/PID/ns/KIND), or a path; None for anything else.
+fn ns_path(spec: &str, kind: &str) -> Option<PathBuf> {
     if spec.bytes().all(|b| b.is_ascii_digit()) && !spec.is_empty() {
-        PathBuf::from(format!("/proc/{spec}/ns/net"))
+        Some(PathBuf::from(format!("/proc/{spec}/ns/{kind}")))
     } else if spec.contains('/') {
-        PathBuf::from(spec)
+        Some(PathBuf::from(spec))
     } else {
-        PathBuf::from(format!("/run/netns/{spec}"))
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::port::af_packet::{Direction, PacketSocket};
 
     #[test]
     fn netns_specs() {
@@ -545,6 +1156,228 @@ mod tests {
             Tap::open("a-name-that-is-too-long", None),
             Err(TapError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn userns_specs() {
+        assert_eq!(userns_path("1234"), PathBuf::from("/proc/1234/ns/user"));
+        assert_eq!(userns_path("/run/user/ns"), PathBuf::from("/run/user/ns"));
+        assert_eq!(
+            userns_netns("1234"),
+            Some(PathBuf::from("/proc/1234/ns/net"))
+        );
+        assert_eq!(
+            userns_netns("/proc/77/ns/user"),
+            Some(PathBuf::from("/proc/77/ns/net"))
+        );
+        assert_eq!(userns_netns("/run/user/ns"), None);
+        assert_eq!(userns_netns("/proc/self/ns/user"), None);
+    }
+
+    #[test]
+    fn namespaces_are_named_as_operators_give_them() {
+        assert_eq!(ns_name(Path::new("/proc/1234/ns/user")), "of PID 1234");
+        assert_eq!(ns_name(Path::new("/run/netns/g")), "at /run/netns/g");
+        let e = TapError::EnterUserns {
+            path: "/proc/1234/ns/user".into(),
+            error: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot join the user namespace of PID 1234: ")
+                && text.contains("as the user that made the namespace"),
+            "{text}"
+        );
+    }
+
+    /// The helper's failure to join comes back as the step that failed, with its errno
+    /// (a file that is not a namespace: refused to anyone, so this runs unprivileged too).
+    #[test]
+    fn the_helper_reports_the_step_that_failed() {
+        let not_a_namespace = Path::new("/proc/self/status");
+        let own_net = Path::new("/proc/self/ns/net");
+        match Tap::open_queues_in_namespaces(
+            "hnfail0",
+            None,
+            1,
+            false,
+            Some(not_a_namespace),
+            own_net,
+        ) {
+            Err(TapError::EnterUserns { path, error }) => {
+                assert_eq!(path, not_a_namespace);
+                assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("joined a file that is not a namespace"),
+        }
+        // Its own user namespace is not joined again: the next step is the one that fails.
+        let own_user = Path::new("/proc/self/ns/user");
+        match Tap::open_queues_in_namespaces(
+            "hnfail0",
+            None,
+            1,
+            false,
+            Some(own_user),
+            not_a_namespace,
+        ) {
+            Err(TapError::EnterNetns { path, error }) => {
+                assert_eq!(path, not_a_namespace);
+                assert_eq!(error.raw_os_error(), Some(libc::EINVAL));
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("joined a file that is not a namespace"),
+        }
+        assert!(matches!(
+            Tap::open_queues_in_namespaces(
+                "hnfail0",
+                None,
+                1,
+                false,
+                Some(Path::new("/nonexistent/ns")),
+                own_net
+            ),
+            Err(TapError::OpenUserns { .. })
+        ));
+    }
+
+    /// A process in a user and network namespace of its own (a rootless container's), ended
+    /// by PID when dropped.
+    struct Container(std::process::Child);
+
+    impl Container {
+        /// None where `unshare` cannot make one here.
+        fn start() -> Option<Container> {
+            let child = std::process::Command::new("unshare")
+                .args(["--user", "--map-root-user", "--net", "sleep", "60"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()?;
+            let c = Container(child);
+            let pid = c.0.id();
+            for _ in 0..250 {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+                if comm.trim() == "sleep" {
+                    return Some(c);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            None
+        }
+
+        fn ns(&self, kind: &str) -> PathBuf {
+            PathBuf::from(format!("/proc/{}/ns/{kind}", self.0.id()))
+        }
+    }
+
+    impl Drop for Container {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Through the helper, a multiqueue TAP with more queues than one message carries is made
+    /// in a container's namespaces, with its MTU, up; every queue is a working descriptor of
+    /// it there. Needs root (to open /dev/net/tun and watch the device); skipped without.
+    #[test]
+    fn a_tap_is_made_inside_a_containers_namespaces() {
+        if !running_as_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let Some(container) = Container::start() else {
+            eprintln!("skipped: no user namespaces here");
+            return;
+        };
+        let queues = FDS_PER_MESSAGE + 6;
+        let (user, net) = (container.ns("user"), container.ns("net"));
+        let taps =
+            Tap::open_queues_in_namespaces("hnuser0", Some(1280), queues, false, Some(&user), &net)
+                .expect("TAP in the container's namespaces");
+        assert_eq!(taps.len(), queues);
+        let mut raw: Vec<RawFd> = taps.iter().map(|t| t.as_raw_fd()).collect();
+        raw.sort_unstable();
+        raw.dedup();
+        assert_eq!(raw.len(), queues, "descriptors repeat");
+        for t in &taps {
+            // SAFETY: F_GETFD on a descriptor `t` owns.
+            let fd_flags = unsafe { libc::fcntl(t.as_raw_fd(), libc::F_GETFD) };
+            assert!(fd_flags >= 0 && fd_flags & libc::FD_CLOEXEC != 0);
+        }
+        let capture =
+            PacketSocket::open_in_netns("hnuser0", &net, std::time::Duration::from_secs(2))
+                .expect("packet socket in the container's namespace");
+        let frame = test_support::frame(7, 200);
+        taps[queues - 1]
+            .send(&frame)
+            .expect("write to the last queue");
+        let mut buf = vec![0u8; 2048];
+        let got = loop {
+            match capture.recv(&mut buf).expect("capture") {
+                Some((n, Direction::Incoming)) if buf[12..14] == [0x88, 0xb5] => {
+                    break buf[..n].to_vec()
+                }
+                Some(_) => {}
+                None => panic!("the frame did not reach the container's device"),
+            }
+        };
+        assert_eq!(got, frame);
+        // MTU and state as the helper set them, in the container's namespace only.
+        let show = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", net.display()))
+            .args(["ip", "-o", "link", "show", "hnuser0"])
+            .output()
+            .expect("nsenter");
+        let text = String::from_utf8_lossy(&show.stdout);
+        assert!(text.contains("mtu 1280") && text.contains(",UP"), "{text}");
+        // SAFETY: a constant NUL-terminated name.
+        assert_eq!(unsafe { libc::if_nametoindex(c"hnuser0".as_ptr()) }, 0);
+    }
+
+    fn running_as_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// A duplicate of a TAP queue's descriptor, handed over as a launcher would, is a TAP
+    /// again: same name, and frames written to it reach the device.
+    #[test]
+    fn a_tap_is_taken_from_an_inherited_descriptor() {
+        test_support::with_tap_and_capture("hnfd0", false, |tap, capture| {
+            let dup = tap.fd.try_clone().expect("dup");
+            drop(tap);
+            let tap = Tap::from_fd(dup).expect("a TAP from its descriptor");
+            assert_eq!(tap.name(), "hnfd0");
+            let frame = test_support::frame(3, 120);
+            tap.send(&frame).expect("write");
+            assert_eq!(capture(1), vec![frame]);
+        });
+    }
+
+    #[test]
+    fn descriptors_that_are_not_taps_are_refused() {
+        let pipe = File::open("/proc/self/status").expect("a regular file");
+        match Tap::from_fd(pipe.into()) {
+            Err(TapError::NotTap { why, .. }) => assert!(why.contains("character device"), "{why}"),
+            other => panic!("accepted a regular file: {:?}", other.map(|t| t.name)),
+        }
+        let null = File::open("/dev/null").expect("/dev/null");
+        match Tap::from_fd(null.into()) {
+            Err(TapError::NotTap { why, .. }) => assert!(why.contains("not a TUN/TAP"), "{why}"),
+            other => panic!("accepted /dev/null: {:?}", other.map(|t| t.name)),
+        }
+        // /dev/net/tun before TUNSETIFF: no device yet (where this user may open it).
+        if let Ok(tun) = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+        {
+            match Tap::from_fd(tun.into()) {
+                Err(TapError::NotTap { why, .. }) => assert!(why.contains("no device"), "{why}"),
+                other => panic!("accepted a bare /dev/net/tun: {:?}", other.map(|t| t.name)),
+            }
+        }
     }
 }
 
