@@ -8,9 +8,10 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{ctl, ctl_json, must, testsrv_bin, wait_until, Lab, Netns, Proc, SERVER_IP};
@@ -331,4 +332,46 @@ fn attach_serves_guests_on_a_bridge() {
     // Both guests, and the bridge itself (its own frames: IPv6 solicitations and the like).
     assert!(p["macs"].as_u64().unwrap() >= 2, "both guests learned: {p}");
     assert_eq!(p["malformed"], 0, "{p}");
+}
+
+/// `--fd`: a launcher hands hubnat one end of a connected stream pair (here as its standard
+/// input) and the guest's side the other; the guest is served through it, and `port list`
+/// shows the inherited descriptor.
+#[test]
+fn an_inherited_descriptor_is_a_port() {
+    require_root!();
+    let mut lab = Lab::bare_with_server();
+    let ops = ops_dir(&lab);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    lab.start_hubnat_cmd_with(
+        &config(&ops),
+        &["--fd", "0"],
+        Stdio::from(OwnedFd::from(theirs)),
+    );
+    let ns = Netns::new("gf");
+    let mut cmd = Command::new(testsrv_bin());
+    cmd.args([
+        "socket-guest",
+        "--netns",
+        &ns.path(),
+        "--tap",
+        "eth0",
+        "--stream-stdin",
+    ])
+    .stdin(Stdio::from(OwnedFd::from(ours)));
+    let _relay = Proc::spawn("socket-guest", cmd, Some(lab.dir.join("sg-fd.log")));
+    ns.wait_for_link("eth0", Duration::from_secs(10));
+    wait_until(Duration::from_secs(10), || {
+        ops.join("ctl.sock").exists().then_some(())
+    })
+    .expect("control socket");
+    let _www = lab.httpd(lab.server(), None, "through an inherited descriptor\n");
+    lease(&lab, &ns, "eth0");
+    let url = format!("http://{SERVER_IP}:8080/index.html");
+    assert_eq!(curl(&ns, &url), "through an inherited descriptor\n");
+    let list = ports(&ops);
+    assert_eq!(list.len(), 1, "{list:?}");
+    let p = port(&list, "fd");
+    assert_eq!(p["connected"], true, "{p}");
+    assert_eq!(p["address"], "fd:0", "{p}");
 }

@@ -463,6 +463,12 @@ impl Lab {
     /// the lab's: the test names every port), the lab's state directory, `config` and debug
     /// logs, plus HUBNAT_E2E_ARGS.
     pub fn start_hubnat_cmd(&mut self, config: &str, args: &[&str]) {
+        self.start_hubnat_cmd_with(config, args, Stdio::null());
+    }
+
+    /// `start_hubnat_cmd` with `stdin` as hubnat's standard input (a descriptor handed to it,
+    /// as a launcher would: `--fd 0`).
+    pub fn start_hubnat_cmd_with(&mut self, config: &str, args: &[&str], stdin: Stdio) {
         let cfg = self.dir.join("hubnat.toml");
         std::fs::write(&cfg, config).unwrap();
         let bin = hubnat_bin();
@@ -471,7 +477,8 @@ impl Lab {
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(["--log", "debug"])
-            .args(merge_args(&extra_args(), args));
+            .args(merge_args(&extra_args(), args))
+            .stdin(stdin);
         let p = Proc::spawn("hubnat", cmd, Some(self.dir.join("hubnat.log")));
         self.hubnat = Some(p);
     }

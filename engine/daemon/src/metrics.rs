@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::api::status_with;
+use crate::api::{status_with, PortRow};
 use hubnat_core::time::Instant;
 use hubnat_core::Engine;
 use hubnat_runtime::WorkerReport;
@@ -25,6 +25,68 @@ pub fn render_napi(o: &mut String, (threaded, switches): (bool, u64)) {
          hubnat_tap_napi_switches_total {switches}",
         threaded as u8
     );
+}
+
+/// Appends the segment's ports' counters to an exposition.
+pub fn render_ports(o: &mut String, ports: &[PortRow]) {
+    type Sample = (Option<&'static str>, fn(&PortRow) -> u64);
+    let families: [(&str, &str, &str, &[Sample]); 5] = [
+        (
+            "hubnat_port_frames_total",
+            "Frames read from (in) and sent to (out) each port.",
+            "counter",
+            &[
+                (Some("in"), |p| p.frames_in),
+                (Some("out"), |p| p.frames_out),
+            ],
+        ),
+        (
+            "hubnat_port_bytes_total",
+            "Bytes read from (in) and sent to (out) each port.",
+            "counter",
+            &[(Some("in"), |p| p.bytes_in), (Some("out"), |p| p.bytes_out)],
+        ),
+        (
+            "hubnat_port_dropped_total",
+            "Frames dropped at each port: not taken by it (out), dropped by the switch \
+             (filtered), refused by its framing (malformed).",
+            "counter",
+            &[
+                (Some("out"), |p| p.dropped_out),
+                (Some("filtered"), |p| p.filtered_in),
+                (Some("malformed"), |p| p.malformed),
+            ],
+        ),
+        (
+            "hubnat_port_connected",
+            "Whether each port has a peer (1) or not (0).",
+            "gauge",
+            &[(None, |p| u64::from(p.connected))],
+        ),
+        (
+            "hubnat_port_guests",
+            "Guest MAC addresses learned on each port.",
+            "gauge",
+            &[(None, |p| u64::from(p.macs))],
+        ),
+    ];
+    for (name, help, kind, samples) in families {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in ports {
+            for (direction, value) in samples {
+                let dir = direction
+                    .map(|d| format!(",direction=\"{d}\""))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    o,
+                    "{name}{{port=\"{}\",kind=\"{}\"{dir}}} {}",
+                    p.id,
+                    p.kind,
+                    value(p)
+                );
+            }
+        }
+    }
 }
 
 /// `render` for a multi-worker runtime: the control engine plus the workers' reports.
@@ -128,6 +190,24 @@ mod tests {
         e.handle_frame(T0, b"short", &mut h, &mut out);
         let mut text = render(&e, Instant::from_secs(42));
         render_napi(&mut text, (true, 3));
+        let port = PortRow {
+            id: 2,
+            kind: "stream".into(),
+            address: "/run/vm.sock".into(),
+            connected: true,
+            peer: None,
+            frames_in: 5,
+            bytes_in: 500,
+            frames_out: 6,
+            bytes_out: 600,
+            dropped_out: 1,
+            filtered_in: 0,
+            malformed: 3,
+            connects: 1,
+            disconnects: 0,
+            macs: 1,
+        };
+        render_ports(&mut text, &[port]);
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("hubnat_"), "{line}");
@@ -141,5 +221,14 @@ mod tests {
         assert!(text.contains("hubnat_tap_napi_threaded 1\n"));
         assert!(text.contains("hubnat_tap_napi_switches_total 3\n"));
         assert!(text.contains("# TYPE hubnat_tap_napi_switches_total counter\n"));
+        assert!(text.contains(
+            "hubnat_port_frames_total{port=\"2\",kind=\"stream\",direction=\"out\"} 6\n"
+        ));
+        assert!(text.contains(
+            "hubnat_port_dropped_total{port=\"2\",kind=\"stream\",direction=\"malformed\"} 3\n"
+        ));
+        assert!(text.contains("hubnat_port_connected{port=\"2\",kind=\"stream\"} 1\n"));
+        // One TYPE line per family, its samples together.
+        assert_eq!(text.matches("# TYPE hubnat_port_frames_total ").count(), 1);
     }
 }

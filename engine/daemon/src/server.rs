@@ -694,6 +694,7 @@ fn answer_metrics(c: &mut OperatorConn, plane: &mut Plane<'_>) {
             if let Some(state) = plane.napi_state() {
                 metrics::render_napi(&mut body, state);
             }
+            metrics::render_ports(&mut body, &port_rows(plane));
             ("200 OK", body)
         }
         (Some("GET"), _) => ("404 Not Found", "not found: try /metrics\n".to_owned()),

@@ -138,8 +138,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1500)]
         mtu: u32,
         /// hubnat's stream socket (`stream:PATH`) to connect to.
-        #[arg(long, required_unless_present = "dgram", conflicts_with_all = ["dgram", "local"])]
+        #[arg(long, required_unless_present_any = ["dgram", "stream_stdin"], conflicts_with_all = ["dgram", "local", "stream_stdin"])]
         stream: Option<std::path::PathBuf>,
+        /// The stream is this process's standard input: one end of a connected pair whose other
+        /// end a launcher gave hubnat (`hubnat run --fd N`).
+        #[arg(long, conflicts_with_all = ["dgram", "local"])]
+        stream_stdin: bool,
         /// hubnat's datagram socket (`dgram:PATH`) to send to.
         #[arg(long, requires = "local")]
         dgram: Option<std::path::PathBuf>,
@@ -541,10 +545,12 @@ fn main() -> Result<()> {
             tap,
             mtu,
             stream,
+            stream_stdin,
             dgram,
             local,
         } => {
             let transport = match (stream, dgram, local) {
+                (None, None, None) if stream_stdin => socket_guest::Transport::StreamStdin,
                 (Some(path), None, None) => socket_guest::Transport::Stream(path),
                 (None, Some(remote), Some(local)) => {
                     socket_guest::Transport::Dgram { remote, local }
@@ -563,7 +569,7 @@ fn main() -> Result<()> {
 /// a `TapWriter` (io_uring). Buffers are made once.
 mod socket_guest {
     use std::io::{self, Read, Write};
-    use std::os::fd::{AsRawFd, RawFd};
+    use std::os::fd::{AsFd, AsRawFd, RawFd};
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::path::{Path, PathBuf};
@@ -577,6 +583,8 @@ mod socket_guest {
     pub enum Transport {
         /// Connect to hubnat's stream socket.
         Stream(PathBuf),
+        /// The stream is standard input (connected already).
+        StreamStdin,
         /// Bind `local` and exchange datagrams with hubnat's socket at `remote`.
         Dgram { remote: PathBuf, local: PathBuf },
     }
@@ -604,6 +612,16 @@ mod socket_guest {
                     .with_context(|| format!("connect to {}", path.display()))?;
                 socket.set_nonblocking(true)?;
                 eprintln!("relaying {tap_name} to {}", path.display());
+                relay_stream(&tap, &socket, max_frame)?
+            }
+            Transport::StreamStdin => {
+                let fd = io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("standard input")?;
+                let socket = UnixStream::from(fd);
+                socket.set_nonblocking(true)?;
+                eprintln!("relaying {tap_name} to the stream on standard input");
                 relay_stream(&tap, &socket, max_frame)?
             }
             Transport::Dgram { remote, local } => {

@@ -74,9 +74,9 @@ impl FromStr for PortSpec {
             "fd" => rest
                 .parse::<RawFd>()
                 .ok()
-                .filter(|&n| n >= 3)
+                .filter(|&n| n >= 0)
                 .map(PortSpec::Fd)
-                .ok_or_else(|| bad("a descriptor number of 3 or more")),
+                .ok_or_else(|| bad("a descriptor number")),
             _ => Err(bad(FORMS)),
         }
     }
@@ -234,7 +234,7 @@ mod tests {
             "tap",
             "tap:",
             "vde:/x",
-            "fd:1",
+            "fd:-1",
             "fd:x",
             "tap:a-name-that-is-too-long",
             "dgram:,/x",

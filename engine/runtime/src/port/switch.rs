@@ -29,11 +29,13 @@ pub const FIRST_TAP: PortId = 0;
 
 /// Ports one switch holds at most (each is polled by the control thread).
 pub const MAX_PORTS: usize = 64;
-/// Learned MAC addresses, in all and per port: a guest that sends from random source addresses
-/// fills its port's share and no more; beyond it, its frames are still switched (flooded).
-pub const MAX_MACS: usize = 8192;
-/// See `MAX_MACS`.
+/// Guest MAC addresses one port may have: a guest that sends from made-up source addresses
+/// fills its own port's share and no more. Frames from an address beyond it are dropped (a
+/// port cannot multiply itself into more guests, each with the per-guest shares of sessions
+/// and memory, than this).
 pub const MAX_MACS_PER_PORT: usize = 1024;
+/// Learned addresses in all: every port's share fits, so no port can take another's.
+pub const MAX_MACS: usize = MAX_PORTS * MAX_MACS_PER_PORT;
 /// How long a learned address is kept without a frame from it (a Linux bridge's default).
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
 
@@ -247,8 +249,9 @@ impl Switch {
             port.counters.rx_filtered.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        if !is_multicast(src) {
-            self.learn(src, port, &ports);
+        if !is_multicast(src) && !self.learn(src, port, &ports) {
+            port.counters.rx_filtered.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
         if dst == self.vhost {
             return true;
@@ -337,11 +340,12 @@ impl Switch {
         macs.get(&key).map(|l| l.port)
     }
 
-    /// `ports` is the caller's read of the port list (taken again here, a waiting writer
-    /// would deadlock the two reads).
-    fn learn(&self, mac: &[u8], port: &Port, ports: &[Arc<Port>]) {
+    /// Learns that `mac` is on `port`; false when the port's share of the table is full and
+    /// `mac` is not in it. `ports` is the caller's read of the port list (taken again here, a
+    /// waiting writer would deadlock the two reads).
+    fn learn(&self, mac: &[u8], port: &Port, ports: &[Arc<Port>]) -> bool {
         let Ok(key) = <[u8; 6]>::try_from(mac) else {
-            return;
+            return false;
         };
         let now = self.now_secs();
         {
@@ -353,7 +357,7 @@ impl Switch {
                     if l.seen.load(Ordering::Relaxed) != now {
                         l.seen.store(now, Ordering::Relaxed);
                     }
-                    return;
+                    return true;
                 }
             }
         }
@@ -364,11 +368,11 @@ impl Switch {
                 || port.macs.load(Ordering::Relaxed) as usize >= MAX_MACS_PER_PORT)
         {
             self.mac_table_full.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         if let Some(old) = moved {
             if old == port.id {
-                return;
+                return true;
             }
             self.mac_moves.fetch_add(1, Ordering::Relaxed);
             if let Some(p) = ports.iter().find(|p| p.id == old) {
@@ -388,6 +392,7 @@ impl Switch {
                 seen: AtomicU32::new(now),
             },
         );
+        true
     }
 
     /// Forgets addresses silent for `MAC_AGEING` (the control thread calls it now and then).
@@ -636,14 +641,19 @@ mod tests {
         assert_eq!(sw.mac_stats().2, 1);
         let v = sw.ports();
         assert_eq!((v[0].macs, v[1].macs), (0, 1));
-        // A guest that makes up source addresses fills its port's share and no more.
+        // A guest that makes up source addresses fills its port's share and no more: beyond
+        // it, its frames reach neither the engine nor the other ports.
+        recs[1].take();
         for i in 0..(MAX_MACS_PER_PORT as u32 + 50) {
             let b = i.to_be_bytes();
             let m = [0x02, 1, b[0], b[1], b[2], b[3]];
-            sw.ingress(ids[0], &frame(BCAST, m, 0));
+            let to_engine = sw.ingress(ids[0], &frame(BCAST, m, 0));
+            assert_eq!(to_engine, (i as usize) < MAX_MACS_PER_PORT, "{i}");
         }
         assert_eq!(sw.ports()[0].macs as usize, MAX_MACS_PER_PORT);
         assert_eq!(sw.mac_stats().1, 50);
+        assert_eq!(recs[1].take().len(), MAX_MACS_PER_PORT);
+        assert_eq!(sw.ports()[0].rx_filtered, 50);
         // Port 1's guests are still learned.
         sw.ingress(ids[1], &frame(BCAST, mac(2), 0));
         assert_eq!(sw.ports()[1].macs, 2);
