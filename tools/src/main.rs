@@ -2,6 +2,7 @@
 //! running instance through its control socket).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use serde_json::Value;
 use hubnat_core::config::{Config, LogFormat, RawConfig};
 use hubnat_core::{Engine, Mac};
 use hubnat_daemon::api::{
-    self, ChangeView, LeaseRow, NatRow, PortRow, Request, Response, Section, StatusView,
+    self, ChangeView, ForwardRow, LeaseRow, NatRow, PortRow, Request, Response, Section, StatusView,
 };
 use hubnat_daemon::leases::LEASE_FILE;
 use hubnat_daemon::machine;
@@ -30,6 +31,8 @@ use hubnat_runtime::port::spec::PortSpec;
 use hubnat_runtime::port::tap::netns_path;
 use hubnat_runtime::sock::{Backend, BackendChoice};
 use hubnat_runtime::{Exit, Options, Runtime};
+
+mod slirp4netns;
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
 ///
@@ -54,6 +57,19 @@ struct Cli {
 enum Command {
     /// Run the virtual host on a segment until SIGINT or SIGTERM (SIGHUP reloads --config).
     Run(Box<RunArgs>),
+    /// Serve a container's network namespace as slirp4netns 1.x does: its command line, ready
+    /// and exit descriptors and API socket, for podman, rootlesskit and buildah (`hubnat
+    /// slirp4netns --help` lists its options). A copy or symlink of hubnat named `slirp4netns`
+    /// runs this.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Slirp4netns {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "OPTION|PID|PATH|TAPNAME"
+        )]
+        args: Vec<OsString>,
+    },
     /// SecureNAT's status: sessions by protocol, DHCP clients, uptime, traffic, drops.
     Status,
     /// The NAT session table.
@@ -91,6 +107,43 @@ enum Command {
     Port {
         #[command(subcommand)]
         op: PortOp,
+    },
+    /// Ports forwarded into guests: list, add PROTO LISTEN GUEST, remove ID.
+    Forward {
+        #[command(subcommand)]
+        op: ForwardOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum ForwardOp {
+    /// Every forward, the guest it leads to now, and its connections accepted and refused.
+    List,
+    /// Listen on a host address and port (or range) and carry what arrives to a guest, which
+    /// sees the client's own address: `hubnat forward add tcp 0.0.0.0:8080 vm1:80`. The guest
+    /// is an IPv4 address, a MAC, or the host name it gave in DHCP (the forward follows its
+    /// lease); a range maps port for port (`udp 127.0.0.1:5000-5009 vm1:6000-6009`).
+    Add {
+        /// `tcp` or `udp`.
+        #[arg(value_name = "PROTO")]
+        proto: String,
+        /// ADDRESS:PORT or ADDRESS:FIRST-LAST (0.0.0.0 for every address of the host).
+        #[arg(value_name = "LISTEN")]
+        listen: String,
+        /// GUEST:PORT or GUEST:FIRST-LAST.
+        #[arg(value_name = "GUEST")]
+        to: String,
+        /// Also write the change back to the configuration file.
+        #[arg(long)]
+        save: bool,
+    },
+    /// Remove a forward by its number (as `forward list` shows it): its listeners close.
+    Remove {
+        #[arg(value_name = "ID")]
+        id: u32,
+        /// Also write the change back to the configuration file.
+        #[arg(long)]
+        save: bool,
     },
 }
 
@@ -281,11 +334,18 @@ enum NapiChoice {
 }
 
 fn main() {
+    // Under the name slirp4netns (podman's network_cmd_path), or as `hubnat slirp4netns`,
+    // hubnat takes slirp4netns's command line, which clap's conventions would misread.
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if let Some(status) = slirp4netns::dispatch(&argv) {
+        std::process::exit(status);
+    }
     let cli = Cli::parse();
     let control = cli.control.clone();
     let json = cli.json;
     let result = match cli.command {
-        Command::Run(args) => run(*args, control),
+        Command::Run(args) => run(*args, control, None),
+        Command::Slirp4netns { args } => std::process::exit(slirp4netns::main(args, control)),
         other => client_command(other, control, json),
     };
     if let Err(e) = result {
@@ -339,7 +399,13 @@ fn default_control_path() -> PathBuf {
     }
 }
 
-fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
+/// `hubnat run`; `embed` is what a front end (`hubnat slirp4netns`) adds: the configuration in
+/// place of a file, the guest's side of the TAP, and a call once the segment is served.
+fn run(
+    args: RunArgs,
+    control_flag: Option<PathBuf>,
+    embed: Option<slirp4netns::Embedding>,
+) -> Result<()> {
     // Bad flags are refused before anything is written (state directory, logs).
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -358,9 +424,12 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         bail!("--tap-queues multi needs --workers 2 or more (one TAP queue per worker)");
     }
     let (first_tap, specs) = port_specs(&args)?;
-    let raw = match &args.config {
-        Some(path) => machine::load_raw(path)?,
-        None => RawConfig::default(),
+    let embedded = embed.is_some();
+    let (embedded_raw, guest, on_ready) = slirp4netns::Embedding::split(embed);
+    let raw = match (embedded_raw, &args.config) {
+        (Some(raw), _) => raw,
+        (None, Some(path)) => machine::load_raw(path)?,
+        (None, None) => RawConfig::default(),
     };
     let (open_files, socket_budget) = machine::raise_open_files(workers + 1);
     let mut cfg = run_config(&args, &raw)?;
@@ -407,6 +476,7 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
                 NapiChoice::Threaded => NapiMode::Threaded,
                 NapiChoice::Off => NapiMode::Off,
             },
+            guest: guest.clone(),
         }
         .open()
     });
@@ -423,7 +493,18 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
     log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
     if !args.no_sandbox {
-        enter_sandbox(&args, &cfg, port.as_ref(), &specs, &state_dir, control_path)?;
+        // Forwards below 1024: the configuration's, or any a slirp4netns client asks for (as
+        // slirp4netns itself keeps the capability to open them).
+        let low_ports = embedded || cfg.forwards.iter().any(|f| f.listen_ports.0 < 1024);
+        enter_sandbox(
+            &args,
+            &cfg,
+            port.as_ref(),
+            &specs,
+            low_ports,
+            &state_dir,
+            control_path,
+        )?;
     } else {
         tracing::warn!("sandbox off (--no-sandbox): hubnat keeps every privilege it started with");
     }
@@ -449,6 +530,10 @@ fn run(args: RunArgs, control_flag: Option<PathBuf>) -> Result<()> {
         )),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
+    if let Some(ready) = on_ready {
+        // Before the system-call filter, which allows no new threads.
+        ready()?;
+    }
     if !args.no_sandbox {
         // Every thread exists and has made its rings: from here on, only the allow-list.
         match sandbox::install_filter().context("sandbox")? {
@@ -640,6 +725,7 @@ fn enter_sandbox(
     cfg: &Config,
     port: Option<&TapPort>,
     specs: &[PortSpec],
+    low_ports: bool,
     state_dir: &Path,
     control: Option<(PathBuf, bool)>,
 ) -> Result<()> {
@@ -652,6 +738,7 @@ fn enter_sandbox(
     let keep = sandbox::needed_capabilities(
         port.is_some_and(|p| p.napi.is_some()),
         cfg.nat.icmp != hubnat_core::config::IcmpMode::Dummy,
+        low_ports,
         gid,
     );
     let mut paths = sandbox::Paths {
@@ -858,11 +945,29 @@ fn section_request(section: Section, op: &SectionOp) -> Result<Request> {
 fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<()> {
     let control = control.unwrap_or_else(default_control_path);
     let req = match &cmd {
-        Command::Run(_) => unreachable!("handled by run"),
+        Command::Run(_) | Command::Slirp4netns { .. } => unreachable!("handled by main"),
         Command::Status => Request::Status,
         Command::NatTable => Request::NatTable,
         Command::DhcpTable => Request::DhcpTable,
         Command::Reload => Request::Reload,
+        Command::Forward { op } => match op {
+            ForwardOp::List => Request::ForwardList,
+            ForwardOp::Add {
+                proto,
+                listen,
+                to,
+                save,
+            } => Request::ForwardAdd {
+                proto: proto.clone(),
+                listen: listen.clone(),
+                to: to.clone(),
+                save: *save,
+            },
+            ForwardOp::Remove { id, save } => Request::ForwardRemove {
+                id: *id,
+                save: *save,
+            },
+        },
         Command::Port { op } => match op {
             PortOp::List => Request::PortList,
             PortOp::Add { spec } => Request::PortAdd { spec: spec.clone() },
@@ -899,6 +1004,9 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
         Request::Set { .. } | Request::Reload => print_change(&serde_json::from_value(result)?),
         Request::PortList | Request::PortAdd { .. } | Request::PortRemove { .. } => {
             print_ports(&serde_json::from_value::<Vec<PortRow>>(result)?)
+        }
+        Request::ForwardList | Request::ForwardAdd { .. } | Request::ForwardRemove { .. } => {
+            print_forwards(&serde_json::from_value::<Vec<ForwardRow>>(result)?)
         }
     }
     Ok(())
@@ -988,6 +1096,33 @@ fn print_status(s: &StatusView) {
     }
 }
 
+fn print_forwards(rows: &[ForwardRow]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|f| {
+            vec![
+                f.id.to_string(),
+                f.proto.clone(),
+                f.listen.clone(),
+                f.to.clone(),
+                f.guest.clone().unwrap_or_else(|| "(none now)".into()),
+                format!("{} / {}", f.accepted, f.refused),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "Forward",
+            "Proto",
+            "Listen",
+            "To",
+            "Guest",
+            "Accepted / refused",
+        ],
+        &rows,
+    );
+}
+
 fn print_ports(rows: &[PortRow]) {
     let rows: Vec<Vec<String>> = rows
         .iter()
@@ -1036,6 +1171,7 @@ fn print_nat_table(rows: &[NatRow]) {
             vec![
                 r.id.to_string(),
                 r.proto.clone(),
+                r.direction.clone(),
                 r.guest.clone(),
                 r.dst.clone(),
                 r.state.clone(),
@@ -1050,6 +1186,7 @@ fn print_nat_table(rows: &[NatRow]) {
         &[
             "ID",
             "Proto",
+            "Dir",
             "Source",
             "Destination",
             "State",

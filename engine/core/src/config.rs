@@ -224,6 +224,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// The operator's side: control socket, security log, metrics.
     pub control: ControlConfig,
+    /// Ports forwarded into guests (listened on by the runtime).
+    pub forwards: Vec<crate::forward::Forward>,
 }
 
 /// Why a configuration was refused; each error names the file or the field.
@@ -243,6 +245,16 @@ pub enum ConfigError {
         /// The file's path.
         path: PathBuf,
         /// The TOML parser's message.
+        message: String,
+    },
+    /// A forward (`[[forward]]` number `index`, from 0) has a field that is refused.
+    #[error("configuration field `forward[{index}].{field}`: {message}")]
+    Forward {
+        /// Which forward.
+        index: usize,
+        /// Its field (`listen`).
+        field: &'static str,
+        /// What is wrong with its value.
         message: String,
     },
     /// A field has a value that is refused.
@@ -285,6 +297,9 @@ pub struct RawConfig {
     /// The `[control]` table.
     #[serde(default)]
     pub control: RawControl,
+    /// The `[[forward]]` tables: ports forwarded into guests.
+    #[serde(default, rename = "forward", skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<crate::forward::RawForward>,
 }
 
 /// How the operator reaches a running instance (read at start; `hubnat run` flags override).
@@ -505,8 +520,10 @@ impl Config {
         let dhcp = dhcp_config(raw, &host, machine)?;
         let dns = dns_config(raw, &nat, machine)?;
         let control = control_config(raw)?;
+        let forwards = crate::forward::validate_all(&raw.forwards)?;
         Ok(Config {
             control,
+            forwards,
             enabled: raw.enabled.unwrap_or(true),
             host,
             nat,

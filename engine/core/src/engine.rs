@@ -1,6 +1,6 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -11,9 +11,9 @@ use smoltcp::wire::{
 
 use crate::config::{Config, Mac};
 use crate::event::{Event, Events};
-use crate::nat::{Nat, Proto, SessionInfo};
+use crate::nat::{InboundRefused, InboundTarget, Nat, Proto, SessionInfo};
 use crate::output::FrameBatch;
-use crate::sockio::{SockEvent, SockIo};
+use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
@@ -617,6 +617,95 @@ impl Engine {
             self.nat.handle_host_event(now, &mut self.ctx, ev, io, out);
         }
         self.count_out(out, before);
+    }
+
+    /// A TCP connection accepted by a forward: `sock` is the accepted host socket (already in
+    /// `io`), `client` its peer. Opens the guest side: a SYN from the client (as
+    /// `inbound_source` shows it) to `target.guest`, sent again 1 s and 3 s later and given up
+    /// at 7 s (the host socket is then aborted, so the client sees a reset; so it is when the
+    /// guest answers with RST). Data the client sends before the guest answers waits in `sock`.
+    /// Once the guest answered, it is a connection like a guest's own (`Engine::sessions` shows
+    /// it with `Direction::In`).
+    ///
+    /// The connection belongs to the engine whose flow it is: a guest's segments to
+    /// `inbound_source(client)` reach it (a multi-worker runtime routes them by their flow
+    /// hash, or to the control thread for the virtual host's own address). On `Err`, `sock` has
+    /// been aborted and closed and the drop counted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tcp_inbound(
+        &mut self,
+        now: Instant,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let before = out.len();
+        let r = self
+            .nat
+            .tcp_inbound(now, &mut self.ctx, sock, client, target, io, out);
+        if let Err(why) = r {
+            io.tcp_abort(sock);
+            io.close(sock);
+            self.ctx.stats.drop(why.drop_reason());
+        }
+        self.count_out(out, before);
+        r
+    }
+
+    /// A datagram from `client` for a UDP forward. `sock` is a UDP socket connected to `client`
+    /// (already in `io`; later datagrams arrive as `SockEvent::Readable(sock)` and are read with
+    /// `udp_recv` like an outbound session's). The payload goes to the guest at once, from the
+    /// client (as `inbound_source` shows it); the guest's datagrams back to it leave through
+    /// `sock`. If a session for (`target.guest`, client) exists already (a datagram that raced
+    /// the connected socket's creation), the payload just goes to the guest through it and
+    /// `sock` is closed. On `Err`, `sock` has been closed and the drop counted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn udp_inbound(
+        &mut self,
+        now: Instant,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        payload: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let before = out.len();
+        let r = self
+            .nat
+            .udp_inbound(now, &mut self.ctx, sock, client, target, payload, io, out);
+        if let Err(why) = r {
+            io.close(sock);
+            self.ctx.stats.drop(why.drop_reason());
+        }
+        self.count_out(out, before);
+        r
+    }
+
+    /// Forward `forward` was removed: its TCP connections are reset both ways and its UDP
+    /// sessions end. Returns how many flows ended.
+    pub fn close_forward(
+        &mut self,
+        now: Instant,
+        forward: u32,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> usize {
+        let before = out.len();
+        let n = self.nat.close_forward(now, &mut self.ctx, forward, io, out);
+        self.count_out(out, before);
+        n
+    }
+
+    /// The address and port a guest is shown for an inbound flow's `client`: the client's
+    /// own, but a client on the host's loopback is shown as `nat.host_loopback` (or, without
+    /// it, the virtual host's address), which the guest can answer. A runtime routes the flow
+    /// to the engine that owns the guest's packets to it. `Err` when no guest could answer
+    /// the client (`InboundRefused::BadClient`).
+    pub fn inbound_source(&self, client: SocketAddrV4) -> Result<SocketAddrV4, InboundRefused> {
+        crate::nat::inbound::inbound_source(&self.ctx.cfg, client)
     }
 
     /// Lets the caller batch: with batching on, work that gains from being done once per batch

@@ -58,6 +58,20 @@ pub enum Event {
         /// The destination as the guest addressed it (for ICMP, port 0).
         dst: SocketAddrV4,
     },
+    /// A NAT session opened from the sock side: a client reached a guest through a forward.
+    /// The seed's log has the same words for it as for `SessionCreated`, with the client as
+    /// the source; the variant says the direction without changing what `SessionCreated`
+    /// carries.
+    InboundSessionCreated {
+        /// The session's protocol (TCP or UDP).
+        proto: Proto,
+        /// The session id (the same sequence as every other session's).
+        id: u32,
+        /// The client, as the guest sees it (`Engine::inbound_source`).
+        src: SocketAddrV4,
+        /// The guest's end.
+        dst: SocketAddrV4,
+    },
     /// A NAT session ended.
     SessionDeleted {
         /// The session's protocol.
@@ -66,11 +80,12 @@ pub enum Event {
         id: u32,
     },
     /// The connection of TCP session `id` to its destination succeeded. The destination is an
-    /// address; naming it (a reverse lookup) is the operator side's business.
+    /// address; naming it (a reverse lookup) is the operator side's business. For an inbound
+    /// session the destination is the guest, which answered the SYN.
     TcpConnected {
         /// The session id.
         id: u32,
-        /// The address connected to (on the sock side).
+        /// The address connected to (on the sock side; the guest's for an inbound session).
         ip: Ipv4Addr,
         /// The port connected to.
         port: u16,
@@ -84,11 +99,12 @@ pub enum Event {
         /// The destination as the guest addressed it (port 0 for ICMP).
         dst: SocketAddrV4,
     },
-    /// The connection of TCP session `id` to its destination failed.
+    /// The connection of TCP session `id` to its destination failed (for an inbound session:
+    /// the guest reset it, or never answered).
     TcpConnectFailed {
         /// The session id.
         id: u32,
-        /// The address tried (on the sock side).
+        /// The address tried (on the sock side; the guest's for an inbound session).
         ip: Ipv4Addr,
         /// The port tried.
         port: u16,

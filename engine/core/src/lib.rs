@@ -15,6 +15,7 @@
 pub mod config;
 mod engine;
 pub mod event;
+pub mod forward;
 pub mod nat;
 pub mod output;
 pub mod sim;
@@ -29,7 +30,7 @@ pub mod wire;
 pub use config::{Config, ConfigError, Mac, RawConfig};
 pub use engine::{Ctx, Engine, Reassembly, SharedSessions};
 pub use event::Event;
-pub use nat::Proto;
+pub use nat::{Direction, InboundRefused, InboundTarget, Proto};
 pub use output::FrameBatch;
 pub use sockio::{SockEvent, SockId, SockIo};
 pub use stats::{DropReason, Stats};

@@ -90,6 +90,8 @@ pub struct SimSockets {
     pub events: VecDeque<SockEvent>,
     /// Ids that were closed, in order.
     pub closed: Vec<SockId>,
+    /// TCP ids that were reset (`tcp_abort`), in order: the client of a forward sees a reset.
+    pub aborted: Vec<SockId>,
     /// TCP peeks asked for, and how many found nothing (each a wasted syscall on a real host).
     pub(crate) peeks: u64,
     pub(crate) empty_peeks: u64,
@@ -108,6 +110,7 @@ impl Default for SimSockets {
             peeks: 0,
             empty_peeks: 0,
             closed: Vec::new(),
+            aborted: Vec::new(),
         }
     }
 }
@@ -166,6 +169,34 @@ impl SimSockets {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    /// A TCP connection accepted from `peer` (a forward's client), as the runtime adopts it
+    /// into its socket driver before handing it to the core: connected, nothing received yet.
+    /// It takes the next id, as `tcp_connect` would.
+    pub fn adopt_tcp(&mut self, peer: SocketAddrV4) -> SockId {
+        let send_space = self.tcp_send_buffer;
+        self.alloc(SimSocket::Tcp(SimTcp {
+            dst: peer,
+            connected: true,
+            written: Vec::new(),
+            writes: 0,
+            send_space,
+            recv: VecDeque::new(),
+            peer_fin: false,
+            shut_write: false,
+            aborted: false,
+        }))
+    }
+
+    /// A UDP socket connected to `peer` (a forward's client), as the runtime makes one for a
+    /// client's first datagram before handing it to the core.
+    pub fn adopt_udp(&mut self, peer: SocketAddrV4) -> SockId {
+        self.alloc(SimSocket::Udp(SimUdp {
+            dst: peer,
+            sent: Vec::new(),
+            inbox: VecDeque::new(),
+        }))
     }
 
     /// A datagram arrives from the destination of UDP socket `id`.
@@ -336,6 +367,7 @@ impl SockIo for SimSockets {
     fn tcp_abort(&mut self, id: SockId) {
         if let Some(t) = self.tcp(id) {
             t.aborted = true;
+            self.aborted.push(id);
         }
     }
 

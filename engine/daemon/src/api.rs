@@ -14,6 +14,7 @@ use serde_json::Value;
 use crate::leases::{unix_millis, WallClock};
 use crate::state::write_atomically;
 use hubnat_core::config::{Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawNat};
+use hubnat_core::forward::Forward;
 use hubnat_core::nat::Proto;
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockIo;
@@ -76,6 +77,38 @@ pub enum Request {
     PortRemove {
         id: u32,
     },
+    /// The port forwards, with the guest each leads to now.
+    ForwardList,
+    /// Adds a forward (`proto` tcp|udp, `listen` ADDRESS:PORT[-LAST], `to` GUEST:PORT[-LAST]);
+    /// `save` writes the configuration file back.
+    ForwardAdd {
+        proto: String,
+        listen: String,
+        to: String,
+        #[serde(default)]
+        save: bool,
+    },
+    /// Removes a forward by its number; its listeners close.
+    ForwardRemove {
+        id: u32,
+        #[serde(default)]
+        save: bool,
+    },
+}
+
+/// One port forward, as `forward list` shows it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ForwardRow {
+    pub id: u32,
+    pub proto: String,
+    pub listen: String,
+    pub to: String,
+    /// The guest's address now (None: no such guest now; connections are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    /// Connections (TCP) or new clients (UDP) handed to the guest, and refused.
+    pub accepted: u64,
+    pub refused: u64,
 }
 
 /// One port of the segment, as `port list` and `status` show it.
@@ -211,6 +244,9 @@ pub struct NatRow {
     pub proto: String,
     pub guest: String,
     pub dst: String,
+    /// Who opened the session: `out` (a guest's flow) or `in` (a forward's, toward a guest).
+    #[serde(default = "outbound")]
+    pub direction: String,
     pub state: String,
     /// Unix milliseconds.
     pub created: u64,
@@ -219,6 +255,11 @@ pub struct NatRow {
     pub bytes_to_guest: u64,
     pub packets_to_host: u64,
     pub packets_to_guest: u64,
+}
+
+/// A row from a server that did not say a direction: every session was a guest's.
+fn outbound() -> String {
+    hubnat_core::nat::Direction::Out.name().to_owned()
 }
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -391,6 +432,7 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
     let s = |d: std::time::Duration| Some(d.as_secs());
     RawConfig {
         enabled: Some(cfg.enabled),
+        forwards: cfg.forwards.iter().map(Forward::to_raw).collect(),
         state_dir: cfg.state_dir.as_ref().map(|p| p.display().to_string()),
         host: RawHost {
             mac: cfg.host.mac.map(|m| m.to_string()),
@@ -539,10 +581,36 @@ impl Control {
             },
             // The ports are the runtime's: the server answers these with the control thread's
             // `Plane`.
-            Request::PortList | Request::PortAdd { .. } | Request::PortRemove { .. } => {
-                Response::err("ports are managed by the running hubnat's control thread")
-            }
+            Request::PortList
+            | Request::PortAdd { .. }
+            | Request::PortRemove { .. }
+            | Request::ForwardList
+            | Request::ForwardAdd { .. }
+            | Request::ForwardRemove { .. } => Response::err(
+                "ports and forwards are managed by the running hubnat's control thread",
+            ),
         }
+    }
+
+    /// The configuration as the file (and the changes made since) says it.
+    pub fn raw(&self) -> &RawConfig {
+        &self.raw
+    }
+
+    /// Applies `raw` as a `set` would: validated, applied, saved if asked; `source` names who
+    /// asked, for the log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_raw(
+        &mut self,
+        raw: RawConfig,
+        save: bool,
+        source: &str,
+        engine: &mut Engine,
+        now: Instant,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Response {
+        self.apply(raw, save, source, engine, now, io, out)
     }
 
     /// Reads the configuration file again and applies it.
@@ -642,6 +710,7 @@ impl Control {
                 proto: s.proto.name().to_owned(),
                 guest: s.guest.to_string(),
                 dst: s.dst.to_string(),
+                direction: s.direction.name().to_owned(),
                 state: s.state.to_owned(),
                 created: ms(s.created),
                 last_used: ms(s.last_used),

@@ -17,6 +17,10 @@ pub const TARGET: &str = "securenat";
 /// The `event` field of a "connection successful" line (the one `seclog` names the host of).
 pub const TCP_CONNECTED: &str = "tcp_connected";
 
+/// The `event` field of a session a forward opened toward a guest (the seed's line is that of
+/// any session, so the JSON lines tell the direction by this).
+pub const INBOUND_SESSION: &str = "inbound_session";
+
 /// The runtime's event sink: every event becomes a `securenat` tracing event, at most
 /// `per_second` a second of each kind (0: no limit). Beyond that, lines are counted, and the
 /// count is logged as one line when the kind's next second begins: a flood of sessions costs a
@@ -44,7 +48,9 @@ fn kind(e: &Event) -> (usize, &'static str) {
         Event::DhcpEntryCreated { .. } => (0, "DHCP entry created"),
         Event::DhcpEntryDeleted { .. } => (1, "DHCP entry deleted"),
         Event::DhcpPoolExhausted { .. } => (2, "DHCP pool exhausted"),
-        Event::SessionCreated { .. } => (3, "session created"),
+        Event::SessionCreated { .. } | Event::InboundSessionCreated { .. } => {
+            (3, "session created")
+        }
         Event::SessionDeleted { .. } => (4, "session deleted"),
         Event::TcpConnected { .. } => (5, "connection successful"),
         Event::TcpConnectFailed { .. } => (6, "connection failed"),
@@ -128,6 +134,15 @@ pub fn emit(e: &Event) {
                 tcp_connected_text(*id, &host_name, *ip, *port)
             );
         }
+        Event::InboundSessionCreated { .. } => {
+            tracing::info!(
+                target: TARGET,
+                event = INBOUND_SESSION,
+                inbound = true,
+                "{}",
+                seed_text(e)
+            );
+        }
         _ => tracing::info!(target: TARGET, "{}", seed_text(e)),
     }
 }
@@ -154,7 +169,8 @@ pub fn seed_text(e: &Event) -> String {
             "SecureNAT: The DHCP server has no free address for the client {}.",
             mac.dashed()
         ),
-        Event::SessionCreated { proto, id, src, dst } => format!(
+        Event::SessionCreated { proto, id, src, dst }
+        | Event::InboundSessionCreated { proto, id, src, dst } => format!(
             "SecureNAT: The {} session {id} was created. Connection source {src}, Connection destination {dst}",
             log_name(*proto)
         ),
@@ -277,6 +293,15 @@ mod tests {
                 "SecureNAT: The ICMP session 3 was created. Connection source 192.168.30.10:7, Connection destination 207.46.0.166:0",
             ),
             (
+                Event::InboundSessionCreated {
+                    proto: Proto::Tcp,
+                    id: 5,
+                    src: dst,
+                    dst: src,
+                },
+                "SecureNAT: The TCP session 5 was created. Connection source 207.46.0.166:1863, Connection destination 192.168.30.10:1079",
+            ),
+            (
                 Event::TcpConnected {
                     id: 1,
                     ip: far,
@@ -314,6 +339,53 @@ mod tests {
         assert_eq!(
             tcp_connected_text(1, "baym-sb26.msgr.hotmail.com", far, 1863),
             "SecureNAT: The connection to TCP session 1: Host \"baym-sb26.msgr.hotmail.com (207.46.0.166)\", Port 1863 was successful."
+        );
+    }
+
+    #[test]
+    fn an_inbound_session_has_the_seeds_line_and_says_so_in_json() {
+        use std::io::Write;
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let format = hubnat_core::config::LogFormat::Json;
+        let log =
+            crate::seclog::SecurityLog::with_writer(Box::new(buf.clone()), format, None).unwrap();
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 40000);
+        let guest = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 10), 80);
+        let e = Event::InboundSessionCreated {
+            proto: Proto::Tcp,
+            id: 9,
+            src: client,
+            dst: guest,
+        };
+        let sub = tracing_subscriber::registry().with(log);
+        tracing::subscriber::with_default(sub, || TracingSink::new(0).event(&e));
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+            if text.ends_with('\n') {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(v["event"], INBOUND_SESSION);
+        assert_eq!(
+            v["message"],
+            "SecureNAT: The TCP session 9 was created. Connection source 198.51.100.7:40000, Connection destination 192.168.30.10:80"
         );
     }
 }

@@ -91,16 +91,22 @@ pub fn default_user() -> String {
 /// - CAP_NET_ADMIN when the TAP's NAPI polls are switched by load (sysfs checks it at every
 ///   write of the device's `threaded` attribute);
 /// - CAP_NET_RAW when guests' pings are carried by real ICMP and the user's group may not open
-///   ping sockets here (`net.ipv4.ping_group_range`), so raw sockets are the way.
+///   ping sockets here (`net.ipv4.ping_group_range`), so raw sockets are the way;
+/// - CAP_NET_BIND_SERVICE when a configured forward listens on a port below 1024 (listeners
+///   are opened by the running data path, and again on every reload).
 ///
 /// `gid` is the group hubnat runs as in the sandbox: the `--user`'s as root, None for the
 /// current one (an unprivileged start changes no ids).
 pub fn needed_capabilities(
     napi_switch: bool,
     real_icmp: bool,
+    low_ports: bool,
     gid: Option<u32>,
 ) -> Vec<Capability> {
     let mut keep = Vec::new();
+    if low_ports {
+        keep.push(Capability::CAP_NET_BIND_SERVICE);
+    }
     if napi_switch {
         keep.push(Capability::CAP_NET_ADMIN);
     }

@@ -24,9 +24,10 @@ use hubnat_core::Engine;
 use hubnat_runtime::tokens::FIRST_OPERATOR_TOKEN;
 use hubnat_runtime::{Operator, Plane, WorkerReport};
 
-use crate::api::{Control, NapiView, PortRow, Request, Response};
+use crate::api::{Control, ForwardRow, NapiView, PortRow, Request, Response};
 use crate::leases::{self, Loaded, WallClock};
 use crate::metrics;
+use hubnat_core::forward::RawForward;
 
 const CONTROL: Token = Token(FIRST_OPERATOR_TOKEN);
 const METRICS: Token = Token(FIRST_OPERATOR_TOKEN + 1);
@@ -419,6 +420,34 @@ impl Server {
                     continue;
                 }
                 Ok(Request::PortList) => Response::ok(port_rows(plane)),
+                Ok(Request::ForwardList) => Response::ok(forward_rows(plane)),
+                Ok(Request::ForwardAdd {
+                    proto,
+                    listen,
+                    to,
+                    save,
+                }) => {
+                    let mut raw = self.control.raw().clone();
+                    let new = RawForward { proto, listen, to };
+                    match unknown_guest(&new, raw.forwards.len(), plane) {
+                        Some(why) => Response::err(why),
+                        None => {
+                            raw.forwards.push(new);
+                            self.change_forwards(raw, save, plane)
+                        }
+                    }
+                }
+                Ok(Request::ForwardRemove { id, save }) => {
+                    match plane.forwards().into_iter().find(|f| f.id == id) {
+                        None => Response::err(format!("no forward {id}")),
+                        Some(f) => {
+                            let mut raw = self.control.raw().clone();
+                            raw.forwards
+                                .retain(|r| r.validate(0).ok().as_ref() != Some(&f.forward));
+                            self.change_forwards(raw, save, plane)
+                        }
+                    }
+                }
                 Ok(Request::PortAdd { spec }) => add_port(&spec, plane),
                 Ok(Request::PortRemove { id }) => match plane.remove_port(id) {
                     Ok(()) => Response::ok(port_rows(plane)),
@@ -644,6 +673,78 @@ impl Operator for Server {
 }
 
 /// One HTTP/1.0 answer per connection, once the request head is in.
+impl Server {
+    /// Applies a configuration whose forwards changed: the listeners are opened first, so that
+    /// a port already taken is refused with the reason and nothing changes.
+    fn change_forwards(&mut self, raw: RawConfig, save: bool, plane: &mut Plane<'_>) -> Response {
+        let cfg = match crate::machine::validate(&raw) {
+            Ok(c) => c,
+            Err(e) => return Response::err(e),
+        };
+        let failed = plane.sync_forwards(&cfg.forwards);
+        if let Some((f, e)) = failed.into_iter().next() {
+            let now_wanted = plane.engine.ctx.cfg.forwards.clone();
+            plane.sync_forwards(&now_wanted);
+            return Response::err(format!("forward {f}: {e}"));
+        }
+        let r = self.control.apply_raw(
+            raw,
+            save,
+            "control socket",
+            plane.engine,
+            plane.now,
+            plane.sock,
+            plane.out,
+        );
+        if !r.ok {
+            let now_wanted = plane.engine.ctx.cfg.forwards.clone();
+            plane.sync_forwards(&now_wanted);
+            return r;
+        }
+        Response::ok(forward_rows(plane))
+    }
+}
+
+/// A forward added at run time that names its guest by host name or MAC must name one that
+/// is there now (a typo is caught at once); by address it may wait for a guest with a static
+/// address hubnat has not seen yet. In the configuration file any is accepted.
+fn unknown_guest(new: &RawForward, index: usize, plane: &Plane<'_>) -> Option<String> {
+    use hubnat_core::forward::GuestRef;
+    let f = new.validate(index).ok()?;
+    match &f.guest {
+        GuestRef::Ip(_) => None,
+        g if plane.engine.find_guest(g).is_some() => None,
+        GuestRef::Name(n) => Some(format!(
+            "forward {f}: no guest has the host name `{n}` (the name its DHCP client sent) now"
+        )),
+        GuestRef::Mac(m) => Some(format!(
+            "forward {f}: no guest with MAC {m} has a lease now"
+        )),
+    }
+}
+
+fn forward_rows(plane: &Plane<'_>) -> Vec<ForwardRow> {
+    plane
+        .forwards()
+        .into_iter()
+        .map(|v| {
+            let raw = v.forward.to_raw();
+            ForwardRow {
+                id: v.id,
+                proto: raw.proto,
+                listen: raw.listen,
+                to: raw.to,
+                guest: plane
+                    .engine
+                    .find_guest(&v.forward.guest)
+                    .map(|(ip, _)| ip.to_string()),
+                accepted: v.accepted,
+                refused: v.refused,
+            }
+        })
+        .collect()
+}
+
 fn port_rows(plane: &Plane<'_>) -> Vec<PortRow> {
     plane.ports().into_iter().map(PortRow::from).collect()
 }

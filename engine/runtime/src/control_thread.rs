@@ -37,11 +37,15 @@ use crate::port::tap::Tap;
 use crate::queues::{queue_capacity, Inbox, Shared};
 use crate::router::Router;
 use crate::sock::driver::SockDriver;
+use crate::sock::forward::{refuse_tcp, Forwards, Inbound, InboundConn, InboundJob};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
-use crate::tokens::{port_of_token, port_token, FIRST_OPERATOR_TOKEN, PORT, RING, STOP, WAKE};
+use crate::tokens::{
+    port_of_token, port_token, FIRST_FORWARD_TOKEN, FIRST_OPERATOR_TOKEN, PORT, RING, STOP, WAKE,
+};
 use crate::tx::{NapiSwitch, PortSender, TapSender};
 use crate::worker::{self, Cmd, WorkerHandle, WorkerReport, WorkerSetup, MAX_FRAMES_PER_BATCH};
+use hubnat_core::forward::GuestRef;
 use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockEvent;
 use hubnat_core::stats::DropReason;
@@ -167,6 +171,13 @@ pub struct Runtime {
     /// segment's ports are all read through the switch).
     tap: Option<Arc<Tap>>,
     switch: Arc<Switch>,
+    /// The port forwards' listeners, and the forwards they were opened for.
+    forwards: Forwards,
+    synced_forwards: Vec<hubnat_core::forward::Forward>,
+    inbound: Vec<Inbound>,
+    /// Inbound flows for a guest named by an address ARP has not seen yet: asked for, waiting
+    /// (until the deadline) for its answer.
+    awaiting_arp: Vec<AwaitingArp>,
     /// When the switch next forgets silent addresses.
     next_age: Instant,
     workers: Workers,
@@ -286,6 +297,10 @@ impl Runtime {
             poll,
             tap,
             switch,
+            forwards: Forwards::new(FIRST_FORWARD_TOKEN),
+            synced_forwards: Vec::new(),
+            inbound: Vec::new(),
+            awaiting_arp: Vec::new(),
             next_age,
             workers,
             router,
@@ -302,6 +317,7 @@ impl Runtime {
             events: opts.events.clone(),
         };
         rt.with_operator(|op, plane| op.start(plane));
+        rt.sync_forwards();
         Ok(rt)
     }
 
@@ -335,6 +351,7 @@ impl Runtime {
                     Token(t) if port_of_token(t).is_some() => {
                         self.read_link(now, port_of_token(t).unwrap_or_default())
                     }
+                    Token(t) if self.forwards.owns(t) => self.forward_ready(now, t),
                     Token(t) if t >= FIRST_OPERATOR_TOKEN => {
                         self.with_operator(|op, plane| op.ready(event.token(), plane))
                     }
@@ -354,6 +371,9 @@ impl Runtime {
                     .handle_timeout(now, &mut self.sock, &mut self.out);
             }
             self.tick_expiry(now);
+            if !self.awaiting_arp.is_empty() {
+                self.retry_awaiting_arp(now);
+            }
             if now >= self.next_age {
                 self.switch.age();
                 self.next_age = now + AGE_TICK;
@@ -384,6 +404,8 @@ impl Runtime {
         let next = hubnat_core::time::earliest(self.engine.poll_timeout(), self.next_expire);
         let next =
             hubnat_core::time::earliest(next, self.operator.as_ref().and_then(|op| op.deadline()));
+        let next =
+            hubnat_core::time::earliest(next, self.awaiting_arp.iter().map(|a| a.next_ask).min());
         next.map(|t| {
             let now = self.clock.now();
             t.saturating_since(now) + Duration::from_micros(if t > now { 100 } else { 0 })
@@ -410,12 +432,148 @@ impl Runtime {
             out: &mut self.out,
             registry: self.poll.registry(),
             switch: &self.switch,
+            forwards: &mut self.forwards,
             workers: &self.workers,
             napi: self.tx.napi_state(),
         };
         f(op.as_mut(), &mut plane);
         self.operator = Some(op);
         self.workers.sync(&self.engine.ctx.cfg);
+        self.sync_forwards();
+    }
+
+    /// Opens and closes forwards' listeners to match the configuration, when it changed.
+    fn sync_forwards(&mut self) {
+        if self.engine.ctx.cfg.forwards == self.synced_forwards {
+            return;
+        }
+        self.synced_forwards = self.engine.ctx.cfg.forwards.clone();
+        // Failures are logged; the forward is listed as not listening.
+        let (closed, _) = self
+            .forwards
+            .sync(&self.synced_forwards, self.poll.registry());
+        let now = self.clock.now();
+        end_forwards(
+            &closed,
+            now,
+            &mut self.engine,
+            &mut self.sock,
+            &mut self.out,
+            &self.workers,
+        );
+        self.awaiting_arp
+            .retain(|a| !closed.contains(&a.inbound.forward));
+    }
+
+    /// Hands on the inbound flows whose guest answered ARP, refuses those whose time is up,
+    /// and asks again for the others.
+    fn retry_awaiting_arp(&mut self, now: Instant) {
+        for mut a in std::mem::take(&mut self.awaiting_arp) {
+            if self.engine.find_guest(&a.inbound.guest).is_some() || now >= a.deadline {
+                // Found; or, past the wait, refused as for a guest that is not there.
+                self.hand_inbound(now, a.inbound, false);
+                continue;
+            }
+            if now >= a.next_ask {
+                if let GuestRef::Ip(ip) = a.inbound.guest {
+                    self.engine.ask_arp(ip, &mut self.out);
+                }
+                a.next_ask = now + ARP_ASK_EVERY;
+            }
+            self.awaiting_arp.push(a);
+        }
+        self.flush();
+    }
+
+    /// Takes what a forward's listener has and opens each flow on the thread that owns it.
+    fn forward_ready(&mut self, now: Instant, token: usize) {
+        let mut inbound = std::mem::take(&mut self.inbound);
+        self.forwards.ready(token, &mut inbound);
+        for inb in inbound.drain(..) {
+            self.hand_inbound(now, inb, true);
+        }
+        self.inbound = inbound;
+        self.flush();
+    }
+
+    /// Finds the guest an inbound flow is for, and opens the flow here or on the worker its
+    /// frames will be routed to. A guest not there now: a TCP client gets a reset at once.
+    fn hand_inbound(&mut self, now: Instant, inb: Inbound, may_wait: bool) {
+        let id = inb.forward;
+        if !self.forwards.exists(id) {
+            // Removed while its flow waited for ARP.
+            if let InboundConn::Tcp(stream) = inb.conn {
+                refuse_tcp(stream);
+            }
+            return;
+        }
+        let found = self.engine.find_guest(&inb.guest);
+        if let (None, GuestRef::Ip(ip), true) = (found, &inb.guest, may_wait) {
+            if self.awaiting_arp.len() < MAX_AWAITING_ARP && self.engine.ask_arp(*ip, &mut self.out)
+            {
+                self.awaiting_arp.push(AwaitingArp {
+                    inbound: inb,
+                    deadline: now + ARP_WAIT,
+                    next_ask: now + ARP_ASK_EVERY,
+                });
+                return;
+            }
+        }
+        let Some((ip, mac)) = found else {
+            tracing::debug!(
+                "forward {id}: no guest {} now: {} refused",
+                inb.guest,
+                inb.client
+            );
+            self.forwards.count(id, false);
+            if let InboundConn::Tcp(stream) = inb.conn {
+                refuse_tcp(stream);
+            }
+            return;
+        };
+        let target = hubnat_core::InboundTarget {
+            guest: std::net::SocketAddrV4::new(ip, inb.guest_port),
+            guest_mac: mac,
+            forward: id,
+        };
+        let source = match self.engine.inbound_source(inb.client) {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::debug!("forward {id}: {} refused: {why}", inb.client);
+                self.forwards.count(id, false);
+                if let InboundConn::Tcp(stream) = inb.conn {
+                    refuse_tcp(stream);
+                }
+                return;
+            }
+        };
+        self.forwards.count(id, true);
+        let proto = match inb.conn {
+            InboundConn::Tcp(_) => smoltcp::wire::IpProtocol::Tcp,
+            InboundConn::Udp(..) => smoltcp::wire::IpProtocol::Udp,
+        };
+        // The guest's answers go to `source`: to the virtual host's own address they are
+        // the control thread's, else they follow their flow's hash.
+        let owner = if self.workers.len() == 0 || *source.ip() == self.engine.ctx.cfg.host.ip {
+            self.router.control()
+        } else {
+            self.router.route_flow(proto, target.guest, source)
+        };
+        let job = InboundJob {
+            inbound: inb,
+            target,
+        };
+        if owner == self.router.control() {
+            crate::sock::forward::open_inbound(
+                job,
+                now,
+                &mut self.engine,
+                &mut self.sock,
+                &mut self.out,
+            );
+        } else if !self.workers.tell(owner, Cmd::Inbound(Box::new(job))) {
+            tracing::warn!("forward {id}: worker {owner} is gone");
+        }
     }
 
     /// Resets every guest session and closes every host socket, the workers' first (they are
@@ -727,6 +885,39 @@ fn spawn_workers(
     }
     Ok(workers)
 }
+
+/// Ends the flows of the forwards `closed` (removed) on every thread.
+pub(crate) fn end_forwards(
+    closed: &[u32],
+    now: Instant,
+    engine: &mut Engine,
+    sock: &mut SockDriver,
+    out: &mut FrameBatch,
+    workers: &Workers,
+) {
+    for &id in closed {
+        let n = engine.close_forward(now, id, sock, out);
+        if n > 0 {
+            tracing::info!("forward {id}: {n} flows of the control thread ended");
+        }
+        for w in 0..workers.len() {
+            workers.tell(w, Cmd::CloseForward(id));
+        }
+    }
+}
+
+/// An inbound flow waiting for its guest's ARP answer.
+struct AwaitingArp {
+    inbound: Inbound,
+    deadline: Instant,
+    next_ask: Instant,
+}
+
+/// How long an inbound flow waits for its guest to answer ARP, how often it is asked, and how
+/// many flows may wait at once (beyond, they are refused as for a guest that is not there).
+const ARP_WAIT: Duration = Duration::from_secs(1);
+const ARP_ASK_EVERY: Duration = Duration::from_millis(250);
+const MAX_AWAITING_ARP: usize = 1024;
 
 /// How often the switch looks for silent addresses to forget.
 const AGE_TICK: Duration = Duration::from_secs(10);

@@ -57,6 +57,7 @@ pub struct Plane<'a> {
     /// The control thread's poll, for the operator's own sources.
     pub registry: &'a Registry,
     pub(crate) switch: &'a Arc<Switch>,
+    pub(crate) forwards: &'a mut crate::sock::forward::Forwards,
     pub(crate) workers: &'a Workers,
     pub(crate) napi: Option<(bool, u64)>,
 }
@@ -87,6 +88,30 @@ impl Plane<'_> {
     /// to it is done.
     pub fn remove_port(&self, id: PortId) -> Result<(), SwitchError> {
         remove_port(self.switch, self.registry, id)
+    }
+
+    /// Every forward with its counters.
+    pub fn forwards(&self) -> Vec<crate::sock::forward::ForwardView> {
+        self.forwards.views()
+    }
+
+    /// Makes the forwards' listeners what `wanted` says now (as the configuration would when
+    /// this call returns), so that the caller hears which could not be opened before it
+    /// commits to a configuration with them. The forwards that failed, with why.
+    pub fn sync_forwards(
+        &mut self,
+        wanted: &[hubnat_core::forward::Forward],
+    ) -> Vec<(hubnat_core::forward::Forward, io::Error)> {
+        let (closed, failed) = self.forwards.sync(wanted, self.registry);
+        crate::control_thread::end_forwards(
+            &closed,
+            self.now,
+            self.engine,
+            self.sock,
+            self.out,
+            self.workers,
+        );
+        failed
     }
 
     /// Every port of the segment with its counters.

@@ -8,7 +8,7 @@
 //! its flows at one worker); the benchmarks shard captures with this same hash, seeds fixed.
 
 use std::hash::{BuildHasher, Hasher};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
 
@@ -76,13 +76,25 @@ impl Router {
             IpProtocol::Icmp => (0, 0),
             _ => return None,
         };
-        let a = (u64::from(u32::from(ip.src_addr())) << 16) | u64::from(sp);
-        let b = (u64::from(u32::from(ip.dst_addr())) << 16) | u64::from(dp);
+        let src = SocketAddrV4::new(ip.src_addr(), sp);
+        let dst = SocketAddrV4::new(ip.dst_addr(), dp);
+        Some(self.tuple_hash(ip.next_header(), src, dst))
+    }
+
+    /// The owner of the flow between `a` and `b` (either way round): the worker its frames
+    /// will be routed to (a forward's accepted connection is handed to it).
+    pub fn route_flow(&self, proto: IpProtocol, a: SocketAddrV4, b: SocketAddrV4) -> usize {
+        (self.tuple_hash(proto, a, b) % self.workers as u64) as usize
+    }
+
+    fn tuple_hash(&self, proto: IpProtocol, a: SocketAddrV4, b: SocketAddrV4) -> u64 {
+        let key = |s: SocketAddrV4| (u64::from(u32::from(*s.ip())) << 16) | u64::from(s.port());
+        let (a, b) = (key(a), key(b));
         let mut h = self.hasher.build_hasher();
         h.write_u64(a.min(b));
         h.write_u64(a.max(b));
-        h.write_u8(u8::from(ip.next_header()));
-        Some(h.finish())
+        h.write_u8(u8::from(proto));
+        h.finish()
     }
 }
 
@@ -90,7 +102,21 @@ impl Router {
 mod tests {
     use super::*;
     use hubnat_core::testing::*;
-    use std::net::SocketAddrV4;
+
+    /// A forward's connection is handed to the worker its frames will be routed to, whichever
+    /// way round the tuple is given.
+    #[test]
+    fn route_flow_agrees_with_route() {
+        let r = Router::new(3);
+        for port in 0..200u16 {
+            let guest = SocketAddrV4::new(GUEST_IP, 80);
+            let client = SocketAddrV4::new(REMOTE_IP, 30000 + port);
+            let f = udp_frame(guest, client, b"x");
+            let owner = r.route(&f, HOST_IP, HOST_MAC);
+            assert_eq!(r.route_flow(IpProtocol::Udp, client, guest), owner);
+            assert_eq!(r.route_flow(IpProtocol::Udp, guest, client), owner);
+        }
+    }
 
     #[test]
     fn flows_go_to_workers_and_the_control_plane_to_control() {

@@ -16,6 +16,9 @@ pub const STOP: Token = Token(FIRST_RESERVED_TOKEN + 1);
 pub const WAKE: Token = Token(FIRST_RESERVED_TOKEN + 5);
 /// A thread's io_uring (completions are waiting).
 pub const RING: Token = Token(FIRST_RESERVED_TOKEN + 6);
+/// The listeners of port forwards (`sock::forward`), numbered up from here, below the ports'.
+pub const FIRST_FORWARD_TOKEN: usize = FIRST_RESERVED_TOKEN + (1 << 22);
+
 /// The ports the control thread reads through the switch (every port but the first TAP): the
 /// token of port N is `FIRST_PORT_TOKEN + N`. Far above the operator's tokens, which are few.
 pub const FIRST_PORT_TOKEN: usize = FIRST_RESERVED_TOKEN + (1 << 24);

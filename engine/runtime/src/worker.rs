@@ -84,6 +84,10 @@ pub enum Cmd {
     /// End the sessions idle past their timeouts at this time (the control thread keeps the
     /// schedule: a worker's engine does not expire sessions by itself).
     Expire(hubnat_core::Instant),
+    /// Open a forward's flow that hashes to this worker (its socket is handed over).
+    Inbound(Box<crate::sock::forward::InboundJob>),
+    /// Forward N was removed: end its flows.
+    CloseForward(u32),
     /// Reset every guest session, close every host socket, end the thread.
     Shutdown,
 }
@@ -283,6 +287,24 @@ impl Worker {
                         self.engine
                             .expire_sessions(t, &mut self.host, &mut self.out)
                     }
+                    Ok(Cmd::CloseForward(id)) => {
+                        let n = self
+                            .engine
+                            .close_forward(now, id, &mut self.host, &mut self.out);
+                        if n > 0 {
+                            tracing::info!(
+                                "forward {id}: {n} flows of worker {} ended",
+                                self.index
+                            );
+                        }
+                    }
+                    Ok(Cmd::Inbound(job)) => crate::sock::forward::open_inbound(
+                        *job,
+                        now,
+                        &mut self.engine,
+                        &mut self.host,
+                        &mut self.out,
+                    ),
                     Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => stop = true,
                     Err(TryRecvError::Empty) => break,
                 }

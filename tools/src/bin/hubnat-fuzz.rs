@@ -4,8 +4,9 @@
 //! Each case is a configuration (MTU, NAT and DHCP on or off, session limits, ICMP mode,
 //! timeouts, the simulated host side's behaviour) and a short sequence of steps played through
 //! the replay `Driver`, whose scripted host side answers what the core sends: frames in
-//! (captured, crafted, mutated), events of the host sockets, jumps of time that run the timers,
-//! flushes, reconfigurations. The seeds are every frame of every `pcaps/*.in.pcap` and frames
+//! (captured, crafted, mutated), events of the host sockets, flows a port forward hands the core
+//! (an accepted connection or a client's datagram, toward a guest), jumps of time that run the
+//! timers, flushes, reconfigurations. The seeds are every frame of every `pcaps/*.in.pcap` and frames
 //! crafted here. Mutations are byte-level (bit flips, interesting values, truncation, extension,
 //! splicing two frames) and header-aware (Ethernet, ARP, IPv4, TCP, UDP, ICMP, DHCP fields);
 //! checksums are recomputed for most mutated frames, so that they get past the checksum checks
@@ -41,7 +42,7 @@ use clap::Parser;
 use hubnat_core::config::{IcmpMode, Mac};
 use hubnat_core::sim::{ConnectOutcome, SimSocket};
 use hubnat_core::stats::DropReason;
-use hubnat_core::{Reassembly, SockEvent, Stats};
+use hubnat_core::{InboundTarget, Reassembly, SockEvent, Stats};
 use hubnat_replay::craft::{self, EPOCH, GUEST_IP, HOST_IP, SERVER_IP};
 use hubnat_replay::script::{REPLAY_MAC, REPLAY_UPSTREAM};
 use hubnat_replay::{decode, pcap, Driver, Script, TcpBehaviour, UdpBehaviour};
@@ -57,7 +58,8 @@ limits, ICMP mode, short timeouts, how the simulated host answers) and a short s
 played through the deterministic replay driver: frames in (every frame of pcaps/*.in.pcap and
 crafted ones, mutated bit- and byte-wise and field by field for Ethernet, ARP, IPv4, TCP, UDP,
 ICMP and DHCP, checksums recomputed or not), host-socket events (readable, writable, connected,
-connect failed, failed; data, FIN, refusals from the destinations), jumps of time small and large
+connect failed, failed; data, FIN, refusals from the destinations), inbound flows of port
+forwards (accepted connections and clients' datagrams toward a guest), jumps of time small and large
 (past every idle timeout) that run the timers, flushes, reconfigurations, shutdown.
 
 A panic is caught, the case is shrunk (steps removed, frame bytes cut and zeroed, settings reset,
@@ -274,6 +276,19 @@ enum Step {
     /// `reconfigure` with the `[engine]` table written inline (`engine = { ... }`).
     Reconfigure(String),
     Shutdown,
+    /// A port forward hands the core a flow toward a guest.
+    Inbound(InboundStep),
+}
+
+/// A forward's flow: a TCP connection accepted from `client` (a socket adopted as the runtime
+/// does), or a UDP datagram of `payload` from it; both for `guest` at `mac`.
+#[derive(Clone, Debug, PartialEq)]
+struct InboundStep {
+    udp: bool,
+    client: SocketAddrV4,
+    guest: SocketAddrV4,
+    mac: Mac,
+    payload: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -353,6 +368,7 @@ impl Case {
                 Step::Frame(f) => &f.data,
                 Step::Host(HostAct::TcpData(d) | HostAct::UdpData(d), _) => d,
                 Step::Host(HostAct::IcmpData(_, d), _) => d,
+                Step::Inbound(i) => &i.payload,
                 Step::Jump(us) => {
                     jumps = jumps.saturating_add(*us);
                     &[]
@@ -470,6 +486,8 @@ struct Variant {
 
 /// The host-loopback alias of the variants that have one.
 const ALIAS_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 2);
+/// A port forward's client (TEST-NET-2: only ever a simulated socket's peer).
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 
 impl Variant {
     fn plain(host: Arc<str>) -> Variant {
@@ -986,7 +1004,8 @@ fn random_steps(rng: &mut SmallRng, pool: &Pool, g: &mut Guest) -> Vec<Step> {
                 Step::Frame(f)
             })
             .collect(),
-        58..=71 => vec![Step::Jump(random_jump(rng))],
+        58..=68 => vec![Step::Jump(random_jump(rng))],
+        69..=71 => g.inbound(rng),
         72..=79 => {
             let ev = match rng.random_range(0..10) {
                 0..=2 => Ev::Readable,
@@ -1156,6 +1175,74 @@ impl Guest {
     fn ident(&mut self) -> u16 {
         self.ident = self.ident.wrapping_add(1);
         self.ident
+    }
+
+    /// A forward's flow toward a guest: a client's datagram, or an accepted connection, most
+    /// often answered by the guest's SYN-ACK (its ACK field set from the core's SYN when fed)
+    /// and then continued as any crafted connection.
+    fn inbound(&mut self, rng: &mut SmallRng) -> Vec<Step> {
+        let m = if rng.random_bool(0.9) {
+            craft::guest_mac(rng.random_range(1..3))
+        } else {
+            mac(rng)
+        };
+        let guest_ip = if rng.random_bool(0.85) {
+            GUEST_IP
+        } else {
+            addr(rng)
+        };
+        let guest = SocketAddrV4::new(guest_ip, pick(rng, &[22, 53, 80, 80, 8080, 0]));
+        let other = addr(rng);
+        let client_ip = pick(
+            rng,
+            &[CLIENT_IP, CLIENT_IP, SERVER_IP, Ipv4Addr::LOCALHOST, other],
+        );
+        let client = SocketAddrV4::new(client_ip, pick(rng, &[40000, 40001, 53, 1, 0, 65535]));
+        let udp = rng.random_bool(0.4);
+        let payload = if udp { random_data(rng) } else { Vec::new() };
+        let mut steps = vec![Step::Inbound(InboundStep {
+            udp,
+            client,
+            guest,
+            mac: m,
+            payload: payload[..payload.len().min(65_507)].to_vec(),
+        })];
+        if !udp && rng.random_bool(0.7) {
+            // A client on the host's loopback is shown to the guest as the virtual host.
+            let shown = if client_ip.is_loopback() {
+                SocketAddrV4::new(HOST_IP, client.port())
+            } else {
+                client
+            };
+            let isn = rng.random();
+            let opts = if rng.random_bool(0.7) {
+                vec![
+                    2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+                ]
+            } else {
+                tcp_options(rng)
+            };
+            let flags = craft::SYN | craft::ACK;
+            let seg = craft::tcp(guest, shown, flags, isn, 0, 64240, &opts, &[]);
+            let ident = self.ident();
+            let p = ip4(guest_ip, *shown.ip(), 6, ident, 0x4000, &seg);
+            steps.push(Step::Frame(FrameStep {
+                data: eth_ip(m, *shown.ip(), &p),
+                fix: false,
+                sync: Sync::Full,
+            }));
+            self.flows.push(Flow {
+                mac: m,
+                src: guest,
+                dst: shown,
+                seq: isn.wrapping_add(1),
+                win: 64240,
+            });
+            if self.flows.len() > 8 {
+                self.flows.remove(0);
+            }
+        }
+        steps
     }
 
     fn frames(&mut self, rng: &mut SmallRng) -> Vec<FrameStep> {
@@ -2455,6 +2542,26 @@ fn run_core(case: &Case, mut fed: Option<&mut Vec<Vec<u8>>>) {
                 );
             }
             Step::Shutdown => d.act(|e, now, io, out| e.shutdown(now, io, out), &mut emit),
+            Step::Inbound(i) => {
+                let to = InboundTarget {
+                    guest: i.guest,
+                    guest_mac: i.mac,
+                    forward: 1,
+                };
+                d.act(
+                    |e, now, io, out| {
+                        // A refusal is an answer like any other; a panic is the finding.
+                        let _ = if i.udp {
+                            let sock = io.adopt_udp(i.client);
+                            e.udp_inbound(now, sock, i.client, to, &i.payload, io, out)
+                        } else {
+                            let sock = io.adopt_tcp(i.client);
+                            e.tcp_inbound(now, sock, i.client, to, io, out)
+                        };
+                    },
+                    &mut emit,
+                );
+            }
         }
         if let Some(&m) = d.host.sockets.keys().max() {
             max_id = max_id.max(m);
@@ -3078,6 +3185,14 @@ fn steps_text(case: &Case, frames: &[Vec<u8>]) -> String {
             Step::Expire => "expire".to_owned(),
             Step::Reconfigure(t) => format!("reconfigure {t}"),
             Step::Shutdown => "shutdown".to_owned(),
+            Step::Inbound(i) => format!(
+                "inbound {} {} {} {} {}",
+                if i.udp { "udp" } else { "tcp" },
+                i.client,
+                i.guest,
+                i.mac,
+                hex(&i.payload)
+            ),
         };
         s.push_str(&line);
         s.push('\n');
@@ -3180,6 +3295,19 @@ fn parse_case(script: String, steps: &str, frames: Vec<pcap::Frame>) -> Result<C
             "flush" => Step::Flush,
             "expire" => Step::Expire,
             "shutdown" => Step::Shutdown,
+            "inbound" => Step::Inbound(InboundStep {
+                udp: match arg(0)? {
+                    "udp" => true,
+                    "tcp" => false,
+                    _ => bail!("{}: tcp or udp?", err()),
+                },
+                client: arg(1)?.parse().with_context(err)?,
+                guest: arg(2)?.parse().with_context(err)?,
+                mac: arg(3)?
+                    .parse()
+                    .map_err(|()| anyhow::anyhow!("{}: not a MAC", err()))?,
+                payload: unhex(arg(4)?).with_context(err)?,
+            }),
             "reconfigure" => {
                 Script::parse(rest).with_context(err)?;
                 Step::Reconfigure(rest.to_owned())

@@ -25,7 +25,7 @@ use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 use crate::config::{Config, IcmpMode};
 use crate::event::Event;
 use crate::nat::session::{self, SessionTable};
-use crate::nat::{sock_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, Direction, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
@@ -270,6 +270,7 @@ impl IcmpNat {
                 proto: Proto::Icmp,
                 guest,
                 dst,
+                direction: Direction::Out,
                 created: now,
                 last_used: now,
                 bytes_to_host: 0,

@@ -8,6 +8,7 @@
 
 pub(crate) mod frag;
 pub mod icmp;
+pub(crate) mod inbound;
 pub(crate) mod policy;
 pub(crate) mod rate;
 pub(crate) mod session;
@@ -20,12 +21,13 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
 use crate::config::Config;
 use crate::output::FrameBatch;
-use crate::sockio::{SockEvent, SockIo};
+use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::Ctx;
 
-pub use session::{Proto, SessionInfo};
+pub use inbound::{InboundRefused, InboundTarget};
+pub use session::{Direction, Proto, SessionInfo};
 
 /// A guest's query to the virtual host's DNS port, which the NAT does not carry: the engine
 /// gives it to the virtual host's relay (`vhost::dns`).
@@ -150,6 +152,40 @@ impl Nat {
         }
     }
 
+    /// Opens the guest side of a TCP connection a forward accepted (`Engine::tcp_inbound`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn tcp_inbound(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let shown = inbound::admit(now, ctx, client, &target)?;
+        self.tcp.inbound(now, ctx, sock, shown, target, io, out)
+    }
+
+    /// Opens (or finds) the UDP session of a forward's datagram (`Engine::udp_inbound`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn udp_inbound(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        payload: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let shown = inbound::admit(now, ctx, client, &target)?;
+        self.udp
+            .inbound(now, ctx, sock, shown, target, payload, io, out)
+    }
+
     pub(crate) fn handle_host_event(
         &mut self,
         now: Instant,
@@ -187,6 +223,19 @@ impl Nat {
         n[Proto::Udp.index()] = self.udp.len();
         n[Proto::Icmp.index()] = self.icmp.len();
         n
+    }
+
+    /// Ends the flows of forward `forward` (it was removed): how many.
+    pub(crate) fn close_forward(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        forward: u32,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> usize {
+        self.tcp.close_forward(now, ctx, forward, io, out)
+            + self.udp.close_forward(ctx, forward, io)
     }
 
     /// Shutdown: resets every guest's TCP connection and closes every sock-side socket.

@@ -40,6 +40,26 @@ impl Proto {
     }
 }
 
+/// Which side opened a NAT session.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum Direction {
+    /// A guest's flow to the sock side (the NAT's ordinary traffic).
+    #[default]
+    Out,
+    /// A flow a forward accepted on the sock side and opened toward a guest.
+    In,
+}
+
+impl Direction {
+    /// Its name in the operator's session list (`out`, `in`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+        }
+    }
+}
+
 /// One row of the NAT table, as the operator sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -49,8 +69,11 @@ pub struct SessionInfo {
     pub proto: Proto,
     /// The guest's end (for ICMP, its address and echo ident).
     pub guest: SocketAddrV4,
-    /// The destination as the guest addressed it.
+    /// The guest's peer: the destination as the guest addressed it, or for an inbound session
+    /// the client as the guest sees it.
     pub dst: SocketAddrV4,
+    /// Who opened the session.
+    pub direction: Direction,
     /// When the session opened.
     pub created: Instant,
     /// When it last carried something.
@@ -278,6 +301,7 @@ mod tests {
                 proto: Proto::Udp,
                 guest: g,
                 dst: g,
+                direction: Direction::Out,
                 created: at,
                 last_used: at,
                 bytes_to_host: 0,

@@ -20,7 +20,13 @@
 //! when larger than the MTU): nothing is allocated per datagram.
 //!
 //! UDP to the virtual host itself: port 53 is handed back to the engine for the virtual host's
-//! DNS relay (`DnsQuery`), any other port gets ICMP port unreachable from the virtual host.
+//! DNS relay (`DnsQuery`), any other port gets ICMP port unreachable from the virtual host
+//! (unless an inbound session is keyed to it).
+//!
+//! Inbound sessions (`nat::inbound`: a port forward's client) live in the same table, keyed
+//! (guest, client as shown), their socket the one the runtime connected to the client. The
+//! guest's datagrams to the client meet them as any session's answers do (no egress policy: the
+//! operator opened the forward), and datagrams to the guest go to the MAC the forward resolved.
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -29,10 +35,12 @@ use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UDP_HEADER_LEN,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Mac};
 use crate::event::Event;
 use crate::nat::session::{self, SessionTable};
-use crate::nat::{sock_destination, DnsQuery, Proto, SessionInfo};
+use crate::nat::{
+    sock_destination, Direction, DnsQuery, InboundRefused, InboundTarget, Proto, SessionInfo,
+};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
@@ -63,6 +71,11 @@ pub(crate) struct UdpKey {
 struct Datagrams {
     /// UDP length of the guest's last datagram, quoted in a port unreachable.
     last_len: u16,
+    /// For an inbound session, the guest's MAC as the forward resolved it (datagrams to the
+    /// guest go there, not to whatever the neighbour table has); `None`: the neighbour table.
+    guest_mac: Option<Mac>,
+    /// The forward an inbound session came through.
+    forward: Option<u32>,
 }
 
 type Session = session::Session<UdpKey, Datagrams>;
@@ -130,7 +143,11 @@ impl UdpNat {
         }
         let guest = SocketAddrV4::new(src, udp.src_port());
         let to = SocketAddrV4::new(dst, udp.dst_port());
-        if ctx.is_host_address(dst) {
+        let key = UdpKey { guest, dst: to };
+        // An inbound session may be keyed to the virtual host's own address (a client on the
+        // host's loopback is shown as it): its flow goes first.
+        let existing = self.table.slot(&key);
+        if existing.is_none() && ctx.is_host_address(dst) {
             if to.port() == DNS_PORT {
                 return Ok(Some(DnsQuery {
                     guest,
@@ -140,8 +157,7 @@ impl UdpNat {
             return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
                 .map(|()| None);
         }
-        let key = UdpKey { guest, dst: to };
-        let slot = match self.table.slot(&key) {
+        let slot = match existing {
             Some(slot) => slot,
             None => match self.open(now, ctx, key, io) {
                 Ok(slot) => slot,
@@ -220,6 +236,7 @@ impl UdpNat {
                 proto: Proto::Udp,
                 guest: key.guest,
                 dst: key.dst,
+                direction: Direction::Out,
                 created: now,
                 last_used: now,
                 bytes_to_host: 0,
@@ -230,6 +247,107 @@ impl UdpNat {
             },
             state: Datagrams {
                 last_len: UDP_HEADER_LEN as u16,
+                guest_mac: None,
+                forward: None,
+            },
+        };
+        Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
+    }
+
+    /// A datagram a forward took from `client` (as the guest is shown it) for `target`, on
+    /// `sock`, connected to the client: a new inbound session with `sock` as its socket, the
+    /// payload sent to the guest at once. A session of the same pair already there (the
+    /// datagram raced the connected socket's creation) carries the payload instead, and `sock`
+    /// is closed. On `Err` the caller closes `sock`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn inbound(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        payload: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let key = UdpKey {
+            guest: target.guest,
+            dst: client,
+        };
+        let slot = match self.table.slot(&key) {
+            Some(slot) => {
+                if self.table.get(slot).is_some_and(|s| s.sock != sock) {
+                    io.close(sock);
+                }
+                slot
+            }
+            None => self.open_inbound(now, ctx, key, sock, target, io)?,
+        };
+        let Some(s) = self.table.get_mut(slot) else {
+            return Ok(());
+        };
+        let len = payload.len().min(MAX_UDP_PAYLOAD);
+        self.buf[UDP_HEADER_LEN..][..len].copy_from_slice(&payload[..len]);
+        s.info.last_used = now;
+        s.info.packets_to_guest += 1;
+        s.info.bytes_to_guest += len as u64;
+        let (from, to, mac) = (s.key.dst, s.key.guest, s.state.guest_mac);
+        if let Err(why) = send_to_guest_via(ctx, out, &mut self.buf, len, from, to, mac) {
+            ctx.stats.drop(why);
+        }
+        Ok(())
+    }
+
+    fn open_inbound(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        key: UdpKey,
+        sock: SockId,
+        target: InboundTarget,
+        io: &mut impl SockIo,
+    ) -> Result<usize, InboundRefused> {
+        let (total, per_guest) = (ctx.cfg.nat.max_sessions, ctx.cfg.nat.max_sessions_per_guest);
+        let guest = *key.guest.ip();
+        if self.table.len() >= total {
+            let timeout = ctx.cfg.nat.udp_timeout;
+            if let Some(slot) = self.table.idlest(now, timeout, session::EVICT_IDLE) {
+                self.close(ctx, slot, io);
+                ctx.stats.evicted += 1;
+            }
+        }
+        if self.table.full(guest, total, per_guest) || !ctx.admit_session(now, Proto::Udp, guest) {
+            return Err(InboundRefused::Limit);
+        }
+        let id = ctx.next_session_id();
+        ctx.events.push(Event::InboundSessionCreated {
+            proto: Proto::Udp,
+            id,
+            src: key.dst,
+            dst: key.guest,
+        });
+        let session = Session {
+            key,
+            sock,
+            info: SessionInfo {
+                id,
+                proto: Proto::Udp,
+                guest: key.guest,
+                dst: key.dst,
+                direction: Direction::In,
+                created: now,
+                last_used: now,
+                bytes_to_host: 0,
+                bytes_to_guest: 0,
+                packets_to_host: 0,
+                packets_to_guest: 0,
+                state: "Established",
+            },
+            state: Datagrams {
+                last_len: UDP_HEADER_LEN as u16,
+                guest_mac: Some(target.guest_mac),
+                forward: Some(target.forward),
             },
         };
         Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
@@ -245,6 +363,27 @@ impl UdpNat {
             proto: Proto::Udp,
             id: s.info.id,
         });
+    }
+
+    /// The forward `forward` is gone: its sessions end with their sockets.
+    pub(crate) fn close_forward(
+        &mut self,
+        ctx: &mut Ctx,
+        forward: u32,
+        io: &mut impl SockIo,
+    ) -> usize {
+        let mut n = 0;
+        for slot in 0..self.table.slot_count() {
+            if self
+                .table
+                .get_mut(slot)
+                .is_some_and(|s| s.state.forward == Some(forward))
+            {
+                self.close(ctx, slot, io);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Shutdown: closes every session's socket and the DNS relay's upstream sockets.
@@ -273,9 +412,8 @@ impl UdpNat {
                     s.info.last_used = now;
                     s.info.packets_to_guest += 1;
                     s.info.bytes_to_guest += n as u64;
-                    if let Err(why) =
-                        send_to_guest(ctx, out, &mut self.buf, n, s.key.dst, s.key.guest)
-                    {
+                    let (from, to, mac) = (s.key.dst, s.key.guest, s.state.guest_mac);
+                    if let Err(why) = send_to_guest_via(ctx, out, &mut self.buf, n, from, to, mac) {
                         ctx.stats.drop(why);
                     }
                 }
@@ -405,7 +543,23 @@ pub(crate) fn send_to_guest(
     from: SocketAddrV4,
     to: SocketAddrV4,
 ) -> Result<(), DropReason> {
-    let dst_mac = ctx.arp.lookup(*to.ip()).ok_or(DropReason::NoArp)?;
+    send_to_guest_via(ctx, out, buf, len, from, to, None)
+}
+
+/// `send_to_guest` to the guest's MAC `mac`, or where the neighbour table says with `None`.
+fn send_to_guest_via(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    buf: &mut [u8],
+    len: usize,
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    mac: Option<Mac>,
+) -> Result<(), DropReason> {
+    let dst_mac = match mac {
+        Some(m) => m,
+        None => ctx.arp.lookup(*to.ip()).ok_or(DropReason::NoArp)?,
+    };
     let len = len.min(MAX_UDP_PAYLOAD);
     let datagram = &mut buf[..UDP_HEADER_LEN + len];
     let mut udp = UdpPacket::new_unchecked(&mut datagram[..]);
@@ -722,6 +876,203 @@ mod tests {
         let ids = udp_ids(&h);
         assert_eq!(ids.len(), 1);
         assert_eq!(h.udp(ids[0]).unwrap().sent, vec![b"abcd".to_vec()]);
+        assert!(out.is_empty());
+    }
+
+    // ---- inbound: a forward's client, toward a guest ------------------------------------
+
+    const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 40000);
+
+    fn target(port: u16) -> InboundTarget {
+        InboundTarget {
+            guest: sa(GUEST_IP, port),
+            guest_mac: GUEST_MAC,
+            forward: 1,
+        }
+    }
+
+    /// The Ethernet destination of each frame in `out`.
+    fn eth_dsts(out: &FrameBatch) -> Vec<Mac> {
+        out.iter()
+            .map(|f| {
+                crate::wire::mac(
+                    smoltcp::wire::EthernetFrame::new_checked(f)
+                        .unwrap()
+                        .dst_addr(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn inbound_session_carries_the_first_datagram_the_replies_and_more() {
+        let (mut e, mut h, mut out) = setup();
+        let guest = sa(GUEST_IP, 53);
+        let sock = h.adopt_udp(CLIENT);
+        // Nothing is known of the guest yet but what the forward resolved.
+        e.udp_inbound(T0, sock, CLIENT, target(53), b"query", &mut h, &mut out)
+            .unwrap();
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        assert_eq!(parse_udp(&p[0]), (CLIENT, guest, b"query".to_vec()));
+        assert_eq!(eth_dsts(&out), [GUEST_MAC]);
+        out.clear();
+
+        // The guest answers the client: out through the forward's socket, no new session.
+        e.handle_frame(T0, &udp_frame(guest, CLIENT, b"answer"), &mut h, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(udp_ids(&h), [sock]);
+        assert_eq!(h.udp(sock).unwrap().sent, [b"answer".to_vec()]);
+
+        // The client's next datagrams arrive on the socket and go to the guest.
+        h.deliver_udp(sock, b"again");
+        pump(&mut e, &mut h, &mut out, T0);
+        assert_eq!(
+            parse_udp(&packets(&out)[0]),
+            (CLIENT, guest, b"again".to_vec())
+        );
+
+        let rows = e.sessions();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.direction, r.guest, r.dst),
+            (Direction::In, guest, CLIENT)
+        );
+        assert_eq!((r.packets_to_guest, r.bytes_to_guest), (2, 10));
+        assert_eq!((r.packets_to_host, r.bytes_to_host), (1, 6));
+        assert_eq!(
+            e.poll_event(),
+            Some(Event::InboundSessionCreated {
+                proto: Proto::Udp,
+                id: r.id,
+                src: CLIENT,
+                dst: guest,
+            })
+        );
+    }
+
+    #[test]
+    fn inbound_datagram_that_raced_its_socket_goes_through_the_session() {
+        let (mut e, mut h, mut out) = setup();
+        let first = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, first, CLIENT, target(53), b"one", &mut h, &mut out)
+            .unwrap();
+        let second = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, second, CLIENT, target(53), b"two", &mut h, &mut out)
+            .unwrap();
+        assert_eq!(h.closed, [second]);
+        assert_eq!(udp_ids(&h), [first]);
+        let p = packets(&out);
+        assert_eq!(
+            parse_udp(&p[1]),
+            (CLIENT, sa(GUEST_IP, 53), b"two".to_vec())
+        );
+        assert_eq!(e.sessions().len(), 1);
+        assert_eq!(e.sessions()[0].packets_to_guest, 2);
+    }
+
+    /// A removed forward's sessions end with their sockets; another forward's stay.
+    #[test]
+    fn closing_a_forward_ends_its_sessions_only() {
+        let (mut e, mut h, mut out) = setup();
+        let sock = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
+            .unwrap();
+        assert_eq!(e.close_forward(T0, 7, &mut h, &mut out), 0);
+        assert_eq!(e.sessions().len(), 1);
+        assert_eq!(e.close_forward(T0, 1, &mut h, &mut out), 1);
+        assert!(e.sessions().is_empty());
+        assert!(h.closed.contains(&sock));
+    }
+
+    #[test]
+    fn inbound_session_expires_when_idle() {
+        let (mut e, mut h, mut out) = setup();
+        let sock = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
+            .unwrap();
+        let timeout = e.config().nat.udp_timeout;
+        assert_eq!(e.poll_timeout(), Some(T0 + timeout));
+        e.handle_timeout(T0 + timeout, &mut h, &mut out);
+        assert!(e.sessions().is_empty());
+        assert_eq!(h.closed, [sock]);
+        let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+        assert!(matches!(
+            events[..],
+            [
+                Event::InboundSessionCreated { .. },
+                Event::SessionDeleted {
+                    proto: Proto::Udp,
+                    ..
+                }
+            ]
+        ));
+    }
+
+    #[test]
+    fn inbound_session_counts_against_the_guest_and_is_not_the_egress_policys() {
+        let (mut e, mut h, mut out) = setup_with(|c| {
+            c.nat.max_sessions_per_guest = 1;
+            // The operator refuses guests' flows to the client's network; the forward is
+            // the operator's own door.
+            c.nat.egress = vec!["deny 198.51.100.0/24".parse().unwrap()];
+        });
+        let sock = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
+            .unwrap();
+        e.handle_frame(
+            T0,
+            &udp_frame(sa(GUEST_IP, 53), CLIENT, b"a"),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(h.udp(sock).unwrap().sent, [b"a".to_vec()]);
+        assert_eq!(e.stats().drops_of(DropReason::Policy), 0);
+        // A second client: past the guest's share.
+        let other = sa(Ipv4Addr::new(198, 51, 100, 8), 40000);
+        let refused = h.adopt_udp(other);
+        let r = e.udp_inbound(T0, refused, other, target(53), b"q", &mut h, &mut out);
+        assert_eq!(r, Err(InboundRefused::Limit));
+        assert_eq!(h.closed, [refused]);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 1);
+        assert_eq!(e.sessions().len(), 1);
+    }
+
+    #[test]
+    fn inbound_datagram_larger_than_the_mtu_is_fragmented() {
+        let (mut e, mut h, mut out) = setup();
+        let big: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+        let sock = h.adopt_udp(CLIENT);
+        e.udp_inbound(T0, sock, CLIENT, target(9000), &big, &mut h, &mut out)
+            .unwrap();
+        let p = packets(&out);
+        assert_eq!(p.len(), 3);
+        let joined = join_fragments(&p);
+        let udp = UdpPacket::new_checked(&joined[..]).unwrap();
+        assert!(udp.verify_checksum(&(*CLIENT.ip()).into(), &GUEST_IP.into()));
+        assert_eq!(udp.payload(), &big[..]);
+        assert!(eth_dsts(&out).iter().all(|m| *m == GUEST_MAC));
+    }
+
+    #[test]
+    fn inbound_from_the_hosts_loopback_is_shown_as_the_virtual_host() {
+        let (mut e, mut h, mut out) = setup();
+        let local = sa(Ipv4Addr::LOCALHOST, 5353);
+        let shown = sa(HOST_IP, 5353);
+        let sock = h.adopt_udp(local);
+        e.udp_inbound(T0, sock, local, target(53), b"q", &mut h, &mut out)
+            .unwrap();
+        assert_eq!(parse_udp(&packets(&out)[0]).0, shown);
+        out.clear();
+        // The guest's answer to the virtual host's address is this flow's, not the DNS relay's.
+        e.handle_frame(
+            T0,
+            &udp_frame(sa(GUEST_IP, 53), shown, b"a"),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(h.udp(sock).unwrap().sent, [b"a".to_vec()]);
         assert!(out.is_empty());
     }
 

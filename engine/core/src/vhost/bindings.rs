@@ -260,6 +260,22 @@ impl Sources {
         }
     }
 
+    /// Whether `check` would let `mac` send from `ip` now, without binding or touching
+    /// anything (a guest about to be sent a flow must be able to answer it).
+    pub(crate) fn would_accept(
+        &mut self,
+        mode: SourceCheck,
+        now: Instant,
+        mac: Mac,
+        ip: Ipv4Addr,
+    ) -> bool {
+        if mode == SourceCheck::Subnet {
+            return true;
+        }
+        self.refresh();
+        self.local.verdict(mode, now, mac, ip) != Verdict::Refused
+    }
+
     /// Binds `ip` to `mac` (a lease or the configuration), in the shared bindings too.
     pub(crate) fn bind(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy) {
         if let Some(s) = &self.shared {

@@ -27,7 +27,7 @@ use smoltcp::wire::UDP_HEADER_LEN;
 
 use crate::config::Config;
 use crate::event::Event;
-use crate::nat::session::{Proto, SessionInfo};
+use crate::nat::session::{Direction, Proto, SessionInfo};
 use crate::nat::udp::{send_to_guest, MAX_UDP_PAYLOAD};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
@@ -298,6 +298,7 @@ impl DnsRelay {
                     proto: Proto::Dns,
                     guest,
                     dst: host,
+                    direction: Direction::Out,
                     created: now,
                     last_used: now,
                     bytes_to_host: query.len() as u64,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::port::tap::{NapiThreading, Tap, TapError};
+use crate::port::tap::{GuestSetup, NapiThreading, Tap, TapError};
 use crate::tx::NapiSwitch;
 
 /// `--tap-queues`: how the TAP is read with 2 or more workers.
@@ -47,6 +47,9 @@ pub struct TapSpec<'a> {
     pub queues: QueueMode,
     /// Where its NAPI polls run.
     pub napi: NapiMode,
+    /// The guest's side to set up once the device is open (slirp4netns's `--configure`);
+    /// None leaves its addressing to the guest.
+    pub guest: Option<GuestSetup>,
 }
 
 /// An opened TAP port.
@@ -101,6 +104,15 @@ impl TapSpec<'_> {
             (None, NapiMode::Threaded) => "NAPI polls in threads",
             (None, _) => "no NAPI",
         };
+        // Last: a fallback above may have closed the device and made it anew, addresses lost.
+        if let Some(guest) = &self.guest {
+            Tap::configure_in_namespaces(
+                self.name,
+                self.userns.as_deref(),
+                self.netns.as_deref(),
+                guest,
+            )?;
+        }
         Ok(TapPort {
             queues,
             napi,

@@ -13,6 +13,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,25 @@ pub enum TapError {
     Helper { name: String, what: String },
     #[error("descriptor {fd} is not a TAP device: {why}")]
     NotTap { fd: RawFd, why: String },
+    #[error("cannot set up TAP device `{name}` in the guest's namespace ({what}): {error}")]
+    Configure {
+        name: String,
+        what: String,
+        error: io::Error,
+    },
+}
+
+/// The guest's side of a TAP, as slirp4netns's `--configure` leaves it: the device up with an
+/// IPv4 address, a default route through the virtual host, and the namespace's loopback up. For
+/// a guest namespace whose user has no DHCP client to run (a container's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestSetup {
+    pub address: Ipv4Addr,
+    pub netmask: Ipv4Addr,
+    /// The default route's gateway (None: no default route).
+    pub gateway: Option<Ipv4Addr>,
+    /// The device's MAC address (None: the kernel's random one).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// A namespace file as an operator named it: "of PID N" for /proc/N/ns/..., else its path.
@@ -100,6 +120,8 @@ struct IfReq {
 union IfReqData {
     flags: libc::c_short,
     mtu: libc::c_int,
+    /// An address (SIOCSIFADDR, SIOCSIFNETMASK) or a hardware address (SIOCSIFHWADDR).
+    addr: libc::sockaddr,
     _pad: [u8; 24],
 }
 
@@ -114,6 +136,28 @@ impl IfReq {
         }
         req
     }
+
+    /// SIOCSIFADDR's or SIOCSIFNETMASK's request for `name`.
+    fn with_ipv4(name: &str, ip: Ipv4Addr) -> IfReq {
+        let mut req = IfReq::new(name);
+        req.data.addr = sockaddr_v4(ip);
+        req
+    }
+}
+
+/// `ip` as the `sockaddr` the interface and route ioctls take.
+fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes of plain data; the kernel reads a
+    // sockaddr_in wherever the family is AF_INET.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -266,10 +310,11 @@ impl Tap {
         });
         let plan = HelperPlan {
             userns: join_user.then(|| user.as_raw_fd()),
-            netns: net.as_raw_fd(),
+            netns: Some(net.as_raw_fd()),
             attach,
             mtu: set_mtu,
             link: IfReq::new(name),
+            guest: None,
         };
         let fds = run_helper(&plan, queues).map_err(|failure| {
             let os_error = |errno| io::Error::from_raw_os_error(errno);
@@ -300,7 +345,16 @@ impl Tap {
                     name: name.to_owned(),
                     what: format!("could not send the queues back: {}", os_error(errno)),
                 },
-                HelperFailure::Step(step @ (Step::Queues | Step::Done), _) => TapError::Helper {
+                HelperFailure::Step(
+                    step @ (Step::Queues
+                    | Step::Done
+                    | Step::HwAddr
+                    | Step::Address
+                    | Step::Netmask
+                    | Step::Route
+                    | Step::Loopback),
+                    _,
+                ) => TapError::Helper {
                     name: name.to_owned(),
                     what: format!("answered out of turn ({step:?})"),
                 },
@@ -318,6 +372,80 @@ impl Tap {
                 name: name.to_owned(),
             })
             .collect())
+    }
+
+    /// Sets up the guest's side of the existing device `name` as `setup` says (see
+    /// `GuestSetup`), from inside the user namespace at `userns` (None: hubnat's own) and the
+    /// network namespace at `netns` (None: hubnat's own). As in `open_queues_in_namespaces`, a
+    /// forked child joins them, so the calling thread never leaves its own.
+    pub fn configure_in_namespaces(
+        name: &str,
+        userns: Option<&Path>,
+        netns: Option<&Path>,
+        setup: &GuestSetup,
+    ) -> Result<(), TapError> {
+        check_name(name)?;
+        let user = match userns {
+            Some(path) => Some(File::open(path).map_err(|error| TapError::OpenUserns {
+                path: path.to_owned(),
+                error,
+            })?),
+            None => None,
+        };
+        let net = match netns {
+            Some(path) => Some(File::open(path).map_err(|error| TapError::OpenNetns {
+                path: path.to_owned(),
+                error,
+            })?),
+            None => None,
+        };
+        let join_user = user
+            .as_ref()
+            .filter(|u| !same_file(u, Path::new("/proc/self/ns/user")));
+        let plan = HelperPlan {
+            userns: join_user.map(|u| u.as_raw_fd()),
+            netns: net.as_ref().map(|n| n.as_raw_fd()),
+            attach: IfReq::new(name),
+            mtu: None,
+            link: IfReq::new(name),
+            guest: Some(GuestPlan::new(name, setup)),
+        };
+        let configure = |what: String, errno: i32| TapError::Configure {
+            name: name.to_owned(),
+            what,
+            error: io::Error::from_raw_os_error(errno),
+        };
+        match run_helper(&plan, 0) {
+            Ok(_) => Ok(()),
+            Err(HelperFailure::Step(Step::JoinUser, errno)) => Err(TapError::EnterUserns {
+                path: userns.map(Path::to_owned).unwrap_or_default(),
+                error: io::Error::from_raw_os_error(errno),
+            }),
+            Err(HelperFailure::Step(Step::JoinNet, errno)) => Err(TapError::EnterNetns {
+                path: netns.map(Path::to_owned).unwrap_or_default(),
+                error: io::Error::from_raw_os_error(errno),
+            }),
+            Err(HelperFailure::Step(step, errno)) => {
+                let what = match step {
+                    Step::HwAddr => format!("MAC address {}", mac_text(setup.mac)),
+                    Step::Address => format!("address {}", setup.address),
+                    Step::Netmask => format!("netmask {}", setup.netmask),
+                    Step::Route => format!(
+                        "default route via {}",
+                        setup.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)
+                    ),
+                    Step::Loopback => "loopback up".to_owned(),
+                    Step::Control | Step::Up => "link up".to_owned(),
+                    other => format!("{other:?}"),
+                };
+                Err(configure(what, errno))
+            }
+            Err(HelperFailure::Start(e)) => Err(TapError::HelperStart(e)),
+            Err(HelperFailure::Other(what)) => Err(TapError::Helper {
+                name: name.to_owned(),
+                what,
+            }),
+        }
     }
 
     /// A TAP queue opened by someone else and handed over as a descriptor (a launcher that
@@ -613,13 +741,70 @@ fn same_file(file: &File, path: &Path) -> bool {
 struct HelperPlan {
     /// The user namespace to join first (None: hubnat is in it already).
     userns: Option<RawFd>,
-    netns: RawFd,
+    /// The network namespace to join (None: hubnat's own).
+    netns: Option<RawFd>,
     /// TUNSETIFF's request for each queue.
     attach: IfReq,
     /// SIOCSIFMTU's request, when an MTU is to be set.
     mtu: Option<IfReq>,
     /// The device's name, for SIOCGIFFLAGS and SIOCSIFFLAGS.
     link: IfReq,
+    /// The guest's side to set up once the link is up.
+    guest: Option<GuestPlan>,
+}
+
+/// `GuestSetup` as the helper's ioctls take it, prepared before the fork.
+struct GuestPlan {
+    hwaddr: Option<IfReq>,
+    address: IfReq,
+    netmask: IfReq,
+    route: Option<libc::rtentry>,
+    /// The device's name, NUL-terminated, for the route's `rt_dev`.
+    dev: [libc::c_char; libc::IFNAMSIZ],
+    loopback: IfReq,
+}
+
+impl GuestPlan {
+    fn new(name: &str, setup: &GuestSetup) -> GuestPlan {
+        let hwaddr = setup.mac.map(|mac| {
+            let mut req = IfReq::new(name);
+            // SAFETY: sockaddr is plain data; all-zero is a valid value, filled in below.
+            let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+            sa.sa_family = libc::ARPHRD_ETHER;
+            for (dst, src) in sa.sa_data.iter_mut().zip(mac) {
+                *dst = src as libc::c_char;
+            }
+            req.data.addr = sa;
+            req
+        });
+        let route = setup.gateway.map(|gw| {
+            // SAFETY: rtentry is plain data (its one pointer null); all-zero is a valid value.
+            let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+            rt.rt_dst = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+            rt.rt_genmask = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
+            rt.rt_gateway = sockaddr_v4(gw);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            rt
+        });
+        GuestPlan {
+            hwaddr,
+            address: IfReq::with_ipv4(name, setup.address),
+            netmask: IfReq::with_ipv4(name, setup.netmask),
+            route,
+            dev: IfReq::new(name).name,
+            loopback: IfReq::new("lo"),
+        }
+    }
+}
+
+fn mac_text(mac: Option<[u8; 6]>) -> String {
+    mac.map(|m| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+    .unwrap_or_default()
 }
 
 /// The helper's steps, as its reports name them.
@@ -640,6 +825,12 @@ enum Step {
     Up,
     /// Sending the descriptors back.
     Send,
+    /// The guest's side (`GuestSetup`), one step per ioctl.
+    HwAddr,
+    Address,
+    Netmask,
+    Route,
+    Loopback,
 }
 
 impl Step {
@@ -655,6 +846,11 @@ impl Step {
             Step::Mtu,
             Step::Up,
             Step::Send,
+            Step::HwAddr,
+            Step::Address,
+            Step::Netmask,
+            Step::Route,
+            Step::Loopback,
         ]
         .into_iter()
         .find(|s| *s as u32 == n)
@@ -883,9 +1079,11 @@ fn helper_steps(plan: &HelperPlan, slots: &mut [RawFd], sock: RawFd) -> Result<(
             return Err(fail(Step::JoinUser));
         }
     }
-    // SAFETY: as above.
-    if unsafe { libc::setns(plan.netns, libc::CLONE_NEWNET) } < 0 {
-        return Err(fail(Step::JoinNet));
+    if let Some(netns) = plan.netns {
+        // SAFETY: as above.
+        if unsafe { libc::setns(netns, libc::CLONE_NEWNET) } < 0 {
+            return Err(fail(Step::JoinNet));
+        }
     }
     for slot in slots.iter_mut() {
         // SAFETY: a constant NUL-terminated path; the result is checked.
@@ -929,10 +1127,62 @@ fn helper_steps(plan: &HelperPlan, slots: &mut [RawFd], sock: RawFd) -> Result<(
     if unsafe { libc::ioctl(control, libc::SIOCSIFFLAGS, &mut req as *mut IfReq) } < 0 {
         return Err(fail(Step::Up));
     }
+    if let Some(guest) = &plan.guest {
+        guest_steps(control, guest)?;
+    }
     for chunk in slots.chunks(FDS_PER_MESSAGE) {
         if let Err(e) = send_report(sock, Step::Queues, 0, chunk) {
             return Err((Step::Send, e));
         }
+    }
+    Ok(())
+}
+
+/// The guest's side, in the helper (raw system calls on the prepared plan only), in the order
+/// slirp4netns's `--configure` takes: hardware address, IPv4 address then netmask (the prefix
+/// route follows them), the default route (which needs the link up and the address's subnet),
+/// the loopback.
+fn guest_steps(control: RawFd, guest: &GuestPlan) -> Result<(), (Step, i32)> {
+    let fail = |step| (step, last_errno());
+    if let Some(mut req) = guest.hwaddr {
+        // SAFETY: SIOCSIFHWADDR reads an `ifreq` holding a hardware address.
+        if unsafe { libc::ioctl(control, libc::SIOCSIFHWADDR, &mut req as *mut IfReq) } < 0 {
+            return Err(fail(Step::HwAddr));
+        }
+    }
+    for (step, request, plan) in [
+        (Step::Address, libc::SIOCSIFADDR, &guest.address),
+        (Step::Netmask, libc::SIOCSIFNETMASK, &guest.netmask),
+    ] {
+        let mut req = *plan;
+        // SAFETY: SIOCSIFADDR and SIOCSIFNETMASK read an `ifreq` holding an AF_INET address.
+        if unsafe { libc::ioctl(control, request, &mut req as *mut IfReq) } < 0 {
+            return Err(fail(step));
+        }
+    }
+    if let Some(mut route) = guest.route {
+        route.rt_dev = guest.dev.as_ptr() as *mut libc::c_char;
+        // SAFETY: SIOCADDRT reads an `rtentry`; its `rt_dev` points at the plan's NUL-terminated
+        // name, which outlives the call. The kernel only reads the name.
+        if unsafe { libc::ioctl(control, libc::SIOCADDRT, &mut route as *mut libc::rtentry) } < 0 {
+            let errno = last_errno();
+            // The same route made by an earlier run is the route asked for.
+            if errno != libc::EEXIST {
+                return Err((Step::Route, errno));
+            }
+        }
+    }
+    let mut req = guest.loopback;
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write an `ifreq`.
+    if unsafe { libc::ioctl(control, libc::SIOCGIFFLAGS, &mut req as *mut IfReq) } < 0 {
+        return Err(fail(Step::Loopback));
+    }
+    // SAFETY: SIOCGIFFLAGS filled the `flags` member of the union.
+    let flags = unsafe { req.data.flags };
+    req.data.flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(control, libc::SIOCSIFFLAGS, &mut req as *mut IfReq) } < 0 {
+        return Err(fail(Step::Loopback));
     }
     Ok(())
 }
@@ -1333,6 +1583,53 @@ mod tests {
         assert!(text.contains("mtu 1280") && text.contains(",UP"), "{text}");
         // SAFETY: a constant NUL-terminated name.
         assert_eq!(unsafe { libc::if_nametoindex(c"hnuser0".as_ptr()) }, 0);
+    }
+
+    /// slirp4netns's `--configure` through the helper, in a container's namespaces: the TAP's
+    /// MAC, address and default route, and the loopback up. A second run finds the route made.
+    #[test]
+    fn the_guests_side_is_set_up_inside_a_containers_namespaces() {
+        if !running_as_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let Some(container) = Container::start() else {
+            eprintln!("skipped: no user namespaces here");
+            return;
+        };
+        let (user, net) = (container.ns("user"), container.ns("net"));
+        let _taps = Tap::open_queues_in_namespaces("hnguest0", None, 1, false, Some(&user), &net)
+            .expect("TAP in the container's namespaces");
+        let setup = GuestSetup {
+            address: Ipv4Addr::new(10, 0, 2, 100),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+            mac: Some([0x02, 0, 0, 0, 0x2a, 0x01]),
+        };
+        for _ in 0..2 {
+            Tap::configure_in_namespaces("hnguest0", Some(&user), Some(&net), &setup)
+                .expect("the guest's side");
+        }
+        let inside = |args: &[&str]| {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={}", net.display()))
+                .args(args)
+                .output()
+                .expect("nsenter");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let addr = inside(&["ip", "-o", "-4", "addr", "show", "hnguest0"]);
+        assert!(addr.contains("inet 10.0.2.100/24"), "{addr}");
+        let link = inside(&["ip", "-o", "link", "show", "hnguest0"]);
+        assert!(link.contains("02:00:00:00:2a:01"), "{link}");
+        let route = inside(&["ip", "-4", "route", "show", "default"]);
+        assert!(route.contains("via 10.0.2.2 dev hnguest0"), "{route}");
+        let lo = inside(&["ip", "-o", "link", "show", "lo"]);
+        assert!(lo.contains(",UP"), "{lo}");
+        // A device that is not there is named in the error.
+        let e = Tap::configure_in_namespaces("hnnone0", Some(&user), Some(&net), &setup)
+            .expect_err("no such device");
+        assert!(e.to_string().contains("hnnone0"), "{e}");
     }
 
     fn running_as_root() -> bool {

@@ -357,6 +357,66 @@ impl SockDriver {
         }
     }
 
+    /// What every TCP socket gets: no Nagle (the guest's own stack decides when to send), the
+    /// configured buffer sizes, and a peek offset where the kernel has one (its value).
+    fn tcp_options(&self, stream: &TcpStream) -> Option<usize> {
+        let fd = stream.as_raw_fd();
+        let _ = stream.set_nodelay(true);
+        if self.tcp_rcvbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                self.tcp_rcvbuf as libc::c_int,
+            );
+        }
+        if self.tcp_sndbuf > 0 {
+            let _ = setsockopt_int(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                self.tcp_sndbuf as libc::c_int,
+            );
+        }
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
+            .ok()
+            .map(|_| 0)
+    }
+
+    /// Takes over a connection a forward accepted: from here on it is a connected socket of
+    /// this driver like one it connected itself.
+    pub fn adopt_tcp(&mut self, stream: std::net::TcpStream) -> io::Result<SockId> {
+        stream.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(stream);
+        let peek_off = self.tcp_options(&stream);
+        let id = self.alloc_id();
+        self.register_fd(stream.as_raw_fd(), id, true)?;
+        self.socks.insert(
+            id,
+            Sock::Tcp(Tcp {
+                stream,
+                connecting: false,
+                peek_off,
+                eof: false,
+                unconsumed: 0,
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Takes over a UDP socket a forward connected to its client.
+    pub fn adopt_udp(&mut self, sock: std::net::UdpSocket) -> io::Result<SockId> {
+        sock.set_nonblocking(true)?;
+        let sock = UdpSocket::from_std(sock);
+        let id = self.alloc_id();
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
+            Readiness::Epoll(_) => self.register_fd(sock.as_raw_fd(), id, false)?,
+        }
+        self.socks.insert(id, Sock::Udp(sock));
+        Ok(id)
+    }
+
     fn register_fd(&mut self, fd: RawFd, id: SockId, writable: bool) -> io::Result<()> {
         match &mut self.readiness {
             Readiness::Epoll(reg) => {
@@ -459,26 +519,7 @@ impl SockIo for SockDriver {
             }
         };
         let fd = stream.as_raw_fd();
-        let _ = stream.set_nodelay(true);
-        if self.tcp_rcvbuf > 0 {
-            let _ = setsockopt_int(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                self.tcp_rcvbuf as libc::c_int,
-            );
-        }
-        if self.tcp_sndbuf > 0 {
-            let _ = setsockopt_int(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                self.tcp_sndbuf as libc::c_int,
-            );
-        }
-        let peek_off = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
-            .ok()
-            .map(|_| 0);
+        let peek_off = self.tcp_options(&stream);
         let id = self.alloc_id();
         match &mut self.readiness {
             Readiness::Uring(r) => r.connect(fd, id, dst)?,

@@ -1,6 +1,7 @@
 //! Host-socket drivers: real sockets behind the core's `SockIo`.
 
 pub mod driver;
+pub mod forward;
 pub mod uring;
 
 use std::str::FromStr;

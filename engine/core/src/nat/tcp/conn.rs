@@ -8,7 +8,7 @@
 //! retransmissions re-peek, and an ACK consumes. Congestion control is NewReno (RFC 5681/6582)
 //! with SACK-guided hole retransmission (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
 //!
-//! Memory: `size_of::<TcpConn>()` (456 bytes on x86-64; a test asserts at most 512) plus the
+//! Memory: `size_of::<TcpConn>()` (488 bytes on x86-64; a test asserts at most 512) plus the
 //! reassembly ring of `rcv_buf` bytes (256 KiB by default), held only while data waits in it
 //! (out of order, refused by a full socket, or, with batching, until the batch's write) and
 //! otherwise back in the per-thread pool (`reassembly::POOLED_RINGS`): an idle connection holds
@@ -22,6 +22,8 @@ use super::reassembly::{RecvRing, RingBudget};
 use super::segment::{self, Hdr, Seg, TS_OPTION_LEN};
 use super::seq::Seq;
 use crate::config::Mac;
+use crate::event::Event;
+use crate::nat::Direction;
 use crate::output::FrameBatch;
 use crate::sockio::{SockId, SockIo};
 use crate::time::{earliest, Instant};
@@ -33,6 +35,10 @@ pub(crate) const MAX_RTO: Duration = Duration::from_secs(60);
 pub(crate) const INITIAL_RTO: Duration = Duration::from_secs(1);
 /// Retransmissions of one segment before the connection is given up (reset both ways).
 pub(crate) const MAX_BACKOFFS: u8 = 8;
+/// Retransmissions of our SYN to a guest before an inbound connection is given up: sent at
+/// 0, 1 and 3 s, given up at 7 s. The client is connected already and waits; a guest that
+/// does not answer in that time is not listening (or not there).
+pub(crate) const SYN_RETRIES: u8 = 2;
 /// How long a closed connection's tombstone answers retransmitted FINs (shortened TIME-WAIT; the
 /// sock-side socket is already closed).
 pub(crate) const TIME_WAIT: Duration = Duration::from_secs(5);
@@ -72,6 +78,9 @@ pub(crate) enum Next {
 pub(crate) enum State {
     /// The sock-side connect is in progress (we have the guest's SYN, sent nothing yet).
     Connecting,
+    /// Inbound: our SYN is sent to the guest, its SYN-ACK awaited (the sock-side socket is a
+    /// client's, already connected).
+    SynSent,
     /// SYN-ACK sent, waiting for the guest's ACK.
     SynReceived,
     /// Synchronized; FIN progress is in `shut_wr` / `fin_seq`.
@@ -171,6 +180,10 @@ pub(crate) struct TcpConn {
     /// Where the sock-side socket connects (differs from `dst` for the host loopback alias and DNS).
     pub(crate) target: SocketAddrV4,
     guest_mac: Mac,
+    /// Who opened it: the guest (its SYN) or a forward (our SYN to the guest).
+    pub(crate) direction: Direction,
+    /// The forward an inbound connection came through.
+    pub(crate) forward: Option<u32>,
     pub(crate) state: State,
     pub(crate) created: Instant,
     pub(crate) last_used: Instant,
@@ -250,6 +263,15 @@ pub(crate) struct TcpConn {
     pub(crate) packets_to_guest: u64,
 }
 
+/// The shift that lets a 16-bit window field cover `cap` bytes.
+fn window_shift(cap: usize) -> u8 {
+    let mut s = 0u8;
+    while (cap >> s) > 65535 && s < 14 {
+        s += 1;
+    }
+    s
+}
+
 fn ts_clock(now: Instant, offset: u32) -> u32 {
     ((now.as_micros() / 1000) as u32).wrapping_add(offset)
 }
@@ -274,24 +296,51 @@ impl TcpConn {
         now: Instant,
         p: &Params,
     ) -> TcpConn {
-        let ts_enabled = syn.timestamp.is_some();
+        let mut c = TcpConn::blank(id, guest, dst, guest_mac, now, p);
+        c.negotiate(syn);
+        c.connect_deadline = Some(now + p.connect_timeout);
+        c.packets_to_host = 1; // the SYN
+        c
+    }
+
+    /// A connection a forward accepted from `client`, opened toward `guest` by our SYN
+    /// (`start_active`), in `SynSent` state. The SYN offers every option; the guest's SYN-ACK
+    /// says which are used.
+    pub(crate) fn new_active(
+        id: u32,
+        guest: SocketAddrV4,
+        client: SocketAddrV4,
+        guest_mac: Mac,
+        forward: u32,
+        now: Instant,
+        p: &Params,
+    ) -> TcpConn {
+        let mut c = TcpConn::blank(id, guest, client, guest_mac, now, p);
+        c.state = State::SynSent;
+        c.direction = Direction::In;
+        c.forward = Some(forward);
+        c.ts_enabled = true;
+        c.sack_ok = true;
+        c.ws_ok = true;
+        c.rcv_shift = window_shift(c.ring.cap());
+        c.rcv_wnd = ((c.ring.cap() >> c.rcv_shift).min(65535)) << c.rcv_shift;
+        c
+    }
+
+    /// A connection with nothing negotiated yet: no options, the default MSS, the state
+    /// `Connecting`.
+    fn blank(
+        id: u32,
+        guest: SocketAddrV4,
+        dst: SocketAddrV4,
+        guest_mac: Mac,
+        now: Instant,
+        p: &Params,
+    ) -> TcpConn {
         let our_mss = p.mtu.saturating_sub(40).clamp(64, 65535);
-        let guest_mss = syn.mss.map_or(DEFAULT_MSS, usize::from).max(64);
-        let opt = if ts_enabled { TS_OPTION_LEN } else { 0 };
-        let mss = guest_mss.min(our_mss) - opt;
+        let mss = DEFAULT_MSS.min(our_mss);
         let ring = RecvRing::new(p.rcv_buf.max(4096), *guest.ip(), p.rings);
-        let cap = ring.cap();
-        let (snd_shift, rcv_shift) = match syn.window_scale {
-            Some(ws) => {
-                let mut s = 0u8;
-                while (cap >> s) > 65535 && s < 14 {
-                    s += 1;
-                }
-                (ws, s)
-            }
-            None => (0, 0),
-        };
-        let rcv_wnd = ((cap >> rcv_shift).min(65535)) << rcv_shift;
+        let rcv_wnd = ring.cap().min(65535);
         TcpConn {
             id,
             sock: None,
@@ -302,26 +351,28 @@ impl TcpConn {
             dst,
             target: dst,
             guest_mac,
+            direction: Direction::Out,
+            forward: None,
             state: State::Connecting,
             created: now,
             last_used: now,
             scheduled: None,
-            connect_deadline: Some(now + p.connect_timeout),
+            connect_deadline: None,
             tw_deadline: None,
             rto_deadline: None,
             persist_deadline: None,
             ack_deadline: None,
-            ts_enabled,
-            ts_recent: syn.timestamp.map_or(0, |t| t.0),
+            ts_enabled: false,
+            ts_recent: 0,
             ts_offset: p.ts_offset,
-            sack_ok: syn.sack_permitted,
-            ws_ok: syn.window_scale.is_some(),
-            snd_shift,
-            rcv_shift,
+            sack_ok: false,
+            ws_ok: false,
+            snd_shift: 0,
+            rcv_shift: 0,
             mss,
             our_mss: our_mss as u16,
-            irs: syn.seq,
-            rcv_nxt: syn.seq + 1,
+            irs: Seq(0),
+            rcv_nxt: Seq(0),
             rcv_wnd,
             ring,
             guest_fin: None,
@@ -334,8 +385,8 @@ impl TcpConn {
             snd_una: p.iss,
             snd_nxt: p.iss,
             snd_max: p.iss,
-            snd_wnd: syn.window as usize,
-            snd_wl1: syn.seq,
+            snd_wnd: 0,
+            snd_wl1: Seq(0),
             snd_wl2: p.iss,
             fin_seq: None,
             cwnd: INITIAL_WINDOW * mss,
@@ -353,15 +404,40 @@ impl TcpConn {
             persist_backoffs: 0,
             bytes_to_host: 0,
             bytes_to_guest: 0,
-            packets_to_host: 1, // the SYN
+            packets_to_host: 0,
             packets_to_guest: 0,
         }
+    }
+
+    /// Takes the guest's side of the handshake from its SYN (passive open) or SYN-ACK (active
+    /// open, where we offered every option, so what the guest sends back is what both use).
+    fn negotiate(&mut self, syn: &Seg) {
+        self.ts_enabled = syn.timestamp.is_some();
+        self.ts_recent = syn.timestamp.map_or(0, |t| t.0);
+        self.sack_ok = syn.sack_permitted;
+        self.ws_ok = syn.window_scale.is_some();
+        let cap = self.ring.cap();
+        (self.snd_shift, self.rcv_shift) = match syn.window_scale {
+            Some(ws) => (ws, window_shift(cap)),
+            None => (0, 0),
+        };
+        self.rcv_wnd = ((cap >> self.rcv_shift).min(65535)) << self.rcv_shift;
+        let our_mss = usize::from(self.our_mss);
+        let guest_mss = syn.mss.map_or(DEFAULT_MSS, usize::from).max(64);
+        let opt = if self.ts_enabled { TS_OPTION_LEN } else { 0 };
+        self.mss = guest_mss.min(our_mss) - opt;
+        self.cwnd = INITIAL_WINDOW * self.mss;
+        self.irs = syn.seq;
+        self.rcv_nxt = syn.seq + 1;
+        // The window of a SYN is never scaled (RFC 7323 2.2).
+        self.snd_wnd = syn.window as usize;
+        self.snd_wl1 = syn.seq;
     }
 
     /// The state's name for the session table.
     pub(crate) fn state_name(&self) -> &'static str {
         match self.state {
-            State::Connecting => "SYN_SENT",
+            State::Connecting | State::SynSent => "SYN_SENT",
             State::SynReceived => "SYN_RECEIVED",
             State::TimeWait => "TIME_WAIT",
             State::Open => {
@@ -448,6 +524,15 @@ impl TcpConn {
 
     /// RST|ACK toward the guest at our current position.
     fn send_rst<H: SockIo>(&mut self, cx: &mut Handling<H>) {
+        if self.state == State::SynSent {
+            // Nothing of the guest's is known to acknowledge. A guest whose SYN-ACK is under
+            // way (SYN-RECEIVED) takes a RST at the sequence number after our SYN, the one its
+            // window starts at (RFC 9293 3.10.7.4).
+            let mut h = Hdr::new(self.dst, self.guest, self.iss + 1);
+            h.rst = true;
+            self.push_hdr(cx, h);
+            return;
+        }
         let mut h = self.hdr(cx.now, self.snd_nxt);
         h.rst = true;
         h.timestamp = None;
@@ -465,6 +550,27 @@ impl TcpConn {
         h.window_scale = self.ws_ok.then_some(self.rcv_shift);
         h.sack_permitted = self.sack_ok;
         self.push_hdr(cx, h);
+    }
+
+    /// Our SYN toward the guest (active open), with every option we can use.
+    fn send_syn<H: SockIo>(&mut self, cx: &mut Handling<H>) {
+        let mut h = self.hdr(cx.now, self.iss);
+        h.ack = None;
+        h.syn = true;
+        h.window = self.rcv_wnd.min(65535) as u16;
+        h.mss = Some(self.our_mss);
+        h.window_scale = Some(self.rcv_shift);
+        h.sack_permitted = true;
+        self.push_hdr(cx, h);
+    }
+
+    /// Opens an inbound connection: the first SYN to the guest, and its retransmission timer.
+    pub(crate) fn start_active<H: SockIo>(&mut self, cx: &mut Handling<H>) {
+        self.snd_nxt = self.iss + 1;
+        self.snd_max = self.snd_nxt;
+        self.send_syn(cx);
+        self.rto_deadline = Some(cx.now + self.rto);
+        self.timing = Some((self.snd_nxt, cx.now));
     }
 
     // ---- socket events ---------------------------------------------------------------------
@@ -576,7 +682,15 @@ impl TcpConn {
 
     fn on_rto<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.rto_deadline = None;
-        if self.backoffs >= MAX_BACKOFFS {
+        let limit = if self.state == State::SynSent {
+            SYN_RETRIES
+        } else {
+            MAX_BACKOFFS
+        };
+        if self.backoffs >= limit {
+            if self.state == State::SynSent {
+                self.report_failed(cx, "timed out");
+            }
             return self.reset_both(cx);
         }
         self.backoffs += 1;
@@ -585,6 +699,11 @@ impl TcpConn {
         match self.state {
             State::SynReceived => {
                 self.send_syn_ack(cx);
+                self.rto_deadline = Some(cx.now + self.rto);
+                Next::Keep
+            }
+            State::SynSent => {
+                self.send_syn(cx);
                 self.rto_deadline = Some(cx.now + self.rto);
                 Next::Keep
             }
@@ -638,6 +757,7 @@ impl TcpConn {
                 // A retransmitted SYN is absorbed: the SYN-ACK follows the connect.
                 return Next::Keep;
             }
+            State::SynSent => return self.on_syn_sent(cx, seg),
             State::TimeWait => {
                 if seg.rst {
                     return Next::Delete;
@@ -722,6 +842,75 @@ impl TcpConn {
             return self.reset_both(cx);
         }
         self.output(cx, dup)
+    }
+
+    /// A segment from the guest while our SYN waits for its answer (RFC 9293 3.10.7.3).
+    fn on_syn_sent<H: SockIo>(&mut self, cx: &mut Handling<H>, seg: &Seg) -> Next {
+        let acked = match seg.ack {
+            // Only the SYN has been sent: an ACK must be for exactly it.
+            Some(ack) if ack != self.iss + 1 => {
+                if !seg.rst {
+                    let mut h = Hdr::new(self.dst, self.guest, ack);
+                    h.rst = true;
+                    self.push_hdr(cx, h);
+                }
+                return Next::Keep;
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if seg.rst {
+            // Only a RST that acknowledges our SYN is the guest's answer to it; any other
+            // could be anyone's (RFC 9293 3.10.7.3).
+            if !acked {
+                return Next::Keep;
+            }
+            self.report_failed(cx, "connection refused");
+            if let Some(s) = self.sock {
+                cx.io.tcp_abort(s);
+            }
+            return Next::Delete;
+        }
+        // A SYN without ACK (simultaneous open) or a segment without SYN is dropped; our SYN's
+        // retransmission goes on.
+        if !seg.syn || !acked {
+            return Next::Keep;
+        }
+        self.negotiate(seg);
+        self.state = State::Open;
+        self.last_used = cx.now;
+        let ack = self.iss + 1;
+        self.snd_una = ack;
+        self.rtx_next = ack;
+        self.snd_wl2 = ack;
+        self.rto_deadline = None;
+        if self.backoffs == 0 {
+            if let Some((_, t)) = self.timing {
+                self.rtt_sample(cx.now.saturating_since(t).as_micros() as u64);
+            }
+        }
+        self.backoffs = 0;
+        self.timing = None;
+        cx.ctx.events.push(Event::TcpConnected {
+            id: self.id,
+            ip: *self.guest.ip(),
+            port: self.guest.port(),
+        });
+        // Data or a FIN riding on the SYN-ACK is not taken (the guest sends it again once
+        // acknowledged); the client's data that waited in the socket goes out now, carrying
+        // the handshake's ACK, or a pure ACK does.
+        self.ack_owed = 2;
+        self.output(cx, false)
+    }
+
+    /// Reports that an inbound connection's guest refused or never answered.
+    fn report_failed<H: SockIo>(&self, cx: &mut Handling<H>, reason: &str) {
+        cx.ctx.events.push(Event::TcpConnectFailed {
+            id: self.id,
+            ip: *self.guest.ip(),
+            port: self.guest.port(),
+            reason: reason.into(),
+        });
     }
 
     /// RFC 9293 3.10.7.4's acceptability test against our receive window.
@@ -1266,7 +1455,7 @@ impl TcpConn {
             Ok(n) => n,
             Err(Broken) => return self.reset_both(cx),
         };
-        if sent == 0 && self.state != State::Connecting {
+        if sent == 0 && !matches!(self.state, State::Connecting | State::SynSent) {
             if self.ack_owed >= 2 {
                 self.send_ack(cx);
             } else if self.ack_owed == 1 && !self.flush_pending {

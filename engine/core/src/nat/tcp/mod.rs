@@ -6,6 +6,12 @@
 //! the session limits, answers segments of unknown connections with RST, routes sock-side socket
 //! events, and runs the timers. One connection's state machine is `conn::TcpConn`.
 //!
+//! Inbound connections (`nat::inbound`: a port forward's client) are the same connections opened
+//! the other way: the client's socket is connected already, our SYN goes to the guest from the
+//! client's address (`conn::State::SynSent`), and once the guest's SYN-ACK is in, nothing tells
+//! them from the guest's own. They share the table, keyed (guest, client as shown), and count as
+//! the guest's half-open connections until the guest answers.
+//!
 //! Timers: each connection has one deadline (the earliest of its connect, retransmission,
 //! persist, ACK-flush, idle and TIME-WAIT deadlines). The heap holds `(deadline, key)` entries,
 //! pushed only when a connection's deadline moves earlier than the entry it already has; an
@@ -32,7 +38,7 @@ use self::segment::Seg;
 use self::seq::Seq;
 use crate::config::Config;
 use crate::event::Event;
-use crate::nat::{sock_destination, Proto, SessionInfo};
+use crate::nat::{sock_destination, InboundRefused, InboundTarget, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -139,13 +145,18 @@ impl TcpNat {
         let seg = segment::parse(ip)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {
+            let was = c.state;
             let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
             match c.on_segment(&mut cx, &seg) {
                 Next::Reopen => self.remove(key, ctx, io),
                 next => {
+                    let answered = was == State::SynSent && c.state != State::SynSent;
                     if next == Next::Keep && c.flush_pending && !c.in_dirty {
                         c.in_dirty = true;
                         self.dirty.push(key);
+                    }
+                    if answered {
+                        self.end_half_open(ctx, *key.0.ip());
                     }
                     self.after(key, next, ctx, io);
                     return Ok(());
@@ -198,22 +209,7 @@ impl TcpNat {
                 }
             }
         };
-        let nat = &ctx.cfg.nat;
-        let guest_count = self.per_guest.get(guest.ip()).copied().unwrap_or(0);
-        let guest_half_open = self.half_open_of.get(guest.ip()).copied().unwrap_or(0);
-        // A guest's share of the connecting slots: a SYN flood fills the flooder's share, and
-        // its neighbours still connect.
-        if self.live() >= nat.max_sessions
-            || guest_count >= nat.max_sessions_per_guest
-            || self.half_open >= nat.max_half_open
-            || guest_half_open >= nat.max_half_open_per_guest
-            || !ctx.admit_session(now, Proto::Tcp, *guest.ip())
-        {
-            reset(ctx, seg, key, out)?;
-            return Err(DropReason::Limit);
-        }
-        if !ctx.admit_half_open(*guest.ip()) {
-            ctx.release_session(Proto::Tcp, *guest.ip());
+        if !self.admit(now, ctx, *guest.ip()) {
             reset(ctx, seg, key, out)?;
             return Err(DropReason::Limit);
         }
@@ -243,7 +239,20 @@ impl TcpNat {
                 return Ok(());
             }
         };
-        let params = Params {
+        let params = self.params(ctx);
+        let mut c = TcpConn::new(id, guest, dst, guest_mac, seg, now, &params);
+        c.defer_writes = self.batching;
+        c.sock = Some(sock);
+        c.target = target;
+        self.insert(now, ctx, key, sock, c);
+        self.schedule(key, ctx);
+        Ok(())
+    }
+
+    /// A new connection's parameters, its initial sequence number and timestamp offset drawn
+    /// from `ctx`'s randomness.
+    fn params(&self, ctx: &mut Ctx) -> Params {
+        Params {
             rcv_buf: self.rcv_buf,
             rings: RingBudget {
                 total: ctx.cfg.nat.reassembly_mib << 20,
@@ -253,20 +262,102 @@ impl TcpNat {
             iss: Seq(ctx.rng.random()),
             ts_offset: ctx.rng.random(),
             connect_timeout: ctx.cfg.nat.tcp_connect_timeout,
-        };
-        let mut c = TcpConn::new(id, guest, dst, guest_mac, seg, now, &params);
-        c.defer_writes = self.batching;
-        c.sock = Some(sock);
-        c.target = target;
+        }
+    }
+
+    /// Whether `guest` may open one more connection that starts half-open: the session limits
+    /// (here and across the runtime's engines), its rate of new sessions, and its share of the
+    /// half-open slots (a SYN flood fills the flooder's share, and its neighbours still
+    /// connect). On true, the shared counts are taken; `insert` takes the local ones.
+    fn admit(&self, now: Instant, ctx: &mut Ctx, guest: Ipv4Addr) -> bool {
+        let nat = &ctx.cfg.nat;
+        let guest_count = self.per_guest.get(&guest).copied().unwrap_or(0);
+        let guest_half_open = self.half_open_of.get(&guest).copied().unwrap_or(0);
+        if self.live() >= nat.max_sessions
+            || guest_count >= nat.max_sessions_per_guest
+            || self.half_open >= nat.max_half_open
+            || guest_half_open >= nat.max_half_open_per_guest
+            || !ctx.admit_session(now, Proto::Tcp, guest)
+        {
+            return false;
+        }
+        if !ctx.admit_half_open(guest) {
+            ctx.release_session(Proto::Tcp, guest);
+            return false;
+        }
+        true
+    }
+
+    /// Enters a new, half-open connection in the table and its counts.
+    fn insert(&mut self, now: Instant, ctx: &Ctx, key: Key, sock: SockId, c: TcpConn) {
         if self.external_idle {
             let idle = ctx.cfg.nat.tcp_timeout;
-            self.idle_timers.push(Reverse((now + idle, key, id)));
+            self.idle_timers.push(Reverse((now + idle, key, c.id)));
         }
         self.conns.insert(key, c);
         self.by_sock.insert(sock, key);
-        *self.per_guest.entry(*guest.ip()).or_insert(0) += 1;
+        *self.per_guest.entry(*key.0.ip()).or_insert(0) += 1;
         self.half_open += 1;
-        *self.half_open_of.entry(*guest.ip()).or_insert(0) += 1;
+        *self.half_open_of.entry(*key.0.ip()).or_insert(0) += 1;
+    }
+
+    /// A connection of `guest` is half-open no more (connected, answered, or gone).
+    fn end_half_open(&mut self, ctx: &Ctx, guest: Ipv4Addr) {
+        self.half_open -= 1;
+        dec(&mut self.half_open_of, guest);
+        ctx.release_half_open(guest);
+    }
+
+    /// A connection a forward accepted from `client` (as the guest is shown it) for
+    /// `target`: our SYN goes to the guest from the client, the accepted `sock` waits for it
+    /// to answer. On `Err` the caller aborts and closes `sock`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn inbound(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        sock: SockId,
+        client: SocketAddrV4,
+        target: InboundTarget,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), InboundRefused> {
+        let key = (target.guest, client);
+        match self.conns.get(&key).map(|c| c.state) {
+            // The tombstone of an earlier connection of the same pair gives way, as it does
+            // to the guest's own new SYN.
+            Some(State::TimeWait) => self.remove(key, ctx, io),
+            Some(_) => return Err(InboundRefused::InUse),
+            None => {}
+        }
+        let guest = *target.guest.ip();
+        if !self.admit(now, ctx, guest) {
+            return Err(InboundRefused::Limit);
+        }
+        let id = ctx.next_session_id();
+        ctx.events.push(Event::InboundSessionCreated {
+            proto: Proto::Tcp,
+            id,
+            src: client,
+            dst: target.guest,
+        });
+        let params = self.params(ctx);
+        let mut c = TcpConn::new_active(
+            id,
+            target.guest,
+            client,
+            target.guest_mac,
+            target.forward,
+            now,
+            &params,
+        );
+        c.defer_writes = self.batching;
+        c.sock = Some(sock);
+        self.insert(now, ctx, key, sock, c);
+        if let Some(c) = self.conns.get_mut(&key) {
+            let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
+            c.start_active(&mut cx);
+        }
         self.schedule(key, ctx);
         Ok(())
     }
@@ -402,10 +493,8 @@ impl TcpNat {
         }
         match c.state {
             State::TimeWait => self.tombstones -= 1,
-            State::Connecting => {
-                self.half_open -= 1;
-                dec(&mut self.half_open_of, *key.0.ip());
-                ctx.release_half_open(*key.0.ip());
+            State::Connecting | State::SynSent => {
+                self.end_half_open(ctx, *key.0.ip());
                 self.dec_guest(ctx, *key.0.ip());
             }
             State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
@@ -431,6 +520,37 @@ impl TcpNat {
             c.scheduled = Some(d);
             self.timers.push(Reverse((d, key)));
         }
+    }
+
+    /// The forward `forward` is gone: each of its connections is reset both ways (toward the
+    /// guest, and toward the client through its aborted socket) and forgotten.
+    pub(crate) fn close_forward(
+        &mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        forward: u32,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> usize {
+        let keys: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.forward == Some(forward))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &keys {
+            if let Some(c) = self.conns.get_mut(key) {
+                if c.state != State::TimeWait {
+                    let mut cx = Handling::new(now, ctx, io, out, &mut self.peek);
+                    let _ = c.on_failed(&mut cx);
+                }
+                if let Some(sock) = c.sock {
+                    io.tcp_abort(sock);
+                }
+            }
+            self.remove(*key, ctx, io);
+        }
+        keys.len()
     }
 
     /// Shutdown: every connection not in TIME-WAIT is reset toward its guest, and every
@@ -547,6 +667,7 @@ impl TcpNat {
             proto: Proto::Tcp,
             guest: c.guest,
             dst: c.dst,
+            direction: c.direction,
             created: c.created,
             last_used: c.last_used,
             bytes_to_host: c.bytes_to_host,

@@ -11,6 +11,8 @@ use smoltcp::wire::{
 
 use super::conn::{TcpConn, MAX_BACKOFFS, TIME_WAIT};
 use crate::config::{Config, Mac};
+use crate::event::Event;
+use crate::nat::{Direction, InboundRefused, InboundTarget};
 use crate::output::FrameBatch;
 use crate::sim::{ConnectOutcome, SimSockets};
 use crate::sockio::{SockEvent, SockId};
@@ -99,6 +101,8 @@ struct T {
     iss: u32,
     sock: SockId,
     dst: SocketAddrV4,
+    /// The guest's port of the segments it sends.
+    gport: u16,
 }
 
 fn host(f: impl FnOnce(&mut SimSockets)) -> SimSockets {
@@ -127,13 +131,14 @@ impl T {
             iss: 0,
             sock: 0,
             dst: SocketAddrV4::new(DST, 80),
+            gport: GPORT,
         }
     }
 
     fn s(&self, control: TcpControl, seq: u32, ack: Option<u32>) -> S {
         S {
             dst: self.dst,
-            sport: GPORT,
+            sport: self.gport,
             control,
             seq,
             ack,
@@ -1181,4 +1186,390 @@ fn a_syn_from_outside_the_virtual_network_is_not_carried() {
     assert!(t.raw(&f).is_empty(), "no SYN-ACK, no RST");
     assert_eq!(t.drops(DropReason::Foreign), 1);
     assert!(t.h.sockets.is_empty(), "no socket");
+}
+
+// ---- inbound: a forward's client, opened toward the guest ---------------------------------
+
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 51000);
+/// The guest's server port the forward leads to.
+const SERVER_PORT: u16 = 80;
+
+fn target() -> InboundTarget {
+    InboundTarget {
+        guest: SocketAddrV4::new(GUEST, SERVER_PORT),
+        guest_mac: GUEST_MAC,
+        forward: 1,
+    }
+}
+
+impl T {
+    /// A client connects to a forward: its accepted socket goes to the engine, and the
+    /// guest's segments are those of the guest's server port to the client as shown.
+    fn accept_from(&mut self, client: SocketAddrV4) -> Result<Vec<Got>, InboundRefused> {
+        let sock = self.h.adopt_tcp(client);
+        self.sock = sock;
+        self.dst = self.e.inbound_source(client).unwrap_or(client);
+        self.gport = SERVER_PORT;
+        let (now, h, out) = (self.now, &mut self.h, &mut self.out);
+        self.e.tcp_inbound(now, sock, client, target(), h, out)?;
+        Ok(self.pump())
+    }
+
+    /// `accept_from(CLIENT)`, which must send exactly our SYN; returns it.
+    fn inbound(&mut self) -> Got {
+        let got = self.accept_from(CLIENT).expect("accepted");
+        assert_eq!(got.len(), 1, "{got:?}");
+        let syn = got[0].clone();
+        assert!(syn.syn && !syn.rst, "{syn:?}");
+        self.iss = syn.seq;
+        syn
+    }
+
+    /// The guest's SYN-ACK to our SYN.
+    fn syn_ack(&self, o: Opts) -> S {
+        let mut s = self.s(TcpControl::Syn, GISS, Some(self.iss + 1));
+        s.opts = Some(o);
+        s
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.e.poll_event()).collect()
+    }
+
+    fn aborted(&self, sock: SockId) -> bool {
+        self.h.aborted.contains(&sock) && self.h.closed.contains(&sock)
+    }
+}
+
+#[test]
+fn inbound_syn_offers_every_option_and_the_client_speaks_once_the_guest_answers() {
+    let mut t = T::new();
+    let syn = t.inbound();
+    let guest = SocketAddrV4::new(GUEST, SERVER_PORT);
+    assert_eq!((syn.src, syn.dst), (CLIENT, guest), "from the real client");
+    assert_eq!(syn.ack, None);
+    assert_eq!(syn.mss, Some(1460), "from the MTU");
+    assert_eq!(syn.ws, Some(3), "256 KiB window needs a shift of 3");
+    assert_eq!(syn.window, 65535, "a SYN's window is never scaled");
+    assert!(syn.sack_perm);
+    let (tsval, tsecr) = syn.ts.expect("timestamps offered");
+    assert_eq!(tsecr, 0);
+    assert_eq!(t.state(), "SYN_SENT");
+    assert_eq!(t.e.nat.tcp.half_open(), 1);
+    let row = t.e.sessions()[0].clone();
+    assert_eq!(
+        (row.direction, row.guest, row.dst),
+        (Direction::In, guest, CLIENT)
+    );
+
+    // The client speaks first: its request waits in the socket while the guest is silent.
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let sock = t.sock;
+    t.h.deliver_tcp(sock, request);
+    assert!(t.pump().is_empty());
+
+    // The guest's SYN-ACK: the request goes out at once, carrying the handshake's ACK.
+    let got = t.send(&t.syn_ack(ALL));
+    assert_eq!(got.len(), 1, "{got:?}");
+    let d = &got[0];
+    assert_eq!(d.payload, request);
+    assert_eq!((d.seq, d.ack), (t.iss + 1, Some(GISS + 1)));
+    let (ts, echo) = d.ts.expect("timestamps in use");
+    assert_eq!(echo, 5000, "echoes the guest's TSval");
+    assert!(ts >= tsval);
+    assert!(d.sack.is_empty() && d.mss.is_none() && d.ws.is_none());
+    assert_eq!(t.state(), "ESTABLISHED");
+    assert_eq!(t.e.nat.tcp.half_open(), 0);
+
+    // The guest answers and acknowledges the request: the answer reaches the client, the
+    // request leaves the socket, and the answer is acknowledged with a scaled window.
+    let answer = b"HTTP/1.0 200 OK\r\n\r\n";
+    let mut a = t.data(0, answer);
+    a.ack = Some(t.iss + 1 + request.len() as u32);
+    let got = t.send(&a);
+    assert_eq!(t.tcp().written, answer);
+    assert!(t.tcp().recv.is_empty(), "acknowledged bytes are consumed");
+    let ack = got.last().expect("an ACK");
+    assert!(ack.is_pure_ack());
+    assert_eq!(ack.ack, Some(GISS + 1 + answer.len() as u32));
+    assert!(ack.window < 65535, "scaled by 3: {}", ack.window);
+
+    let id = row.id;
+    assert_eq!(
+        t.events(),
+        vec![
+            Event::InboundSessionCreated {
+                proto: crate::nat::Proto::Tcp,
+                id,
+                src: CLIENT,
+                dst: guest,
+            },
+            Event::TcpConnected {
+                id,
+                ip: GUEST,
+                port: SERVER_PORT,
+            },
+        ]
+    );
+    let row = &t.e.sessions()[0];
+    assert_eq!((row.bytes_to_host, row.bytes_to_guest), (19, 18));
+}
+
+#[test]
+fn inbound_to_a_guest_without_options_uses_none() {
+    let mut t = T::new();
+    t.inbound();
+    let got = t.send(&t.syn_ack(NONE));
+    assert!(got.len() == 1 && got[0].is_pure_ack() && got[0].ack == Some(GISS + 1));
+    assert_eq!(got[0].ts, None);
+    assert_eq!(got[0].window, 65535, "unscaled: 256 KiB capped at 65535");
+    let sock = t.sock;
+    t.h.deliver_tcp(sock, &bytes(2000));
+    let got = t.pump();
+    let sizes: Vec<usize> = got.iter().map(|g| g.payload.len()).collect();
+    assert_eq!(
+        sizes,
+        [536, 536, 536, 392],
+        "the default MSS without the guest's"
+    );
+    assert!(got.iter().all(|g| g.ts.is_none() && g.sack.is_empty()));
+}
+
+#[test]
+fn inbound_syn_is_retransmitted_then_given_up_and_the_client_reset() {
+    let mut t = T::new();
+    let syn = t.inbound();
+    let sock = t.sock;
+    let mut at = Duration::ZERO;
+    for wait in [1, 2] {
+        let wait = Duration::from_secs(wait);
+        assert!(t.advance(wait - Duration::from_millis(1)).is_empty());
+        let got = t.advance(Duration::from_millis(1));
+        at += wait;
+        assert_eq!(got.len(), 1, "at {at:?}: {got:?}");
+        assert!(got[0].syn && got[0].seq == syn.seq && got[0].ack.is_none());
+    }
+    assert!(t.advance(Duration::from_millis(3999)).is_empty());
+    assert!(!t.h.aborted.contains(&sock));
+    let got = t.advance(Duration::from_millis(1));
+    // Given up at 7 s: the client is reset; a guest whose SYN-ACK is under way is too.
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].rst && got[0].seq == t.iss + 1 && got[0].ack.is_none());
+    assert!(t.aborted(sock));
+    assert_eq!(t.state(), "none");
+    assert_eq!(t.e.nat.tcp.half_open(), 0);
+    let ev = t.events();
+    assert!(ev.contains(&Event::TcpConnectFailed {
+        id: 1,
+        ip: GUEST,
+        port: SERVER_PORT,
+        reason: "timed out".into(),
+    }));
+    assert!(ev.contains(&Event::SessionDeleted {
+        proto: crate::nat::Proto::Tcp,
+        id: 1
+    }));
+    // A SYN-ACK that comes late meets no connection: reset.
+    let got = t.send(&t.syn_ack(NONE));
+    assert!(got.len() == 1 && got[0].rst && got[0].seq == t.iss + 1);
+}
+
+#[test]
+fn inbound_guest_rst_resets_the_client() {
+    let mut t = T::new();
+    t.inbound();
+    let sock = t.sock;
+    // Without an ACK of our SYN a RST proves nothing: ignored.
+    assert!(t.send(&t.s(TcpControl::Rst, GISS, None)).is_empty());
+    let bad = t.s(TcpControl::Rst, 0, Some(t.iss + 9));
+    assert!(t.send(&bad).is_empty(), "never a RST for a RST");
+    assert_eq!(t.state(), "SYN_SENT");
+    assert!(t.h.aborted.is_empty());
+    // Port closed on the guest: RST|ACK of our SYN.
+    assert!(t.send(&t.s(TcpControl::Rst, 0, Some(t.iss + 1))).is_empty());
+    assert!(t.aborted(sock));
+    assert_eq!(t.state(), "none");
+    assert_eq!(t.e.nat.tcp.half_open(), 0);
+    assert!(t.events().contains(&Event::TcpConnectFailed {
+        id: 1,
+        ip: GUEST,
+        port: SERVER_PORT,
+        reason: "connection refused".into(),
+    }));
+}
+
+#[test]
+fn inbound_bad_syn_ack_is_reset_and_strays_are_ignored() {
+    let mut t = T::new();
+    t.inbound();
+    // An ACK of something we never sent: RST at that ACK (RFC 9293 3.10.7.3).
+    let mut bad = t.syn_ack(ALL);
+    bad.ack = Some(t.iss + 7);
+    let got = t.send(&bad);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].rst && got[0].seq == t.iss + 7 && got[0].ack.is_none());
+    // An ACK without SYN, and a SYN without ACK (a simultaneous open): dropped.
+    assert!(t.send(&t.ack(0)).is_empty());
+    assert!(t.send(&t.syn(ALL)).is_empty());
+    let mut data = t.data(0, b"early");
+    data.ack = None;
+    assert!(t.send(&data).is_empty());
+    assert_eq!(t.state(), "SYN_SENT");
+    assert!(t.h.aborted.is_empty());
+    // The real SYN-ACK still makes the connection.
+    let got = t.send(&t.syn_ack(ALL));
+    assert!(got.len() == 1 && got[0].is_pure_ack());
+    assert_eq!(t.state(), "ESTABLISHED");
+    // A retransmitted SYN-ACK (our ACK lost) is answered as any old segment: an ACK.
+    let got = t.send(&t.syn_ack(ALL));
+    assert!(got.len() == 1 && got[0].is_pure_ack() && got[0].ack == Some(GISS + 1));
+}
+
+#[test]
+fn inbound_limits_refuse_and_reset_the_client() {
+    let mut c = cfg();
+    c.nat.max_half_open = 1;
+    let mut t = T::with(c, SimSockets::default());
+    t.inbound();
+    let other = SocketAddrV4::new(*CLIENT.ip(), CLIENT.port() + 1);
+    assert_eq!(t.accept_from(other).unwrap_err(), InboundRefused::Limit);
+    let refused = t.sock;
+    assert!(t.aborted(refused), "the client sees a reset");
+    assert_eq!(t.drops(DropReason::Limit), 1);
+    assert_eq!(t.e.sessions().len(), 1);
+    // The same client and guest twice: the pair is taken.
+    assert_eq!(t.accept_from(CLIENT).unwrap_err(), InboundRefused::InUse);
+    assert!(t.aborted(t.sock));
+    assert_eq!(t.drops(DropReason::Limit), 2);
+    // Once the guest answered the first, its half-open slot is free again.
+    assert_eq!(t.dst, CLIENT);
+    let got = t.send(&t.syn_ack(NONE));
+    assert!(got.len() == 1 && got[0].is_pure_ack());
+    let got = t.accept_from(other).expect("a slot is free");
+    assert!(got.len() == 1 && got[0].syn && got[0].src == other);
+    assert_eq!(t.e.nat.tcp.half_open(), 1);
+}
+
+#[test]
+fn inbound_sessions_count_against_the_guests_share() {
+    let mut c = cfg();
+    c.nat.max_sessions_per_guest = 1;
+    let mut t = T::with(c, SimSockets::default());
+    t.establish(NONE);
+    assert_eq!(t.accept_from(CLIENT).unwrap_err(), InboundRefused::Limit);
+    assert!(t.aborted(t.sock));
+    assert_eq!(t.drops(DropReason::Limit), 1);
+    assert_eq!(t.e.sessions().len(), 1);
+}
+
+#[test]
+fn inbound_closes_both_ways_and_its_tombstone_gives_way() {
+    let mut t = T::new();
+    t.inbound();
+    t.send(&t.syn_ack(NONE));
+    let sock = t.sock;
+    // The client closes first: our FIN to the guest.
+    t.h.tcp_fin(sock);
+    let got = t.pump();
+    assert!(got.len() == 1 && got[0].fin && got[0].seq == t.iss + 1);
+    assert_eq!(t.state(), "FIN_WAIT");
+    // The guest acknowledges it and closes too: the socket is shut and closed.
+    let fin = t.s(TcpControl::Fin, GISS + 1, Some(t.iss + 2));
+    let got = t.send(&fin);
+    assert!(got.len() == 1 && got[0].ack == Some(GISS + 2));
+    assert!(t.tcp_aborted_or_closed());
+    assert_eq!(t.state(), "TIME_WAIT");
+    // The same client comes back before the tombstone is gone: a new connection.
+    let got = t.accept_from(CLIENT).expect("the tombstone gives way");
+    assert!(got.len() == 1 && got[0].syn);
+    assert_eq!(t.state(), "SYN_SENT");
+}
+
+#[test]
+fn inbound_host_reset_idle_timeout_and_shutdown_reset_the_guest() {
+    // The client resets before the guest answered: RST after our SYN.
+    let mut t = T::new();
+    t.inbound();
+    let sock = t.sock;
+    t.h.events
+        .push_back(SockEvent::Failed(sock, std::io::ErrorKind::ConnectionReset));
+    let got = t.pump();
+    assert!(got.len() == 1 && got[0].rst && got[0].seq == t.iss + 1);
+    assert_eq!(t.state(), "none");
+    assert_eq!(t.e.nat.tcp.half_open(), 0);
+
+    // Idle: reset both ways, as an outbound connection.
+    let mut t = T::new();
+    t.inbound();
+    t.send(&t.syn_ack(NONE));
+    let sock = t.sock;
+    assert!(t.advance(Duration::from_secs(7199)).is_empty());
+    let got = t.advance(Duration::from_secs(1));
+    assert!(got.len() == 1 && got[0].rst && got[0].seq == t.iss + 1);
+    assert!(t.aborted(sock));
+    assert_eq!(t.state(), "none");
+
+    // Shutdown: the half-open connection's guest is reset too, every socket closed.
+    let mut t = T::new();
+    t.inbound();
+    let sock = t.sock;
+    t.e.shutdown(t.now, &mut t.h, &mut t.out);
+    let got: Vec<Got> = t.out.iter().map(parse_out).collect();
+    assert!(got.len() == 1 && got[0].rst && got[0].seq == t.iss + 1);
+    assert!(t.h.closed.contains(&sock));
+    assert!(t.e.sessions().is_empty());
+    assert_eq!(t.e.nat.tcp.half_open(), 0);
+}
+
+#[test]
+fn inbound_from_the_hosts_loopback_is_shown_as_the_virtual_host() {
+    let mut t = T::new();
+    let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 40123);
+    let got = t.accept_from(local).unwrap();
+    let shown = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 1), 40123);
+    assert!(got.len() == 1 && got[0].syn && got[0].src == shown);
+    t.iss = got[0].seq;
+    // The guest answers the virtual host's address on its own network, and that is this flow.
+    let got = t.send(&t.syn_ack(NONE));
+    assert!(got.len() == 1 && got[0].is_pure_ack());
+    assert_eq!(t.state(), "ESTABLISHED");
+    let sock = t.sock;
+    assert_eq!(t.tcp().dst, local);
+    t.send(&t.data(0, b"hi"));
+    assert_eq!(t.h.tcp(sock).unwrap().written, b"hi");
+}
+
+#[test]
+fn inbound_while_batching_sends_the_syn_at_once() {
+    let mut t = T::new();
+    t.e.set_batching(true);
+    t.inbound();
+    let got = t.send(&t.syn_ack(ALL));
+    assert!(got.len() == 1 && got[0].is_pure_ack());
+    t.e.flush(t.now, &mut t.h, &mut t.out);
+    t.batch(&[t.data(0, b"ab"), t.data(2, b"cd")]);
+    t.e.flush(t.now, &mut t.h, &mut t.out);
+    let got = t.pump();
+    assert_eq!(t.tcp().written, b"abcd");
+    assert!(got.iter().any(|g| g.ack == Some(GISS + 5)), "{got:?}");
+}
+
+/// A removed forward's connections are reset both ways; another forward's stay.
+#[test]
+fn closing_a_forward_resets_its_connections_only() {
+    let mut t = T::new();
+    t.inbound();
+    t.send(&t.syn_ack(NONE));
+    let sock = t.sock;
+    assert_eq!(t.state(), "ESTABLISHED");
+    let (now, h, out) = (t.now, &mut t.h, &mut t.out);
+    assert_eq!(t.e.close_forward(now, 2, h, out), 0, "another forward's");
+    assert!(t.out.is_empty());
+    assert_eq!(t.state(), "ESTABLISHED");
+    let (now, h, out) = (t.now, &mut t.h, &mut t.out);
+    assert_eq!(t.e.close_forward(now, 1, h, out), 1);
+    let got: Vec<Got> = t.out.iter().map(parse_out).collect();
+    assert!(got.len() == 1 && got[0].rst, "{got:?}");
+    assert!(t.aborted(sock));
+    assert_eq!(t.state(), "none");
 }

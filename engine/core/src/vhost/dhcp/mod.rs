@@ -909,6 +909,30 @@ mod tests {
 
     // ---- the message paths ----
 
+    /// A forward's guest, named by its DHCP host name (any case), its MAC or its address, is
+    /// found through its lease; a name nobody leased is nobody.
+    #[test]
+    fn forwards_find_guests_by_name_mac_and_address() {
+        use crate::forward::GuestRef;
+        let mut n = Net::new(config());
+        let offered = n.offer(B);
+        let r = n.one(
+            &msg(REQUEST, B)
+                .server(HOST_IP)
+                .requested(offered)
+                .host_name("Web-1"),
+        );
+        assert_eq!(r.kind, ACK);
+        let e = &n.engine;
+        let found = Some((offered, B));
+        assert_eq!(e.find_guest(&GuestRef::Name("web-1".into())), found);
+        assert_eq!(e.find_guest(&GuestRef::Mac(B)), found);
+        assert_eq!(e.find_guest(&GuestRef::Ip(offered)), found);
+        assert_eq!(e.find_guest(&GuestRef::Name("web-2".into())), None);
+        assert_eq!(e.find_guest(&GuestRef::Mac(C)), None);
+        assert_eq!(e.find_guest(&GuestRef::Ip(ip(99))), None);
+    }
+
     #[test]
     fn discover_offer_request_ack_and_the_seeds_log_line() {
         let mut n = Net::new(config());
