@@ -14,6 +14,11 @@
 #   softether    vpnserver (private copies of its state dirs) in the NAT ns, SecureNAT (user mode)
 #                on hub DEFAULT, local bridge to a veth whose peer is the guest's; guest via dhclient
 #   kernel       veth + ip_forward in the NAT ns, no NAT at all: the limit
+# Forwarded ports (instance kind `fwd`): iperf3's server in the guest, its client in the NAT ns
+# connecting to 127.0.0.1:15201 and to the NAT ns's own address, each system forwarding 15201 to
+# the guest's 5201 (hubnat: `hubnat forward add` on its control socket; slirp4netns: add_hostfwd
+# on its API socket; pasta: `-t 15201:5201`). The kernel forwards no port: its rows are the NAT
+# ns's client connecting to the guest's address, routed. SecureNAT has no port forwarding.
 # Every namespace, interface, process and file the script makes is removed on exit, also on failure
 # or Ctrl-C. Run as root. `tools/compare.sh --help` lists the options.
 set -euo pipefail
@@ -31,6 +36,7 @@ PROFILE=release
 BUILD=1
 KEEP=0
 QUICK=0
+FWD=1
 
 usage() {
   cat <<'EOF'
@@ -41,10 +47,19 @@ Usage: sudo tools/compare.sh [options]
                    relayed from the guest's TAP by hubnat-testsrv socket-guest), hubnat-packet
                    (a veth joined by --attach)
   --mtu LIST       MTUs for the iperf3 runs (default 1500,65520); the first also carries the
-                   latency, connection-rate and memory runs
+                   latency, connection-rate, forwarded-port and memory runs
   --duration S     seconds per iperf3 direction and per latency / connection-rate run (default 10)
   --rounds N       repeat everything N times, systems interleaved round by round; medians reported
   --mem LIST       idle-connection counts for the memory runs (default 1000,10000; "" for none)
+  --no-fwd         no forwarded-port runs. Otherwise each system gets a fresh instance at the first
+                   MTU for them: iperf3's server in the guest on port 5201, its client in the NAT
+                   namespace connecting to a forward of port 15201 on 127.0.0.1 (fwd_in_M: client
+                   → guest; fwd_out_M: guest → client, -R) and on the NAT namespace's own address
+                   (fwd_in_addr_M, fwd_out_addr_M). hubnat: `hubnat forward add` on its control
+                   socket; slirp4netns: add_hostfwd on its API socket (needs python3 or socat);
+                   pasta: -t 15201:5201; kernel: no forward, the client connects to the guest's
+                   address through the kernel's routing; softether: none (SecureNAT has no port
+                   forwarding)
   --quick          smoke run: --duration 2 --mem 100,1000 --rounds 1, PERF.md left alone
   --out FILE       Markdown report (default PERF-compare.md at the top of the repository); FILE.svg (chart) and FILE.jsonl
                    (raw results, one line per figure) are written beside it
@@ -71,6 +86,7 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
+    --no-fwd) FWD=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -92,7 +108,9 @@ die() { log "error: $*"; exit 1; }
 for c in ip jq timeout nsenter; do
   command -v "$c" >/dev/null || die "needs $c"
 done
+# shellcheck disable=SC2015
 [[ "$DURATION" =~ ^[0-9]+$ ]] && [ "$DURATION" -ge 1 ] || die "--duration takes whole seconds"
+# shellcheck disable=SC2015
 [[ "$ROUNDS" =~ ^[0-9]+$ ]] && [ "$ROUNDS" -ge 1 ] || die "--rounds takes a count"
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +143,7 @@ end_pids() {
     [ "$alive" = 0 ] && break
     sleep 0.1
   done
+  # shellcheck disable=SC2015
   for p in "$@"; do pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
   for i in $(seq 20); do
     alive=0
@@ -258,6 +277,34 @@ done
 HAVE_IPERF=1
 has iperf3 || { HAVE_IPERF=0; log "iperf3 is not installed: no throughput runs"; }
 
+# The client of a unix stream socket at hand (slirp4netns's API socket): python3 or socat
+# (busybox's nc has no unix mode).
+unix_client() {
+  if has python3 && python3 -c 'import socket; socket.AF_UNIX' >/dev/null 2>&1; then echo python3
+  elif has socat; then echo socat
+  fi
+}
+# Why a system has no forwarded-port rows here (nothing: it has them).
+check_fwd() {
+  if [ "$FWD" = 0 ]; then echo "not asked (--no-fwd)"; return; fi
+  if [ "$HAVE_IPERF" = 0 ]; then echo "iperf3 is not installed"; return; fi
+  case "$1" in
+    slirp4netns)
+      [ -n "$(unix_client)" ] ||
+        echo "no client for slirp4netns's API socket (add_hostfwd): install python3 or socat" ;;
+    softether) echo "SecureNAT has no port forwarding" ;;
+  esac
+}
+declare -A FWD_SKIP=()
+for s in "${SYS_LIST[@]}"; do
+  [ -n "${SKIP[$s]:-}" ] && continue
+  why=$(check_fwd "$s")
+  if [ -n "$why" ]; then
+    FWD_SKIP[$s]=$why
+    [ "$FWD" = 1 ] && log "no forwarded-port rows for $s: $why"
+  fi
+done
+
 # ---------------------------------------------------------------------------------------------
 # Results: one JSON line per figure (or failure)
 
@@ -282,6 +329,10 @@ SERVER_IP=10.77.0.2
 NAT_IP=10.77.0.1
 GUEST=()        # command prefix that runs a command in the guest namespace
 NAT_NS="" SRV_NS="" GUEST_NS=""
+KIND=""         # the instance's kind (main, tput, fwd, mem)
+FWD_SEEN="$WORK/fwd-seen.tsv"   # system, via (lo|addr), client address the guest saw
+FWD_PORT=15201  # the forwarded port, in the NAT namespace
+GUEST_PORT=5201 # where it leads in the guest (iperf3's server)
 
 # NAT and server namespaces, their link, and the load server.
 make_base() {
@@ -353,7 +404,9 @@ EOF
 }
 
 start_hubnat_ports() { # port arguments...
-  ip netns exec "$NAT_NS" "$HUBNAT" run "$@" \
+  # A control socket of its own (not the machine's default one), for `hubnat forward add`.
+  # shellcheck disable=SC2086 # HUBNAT_RUN_ARGS: words on purpose
+  ip netns exec "$NAT_NS" "$HUBNAT" --control "$IDIR/hubnat.ctl" run "$@" \
     --config "$IDIR/hubnat.toml" --state-dir "$IDIR/hubnat-state" --log warn \
     ${HUBNAT_RUN_ARGS:-} > "$IDIR/hubnat.log" 2>&1 &
   PIDS+=($!)
@@ -417,7 +470,7 @@ setup_slirp4netns() { # mtu
   local holder=$!
   PIDS+=("$holder")
   ip netns exec "$NAT_NS" slirp4netns --configure --mtu="$1" --disable-host-loopback \
-    "$holder" tap0 > "$IDIR/slirp4netns.log" 2>&1 &
+    --api-socket "$IDIR/slirp4netns.api" "$holder" tap0 > "$IDIR/slirp4netns.log" 2>&1 &
   PIDS+=($!)
   wait_for 20 guest_has_addr tap0 ||
     { echo "slirp4netns did not configure tap0 in 20 s: $(tail -n 1 "$IDIR/slirp4netns.log")"; return 1; }
@@ -427,8 +480,13 @@ setup_pasta() { # mtu
   TUN_MODE=$(stat -c %a /dev/net/tun)
   chmod 666 /dev/net/tun
   chmod 777 "$IDIR"
+  # The forwarded-port instance has pasta forward the NAT namespace's port 15201 to the guest's
+  # 5201 (bound at start, on every address; connections from 127.0.0.1 are spliced from socket
+  # to socket in the guest's namespace, the others go through the tap).
+  local tcp=none
+  [ "$KIND" = fwd ] && tcp="$FWD_PORT:$GUEST_PORT"
   ip netns exec "$NAT_NS" setpriv --reuid=nobody --regid=nogroup --clear-groups -- \
-    pasta -f --config-net -m "$1" -t none -u none -T none -U none --no-map-gw \
+    pasta -f --config-net -m "$1" -t "$tcp" -u none -T none -U none --no-map-gw \
     --pid "$IDIR/pasta.pid" -- sleep infinity > "$IDIR/pasta.log" 2>&1 &
   PIDS+=($!)
   wait_for 10 test -s "$IDIR/pasta.pid" || { echo "pasta did not start: $(first_line "$IDIR/pasta.log")"; return 1; }
@@ -518,6 +576,7 @@ EOF
     fi
   done
   [ -s "$IDIR/dhclient.pid" ] && PIDS+=("$(cat "$IDIR/dhclient.pid")")
+  # shellcheck disable=SC2015
   [ "$ok" = 1 ] && guest_has_addr eth0 || { echo "the guest got no DHCP lease from SecureNAT"; return 1; }
 }
 
@@ -553,6 +612,95 @@ run_iperf() { # system mtu direction(up|down)
     record_fail "$s" "tput_${d}_$m" "iperf3: ${why:-no result}"
   fi
   end_pids "$srv"
+}
+
+# Sends one request to a unix stream socket and prints the answer (slirp4netns's API socket).
+unix_request() { # socket request
+  case "$(unix_client)" in
+    python3)
+      timeout 15 python3 - "$1" "$2" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode())
+s.shutdown(socket.SHUT_WR)
+out = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    out += b
+print(out.decode(errors="replace"))
+EOF
+      ;;
+    socat) printf '%s' "$2" | timeout 15 socat -t 10 - "UNIX-CONNECT:$1"; echo ;;
+    *) echo "no unix-socket client"; return 1 ;;
+  esac
+}
+
+# Forwards the NAT namespace's port 15201 to the guest's 5201, as the system does it; prints
+# why not on failure.
+setup_forward() { # system
+  case "$1" in
+    hubnat*)
+      # Every hubnat port gives the guest 192.168.30.50 (guest_static).
+      if ! timeout 15 "$HUBNAT" --control "$IDIR/hubnat.ctl" forward add tcp "0.0.0.0:$FWD_PORT" \
+           "192.168.30.50:$GUEST_PORT" > "$IDIR/forward.log" 2>&1; then
+        echo "hubnat forward add: $(tail -n 1 "$IDIR/forward.log")"; return 1
+      fi ;;
+    slirp4netns)
+      local req ans
+      req=$(jq -nc --argjson p "$FWD_PORT" --argjson g "$GUEST_PORT" \
+        '{execute:"add_hostfwd", arguments:{proto:"tcp", host_addr:"0.0.0.0", host_port:$p, guest_port:$g}}')
+      ans=$(unix_request "$IDIR/slirp4netns.api" "$req" 2>&1) || true
+      echo "$ans" > "$IDIR/forward.log"
+      echo "$ans" | jq -e '.return.id' >/dev/null 2>&1 ||
+        { echo "slirp4netns add_hostfwd: $(echo "$ans" | head -n 1 | cut -c1-160)"; return 1; } ;;
+    pasta) ;;    # -t at start
+    kernel) return 0 ;;  # no forward: routed to the guest's address
+    *) echo "no port forwarding"; return 1 ;;
+  esac
+  wait_for 10 ip netns exec "$NAT_NS" sh -c "ss -ltn | grep -q ':$FWD_PORT '" ||
+    { echo "nothing listens on port $FWD_PORT in the NAT namespace"; return 1; }
+}
+
+# iperf3 through the forward: the server in the guest, the client in the NAT namespace on
+# 127.0.0.1 (via lo) or on the NAT namespace's own address (via addr). The kernel: the client
+# connects to the guest's address itself, from the same local address.
+run_fwd() { # system mtu via(lo|addr) direction(in|out)
+  local s=$1 m=$2 via=$3 d=$4 tag="$3-$4" srv rev=() to port=$FWD_PORT bind=() note="" metric
+  metric="fwd_${d}_$m"
+  [ "$via" = addr ] && metric="fwd_${d}_addr_$m"
+  [ "$d" = out ] && rev=(-R)
+  if [ "$via" = lo ]; then to=127.0.0.1; else to=$NAT_IP; fi
+  if [ "$s" = kernel ]; then
+    [ "$via" = addr ] && bind=(-B "$NAT_IP")
+    to=192.168.30.50; port=$GUEST_PORT
+    note="no forward: the NAT namespace's client connects to the guest's address, routed by the kernel (from 192.168.30.1 in the 127.0.0.1 rows, bound to $NAT_IP in the others)"
+  fi
+  "${GUEST[@]}" iperf3 -s -1 -p "$GUEST_PORT" -J > "$IDIR/fwd-server-$tag.json" 2>"$IDIR/fwd-server-$tag.err" &
+  srv=$!
+  PIDS+=("$srv")
+  wait_for 5 "${GUEST[@]}" sh -c "ss -ltn | grep -q ':$GUEST_PORT '" || true
+  local out="$IDIR/fwd-$tag.json"
+  if timeout -k 5 $((DURATION + 30)) ip netns exec "$NAT_NS" iperf3 -c "$to" -p "$port" "${bind[@]}" \
+       -t "$DURATION" -Z -P4 -l1M --connect-timeout 5000 "${rev[@]}" -J > "$out" 2>"$IDIR/fwd-$tag.err" &&
+     jq -e '.end.sum_received.bits_per_second > 0' "$out" >/dev/null 2>&1; then
+    record "$s" "$metric" "$(jq '.end.sum_received.bits_per_second / 1e9' "$out")" Gbit/s "$note"
+  else
+    local why
+    why=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
+    [ -n "$why" ] || why=$(first_line "$IDIR/fwd-$tag.err")
+    record_fail "$s" "$metric" "iperf3: ${why:-no result}"
+  fi
+  end_pids "$srv"
+  # Whom the guest saw (the client's own address, or the system's stand-in for it), for the report.
+  local seen
+  seen=$(jq -r '.start.accepted_connection.host // empty' "$IDIR/fwd-server-$tag.json" 2>/dev/null || true)
+  log "  $s $metric: the guest saw the client as ${seen:-?}"
+  [ -n "$seen" ] && printf '%s\t%s\t%s\n' "$s" "$via" "$seen" >> "$FWD_SEEN"
+  return 0
 }
 
 run_load() { # system mode(rr|crr)
@@ -615,18 +763,21 @@ instance_metrics() { # kind mtu
   case "$1" in
     main) echo "tput_up_$2 tput_down_$2 rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
     tput) echo "tput_up_$2 tput_down_$2" ;;
+    fwd) echo "fwd_in_$2 fwd_out_$2 fwd_in_addr_$2 fwd_out_addr_$2" ;;
     mem) local n; for n in "${MEM_LIST[@]}"; do echo -n "mem_$n held_$n "; done ;;
   esac
 }
 
 # One instance: fresh namespaces, the system at MTU M, the given workloads, teardown.
-instance() { # system kind(main|tput|mem) mtu
+instance() { # system kind(main|tput|fwd|mem) mtu
   local s=$1 kind=$2 m=$3 why m2
   SEQ=$((SEQ + 1))
+  KIND=$kind
   IDIR="$WORK/r$ROUND-$s-$kind-$m"
   mkdir -p "$IDIR"
   log "round $ROUND: $s ($kind, MTU $m)"
-  if ! make_base > "$IDIR/setup.msg" 2>&1 || ! "setup_$s" "$m" >> "$IDIR/setup.msg" 2>&1; then
+  if ! make_base > "$IDIR/setup.msg" 2>&1 || ! "setup_$s" "$m" >> "$IDIR/setup.msg" 2>&1 ||
+     { [ "$kind" = fwd ] && ! setup_forward "$s" >> "$IDIR/setup.msg" 2>&1; }; then
     why=$(grep -v '^\s*$' "$IDIR/setup.msg" | tail -n 1)
     case "$why" in
       SKIP:*) log "  $s at MTU $m: skipped (${why#SKIP: })"
@@ -653,6 +804,11 @@ instance() { # system kind(main|tput|mem) mtu
     tput)
       run_iperf "$s" "$m" up
       run_iperf "$s" "$m" down ;;
+    fwd)
+      local via d
+      for via in lo addr; do
+        for d in in out; do run_fwd "$s" "$m" "$via" "$d"; done
+      done ;;
     mem)
       local n
       for n in "${MEM_LIST[@]}"; do run_mem "$s" "$n"; done ;;
@@ -675,7 +831,9 @@ RUNNABLE=()
 for s in "${SYS_LIST[@]}"; do
   if [ -n "${SKIP[$s]:-}" ]; then
     ROUND=1
-    for m in $(instance_metrics main "${MTU_LIST[0]}"); do record_skip "$s" "$m" "${SKIP[$s]}"; done
+    fm=""
+    [ "$FWD" = 1 ] && fm=$(instance_metrics fwd "${MTU_LIST[0]}")
+    for m in $(instance_metrics main "${MTU_LIST[0]}") $fm; do record_skip "$s" "$m" "${SKIP[$s]}"; done
   else
     RUNNABLE+=("$s")
   fi
@@ -686,6 +844,11 @@ for ROUND in $(seq "$ROUNDS"); do
     s=${RUNNABLE[$(( (i + ROUND - 1) % n ))]}
     instance "$s" main "${MTU_LIST[0]}"
     for m in "${MTU_LIST[@]:1}"; do instance "$s" tput "$m"; done
+    if [ -z "${FWD_SKIP[$s]:-}" ]; then
+      instance "$s" fwd "${MTU_LIST[0]}"
+    elif [ "$FWD" = 1 ]; then
+      for m in $(instance_metrics fwd "${MTU_LIST[0]}"); do record_skip "$s" "$m" "${FWD_SKIP[$s]}"; done
+    fi
     if [ ${#MEM_LIST[@]} -gt 0 ]; then
       if [ "$s" = kernel ]; then
         for m in $(instance_metrics mem 0); do record_skip "$s" "$m" "no NAT process: the kernel forwards"; done
@@ -702,17 +865,41 @@ done
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
 VERSIONS="slirp4netns $(slirp4netns --version 2>/dev/null | awk 'NR==1 {print $3}'), passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'), SoftEther $(dpkg-query -W -f '${Version}' softether-vpnserver 2>/dev/null || echo '?'), iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1 {print $2}')"
 CMDLINE="tools/compare.sh --systems $SYSTEMS --mtu $MTUS --duration $DURATION --rounds $ROUNDS --mem '${MEM}'"
+[ "$FWD" = 0 ] && CMDLINE+=" --no-fwd"
+FWD_TEXT=""
+[ "$FWD" = 1 ] && FWD_TEXT=" Forwarded port: the same iperf3 with its server in the guest (port
+$GUEST_PORT) and its client in the NAT namespace, connecting to port $FWD_PORT on 127.0.0.1 or on
+the NAT namespace's address $NAT_IP, which the system forwards to the guest (the kernel forwards no
+port: its client connects to the guest's address)."
+# Which client address the guests saw through the forwards (a line below the table).
+fwd_seen() {
+  [ -s "$FWD_SEEN" ] || return 0
+  printf '\nThe client as the guest saw it (client on 127.0.0.1 / on %s): ' "$NAT_IP"
+  sort -u "$FWD_SEEN" | awk -F'\t' '
+    !(($1, $2) in seen) { seen[$1, $2] = $3; if (!($1 in known)) { known[$1] = 1; order[++n] = $1 }; next }
+    index("," seen[$1, $2] ",", "," $3 ",") == 0 { seen[$1, $2] = seen[$1, $2] "," $3 }
+    END {
+      for (i = 1; i <= n; i++) {
+        s = order[i]
+        lo = ((s, "lo") in seen) ? seen[s, "lo"] : "?"
+        ad = ((s, "addr") in seen) ? seen[s, "addr"] : "?"
+        printf "%s%s %s / %s", (i > 1 ? "; " : ""), s, lo, ad
+      }
+      print "."
+    }'
+}
 report() { # svg-link
   cat <<EOF
 Run $START on $MACHINE; $VERSIONS; hubnat $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?') (profile $PROFILE).
 Command: \`$CMDLINE\`. Medians of $ROUNDS round(s); each cell is the figure and, in brackets, its
 ratio to hubnat's. iperf3 \`-Z -P4 -l1M\`, ${DURATION} s per direction; latency: 1-byte echo over one
 connection; connection rate: connect, 1-byte echo, close; memory: peak RSS (VmHWM, summed over the
-NAT namespace's processes) of a fresh instance holding that many idle connections.
+NAT namespace's processes) of a fresh instance holding that many idle connections.$FWD_TEXT
 
 
 EOF
   "$CHART" --results "$JSONL" --markdown - --svg "$SVG"
+  fwd_seen
   printf '\n![comparison chart](%s)\n' "$1"
 }
 report "$(basename "$SVG")" > "$OUT"

@@ -84,8 +84,13 @@ fn metric_rank(m: &str) -> (u32, u64, String) {
         (3, num(m).unwrap_or(0) * 2)
     } else if m.starts_with("held_") {
         (3, num(m).unwrap_or(0) * 2 + 1)
+    } else if let Some(i) = ["fwd_in_", "fwd_out_", "fwd_in_addr_", "fwd_out_addr_"]
+        .iter()
+        .rposition(|p| m.starts_with(p))
+    {
+        (4, num(m).unwrap_or(0) * 4 + i as u64)
     } else {
-        (4, 0)
+        (5, 0)
     };
     (group, n, m.to_owned())
 }
@@ -103,6 +108,22 @@ fn describe(m: &str) -> (String, bool) {
         "crr_p50" => ("connect, exchange, close: p50".into(), false),
         _ if m.starts_with("mem_") => (format!("peak RSS, {tail} idle TCP connections"), false),
         _ if m.starts_with("held_") => (format!("connections held of {tail}"), true),
+        _ if m.starts_with("fwd_in_addr_") => (
+            format!("iperf3 forwarded, client on the NAT side's address → guest, MTU {tail}"),
+            true,
+        ),
+        _ if m.starts_with("fwd_out_addr_") => (
+            format!("iperf3 forwarded, guest → client on the NAT side's address, MTU {tail}"),
+            true,
+        ),
+        _ if m.starts_with("fwd_in_") => (
+            format!("iperf3 forwarded, client on 127.0.0.1 → guest, MTU {tail}"),
+            true,
+        ),
+        _ if m.starts_with("fwd_out_") => (
+            format!("iperf3 forwarded, guest → client on 127.0.0.1, MTU {tail}"),
+            true,
+        ),
         _ => (m.to_owned(), true),
     }
 }
@@ -110,7 +131,7 @@ fn describe(m: &str) -> (String, bool) {
 /// The unit a metric is written in, where no result line named one.
 fn default_unit(m: &str) -> &'static str {
     match m {
-        _ if m.starts_with("tput_") => "Gbit/s",
+        _ if m.starts_with("tput_") || m.starts_with("fwd_") => "Gbit/s",
         "crr_rate" => "conn/s",
         _ if m.starts_with("rr_") || m.starts_with("crr_") => "µs",
         _ if m.starts_with("mem_") => "MiB",
