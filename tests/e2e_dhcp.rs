@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_until, Lab, Lease, Proc};
+use common::{ctl, ctl_json, must, wait_until, Lab, Lease, Proc, TempDir};
 
 const HOST_IP: &str = "192.168.30.1";
 
@@ -64,6 +64,17 @@ impl<'a> Dhclient<'a> {
         )
         .unwrap();
         Dhclient { lab, script, conf }
+    }
+
+    /// A client that also asks for `more` (dhclient's option names, comma-separated).
+    fn requesting(lab: &'a Lab, more: &str) -> Dhclient<'a> {
+        let c = Dhclient::new(lab);
+        let conf = common::read(&c.conf).replace(
+            "domain-name-servers;",
+            &format!("domain-name-servers, {more};"),
+        );
+        std::fs::write(&c.conf, conf).unwrap();
+        c
     }
 
     fn cmd(&self, extra: &[&str]) -> Command {
@@ -233,4 +244,151 @@ fn with_dhcp_disabled_no_offer_comes() {
     lab.guest
         .exec_ok(&["ip", "addr", "add", "192.168.30.77/24", "dev", &lab.tap]);
     assert!(ping_host(&lab));
+}
+
+/// A lab whose hubnat has a control socket (`ctl.sock` in the returned directory, which the
+/// unprivileged hubnat may write) beside `config`.
+fn lab_with_control(config: &str) -> (Lab, TempDir) {
+    let ops = TempDir::new();
+    must(Command::new("chmod").arg("777").arg(&ops.0));
+    let config = format!(
+        "[control]\nsocket = \"{}\"\n{config}",
+        ops.join("ctl.sock").display()
+    );
+    let lab = Lab::start(&config);
+    wait_until(Duration::from_secs(10), || {
+        ops.join("ctl.sock").exists().then_some(())
+    })
+    .expect("control socket");
+    (lab, ops)
+}
+
+fn set_guest_mac(lab: &Lab, mac: &str) {
+    lab.guest
+        .exec_ok(&["ip", "link", "set", "dev", &lab.tap, "address", mac]);
+}
+
+#[test]
+fn dhclient_gets_the_mtu_search_list_and_ntp_servers() {
+    require_root!();
+    let lab = Lab::start(
+        "[nat]\nmtu = 1400\n[dhcp]\ndomain = \"hubnat.test\"\n\
+         search = [\"a.test\", \"b.a.test\"]\nntp = [\"192.168.30.1\"]\n",
+    );
+    let client = Dhclient::requesting(&lab, "interface-mtu, domain-search, ntp-servers");
+    let (_p, lease) = client.bind();
+    assert_eq!(lease.get("new_interface_mtu"), Some("1400"));
+    assert_eq!(lease.get("new_ntp_servers"), Some("192.168.30.1"));
+    let leases = common::read(&lab.dir.join("dhclient.leases"));
+    assert!(
+        leases.contains("option interface-mtu 1400;"),
+        "lease file:\n{leases}"
+    );
+    // dhclient writes each name of the list back whole: the compression was undone.
+    assert!(
+        leases.contains(r#"option domain-search "a.test.", "b.a.test.";"#),
+        "lease file:\n{leases}"
+    );
+    assert!(
+        leases.contains("option ntp-servers 192.168.30.1;"),
+        "{leases}"
+    );
+    assert!(
+        leases.contains(r#"option domain-name "hubnat.test";"#),
+        "{leases}"
+    );
+
+    // Without `search`, the list is the domain.
+    let lab = Lab::start("[dhcp]\ndomain = \"hubnat.test\"\n");
+    let client = Dhclient::requesting(&lab, "interface-mtu, domain-search");
+    let (_p, _) = client.bind();
+    let leases = common::read(&lab.dir.join("dhclient.leases"));
+    assert!(leases.contains("option interface-mtu 1500;"), "{leases}");
+    assert!(
+        leases.contains(r#"option domain-search "hubnat.test.";"#),
+        "{leases}"
+    );
+}
+
+const RESERVED_MAC: &str = "02:00:00:00:00:42";
+
+#[test]
+fn a_reserved_mac_gets_its_address_outside_the_range() {
+    require_root!();
+    let (lab, ops) = lab_with_control(&format!(
+        "[[dhcp.reservation]]\nmac = \"{RESERVED_MAC}\"\nip = \"192.168.30.250\"\nname = \"vm1\"\n"
+    ));
+    set_guest_mac(&lab, RESERVED_MAC);
+    let client = Dhclient::new(&lab);
+    let (_p, lease) = client.bind();
+    assert_eq!(lease.get("new_ip_address"), Some("192.168.30.250"));
+    assert_eq!(lab.guest.addrs(&lab.tap), vec!["192.168.30.250/24"]);
+    assert!(ping_host(&lab), "the virtual host does not answer ping");
+    let table = ctl_json(&ops.0, &["dhcp-table"]);
+    let row = &table[0];
+    assert_eq!(row["ip"], "192.168.30.250", "{table}");
+    assert_eq!(row["mac"], "02-00-00-00-00-42");
+    assert_eq!(row["reserved"], true);
+    // The client sent a host name of its own, which the lease keeps.
+    assert_eq!(row["host_name"], "e2e-guest");
+    let text = ctl(&ops.0, &["dhcp-table"]);
+    assert!(text.contains("Reserved") && text.contains("yes"), "{text}");
+}
+
+#[test]
+fn a_reservation_added_at_run_time_applies_to_the_next_client() {
+    require_root!();
+    let (lab, ops) = lab_with_control("");
+    let out = ctl(
+        &ops.0,
+        &[
+            "dhcp",
+            "reserve",
+            "add",
+            RESERVED_MAC,
+            "192.168.30.77",
+            "vm2",
+        ],
+    );
+    assert!(out.contains("dhcp.reservation"), "{out}");
+    // Refused with the field named, nothing changed.
+    let bad = Command::new(common::hubnat_bin())
+        .arg("--control")
+        .arg(ops.join("ctl.sock"))
+        .args([
+            "dhcp",
+            "reserve",
+            "add",
+            "02:00:00:00:00:43",
+            "192.168.31.9",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("dhcp.reservation[1].ip"), "{err}");
+
+    set_guest_mac(&lab, RESERVED_MAC);
+    let (out, lease) = udhcpc(&lab, &[]);
+    assert!(
+        out.status.success(),
+        "udhcpc failed: {out:?}\n{}",
+        lab.hubnat_log()
+    );
+    assert_eq!(lease.get("ip"), Some("192.168.30.77"));
+    let list = ctl_json(&ops.0, &["dhcp", "reserve", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["mac"], RESERVED_MAC);
+    assert_eq!(list[0]["name"], "vm2");
+    assert_eq!(list[0]["leased"], "192.168.30.77");
+    let table = ctl_json(&ops.0, &["dhcp-table"]);
+    assert_eq!(table[0]["reserved"], true, "{table}");
+
+    // Removed at run time: gone from the list, the lease kept (it is in the range).
+    ctl(&ops.0, &["dhcp", "reserve", "remove", RESERVED_MAC]);
+    let list = ctl_json(&ops.0, &["dhcp", "reserve", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    let table = ctl_json(&ops.0, &["dhcp-table"]);
+    assert_eq!(table[0]["ip"], "192.168.30.77");
+    assert_eq!(table[0]["reserved"], false);
 }

@@ -193,14 +193,29 @@ impl FrontEnd {
     }
 }
 
+/// dig in `ns` asking `server` for NAME's A record (over TCP with `+tcp`): the answer, or
+/// None when nothing answered.
+fn dig(ns: &Netns, server: &str, extra: &[&str], name: &str) -> Option<String> {
+    let at = format!("@{server}");
+    let mut args = vec!["dig", &at, "+short", "+time=2", "+tries=2"];
+    args.extend_from_slice(extra);
+    args.push(name);
+    let out = ns.exec(&args);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// The guest namespace is served as slirp4netns serves it: addressed by `--configure` (with
-/// podman's flags), ready on `-r`, out to the server, the host's loopback refused, a port
-/// forwarded through the API socket, stopped by `-e`.
+/// podman's flags), ready on `-r`, out to the server, names looked up at the DNS relay's
+/// 10.0.2.3, the host's loopback refused, a port forwarded through the API socket, stopped by
+/// `-e`.
 #[test]
 fn a_namespace_is_served_as_slirp4netns_serves_it() {
     require_root!();
     let lab = Lab::bare_with_server();
     let _server = lab.httpd(lab.server(), None, SERVER_PAGE);
+    let _dns = lab.dnsmasq(lab.server(), SERVER_IP, &["s4.hubnat.test,10.77.0.9"]);
     let mut front = FrontEnd::start(
         &lab,
         &["--configure", "--mtu", "1500", "--disable-host-loopback"],
@@ -218,6 +233,18 @@ fn a_namespace_is_served_as_slirp4netns_serves_it() {
     // Out through hubnat to the server namespace, the lab's only route.
     let page = curl(&lab.guest, &format!("http://{SERVER_IP}:8080/"));
     assert_eq!(page.as_deref(), Some(SERVER_PAGE), "{}", front.proc.log());
+    // The DNS relay at 10.0.2.3 (hubnat's DNS address, the gateway being the virtual host),
+    // over UDP and TCP, to the server namespace's resolver; it answers ping too.
+    for extra in [&[][..], &["+tcp"][..]] {
+        assert_eq!(
+            dig(&lab.guest, "10.0.2.3", extra, "s4.hubnat.test").as_deref(),
+            Some("10.77.0.9"),
+            "{extra:?}\n{}",
+            front.proc.log()
+        );
+    }
+    let ping = lab.guest.exec(&["ping", "-c", "1", "-W", "2", "10.0.2.3"]);
+    assert!(ping.status.success(), "10.0.2.3 answers ping");
     // --disable-host-loopback: the gateway does not lead to hubnat's loopback.
     let _loopback = lab.httpd(&lab.nat, Some("127.0.0.1:8081"), "the host's loopback");
     assert_eq!(curl(&lab.guest, "http://10.0.2.2:8081/"), None);
@@ -664,9 +691,10 @@ fn podman_runs_a_container_on_hubnat() {
         "slirp4netns:port_handler=slirp4netns",
         "-p",
         "18080:80",
-        // With --disable-host-loopback (podman's default) the relay is at the gateway.
+        // The relay's address, which podman writes by default too, but followed by the
+        // machine's own nameservers: named alone, it keeps them out of the container.
         "--dns",
-        "10.0.2.2",
+        "10.0.2.3",
         IMAGE,
         "httpd",
         "-f",
@@ -718,7 +746,7 @@ fn podman_runs_a_container_on_hubnat() {
     assert_eq!(page, SERVER_PAGE);
     // DNS through hubnat's relay, to the server namespace's resolver.
     let resolv = podman.must(&["exec", &name, "cat", "/etc/resolv.conf"]);
-    assert!(resolv.contains("nameserver 10.0.2.2"), "{resolv}");
+    assert!(resolv.contains("nameserver 10.0.2.3"), "{resolv}");
     // (busybox's nslookup asks for AAAA too, which the test's resolver refuses: its status
     // says so, the A answer is what counts.)
     let out = podman.run(&["exec", &name, "nslookup", "s4.hubnat.test"]);

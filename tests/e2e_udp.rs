@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_until, Lab, Proc, SERVER_IP};
+use common::{ctl, wait_until, Lab, Proc, SERVER_IP};
 
 fn echo_addr(port: u16) -> String {
     format!("{SERVER_IP}:{port}")
@@ -145,12 +145,9 @@ case "$1" in
 esac
 "#;
 
-#[test]
-fn dig_resolves_through_the_dns_relay() {
-    require_root!();
-    let lab = Lab::start_with_server("[dns]\nupstream = [\"127.0.0.1\"]\n");
-    let _dns = start_dnsmasq(&lab);
-    // The guest configures itself by DHCP; its resolv.conf is the namespace's own file.
+/// The guest configures itself by DHCP (busybox udhcpc); its resolv.conf, the namespace's own
+/// file, is returned.
+fn lease_with_resolv_conf(lab: &Lab) -> String {
     lab.guest
         .exec_ok(&["ip", "-4", "addr", "flush", "dev", &lab.tap]);
     let script = lab.write_script("udhcpc-dns", UDHCPC_SCRIPT);
@@ -172,7 +169,15 @@ fn dig_resolves_through_the_dns_relay() {
     ]);
     c.env("RESOLV", &resolv);
     assert!(c.output().unwrap().status.success());
-    assert!(common::read(std::path::Path::new(&resolv)).contains("nameserver 192.168.30.1"));
+    common::read(std::path::Path::new(&resolv))
+}
+
+#[test]
+fn dig_resolves_through_the_dns_relay() {
+    require_root!();
+    let lab = Lab::start_with_server("[dns]\nupstream = [\"127.0.0.1\"]\n");
+    let _dns = start_dnsmasq(&lab);
+    assert!(lease_with_resolv_conf(&lab).contains("nameserver 192.168.30.1"));
     let out = lab
         .guest
         .exec_ok(&["dig", "+short", "+time=2", "+tries=2", "www.e2e.test"]);
@@ -191,6 +196,57 @@ fn dig_resolves_through_the_dns_relay() {
         "www.e2e.test",
     ]);
     assert_eq!(out.trim(), "10.77.0.2", "{}", lab.hubnat_log());
+}
+
+/// `[dns] address`: a second address of the virtual host, which DHCP offers as the DNS server.
+/// dig gets its answers there over UDP (dig takes them only from the address it asked) and
+/// TCP, and ping answers; `hubnat dns set address=` takes it away at run time, and it no longer
+/// answers at all.
+#[test]
+fn dig_resolves_through_the_dns_address() {
+    require_root!();
+    let ops = common::TempDir::new();
+    let lab = Lab::start_with_server(&format!(
+        "[dns]\nupstream = [\"127.0.0.1\"]\naddress = \"192.168.30.3\"\n[control]\nsocket = \"{}\"\n",
+        ops.join("ctl.sock").display()
+    ));
+    let _dns = start_dnsmasq(&lab);
+    let resolv = lease_with_resolv_conf(&lab);
+    assert_eq!(
+        resolv.trim(),
+        "nameserver 192.168.30.3",
+        "{}",
+        lab.hubnat_log()
+    );
+    let dig = |extra: &[&str]| {
+        let mut args = vec!["dig", "@192.168.30.3", "+short", "+time=2", "+tries=2"];
+        args.extend_from_slice(extra);
+        args.push("www.e2e.test");
+        let out = lab.guest.exec(&args);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    assert_eq!(
+        dig(&[]).as_deref(),
+        Some("10.77.0.2"),
+        "{}",
+        lab.hubnat_log()
+    );
+    assert_eq!(dig(&["+tcp"]).as_deref(), Some("10.77.0.2"));
+    assert!(ping(&lab, "192.168.30.3"));
+    assert!(ctl(&ops.0, &["dns", "get"]).contains("192.168.30.3"));
+
+    let out = ctl(&ops.0, &["dns", "set", "address="]);
+    assert!(out.contains("dns.address"), "{out}");
+    lab.guest
+        .exec_ok(&["ip", "neigh", "flush", "dev", &lab.tap]);
+    assert!(!ping(&lab, "192.168.30.3"), "the address still answers");
+    assert_eq!(dig(&["+time=1", "+tries=1"]), None);
+    assert!(
+        ping(&lab, "192.168.30.1"),
+        "the virtual host itself goes on"
+    );
 }
 
 fn ping(lab: &Lab, ip: &str) -> bool {

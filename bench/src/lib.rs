@@ -27,7 +27,7 @@ impl Shards {
 
     /// The thread that owns `frame`: a worker index, or `workers` for the control thread.
     pub fn owner(&self, frame: &[u8]) -> usize {
-        self.router.route(frame, HOST_IP, REPLAY_MAC)
+        self.router.route(frame, [HOST_IP; 2], REPLAY_MAC)
     }
 }
 

@@ -17,7 +17,8 @@ use serde_json::Value;
 use hubnat_core::config::{Config, LogFormat, RawConfig};
 use hubnat_core::{Engine, Mac};
 use hubnat_daemon::api::{
-    self, ChangeView, ForwardRow, LeaseRow, NatRow, PortRow, Request, Response, Section, StatusView,
+    self, ChangeView, ForwardRow, LeaseRow, NatRow, PortRow, Request, ReservationRow, Response,
+    Section, StatusView,
 };
 use hubnat_daemon::leases::LEASE_FILE;
 use hubnat_daemon::machine;
@@ -32,6 +33,9 @@ use hubnat_runtime::port::tap::netns_path;
 use hubnat_runtime::sock::{Backend, BackendChoice};
 use hubnat_runtime::{Exit, Options, Runtime};
 
+mod demo;
+mod generate;
+mod internal;
 mod slirp4netns;
 
 /// A user-mode virtual NAT and virtual DHCP server for a virtual Ethernet segment.
@@ -57,6 +61,15 @@ struct Cli {
 enum Command {
     /// Run the virtual host on a segment until SIGINT or SIGTERM (SIGHUP reloads --config).
     Run(Box<RunArgs>),
+    /// A first run in one command (as root): hubnat serving a guest in throwaway namespaces.
+    ///
+    /// A guest, hubnat and a web and DNS server, each in a network namespace of its own: the
+    /// guest leases an address with a real DHCP client, pings the virtual host, looks up a
+    /// name through the DNS relay and fetches a page through the NAT, each step explained,
+    /// then `hubnat status`, `nat-table` and `dhcp-table` show hubnat's view. Everything is
+    /// removed at the end, also on failure or Ctrl-C. Needs iproute2, busybox udhcpc or ISC
+    /// dhclient, and ping.
+    Demo(demo::DemoArgs),
     /// Serve a container's network namespace as slirp4netns 1.x does: its command line, ready
     /// and exit descriptors and API socket, for podman, rootlesskit and buildah (`hubnat
     /// slirp4netns --help` lists its options). A copy or symlink of hubnat named `slirp4netns`
@@ -86,12 +99,13 @@ enum Command {
         #[command(subcommand)]
         op: SectionOp,
     },
-    /// The virtual DHCP server: get, set KEY=VALUE..., enable, disable.
+    /// The virtual DHCP server: get, set KEY=VALUE..., enable, disable, and its static
+    /// reservations: reserve list|add|remove.
     Dhcp {
         #[command(subcommand)]
-        op: SectionOp,
+        op: DhcpOp,
     },
-    /// The DNS relay's upstreams: get, set upstream=A,B query_timeout=N.
+    /// The DNS relay: get, set upstream=A,B query_timeout=N address=IP.
     Dns {
         #[command(subcommand)]
         op: HostOp,
@@ -113,6 +127,18 @@ enum Command {
         #[command(subcommand)]
         op: ForwardOp,
     },
+    /// Stream SecureNAT's events (what the security log records, and configuration changes),
+    /// one a line, until Ctrl-C or until hubnat stops; `--json`: the JSON lines as they come.
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Only these kinds (comma-separated): a kind whole (`session_created`) or a word of it
+    /// (`dhcp`, `session`, `tcp`, `egress`, `config`). Lines saying events were lost always
+    /// show.
+    #[arg(long, value_delimiter = ',', value_name = "KIND,...")]
+    kinds: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +227,47 @@ enum SectionOp {
     Set(SetArgs),
     Enable(SaveArg),
     Disable(SaveArg),
+}
+
+#[derive(Subcommand)]
+enum DhcpOp {
+    #[command(flatten)]
+    Section(SectionOp),
+    /// Static reservations: a MAC that always gets one address (in the range or outside it,
+    /// within the subnet), which no other MAC is given.
+    Reserve {
+        #[command(subcommand)]
+        op: ReserveOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReserveOp {
+    /// Every reservation, the address its MAC holds now, and another MAC still holding its
+    /// address (until that lease's next renewal).
+    List,
+    /// Reserve IP for MAC: `hubnat dhcp reserve add 02:00:00:00:00:20 192.168.30.20 vm1`.
+    /// NAME is the lease's host name when the client sends none (forwards find the guest by
+    /// it). A lease another MAC holds on IP ends at its next renewal.
+    Add {
+        #[arg(value_name = "MAC")]
+        mac: String,
+        #[arg(value_name = "IP")]
+        ip: String,
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+        /// Also write the change back to the configuration file.
+        #[arg(long)]
+        save: bool,
+    },
+    /// Remove the reservation of MAC (its lease stays, if it is in the range).
+    Remove {
+        #[arg(value_name = "MAC")]
+        mac: String,
+        /// Also write the change back to the configuration file.
+        #[arg(long)]
+        save: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -340,12 +407,16 @@ fn main() {
     if let Some(status) = slirp4netns::dispatch(&argv) {
         std::process::exit(status);
     }
+    if let Some(status) = internal::dispatch(&argv) {
+        std::process::exit(status);
+    }
     let cli = Cli::parse();
     let control = cli.control.clone();
     let json = cli.json;
     let result = match cli.command {
         Command::Run(args) => run(*args, control, None),
         Command::Slirp4netns { args } => std::process::exit(slirp4netns::main(args, control)),
+        Command::Demo(args) => std::process::exit(demo::main(args)),
         other => client_command(other, control, json),
     };
     if let Err(e) = result {
@@ -434,6 +505,18 @@ fn run(
     let (open_files, socket_budget) = machine::raise_open_files(workers + 1);
     let mut cfg = run_config(&args, &raw)?;
     init_logging(&args.log, open_security_log(&cfg)?)?;
+    // systemd's Type=notify, connected while its socket is still reachable (the sandbox closes
+    // the way). Not for a front end: its caller's NOTIFY_SOCKET is meant for another process.
+    // A socket that cannot be reached costs the notifications, not the service (as with
+    // libsystemd's sd_notify); a unit waiting for them then says so.
+    let notify = if embedded {
+        None
+    } else {
+        hubnat_daemon::notify::Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!("systemd readiness: {e}; not notifying");
+            None
+        })
+    };
     tracing::info!(
         "open files limit {open_files}: up to {socket_budget} host sockets for sessions; \
          nat.max_sessions {}, per guest {}",
@@ -518,6 +601,7 @@ fn run(
     };
     let log_rate = cfg.control.log_rate;
     let engine = Engine::new(cfg, mac, rng.random());
+    let event_hub = server.event_hub();
     let opts = Options {
         workers,
         backend: Some(backend),
@@ -525,9 +609,10 @@ fn run(
         ports: links,
         napi,
         operator: Some(Box::new(server)),
-        events: Some(std::sync::Arc::new(
+        events: Some(std::sync::Arc::new(hubnat_daemon::stream::TeeSink::new(
             hubnat_daemon::events::TracingSink::new(log_rate),
-        )),
+            event_hub,
+        ))),
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     if let Some(ready) = on_ready {
@@ -546,8 +631,15 @@ fn run(
             tracing::info!("sandbox check: {}", sandbox::check_filter());
         }
     }
+    if let Some(n) = &notify {
+        n.ready("serving");
+        tracing::info!("told systemd: ready ({})", n.address());
+    }
     match rt.run()? {
         Exit::Stopped => {
+            if let Some(n) = &notify {
+                n.stopping();
+            }
             tracing::info!("stopping: {} host sockets open", rt.sock.len());
         }
     }
@@ -864,6 +956,14 @@ fn operator(
     signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, hup_tx)
         .context("cannot install signal handlers")?;
     let bound = control.as_ref().map(|(_, p)| (p.clone(), !explicit));
+    // Only a control socket has clients to stream events to.
+    let events = match control {
+        Some(_) => Some(
+            hubnat_daemon::stream::EventHub::new()
+                .context("cannot make the event stream's wake-up pair")?,
+        ),
+        None => None,
+    };
     let server = Server::new(ServerOptions {
         raw,
         config_path: args.config.clone(),
@@ -871,6 +971,7 @@ fn operator(
         metrics,
         reload: Some(hup_rx),
         lease_file: Some(state_dir.join(LEASE_FILE)),
+        events,
     });
     Ok((server, bound))
 }
@@ -905,6 +1006,84 @@ fn ask(control: &Path, req: &Request) -> Result<Value> {
     match resp.error {
         Some(e) if !resp.ok => bail!("{e}"),
         _ => Ok(resp.result),
+    }
+}
+
+/// `hubnat events`: asks for the event stream and prints each line as it comes (`json`: as
+/// is; else as the security log's text), those of the `kinds` wanted, until SIGINT or SIGTERM
+/// (exit 0) or until hubnat closes the stream.
+fn stream_events(control: &Path, kinds: &[String], json: bool) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let mut s = UnixStream::connect(control).with_context(|| {
+        format!(
+            "cannot reach hubnat at {} (is it running? --control PATH names another socket)",
+            control.display()
+        )
+    })?;
+    s.write_all(b"{\"cmd\":\"events\"}\n")?;
+    // Short reads, so that a signal is noticed while no event comes.
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut r = BufReader::new(s);
+    let mut line = Vec::new();
+    let mut answered = false;
+    let out = std::io::stdout();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match r.read_until(b'\n', &mut line) {
+            Ok(_) if line.last() != Some(&b'\n') => {
+                if answered {
+                    eprintln!("hubnat: the event stream ended (hubnat stopped)");
+                    return Ok(());
+                }
+                bail!("hubnat closed the control connection without an answer");
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                // A line cut by the timeout stays in `line`, to be completed by the next read.
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the event stream"),
+        }
+        let text = std::mem::take(&mut line);
+        if !answered {
+            let resp: Response = serde_json::from_slice(&text).context("unreadable answer")?;
+            match resp.error {
+                Some(e) if !resp.ok => bail!("{e}"),
+                _ => answered = true,
+            }
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+            continue;
+        };
+        if !hubnat_daemon::stream::kind_wanted(v["kind"].as_str().unwrap_or(""), kinds) {
+            continue;
+        }
+        let mut o = out.lock();
+        let written = if json {
+            o.write_all(&text)
+        } else {
+            writeln!(o, "{}", hubnat_daemon::stream::readable(&v))
+        };
+        // A reader that went away (`| head`) ends the stream as Ctrl-C does.
+        if written.and_then(|()| o.flush()).is_err() {
+            return Ok(());
+        }
     }
 }
 
@@ -945,11 +1124,14 @@ fn section_request(section: Section, op: &SectionOp) -> Result<Request> {
 fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<()> {
     let control = control.unwrap_or_else(default_control_path);
     let req = match &cmd {
-        Command::Run(_) | Command::Slirp4netns { .. } => unreachable!("handled by main"),
+        Command::Run(_) | Command::Slirp4netns { .. } | Command::Demo(_) => {
+            unreachable!("handled by main")
+        }
         Command::Status => Request::Status,
         Command::NatTable => Request::NatTable,
         Command::DhcpTable => Request::DhcpTable,
         Command::Reload => Request::Reload,
+        Command::Events(a) => return stream_events(&control, &a.kinds, json),
         Command::Forward { op } => match op {
             ForwardOp::List => Request::ForwardList,
             ForwardOp::Add {
@@ -985,7 +1167,27 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
             }
         }
         Command::Nat { op } => section_request(Section::Nat, op)?,
-        Command::Dhcp { op } => section_request(Section::Dhcp, op)?,
+        Command::Dhcp { op } => match op {
+            DhcpOp::Section(op) => section_request(Section::Dhcp, op)?,
+            DhcpOp::Reserve { op } => match op {
+                ReserveOp::List => Request::DhcpReserveList,
+                ReserveOp::Add {
+                    mac,
+                    ip,
+                    name,
+                    save,
+                } => Request::DhcpReserveAdd {
+                    mac: mac.clone(),
+                    ip: ip.clone(),
+                    name: name.clone(),
+                    save: *save,
+                },
+                ReserveOp::Remove { mac, save } => Request::DhcpReserveRemove {
+                    mac: mac.clone(),
+                    save: *save,
+                },
+            },
+        },
         Command::Securenat { op } => match op {
             OnOff::Enable(a) => switch(Section::Securenat, true, a.save),
             OnOff::Disable(a) => switch(Section::Securenat, false, a.save),
@@ -1001,13 +1203,21 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
         Request::NatTable => print_nat_table(&serde_json::from_value::<Vec<NatRow>>(result)?),
         Request::DhcpTable => print_dhcp_table(&serde_json::from_value::<Vec<LeaseRow>>(result)?),
         Request::Get { .. } => print_fields(&result),
-        Request::Set { .. } | Request::Reload => print_change(&serde_json::from_value(result)?),
+        Request::Set { .. }
+        | Request::Reload
+        | Request::DhcpReserveAdd { .. }
+        | Request::DhcpReserveRemove { .. } => print_change(&serde_json::from_value(result)?),
+        Request::DhcpReserveList => {
+            print_reservations(&serde_json::from_value::<Vec<ReservationRow>>(result)?)
+        }
         Request::PortList | Request::PortAdd { .. } | Request::PortRemove { .. } => {
             print_ports(&serde_json::from_value::<Vec<PortRow>>(result)?)
         }
         Request::ForwardList | Request::ForwardAdd { .. } | Request::ForwardRemove { .. } => {
             print_forwards(&serde_json::from_value::<Vec<ForwardRow>>(result)?)
         }
+        // Streamed by `stream_events`, never asked this way.
+        Request::Events => {}
     }
     Ok(())
 }
@@ -1211,6 +1421,7 @@ fn print_dhcp_table(rows: &[LeaseRow]) {
                 r.host_name.clone(),
                 span(now.saturating_sub(r.leased_at) / 1000),
                 span(r.expires_at.saturating_sub(now) / 1000),
+                if r.reserved { "yes" } else { "" }.to_owned(),
             ]
         })
         .collect();
@@ -1222,9 +1433,31 @@ fn print_dhcp_table(rows: &[LeaseRow]) {
             "Host name",
             "Leased for",
             "Expires in",
+            "Reserved",
         ],
         &rows,
     );
+}
+
+fn print_reservations(rows: &[ReservationRow]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let now = match (&r.leased, &r.held_by) {
+                (Some(ip), _) if *ip == r.ip => "leased".to_owned(),
+                (Some(ip), _) => format!("leased {ip} (moves at its renewal)"),
+                (None, Some(other)) => format!("held by {other} until its renewal"),
+                (None, None) => "not leased".to_owned(),
+            };
+            vec![
+                r.mac.clone(),
+                r.ip.clone(),
+                r.name.clone().unwrap_or_default(),
+                now,
+            ]
+        })
+        .collect();
+    table(&["MAC address", "IP address", "Name", "Now"], &rows);
 }
 
 fn print_fields(v: &Value) {

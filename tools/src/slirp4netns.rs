@@ -4,14 +4,12 @@
 //!
 //! The network is slirp4netns's, derived from `--cidr` (default 10.0.2.0/24): the gateway at
 //! network + 2, the DNS relay at + 3, the guest at + 100 (`--configure` gives it that address,
-//! bound to its MAC; without it, DHCP offers it first). hubnat's virtual host has one address
-//! and may have a second,
-//! the host-loopback alias (`nat.host_loopback`), which answers ARP and stands for the host's
-//! 127.0.0.1. Without `--disable-host-loopback` that is slirp4netns's own layout: the virtual
-//! host at + 3 (DNS relay, DHCP server) and the alias at + 2 (gateway; the host's loopback
-//! behind it). With it, the loopback must not be reachable, so there is no alias: the virtual
-//! host is the gateway at + 2 and the DNS relay is there too (DHCP offers it; + 3 does not
-//! answer).
+//! bound to its MAC; without it, DHCP offers it first). Without `--disable-host-loopback` the
+//! virtual host is at + 3 (DNS relay, DHCP server) and the gateway at + 2 is the host-loopback
+//! alias (`nat.host_loopback`, which answers ARP and stands for the host's 127.0.0.1). With it,
+//! the loopback must not be reachable, so there is no such alias: the virtual host is the
+//! gateway at + 2 and + 3 is its DNS address (`dns.address`), where it answers DNS (and ARP and
+//! ping) as slirp4netns does.
 //!
 //! The front end runs `hubnat run` in this process with the arguments it derives (a TAP made in
 //! the target's namespaces, a private state directory and control socket). Once the TAP is open
@@ -87,8 +85,7 @@ fn help_notes() -> String {
         "\
 The network (network address N of --cidr): the gateway is N+2, the DNS relay N+3, the guest
 N+100 (--configure sets it; without, DHCP offers it first). Without --disable-host-loopback,
-N+2 reaches the host's 127.0.0.1. With it there is no such alias, and hubnat's virtual host,
-then of one address, is N+2 and relays DNS there: N+3 does not answer.
+N+2 reaches the host's 127.0.0.1.
 --api-socket answers add_hostfwd, list_hostfwd and remove_hostfwd as slirp4netns 1.2 does,
 through port forwards of hubnat's.
 Not supported: binding host sockets to an outbound address or interface (outbound-addr,
@@ -531,7 +528,8 @@ impl std::fmt::Display for Network {
     }
 }
 
-/// Where the virtual host and the DNS relay are, as `--disable-host-loopback` decides.
+/// Where the virtual host and the DNS relay are, as `--disable-host-loopback` decides: the
+/// gateway at + 2 and the DNS relay at + 3 either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
     /// The virtual host: DHCP server, DNS relay, ping.
@@ -539,6 +537,15 @@ struct Layout {
     /// The host-loopback alias (the gateway), when the host's loopback may be reached.
     loopback_alias: Option<Ipv4Addr>,
     gateway: Ipv4Addr,
+    /// Where the DNS relay answers: the virtual host, or its DNS address (`dns.address`).
+    dns: Ipv4Addr,
+}
+
+impl Layout {
+    /// The virtual host's DNS address, when the relay is not at the virtual host's own.
+    fn dns_address(&self) -> Option<Ipv4Addr> {
+        (self.dns != self.host).then_some(self.dns)
+    }
 }
 
 impl Opts {
@@ -549,12 +556,14 @@ impl Opts {
                 host: n.gateway(),
                 loopback_alias: None,
                 gateway: n.gateway(),
+                dns: n.nth(3),
             }
         } else {
             Layout {
                 host: n.nth(3),
                 loopback_alias: Some(n.gateway()),
                 gateway: n.gateway(),
+                dns: n.nth(3),
             }
         }
     }
@@ -568,6 +577,7 @@ impl Opts {
         base.host.mask = Some(n.mask().to_string());
         base.nat.mtu = Some(u32::from(self.mtu));
         base.nat.host_loopback = Some(l.loopback_alias.map(|a| a.to_string()).unwrap_or_default());
+        base.dns.address = Some(l.dns_address().map(|a| a.to_string()).unwrap_or_default());
         // The configured guest's address is its own: bound to its MAC, so that forwards reach
         // it before it has sent anything, and kept out of DHCP's range (which would offer it to
         // another client, whose traffic the binding would then refuse).
@@ -590,7 +600,7 @@ impl Opts {
         base.dhcp.dns = Some(if self.disable_dns {
             Vec::new()
         } else {
-            vec![l.host.to_string()]
+            vec![l.dns.to_string()]
         });
         base
     }
@@ -698,20 +708,11 @@ fn start(mut opts: Opts, control_flag: Option<PathBuf>) -> Result<()> {
              gets IPv4 only"
         );
     }
-    if opts.disable_host_loopback && !opts.disable_dns {
-        eprintln!(
-            "hubnat slirp4netns: the DNS relay is at {} (the gateway); {} does not answer \
-             (without the host-loopback alias, which --disable-host-loopback turns off, \
-             hubnat's virtual host has one address)",
-            layout.host,
-            opts.network.nth(3)
-        );
-    }
     if opts.disable_dns {
         eprintln!(
             "hubnat slirp4netns: --disable-dns: DHCP offers no DNS server; hubnat's relay still \
              answers at {} (it cannot be turned off)",
-            layout.host
+            layout.dns
         );
     }
     // Descriptors are checked before anything is made, and kept from the cleanup process.
@@ -766,7 +767,7 @@ fn start(mut opts: Opts, control_flag: Option<PathBuf>) -> Result<()> {
         tracing::info!(
             "slirp4netns front end: network {network}, gateway {}, DNS relay {}, guest {}{}",
             layout.gateway,
-            layout.host,
+            layout.dns,
             network.guest(),
             match layout.loopback_alias {
                 Some(a) => format!("; {a} reaches the host's loopback"),
@@ -1447,15 +1448,23 @@ mod tests {
                 mac: None,
             })
         );
-        // --disable-host-loopback: no alias; the virtual host is the gateway and relays DNS.
+        assert_eq!(
+            raw.dns.address.as_deref(),
+            Some(""),
+            "DNS at the virtual host's own"
+        );
+        // --disable-host-loopback: no loopback alias; the virtual host is the gateway and + 3
+        // its DNS address.
         let o = opts("--disable-host-loopback --cidr=192.168.7.77/25 --mtu=9000 -c 1");
         let raw = o.raw_config(RawConfig::default());
         assert_eq!(raw.host.ip.as_deref(), Some("192.168.7.2"));
         assert_eq!(raw.host.mask.as_deref(), Some("255.255.255.128"));
         assert_eq!(raw.nat.host_loopback.as_deref(), Some(""));
+        assert_eq!(raw.dns.address.as_deref(), Some("192.168.7.3"));
         assert_eq!(raw.dhcp.range_start.as_deref(), Some("192.168.7.100"));
         assert_eq!(raw.dhcp.range_end.as_deref(), Some("192.168.7.126"));
-        assert_eq!(raw.dhcp.dns, Some(vec!["192.168.7.2".to_owned()]));
+        assert_eq!(raw.dhcp.gateway.as_deref(), Some("192.168.7.2"));
+        assert_eq!(raw.dhcp.dns, Some(vec!["192.168.7.3".to_owned()]));
         assert_eq!(raw.nat.mtu, Some(9000));
         // The configured guest's MAC and address are bound, and kept out of DHCP's range.
         let o = opts("-c --macaddress=02:00:00:00:00:64 1");
@@ -1482,10 +1491,16 @@ mod tests {
             "--cidr=172.16.0.0/12 1",
             "-c --macaddress=02:00:00:00:00:64 --disable-host-loopback 1",
         ] {
-            let raw = opts(line).raw_config(RawConfig::default());
+            let o = opts(line);
+            let raw = o.raw_config(RawConfig::default());
             let machine = hubnat_core::config::Machine::default();
-            hubnat_core::config::Config::from_raw_on(&raw, &machine)
+            let c = hubnat_core::config::Config::from_raw_on(&raw, &machine)
                 .unwrap_or_else(|e| panic!("{line}: {e}"));
+            // The relay answers at + 3 either way, and DHCP says so.
+            let dns = o.network.nth(3);
+            assert!(c.host_addresses().contains(&dns), "{line}");
+            assert_eq!(c.dhcp.dns, vec![dns], "{line}");
+            assert_eq!(c.dhcp.gateway, Some(o.network.gateway()), "{line}");
         }
     }
 

@@ -165,6 +165,12 @@ pub struct DhcpConfig {
     /// Only a client's own messages are served: the client hardware address must be the
     /// frame's Ethernet source (default true).
     pub check_chaddr: bool,
+    /// The domain search list (option 119; default the `domain`, if any).
+    pub search: Vec<String>,
+    /// NTP servers given to the clients (option 42; default none).
+    pub ntp: Vec<Ipv4Addr>,
+    /// Static reservations: each MAC always gets its address, which no other MAC gets.
+    pub reservations: Vec<crate::vhost::dhcp::Reservation>,
 }
 
 /// The DNS relay: where the virtual host forwards the guests' queries.
@@ -174,6 +180,10 @@ pub struct DnsConfig {
     pub upstream: Vec<SocketAddr>,
     /// How long an upstream has to answer before the next one is tried (default 5 s).
     pub query_timeout: Duration,
+    /// A second address of the virtual host, for DNS (default none): it answers ARP, ping and
+    /// DNS there as at its own address, so that guests can be told a resolver apart from their
+    /// gateway (slirp4netns's 10.0.2.3).
+    pub address: Option<Ipv4Addr>,
 }
 
 /// The security log's line format.
@@ -253,6 +263,17 @@ pub enum ConfigError {
         /// Which forward.
         index: usize,
         /// Its field (`listen`).
+        field: &'static str,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// A static reservation (`[[dhcp.reservation]]` number `index`, from 0) has a field that
+    /// is refused.
+    #[error("configuration field `dhcp.reservation[{index}].{field}`: {message}")]
+    Reservation {
+        /// Which reservation.
+        index: usize,
+        /// Its field (`mac`, `ip`, `name`).
         field: &'static str,
         /// What is wrong with its value.
         message: String,
@@ -398,6 +419,13 @@ pub struct RawDhcp {
     pub routes: Option<Vec<String>>,
     /// Refuse messages whose client hardware address is not the frame's Ethernet source.
     pub check_chaddr: Option<bool>,
+    /// The domain search list; missing means `[domain]`, `[]` leaves the option out.
+    pub search: Option<Vec<String>>,
+    /// NTP servers (option 42); missing or `[]` leaves the option out.
+    pub ntp: Option<Vec<String>>,
+    /// The `[[dhcp.reservation]]` tables (last: TOML writes tables after the values).
+    #[serde(default, rename = "reservation", skip_serializing_if = "Vec::is_empty")]
+    pub reservations: Vec<crate::vhost::dhcp::RawReservation>,
 }
 
 /// The `[dns]` table as written.
@@ -408,6 +436,8 @@ pub struct RawDns {
     pub upstream: Option<Vec<String>>,
     /// Seconds an upstream has to answer (default 5).
     pub query_timeout: Option<u64>,
+    /// A second address of the virtual host, where it answers DNS; missing or `""`: none.
+    pub address: Option<String>,
 }
 
 pub(crate) const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
@@ -517,11 +547,16 @@ impl Config {
     pub fn from_raw_on(raw: &RawConfig, machine: &Machine) -> Result<Config, ConfigError> {
         let host = host_config(raw)?;
         let nat = nat_config(raw, &host, machine)?;
-        let dhcp = dhcp_config(raw, &host, machine)?;
-        let dns = dns_config(raw, &nat, machine)?;
+        let mut dhcp = dhcp_config(raw, &host, machine)?;
+        let dns = dns_config(raw, &host, &nat, &dhcp, machine)?;
+        if let (None, Some(a)) = (&raw.dhcp.dns, dns.address) {
+            // An address set apart for DNS is the one guests are meant to use: DHCP offers it
+            // unless `dhcp.dns` names servers of its own.
+            dhcp.dns = vec![a];
+        }
         let control = control_config(raw)?;
         let forwards = crate::forward::validate_all(&raw.forwards)?;
-        Ok(Config {
+        let mut cfg = Config {
             control,
             forwards,
             enabled: raw.enabled.unwrap_or(true),
@@ -530,11 +565,28 @@ impl Config {
             dhcp,
             dns,
             state_dir: raw.state_dir.as_ref().map(PathBuf::from),
-        })
+        };
+        // Last: a reserved address must be none that any other part gives or answers at.
+        cfg.dhcp.reservations =
+            crate::vhost::dhcp::reservation::validate_all(&raw.dhcp.reservations, &cfg)?;
+        Ok(cfg)
     }
 
     pub(crate) fn in_subnet(&self, ip: Ipv4Addr) -> bool {
         same_subnet(ip, self.host.ip, self.host.mask)
+    }
+
+    /// Whether the virtual host itself answers at `ip`: its own address or the DNS address
+    /// (the host-loopback alias is not the virtual host's: it stands for the machine's
+    /// loopback, through the NAT).
+    pub(crate) fn is_host_address(&self, ip: Ipv4Addr) -> bool {
+        ip == self.host.ip || Some(ip) == self.dns.address
+    }
+
+    /// The virtual host's addresses, for a caller that must tell its frames from the NAT's at
+    /// the cost of two comparisons: its own and the DNS address (its own again without one).
+    pub fn host_addresses(&self) -> [Ipv4Addr; 2] {
+        [self.host.ip, self.dns.address.unwrap_or(self.host.ip)]
     }
 }
 
@@ -765,6 +817,26 @@ fn dhcp_config(
     for r in d.routes.iter().flatten() {
         routes.push(parse_route(r)?);
     }
+    let search = match &d.search {
+        Some(list) => search_list(list)?,
+        // The domain the clients are told is the one their resolver should try names in; a
+        // machine's domain that is no name for option 119 is still option 15's.
+        None => domain
+            .iter()
+            .map(|s| s.trim_end_matches('.'))
+            .filter(|s| crate::wire::dhcp_options::is_domain_name(s))
+            .map(str::to_owned)
+            .collect(),
+    };
+    let mut ntp = Vec::new();
+    for s in d.ntp.iter().flatten() {
+        if let Some(ip) = parse_blankable_ip("dhcp.ntp", s)? {
+            ntp.push(ip);
+        }
+    }
+    if ntp.len() > MAX_NTP {
+        return Err(field_err("dhcp.ntp", format!("at most {MAX_NTP} servers")));
+    }
     Ok(DhcpConfig {
         enabled: d.enabled.unwrap_or(true),
         range_start,
@@ -776,13 +848,50 @@ fn dhcp_config(
         domain,
         routes,
         check_chaddr: d.check_chaddr.unwrap_or(true),
+        search,
+        ntp,
+        // Checked against the whole configuration once it is known (`from_raw_on`).
+        reservations: Vec::new(),
     })
 }
 
-/// `[dns]`: the relay's upstreams (the machine's when none are named), none an egress rule denies.
+/// Most NTP servers `dhcp.ntp` may name (option 42 holds 63; clients use a few).
+const MAX_NTP: usize = 8;
+/// Most domains `dhcp.search` may name: resolvers use a handful, and the encoded list's
+/// compression pointers reach back 16 KiB.
+const MAX_SEARCH: usize = 32;
+
+/// `dhcp.search`: domain names, a trailing dot allowed, blank entries skipped.
+fn search_list(list: &[String]) -> Result<Vec<String>, ConfigError> {
+    const F: &str = "dhcp.search";
+    if list.len() > MAX_SEARCH {
+        return Err(field_err(F, format!("at most {MAX_SEARCH} domains")));
+    }
+    let mut out = Vec::new();
+    for s in list {
+        let s = s.trim();
+        let name = s.strip_suffix('.').unwrap_or(s);
+        if name.is_empty() {
+            continue;
+        }
+        if !crate::wire::dhcp_options::is_domain_name(name) {
+            return Err(field_err(
+                F,
+                format!("`{s}` is not a domain name (labels of letters, digits and `-`)"),
+            ));
+        }
+        out.push(name.to_owned());
+    }
+    Ok(out)
+}
+
+/// `[dns]`: the relay's upstreams (the machine's when none are named), none an egress rule
+/// denies, and the DNS address, which must be free for the virtual host to take.
 fn dns_config(
     raw: &RawConfig,
+    host: &HostConfig,
     nat: &NatConfig,
+    dhcp: &DhcpConfig,
     machine: &Machine,
 ) -> Result<DnsConfig, ConfigError> {
     let mut upstream = Vec::new();
@@ -813,10 +922,54 @@ fn dns_config(
             .filter(SocketAddr::is_ipv4)
             .collect();
     }
+    let address = match raw.dns.address.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(v) => Some(dns_address(parse_ip("dns.address", v)?, host, nat, dhcp)?),
+    };
     Ok(DnsConfig {
         upstream,
         query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
+        address,
     })
+}
+
+/// Checks that `ip` can be the virtual host's DNS address: an address of the virtual network
+/// that nothing else on it has or may be given, since the virtual host answers ARP for it.
+fn dns_address(
+    ip: Ipv4Addr,
+    host: &HostConfig,
+    nat: &NatConfig,
+    dhcp: &DhcpConfig,
+) -> Result<Ipv4Addr, ConfigError> {
+    let refuse = |why: String| Err(field_err("dns.address", format!("{ip} {why}")));
+    if !same_subnet(ip, host.ip, host.mask) {
+        return refuse(format!(
+            "is outside the virtual host's subnet {}/{}",
+            host.ip, host.mask
+        ));
+    }
+    if ip == host.ip {
+        return refuse("is the virtual host's own address".into());
+    }
+    let hosts = !u32::from(host.mask);
+    let host_bits = u32::from(ip) & hosts;
+    // A /31 has no network or broadcast address to keep out (a /32 has no other address).
+    if hosts >= 3 && (host_bits == 0 || host_bits == hosts) {
+        return refuse("is the virtual network's network or broadcast address".into());
+    }
+    if Some(ip) == nat.host_loopback {
+        return refuse("is the host-loopback alias (`nat.host_loopback`)".into());
+    }
+    if (u32::from(dhcp.range_start)..=u32::from(dhcp.range_end)).contains(&u32::from(ip)) {
+        return refuse(format!(
+            "is inside the DHCP range {}-{}",
+            dhcp.range_start, dhcp.range_end
+        ));
+    }
+    if nat.bindings.iter().any(|(_, b)| *b == ip) {
+        return refuse("is bound to a guest (`nat.bindings`)".into());
+    }
+    Ok(ip)
 }
 
 /// `[control]`: the operator's side.
@@ -956,6 +1109,37 @@ mod tests {
     }
 
     #[test]
+    fn search_list_and_ntp_servers() {
+        let c = load("[dhcp]\ndomain = \"example.test\"\n").unwrap();
+        assert_eq!(c.dhcp.search, vec!["example.test".to_string()]);
+        assert!(c.dhcp.ntp.is_empty());
+        let c =
+            load("[dhcp]\nsearch = [\"a.test.\", \" b.test\", \"\"]\nntp = [\"192.168.30.1\"]\n")
+                .unwrap();
+        assert_eq!(c.dhcp.search, vec!["a.test".to_string(), "b.test".into()]);
+        assert_eq!(c.dhcp.ntp, vec![Ipv4Addr::new(192, 168, 30, 1)]);
+        let c = load("[dhcp]\ndomain = \"example.test\"\nsearch = []\n").unwrap();
+        assert!(c.dhcp.search.is_empty());
+        // A machine's domain that is no search domain leaves the list empty, not the start.
+        let machine = Machine {
+            domain: Some("bad..domain".into()),
+            ..Machine::default()
+        };
+        let c = Config::from_raw_on(&RawConfig::default(), &machine).unwrap();
+        assert!(c.dhcp.search.is_empty());
+        let many = ["\"192.168.30.1\""; 9].join(", ");
+        for (text, field) in [
+            ("[dhcp]\nsearch = [\"a..test\"]", "dhcp.search"),
+            ("[dhcp]\nsearch = [\"a_b.test\"]", "dhcp.search"),
+            ("[dhcp]\nntp = [\"ntp.example\"]", "dhcp.ntp"),
+            (&format!("[dhcp]\nntp = [{many}]"), "dhcp.ntp"),
+        ] {
+            let e = load(text).expect_err(text);
+            assert_eq!(field_of(e), field, "{text}");
+        }
+    }
+
+    #[test]
     fn bad_configurations_name_the_field() {
         let cases = [
             ("[dhcp]\nrange_start = \"10.0.0.1\"", "dhcp.range_start"),
@@ -1043,6 +1227,60 @@ mod tests {
         );
         let c = Config::from_raw(&RawConfig::default()).unwrap();
         assert_eq!(c.nat.max_sessions, 65536, "no budget, no clamp");
+    }
+
+    #[test]
+    fn the_dns_address_is_offered_by_dhcp_unless_dhcp_dns_names_servers() {
+        let c = load("[dns]\naddress = \"192.168.30.3\"\n").unwrap();
+        let alias = Ipv4Addr::new(192, 168, 30, 3);
+        assert_eq!(c.dns.address, Some(alias));
+        assert_eq!(c.dhcp.dns, vec![alias]);
+        assert!(c.is_host_address(alias) && c.is_host_address(c.host.ip));
+        assert_eq!(c.host_addresses(), [c.host.ip, alias]);
+        let c =
+            load("[dns]\naddress = \"192.168.30.3\"\n[dhcp]\ndns = [\"192.168.30.1\"]\n").unwrap();
+        assert_eq!(c.dhcp.dns, vec![Ipv4Addr::new(192, 168, 30, 1)]);
+        let c = load("[dns]\naddress = \"192.168.30.3\"\n[dhcp]\ndns = []\n").unwrap();
+        assert!(c.dhcp.dns.is_empty());
+        let c = load("[dns]\naddress = \"\"\n").unwrap();
+        assert_eq!(c.dns.address, None);
+        assert_eq!(c.dhcp.dns, vec![c.host.ip]);
+        assert!(!c.is_host_address(alias));
+        assert_eq!(c.host_addresses(), [c.host.ip; 2]);
+    }
+
+    #[test]
+    fn a_dns_address_must_be_free_on_the_virtual_network() {
+        let refused = [
+            ("[dns]\naddress = \"10.0.0.3\"", "outside the virtual host's subnet"),
+            ("[dns]\naddress = \"192.168.30.1\"", "own address"),
+            ("[dns]\naddress = \"192.168.30.0\"", "network or broadcast"),
+            ("[dns]\naddress = \"192.168.30.255\"", "network or broadcast"),
+            ("[dns]\naddress = \"192.168.30.50\"", "inside the DHCP range"),
+            ("[dns]\naddress = \"192.168.30.10\"", "inside the DHCP range"),
+            ("[dns]\naddress = \"192.168.30.200\"", "inside the DHCP range"),
+            ("[dns]\naddress = \"dns.example\"", "not an IPv4 address"),
+            (
+                "[nat]\nhost_loopback = \"192.168.30.2\"\n[dns]\naddress = \"192.168.30.2\"",
+                "host-loopback alias",
+            ),
+            (
+                "[nat]\nbindings = [\"02:00:00:00:00:05 192.168.30.5\"]\n[dns]\naddress = \"192.168.30.5\"",
+                "bound to a guest",
+            ),
+        ];
+        for (text, why) in refused {
+            let e = load(text).expect_err(text);
+            let message = e.to_string();
+            assert_eq!(field_of(e), "dns.address", "{text}");
+            assert!(message.contains(why), "{text}: {message}");
+        }
+        // Just outside the range, and beside the host-loopback alias, it is free.
+        load("[nat]\nhost_loopback = \"192.168.30.2\"\n[dns]\naddress = \"192.168.30.201\"")
+            .unwrap();
+        let c = load("[dhcp]\nrange_start = \"192.168.30.100\"\n[dns]\naddress = \"192.168.30.3\"")
+            .unwrap();
+        assert_eq!(c.dns.address, Some(Ipv4Addr::new(192, 168, 30, 3)));
     }
 
     #[test]

@@ -168,9 +168,10 @@ impl Ctx {
         }
     }
 
-    /// Whether `ip` is one of the addresses the virtual host itself answers for.
+    /// Whether `ip` is one of the addresses the virtual host itself answers for (its own and
+    /// the DNS address).
     pub(crate) fn is_host_address(&self, ip: Ipv4Addr) -> bool {
-        ip == self.cfg.host.ip
+        self.cfg.is_host_address(ip)
     }
 }
 
@@ -291,10 +292,14 @@ impl Engine {
         self.ctx.events.lost()
     }
 
-    /// The virtual host comes up: announce it with a gratuitous ARP.
+    /// The virtual host comes up: announce it with a gratuitous ARP (for its DNS address
+    /// too).
     pub fn start(&mut self, _now: Instant, out: &mut FrameBatch) {
         if self.ctx.cfg.enabled {
             arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
+            if let Some(dns) = self.ctx.cfg.dns.address {
+                arp::push_gratuitous(out, self.ctx.mac, dns);
+            }
         }
     }
 
@@ -334,6 +339,11 @@ impl Engine {
         new.host.mac = Some(mac);
         let announce =
             new.enabled && (!old.enabled || new.host.ip != old.host.ip || mac != self.ctx.mac);
+        // A guest may still have the DNS address at another MAC (a host that had it before).
+        let announce_dns = new
+            .dns
+            .address
+            .filter(|_| new.enabled && (announce || new.dns.address != old.dns.address));
         if new.dhcp != old.dhcp {
             self.dhcp.reconfigure(&new.dhcp, &mut self.ctx.events);
         }
@@ -348,11 +358,14 @@ impl Engine {
         if timeouts {
             self.nat.timeouts_changed(&self.ctx);
         }
+        let before = out.len();
         if announce {
-            let before = out.len();
             arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
-            self.count_out(out, before);
         }
+        if let Some(dns) = announce_dns {
+            arp::push_gratuitous(out, self.ctx.mac, dns);
+        }
+        self.count_out(out, before);
         restart
     }
 
@@ -432,7 +445,7 @@ impl Engine {
         }
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
         let src = ip.src_addr();
-        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+        if self.ctx.cfg.in_subnet(src) && !self.ctx.is_host_address(src) {
             if !self.ctx.source_ok(now, src_mac, src) {
                 return Err(DropReason::Spoofed);
             }
@@ -484,16 +497,17 @@ impl Engine {
         let ip = Ipv4Packet::new_unchecked(&eth.payload()[..ip.total_len() as usize]);
         // The engine that owns the flow needs the guest's MAC to answer it.
         let (src, src_mac) = (ip.src_addr(), crate::wire::mac(eth.src_addr()));
-        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+        if self.ctx.cfg.in_subnet(src) && !self.ctx.is_host_address(src) {
             self.ctx.arp.learn(now, src, src_mac);
         }
         let query = self
             .nat
             .handle_reassembled(now, &mut self.ctx, &ip, io, out)?;
         match query {
-            Some(q) => self
-                .dns
-                .handle_query(now, &mut self.ctx, q.guest, q.query, io, out),
+            Some(q) => {
+                self.dns
+                    .handle_query(now, &mut self.ctx, q.guest, q.server, q.query, io, out)
+            }
             None => Ok(()),
         }
     }
@@ -529,14 +543,14 @@ impl Engine {
                 let me = ArpIdentity {
                     mac: self.ctx.mac,
                     ip: self.ctx.cfg.host.ip,
-                    alias: self.ctx.cfg.nat.host_loopback,
+                    aliases: [self.ctx.cfg.nat.host_loopback, self.ctx.cfg.dns.address],
                 };
                 let cfg = &self.ctx.cfg;
                 let sources = &mut self.ctx.sources;
                 let mode = cfg.nat.source_check;
                 // A neighbour entry only for a guest's address, from the MAC that holds it.
                 let may_learn = |ip, mac| {
-                    (cfg.in_subnet(ip) && ip != cfg.host.ip)
+                    (cfg.in_subnet(ip) && !cfg.is_host_address(ip))
                         .then(|| sources.check(mode, now, mac, ip))
                 };
                 arp::handle(now, &me, may_learn, &mut self.ctx.arp, eth.payload(), out)
@@ -565,7 +579,7 @@ impl Engine {
         // Ethernet may pad short frames: everything past the IP total length is padding.
         let ip = Ipv4Packet::new_unchecked(&bytes[..ip.total_len() as usize]);
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if self.ctx.cfg.in_subnet(src) && src != self.ctx.cfg.host.ip {
+        if self.ctx.cfg.in_subnet(src) && !self.ctx.is_host_address(src) {
             // A source another guest holds is not carried, nor does it move the neighbour
             // entry (the victim's answers would go to the sender).
             if !self.ctx.source_ok(now, src_mac, src) {
@@ -597,9 +611,10 @@ impl Engine {
             return icmp::handle_to_host(&mut self.ctx, &ip, out);
         }
         match self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)? {
-            Some(q) => self
-                .dns
-                .handle_query(now, &mut self.ctx, q.guest, q.query, io, out),
+            Some(q) => {
+                self.dns
+                    .handle_query(now, &mut self.ctx, q.guest, q.server, q.query, io, out)
+            }
             None => Ok(()),
         }
     }

@@ -301,9 +301,9 @@ pub fn validate_all(raw: &[RawForward]) -> Result<Vec<Forward>, ConfigError> {
 impl Engine {
     /// Asks the segment who has `ip` (an ARP request from the virtual host): a guest a forward
     /// names by an address it has not used yet is found once it answers. False (nothing sent)
-    /// for an address off the virtual network or the virtual host's own.
+    /// for an address off the virtual network or one of the virtual host's own.
     pub fn ask_arp(&mut self, ip: Ipv4Addr, out: &mut crate::FrameBatch) -> bool {
-        let asked = self.ctx.cfg.in_subnet(ip) && ip != self.ctx.cfg.host.ip;
+        let asked = self.ctx.cfg.in_subnet(ip) && !self.ctx.is_host_address(ip);
         if asked {
             crate::vhost::arp::push_request(out, self.ctx.mac, self.ctx.cfg.host.ip, ip);
         }
@@ -311,17 +311,32 @@ impl Engine {
     }
 
     /// The guest `r` names, now: its address and MAC. By name or MAC through the lease table
-    /// (a lease that has ended names nobody); by address through the lease table, the
-    /// configuration's static bindings, or the neighbours ARP has seen.
+    /// (a lease that has ended names nobody) or a DHCP reservation; by address through the
+    /// lease table, the configuration's static bindings, or the neighbours ARP has seen.
     pub fn find_guest(&self, r: &GuestRef) -> Option<(Ipv4Addr, Mac)> {
         let mut leases = self.dhcp.leases();
+        // A reserved guest is where its lease is, else at the address it will be given.
+        let reserved = |res: &crate::vhost::dhcp::Reservation| {
+            let now = self.dhcp.leases().find(|l| l.mac == res.mac);
+            (now.map_or(res.ip, |l| l.ip), res.mac)
+        };
         match r {
-            // The newest lease of that name: a guest that came back as another machine (a
-            // new MAC) is the one meant, not the lease it left behind.
-            GuestRef::Name(n) => leases
-                .filter(|l| l.host_name.eq_ignore_ascii_case(n))
-                .max_by_key(|l| l.id)
-                .map(|l| (l.ip, l.mac)),
+            // The operator's name for a machine first; then the newest lease of that name: a
+            // guest that came back as another machine (a new MAC) is the one meant, not the
+            // lease it left behind.
+            GuestRef::Name(n) => (self.dhcp.reservations().iter())
+                .find(|res| {
+                    res.name
+                        .as_deref()
+                        .is_some_and(|x| x.eq_ignore_ascii_case(n))
+                })
+                .map(reserved)
+                .or_else(|| {
+                    leases
+                        .filter(|l| l.host_name.eq_ignore_ascii_case(n))
+                        .max_by_key(|l| l.id)
+                        .map(|l| (l.ip, l.mac))
+                }),
             GuestRef::Mac(m) => leases
                 .find(|l| l.mac == *m)
                 .map(|l| (l.ip, l.mac))
@@ -333,6 +348,11 @@ impl Engine {
                         .iter()
                         .find(|(mac, _)| mac == m)
                         .map(|(mac, ip)| (*ip, *mac))
+                })
+                .or_else(|| {
+                    (self.dhcp.reservations().iter())
+                        .find(|res| res.mac == *m)
+                        .map(reserved)
                 }),
             GuestRef::Ip(ip) => leases
                 .find(|l| l.ip == *ip)

@@ -20,7 +20,8 @@ use hubnat_core::output::FrameBatch;
 use hubnat_core::sockio::SockIo;
 use hubnat_core::stats::DropReason;
 use hubnat_core::time::Instant;
-use hubnat_core::Engine;
+use hubnat_core::vhost::dhcp::RawReservation;
+use hubnat_core::{Engine, Mac};
 use hubnat_runtime::WorkerReport;
 
 /// A part of the configuration, as the file's tables are named (`securenat` is the top level).
@@ -94,6 +95,27 @@ pub enum Request {
         #[serde(default)]
         save: bool,
     },
+    /// The static DHCP reservations, with what each MAC holds now.
+    DhcpReserveList,
+    /// Reserves `ip` for `mac` (with an optional host name): a change of `dhcp.reservation`,
+    /// validated and applied as `set` does; `save` writes the configuration file back.
+    DhcpReserveAdd {
+        mac: String,
+        ip: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default)]
+        save: bool,
+    },
+    /// Removes the reservation of `mac`.
+    DhcpReserveRemove {
+        mac: String,
+        #[serde(default)]
+        save: bool,
+    },
+    /// Turns the connection into the event stream (`stream`): one JSON line per event until
+    /// the client closes.
+    Events,
 }
 
 /// One port forward, as `forward list` shows it.
@@ -272,6 +294,26 @@ pub struct LeaseRow {
     /// Unix milliseconds.
     pub leased_at: u64,
     pub expires_at: u64,
+    /// The lease is on the address reserved for its MAC.
+    #[serde(default)]
+    pub reserved: bool,
+}
+
+/// One static reservation, as `dhcp reserve list` shows it.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct ReservationRow {
+    /// As the configuration writes it: `02:00:00:00:00:20`.
+    pub mac: String,
+    pub ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The address the MAC's lease is on now, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased: Option<String>,
+    /// Another MAC whose lease (from before the reservation) holds the address until its next
+    /// renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 /// The answer to a change.
@@ -343,11 +385,17 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("domain", Kind::Str),
             ("routes", Kind::List),
             ("check_chaddr", Kind::Bool),
+            ("search", Kind::List),
+            ("ntp", Kind::List),
         ],
     ),
     (
         Section::Dns,
-        &[("upstream", Kind::List), ("query_timeout", Kind::Int)],
+        &[
+            ("upstream", Kind::List),
+            ("query_timeout", Kind::Int),
+            ("address", Kind::Str),
+        ],
     ),
 ];
 
@@ -475,10 +523,14 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             domain: blank(cfg.dhcp.domain.as_ref()),
             routes: Some(cfg.dhcp.routes.iter().map(|r| r.to_string()).collect()),
             check_chaddr: Some(cfg.dhcp.check_chaddr),
+            search: Some(cfg.dhcp.search.clone()),
+            ntp: Some(cfg.dhcp.ntp.iter().map(|a| a.to_string()).collect()),
+            reservations: cfg.dhcp.reservations.iter().map(|r| r.to_raw()).collect(),
         },
         dns: RawDns {
             upstream: Some(cfg.dns.upstream.iter().map(|a| a.to_string()).collect()),
             query_timeout: s(cfg.dns.query_timeout),
+            address: blank(cfg.dns.address),
         },
         control: RawControl {
             socket: cfg.control.socket.as_ref().map(|p| p.display().to_string()),
@@ -579,6 +631,20 @@ impl Control {
                 Ok(r) => r,
                 Err(e) => Response::err(e),
             },
+            Request::DhcpReserveList => Response::ok(reservation_rows(engine)),
+            Request::DhcpReserveAdd {
+                mac,
+                ip,
+                name,
+                save,
+            } => match self.with_reservation_added(mac, ip, name) {
+                Err(e) => Response::err(e),
+                Ok(raw) => self.apply(raw, save, "control socket", engine, now, io, out),
+            },
+            Request::DhcpReserveRemove { mac, save } => match self.with_reservation_removed(&mac) {
+                Err(e) => Response::err(e),
+                Ok(raw) => self.apply(raw, save, "control socket", engine, now, io, out),
+            },
             // The ports are the runtime's: the server answers these with the control thread's
             // `Plane`.
             Request::PortList
@@ -589,12 +655,47 @@ impl Control {
             | Request::ForwardRemove { .. } => Response::err(
                 "ports and forwards are managed by the running hubnat's control thread",
             ),
+            Request::Events => Response::err("events are streamed by the control socket only"),
         }
     }
 
     /// The configuration as the file (and the changes made since) says it.
     pub fn raw(&self) -> &RawConfig {
         &self.raw
+    }
+
+    /// `raw` with a reservation added; the rest of its checks are the configuration's. A MAC
+    /// that has one already is refused here, where the message can say what to do.
+    fn with_reservation_added(
+        &self,
+        mac: String,
+        ip: String,
+        name: Option<String>,
+    ) -> Result<RawConfig, String> {
+        let mut raw = self.raw.clone();
+        if let Ok(m) = mac.trim().parse::<Mac>() {
+            let same = |r: &&RawReservation| r.mac.trim().parse::<Mac>() == Ok(m);
+            if let Some(r) = raw.dhcp.reservations.iter().find(same) {
+                return Err(format!(
+                    "{m} is already reserved ({}): remove that reservation first",
+                    r.ip
+                ));
+            }
+        }
+        raw.dhcp.reservations.push(RawReservation { mac, ip, name });
+        Ok(raw)
+    }
+
+    /// `raw` without the reservation of `mac`.
+    fn with_reservation_removed(&self, mac: &str) -> Result<RawConfig, String> {
+        let m: Mac = (mac.trim().parse()).map_err(|_| format!("`{mac}` is not a MAC address"))?;
+        let mut raw = self.raw.clone();
+        let before = raw.dhcp.reservations.len();
+        (raw.dhcp.reservations).retain(|r| r.mac.trim().parse::<Mac>() != Ok(m));
+        if raw.dhcp.reservations.len() == before {
+            return Err(format!("{m} has no reservation"));
+        }
+        Ok(raw)
     }
 
     /// Applies `raw` as a `set` would: validated, applied, saved if asked; `source` names who
@@ -734,9 +835,30 @@ impl Control {
                 host_name: l.host_name.clone(),
                 leased_at: ms(l.leased_at),
                 expires_at: ms(l.expires_at),
+                reserved: engine.dhcp.reserved_for(l.ip) == Some(l.mac),
             })
             .collect()
     }
+}
+
+/// The reservations in force, each with the lease its MAC has and who else holds its address.
+pub fn reservation_rows(engine: &Engine) -> Vec<ReservationRow> {
+    engine
+        .dhcp
+        .reservations()
+        .iter()
+        .map(|r| ReservationRow {
+            mac: r.mac.to_string(),
+            ip: r.ip.to_string(),
+            name: r.name.clone(),
+            leased: (engine.dhcp.leases())
+                .find(|l| l.mac == r.mac)
+                .map(|l| l.ip.to_string()),
+            held_by: (engine.dhcp.leases())
+                .find(|l| l.ip == r.ip && l.mac != r.mac)
+                .map(|l| l.mac.to_string()),
+        })
+        .collect()
 }
 
 pub fn status(engine: &Engine, now: Instant) -> StatusView {
@@ -1037,6 +1159,63 @@ mod tests {
     }
 
     #[test]
+    fn the_dns_address_is_set_and_cleared_at_run_time() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let dns = Ipv4Addr::new(192, 168, 30, 3);
+        let ask = |c: &mut Control, e: &mut Engine, h: &mut SimSockets, value: &str| {
+            let req = set(Section::Dns, &[("address", value)]);
+            c.handle(req, e, T0, h, &mut FrameBatch::new())
+        };
+        let r = ask(&mut c, &mut e, &mut h, "192.168.30.3");
+        assert!(r.ok, "{r:?}");
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        let changes = change.changes.join("\n");
+        assert!(
+            changes.contains(r#"dns.address: "" -> "192.168.30.3""#),
+            "{changes}"
+        );
+        assert!(
+            changes.contains(r#"dhcp.dns: ["192.168.30.1"] -> ["192.168.30.3"]"#),
+            "DHCP offers it from now on: {changes}"
+        );
+        assert!(change.restart_needed.is_empty());
+        assert_eq!(e.config().dns.address, Some(dns));
+        let got = section_value(&effective_raw(e.config()), Section::Dns);
+        assert_eq!(got["address"], "192.168.30.3");
+        // A query there is the relay's (not a NAT flow to an address of the network).
+        let q = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 3000),
+            SocketAddrV4::new(dns, 53),
+            b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x01",
+        );
+        let before = e.stats().drops_of(DropReason::Loop);
+        e.handle_frame(T0, &q, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(DropReason::Loop), before);
+
+        let r = ask(&mut c, &mut e, &mut h, "192.168.30.50");
+        let msg = r.error.unwrap_or_default();
+        assert!(
+            msg.contains("`dns.address`") && msg.contains("DHCP range"),
+            "{msg}"
+        );
+        assert_eq!(
+            e.config().dns.address,
+            Some(dns),
+            "a refused change changes nothing"
+        );
+
+        let r = ask(&mut c, &mut e, &mut h, "");
+        assert!(r.ok, "{r:?}");
+        assert_eq!(e.config().dns.address, None);
+        assert_eq!(e.config().dhcp.dns, vec![e.config().host.ip]);
+        assert_eq!(
+            section_value(&effective_raw(e.config()), Section::Dns)["address"],
+            ""
+        );
+    }
+
+    #[test]
     fn start_flags_for_the_control_table_are_not_a_change() {
         let (mut e, mut h, mut out) = setup();
         e.ctx.cfg.control.metrics = Some("127.0.0.1:9100".parse().unwrap());
@@ -1086,6 +1265,186 @@ mod tests {
         let r = c.handle(Request::Reload, &mut e, T0, &mut h, &mut out);
         assert!(r.error.unwrap().contains("dhcp.lease"));
         assert!(!e.config().dhcp.enabled, "a refused reload changes nothing");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn reserve(mac: &str, ip: &str, name: Option<&str>, save: bool) -> Request {
+        Request::DhcpReserveAdd {
+            mac: mac.into(),
+            ip: ip.into(),
+            name: name.map(str::to_owned),
+            save,
+        }
+    }
+
+    #[test]
+    fn reservations_are_added_listed_and_removed_as_a_change_of_the_file() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"dhcp-reserve-add","mac":"02:00:00:00:00:20","ip":"192.168.30.20"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            reserve("02:00:00:00:00:20", "192.168.30.20", None, false)
+        );
+        let r = c.handle(
+            reserve("02:00:00:00:00:20", "192.168.30.20", Some("vm1"), false),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok, "{r:?}");
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert!(
+            change.changes[0].starts_with("dhcp.reservation: null -> "),
+            "{change:?}"
+        );
+        let res = &e.config().dhcp.reservations;
+        assert_eq!(res.len(), 1);
+        assert_eq!(res[0].ip, Ipv4Addr::new(192, 168, 30, 20));
+        assert_eq!(c.raw.dhcp.reservations.len(), 1);
+
+        // Refused: the same MAC again, and what the configuration refuses, with the field.
+        let r = c.handle(
+            reserve("02-00-00-00-00-20", "192.168.30.21", None, false),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r
+            .error
+            .unwrap()
+            .contains("already reserved (192.168.30.20)"));
+        let r = c.handle(
+            reserve("02:00:00:00:00:21", "192.168.31.21", None, false),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        let msg = r.error.unwrap();
+        assert!(msg.contains("`dhcp.reservation[1].ip`"), "{msg}");
+        assert_eq!(c.raw.dhcp.reservations.len(), 1, "nothing left behind");
+
+        let r = c.handle(Request::DhcpReserveList, &mut e, T0, &mut h, &mut out);
+        let rows: Vec<ReservationRow> = serde_json::from_value(r.result).unwrap();
+        assert_eq!(
+            rows,
+            vec![ReservationRow {
+                mac: "02:00:00:00:00:20".into(),
+                ip: "192.168.30.20".into(),
+                name: Some("vm1".into()),
+                leased: None,
+                held_by: None,
+            }]
+        );
+        let got = section_value(&effective_raw(e.config()), Section::Dhcp);
+        assert_eq!(got["reservation"][0]["name"], "vm1");
+
+        let remove = |mac: &str| Request::DhcpReserveRemove {
+            mac: mac.into(),
+            save: false,
+        };
+        let r = c.handle(remove("02:00:00:00:00:99"), &mut e, T0, &mut h, &mut out);
+        assert!(r.error.unwrap().contains("no reservation"));
+        let r = c.handle(remove("nonsense"), &mut e, T0, &mut h, &mut out);
+        assert!(r.error.unwrap().contains("not a MAC"));
+        let r = c.handle(remove("02-00-00-00-00-20"), &mut e, T0, &mut h, &mut out);
+        assert!(r.ok, "{r:?}");
+        assert!(e.config().dhcp.reservations.is_empty());
+        assert!(c.raw.dhcp.reservations.is_empty());
+    }
+
+    #[test]
+    fn the_lease_table_marks_leases_on_their_reserved_address() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let lease = |id: u32, last: u8| hubnat_core::vhost::dhcp::Lease {
+            id,
+            leased_at: T0,
+            expires_at: T0 + std::time::Duration::from_secs(100),
+            mac: hubnat_core::Mac([2, 0, 0, 0, 0, last]),
+            ip: Ipv4Addr::new(192, 168, 30, last),
+            host_name: String::new(),
+        };
+        assert_eq!(e.dhcp.restore(T0, vec![lease(1, 0x20), lease(2, 0x21)]), 2);
+        // .0x21 (33) reserved for its MAC; .0x20's MAC reserved elsewhere; .50 for nobody here.
+        for (mac, ip) in [
+            ("02:00:00:00:00:21", "192.168.30.33"),
+            ("02:00:00:00:00:20", "192.168.30.150"),
+            ("02:00:00:00:00:50", "192.168.30.32"),
+        ] {
+            let r = c.handle(reserve(mac, ip, None, false), &mut e, T0, &mut h, &mut out);
+            assert!(r.ok, "{r:?}");
+        }
+        let marks: Vec<(u32, bool)> = c
+            .dhcp_table(&e)
+            .iter()
+            .map(|l| (l.id, l.reserved))
+            .collect();
+        assert_eq!(marks, vec![(1, false), (2, true)]);
+        let r = c.handle(Request::DhcpReserveList, &mut e, T0, &mut h, &mut out);
+        let rows: Vec<ReservationRow> = serde_json::from_value(r.result).unwrap();
+        let state: Vec<(Option<&str>, Option<&str>)> = rows
+            .iter()
+            .map(|r| (r.leased.as_deref(), r.held_by.as_deref()))
+            .collect();
+        assert_eq!(
+            state,
+            vec![
+                (Some("192.168.30.33"), None),
+                (Some("192.168.30.32"), None),
+                (None, Some("02:00:00:00:00:20")),
+            ]
+        );
+    }
+
+    #[test]
+    fn saved_reservations_and_options_load_back() {
+        let dir = std::env::temp_dir().join(format!("hubnat-api-res-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hubnat.toml");
+        std::fs::write(&path, "[dhcp]\nlease = 600\n[dns]\nquery_timeout = 3\n").unwrap();
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        c.raw = crate::machine::load_raw(&path).unwrap();
+        c.config_path = Some(path.clone());
+        let r = c.handle(
+            set(
+                Section::Dhcp,
+                &[("search", "a.test, b.test"), ("ntp", "192.168.30.1")],
+            ),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok, "{r:?}");
+        for (mac, ip, name) in [
+            ("02:00:00:00:00:20", "192.168.30.20", Some("vm1")),
+            ("02:00:00:00:00:21", "192.168.30.250", None),
+        ] {
+            let r = c.handle(reserve(mac, ip, name, true), &mut e, T0, &mut h, &mut out);
+            assert!(r.ok, "{r:?}");
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("[[dhcp.reservation]]"), "{text}");
+        let back = crate::machine::load_raw(&path).unwrap();
+        assert_eq!(back, c.raw);
+        let cfg = crate::machine::validate(&back).unwrap();
+        assert_eq!(cfg.dhcp.reservations, e.config().dhcp.reservations);
+        assert_eq!(cfg.dhcp.search, vec!["a.test".to_string(), "b.test".into()]);
+        assert_eq!(cfg.dhcp.ntp, vec![Ipv4Addr::new(192, 168, 30, 1)]);
+        assert_eq!(cfg.dhcp.lease, std::time::Duration::from_secs(600));
+        // A reload of the same file changes nothing.
+        let r = c.handle(Request::Reload, &mut e, T0, &mut h, &mut out);
+        let change: ChangeView = serde_json::from_value(r.result).unwrap();
+        assert!(change.changes.is_empty(), "{change:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -118,7 +118,7 @@ impl EventSink for TracingSink {
 /// it), which the security log's lookup relies on.
 pub fn emit(e: &Event) {
     match e {
-        Event::DhcpPoolExhausted { .. } | Event::EgressRefused { .. } => {
+        _ if level(e) == tracing::Level::WARN => {
             tracing::warn!(target: TARGET, "{}", seed_text(e));
         }
         Event::TcpConnected { id, ip, port } => {
@@ -144,6 +144,23 @@ pub fn emit(e: &Event) {
             );
         }
         _ => tracing::info!(target: TARGET, "{}", seed_text(e)),
+    }
+}
+
+/// The level `e` is logged at: warn where the segment lacks something or a guest was refused.
+pub fn level(e: &Event) -> tracing::Level {
+    match e {
+        Event::DhcpPoolExhausted { .. } | Event::EgressRefused { .. } => tracing::Level::WARN,
+        _ => tracing::Level::INFO,
+    }
+}
+
+/// The `event` field `emit` gives `e`'s line, if any (the JSON lines tell these apart by it).
+pub fn event_field(e: &Event) -> Option<&'static str> {
+    match e {
+        Event::TcpConnected { .. } => Some(TCP_CONNECTED),
+        Event::InboundSessionCreated { .. } => Some(INBOUND_SESSION),
+        _ => None,
     }
 }
 

@@ -6,16 +6,20 @@
 //! - `events`: the core's events in the seed's words, logged (`TracingSink`);
 //! - `leases`, `state`: the lease file and the state directory (atomic writes);
 //! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with;
+//! - `stream`: the events streamed to control-socket clients (`hubnat events`);
 //! - `sandbox`: least privilege once started (user, capabilities, Landlock, seccomp);
-//! - `machine`: the configuration file and the machine facts it defaults to.
+//! - `machine`: the configuration file and the machine facts it defaults to;
+//! - `notify`: readiness for systemd (`Type=notify`).
 
 pub mod api;
 pub mod events;
 pub mod leases;
 pub mod machine;
 pub mod metrics;
+pub mod notify;
 pub mod reverse;
 pub mod sandbox;
 pub mod seclog;
 pub mod server;
 pub mod state;
+pub mod stream;

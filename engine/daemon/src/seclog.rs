@@ -40,30 +40,49 @@ pub struct Line {
     pub message: String,
 }
 
+/// The timestamp of a text line, as the seed writes it (`2012-12-06 15:44:52.557`).
+pub const TEXT_TIME: &str = "%Y-%m-%d %H:%M:%S%.3f";
+
 impl Line {
     /// The line as the file holds it (with its newline).
     pub fn render(&self, format: LogFormat) -> String {
         match format {
-            LogFormat::Text => format!(
-                "{} {}\n",
-                self.time.format("%Y-%m-%d %H:%M:%S%.3f"),
-                self.message
-            ),
+            LogFormat::Text => format!("{} {}\n", self.time.format(TEXT_TIME), self.message),
             LogFormat::Json => {
-                let mut v = serde_json::json!({
-                    "time": self.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, false),
-                    "level": self.level.as_str(),
-                    "message": self.message,
-                });
-                if let Some(e) = &self.event {
-                    v["event"] = serde_json::Value::from(e.as_str());
-                }
-                let mut s = v.to_string();
+                let fields =
+                    json_fields(&self.time, self.level, &self.message, self.event.as_deref());
+                let mut s = serde_json::Value::Object(fields).to_string();
                 s.push('\n');
                 s
             }
         }
     }
+}
+
+/// The fields of a JSON line: `time` (RFC 3339 with milliseconds), `level`, `message`, and
+/// `event` when the line has one. The control socket's event stream (`stream`) begins each of
+/// its lines with these, so that the two name the same things alike.
+pub fn json_fields<Tz: chrono::TimeZone>(
+    time: &DateTime<Tz>,
+    level: tracing::Level,
+    message: &str,
+    event: Option<&str>,
+) -> serde_json::Map<String, serde_json::Value>
+where
+    Tz::Offset: std::fmt::Display,
+{
+    let mut m = serde_json::Map::new();
+    m.insert(
+        "time".into(),
+        time.to_rfc3339_opts(chrono::SecondsFormat::Millis, false)
+            .into(),
+    );
+    m.insert("level".into(), level.as_str().into());
+    m.insert("message".into(), message.into());
+    if let Some(e) = event {
+        m.insert("event".into(), e.into());
+    }
+    m
 }
 
 struct Pending {

@@ -12,7 +12,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime};
 
 use mio::unix::SourceFd;
@@ -27,11 +27,14 @@ use hubnat_runtime::{Operator, Plane, WorkerReport};
 use crate::api::{Control, ForwardRow, NapiView, PortRow, Request, Response};
 use crate::leases::{self, Loaded, WallClock};
 use crate::metrics;
+use crate::stream::{EventHub, Subscription, MAX_STREAMS};
 use hubnat_core::forward::RawForward;
 
 const CONTROL: Token = Token(FIRST_OPERATOR_TOKEN);
 const METRICS: Token = Token(FIRST_OPERATOR_TOKEN + 1);
 const HUP: Token = Token(FIRST_OPERATOR_TOKEN + 2);
+/// Something was published for the event streams.
+const EVENTS: Token = Token(FIRST_OPERATOR_TOKEN + 3);
 /// Connections (control and metrics) are tokens from here, one per slot.
 const FIRST_CONN: usize = FIRST_OPERATOR_TOKEN + 16;
 /// Control connections open at once; more wait in the listener's backlog. The metrics endpoint
@@ -67,6 +70,9 @@ pub struct ServerOptions {
     pub reload: Option<UnixStream>,
     /// The lease file: restored at start, saved whenever the table changes.
     pub lease_file: Option<PathBuf>,
+    /// Where the threads publish the events the control socket streams (`stream`); the same
+    /// hub goes into the runtime's event sink (`stream::TeeSink`).
+    pub events: Option<Arc<EventHub>>,
 }
 
 enum Stream {
@@ -121,6 +127,9 @@ struct OperatorConn {
     writable_armed: bool,
     /// A request waiting for the workers' replies (the lines after it wait too).
     pending: Option<Pending>,
+    /// The connection is an event stream: it is written to, never idle, and reads nothing
+    /// more.
+    events: Option<Subscription>,
 }
 
 /// A request asked of the workers, answered by `poll` while the loop goes on.
@@ -184,6 +193,9 @@ pub struct Server {
     /// A slot was freed since the listeners were last drained.
     freed: bool,
     leases: Option<LeaseFile>,
+    events: Option<Arc<EventHub>>,
+    /// The event lines of one loop turn (kept to reuse its allocation).
+    lines: Vec<String>,
 }
 
 impl Server {
@@ -202,6 +214,8 @@ impl Server {
             reload: opts.reload,
             conns: (0..MAX_CONNS).map(|_| None).collect(),
             freed: false,
+            events: opts.events,
+            lines: Vec::new(),
             leases: opts.lease_file.map(|path| LeaseFile {
                 path,
                 saved_generation: 0,
@@ -210,6 +224,69 @@ impl Server {
                 renewals_waiting: false,
                 failing: false,
             }),
+        }
+    }
+
+    /// The hub the event streams are fed from, for the runtime's event sink.
+    pub fn event_hub(&self) -> Option<Arc<EventHub>> {
+        self.events.clone()
+    }
+
+    /// Publishes the configuration changes a successful `r` lists to the event streams.
+    fn publish_changes(&self, r: &Response, source: &'static str) {
+        let (Some(hub), true) = (&self.events, r.ok) else {
+            return;
+        };
+        if let Some(changes) = r.result["changes"].as_array() {
+            for c in changes.iter().filter_map(serde_json::Value::as_str) {
+                hub.publish_change(source, c);
+            }
+        }
+    }
+
+    /// Hands what the threads published since the last turn to every event stream.
+    fn pump_events(&mut self, registry: &Registry) {
+        let Some(hub) = &self.events else {
+            return;
+        };
+        self.lines.clear();
+        let dropped = hub.drain(&mut self.lines);
+        if self.lines.is_empty() && dropped == 0 {
+            return;
+        }
+        for slot in 0..MAX_CONTROL_CONNS {
+            let streaming = self.conns[slot]
+                .as_ref()
+                .is_some_and(|c| c.events.is_some() && !c.closing);
+            if !streaming {
+                continue;
+            }
+            let Some(mut c) = self.conns[slot].take() else {
+                continue;
+            };
+            let Some(mut sub) = c.events.take() else {
+                continue;
+            };
+            sub.lose(dropped);
+            let (mut flushed, mut broken) = (false, false);
+            for line in &self.lines {
+                // Once a turn, a full buffer is written out before lines are counted lost: a
+                // client that reads loses nothing to a burst larger than the buffer.
+                if !flushed && !sub.fits(&c.outbuf, c.sent, line) {
+                    flushed = true;
+                    if write_out(&mut c).is_err() {
+                        broken = true;
+                        break;
+                    }
+                }
+                sub.offer(&mut c.outbuf, &mut c.sent, line);
+            }
+            c.events = Some(sub);
+            if broken {
+                self.close_conn(registry, c);
+            } else {
+                self.finish_conn(slot, c, registry);
+            }
         }
     }
 
@@ -278,6 +355,7 @@ impl Server {
             .reload(plane.engine, plane.now, plane.sock, plane.out)
         {
             Ok(r) if r.ok => {
+                self.publish_changes(&r, "configuration file");
                 if r.result["changes"].as_array().is_some_and(|c| c.is_empty()) {
                     tracing::info!("configuration unchanged");
                 }
@@ -347,6 +425,7 @@ impl Server {
             closing: false,
             writable_armed: false,
             pending: None,
+            events: None,
         });
         // Edge-triggered: what arrived before registration must be read now.
         self.on_conn(slot, plane);
@@ -362,6 +441,10 @@ impl Server {
                 Ok(0) => {
                     c.closing = true;
                     break;
+                }
+                Ok(_) if c.events.is_some() => {
+                    // A stream's client has nothing more to ask: what it sends is read, to see
+                    // it close, and dropped.
                 }
                 Ok(n) => {
                     c.inbuf.extend_from_slice(&buf[..n]);
@@ -387,6 +470,14 @@ impl Server {
         }
         if c.metrics {
             answer_metrics(&mut c, plane);
+        } else if let Some(mut sub) = c.events.take() {
+            // Writable again: room may have been made for the count of lines it lost.
+            if write_out(&mut c).is_err() {
+                self.close_conn(plane.registry, c);
+                return;
+            }
+            sub.catch_up(&mut c.outbuf, &mut c.sent);
+            c.events = Some(sub);
         } else {
             self.serve_lines(&mut c, plane);
         }
@@ -396,7 +487,7 @@ impl Server {
     /// Answers the complete request lines of `c`, in order. A NAT table with workers is asked
     /// of them (`Pending`): the lines after it wait for its answer, and the loop goes on.
     fn serve_lines(&mut self, c: &mut OperatorConn, plane: &mut Plane<'_>) {
-        while c.pending.is_none() {
+        while c.pending.is_none() && c.events.is_none() {
             let Some(at) = c.inbuf[c.scanned..].iter().position(|&b| b == b'\n') else {
                 c.scanned = c.inbuf.len();
                 return;
@@ -419,6 +510,19 @@ impl Server {
                     });
                     continue;
                 }
+                Ok(Request::Events) => match self.events.as_ref().map(|h| h.subscribe()) {
+                    None => Response::err("this hubnat streams no events"),
+                    Some(None) => Response::err(format!(
+                        "{MAX_STREAMS} event streams are open already: close one first"
+                    )),
+                    Some(Some(sub)) => {
+                        c.events = Some(sub);
+                        // A stream only writes: what followed the request is not a request.
+                        c.inbuf.clear();
+                        c.scanned = 0;
+                        Response::ok(serde_json::json!({ "streaming": true }))
+                    }
+                },
                 Ok(Request::PortList) => Response::ok(port_rows(plane)),
                 Ok(Request::ForwardList) => Response::ok(forward_rows(plane)),
                 Ok(Request::ForwardAdd {
@@ -455,6 +559,11 @@ impl Server {
                 },
                 Ok(req) => {
                     let status = matches!(req, Request::Status);
+                    let source = match req {
+                        Request::Set { .. } => Some("control socket"),
+                        Request::Reload => Some("configuration file"),
+                        _ => None,
+                    };
                     // Counters and session counts as the workers last published them.
                     let reports = if status {
                         plane.published()
@@ -469,6 +578,9 @@ impl Server {
                         plane.sock,
                         plane.out,
                     );
+                    if let Some(source) = source {
+                        self.publish_changes(&r, source);
+                    }
                     if status && r.ok {
                         r.result["ports"] =
                             serde_json::to_value(port_rows(plane)).expect("serializes");
@@ -502,12 +614,13 @@ impl Server {
         }
     }
 
-    /// Closes the connections whose idle time is up (one waiting for the workers is not idle).
+    /// Closes the connections whose idle time is up (one waiting for the workers is not idle,
+    /// nor is an event stream, which waits for events by design).
     fn close_idle(&mut self, plane: &Plane<'_>) {
         for slot in 0..self.conns.len() {
-            let expired = self.conns[slot]
-                .as_ref()
-                .is_some_and(|c| c.pending.is_none() && c.idle_deadline <= plane.now);
+            let expired = self.conns[slot].as_ref().is_some_and(|c| {
+                c.pending.is_none() && c.events.is_none() && c.idle_deadline <= plane.now
+            });
             if let Some(c) = self.conns[slot].take_if(|_| expired) {
                 let what = if c.metrics { "metrics" } else { "control" };
                 tracing::debug!("{what} connection closed: idle");
@@ -518,18 +631,9 @@ impl Server {
 
     /// Writes what `c` has to send, closes it when done and closing, or watches it again.
     fn finish_conn(&mut self, slot: usize, mut c: OperatorConn, registry: &Registry) {
-        // Write what can be written now; the rest when the socket is writable.
-        while c.sent < c.outbuf.len() {
-            match c.stream.write(&c.outbuf[c.sent..]) {
-                Ok(0) => break,
-                Ok(n) => c.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.close_conn(registry, c);
-                    return;
-                }
-            }
+        if write_out(&mut c).is_err() {
+            self.close_conn(registry, c);
+            return;
         }
         if c.sent == c.outbuf.len() {
             c.outbuf.clear();
@@ -572,6 +676,9 @@ impl Operator for Server {
         if let Some(l) = &mut self.metrics_listener {
             registry.register(l, METRICS, Interest::READABLE)?;
         }
+        if let Some(h) = &self.events {
+            registry.register(&mut SourceFd(&h.wake_fd()), EVENTS, Interest::READABLE)?;
+        }
         Ok(())
     }
 
@@ -584,6 +691,12 @@ impl Operator for Server {
             CONTROL => self.accept(false, plane),
             METRICS => self.accept(true, plane),
             HUP => self.on_reload(plane),
+            // Drained by `poll`, which runs after this in the same turn.
+            EVENTS => {
+                if let Some(h) = &self.events {
+                    h.clear_wake();
+                }
+            }
             Token(t) if (FIRST_CONN..FIRST_CONN + MAX_CONNS).contains(&t) => {
                 self.on_conn(t - FIRST_CONN, plane)
             }
@@ -596,6 +709,7 @@ impl Operator for Server {
     /// came), then the lines that waited behind them.
     fn poll(&mut self, plane: &mut Plane<'_>) {
         self.close_idle(plane);
+        self.pump_events(plane.registry);
         for slot in 0..self.conns.len() {
             let ready = self.conns[slot]
                 .as_mut()
@@ -631,9 +745,10 @@ impl Operator for Server {
             .conns
             .iter()
             .flatten()
-            .map(|c| match &c.pending {
-                Some(p) => p.deadline,
-                None => c.idle_deadline,
+            .filter_map(|c| match &c.pending {
+                Some(p) => Some(p.deadline),
+                None if c.events.is_some() => None,
+                None => Some(c.idle_deadline),
             })
             .min();
         // Renewals waiting for their write (`before_write` runs after the wake-up's batch).
@@ -672,6 +787,20 @@ impl Operator for Server {
     }
 }
 
+/// Writes what it can of `c`'s output now; the rest waits for the socket to be writable.
+fn write_out(c: &mut OperatorConn) -> io::Result<()> {
+    while c.sent < c.outbuf.len() {
+        match c.stream.write(&c.outbuf[c.sent..]) {
+            Ok(0) => break,
+            Ok(n) => c.sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// One HTTP/1.0 answer per connection, once the request head is in.
 impl Server {
     /// Applies a configuration whose forwards changed: the listeners are opened first, so that
@@ -701,6 +830,7 @@ impl Server {
             plane.sync_forwards(&now_wanted);
             return r;
         }
+        self.publish_changes(&r, "control socket");
         Response::ok(forward_rows(plane))
     }
 }

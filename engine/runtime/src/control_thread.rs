@@ -687,7 +687,7 @@ impl Runtime {
         } else {
             let cfg = &self.engine.ctx.cfg;
             self.router
-                .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac)
+                .route(&buf[..n], cfg.host_addresses(), self.engine.ctx.mac)
         };
         if to == me {
             self.handle_own(now, &buf[..n]);

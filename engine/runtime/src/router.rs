@@ -4,7 +4,7 @@
 //! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
 //! socket's answers meet on one worker), or the control thread for everything that is not a NAT
 //! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as DNS and
-//! ping, IP fragments, other protocols). The seeds are random per process (a guest cannot aim
+//! ping, at its own address or its DNS address, IP fragments, other protocols). The seeds are random per process (a guest cannot aim
 //! its flows at one worker); the benchmarks shard captures with this same hash, seeds fixed.
 
 use std::hash::{BuildHasher, Hasher};
@@ -43,16 +43,18 @@ impl Router {
         self.workers
     }
 
-    /// The owner of `frame`: a worker index, or `control()`.
-    pub fn route(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> usize {
-        match self.flow_hash(frame, host_ip, host_mac) {
+    /// The owner of `frame`: a worker index, or `control()`. `host_ips` are the virtual host's
+    /// addresses as `Config::host_addresses` gives them (its own, then its DNS address or its
+    /// own again).
+    pub fn route(&self, frame: &[u8], host_ips: [Ipv4Addr; 2], host_mac: Mac) -> usize {
+        match self.flow_hash(frame, host_ips, host_mac) {
             Some(h) => (h % self.workers as u64) as usize,
             None => self.control(),
         }
     }
 
     /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
-    fn flow_hash(&self, frame: &[u8], host_ip: Ipv4Addr, host_mac: Mac) -> Option<u64> {
+    fn flow_hash(&self, frame: &[u8], host_ips: [Ipv4Addr; 2], host_mac: Mac) -> Option<u64> {
         let eth = EthernetFrame::new_checked(frame).ok()?;
         if eth.ethertype() != EthernetProtocol::Ipv4
             || hubnat_core::wire::mac(eth.dst_addr()) != host_mac
@@ -60,7 +62,8 @@ impl Router {
             return None;
         }
         let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-        if ip.more_frags() || ip.frag_offset() != 0 || ip.dst_addr() == host_ip {
+        let dst = ip.dst_addr();
+        if ip.more_frags() || ip.frag_offset() != 0 || dst == host_ips[0] || dst == host_ips[1] {
             return None;
         }
         let hl = usize::from(ip.header_len());
@@ -112,7 +115,7 @@ mod tests {
             let guest = SocketAddrV4::new(GUEST_IP, 80);
             let client = SocketAddrV4::new(REMOTE_IP, 30000 + port);
             let f = udp_frame(guest, client, b"x");
-            let owner = r.route(&f, HOST_IP, HOST_MAC);
+            let owner = r.route(&f, [HOST_IP; 2], HOST_MAC);
             assert_eq!(r.route_flow(IpProtocol::Udp, client, guest), owner);
             assert_eq!(r.route_flow(IpProtocol::Udp, guest, client), owner);
         }
@@ -129,7 +132,7 @@ mod tests {
                 SocketAddrV4::new(REMOTE_IP, 53),
                 b"x",
             );
-            seen[r.route(&f, HOST_IP, m)] += 1;
+            seen[r.route(&f, [HOST_IP; 2], m)] += 1;
         }
         assert_eq!(seen[2], 0, "no flow goes to control");
         assert!(seen[0] > 10 && seen[1] > 10, "flows spread: {seen:?}");
@@ -139,23 +142,57 @@ mod tests {
             SocketAddrV4::new(HOST_IP, 53),
             b"q",
         );
-        assert_eq!(r.route(&dns, HOST_IP, m), 2);
+        assert_eq!(r.route(&dns, [HOST_IP; 2], m), 2);
         let mut bcast = udp_frame(
             SocketAddrV4::new(GUEST_IP, 68),
             SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
             b"d",
         );
         bcast[..6].copy_from_slice(&[0xff; 6]);
-        assert_eq!(r.route(&bcast, HOST_IP, m), 2);
-        assert_eq!(r.route(b"short", HOST_IP, m), 2);
-        assert_eq!(r.route(&[], HOST_IP, m), 2);
+        assert_eq!(r.route(&bcast, [HOST_IP; 2], m), 2);
+        assert_eq!(r.route(b"short", [HOST_IP; 2], m), 2);
+        assert_eq!(r.route(&[], [HOST_IP; 2], m), 2);
         // Truncated L4 header: control (which counts it as malformed).
         let f = udp_frame(
             SocketAddrV4::new(GUEST_IP, 4000),
             SocketAddrV4::new(REMOTE_IP, 9),
             b"x",
         );
-        assert_eq!(r.route(&f[..14 + 20 + 2], HOST_IP, m), 2);
+        assert_eq!(r.route(&f[..14 + 20 + 2], [HOST_IP; 2], m), 2);
+    }
+
+    /// Everything to the DNS address is the virtual host's, as to its own address; without
+    /// one, that address is a flow like any other.
+    #[test]
+    fn the_dns_address_is_the_control_threads() {
+        let r = Router::new(2);
+        let dns = Ipv4Addr::new(192, 168, 30, 3);
+        let guest = SocketAddrV4::new(GUEST_IP, 4000);
+        for port in [53, 80] {
+            let f = udp_frame(guest, SocketAddrV4::new(dns, port), b"q");
+            assert_eq!(r.route(&f, [HOST_IP, dns], HOST_MAC), 2, "port {port}");
+            assert_eq!(r.route(&f, [dns, HOST_IP], HOST_MAC), 2, "port {port}");
+        }
+        let f = udp_frame(guest, SocketAddrV4::new(HOST_IP, 53), b"q");
+        assert_eq!(r.route(&f, [HOST_IP, dns], HOST_MAC), 2);
+        let to_dns = (0..64u16).map(|p| {
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000 + p),
+                SocketAddrV4::new(dns, 53),
+                b"q",
+            );
+            r.route(&f, [HOST_IP; 2], HOST_MAC)
+        });
+        assert!(
+            to_dns.into_iter().all(|w| w < 2),
+            "no DNS address, no exception"
+        );
+        let config = hubnat_core::Config::from_raw(
+            &hubnat_core::config::RawConfig::from_toml("[dns]\naddress = \"192.168.30.3\"")
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.host_addresses(), [HOST_IP, dns]);
     }
 
     #[test]
@@ -164,13 +201,13 @@ mod tests {
         let m = HOST_MAC;
         let a = SocketAddrV4::new(GUEST_IP, 4000);
         let b = SocketAddrV4::new(REMOTE_IP, 80);
-        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), HOST_IP, m);
-        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), HOST_IP, m);
+        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), [HOST_IP; 2], m);
+        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), [HOST_IP; 2], m);
         assert!(h1.is_some());
         assert_eq!(h1, h2);
         let mut frag = udp_frame(a, b, b"x");
         frag[14 + 6] |= 0x20; // more fragments
-        assert_eq!(r.route(&frag, HOST_IP, m), 4);
+        assert_eq!(r.route(&frag, [HOST_IP; 2], m), 4);
     }
 
     #[test]
@@ -186,11 +223,15 @@ mod tests {
             flows
                 .iter()
                 .map(|(out, back)| {
-                    let w = router.route(out, HOST_IP, HOST_MAC);
+                    let w = router.route(out, [HOST_IP; 2], HOST_MAC);
                     let mut back = back.clone();
                     // The answer's frame as the router sees it: to the virtual host's MAC.
                     back[..6].copy_from_slice(&HOST_MAC.0);
-                    assert_eq!(router.route(&back, HOST_IP, HOST_MAC), w, "a flow split");
+                    assert_eq!(
+                        router.route(&back, [HOST_IP; 2], HOST_MAC),
+                        w,
+                        "a flow split"
+                    );
                     w
                 })
                 .collect()

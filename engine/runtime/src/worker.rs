@@ -368,7 +368,7 @@ impl Worker {
                 let cfg = &self.engine.ctx.cfg;
                 let to = self
                     .router
-                    .route(&buf[..n], cfg.host.ip, self.engine.ctx.mac);
+                    .route(&buf[..n], cfg.host_addresses(), self.engine.ctx.mac);
                 if to == self.index {
                     self.engine
                         .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);

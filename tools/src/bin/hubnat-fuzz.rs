@@ -479,13 +479,20 @@ struct Variant {
     routes: u8,
     dns_timeout: u64,
     two_upstreams: bool,
+    /// `dns.address` is `DNS_IP` (where the DHCP range leaves it free).
+    dns_address: bool,
     /// `nat.source_check`: "learn" (the default), "lease" or "subnet" (mutated sources reach
     /// the protocols instead of stopping at the binding check).
     source_check: &'static str,
+    /// A search list, an NTP server, and two guests' MACs reserved (one address outside the
+    /// range, one that may be inside it).
+    dhcp_extras: bool,
 }
 
 /// The host-loopback alias of the variants that have one.
 const ALIAS_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 2);
+/// The virtual host's DNS address in the variants that have one.
+const DNS_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 3);
 /// A port forward's client (TEST-NET-2: only ever a simulated socket's peer).
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 
@@ -519,7 +526,9 @@ impl Variant {
             routes: 0,
             dns_timeout: 5,
             two_upstreams: false,
+            dns_address: false,
             source_check: "learn",
+            dhcp_extras: false,
         }
     }
 
@@ -624,9 +633,11 @@ impl Variant {
             v.dns_timeout = pick(rng, &[1, 2, 5]);
         }
         v.two_upstreams = rng.random_bool(0.15);
+        v.dns_address = rng.random_bool(0.2);
         if rng.random_bool(0.5) {
             v.source_check = pick(rng, &["subnet", "subnet", "lease"]);
         }
+        v.dhcp_extras = rng.random_bool(0.25);
         v
     }
 
@@ -670,7 +681,9 @@ impl Variant {
             routes,
             dns_timeout,
             two_upstreams,
-            source_check
+            dns_address,
+            source_check,
+            dhcp_extras
         );
         out
     }
@@ -731,12 +744,26 @@ impl Variant {
                 .collect();
             let _ = write!(dhcp, ", routes = [{}]", routes.join(", "));
         }
+        if self.dhcp_extras {
+            let (a, b) = (craft::guest_mac(1), craft::guest_mac(2));
+            let _ = write!(
+                dhcp,
+                ", search = [\"a.test\", \"b.a.test\"], ntp = [\"192.168.30.1\"], reservation = \
+                 [{{ mac = \"{a}\", ip = \"192.168.30.250\", name = \"vm1\" }}, \
+                 {{ mac = \"{b}\", ip = \"192.168.30.60\" }}]"
+            );
+        }
         let mut dns = format!("query_timeout = {}", self.dns_timeout);
         if self.two_upstreams {
             let _ = write!(
                 dns,
                 ", upstream = [\"{REPLAY_UPSTREAM}\", \"10.53.0.2:5353\"]"
             );
+        }
+        // The configuration refuses a DNS address inside the DHCP range.
+        let last = DNS_IP.octets()[3];
+        if self.dns_address && !(self.range.0..=self.range.1).contains(&last) {
+            let _ = write!(dns, ", address = \"{DNS_IP}\"");
         }
         format!(
             "{{ enabled = {}, nat = {{ {nat} }}, dhcp = {{ {dhcp} }}, dns = {{ {dns} }} }}",
@@ -1259,7 +1286,7 @@ impl Guest {
         };
         match rng.random_range(0..100) {
             0..=7 => {
-                let tpa = pick(rng, &[HOST_IP, HOST_IP, ALIAS_IP, me, SERVER_IP]);
+                let tpa = pick(rng, &[HOST_IP, HOST_IP, ALIAS_IP, DNS_IP, me, SERVER_IP]);
                 let op = pick(rng, &[1, 1, 2]);
                 let (tha, dst) = if op == 1 {
                     (Mac([0; 6]), Mac::BROADCAST)
@@ -1276,7 +1303,7 @@ impl Guest {
             8..=21 => vec![plain(self.dhcp(rng, m))],
             22..=31 => {
                 let other = addr(rng);
-                let dst = pick(rng, &[HOST_IP, HOST_IP, SERVER_IP, ALIAS_IP, other]);
+                let dst = pick(rng, &[HOST_IP, HOST_IP, SERVER_IP, ALIAS_IP, DNS_IP, other]);
                 let size = pick(rng, &[0, 8, 56, 1400, 1472, 8972, 30_000, 65_000]);
                 let mut data = vec![0u8; size];
                 rng.fill(&mut data[..]);
@@ -1298,7 +1325,10 @@ impl Guest {
                             ],
                         );
                         let q = craft::dns_query(rng.random(), name, pick(rng, &[1, 28, 255, 0]));
-                        (SocketAddrV4::new(HOST_IP, 53), q)
+                        (
+                            SocketAddrV4::new(pick(rng, &[HOST_IP, HOST_IP, DNS_IP]), 53),
+                            q,
+                        )
                     }
                     2 => (
                         SocketAddrV4::new(addr(rng), pick(rng, &PORTS)),
@@ -1321,7 +1351,7 @@ impl Guest {
             44..=55 => {
                 let dst = match rng.random_range(0..10) {
                     0 => SocketAddrV4::new(HOST_IP, pick(rng, &[80, 53])),
-                    1 => SocketAddrV4::new(ALIAS_IP, 80),
+                    1 => SocketAddrV4::new(pick(rng, &[ALIAS_IP, DNS_IP]), pick(rng, &[80, 53])),
                     2 => SocketAddrV4::new(addr(rng), pick(rng, &PORTS)),
                     _ => SocketAddrV4::new(SERVER_IP, pick(rng, &[80, 80, 81, 82, 8080, 7, 0])),
                 };

@@ -542,6 +542,47 @@ mod tests {
         assert_eq!(e.stats().drops_of(DropReason::Loop), 1);
     }
 
+    /// The DNS address is the virtual host's: it answers a ping itself, from that address,
+    /// whatever the mode (no socket is opened for it), fragmented or not.
+    #[test]
+    fn the_dns_address_answers_ping_itself() {
+        let dns = Ipv4Addr::new(192, 168, 30, 3);
+        for icmp in [IcmpMode::Real, IcmpMode::Dummy] {
+            let (mut e, mut h, mut out) = setup_with(|c| {
+                c.nat.icmp = icmp;
+                c.dns.address = Some(dns);
+            });
+            e.handle_frame(T0, &echo_frame(dns, 9, 1, b"x"), &mut h, &mut out);
+            let p = packets(&out);
+            assert_eq!(p.len(), 1, "{icmp:?}");
+            assert_eq!(
+                parse_echo(&p[0]),
+                (dns, Icmpv4Message::EchoReply, 9, 1, b"x".to_vec())
+            );
+            // Reassembled first, then answered by the NAT's side of the same rule.
+            let msg = icmp_bytes(&Icmpv4Repr::EchoRequest {
+                ident: 9,
+                seq_no: 2,
+                data: &[7; 24],
+            });
+            let first = ipv4_frame(GUEST_IP, dns, IpProtocol::Icmp, 5, 0, true, &msg[..16]);
+            let last = ipv4_frame(GUEST_IP, dns, IpProtocol::Icmp, 5, 16, false, &msg[16..]);
+            e.handle_frame(T0, &first, &mut h, &mut out);
+            e.handle_frame(T0, &last, &mut h, &mut out);
+            let p = packets(&out);
+            assert_eq!(p.len(), 2, "{icmp:?}");
+            assert_eq!(parse_echo(&p[1]).0, dns);
+            assert!(
+                h.sockets.is_empty(),
+                "{icmp:?}: no socket for the virtual host"
+            );
+            // With NAT off the virtual host still answers, at both addresses.
+            e.ctx.cfg.nat.enabled = false;
+            e.handle_frame(T0, &echo_frame(dns, 9, 3, b"x"), &mut h, &mut out);
+            assert_eq!(packets(&out).len(), 3, "{icmp:?}");
+        }
+    }
+
     #[test]
     fn real_mode_relays_matching_replies_and_expires() {
         let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Real);

@@ -34,6 +34,9 @@ pub use session::{Direction, Proto, SessionInfo};
 pub(crate) struct DnsQuery<'a> {
     /// The guest's address and port, where the answer goes.
     pub(crate) guest: SocketAddrV4,
+    /// The virtual host's address and port the guest sent it to (its own or the DNS
+    /// address), where the answer comes from.
+    pub(crate) server: SocketAddrV4,
     /// The UDP payload (the DNS message).
     pub(crate) query: &'a [u8],
 }

@@ -151,6 +151,7 @@ impl UdpNat {
             if to.port() == DNS_PORT {
                 return Ok(Some(DnsQuery {
                     guest,
+                    server: to,
                     query: udp.payload(),
                 }));
             }

@@ -128,8 +128,9 @@ pub(crate) fn push_request(
 pub(crate) struct ArpIdentity {
     pub(crate) mac: Mac,
     pub(crate) ip: Ipv4Addr,
-    /// An extra address answered with the same MAC (the host-loopback address, when on).
-    pub(crate) alias: Option<Ipv4Addr>,
+    /// Extra addresses answered with the same MAC: the host-loopback alias and the DNS
+    /// address, each when set.
+    pub(crate) aliases: [Option<Ipv4Addr>; 2],
 }
 
 /// Handles an ARP packet (the Ethernet payload). Learns the sender when it is on our subnet and
@@ -186,7 +187,7 @@ pub(crate) fn handle(
             None => {}
         }
     }
-    let ours = target_protocol_addr == me.ip || Some(target_protocol_addr) == me.alias;
+    let ours = target_protocol_addr == me.ip || me.aliases.contains(&Some(target_protocol_addr));
     if operation == ArpOperation::Request && ours && source_protocol_addr != target_protocol_addr {
         let reply = ArpRepr::EthernetIpv4 {
             operation: ArpOperation::Reply,
@@ -216,7 +217,7 @@ mod tests {
         ArpIdentity {
             mac: HOST,
             ip: HOST_IP,
-            alias: None,
+            aliases: [None, None],
         }
     }
 
@@ -270,6 +271,45 @@ mod tests {
             handle(Instant::ZERO, &me(), subnet, &mut cache, &req, &mut out),
             Err(DropReason::Foreign)
         );
+    }
+
+    #[test]
+    fn answers_for_each_alias_with_the_same_mac() {
+        let (loopback, dns) = (
+            Ipv4Addr::new(192, 168, 30, 2),
+            Ipv4Addr::new(192, 168, 30, 3),
+        );
+        let mut cache = ArpCache::default();
+        for aliases in [[Some(loopback), Some(dns)], [None, Some(dns)]] {
+            let me = ArpIdentity { aliases, ..me() };
+            let mut out = FrameBatch::new();
+            let req = request(GUEST, GUEST_IP, dns);
+            handle(Instant::ZERO, &me, subnet, &mut cache, &req, &mut out).unwrap();
+            assert_eq!(out.len(), 1);
+            let f = EthernetFrame::new_checked(out.get(0).unwrap()).unwrap();
+            let r = ArpRepr::parse(&ArpPacket::new_checked(f.payload()).unwrap()).unwrap();
+            let ArpRepr::EthernetIpv4 {
+                source_hardware_addr,
+                source_protocol_addr,
+                ..
+            } = r
+            else {
+                panic!("{r:?}")
+            };
+            assert_eq!(
+                (source_hardware_addr, source_protocol_addr),
+                (eth(HOST), dns)
+            );
+        }
+        // Without the DNS address, nobody answers for it.
+        let me = ArpIdentity {
+            aliases: [Some(loopback), None],
+            ..me()
+        };
+        let mut out = FrameBatch::new();
+        let req = request(GUEST, GUEST_IP, dns);
+        handle(Instant::ZERO, &me, subnet, &mut cache, &req, &mut out).unwrap();
+        assert!(out.is_empty());
     }
 
     #[test]

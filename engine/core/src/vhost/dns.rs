@@ -1,6 +1,8 @@
 //! The DNS relay of the virtual host (seed 3.7.4, "DNS Redirect"): UDP queries to the virtual
 //! host's port 53 are forwarded to the real machine's resolvers (`cfg.dns.upstream`) and the answers
-//! returned to the guest from the virtual host's port 53.
+//! returned to the guest from the virtual host's port 53. The DNS address (`cfg.dns.address`) is
+//! the virtual host's too: a query sent there is answered from there, since resolvers drop
+//! answers from any other address than the one they asked.
 //!
 //! Every relayed query gets a fresh random ID, unique among the queries in flight, so that
 //! guests cannot collide with one another and an off-path sender cannot guess what to forge.
@@ -12,7 +14,8 @@
 //! the guest gets SERVFAIL at once.
 //!
 //! The NAT table shows one `Proto::Dns` row per query in flight (guest address and port, the
-//! virtual host's port 53), and each is logged as a UDP session, as SecureNAT's log does.
+//! virtual host's address and port 53 it was sent to), and each is logged as a UDP session, as
+//! SecureNAT's log does.
 //!
 //! Bounds: `MAX_PENDING` queries in flight (`MAX_PENDING_PER_GUEST` for one guest); queries longer than `MAX_QUERY` are refused; the
 //! deadline heap is rebuilt from the queries in flight when answered ones' stale entries pile up.
@@ -33,7 +36,6 @@ use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
-use crate::wire::DNS_PORT;
 use crate::Ctx;
 
 /// Queries in flight at once.
@@ -198,19 +200,22 @@ impl DnsRelay {
         }
     }
 
-    /// Relays a guest's query (the UDP payload it sent to the virtual host's port 53).
+    /// Relays a guest's query (the UDP payload it sent to `server`, the virtual host's port 53
+    /// at one of its addresses).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn handle_query(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
         guest: SocketAddrV4,
+        server: SocketAddrV4,
         query: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         // Lent out of `self` for the call, which needs `self` too; an empty box allocates nothing.
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.relay_query(now, ctx, guest, query, io, out, &mut buf);
+        let r = self.relay_query(now, ctx, (guest, server), query, io, out, &mut buf);
         self.buf = buf;
         r
     }
@@ -221,7 +226,7 @@ impl DnsRelay {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        guest: SocketAddrV4,
+        (guest, host): (SocketAddrV4, SocketAddrV4),
         query: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
@@ -237,7 +242,6 @@ impl DnsRelay {
         self.sync(ctx, io);
         if self.upstreams.is_empty() {
             let len = servfail(query, &mut buf[UDP_HEADER_LEN..]);
-            let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
             return send_to_guest(ctx, out, buf, len, host, guest);
         }
         if self.pending.len() >= MAX_PENDING
@@ -276,7 +280,6 @@ impl DnsRelay {
             v
         });
         let sid = ctx.next_session_id();
-        let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
         ctx.events.push(Event::SessionCreated {
             proto: Proto::Dns,
             id: sid,
@@ -438,8 +441,8 @@ impl DnsRelay {
             id: p.info.id,
         });
         self.recycle(p.query.take());
-        let host = SocketAddrV4::new(ctx.host_ip(), DNS_PORT);
-        send_to_guest(ctx, out, buf, n, host, p.guest)
+        // From where the guest sent it (its `dst` row in the NAT table).
+        send_to_guest(ctx, out, buf, n, p.info.dst, p.guest)
     }
 
     fn recycle(&mut self, v: Option<Vec<u8>>) {
@@ -555,6 +558,7 @@ fn question_end(msg: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Mac;
     use crate::sim::SimSockets;
     use crate::testing::*;
     use std::net::Ipv4Addr;
@@ -779,6 +783,153 @@ mod tests {
         pump(&mut e, &mut h, &mut out, T0);
         assert_eq!(e.stats().drops_of(DropReason::Malformed), 3);
         assert!(out.is_empty());
+    }
+
+    const DNS_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 3);
+
+    fn dns53() -> SocketAddrV4 {
+        SocketAddrV4::new(DNS_ADDRESS, 53)
+    }
+
+    fn setup_dns_address() -> (crate::Engine, SimSockets, FrameBatch) {
+        setup_with(|c| {
+            c.dns.upstream = vec![UP1.into()];
+            c.dns.address = Some(DNS_ADDRESS);
+        })
+    }
+
+    /// The ARP answer in `out`, if there is one: (sender MAC, sender address).
+    fn arp_reply(out: &FrameBatch) -> Option<(Mac, Ipv4Addr)> {
+        use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame};
+        out.iter().find_map(|f| {
+            let eth = EthernetFrame::new_checked(f).ok()?;
+            let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).ok()?).ok()?;
+            match arp {
+                ArpRepr::EthernetIpv4 {
+                    operation: ArpOperation::Reply,
+                    source_hardware_addr,
+                    source_protocol_addr,
+                    ..
+                } => Some((crate::wire::mac(source_hardware_addr), source_protocol_addr)),
+                _ => None,
+            }
+        })
+    }
+
+    /// A guest's "who has `ip`?".
+    fn who_has(ip: Ipv4Addr) -> Vec<u8> {
+        let mut b = FrameBatch::new();
+        crate::vhost::arp::push_request(&mut b, GUEST_MAC, GUEST_IP, ip);
+        b.get(0).unwrap().to_vec()
+    }
+
+    #[test]
+    fn the_dns_address_relays_queries_and_answers_from_itself() {
+        let (mut e, mut h, mut out) = setup_dns_address();
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), dns53(), &query(0x0d0d)),
+            &mut h,
+            &mut out,
+        );
+        let (s1, relayed) = last_sent(&e, &mut h, 0);
+        assert_eq!(h.udp(s1).unwrap().dst, UP1);
+        let rows = e.sessions();
+        assert_eq!(
+            (rows[0].proto, rows[0].guest, rows[0].dst),
+            (Proto::Dns, guest(), dns53())
+        );
+        // A query to the virtual host's own address at the same time keeps its own.
+        let other = SocketAddrV4::new(GUEST_IP, 1049);
+        e.handle_frame(
+            T0,
+            &udp_frame(other, host53(), &query(0x0101)),
+            &mut h,
+            &mut out,
+        );
+        let (_, relayed_other) = last_sent(&e, &mut h, 0);
+        h.deliver_udp(s1, &answer_to(&relayed));
+        h.deliver_udp(s1, &answer_to(&relayed_other));
+        pump(&mut e, &mut h, &mut out, T0);
+        let p = packets(&out);
+        assert_eq!(p.len(), 2);
+        let (from, to, payload) = parse_udp(&p[0]);
+        assert_eq!((from, to), (dns53(), guest()));
+        assert_eq!(payload[..2], 0x0d0du16.to_be_bytes());
+        assert_eq!(parse_udp(&p[1]).0, host53());
+        // With no usable upstream, the SERVFAIL comes from where the query went too.
+        let (mut e, mut h, mut out) = setup_with(|c| {
+            c.dns.upstream = vec![];
+            c.dns.address = Some(DNS_ADDRESS);
+        });
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), dns53(), &query(5)),
+            &mut h,
+            &mut out,
+        );
+        let (from, _, a) = parse_udp(&packets(&out)[0]);
+        assert_eq!(from, dns53());
+        assert_eq!(a[3] & 0x0f, RCODE_SERVFAIL);
+    }
+
+    #[test]
+    fn other_ports_at_the_dns_address_are_unreachable_from_it() {
+        use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Ipv4Packet};
+        let (mut e, mut h, mut out) = setup_dns_address();
+        let to = SocketAddrV4::new(DNS_ADDRESS, 67);
+        e.handle_frame(T0, &udp_frame(guest(), to, b"x"), &mut h, &mut out);
+        let p = packets(&out);
+        assert_eq!(p.len(), 1);
+        let ip = Ipv4Packet::new_checked(&p[0][..]).unwrap();
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (DNS_ADDRESS, GUEST_IP));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert!(h.sockets.is_empty(), "nothing is carried to the sock side");
+        assert!(e.sessions().is_empty());
+    }
+
+    #[test]
+    fn arp_for_the_dns_address_follows_the_configuration() {
+        let (mut e, mut h, mut out) = setup_dns_address();
+        e.start(T0, &mut out);
+        assert_eq!(out.len(), 2, "both addresses are announced");
+        out.clear();
+        e.handle_frame(T0, &who_has(DNS_ADDRESS), &mut h, &mut out);
+        assert_eq!(arp_reply(&out), Some((HOST_MAC, DNS_ADDRESS)));
+        out.clear();
+        // A guest cannot take the address over: its frames from it are not a guest's.
+        let from_dns = udp_frame(dns53(), SocketAddrV4::new(REMOTE_IP, 53), b"x");
+        e.handle_frame(T0, &from_dns, &mut h, &mut out);
+        assert_eq!(e.stats().drops_of(DropReason::Foreign), 1);
+        assert!(e.ctx.arp.lookup(DNS_ADDRESS).is_none());
+
+        // Removed at run time: the address is nobody's, and nothing answers for it.
+        let mut cfg = e.config().clone();
+        cfg.dns.address = None;
+        e.reconfigure(T0, cfg.clone(), &mut h, &mut out);
+        assert!(out.is_empty(), "nothing to announce");
+        e.handle_frame(T0, &who_has(DNS_ADDRESS), &mut h, &mut out);
+        assert_eq!(arp_reply(&out), None);
+        e.handle_frame(
+            T0,
+            &udp_frame(guest(), dns53(), &query(1)),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(e.stats().drops_of(DropReason::Loop), 1);
+        assert_eq!(e.dns.pending(), 0);
+
+        // Set again: announced, answered.
+        cfg.dns.address = Some(DNS_ADDRESS);
+        e.reconfigure(T0, cfg.clone(), &mut h, &mut out);
+        assert_eq!(out.len(), 1, "a gratuitous ARP for the address");
+        out.clear();
+        e.handle_frame(T0, &who_has(DNS_ADDRESS), &mut h, &mut out);
+        assert_eq!(arp_reply(&out), Some((HOST_MAC, DNS_ADDRESS)));
+        out.clear();
+        e.reconfigure(T0, cfg, &mut h, &mut out);
+        assert!(out.is_empty(), "unchanged: not announced again");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub(crate) const MAGIC_COOKIE: u32 = 0x6382_5363;
 pub(crate) const SNAME_FIELD: std::ops::Range<usize> = 44..108;
 pub(crate) const FILE_FIELD: std::ops::Range<usize> = 108..236;
 
-/// Option codes (RFC 2132, RFC 3442).
+/// Option codes (RFC 2132, RFC 3397, RFC 3442).
 pub(crate) mod opt {
     pub(crate) const PAD: u8 = 0;
     pub(crate) const SUBNET_MASK: u8 = 1;
@@ -24,6 +24,8 @@ pub(crate) mod opt {
     pub(crate) const DNS_SERVERS: u8 = 6;
     pub(crate) const HOST_NAME: u8 = 12;
     pub(crate) const DOMAIN_NAME: u8 = 15;
+    pub(crate) const INTERFACE_MTU: u8 = 26;
+    pub(crate) const NTP_SERVERS: u8 = 42;
     pub(crate) const REQUESTED_IP: u8 = 50;
     pub(crate) const LEASE_TIME: u8 = 51;
     pub(crate) const OVERLOAD: u8 = 52;
@@ -34,6 +36,8 @@ pub(crate) mod opt {
     pub(crate) const MAX_MESSAGE_SIZE: u8 = 57;
     pub(crate) const RENEWAL_TIME: u8 = 58;
     pub(crate) const REBINDING_TIME: u8 = 59;
+    /// RFC 3397.
+    pub(crate) const DOMAIN_SEARCH: u8 = 119;
     pub(crate) const CLASSLESS_ROUTES: u8 = 121;
     /// Microsoft's pre-standard copy of option 121, sent only to clients that ask for it.
     pub(crate) const MS_CLASSLESS_ROUTES: u8 = 249;
@@ -107,6 +111,87 @@ pub(crate) fn encode_classless_routes(
     }
 }
 
+/// A domain name as option 119 and a resolver take it: labels of letters, digits and `-`, 1 to 63
+/// bytes each, 253 in all (without a trailing dot).
+pub(crate) fn is_domain_name(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s.split('.').all(|l| {
+            (1..=63).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// RFC 3397 option 119 payload for `names`: each name in DNS wire form, a suffix already
+/// written replaced by a pointer to it (offsets count from the payload's start, across the
+/// RFC 3396 parts it may be cut into). A name that is not a domain name is skipped rather than
+/// written half-formed, since a client decodes the list as a whole.
+pub(crate) fn encode_search_list(names: &[String], into: &mut Vec<u8>) {
+    let start = into.len();
+    // Every suffix written so far, with its offset: few names, so a scan beats a map.
+    let mut written: Vec<(&str, u16)> = Vec::new();
+    for name in names {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if !is_domain_name(name) {
+            continue;
+        }
+        let mut rest = name;
+        loop {
+            if let Some(&(_, at)) = written.iter().find(|(s, _)| *s == rest) {
+                into.extend_from_slice(&(0xC000 | at).to_be_bytes());
+                break;
+            }
+            // A pointer holds 14 bits: a suffix written later than that is not pointed to.
+            if let Ok(at @ 0..=0x3FFF) = u16::try_from(into.len() - start) {
+                written.push((rest, at));
+            }
+            let (label, tail) = rest.split_once('.').unwrap_or((rest, ""));
+            into.push(label.len() as u8);
+            into.extend_from_slice(label.as_bytes());
+            if tail.is_empty() {
+                into.push(0);
+                break;
+            }
+            rest = tail;
+        }
+    }
+}
+
+/// Decodes an option 119 payload (the RFC 3396 parts joined): None when it is malformed
+/// (a pointer forward or into itself, a label past the end).
+#[cfg(test)]
+pub(crate) fn decode_search_list(data: &[u8]) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < data.len() {
+        let mut labels: Vec<String> = Vec::new();
+        let (mut at, mut jumped) = (i, false);
+        loop {
+            let len = *data.get(at)?;
+            if len & 0xC0 == 0xC0 {
+                let to = usize::from(u16::from_be_bytes([len, *data.get(at + 1)?]) & 0x3FFF);
+                if !jumped {
+                    i = at + 2;
+                }
+                // Only backwards: a pointer loop cannot form.
+                if to >= at {
+                    return None;
+                }
+                (at, jumped) = (to, true);
+            } else if len == 0 {
+                if !jumped {
+                    i = at + 1;
+                }
+                break;
+            } else {
+                let l = data.get(at + 1..at + 1 + usize::from(len))?;
+                labels.push(String::from_utf8(l.to_vec()).ok()?);
+                at += 1 + usize::from(len);
+            }
+        }
+        names.push(labels.join("."));
+    }
+    Some(names)
+}
+
 /// Appends options to a reply, leaving room for END within `limit` bytes of message.
 pub(crate) struct OptionWriter<'a> {
     pub(crate) buf: &'a mut Vec<u8>,
@@ -163,5 +248,92 @@ mod tests {
         );
         let items: Vec<_> = OptionIter::new(&[53]).collect();
         assert_eq!(items, vec![Err(DropReason::Malformed)]);
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn search_list_is_compressed_as_rfc_3397_shows() {
+        // RFC 3397 section 3's example.
+        let mut b = Vec::new();
+        encode_search_list(&names(&["eng.apple.com.", "marketing.apple.com."]), &mut b);
+        let mut want = vec![3];
+        want.extend_from_slice(b"eng");
+        want.push(5);
+        want.extend_from_slice(b"apple");
+        want.push(3);
+        want.extend_from_slice(b"com");
+        want.push(0);
+        want.push(9);
+        want.extend_from_slice(b"marketing");
+        want.extend_from_slice(&[0xC0, 4]);
+        assert_eq!(b, want);
+        assert_eq!(
+            decode_search_list(&b),
+            Some(names(&["eng.apple.com", "marketing.apple.com"]))
+        );
+    }
+
+    #[test]
+    fn search_list_round_trips_and_skips_what_is_not_a_name() {
+        let list = names(&[
+            "a.test",
+            "b.test",
+            "a.test",
+            "test",
+            "x.y.b.test",
+            "bad..name",
+            "c",
+        ]);
+        let mut b = vec![0xEE];
+        encode_search_list(&list, &mut b);
+        // Offsets count from the payload, not from what was in the buffer before it.
+        assert_eq!(b[0], 0xEE);
+        let got = decode_search_list(&b[1..]).unwrap();
+        assert_eq!(
+            got,
+            names(&["a.test", "b.test", "a.test", "test", "x.y.b.test", "c"])
+        );
+        // `a.test` again and `test` are one pointer each.
+        assert_eq!(&b[1 + 12..1 + 16], &[0xC0, 0, 0xC0, 2]);
+        assert!(b.len() - 1 < 30);
+    }
+
+    #[test]
+    fn long_search_lists_point_back_only_within_reach() {
+        let mut list: Vec<String> = (0..200)
+            .map(|i| format!("{}.{}.n{i}.example", "l".repeat(60), "m".repeat(60)))
+            .collect();
+        // Written past the 14 bits a pointer holds: it is written again, whole.
+        list.push(list[199].clone());
+        let mut b = Vec::new();
+        encode_search_list(&list, &mut b);
+        assert!(b.len() > 0x3FFF);
+        assert_eq!(decode_search_list(&b), Some(list));
+    }
+
+    #[test]
+    fn malformed_search_lists_do_not_decode() {
+        assert_eq!(decode_search_list(&[1, b'a']), None);
+        assert_eq!(decode_search_list(&[0xC0, 0]), None, "a pointer to itself");
+        assert_eq!(
+            decode_search_list(&[1, b'a', 0xC0, 5]),
+            None,
+            "a pointer forward"
+        );
+        assert_eq!(decode_search_list(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn domain_names() {
+        assert!(is_domain_name("a-1.example.test"));
+        assert!(!is_domain_name(""));
+        assert!(!is_domain_name("a..b"));
+        assert!(!is_domain_name("a.b."));
+        assert!(!is_domain_name("a_b.test"));
+        assert!(!is_domain_name(&"x".repeat(64)));
+        assert!(!is_domain_name(&vec!["x".repeat(63); 4].join(".")));
     }
 }

@@ -1105,6 +1105,38 @@ fn host_ip_port_80_is_reset_and_53_is_relayed() {
     assert_eq!(t.tcp().dst, "127.0.0.1:5353".parse().unwrap());
 }
 
+/// The DNS address is the virtual host's: DNS over TCP there is relayed as at its own address
+/// (answered from the DNS address), any other port is reset from it.
+#[test]
+fn the_dns_address_relays_port_53_and_resets_the_rest() {
+    let dns = Ipv4Addr::new(192, 168, 30, 3);
+    let mut c = cfg();
+    c.dns.address = Some(dns);
+    let mut t = T::with(c, SimSockets::default());
+    t.dst = SocketAddrV4::new(dns, 80);
+    let got = t.send(&t.syn(NONE));
+    assert!(got.len() == 1 && got[0].rst, "{got:?}");
+    assert_eq!(got[0].src, t.dst);
+    assert!(t.h.sockets.is_empty());
+    t.dst = SocketAddrV4::new(dns, 53);
+    let sa = t.establish(NONE);
+    assert_eq!(sa.src, t.dst);
+    assert_eq!(t.tcp().dst, "127.0.0.1:5353".parse().unwrap());
+    t.send(&t.data(0, b"\x00\x02qq"));
+    assert_eq!(t.tcp().written, b"\x00\x02qq");
+    let sock = t.sock;
+    t.h.deliver_tcp(sock, b"\x00\x02aa");
+    let got = t.pump();
+    assert!(got.iter().all(|g| g.src == t.dst), "{got:?}");
+    assert!(got.iter().any(|g| g.payload == b"\x00\x02aa"), "{got:?}");
+    // Without it, that address is another guest's, for the segment and not the NAT.
+    let mut t = T::new();
+    t.dst = SocketAddrV4::new(dns, 53);
+    let got = t.send(&t.syn(NONE));
+    assert!(got.len() == 1 && got[0].rst && t.h.sockets.is_empty());
+    assert_eq!(t.drops(DropReason::Loop), 1);
+}
+
 #[test]
 fn session_row_counts_both_ways() {
     let mut t = T::new();

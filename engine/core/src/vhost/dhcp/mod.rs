@@ -3,7 +3,7 @@
 //! One server for one segment, with no relays: DISCOVER → OFFER, REQUEST → ACK/NAK (selecting,
 //! init-reboot, renewing and rebinding), RELEASE, DECLINE and INFORM. The lease table is keyed by
 //! the client's hardware address (`chaddr`), one lease per client, and bounded by the size of the
-//! range (every lease holds a distinct address of it).
+//! range and the reservations (every lease holds a distinct address of them).
 //!
 //! Address choice, in order: the client's current lease; the address just offered to it; the
 //! address it asks for (option 50) when free; the address it had last time (remembered after the
@@ -17,6 +17,10 @@
 //! giaddr is zero); otherwise a client with ciaddr set gets a unicast there (at the Ethernet
 //! source), a client that set the broadcast flag gets a broadcast, and any other gets a unicast
 //! to yiaddr at chaddr. Relayed messages (giaddr set) are not served: one segment, no relays.
+//!
+//! Static reservations (`reservation`) come first in the address choice: a reserved MAC is
+//! given its address, and no other MAC ever is; a reserved MAC renewing another address while its
+//! own is free, or another MAC renewing a reserved address, is NAKed and its lease ends.
 //!
 //! This file handles the messages and builds the replies; the address choice and the lease table
 //! are in `pool`. The message view is `smoltcp::wire::DhcpPacket`; the options area is
@@ -37,18 +41,20 @@ use crate::output::FrameBatch;
 use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::wire::dhcp_options::{
-    encode_classless_routes, ipv4_option, opt, OptionIter, OptionWriter, FILE_FIELD, MAGIC_COOKIE,
-    MIN_BOOTP_LEN, OPTIONS_OFFSET, SNAME_FIELD,
+    encode_classless_routes, encode_search_list, ipv4_option, opt, OptionIter, OptionWriter,
+    FILE_FIELD, MAGIC_COOKIE, MIN_BOOTP_LEN, OPTIONS_OFFSET, SNAME_FIELD,
 };
 use crate::wire::eth;
 use crate::Ctx;
 
 mod pool;
+pub(crate) mod reservation;
 
 pub use self::pool::Lease;
 use self::pool::Pool;
 #[cfg(test)]
 pub(crate) use self::pool::{DECLINE_HOLD, OFFER_HOLD};
+pub use self::reservation::{RawReservation, Reservation};
 
 /// Host names (option 12) are kept to this many characters.
 pub(crate) const MAX_HOST_NAME: usize = 64;
@@ -72,7 +78,8 @@ struct ClientMessage<'a> {
     requested_ip: Option<Ipv4Addr>,
     server_id: Option<Ipv4Addr>,
     host_name: &'a [u8],
-    params: &'a [u8],
+    /// Option 55; None when the client sent none.
+    params: Option<&'a [u8]>,
     max_message: Option<u16>,
 }
 
@@ -98,7 +105,7 @@ impl<'a> ClientMessage<'a> {
             requested_ip: None,
             server_id: None,
             host_name: &[],
-            params: &[],
+            params: None,
             max_message: None,
         };
         let mut kind = None;
@@ -134,7 +141,7 @@ impl<'a> ClientMessage<'a> {
                 opt::REQUESTED_IP => self.requested_ip = Some(ipv4_option(data)?),
                 opt::SERVER_ID => self.server_id = Some(ipv4_option(data)?),
                 opt::HOST_NAME => self.host_name = data,
-                opt::PARAMETER_LIST => self.params = data,
+                opt::PARAMETER_LIST => self.params = Some(data),
                 opt::MAX_MESSAGE_SIZE => {
                     let b: [u8; 2] = data.try_into().map_err(|_| DropReason::Malformed)?;
                     self.max_message = Some(u16::from_be_bytes(b));
@@ -195,6 +202,8 @@ pub struct DhcpServer {
     /// The reply being built (kept, so building allocates nothing once warm).
     scratch: Vec<u8>,
     routes_buf: Vec<u8>,
+    /// Option 119 of the configuration in force, encoded once.
+    search: Vec<u8>,
 }
 
 impl DhcpServer {
@@ -205,7 +214,24 @@ impl DhcpServer {
             last_exhausted_log: None,
             scratch: Vec::with_capacity(MIN_MAX_MESSAGE),
             routes_buf: Vec::new(),
+            search: Self::encode_search(cfg),
         }
+    }
+
+    fn encode_search(cfg: &DhcpConfig) -> Vec<u8> {
+        let mut b = Vec::new();
+        encode_search_list(&cfg.search, &mut b);
+        b
+    }
+
+    /// The static reservations in force.
+    pub fn reservations(&self) -> &[Reservation] {
+        &self.pool.config().reservations
+    }
+
+    /// The MAC `ip` is reserved for, if any.
+    pub fn reserved_for(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.pool.reserved_for(ip)
     }
 
     /// A counter that changes whenever the lease table does (created, renewed, removed).
@@ -285,6 +311,7 @@ impl DhcpServer {
     /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
     pub(crate) fn reconfigure(&mut self, cfg: &DhcpConfig, events: &mut Events) {
         self.pool.reconfigure(cfg, events);
+        self.search = Self::encode_search(cfg);
     }
 
     /// Handles a datagram to UDP port 67 (`ip` is its whole IPv4 packet, not fragmented).
@@ -396,9 +423,17 @@ impl DhcpServer {
             // RENEWING (unicast) or REBINDING (broadcast).
             (None, None) => ciaddr.ok_or(DropReason::Malformed)?,
         };
-        let spec = if self.pool.free_for(msg.chaddr, ip, now, host_ip) {
-            let name = sanitize_host_name(msg.host_name);
-            self.pool.commit(now, msg.chaddr, ip, name, &mut ctx.events);
+        let mac = msg.chaddr;
+        let moves = self.pool.reserved_elsewhere(mac, ip, now, host_ip);
+        let spec = if moves.is_none() && self.pool.free_for(mac, ip, now, host_ip) {
+            let mut name = sanitize_host_name(msg.host_name);
+            if name.is_empty() {
+                // The operator's name for the machine, so that forwards and the table show it.
+                name = (self.pool.reservation_of(mac))
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_default();
+            }
+            self.pool.commit(now, mac, ip, name, &mut ctx.events);
             ReplySpec {
                 kind: DhcpMessageType::Ack,
                 ciaddr: msg.ciaddr,
@@ -407,7 +442,16 @@ impl DhcpServer {
                 config: true,
             }
         } else {
-            tracing::debug!(client = %msg.chaddr, %ip, "DHCP REQUEST refused (NAK)");
+            if let Some(r) = moves {
+                tracing::info!("DHCP: {mac} is moved from {ip} to its reserved address {r} (NAK)");
+            } else if let Some(owner) = self.pool.reserved_for(ip).filter(|&o| o != mac) {
+                tracing::info!("DHCP: {mac} may not keep {ip}, reserved for {owner} (NAK)");
+            } else {
+                tracing::debug!(client = %mac, %ip, "DHCP REQUEST refused (NAK)");
+            }
+            // The client now knows it has no lease of `ip`: the table says so too, and the
+            // address is free for whom it is meant.
+            self.pool.release(mac, ip, &mut ctx.events);
             ReplySpec {
                 kind: DhcpMessageType::Nak,
                 ciaddr: Ipv4Addr::UNSPECIFIED,
@@ -549,13 +593,41 @@ impl DhcpServer {
                 let d = d.as_bytes();
                 w.put(opt::DOMAIN_NAME, &d[..d.len().min(255)]);
             }
+            // The options SecureNAT never sent go to a client that asks for them, or that
+            // asks for nothing in particular (no option 55): one that lists what it wants
+            // and leaves them out would not use them, and they would take the room of what it
+            // asked for in a small reply.
+            let asked = |code: u8| msg.params.is_none_or(|p| p.contains(&code));
+            if asked(opt::INTERFACE_MTU) {
+                // Sent even at 1500: the segment's MTU is not necessarily what the guest's
+                // interface starts with (a TAP or virtio device set otherwise, a jumbo
+                // segment), and only this tells it.
+                w.put(opt::INTERFACE_MTU, &ctx.cfg.nat.mtu.to_be_bytes());
+            }
+            if !cfg.ntp.is_empty() && asked(opt::NTP_SERVERS) {
+                let mut ntp = [0u8; 4 * 63];
+                let n = cfg.ntp.len().min(63);
+                for (i, s) in cfg.ntp.iter().take(n).enumerate() {
+                    ntp[i * 4..i * 4 + 4].copy_from_slice(&s.octets());
+                }
+                w.put(opt::NTP_SERVERS, &ntp[..n * 4]);
+            }
             if !cfg.routes.is_empty() {
                 self.routes_buf.clear();
                 encode_classless_routes(&cfg.routes, cfg.gateway, &mut self.routes_buf);
                 w.put_long(opt::CLASSLESS_ROUTES, &self.routes_buf);
-                if msg.params.contains(&opt::MS_CLASSLESS_ROUTES) {
+                if msg
+                    .params
+                    .is_some_and(|p| p.contains(&opt::MS_CLASSLESS_ROUTES))
+                {
                     w.put_long(opt::MS_CLASSLESS_ROUTES, &self.routes_buf);
                 }
+            }
+            // Last, being the longest and the least needed to reach anything: a reply too
+            // small for it still carries the routes. It goes whole or not at all, as its
+            // compression pointers span the parts.
+            if !self.search.is_empty() && asked(opt::DOMAIN_SEARCH) {
+                w.put_long(opt::DOMAIN_SEARCH, &self.search);
             }
         }
         buf.push(opt::END);
@@ -1271,6 +1343,14 @@ mod tests {
     }
 
     #[test]
+    fn the_dns_address_is_offered_as_the_dns_server() {
+        let raw = crate::config::RawConfig::from_toml("[dns]\naddress = \"192.168.30.3\"").unwrap();
+        let mut n = Net::new(Config::from_raw(&raw).unwrap());
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.opt(opt::DNS_SERVERS), Some(&[192, 168, 30, 3][..]));
+    }
+
+    #[test]
     fn static_routes_are_sent_as_option_121_with_the_default_route() {
         let mut cfg = config();
         cfg.dhcp.routes = vec![
@@ -1487,6 +1567,273 @@ mod tests {
         let mut n = Net::new(cfg);
         n.silent(&msg(DISCOVER, A));
         assert_eq!(n.drops(DropReason::Disabled), 1);
+    }
+
+    // ---- options 26, 42, 119 ----
+
+    impl Reply {
+        /// Every instance of `code`, joined (RFC 3396).
+        pub(super) fn joined(&self, code: u8) -> Option<Vec<u8>> {
+            let parts: Vec<&Vec<u8>> = self
+                .options
+                .iter()
+                .filter(|(c, _)| *c == code)
+                .map(|(_, d)| d)
+                .collect();
+            (!parts.is_empty()).then(|| parts.into_iter().flatten().copied().collect())
+        }
+        fn search(&self) -> Option<Vec<String>> {
+            self.joined(opt::DOMAIN_SEARCH)
+                .map(|d| crate::wire::dhcp_options::decode_search_list(&d).unwrap())
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn mtu_ntp_and_search_list_go_to_clients_that_ask() {
+        let mut cfg = config();
+        cfg.nat.mtu = 9000;
+        cfg.dhcp.ntp = vec![ip(1), Ipv4Addr::new(10, 0, 0, 123)];
+        cfg.dhcp.search = strings(&["a.test", "b.test"]);
+        let mut n = Net::new(cfg);
+        let all = [1, 3, 6, 15, 26, 42, 119];
+        let r = n.one(&msg(DISCOVER, A).opt(opt::PARAMETER_LIST, &all));
+        assert_eq!(r.opt(opt::INTERFACE_MTU), Some(&9000u16.to_be_bytes()[..]));
+        assert_eq!(
+            r.opt(opt::NTP_SERVERS),
+            Some(&[192, 168, 30, 1, 10, 0, 0, 123][..])
+        );
+        assert_eq!(r.search(), Some(strings(&["a.test", "b.test"])));
+        // Compressed: `b.test` points at `test` of `a.test`.
+        assert_eq!(r.opt(opt::DOMAIN_SEARCH).unwrap().len(), 12);
+        // The ACK carries them too, and so does the answer to an INFORM.
+        let r = n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(r.yiaddr)
+                .opt(opt::PARAMETER_LIST, &all),
+        );
+        assert_eq!(r.kind, ACK);
+        assert!(r.opt(opt::INTERFACE_MTU).is_some() && r.search().is_some());
+        let r = n.one(&msg(INFORM, D).configured_at(ip(50)));
+        assert!(r.opt(opt::NTP_SERVERS).is_some() && r.search().is_some());
+        // A client that lists what it wants without them does not get them.
+        let r = n.one(&msg(DISCOVER, B).opt(opt::PARAMETER_LIST, &[1, 3, 6, 15]));
+        for o in [opt::INTERFACE_MTU, opt::NTP_SERVERS, opt::DOMAIN_SEARCH] {
+            assert_eq!(r.opt(o), None, "option {o}");
+        }
+        let r = n.one(&msg(DISCOVER, C).opt(opt::PARAMETER_LIST, &[26]));
+        assert!(r.opt(opt::INTERFACE_MTU).is_some());
+        assert_eq!((r.opt(opt::NTP_SERVERS), r.search()), (None, None));
+        // One that sends no list gets everything that is configured.
+        let r = n.one(&msg(DISCOVER, D));
+        assert!(r.opt(opt::INTERFACE_MTU).is_some() && r.opt(opt::NTP_SERVERS).is_some());
+        assert!(r.search().is_some());
+        // Nothing of it in a NAK.
+        let r = n.one(&msg(REQUEST, B).requested(ip(250)));
+        assert_eq!(r.kind, NAK);
+        for o in [opt::INTERFACE_MTU, opt::NTP_SERVERS, opt::DOMAIN_SEARCH] {
+            assert_eq!(r.opt(o), None, "option {o}");
+        }
+    }
+
+    #[test]
+    fn the_search_list_defaults_to_the_domain_and_the_mtu_is_sent_at_1500() {
+        let mut n = Net::new(
+            Config::from_raw(
+                &crate::RawConfig::from_toml("[dhcp]\ndomain = \"example.test\"\n").unwrap(),
+            )
+            .unwrap(),
+        );
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.search(), Some(strings(&["example.test"])));
+        assert_eq!(r.opt(opt::INTERFACE_MTU), Some(&1500u16.to_be_bytes()[..]));
+        assert_eq!(r.opt(opt::NTP_SERVERS), None, "no NTP server configured");
+        // `search = []` leaves it out, the domain stays.
+        let raw = "[dhcp]\ndomain = \"example.test\"\nsearch = []\n";
+        let mut n = Net::new(Config::from_raw(&crate::RawConfig::from_toml(raw).unwrap()).unwrap());
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.search(), None);
+        assert_eq!(r.opt(opt::DOMAIN_NAME), Some(&b"example.test"[..]));
+    }
+
+    #[test]
+    fn a_long_search_list_is_split_or_left_out_whole_by_the_message_size() {
+        let mut cfg = config();
+        let list: Vec<String> = (0..8)
+            .map(|i| format!("{}{i}.example.test", "s".repeat(40)))
+            .collect();
+        cfg.dhcp.search = list.clone();
+        cfg.dhcp.routes = vec![StaticRoute {
+            dest: Ipv4Addr::new(10, 1, 0, 0),
+            prefix_len: 16,
+            gateway: ip(254),
+        }];
+        let mut n = Net::new(cfg);
+        // 8 × 43 + 14 bytes: more than a 576-byte reply has room for; the routes still go.
+        let r = n.one(&msg(DISCOVER, A));
+        assert_eq!(r.search(), None);
+        assert!(r.opt(opt::CLASSLESS_ROUTES).is_some());
+        assert!(r.len <= 576 - 28);
+        let r = n.one(&msg(DISCOVER, B).opt(opt::MAX_MESSAGE_SIZE, &1500u16.to_be_bytes()));
+        let parts = r
+            .options
+            .iter()
+            .filter(|(c, _)| *c == opt::DOMAIN_SEARCH)
+            .count();
+        assert_eq!(parts, 2, "RFC 3396: cut into parts of 255 bytes at most");
+        assert_eq!(r.search(), Some(list));
+    }
+
+    // ---- static reservations ----
+
+    fn reserve(cfg: &mut Config, mac: Mac, at: Ipv4Addr, name: Option<&str>) {
+        cfg.dhcp.reservations.push(Reservation {
+            mac,
+            ip: at,
+            name: name.map(str::to_owned),
+        });
+    }
+
+    #[test]
+    fn a_reserved_mac_gets_its_address_and_no_other_mac_does() {
+        let mut cfg = config();
+        reserve(&mut cfg, A, ip(10), Some("vm1"));
+        let mut n = Net::new(cfg);
+        // The first free address of the range would be .10: B gets .11.
+        assert_eq!(n.dora(B), ip(11));
+        // A gets .10, whatever it asks for.
+        let r = n.one(&msg(DISCOVER, A).requested(ip(77)));
+        assert_eq!(r.yiaddr, ip(10));
+        let r = n.one(&msg(REQUEST, A).server(HOST_IP).requested(ip(10)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(10)));
+        // Without a host name of its own, the lease has the reservation's.
+        assert_eq!(n.engine.dhcp.lease_of(A).unwrap().host_name, "vm1");
+        assert_eq!(n.engine.dhcp.reserved_for(ip(10)), Some(A));
+        // A released reservation is still nobody else's.
+        n.silent(&msg(RELEASE, A).configured_at(ip(10)).server(HOST_IP));
+        assert_eq!(n.offer(C), ip(12));
+        assert_eq!(n.one(&msg(DISCOVER, D).requested(ip(10))).yiaddr, ip(13));
+        assert_eq!(n.one(&msg(REQUEST, D).requested(ip(10))).kind, NAK);
+        assert_eq!(
+            n.one(&msg(REQUEST, D).server(HOST_IP).requested(ip(10)))
+                .kind,
+            NAK
+        );
+        // A client's own host name wins over the reservation's.
+        let r = n.one(
+            &msg(REQUEST, A)
+                .server(HOST_IP)
+                .requested(ip(10))
+                .host_name("own"),
+        );
+        assert_eq!(r.kind, ACK);
+        assert_eq!(n.engine.dhcp.lease_of(A).unwrap().host_name, "own");
+    }
+
+    #[test]
+    fn a_reservation_outside_the_range_is_given_and_kept() {
+        let mut cfg = config();
+        reserve(&mut cfg, A, ip(250), None);
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(A), ip(250));
+        assert_eq!(n.leases()[0].host_name, "");
+        // Renewed, rebound and declined like any lease.
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(250)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(250)));
+        n.silent(&msg(DECLINE, A).requested(ip(250)).server(HOST_IP));
+        assert!(n.leases().is_empty(), "A held it, so A may decline it");
+        // While it is declined, A is served from the range.
+        assert_eq!(n.offer(A), ip(10));
+        // Others never get it, even asked by name.
+        n.advance(DECLINE_HOLD);
+        assert_eq!(n.one(&msg(REQUEST, B).requested(ip(250))).kind, NAK);
+        assert_eq!(n.offer(A), ip(250));
+    }
+
+    #[test]
+    fn a_reservation_made_at_run_time_moves_both_clients_at_their_renewal() {
+        let mut n = Net::new(config());
+        assert_eq!(n.dora(B), ip(10));
+        assert_eq!(n.dora(A), ip(11));
+        // The operator reserves B's address for A.
+        let mut cfg = n.engine.dhcp.config().clone();
+        cfg.reservations.push(Reservation {
+            mac: A,
+            ip: ip(10),
+            name: None,
+        });
+        n.engine.dhcp.reconfigure(&cfg, &mut n.engine.ctx.events);
+        n.drain();
+        assert_eq!(n.leases().len(), 2, "B keeps its lease until it renews");
+        // A renews .11 while .10 is still B's: it keeps .11.
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(11)));
+        assert_eq!((r.kind, r.yiaddr), (ACK, ip(11)));
+        // B renews: refused, and its lease ends.
+        let r = n.one(&msg(REQUEST, B).configured_at(ip(10)));
+        assert_eq!(r.kind, NAK);
+        assert_eq!(n.deleted(1), 1);
+        assert!(n.engine.dhcp.lease_of(B).is_none());
+        // B starts again elsewhere.
+        let b = n.dora(B);
+        assert!(b != ip(10) && b != ip(11));
+        // A renews .11 now that .10 is free: refused too, so that it moves.
+        let r = n.one(&msg(REQUEST, A).configured_at(ip(11)));
+        assert_eq!(r.kind, NAK);
+        assert_eq!(n.dora(A), ip(10));
+        assert_eq!(n.leases().len(), 2);
+    }
+
+    #[test]
+    fn a_full_pool_never_takes_back_a_reserved_address() {
+        let mut cfg = config();
+        cfg.dhcp.range_start = ip(10);
+        cfg.dhcp.range_end = ip(11);
+        reserve(&mut cfg, A, ip(11), None);
+        let mut n = Net::new(cfg);
+        assert_eq!(n.dora(B), ip(10));
+        n.silent(&msg(DISCOVER, C));
+        assert_eq!(n.dora(A), ip(11));
+        n.advance(Duration::from_secs(11));
+        // Neither A nor B has been heard of since: only B's address is probed and taken back.
+        n.silent(&msg(DISCOVER, D));
+        assert_eq!(n.probes, 1);
+        n.advance(Duration::from_secs(2));
+        assert_eq!(n.offer(D), ip(10));
+        assert!(n.leases().iter().any(|l| l.mac == A && l.ip == ip(11)));
+    }
+
+    #[test]
+    fn forwards_find_a_reserved_guest_by_its_name_and_mac() {
+        use crate::forward::GuestRef;
+        let mut cfg = config();
+        reserve(&mut cfg, A, ip(250), Some("vm1"));
+        let mut n = Net::new(cfg);
+        // Before it has a lease: its reserved address.
+        let e = &n.engine;
+        assert_eq!(
+            e.find_guest(&GuestRef::Name("vm1".into())),
+            Some((ip(250), A))
+        );
+        assert_eq!(e.find_guest(&GuestRef::Mac(A)), Some((ip(250), A)));
+        // Another guest calling itself vm1 does not take the name.
+        let o = n.offer(B);
+        n.one(
+            &msg(REQUEST, B)
+                .server(HOST_IP)
+                .requested(o)
+                .host_name("vm1"),
+        );
+        assert_eq!(n.dora(A), ip(250));
+        let e = &n.engine;
+        assert_eq!(
+            e.find_guest(&GuestRef::Name("VM1".into())),
+            Some((ip(250), A))
+        );
+        assert_eq!(e.find_guest(&GuestRef::Mac(B)), Some((o, B)));
     }
 
     // ---- malformed input ----

@@ -1,11 +1,18 @@
 //! The address pool and the lease table of the DHCP server: which address a client gets, the
 //! offers and declines that hold addresses back, the addresses remembered for clients that come
 //! back, lease expiry, and the restore of a saved table.
+//!
+//! A static reservation gives its MAC one address, in the range or outside it: that address is
+//! never given to another MAC, and the reserved MAC is given it before anything else. While it
+//! cannot be (another MAC's lease from before the reservation still holds it, or the reserved
+//! MAC declined it), the reserved MAC is served from the range like any client, and is moved to
+//! its address at its next renewal (NAK) once the address is free.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use super::Reservation;
 use crate::config::{DhcpConfig, Mac};
 use crate::event::{Event, Events};
 use crate::time::{earliest, Instant};
@@ -61,6 +68,9 @@ pub(super) struct Pool {
     declined: HashMap<Ipv4Addr, Instant>,
     memory: HashMap<Mac, Remembered>,
     remembered_by: HashMap<Ipv4Addr, Mac>,
+    /// The reservations of `cfg`, both ways (index into `cfg.reservations`; reserved MAC).
+    reserved: HashMap<Mac, usize>,
+    reserved_ip: HashMap<Ipv4Addr, Mac>,
     /// When expired offers and declines are next swept.
     sweep_at: Option<Instant>,
     /// Bumped whenever the lease table changes (entry added, renewed or removed), so the runtime
@@ -71,7 +81,10 @@ pub(super) struct Pool {
 
 impl Pool {
     pub(super) fn new(cfg: &DhcpConfig) -> Pool {
+        let (reserved, reserved_ip) = Self::index_reservations(cfg);
         Pool {
+            reserved,
+            reserved_ip,
             cfg: cfg.clone(),
             leases: BTreeMap::new(),
             by_ip: HashMap::new(),
@@ -93,6 +106,42 @@ impl Pool {
         self.generation
     }
 
+    fn index_reservations(cfg: &DhcpConfig) -> (HashMap<Mac, usize>, HashMap<Ipv4Addr, Mac>) {
+        let by_mac = cfg
+            .reservations
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.mac, i))
+            .collect();
+        let by_ip = cfg.reservations.iter().map(|r| (r.ip, r.mac)).collect();
+        (by_mac, by_ip)
+    }
+
+    /// The reservation of `mac`, if it has one.
+    pub(super) fn reservation_of(&self, mac: Mac) -> Option<&Reservation> {
+        self.reserved
+            .get(&mac)
+            .and_then(|&i| self.cfg.reservations.get(i))
+    }
+
+    /// The MAC `ip` is reserved for, if any.
+    pub(super) fn reserved_for(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.reserved_ip.get(&ip).copied()
+    }
+
+    /// The reserved address `mac` should move to: its reservation, when that is not `ip` and
+    /// is free for it now.
+    pub(super) fn reserved_elsewhere(
+        &self,
+        mac: Mac,
+        ip: Ipv4Addr,
+        now: Instant,
+        host_ip: Ipv4Addr,
+    ) -> Option<Ipv4Addr> {
+        let r = self.reservation_of(mac)?.ip;
+        (r != ip && self.free_for(mac, r, now, host_ip)).then_some(r)
+    }
+
     /// A counter that changes when a binding is made, moved or ended (not on a renewal).
     pub(super) fn binding_generation(&self) -> u64 {
         self.binding_generation
@@ -103,9 +152,11 @@ impl Pool {
         &self,
         t: Instant,
     ) -> impl Iterator<Item = (u32, Ipv4Addr, Instant)> + '_ {
+        // A reserved address would go back to its own MAC only, not to the client waiting.
         self.leases
             .values()
-            .filter(move |l| l.leased_at <= t)
+            .filter(move |l| l.leased_at <= t && self.in_range(l.ip))
+            .filter(|l| !self.reserved_ip.contains_key(&l.ip))
             .map(|l| (l.id, l.ip, l.leased_at))
     }
 
@@ -159,29 +210,58 @@ impl Pool {
     }
 
     /// Applies a new DHCP configuration: leases, offers, declines and remembered addresses that
-    /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped.
+    /// are no longer in the range (or now collide with the gateway or a DNS server) are dropped;
+    /// what another MAC holds of an address now reserved is given up: offers and remembered
+    /// addresses at once, a lease at its next renewal.
     pub(super) fn reconfigure(&mut self, cfg: &DhcpConfig, events: &mut Events) {
         self.cfg = cfg.clone();
+        (self.reserved, self.reserved_ip) = Self::index_reservations(cfg);
+        let none = Ipv4Addr::UNSPECIFIED;
         let gone: Vec<u32> = self
             .leases
             .values()
-            .filter(|l| !self.assignable(l.ip, Ipv4Addr::UNSPECIFIED))
+            .filter(|l| !self.assignable(l.ip, none))
             .map(|l| l.id)
             .collect();
         for id in gone {
             self.remove_lease(id, events);
         }
-        let cfg = &self.cfg;
-        let keep = |ip: &Ipv4Addr| Self::cfg_assignable_in(cfg, *ip, Ipv4Addr::UNSPECIFIED);
-        let stale_offers: Vec<Ipv4Addr> =
-            self.offers.keys().filter(|ip| !keep(ip)).copied().collect();
+        for l in self.leases.values() {
+            match self.reserved_for(l.ip) {
+                Some(owner) if owner != l.mac => tracing::warn!(
+                    "DHCP: {} is now reserved for {owner}; the lease of {} on it ends at its next renewal (NAK)",
+                    l.ip,
+                    l.mac
+                ),
+                _ => {}
+            }
+            if let Some(r) = self.reservation_of(l.mac).filter(|r| r.ip != l.ip) {
+                tracing::info!(
+                    "DHCP: {} holds {}; it moves to its reserved address {} at its next renewal once that is free",
+                    l.mac,
+                    l.ip,
+                    r.ip
+                );
+            }
+        }
+        let stale_offers: Vec<Ipv4Addr> = self
+            .offers
+            .iter()
+            .filter(|(ip, o)| !self.keeps(**ip, o.mac))
+            .map(|(ip, _)| *ip)
+            .collect();
         let stale_memory: Vec<Ipv4Addr> = self
             .remembered_by
-            .keys()
-            .filter(|ip| !keep(ip))
-            .copied()
+            .iter()
+            .filter(|(ip, mac)| !self.keeps(**ip, **mac))
+            .map(|(ip, _)| *ip)
             .collect();
-        self.declined.retain(|ip, _| keep(ip));
+        let declined: Vec<Ipv4Addr> = self.declined.keys().copied().collect();
+        for ip in declined {
+            if !self.assignable(ip, none) {
+                self.declined.remove(&ip);
+            }
+        }
         for ip in stale_offers {
             self.cancel_offer_ip(ip);
         }
@@ -190,6 +270,12 @@ impl Pool {
                 self.memory.remove(&mac);
             }
         }
+    }
+
+    /// Whether `mac` may keep an offer or a memory of `ip` under the configuration in force.
+    fn keeps(&self, ip: Ipv4Addr, mac: Mac) -> bool {
+        self.assignable(ip, Ipv4Addr::UNSPECIFIED)
+            && self.reserved_for(ip).is_none_or(|owner| owner == mac)
     }
 
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
@@ -218,7 +304,7 @@ impl Pool {
     pub(super) fn holds(&self, mac: Mac, ip: Ipv4Addr) -> bool {
         let held =
             self.lease_of(mac).is_some_and(|l| l.ip == ip) || self.offer_of.get(&mac) == Some(&ip);
-        held && self.in_range(ip)
+        held && self.in_pool(ip)
     }
 
     /// Takes `ip`, which `mac` declined, out of use for [`DECLINE_HOLD`].
@@ -250,28 +336,33 @@ impl Pool {
         (u32::from(self.cfg.range_start)..=u32::from(self.cfg.range_end)).contains(&u32::from(ip))
     }
 
-    fn cfg_assignable_in(cfg: &DhcpConfig, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+    /// In the range, or reserved (which may lie outside it).
+    fn in_pool(&self, ip: Ipv4Addr) -> bool {
+        self.in_range(ip) || self.reserved_ip.contains_key(&ip)
+    }
+
+    /// An address of the range, or a reserved one, that the server may hand out at all (not
+    /// the subnet's network or broadcast address, nor the virtual host's, the gateway's or a
+    /// DNS or NTP server's).
+    fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
+        let cfg = &self.cfg;
         let n = u32::from(ip);
         let mask = u32::from(cfg.mask);
         let net = u32::from(cfg.range_start) & mask;
-        (u32::from(cfg.range_start)..=u32::from(cfg.range_end)).contains(&n)
+        self.in_pool(ip)
             && n & mask == net
             && (mask == u32::MAX || (n != net && n != net | !mask))
             && ip != host_ip
             && Some(ip) != cfg.gateway
             && !cfg.dns.contains(&ip)
+            && !cfg.ntp.contains(&ip)
     }
 
-    /// An address of the range that the server may hand out at all (not the subnet's network or
-    /// broadcast address, nor the virtual host's, the gateway's or a DNS server's).
-    fn assignable(&self, ip: Ipv4Addr, host_ip: Ipv4Addr) -> bool {
-        Self::cfg_assignable_in(&self.cfg, ip, host_ip)
-    }
-
-    /// Whether `ip` may be given to `mac` now: ours to give, and not leased or offered to
-    /// another client, nor declined.
+    /// Whether `ip` may be given to `mac` now: ours to give, not reserved for another MAC, and
+    /// not leased or offered to another client, nor declined.
     pub(super) fn free_for(&self, mac: Mac, ip: Ipv4Addr, now: Instant, host_ip: Ipv4Addr) -> bool {
         self.assignable(ip, host_ip)
+            && self.reserved_for(ip).is_none_or(|owner| owner == mac)
             && self
                 .by_ip
                 .get(&ip)
@@ -291,6 +382,11 @@ impl Pool {
         requested: Option<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
         let free = |ip: Ipv4Addr| self.free_for(mac, ip, now, host_ip);
+        if let Some(r) = self.reservation_of(mac) {
+            if free(r.ip) {
+                return Some(r.ip);
+            }
+        }
         if let Some(l) = self.lease_of(mac) {
             if free(l.ip) {
                 return Some(l.ip);
