@@ -130,6 +130,28 @@ enum Command {
     /// Stream SecureNAT's events (what the security log records, and configuration changes),
     /// one a line, until Ctrl-C or until hubnat stops; `--json`: the JSON lines as they come.
     Events(EventsArgs),
+    /// Capture the segment's frames to a pcap file: start FILE, stop.
+    Capture {
+        #[command(subcommand)]
+        op: CaptureOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaptureOp {
+    /// Write every frame read from a port and every frame hubnat sends to FILE (made anew) in
+    /// pcap format, until `capture stop`, hubnat's end, or the cap. With the sandbox on, FILE
+    /// can be only in the state directory or a directory hubnat was given at start (that of
+    /// `--pcap`, of the control socket, of a socket port, ...).
+    Start {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Stop when the file reaches N MiB.
+        #[arg(long, value_name = "N", default_value_t = hubnat_runtime::capture::DEFAULT_MAX_MIB)]
+        max_mib: u64,
+    },
+    /// End the capture; its file is complete when this returns.
+    Stop,
 }
 
 #[derive(Args)]
@@ -384,6 +406,14 @@ struct RunArgs {
     /// Once in the sandbox, try a forbidden system call (execve) and log what happened.
     #[arg(long)]
     sandbox_check: bool,
+    /// Write the segment's frames (every frame read from a port and every frame hubnat sends)
+    /// to FILE in pcap format, from start. FILE is made anew (mode 0600); its directory stays
+    /// writable in the sandbox, for `hubnat capture start` later. `hubnat capture stop` ends it.
+    #[arg(long, value_name = "FILE")]
+    pcap: Option<PathBuf>,
+    /// The capture file's cap in MiB: when it is reached, the capture stops (the log says so).
+    #[arg(long, value_name = "N", default_value_t = hubnat_runtime::capture::DEFAULT_MAX_MIB)]
+    pcap_max_mib: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -504,6 +534,20 @@ fn run(
     };
     let (open_files, socket_budget) = machine::raise_open_files(workers + 1);
     let mut cfg = run_config(&args, &raw)?;
+    // Before anything is made: a file that cannot be written is refused now.
+    let pcap = match &args.pcap {
+        None => None,
+        Some(path) => {
+            if args.pcap_max_mib == 0 {
+                bail!("--pcap-max-mib 0: give 1 or more");
+            }
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            let file = hubnat_runtime::capture::open_file(&path).map_err(|e| {
+                anyhow::anyhow!(hubnat_runtime::capture::open_error(&path, &e, &[]))
+            })?;
+            Some((file, path, args.pcap_max_mib.saturating_mul(1 << 20)))
+        }
+    };
     init_logging(&args.log, open_security_log(&cfg)?)?;
     // systemd's Type=notify, connected while its socket is still reachable (the sandbox closes
     // the way). Not for a front end: its caller's NOTIFY_SOCKET is meant for another process.
@@ -575,11 +619,12 @@ fn run(
     }
     log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
+    let mut writable_dirs = Vec::new();
     if !args.no_sandbox {
         // Forwards below 1024: the configuration's, or any a slirp4netns client asks for (as
         // slirp4netns itself keeps the capability to open them).
         let low_ports = embedded || cfg.forwards.iter().any(|f| f.listen_ports.0 < 1024);
-        enter_sandbox(
+        writable_dirs = enter_sandbox(
             &args,
             &cfg,
             port.as_ref(),
@@ -587,6 +632,7 @@ fn run(
             low_ports,
             &state_dir,
             control_path,
+            pcap.as_ref().map(|p| p.1.as_path()),
         )?;
     } else {
         tracing::warn!("sandbox off (--no-sandbox): hubnat keeps every privilege it started with");
@@ -613,6 +659,8 @@ fn run(
             hubnat_daemon::events::TracingSink::new(log_rate),
             event_hub,
         ))),
+        pcap,
+        writable_dirs,
     };
     let mut rt = Runtime::with_options(engine, tap, stop_rx, opts)?;
     if let Some(ready) = on_ready {
@@ -811,7 +859,9 @@ fn log_start(
 
 /// Becomes an unprivileged user with only the capabilities the data path needs, and confines
 /// the file system (see `hubnat_daemon::sandbox`). `control` is the control socket's path, and
-/// whether hubnat chose it (its directory is then hubnat's own).
+/// whether hubnat chose it (its directory is then hubnat's own). Returns the directories it
+/// may write from then on.
+#[allow(clippy::too_many_arguments)]
 fn enter_sandbox(
     args: &RunArgs,
     cfg: &Config,
@@ -820,7 +870,8 @@ fn enter_sandbox(
     low_ports: bool,
     state_dir: &Path,
     control: Option<(PathBuf, bool)>,
-) -> Result<()> {
+    pcap: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
     let user = args.user.clone().unwrap_or_else(sandbox::default_user);
     let gid = if is_root() {
         Some(sandbox::lookup(&user)?.1.as_raw())
@@ -877,12 +928,16 @@ fn enter_sandbox(
             }
         }
     }
+    // A capture stopped and started again at run time goes beside the first one.
+    if let Some(dir) = pcap.and_then(Path::parent) {
+        paths.read_write.push(dir.to_owned());
+    }
     let report = sandbox::enter(&user, &keep, &paths).context("sandbox")?;
     tracing::info!("sandbox: {}", report.on.join("; "));
     for m in &report.missing {
         tracing::warn!("sandbox: {m}");
     }
-    Ok(())
+    Ok(paths.read_write)
 }
 
 fn is_root() -> bool {
@@ -972,8 +1027,18 @@ fn operator(
         reload: Some(hup_rx),
         lease_file: Some(state_dir.join(LEASE_FILE)),
         events,
+        resolv: watch_resolv_conf(),
     });
     Ok((server, bound))
+}
+
+/// resolv.conf's watch, made here because the system-call filter installed later refuses
+/// `inotify_init1`. Without it the upstreams change at a reload only.
+fn watch_resolv_conf() -> Option<hubnat_daemon::resolv::ResolvWatch> {
+    let path = Path::new(hubnat_daemon::resolv::RESOLV_CONF);
+    hubnat_daemon::resolv::ResolvWatch::open(path)
+        .inspect_err(|e| tracing::warn!("cannot watch {}: {e}", path.display()))
+        .ok()
 }
 
 fn on_off(b: bool) -> &'static str {
@@ -1150,6 +1215,19 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
                 save: *save,
             },
         },
+        Command::Capture { op } => match op {
+            CaptureOp::Start { file, max_mib } => {
+                if *max_mib == 0 {
+                    bail!("--max-mib 0: give 1 or more");
+                }
+                Request::CaptureStart {
+                    // hubnat's working directory is not this one.
+                    path: std::path::absolute(file)?,
+                    max_mib: Some(*max_mib),
+                }
+            }
+            CaptureOp::Stop => Request::CaptureStop,
+        },
         Command::Port { op } => match op {
             PortOp::List => Request::PortList,
             PortOp::Add { spec } => Request::PortAdd { spec: spec.clone() },
@@ -1215,6 +1293,9 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
         }
         Request::ForwardList | Request::ForwardAdd { .. } | Request::ForwardRemove { .. } => {
             print_forwards(&serde_json::from_value::<Vec<ForwardRow>>(result)?)
+        }
+        Request::CaptureStart { .. } | Request::CaptureStop => {
+            print_capture(&serde_json::from_value(result)?)
         }
         // Streamed by `stream_events`, never asked this way.
         Request::Events => {}
@@ -1299,11 +1380,38 @@ fn print_status(s: &StatusView) {
     for (why, n) in &s.drops {
         rows.push(vec![format!("Dropped: {why}"), n.to_string()]);
     }
+    if let Some(c) = &s.capture {
+        rows.push(vec!["Capture".into(), capture_line(c)]);
+    }
     table(&["Item", "Value"], &rows);
     if !s.ports.is_empty() {
         println!();
         print_ports(&s.ports);
     }
+}
+
+/// A capture in one line: where, how far, and whether it is on or why it ended.
+fn capture_line(c: &hubnat_runtime::capture::CaptureStatus) -> String {
+    format!(
+        "{} {}: {} frames, {} of {} MiB, {} dropped",
+        match &c.ended {
+            None => "on,".to_owned(),
+            Some(why) => format!("ended ({why}),"),
+        },
+        c.path.display(),
+        c.frames,
+        mib(c.bytes),
+        c.max_bytes >> 20,
+        c.dropped
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1u32 << 20))
+}
+
+fn print_capture(c: &hubnat_runtime::capture::CaptureStatus) {
+    println!("capture {}", capture_line(c));
 }
 
 fn print_forwards(rows: &[ForwardRow]) {

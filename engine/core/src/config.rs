@@ -184,6 +184,12 @@ pub struct DnsConfig {
     /// DNS there as at its own address, so that guests can be told a resolver apart from their
     /// gateway (slirp4netns's 10.0.2.3).
     pub address: Option<Ipv4Addr>,
+    /// Names the relay answers itself (`[dns] hosts`), as written, in the file's order.
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    /// A hosts(5) file read by the daemon at start and on reload (`[dns] hosts_file`).
+    pub hosts_file: Option<PathBuf>,
+    /// The names the daemon read from `hosts_file` (validated as `hosts` is).
+    pub hosts_from_file: Vec<(String, Ipv4Addr)>,
 }
 
 /// The security log's line format.
@@ -438,6 +444,10 @@ pub struct RawDns {
     pub query_timeout: Option<u64>,
     /// A second address of the virtual host, where it answers DNS; missing or `""`: none.
     pub address: Option<String>,
+    /// Names answered by the relay itself: `{ "printer.lan" = "192.168.30.40" }`.
+    pub hosts: Option<std::collections::BTreeMap<String, String>>,
+    /// A hosts(5) file of more such names (IPv4 lines only); missing or `""`: none.
+    pub hosts_file: Option<String>,
 }
 
 pub(crate) const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
@@ -926,10 +936,50 @@ fn dns_config(
         None | Some("") => None,
         Some(v) => Some(dns_address(parse_ip("dns.address", v)?, host, nat, dhcp)?),
     };
+    let mut hosts = Vec::new();
+    for (name, ip) in raw.dns.hosts.iter().flatten() {
+        let Some(n) = crate::vhost::names::normalize(name) else {
+            return Err(field_err(
+                "dns.hosts",
+                format!("`{name}` is not a host name (labels of letters, digits and `-`)"),
+            ));
+        };
+        hosts.push((n, parse_ip("dns.hosts", ip)?));
+    }
+    let hosts_file = match raw.dns.hosts_file.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(p) => Some(PathBuf::from(p)),
+    };
+    let mut hosts_from_file = Vec::new();
+    if hosts_file.is_some() {
+        for (name, ip) in &machine.hosts_file {
+            let Some(n) = crate::vhost::names::normalize(name) else {
+                return Err(field_err(
+                    "dns.hosts_file",
+                    format!("`{name}` is not a host name"),
+                ));
+            };
+            hosts_from_file.push((n, *ip));
+        }
+    }
+    let max = crate::vhost::names::MAX_HOSTS;
+    if hosts.len() + hosts_from_file.len() > max {
+        return Err(field_err(
+            if hosts.len() > max {
+                "dns.hosts"
+            } else {
+                "dns.hosts_file"
+            },
+            format!("at most {max} names in `dns.hosts` and `dns.hosts_file` together"),
+        ));
+    }
     Ok(DnsConfig {
         upstream,
         query_timeout: secs("dns.query_timeout", raw.dns.query_timeout, 5)?,
         address,
+        hosts,
+        hosts_file,
+        hosts_from_file,
     })
 }
 
@@ -1030,6 +1080,8 @@ pub struct Machine {
     /// How many host sockets the process can open beside what it keeps for itself (its open
     /// files limit less a reserve): the session totals are held below it. None: no limit.
     pub socket_budget: Option<usize>,
+    /// The names of the configuration's `[dns] hosts_file`, as the daemon read them.
+    pub hosts_file: Vec<(String, Ipv4Addr)>,
 }
 
 /// The DNS domain a resolv.conf names: its `domain` or first `search` entry.
@@ -1198,6 +1250,39 @@ mod tests {
         let ns = resolv_conf_nameservers("# x\nnameserver 10.0.0.2\nsearch a.b\nnameserver ::1\n");
         assert_eq!(ns.len(), 2);
     }
+
+    #[test]
+    fn dns_hosts_are_validated_and_bounded() {
+        let c = load("[dns]\nhosts = { \"Printer.lan.\" = \"192.168.30.40\" }\n").unwrap();
+        assert_eq!(
+            c.dns.hosts,
+            vec![("Printer.lan".to_owned(), Ipv4Addr::new(192, 168, 30, 40))]
+        );
+        for text in [
+            "[dns]\nhosts = { \"a_b\" = \"192.168.30.40\" }",
+            "[dns]\nhosts = { \"a\" = \"::1\" }",
+        ] {
+            assert_eq!(field_of(load(text).unwrap_err()), "dns.hosts", "{text}");
+        }
+        // The file's names count only with a file configured, and toward the same bound.
+        let machine = Machine {
+            hosts_file: vec![("nas".into(), Ipv4Addr::new(10, 0, 0, 1)); 3],
+            ..Machine::default()
+        };
+        let c = Config::from_raw_on(&RawConfig::default(), &machine).unwrap();
+        assert!(c.dns.hosts_from_file.is_empty());
+        let raw = RawConfig::from_toml("[dns]\nhosts_file = \"/h\"").unwrap();
+        let c = Config::from_raw_on(&raw, &machine).unwrap();
+        assert_eq!(c.dns.hosts_from_file.len(), 3);
+        let machine = Machine {
+            hosts_file: vec![("nas".into(), Ipv4Addr::new(10, 0, 0, 1)); MAX_HOSTS_TEST + 1],
+            ..Machine::default()
+        };
+        let e = Config::from_raw_on(&raw, &machine).unwrap_err();
+        assert_eq!(field_of(e), "dns.hosts_file");
+    }
+
+    const MAX_HOSTS_TEST: usize = crate::vhost::names::MAX_HOSTS;
 
     #[test]
     fn session_totals_stay_within_the_socket_budget() {

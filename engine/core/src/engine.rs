@@ -347,6 +347,7 @@ impl Engine {
         if new.dhcp != old.dhcp {
             self.dhcp.reconfigure(&new.dhcp, &mut self.ctx.events);
         }
+        self.dns.reconfigured();
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);
         self.ctx.mac = mac;
@@ -504,10 +505,16 @@ impl Engine {
             .nat
             .handle_reassembled(now, &mut self.ctx, &ip, io, out)?;
         match query {
-            Some(q) => {
-                self.dns
-                    .handle_query(now, &mut self.ctx, q.guest, q.server, q.query, io, out)
-            }
+            Some(q) => self.dns.handle_query(
+                now,
+                &mut self.ctx,
+                &self.dhcp,
+                q.guest,
+                q.server,
+                q.query,
+                io,
+                out,
+            ),
             None => Ok(()),
         }
     }
@@ -611,10 +618,16 @@ impl Engine {
             return icmp::handle_to_host(&mut self.ctx, &ip, out);
         }
         match self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)? {
-            Some(q) => {
-                self.dns
-                    .handle_query(now, &mut self.ctx, q.guest, q.server, q.query, io, out)
-            }
+            Some(q) => self.dns.handle_query(
+                now,
+                &mut self.ctx,
+                &self.dhcp,
+                q.guest,
+                q.server,
+                q.query,
+                io,
+                out,
+            ),
             None => Ok(()),
         }
     }

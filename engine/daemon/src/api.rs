@@ -116,6 +116,15 @@ pub enum Request {
     /// Turns the connection into the event stream (`stream`): one JSON line per event until
     /// the client closes.
     Events,
+    /// Starts writing the segment's frames to `path` (absolute: the daemon's working directory
+    /// is not the client's), up to `max_mib` MiB (default 64).
+    CaptureStart {
+        path: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_mib: Option<u64>,
+    },
+    /// Ends the capture on now; its file is complete when the answer comes.
+    CaptureStop,
 }
 
 /// One port forward, as `forward list` shows it.
@@ -237,6 +246,9 @@ pub struct StatusView {
     /// The segment's ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortRow>,
+    /// The capture on now, else the last one (None: none since start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<hubnat_runtime::capture::CaptureStatus>,
 }
 
 /// The TAP's NAPI polls, as `status` shows them.
@@ -531,6 +543,12 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
             upstream: Some(cfg.dns.upstream.iter().map(|a| a.to_string()).collect()),
             query_timeout: s(cfg.dns.query_timeout),
             address: blank(cfg.dns.address),
+            hosts: Some(
+                (cfg.dns.hosts.iter())
+                    .map(|(n, ip)| (n.clone(), ip.to_string()))
+                    .collect(),
+            ),
+            hosts_file: blank(cfg.dns.hosts_file.as_ref().map(|p| p.display())),
         },
         control: RawControl {
             socket: cfg.control.socket.as_ref().map(|p| p.display().to_string()),
@@ -652,8 +670,10 @@ impl Control {
             | Request::PortRemove { .. }
             | Request::ForwardList
             | Request::ForwardAdd { .. }
-            | Request::ForwardRemove { .. } => Response::err(
-                "ports and forwards are managed by the running hubnat's control thread",
+            | Request::ForwardRemove { .. }
+            | Request::CaptureStart { .. }
+            | Request::CaptureStop => Response::err(
+                "ports, forwards and captures are managed by the running hubnat's control thread",
             ),
             Request::Events => Response::err("events are streamed by the control socket only"),
         }
@@ -910,6 +930,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         workers: views,
         tap_napi: None,
         ports: Vec::new(),
+        capture: None,
     }
 }
 

@@ -8,7 +8,8 @@
 //! - `seclog`, `reverse`: the security-log writer and the reverse lookups it names hosts with;
 //! - `stream`: the events streamed to control-socket clients (`hubnat events`);
 //! - `sandbox`: least privilege once started (user, capabilities, Landlock, seccomp);
-//! - `machine`: the configuration file and the machine facts it defaults to;
+//! - `machine`: the configuration file and the machine facts it defaults to (hosts file too);
+//! - `resolv`: resolv.conf watched, for the DNS relay's upstreams;
 //! - `notify`: readiness for systemd (`Type=notify`).
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod leases;
 pub mod machine;
 pub mod metrics;
 pub mod notify;
+pub mod resolv;
 pub mod reverse;
 pub mod sandbox;
 pub mod seclog;

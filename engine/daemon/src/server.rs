@@ -35,6 +35,8 @@ const METRICS: Token = Token(FIRST_OPERATOR_TOKEN + 1);
 const HUP: Token = Token(FIRST_OPERATOR_TOKEN + 2);
 /// Something was published for the event streams.
 const EVENTS: Token = Token(FIRST_OPERATOR_TOKEN + 3);
+/// resolv.conf's watch (`resolv`).
+const RESOLV: Token = Token(FIRST_OPERATOR_TOKEN + 8);
 /// Connections (control and metrics) are tokens from here, one per slot.
 const FIRST_CONN: usize = FIRST_OPERATOR_TOKEN + 16;
 /// Control connections open at once; more wait in the listener's backlog. The metrics endpoint
@@ -73,6 +75,8 @@ pub struct ServerOptions {
     /// Where the threads publish the events the control socket streams (`stream`); the same
     /// hub goes into the runtime's event sink (`stream::TeeSink`).
     pub events: Option<Arc<EventHub>>,
+    /// resolv.conf watched: the DNS relay's upstreams follow it when the file names none.
+    pub resolv: Option<crate::resolv::ResolvWatch>,
 }
 
 enum Stream {
@@ -196,6 +200,7 @@ pub struct Server {
     events: Option<Arc<EventHub>>,
     /// The event lines of one loop turn (kept to reuse its allocation).
     lines: Vec<String>,
+    resolv: Option<crate::resolv::ResolvWatch>,
 }
 
 impl Server {
@@ -216,6 +221,7 @@ impl Server {
             freed: false,
             events: opts.events,
             lines: Vec::new(),
+            resolv: opts.resolv,
             leases: opts.lease_file.map(|path| LeaseFile {
                 path,
                 saved_generation: 0,
@@ -365,6 +371,30 @@ impl Server {
                 r.error.unwrap_or_default()
             ),
             Err(e) => tracing::error!("configuration not reloaded: {e}"),
+        }
+    }
+
+    /// resolv.conf changed: the relay's upstreams follow it, unless the configuration names
+    /// its own (then the file is not what they come from).
+    fn on_resolv(&mut self, plane: &mut Plane<'_>) {
+        let Some(w) = &mut self.resolv else {
+            return;
+        };
+        let configured = (self.control.raw.dns.upstream.as_ref()).is_some_and(|u| !u.is_empty());
+        if !w.changed() || configured {
+            return;
+        }
+        let new = w.nameservers();
+        let dns = &mut plane.engine.ctx.cfg.dns;
+        if new != dns.upstream {
+            tracing::info!(
+                "DNS upstreams changed (resolv.conf): {} -> {}",
+                crate::resolv::show(&dns.upstream),
+                crate::resolv::show(&new)
+            );
+            // Reaches the workers (DNS over TCP) when this call returns; the relay follows it
+            // at its next query.
+            dns.upstream = new;
         }
     }
 
@@ -553,6 +583,17 @@ impl Server {
                     }
                 }
                 Ok(Request::PortAdd { spec }) => add_port(&spec, plane),
+                Ok(Request::CaptureStart { path, max_mib }) => {
+                    let mib = max_mib.unwrap_or(hubnat_runtime::capture::DEFAULT_MAX_MIB);
+                    match plane.capture_start(&path, mib.saturating_mul(1 << 20)) {
+                        Ok(status) => Response::ok(status),
+                        Err(e) => Response::err(e),
+                    }
+                }
+                Ok(Request::CaptureStop) => match plane.capture_stop() {
+                    Some(status) => Response::ok(status),
+                    None => Response::err("no capture is on"),
+                },
                 Ok(Request::PortRemove { id }) => match plane.remove_port(id) {
                     Ok(()) => Response::ok(port_rows(plane)),
                     Err(e) => Response::err(e),
@@ -584,6 +625,9 @@ impl Server {
                     if status && r.ok {
                         r.result["ports"] =
                             serde_json::to_value(port_rows(plane)).expect("serializes");
+                        if let Some(c) = plane.capture_status() {
+                            r.result["capture"] = serde_json::to_value(c).expect("serializes");
+                        }
                     }
                     if let (true, Some((threaded, switches))) = (status && r.ok, plane.napi_state())
                     {
@@ -679,6 +723,9 @@ impl Operator for Server {
         if let Some(h) = &self.events {
             registry.register(&mut SourceFd(&h.wake_fd()), EVENTS, Interest::READABLE)?;
         }
+        if let Some(w) = &self.resolv {
+            registry.register(&mut SourceFd(&w.fd()), RESOLV, Interest::READABLE)?;
+        }
         Ok(())
     }
 
@@ -691,6 +738,7 @@ impl Operator for Server {
             CONTROL => self.accept(false, plane),
             METRICS => self.accept(true, plane),
             HUP => self.on_reload(plane),
+            RESOLV => self.on_resolv(plane),
             // Drained by `poll`, which runs after this in the same turn.
             EVENTS => {
                 if let Some(h) = &self.events {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::capture::Capture;
 use crate::clock::{wait, Clock};
 use crate::events::EventSink;
 use crate::limits::SharedLimits;
@@ -85,6 +86,12 @@ pub struct Options {
     /// Where the engines' events go (every thread drains its own engine after each batch);
     /// None: they are dropped.
     pub events: Option<Arc<dyn EventSink>>,
+    /// A capture to start with the runtime (`--pcap`): its file, opened by the caller, the
+    /// file's name and its cap in bytes.
+    pub pcap: Option<(std::fs::File, std::path::PathBuf, u64)>,
+    /// The directories hubnat may write in its sandbox (empty: no sandbox), named when a
+    /// capture file cannot be made at run time.
+    pub writable_dirs: Vec<std::path::PathBuf>,
 }
 
 /// The worker threads as the control thread holds them, and what it shares with them.
@@ -195,6 +202,9 @@ pub struct Runtime {
     /// Scratch for a datagram reassembled here for a worker's flow.
     whole: Vec<u8>,
     events: Option<Arc<dyn EventSink>>,
+    capture: Arc<Capture>,
+    capture_writer: Option<std::thread::JoinHandle<()>>,
+    writable_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Drop for Runtime {
@@ -202,6 +212,12 @@ impl Drop for Runtime {
         self.workers.stop();
         if let Some(op) = &mut self.operator {
             op.stop();
+        }
+        self.capture.shutdown();
+        if let Some(t) = self.capture_writer.take() {
+            if t.join().is_err() {
+                tracing::error!("the capture writer thread panicked");
+            }
         }
     }
 }
@@ -273,6 +289,20 @@ impl Runtime {
         }
         engine.set_batching(true);
         let router = Router::new(n_workers);
+        // Its writer thread is made now, whether or not a capture is asked for: the system-call
+        // filter installed after start allows no new thread.
+        let capture = Arc::new(Capture::default());
+        let capture_writer = capture.spawn_writer()?;
+        if let Some((file, path, max)) = opts.pcap.take() {
+            if let Err(e) = capture.start(file, &path, max) {
+                capture.shutdown();
+                let _ = capture_writer.join();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("capture {}: {e}", path.display()),
+                ));
+            }
+        }
         let workers = spawn_workers(
             &mut engine,
             &poll,
@@ -283,12 +313,14 @@ impl Runtime {
             backend,
             &mut opts,
             n_workers,
+            &capture,
         )?;
         let next_expire = (n_workers > 0).then(|| clock.now() + expiry_tick(&engine.ctx.cfg));
         let tx = PortSender::new(
             tap.as_ref()
                 .map(|t| TapSender::new(Arc::clone(t), opts.napi.clone())),
             Arc::clone(&switch),
+            Arc::clone(&capture),
         );
         let next_age = clock.now() + AGE_TICK;
         let mut rt = Runtime {
@@ -315,6 +347,9 @@ impl Runtime {
             next_expire,
             whole: Vec::new(),
             events: opts.events.clone(),
+            capture,
+            capture_writer: Some(capture_writer),
+            writable_dirs: std::mem::take(&mut opts.writable_dirs),
         };
         rt.with_operator(|op, plane| op.start(plane));
         rt.sync_forwards();
@@ -435,6 +470,8 @@ impl Runtime {
             forwards: &mut self.forwards,
             workers: &self.workers,
             napi: self.tx.napi_state(),
+            capture: &self.capture,
+            writable_dirs: &self.writable_dirs,
         };
         f(op.as_mut(), &mut plane);
         self.operator = Some(op);
@@ -611,6 +648,7 @@ impl Runtime {
         // Edge-triggered: read until the device would block, flushing every batch.
         let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
+            let cap = self.capture.batch();
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 // With workers, frames are read into pool buffers so that a worker's frame is
                 // queued without a copy; this thread's own frames reuse the buffer.
@@ -620,6 +658,9 @@ impl Runtime {
                     self.switch.count_rx(FIRST_TAP, frames, bytes);
                     return Ok(());
                 };
+                if let Some(c) = cap {
+                    self.capture.frame(c, &buf[..n]);
+                }
                 if self.switch.several() {
                     if !self.switch.ingress(FIRST_TAP, &buf[..n]) {
                         self.bufs.put_back(buf, from_pool);
@@ -643,11 +684,15 @@ impl Runtime {
             return;
         };
         let mut done = 0;
+        let mut cap = self.capture.batch();
         loop {
             let pool = self.workers.shared.as_ref().map(|sh| &sh.pool);
             let (mut buf, from_pool) = self.bufs.take(pool);
             match link.recv(&mut buf) {
                 Ok(Some(n)) => {
+                    if let Some(c) = cap {
+                        self.capture.frame(c, &buf[..n]);
+                    }
                     if self.switch.ingress(id, &buf[..n]) {
                         self.dispatch(now, buf, n, from_pool);
                     } else {
@@ -656,6 +701,7 @@ impl Runtime {
                     done += 1;
                     if done % MAX_FRAMES_PER_BATCH == 0 {
                         self.flush();
+                        cap = self.capture.batch();
                     }
                 }
                 Ok(None) => {
@@ -795,6 +841,7 @@ fn spawn_workers(
     backend: Backend,
     opts: &mut Options,
     n: usize,
+    capture: &Arc<Capture>,
 ) -> io::Result<Workers> {
     let mut workers = Workers {
         handles: Vec::new(),
@@ -861,6 +908,7 @@ fn spawn_workers(
             frame_size,
             napi: opts.napi.clone(),
             events: opts.events.clone(),
+            capture: Arc::clone(capture),
         };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()

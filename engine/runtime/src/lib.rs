@@ -8,9 +8,11 @@
 //! - `sock`: the host-socket drivers (io_uring readiness and completions, or epoll);
 //! - `port`: the frame ports (TAP, AF_PACKET);
 //! - `operator`: the hook through which the daemon serves operators on the control thread;
+//! - `capture`: the segment's frames written to a pcap file, off the data path;
 //! - `events`: where each thread drains its engine's events; `limits`: the session ids and
 //!   limits the engines of one runtime share.
 
+pub mod capture;
 mod clock;
 pub mod control_thread;
 pub mod events;

@@ -60,6 +60,8 @@ pub struct Plane<'a> {
     pub(crate) forwards: &'a mut crate::sock::forward::Forwards,
     pub(crate) workers: &'a Workers,
     pub(crate) napi: Option<(bool, u64)>,
+    pub(crate) capture: &'a crate::capture::Capture,
+    pub(crate) writable_dirs: &'a [std::path::PathBuf],
 }
 
 impl Plane<'_> {
@@ -127,5 +129,38 @@ impl Plane<'_> {
     /// Where the TAP's NAPI polls run (threaded?) and how often they moved, if switched.
     pub fn napi_state(&self) -> Option<(bool, u64)> {
         self.napi
+    }
+
+    /// Starts capturing the segment's frames into `path` (made anew), up to `max_bytes`; why
+    /// not, with nothing changed. `path` is the daemon's own (absolute, from the CLI).
+    pub fn capture_start(
+        &self,
+        path: &std::path::Path,
+        max_bytes: u64,
+    ) -> Result<crate::capture::CaptureStatus, String> {
+        if let Some(on) = self.capture.status().filter(|s| s.active) {
+            return Err(format!(
+                "a capture to {} is on: stop it first (hubnat capture stop)",
+                on.path.display()
+            ));
+        }
+        let file = crate::capture::open_file(path)
+            .map_err(|e| crate::capture::open_error(path, &e, self.writable_dirs))?;
+        self.capture
+            .start(file, path, max_bytes)
+            .map_err(|e| format!("capture {}: {e}", path.display()))?;
+        self.capture
+            .status()
+            .ok_or_else(|| "the capture ended at once".to_owned())
+    }
+
+    /// Ends the capture on now (its file written and closed); None when none is on.
+    pub fn capture_stop(&self) -> Option<crate::capture::CaptureStatus> {
+        self.capture.stop("stopped by the operator")
+    }
+
+    /// The capture on now, else the last one.
+    pub fn capture_status(&self) -> Option<crate::capture::CaptureStatus> {
+        self.capture.status()
     }
 }

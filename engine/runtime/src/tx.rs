@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::capture::Capture;
 use crate::port::switch::Switch;
 use crate::port::tap::{NapiThreading, Tap, TapWriter};
 use hubnat_core::output::FrameBatch;
@@ -182,12 +183,18 @@ impl TapSender {
 pub struct PortSender {
     tap: Option<TapSender>,
     switch: Arc<Switch>,
+    capture: Arc<Capture>,
 }
 
 impl PortSender {
-    /// `tap`: the calling thread's writer for the switch's batched port.
-    pub fn new(tap: Option<TapSender>, switch: Arc<Switch>) -> PortSender {
-        PortSender { tap, switch }
+    /// `tap`: the calling thread's writer for the switch's batched port; `capture`: where the
+    /// frames sent are captured while a capture is on.
+    pub fn new(tap: Option<TapSender>, switch: Arc<Switch>, capture: Arc<Capture>) -> PortSender {
+        PortSender {
+            tap,
+            switch,
+            capture,
+        }
     }
 
     /// Where the TAP's NAPI polls run and how often they moved, when they are switched.
@@ -200,6 +207,10 @@ impl PortSender {
     pub fn send(&mut self, out: &mut FrameBatch) -> usize {
         if out.is_empty() {
             return 0;
+        }
+        // Before the switch keeps only the batched port's: every frame sent, whatever its port.
+        if let Some(c) = self.capture.batch() {
+            out.iter().for_each(|f| self.capture.frame(c, f));
         }
         if self.tap.is_none() || self.switch.several() {
             let switch = &self.switch;

@@ -118,6 +118,8 @@ pub struct WorkerSetup {
     pub frame_size: usize,
     pub napi: Option<Arc<NapiSwitch>>,
     pub events: Option<Arc<dyn crate::events::EventSink>>,
+    /// The runtime's capture (frames read and sent are copied to it while one is on).
+    pub capture: Arc<crate::capture::Capture>,
 }
 
 struct Worker {
@@ -136,6 +138,7 @@ struct Worker {
     bufs: ReadBufs,
     tx: PortSender,
     switch: Arc<Switch>,
+    capture: Arc<crate::capture::Capture>,
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
     events: Option<Arc<dyn crate::events::EventSink>>,
@@ -200,8 +203,10 @@ impl Worker {
             tx: PortSender::new(
                 s.tap_out.map(|t| TapSender::new(t, s.napi)),
                 Arc::clone(&s.switch),
+                Arc::clone(&s.capture),
             ),
             switch: s.switch,
+            capture: s.capture,
             in_ring: s.backend == Backend::Uring,
             events: s.events,
         })
@@ -349,6 +354,7 @@ impl Worker {
         };
         let (mut frames, mut bytes) = (0u64, 0u64);
         loop {
+            let cap = self.capture.batch();
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 let Some((buf, n, from_pool)) = self.bufs.recv(&tap, Some(&self.shared.pool))?
                 else {
@@ -356,6 +362,9 @@ impl Worker {
                     self.switch.count_rx(FIRST_TAP, frames, bytes);
                     return Ok(());
                 };
+                if let Some(c) = cap {
+                    self.capture.frame(c, &buf[..n]);
+                }
                 if self.switch.several() {
                     if !self.switch.ingress(FIRST_TAP, &buf[..n]) {
                         self.bufs.put_back(buf, from_pool);

@@ -13,6 +13,10 @@
 //! own. With no usable upstream (none configured, all IPv6, or all inside the virtual network)
 //! the guest gets SERVFAIL at once.
 //!
+//! Some names are answered here and never relayed: the guests' and the operator's (`names.rs`
+//! says which). Those answers are authoritative (AA), carry the question as the guest wrote it
+//! (its case too), and hold no NAT-table row since nothing is in flight.
+//!
 //! The NAT table shows one `Proto::Dns` row per query in flight (guest address and port, the
 //! virtual host's address and port 53 it was sent to), and each is logged as a UDP session, as
 //! SecureNAT's log does.
@@ -36,6 +40,8 @@ use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
+use crate::vhost::dhcp::DhcpServer;
+use crate::vhost::names::{Answer, Names, TYPE_A, TYPE_PTR};
 use crate::Ctx;
 
 /// Queries in flight at once.
@@ -47,6 +53,10 @@ pub(crate) const MAX_QUERY: usize = 4096;
 const HEADER_LEN: usize = 12;
 const QR: u8 = 0x80;
 const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
+/// Authoritative answer: a local name is this relay's own.
+const AA: u8 = 0x04;
+const CLASS_IN: u16 = 1;
 /// Spare query buffers kept for reuse.
 const POOL: usize = 64;
 
@@ -107,6 +117,8 @@ pub(crate) struct DnsRelay {
     rearm_scratch: Vec<SockId>,
     /// Scratch for a query or an answer: UDP header room, then the DNS message.
     buf: Box<[u8]>,
+    /// The names answered here.
+    names: Names,
 }
 
 impl DnsRelay {
@@ -120,7 +132,13 @@ impl DnsRelay {
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
             buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
+            names: Names::default(),
         }
+    }
+
+    /// The configuration changed: the local names are looked up afresh.
+    pub(crate) fn reconfigured(&mut self) {
+        self.names.invalidate();
     }
 
     /// Queries in flight.
@@ -207,6 +225,7 @@ impl DnsRelay {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
+        dhcp: &DhcpServer,
         guest: SocketAddrV4,
         server: SocketAddrV4,
         query: &[u8],
@@ -215,7 +234,10 @@ impl DnsRelay {
     ) -> Result<(), DropReason> {
         // Lent out of `self` for the call, which needs `self` too; an empty box allocates nothing.
         let mut buf = std::mem::take(&mut self.buf);
-        let r = self.relay_query(now, ctx, (guest, server), query, io, out, &mut buf);
+        let r = match self.local_answer(now, ctx, dhcp, query, &mut buf[UDP_HEADER_LEN..]) {
+            Some(len) => send_to_guest(ctx, out, &mut buf, len, server, guest),
+            None => self.relay_query(now, ctx, (guest, server), query, io, out, &mut buf),
+        };
         self.buf = buf;
         r
     }
@@ -323,6 +345,20 @@ impl DnsRelay {
                 .collect();
         }
         Ok(())
+    }
+
+    /// The answer to `query` if it asks for a local name, written to `out`; its length.
+    fn local_answer(
+        &mut self,
+        now: Instant,
+        ctx: &Ctx,
+        dhcp: &DhcpServer,
+        query: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        let q = Question::parse(query)?;
+        let answer = self.names.lookup(now, &ctx.cfg, dhcp, &q.name, q.qtype);
+        write_answer(query, &q, &answer, out)
     }
 
     /// A random ID no query in flight has.
@@ -536,6 +572,97 @@ fn servfail(query: &[u8], out: &mut [u8]) -> usize {
     out[4..6].copy_from_slice(&qd.to_be_bytes());
     out[6..12].fill(0);
     len
+}
+
+/// The one question of a standard query, as the local names are looked up.
+struct Question {
+    /// Lower case, dots between labels, no trailing dot.
+    name: String,
+    qtype: u16,
+    /// Where the question ends in the query.
+    end: usize,
+}
+
+impl Question {
+    /// The question of `msg` if it is one the local names could answer: a standard query
+    /// (opcode 0) with one question of class IN whose name is plain ASCII without compression.
+    fn parse(msg: &[u8]) -> Option<Question> {
+        if msg.len() < HEADER_LEN || msg[2] & (QR | 0x78) != 0 || msg[4..6] != [0, 1] {
+            return None;
+        }
+        let mut name = String::new();
+        let mut i = HEADER_LEN;
+        loop {
+            let l = *msg.get(i)? as usize;
+            i += 1;
+            if l == 0 {
+                break;
+            }
+            if l & 0xc0 != 0 || name.len() + l + 1 > 255 {
+                return None;
+            }
+            let label = msg.get(i..i + l)?;
+            // A dot inside a label would make two names look alike.
+            if !label.iter().all(|&b| b.is_ascii_graphic() && b != b'.') {
+                return None;
+            }
+            if !name.is_empty() {
+                name.push('.');
+            }
+            name.extend(label.iter().map(|&b| b.to_ascii_lowercase() as char));
+            i += l;
+        }
+        let fixed = msg.get(i..i + 4)?;
+        let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+        let class = u16::from_be_bytes([fixed[2], fixed[3]]);
+        (class == CLASS_IN && !name.is_empty()).then_some(Question {
+            name,
+            qtype,
+            end: i + 4,
+        })
+    }
+}
+
+/// Writes the answer to `query` into `out` (the header, the question as the guest wrote it,
+/// then the record if there is one); its length, or `None` when the upstreams should answer.
+fn write_answer(query: &[u8], q: &Question, answer: &Answer, out: &mut [u8]) -> Option<usize> {
+    let (rcode, record) = match answer {
+        Answer::Relay => return None,
+        Answer::NxDomain => (RCODE_NXDOMAIN, None),
+        Answer::NoData => (0, None),
+        Answer::A(ip, ttl) => (0, Some((TYPE_A, *ttl, ip.octets().to_vec()))),
+        Answer::Ptr(name, ttl) => {
+            let mut rdata = Vec::with_capacity(name.len() + 2);
+            for label in name.split('.') {
+                rdata.push(u8::try_from(label.len()).ok()?);
+                rdata.extend_from_slice(label.as_bytes());
+            }
+            rdata.push(0);
+            (0, Some((TYPE_PTR, *ttl, rdata)))
+        }
+    };
+    let rr_len = record.as_ref().map_or(0, |r| 12 + r.2.len());
+    let len = q.end + rr_len;
+    if len > out.len() {
+        return None;
+    }
+    out[..q.end].copy_from_slice(&query[..q.end]);
+    out[2] = QR | AA | (query[2] & 0x01); // RD echoed
+    out[3] = 0x80 | rcode; // RA: the relay recurses for everything else
+    out[4..6].copy_from_slice(&1u16.to_be_bytes());
+    out[6..8].copy_from_slice(&u16::from(record.is_some()).to_be_bytes());
+    out[8..12].fill(0);
+    if let Some((rtype, ttl, rdata)) = record {
+        let rr = &mut out[q.end..len];
+        // The owner is the question's name, by a pointer to it (offset 12).
+        rr[..2].copy_from_slice(&[0xc0, 0x0c]);
+        rr[2..4].copy_from_slice(&rtype.to_be_bytes());
+        rr[4..6].copy_from_slice(&CLASS_IN.to_be_bytes());
+        rr[6..10].copy_from_slice(&ttl.to_be_bytes());
+        rr[10..12].copy_from_slice(&u16::try_from(rdata.len()).ok()?.to_be_bytes());
+        rr[12..].copy_from_slice(&rdata);
+    }
+    Some(len)
 }
 
 /// The end of the first question (name, type, class), if it is well formed.
@@ -953,5 +1080,269 @@ mod tests {
         assert_eq!(joined.len(), 8 + 3000);
         assert_eq!(joined[8..10], 3u16.to_be_bytes());
         assert_eq!(joined[10..], a[2..]);
+    }
+
+    /// A query for `name` of type `qtype`, with ID 0x4242 and recursion desired.
+    fn query_for(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&CLASS_IN.to_be_bytes());
+        q
+    }
+
+    /// A local answer: (rcode, the question as echoed, the one record's (type, TTL, rdata)).
+    struct Reply {
+        rcode: u8,
+        question: Vec<u8>,
+        record: Option<(u16, u32, Vec<u8>)>,
+    }
+
+    /// Asks `name` at `now`; the local answer, or `None` when the query went upstream.
+    fn ask(
+        e: &mut crate::Engine,
+        h: &mut SimSockets,
+        now: Instant,
+        name: &str,
+        qtype: u16,
+    ) -> Option<Reply> {
+        let mut out = FrameBatch::new();
+        let q = query_for(name, qtype);
+        e.handle_frame(now, &udp_frame(guest(), host53(), &q), h, &mut out);
+        let p = packets(&out);
+        if p.is_empty() {
+            return None;
+        }
+        let (from, to, a) = parse_udp(&p[0]);
+        assert_eq!((from, to), (host53(), guest()));
+        assert_eq!(a[..2], q[..2], "ID echoed");
+        assert_eq!(a[2] & (QR | AA | 1), QR | AA | 1, "an authoritative answer");
+        let qend = q.len();
+        let ancount = u16::from_be_bytes([a[6], a[7]]);
+        let record = (ancount == 1).then(|| {
+            let rr = &a[qend..];
+            assert_eq!(rr[..2], [0xc0, 0x0c]);
+            let rdlen = u16::from_be_bytes([rr[10], rr[11]]) as usize;
+            assert_eq!(rr.len(), 12 + rdlen);
+            (
+                u16::from_be_bytes([rr[2], rr[3]]),
+                u32::from_be_bytes([rr[6], rr[7], rr[8], rr[9]]),
+                rr[12..].to_vec(),
+            )
+        });
+        assert!(ancount <= 1);
+        Some(Reply {
+            rcode: a[3] & 0x0f,
+            question: a[12..qend].to_vec(),
+            record,
+        })
+    }
+
+    fn a_of(r: &Reply) -> (Ipv4Addr, u32) {
+        let (t, ttl, d) = r.record.clone().expect("an A record");
+        assert_eq!(t, TYPE_A);
+        (Ipv4Addr::new(d[0], d[1], d[2], d[3]), ttl)
+    }
+
+    fn ptr_of(r: &Reply) -> String {
+        let (t, _, d) = r.record.clone().expect("a PTR record");
+        assert_eq!(t, TYPE_PTR);
+        let mut labels = Vec::new();
+        let mut i = 0;
+        while d[i] != 0 {
+            let l = d[i] as usize;
+            labels.push(String::from_utf8(d[i + 1..i + 1 + l].to_vec()).unwrap());
+            i += l + 1;
+        }
+        labels.join(".")
+    }
+
+    const TYPE_AAAA: u16 = 28;
+    const IP_A: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 20);
+    const IP_B: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 21);
+    const IP_C: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 22);
+
+    fn lease(id: u32, last: u8, ip: Ipv4Addr, name: &str, at: u64, until: u64) -> Lease {
+        Lease {
+            id,
+            leased_at: Instant::from_secs(at),
+            expires_at: Instant::from_secs(until),
+            mac: Mac([2, 0, 0, 0, 1, last]),
+            ip,
+            host_name: name.into(),
+        }
+    }
+
+    use crate::vhost::dhcp::Lease;
+    use crate::vhost::names::TTL;
+
+    /// A relay with the domain `lan`, one upstream, and leases: vm1 (the oldest), a newer
+    /// guest that also calls itself VM1, and web, whose lease ends at 31 s.
+    fn setup_names() -> (crate::Engine, SimSockets) {
+        let (mut e, h, _) = setup_with(|c| {
+            c.dns.upstream = vec![UP1.into()];
+            c.dhcp.domain = Some("lan".into());
+        });
+        let kept = e.dhcp.restore(
+            T0,
+            vec![
+                lease(1, 1, IP_A, "vm1", 1, 3600),
+                lease(2, 2, IP_B, "VM1", 2, 3600),
+                lease(3, 3, IP_C, "web", 3, 31),
+            ],
+        );
+        assert_eq!(kept, 3);
+        (e, h)
+    }
+
+    #[test]
+    fn lease_names_are_answered_locally() {
+        let (mut e, mut h) = setup_names();
+        let now = Instant::from_secs(10);
+        let r = ask(&mut e, &mut h, now, "vm1.lan", TYPE_A).unwrap();
+        assert_eq!((r.rcode, a_of(&r)), (0, (IP_A, TTL)));
+        // Case-insensitive, and the question comes back as the guest wrote it.
+        let r = ask(&mut e, &mut h, now, "Vm1.LAN", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, IP_A);
+        assert_eq!(r.question, query_for("Vm1.LAN", TYPE_A)[12..]);
+        // The bare name, a single label.
+        let r = ask(&mut e, &mut h, now, "vm1", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, IP_A);
+        // The lease's remaining time when it is shorter than the usual TTL.
+        let r = ask(&mut e, &mut h, now, "web.lan", TYPE_A).unwrap();
+        assert_eq!(a_of(&r), (IP_C, 21));
+        // No IPv6 yet: the name exists, with no AAAA record.
+        let r = ask(&mut e, &mut h, now, "vm1.lan", TYPE_AAAA).unwrap();
+        assert_eq!((r.rcode, r.record.is_none()), (0, true));
+        // The reverse name gives the full name.
+        let r = ask(&mut e, &mut h, now, "20.30.168.192.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "vm1.lan");
+        let r = ask(&mut e, &mut h, now, "22.30.168.192.In-Addr.Arpa", TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "web.lan");
+        // Unknown names under the domain stay here.
+        let r = ask(&mut e, &mut h, now, "nope.lan", TYPE_A).unwrap();
+        assert_eq!((r.rcode, r.record.is_none()), (RCODE_NXDOMAIN, true));
+        let r = ask(&mut e, &mut h, now, "x.vm1.lan", TYPE_A).unwrap();
+        assert_eq!(r.rcode, RCODE_NXDOMAIN);
+        assert!(
+            e.dhcp.leases().count() == 3 && h.sockets.is_empty(),
+            "nothing relayed"
+        );
+        // Everything else is relayed: another domain, an unknown bare name, another address.
+        assert!(ask(&mut e, &mut h, now, "vm1.example", TYPE_A).is_none());
+        assert!(ask(&mut e, &mut h, now, "printer", TYPE_A).is_none());
+        assert!(ask(&mut e, &mut h, now, "9.9.9.9.in-addr.arpa", TYPE_PTR).is_none());
+        let s1 = e.dns.upstream_socket(0).unwrap();
+        assert_eq!(h.udp(s1).unwrap().sent.len(), 3);
+        // Once a lease is over its name is gone, before the pool's sweep notices.
+        let later = Instant::from_secs(40);
+        let r = ask(&mut e, &mut h, later, "web.lan", TYPE_A).unwrap();
+        assert_eq!(r.rcode, RCODE_NXDOMAIN);
+    }
+
+    #[test]
+    fn the_older_lease_keeps_a_name_two_guests_claim() {
+        let (mut e, mut h) = setup_names();
+        let now = Instant::from_secs(10);
+        // Guest B (leased later) sent VM1 too: the name stays guest A's, both ways.
+        let r = ask(&mut e, &mut h, now, "vm1.lan", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, IP_A);
+        assert!(ask(&mut e, &mut h, now, "21.30.168.192.in-addr.arpa", TYPE_PTR).is_none());
+        // Once A's lease is gone (its address is no longer in the range), B has it.
+        let mut cfg = e.config().clone();
+        cfg.dhcp.range_start = IP_B;
+        let mut out = FrameBatch::new();
+        e.reconfigure(now, cfg, &mut h, &mut out);
+        let r = ask(&mut e, &mut h, now, "vm1.lan", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, IP_B);
+    }
+
+    #[test]
+    fn operator_names_come_first() {
+        let (mut e, mut h, _) = setup_with(|c| {
+            c.dns.upstream = vec![UP1.into()];
+            c.dhcp.domain = Some("lan".into());
+            c.dns.hosts = vec![("Printer.lan".into(), Ipv4Addr::new(192, 168, 30, 40))];
+            c.dns.hosts_from_file = vec![
+                ("nas".into(), Ipv4Addr::new(10, 1, 2, 3)),
+                ("printer.lan".into(), Ipv4Addr::new(10, 9, 9, 9)),
+            ];
+            c.dhcp.reservations = vec![crate::vhost::dhcp::Reservation {
+                mac: Mac([2, 0, 0, 0, 9, 9]),
+                ip: Ipv4Addr::new(192, 168, 30, 60),
+                name: Some("db".into()),
+            }];
+        });
+        // A guest that calls itself db or printer gets neither name.
+        e.dhcp.restore(
+            T0,
+            vec![
+                lease(1, 1, IP_A, "db", 1, 3600),
+                lease(2, 2, IP_B, "printer", 1, 3600),
+            ],
+        );
+        let now = Instant::from_secs(10);
+        let r = ask(&mut e, &mut h, now, "printer.lan", TYPE_A).unwrap();
+        assert_eq!(a_of(&r), (Ipv4Addr::new(192, 168, 30, 40), TTL));
+        let r = ask(&mut e, &mut h, now, "40.30.168.192.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "Printer.lan");
+        let r = ask(&mut e, &mut h, now, "NAS", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, Ipv4Addr::new(10, 1, 2, 3));
+        let r = ask(&mut e, &mut h, now, "3.2.1.10.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "nas");
+        // The reservation's name, with or without a lease.
+        for n in ["db.lan", "db"] {
+            let r = ask(&mut e, &mut h, now, n, TYPE_A).unwrap();
+            assert_eq!(a_of(&r).0, Ipv4Addr::new(192, 168, 30, 60), "{n}");
+        }
+        let r = ask(&mut e, &mut h, now, "60.30.168.192.in-addr.arpa", TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "db.lan");
+        // Nor the bare `printer`: the two spellings of one name never part ways.
+        assert!(ask(&mut e, &mut h, now, "printer", TYPE_A).is_none());
+        // A change of the table is seen at once.
+        let mut cfg = e.config().clone();
+        cfg.dns.hosts.clear();
+        let mut out = FrameBatch::new();
+        e.reconfigure(now, cfg, &mut h, &mut out);
+        let r = ask(&mut e, &mut h, now, "printer.lan", TYPE_A).unwrap();
+        assert_eq!(a_of(&r).0, Ipv4Addr::new(10, 9, 9, 9));
+        // Without a domain, only bare names are local and nothing is NXDOMAIN here.
+        let mut cfg = e.config().clone();
+        cfg.dhcp.domain = None;
+        e.reconfigure(now, cfg, &mut h, &mut out);
+        assert_eq!(
+            a_of(&ask(&mut e, &mut h, now, "db", TYPE_A).unwrap())
+                .0
+                .octets()[3],
+            60
+        );
+        assert!(ask(&mut e, &mut h, now, "nope.lan", TYPE_A).is_none());
+    }
+
+    #[test]
+    fn odd_questions_are_relayed_not_answered() {
+        let (mut e, mut h) = setup_names();
+        let now = Instant::from_secs(10);
+        let mut out = FrameBatch::new();
+        // Class CH, two questions, a compressed name, an opcode other than QUERY.
+        let mut chaos = query_for("vm1.lan", TYPE_A);
+        let n = chaos.len();
+        chaos[n - 1] = 3;
+        let mut two = query_for("vm1.lan", TYPE_A);
+        two[5] = 2;
+        let mut ptr = query_for("vm1.lan", TYPE_A);
+        ptr[12] = 0xc0;
+        let mut notify = query_for("vm1.lan", TYPE_A);
+        notify[2] |= 4 << 3;
+        for q in [chaos, two, ptr, notify] {
+            e.handle_frame(now, &udp_frame(guest(), host53(), &q), &mut h, &mut out);
+        }
+        assert!(out.is_empty());
+        let s1 = e.dns.upstream_socket(0).unwrap();
+        assert_eq!(h.udp(s1).unwrap().sent.len(), 4);
     }
 }

@@ -5,3 +5,4 @@ pub mod bindings;
 pub mod dhcp;
 pub(crate) mod dns;
 pub(crate) mod icmp;
+pub mod names;
