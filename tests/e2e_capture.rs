@@ -5,67 +5,15 @@
 #[macro_use]
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{control_config, open_dir, udhcpc_lease};
+
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ctl, ctl_json, must, wait_until, Lab, Netns};
+use common::{ctl, ctl_json, must, wait_until, Lab};
 
 const HOST_IP: &str = "192.168.30.1";
-
-fn config(ops: &Path) -> String {
-    format!(
-        "[control]\nsocket = \"{}\"\nreverse_lookup = false\n",
-        ops.join("ctl.sock").display()
-    )
-}
-
-/// A directory of the lab's that hubnat's sandbox user may write too.
-fn open_dir(lab: &Lab, name: &str) -> PathBuf {
-    let d = lab.dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    must(Command::new("chmod").arg("777").arg(&d));
-    d
-}
-
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
-
-/// Leases an address for the lab's TAP with busybox udhcpc, whose script configures the
-/// interface and nothing else.
-fn lease(lab: &Lab, ns: &Netns) {
-    let script = lab.write_script("udhcpc-script", UDHCPC_SCRIPT);
-    let out = ns.exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        &lab.tap,
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "6",
-        "-T",
-        "1",
-        "-A",
-        "1",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "udhcpc: {out:?}\n{}",
-        lab.hubnat_log()
-    );
-}
 
 /// What `tcpdump -r FILE -nn -v` prints (it must read the file without complaint).
 fn tcpdump(file: &Path) -> String {
@@ -111,9 +59,9 @@ fn a_lease_is_in_the_capture_from_start() {
     let ops = open_dir(&lab, "ops");
     let caps = open_dir(&lab, "caps");
     let file = caps.join("start.pcap");
-    lab.start_hubnat_args(&config(&ops), &["--pcap", file.to_str().unwrap()]);
+    lab.start_hubnat_args(&control_config(&ops), &["--pcap", file.to_str().unwrap()]);
     wait_for_control(&ops);
-    lease(&lab, &lab.guest);
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     let status = ctl_json(&ops, &["status"]);
     assert_eq!(status["capture"]["active"], true, "{status}");
     let human = ctl(&ops, &["status"]);
@@ -148,7 +96,7 @@ fn an_unwritable_file_is_refused_at_start() {
     let ops = open_dir(&lab, "ops");
     let guest = lab.guest.path();
     lab.start_hubnat_cmd(
-        &config(&ops),
+        &control_config(&ops),
         &[
             "--tap",
             "tap0",
@@ -187,11 +135,11 @@ fn a_capture_at_run_time() {
     let caps = open_dir(&lab, "caps");
     let first = caps.join("first.pcap");
     lab.start_hubnat_args(
-        &config(&ops),
+        &control_config(&ops),
         &["--pcap", first.to_str().unwrap(), "--pcap-max-mib", "8"],
     );
     wait_for_control(&ops);
-    lease(&lab, &lab.guest);
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     // Already on (from start): refused.
     let why = ctl_fails(&ops, &["capture", "start", "/tmp/never.pcap"]);
     assert!(
@@ -251,9 +199,9 @@ fn the_cap_stops_the_capture() {
     let mut lab = Lab::bare_with_server();
     let ops = open_dir(&lab, "ops");
     let caps = open_dir(&lab, "caps");
-    lab.start_hubnat_args(&config(&ops), &[]);
+    lab.start_hubnat_args(&control_config(&ops), &[]);
     wait_for_control(&ops);
-    lease(&lab, &lab.guest);
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     let file = caps.join("capped.pcap");
     ctl(
         &ops,

@@ -7,77 +7,19 @@
 #[macro_use]
 mod common;
 
+use common::{control_config, open_dir, udhcpc_lease};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ctl, must, wait_until, Lab, Netns, Proc, SERVER_IP};
+use common::{ctl, wait_until, Lab, Proc, SERVER_IP};
 use regex::Regex;
 use serde_json::Value;
 
 const GUEST_MAC: &str = "02:00:00:00:7e:01";
-
-fn config(ops: &Path) -> String {
-    format!(
-        "[control]\nsocket = \"{}\"\nreverse_lookup = false\n",
-        ops.join("ctl.sock").display()
-    )
-}
-
-/// The lab's control directory, made writable for hubnat's sandbox user.
-fn ops_dir(lab: &Lab) -> PathBuf {
-    let ops = lab.dir.join("ops");
-    std::fs::create_dir_all(&ops).unwrap();
-    must(Command::new("chmod").arg("777").arg(&ops));
-    ops
-}
-
-/// Configures the interface (address and default route) and nothing else.
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
-
-/// Leases an address for `iface` in `ns` with busybox udhcpc; the address.
-fn lease(lab: &Lab, ns: &Netns, iface: &str) -> String {
-    let script = lab.write_script("udhcpc-script", UDHCPC_SCRIPT);
-    let out = ns.exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        iface,
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "6",
-        "-T",
-        "1",
-        "-A",
-        "1",
-        "-x",
-        "hostname:e2e-events",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "udhcpc: {out:?}\n{}",
-        lab.hubnat_log()
-    );
-    let addrs = ns.addrs(iface);
-    assert_eq!(addrs.len(), 1, "one address on {iface}: {addrs:?}");
-    addrs[0].split('/').next().unwrap().to_owned()
-}
 
 fn wait_control(ops: &Path, lab: &Lab) {
     let sock = ops.join("ctl.sock");
@@ -157,8 +99,8 @@ fn find(lines: &[Value], f: impl Fn(&Value) -> bool) -> Option<&Value> {
 fn events_stream_the_lease_and_the_session_and_a_stalled_reader_stalls_nothing() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
-    lab.start_hubnat_args(&config(&ops), &[]);
+    let ops = open_dir(&lab, "ops");
+    lab.start_hubnat_args(&control_config(&ops), &[]);
     wait_control(&ops, &lab);
     let started = Instant::now();
     let json_log = lab.dir.join("events.json");
@@ -220,7 +162,7 @@ fn events_stream_the_lease_and_the_session_and_a_stalled_reader_stalls_nothing()
     // The guest takes a lease and fetches a page meanwhile: nothing waits for the stalled one.
     lab.guest
         .exec_ok(&["ip", "link", "set", &lab.tap, "address", GUEST_MAC]);
-    let ip = lease(&lab, &lab.guest, &lab.tap);
+    let ip = udhcpc_lease(&lab, &lab.guest, &lab.tap, &["-x", "hostname:e2e-events"]);
     let _httpd = lab.httpd(lab.server(), None, "hello events\n");
     let url = format!("http://{SERVER_IP}:8080/index.html");
     let page = lab

@@ -8,6 +8,8 @@
 #[macro_use]
 mod common;
 
+use common::{control_config, udhcpc_lease};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,20 +18,13 @@ use common::{
     ctl_json, must, testsrv_bin, wait_until, Lab, Netns, Proc, GUEST_IP, NAT_SIDE_IP, SERVER_IP,
 };
 
-fn config(ops: &Path) -> String {
-    format!(
-        "[control]\nsocket = \"{}\"\nreverse_lookup = false\n",
-        ops.join("ctl.sock").display()
-    )
-}
-
 /// A lab with a server namespace and its guest at GUEST_IP, hubnat's control socket in `ops`.
 fn lab() -> (Lab, PathBuf) {
     let mut lab = Lab::bare_with_server();
     let ops = lab.dir.join("ops");
     std::fs::create_dir_all(&ops).unwrap();
     must(Command::new("chmod").arg("777").arg(&ops));
-    lab.start_hubnat_args(&config(&ops), &[]);
+    lab.start_hubnat_args(&control_config(&ops), &[]);
     let guest = format!("{GUEST_IP}/24");
     lab.guest
         .exec_ok(&["ip", "addr", "add", &guest, "dev", &lab.tap]);
@@ -135,8 +130,13 @@ fn a_forward_reaches_a_guest_server_with_the_clients_address() {
             "--listen",
             "0.0.0.0:7000",
         ]),
-        None,
+        Some(lab.dir.join("tcp-echo.log")),
     );
+    // Connected before the guest listens, the client would only get the guest's reset.
+    wait_until(Duration::from_secs(5), || {
+        echo.log().contains("listening").then_some(())
+    })
+    .expect("tcp-echo listens");
     forward(
         &ops,
         &["add", "tcp", "0.0.0.0:7000", &format!("{GUEST_IP}:7000")],
@@ -233,47 +233,6 @@ fn udp_echo_through_a_forward_from_two_clients_at_once() {
     assert_eq!(inbound_udp, 2, "a session per client: {rows}");
 }
 
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
-
-fn lease_as(lab: &Lab, name: &str) -> String {
-    let script = lab.write_script("udhcpc-script", UDHCPC_SCRIPT);
-    let out = lab.guest.exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        &lab.tap,
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "5",
-        "-T",
-        "1",
-        "-A",
-        "1",
-        "-x",
-        &format!("hostname:{name}"),
-        "-s",
-        script.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    lab.guest.addrs(&lab.tap)[0]
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 /// A forward naming its guest by DHCP host name follows the guest when its address changes.
 #[test]
 fn a_forward_by_host_name_follows_the_guests_lease() {
@@ -281,7 +240,7 @@ fn a_forward_by_host_name_follows_the_guests_lease() {
     let (lab, ops) = lab();
     lab.guest
         .exec_ok(&["ip", "-4", "addr", "flush", "dev", &lab.tap]);
-    let first = lease_as(&lab, "web1");
+    let first = udhcpc_lease(&lab, &lab.guest, &lab.tap, &["-x", "hostname:web1"]);
     let _www = whoami_server(&lab, &lab.guest);
     let list = forward(&ops, &["add", "tcp", "0.0.0.0:8081", "web1:80"]);
     assert_eq!(list[0]["guest"], first.as_str(), "{list}");
@@ -297,7 +256,7 @@ fn a_forward_by_host_name_follows_the_guests_lease() {
         "address",
         "02:00:00:00:0c:01",
     ]);
-    let second = lease_as(&lab, "web1");
+    let second = udhcpc_lease(&lab, &lab.guest, &lab.tap, &["-x", "hostname:web1"]);
     assert_ne!(first, second);
     let list = forward(&ops, &["list"]);
     assert_eq!(list[0]["guest"], second.as_str(), "{list}");

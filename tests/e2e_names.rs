@@ -9,6 +9,8 @@
 #[macro_use]
 mod common;
 
+use common::udhcpc_lease;
+
 use std::time::{Duration, Instant};
 
 use common::{wait_until, Lab, Netns, SERVER_IP};
@@ -16,39 +18,6 @@ use common::{wait_until, Lab, Netns, SERVER_IP};
 const DOMAIN: &str = "e2e.test";
 /// A second resolver of the server namespace, beside SERVER_IP.
 const SERVER_IP2: &str = "10.77.0.3";
-
-/// Applies the address and route and nothing else (never a resolv.conf).
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
-
-/// Runs udhcpc once in `ns` on its eth0 (sending `host_name` if any); the address it got.
-fn lease(lab: &Lab, ns: &Netns, host_name: Option<&str>) -> String {
-    let script = lab.write_script("udhcpc-names", UDHCPC_SCRIPT);
-    let mut args = vec!["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f"];
-    args.extend_from_slice(&["-t", "5", "-T", "1", "-s", script.to_str().unwrap()]);
-    let opt = host_name.map(|n| format!("hostname:{n}"));
-    if let Some(o) = &opt {
-        args.extend_from_slice(&["-x", o]);
-    }
-    let out = ns.exec(&args);
-    assert!(
-        out.status.success(),
-        "udhcpc: {out:?}\n{}",
-        lab.hubnat_log()
-    );
-    let addrs = ns.addrs("eth0");
-    let a = addrs.first().expect("an address leased");
-    a.split('/').next().unwrap_or_default().to_owned()
-}
 
 /// `dig` in `ns` at the virtual host: its whole output.
 fn dig(ns: &Netns, args: &[&str]) -> String {
@@ -91,8 +60,8 @@ fn guests_names_resolve_and_upstreams_follow_resolv_conf() {
         "[dhcp]\ndomain = \"{DOMAIN}\"\n[dns]\nhosts = {{ \"printer.{DOMAIN}\" = \"192.168.30.40\" }}\n"
     ));
     let (a, b) = lab.two_guests();
-    let a_ip = lease(&lab, &a, Some("vm1"));
-    let b_ip = lease(&lab, &b, None);
+    let a_ip = udhcpc_lease(&lab, &a, "eth0", &["-x", "hostname:vm1"]);
+    let b_ip = udhcpc_lease(&lab, &b, "eth0", &[]);
     assert_ne!(a_ip, b_ip);
 
     // Guest B finds guest A by name, and the name by its address.

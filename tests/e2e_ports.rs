@@ -7,75 +7,18 @@
 #[macro_use]
 mod common;
 
+use common::{control_config, open_dir, udhcpc_lease};
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{ctl, ctl_json, must, testsrv_bin, wait_until, Lab, Netns, Proc, SERVER_IP};
+use common::{ctl, ctl_json, testsrv_bin, wait_until, Lab, Netns, Proc, SERVER_IP};
 
 const HOST_IP: &str = "192.168.30.1";
-
-fn config(ops: &Path) -> String {
-    format!(
-        "[control]\nsocket = \"{}\"\nreverse_lookup = false\n",
-        ops.join("ctl.sock").display()
-    )
-}
-
-/// The lab's control directory, made writable for hubnat's sandbox user.
-fn ops_dir(lab: &Lab) -> PathBuf {
-    let ops = lab.dir.join("ops");
-    std::fs::create_dir_all(&ops).unwrap();
-    must(Command::new("chmod").arg("777").arg(&ops));
-    ops
-}
-
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
-
-/// Leases an address for `iface` in `ns` with busybox udhcpc (whose script configures the
-/// interface and nothing else) and returns it.
-fn lease(lab: &Lab, ns: &Netns, iface: &str) -> String {
-    let script = lab.write_script("udhcpc-script", UDHCPC_SCRIPT);
-    let out = ns.exec(&[
-        "busybox",
-        "udhcpc",
-        "-i",
-        iface,
-        "-f",
-        "-q",
-        "-n",
-        "-t",
-        "6",
-        "-T",
-        "1",
-        "-A",
-        "1",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "udhcpc in {}: {out:?}\n{}",
-        ns.name,
-        lab.hubnat_log()
-    );
-    let addrs = ns.addrs(iface);
-    assert_eq!(addrs.len(), 1, "one address on {iface}: {addrs:?}");
-    addrs[0].split('/').next().unwrap().to_owned()
-}
 
 /// A guest namespace whose `eth0` is a TAP relayed by `hubnat-testsrv socket-guest` to one of
 /// hubnat's socket ports (`how`: `--stream PATH` or `--dgram PATH --local PATH`).
@@ -135,15 +78,18 @@ fn ctl_fails(ops: &Path, args: &[&str]) -> String {
 fn socket_ports_and_the_tap_are_one_segment() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
+    let ops = open_dir(&lab, "ops");
     let (a, b, c) = (ops.join("a.sock"), ops.join("b.sock"), ops.join("c.sock"));
     let stream = format!("stream:{}", a.display());
     let dgram = format!("dgram:{}", b.display());
-    lab.start_hubnat_args(&config(&ops), &["--port", &stream, "--port", &dgram]);
+    lab.start_hubnat_args(
+        &control_config(&ops),
+        &["--port", &stream, "--port", &dgram],
+    );
     wait_until(Duration::from_secs(10), || b.exists().then_some(()))
         .expect("the dgram port's socket");
     let _www = lab.httpd(lab.server(), None, "through a socket port\n");
-    let tap_ip = lease(&lab, &lab.guest, &lab.tap);
+    let tap_ip = udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     let (gb, _sb) = socket_guest(&lab, "gs", &["--stream", a.to_str().unwrap()]);
     let (gc, _sc) = socket_guest(
         &lab,
@@ -155,8 +101,8 @@ fn socket_ports_and_the_tap_are_one_segment() {
             c.to_str().unwrap(),
         ],
     );
-    let ip_b = lease(&lab, &gb, "eth0");
-    let ip_c = lease(&lab, &gc, "eth0");
+    let ip_b = udhcpc_lease(&lab, &gb, "eth0", &[]);
+    let ip_c = udhcpc_lease(&lab, &gc, "eth0", &[]);
     let url = format!("http://{SERVER_IP}:8080/index.html");
     assert_eq!(curl(&gb, &url), "through a socket port\n");
     assert_eq!(curl(&gc, &url), "through a socket port\n");
@@ -189,20 +135,20 @@ fn socket_ports_and_the_tap_are_one_segment() {
 fn ports_come_and_go_at_run_time() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
-    lab.start_hubnat_args(&config(&ops), &[]);
+    let ops = open_dir(&lab, "ops");
+    lab.start_hubnat_args(&control_config(&ops), &[]);
     wait_until(Duration::from_secs(10), || {
         ops.join("ctl.sock").exists().then_some(())
     })
     .expect("control socket");
-    lease(&lab, &lab.guest, &lab.tap);
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     // The state directory is the sandbox's own: sockets may be made there at run time.
     let path = lab.dir.join("state").join("vm2.sock");
     let spec = format!("stream:{}", path.display());
     let list = ctl_json(&ops, &["port", "add", &spec]);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     let (g, mut relay) = socket_guest(&lab, "gr", &["--stream", path.to_str().unwrap()]);
-    lease(&lab, &g, "eth0");
+    udhcpc_lease(&lab, &g, "eth0", &[]);
     assert!(ping(&g, HOST_IP));
     // Refused, with the reason; the ports are as they were.
     assert!(ctl_fails(&ops, &["port", "add", "vde:/tmp/x"]).contains("expected"));
@@ -234,10 +180,10 @@ fn ports_come_and_go_at_run_time() {
 fn a_stream_peer_that_breaks_the_framing_is_dropped() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
+    let ops = open_dir(&lab, "ops");
     let path = ops.join("s.sock");
     let spec = format!("stream:{}", path.display());
-    lab.start_hubnat_args(&config(&ops), &["--port", &spec]);
+    lab.start_hubnat_args(&control_config(&ops), &["--port", &spec]);
     lab.guest.wait_for_link(&lab.tap, Duration::from_secs(10));
     wait_until(Duration::from_secs(10), || path.exists().then_some(()))
         .expect("the stream port's socket");
@@ -262,9 +208,9 @@ fn a_stream_peer_that_breaks_the_framing_is_dropped() {
     let p = counted.unwrap_or_else(|| panic!("{:?}", ports(&ops)));
     assert!(p["disconnects"].as_u64().unwrap() >= 2, "{p}");
     let (g, _relay) = socket_guest(&lab, "gk", &["--stream", path.to_str().unwrap()]);
-    lease(&lab, &g, "eth0");
+    udhcpc_lease(&lab, &g, "eth0", &[]);
     assert!(ping(&g, HOST_IP));
-    lease(&lab, &lab.guest, &lab.tap);
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &[]);
     assert!(ping(&lab.guest, HOST_IP));
     assert!(
         lab.hubnat_log().contains("70000"),
@@ -280,7 +226,7 @@ fn a_stream_peer_that_breaks_the_framing_is_dropped() {
 fn attach_serves_guests_on_a_bridge() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
+    let ops = open_dir(&lab, "ops");
     let g = &lab.guest;
     g.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
     g.exec_ok(&["ip", "link", "set", "br0", "up"]);
@@ -302,15 +248,15 @@ fn attach_serves_guests_on_a_bridge() {
     g.exec_ok(&["ip", "link", "set", &far, "up"]);
     lab.nat.exec_ok(&["ip", "link", "set", &near, "up"]);
     let (ga, gb) = lab.two_guests_on_bridge("br0");
-    lab.start_hubnat_cmd(&config(&ops), &["--attach", &near]);
+    lab.start_hubnat_cmd(&control_config(&ops), &["--attach", &near]);
     wait_until(Duration::from_secs(10), || {
         ops.join("ctl.sock").exists().then_some(())
     })
     .expect("control socket");
     let _www = lab.httpd(lab.server(), None, "through an attached interface\n");
     let _sink = lab.serve(&["tcp-sink", "--listen", "0.0.0.0:9001"]);
-    lease(&lab, &ga, "eth0");
-    let ip_b = lease(&lab, &gb, "eth0");
+    udhcpc_lease(&lab, &ga, "eth0", &[]);
+    let ip_b = udhcpc_lease(&lab, &gb, "eth0", &[]);
     let url = format!("http://{SERVER_IP}:8080/index.html");
     assert_eq!(curl(&ga, &url), "through an attached interface\n");
     let bin = testsrv_bin();
@@ -341,10 +287,10 @@ fn attach_serves_guests_on_a_bridge() {
 fn an_inherited_descriptor_is_a_port() {
     require_root!();
     let mut lab = Lab::bare_with_server();
-    let ops = ops_dir(&lab);
+    let ops = open_dir(&lab, "ops");
     let (ours, theirs) = UnixStream::pair().unwrap();
     lab.start_hubnat_cmd_with(
-        &config(&ops),
+        &control_config(&ops),
         &["--fd", "0"],
         Stdio::from(OwnedFd::from(theirs)),
     );
@@ -366,7 +312,7 @@ fn an_inherited_descriptor_is_a_port() {
     })
     .expect("control socket");
     let _www = lab.httpd(lab.server(), None, "through an inherited descriptor\n");
-    lease(&lab, &ns, "eth0");
+    udhcpc_lease(&lab, &ns, "eth0", &[]);
     let url = format!("http://{SERVER_IP}:8080/index.html");
     assert_eq!(curl(&ns, &url), "through an inherited descriptor\n");
     let list = ports(&ops);

@@ -625,3 +625,55 @@ impl Lab {
         p
     }
 }
+
+/// A busybox udhcpc hook that applies the lease's address and default route to the interface
+/// and nothing else (never a resolv.conf).
+pub const UDHCPC_CONFIGURE: &str = r#"#!/bin/sh
+case "$1" in
+  deconfig) ip link set "$interface" up; ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
+    ;;
+esac
+exit 0
+"#;
+
+/// Leases an address for `iface` in `ns` with busybox udhcpc and `UDHCPC_CONFIGURE` (`extra`:
+/// more udhcpc arguments, e.g. `-x hostname:vm1`); the address it got. Fails the test, with
+/// hubnat's log, when no lease came.
+pub fn udhcpc_lease(lab: &Lab, ns: &Netns, iface: &str, extra: &[&str]) -> String {
+    let script = lab.write_script("udhcpc-configure", UDHCPC_CONFIGURE);
+    let mut args = vec!["busybox", "udhcpc", "-i", iface, "-f", "-q", "-n"];
+    args.extend_from_slice(&["-t", "6", "-T", "1", "-A", "1"]);
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-s", script.to_str().unwrap()]);
+    let out = ns.exec(&args);
+    assert!(
+        out.status.success(),
+        "udhcpc on {iface} in {}: {out:?}\n{}",
+        ns.name,
+        lab.hubnat_log()
+    );
+    let addrs = ns.addrs(iface);
+    assert_eq!(addrs.len(), 1, "one address on {iface}: {addrs:?}");
+    addrs[0].split('/').next().unwrap().to_owned()
+}
+
+/// A directory of the lab's that hubnat's sandbox user may write too (for its control socket,
+/// captures, socket ports).
+pub fn open_dir(lab: &Lab, name: &str) -> PathBuf {
+    let d = lab.dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    must(Command::new("chmod").arg("777").arg(&d));
+    d
+}
+
+/// A configuration that puts hubnat's control socket in `ops` and turns reverse lookups off.
+pub fn control_config(ops: &Path) -> String {
+    format!(
+        "[control]\nsocket = \"{}\"\nreverse_lookup = false\n",
+        ops.join("ctl.sock").display()
+    )
+}
