@@ -265,20 +265,7 @@ impl IcmpNat {
                 recent: [None; RECENT],
                 next: 0,
             },
-            info: SessionInfo {
-                id,
-                proto: Proto::Icmp,
-                guest,
-                dst,
-                direction: Direction::Out,
-                created: now,
-                last_used: now,
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-                packets_to_host: 0,
-                packets_to_guest: 0,
-                state: "Echo",
-            },
+            info: SessionInfo::opened(id, Proto::Icmp, (guest, dst), Direction::Out, now, "Echo"),
         };
         Ok(self.table.insert(session, now + IDLE_TIMEOUT))
     }

@@ -90,6 +90,33 @@ pub struct SessionInfo {
     pub state: &'static str,
 }
 
+impl SessionInfo {
+    /// The row of a session opened at `now`, nothing carried yet.
+    pub(crate) fn opened(
+        id: u32,
+        proto: Proto,
+        (guest, dst): (SocketAddrV4, SocketAddrV4),
+        direction: Direction,
+        now: Instant,
+        state: &'static str,
+    ) -> SessionInfo {
+        SessionInfo {
+            id,
+            proto,
+            guest,
+            dst,
+            direction,
+            created: now,
+            last_used: now,
+            bytes_to_host: 0,
+            bytes_to_guest: 0,
+            packets_to_host: 0,
+            packets_to_guest: 0,
+            state,
+        }
+    }
+}
+
 /// One session of a `SessionTable`: what every datagram protocol keeps (its key, its socket,
 /// its row of the NAT table) and the protocol's own state.
 /// A session idle this long may be ended to make room in a full table.
@@ -296,20 +323,7 @@ mod tests {
         Session {
             key: id,
             sock,
-            info: SessionInfo {
-                id,
-                proto: Proto::Udp,
-                guest: g,
-                dst: g,
-                direction: Direction::Out,
-                created: at,
-                last_used: at,
-                bytes_to_host: 0,
-                bytes_to_guest: 0,
-                packets_to_host: 0,
-                packets_to_guest: 0,
-                state: "",
-            },
+            info: SessionInfo::opened(id, Proto::Udp, (g, g), Direction::Out, at, ""),
             state: (),
         }
     }

@@ -319,18 +319,16 @@ impl DnsRelay {
                 deadline,
                 query: query_copy,
                 info: SessionInfo {
-                    id: sid,
-                    proto: Proto::Dns,
-                    guest,
-                    dst: host,
-                    direction: Direction::Out,
-                    created: now,
-                    last_used: now,
                     bytes_to_host: query.len() as u64,
-                    bytes_to_guest: 0,
                     packets_to_host: 1,
-                    packets_to_guest: 0,
-                    state: "Querying",
+                    ..SessionInfo::opened(
+                        sid,
+                        Proto::Dns,
+                        (guest, host),
+                        Direction::Out,
+                        now,
+                        "Querying",
+                    )
                 },
             },
         );
