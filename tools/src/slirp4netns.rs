@@ -757,8 +757,10 @@ fn start(mut opts: Opts, control_flag: Option<PathBuf>) -> Result<()> {
     let api_state = Api::new(ControlSocket(control.clone()), network.guest());
     let on_ready = Box::new(move || -> Result<()> {
         if let Some((listener, path)) = api {
-            spawn_started("slirp4netns-api", move || serve_api(listener, api_state))
-                .context("cannot start the API socket's thread")?;
+            hubnat_runtime::spawn_running("slirp4netns-api", move || {
+                serve_api(listener, api_state)
+            })
+            .context("cannot start the API socket's thread")?;
             tracing::info!("slirp4netns API socket {}", path.display());
         }
         if let Some(fd) = exit_fd {
@@ -847,7 +849,7 @@ fn watch_exit_fd(fd: RawFd) -> Result<()> {
             mio::Interest::READABLE,
         )
         .with_context(|| format!("cannot watch --exit-fd={fd}"))?;
-    spawn_started("slirp4netns-exit", move || {
+    hubnat_runtime::spawn_running("slirp4netns-exit", move || {
         let mut events = mio::Events::with_capacity(4);
         loop {
             match poll.poll(&mut events, None) {
@@ -867,20 +869,6 @@ fn watch_exit_fd(fd: RawFd) -> Result<()> {
     })
     .context("cannot start the exit descriptor's thread")?;
     Ok(())
-}
-
-/// Starts a thread and returns once it runs: the C library sets a new thread up (rseq) in the
-/// thread itself, which the system-call filter installed right after would refuse.
-fn spawn_started(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || {
-            let _ = tx.send(());
-            f()
-        })?;
-    rx.recv()
-        .map_err(|_| std::io::Error::other("the thread ended before it started"))
 }
 
 /// A directory of the front end's own (hubnat's state and control socket), removed when the

@@ -376,12 +376,11 @@ impl Capture {
         }
     }
 
-    /// Starts the writer thread; `shutdown` ends it.
+    /// Starts the writer thread and returns once it runs (before the system-call filter, see
+    /// `spawn_running`); `shutdown` ends it.
     pub fn spawn_writer(self: &Arc<Self>) -> io::Result<std::thread::JoinHandle<()>> {
         let me = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("hubnat-capture".into())
-            .spawn(move || me.write_loop())
+        crate::spawn_running("hubnat-capture", move || me.write_loop())
     }
 
     /// Ends the capture on now (written and closed) and the writer thread's loop.

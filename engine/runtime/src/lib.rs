@@ -28,5 +28,26 @@ pub mod tx;
 pub mod worker;
 
 pub use control_thread::{Exit, Options, Runtime};
+
+/// Starts a thread named `name` and returns once it runs. Every thread must be running before
+/// the system-call filter is installed on all of them: one still in its start-up then (the C
+/// library registers it with `rseq` from inside it, which the filter refuses) aborts the whole
+/// process.
+pub fn spawn_running<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let (running_tx, running) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = running_tx.send(());
+            f()
+        })?;
+    running
+        .recv()
+        .map_err(|_| std::io::Error::other(format!("thread {name} ended at start")))?;
+    Ok(thread)
+}
 pub use operator::{Operator, Plane};
 pub use worker::WorkerReport;
