@@ -337,8 +337,13 @@ fn under_an_open_files_limit_a_guest_is_refused_past_its_share_and_others_are_se
         (!sweep.is_running()).then_some(())
     })
     .unwrap();
-    let st = ctl_json(ops, &["status"]);
-    assert!(st["drops"]["limit"].as_u64().unwrap_or(0) > 0, "{st}");
+    // The injector has written every frame, but the workers may still be
+    // working through their queues: wait for the refusals to be counted.
+    let st = wait_until(Duration::from_secs(10), || {
+        let st = ctl_json(ops, &["status"]);
+        (st["drops"]["limit"].as_u64().unwrap_or(0) > 0).then_some(st)
+    })
+    .unwrap_or_else(|| panic!("no refusal counted: {}", ctl_json(ops, &["status"])));
     assert!(st["udp_sessions"].as_u64().unwrap() < 1024, "{st}");
     // B is served, by TCP and UDP, and a new lease still reaches the lease file.
     assert!(curl_ok(&b), "B refused:\n{}", lab.hubnat_log());
