@@ -7,8 +7,8 @@
 //! overlapped with hubnat's next writes, and the guest's GRO merges consecutive segments. But
 //! every frame then waits for that thread to be woken, which a request/response exchange feels
 //! in full. So `NapiSwitch` switches the polls to threads while the threads carrying flows write
-//! large batches (a bulk transfer), and back to softirq context (inside the write, as plain)
-//! when the batches are small again.
+//! large batches of large frames (a bulk transfer), and back to softirq context (inside the
+//! write, as plain) when the batches or the frames are small again.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,14 @@ use hubnat_core::output::FrameBatch;
 const BULK_MEAN_BATCH_X10: u64 = 20;
 const SOFTIRQ_MEAN_BATCH_X10: u64 = 15;
 
+/// Mean frame size (bytes) from which the traffic is a bulk transfer's, and below which it no
+/// longer is. Many small frames in large batches are not a transfer but many small exchanges
+/// at once (a DNS load, an upload's ACKs): GRO has nothing to merge in them, and the poll
+/// thread's wake-up per frame costs them what it costs request/response (measured: a DNS load
+/// through the relay switched to threads and lost a third of its rate).
+const BULK_MEAN_FRAME: u64 = 1024;
+const SOFTIRQ_MEAN_FRAME: u64 = 512;
+
 /// How often the bulk rate is looked at (at most; only when frames are written).
 const WINDOW: Duration = Duration::from_millis(20);
 
@@ -41,6 +49,7 @@ pub struct NapiSwitch {
     set: Box<dyn Fn(bool) -> io::Result<()> + Send + Sync>,
     base: Instant,
     frames: AtomicU64,
+    bytes: AtomicU64,
     batches: AtomicU64,
     /// Nanoseconds after `base` before which nobody looks at the rate again.
     next_look: AtomicU64,
@@ -50,8 +59,9 @@ pub struct NapiSwitch {
 #[derive(Default)]
 struct SwitchState {
     threaded: bool,
-    /// `frames`, `batches` and the time at the last look.
+    /// `frames`, `bytes`, `batches` and the time at the last look.
     frames_then: u64,
+    bytes_then: u64,
     batches_then: u64,
     then: u64,
     switches: u64,
@@ -70,6 +80,7 @@ impl NapiSwitch {
             set,
             base: Instant::now(),
             frames: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             // The first look needs a window behind it to measure a rate over.
             next_look: AtomicU64::new(WINDOW.as_nanos() as u64),
@@ -77,13 +88,14 @@ impl NapiSwitch {
         }
     }
 
-    /// Reports a batch of `frames` about to be written.
-    pub fn note(&self, frames: usize) {
-        self.note_at(frames, self.base.elapsed().as_nanos() as u64);
+    /// Reports a batch of `frames` frames, `bytes` in all, about to be written.
+    pub fn note(&self, frames: usize, bytes: usize) {
+        self.note_at(frames, bytes, self.base.elapsed().as_nanos() as u64);
     }
 
-    fn note_at(&self, frames: usize, now: u64) {
+    fn note_at(&self, frames: usize, bytes: usize, now: u64) {
         self.frames.fetch_add(frames as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         if now < self.next_look.load(Ordering::Relaxed) {
             return;
@@ -98,17 +110,24 @@ impl NapiSwitch {
         self.next_look
             .store(now + WINDOW.as_nanos() as u64, Ordering::Relaxed);
         let frames = self.frames.load(Ordering::Relaxed);
+        let bytes = self.bytes.load(Ordering::Relaxed);
         let batches = self.batches.load(Ordering::Relaxed);
         let (df, db) = (frames - st.frames_then, batches - st.batches_then);
         let rate = df.saturating_mul(1_000_000_000) / (now - st.then).max(1);
         let mean_x10 = df * 10 / db.max(1);
+        let mean_frame = (bytes - st.bytes_then) / df.max(1);
         st.frames_then = frames;
+        st.bytes_then = bytes;
         st.batches_then = batches;
         st.then = now;
         let want = if st.threaded {
-            rate >= SOFTIRQ_BELOW && mean_x10 >= SOFTIRQ_MEAN_BATCH_X10
+            rate >= SOFTIRQ_BELOW
+                && mean_x10 >= SOFTIRQ_MEAN_BATCH_X10
+                && mean_frame >= SOFTIRQ_MEAN_FRAME
         } else {
-            rate >= THREADED_ABOVE && mean_x10 >= BULK_MEAN_BATCH_X10
+            rate >= THREADED_ABOVE
+                && mean_x10 >= BULK_MEAN_BATCH_X10
+                && mean_frame >= BULK_MEAN_FRAME
         };
         if want == st.threaded {
             return;
@@ -118,7 +137,7 @@ impl NapiSwitch {
                 st.threaded = want;
                 st.switches += 1;
                 tracing::debug!(
-                    "TAP NAPI polls {} ({rate} frames/s, {}.{} per batch)",
+                    "TAP NAPI polls {} ({rate} frames/s, {}.{} per batch, {mean_frame} bytes each)",
                     if want { "in threads" } else { "in softirq" },
                     mean_x10 / 10,
                     mean_x10 % 10
@@ -170,7 +189,7 @@ impl TapSender {
             return 0;
         }
         if let Some(n) = &self.napi {
-            n.note(out.len());
+            n.note(out.len(), out.iter().map(<[u8]>::len).sum());
         }
         let failed = self.writer.send_all(out.iter());
         out.clear();
@@ -235,6 +254,8 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     const MS: u64 = 1_000_000;
+    /// A full-size frame at MTU 1500, as a download writes.
+    const FULL: usize = 1514;
 
     fn recording() -> (NapiSwitch, Arc<StdMutex<Vec<bool>>>) {
         let calls = Arc::new(StdMutex::new(Vec::new()));
@@ -253,28 +274,48 @@ mod tests {
         let (sw, calls) = recording();
         // 40k single-frame batches a second: request/response, stays in softirq.
         for i in 0..2000u64 {
-            sw.note_at(1, i * 25_000);
+            sw.note_at(1, FULL, i * 25_000);
         }
         assert!(calls.lock().unwrap().is_empty());
         // A download: 64-frame batches every 0.5 ms (128k frames/s).
         let start = 50 * MS;
         for i in 0..200u64 {
-            sw.note_at(64, start + i * MS / 2);
+            sw.note_at(64, 64 * FULL, start + i * MS / 2);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true]);
         assert!(sw.state().0);
         // It stops. The first look after it may still see the end of the transfer in its
         // window; the one after sees the rate gone and switches back.
-        sw.note_at(1, start + 300 * MS);
-        sw.note_at(1, start + 330 * MS);
+        sw.note_at(1, FULL, start + 300 * MS);
+        sw.note_at(1, FULL, start + 330 * MS);
         assert_eq!(*calls.lock().unwrap(), vec![true, false]);
         assert_eq!(sw.state(), (false, 2));
         // A download handed over in groups of 3 frames, 60k frames/s: bulk too.
         let start = 1000 * MS;
         for i in 0..1000u64 {
-            sw.note_at(3, start + i * 50_000);
+            sw.note_at(3, 3 * FULL, start + i * 50_000);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true, false, true]);
+    }
+
+    /// Large batches of small frames (a DNS load: answers of about 100 bytes, 60 in a batch)
+    /// never go to threads; a transfer whose frames turn small (its ACKs only) comes back.
+    #[test]
+    fn small_frames_stay_in_softirq_whatever_the_batch() {
+        let (sw, calls) = recording();
+        for i in 0..1000u64 {
+            sw.note_at(60, 60 * 100, i * MS / 2);
+        }
+        assert!(calls.lock().unwrap().is_empty());
+        let start = 1000 * MS;
+        for i in 0..100u64 {
+            sw.note_at(64, 64 * FULL, start + i * MS / 2);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true]);
+        for i in 0..200u64 {
+            sw.note_at(32, 32 * 66, start + 100 * MS + i * MS / 2);
+        }
+        assert_eq!(*calls.lock().unwrap(), vec![true, false]);
     }
 
     /// Between the two thresholds the mode stays as it is, either way.
@@ -283,16 +324,16 @@ mod tests {
         let (sw, calls) = recording();
         // 3k frames/s in batches of 3: below THREADED_ABOVE.
         for i in 0..500u64 {
-            sw.note_at(3, i * MS);
+            sw.note_at(3, 3 * FULL, i * MS);
         }
         assert!(calls.lock().unwrap().is_empty());
         for i in 0..100u64 {
-            sw.note_at(100, 500 * MS + i * MS);
+            sw.note_at(100, 100 * FULL, 500 * MS + i * MS);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true]);
         // Back to 3k/s: above SOFTIRQ_BELOW, stays in threads.
         for i in 0..500u64 {
-            sw.note_at(3, 600 * MS + i * MS);
+            sw.note_at(3, 3 * FULL, 600 * MS + i * MS);
         }
         assert_eq!(*calls.lock().unwrap(), vec![true]);
     }
@@ -307,7 +348,7 @@ mod tests {
             Err(io::Error::from_raw_os_error(libc::EPERM))
         }));
         for i in 0..1000u64 {
-            sw.note_at(64, i * MS / 2);
+            sw.note_at(64, 64 * FULL, i * MS / 2);
         }
         assert_eq!(tries.load(Ordering::Relaxed), 1);
         assert_eq!(sw.state(), (false, 0));
@@ -330,7 +371,7 @@ mod tests {
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_millis(100) {
                 for _ in 0..64 {
-                    out.push(&frame(next, 1000));
+                    out.push(&frame(next, 1400));
                     next += 1;
                 }
                 assert_eq!(s.send(&mut out), 0);
