@@ -4,7 +4,8 @@
 //! resolves `vm1.DOMAIN` (and back) through the virtual host with dig. hubnat runs under `ip
 //! netns exec`, which shows the namespace's /etc/netns/NAME/resolv.conf as /etc/resolv.conf:
 //! rewriting that file moves the relay from one dnsmasq of the server namespace to another,
-//! which answer one name differently, within a second and without a reload.
+//! which answer one name differently, within a second and without a reload. Over TCP the names
+//! are answered alike.
 
 #[macro_use]
 mod common;
@@ -78,6 +79,24 @@ fn guests_names_resolve_and_upstreams_follow_resolv_conf() {
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     // Other names go to the upstream resolv.conf names.
     assert_eq!(short(&b, &["probe.example"]), "10.1.1.1");
+    // Over TCP alike: the local names answered here, the rest by the upstream, also on one
+    // connection that asks for both.
+    assert_eq!(short(&b, &["+tcp", &format!("vm1.{DOMAIN}")]), a_ip);
+    assert_eq!(short(&b, &["+tcp", "-x", &a_ip]), format!("vm1.{DOMAIN}."));
+    assert_eq!(short(&b, &["+tcp", "probe.example"]), "10.1.1.1");
+    let both = short(
+        &b,
+        &[
+            "+tcp",
+            "+keepopen",
+            &format!("vm1.{DOMAIN}"),
+            "probe.example",
+        ],
+    );
+    assert_eq!(
+        both.lines().collect::<Vec<_>>(),
+        [a_ip.as_str(), "10.1.1.1"]
+    );
 
     // Rewritten in place (the bind mount shows hubnat this inode): applied within a second.
     let changed = Instant::now();

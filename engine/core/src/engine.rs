@@ -19,7 +19,7 @@ use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
 use crate::vhost::bindings::{Bindings, BoundBy, Sources};
 use crate::vhost::dhcp::DhcpServer;
-use crate::vhost::dns::DnsRelay;
+use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
 use crate::wire::IPV4_HEADER_LEN;
 
@@ -48,6 +48,10 @@ pub struct Ctx {
     leases_bound: u64,
     /// What happened, waiting for `Engine::poll_event`.
     pub(crate) events: Events,
+    /// Where a guest's DNS over TCP to the virtual host is carried: the runtime's listener
+    /// that answers local names and passes the rest on (see `Engine::route_tcp_dns`), or,
+    /// without one, straight to the first upstream resolver.
+    pub dns_over_tcp: Option<SocketAddrV4>,
 }
 
 /// The session accounting the engines of a multi-worker runtime share: one sequence of session
@@ -220,6 +224,7 @@ impl Engine {
                 new_sessions: Default::default(),
                 leases_bound: 0,
                 events: Events::default(),
+                dns_over_tcp: None,
             },
             dhcp,
             dns,
@@ -249,6 +254,13 @@ impl Engine {
         self.ctx.leases_bound = generation;
         let leases: Vec<(Ipv4Addr, Mac)> = self.dhcp.leases().map(|l| (l.ip, l.mac)).collect();
         self.ctx.sources.sync_leases(now, &leases);
+    }
+
+    /// What to do with one DNS query a guest sent over TCP to the virtual host (the message
+    /// without its length prefix): answered here (a local name; SERVFAIL with no usable
+    /// upstream) or passed to an upstream. `None`: not a query; the connection should end.
+    pub fn route_tcp_dns(&mut self, now: Instant, query: &[u8]) -> Option<TcpDnsRoute> {
+        self.dns.route_tcp_query(now, &self.ctx, &self.dhcp, query)
     }
 
     /// The seed's NAT table: every session of every protocol, the DNS relay's queries in flight

@@ -37,12 +37,14 @@ use crate::port::switch::{PortId, Switch, FIRST_TAP};
 use crate::port::tap::Tap;
 use crate::queues::{queue_capacity, Inbox, Shared};
 use crate::router::Router;
+use crate::sock::dns_tcp::DnsTcp;
 use crate::sock::driver::SockDriver;
 use crate::sock::forward::{refuse_tcp, Forwards, Inbound, InboundConn, InboundJob};
 use crate::sock::uring::Ring;
 use crate::sock::Backend;
 use crate::tokens::{
-    port_of_token, port_token, FIRST_FORWARD_TOKEN, FIRST_OPERATOR_TOKEN, PORT, RING, STOP, WAKE,
+    port_of_token, port_token, FIRST_DNS_TCP_TOKEN, FIRST_FORWARD_TOKEN, FIRST_OPERATOR_TOKEN,
+    PORT, RING, STOP, WAKE,
 };
 use crate::tx::{NapiSwitch, PortSender, TapSender};
 use crate::worker::{self, Cmd, WorkerHandle, WorkerReport, WorkerSetup, MAX_FRAMES_PER_BATCH};
@@ -187,6 +189,9 @@ pub struct Runtime {
     awaiting_arp: Vec<AwaitingArp>,
     /// When the switch next forgets silent addresses.
     next_age: Instant,
+    /// The guests' DNS over TCP to the virtual host, local names answered (None: the host has
+    /// no loopback to listen on; the NAT then carries it straight to the resolver).
+    dns_tcp: Option<DnsTcp>,
     workers: Workers,
     router: Router,
     wake: Vec<bool>,
@@ -288,6 +293,18 @@ impl Runtime {
             op.register(poll.registry())?;
         }
         engine.set_batching(true);
+        let dns_tcp = match DnsTcp::open(poll.registry(), FIRST_DNS_TCP_TOKEN) {
+            Ok(d) => {
+                engine.ctx.dns_over_tcp = Some(d.addr());
+                Some(d)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "DNS over TCP goes straight to the resolver, local names unanswered there: no listener on the loopback ({e})"
+                );
+                None
+            }
+        };
         let router = Router::new(n_workers);
         // Its writer thread is made now, whether or not a capture is asked for: the system-call
         // filter installed after start allows no new thread.
@@ -334,6 +351,7 @@ impl Runtime {
             inbound: Vec::new(),
             awaiting_arp: Vec::new(),
             next_age,
+            dns_tcp,
             workers,
             router,
             wake: vec![false; n_workers + 1],
@@ -387,6 +405,11 @@ impl Runtime {
                         self.read_link(now, port_of_token(t).unwrap_or_default())
                     }
                     Token(t) if self.forwards.owns(t) => self.forward_ready(now, t),
+                    Token(t) if self.dns_tcp.as_ref().is_some_and(|d| d.owns(t)) => {
+                        if let Some(d) = &mut self.dns_tcp {
+                            d.ready(self.poll.registry(), (&mut self.engine, now), t);
+                        }
+                    }
                     Token(t) if t >= FIRST_OPERATOR_TOKEN => {
                         self.with_operator(|op, plane| op.ready(event.token(), plane))
                     }
@@ -411,6 +434,9 @@ impl Runtime {
             }
             if now >= self.next_age {
                 self.switch.age();
+                if let Some(d) = &mut self.dns_tcp {
+                    d.sweep(self.poll.registry());
+                }
                 self.next_age = now + AGE_TICK;
             }
             if self.operator.is_some() {
@@ -621,6 +647,9 @@ impl Runtime {
         let now = self.clock.now();
         let sockets = self.sock.len();
         self.engine.shutdown(now, &mut self.sock, &mut self.out);
+        if let Some(d) = &mut self.dns_tcp {
+            d.close_all(self.poll.registry());
+        }
         self.flush();
         self.sock.submit();
         tracing::info!(
@@ -879,6 +908,7 @@ fn spawn_workers(
             rand::Rng::random(&mut engine.ctx.rng),
         );
         e.ctx.share_sessions(Arc::clone(&sessions));
+        e.ctx.dns_over_tcp = engine.ctx.dns_over_tcp;
         // Idle expiry is the control thread's schedule (`tick_expiry`).
         e.set_external_expiry(true);
         let (tap_in, tap_out) = match tap {

@@ -16,6 +16,9 @@ pub const STOP: Token = Token(FIRST_RESERVED_TOKEN + 1);
 pub const WAKE: Token = Token(FIRST_RESERVED_TOKEN + 5);
 /// A thread's io_uring (completions are waiting).
 pub const RING: Token = Token(FIRST_RESERVED_TOKEN + 6);
+/// The listener of DNS over TCP to the virtual host (`sock::dns_tcp`), then its connections'
+/// two sockets each.
+pub const FIRST_DNS_TCP_TOKEN: usize = FIRST_RESERVED_TOKEN + (1 << 20);
 /// The listeners of port forwards (`sock::forward`), numbered up from here, below the ports'.
 pub const FIRST_FORWARD_TOKEN: usize = FIRST_RESERVED_TOKEN + (1 << 22);
 

@@ -27,7 +27,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use rand::Rng;
 use smoltcp::wire::Ipv4Packet;
@@ -185,11 +185,11 @@ impl TcpNat {
         let (guest, dst) = key;
         let guest_mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
         let target = if ctx.is_host_address(*dst.ip()) {
-            // The virtual host's own address: only DNS over TCP, relayed to the first resolver.
-            let upstream = ctx.cfg.dns.upstream.iter().find_map(|a| match a {
-                SocketAddr::V4(v) => Some(*v),
-                SocketAddr::V6(_) => None,
-            });
+            // The virtual host's own address: only DNS over TCP, carried to the runtime's
+            // listener that answers local names (or else straight to the first resolver).
+            let upstream = ctx
+                .dns_over_tcp
+                .or_else(|| crate::vhost::dns::upstream_for_tcp(ctx));
             match upstream {
                 Some(u) if dst.port() == 53 => u,
                 _ => {
