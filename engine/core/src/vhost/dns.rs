@@ -770,6 +770,30 @@ mod tests {
         (s, h.udp(s).unwrap().sent.last().unwrap().clone())
     }
 
+    /// A resolver load of 1,000 queries outstanding from one guest is relayed whole; the
+    /// guest's share ends at MAX_PENDING_PER_GUEST, and another guest is still served then.
+    #[test]
+    fn a_thousand_outstanding_from_one_guest_are_all_relayed() {
+        let (mut e, mut h, mut out) = setup2();
+        let send = |e: &mut crate::Engine, h: &mut SimSockets, out: &mut FrameBatch, from, id| {
+            e.handle_frame(T0, &udp_frame(from, host53(), &query(id)), h, out);
+        };
+        for id in 0..1000 {
+            send(&mut e, &mut h, &mut out, guest(), id);
+        }
+        let s1 = e.dns.upstream_socket(0).unwrap();
+        assert_eq!(h.udp(s1).unwrap().sent.len(), 1000);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 0);
+        for id in 1000..MAX_PENDING_PER_GUEST as u16 + 10 {
+            send(&mut e, &mut h, &mut out, guest(), id);
+        }
+        assert_eq!(h.udp(s1).unwrap().sent.len(), MAX_PENDING_PER_GUEST);
+        assert_eq!(e.stats().drops_of(DropReason::Limit), 10);
+        let other = SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 99), 5000);
+        send(&mut e, &mut h, &mut out, other, 7);
+        assert_eq!(h.udp(s1).unwrap().sent.len(), MAX_PENDING_PER_GUEST + 1);
+    }
+
     #[test]
     fn relays_with_a_fresh_id_and_restores_it() {
         let (mut e, mut h, mut out) = setup2();
