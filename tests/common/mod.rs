@@ -677,3 +677,77 @@ pub fn control_config(ops: &Path) -> String {
         ops.join("ctl.sock").display()
     )
 }
+
+/// The addresses of `Lab::start_with_router`: hubnat's namespace and the router on one link,
+/// the router and the server on another.
+pub const ROUTED_NAT_IP: &str = "10.78.0.1";
+pub const ROUTER_NEAR_IP: &str = "10.78.0.2";
+pub const ROUTER_FAR_IP: &str = "10.79.0.1";
+pub const ROUTED_SERVER_IP: &str = "10.79.0.2";
+
+/// A veth pair between namespaces `a` and `b`, `a_ip` and `b_ip` (with their prefix lengths)
+/// on its ends, both up.
+fn veth_between(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) {
+    let (na, nb) = (unique("va"), unique("vb"));
+    must(Command::new("ip").args([
+        "link", "add", &na, "netns", &a.name, "type", "veth", "peer", "name", &nb, "netns", &b.name,
+    ]));
+    a.exec_ok(&["ip", "addr", "add", a_ip, "dev", &na]);
+    a.exec_ok(&["ip", "link", "set", &na, "up"]);
+    b.exec_ok(&["ip", "addr", "add", b_ip, "dev", &nb]);
+    b.exec_ok(&["ip", "link", "set", &nb, "up"]);
+}
+
+impl Lab {
+    /// A lab whose server is one real router away: guest ─ hubnat's namespace (10.78.0.1) ─
+    /// router (10.78.0.2 | 10.79.0.1, forwarding) ─ server (10.79.0.2), each namespace routed
+    /// to the others' links only; hubnat started with `config` and `args`, the guest given a
+    /// static address with hubnat as its gateway. The router's namespace is returned beside
+    /// the lab (the lab's `server` is the server's). ICMP errors are not rate limited in the
+    /// router and the server, so that every probe of a test is answered.
+    pub fn start_with_router(config: &str, args: &[&str]) -> (Lab, Netns) {
+        let dir = TempDir::new();
+        let guest = Netns::new("hg");
+        let nat = Netns::new("hn");
+        let router = Netns::new("hr");
+        let server = Netns::new("hs");
+        veth_between(
+            &nat,
+            &format!("{ROUTED_NAT_IP}/24"),
+            &router,
+            &format!("{ROUTER_NEAR_IP}/24"),
+        );
+        veth_between(
+            &router,
+            &format!("{ROUTER_FAR_IP}/24"),
+            &server,
+            &format!("{ROUTED_SERVER_IP}/24"),
+        );
+        router.exec_ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        nat.exec_ok(&["ip", "route", "add", "10.79.0.0/24", "via", ROUTER_NEAR_IP]);
+        server.exec_ok(&["ip", "route", "add", "10.78.0.0/24", "via", ROUTER_FAR_IP]);
+        for ns in [&router, &server] {
+            ns.exec_ok(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+        }
+        let mut lab = Lab {
+            dir,
+            guest,
+            nat,
+            server: Some(server),
+            hubnat: None,
+            tap: "tap0".into(),
+        };
+        lab.start_hubnat_args(config, args);
+        lab.guest.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GUEST_IP}/24"),
+            "dev",
+            &lab.tap,
+        ]);
+        lab.guest
+            .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
+        (lab, router)
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::sockio::{Datagram, SockEvent, SockId, SockIo};
+use crate::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreachable};
 
 /// How a simulated TCP connect ends.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -16,6 +16,8 @@ pub enum ConnectOutcome {
     Refuse,
     /// Never answers (the core's connect timeout decides).
     Silent,
+    /// The network says the destination cannot be reached.
+    Unreachable(Unreachable),
 }
 
 /// A simulated UDP socket.
@@ -25,8 +27,27 @@ pub struct SimUdp {
     pub dst: SocketAddrV4,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
-    /// Datagrams (or an ICMP port unreachable, as `Err`) waiting to be received by the core.
+    /// Datagrams (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
     pub(crate) inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
+    /// The socket's error queue.
+    pub(crate) errors: VecDeque<IcmpError>,
+    /// The TTL set with `set_ttl` (`None`: the default).
+    pub ttl: Option<u8>,
+    /// How many times `set_ttl` was called.
+    pub ttl_sets: usize,
+}
+
+impl SimUdp {
+    fn new(dst: SocketAddrV4) -> SimUdp {
+        SimUdp {
+            dst,
+            sent: Vec::new(),
+            inbox: VecDeque::new(),
+            errors: VecDeque::new(),
+            ttl: None,
+            ttl_sets: 0,
+        }
+    }
 }
 
 /// A simulated TCP socket.
@@ -57,7 +78,14 @@ pub struct SimTcp {
 pub struct SimIcmp {
     /// Messages the core sent, with their destination, in order.
     pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
-    pub(crate) inbox: VecDeque<(Ipv4Addr, Vec<u8>)>,
+    /// Messages (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
+    pub(crate) inbox: VecDeque<Result<(Ipv4Addr, Vec<u8>), io::ErrorKind>>,
+    /// The socket's error queue.
+    pub(crate) errors: VecDeque<IcmpError>,
+    /// The TTL set with `set_ttl` (`None`: the default).
+    pub ttl: Option<u8>,
+    /// The TTL each message in `sent` left with.
+    pub sent_ttls: Vec<Option<u8>>,
 }
 
 /// A simulated socket of any kind.
@@ -86,6 +114,8 @@ pub struct SimSockets {
     pub tcp_send_buffer: usize,
     /// Whether ICMP sockets can be opened (the "real" ICMP mode).
     pub icmp_allowed: bool,
+    /// Destinations the host has no route to: sends and connects to them fail at once.
+    pub no_route: Vec<Ipv4Addr>,
     /// Events a real driver would report; `drain_events` hands them over.
     pub events: VecDeque<SockEvent>,
     /// Ids that were closed, in order.
@@ -106,6 +136,7 @@ impl Default for SimSockets {
             default_connect: ConnectOutcome::Accept,
             tcp_send_buffer: 1 << 20,
             icmp_allowed: true,
+            no_route: Vec::new(),
             events: VecDeque::new(),
             peeks: 0,
             empty_peeks: 0,
@@ -117,6 +148,19 @@ impl Default for SimSockets {
 
 fn would_block() -> io::Error {
     io::Error::from(io::ErrorKind::WouldBlock)
+}
+
+fn no_route() -> io::Error {
+    io::Error::other(Unreachable::Net)
+}
+
+/// The socket error an ICMP error leaves pending (what the core reads before the queue).
+fn socket_error(err: &IcmpError) -> io::ErrorKind {
+    if (err.icmp_type, err.code) == (3, 3) {
+        io::ErrorKind::ConnectionRefused
+    } else {
+        io::ErrorKind::Other
+    }
 }
 
 fn bad_id() -> io::Error {
@@ -192,11 +236,7 @@ impl SimSockets {
     /// A UDP socket connected to `peer` (a forward's client), as the runtime makes one for a
     /// client's first datagram before handing it to the core.
     pub fn adopt_udp(&mut self, peer: SocketAddrV4) -> SockId {
-        self.alloc(SimSocket::Udp(SimUdp {
-            dst: peer,
-            sent: Vec::new(),
-            inbox: VecDeque::new(),
-        }))
+        self.alloc(SimSocket::Udp(SimUdp::new(peer)))
     }
 
     /// A datagram arrives from the destination of UDP socket `id`.
@@ -210,7 +250,25 @@ impl SimSockets {
     /// The destination of UDP socket `id` answers with ICMP port unreachable.
     pub fn refuse_udp(&mut self, id: SockId) {
         if let Some(u) = self.udp(id) {
-            u.inbox.push_back(Err(io::ErrorKind::ConnectionRefused));
+            let err = crate::nat::icmp_error::port_unreachable(*u.dst.ip());
+            self.icmp_error_udp(id, err);
+        }
+    }
+
+    /// The host receives the ICMP error `err` about what UDP socket `id` sent.
+    pub fn icmp_error_udp(&mut self, id: SockId, err: IcmpError) {
+        if let Some(u) = self.udp(id) {
+            u.inbox.push_back(Err(socket_error(&err)));
+            u.errors.push_back(err);
+            self.events.push_back(SockEvent::Readable(id));
+        }
+    }
+
+    /// The host receives the ICMP error `err` about what ICMP socket `id` sent.
+    pub fn icmp_error_icmp(&mut self, id: SockId, err: IcmpError) {
+        if let Some(i) = self.icmp(id) {
+            i.inbox.push_back(Err(socket_error(&err)));
+            i.errors.push_back(err);
             self.events.push_back(SockEvent::Readable(id));
         }
     }
@@ -242,7 +300,7 @@ impl SimSockets {
     /// Queues an ICMP message from `from` for the ICMP socket `id` (and raises `Readable`).
     pub fn deliver_icmp(&mut self, id: SockId, from: Ipv4Addr, message: &[u8]) {
         if let Some(i) = self.icmp(id) {
-            i.inbox.push_back((from, message.to_vec()));
+            i.inbox.push_back(Ok((from, message.to_vec())));
             self.events.push_back(SockEvent::Readable(id));
         }
     }
@@ -250,15 +308,25 @@ impl SimSockets {
 
 impl SockIo for SimSockets {
     fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        Ok(self.alloc(SimSocket::Udp(SimUdp {
-            dst,
-            sent: Vec::new(),
-            inbox: VecDeque::new(),
-        })))
+        // Connecting a UDP socket looks its route up.
+        if self.no_route.contains(dst.ip()) {
+            return Err(no_route());
+        }
+        Ok(self.alloc(SimSocket::Udp(SimUdp::new(dst))))
     }
 
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
+        let unroutable = self.no_route.clone();
         let u = self.udp(id).ok_or_else(bad_id)?;
+        if unroutable.contains(u.dst.ip()) {
+            return Err(no_route());
+        }
+        // A pending socket error fails the send (which sends nothing), as the kernel's does.
+        if let Some(Err(kind)) = u.inbox.front() {
+            let kind = *kind;
+            u.inbox.pop_front();
+            return Err(kind.into());
+        }
         u.sent.push(payload.to_vec());
         Ok(payload.len())
     }
@@ -273,6 +341,9 @@ impl SockIo for SimSockets {
     }
 
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+        if self.no_route.contains(dst.ip()) {
+            return Err(no_route());
+        }
         let outcome = *self
             .connect_script
             .get(&dst)
@@ -299,6 +370,9 @@ impl SockIo for SimSockets {
                 id,
                 io::ErrorKind::ConnectionRefused,
             )),
+            ConnectOutcome::Unreachable(why) => self
+                .events
+                .push_back(SockEvent::ConnectUnreachable(id, why)),
             ConnectOutcome::Silent => {}
         }
         Ok(id)
@@ -379,20 +453,50 @@ impl SockIo for SimSockets {
     }
 
     fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+        if self.no_route.contains(&dst) {
+            return Err(no_route());
+        }
         let i = self.icmp(id).ok_or_else(bad_id)?;
+        if let Some(Err(kind)) = i.inbox.front() {
+            let kind = *kind;
+            i.inbox.pop_front();
+            return Err(kind.into());
+        }
         i.sent.push((dst, message.to_vec()));
+        i.sent_ttls.push(i.ttl);
         Ok(())
     }
 
     fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram> {
         let i = self.icmp(id).ok_or_else(bad_id)?;
-        let (from, data) = i.inbox.pop_front().ok_or_else(would_block)?;
+        let (from, data) = i.inbox.pop_front().ok_or_else(would_block)??;
         let len = data.len().min(buf.len());
         buf[..len].copy_from_slice(&data[..len]);
         Ok(Datagram {
             len,
             from: SocketAddrV4::new(from, 0),
         })
+    }
+
+    fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()> {
+        match self.sockets.get_mut(&id) {
+            Some(SimSocket::Udp(u)) => {
+                u.ttl = ttl;
+                u.ttl_sets += 1;
+            }
+            Some(SimSocket::Icmp(i)) => i.ttl = ttl,
+            _ => return Err(bad_id()),
+        }
+        Ok(())
+    }
+
+    fn recv_error(&mut self, id: SockId) -> io::Result<IcmpError> {
+        let errors = match self.sockets.get_mut(&id) {
+            Some(SimSocket::Udp(u)) => &mut u.errors,
+            Some(SimSocket::Icmp(i)) => &mut i.errors,
+            _ => return Err(bad_id()),
+        };
+        errors.pop_front().ok_or_else(would_block)
     }
 
     fn close(&mut self, id: SockId) {

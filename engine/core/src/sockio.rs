@@ -7,7 +7,7 @@
 //! simulated sock side (`sim::`). Readiness comes back to the core as `SockEvent`s.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// A sock-side socket, as the driver numbers it.
 pub type SockId = u32;
@@ -21,8 +21,10 @@ pub enum SockEvent {
     Writable(SockId),
     /// A `tcp_connect` finished successfully.
     Connected(SockId),
-    /// A `tcp_connect` failed (refused, unreachable, timed out).
+    /// A `tcp_connect` failed (refused, timed out, ...).
     ConnectFailed(SockId, io::ErrorKind),
+    /// A `tcp_connect` failed because the network has no way to the destination.
+    ConnectUnreachable(SockId, Unreachable),
     /// The peer reset the connection or the socket failed.
     Failed(SockId, io::ErrorKind),
 }
@@ -36,6 +38,69 @@ pub struct Datagram {
     pub from: SocketAddrV4,
 }
 
+/// Why the network cannot take something to its destination, in the terms of ICMP's
+/// destination unreachable (what the guest is told). The driver attaches it to the `io::Error`
+/// of a send or connect the host's own routing refused (`unreachable_of` finds it), or reports
+/// it with `SockEvent::ConnectUnreachable`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Unreachable {
+    /// No route to the destination's network.
+    Net,
+    /// The destination's network is there but the host does not answer.
+    Host,
+    /// A firewall refused it.
+    Prohibited,
+}
+
+impl Unreachable {
+    /// Its code in an ICMP destination unreachable (RFC 792, RFC 1812).
+    pub fn icmp_code(self) -> u8 {
+        match self {
+            Unreachable::Net => 0,
+            Unreachable::Host => 1,
+            Unreachable::Prohibited => 13,
+        }
+    }
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unreachable::Net => "network unreachable",
+            Unreachable::Host => "host unreachable",
+            Unreachable::Prohibited => "administratively prohibited",
+        })
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// The `Unreachable` a driver attached to `e`, if any.
+pub fn unreachable_of(e: &io::Error) -> Option<Unreachable> {
+    e.get_ref()?.downcast_ref::<Unreachable>().copied()
+}
+
+/// An ICMP error the host's stack received about a datagram a UDP or ICMP socket sent
+/// (`IP_RECVERR`), read from the socket's error queue.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct IcmpError {
+    /// Who sent it: a router on the way, or the destination itself; unspecified (0.0.0.0)
+    /// when the host's own stack did, for a next hop it could not reach.
+    pub from: Ipv4Addr,
+    /// ICMP type (3 destination unreachable, 11 time exceeded, 12 parameter problem).
+    pub icmp_type: u8,
+    /// ICMP code.
+    pub code: u8,
+    /// What the type carries besides: the next-hop MTU of "fragmentation needed", the pointer
+    /// of a parameter problem.
+    pub info: u32,
+    /// For an ICMP socket, the start of the echo request the error quoted (type, code,
+    /// checksum, ident, sequence number), as the host sent it; `quoted_len` bytes of it.
+    pub quoted: [u8; 8],
+    /// How many bytes of `quoted` are there (0 for UDP).
+    pub quoted_len: u8,
+}
+
 /// The sock side as the core sees it: the host's sockets, opened, used and closed on its
 /// behalf. The runtime implements it with real sockets, `sim::SimSockets` in memory.
 pub trait SockIo {
@@ -44,8 +109,9 @@ pub trait SockIo {
     fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;
     /// Sends one datagram on the UDP socket `id`; returns the bytes sent.
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize>;
-    /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting;
-    /// `Err(ConnectionRefused)` when the destination answered with ICMP port unreachable.
+    /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting; another
+    /// error (`ConnectionRefused` for a port unreachable) when the network answered with an
+    /// ICMP error, whose details `recv_error` then gives.
     fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize>;
 
     /// Starts a non-blocking connect; its outcome arrives as `Connected` or `ConnectFailed`.
@@ -71,6 +137,13 @@ pub trait SockIo {
     fn icmp_send(&mut self, id: SockId, dst: std::net::Ipv4Addr, message: &[u8]) -> io::Result<()>;
     /// Receives an ICMP message (from its ICMP header on).
     fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram>;
+
+    /// Sets the IP TTL of what UDP or ICMP socket `id` sends from now on (`None`: the host's
+    /// default).
+    fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()>;
+    /// The next ICMP error queued on UDP or ICMP socket `id`; `Err(WouldBlock)` when there is
+    /// none. A socket error `udp_recv` or `icmp_recv` returned says that some may be waiting.
+    fn recv_error(&mut self, id: SockId) -> io::Result<IcmpError>;
 
     /// Closes any socket and forgets its id.
     fn close(&mut self, id: SockId);

@@ -27,11 +27,15 @@ pub enum DropReason {
     /// A source address another guest holds (`vhost::bindings`), or a DHCP message about
     /// another client's lease.
     Spoofed,
+    /// Its TTL ended at the virtual host on the way elsewhere (the guest got time exceeded).
+    TtlExceeded,
+    /// The host has no route to its destination (the guest got destination unreachable).
+    NoRoute,
 }
 
 impl DropReason {
     /// Every reason, in the order of their index in `Stats::drops`.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::BadChecksum,
         DropReason::Foreign,
@@ -43,6 +47,8 @@ impl DropReason {
         DropReason::QueueFull,
         DropReason::Policy,
         DropReason::Spoofed,
+        DropReason::TtlExceeded,
+        DropReason::NoRoute,
     ];
 
     /// Its name in the statistics the operator reads (`bad_checksum`, ...).
@@ -59,6 +65,8 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::Policy => "policy",
             DropReason::Spoofed => "spoofed",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::NoRoute => "no_route",
         }
     }
 }

@@ -74,6 +74,28 @@ pub fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8
     ipv4_frame(*src.ip(), *dst.ip(), IpProtocol::Udp, 1, 0, false, &udp)
 }
 
+/// `frame` (an Ethernet frame of one IPv4 packet) with the IP TTL `ttl`.
+pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    let mut ip = Ipv4Packet::new_unchecked(&mut frame[ETHERNET_HEADER_LEN..]);
+    ip.set_hop_limit(ttl);
+    ip.fill_checksum();
+    frame
+}
+
+/// A guest's TCP SYN (no options) from `src` to `dst` with sequence number `seq`.
+pub fn syn_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+    let mut tcp = [0u8; 20];
+    let mut t = smoltcp::wire::TcpPacket::new_unchecked(&mut tcp[..]);
+    t.set_src_port(src.port());
+    t.set_dst_port(dst.port());
+    t.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+    t.set_header_len(20);
+    t.set_syn(true);
+    t.set_window_len(64240);
+    t.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    ipv4_frame(*src.ip(), *dst.ip(), IpProtocol::Tcp, 3, 0, false, &tcp)
+}
+
 /// The IPv4 packets of the frames in `out` (checked, checksums verified).
 pub fn packets(out: &FrameBatch) -> Vec<Vec<u8>> {
     out.iter()

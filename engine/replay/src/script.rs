@@ -9,7 +9,7 @@
 //! rebase = true                   # translate guests' ACK/TSecr to the replayed core's ISN/TSval
 //!
 //! [host]
-//! default_connect = "accept"      # accept | refuse | silent
+//! default_connect = "accept"      # accept | refuse | silent | unreachable
 //! connects = { "10.0.0.2:81" = "refuse" }
 //! tcp = "echo"                    # echo | sink | "fixed:N" (N bytes toward the guest, then FIN)
 //! tcp_ports = { "80" = "fixed:20000" }
@@ -132,7 +132,13 @@ fn connect_outcome(f: &str, v: &str) -> Result<ConnectOutcome, ScriptError> {
         "accept" => Ok(ConnectOutcome::Accept),
         "refuse" => Ok(ConnectOutcome::Refuse),
         "silent" => Ok(ConnectOutcome::Silent),
-        _ => Err(field(f, format!("`{v}` is not accept, refuse or silent"))),
+        "unreachable" => Ok(ConnectOutcome::Unreachable(
+            hubnat_core::sockio::Unreachable::Host,
+        )),
+        _ => Err(field(
+            f,
+            format!("`{v}` is not accept, refuse, silent or unreachable"),
+        )),
     }
 }
 

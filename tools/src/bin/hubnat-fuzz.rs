@@ -557,6 +557,7 @@ impl Variant {
                     ConnectOutcome::Accept,
                     ConnectOutcome::Refuse,
                     ConnectOutcome::Silent,
+                    ConnectOutcome::Unreachable(hubnat_core::sockio::Unreachable::Host),
                 ],
             );
         }
@@ -776,6 +777,7 @@ impl Variant {
             ConnectOutcome::Accept => "accept",
             ConnectOutcome::Refuse => "refuse",
             ConnectOutcome::Silent => "silent",
+            ConnectOutcome::Unreachable(_) => "unreachable",
         };
         format!(
             "seed = {}\ntail_ms = 0\nrebase = {}\nengine = {}\n\n[host]\n\
@@ -857,6 +859,7 @@ impl Pool {
                     ConnectOutcome::Accept => "accept",
                     ConnectOutcome::Refuse => "refuse",
                     ConnectOutcome::Silent => "silent",
+                    ConnectOutcome::Unreachable(_) => "unreachable",
                 };
                 connects.entry(*a).or_insert(o);
             }

@@ -14,7 +14,10 @@
 //! loops, in either mode; the host-loopback alias is pinged as 127.0.0.1 (or answered in dummy
 //! mode) and answers come from the alias. Echo requests to the virtual host's own address that
 //! arrive fragmented come here after reassembly and are answered from the virtual host. Replies
-//! larger than the MTU leave in fragments. Other ICMP messages from guests are not relayed.
+//! larger than the MTU leave in fragments. Other ICMP messages from guests are not relayed. In
+//! real mode requests leave with the guest's TTL less one, and the ICMP errors the host receives
+//! about them (time exceeded from a router, destination unreachable) come back to the guest from
+//! their sender (`nat::icmp_error`): what traceroute's ICMP mode needs.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -24,6 +27,7 @@ use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
 
 use crate::config::{Config, IcmpMode};
 use crate::event::Event;
+use crate::nat::icmp_error::{self, Destination, Quote, SockTtl};
 use crate::nat::session::{self, SessionTable};
 use crate::nat::{sock_destination, Direction, Proto, SessionInfo};
 use crate::output::FrameBatch;
@@ -58,6 +62,10 @@ struct Echo {
     recent: [Option<u16>; RECENT],
     /// Where in `recent` the next one goes.
     next: usize,
+    /// The guest's last request, as ICMP errors about it quote it.
+    quote: Quote,
+    /// The TTL the socket sends with.
+    ttl: SockTtl,
 }
 
 type Session = session::Session<Key, Echo>;
@@ -176,7 +184,16 @@ impl IcmpNat {
             &ChecksumCapabilities::default(),
         );
         s.info.last_used = now;
-        match io.icmp_send(s.sock, s.state.host_dst, &self.buf[..len]) {
+        s.state.quote = Quote::of(ip);
+        s.state.ttl.follow(ip.hop_limit(), s.sock, io);
+        let mut sent = io.icmp_send(s.sock, s.state.host_dst, &self.buf[..len]);
+        if let Err(e) = &sent {
+            // An error about an earlier request surfaces on this send, which sent nothing.
+            if e.kind() != std::io::ErrorKind::WouldBlock && relay_errors(ctx, out, s, io) > 0 {
+                sent = io.icmp_send(s.sock, s.state.host_dst, &self.buf[..len]);
+            }
+        }
+        match sent {
             Ok(()) => {
                 s.state.recent[s.state.next] = Some(seq_no);
                 s.state.next = (s.state.next + 1) % RECENT;
@@ -185,6 +202,9 @@ impl IcmpNat {
                 Ok(())
             }
             Err(e) => {
+                if icmp_error::report_send_error(ctx, out, &e, s.state.quote.bytes(), None) {
+                    return Err(DropReason::NoRoute);
+                }
                 tracing::debug!("ICMP session {}: send failed: {e}", s.info.id);
                 Err(DropReason::QueueFull)
             }
@@ -264,6 +284,8 @@ impl IcmpNat {
                 host_dst,
                 recent: [None; RECENT],
                 next: 0,
+                quote: Quote::default(),
+                ttl: SockTtl::default(),
             },
             info: SessionInfo::opened(id, Proto::Icmp, (guest, dst), Direction::Out, now, "Echo"),
         };
@@ -305,15 +327,24 @@ impl IcmpNat {
     ) -> Option<bool> {
         let slot = self.table.slot_of_sock(sock)?;
         let s = self.table.get_mut(slot)?;
+        // A socket error with nothing behind it, twice in a row: give up on this round.
+        let mut stalled = false;
         for _ in 0..READ_BUDGET {
             let dgram = match io.icmp_recv(sock, &mut self.buf) {
                 Ok(d) => d,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(false),
+                // The socket's pending error: the ICMP errors behind it wait in its error queue.
                 Err(e) => {
-                    tracing::debug!("ICMP session {}: receive failed: {e}", s.info.id);
-                    return Some(false);
+                    if relay_errors(ctx, out, s, io) > 0 {
+                        stalled = false;
+                    } else if std::mem::replace(&mut stalled, true) {
+                        tracing::debug!("ICMP session {}: receive failed: {e}", s.info.id);
+                        return Some(false);
+                    }
+                    continue;
                 }
             };
+            stalled = false;
             let msg = &mut self.buf[..dgram.len];
             let Ok(mut packet) = Icmpv4Packet::new_checked(&mut msg[..]) else {
                 ctx.stats.drop(DropReason::Malformed);
@@ -411,6 +442,26 @@ impl IcmpNat {
             self.close(ctx, slot, io);
         }
     }
+}
+
+/// Relays the ICMP errors queued on session `s`'s socket to its guest; how many there were.
+fn relay_errors(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session, io: &mut impl SockIo) -> usize {
+    let dst = Destination {
+        host: s.state.host_dst,
+        shown: s.key.dst,
+    };
+    let mut n = 0;
+    // Bounded: the queue is the socket's, and its receive buffer bounds it.
+    while n < READ_BUDGET {
+        let Ok(err) = io.recv_error(s.sock) else {
+            break;
+        };
+        n += 1;
+        if let Err(why) = icmp_error::relay(ctx, out, &err, &s.state.quote, dst, None) {
+            ctx.stats.drop(why);
+        }
+    }
+    n
 }
 
 /// Builds `repr` in `buf` and sends it from `src` to the guest `dst`, in fragments if needed.

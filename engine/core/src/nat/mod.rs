@@ -8,6 +8,7 @@
 
 pub(crate) mod frag;
 pub mod icmp;
+pub(crate) mod icmp_error;
 pub(crate) mod inbound;
 pub(crate) mod policy;
 pub(crate) mod rate;
@@ -147,6 +148,9 @@ impl Nat {
             // pings, reassembled ones too.
             return Err(DropReason::Disabled);
         }
+        if ip.hop_limit() <= 1 && icmp_error::time_exceeded(ctx, ip, out) {
+            return Err(DropReason::TtlExceeded);
+        }
         match ip.next_header() {
             IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
             IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out).map(|()| None),
@@ -186,7 +190,7 @@ impl Nat {
     ) -> Result<(), InboundRefused> {
         let shown = inbound::admit(now, ctx, client, &target)?;
         self.udp
-            .inbound(now, ctx, sock, shown, target, payload, io, out)
+            .inbound(now, ctx, sock, (client, shown), target, payload, io, out)
     }
 
     pub(crate) fn handle_host_event(

@@ -4,9 +4,10 @@
 //! address, destination port); each session owns one sock-side UDP socket *connected* to the real
 //! destination (`sock_destination`: the host-loopback alias becomes 127.0.0.1, the virtual
 //! network itself is refused). Answers go back to the guest from the address and port it wrote
-//! to, the alias included. An ICMP port unreachable that the connected socket reports comes back
-//! to the guest as one, from the destination. A session lives `cfg.nat.udp_timeout` past its
-//! last datagram in either direction.
+//! to, the alias included. The ICMP errors the host receives about a session's datagrams (port
+//! unreachable from the destination, time exceeded from a router, ...) come back to the guest
+//! from their sender, and datagrams leave with the guest's TTL less one (`nat::icmp_error`). A
+//! session lives `cfg.nat.udp_timeout` past its last datagram in either direction.
 //!
 //! Bounds: `cfg.nat.max_sessions` sessions in all and `cfg.nat.max_sessions_per_guest` per guest
 //! address; past them a new flow is refused (`DropReason::Limit`) while the others go on. The
@@ -31,12 +32,11 @@
 use std::io;
 use std::net::SocketAddrV4;
 
-use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UDP_HEADER_LEN,
-};
+use smoltcp::wire::{Icmpv4DstUnreachable, IpProtocol, Ipv4Packet, UdpPacket, UDP_HEADER_LEN};
 
 use crate::config::{Config, Mac};
 use crate::event::Event;
+use crate::nat::icmp_error::{self, Destination, Quote, SockTtl};
 use crate::nat::session::{self, SessionTable};
 use crate::nat::{
     sock_destination, Direction, DnsQuery, InboundRefused, InboundTarget, Proto, SessionInfo,
@@ -45,7 +45,7 @@ use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
-use crate::vhost::icmp::{push_icmp, push_unreachable};
+use crate::vhost::icmp::push_unreachable;
 use crate::wire::{push_ipv4_fragments, Ipv4Header, DNS_PORT, IPV4_HEADER_LEN};
 use crate::Ctx;
 
@@ -69,8 +69,12 @@ pub(crate) struct UdpKey {
 
 /// What a UDP session keeps beyond the table's common part.
 struct Datagrams {
-    /// UDP length of the guest's last datagram, quoted in a port unreachable.
-    last_len: u16,
+    /// The guest's last datagram, as ICMP errors about it quote it.
+    quote: Quote,
+    /// The TTL the socket sends with.
+    ttl: SockTtl,
+    /// Where the socket sends, and the destination as the guest addressed it.
+    dst: Destination,
     /// For an inbound session, the guest's MAC as the forward resolved it (datagrams to the
     /// guest go there, not to whatever the neighbour table has); `None`: the neighbour table.
     guest_mac: Option<Mac>,
@@ -160,7 +164,7 @@ impl UdpNat {
         }
         let slot = match existing {
             Some(slot) => slot,
-            None => match self.open(now, ctx, key, io) {
+            None => match self.open(now, ctx, key, io, (ip, out)) {
                 Ok(slot) => slot,
                 Err(DropReason::Policy) => {
                     refuse(ctx, ip, out);
@@ -173,31 +177,53 @@ impl UdpNat {
             return Err(DropReason::Malformed);
         };
         s.info.last_used = now;
-        s.state.last_len = udp.len();
-        match io.udp_send(s.sock, udp.payload()) {
+        s.state.quote = Quote::of(ip);
+        s.state.ttl.follow(ip.hop_limit(), s.sock, io);
+        let mut sent = io.udp_send(s.sock, udp.payload());
+        if let Err(e) = &sent {
+            // An ICMP error about an earlier datagram surfaces on the send that follows it (the
+            // socket's pending error), which then sent nothing: relay it, and send again.
+            if e.kind() != io::ErrorKind::WouldBlock && relay_errors(ctx, out, s, io) > 0 {
+                sent = io.udp_send(s.sock, udp.payload());
+            }
+        }
+        match sent {
             Ok(_) => {
                 s.info.packets_to_host += 1;
                 s.info.bytes_to_host += udp.payload().len() as u64;
                 Ok(None)
             }
-            // An earlier datagram's port unreachable can surface on a connected socket's send.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
-                    .map(|()| None)
-            }
             Err(e) => {
+                let mac = s.state.guest_mac;
+                if icmp_error::report_send_error(ctx, out, &e, s.state.quote.bytes(), mac) {
+                    return Err(DropReason::NoRoute);
+                }
+                if e.kind() == io::ErrorKind::ConnectionRefused {
+                    // A port unreachable the socket could not say more about.
+                    return push_unreachable(
+                        ctx,
+                        dst,
+                        Icmpv4DstUnreachable::PortUnreachable,
+                        ip,
+                        out,
+                    )
+                    .map(|()| None);
+                }
                 tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
                 Err(DropReason::QueueFull)
             }
         }
     }
 
+    /// Opens the session of `key` for the guest's datagram `ip` (told on `out` when its
+    /// destination has no route).
     fn open(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
         key: UdpKey,
         io: &mut impl SockIo,
+        (ip, out): (&Ipv4Packet<&[u8]>, &mut FrameBatch),
     ) -> Result<usize, DropReason> {
         let host_dst = sock_destination(ctx, Proto::Udp, key.guest, key.dst)?;
         let (total, per_guest) = (ctx.cfg.nat.max_sessions, ctx.cfg.nat.max_sessions_per_guest);
@@ -218,8 +244,13 @@ impl UdpNat {
             return Err(DropReason::Limit);
         }
         let sock = io.udp_open(host_dst).map_err(|e| {
-            tracing::warn!("UDP socket to {host_dst} could not be opened: {e}");
             ctx.release_session(Proto::Udp, *key.guest.ip());
+            // Connecting the socket looks the route up: a guest's destination may have none.
+            let quote = Quote::of(ip);
+            if icmp_error::report_send_error(ctx, out, &e, quote.bytes(), None) {
+                return DropReason::NoRoute;
+            }
+            tracing::warn!("UDP socket to {host_dst} could not be opened: {e}");
             DropReason::Limit
         })?;
         let id = ctx.next_session_id();
@@ -241,7 +272,12 @@ impl UdpNat {
                 "Established",
             ),
             state: Datagrams {
-                last_len: UDP_HEADER_LEN as u16,
+                quote: Quote::default(),
+                ttl: SockTtl::default(),
+                dst: Destination {
+                    host: *host_dst.ip(),
+                    shown: *key.dst.ip(),
+                },
                 guest_mac: None,
                 forward: None,
             },
@@ -260,7 +296,7 @@ impl UdpNat {
         now: Instant,
         ctx: &mut Ctx,
         sock: SockId,
-        client: SocketAddrV4,
+        (client, shown): (SocketAddrV4, SocketAddrV4),
         target: InboundTarget,
         payload: &[u8],
         io: &mut impl SockIo,
@@ -268,7 +304,7 @@ impl UdpNat {
     ) -> Result<(), InboundRefused> {
         let key = UdpKey {
             guest: target.guest,
-            dst: client,
+            dst: shown,
         };
         let slot = match self.table.slot(&key) {
             Some(slot) => {
@@ -277,7 +313,7 @@ impl UdpNat {
                 }
                 slot
             }
-            None => self.open_inbound(now, ctx, key, sock, target, io)?,
+            None => self.open_inbound(now, ctx, key, (sock, client), target, io)?,
         };
         let Some(s) = self.table.get_mut(slot) else {
             return Ok(());
@@ -299,7 +335,7 @@ impl UdpNat {
         now: Instant,
         ctx: &mut Ctx,
         key: UdpKey,
-        sock: SockId,
+        (sock, client): (SockId, SocketAddrV4),
         target: InboundTarget,
         io: &mut impl SockIo,
     ) -> Result<usize, InboundRefused> {
@@ -334,7 +370,12 @@ impl UdpNat {
                 "Established",
             ),
             state: Datagrams {
-                last_len: UDP_HEADER_LEN as u16,
+                quote: Quote::default(),
+                ttl: SockTtl::default(),
+                dst: Destination {
+                    host: *client.ip(),
+                    shown: *key.dst.ip(),
+                },
                 guest_mac: Some(target.guest_mac),
                 forward: Some(target.forward),
             },
@@ -395,9 +436,13 @@ impl UdpNat {
         let Some(s) = self.table.get_mut(slot) else {
             return false;
         };
+        // A socket error with nothing behind it, twice in a row: give up on this round rather
+        // than spin on it.
+        let mut stalled = false;
         for _ in 0..READ_BUDGET {
             match io.udp_recv(s.sock, &mut self.buf[UDP_HEADER_LEN..]) {
                 Ok(n) => {
+                    stalled = false;
                     s.info.last_used = now;
                     s.info.packets_to_guest += 1;
                     s.info.bytes_to_guest += n as u64;
@@ -407,14 +452,16 @@ impl UdpNat {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    if let Err(why) = reflect_refused(ctx, out, s) {
-                        ctx.stats.drop(why);
-                    }
-                }
+                // The socket's pending error: the ICMP errors behind it wait in its error queue.
                 Err(e) => {
-                    tracing::debug!("UDP session {}: receive failed: {e}", s.info.id);
-                    return false;
+                    if relay_errors(ctx, out, s, io) > 0 {
+                        stalled = false;
+                    } else if e.kind() == io::ErrorKind::ConnectionRefused {
+                        reflect_refused(ctx, out, s);
+                    } else if std::mem::replace(&mut stalled, true) {
+                        tracing::debug!("UDP session {}: receive failed: {e}", s.info.id);
+                        return false;
+                    }
                 }
             }
         }
@@ -459,11 +506,11 @@ impl UdpNat {
             }
             SockEvent::Failed(sock, kind) => {
                 if let Some(slot) = self.table.slot_of_sock(sock) {
-                    if kind == io::ErrorKind::ConnectionRefused {
-                        if let Some(s) = self.table.get(slot) {
-                            if let Err(why) = reflect_refused(ctx, out, s) {
-                                ctx.stats.drop(why);
-                            }
+                    if let Some(s) = self.table.get(slot) {
+                        if relay_errors(ctx, out, s, io) == 0
+                            && kind == io::ErrorKind::ConnectionRefused
+                        {
+                            reflect_refused(ctx, out, s);
                         }
                     }
                     None
@@ -569,27 +616,31 @@ fn send_to_guest_via(
     Ok(())
 }
 
-/// The destination answered the session's last datagram with port unreachable: tell the guest,
-/// from the destination, quoting an IP + UDP header rebuilt from the session.
-fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) -> Result<(), DropReason> {
-    let mut quoted = [0u8; UDP_HEADER_LEN];
-    let mut udp = UdpPacket::new_unchecked(&mut quoted[..]);
-    udp.set_src_port(s.key.guest.port());
-    udp.set_dst_port(s.key.dst.port());
-    udp.set_len(s.state.last_len);
-    udp.set_checksum(0);
-    let repr = Icmpv4Repr::DstUnreachable {
-        reason: Icmpv4DstUnreachable::PortUnreachable,
-        header: Ipv4Repr {
-            src_addr: *s.key.guest.ip(),
-            dst_addr: *s.key.dst.ip(),
-            next_header: IpProtocol::Udp,
-            payload_len: s.state.last_len as usize,
-            hop_limit: crate::wire::DEFAULT_TTL,
-        },
-        data: &quoted,
-    };
-    push_icmp(ctx, *s.key.dst.ip(), *s.key.guest.ip(), &repr, out)
+/// Relays the ICMP errors queued on session `s`'s socket to its guest; how many there were.
+fn relay_errors(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session, io: &mut impl SockIo) -> usize {
+    let mut n = 0;
+    // Bounded: the queue is the socket's, and its receive buffer bounds it.
+    while n < READ_BUDGET {
+        let Ok(err) = io.recv_error(s.sock) else {
+            break;
+        };
+        n += 1;
+        let (quote, dst, mac) = (&s.state.quote, s.state.dst, s.state.guest_mac);
+        if let Err(why) = icmp_error::relay(ctx, out, &err, quote, dst, mac) {
+            ctx.stats.drop(why);
+        }
+    }
+    n
+}
+
+/// The destination answered the session's last datagram with port unreachable, and the socket
+/// had nothing more to say of it: tell the guest, from the destination.
+fn reflect_refused(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session) {
+    let err = icmp_error::port_unreachable(s.state.dst.host);
+    let (quote, dst, mac) = (&s.state.quote, s.state.dst, s.state.guest_mac);
+    if let Err(why) = icmp_error::relay(ctx, out, &err, quote, dst, mac) {
+        ctx.stats.drop(why);
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use crate::sock::uring::{Completion, Ready, Ring};
-use hubnat_core::sockio::{Datagram, SockEvent, SockId, SockIo};
+use hubnat_core::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreachable};
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
 pub use crate::tokens::FIRST_RESERVED_TOKEN;
@@ -126,6 +126,91 @@ pub(crate) fn setsockopt_int(
         )
     })
     .map(drop)
+}
+
+/// What the guest is told of an errno by which the network refused a send or a connect.
+fn unreachable_of(errno: Option<i32>) -> Option<Unreachable> {
+    match errno? {
+        libc::ENETUNREACH => Some(Unreachable::Net),
+        libc::EHOSTUNREACH => Some(Unreachable::Host),
+        // What a firewall of the host's own (netfilter) answers.
+        libc::EPERM => Some(Unreachable::Prohibited),
+        _ => None,
+    }
+}
+
+/// `e` with its `Unreachable` attached, where it has one, for the core to tell the guest.
+fn classify(e: io::Error) -> io::Error {
+    match unreachable_of(e.raw_os_error()) {
+        Some(why) => io::Error::new(e.kind(), why),
+        None => e,
+    }
+}
+
+/// The core's event for a connect that failed with `e`.
+fn connect_failed(id: SockId, e: &io::Error) -> SockEvent {
+    match unreachable_of(e.raw_os_error()) {
+        Some(why) => SockEvent::ConnectUnreachable(id, why),
+        None => SockEvent::ConnectFailed(id, e.kind()),
+    }
+}
+
+/// Has the ICMP errors about what `fd` sends queued for `recv_error` (and its pending error
+/// set) instead of only the hard ones surfacing as a pending error.
+fn recv_errors(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+}
+
+/// One entry of `fd`'s error queue that came from ICMP: the error, its sender and the first
+/// bytes of the datagram it quoted past the headers the socket's protocol owns (copied into
+/// `quoted`, their count returned). `Ok(None)`: an entry of another origin, now gone.
+fn read_error_queue(
+    fd: RawFd,
+    quoted: &mut [u8; 8],
+) -> io::Result<Option<(libc::sock_extended_err, Ipv4Addr, usize)>> {
+    let mut iov = libc::iovec {
+        iov_base: quoted.as_mut_ptr().cast(),
+        iov_len: quoted.len(),
+    };
+    // u64s: the control buffer must be aligned for cmsghdr. Room for the IP_RECVERR message
+    // (header, sock_extended_err, the offender's sockaddr_in) several times over.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data, for which all zeroes is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (into `quoted`) and `control`, live and writable for the
+    // lengths it gives, during the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = (n as usize).min(quoted.len());
+    // SAFETY: `msg` is the header recvmsg filled in; its control messages lie in `control`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null pointer from CMSG_FIRSTHDR/NXTHDR is a header within `control`.
+        let (level, kind) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type) };
+        if level == libc::SOL_IP && kind == libc::IP_RECVERR {
+            // SAFETY: an IP_RECVERR message holds a sock_extended_err followed by the
+            // offender's address (SO_EE_OFFENDER), within `control`; read unaligned.
+            let (ee, offender) = unsafe {
+                let ee = libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err;
+                let off = libc::SO_EE_OFFENDER(ee) as *const libc::sockaddr_in;
+                (ee.read_unaligned(), off.read_unaligned())
+            };
+            if ee.ee_origin != libc::SO_EE_ORIGIN_ICMP {
+                return Ok(None);
+            }
+            let from = Ipv4Addr::from(u32::from_be(offender.sin_addr.s_addr));
+            return Ok(Some((ee, from, len)));
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(None)
 }
 
 fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -249,9 +334,9 @@ impl SockDriver {
                         into.push(SockEvent::Connected(id));
                     }
                 }
-                Completion::ConnectFailed(id, kind) => {
+                Completion::ConnectFailed(id, errno) => {
                     if self.socks.contains_key(&id) {
-                        into.push(SockEvent::ConnectFailed(id, kind));
+                        into.push(connect_failed(id, &io::Error::from_raw_os_error(errno)));
                     }
                 }
                 Completion::Readable(id) => {
@@ -317,7 +402,7 @@ impl SockDriver {
                 match err {
                     Some(e) if e.kind() == io::ErrorKind::NotConnected => {}
                     Some(e) => {
-                        into.push(SockEvent::ConnectFailed(id, e.kind()));
+                        into.push(connect_failed(id, &e));
                     }
                     None => {
                         t.connecting = false;
@@ -407,6 +492,7 @@ impl SockDriver {
     /// Takes over a UDP socket a forward connected to its client.
     pub fn adopt_udp(&mut self, sock: std::net::UdpSocket) -> io::Result<SockId> {
         sock.set_nonblocking(true)?;
+        recv_errors(sock.as_raw_fd())?;
         let sock = UdpSocket::from_std(sock);
         let id = self.alloc_id();
         match &mut self.readiness {
@@ -451,7 +537,9 @@ impl SockDriver {
         };
         if dgram >= 0 {
             // SAFETY: a fresh fd owned by nobody else.
-            return Ok(Icmp::Datagram(unsafe { OwnedFd::from_raw_fd(dgram) }));
+            let fd = unsafe { OwnedFd::from_raw_fd(dgram) };
+            recv_errors(fd.as_raw_fd())?;
+            return Ok(Icmp::Datagram(fd));
         }
         // SAFETY: as above.
         let raw = cvt(unsafe {
@@ -462,17 +550,17 @@ impl SockDriver {
             )
         })?;
         // SAFETY: a fresh fd owned by nobody else.
-        Ok(Icmp::Raw {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-            ident: 0,
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        recv_errors(fd.as_raw_fd())?;
+        Ok(Icmp::Raw { fd, ident: 0 })
     }
 }
 
 impl SockIo for SockDriver {
     fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
         let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-        sock.connect(SocketAddr::V4(dst))?;
+        recv_errors(sock.as_raw_fd())?;
+        sock.connect(SocketAddr::V4(dst)).map_err(classify)?;
         let id = self.alloc_id();
         match &mut self.readiness {
             Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
@@ -484,7 +572,7 @@ impl SockIo for SockDriver {
 
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
         match self.socks.get(&id) {
-            Some(Sock::Udp(s)) => s.send(payload),
+            Some(Sock::Udp(s)) => s.send(payload).map_err(classify),
             _ => Err(not_found()),
         }
     }
@@ -503,7 +591,7 @@ impl SockIo for SockDriver {
 
     fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
         let stream = match &self.readiness {
-            Readiness::Epoll(_) => TcpStream::connect(SocketAddr::V4(dst))?,
+            Readiness::Epoll(_) => TcpStream::connect(SocketAddr::V4(dst)).map_err(classify)?,
             // The ring connects it (after the options below are set).
             Readiness::Uring(_) => {
                 // SAFETY: plain socket creation; the result is checked.
@@ -683,7 +771,7 @@ impl SockIo for SockDriver {
             )
         };
         if n < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(classify(io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -731,6 +819,62 @@ impl SockIo for SockDriver {
                 len -= ihl;
             }
             return Ok(Datagram { len, from });
+        }
+    }
+
+    fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()> {
+        let fd = match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => s.as_raw_fd(),
+            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => fd.as_raw_fd(),
+            _ => return Err(not_found()),
+        };
+        // -1: back to the host's default.
+        let value = ttl.map_or(-1, libc::c_int::from);
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TTL, value)
+    }
+
+    fn recv_error(&mut self, id: SockId) -> io::Result<IcmpError> {
+        // A raw ICMP socket is told of errors about every echo request to its destination:
+        // those of its own ident are its own.
+        let (fd, raw_ident) = match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => (s.as_raw_fd(), None),
+            Some(Sock::Icmp(Icmp::Datagram(fd))) => (fd.as_raw_fd(), None),
+            Some(Sock::Icmp(Icmp::Raw { fd, ident })) => (fd.as_raw_fd(), Some(*ident)),
+            _ => return Err(not_found()),
+        };
+        let udp = matches!(self.socks.get(&id), Some(Sock::Udp(_)));
+        loop {
+            let mut quoted = [0u8; 8];
+            let Some((ee, mut from, len)) = read_error_queue(fd, &mut quoted)? else {
+                continue;
+            };
+            if let Some(ident) = raw_ident {
+                if len < 6 || u16::from_be_bytes([quoted[4], quoted[5]]) != ident {
+                    continue;
+                }
+            }
+            if udp {
+                // The host's own stack speaks for a next hop it could not reach: the guest
+                // hears that from its own router, the virtual host, not from this machine.
+                // (A destination on this machine answers from the same address: that is its own
+                // answer.)
+                let ends = self.socks.get(&id).and_then(|s| match s {
+                    Sock::Udp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
+                    _ => None,
+                });
+                let from_ip = std::net::IpAddr::V4(from);
+                if ends.is_some_and(|(local, peer)| local.ip() == from_ip && peer.ip() != from_ip) {
+                    from = Ipv4Addr::UNSPECIFIED;
+                }
+            }
+            return Ok(IcmpError {
+                from,
+                icmp_type: ee.ee_type,
+                code: ee.ee_code,
+                info: ee.ee_info,
+                quoted,
+                quoted_len: if udp { 0 } else { len as u8 },
+            });
         }
     }
 
@@ -963,5 +1107,13 @@ mod tests {
         wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
         let e = host.udp_recv(id, &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        // The details wait in the error queue, once.
+        let err = host.recv_error(id).unwrap();
+        assert_eq!((err.from, err.icmp_type, err.code), (*addr.ip(), 3, 3));
+        let e = host.recv_error(id).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        // The TTL can be set and put back to the default.
+        host.set_ttl(id, Some(3)).unwrap();
+        host.set_ttl(id, None).unwrap();
     }
 }

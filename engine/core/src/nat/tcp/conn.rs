@@ -23,9 +23,10 @@ use super::segment::{self, Hdr, Seg, TS_OPTION_LEN};
 use super::seq::Seq;
 use crate::config::Mac;
 use crate::event::Event;
+use crate::nat::icmp_error::{self, Quote};
 use crate::nat::Direction;
 use crate::output::FrameBatch;
-use crate::sockio::{SockId, SockIo};
+use crate::sockio::{SockId, SockIo, Unreachable};
 use crate::time::{earliest, Instant};
 use crate::Ctx;
 
@@ -182,6 +183,9 @@ pub(crate) struct TcpConn {
     guest_mac: Mac,
     /// Who opened it: the guest (its SYN) or a forward (our SYN to the guest).
     pub(crate) direction: Direction,
+    /// The guest's SYN, as an ICMP error about its connect quotes it; boxed, and dropped once
+    /// connected, to keep the connection small.
+    pub(crate) syn: Option<Box<Quote>>,
     /// The forward an inbound connection came through.
     pub(crate) forward: Option<u32>,
     pub(crate) state: State,
@@ -352,6 +356,7 @@ impl TcpConn {
             target: dst,
             guest_mac,
             direction: Direction::Out,
+            syn: None,
             forward: None,
             state: State::Connecting,
             created: now,
@@ -581,6 +586,7 @@ impl TcpConn {
         }
         self.state = State::SynReceived;
         self.connect_deadline = None;
+        self.syn = None;
         self.snd_nxt = self.iss + 1;
         self.snd_max = self.snd_nxt;
         self.send_syn_ack(cx);
@@ -592,6 +598,23 @@ impl TcpConn {
     /// The connect failed or timed out: the guest sees "connection refused".
     pub(crate) fn refuse<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Next {
         self.send_rst(cx);
+        Next::Delete
+    }
+
+    /// The connect failed for want of a way to the destination: the guest hears it as from a
+    /// router, destination unreachable (a reset when there is no SYN to quote).
+    pub(crate) fn unreachable<H: SockIo>(
+        &mut self,
+        cx: &mut Handling<H>,
+        why: Unreachable,
+    ) -> Next {
+        let Some(syn) = self.syn.take().filter(|_| self.state == State::Connecting) else {
+            return self.refuse(cx);
+        };
+        let mac = Some(self.guest_mac);
+        if let Err(drop) = icmp_error::unreachable(cx.ctx, cx.out, why, syn.bytes(), mac) {
+            cx.ctx.stats.drop(drop);
+        }
         Next::Delete
     }
 

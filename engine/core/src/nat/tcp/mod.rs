@@ -38,6 +38,7 @@ use self::segment::Seg;
 use self::seq::Seq;
 use crate::config::Config;
 use crate::event::Event;
+use crate::nat::icmp_error::{self, Quote};
 use crate::nat::{sock_destination, InboundRefused, InboundTarget, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
@@ -164,7 +165,7 @@ impl TcpNat {
             }
         }
         if seg.syn && seg.ack.is_none() {
-            return self.open(now, ctx, &seg, key, io, out);
+            return self.open(now, ctx, (&seg, Quote::of(ip)), key, io, out);
         }
         if !seg.rst {
             reset(ctx, &seg, key, out)?;
@@ -177,7 +178,7 @@ impl TcpNat {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        seg: &Seg,
+        (seg, syn): (&Seg, Quote),
         key: Key,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
@@ -235,7 +236,9 @@ impl TcpNat {
                     proto: Proto::Tcp,
                     id,
                 });
-                reset(ctx, seg, key, out)?;
+                if !icmp_error::report_send_error(ctx, out, &e, syn.bytes(), Some(guest_mac)) {
+                    reset(ctx, seg, key, out)?;
+                }
                 return Ok(());
             }
         };
@@ -244,6 +247,7 @@ impl TcpNat {
         c.defer_writes = self.batching;
         c.sock = Some(sock);
         c.target = target;
+        c.syn = Some(Box::new(syn));
         self.insert(now, ctx, key, sock, c);
         self.schedule(key, ctx);
         Ok(())
@@ -403,6 +407,7 @@ impl TcpNat {
             | SockEvent::Writable(s)
             | SockEvent::Connected(s)
             | SockEvent::ConnectFailed(s, _)
+            | SockEvent::ConnectUnreachable(s, _)
             | SockEvent::Failed(s, _) => s,
         };
         let Some(&key) = self.by_sock.get(&sock) else {
@@ -437,6 +442,16 @@ impl TcpNat {
                     reason: kind.to_string(),
                 });
                 c.refuse(&mut cx)
+            }
+            SockEvent::ConnectUnreachable(_, why) => {
+                let t = c.target;
+                cx.ctx.events.push(Event::TcpConnectFailed {
+                    id: c.id,
+                    ip: *t.ip(),
+                    port: t.port(),
+                    reason: why.to_string(),
+                });
+                c.unreachable(&mut cx, why)
             }
             SockEvent::Readable(_) => c.on_readable(&mut cx),
             SockEvent::Writable(_) => c.on_writable(&mut cx),
