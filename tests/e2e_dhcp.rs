@@ -392,3 +392,68 @@ fn a_reservation_added_at_run_time_applies_to_the_next_client() {
     assert_eq!(table[0]["ip"], "192.168.30.77");
     assert_eq!(table[0]["reserved"], false);
 }
+
+/// Many bindings through a journal made small, so that it fills and is compacted (snapshot,
+/// then the journal restarted or made larger) again and again while leases are granted; the
+/// leases held at the end survive kill -9.
+#[test]
+fn leases_granted_while_the_journal_is_compacted_survive_kill_9() {
+    require_root!();
+    let mut lab = Lab::start("");
+    if let Some(mut p) = lab.hubnat.take() {
+        p.stop(Duration::from_secs(5));
+    }
+    lab.start_hubnat_args("", &["--lease-journal-kib", "4"]);
+    let load = PathBuf::from(env!("CARGO_BIN_EXE_hubnat-load"));
+    let run = |args: &[&str]| {
+        let mut all = vec![
+            load.to_str().unwrap(),
+            "dhcp",
+            "--iface",
+            &lab.tap,
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let out = lab.guest.exec(&all);
+        assert!(
+            out.status.success(),
+            "hubnat-load {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.hubnat_log()
+        );
+    };
+    // Churn: every exchange a new binding, released at once.
+    run(&["--clients", "100", "--serial", "50", "--exchanges", "1500"]);
+    // Then 100 other clients keep theirs.
+    run(&[
+        "--clients",
+        "100",
+        "--serial",
+        "100",
+        "--exchanges",
+        "100",
+        "--outstanding",
+        "16",
+        "--no-release",
+        "--mac-tag",
+        "77",
+    ]);
+    let state = lab.dir.join("state");
+    let snapshot: serde_json::Value =
+        serde_json::from_str(&common::read(&state.join("leases.json"))).unwrap();
+    assert!(
+        snapshot["epoch"].as_u64().unwrap() >= 3,
+        "the journal was never compacted: {snapshot}"
+    );
+
+    let p = lab.hubnat.take().unwrap();
+    p.signal(9);
+    drop(p);
+    lab.start_hubnat("");
+    let restored = wait_until(Duration::from_secs(10), || {
+        lab.hubnat_log()
+            .contains("restored 100 of 100 leases")
+            .then_some(())
+    });
+    assert!(restored.is_some(), "{}", lab.hubnat_log());
+}

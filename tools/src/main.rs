@@ -393,6 +393,9 @@ struct RunArgs {
     /// Same as --tap-queues multi (kept for scripts written before --tap-queues).
     #[arg(long, hide = true)]
     multiqueue: bool,
+    /// The least size of the lease journal in KiB (tests: a small one is compacted often).
+    #[arg(long, hide = true, value_name = "KIB")]
+    lease_journal_kib: Option<u64>,
     /// The user hubnat becomes once its TAP, sockets and files are open, when started as root.
     /// Default: `hubnat` where that user exists, else `nobody`. The state directory (and a
     /// control socket hubnat made) become that user's; the configuration file must be readable
@@ -1026,6 +1029,7 @@ fn operator(
         metrics,
         reload: Some(hup_rx),
         lease_file: Some(state_dir.join(LEASE_FILE)),
+        lease_journal_bytes: args.lease_journal_kib.map(|k| k.saturating_mul(1024)),
         events,
         resolv: watch_resolv_conf(),
     });

@@ -1,8 +1,9 @@
 //! The operator's side of `hubnat run`, plugged into the runtime's control thread as its
 //! `Operator`: the control socket (one JSON request per line, answered between batches against
 //! the engine itself), the metrics endpoint (Prometheus text over HTTP/1.0), SIGHUP (read the
-//! configuration file again), and the lease file (restored at start, written whenever the table
-//! changed, before the frames of that batch, a DHCP ACK among them, are written).
+//! configuration file again), and the lease files (restored at start; whatever changed in the
+//! table is appended to the journal before the frames of that batch, a DHCP ACK among them, are
+//! written).
 //!
 //! With workers, their counters and session counts are read from what each last published, and
 //! the NAT table is asked of them without waiting: the loop goes on and the request is answered
@@ -25,7 +26,7 @@ use hubnat_runtime::tokens::FIRST_OPERATOR_TOKEN;
 use hubnat_runtime::{Operator, Plane, WorkerReport};
 
 use crate::api::{Control, ForwardRow, NapiView, PortRow, Request, Response};
-use crate::leases::{self, Loaded, WallClock};
+use crate::leases::{Change, Journal, LeaseStore, Snapshot, WallClock};
 use crate::metrics;
 use crate::stream::{EventHub, Subscription, MAX_STREAMS};
 use hubnat_core::forward::RawForward;
@@ -72,6 +73,8 @@ pub struct ServerOptions {
     pub reload: Option<UnixStream>,
     /// The lease file: restored at start, saved whenever the table changes.
     pub lease_file: Option<PathBuf>,
+    /// The least size of its journal (default `leases::JOURNAL_BYTES`).
+    pub lease_journal_bytes: Option<u64>,
     /// Where the threads publish the events the control socket streams (`stream`); the same
     /// hub goes into the runtime's event sink (`stream::TeeSink`).
     pub events: Option<Arc<EventHub>>,
@@ -169,18 +172,60 @@ impl Pending {
     }
 }
 
-/// The lease file and whether the table in it is the engine's.
+/// The lease files and whether the table in them is the engine's.
 struct LeaseFile {
-    path: PathBuf,
+    store: LeaseStore,
+    /// The engine's lease-table generation the files hold.
     saved_generation: u64,
-    /// The bindings in the file: a new or moved binding is written before its ACK leaves.
+    /// The bindings in the files: a new or moved binding is written before its ACK leaves.
     saved_bindings: u64,
-    /// When the file was last written: renewals, which only move an expiry, are written
+    /// When the files were last written: renewals, which only move an expiry, are written
     /// together at most every `RENEWALS_EVERY`.
     saved_at: Option<Instant>,
-    /// Renewals are in the engine's table but not yet in the file.
+    /// Renewals are in the engine's table but not yet in the files.
     renewals_waiting: bool,
+    /// Since when removals alone were appended without a sync: they are synced with the next
+    /// save that must be, or `RENEWALS_EVERY` later.
+    unsynced_at: Option<Instant>,
     failing: bool,
+    /// The ids changed since the last save (kept for its allocation).
+    ids: Vec<u32>,
+}
+
+impl LeaseFile {
+    /// Records the outcome of a save of the engine's table as it is now (`synced`: made
+    /// durable, with everything saved before it).
+    fn saved(&mut self, engine: &Engine, now: Instant, result: io::Result<()>, synced: bool) {
+        match result {
+            Ok(()) => {
+                self.saved_generation = engine.dhcp.generation();
+                self.saved_bindings = engine.dhcp.binding_generation();
+                self.saved_at = Some(now);
+                self.renewals_waiting = false;
+                if !synced {
+                    self.unsynced_at.get_or_insert(now);
+                } else {
+                    self.unsynced_at = None;
+                }
+                if self.failing {
+                    tracing::info!(
+                        "lease file {} written again",
+                        self.store.snapshot_path().display()
+                    );
+                }
+                self.failing = false;
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::error!(
+                        "cannot write lease file {}: {e}",
+                        self.store.snapshot_path().display()
+                    );
+                }
+                self.failing = true;
+            }
+        }
+    }
 }
 
 /// How often renewals alone cause the lease file to be written (a client renewing every
@@ -223,12 +268,17 @@ impl Server {
             lines: Vec::new(),
             resolv: opts.resolv,
             leases: opts.lease_file.map(|path| LeaseFile {
-                path,
+                store: match opts.lease_journal_bytes {
+                    Some(b) => LeaseStore::with_journal_bytes(path, b),
+                    None => LeaseStore::new(path),
+                },
                 saved_generation: 0,
                 saved_bindings: 0,
                 saved_at: None,
                 renewals_waiting: false,
+                unsynced_at: None,
                 failing: false,
+                ids: Vec::new(),
             }),
         }
     }
@@ -297,55 +347,113 @@ impl Server {
     }
 
     fn restore_leases(&mut self, engine: &mut Engine, now: Instant) {
-        let Some(file) = &self.leases else {
-            return;
-        };
-        let path = &file.path;
-        match leases::load(path, &self.control.clock) {
-            Ok(Loaded::Missing) => {
-                tracing::info!("lease file {}: none yet, starting empty", path.display())
-            }
-            Ok(Loaded::Leases(list)) => {
-                let total = list.len();
-                let kept = engine.dhcp.restore(now, list);
-                tracing::info!(
-                    "lease file {}: restored {kept} of {total} leases (the others had expired or no longer fit the range)",
-                    path.display()
-                );
-            }
-            Ok(Loaded::Corrupt { reason, moved_to }) => tracing::error!(
-                "lease file {} is corrupt ({reason}); set aside as {}, starting with an empty lease table",
-                path.display(),
-                moved_to.display()
-            ),
-            Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
-        }
-        // Write the table as restored (expired entries gone, a corrupt file replaced).
-        self.write_leases(engine, now);
-    }
-
-    fn write_leases(&mut self, engine: &Engine, now: Instant) {
         let Some(file) = &mut self.leases else {
             return;
         };
-        let generation = engine.dhcp.generation();
-        let bindings = engine.dhcp.binding_generation();
-        match leases::save(&file.path, engine.dhcp.leases(), &self.control.clock) {
-            Ok(()) => {
-                file.saved_generation = generation;
-                file.saved_bindings = bindings;
-                file.saved_at = Some(now);
-                file.renewals_waiting = false;
-                if file.failing {
-                    tracing::info!("lease file {} written again", file.path.display());
+        let path = file.store.snapshot_path().to_owned();
+        let journal_path = file.store.journal_path().to_owned();
+        match file.store.load(&self.control.clock) {
+            Ok(loaded) => {
+                match &loaded.snapshot {
+                    Snapshot::Missing => {
+                        tracing::info!("lease file {}: none yet, starting empty", path.display())
+                    }
+                    Snapshot::Read(_) => {}
+                    Snapshot::Corrupt { reason, moved_to } => tracing::error!(
+                        "lease file {} is corrupt ({reason}); set aside as {}, starting with an empty lease table",
+                        path.display(),
+                        moved_to.display()
+                    ),
                 }
-                file.failing = false;
+                match &loaded.journal {
+                    Journal::Missing | Journal::Folded => {}
+                    Journal::Replayed {
+                        frames,
+                        records,
+                        torn,
+                    } => {
+                        tracing::info!(
+                            "lease journal {}: {records} changes in {frames} saves replayed",
+                            journal_path.display()
+                        );
+                        if *torn {
+                            tracing::warn!(
+                                "lease journal {}: its last save was cut short (a crash before it was acknowledged) and is ignored",
+                                journal_path.display()
+                            );
+                        }
+                    }
+                    Journal::SetAside {
+                        reason,
+                        moved_to,
+                        applied,
+                    } => tracing::error!(
+                        "lease journal {} set aside as {}: {reason} ({applied} of its saves replayed)",
+                        journal_path.display(),
+                        moved_to.display()
+                    ),
+                }
+                let total = loaded.leases.len();
+                let kept = engine.dhcp.restore(now, loaded.leases);
+                if !matches!(loaded.snapshot, Snapshot::Corrupt { .. }) {
+                    tracing::info!(
+                        "lease file {}: restored {kept} of {total} leases (the others had expired or no longer fit the range)",
+                        path.display()
+                    );
+                }
             }
+            Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
+        }
+        // Write the table as restored (expired entries gone, a corrupt file replaced) and
+        // start the journal.
+        self.compact_leases(engine, now);
+    }
+
+    /// Writes the whole table (snapshot and a restarted journal).
+    fn compact_leases(&mut self, engine: &Engine, now: Instant) {
+        let Some(file) = &mut self.leases else {
+            return;
+        };
+        let result = file
+            .store
+            .compact(engine.dhcp.leases(), &self.control.clock);
+        file.saved(engine, now, result, true);
+    }
+
+    /// Appends what changed since the last save to the journal; compacts when it cannot.
+    fn save_lease_changes(&mut self, engine: &Engine, now: Instant) {
+        let Some(file) = &mut self.leases else {
+            return;
+        };
+        let Some(changed) = engine.dhcp.changed_since(file.saved_generation) else {
+            // More changed than the engine remembers.
+            return self.compact_leases(engine, now);
+        };
+        file.ids.clear();
+        file.ids.extend(changed);
+        // A frame holds each lease's last state once.
+        file.ids.sort_unstable();
+        file.ids.dedup();
+        let changes = file.ids.iter().map(|&id| match engine.dhcp.lease(id) {
+            Some(l) => Change::Put(l),
+            None => Change::Remove(id),
+        });
+        // A lease given or renewed must be on disk before its answer leaves. A removal alone
+        // need not: a crash that loses it leaves the lease to its owner until it expires, and
+        // the next save that syncs makes it durable too (it precedes it in the file).
+        let sync = file.ids.iter().any(|&id| engine.dhcp.lease(id).is_some())
+            || file
+                .unsynced_at
+                .is_some_and(|t| now.saturating_since(t) >= RENEWALS_EVERY);
+        match file.store.append(changes, &self.control.clock, sync) {
+            Ok(true) => file.saved(engine, now, Ok(()), sync),
+            Ok(false) => self.compact_leases(engine, now),
             Err(e) => {
-                if !file.failing {
-                    tracing::error!("cannot write lease file {}: {e}", file.path.display());
-                }
-                file.failing = true;
+                tracing::warn!(
+                    "cannot append to lease journal {}: {e}; writing the whole table",
+                    file.store.journal_path().display()
+                );
+                self.compact_leases(engine, now)
             }
         }
     }
@@ -806,12 +914,17 @@ impl Operator for Server {
             .filter(|f| f.renewals_waiting)
             .and_then(|f| f.saved_at)
             .map(|t| t + RENEWALS_EVERY);
-        hubnat_core::time::earliest(conns, renewals)
+        let unsynced = self
+            .leases
+            .as_ref()
+            .and_then(|f| f.unsynced_at)
+            .map(|t| t + RENEWALS_EVERY);
+        hubnat_core::time::earliest(conns, hubnat_core::time::earliest(renewals, unsynced))
     }
 
-    /// Writes the lease table when a binding changed (before the ACK that made it leaves), or
-    /// when renewals wait and the last write is `RENEWALS_EVERY` old (two comparisons per
-    /// batch when nothing changed).
+    /// Saves the lease table's changes when a binding changed (before the ACK that made it
+    /// leaves), or when renewals wait and the last save is `RENEWALS_EVERY` old (two
+    /// comparisons per batch when nothing changed).
     fn before_write(&mut self, engine: &Engine, now: Instant) {
         let Some(f) = &self.leases else {
             return;
@@ -821,10 +934,26 @@ impl Operator for Server {
         let due = f
             .saved_at
             .is_none_or(|t| now.saturating_since(t) >= RENEWALS_EVERY);
+        let sync_due = f
+            .unsynced_at
+            .is_some_and(|t| now.saturating_since(t) >= RENEWALS_EVERY);
         if binding_changed || (renewed && due) {
-            self.write_leases(engine, now);
+            self.save_lease_changes(engine, now);
         } else if let Some(f) = &mut self.leases {
             f.renewals_waiting = renewed;
+            if !sync_due {
+                return;
+            }
+            match f.store.sync() {
+                Ok(()) => f.unsynced_at = None,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot sync lease journal {}: {e}; writing the whole table",
+                        f.store.journal_path().display()
+                    );
+                    self.compact_leases(engine, now);
+                }
+            }
         }
     }
 

@@ -1,5 +1,5 @@
-//! `hubnat-load`: the TCP load generator of the comparison (tools/compare.sh), and the small server
-//! it runs against.
+//! `hubnat-load`: the TCP load generator of the comparison (tools/compare.sh), the small server
+//! it runs against, and a DHCP load of many clients (tools/bench-dhcp.sh).
 //!
 //! - `serve`: an echo server (one thread, mio): every byte a connection sends comes back; a
 //!   connection is closed when its peer closes.
@@ -9,6 +9,10 @@
 //!   latency of the whole cycle.
 //! - `hold`: open N connections (each confirmed by one exchange), keep them idle for a while and
 //!   report how many were held (the comparison samples the NAT's memory meanwhile).
+//! - `dhcp`: many DHCP clients (one MAC each) on a raw AF_PACKET socket: first one exchange
+//!   (DISCOVER→OFFER, REQUEST→ACK) after another, for the latency of one; then N exchanges
+//!   outstanding at once, for the leases granted per second. Each client releases its lease
+//!   after the ACK, so that every exchange is a new binding.
 //!
 //! Every client prints one JSON object on stdout with `--json`, or a readable line without.
 
@@ -29,7 +33,7 @@ use serde_json::json;
 #[command(
     name = "hubnat-load",
     version,
-    about = "TCP request/response, connection-rate and connection-count load, and its echo server"
+    about = "TCP request/response, connection-rate and connection-count load, its echo server, and DHCP load"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,6 +68,9 @@ enum Cmd {
         #[arg(long)]
         ready_file: Option<PathBuf>,
     },
+    /// DHCP clients on a raw socket: serial exchange latency, then leases a second with
+    /// exchanges outstanding.
+    Dhcp(dhcp::DhcpArgs),
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +105,7 @@ fn main() {
             hold,
             ready_file,
         } => hold_conns(&common, conns, parallel, hold, ready_file),
+        Cmd::Dhcp(a) => dhcp::run(&a),
     };
     if let Err(e) = r {
         eprintln!("hubnat-load: {e:#}");
@@ -548,4 +556,443 @@ fn hold_conns(
         bail!("no connection could be held");
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// DHCP
+
+mod dhcp {
+    use std::collections::{HashMap, VecDeque};
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context, Result};
+    use clap::Args;
+    use hdrhistogram::Histogram;
+    use hubnat_core::config::Mac;
+    use hubnat_replay::craft;
+    use hubnat_runtime::port::af_packet::{Direction, PacketSocket};
+    use serde_json::json;
+    use smoltcp::wire::IpProtocol;
+
+    use super::{latency_json, new_hist, record, us};
+
+    const DISCOVER: u8 = 1;
+    const OFFER: u8 = 2;
+    const REQUEST: u8 = 3;
+    const ACK: u8 = 5;
+    const NAK: u8 = 6;
+    const RELEASE: u8 = 7;
+
+    #[derive(Args, Clone)]
+    pub struct DhcpArgs {
+        /// The interface the clients are on (the guest's side of the server's segment).
+        #[arg(long)]
+        iface: String,
+        /// Distinct clients (MAC addresses); keep within the server's address range.
+        #[arg(long, default_value_t = 150)]
+        clients: u32,
+        /// Exchanges one after another, each timed (after 10 untimed ones).
+        #[arg(long, default_value_t = 1000)]
+        serial: u32,
+        /// Exchanges in the concurrent phase.
+        #[arg(long, default_value_t = 3000)]
+        exchanges: u32,
+        /// Exchanges outstanding at once in the concurrent phase (at most one per client).
+        #[arg(long, default_value_t = 32)]
+        outstanding: u32,
+        /// Seconds before a message without an answer is sent again.
+        #[arg(long, default_value_t = 1.0)]
+        retry: f64,
+        /// Seconds a phase may take in all.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        /// Keep the leases: no RELEASE after an ACK (a client's later exchanges are renewals).
+        #[arg(long)]
+        no_release: bool,
+        /// The second byte of the clients' MACs (02:XX:..), so that two runs do not collide.
+        #[arg(long, default_value_t = 0x4c)]
+        mac_tag: u8,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    }
+
+    /// What an exchange waits for.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Step {
+        Offer,
+        Ack { ip: Ipv4Addr, server: Ipv4Addr },
+    }
+
+    struct Exchange {
+        client: u32,
+        step: Step,
+        started: Instant,
+        sent: Instant,
+    }
+
+    /// A server's answer, as far as the clients care.
+    struct Reply {
+        kind: u8,
+        xid: u32,
+        yiaddr: Ipv4Addr,
+        server: Ipv4Addr,
+        server_mac: Mac,
+    }
+
+    fn parse_reply(f: &[u8]) -> Option<Reply> {
+        // Ethernet, IPv4 without options or with, UDP 67 → 68, BOOTREPLY.
+        if f.len() < 14 + 20 + 8 + 240 || f[12..14] != [0x08, 0x00] {
+            return None;
+        }
+        let ip = &f[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ip[9] != 17 || ihl < 20 || ip.len() < ihl + 8 {
+            return None;
+        }
+        let udp = &ip[ihl..];
+        if udp[0..2] != 67u16.to_be_bytes() || udp[2..4] != 68u16.to_be_bytes() {
+            return None;
+        }
+        let m = &udp[8..];
+        if m.len() < 240 || m[0] != 2 || m[236..240] != [99, 130, 83, 99] {
+            return None;
+        }
+        let xid = u32::from_be_bytes([m[4], m[5], m[6], m[7]]);
+        let yiaddr = Ipv4Addr::new(m[16], m[17], m[18], m[19]);
+        let (mut kind, mut server) = (0, Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+        let mut i = 240;
+        while i < m.len() {
+            match m[i] {
+                0 => i += 1,
+                255 => break,
+                code => {
+                    let len = usize::from(*m.get(i + 1)?);
+                    let v = m.get(i + 2..i + 2 + len)?;
+                    match (code, len) {
+                        (53, 1) => kind = v[0],
+                        (54, 4) => server = Ipv4Addr::new(v[0], v[1], v[2], v[3]),
+                        _ => {}
+                    }
+                    i += 2 + len;
+                }
+            }
+        }
+        let mut server_mac = [0u8; 6];
+        server_mac.copy_from_slice(&f[6..12]);
+        Some(Reply {
+            kind,
+            xid,
+            yiaddr,
+            server,
+            server_mac: Mac(server_mac),
+        })
+    }
+
+    struct Clients {
+        sock: PacketSocket,
+        mac_tag: u8,
+        give_back: bool,
+        ident: u16,
+        /// Each client's exchange count, so that every exchange has its own xid.
+        rounds: Vec<u32>,
+        retries: u64,
+        naks: u64,
+        buf: Vec<u8>,
+    }
+
+    impl Clients {
+        fn mac(&self, c: u32) -> Mac {
+            let b = c.to_be_bytes();
+            Mac([0x02, self.mac_tag, b[0], b[1], b[2], b[3]])
+        }
+
+        fn xid(&self, c: u32) -> u32 {
+            (c << 12) | (self.rounds[c as usize] & 0xfff)
+        }
+
+        fn send(&mut self, c: u32, step: Step) -> Result<()> {
+            let mac = self.mac(c);
+            let xid = self.xid(c);
+            let prl = (55u8, vec![1, 3, 6, 15, 51, 54]);
+            let msg = match step {
+                Step::Offer => craft::dhcp(mac, xid, Ipv4Addr::UNSPECIFIED, DISCOVER, &[prl]),
+                Step::Ack { ip, server } => craft::dhcp(
+                    mac,
+                    xid,
+                    Ipv4Addr::UNSPECIFIED,
+                    REQUEST,
+                    &[
+                        (50, ip.octets().to_vec()),
+                        (54, server.octets().to_vec()),
+                        prl,
+                    ],
+                ),
+            };
+            self.ident = self.ident.wrapping_add(1);
+            let frame = craft::dhcp_frame(mac, Ipv4Addr::UNSPECIFIED, false, &msg, self.ident);
+            self.sock.send(&frame).context("send")
+        }
+
+        /// Gives the address back (unicast to the server, as a client does), so that the next
+        /// exchange of this client is a new binding again.
+        fn release(&mut self, c: u32, r: &Reply) -> Result<()> {
+            let mac = self.mac(c);
+            let msg = craft::dhcp(
+                mac,
+                self.xid(c),
+                r.yiaddr,
+                RELEASE,
+                &[(54, r.server.octets().to_vec())],
+            );
+            self.ident = self.ident.wrapping_add(1);
+            let d = craft::udp(
+                SocketAddrV4::new(r.yiaddr, 68),
+                SocketAddrV4::new(r.server, 67),
+                &msg,
+            );
+            let ip = craft::ipv4(
+                r.yiaddr,
+                r.server,
+                IpProtocol::Udp,
+                self.ident,
+                (0, false),
+                &d,
+            );
+            self.sock
+                .send(&craft::ethernet(r.server_mac, mac, 0x0800, &ip))
+                .context("send")
+        }
+
+        /// The next answer to one of our clients, or None when the read timed out.
+        fn recv(&mut self) -> Result<Option<Reply>> {
+            loop {
+                match self.sock.recv(&mut self.buf).context("receive")? {
+                    None => return Ok(None),
+                    Some((_, Direction::Outgoing)) => continue,
+                    Some((n, Direction::Incoming)) => {
+                        if let Some(r) = parse_reply(&self.buf[..n]) {
+                            return Ok(Some(r));
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Runs `total` exchanges with at most `outstanding` in flight, handing each to the
+        /// client that has been idle longest; returns the latency histogram and elapsed time.
+        fn run(
+            &mut self,
+            clients: u32,
+            total: u32,
+            outstanding: u32,
+            retry: Duration,
+            timeout: Duration,
+        ) -> Result<(Histogram<u64>, Duration)> {
+            let mut h = new_hist();
+            let mut idle: VecDeque<u32> = (0..clients).collect();
+            let mut flight: HashMap<u32, Exchange> = HashMap::new();
+            let (mut started, mut done) = (0u32, 0u32);
+            let begin = Instant::now();
+            let mut last_scan = begin;
+            while done < total {
+                while started < total && (flight.len() as u32) < outstanding {
+                    let Some(c) = idle.pop_front() else { break };
+                    self.rounds[c as usize] = self.rounds[c as usize].wrapping_add(1);
+                    let now = Instant::now();
+                    self.send(c, Step::Offer)?;
+                    flight.insert(
+                        self.xid(c),
+                        Exchange {
+                            client: c,
+                            step: Step::Offer,
+                            started: now,
+                            sent: now,
+                        },
+                    );
+                    started += 1;
+                }
+                if begin.elapsed() > timeout {
+                    bail!(
+                        "{done} of {total} exchanges done in {:.0} s; {} waiting",
+                        timeout.as_secs_f64(),
+                        flight.len()
+                    );
+                }
+                let got = self.recv()?;
+                // Late answers are looked for on a clock, not only when the wire is quiet: a
+                // lost message must not wait for the other exchanges to end.
+                if got.is_none() || last_scan.elapsed() >= retry / 4 {
+                    last_scan = Instant::now();
+                    let now = last_scan;
+                    let late: Vec<u32> = flight
+                        .iter()
+                        .filter(|(_, e)| now.duration_since(e.sent) >= retry)
+                        .map(|(&x, _)| x)
+                        .collect();
+                    for x in late {
+                        let (c, step) = {
+                            let e = flight.get_mut(&x).expect("listed above");
+                            e.sent = now;
+                            (e.client, e.step)
+                        };
+                        self.retries += 1;
+                        self.send(c, step)?;
+                    }
+                }
+                let Some(r) = got else { continue };
+                let Some(e) = flight.get_mut(&r.xid) else {
+                    continue;
+                };
+                match (e.step, r.kind) {
+                    (Step::Offer, OFFER) => {
+                        e.step = Step::Ack {
+                            ip: r.yiaddr,
+                            server: r.server,
+                        };
+                        e.sent = Instant::now();
+                        let (c, step) = (e.client, e.step);
+                        self.send(c, step)?;
+                    }
+                    (Step::Ack { .. }, ACK) => {
+                        record(&mut h, e.started.elapsed());
+                        let c = e.client;
+                        flight.remove(&r.xid);
+                        if self.give_back {
+                            self.release(c, &r)?;
+                        }
+                        idle.push_back(c);
+                        done += 1;
+                    }
+                    (Step::Ack { .. }, NAK) => {
+                        // Start over with a DISCOVER.
+                        self.naks += 1;
+                        e.step = Step::Offer;
+                        e.sent = Instant::now();
+                        let c = e.client;
+                        self.send(c, Step::Offer)?;
+                    }
+                    _ => {}
+                }
+            }
+            Ok((h, begin.elapsed()))
+        }
+    }
+
+    pub fn run(a: &DhcpArgs) -> Result<()> {
+        if a.clients == 0 || a.clients > 1 << 20 || a.outstanding == 0 {
+            bail!("--clients must be 1 ..= 1048576 and --outstanding at least 1");
+        }
+        let sock = PacketSocket::open(&a.iface, Duration::from_millis(5))
+            .with_context(|| format!("AF_PACKET on {}", a.iface))?;
+        let mut cl = Clients {
+            sock,
+            mac_tag: a.mac_tag,
+            give_back: !a.no_release,
+            ident: 0,
+            rounds: vec![0; a.clients as usize],
+            retries: 0,
+            naks: 0,
+            buf: vec![0u8; 2048],
+        };
+        let retry = Duration::from_secs_f64(a.retry.max(0.01));
+        let timeout = Duration::from_secs_f64(a.timeout.max(1.0));
+        // Untimed: the server's and our first exchanges warm caches and allocations.
+        cl.run(a.clients, 10.min(a.clients), 1, retry, timeout)
+            .context("warm-up")?;
+        let (serial, serial_el) = cl
+            .run(a.clients, a.serial, 1, retry, timeout)
+            .context("serial exchanges")?;
+        let serial_retries = cl.retries;
+        let outstanding = a.outstanding.min(a.clients);
+        let (conc, conc_el) = cl
+            .run(a.clients, a.exchanges, outstanding, retry, timeout)
+            .context("concurrent exchanges")?;
+        let rate = f64::from(a.exchanges) / conc_el.as_secs_f64().max(1e-9);
+        if a.json {
+            let mut s = latency_json(&serial);
+            s["exchanges"] = json!(a.serial);
+            s["per_sec"] = json!(f64::from(a.serial) / serial_el.as_secs_f64().max(1e-9));
+            s["retries"] = json!(serial_retries);
+            let mut c = latency_json(&conc);
+            c["exchanges"] = json!(a.exchanges);
+            c["outstanding"] = json!(outstanding);
+            c["leases_per_sec"] = json!(rate);
+            c["elapsed_s"] = json!(conc_el.as_secs_f64());
+            c["retries"] = json!(cl.retries - serial_retries);
+            let v = json!({
+                "mode": "dhcp",
+                "clients": a.clients,
+                "serial": s,
+                "concurrent": c,
+                "naks": cl.naks,
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "dhcp serial: {} exchanges: p50 {:.1} µs, p99 {:.1} µs ({} retries)",
+                a.serial,
+                us(serial.value_at_quantile(0.5)),
+                us(serial.value_at_quantile(0.99)),
+                serial_retries
+            );
+            println!(
+                "dhcp concurrent: {} exchanges, {outstanding} outstanding, {} clients: {rate:.0} leases/s, p50 {:.1} µs, p99 {:.1} µs ({} retries, {} NAKs)",
+                a.exchanges,
+                a.clients,
+                us(conc.value_at_quantile(0.5)),
+                us(conc.value_at_quantile(0.99)),
+                cl.retries - serial_retries,
+                cl.naks
+            );
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_reply_is_parsed_and_other_frames_are_not() {
+            let mac = Mac([2, 0x4c, 0, 0, 0, 7]);
+            let mut m = craft::dhcp(
+                mac,
+                0x1234,
+                Ipv4Addr::UNSPECIFIED,
+                OFFER,
+                &[(54, vec![192, 168, 30, 1])],
+            );
+            m[0] = 2;
+            m[16..20].copy_from_slice(&[192, 168, 30, 10]);
+            let d = craft::udp(
+                SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 1), 67),
+                SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+                &m,
+            );
+            let ip = craft::ipv4(
+                Ipv4Addr::new(192, 168, 30, 1),
+                Ipv4Addr::BROADCAST,
+                IpProtocol::Udp,
+                1,
+                (0, false),
+                &d,
+            );
+            let server = Mac([0, 0xac, 1, 2, 3, 4]);
+            let f = craft::ethernet(Mac::BROADCAST, server, 0x0800, &ip);
+            let r = parse_reply(&f).unwrap();
+            assert_eq!((r.kind, r.xid), (OFFER, 0x1234));
+            assert_eq!(r.yiaddr, Ipv4Addr::new(192, 168, 30, 10));
+            assert_eq!(r.server, Ipv4Addr::new(192, 168, 30, 1));
+            assert_eq!(r.server_mac, server);
+            // Truncated anywhere: no panic, no reply.
+            for n in 0..f.len() {
+                let _ = parse_reply(&f[..n]);
+            }
+            // A client's own message is not a reply.
+            let own = craft::dhcp_frame(mac, Ipv4Addr::UNSPECIFIED, false, &m[..], 1);
+            assert!(parse_reply(&own).is_none());
+        }
+    }
 }

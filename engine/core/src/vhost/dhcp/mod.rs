@@ -291,6 +291,18 @@ impl DhcpServer {
         self.pool.leases()
     }
 
+    /// Lease `id`, if the table holds it.
+    pub fn lease(&self, id: u32) -> Option<&Lease> {
+        self.pool.lease(id)
+    }
+
+    /// The ids of the leases created, renewed or removed after `generation`, oldest change
+    /// first (an id may repeat), so that a journal can append only those. None when that is
+    /// further back than the changes kept (`CHANGES_KEPT`): the whole table must be saved.
+    pub fn changed_since(&self, generation: u64) -> Option<impl Iterator<Item = u32> + '_> {
+        self.pool.changed_since(generation)
+    }
+
     #[cfg(test)]
     pub(crate) fn lease_of(&self, mac: Mac) -> Option<&Lease> {
         self.pool.lease_of(mac)

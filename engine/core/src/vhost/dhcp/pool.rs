@@ -8,7 +8,8 @@
 //! MAC declined it), the reserved MAC is served from the range like any client, and is moved to
 //! its address at its next renewal (NAK) once the address is free.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub(crate) const DECLINE_HOLD: Duration = Duration::from_secs(600);
 /// Bound on remembered client → address pairs (they are also bounded by the range size: each
 /// remembered address belongs to one client only).
 pub(crate) const MAX_REMEMBERED: usize = 65536;
+/// Changes of the lease table remembered for `Pool::changed_since`. A reader that falls further
+/// behind is told so and reads the whole table instead: memory stays bounded whether or not
+/// anyone reads.
+pub(crate) const CHANGES_KEPT: usize = 4096;
 
 /// One entry of the lease table (what `DhcpTable` shows).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +82,9 @@ pub(super) struct Pool {
     /// knows when to save it.
     generation: u64,
     binding_generation: u64,
+    /// (generation after the change, id of the lease changed), oldest first, at most
+    /// `CHANGES_KEPT`: what a lease journal appends since the generation it last saw.
+    changes: VecDeque<(u64, u32)>,
 }
 
 impl Pool {
@@ -99,7 +107,43 @@ impl Pool {
             sweep_at: None,
             generation: 0,
             binding_generation: 0,
+            changes: VecDeque::new(),
         }
+    }
+
+    /// Every lease-table change bumps the generation through here, so that the change log and
+    /// the generation cannot disagree.
+    fn changed(&mut self, id: u32, binding: bool) {
+        self.generation += 1;
+        if binding {
+            self.binding_generation += 1;
+        }
+        if self.changes.len() == CHANGES_KEPT {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((self.generation, id));
+    }
+
+    /// The ids of the leases changed (created, renewed or removed) after generation `since`, in
+    /// order and possibly repeated; None when older changes than are kept would be needed.
+    pub(super) fn changed_since(&self, since: u64) -> Option<impl Iterator<Item = u32> + '_> {
+        let skip = match since.cmp(&self.generation) {
+            Ordering::Greater => return None,
+            Ordering::Equal => self.changes.len(),
+            Ordering::Less => {
+                // Generations in the log are consecutive: the one after `since` must be there.
+                let first = self.changes.front()?.0;
+                if first > since + 1 {
+                    return None;
+                }
+                (since + 1 - first) as usize
+            }
+        };
+        Some(self.changes.range(skip..).map(|&(_, id)| id))
+    }
+
+    pub(super) fn lease(&self, id: u32) -> Option<&Lease> {
+        self.leases.get(&id)
     }
 
     pub(super) fn generation(&self) -> u64 {
@@ -503,7 +547,7 @@ impl Pool {
                 }
                 self.expiry.insert((expires_at, id));
                 self.remember(mac, ip, now);
-                self.generation += 1;
+                self.changed(id, false);
                 return;
             }
             self.remove_lease(id, events);
@@ -532,8 +576,7 @@ impl Pool {
     }
 
     fn insert_lease(&mut self, l: Lease) {
-        self.generation += 1;
-        self.binding_generation += 1;
+        self.changed(l.id, true);
         self.by_ip.insert(l.ip, l.id);
         self.by_mac.insert(l.mac, l.id);
         self.expiry.insert((l.expires_at, l.id));
@@ -542,8 +585,7 @@ impl Pool {
 
     fn remove_lease(&mut self, id: u32, events: &mut Events) {
         if let Some(l) = self.leases.remove(&id) {
-            self.generation += 1;
-            self.binding_generation += 1;
+            self.changed(id, true);
             self.by_ip.remove(&l.ip);
             self.by_mac.remove(&l.mac);
             self.expiry.remove(&(l.expires_at, id));
@@ -612,6 +654,38 @@ mod tests {
         n.dora(B);
         assert_eq!(n.leases().last().unwrap().id, 6);
         assert_eq!(n.engine.dhcp.lease_of(B).unwrap().id, 6);
+    }
+
+    #[test]
+    fn the_change_log_names_each_changed_lease_and_says_when_it_fell_behind() {
+        let mut n = Net::new(config());
+        let g0 = n.engine.dhcp.generation();
+        let changed = |n: &Net, since| {
+            n.engine
+                .dhcp
+                .changed_since(since)
+                .map(|it| it.collect::<Vec<u32>>())
+        };
+        assert_eq!(changed(&n, g0), Some(vec![]));
+        let a = n.dora(A);
+        n.dora(B);
+        let g1 = n.engine.dhcp.generation();
+        assert_eq!(changed(&n, g0), Some(vec![1, 2]));
+        // A renewal and a release are changes too.
+        assert_eq!(n.one(&msg(REQUEST, A).configured_at(a)).kind, ACK);
+        n.silent(&msg(RELEASE, B).configured_at(ip(11)).server(HOST_IP));
+        assert_eq!(changed(&n, g1), Some(vec![1, 2]));
+        assert!(n.engine.dhcp.lease(2).is_none());
+        assert_eq!(n.engine.dhcp.lease(1).unwrap().mac, A);
+        assert_eq!(changed(&n, n.engine.dhcp.generation() + 1), None);
+        // Past what is kept: the reader must save the whole table.
+        for _ in 0..CHANGES_KEPT {
+            n.one(&msg(REQUEST, A).configured_at(a));
+        }
+        assert_eq!(changed(&n, g1), None);
+        let g = n.engine.dhcp.generation();
+        assert_eq!(changed(&n, g - 3), Some(vec![1, 1, 1]));
+        assert!(n.engine.dhcp.pool.changes.len() <= CHANGES_KEPT);
     }
 
     #[test]
