@@ -138,6 +138,11 @@ pub trait SockIo {
     /// Receives an ICMP message (from its ICMP header on).
     fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram>;
 
+    /// Asks for a receive buffer of `bytes` on UDP socket `id`, as large as the host allows:
+    /// a socket that many guests' answers arrive on at once (the DNS relay's) must hold a burst
+    /// of them while the thread is busy elsewhere.
+    fn udp_rcvbuf(&mut self, _id: SockId, _bytes: usize) {}
+
     /// Sets the IP TTL of what UDP or ICMP socket `id` sends from now on (`None`: the host's
     /// default).
     fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()>;

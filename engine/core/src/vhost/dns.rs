@@ -58,6 +58,10 @@ const RCODE_NXDOMAIN: u8 = 3;
 /// Authoritative answer: a local name is this relay's own.
 const AA: u8 = 0x04;
 const CLASS_IN: u16 = 1;
+/// The receive buffer asked for on an upstream's socket: every guest's answers arrive on it,
+/// and a burst of a thousand (one resolver's outstanding queries answered at once) overflowed
+/// the host's default and was lost there.
+const RELAY_RCVBUF: usize = 4 << 20;
 /// Spare query buffers kept for reuse.
 const POOL: usize = 64;
 
@@ -213,6 +217,7 @@ impl DnsRelay {
             return Ok(s);
         }
         let s = io.udp_open(u.addr)?;
+        io.udp_rcvbuf(s, RELAY_RCVBUF);
         u.sock = Some(s);
         Ok(s)
     }

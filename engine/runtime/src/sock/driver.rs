@@ -822,6 +822,19 @@ impl SockIo for SockDriver {
         }
     }
 
+    fn udp_rcvbuf(&mut self, id: SockId, bytes: usize) {
+        let Some(Sock::Udp(s)) = self.socks.get(&id) else {
+            return;
+        };
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // Beyond net.core.rmem_max only with CAP_NET_ADMIN (kept for the NAPI switch); else
+        // the largest the host allows.
+        let fd = s.as_raw_fd();
+        if setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, value);
+        }
+    }
+
     fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()> {
         let fd = match self.socks.get(&id) {
             Some(Sock::Udp(s)) => s.as_raw_fd(),
@@ -1115,5 +1128,34 @@ mod tests {
         // The TTL can be set and put back to the default.
         host.set_ttl(id, Some(3)).unwrap();
         host.set_ttl(id, None).unwrap();
+        // A larger receive buffer: what was asked for where the process may (the kernel
+        // doubles it), else at least the host's ceiling.
+        let before = rcvbuf(&host, id);
+        host.udp_rcvbuf(id, 4 << 20);
+        let after = rcvbuf(&host, id);
+        assert!(after >= before, "{before} -> {after}");
+        let ceiling: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .map_or(0, |s| s.trim().parse().unwrap_or(0));
+        assert!(after >= (8 << 20).min(2 * ceiling), "{after}");
+    }
+
+    fn rcvbuf(host: &SockDriver, id: SockId) -> usize {
+        let Some(Sock::Udp(s)) = host.socks.get(&id) else {
+            panic!("not a UDP socket")
+        };
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are live and sized for an int option.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v as usize
     }
 }
