@@ -5,15 +5,17 @@
 #   guest ns (tap0, 192.168.30.50) ── hubnat ── NAT ns ──veth── server ns (iperf3 -s, 10.78.0.2)
 #
 # Usage: sudo tools/bench-workers.sh [--rounds N] [--duration S] [--streams P] [--no-build]
-#                                    [--workers "1 2 2s"] [--backends "mio uring"]
+#                                    [--workers "1 2 2s"] [--backends "mio uring"] [--udp LEN]
 # A worker count with an `s` (2s) reads the TAP through one queue (--tap-queues single);
 # without, 2 or more workers read their own queues of a multiqueue TAP (the default).
+# --udp LEN: UDP instead of TCP, datagrams of LEN bytes sent as fast as iperf3 can (-u -b 0);
+# the rate reported is the one the receiver got.
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=3 DURATION=10 STREAMS=8 BUILD=1 WORKERS="1 2 2s" BACKENDS="mio uring"
+ROUNDS=3 DURATION=10 STREAMS=8 BUILD=1 WORKERS="1 2 2s" BACKENDS="mio uring" LOAD=(-Z -l 1M)
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -21,8 +23,9 @@ while [ $# -gt 0 ]; do
     --streams) STREAMS=$2; shift 2 ;;
     --workers) WORKERS=$2; shift 2 ;;
     --backends) BACKENDS=$2; shift 2 ;;
+    --udp) LOAD=(-u -b 0 -l "$2"); shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -78,9 +81,9 @@ measure() {
   ip -n $GUEST link set tap0 up
   ip -n $GUEST route add default via 192.168.30.1
   for _ in $(seq 50); do ip netns exec $GUEST ping -c1 -W1 192.168.30.1 >/dev/null 2>&1 && break; done
-  up=$(ip netns exec $GUEST iperf3 -c 10.78.0.2 -p 5201 -t "$DURATION" -P "$STREAMS" -Z -l 1M -J \
+  up=$(ip netns exec $GUEST iperf3 -c 10.78.0.2 -p 5201 -t "$DURATION" -P "$STREAMS" "${LOAD[@]}" -J \
         | jq '.end.sum_received.bits_per_second / 1e9')
-  down=$(ip netns exec $GUEST iperf3 -c 10.78.0.2 -p 5201 -t "$DURATION" -P "$STREAMS" -Z -l 1M -R -J \
+  down=$(ip netns exec $GUEST iperf3 -c 10.78.0.2 -p 5201 -t "$DURATION" -P "$STREAMS" "${LOAD[@]}" -R -J \
         | jq '.end.sum_received.bits_per_second / 1e9')
   # Drops by reason over both directions (queue_full: a full inter-thread queue or TAP write).
   drops=$("$HUBNAT" --control "$WORK/ctl.sock" status --json |
@@ -91,7 +94,7 @@ measure() {
 
 median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo "# $(nproc) cores, $(uname -r), iperf3 -P $STREAMS -t $DURATION -Z -l 1M, MTU 1500, $ROUNDS rounds" >&2
+echo "# $(nproc) cores, $(uname -r), iperf3 -P $STREAMS -t $DURATION ${LOAD[*]}, MTU 1500, $ROUNDS rounds" >&2
 for r in $(seq "$ROUNDS"); do
   for b in $BACKENDS; do
     for w in $WORKERS; do
