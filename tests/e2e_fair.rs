@@ -11,7 +11,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use hubnat_daemon::leases::{LeaseStore, WallClock};
 
 use common::{ctl_json, wait_until, Lab, Netns, Proc, GUEST_A_MAC, GUEST_B_MAC, SERVER_IP};
 
@@ -358,10 +360,15 @@ fn under_an_open_files_limit_a_guest_is_refused_past_its_share_and_others_are_se
     assert!(ping.status.success(), "{ping:?}");
     b.exec_ok(&["ip", "link", "set", "eth0", "address", "02:00:00:00:0d:01"]);
     let fresh = lease(&lab, &b).expect("a lease under the limit");
-    let file = std::fs::read_to_string(lab.dir.join("state").join("leases.json")).unwrap();
+    // On disk: the snapshot and the journal of changes since, read as hubnat reads them.
+    let on_disk = LeaseStore::new(lab.dir.join("state").join("leases.json"))
+        .load(&WallClock {
+            origin: SystemTime::now(),
+        })
+        .expect("lease files readable");
     assert!(
-        file.contains(&fresh),
-        "the new lease is not in the file: {file}"
+        on_disk.leases.iter().any(|l| l.ip.to_string() == fresh),
+        "the new lease is not on disk: {on_disk:?}"
     );
     assert!(
         !lab.hubnat_log().contains("Too many open files"),
