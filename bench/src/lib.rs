@@ -15,19 +15,24 @@ use hubnat_runtime::router::Router;
 /// frames that are not a NAT flow.
 pub struct Shards {
     router: Router,
+    /// The replays' configuration: the defaults (the virtual host at `HOST_IP`).
+    cfg: hubnat_core::Config,
 }
 
 impl Shards {
     /// The router of a runtime with `workers` workers.
     pub fn new(workers: usize) -> Shards {
+        let cfg = hubnat_core::Config::defaults();
+        debug_assert_eq!(cfg.host.ip, HOST_IP);
         Shards {
             router: Router::with_seeds(workers, [1, 2, 3, 4]),
+            cfg,
         }
     }
 
     /// The thread that owns `frame`: a worker index, or `workers` for the control thread.
     pub fn owner(&self, frame: &[u8]) -> usize {
-        self.router.route(frame, [HOST_IP; 2], REPLAY_MAC)
+        self.router.route(frame, &self.cfg, REPLAY_MAC)
     }
 }
 

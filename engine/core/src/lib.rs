@@ -35,4 +35,4 @@ pub use output::FrameBatch;
 pub use sockio::{SockEvent, SockId, SockIo};
 pub use stats::{DropReason, Stats};
 pub use time::Instant;
-pub use vhost::dns::TcpDnsRoute;
+pub use vhost::dns::{needs_lease_table, TcpDnsRoute};

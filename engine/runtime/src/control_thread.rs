@@ -761,8 +761,7 @@ impl Runtime {
             me
         } else {
             let cfg = &self.engine.ctx.cfg;
-            self.router
-                .route(&buf[..n], cfg.host_addresses(), self.engine.ctx.mac)
+            self.router.route(&buf[..n], cfg, self.engine.ctx.mac)
         };
         if to == me {
             self.handle_own(now, &buf[..n]);

@@ -163,7 +163,7 @@ impl Shared {
             hubnat_core::Reassembly::NotFragment => engine.handle_frame(now, frame, io, out),
             hubnat_core::Reassembly::Taken => {}
             hubnat_core::Reassembly::Whole => {
-                let to = router.route(whole, engine.ctx.cfg.host_addresses(), engine.ctx.mac);
+                let to = router.route(whole, &engine.ctx.cfg, engine.ctx.mac);
                 if to >= router.control() {
                     engine.handle_reassembled(now, whole, io, out);
                 } else if self
@@ -291,7 +291,7 @@ mod tests {
             SocketAddrV4::new(GUEST_IP, 4000),
             SocketAddrV4::new(REMOTE_IP, 9),
         );
-        let owner = router.route(&udp_frame(guest, dst, b"x"), [HOST_IP; 2], HOST_MAC);
+        let owner = router.route(&udp_frame(guest, dst, b"x"), &ctl.ctx.cfg, HOST_MAC);
         assert!(owner < 2);
         let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
         let frags = udp_fragments(guest, dst, &payload, 1480);
@@ -299,7 +299,7 @@ mod tests {
         let (mut whole, mut out, mut wake) = (Vec::new(), FrameBatch::new(), vec![false; 3]);
         for f in &frags {
             // Fragments are the control thread's.
-            assert_eq!(router.route(f, [HOST_IP; 2], HOST_MAC), 2);
+            assert_eq!(router.route(f, &ctl.ctx.cfg, HOST_MAC), 2);
             shared.control_frame(
                 &router, &mut ctl, &mut whole, T0, f, &mut hc, &mut out, &mut wake,
             );
@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(h.udp(socks[0]).unwrap().sent, vec![payload.clone()]);
         // Later unfragmented datagrams of the flow go to the same worker and session.
         let f = udp_frame(guest, dst, b"again");
-        assert_eq!(router.route(&f, [HOST_IP; 2], HOST_MAC), owner);
+        assert_eq!(router.route(&f, &ctl.ctx.cfg, HOST_MAC), owner);
         e.handle_frame(T0, &f, h, &mut out);
         assert_eq!(e.nat.udp.len(), 1);
         assert_eq!(
@@ -358,7 +358,7 @@ mod tests {
         let dst = SocketAddrV4::new(REMOTE_IP, 9);
         let guest = (4000..)
             .map(|p| SocketAddrV4::new(GUEST_IP, p))
-            .find(|g| router.route(&udp_frame(*g, dst, b"x"), [HOST_IP; 2], HOST_MAC) == 0)
+            .find(|g| router.route(&udp_frame(*g, dst, b"x"), &ctl.ctx.cfg, HOST_MAC) == 0)
             .unwrap();
         let n = WHOLE_CAPACITY + 3;
         for i in 0..n {

@@ -3,9 +3,12 @@
 //! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
 //! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
 //! socket's answers meet on one worker), or the control thread for everything that is not a NAT
-//! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as DNS and
-//! ping, at its own address or its DNS address, IP fragments, other protocols). The seeds are random per process (a guest cannot aim
-//! its flows at one worker); the benchmarks shard captures with this same hash, seeds fixed.
+//! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as ping, at its
+//! own address or its DNS address, IP fragments, other protocols). A DNS query to the virtual
+//! host is a flow too, relayed by its worker, unless its name may be a guest's
+//! (`hubnat_core::needs_lease_table`): only the control thread's engine has the lease table. The
+//! seeds are random per process (a guest cannot aim its flows at one worker); the benchmarks
+//! shard captures with this same hash, seeds fixed.
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -13,6 +16,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
 
 use hubnat_core::config::Mac;
+use hubnat_core::Config;
 
 /// Sends a flow's frames to its worker, everything else to the control thread.
 #[derive(Clone)]
@@ -43,18 +47,17 @@ impl Router {
         self.workers
     }
 
-    /// The owner of `frame`: a worker index, or `control()`. `host_ips` are the virtual host's
-    /// addresses as `Config::host_addresses` gives them (its own, then its DNS address or its
-    /// own again).
-    pub fn route(&self, frame: &[u8], host_ips: [Ipv4Addr; 2], host_mac: Mac) -> usize {
-        match self.flow_hash(frame, host_ips, host_mac) {
+    /// The owner of `frame`: a worker index, or `control()`. `cfg` says the virtual host's
+    /// addresses (its own and its DNS address) and which DNS queries need the lease table.
+    pub fn route(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> usize {
+        match self.flow_hash(frame, cfg, host_mac) {
             Some(h) => (h % self.workers as u64) as usize,
             None => self.control(),
         }
     }
 
     /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
-    fn flow_hash(&self, frame: &[u8], host_ips: [Ipv4Addr; 2], host_mac: Mac) -> Option<u64> {
+    fn flow_hash(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<u64> {
         let eth = EthernetFrame::new_checked(frame).ok()?;
         if eth.ethertype() != EthernetProtocol::Ipv4
             || hubnat_core::wire::mac(eth.dst_addr()) != host_mac
@@ -62,12 +65,15 @@ impl Router {
             return None;
         }
         let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-        let dst = ip.dst_addr();
-        if ip.more_frags() || ip.frag_offset() != 0 || dst == host_ips[0] || dst == host_ips[1] {
+        if ip.more_frags() || ip.frag_offset() != 0 {
             return None;
         }
         let hl = usize::from(ip.header_len());
         let l4 = eth.payload().get(hl..)?;
+        let host_ips: [Ipv4Addr; 2] = cfg.host_addresses();
+        if host_ips.contains(&ip.dst_addr()) && !relayed_dns(&ip, l4, cfg) {
+            return None;
+        }
         let (sp, dp) = match ip.next_header() {
             IpProtocol::Tcp | IpProtocol::Udp => {
                 let p = l4.get(..4)?;
@@ -101,10 +107,42 @@ impl Router {
     }
 }
 
+/// Whether the datagram in `ip` (transport header and payload `l4`) is a DNS query to the
+/// virtual host that any engine relays or answers alike.
+fn relayed_dns(ip: &Ipv4Packet<&[u8]>, l4: &[u8], cfg: &Config) -> bool {
+    if ip.next_header() != IpProtocol::Udp || l4.len() < 8 || l4[2..4] != 53u16.to_be_bytes() {
+        return false;
+    }
+    let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+    let Some(payload) = l4.get(8..len.max(8)) else {
+        return false;
+    };
+    !hubnat_core::needs_lease_table(cfg, payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use hubnat_core::testing::*;
+
+    fn config(toml: &str) -> Config {
+        Config::from_raw(&hubnat_core::config::RawConfig::from_toml(toml).unwrap()).unwrap()
+    }
+
+    fn plain() -> Config {
+        config("")
+    }
+
+    /// A standard query for `name`, type A.
+    fn query(name: &str) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    }
 
     /// A forward's connection is handed to the worker its frames will be routed to, whichever
     /// way round the tuple is given.
@@ -115,7 +153,7 @@ mod tests {
             let guest = SocketAddrV4::new(GUEST_IP, 80);
             let client = SocketAddrV4::new(REMOTE_IP, 30000 + port);
             let f = udp_frame(guest, client, b"x");
-            let owner = r.route(&f, [HOST_IP; 2], HOST_MAC);
+            let owner = r.route(&f, &plain(), HOST_MAC);
             assert_eq!(r.route_flow(IpProtocol::Udp, client, guest), owner);
             assert_eq!(r.route_flow(IpProtocol::Udp, guest, client), owner);
         }
@@ -132,67 +170,97 @@ mod tests {
                 SocketAddrV4::new(REMOTE_IP, 53),
                 b"x",
             );
-            seen[r.route(&f, [HOST_IP; 2], m)] += 1;
+            seen[r.route(&f, &plain(), m)] += 1;
         }
         assert_eq!(seen[2], 0, "no flow goes to control");
         assert!(seen[0] > 10 && seen[1] > 10, "flows spread: {seen:?}");
-        // DNS and anything else to the virtual host, broadcasts, junk: control.
-        let dns = udp_frame(
+        // Anything else to the virtual host, broadcasts, junk: control.
+        let ping = udp_frame(
             SocketAddrV4::new(GUEST_IP, 4000),
-            SocketAddrV4::new(HOST_IP, 53),
+            SocketAddrV4::new(HOST_IP, 7),
             b"q",
         );
-        assert_eq!(r.route(&dns, [HOST_IP; 2], m), 2);
+        assert_eq!(r.route(&ping, &plain(), m), 2);
         let mut bcast = udp_frame(
             SocketAddrV4::new(GUEST_IP, 68),
             SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
             b"d",
         );
         bcast[..6].copy_from_slice(&[0xff; 6]);
-        assert_eq!(r.route(&bcast, [HOST_IP; 2], m), 2);
-        assert_eq!(r.route(b"short", [HOST_IP; 2], m), 2);
-        assert_eq!(r.route(&[], [HOST_IP; 2], m), 2);
+        assert_eq!(r.route(&bcast, &plain(), m), 2);
+        assert_eq!(r.route(b"short", &plain(), m), 2);
+        assert_eq!(r.route(&[], &plain(), m), 2);
         // Truncated L4 header: control (which counts it as malformed).
         let f = udp_frame(
             SocketAddrV4::new(GUEST_IP, 4000),
             SocketAddrV4::new(REMOTE_IP, 9),
             b"x",
         );
-        assert_eq!(r.route(&f[..14 + 20 + 2], [HOST_IP; 2], m), 2);
+        assert_eq!(r.route(&f[..14 + 20 + 2], &plain(), m), 2);
     }
 
-    /// Everything to the DNS address is the virtual host's, as to its own address; without
-    /// one, that address is a flow like any other.
+    /// DNS queries to the virtual host, at either of its addresses, are relayed by the worker
+    /// of their flow, unless the name may be a guest's (one label, the DHCP domain, a reverse
+    /// name): those need the lease table, the control thread's. Anything else to the DNS
+    /// address is the virtual host's too; without one, that address is a flow like any other.
     #[test]
-    fn the_dns_address_is_the_control_threads() {
+    fn dns_queries_go_to_workers_unless_a_guests_name_may_answer() {
         let r = Router::new(2);
         let dns = Ipv4Addr::new(192, 168, 30, 3);
-        let guest = SocketAddrV4::new(GUEST_IP, 4000);
-        for port in [53, 80] {
-            let f = udp_frame(guest, SocketAddrV4::new(dns, port), b"q");
-            assert_eq!(r.route(&f, [HOST_IP, dns], HOST_MAC), 2, "port {port}");
-            assert_eq!(r.route(&f, [dns, HOST_IP], HOST_MAC), 2, "port {port}");
+        let cfg = config("[dns]\naddress = \"192.168.30.3\"\n[dhcp]\ndomain = \"Lan.\"");
+        assert_eq!(cfg.host_addresses(), [HOST_IP, dns]);
+        let ask = |to: Ipv4Addr, port: u16, name: &str| {
+            let f = udp_frame(
+                SocketAddrV4::new(GUEST_IP, 4000 + port),
+                SocketAddrV4::new(to, 53),
+                &query(name),
+            );
+            r.route(&f, &cfg, HOST_MAC)
+        };
+        for to in [HOST_IP, dns] {
+            let spread: Vec<usize> = (0..64).map(|p| ask(to, p, "www.example.org")).collect();
+            assert!(spread.iter().all(|&w| w < 2), "{spread:?}");
+            assert!(spread.contains(&0) && spread.contains(&1), "{spread:?}");
+            for local in [
+                "vm1",
+                "vm1.lan",
+                "VM1.LAN",
+                "lan",
+                "4.30.168.192.in-addr.arpa",
+            ] {
+                assert_eq!(ask(to, 1, local), 2, "{local}");
+            }
+            // Not the domain, only a name ending like it.
+            assert!(ask(to, 1, "vm1.island") < 2);
         }
-        let f = udp_frame(guest, SocketAddrV4::new(HOST_IP, 53), b"q");
-        assert_eq!(r.route(&f, [HOST_IP, dns], HOST_MAC), 2);
+        // Not a DNS query at all, or to another port: control.
+        let odd = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(HOST_IP, 53),
+            b"q",
+        );
+        assert!(
+            r.route(&odd, &cfg, HOST_MAC) < 2,
+            "relayed: the relay refuses it"
+        );
+        let f = udp_frame(
+            SocketAddrV4::new(GUEST_IP, 4000),
+            SocketAddrV4::new(dns, 80),
+            b"q",
+        );
+        assert_eq!(r.route(&f, &cfg, HOST_MAC), 2);
         let to_dns = (0..64u16).map(|p| {
             let f = udp_frame(
                 SocketAddrV4::new(GUEST_IP, 4000 + p),
-                SocketAddrV4::new(dns, 53),
+                SocketAddrV4::new(dns, 80),
                 b"q",
             );
-            r.route(&f, [HOST_IP; 2], HOST_MAC)
+            r.route(&f, &plain(), HOST_MAC)
         });
         assert!(
             to_dns.into_iter().all(|w| w < 2),
             "no DNS address, no exception"
         );
-        let config = hubnat_core::Config::from_raw(
-            &hubnat_core::config::RawConfig::from_toml("[dns]\naddress = \"192.168.30.3\"")
-                .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(config.host_addresses(), [HOST_IP, dns]);
     }
 
     #[test]
@@ -201,13 +269,13 @@ mod tests {
         let m = HOST_MAC;
         let a = SocketAddrV4::new(GUEST_IP, 4000);
         let b = SocketAddrV4::new(REMOTE_IP, 80);
-        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), [HOST_IP; 2], m);
-        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), [HOST_IP; 2], m);
+        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), &plain(), m);
+        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), &plain(), m);
         assert!(h1.is_some());
         assert_eq!(h1, h2);
         let mut frag = udp_frame(a, b, b"x");
         frag[14 + 6] |= 0x20; // more fragments
-        assert_eq!(r.route(&frag, [HOST_IP; 2], m), 4);
+        assert_eq!(r.route(&frag, &plain(), m), 4);
     }
 
     #[test]
@@ -223,15 +291,11 @@ mod tests {
             flows
                 .iter()
                 .map(|(out, back)| {
-                    let w = router.route(out, [HOST_IP; 2], HOST_MAC);
+                    let w = router.route(out, &plain(), HOST_MAC);
                     let mut back = back.clone();
                     // The answer's frame as the router sees it: to the virtual host's MAC.
                     back[..6].copy_from_slice(&HOST_MAC.0);
-                    assert_eq!(
-                        router.route(&back, [HOST_IP; 2], HOST_MAC),
-                        w,
-                        "a flow split"
-                    );
+                    assert_eq!(router.route(&back, &plain(), HOST_MAC), w, "a flow split");
                     w
                 })
                 .collect()

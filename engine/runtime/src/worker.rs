@@ -375,9 +375,7 @@ impl Worker {
                     bytes += n as u64;
                 }
                 let cfg = &self.engine.ctx.cfg;
-                let to = self
-                    .router
-                    .route(&buf[..n], cfg.host_addresses(), self.engine.ctx.mac);
+                let to = self.router.route(&buf[..n], cfg, self.engine.ctx.mac);
                 if to == self.index {
                     self.engine
                         .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);

@@ -92,6 +92,29 @@ fn usable(in_subnet: bool, a: &SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
+/// Whether a guest's DNS query (a UDP payload to the virtual host's port 53) must be handled by
+/// the engine that has the lease table (the control thread's): its name may be a guest's, whose
+/// address only that engine knows (one label, or the DHCP domain or a name under it), or it is
+/// a reverse name. Any other query is answered alike by every engine, from the configuration
+/// (`[dns] hosts`) or by relaying it, so a worker may take it and spare the hand-over. Queries
+/// that are not plain ones (several questions, an odd opcode) are relayed everywhere: no.
+pub fn needs_lease_table(cfg: &Config, query: &[u8]) -> bool {
+    let Some(q) = Question::parse(query) else {
+        return false;
+    };
+    let name = q.name.as_str();
+    if !name.contains('.') || name == "in-addr.arpa" || name.ends_with(".in-addr.arpa") {
+        return true;
+    }
+    cfg.dhcp.domain.as_deref().is_some_and(|d| {
+        let d = d.trim().trim_end_matches('.');
+        let under = name.len() > d.len()
+            && name.as_bytes()[name.len() - d.len() - 1] == b'.'
+            && name[name.len() - d.len()..].eq_ignore_ascii_case(d);
+        !d.is_empty() && (under || name.eq_ignore_ascii_case(d))
+    })
+}
+
 /// Where a query a guest sent over TCP goes (`DnsRelay::route_tcp_query`).
 #[derive(Debug, PartialEq, Eq)]
 pub enum TcpDnsRoute {
