@@ -20,6 +20,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=tools/scripts/softether.sh
+. "$ROOT/tools/scripts/softether.sh"
 SYSTEMS=hubnat,softether
 ROUNDS=3
 CLIENTS=150
@@ -202,42 +204,11 @@ setup_softether() {
   fi
   mkns n; NAT_NS=$MKNS
   mkns g; GUEST_NS=$MKNS
-  local v="${TAG}v$SEQ" se="$IDIR/softether" c
+  local v="${TAG}v$SEQ"
   ip link add "$v" netns "$NAT_NS" type veth peer name eth0 netns "$GUEST_NS" || return 1
   ip -n "$NAT_NS" link set "$v" up
   ip -n "$GUEST_NS" link set eth0 up
-  # The Debian build keeps its state in /var/lib/softether, /var/log/softether and
-  # /run/softether: private directories there, in a mount namespace of its own.
-  mkdir -p "$se"/{lib,log,run,exe}
-  cp -L /usr/libexec/softether/vpnserver/* "$se/exe/"
-  cat > "$se/private.sh" <<EOF
-#!/bin/sh
-set -e
-mount --make-rprivate /
-mount --bind "$se/lib" /var/lib
-mount --bind "$se/log" /var/log
-mount --bind "$se/run" /run
-mkdir -p /var/lib/softether /var/log/softether /run/softether
-exec "\$@"
-EOF
-  chmod 755 "$se/private.sh"
-  ip netns exec "$NAT_NS" unshare -m "$se/private.sh" "$se/exe/vpnserver" execsvc \
-    > "$IDIR/vpnserver.log" 2>&1 &
-  PIDS+=($!)
-  wait_for 20 ip netns exec "$NAT_NS" sh -c 'ss -ltn | grep -q ":5555 "' ||
-    { echo "vpnserver did not listen: $(first_line "$IDIR/vpnserver.log")"; return 1; }
-  for c in "/SERVER /CMD KeepDisable" \
-           "/SERVER /CMD BridgeCreate DEFAULT /DEVICE:$v /TAP:no" \
-           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet DisableKernelModeSecureNAT /VALUE:1" \
-           "/SERVER /ADMINHUB:DEFAULT /CMD ExtOptionSet DisableIpRawModeSecureNAT /VALUE:1" \
-           "/SERVER /ADMINHUB:DEFAULT /CMD NatSet /MTU:1500 /TCPTIMEOUT:7200 /UDPTIMEOUT:60 /LOG:no" \
-           "/SERVER /ADMINHUB:DEFAULT /CMD SecureNatEnable"; do
-    # shellcheck disable=SC2086
-    if ! ip netns exec "$NAT_NS" unshare -m "$se/private.sh" timeout 20 \
-         vpncmd localhost:5555 /PASSWORD: $c < /dev/null >> "$IDIR/vpncmd.log" 2>&1; then
-      echo "vpncmd $c failed: $(tail -n 3 "$IDIR/vpncmd.log" | tr '\n' ' ')"; return 1
-    fi
-  done
+  softether_start "$NAT_NS" "$v" "$IDIR/softether" 1500 || return 1
   IFACE=eth0
 }
 
