@@ -357,21 +357,26 @@ impl Lab {
         }
     }
 
-    /// `start_with_server` with extra `hubnat run` arguments (they take the place of the same
-    /// flags in HUBNAT_E2E_ARGS).
-    pub fn start_with_server_args(config: &str, args: &[&str]) -> Lab {
-        let mut lab = Lab::bare_with_server();
-        lab.start_hubnat_args(config, args);
-        lab.guest.exec_ok(&[
+    /// Gives the guest its static address on the TAP and its default route via the virtual host.
+    pub fn address_guest(&self) {
+        self.guest.exec_ok(&[
             "ip",
             "addr",
             "add",
             &format!("{GUEST_IP}/24"),
             "dev",
-            &lab.tap,
+            &self.tap,
         ]);
-        lab.guest
+        self.guest
             .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
+    }
+
+    /// `start_with_server` with extra `hubnat run` arguments (they take the place of the same
+    /// flags in HUBNAT_E2E_ARGS).
+    pub fn start_with_server_args(config: &str, args: &[&str]) -> Lab {
+        let mut lab = Lab::bare_with_server();
+        lab.start_hubnat_args(config, args);
+        lab.address_guest();
         lab
     }
 
@@ -738,16 +743,7 @@ impl Lab {
             tap: "tap0".into(),
         };
         lab.start_hubnat_args(config, args);
-        lab.guest.exec_ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{GUEST_IP}/24"),
-            "dev",
-            &lab.tap,
-        ]);
-        lab.guest
-            .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
+        lab.address_guest();
         (lab, router)
     }
 }

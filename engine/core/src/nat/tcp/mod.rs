@@ -434,23 +434,11 @@ impl TcpNat {
                 c.on_connected(&mut cx)
             }
             SockEvent::ConnectFailed(_, kind) => {
-                let t = c.target;
-                cx.ctx.events.push(Event::TcpConnectFailed {
-                    id: c.id,
-                    ip: *t.ip(),
-                    port: t.port(),
-                    reason: kind.to_string(),
-                });
+                connect_failed(cx.ctx, c, kind.to_string());
                 c.refuse(&mut cx)
             }
             SockEvent::ConnectUnreachable(_, why) => {
-                let t = c.target;
-                cx.ctx.events.push(Event::TcpConnectFailed {
-                    id: c.id,
-                    ip: *t.ip(),
-                    port: t.port(),
-                    reason: why.to_string(),
-                });
+                connect_failed(cx.ctx, c, why.to_string());
                 c.unreachable(&mut cx, why)
             }
             SockEvent::Readable(_) => c.on_readable(&mut cx),
@@ -757,6 +745,17 @@ impl TcpNat {
 }
 
 /// Answers a segment that no connection takes with RST (RFC 9293 3.10.7.1).
+/// Logs that `c`'s connect to its destination failed, and why.
+fn connect_failed(ctx: &mut Ctx, c: &TcpConn, reason: String) {
+    let t = c.target;
+    ctx.events.push(Event::TcpConnectFailed {
+        id: c.id,
+        ip: *t.ip(),
+        port: t.port(),
+        reason,
+    });
+}
+
 fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(), DropReason> {
     let (guest, dst) = key;
     let mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
