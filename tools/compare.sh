@@ -14,6 +14,9 @@
 #   softether    vpnserver (private copies of its state dirs) in the NAT ns, SecureNAT (user mode)
 #                on hub DEFAULT, local bridge to a veth whose peer is the guest's; guest via dhclient
 #   kernel       veth + ip_forward in the NAT ns, no NAT at all: the limit
+# Each system at the first MTU: iperf3 both ways (4 TCP streams), the UDP packet rate both ways
+# (one stream of 64-byte datagrams as fast as iperf3 sends them: pps_up/pps_down, thousands of
+# datagrams received a second), request/response latency and connection rate (hubnat-load).
 # Forwarded ports (instance kind `fwd`): iperf3's server in the guest, its client in the NAT ns
 # connecting to 127.0.0.1:15201 and to the NAT ns's own address, each system forwarding 15201 to
 # the guest's 5201 (hubnat: `hubnat forward add` on its control socket; slirp4netns: add_hostfwd
@@ -564,23 +567,36 @@ nat_mem() { # field
   awk -v k="$sum" 'BEGIN { printf "%.2f", k / 1024 }'
 }
 
-run_iperf() { # system mtu direction(up|down)
-  local s=$1 m=$2 d=$3 out="$IDIR/iperf-$3.json" srv rev=()
+# iperf3 from the guest to the server namespace. tput: 4 TCP streams, Gbit/s received
+# (tput_DIR_MTU). pps: the packet rate, one UDP stream of 64-byte datagrams sent as fast as
+# iperf3 can (-u -b 0), thousands of datagrams a second received (pps_DIR).
+run_iperf() { # system mtu direction(up|down) [tput|pps]
+  local s=$1 m=$2 d=$3 kind=${4:-tput} srv rev=() load metric value
+  local out="$IDIR/iperf-$kind-$d.json" err="$IDIR/iperf-$kind-$d.err"
   [ "$d" = down ] && rev=(-R)
-  ip netns exec "$SRV_NS" iperf3 -s -1 -p 5201 > "$IDIR/iperf-server-$d.log" 2>&1 &
+  if [ "$kind" = pps ]; then
+    load=(-u -b 0 -l 64) metric="pps_$d"
+    value='(.end.sum_received.packets - .end.sum_received.lost_packets) / .end.sum_received.seconds / 1000'
+  else
+    load=(-Z -P4 -l1M) metric="tput_${d}_$m" value='.end.sum_received.bits_per_second / 1e9'
+  fi
+  ip netns exec "$SRV_NS" iperf3 -s -1 -p 5201 > "$IDIR/iperf-server-$kind-$d.log" 2>&1 &
   srv=$!
   PIDS+=("$srv")
   wait_for 5 ip netns exec "$SRV_NS" sh -c 'ss -ltn | grep -q ":5201 "' || true
   if timeout -k 5 $((DURATION + 30)) "${GUEST[@]}" iperf3 -c "$SERVER_IP" -p 5201 -t "$DURATION" \
-       -Z -P4 -l1M --connect-timeout 5000 "${rev[@]}" -J > "$out" 2>"$IDIR/iperf-$d.err" &&
-     jq -e '.end.sum_received.bits_per_second > 0' "$out" >/dev/null 2>&1; then
-    record "$s" "tput_${d}_$m" "$(jq '.end.sum_received.bits_per_second / 1e9' "$out")" Gbit/s
+       "${load[@]}" --connect-timeout 5000 "${rev[@]}" -J > "$out" 2>"$err" &&
+     jq -e '.end.sum_received.bytes > 0' "$out" >/dev/null 2>&1; then
+    if [ "$kind" = pps ]; then
+      record "$s" "$metric" "$(jq "$value" "$out")" kpps
+    else
+      record "$s" "$metric" "$(jq "$value" "$out")" Gbit/s
+    fi
   else
     local why
     why=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
-    [ -n "$why" ] || why=$(first_line "$IDIR/iperf-$d.err")
-    [ -n "$why" ] || why=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
-    record_fail "$s" "tput_${d}_$m" "iperf3: ${why:-no result}"
+    [ -n "$why" ] || why=$(first_line "$err")
+    record_fail "$s" "$metric" "iperf3: ${why:-no result}"
   fi
   end_pids "$srv"
 }
@@ -732,7 +748,7 @@ run_mem() { # system count
 # Metrics an instance would have measured (to mark them failed when it cannot start).
 instance_metrics() { # kind mtu
   case "$1" in
-    main) echo "tput_up_$2 tput_down_$2 rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
+    main) echo "tput_up_$2 tput_down_$2 pps_up pps_down rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
     tput) echo "tput_up_$2 tput_down_$2" ;;
     fwd) echo "fwd_in_$2 fwd_out_$2 fwd_in_addr_$2 fwd_out_addr_$2" ;;
     mem) local n; for n in "${MEM_LIST[@]}"; do echo -n "mem_$n held_$n "; done ;;
@@ -769,6 +785,8 @@ instance() { # system kind(main|tput|fwd|mem) mtu
       if [ "$HAVE_IPERF" = 1 ]; then
         run_iperf "$s" "$m" up
         run_iperf "$s" "$m" down
+        run_iperf "$s" "$m" up pps
+        run_iperf "$s" "$m" down pps
       fi
       run_load "$s" rr
       run_load "$s" crr ;;

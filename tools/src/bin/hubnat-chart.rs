@@ -70,6 +70,8 @@ fn metric_rank(m: &str) -> (u32, u64, String) {
         (0, num(m).unwrap_or(0) * 2)
     } else if m.starts_with("tput_down_") {
         (0, num(m).unwrap_or(0) * 2 + 1)
+    } else if m.starts_with("pps_") {
+        (0, 1_000_000 + u64::from(m != "pps_up"))
     } else if m.starts_with("rr_") {
         (
             1,
@@ -101,6 +103,8 @@ fn describe(m: &str) -> (String, bool) {
     match m {
         _ if m.starts_with("tput_up_") => (format!("iperf3 guest → server, MTU {tail}"), true),
         _ if m.starts_with("tput_down_") => (format!("iperf3 server → guest, MTU {tail}"), true),
+        "pps_up" => ("UDP 64-byte datagrams guest → server".into(), true),
+        "pps_down" => ("UDP 64-byte datagrams server → guest".into(), true),
         "rr_p50" => ("request/response p50".into(), false),
         "rr_p99" => ("request/response p99".into(), false),
         "rr_p999" => ("request/response p99.9".into(), false),
