@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Connection rate through hubnat, sustained: hubnat-load crr (connect, 1-byte echo, close, repeat)
+# from a guest namespace to a server namespace, for longer than the comparison's runs, with and
+# without TIME_WAIT reuse in the namespace hubnat's host sockets live in, runs alternated.
+#
+#   guest ns (tap0, 192.168.30.50) ── hubnat ── NAT ns ──veth── server ns (hubnat-load serve)
+#
+# The guest namespace reuses TIME_WAIT ports and has the wide port range, as in tools/compare.sh;
+# `reuse` runs set net.ipv4.tcp_tw_reuse=1 in the NAT namespace too (only there: the machine's
+# own namespaces are not touched).
+#
+# Usage: sudo tools/bench-crr.sh [--runs N] [--duration S] [--no-build] [--perf FILE]
+#   --perf FILE: `perf record -g` of hubnat for 4 s of the first run without reuse.
+# Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+RUNS=2 DURATION=15 BUILD=1 PERF_OUT=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runs) RUNS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --perf) PERF_OUT=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
+for t in ip jq; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
+if [ "$BUILD" = 1 ]; then cargo build --release -q -p hubnat-tools --bin hubnat --bin hubnat-load; fi
+BIN=$ROOT/target/release
+
+TAG=hbc$$
+WORK=$(mktemp -d /tmp/hubnat-bench-crr.XXXXXX)
+PIDS=()
+cleanup() {
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+  for ns in ${TAG}g ${TAG}n ${TAG}s; do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# One run in fresh namespaces; $1: "reuse" or "default". Writes "conn/s p50_us" to $WORK/result.
+run() {
+  local g=${TAG}g n=${TAG}n s=${TAG}s hp lp sp
+  for ns in $g $n $s; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+  ip link add ${TAG}a netns $n type veth peer name eth0 netns $s
+  ip -n $n addr add 10.79.0.1/24 dev ${TAG}a; ip -n $n link set ${TAG}a up
+  ip -n $s addr add 10.79.0.2/24 dev eth0; ip -n $s link set eth0 up
+  ip -n $s route add default via 10.79.0.1
+  ip netns exec $s "$BIN/hubnat-load" serve --listen 0.0.0.0:7000 > /dev/null 2>&1 &
+  sp=$!; PIDS+=("$sp")
+  printf '[dns]\nupstream = ["10.79.0.2"]\n' > "$WORK/hubnat.toml"
+  ip netns exec $n "$BIN/hubnat" run --tap tap0 --netns /run/netns/$g --config "$WORK/hubnat.toml" \
+    --state-dir "$WORK/state" --control "$WORK/ctl.sock" --log warn > "$WORK/hubnat.log" 2>&1 &
+  hp=$!; PIDS+=("$hp")
+  for _ in $(seq 50); do ip -n $g link show tap0 > /dev/null 2>&1 && break; sleep 0.1; done
+  ip -n $g addr add 192.168.30.50/24 dev tap0; ip -n $g link set tap0 up
+  ip -n $g route add default via 192.168.30.1
+  ip netns exec $g sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
+  [ "$1" = reuse ] && ip netns exec $n sysctl -qw net.ipv4.tcp_tw_reuse=1
+  for _ in $(seq 50); do ip netns exec $g ping -c1 -W1 192.168.30.1 > /dev/null 2>&1 && break; done
+  ip netns exec $g "$BIN/hubnat-load" crr --connect 10.79.0.2:7000 --duration "$DURATION" --json \
+    > "$WORK/crr.json" 2> "$WORK/crr.err" &
+  lp=$!
+  if [ -n "$PERF_OUT" ] && [ "$1" = default ]; then
+    sleep 2
+    perf record -g -p "$hp" -o "$PERF_OUT" -- sleep 4 > /dev/null 2>&1 || true
+    PERF_OUT=""
+  fi
+  wait "$lp" || { echo "crr failed: $(head -n 1 "$WORK/crr.err")" >&2; }
+  jq -r '"\(.per_sec | floor) \(.p50_us)"' "$WORK/crr.json" > "$WORK/result"
+  kill "$hp" "$sp" 2> /dev/null || true
+  wait "$hp" "$sp" 2> /dev/null || true
+  for ns in $g $n $s; do
+    for p in $(ip netns pids "$ns" 2> /dev/null); do kill -KILL "$p" 2> /dev/null || true; done
+    ip netns del "$ns"
+  done
+  rm -rf "$WORK/state"
+}
+
+echo "# $(nproc) cores, $(uname -r), hubnat-load crr ${DURATION} s per run, $RUNS runs each"
+for r in $(seq "$RUNS"); do
+  for mode in default reuse; do
+    run $mode
+    read -r rate p50 < "$WORK/result"
+    echo "run $r, NAT namespace $mode: $rate connections/s, p50 $p50 µs"
+  done
+done
