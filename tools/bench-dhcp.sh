@@ -20,6 +20,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=tools/scripts/procs.sh
+. "$ROOT/tools/scripts/procs.sh"
 # shellcheck source=tools/scripts/softether.sh
 . "$ROOT/tools/scripts/softether.sh"
 SYSTEMS=hubnat,softether
@@ -87,29 +89,6 @@ TAG="bd$(( $$ % 10000 ))"
 SEQ=0
 NETNS=()
 PIDS=()
-
-pid_alive() {
-  local st
-  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
-# Ends the given PIDs: SIGTERM, then SIGKILL after 3 s.
-end_pids() {
-  local p alive _i
-  [ $# -gt 0 ] || return 0
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for _i in $(seq 30); do
-    alive=0
-    for p in "$@"; do pid_alive "$p" && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "$@"; do
-    if pid_alive "$p"; then kill -KILL "$p" 2>/dev/null || true; fi
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done
-}
 
 # The processes started, and whatever still runs in the namespaces made (vpnserver forks).
 teardown() {

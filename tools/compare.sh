@@ -27,6 +27,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=tools/scripts/procs.sh
+. "$ROOT/tools/scripts/procs.sh"
 # shellcheck source=tools/scripts/softether.sh
 . "$ROOT/tools/scripts/softether.sh"
 SYSTEMS=hubnat,slirp4netns,pasta,softether,kernel
@@ -129,35 +131,6 @@ NETNS=()                    # namespaces made (ip netns add)
 PIDS=()                     # processes started (plus everything found in our namespaces)
 KILL9=()                    # processes that ignore SIGTERM (init of a PID namespace)
 TUN_MODE=""                 # /dev/net/tun's mode before pasta's run, to restore
-
-pid_alive() {
-  # Alive and not a zombie.
-  local st
-  st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-
-# Ends the given PIDs: SIGTERM, then SIGKILL after 3 s; reaps our own children.
-end_pids() {
-  local p alive i
-  [ $# -gt 0 ] || return 0
-  for p in "$@"; do kill -TERM "$p" 2>/dev/null || true; done
-  for i in $(seq 30); do
-    alive=0
-    for p in "$@"; do pid_alive "$p" && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  # shellcheck disable=SC2015
-  for p in "$@"; do pid_alive "$p" && kill -KILL "$p" 2>/dev/null || true; done
-  for i in $(seq 20); do
-    alive=0
-    for p in "$@"; do pid_alive "$p" && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "$@"; do wait "$p" 2>/dev/null || true; done
-}
 
 # Every process whose command line names a path in our (unique) work directory.
 own_pids() {
