@@ -84,6 +84,37 @@ struct Datagrams {
 
 type Session = session::Session<UdpKey, Datagrams>;
 
+/// A new session of `key` on `sock`, its datagrams sent to `dst`: nothing quoted yet, the host's
+/// TTL; an inbound one (`inbound`: what its forward resolved) keeps its guest's MAC and forward.
+fn new_session(
+    now: Instant,
+    (key, sock): (UdpKey, SockId),
+    id: u32,
+    direction: Direction,
+    dst: Destination,
+    inbound: Option<&InboundTarget>,
+) -> Session {
+    Session {
+        key,
+        sock,
+        info: SessionInfo::opened(
+            id,
+            Proto::Udp,
+            (key.guest, key.dst),
+            direction,
+            now,
+            "Established",
+        ),
+        state: Datagrams {
+            quote: Quote::default(),
+            ttl: SockTtl::default(),
+            dst,
+            guest_mac: inbound.map(|t| t.guest_mac),
+            forward: inbound.map(|t| t.forward),
+        },
+    }
+}
+
 /// The UDP side of the NAT: one session, and one connected socket, per guest flow.
 pub struct UdpNat {
     table: SessionTable<UdpKey, Datagrams>,
@@ -260,28 +291,11 @@ impl UdpNat {
             src: key.guest,
             dst: key.dst,
         });
-        let session = Session {
-            key,
-            sock,
-            info: SessionInfo::opened(
-                id,
-                Proto::Udp,
-                (key.guest, key.dst),
-                Direction::Out,
-                now,
-                "Established",
-            ),
-            state: Datagrams {
-                quote: Quote::default(),
-                ttl: SockTtl::default(),
-                dst: Destination {
-                    host: *host_dst.ip(),
-                    shown: *key.dst.ip(),
-                },
-                guest_mac: None,
-                forward: None,
-            },
+        let dst = Destination {
+            host: *host_dst.ip(),
+            shown: *key.dst.ip(),
         };
+        let session = new_session(now, (key, sock), id, Direction::Out, dst, None);
         Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
     }
 
@@ -358,28 +372,11 @@ impl UdpNat {
             src: key.dst,
             dst: key.guest,
         });
-        let session = Session {
-            key,
-            sock,
-            info: SessionInfo::opened(
-                id,
-                Proto::Udp,
-                (key.guest, key.dst),
-                Direction::In,
-                now,
-                "Established",
-            ),
-            state: Datagrams {
-                quote: Quote::default(),
-                ttl: SockTtl::default(),
-                dst: Destination {
-                    host: *client.ip(),
-                    shown: *key.dst.ip(),
-                },
-                guest_mac: Some(target.guest_mac),
-                forward: Some(target.forward),
-            },
+        let dst = Destination {
+            host: *client.ip(),
+            shown: *key.dst.ip(),
         };
+        let session = new_session(now, (key, sock), id, Direction::In, dst, Some(&target));
         Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
     }
 
