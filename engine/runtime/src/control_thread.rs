@@ -448,6 +448,10 @@ impl Runtime {
                 self.shutdown();
                 return Ok(Exit::Stopped);
             }
+            if let Some(why) = self.workers.shared.as_ref().and_then(|s| s.failure()) {
+                self.shutdown();
+                return Err(io::Error::other(why));
+            }
         }
     }
 
@@ -894,10 +898,7 @@ fn spawn_workers(
     inboxes.push(Inbox::new(cap, mio::Waker::new(poll.registry(), WAKE)?));
     // Every queue full, plus a batch in hand for every thread.
     let count = (n + 1) * (cap + 2);
-    let shared = Arc::new(Shared {
-        inboxes,
-        pool: Pool::new(count, frame_size),
-    });
+    let shared = Arc::new(Shared::new(inboxes, Pool::new(count, frame_size)));
     let mut queues = opts.tap_queues.drain(..).map(Arc::new);
     let (ready_tx, ready_rx) = mpsc::channel();
     for (index, p) in polls.into_iter().enumerate() {

@@ -101,9 +101,38 @@ impl Inbox {
 pub struct Shared {
     pub inboxes: Vec<Inbox>,
     pub pool: Pool,
+    /// Why a worker stopped on its own (an error it could not go on after): the control
+    /// thread ends the runtime with it rather than serve the segment with a thread missing.
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
+    pub fn new(inboxes: Vec<Inbox>, pool: Pool) -> Shared {
+        Shared {
+            inboxes,
+            pool,
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Records that worker `index` stopped because of `why` (the first such reason is kept)
+    /// and wakes the control thread (`control`: its inbox) to end the runtime.
+    pub fn worker_failed(&self, index: usize, why: &str, control: usize) {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| format!("worker {index} stopped: {why}"));
+        self.inboxes[control].wake();
+    }
+
+    /// Why a worker stopped on its own, if one did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Queues `buf[..len]` for thread `to`; gives the buffer back when the queue is full.
     /// Marks `wake[to]` when the queue was empty (the owner may be asleep).
     pub fn forward(
@@ -235,7 +264,7 @@ mod tests {
             .map(|p| Inbox::new(8, mio::Waker::new(p.registry(), WAKE).unwrap()))
             .collect();
         let pool = Pool::new(4, 64);
-        (polls, Shared { inboxes, pool })
+        (polls, Shared::new(inboxes, pool))
     }
 
     /// The fragments (8-byte aligned pieces of `chunk` bytes) of a UDP datagram from `src` to
@@ -485,13 +514,28 @@ mod tests {
     }
 
     #[test]
+    fn the_first_worker_failure_is_kept_and_wakes_the_control_thread() {
+        let mut poll = Poll::new().unwrap();
+        let waker = mio::Waker::new(poll.registry(), WAKE).unwrap();
+        let shared = Shared::new(vec![Inbox::new(2, waker)], Pool::new(4, 64));
+        assert_eq!(shared.failure(), None);
+        shared.worker_failed(1, "Invalid argument (os error 22)", 0);
+        shared.worker_failed(0, "later", 0);
+        assert_eq!(
+            shared.failure().as_deref(),
+            Some("worker 1 stopped: Invalid argument (os error 22)")
+        );
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::from_secs(1)))
+            .unwrap();
+        assert!(events.iter().any(|e| e.token() == WAKE));
+    }
+
+    #[test]
     fn a_full_queue_gives_the_buffer_back_and_wakes_once() {
         let poll = Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), WAKE).unwrap();
-        let shared = Shared {
-            inboxes: vec![Inbox::new(2, waker)],
-            pool: Pool::new(4, 64),
-        };
+        let shared = Shared::new(vec![Inbox::new(2, waker)], Pool::new(4, 64));
         let mut wake = vec![false];
         let b = shared.pool.get().unwrap();
         assert!(shared.forward(0, b, 10, &mut wake).is_ok());

@@ -22,7 +22,7 @@ use crate::port::tap::Tap;
 use crate::queues::Shared;
 use crate::router::Router;
 use crate::sock::driver::SockDriver;
-use crate::sock::uring::Ring;
+use crate::sock::uring::{FrameBufs, Ring};
 use crate::sock::Backend;
 use crate::tokens::{PORT, RING, WAKE};
 use crate::tx::{NapiSwitch, PortSender, TapSender};
@@ -136,6 +136,10 @@ struct Worker {
     host_events: Vec<hubnat_core::SockEvent>,
     wake: Vec<bool>,
     bufs: ReadBufs,
+    /// The buffers its ring reads its TAP queue into (None: it reads the queue itself).
+    frame_bufs: Option<FrameBufs>,
+    /// Frames the ring read, as (buffer, length), being handled.
+    ring_frames: Vec<(u16, u32)>,
     tx: PortSender,
     switch: Arc<Switch>,
     capture: Arc<crate::capture::Capture>,
@@ -153,6 +157,8 @@ pub fn run(setup: WorkerSetup, ready: Sender<io::Result<()>>) {
             let _ = ready.send(Ok(()));
             if let Err(e) = w.run() {
                 tracing::error!("worker {index} stopped: {e}");
+                w.shared
+                    .worker_failed(index, &e.to_string(), w.router.control());
             }
         }
         Err(e) => {
@@ -164,16 +170,21 @@ pub fn run(setup: WorkerSetup, ready: Sender<io::Result<()>>) {
 
 impl Worker {
     fn new(s: WorkerSetup) -> io::Result<Worker> {
+        let mut frame_bufs = None;
         let host = match s.backend {
             Backend::Epoll => SockDriver::new(s.poll.registry().try_clone()?),
             Backend::Uring => {
                 // Made on this thread: the ring accepts submissions from its creator only.
                 // The worker waits in the ring itself (`run`): its TAP queue and its epoll set
                 // (which holds its waker) are watched there.
-                let mut host = SockDriver::with_uring(Ring::for_waiting_thread()?);
+                let frame_size = s.tap_in.as_ref().map(|_| s.frame_size);
+                let mut host = SockDriver::with_uring(Ring::for_waiting_thread(frame_size)?);
                 host.watch_token(s.poll.as_raw_fd(), WAKE.0)?;
                 if let Some(t) = &s.tap_in {
-                    host.watch_token(t.as_raw_fd(), PORT.0)?;
+                    frame_bufs = host.read_frames(t.as_raw_fd())?;
+                    if frame_bufs.is_none() {
+                        host.watch_token(t.as_raw_fd(), PORT.0)?;
+                    }
                 }
                 host
             }
@@ -200,6 +211,8 @@ impl Worker {
             host_events: Vec::new(),
             wake: vec![false; n],
             bufs: ReadBufs::new(s.frame_size),
+            frame_bufs,
+            ring_frames: Vec::new(),
             tx: PortSender::new(
                 s.tap_out.map(|t| TapSender::new(t, s.napi)),
                 Arc::clone(&s.switch),
@@ -317,6 +330,7 @@ impl Worker {
             if port {
                 self.read_port(now)?;
             }
+            self.handle_ring_frames(now)?;
             self.drain_inbox(now);
             if self.engine.poll_timeout().is_some_and(|t| t <= now) {
                 self.engine
@@ -352,47 +366,114 @@ impl Worker {
         let Some(tap) = self.tap_in.clone() else {
             return Ok(());
         };
-        let (mut frames, mut bytes) = (0u64, 0u64);
+        let mut count = (0u64, 0u64);
         loop {
-            let cap = self.capture.batch();
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 let Some((buf, n, from_pool)) = self.bufs.recv(&tap, Some(&self.shared.pool))?
                 else {
                     self.flush();
-                    self.switch.count_rx(FIRST_TAP, frames, bytes);
+                    self.switch.count_rx(FIRST_TAP, count.0, count.1);
                     return Ok(());
                 };
-                if let Some(c) = cap {
-                    self.capture.frame(c, &buf[..n]);
-                }
-                if self.switch.several() {
-                    if !self.switch.ingress(FIRST_TAP, &buf[..n]) {
-                        self.bufs.put_back(buf, from_pool);
-                        continue;
+                match self.ingress(now, &buf[..n], &mut count) {
+                    Some(to) => {
+                        let stats = &mut self.engine.ctx.stats;
+                        self.shared.hand_over(
+                            to,
+                            (buf, from_pool),
+                            n,
+                            &mut self.bufs,
+                            &mut self.wake,
+                            stats,
+                        );
                     }
-                } else {
-                    frames += 1;
-                    bytes += n as u64;
-                }
-                let cfg = &self.engine.ctx.cfg;
-                let to = self.router.route(&buf[..n], cfg, self.engine.ctx.mac);
-                if to == self.index {
-                    self.engine
-                        .handle_frame(now, &buf[..n], &mut self.host, &mut self.out);
-                    self.bufs.put_back(buf, from_pool);
-                } else {
-                    let stats = &mut self.engine.ctx.stats;
-                    self.shared.hand_over(
-                        to,
-                        (buf, from_pool),
-                        n,
-                        &mut self.bufs,
-                        &mut self.wake,
-                        stats,
-                    );
+                    None => self.bufs.put_back(buf, from_pool),
                 }
             }
             self.flush();
+        }
+    }
+
+    /// Handles the frames the ring read from this worker's TAP queue, in place; frames of
+    /// other owners are copied to them.
+    fn handle_ring_frames(&mut self, now: hubnat_core::Instant) -> io::Result<()> {
+        let Some(bufs) = self.frame_bufs.clone() else {
+            return Ok(());
+        };
+        self.host.take_frames(&mut self.ring_frames);
+        if self.ring_frames.is_empty() {
+            return self.host.frames_handled();
+        }
+        let mut count = (0u64, 0u64);
+        let frames = std::mem::take(&mut self.ring_frames);
+        for (i, &(bid, len)) in frames.iter().enumerate() {
+            bufs.handle(bid, len, |frame| {
+                if frame.is_empty() {
+                    return;
+                }
+                if let Some(to) = self.ingress(now, frame, &mut count) {
+                    self.copy_over(to, frame);
+                }
+            });
+            if (i + 1) % MAX_FRAMES_PER_BATCH == 0 {
+                self.flush();
+            }
+        }
+        self.ring_frames = frames;
+        self.ring_frames.clear();
+        self.flush();
+        self.switch.count_rx(FIRST_TAP, count.0, count.1);
+        self.host.frames_handled()
+    }
+
+    /// A frame read from the TAP queue: captured, switched, counted in `count` (frames,
+    /// bytes), and handled here if this worker owns its flow; else the owner's index.
+    fn ingress(
+        &mut self,
+        now: hubnat_core::Instant,
+        frame: &[u8],
+        count: &mut (u64, u64),
+    ) -> Option<usize> {
+        if let Some(c) = self.capture.batch() {
+            self.capture.frame(c, frame);
+        }
+        if self.switch.several() {
+            if !self.switch.ingress(FIRST_TAP, frame) {
+                return None;
+            }
+        } else {
+            count.0 += 1;
+            count.1 += frame.len() as u64;
+        }
+        let to = self
+            .router
+            .route(frame, &self.engine.ctx.cfg, self.engine.ctx.mac);
+        if to != self.index {
+            return Some(to);
+        }
+        self.engine
+            .handle_frame(now, frame, &mut self.host, &mut self.out);
+        None
+    }
+
+    /// Queues a copy of `frame` for worker `to` (a pool buffer; dropped when none is free or
+    /// its queue is full).
+    fn copy_over(&mut self, to: usize, frame: &[u8]) {
+        let stats = &mut self.engine.ctx.stats;
+        let Some(mut buf) = self.shared.pool.get() else {
+            stats.drop(DropReason::QueueFull);
+            return;
+        };
+        if buf.len() < frame.len() {
+            // Cannot happen: the pool's buffers and the ring's are both a largest frame.
+            stats.drop(DropReason::QueueFull);
+            self.shared.pool.put(buf);
+            return;
+        }
+        buf[..frame.len()].copy_from_slice(frame);
+        if let Err(buf) = self.shared.forward(to, buf, frame.len(), &mut self.wake) {
+            stats.drop(DropReason::QueueFull);
+            self.shared.pool.put(buf);
         }
     }
 

@@ -16,7 +16,7 @@ use mio::net::{TcpStream, UdpSocket};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
-use crate::sock::uring::{Completion, Ready, Ring};
+use crate::sock::uring::{Completion, FrameBufs, Ready, Ring};
 use hubnat_core::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreachable};
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
@@ -352,6 +352,30 @@ impl SockDriver {
 
     /// Watches one of the thread's own descriptors in the ring (io_uring); it comes back as a
     /// token from `ring_events_and_tokens`.
+    /// Reads the thread's TAP queue `fd` through the ring (see `Ring::read_frames`); None
+    /// where it cannot (epoll, or no multishot read).
+    pub fn read_frames(&mut self, fd: RawFd) -> io::Result<Option<FrameBufs>> {
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.read_frames(fd),
+            Readiness::Epoll(_) => Ok(None),
+        }
+    }
+
+    /// The frames the ring read (see `Ring::take_frames`).
+    pub fn take_frames(&mut self, into: &mut Vec<(u16, u32)>) {
+        if let Readiness::Uring(r) = &mut self.readiness {
+            r.take_frames(into);
+        }
+    }
+
+    /// See `Ring::frames_handled`.
+    pub fn frames_handled(&mut self) -> io::Result<()> {
+        match &mut self.readiness {
+            Readiness::Uring(r) => r.frames_handled(),
+            Readiness::Epoll(_) => Ok(()),
+        }
+    }
+
     pub fn watch_token(&mut self, fd: RawFd, token: usize) -> io::Result<()> {
         match &mut self.readiness {
             Readiness::Uring(r) => r.watch_token(fd, token),
@@ -925,7 +949,7 @@ mod tests {
 
     fn new_host(uring: bool) -> (SockDriver, Waiter) {
         if uring {
-            let ring = Ring::for_waiting_thread().unwrap();
+            let ring = Ring::for_waiting_thread(None).unwrap();
             (SockDriver::with_uring(ring), Waiter::Uring)
         } else {
             let poll = mio::Poll::new().unwrap();

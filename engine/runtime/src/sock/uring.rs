@@ -16,6 +16,12 @@
 //!   buffers run out (`ENOBUFS` ends the multishot) or the receive ends otherwise (an ICMP
 //!   error, which is queued in order), the socket falls back to a plain `recv` until it would
 //!   block, and then the multishot is armed again (or, with no buffer free, a one-shot poll).
+//! - The thread's TAP queue (`read_frames`): one multishot `IORING_OP_READ_MULTISHOT` into a
+//!   second group of provided buffers, each the size of the largest frame. A frame is a
+//!   completion: no `read` per frame, and none that finds the queue empty. The thread handles
+//!   each frame in place and gives its buffer back at once (`FrameBufs::handle`); when the
+//!   buffers ran out before it came (`ENOBUFS` ends the multishot), `frames_handled` arms the
+//!   read again. Where the kernel has no multishot read the queue is watched like below.
 //! - The thread's own descriptors (`watch_token`: its TAP queue, the epoll set holding its
 //!   waker), as multishot polls whose completions stand for the runtime's tokens.
 //!
@@ -35,11 +41,13 @@
 //! batch; the fd itself is closed synchronously by the driver, which is safe because every
 //! operation in flight holds its own reference to the socket.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -57,6 +65,11 @@ pub const BUF_SIZE: usize = 1 << 16;
 pub const BUF_COUNT: u16 = 64;
 /// The provided-buffer group of the ring's buffers.
 const BGID: u16 = 0;
+/// The provided-buffer group the thread's TAP queue is read into (`read_frames`).
+const FRAME_BGID: u16 = 1;
+/// Memory the frame buffers of one ring may take: with frames of MTU 1500 that is 512
+/// buffers (a batch of 512 frames per wake-up), with MTU 65520 frames 32.
+const FRAME_BUF_BUDGET: usize = 2 << 20;
 
 /// Kinds of operations, in the top byte of user_data.
 const K_IGNORE: u8 = 0;
@@ -65,6 +78,7 @@ const K_CONNECT: u8 = 2;
 const K_RECV: u8 = 3;
 const K_RPOLL: u8 = 4;
 const K_TOKEN: u8 = 5;
+const K_FRAME: u8 = 6;
 /// user_data of cancellations (their completions are ignored).
 const IGNORE: u64 = 0;
 
@@ -213,6 +227,26 @@ impl BufRing {
         })
     }
 
+    /// `count` buffers of `size` bytes, registered with `ring` as group `bgid`, all in the
+    /// kernel's hands.
+    fn registered(ring: &IoUring, count: u16, size: usize, bgid: u16) -> io::Result<BufRing> {
+        let mut b = BufRing::new(count, size)?;
+        // SAFETY: the entries stay mapped until after the group is unregistered (`Ring`'s
+        // drop, which runs before the buffers are dropped: see `Ring::ring`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                b.entries.as_ptr() as u64,
+                b.count,
+                bgid,
+                0,
+            )
+        }?;
+        for bid in 0..b.count {
+            b.give(bid);
+        }
+        Ok(b)
+    }
+
     /// Hands buffer `bid` to the kernel.
     fn give(&mut self, bid: u16) {
         if bid >= self.count {
@@ -268,10 +302,39 @@ struct Setup {
     taskrun_flag: bool,
 }
 
+/// The buffers a thread's TAP queue is read into, shared by its ring (which hands them to
+/// the kernel) and the thread (which handles the frames in them). They are unmapped when both
+/// let go, the ring having stopped the read by then.
+#[derive(Clone)]
+pub struct FrameBufs(Rc<RefCell<BufRing>>);
+
+impl FrameBufs {
+    /// Calls `f` with frame `bid` (`len` bytes, as `Ring::take_frames` gave them), then gives
+    /// its buffer back to the kernel.
+    pub fn handle<R>(&self, bid: u16, len: u32, f: impl FnOnce(&[u8]) -> R) -> R {
+        let r = f(self.0.borrow().data(bid, len as usize));
+        self.0.borrow_mut().give(bid);
+        r
+    }
+}
+
+/// The multishot read of the thread's TAP queue (`Ring::read_frames`).
+struct FrameRead {
+    fd: RawFd,
+    bufs: FrameBufs,
+    /// The multishot read is in flight.
+    armed: bool,
+    /// Frames read, as (buffer, length), in order, until the thread takes them.
+    ready: Vec<(u16, u32)>,
+    /// The error that ended the read, for the thread to report.
+    failed: Option<i32>,
+}
+
 pub struct Ring {
-    // Dropped before `bufs`: the kernel stops using the buffers with the ring.
+    // Dropped before `bufs` and `frames`: the kernel stops using the buffers with the ring.
     ring: IoUring<squeue::Entry, cqueue::Entry>,
     bufs: Option<BufRing>,
+    frames: Option<FrameRead>,
     setup: Setup,
     entries: HashMap<SockId, Entry>,
     /// Descriptors of the thread's own, as (fd, token).
@@ -297,7 +360,7 @@ pub fn probe() -> io::Result<()> {
     // The driver's rings are restricted to their opcodes (`restrict_driver_ring`): a kernel
     // that cannot do that gets no io_uring from hubnat.
     let restricted = IoUring::builder().setup_r_disabled().build(8)?;
-    restrict_driver_ring(&restricted)?;
+    restrict_driver_ring(&restricted, false)?;
     for (code, name) in [
         (opcode::PollAdd::CODE, "POLL_ADD"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
@@ -333,18 +396,40 @@ pub(crate) fn restrict_and_enable(
 
 /// What this driver's rings may do: the operations it submits, provided buffers for multishot
 /// receives, and taking the buffer ring back at the end.
-fn restrict_driver_ring(ring: &IoUring) -> io::Result<()> {
+/// The multishot read is allowed only where the kernel knows it: a restriction naming an
+/// opcode the kernel does not know is refused, and the ring with it.
+fn restrict_driver_ring(ring: &IoUring, read_multi: bool) -> io::Result<()> {
+    let mut ops = vec![
+        opcode::PollAdd::CODE,
+        opcode::AsyncCancel::CODE,
+        opcode::Connect::CODE,
+        opcode::RecvMulti::CODE,
+    ];
+    if read_multi {
+        ops.push(opcode::ReadMulti::CODE);
+    }
     restrict_and_enable(
         ring,
-        &[
-            opcode::PollAdd::CODE,
-            opcode::AsyncCancel::CODE,
-            opcode::Connect::CODE,
-            opcode::RecvMulti::CODE,
-        ],
+        &ops,
         squeue::Flags::BUFFER_SELECT.bits(),
         &[IORING_UNREGISTER_PBUF_RING],
     )
+}
+
+/// Buffers for frames of `frame_size` bytes, registered with `ring` as `FRAME_BGID` and
+/// handed to the kernel.
+fn frame_bufs(ring: &IoUring, frame_size: usize) -> io::Result<FrameBufs> {
+    let count = (FRAME_BUF_BUDGET / frame_size.max(1)).clamp(16, 512);
+    let count = 1u16 << (usize::BITS - 1 - count.leading_zeros());
+    let b = BufRing::registered(ring, count, frame_size, FRAME_BGID)?;
+    Ok(FrameBufs(Rc::new(RefCell::new(b))))
+}
+
+/// Whether the kernel has the multishot read (`IORING_OP_READ_MULTISHOT`).
+fn has_read_multi(ring: &IoUring) -> bool {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok()
+        && probe.is_supported(opcode::ReadMulti::CODE)
 }
 
 /// io_uring_register(2)'s opcode that takes a provided-buffer ring back (the kernel's value;
@@ -372,16 +457,23 @@ impl Ring {
     /// A ring for the calling thread (the only one that may submit to it), whose fd the thread
     /// waits on through epoll: made without `DEFER_TASKRUN` (see the module's documentation).
     pub fn new() -> io::Result<Ring> {
-        Ring::make(false, BUF_COUNT, BUF_SIZE)
+        Ring::make(false, BUF_COUNT, BUF_SIZE, None)
     }
 
     /// A ring for a thread that waits in the ring itself (`wait`): with `SINGLE_ISSUER` and
-    /// `DEFER_TASKRUN` where the kernel takes them.
-    pub fn for_waiting_thread() -> io::Result<Ring> {
-        Ring::make(true, BUF_COUNT, BUF_SIZE)
+    /// `DEFER_TASKRUN` where the kernel takes them. With `frame_size`, it has buffers of that
+    /// size to read a TAP queue into (`read_frames`), registered here: once restricted, the
+    /// ring takes no new buffers.
+    pub fn for_waiting_thread(frame_size: Option<usize>) -> io::Result<Ring> {
+        Ring::make(true, BUF_COUNT, BUF_SIZE, frame_size)
     }
 
-    fn make(defer: bool, buf_count: u16, buf_size: usize) -> io::Result<Ring> {
+    fn make(
+        defer: bool,
+        buf_count: u16,
+        buf_size: usize,
+        frame_size: Option<usize>,
+    ) -> io::Result<Ring> {
         let all = Setup {
             single_issuer: true,
             defer_taskrun: true,
@@ -421,31 +513,36 @@ impl Ring {
             setup.single_issuer,
             setup.defer_taskrun
         );
-        let bufs = match BufRing::new(buf_count, buf_size).and_then(|mut b| {
-            // SAFETY: the entries stay mapped until after the group is unregistered (`DropReason`).
-            unsafe {
-                ring.submitter().register_buf_ring_with_flags(
-                    b.entries.as_ptr() as u64,
-                    b.count,
-                    BGID,
-                    0,
-                )
-            }?;
-            for bid in 0..b.count {
-                b.give(bid);
-            }
-            Ok(b)
-        }) {
+        let bufs = match BufRing::registered(&ring, buf_count, buf_size, BGID) {
             Ok(b) => Some(b),
             Err(e) => {
                 tracing::debug!("io_uring: no provided buffers ({e}); UDP receives by readiness");
                 None
             }
         };
-        restrict_driver_ring(&ring)?;
+        let read_multi = has_read_multi(&ring);
+        let frames = match frame_size
+            .filter(|_| read_multi)
+            .map(|size| frame_bufs(&ring, size))
+        {
+            Some(Ok(bufs)) => Some(FrameRead {
+                fd: -1,
+                bufs,
+                armed: false,
+                ready: Vec::new(),
+                failed: None,
+            }),
+            Some(Err(e)) => {
+                tracing::debug!("io_uring: no buffers for the TAP queue ({e}); read by readiness");
+                None
+            }
+            None => None,
+        };
+        restrict_driver_ring(&ring, read_multi)?;
         Ok(Ring {
             ring,
             bufs,
+            frames,
             setup,
             entries: HashMap::new(),
             tokens: Vec::new(),
@@ -626,6 +723,48 @@ impl Ring {
     }
 
     /// Watches one of the thread's own descriptors: its readiness comes back as `Token(token)`.
+    /// Reads `fd` (the thread's TAP queue, non-blocking) by a multishot read into the buffers
+    /// the ring was made with (`for_waiting_thread`); the frames are taken with `take_frames`.
+    /// None where the kernel has no multishot read or the buffers could not be set up: the
+    /// caller then watches the queue with `watch_token` and reads it itself.
+    pub fn read_frames(&mut self, fd: RawFd) -> io::Result<Option<FrameBufs>> {
+        let Some(f) = self.frames.as_mut() else {
+            return Ok(None);
+        };
+        f.fd = fd;
+        let bufs = f.bufs.clone();
+        self.frames_handled()?;
+        Ok(Some(bufs))
+    }
+
+    /// Moves the frames read so far into `into` (as (buffer, length)), to be handled with
+    /// `FrameBufs::handle`.
+    pub fn take_frames(&mut self, into: &mut Vec<(u16, u32)>) {
+        if let Some(f) = self.frames.as_mut() {
+            into.append(&mut f.ready);
+        }
+    }
+
+    /// After the frames taken were handled: arms the read again if it ended (its buffers ran
+    /// out); an error that ended it is returned once.
+    pub fn frames_handled(&mut self) -> io::Result<()> {
+        let Some(f) = self.frames.as_mut() else {
+            return Ok(());
+        };
+        if let Some(errno) = f.failed.take() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        if f.armed || f.fd < 0 {
+            return Ok(());
+        }
+        // Length 0: each read takes a whole provided buffer (the kernel refuses any other).
+        let sqe = opcode::ReadMulti::new(types::Fd(f.fd), 0, FRAME_BGID)
+            .build()
+            .user_data(user_data(K_FRAME, 0, 0));
+        f.armed = true;
+        self.push(&sqe)
+    }
+
     pub fn watch_token(&mut self, fd: RawFd, token: usize) -> io::Result<()> {
         let index = self.tokens.len() as u32;
         let mask = libc::POLLIN as u16 as u32;
@@ -744,7 +883,7 @@ impl Ring {
                 if self.has_completions() {
                     return Ok(true);
                 }
-                std::hint::spin_loop();
+                crate::clock::spin_turn(spin_until);
             }
         }
         let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
@@ -806,12 +945,16 @@ impl Ring {
     fn complete(&mut self, ud: u64, res: i32, flags: u32, into: &mut Vec<Completion>) {
         let more = cqueue::more(flags);
         let bid = cqueue::buffer_select(flags);
+        let kind = kind_of(ud);
+        if kind == K_FRAME {
+            self.frame_read(res, more, bid);
+            return;
+        }
         if bid.is_some() {
             if let Some(b) = self.bufs.as_mut() {
                 b.free = b.free.saturating_sub(1);
             }
         }
-        let kind = kind_of(ud);
         if kind == K_TOKEN {
             let Some(&(fd, token)) = self.tokens.get(ud as u32 as usize) else {
                 return;
@@ -910,6 +1053,28 @@ impl Ring {
         }
     }
 
+    fn frame_read(&mut self, res: i32, more: bool, bid: Option<u16>) {
+        let Some(f) = self.frames.as_mut() else {
+            return;
+        };
+        if !more {
+            f.armed = false;
+        }
+        if bid.is_some() {
+            if let Ok(mut b) = f.bufs.0.try_borrow_mut() {
+                b.free = b.free.saturating_sub(1);
+            }
+        }
+        match (res, bid) {
+            // An empty read still holds a buffer: the thread gives it back with the rest (the
+            // buffers may be borrowed by a frame being handled right now).
+            (n, Some(bid)) => f.ready.push((bid, n.max(0) as u32)),
+            // Out of buffers (armed again once the thread gave them back), or the ring's end.
+            (n, None) if n == -libc::ENOBUFS || n == -libc::ECANCELED || n >= 0 => {}
+            (n, None) => f.failed = Some(-n),
+        }
+    }
+
     fn give_back(&mut self, bid: Option<u16>) {
         if let (Some(bid), Some(b)) = (bid, self.bufs.as_mut()) {
             b.give(bid);
@@ -940,9 +1105,12 @@ impl Drop for Ring {
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
         }
+        // Nothing selects a buffer any more before they are unmapped.
         if self.bufs.is_some() {
-            // Nothing selects a buffer any more before they are unmapped.
             let _ = self.ring.submitter().unregister_buf_ring(BGID);
+        }
+        if self.frames.is_some() {
+            let _ = self.ring.submitter().unregister_buf_ring(FRAME_BGID);
         }
     }
 }
@@ -974,7 +1142,7 @@ mod tests {
 
     fn ring(bufs: u16) -> Option<Ring> {
         probe().ok()?;
-        Some(Ring::make(true, bufs, BUF_SIZE).unwrap())
+        Some(Ring::make(true, bufs, BUF_SIZE, None).unwrap())
     }
 
     /// Waits up to 50 ms in the ring, then reads the completions.
@@ -993,6 +1161,80 @@ mod tests {
             }
         }
         panic!("completion did not come: {got:?}");
+    }
+
+    /// Reads every frame `r` has read from its queue (as `Worker` does), until `want` came
+    /// or a second passes.
+    fn read_queue(r: &mut Ring, bufs: &FrameBufs, want: usize) -> Vec<Vec<u8>> {
+        let (mut got, mut taken, mut completions) = (Vec::new(), Vec::new(), Vec::new());
+        let until = Instant::now() + Duration::from_secs(1);
+        while got.len() < want && Instant::now() < until {
+            pump(r, &mut completions);
+            r.take_frames(&mut taken);
+            for (bid, len) in taken.drain(..) {
+                bufs.handle(bid, len, |f| got.push(f.to_vec()));
+            }
+            r.frames_handled().unwrap();
+        }
+        got
+    }
+
+    #[test]
+    fn a_queue_read_by_the_ring_gives_every_frame_in_order_past_its_buffers() {
+        use std::os::unix::net::UnixDatagram;
+        if probe().is_err() {
+            return;
+        }
+        // Frames of 128 KiB: the budget makes 16 buffers of them.
+        let mut r = Ring::make(true, 8, 2048, Some(128 << 10)).unwrap();
+        let (tx, rx) = UnixDatagram::pair().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let Some(bufs) = r.read_frames(rx.as_raw_fd()).unwrap() else {
+            eprintln!("skipped: this kernel has no multishot read");
+            return;
+        };
+        assert_eq!(bufs.0.borrow().count, 16);
+        // 40 frames queued before the ring looks: it runs out of buffers twice.
+        let frames: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 60 + usize::from(i)]).collect();
+        for f in &frames {
+            tx.send(f).unwrap();
+        }
+        assert_eq!(read_queue(&mut r, &bufs, 40), frames);
+        // The read stays armed for what comes later, and the largest frame arrives whole.
+        let big = vec![7u8; 100 << 10];
+        tx.send(&big).unwrap();
+        tx.send(b"after").unwrap();
+        assert_eq!(read_queue(&mut r, &bufs, 2), vec![big, b"after".to_vec()]);
+        assert_eq!(
+            bufs.0.borrow().free,
+            16,
+            "every buffer went back to the kernel"
+        );
+    }
+
+    #[test]
+    fn an_error_that_ends_the_read_is_reported_once() {
+        if probe().is_err() {
+            return;
+        }
+        let mut r = Ring::make(true, 8, 2048, Some(2048)).unwrap();
+        // A listening TCP socket cannot be read: the read ends with an error.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let Some(_bufs) = r.read_frames(l.as_raw_fd()).unwrap() else {
+            return;
+        };
+        let mut completions = Vec::new();
+        let mut failed = None;
+        for _ in 0..20 {
+            pump(&mut r, &mut completions);
+            if let Err(e) = r.frames_handled() {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = failed.expect("the failed read is reported");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     }
 
     fn v4(a: SocketAddr) -> SocketAddrV4 {
@@ -1166,7 +1408,7 @@ mod tests {
         if probe().is_err() {
             return;
         }
-        let mut r = Ring::make(true, 8, 2048).unwrap();
+        let mut r = Ring::make(true, 8, 2048, None).unwrap();
         let (peer, ours) = udp_pair();
         r.udp(ours.as_raw_fd(), 1).unwrap();
         pump(&mut r, &mut Vec::new());
