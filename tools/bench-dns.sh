@@ -10,7 +10,8 @@
 #                                [--upstream dnsmasq|testsrv]
 # Each measurement is dnsperf running P times through a file of 20,000 names with Q queries
 # outstanding (dnsperf -n P -q Q: it waits for every answer, so "lost" is real loss). Variants
-# are hubnat's run options, separated by `|` (`default`: none). `--upstream testsrv` answers with
+# are hubnat's run options, separated by `|` (`default`: none); a variant that starts with
+# `bin=PATH` runs the hubnat binary at PATH (an A/B of two builds). `--upstream testsrv` answers with
 # hubnat-testsrv dns-answer (a 4 MiB receive buffer: it loses nothing in a burst) instead.
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --variants) VARIANTS=$2; shift 2 ;;
     --upstream) UPSTREAM=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -81,11 +82,13 @@ perf_run() {
   awk '/Queries per second/ {r=$4} /Queries lost/ {l=$3} END {printf "%.0f %d\n", r, l}' "$WORK/dnsperf.out"
 }
 
-# Starts hubnat with options $1, measures through it; prints "rate lost relay-drops".
+# Starts hubnat with options $1, measures through it; prints "rate lost relay-drops
+# cpu-us-per-query".
 through() {
-  local opts=() pid
+  local opts=() pid bin=$HUBNAT
   [ "$1" = default ] || read -r -a opts <<< "$1"
-  ip netns exec $NAT "$HUBNAT" run --tap tap0 --netns /run/netns/$GUEST --config "$WORK/hubnat.toml" \
+  if [ "${opts[0]:-}" != "${opts[0]#bin=}" ]; then bin=${opts[0]#bin=}; opts=("${opts[@]:1}"); fi
+  ip netns exec $NAT "$bin" run --tap tap0 --netns /run/netns/$GUEST --config "$WORK/hubnat.toml" \
     --state-dir "$WORK/state" --control "$WORK/ctl.sock" --log warn "${opts[@]}" \
     > "$WORK/hubnat.log" 2>&1 &
   pid=$!; PIDS+=("$pid")
@@ -93,36 +96,44 @@ through() {
   ip -n $GUEST addr add 192.168.30.50/24 dev tap0
   ip -n $GUEST link set tap0 up
   for _ in $(seq 50); do ip netns exec $GUEST ping -c1 -W1 192.168.30.1 >/dev/null 2>&1 && break; done
+  local t0 t1; t0=$(cpu_ticks "$pid")
   local r; r=$(perf_run $GUEST 192.168.30.1)
+  t1=$(cpu_ticks "$pid")
   local drops
   drops=$(ip netns exec $NAT "$HUBNAT" --control "$WORK/ctl.sock" status --json |
     python3 -c 'import json,sys; d=json.load(sys.stdin)["drops"]; print(sum(v for k,v in d.items() if k!="foreign"))')
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -rf "$WORK/state"
-  echo "$r $drops"
+  # hubnat's CPU time (user and system, all threads) per query relayed, in microseconds.
+  echo "$r $drops $(awk -v t="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$((20000 * PASSES))" \
+    'BEGIN {printf "%.2f", t * 1e6 / hz / n}')"
 }
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# User and system clock ticks process $1 used so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 IFS='|' read -r -a VARS <<< "$VARIANTS"
 echo "# $(nproc) cores, $(uname -r), dnsperf -n $PASSES -q $Q, upstream $UPSTREAM, $ROUNDS rounds"
-declare -A RATE LOST DROPS
+declare -A RATE LOST DROPS CPU
 for round in $(seq "$ROUNDS"); do
   read -r rate lost < <(perf_run $NAT 127.0.0.1)
   RATE[direct]+="$rate "; LOST[direct]+="$lost "
   echo "round $round: direct $rate/s, $lost lost"
   for v in "${VARS[@]}"; do
-    read -r rate lost drops < <(through "$v")
-    RATE[$v]+="$rate "; LOST[$v]+="$lost "; DROPS[$v]+="$drops "
-    echo "round $round: [$v] $rate/s, $lost lost, $drops dropped by hubnat"
+    read -r rate lost drops cpu < <(through "$v")
+    RATE[$v]+="$rate "; LOST[$v]+="$lost "; DROPS[$v]+="$drops "; CPU[$v]+="$cpu "
+    echo "round $round: [$v] $rate/s, $lost lost, $drops dropped by hubnat, $cpu µs CPU per query"
   done
 done
 direct=$(tr ' ' '\n' <<< "${RATE[direct]}" | grep . | median)
 echo
-echo "| path | queries/s (median) | of direct | lost per run | dropped by hubnat |"
-echo "| --- | --- | --- | --- | --- |"
-echo "| direct to the upstream | $direct | 100% | ${LOST[direct]% } | |"
+echo "| path | queries/s (median) | of direct | hubnat µs CPU per query (median) | lost per run | dropped by hubnat |"
+echo "| --- | --- | --- | --- | --- | --- |"
+echo "| direct to the upstream | $direct | 100% | | ${LOST[direct]% } | |"
 for v in "${VARS[@]}"; do
   m=$(tr ' ' '\n' <<< "${RATE[$v]}" | grep . | median)
-  echo "| through hubnat [$v] | $m | $(( 100 * m / direct ))% | ${LOST[$v]% } | ${DROPS[$v]% } |"
+  c=$(tr ' ' '\n' <<< "${CPU[$v]}" | grep . | median)
+  echo "| through hubnat [$v] | $m | $(( 100 * m / direct ))% | $c | ${LOST[$v]% } | ${DROPS[$v]% } |"
 done

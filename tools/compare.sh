@@ -76,7 +76,8 @@ Usage: sudo tools/compare.sh [options]
   --no-build       use target/PROFILE/ as it is
   --keep           keep the work directory (logs of every process) under /tmp
 
-Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1").
+Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1"); HUBNAT_BIN,
+another hubnat binary than the build's (an A/B of two builds).
 EOF
 }
 
@@ -205,7 +206,7 @@ if [ "$BUILD" = 1 ]; then
   (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p hubnat-tools \
     --bin hubnat --bin hubnat-load --bin hubnat-chart --bin hubnat-testsrv) || die "build failed"
 fi
-HUBNAT="$BIN/hubnat"
+HUBNAT="${HUBNAT_BIN:-$BIN/hubnat}"
 LOAD="$BIN/hubnat-load"
 CHART="$BIN/hubnat-chart"
 TESTSRV="$BIN/hubnat-testsrv"
