@@ -44,6 +44,8 @@ BUILD=1
 KEEP=0
 QUICK=0
 FWD=1
+WITH_OFL=0
+OFFLOADS=off
 
 usage() {
   cat <<'EOF'
@@ -67,6 +69,12 @@ Usage: sudo tools/compare.sh [options]
                    pasta: -t 15201:5201; kernel: no forward, the client connects to the guest's
                    address through the kernel's routing; softether: none (SecureNAT has no port
                    forwarding)
+  --with-offloads  also measure throughput at the first MTU with the guest's offloads on
+                   (tput_up_ofl_M, tput_down_ofl_M): checksum offload, TSO, GSO and GRO asked
+                   for on the guest's interface and on the NAT side's veth end with ethtool.
+                   A TAP takes them only where the program behind it offers them; each figure's
+                   note says whether the guest's TSO was on. The kernel's row is then its
+                   routing with offloads on, the reference for a NAT that offers them
   --quick          smoke run: --duration 2 --mem 100,1000 --rounds 1, PERF.md left alone
   --out FILE       Markdown report (default PERF-compare.md at the top of the repository); FILE.svg (chart) and FILE.jsonl
                    (raw results, one line per figure) are written beside it
@@ -95,6 +103,7 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     --no-fwd) FWD=0; shift ;;
+    --with-offloads) WITH_OFL=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -348,9 +357,27 @@ guest_sysctls() {
   "${GUEST[@]}" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
 }
 
+# Offloads of a veth end (or of a guest's interface): off for the plain runs, on (as far as the
+# device offers them) for the runs of instance kind ofl (OFFLOADS=on).
 offloads_off() { # ns dev
+  if [ "$OFFLOADS" = on ]; then
+    ip netns exec "$1" ethtool -K "$2" tx on tso on gso on gro on >/dev/null 2>&1 || true
+    return 0
+  fi
   ip netns exec "$1" ethtool -K "$2" tso off gso off gro off >/dev/null 2>&1 ||
     ip netns exec "$1" ethtool -K "$2" gso off gro off >/dev/null
+}
+
+# The guest's interface (the first that is not loopback).
+guest_dev() {
+  "${GUEST[@]}" ip -o link show | awk -F': ' '$2 != "lo" {sub(/@.*/, "", $2); print $2; exit}'
+}
+
+# Whether the guest's interface does TSO now ("on"/"off"; "on [fixed]" counts as on).
+guest_tso() {
+  local dev; dev=$(guest_dev)
+  "${GUEST[@]}" ethtool -k "$dev" 2>/dev/null |
+    awk '/^tcp-segmentation-offload:/ {print $2; found=1} END {if (!found) print "unknown"}'
 }
 
 setup_kernel() { # mtu
@@ -553,6 +580,7 @@ run_iperf() { # system mtu direction(up|down) [tput|pps]
     value='(.end.sum_received.packets - .end.sum_received.lost_packets) / .end.sum_received.seconds / 1000'
   else
     load=(-Z -P4 -l1M) metric="tput_${d}_$m" value='.end.sum_received.bits_per_second / 1e9'
+    [ "$OFFLOADS" = on ] && metric="tput_${d}_ofl_$m"
   fi
   ip netns exec "$SRV_NS" iperf3 -s -1 -p 5201 > "$IDIR/iperf-server-$kind-$d.log" 2>&1 &
   srv=$!
@@ -563,6 +591,8 @@ run_iperf() { # system mtu direction(up|down) [tput|pps]
      jq -e '.end.sum_received.bytes > 0' "$out" >/dev/null 2>&1; then
     if [ "$kind" = pps ]; then
       record "$s" "$metric" "$(jq "$value" "$out")" kpps
+    elif [ "$OFFLOADS" = on ]; then
+      record "$s" "$metric" "$(jq "$value" "$out")" Gbit/s "guest TSO $(guest_tso)"
     else
       record "$s" "$metric" "$(jq "$value" "$out")" Gbit/s
     fi
@@ -724,6 +754,7 @@ instance_metrics() { # kind mtu
   case "$1" in
     main) echo "tput_up_$2 tput_down_$2 pps_up pps_down rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
     tput) echo "tput_up_$2 tput_down_$2" ;;
+    ofl) echo "tput_up_ofl_$2 tput_down_ofl_$2" ;;
     fwd) echo "fwd_in_$2 fwd_out_$2 fwd_in_addr_$2 fwd_out_addr_$2" ;;
     mem) local n; for n in "${MEM_LIST[@]}"; do echo -n "mem_$n held_$n "; done ;;
   esac
@@ -734,6 +765,8 @@ instance() { # system kind(main|tput|fwd|mem) mtu
   local s=$1 kind=$2 m=$3 why m2
   SEQ=$((SEQ + 1))
   KIND=$kind
+  OFFLOADS=off
+  [ "$kind" = ofl ] && OFFLOADS=on
   IDIR="$WORK/r$ROUND-$s-$kind-$m"
   mkdir -p "$IDIR"
   log "round $ROUND: $s ($kind, MTU $m)"
@@ -765,6 +798,11 @@ instance() { # system kind(main|tput|fwd|mem) mtu
       run_load "$s" rr
       run_load "$s" crr ;;
     tput)
+      run_iperf "$s" "$m" up
+      run_iperf "$s" "$m" down ;;
+    ofl)
+      # A TAP's program decides what it offers; ask for everything, measure what was taken.
+      "${GUEST[@]}" ethtool -K "$(guest_dev)" tx on tso on gso on gro on >/dev/null 2>&1 || true
       run_iperf "$s" "$m" up
       run_iperf "$s" "$m" down ;;
     fwd)
@@ -807,6 +845,7 @@ for ROUND in $(seq "$ROUNDS"); do
     s=${RUNNABLE[$(( (i + ROUND - 1) % n ))]}
     instance "$s" main "${MTU_LIST[0]}"
     for m in "${MTU_LIST[@]:1}"; do instance "$s" tput "$m"; done
+    if [ "$WITH_OFL" = 1 ]; then instance "$s" ofl "${MTU_LIST[0]}"; fi
     if [ -z "${FWD_SKIP[$s]:-}" ]; then
       instance "$s" fwd "${MTU_LIST[0]}"
     elif [ "$FWD" = 1 ]; then
@@ -828,6 +867,7 @@ done
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
 VERSIONS="slirp4netns $(slirp4netns --version 2>/dev/null | awk 'NR==1 {print $3}'), passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'), SoftEther $(dpkg-query -W -f '${Version}' softether-vpnserver 2>/dev/null || echo '?'), iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1 {print $2}')"
 CMDLINE="tools/compare.sh --systems $SYSTEMS --mtu $MTUS --duration $DURATION --rounds $ROUNDS --mem '${MEM}'"
+[ "$WITH_OFL" = 1 ] && CMDLINE+=" --with-offloads"
 [ "$FWD" = 0 ] && CMDLINE+=" --no-fwd"
 FWD_TEXT=""
 [ "$FWD" = 1 ] && FWD_TEXT=" Forwarded port: the same iperf3 with its server in the guest (port

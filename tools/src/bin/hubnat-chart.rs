@@ -101,6 +101,14 @@ fn metric_rank(m: &str) -> (u32, u64, String) {
 fn describe(m: &str) -> (String, bool) {
     let tail = m.rsplit('_').next().unwrap_or("");
     match m {
+        _ if m.starts_with("tput_up_ofl_") => (
+            format!("iperf3 guest → server, MTU {tail}, guest offloads on"),
+            true,
+        ),
+        _ if m.starts_with("tput_down_ofl_") => (
+            format!("iperf3 server → guest, MTU {tail}, guest offloads on"),
+            true,
+        ),
         _ if m.starts_with("tput_up_") => (format!("iperf3 guest → server, MTU {tail}"), true),
         _ if m.starts_with("tput_down_") => (format!("iperf3 server → guest, MTU {tail}"), true),
         "pps_up" => ("UDP 64-byte datagrams guest → server".into(), true),
@@ -476,6 +484,36 @@ mod tests {
         assert!(load("{not json").is_err());
         assert!(load(r#"{"metric":"x"}"#).is_err());
         assert!(load("\n\n").unwrap().metrics.is_empty());
+    }
+
+    #[test]
+    fn offloads_on_rows_follow_their_plain_rows_and_say_so() {
+        let mut m = vec![
+            "tput_down_ofl_1500",
+            "tput_up_65520",
+            "tput_down_1500",
+            "tput_up_ofl_1500",
+            "tput_up_1500",
+        ];
+        m.sort_by_key(|m| metric_rank(m));
+        assert_eq!(
+            m,
+            [
+                "tput_up_1500",
+                "tput_up_ofl_1500",
+                "tput_down_1500",
+                "tput_down_ofl_1500",
+                "tput_up_65520"
+            ]
+        );
+        assert_eq!(
+            describe("tput_down_ofl_1500"),
+            (
+                "iperf3 server → guest, MTU 1500, guest offloads on".to_owned(),
+                true
+            )
+        );
+        assert_eq!(default_unit("tput_up_ofl_1500"), "Gbit/s");
     }
 
     #[test]
