@@ -52,6 +52,10 @@ pub struct Ctx {
     /// that answers local names and passes the rest on (see `Engine::route_tcp_dns`), or,
     /// without one, straight to the first upstream resolver.
     pub dns_over_tcp: Option<SocketAddrV4>,
+    /// The port takes TCP super-frames toward the guest (a TAP whose frames carry virtio-net
+    /// headers): a connection sends up to 64 KiB a frame, which the guest's side of the port
+    /// cuts into segments of the connection's MSS (`FrameBatch::iter_gso`).
+    pub tcp_gso: bool,
 }
 
 /// The session accounting the engines of a multi-worker runtime share: one sequence of session
@@ -225,6 +229,7 @@ impl Engine {
                 leases_bound: 0,
                 events: Events::default(),
                 dns_over_tcp: None,
+                tcp_gso: false,
             },
             dhcp,
             dns,

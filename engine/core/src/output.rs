@@ -5,6 +5,9 @@
 #[derive(Default)]
 pub struct FrameBatch {
     bufs: Vec<Vec<u8>>,
+    /// Per frame: the segment size a TCP super-frame is to be cut into by the guest's side
+    /// of the port (0: a frame as it is). See `segment::push`.
+    gso: Vec<u16>,
     len: usize,
 }
 
@@ -18,7 +21,9 @@ impl FrameBatch {
     pub(crate) fn push_with<R>(&mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
         if self.len == self.bufs.len() {
             self.bufs.push(Vec::with_capacity(size.max(1514)));
+            self.gso.push(0);
         }
+        self.gso[self.len] = 0;
         let buf = &mut self.bufs[self.len];
         buf.clear();
         buf.resize(size, 0);
@@ -34,6 +39,21 @@ impl FrameBatch {
     /// Drops the last frame pushed (a builder that found it could not finish).
     pub(crate) fn pop(&mut self) {
         self.len = self.len.saturating_sub(1);
+    }
+
+    /// Marks the last frame pushed as a TCP super-frame of segments of `mss` bytes.
+    pub(crate) fn set_gso_last(&mut self, mss: u16) {
+        if self.len > 0 {
+            self.gso[self.len - 1] = mss;
+        }
+    }
+
+    /// The frames with their segment sizes (0: not a super-frame), in order.
+    pub fn iter_gso(&self) -> impl Iterator<Item = (&[u8], u16)> {
+        self.bufs[..self.len]
+            .iter()
+            .zip(&self.gso)
+            .map(|(b, &g)| (b.as_slice(), g))
     }
 
     /// Shortens the last frame pushed to `len` bytes (a builder that wrote less than it
@@ -71,6 +91,7 @@ impl FrameBatch {
         for i in 0..self.len {
             if keep(&self.bufs[i]) {
                 self.bufs.swap(kept, i);
+                self.gso.swap(kept, i);
                 kept += 1;
             }
         }

@@ -9,8 +9,10 @@ mod udp;
 
 pub use self::ethernet::mac;
 pub(crate) use self::ethernet::{emit_ethernet, eth};
+pub use self::ipv4::ones_sum;
 pub(crate) use self::ipv4::{
-    emit_ipv4_header, push_ipv4, push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN,
+    emit_ipv4_header, pseudo_header_sum, push_ipv4, push_ipv4_fragments, Ipv4Header,
+    IPV4_HEADER_LEN,
 };
 pub use self::udp::emit_udp;
 pub(crate) use self::udp::push_udp;

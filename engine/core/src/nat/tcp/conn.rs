@@ -508,7 +508,16 @@ impl TcpConn {
 
     fn push_hdr<H: SockIo>(&mut self, cx: &mut Handling<H>, hdr: Hdr) {
         let ident = cx.ctx.next_ident();
-        segment::push(cx.out, cx.ctx.mac, self.guest_mac, ident, hdr, 0, |_, _| 0);
+        segment::push(
+            cx.out,
+            cx.ctx.mac,
+            self.guest_mac,
+            ident,
+            hdr,
+            0,
+            None,
+            |_, _| 0,
+        );
         self.packets_to_guest += 1;
     }
 
@@ -1179,30 +1188,40 @@ impl TcpConn {
         let io = &mut *cx.io;
         let cached = cx.peek.get(sock, seq);
         let mut broken = false;
-        let (n, h) = segment::push(cx.out, mac, self.guest_mac, ident, hdr, want, |buf, h| {
-            let n = match cached {
-                // Where the cache ends inside this segment, the peek below also learns whether
-                // the destination closed (a FIN rides on the last data).
-                Some(c) if c.len() >= buf.len() => {
-                    buf.copy_from_slice(&c[..buf.len()]);
-                    buf.len()
-                }
-                _ => match soft(io.tcp_peek(sock, off, buf)) {
-                    Ok(n) => n.min(buf.len()),
-                    Err(Broken) => {
-                        broken = true;
-                        return 0;
+        let gso = cx.ctx.tcp_gso.then_some(self.mss as u16);
+        let (n, h) = segment::push(
+            cx.out,
+            mac,
+            self.guest_mac,
+            ident,
+            hdr,
+            want,
+            gso,
+            |buf, h| {
+                let n = match cached {
+                    // Where the cache ends inside this segment, the peek below also learns whether
+                    // the destination closed (a FIN rides on the last data).
+                    Some(c) if c.len() >= buf.len() => {
+                        buf.copy_from_slice(&c[..buf.len()]);
+                        buf.len()
                     }
-                },
-            };
-            let drained = n < buf.len();
-            h.fin = match fin_seq {
-                Some(f) => seq + n == f,
-                None => drained && io.tcp_peer_closed(sock),
-            };
-            h.psh = drained && n > 0;
-            n
-        });
+                    _ => match soft(io.tcp_peek(sock, off, buf)) {
+                        Ok(n) => n.min(buf.len()),
+                        Err(Broken) => {
+                            broken = true;
+                            return 0;
+                        }
+                    },
+                };
+                let drained = n < buf.len();
+                h.fin = match fin_seq {
+                    Some(f) => seq + n == f,
+                    None => drained && io.tcp_peer_closed(sock),
+                };
+                h.psh = drained && n > 0;
+                n
+            },
+        );
         if broken {
             return Err(Broken);
         }
@@ -1228,6 +1247,17 @@ impl TcpConn {
         let r = self.transmit_segments(cx, now);
         cx.peek.clear();
         r
+    }
+
+    /// The most payload one frame toward the guest carries: a segment, or where the port
+    /// takes super-frames (`Ctx::tcp_gso`) as many whole segments as fit a 64 KiB packet.
+    fn frame_payload<H: SockIo>(&self, cx: &Handling<H>) -> usize {
+        if !cx.ctx.tcp_gso {
+            return self.mss;
+        }
+        // An IPv4 packet's 64 KiB, less its header and the largest TCP header.
+        const ROOM: usize = 65535 - 20 - 60;
+        (ROOM / self.mss.max(1) * self.mss).max(self.mss)
     }
 
     /// Whether the next segment would be new data that the sock-side socket is known not to hold.
@@ -1280,7 +1310,7 @@ impl TcpConn {
                 .saturating_sub(self.sacked_bytes());
             let cwnd_room = self.cwnd.saturating_sub(pipe);
             let fin_next = self.fin_seq == Some(self.snd_nxt);
-            let want = self.mss.min(wnd_room).min(cwnd_room);
+            let want = self.frame_payload(cx).min(wnd_room).min(cwnd_room);
             if want == 0 && !fin_next {
                 if wnd_room == 0 && self.snd_una == self.snd_max && self.persist_deadline.is_none()
                 {

@@ -761,6 +761,6 @@ fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(),
     let mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
     let hdr = segment::reset_for(seg, guest, dst);
     let ident = ctx.next_ident();
-    segment::push(out, ctx.mac, mac, ident, hdr, 0, |_, _| 0);
+    segment::push(out, ctx.mac, mac, ident, hdr, 0, None, |_, _| 0);
     Ok(())
 }

@@ -14,7 +14,9 @@ use super::seq::Seq;
 use crate::config::Mac;
 use crate::output::FrameBatch;
 use crate::stats::DropReason;
-use crate::wire::{emit_ethernet, emit_ipv4_header, Ipv4Header, IPV4_HEADER_LEN};
+use crate::wire::{
+    emit_ethernet, emit_ipv4_header, pseudo_header_sum, Ipv4Header, IPV4_HEADER_LEN,
+};
 
 pub(crate) const TCP_HEADER_LEN: usize = 20;
 /// Bytes the timestamp option takes in every segment once negotiated (with its two NOPs).
@@ -201,6 +203,12 @@ impl Hdr {
 /// header. A segment with no payload and no SYN/FIN/RST is only emitted when `max_payload`
 /// is zero (a pure ACK); otherwise an empty fill takes the frame back. Returns the payload
 /// length and the header as sent.
+///
+/// With `gso` (the connection's MSS, where the port takes super-frames), a payload longer
+/// than one segment makes a super-frame: its TCP checksum field holds only the pseudo-header's
+/// sum and the frame is marked with the segment size (`FrameBatch::set_gso_last`), for the
+/// guest's side of the port to cut and checksum, as a NIC's TSO does.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn push(
     out: &mut FrameBatch,
     src_mac: Mac,
@@ -208,6 +216,7 @@ pub(crate) fn push(
     ident: u16,
     hdr: Hdr,
     max_payload: usize,
+    gso: Option<u16>,
     fill: impl FnOnce(&mut [u8], &mut Hdr) -> usize,
 ) -> (usize, Hdr) {
     let mut hdr = hdr;
@@ -228,8 +237,14 @@ pub(crate) fn push(
         emit_ipv4_header(&mut frame[ETHERNET_HEADER_LEN..], &h, hl + n, 0, false);
         let tcp = &mut frame[l4..l4 + hl + n];
         hdr.emit(tcp);
-        TcpPacket::new_unchecked(tcp)
-            .fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into());
+        match gso {
+            Some(mss) if n > usize::from(mss) => {
+                let sum = pseudo_header_sum(*hdr.src.ip(), *hdr.dst.ip(), 6, hl + n);
+                tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+            }
+            _ => TcpPacket::new_unchecked(tcp)
+                .fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into()),
+        }
         Some(n)
     });
     match n {
@@ -240,6 +255,9 @@ pub(crate) fn push(
         Some(n) => {
             if n < max_payload {
                 out.truncate_last(size - (max_payload - n));
+            }
+            if let Some(mss) = gso.filter(|&mss| n > usize::from(mss)) {
+                out.set_gso_last(mss);
             }
             (n, hdr)
         }
