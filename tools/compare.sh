@@ -787,6 +787,11 @@ instance() { # system kind(main|tput|fwd|mem) mtu
     return 0
   fi
   guest_sysctls || true
+  # A TAP whose program offers offloads (hubnat's) has them on from the start: the plain runs
+  # take them off in the guest, as the veth ends' are (offloads_off).
+  if [ "$OFFLOADS" = off ] && "${GUEST[@]}" ethtool -i "$(guest_dev)" 2>/dev/null | grep -q '^driver: tun'; then
+    "${GUEST[@]}" ethtool -K "$(guest_dev)" tx off tso off >/dev/null 2>&1 || true
+  fi
   case "$kind" in
     main)
       if [ "$HAVE_IPERF" = 1 ]; then

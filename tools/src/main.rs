@@ -27,7 +27,7 @@ use hubnat_daemon::seclog::SecurityLog;
 use hubnat_daemon::server::{bind_control, Server, ServerOptions};
 use hubnat_daemon::state;
 use hubnat_runtime::port::link::Link;
-use hubnat_runtime::port::segment::{NapiMode, QueueMode, TapPort, TapSpec};
+use hubnat_runtime::port::segment::{NapiMode, OffloadMode, QueueMode, TapPort, TapSpec};
 use hubnat_runtime::port::spec::PortSpec;
 use hubnat_runtime::port::tap::netns_path;
 use hubnat_runtime::sock::{Backend, BackendChoice};
@@ -390,6 +390,14 @@ struct RunArgs {
     /// where that is refused, hubnat writes without NAPI and the log says so.
     #[arg(long, value_name = "auto|threaded|off", default_value = "auto")]
     tap_napi: NapiChoice,
+    /// Whether the guest may leave work to hubnat as to a network card: `auto` (the default)
+    /// offers checksum offload and TCP segmentation over IPv4 on the TAP where the kernel
+    /// takes them, so the guest hands over TCP data in frames of up to 64 KiB and hubnat
+    /// writes each to its host socket whole; `off` offers nothing, every frame is whole and at
+    /// most the MTU. Off where the segment has other ports than the TAP (their guests could
+    /// not take such frames).
+    #[arg(long, value_name = "auto|off", default_value = "auto")]
+    offload: OffloadChoice,
     /// Same as --tap-queues multi (kept for scripts written before --tap-queues).
     #[arg(long, hide = true)]
     multiqueue: bool,
@@ -424,6 +432,12 @@ enum QueueChoice {
     Auto,
     Multi,
     Single,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum OffloadChoice {
+    Auto,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -605,6 +619,10 @@ fn run(
                 NapiChoice::Auto => NapiMode::Auto,
                 NapiChoice::Threaded => NapiMode::Threaded,
                 NapiChoice::Off => NapiMode::Off,
+            },
+            offload: match args.offload {
+                OffloadChoice::Auto if specs.is_empty() => OffloadMode::Auto,
+                _ => OffloadMode::Off,
             },
             guest: guest.clone(),
         }
@@ -817,7 +835,7 @@ fn log_start(
         };
         let queues = port.queues.len();
         on.push(format!(
-            "TAP {}{where_}{} ({})",
+            "TAP {}{where_}{} ({}; {})",
             port.queues[0].name(),
             if queues > 1 {
                 format!(" ({queues} queues)")
@@ -825,6 +843,11 @@ fn log_start(
                 String::new()
             },
             port.napi_mode,
+            if port.offloads {
+                "checksum and TCP segmentation offloaded to hubnat"
+            } else {
+                "no offloads"
+            },
         ));
     }
     on.extend(

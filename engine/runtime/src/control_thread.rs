@@ -58,7 +58,7 @@ use hubnat_core::Engine;
 use hubnat_core::SharedSessions;
 
 /// Largest frame the port delivers: the largest MTU plus the Ethernet header and a VLAN tag.
-const MAX_FRAME: usize = hubnat_core::config::MAX_MTU as usize + 18;
+const MAX_FRAME: usize = crate::port::vnet::MAX_FRAME;
 
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -269,6 +269,8 @@ impl Runtime {
             ));
         }
         let tap = tap.map(Arc::new);
+        // The TAP alone on the segment (no other port's guest would take a super-frame).
+        engine.ctx.tcp_gso = tap.as_ref().is_some_and(|t| t.vnet_hdr()) && opts.ports.is_empty();
         let switch = Arc::new(Switch::new(engine.ctx.mac.0));
         if let Some(tap) = &tap {
             let id = switch
@@ -685,7 +687,10 @@ impl Runtime {
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 // With workers, frames are read into pool buffers so that a worker's frame is
                 // queued without a copy; this thread's own frames reuse the buffer.
+                // A TAP with offloads may give frames larger than the pool's buffers: those
+                // are read into this thread's own and copied to their worker.
                 let pool = self.workers.shared.as_ref().map(|sh| &sh.pool);
+                let pool = pool.filter(|_| !tap.vnet_hdr());
                 let Some((buf, n, from_pool)) = self.bufs.recv(&tap, pool)? else {
                     self.flush();
                     self.switch.count_rx(FIRST_TAP, frames, bytes);
@@ -811,6 +816,9 @@ impl Runtime {
         };
         let inbox = &sh.inboxes[self.router.control()];
         let mut done = 0;
+        while let Some(frame) = inbox.pop_large() {
+            self.handle_own(now, &frame);
+        }
         while let Some((buf, len)) = inbox.pop() {
             self.handle_own(now, &buf[..len as usize]);
             sh.pool.put(buf);
@@ -885,6 +893,13 @@ fn spawn_workers(
     }
     let multiqueue = !opts.tap_queues.is_empty();
     let frame_size = usize::from(engine.ctx.cfg.nat.mtu) + 18;
+    // A guest that segments nothing itself (offloads on) sends frames of up to 64 KiB: they
+    // are read into buffers that large, and travel between threads apart from the pool's.
+    let read_size = if tap.is_some_and(|t| t.vnet_hdr()) {
+        crate::port::vnet::MAX_FRAME
+    } else {
+        frame_size
+    };
     let sessions: Arc<dyn SharedSessions> = Arc::new(SharedLimits::default());
     engine.ctx.share_sessions(Arc::clone(&sessions));
     let cap = queue_capacity(frame_size);
@@ -909,6 +924,7 @@ fn spawn_workers(
         );
         e.ctx.share_sessions(Arc::clone(&sessions));
         e.ctx.dns_over_tcp = engine.ctx.dns_over_tcp;
+        e.ctx.tcp_gso = engine.ctx.tcp_gso;
         // Idle expiry is the control thread's schedule (`tick_expiry`).
         e.set_external_expiry(true);
         let (tap_in, tap_out) = match tap {
@@ -935,7 +951,7 @@ fn spawn_workers(
             router: router.clone(),
             cmds: rx,
             clock,
-            frame_size,
+            frame_size: read_size,
             napi: opts.napi.clone(),
             events: opts.events.clone(),
             capture: Arc::clone(capture),

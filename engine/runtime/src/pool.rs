@@ -40,6 +40,11 @@ impl Pool {
             .map(|_| vec![0u8; self.size].into_boxed_slice())
     }
 
+    /// Bytes in each buffer.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
     pub fn put(&self, b: Box<[u8]>) {
         let _ = self.free.push(b);
     }

@@ -31,6 +31,10 @@ pub struct Inbox {
     /// Datagrams the control thread reassembled for a flow this thread owns, as Ethernet
     /// frames larger than the pool's buffers (rare: one allocation each).
     whole: ArrayQueue<Box<[u8]>>,
+    /// Frames read from the port that are larger than the pool's buffers (a guest's TCP
+    /// super-segments, with offloads on), for this thread to handle as any frame it reads:
+    /// one allocation each, a few queued at most.
+    large: ArrayQueue<Box<[u8]>>,
     waker: mio::Waker,
     /// The owner's counters and session counts as it last published them (`publish`), for
     /// the control thread to read without asking; locked once per published change, never per
@@ -45,6 +49,7 @@ impl Inbox {
         Inbox {
             queue: ArrayQueue::new(capacity.max(1)),
             whole: ArrayQueue::new(WHOLE_CAPACITY),
+            large: ArrayQueue::new(WHOLE_CAPACITY),
             waker,
             published: Mutex::new(WorkerReport::default()),
             publish_after: AtomicU64::new(0),
@@ -77,7 +82,12 @@ impl Inbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.whole.is_empty()
+        self.queue.is_empty() && self.whole.is_empty() && self.large.is_empty()
+    }
+
+    /// The next frame larger than a pool buffer for this thread (`Shared::forward_copy`).
+    pub fn pop_large(&self) -> Option<Box<[u8]>> {
+        self.large.pop()
     }
 
     pub fn pop(&self) -> Option<(Box<[u8]>, u32)> {
@@ -155,6 +165,32 @@ impl Shared {
         }
     }
 
+    /// Queues a copy of `frame` for thread `to`: in a pool buffer, or allocated when it is
+    /// larger than those. False when the pool is dry or the queue full (the caller drops the
+    /// frame and counts it). Marks `wake[to]` when the queue was empty.
+    pub fn forward_copy(&self, to: usize, frame: &[u8], wake: &mut [bool]) -> bool {
+        if frame.len() > self.pool.size() {
+            let inbox = &self.inboxes[to];
+            let was_empty = inbox.is_empty();
+            let queued = inbox.large.push(frame.into()).is_ok();
+            if queued && was_empty {
+                wake[to] = true;
+            }
+            return queued;
+        }
+        let Some(mut buf) = self.pool.get() else {
+            return false;
+        };
+        buf[..frame.len()].copy_from_slice(frame);
+        match self.forward(to, buf, frame.len(), wake) {
+            Ok(()) => true,
+            Err(buf) => {
+                self.pool.put(buf);
+                false
+            }
+        }
+    }
+
     /// Queues a reassembled datagram (an Ethernet frame) for thread `to`; gives it back when the
     /// queue is full. Marks `wake[to]` when the queue was empty.
     pub fn forward_whole(
@@ -206,8 +242,9 @@ impl Shared {
     }
 
     /// Hands a frame read into `buf` (a pool buffer when `from_pool`) to thread `to`'s queue.
-    /// A full queue, or a dry pool (the frame then sits in the reader's own buffer, which
-    /// cannot travel), drops the frame and counts it; the buffer goes back to `bufs`.
+    /// A frame in the reader's own buffer (the pool was dry, or the frame may be larger than
+    /// its buffers) travels as a copy (`forward_copy`). A full queue or a dry pool drops the
+    /// frame and counts it; the buffer goes back to `bufs`.
     pub(crate) fn hand_over(
         &self,
         to: usize,
@@ -218,7 +255,9 @@ impl Shared {
         stats: &mut hubnat_core::Stats,
     ) {
         if !from_pool {
-            stats.drop(DropReason::QueueFull);
+            if !self.forward_copy(to, &buf[..len], wake) {
+                stats.drop(DropReason::QueueFull);
+            }
             bufs.put_back(buf, false);
         } else if let Err(buf) = self.forward(to, buf, len, wake) {
             stats.drop(DropReason::QueueFull);

@@ -189,9 +189,18 @@ impl TapSender {
             return 0;
         }
         if let Some(n) = &self.napi {
-            n.note(out.len(), out.iter().map(<[u8]>::len).sum());
+            // Counted as the guest's side sees them: a super-frame is the segments it is cut
+            // into (each with its headers, about 54 bytes).
+            let (frames, bytes) = out.iter_gso().fold((0, 0), |(f, b), (frame, gso)| {
+                let segments = match gso {
+                    0 => 1,
+                    g => frame.len().div_ceil(usize::from(g) + 54),
+                };
+                (f + segments, b + frame.len())
+            });
+            n.note(frames, bytes);
         }
-        let failed = self.writer.send_all(out.iter());
+        let failed = self.writer.send_all_gso(out.iter_gso());
         out.clear();
         failed
     }

@@ -19,6 +19,7 @@ use crate::clock::{wait, Clock, SPIN};
 use crate::pool::ReadBufs;
 use crate::port::switch::{Switch, FIRST_TAP};
 use crate::port::tap::Tap;
+use crate::port::vnet;
 use crate::queues::Shared;
 use crate::router::Router;
 use crate::sock::driver::SockDriver;
@@ -177,7 +178,11 @@ impl Worker {
                 // Made on this thread: the ring accepts submissions from its creator only.
                 // The worker waits in the ring itself (`run`): its TAP queue and its epoll set
                 // (which holds its waker) are watched there.
-                let frame_size = s.tap_in.as_ref().map(|_| s.frame_size);
+                // The ring's buffers take each frame with its virtio-net header.
+                let frame_size = s
+                    .tap_in
+                    .as_ref()
+                    .map(|t| s.frame_size + if t.vnet_hdr() { vnet::HDR_LEN } else { 0 });
                 let mut host = SockDriver::with_uring(Ring::for_waiting_thread(frame_size)?);
                 host.watch_token(s.poll.as_raw_fd(), WAKE.0)?;
                 if let Some(t) = &s.tap_in {
@@ -367,10 +372,12 @@ impl Worker {
             return Ok(());
         };
         let mut count = (0u64, 0u64);
+        // A TAP with offloads may give frames larger than the pool's buffers.
+        let shared = Arc::clone(&self.shared);
+        let pool = (!tap.vnet_hdr()).then_some(&shared.pool);
         loop {
             for _ in 0..MAX_FRAMES_PER_BATCH {
-                let Some((buf, n, from_pool)) = self.bufs.recv(&tap, Some(&self.shared.pool))?
-                else {
+                let Some((buf, n, from_pool)) = self.bufs.recv(&tap, pool)? else {
                     self.flush();
                     self.switch.count_rx(FIRST_TAP, count.0, count.1);
                     return Ok(());
@@ -406,11 +413,24 @@ impl Worker {
         }
         let mut count = (0u64, 0u64);
         let frames = std::mem::take(&mut self.ring_frames);
+        let vnet_hdr = self.tap_in.as_ref().is_some_and(|t| t.vnet_hdr());
         for (i, &(bid, len)) in frames.iter().enumerate() {
-            bufs.handle(bid, len, |frame| {
-                if frame.is_empty() {
+            bufs.handle(bid, len, |buf| {
+                if buf.is_empty() {
                     return;
                 }
+                let frame = if vnet_hdr {
+                    match vnet::take(buf) {
+                        Ok(f) => f,
+                        Err(why) => {
+                            tracing::trace!("TAP frame refused: {why:?}");
+                            self.engine.ctx.stats.drop(DropReason::Malformed);
+                            return;
+                        }
+                    }
+                } else {
+                    buf
+                };
                 if let Some(to) = self.ingress(now, frame, &mut count) {
                     self.copy_over(to, frame);
                 }
@@ -456,24 +476,11 @@ impl Worker {
         None
     }
 
-    /// Queues a copy of `frame` for worker `to` (a pool buffer; dropped when none is free or
-    /// its queue is full).
+    /// Queues a copy of `frame` for worker `to` (dropped and counted when the pool is dry or
+    /// the queue full).
     fn copy_over(&mut self, to: usize, frame: &[u8]) {
-        let stats = &mut self.engine.ctx.stats;
-        let Some(mut buf) = self.shared.pool.get() else {
-            stats.drop(DropReason::QueueFull);
-            return;
-        };
-        if buf.len() < frame.len() {
-            // Cannot happen: the pool's buffers and the ring's are both a largest frame.
-            stats.drop(DropReason::QueueFull);
-            self.shared.pool.put(buf);
-            return;
-        }
-        buf[..frame.len()].copy_from_slice(frame);
-        if let Err(buf) = self.shared.forward(to, buf, frame.len(), &mut self.wake) {
-            stats.drop(DropReason::QueueFull);
-            self.shared.pool.put(buf);
+        if !self.shared.forward_copy(to, frame, &mut self.wake) {
+            self.engine.ctx.stats.drop(DropReason::QueueFull);
         }
     }
 
@@ -484,6 +491,10 @@ impl Worker {
         while let Some(frame) = inbox.pop_whole() {
             self.engine
                 .handle_reassembled(now, &frame, &mut self.host, &mut self.out);
+        }
+        while let Some(frame) = inbox.pop_large() {
+            self.engine
+                .handle_frame(now, &frame, &mut self.host, &mut self.out);
         }
         let mut done = 0;
         while let Some((buf, len)) = inbox.pop() {

@@ -8,3 +8,4 @@ pub mod spec;
 pub mod switch;
 pub mod tap;
 pub mod unix;
+pub mod vnet;

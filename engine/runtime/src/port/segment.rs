@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::port::tap::{GuestSetup, NapiThreading, Tap, TapError};
+use crate::port::tap::{GuestSetup, NapiThreading, QueueFlags, Tap, TapError};
 use crate::tx::NapiSwitch;
 
 /// `--tap-queues`: how the TAP is read with 2 or more workers.
@@ -30,6 +30,15 @@ pub enum NapiMode {
     Off,
 }
 
+/// `--offload`: whether the guest may leave checksums and TCP segmentation to hubnat.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OffloadMode {
+    /// Offered where the kernel takes it (the log says when it does not).
+    Auto,
+    /// Not offered: the guest's frames are whole and at most the MTU.
+    Off,
+}
+
 /// What to open.
 pub struct TapSpec<'a> {
     /// The device's name.
@@ -47,6 +56,8 @@ pub struct TapSpec<'a> {
     pub queues: QueueMode,
     /// Where its NAPI polls run.
     pub napi: NapiMode,
+    /// Whether offloads are offered.
+    pub offload: OffloadMode,
     /// The guest's side to set up once the device is open (slirp4netns's `--configure`);
     /// None leaves its addressing to the guest.
     pub guest: Option<GuestSetup>,
@@ -61,6 +72,8 @@ pub struct TapPort {
     pub napi: Option<Arc<NapiSwitch>>,
     /// How frames are delivered, for the log.
     pub napi_mode: &'static str,
+    /// The guest may leave checksums and TCP segmentation to hubnat.
+    pub offloads: bool,
 }
 
 impl TapSpec<'_> {
@@ -104,6 +117,17 @@ impl TapSpec<'_> {
             (None, NapiMode::Threaded) => "NAPI polls in threads",
             (None, _) => "no NAPI",
         };
+        let offloads = self.offload == OffloadMode::Auto
+            && match queues[0].offer_offloads() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "TAP {}: the kernel refused its offloads ({e}); the guest's frames stay whole",
+                        self.name
+                    );
+                    false
+                }
+            };
         // Last: a fallback above may have closed the device and made it anew, addresses lost.
         if let Some(guest) = &self.guest {
             Tap::configure_in_namespaces(
@@ -117,18 +141,23 @@ impl TapSpec<'_> {
             queues,
             napi,
             napi_mode,
+            offloads,
         })
     }
 
     fn open_queues(&self, queues: usize, napi: bool) -> Result<Vec<Tap>, TapError> {
         let mtu = Some(self.mtu);
+        let flags = QueueFlags {
+            napi,
+            vnet_hdr: self.offload == OffloadMode::Auto,
+        };
         match (&self.userns, &self.netns) {
             (Some(user), Some(net)) => {
-                Tap::open_queues_in_namespaces(self.name, mtu, queues, napi, Some(user), net)
+                Tap::open_queues_in_namespaces(self.name, mtu, queues, flags, Some(user), net)
             }
             (Some(user), None) => Err(TapError::UsernsWithoutNetns { path: user.clone() }),
-            (None, Some(path)) => Tap::open_queues_in_netns(self.name, mtu, queues, napi, path),
-            (None, None) => Tap::open_queues(self.name, mtu, queues, napi),
+            (None, Some(path)) => Tap::open_queues_in_netns(self.name, mtu, queues, flags, path),
+            (None, None) => Tap::open_queues(self.name, mtu, queues, flags),
         }
     }
 

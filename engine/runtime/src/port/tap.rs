@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::port::vnet;
 use crate::sock::uring::restrict_and_enable;
 
 /// Why a TAP could not be had. Each message says the system's reason itself; the reason is not
@@ -172,28 +173,45 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    /// Its frames carry a virtio-net header (`IFF_VNET_HDR`, see `port::vnet`).
+    vnet_hdr: bool,
 }
+
+/// How each queue of a TAP is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueFlags {
+    /// Written frames are delivered through a NAPI poll (`IFF_NAPI`, see the module comment).
+    pub napi: bool,
+    /// Frames carry a virtio-net header (`IFF_VNET_HDR`), which offloads need.
+    pub vnet_hdr: bool,
+}
+
+/// The offloads hubnat offers the guest (`TUNSETOFFLOAD`): checksums and TCP segmentation
+/// over IPv4 (with ECN), which it takes as they come (`port::vnet`).
+const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
 impl Tap {
     /// Creates the TAP device `name` in the current network namespace, or attaches to it if it
     /// exists, and brings it up. `mtu` sets the device MTU when given.
     pub fn open(name: &str, mtu: Option<u32>) -> Result<Tap, TapError> {
-        Ok(Tap::open_queues(name, mtu, 1, false)?.remove(0))
+        Ok(Tap::open_queues(name, mtu, 1, QueueFlags::default())?.remove(0))
     }
 
     /// Like `open`, with `queues` queues: more than one makes a multiqueue device
-    /// (IFF_MULTI_QUEUE), one fd per queue, among which the kernel steers flows. With `napi`,
-    /// every queue delivers written frames through a NAPI poll (`IFF_NAPI`, see the module
-    /// comment).
+    /// (IFF_MULTI_QUEUE), one fd per queue, among which the kernel steers flows; each attached
+    /// as `flags` says.
     pub fn open_queues(
         name: &str,
         mtu: Option<u32>,
         queues: usize,
-        napi: bool,
+        flags: QueueFlags,
     ) -> Result<Vec<Tap>, TapError> {
         let mut taps = Vec::with_capacity(queues.max(1));
         for _ in 0..queues.max(1) {
-            taps.push(Tap::attach(name, queues > 1, napi)?);
+            taps.push(Tap::attach(name, queues > 1, flags)?);
         }
         if let Some(mtu) = mtu {
             taps[0].set_mtu(mtu)?;
@@ -202,7 +220,7 @@ impl Tap {
         Ok(taps)
     }
 
-    fn attach(name: &str, multi_queue: bool, napi: bool) -> Result<Tap, TapError> {
+    fn attach(name: &str, multi_queue: bool, flags: QueueFlags) -> Result<Tap, TapError> {
         check_name(name)?;
         let path = CString::new("/dev/net/tun").expect("no NUL");
         // SAFETY: `path` is a valid NUL-terminated string; the returned fd is checked below.
@@ -218,7 +236,7 @@ impl Tap {
         // SAFETY: `raw` is a freshly opened fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq::new(name);
-        req.data.flags = tap_flags(multi_queue, napi);
+        req.data.flags = tap_flags(multi_queue, flags);
         // SAFETY: TUNSETIFF reads and writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })
             .map_err(|error| TapError::Attach {
@@ -228,6 +246,7 @@ impl Tap {
         Ok(Tap {
             fd,
             name: name.to_owned(),
+            vnet_hdr: flags.vnet_hdr,
         })
     }
 
@@ -235,7 +254,7 @@ impl Tap {
     /// as /proc/PID/ns/net or /run/netns/NAME). The calling thread returns to its own namespace;
     /// the device's fd stays bound to the one it was created in.
     pub fn open_in_netns(name: &str, mtu: Option<u32>, netns: &Path) -> Result<Tap, TapError> {
-        Ok(Tap::open_queues_in_netns(name, mtu, 1, false, netns)?.remove(0))
+        Ok(Tap::open_queues_in_netns(name, mtu, 1, QueueFlags::default(), netns)?.remove(0))
     }
 
     /// `open_queues` inside the network namespace at `netns` (see `open_in_netns`).
@@ -243,7 +262,7 @@ impl Tap {
         name: &str,
         mtu: Option<u32>,
         queues: usize,
-        napi: bool,
+        flags: QueueFlags,
         netns: &Path,
     ) -> Result<Vec<Tap>, TapError> {
         let target = File::open(netns).map_err(|error| TapError::OpenNetns {
@@ -259,7 +278,7 @@ impl Tap {
             path: netns.to_owned(),
             error,
         })?;
-        let result = Tap::open_queues(name, mtu, queues, napi);
+        let result = Tap::open_queues(name, mtu, queues, flags);
         if let Err(error) = setns(own.as_fd()) {
             // Staying in the guest's namespace would send host traffic into it: refuse to go on.
             return Err(TapError::EnterNetns {
@@ -281,12 +300,12 @@ impl Tap {
         name: &str,
         mtu: Option<u32>,
         queues: usize,
-        napi: bool,
+        flags: QueueFlags,
         userns: Option<&Path>,
         netns: &Path,
     ) -> Result<Vec<Tap>, TapError> {
         let Some(userns) = userns else {
-            return Tap::open_queues_in_netns(name, mtu, queues, napi, netns);
+            return Tap::open_queues_in_netns(name, mtu, queues, flags, netns);
         };
         check_name(name)?;
         let user = File::open(userns).map_err(|error| TapError::OpenUserns {
@@ -302,7 +321,7 @@ impl Tap {
         let join_user = !same_file(&user, Path::new("/proc/self/ns/user"));
         let queues = queues.max(1);
         let mut attach = IfReq::new(name);
-        attach.data.flags = tap_flags(queues > 1, napi);
+        attach.data.flags = tap_flags(queues > 1, flags);
         let set_mtu = mtu.map(|mtu| {
             let mut req = IfReq::new(name);
             req.data.mtu = mtu as libc::c_int;
@@ -370,6 +389,7 @@ impl Tap {
             .map(|fd| Tap {
                 fd,
                 name: name.to_owned(),
+                vnet_hdr: flags.vnet_hdr,
             })
             .collect())
     }
@@ -505,7 +525,30 @@ impl Tap {
             let e = io::Error::last_os_error();
             return Err(not_tap(format!("cannot make it non-blocking: {e}")));
         }
-        Ok(Tap { fd, name })
+        Ok(Tap {
+            fd,
+            name,
+            vnet_hdr: false,
+        })
+    }
+
+    /// Whether its frames carry a virtio-net header.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    /// Offers the guest checksum offload and TCP segmentation (`OFFLOADS`); the device's
+    /// queues must carry virtio-net headers. Where the kernel refuses, the guest's frames stay
+    /// plain (their headers say so) and the error is returned for the log.
+    pub fn offer_offloads(&self) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a TAP queue.
+        check(unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                libc::c_ulong::from(OFFLOADS),
+            )
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -549,25 +592,57 @@ impl Tap {
             })
     }
 
-    /// Reads one frame; `Err(WouldBlock)` when none is waiting.
+    /// Reads one frame; `Err(WouldBlock)` when none is waiting. A frame's virtio-net header
+    /// is read apart and acted on (`vnet::complete`); a frame whose header is refused reads as
+    /// empty (the engine drops it as malformed).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if !self.vnet_hdr {
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            return if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+        }
+        let mut hdr = [0u8; vnet::HDR_LEN];
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
+        // SAFETY: both iovecs point at buffers valid for writes of their lengths for the call.
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
         if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+            return Err(io::Error::last_os_error());
+        }
+        let len = (n as usize).saturating_sub(vnet::HDR_LEN);
+        match vnet::complete(&hdr, &mut buf[..len]) {
+            Ok(()) if n as usize >= vnet::HDR_LEN => Ok(len),
+            _ => Ok(0),
         }
     }
 
-    /// Writes one frame.
+    /// Writes one frame (after an empty virtio-net header, where the device wants one).
     pub fn send(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: `frame` is valid for reads of `frame.len()` bytes for the duration of the call.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        let fd = self.fd.as_raw_fd();
+        let n = if self.vnet_hdr {
+            let iov = vnet_iov(&vnet::EMPTY, frame);
+            // SAFETY: both iovecs point at memory valid for reads of their lengths for the call.
+            unsafe { libc::writev(fd, iov.as_ptr(), 2) }
+        } else {
+            // SAFETY: `frame` is valid for reads of `frame.len()` bytes for the call.
+            unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) }
+        };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(n as usize)
+            Ok((n as usize).saturating_sub(if self.vnet_hdr { vnet::HDR_LEN } else { 0 }))
         }
     }
 }
@@ -586,6 +661,13 @@ pub struct TapWriter {
     /// the device would outlive hubnat.
     fd: RawFd,
     submissions: u64,
+    /// Frames go out after an empty virtio-net header (`Tap::vnet_hdr`).
+    vnet_hdr: bool,
+    /// Each queued frame's iovecs (header, frame), while its write is in flight, and the
+    /// headers of its super-frames. Made with room for a submission's worth: never moved while
+    /// the kernel may read them.
+    iovs: Vec<[libc::iovec; 2]>,
+    gso_hdrs: Vec<[u8; vnet::HDR_LEN]>,
 }
 
 impl TapWriter {
@@ -598,7 +680,15 @@ impl TapWriter {
             .setup_r_disabled()
             .build(WRITE_RING_ENTRIES)
             .and_then(|r| {
-                restrict_and_enable(&r, &[io_uring::opcode::Write::CODE], 0, &[])?;
+                restrict_and_enable(
+                    &r,
+                    &[
+                        io_uring::opcode::Write::CODE,
+                        io_uring::opcode::Writev::CODE,
+                    ],
+                    0,
+                    &[],
+                )?;
                 Ok(r)
             });
         let ring = match ring {
@@ -612,6 +702,17 @@ impl TapWriter {
             ring,
             fd,
             submissions: 0,
+            vnet_hdr: tap.vnet_hdr,
+            iovs: Vec::with_capacity(if tap.vnet_hdr {
+                WRITE_RING_ENTRIES as usize
+            } else {
+                0
+            }),
+            gso_hdrs: Vec::with_capacity(if tap.vnet_hdr {
+                WRITE_RING_ENTRIES as usize
+            } else {
+                0
+            }),
         }
     }
 
@@ -625,12 +726,19 @@ impl TapWriter {
         self.submissions
     }
 
-    fn write_each(&mut self, frames: &mut dyn Iterator<Item = &[u8]>) -> usize {
+    fn write_each(&mut self, frames: &mut dyn Iterator<Item = (&[u8], u16)>) -> usize {
         let mut failed = 0;
-        for f in frames {
+        for (f, gso) in frames {
             self.submissions += 1;
-            // SAFETY: `f` is valid for reads of `f.len()` bytes for the duration of the call.
-            let n = unsafe { libc::write(self.fd, f.as_ptr().cast(), f.len()) };
+            let n = if self.vnet_hdr {
+                let hdr = (gso > 0).then(|| vnet::gso_header(f, gso));
+                let iov = vnet_iov(hdr.as_ref().unwrap_or(&vnet::EMPTY), f);
+                // SAFETY: both iovecs point at memory valid for reads of their lengths.
+                unsafe { libc::writev(self.fd, iov.as_ptr(), 2) }
+            } else {
+                // SAFETY: `f` is valid for reads of `f.len()` bytes for the duration of the call.
+                unsafe { libc::write(self.fd, f.as_ptr().cast(), f.len()) }
+            };
             if n < 0 {
                 failed += 1;
             }
@@ -640,7 +748,14 @@ impl TapWriter {
 
     /// Writes every frame of `frames` to the TAP this writer was made for; returns how many the
     /// device refused (queue full, link down), which the caller counts as drops.
-    pub fn send_all<'a>(&mut self, mut frames: impl Iterator<Item = &'a [u8]>) -> usize {
+    pub fn send_all<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
+        self.send_all_gso(frames.map(|f| (f, 0)))
+    }
+
+    /// `send_all` of frames with their segment sizes (`FrameBatch::iter_gso`): a super-frame
+    /// goes out with the header that has the guest's side cut it (a device with virtio-net
+    /// headers only; elsewhere every size is 0).
+    pub fn send_all_gso<'a>(&mut self, mut frames: impl Iterator<Item = (&'a [u8], u16)>) -> usize {
         let Some(ring) = self.ring.as_mut() else {
             return self.write_each(&mut frames);
         };
@@ -648,16 +763,34 @@ impl TapWriter {
         let mut frames = frames.peekable();
         while frames.peek().is_some() {
             let mut queued = 0usize;
+            self.iovs.clear();
+            self.gso_hdrs.clear();
             {
                 let mut sq = ring.submission();
                 while queued < WRITE_RING_ENTRIES as usize {
-                    let Some(f) = frames.next() else { break };
-                    let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
-                    let sqe =
-                        io_uring::opcode::Write::new(io_uring::types::Fd(self.fd), f.as_ptr(), len)
+                    let Some((f, gso)) = frames.next() else { break };
+                    let fd = io_uring::types::Fd(self.fd);
+                    let sqe = if self.vnet_hdr {
+                        // Within the capacities reserved: what is already queued stays put.
+                        let hdr = if gso > 0 {
+                            self.gso_hdrs.push(vnet::gso_header(f, gso));
+                            self.gso_hdrs.last().expect("just pushed")
+                        } else {
+                            &vnet::EMPTY
+                        };
+                        self.iovs.push(vnet_iov(hdr, f));
+                        let iov = self.iovs.last().expect("just pushed");
+                        io_uring::opcode::Writev::new(fd, iov.as_ptr(), 2)
                             .offset(u64::MAX)
-                            .build();
-                    // SAFETY: the frame's bytes stay borrowed until every completion of this
+                            .build()
+                    } else {
+                        let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
+                        io_uring::opcode::Write::new(fd, f.as_ptr(), len)
+                            .offset(u64::MAX)
+                            .build()
+                    };
+                    // SAFETY: the frame's bytes (and its iovecs in `iovs`, not moved before
+                    // the next submission) stay borrowed until every completion of this
                     // submission has been reaped below, before `send_all` returns.
                     if unsafe { sq.push(&sqe) }.is_err() {
                         failed += 1;
@@ -716,15 +849,32 @@ fn check_name(name: &str) -> Result<(), TapError> {
 }
 
 /// TUNSETIFF's flags for one queue of a TAP device.
-fn tap_flags(multi_queue: bool, napi: bool) -> libc::c_short {
+fn tap_flags(multi_queue: bool, queue: QueueFlags) -> libc::c_short {
     let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE;
     }
-    if napi {
+    if queue.napi {
         flags |= libc::IFF_NAPI;
     }
+    if queue.vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
     flags as libc::c_short
+}
+
+/// A virtio-net header, then `frame`: what a write to a device with headers takes.
+fn vnet_iov(hdr: &[u8; vnet::HDR_LEN], frame: &[u8]) -> [libc::iovec; 2] {
+    [
+        libc::iovec {
+            iov_base: hdr.as_ptr() as *mut libc::c_void,
+            iov_len: vnet::HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        },
+    ]
 }
 
 /// Whether `file` is the file at `path` (same device and inode).
@@ -1450,7 +1600,7 @@ mod tests {
             "hnfail0",
             None,
             1,
-            false,
+            QueueFlags::default(),
             Some(not_a_namespace),
             own_net,
         ) {
@@ -1467,7 +1617,7 @@ mod tests {
             "hnfail0",
             None,
             1,
-            false,
+            QueueFlags::default(),
             Some(own_user),
             not_a_namespace,
         ) {
@@ -1483,7 +1633,7 @@ mod tests {
                 "hnfail0",
                 None,
                 1,
-                false,
+                QueueFlags::default(),
                 Some(Path::new("/nonexistent/ns")),
                 own_net
             ),
@@ -1542,9 +1692,15 @@ mod tests {
         };
         let queues = FDS_PER_MESSAGE + 6;
         let (user, net) = (container.ns("user"), container.ns("net"));
-        let taps =
-            Tap::open_queues_in_namespaces("hnuser0", Some(1280), queues, false, Some(&user), &net)
-                .expect("TAP in the container's namespaces");
+        let taps = Tap::open_queues_in_namespaces(
+            "hnuser0",
+            Some(1280),
+            queues,
+            QueueFlags::default(),
+            Some(&user),
+            &net,
+        )
+        .expect("TAP in the container's namespaces");
         assert_eq!(taps.len(), queues);
         let mut raw: Vec<RawFd> = taps.iter().map(|t| t.as_raw_fd()).collect();
         raw.sort_unstable();
@@ -1598,8 +1754,15 @@ mod tests {
             return;
         };
         let (user, net) = (container.ns("user"), container.ns("net"));
-        let _taps = Tap::open_queues_in_namespaces("hnguest0", None, 1, false, Some(&user), &net)
-            .expect("TAP in the container's namespaces");
+        let _taps = Tap::open_queues_in_namespaces(
+            "hnguest0",
+            None,
+            1,
+            QueueFlags::default(),
+            Some(&user),
+            &net,
+        )
+        .expect("TAP in the container's namespaces");
         let setup = GuestSetup {
             address: Ipv4Addr::new(10, 0, 2, 100),
             netmask: Ipv4Addr::new(255, 255, 255, 0),
@@ -1712,7 +1875,11 @@ pub(crate) mod test_support {
                 eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
                 return;
             }
-            let tap = Tap::open_queues(name, None, 1, napi)
+            let flags = QueueFlags {
+                napi,
+                vnet_hdr: false,
+            };
+            let tap = Tap::open_queues(name, None, 1, flags)
                 .expect("TAP in a fresh namespace")
                 .remove(0);
             let capture =

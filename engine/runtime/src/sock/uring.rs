@@ -67,8 +67,10 @@ pub const BUF_COUNT: u16 = 64;
 const BGID: u16 = 0;
 /// The provided-buffer group the thread's TAP queue is read into (`read_frames`).
 const FRAME_BGID: u16 = 1;
-/// Memory the frame buffers of one ring may take: with frames of MTU 1500 that is 512
-/// buffers (a batch of 512 frames per wake-up), with MTU 65520 frames 32.
+/// Memory the frame buffers of one ring may take (at least 64 buffers, at most 512): with
+/// frames of MTU 1500 that is 512 buffers (a batch of 512 frames per wake-up), with frames of
+/// 64 KiB (MTU 65520, or a guest's TCP super-segments) 64, 4 MiB. Pages are backed only once
+/// written: a large buffer that carries small frames costs one.
 const FRAME_BUF_BUDGET: usize = 2 << 20;
 
 /// Kinds of operations, in the top byte of user_data.
@@ -269,6 +271,19 @@ impl BufRing {
         self.free += 1;
     }
 
+    /// The first `len` bytes of buffer `bid`, to change in place (a frame's header taken off).
+    fn data_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let len = len.min(self.size);
+        if bid >= self.count {
+            return &mut [];
+        }
+        // SAFETY: as in `data`; the kernel does not touch the buffer before `give`, and the
+        // exclusive borrow of the ring keeps any other view of it away.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.mem.as_ptr().add(usize::from(bid) * self.size), len)
+        }
+    }
+
     /// The first `len` bytes of buffer `bid`.
     fn data(&self, bid: u16, len: usize) -> &[u8] {
         let len = len.min(self.size);
@@ -311,8 +326,8 @@ pub struct FrameBufs(Rc<RefCell<BufRing>>);
 impl FrameBufs {
     /// Calls `f` with frame `bid` (`len` bytes, as `Ring::take_frames` gave them), then gives
     /// its buffer back to the kernel.
-    pub fn handle<R>(&self, bid: u16, len: u32, f: impl FnOnce(&[u8]) -> R) -> R {
-        let r = f(self.0.borrow().data(bid, len as usize));
+    pub fn handle<R>(&self, bid: u16, len: u32, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let r = f(self.0.borrow_mut().data_mut(bid, len as usize));
         self.0.borrow_mut().give(bid);
         r
     }
@@ -419,7 +434,7 @@ fn restrict_driver_ring(ring: &IoUring, read_multi: bool) -> io::Result<()> {
 /// Buffers for frames of `frame_size` bytes, registered with `ring` as `FRAME_BGID` and
 /// handed to the kernel.
 fn frame_bufs(ring: &IoUring, frame_size: usize) -> io::Result<FrameBufs> {
-    let count = (FRAME_BUF_BUDGET / frame_size.max(1)).clamp(16, 512);
+    let count = (FRAME_BUF_BUDGET / frame_size.max(1)).clamp(64, 512);
     let count = 1u16 << (usize::BITS - 1 - count.leading_zeros());
     let b = BufRing::registered(ring, count, frame_size, FRAME_BGID)?;
     Ok(FrameBufs(Rc::new(RefCell::new(b))))
@@ -1185,7 +1200,7 @@ mod tests {
         if probe().is_err() {
             return;
         }
-        // Frames of 128 KiB: the budget makes 16 buffers of them.
+        // Frames of 128 KiB: the budget makes the fewest buffers, 64.
         let mut r = Ring::make(true, 8, 2048, Some(128 << 10)).unwrap();
         let (tx, rx) = UnixDatagram::pair().unwrap();
         rx.set_nonblocking(true).unwrap();
@@ -1193,13 +1208,13 @@ mod tests {
             eprintln!("skipped: this kernel has no multishot read");
             return;
         };
-        assert_eq!(bufs.0.borrow().count, 16);
-        // 40 frames queued before the ring looks: it runs out of buffers twice.
-        let frames: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 60 + usize::from(i)]).collect();
+        assert_eq!(bufs.0.borrow().count, 64);
+        // 150 frames queued before the ring looks: it runs out of buffers twice.
+        let frames: Vec<Vec<u8>> = (0..150u8).map(|i| vec![i; 60 + usize::from(i)]).collect();
         for f in &frames {
             tx.send(f).unwrap();
         }
-        assert_eq!(read_queue(&mut r, &bufs, 40), frames);
+        assert_eq!(read_queue(&mut r, &bufs, 150), frames);
         // The read stays armed for what comes later, and the largest frame arrives whole.
         let big = vec![7u8; 100 << 10];
         tx.send(&big).unwrap();
@@ -1207,7 +1222,7 @@ mod tests {
         assert_eq!(read_queue(&mut r, &bufs, 2), vec![big, b"after".to_vec()]);
         assert_eq!(
             bufs.0.borrow().free,
-            16,
+            64,
             "every buffer went back to the kernel"
         );
     }

@@ -1,0 +1,261 @@
+//! The virtio-net header a TAP opened with `IFF_VNET_HDR` puts before every frame (and wants
+//! before every frame written to it), and what hubnat does with it.
+//!
+//! With offloads on (`TUNSETOFFLOAD`: checksum and TCP segmentation over IPv4), the guest's
+//! kernel leaves work to its "device", which is hubnat: a TCP or UDP frame may come with its
+//! checksum only started (`NEEDS_CSUM`: the field holds the pseudo-header's sum, the rest is to
+//! be added from `csum_start` on), and a TCP frame may be a super-segment of up to 64 KiB that a
+//! real device would cut into segments of `gso_size`. hubnat needs neither cut: the payload of a
+//! super-segment goes to its host socket in one write, as the guest meant. It only completes a
+//! started checksum, so that everything past the port sees a frame whose checksums hold, as
+//! from a TAP without offloads. Frames written to the guest carry an empty header (nothing left
+//! to do).
+
+/// The largest frame a TAP gives: a 64 KiB IPv4 packet (a TCP super-segment, or a datagram at
+/// the largest MTU) behind an Ethernet header with a VLAN tag.
+pub const MAX_FRAME: usize = 65535 + 18;
+
+/// The legacy header's size (`struct virtio_net_hdr`), the TAP's default.
+pub const HDR_LEN: usize = 10;
+
+/// `flags`: the checksum from `csum_start` on is left to the device.
+const F_NEEDS_CSUM: u8 = 1;
+
+/// `gso_type` values.
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+/// Set with a TCP type when the segments carry ECN's CWR.
+const GSO_ECN: u8 = 0x80;
+
+/// The header of a frame that needs nothing done (every frame hubnat writes). A static: writes
+/// point the kernel at it.
+pub static EMPTY: [u8; HDR_LEN] = [0; HDR_LEN];
+
+/// The header of a TCP super-frame hubnat writes (`FrameBatch::iter_gso`): the guest's side
+/// cuts it into segments of `mss` payload bytes and completes each one's checksum, whose field
+/// holds the pseudo-header's sum. `frame` is an Ethernet frame carrying IPv4 and TCP.
+pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
+    let ip_hl = usize::from(frame.get(ETH_LEN).copied().unwrap_or(0x45) & 0x0f) * 4;
+    let csum_start = ETH_LEN + ip_hl;
+    let tcp_hl = usize::from(frame.get(csum_start + 12).copied().unwrap_or(0x50) >> 4) * 4;
+    let mut h = [0u8; HDR_LEN];
+    h[0] = F_NEEDS_CSUM;
+    h[1] = GSO_TCPV4;
+    h[2..4].copy_from_slice(&((csum_start + tcp_hl) as u16).to_ne_bytes());
+    h[4..6].copy_from_slice(&mss.to_ne_bytes());
+    h[6..8].copy_from_slice(&(csum_start as u16).to_ne_bytes());
+    h[8..10].copy_from_slice(&TCP_CSUM_OFFSET.to_ne_bytes());
+    h
+}
+
+const ETH_LEN: usize = 14;
+/// Where a TCP header's checksum lies.
+const TCP_CSUM_OFFSET: u16 = 16;
+
+/// Why a frame's header was refused (the frame is dropped, counted as malformed).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Shorter than a header.
+    Short,
+    /// A segmentation hubnat did not offer (UDP, TCP over IPv6).
+    Gso(u8),
+    /// The checksum to complete lies outside the frame.
+    Csum { start: usize, offset: usize },
+}
+
+/// Takes the header off `buf` (a header and a frame, as read from the TAP), completes a
+/// started checksum, and returns the frame.
+pub fn take(buf: &mut [u8]) -> Result<&mut [u8], Refused> {
+    if buf.len() < HDR_LEN {
+        return Err(Refused::Short);
+    }
+    let (hdr, frame) = buf.split_at_mut(HDR_LEN);
+    complete(&(*hdr).try_into().expect("HDR_LEN bytes"), frame)?;
+    Ok(frame)
+}
+
+/// Does what header `hdr` leaves to the device for `frame` (the frame it came before).
+pub fn complete(hdr: &[u8; HDR_LEN], frame: &mut [u8]) -> Result<(), Refused> {
+    let flags = hdr[0];
+    let gso = hdr[1];
+    if gso & !GSO_ECN != GSO_NONE && gso & !GSO_ECN != GSO_TCPV4 {
+        return Err(Refused::Gso(gso));
+    }
+    if flags & F_NEEDS_CSUM != 0 {
+        // Native byte order: the TAP was not told otherwise (TUNSETVNETLE/BE).
+        let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+        let offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+        complete_checksum(frame, start, offset)?;
+    }
+    Ok(())
+}
+
+/// Adds the bytes from `start` to the end of `frame` to the partial sum the field at
+/// `start + offset` holds, and stores the result there.
+fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Result<(), Refused> {
+    let field = start + offset;
+    if start >= frame.len() || field + 2 > frame.len() {
+        return Err(Refused::Csum { start, offset });
+    }
+    let sum = hubnat_core::wire::ones_sum(&frame[start..]);
+    frame[field..field + 2].copy_from_slice(&(!sum).to_be_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket, UdpPacket,
+    };
+
+    const ETH: usize = 14;
+
+    /// A header, then an Ethernet frame carrying an IPv4 packet of protocol `proto` whose
+    /// transport part is `l4` (its checksum field left as given).
+    fn frame(proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; HDR_LEN + ETH + 20 + l4.len()];
+        let f = &mut buf[HDR_LEN..];
+        let mut eth = EthernetFrame::new_unchecked(&mut f[..]);
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        let mut ip = Ipv4Packet::new_unchecked(&mut f[ETH..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len((20 + l4.len()) as u16);
+        ip.set_hop_limit(64);
+        ip.set_next_header(proto);
+        ip.set_src_addr(Ipv4Address::new(192, 168, 30, 50));
+        ip.set_dst_addr(Ipv4Address::new(10, 0, 0, 1));
+        ip.fill_checksum();
+        f[ETH + 20..].copy_from_slice(l4);
+        buf
+    }
+
+    fn ips() -> (Ipv4Address, Ipv4Address) {
+        (
+            Ipv4Address::new(192, 168, 30, 50),
+            Ipv4Address::new(10, 0, 0, 1),
+        )
+    }
+
+    /// What a guest kernel with checksum offload writes: the pseudo-header's sum (not
+    /// complemented) in the field, the header saying where the rest starts.
+    fn started(buf: &mut [u8], csum_offset: u16) {
+        let (src, dst) = ips();
+        let l4_len = buf.len() - HDR_LEN - ETH - 20;
+        let proto = buf[HDR_LEN + ETH + 9];
+        let mut ph = Vec::new();
+        ph.extend_from_slice(&src.octets());
+        ph.extend_from_slice(&dst.octets());
+        ph.extend_from_slice(&[0, proto]);
+        ph.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        let pseudo = hubnat_core::wire::ones_sum(&ph);
+        let field = HDR_LEN + ETH + 20 + usize::from(csum_offset);
+        buf[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+        buf[0] = F_NEEDS_CSUM;
+        buf[6..8].copy_from_slice(&((ETH + 20) as u16).to_ne_bytes());
+        buf[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
+    }
+
+    fn tcp_segment(payload: usize) -> Vec<u8> {
+        let mut l4 = vec![0u8; 20 + payload];
+        let mut tcp = TcpPacket::new_unchecked(&mut l4[..]);
+        tcp.set_src_port(40000);
+        tcp.set_dst_port(5201);
+        tcp.set_seq_number(smoltcp::wire::TcpSeqNumber(7));
+        tcp.set_header_len(20);
+        tcp.set_ack(true);
+        tcp.set_window_len(512);
+        for (i, b) in l4[20..].iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        frame(IpProtocol::Tcp, &l4)
+    }
+
+    #[test]
+    fn a_started_tcp_checksum_is_completed() {
+        let mut buf = tcp_segment(1000);
+        started(&mut buf, 16);
+        let f = take(&mut buf).unwrap();
+        let ip = Ipv4Packet::new_checked(&f[ETH..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        let (src, dst) = ips();
+        assert!(tcp.verify_checksum(&src.into(), &dst.into()));
+    }
+
+    #[test]
+    fn a_tcp_super_segment_arrives_whole_with_its_checksum() {
+        // 64 KiB less the headers: what TSO hands over in one piece.
+        let mut buf = tcp_segment(65535 - 40);
+        started(&mut buf, 16);
+        buf[1] = GSO_TCPV4;
+        buf[4..6].copy_from_slice(&1448u16.to_ne_bytes());
+        let f = take(&mut buf).unwrap();
+        assert_eq!(f.len(), ETH + 65535);
+        let ip = Ipv4Packet::new_checked(&f[ETH..]).unwrap();
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        let (src, dst) = ips();
+        assert!(tcp.verify_checksum(&src.into(), &dst.into()));
+        assert_eq!(tcp.payload().len(), 65535 - 40);
+    }
+
+    #[test]
+    fn a_started_udp_checksum_is_completed() {
+        let mut l4 = vec![0u8; 8 + 33];
+        let mut udp = UdpPacket::new_unchecked(&mut l4[..]);
+        udp.set_src_port(5353);
+        udp.set_dst_port(53);
+        udp.set_len(41);
+        l4[8..].fill(0xab);
+        let mut buf = frame(IpProtocol::Udp, &l4);
+        started(&mut buf, 6);
+        let f = take(&mut buf).unwrap();
+        let ip = Ipv4Packet::new_checked(&f[ETH..]).unwrap();
+        let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+        let (src, dst) = ips();
+        assert!(udp.verify_checksum(&src.into(), &dst.into()));
+    }
+
+    #[test]
+    fn a_frame_with_nothing_to_do_is_left_as_it_is() {
+        let mut buf = tcp_segment(10);
+        let want = buf[HDR_LEN..].to_vec();
+        assert_eq!(take(&mut buf).unwrap(), &want[..]);
+    }
+
+    #[test]
+    fn a_super_frames_header_says_where_its_headers_end_and_how_to_cut_it() {
+        // 20-byte IPv4 header, a TCP header with 12 bytes of options (timestamps).
+        let mut l4 = vec![0u8; 32 + 20_000];
+        l4[12] = 8 << 4;
+        let buf = frame(IpProtocol::Tcp, &l4);
+        let h = gso_header(&buf[HDR_LEN..], 1448);
+        assert_eq!(h[0], F_NEEDS_CSUM);
+        assert_eq!(h[1], GSO_TCPV4);
+        let word = |i: usize| u16::from_ne_bytes([h[i], h[i + 1]]);
+        assert_eq!(word(2), 14 + 20 + 32, "hdr_len");
+        assert_eq!(word(4), 1448, "gso_size");
+        assert_eq!(word(6), 14 + 20, "csum_start");
+        assert_eq!(word(8), 16, "csum_offset");
+        // What a reader of such a header does with the frame completes its checksum.
+        let mut with = h.to_vec();
+        with.extend_from_slice(&buf[HDR_LEN..]);
+        assert!(take(&mut with).is_ok());
+    }
+
+    #[test]
+    fn headers_hubnat_did_not_offer_or_that_point_outside_are_refused() {
+        assert_eq!(take(&mut [0u8; 9]), Err(Refused::Short));
+        let mut buf = tcp_segment(10);
+        buf[1] = 3; // UDP fragmentation offload
+        assert_eq!(take(&mut buf), Err(Refused::Gso(3)));
+        let mut buf = tcp_segment(10);
+        buf[1] = GSO_TCPV4 | GSO_ECN;
+        assert!(take(&mut buf).is_ok());
+        let mut buf = tcp_segment(10);
+        started(&mut buf, 16);
+        let len = (buf.len() - HDR_LEN) as u16;
+        buf[6..8].copy_from_slice(&(len - 1).to_ne_bytes());
+        assert!(matches!(take(&mut buf), Err(Refused::Csum { .. })));
+    }
+}
