@@ -376,13 +376,14 @@ impl Worker {
         let shared = Arc::clone(&self.shared);
         let pool = (!tap.vnet_hdr()).then_some(&shared.pool);
         loop {
+            let cap = self.capture.batch();
             for _ in 0..MAX_FRAMES_PER_BATCH {
                 let Some((buf, n, from_pool)) = self.bufs.recv(&tap, pool)? else {
                     self.flush();
                     self.switch.count_rx(FIRST_TAP, count.0, count.1);
                     return Ok(());
                 };
-                match self.ingress(now, &buf[..n], &mut count) {
+                match self.ingress(now, &buf[..n], cap, &mut count) {
                     Some(to) => {
                         let stats = &mut self.engine.ctx.stats;
                         self.shared.hand_over(
@@ -414,6 +415,7 @@ impl Worker {
         let mut count = (0u64, 0u64);
         let frames = std::mem::take(&mut self.ring_frames);
         let vnet_hdr = self.tap_in.as_ref().is_some_and(|t| t.vnet_hdr());
+        let mut cap = self.capture.batch();
         for (i, &(bid, len)) in frames.iter().enumerate() {
             bufs.handle(bid, len, |buf| {
                 if buf.is_empty() {
@@ -431,12 +433,13 @@ impl Worker {
                 } else {
                     buf
                 };
-                if let Some(to) = self.ingress(now, frame, &mut count) {
+                if let Some(to) = self.ingress(now, frame, cap, &mut count) {
                     self.copy_over(to, frame);
                 }
             });
             if (i + 1) % MAX_FRAMES_PER_BATCH == 0 {
                 self.flush();
+                cap = self.capture.batch();
             }
         }
         self.ring_frames = frames;
@@ -446,15 +449,17 @@ impl Worker {
         self.host.frames_handled()
     }
 
-    /// A frame read from the TAP queue: captured, switched, counted in `count` (frames,
-    /// bytes), and handled here if this worker owns its flow; else the owner's index.
+    /// A frame read from the TAP queue: captured (`cap`: the batch's capture, if one is on),
+    /// switched, counted in `count` (frames, bytes), and handled here if this worker owns its
+    /// flow; else the owner's index.
     fn ingress(
         &mut self,
         now: hubnat_core::Instant,
         frame: &[u8],
+        cap: Option<crate::capture::Batch>,
         count: &mut (u64, u64),
     ) -> Option<usize> {
-        if let Some(c) = self.capture.batch() {
+        if let Some(c) = cap {
             self.capture.frame(c, frame);
         }
         if self.switch.several() {
