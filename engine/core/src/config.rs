@@ -6,7 +6,7 @@
 //! error names the field as it is written in the file.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -192,6 +192,55 @@ pub struct DnsConfig {
     pub hosts_from_file: Vec<(String, Ipv4Addr)>,
 }
 
+/// How DHCPv6 serves the guests (`ipv6.dhcpv6`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dhcpv6Mode {
+    /// No DHCPv6: the router advertisements alone (SLAAC, RDNSS, DNSSL) configure the guests.
+    Off,
+    /// Information only (RFC 8415 section 6.1): DNS servers and the search list; addresses
+    /// by SLAAC. The advertisements set the O flag.
+    #[default]
+    Stateless,
+    /// Addresses leased from `ipv6.range_start..=range_end` as well (the M flag); SLAAC stays
+    /// offered, so a guest without a DHCPv6 client still gets an address.
+    Stateful,
+}
+
+/// The virtual host on IPv6: its addresses, its router advertisements and DHCPv6.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Ipv6Config {
+    /// Whether the virtual host serves IPv6 at all (default on); off, IPv6 frames are dropped
+    /// as foreign, as before.
+    pub enabled: bool,
+    /// The segment's /64 (default fd68:7562:6e61:1e::/64, a unique local prefix), advertised
+    /// for SLAAC. Only the first 64 bits are set.
+    pub prefix: Ipv6Addr,
+    /// The virtual host's address in the prefix (default the prefix's ::1). Its link-local
+    /// address is derived from its MAC.
+    pub ip: Ipv6Addr,
+    /// The longest time between unsolicited router advertisements (default 200 s); each is
+    /// sent after a random time between a third of it and it (RFC 4861 6.2.1).
+    pub ra_interval: Duration,
+    /// The router lifetime advertised (default 1800 s; 0 says "not a default router").
+    pub router_lifetime: Duration,
+    /// How DHCPv6 serves (default stateless).
+    pub dhcpv6: Dhcpv6Mode,
+    /// First address a stateful DHCPv6 lease gets (default the prefix's ::1000).
+    pub range_start: Ipv6Addr,
+    /// Last address a stateful DHCPv6 lease gets (default the prefix's ::1fff).
+    pub range_end: Ipv6Addr,
+    /// DNS servers advertised (RDNSS and DHCPv6); default the virtual host's address.
+    pub dns: Vec<Ipv6Addr>,
+}
+
+impl Ipv6Config {
+    /// Whether `ip` is in the segment's /64.
+    pub fn in_prefix(&self, ip: Ipv6Addr) -> bool {
+        ip.segments()[..4] == self.prefix.segments()[..4]
+    }
+}
+
 /// The security log's line format.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -236,6 +285,8 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     /// The DNS relay's settings.
     pub dns: DnsConfig,
+    /// The virtual host on IPv6.
+    pub ipv6: Ipv6Config,
     /// Where state that must survive a restart is kept (the chosen MAC, the lease table).
     pub state_dir: Option<PathBuf>,
     /// The operator's side: control socket, security log, metrics.
@@ -321,6 +372,9 @@ pub struct RawConfig {
     /// The `[dns]` table.
     #[serde(default)]
     pub dns: RawDns,
+    /// The `[ipv6]` table.
+    #[serde(default)]
+    pub ipv6: RawIpv6,
     /// The `[control]` table.
     #[serde(default)]
     pub control: RawControl,
@@ -450,6 +504,34 @@ pub struct RawDns {
     pub hosts_file: Option<String>,
 }
 
+/// The `[ipv6]` table as written.
+#[derive(Clone, Default, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawIpv6 {
+    /// Whether the virtual host serves IPv6 (default true).
+    pub enabled: Option<bool>,
+    /// The segment's prefix, `ADDRESS/64` (default fd68:7562:6e61:1e::/64).
+    pub prefix: Option<String>,
+    /// The virtual host's address in the prefix (default the prefix's ::1).
+    pub ip: Option<String>,
+    /// Most seconds between unsolicited router advertisements, 4 to 1800 (default 200).
+    pub ra_interval: Option<u64>,
+    /// Router lifetime in seconds, 0 to 9000 (default 1800).
+    pub router_lifetime: Option<u64>,
+    /// `off`, `stateless` (the default) or `stateful`.
+    pub dhcpv6: Option<Dhcpv6Mode>,
+    /// First address of stateful DHCPv6 leases (default the prefix's ::1000).
+    pub range_start: Option<String>,
+    /// Last address of stateful DHCPv6 leases (default the prefix's ::1fff).
+    pub range_end: Option<String>,
+    /// DNS servers advertised; missing: the virtual host's address; `[]`: none.
+    pub dns: Option<Vec<String>>,
+}
+
+/// The default `ipv6.prefix`: a unique local /64 (RFC 4193), fixed so that a guest's
+/// addresses survive a restart.
+pub const DEFAULT_IPV6_PREFIX: Ipv6Addr = Ipv6Addr::new(0xfd68, 0x7562, 0x6e61, 0x1e, 0, 0, 0, 0);
+
 pub(crate) const DEFAULT_HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 1);
 pub(crate) const DEFAULT_MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
 pub(crate) const DEFAULT_RANGE_START: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
@@ -564,6 +646,7 @@ impl Config {
             // unless `dhcp.dns` names servers of its own.
             dhcp.dns = vec![a];
         }
+        let ipv6 = ipv6_config(raw)?;
         let control = control_config(raw)?;
         let forwards = crate::forward::validate_all(&raw.forwards)?;
         let mut cfg = Config {
@@ -574,6 +657,7 @@ impl Config {
             nat,
             dhcp,
             dns,
+            ipv6,
             state_dir: raw.state_dir.as_ref().map(PathBuf::from),
         };
         // Last: a reserved address must be none that any other part gives or answers at.
@@ -598,6 +682,119 @@ impl Config {
     pub fn host_addresses(&self) -> [Ipv4Addr; 2] {
         [self.host.ip, self.dns.address.unwrap_or(self.host.ip)]
     }
+}
+
+fn parse_ip6(field: &'static str, v: &str) -> Result<Ipv6Addr, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| field_err(field, format!("`{v}` is not an IPv6 address")))
+}
+
+/// `prefix`'s first 64 bits with `iid` as the last 64.
+fn in_64(prefix: Ipv6Addr, iid: u64) -> Ipv6Addr {
+    Ipv6Addr::from((u128::from(prefix) & !u128::from(u64::MAX)) | u128::from(iid))
+}
+
+/// `[ipv6]`: the virtual host's IPv6 side.
+fn ipv6_config(raw: &RawConfig) -> Result<Ipv6Config, ConfigError> {
+    let r = &raw.ipv6;
+    let prefix = match r.prefix.as_deref().map(str::trim) {
+        None => DEFAULT_IPV6_PREFIX,
+        Some(v) => {
+            let bad = |why: &str| field_err("ipv6.prefix", format!("`{v}`: {why}"));
+            let (addr, len) = v.split_once('/').unwrap_or((v, "64"));
+            let addr = parse_ip6("ipv6.prefix", addr)?;
+            if len.trim() != "64" {
+                return Err(bad(
+                    "the prefix must be a /64 (SLAAC needs 64 bits of interface id)",
+                ));
+            }
+            if u128::from(addr) & u128::from(u64::MAX) != 0 {
+                return Err(bad("has bits set past the /64"));
+            }
+            let unicast = !(addr.is_multicast()
+                || addr.is_unspecified()
+                || addr.is_loopback()
+                || addr.segments()[0] & 0xffc0 == 0xfe80);
+            if !unicast {
+                return Err(bad(
+                    "must be a unicast prefix (not link-local, multicast or ::)",
+                ));
+            }
+            addr
+        }
+    };
+    let cfg = Ipv6Config {
+        enabled: r.enabled.unwrap_or(true),
+        prefix,
+        ip: in_64(prefix, 1),
+        ra_interval: secs("ipv6.ra_interval", r.ra_interval, 200)?,
+        router_lifetime: Duration::from_secs(r.router_lifetime.unwrap_or(1800)),
+        dhcpv6: r.dhcpv6.unwrap_or_default(),
+        range_start: in_64(prefix, 0x1000),
+        range_end: in_64(prefix, 0x1fff),
+        dns: Vec::new(),
+    };
+    let in_prefix = |field: &'static str, v: &Option<String>, d: Ipv6Addr| match v {
+        None => Ok(d),
+        Some(v) => {
+            let a = parse_ip6(field, v)?;
+            if !cfg.in_prefix(a) || u128::from(a) & u128::from(u64::MAX) == 0 {
+                return Err(field_err(
+                    field,
+                    format!("{a} is not a host address in {prefix}/64"),
+                ));
+            }
+            Ok(a)
+        }
+    };
+    let ip = in_prefix("ipv6.ip", &r.ip, cfg.ip)?;
+    let range_start = in_prefix("ipv6.range_start", &r.range_start, cfg.range_start)?;
+    let range_end = in_prefix("ipv6.range_end", &r.range_end, cfg.range_end)?;
+    if range_start > range_end {
+        return Err(field_err(
+            "ipv6.range_end",
+            format!("{range_end} is below ipv6.range_start {range_start}"),
+        ));
+    }
+    if (range_start..=range_end).contains(&ip) {
+        return Err(field_err(
+            "ipv6.ip",
+            format!("{ip} is inside the DHCPv6 range {range_start}..={range_end}"),
+        ));
+    }
+    let ra = cfg.ra_interval.as_secs();
+    if !(4..=1800).contains(&ra) {
+        return Err(field_err(
+            "ipv6.ra_interval",
+            format!("{ra} is outside 4..=1800"),
+        ));
+    }
+    let lifetime = cfg.router_lifetime.as_secs();
+    if lifetime > 9000 {
+        return Err(field_err(
+            "ipv6.router_lifetime",
+            format!("{lifetime} is above 9000 (RFC 4861)"),
+        ));
+    }
+    let dns = match &r.dns {
+        None => vec![ip],
+        Some(list) => {
+            if list.len() > 3 {
+                return Err(field_err("ipv6.dns", "at most 3 servers"));
+            }
+            list.iter()
+                .map(|v| parse_ip6("ipv6.dns", v))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    Ok(Ipv6Config {
+        ip,
+        range_start,
+        range_end,
+        dns,
+        ..cfg
+    })
 }
 
 /// `[host]`: the virtual host's interface.
@@ -1142,6 +1339,48 @@ mod tests {
         assert_eq!(c.dhcp.gateway, Some(Ipv4Addr::new(192, 168, 30, 1)));
         assert_eq!(c.dhcp.dns, vec![Ipv4Addr::new(192, 168, 30, 1)]);
         assert_eq!(c.host.mac, None);
+    }
+
+    #[test]
+    fn ipv6_defaults_and_refusals() {
+        let c = Config::defaults();
+        assert!(c.ipv6.enabled);
+        assert_eq!(
+            c.ipv6.prefix,
+            "fd68:7562:6e61:1e::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            c.ipv6.ip,
+            "fd68:7562:6e61:1e::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(c.ipv6.dns, vec![c.ipv6.ip]);
+        assert_eq!(c.ipv6.dhcpv6, Dhcpv6Mode::Stateless);
+        assert!(c.ipv6.in_prefix(c.ipv6.range_start) && c.ipv6.range_start < c.ipv6.range_end);
+        let c = load("[ipv6]\nprefix = \"fd00:1::/64\"\ndhcpv6 = \"stateful\"\n").unwrap();
+        assert_eq!(c.ipv6.ip, "fd00:1::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.ipv6.range_end,
+            "fd00:1::1fff".parse::<Ipv6Addr>().unwrap()
+        );
+        for (text, field) in [
+            ("prefix = \"fd00:1::/48\"", "ipv6.prefix"),
+            ("prefix = \"fd00:1::5/64\"", "ipv6.prefix"),
+            ("prefix = \"fe80::/64\"", "ipv6.prefix"),
+            ("prefix = \"ff02::/64\"", "ipv6.prefix"),
+            ("prefix = \"nonsense/64\"", "ipv6.prefix"),
+            ("ip = \"fd00:2::1\"", "ipv6.ip"),
+            ("ip = \"fd68:7562:6e61:1e::1000\"", "ipv6.ip"),
+            (
+                "range_start = \"fd68:7562:6e61:1e::2000\"",
+                "ipv6.range_end",
+            ),
+            ("ra_interval = 2", "ipv6.ra_interval"),
+            ("router_lifetime = 9001", "ipv6.router_lifetime"),
+            ("dns = [\"x\"]", "ipv6.dns"),
+        ] {
+            let e = load(&format!("[ipv6]\n{text}\n")).unwrap_err();
+            assert_eq!(field_of(e), field, "{text}");
+        }
     }
 
     #[test]

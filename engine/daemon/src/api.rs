@@ -13,7 +13,9 @@ use serde_json::Value;
 
 use crate::leases::{unix_millis, WallClock};
 use crate::state::write_atomically;
-use hubnat_core::config::{Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawNat};
+use hubnat_core::config::{
+    Config, RawConfig, RawControl, RawDhcp, RawDns, RawHost, RawIpv6, RawNat,
+};
 use hubnat_core::forward::Forward;
 use hubnat_core::nat::Proto;
 use hubnat_core::output::FrameBatch;
@@ -549,6 +551,17 @@ pub fn effective_raw(cfg: &Config) -> RawConfig {
                     .collect(),
             ),
             hosts_file: blank(cfg.dns.hosts_file.as_ref().map(|p| p.display())),
+        },
+        ipv6: RawIpv6 {
+            enabled: Some(cfg.ipv6.enabled),
+            prefix: Some(format!("{}/64", cfg.ipv6.prefix)),
+            ip: Some(cfg.ipv6.ip.to_string()),
+            ra_interval: s(cfg.ipv6.ra_interval),
+            router_lifetime: s(cfg.ipv6.router_lifetime),
+            dhcpv6: Some(cfg.ipv6.dhcpv6),
+            range_start: Some(cfg.ipv6.range_start.to_string()),
+            range_end: Some(cfg.ipv6.range_end.to_string()),
+            dns: Some(cfg.ipv6.dns.iter().map(|a| a.to_string()).collect()),
         },
         control: RawControl {
             socket: cfg.control.socket.as_ref().map(|p| p.display().to_string()),

@@ -5,6 +5,7 @@
 pub(crate) mod dhcp_options;
 mod ethernet;
 mod ipv4;
+mod ipv6;
 mod udp;
 
 pub use self::ethernet::mac;
@@ -13,6 +14,13 @@ pub use self::ipv4::ones_sum;
 pub(crate) use self::ipv4::{
     emit_ipv4_header, pseudo_header_sum, push_ipv4, push_ipv4_fragments, Ipv4Header,
     IPV4_HEADER_LEN,
+};
+pub use self::ipv6::link_local;
+#[allow(unused_imports)]
+pub(crate) use self::ipv6::{
+    emit_ipv6_header, is_link_local, multicast_mac, pseudo_header_sum6, push_ipv6, solicited_node,
+    upper_checksum6, verify_upper6, FragmentHeader, Ipv6Header, Ipv6View, DEFAULT_HOP_LIMIT,
+    IPV6_HEADER_LEN,
 };
 pub use self::udp::emit_udp;
 pub(crate) use self::udp::push_udp;
