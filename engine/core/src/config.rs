@@ -1106,28 +1106,17 @@ fn dns_config(
         upstream.push(parse_upstream("dns.upstream", s)?);
     }
     for u in &upstream {
-        if let std::net::SocketAddr::V4(a) = u {
-            if let Some(rule) = crate::nat::policy::denied_by(
-                &nat.egress,
-                crate::nat::Proto::Udp,
-                *a.ip(),
-                a.port(),
-            ) {
-                return Err(field_err(
-                    "dns.upstream",
-                    format!("{u} is denied by the egress rule `{rule}`"),
-                ));
-            }
+        let denied =
+            crate::nat::policy::denied_by(&nat.egress, crate::nat::Proto::Udp, u.ip(), u.port());
+        if let Some(rule) = denied {
+            return Err(field_err(
+                "dns.upstream",
+                format!("{u} is denied by the egress rule `{rule}`"),
+            ));
         }
     }
     if upstream.is_empty() {
-        // The relay's sockets are IPv4.
-        upstream = machine
-            .nameservers
-            .iter()
-            .copied()
-            .filter(SocketAddr::is_ipv4)
-            .collect();
+        upstream = machine.nameservers.clone();
     }
     let address = match raw.dns.address.as_deref().map(str::trim) {
         None | Some("") => None,

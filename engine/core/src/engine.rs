@@ -1,6 +1,6 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -51,7 +51,7 @@ pub struct Ctx {
     /// Where a guest's DNS over TCP to the virtual host is carried: the runtime's listener
     /// that answers local names and passes the rest on (see `Engine::route_tcp_dns`), or,
     /// without one, straight to the first upstream resolver.
-    pub dns_over_tcp: Option<SocketAddrV4>,
+    pub dns_over_tcp: Option<std::net::SocketAddr>,
     /// The port takes TCP super-frames toward the guest (a TAP whose frames carry virtio-net
     /// headers): a connection sends up to 64 KiB a frame, which the guest's side of the port
     /// cuts into segments of the connection's MSS (`FrameBatch::iter_gso`).
@@ -68,18 +68,18 @@ pub trait SharedSessions: Send + Sync {
     fn next_session_id(&self) -> u32;
     /// Counts a new session of `proto` for `guest`, unless `total` sessions of `proto` or
     /// `per_guest` of them for `guest` are already counted; false then.
-    fn admit(&self, proto: Proto, guest: Ipv4Addr, total: usize, per_guest: usize) -> bool;
+    fn admit(&self, proto: Proto, guest: IpAddr, total: usize, per_guest: usize) -> bool;
     /// Ends what `admit` counted.
-    fn release(&self, proto: Proto, guest: Ipv4Addr);
+    fn release(&self, proto: Proto, guest: IpAddr);
     /// Takes a half-open (connecting) TCP slot for `guest` unless `max` are taken, or
     /// `per_guest` of them by `guest`.
-    fn admit_half_open(&self, guest: Ipv4Addr, max: usize, per_guest: usize) -> bool;
+    fn admit_half_open(&self, guest: IpAddr, max: usize, per_guest: usize) -> bool;
     /// Gives back what `admit_half_open` took.
-    fn release_half_open(&self, guest: Ipv4Addr);
+    fn release_half_open(&self, guest: IpAddr);
     /// TCP connections connecting to their destination, across the engines.
     fn half_open(&self) -> usize;
     /// Sessions of `proto` counted for `guest`.
-    fn count(&self, proto: Proto, guest: Ipv4Addr) -> usize;
+    fn count(&self, proto: Proto, guest: IpAddr) -> usize;
     /// Changes whenever the source bindings change (engines copy them again then).
     fn bindings_generation(&self) -> u64;
     /// A copy of the source bindings.
@@ -135,7 +135,7 @@ impl Ctx {
     /// faster than `nat.new_sessions_per_second`, or, across the engines of a multi-worker
     /// runtime (`share_sessions`), when `nat.max_sessions` or `nat.max_sessions_per_guest` is
     /// reached (a lone engine's protocols check their own tables for those).
-    pub(crate) fn admit_session(&mut self, now: Instant, proto: Proto, guest: Ipv4Addr) -> bool {
+    pub(crate) fn admit_session(&mut self, now: Instant, proto: Proto, guest: IpAddr) -> bool {
         let rate = self.cfg.nat.new_sessions_per_second;
         if !self.new_sessions.admit(now, guest, rate) {
             return false;
@@ -152,7 +152,7 @@ impl Ctx {
     }
 
     /// Ends what `admit_session` counted.
-    pub(crate) fn release_session(&self, proto: Proto, guest: Ipv4Addr) {
+    pub(crate) fn release_session(&self, proto: Proto, guest: IpAddr) {
         if let Some(l) = &self.shared {
             l.release(proto, guest);
         }
@@ -161,7 +161,7 @@ impl Ctx {
     /// Takes a slot of `nat.max_half_open` shared by the engines of a multi-worker runtime (a
     /// TCP connection whose sock-side connect is in progress); false when they are all taken. Always
     /// true for a lone engine (TCP counts its own).
-    pub(crate) fn admit_half_open(&self, guest: Ipv4Addr) -> bool {
+    pub(crate) fn admit_half_open(&self, guest: IpAddr) -> bool {
         let nat = &self.cfg.nat;
         match &self.shared {
             Some(l) => l.admit_half_open(guest, nat.max_half_open, nat.max_half_open_per_guest),
@@ -170,7 +170,7 @@ impl Ctx {
     }
 
     /// Gives back what `admit_half_open` took.
-    pub(crate) fn release_half_open(&self, guest: Ipv4Addr) {
+    pub(crate) fn release_half_open(&self, guest: IpAddr) {
         if let Some(l) = &self.shared {
             l.release_half_open(guest);
         }
@@ -180,6 +180,28 @@ impl Ctx {
     /// the DNS address).
     pub(crate) fn is_host_address(&self, ip: Ipv4Addr) -> bool {
         self.cfg.is_host_address(ip)
+    }
+
+    /// The MAC of the guest at `ip`, as the neighbour tables know it (ARP for IPv4, neighbour
+    /// discovery for IPv6).
+    pub(crate) fn neighbour(&self, ip: IpAddr) -> Option<Mac> {
+        match ip {
+            IpAddr::V4(ip) => self.arp.lookup(ip),
+            IpAddr::V6(ip) => self.nd_lookup(ip),
+        }
+    }
+
+    /// Whether `ip` is one of the virtual host's IPv6 addresses: its link-local (from its
+    /// MAC) and its address in the prefix.
+    pub(crate) fn is_host_address6(&self, ip: Ipv6Addr) -> bool {
+        ip == self.cfg.ipv6.ip || ip == crate::wire::link_local(self.mac)
+    }
+
+    /// The MAC of the guest at IPv6 address `ip` (neighbour discovery's cache).
+    pub(crate) fn nd_lookup(&self, ip: Ipv6Addr) -> Option<Mac> {
+        // Filled in by neighbour discovery (vhost::ndp).
+        let _ = ip;
+        None
     }
 }
 
@@ -664,8 +686,21 @@ impl Engine {
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         let ip = Ipv6View::parse(bytes)?;
-        let _ = (now, src_mac, dst_mac, io, out, ip);
-        Err(DropReason::Foreign)
+        let _ = (src_mac, dst_mac);
+        let query = self.nat.handle_ipv6(now, &mut self.ctx, &ip, io, out)?;
+        match query {
+            Some(q) => self.dns.handle_query(
+                now,
+                &mut self.ctx,
+                &self.dhcp,
+                q.guest,
+                q.server,
+                q.query,
+                io,
+                out,
+            ),
+            None => Ok(()),
+        }
     }
 
     /// Handles an event from a sock-side socket.

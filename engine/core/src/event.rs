@@ -7,7 +7,7 @@
 //! dropped and counted (`Engine::events_lost`).
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::Mac;
@@ -54,9 +54,9 @@ pub enum Event {
         /// The session id (one sequence for every protocol).
         id: u32,
         /// The guest's end (for ICMP, the guest's address and echo ident).
-        src: SocketAddrV4,
+        src: SocketAddr,
         /// The destination as the guest addressed it (for ICMP, port 0).
-        dst: SocketAddrV4,
+        dst: SocketAddr,
     },
     /// A NAT session opened from the sock side: a client reached a guest through a forward.
     /// The seed's log has the same words for it as for `SessionCreated`, with the client as
@@ -68,9 +68,9 @@ pub enum Event {
         /// The session id (the same sequence as every other session's).
         id: u32,
         /// The client, as the guest sees it (`Engine::inbound_source`).
-        src: SocketAddrV4,
+        src: SocketAddr,
         /// The guest's end.
-        dst: SocketAddrV4,
+        dst: SocketAddr,
     },
     /// A NAT session ended.
     SessionDeleted {
@@ -86,7 +86,7 @@ pub enum Event {
         /// The session id.
         id: u32,
         /// The address connected to (on the sock side; the guest's for an inbound session).
-        ip: Ipv4Addr,
+        ip: std::net::IpAddr,
         /// The port connected to.
         port: u16,
     },
@@ -95,9 +95,9 @@ pub enum Event {
         /// The flow's protocol.
         proto: Proto,
         /// The guest's end.
-        src: SocketAddrV4,
+        src: SocketAddr,
         /// The destination as the guest addressed it (port 0 for ICMP).
-        dst: SocketAddrV4,
+        dst: SocketAddr,
     },
     /// The connection of TCP session `id` to its destination failed (for an inbound session:
     /// the guest reset it, or never answered).
@@ -105,7 +105,7 @@ pub enum Event {
         /// The session id.
         id: u32,
         /// The address tried (on the sock side; the guest's for an inbound session).
-        ip: Ipv4Addr,
+        ip: std::net::IpAddr,
         /// The port tried.
         port: u16,
         /// Why, as the sock side put it ("timed out" when no answer came in time).

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use crate::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreachable};
 
@@ -24,7 +24,7 @@ pub enum ConnectOutcome {
 #[derive(Debug)]
 pub struct SimUdp {
     /// The destination it is connected to.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
     /// Datagrams (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
@@ -38,7 +38,7 @@ pub struct SimUdp {
 }
 
 impl SimUdp {
-    fn new(dst: SocketAddrV4) -> SimUdp {
+    fn new(dst: SocketAddr) -> SimUdp {
         SimUdp {
             dst,
             sent: Vec::new(),
@@ -54,7 +54,7 @@ impl SimUdp {
 #[derive(Debug)]
 pub struct SimTcp {
     /// The destination it connects to.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// The connect succeeded.
     pub connected: bool,
     /// Everything the core wrote to the destination.
@@ -77,9 +77,9 @@ pub struct SimTcp {
 #[derive(Debug, Default)]
 pub struct SimIcmp {
     /// Messages the core sent, with their destination, in order.
-    pub sent: Vec<(Ipv4Addr, Vec<u8>)>,
+    pub sent: Vec<(IpAddr, Vec<u8>)>,
     /// Messages (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
-    pub(crate) inbox: VecDeque<Result<(Ipv4Addr, Vec<u8>), io::ErrorKind>>,
+    pub(crate) inbox: VecDeque<Result<(IpAddr, Vec<u8>), io::ErrorKind>>,
     /// The socket's error queue.
     pub(crate) errors: VecDeque<IcmpError>,
     /// The TTL set with `set_ttl` (`None`: the default).
@@ -107,7 +107,7 @@ pub struct SimSockets {
     pub sockets: HashMap<SockId, SimSocket>,
     next_id: SockId,
     /// Per destination; destinations not listed get `default_connect`.
-    pub connect_script: HashMap<SocketAddrV4, ConnectOutcome>,
+    pub connect_script: HashMap<SocketAddr, ConnectOutcome>,
     /// How connects to destinations not in `connect_script` end.
     pub default_connect: ConnectOutcome,
     /// Send-buffer size of each new TCP socket.
@@ -115,7 +115,7 @@ pub struct SimSockets {
     /// Whether ICMP sockets can be opened (the "real" ICMP mode).
     pub icmp_allowed: bool,
     /// Destinations the host has no route to: sends and connects to them fail at once.
-    pub no_route: Vec<Ipv4Addr>,
+    pub no_route: Vec<IpAddr>,
     /// Events a real driver would report; `drain_events` hands them over.
     pub events: VecDeque<SockEvent>,
     /// Ids that were closed, in order.
@@ -218,7 +218,7 @@ impl SimSockets {
     /// A TCP connection accepted from `peer` (a forward's client), as the runtime adopts it
     /// into its socket driver before handing it to the core: connected, nothing received yet.
     /// It takes the next id, as `tcp_connect` would.
-    pub fn adopt_tcp(&mut self, peer: SocketAddrV4) -> SockId {
+    pub fn adopt_tcp(&mut self, peer: SocketAddr) -> SockId {
         let send_space = self.tcp_send_buffer;
         self.alloc(SimSocket::Tcp(SimTcp {
             dst: peer,
@@ -235,7 +235,7 @@ impl SimSockets {
 
     /// A UDP socket connected to `peer` (a forward's client), as the runtime makes one for a
     /// client's first datagram before handing it to the core.
-    pub fn adopt_udp(&mut self, peer: SocketAddrV4) -> SockId {
+    pub fn adopt_udp(&mut self, peer: SocketAddr) -> SockId {
         self.alloc(SimSocket::Udp(SimUdp::new(peer)))
     }
 
@@ -250,7 +250,7 @@ impl SimSockets {
     /// The destination of UDP socket `id` answers with ICMP port unreachable.
     pub fn refuse_udp(&mut self, id: SockId) {
         if let Some(u) = self.udp(id) {
-            let err = crate::nat::icmp_error::port_unreachable(*u.dst.ip());
+            let err = crate::nat::icmp_error::port_unreachable(u.dst.ip());
             self.icmp_error_udp(id, err);
         }
     }
@@ -298,7 +298,7 @@ impl SimSockets {
     }
 
     /// Queues an ICMP message from `from` for the ICMP socket `id` (and raises `Readable`).
-    pub fn deliver_icmp(&mut self, id: SockId, from: Ipv4Addr, message: &[u8]) {
+    pub fn deliver_icmp(&mut self, id: SockId, from: IpAddr, message: &[u8]) {
         if let Some(i) = self.icmp(id) {
             i.inbox.push_back(Ok((from, message.to_vec())));
             self.events.push_back(SockEvent::Readable(id));
@@ -307,9 +307,9 @@ impl SimSockets {
 }
 
 impl SockIo for SimSockets {
-    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+    fn udp_open(&mut self, dst: SocketAddr) -> io::Result<SockId> {
         // Connecting a UDP socket looks its route up.
-        if self.no_route.contains(dst.ip()) {
+        if self.no_route.contains(&dst.ip()) {
             return Err(no_route());
         }
         Ok(self.alloc(SimSocket::Udp(SimUdp::new(dst))))
@@ -318,7 +318,7 @@ impl SockIo for SimSockets {
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
         let unroutable = self.no_route.clone();
         let u = self.udp(id).ok_or_else(bad_id)?;
-        if unroutable.contains(u.dst.ip()) {
+        if unroutable.contains(&u.dst.ip()) {
             return Err(no_route());
         }
         // A pending socket error fails the send (which sends nothing), as the kernel's does.
@@ -340,8 +340,8 @@ impl SockIo for SimSockets {
         Ok(len)
     }
 
-    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        if self.no_route.contains(dst.ip()) {
+    fn tcp_connect(&mut self, dst: SocketAddr) -> io::Result<SockId> {
+        if self.no_route.contains(&dst.ip()) {
             return Err(no_route());
         }
         let outcome = *self
@@ -445,14 +445,14 @@ impl SockIo for SimSockets {
         }
     }
 
-    fn icmp_open(&mut self) -> io::Result<SockId> {
+    fn icmp_open(&mut self, _v6: bool) -> io::Result<SockId> {
         if !self.icmp_allowed {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
         Ok(self.alloc(SimSocket::Icmp(SimIcmp::default())))
     }
 
-    fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+    fn icmp_send(&mut self, id: SockId, dst: IpAddr, message: &[u8]) -> io::Result<()> {
         if self.no_route.contains(&dst) {
             return Err(no_route());
         }
@@ -474,7 +474,7 @@ impl SockIo for SimSockets {
         buf[..len].copy_from_slice(&data[..len]);
         Ok(Datagram {
             len,
-            from: SocketAddrV4::new(from, 0),
+            from: SocketAddr::new(from, 0),
         })
     }
 
@@ -509,6 +509,7 @@ impl SockIo for SimSockets {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
 
     #[test]
     fn tcp_peek_consume_and_backpressure() {
@@ -517,7 +518,7 @@ mod tests {
             ..SimSockets::default()
         };
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 80);
-        let id = h.tcp_connect(dst).unwrap();
+        let id = h.tcp_connect(std::net::SocketAddr::from(dst)).unwrap();
         assert_eq!(h.drain_events(), vec![SockEvent::Connected(id)]);
         assert_eq!(h.tcp_send(id, b"abcdef").unwrap(), 4);
         assert_eq!(h.tcp_send(id, b"ef").unwrap(), 0);
@@ -536,7 +537,10 @@ mod tests {
     fn tcp_peek_across_the_queue_wrap() {
         let mut h = SimSockets::default();
         let id = h
-            .tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9))
+            .tcp_connect(std::net::SocketAddr::from(SocketAddrV4::new(
+                Ipv4Addr::LOCALHOST,
+                9,
+            )))
             .unwrap();
         let all: Vec<u8> = (0..200u8).collect();
         h.deliver_tcp(id, &all[..100]);
@@ -556,7 +560,10 @@ mod tests {
             ..SimSockets::default()
         };
         let id = h
-            .tcp_connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1))
+            .tcp_connect(std::net::SocketAddr::from(SocketAddrV4::new(
+                Ipv4Addr::LOCALHOST,
+                1,
+            )))
             .unwrap();
         assert_eq!(
             h.drain_events(),

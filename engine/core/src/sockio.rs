@@ -7,7 +7,7 @@
 //! simulated sock side (`sim::`). Readiness comes back to the core as `SockEvent`s.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 /// A sock-side socket, as the driver numbers it.
 pub type SockId = u32;
@@ -35,7 +35,7 @@ pub struct Datagram {
     /// Its length in bytes (as much of it as the buffer took).
     pub len: usize,
     /// Where it came from.
-    pub from: SocketAddrV4,
+    pub from: SocketAddr,
 }
 
 /// Why the network cannot take something to its destination, in the terms of ICMP's
@@ -85,9 +85,11 @@ pub fn unreachable_of(e: &io::Error) -> Option<Unreachable> {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct IcmpError {
     /// Who sent it: a router on the way, or the destination itself; unspecified (0.0.0.0)
-    /// when the host's own stack did, for a next hop it could not reach.
-    pub from: Ipv4Addr,
-    /// ICMP type (3 destination unreachable, 11 time exceeded, 12 parameter problem).
+    /// when the host's own stack did, for a next hop it could not reach. The socket's family.
+    pub from: IpAddr,
+    /// ICMP type (3 destination unreachable, 11 time exceeded, 12 parameter problem), or for
+    /// an IPv6 socket the ICMPv6 type (1 destination unreachable, 2 packet too big, 3 time
+    /// exceeded, 4 parameter problem).
     pub icmp_type: u8,
     /// ICMP code.
     pub code: u8,
@@ -106,7 +108,7 @@ pub struct IcmpError {
 pub trait SockIo {
     /// Opens a UDP socket connected to `dst` (bound to an ephemeral port) for one NAT session;
     /// being connected, it receives only `dst`'s answers and reports its ICMP errors.
-    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;
+    fn udp_open(&mut self, dst: SocketAddr) -> io::Result<SockId>;
     /// Sends one datagram on the UDP socket `id`; returns the bytes sent.
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize>;
     /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting; another
@@ -115,7 +117,7 @@ pub trait SockIo {
     fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize>;
 
     /// Starts a non-blocking connect; its outcome arrives as `Connected` or `ConnectFailed`.
-    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId>;
+    fn tcp_connect(&mut self, dst: SocketAddr) -> io::Result<SockId>;
     /// Writes what the socket takes now; `Ok(0)` for a full socket buffer (then `Writable` later).
     fn tcp_send(&mut self, id: SockId, data: &[u8]) -> io::Result<usize>;
     /// Copies received bytes starting `offset` bytes past the front of the receive queue without
@@ -130,11 +132,11 @@ pub trait SockIo {
     /// Resets the connection to the destination (the guest reset it).
     fn tcp_abort(&mut self, id: SockId);
 
-    /// Opens an ICMP echo socket (datagram where unprivileged, raw when privileged);
-    /// `Err(Unsupported)`-like errors make the core fall back to dummy replies.
-    fn icmp_open(&mut self) -> io::Result<SockId>;
-    /// Sends an ICMP echo request (header and data) to `dst`.
-    fn icmp_send(&mut self, id: SockId, dst: std::net::Ipv4Addr, message: &[u8]) -> io::Result<()>;
+    /// Opens an ICMP echo socket (datagram where unprivileged, raw when privileged), ICMPv6
+    /// with `v6`; `Err(Unsupported)`-like errors make the core fall back to dummy replies.
+    fn icmp_open(&mut self, v6: bool) -> io::Result<SockId>;
+    /// Sends an ICMP echo request (header and data) to `dst`, of the socket's family.
+    fn icmp_send(&mut self, id: SockId, dst: IpAddr, message: &[u8]) -> io::Result<()>;
     /// Receives an ICMP message (from its ICMP header on).
     fn icmp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<Datagram>;
 

@@ -213,7 +213,7 @@ pub fn seed_text(e: &Event) -> String {
 }
 
 /// The "connection successful" line, with the host named `host_name`.
-pub fn tcp_connected_text(id: u32, host_name: &str, ip: std::net::Ipv4Addr, port: u16) -> String {
+pub fn tcp_connected_text(id: u32, host_name: &str, ip: std::net::IpAddr, port: u16) -> String {
     format!("SecureNAT: The connection to TCP session {id}: Host \"{host_name} ({ip})\", Port {port} was successful.")
 }
 
@@ -238,7 +238,7 @@ mod tests {
         };
         let failed = Event::TcpConnectFailed {
             id: 2,
-            ip: std::net::Ipv4Addr::LOCALHOST,
+            ip: std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
             port: 1,
             reason: "refused".into(),
         };
@@ -286,8 +286,8 @@ mod tests {
                 Event::SessionCreated {
                     proto: Proto::Tcp,
                     id: 1,
-                    src,
-                    dst,
+                    src: std::net::SocketAddr::from(src),
+                    dst: std::net::SocketAddr::from(dst),
                 },
                 "SecureNAT: The TCP session 1 was created. Connection source 192.168.30.10:1079, Connection destination 207.46.0.166:1863",
             ),
@@ -295,8 +295,8 @@ mod tests {
                 Event::SessionCreated {
                     proto: Proto::Dns,
                     id: 2,
-                    src,
-                    dst: SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 1), 53),
+                    src: std::net::SocketAddr::from(src),
+                    dst: std::net::SocketAddr::from(SocketAddrV4::new(Ipv4Addr::new(192, 168, 30, 1), 53)),
                 },
                 "SecureNAT: The UDP session 2 was created. Connection source 192.168.30.10:1079, Connection destination 192.168.30.1:53",
             ),
@@ -304,8 +304,8 @@ mod tests {
                 Event::SessionCreated {
                     proto: Proto::Icmp,
                     id: 3,
-                    src: SocketAddrV4::new(c, 7),
-                    dst: SocketAddrV4::new(far, 0),
+                    src: std::net::SocketAddr::from(SocketAddrV4::new(c, 7)),
+                    dst: std::net::SocketAddr::from(SocketAddrV4::new(far, 0)),
                 },
                 "SecureNAT: The ICMP session 3 was created. Connection source 192.168.30.10:7, Connection destination 207.46.0.166:0",
             ),
@@ -313,15 +313,15 @@ mod tests {
                 Event::InboundSessionCreated {
                     proto: Proto::Tcp,
                     id: 5,
-                    src: dst,
-                    dst: src,
+                    src: std::net::SocketAddr::from(dst),
+                    dst: std::net::SocketAddr::from(src),
                 },
                 "SecureNAT: The TCP session 5 was created. Connection source 207.46.0.166:1863, Connection destination 192.168.30.10:1079",
             ),
             (
                 Event::TcpConnected {
                     id: 1,
-                    ip: far,
+                    ip: std::net::IpAddr::from(far),
                     port: 1863,
                 },
                 "SecureNAT: The connection to TCP session 1: Host \"207.46.0.166 (207.46.0.166)\", Port 1863 was successful.",
@@ -329,7 +329,7 @@ mod tests {
             (
                 Event::TcpConnectFailed {
                     id: 4,
-                    ip: far,
+                    ip: std::net::IpAddr::from(far),
                     port: 80,
                     reason: "timed out".into(),
                 },
@@ -354,7 +354,7 @@ mod tests {
             assert_eq!(seed_text(&e), line);
         }
         assert_eq!(
-            tcp_connected_text(1, "baym-sb26.msgr.hotmail.com", far, 1863),
+            tcp_connected_text(1, "baym-sb26.msgr.hotmail.com", std::net::IpAddr::from(far), 1863),
             "SecureNAT: The connection to TCP session 1: Host \"baym-sb26.msgr.hotmail.com (207.46.0.166)\", Port 1863 was successful."
         );
     }
@@ -385,8 +385,8 @@ mod tests {
         let e = Event::InboundSessionCreated {
             proto: Proto::Tcp,
             id: 9,
-            src: client,
-            dst: guest,
+            src: std::net::SocketAddr::from(client),
+            dst: std::net::SocketAddr::from(guest),
         };
         let sub = tracing_subscriber::registry().with(log);
         tracing::subscriber::with_default(sub, || TracingSink::new(0).event(&e));

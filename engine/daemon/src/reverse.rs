@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -18,22 +18,48 @@ pub const CACHE_MAX: usize = 4096;
 
 /// The host name registered for `ip` in the system's resolver (hosts file, DNS, ...), or `None`
 /// when it has none. Blocks.
-pub fn reverse_lookup(ip: Ipv4Addr) -> Option<String> {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
+pub fn reverse_lookup(ip: IpAddr) -> Option<String> {
+    let sin;
+    let sin6;
+    let (addr, len): (*const libc::sockaddr, usize) = match ip {
+        IpAddr::V4(ip) => {
+            sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            (
+                (&sin as *const libc::sockaddr_in).cast(),
+                std::mem::size_of_val(&sin),
+            )
+        }
+        IpAddr::V6(ip) => {
+            sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            (
+                (&sin6 as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of_val(&sin6),
+            )
+        }
     };
     let mut host = [0 as libc::c_char; libc::NI_MAXHOST as usize];
-    // SAFETY: `sin` is a valid sockaddr_in of the length given; `host` is a writable buffer of
-    // the length given; no service buffer is asked for (null, length 0).
+    // SAFETY: `addr` points at a valid sockaddr of the length given, alive for the call;
+    // `host` is a writable buffer of the length given; no service buffer is asked for (null,
+    // length 0).
     let rc = unsafe {
         libc::getnameinfo(
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            addr,
+            len as libc::socklen_t,
             host.as_mut_ptr(),
             host.len() as libc::socklen_t,
             std::ptr::null_mut(),
@@ -53,21 +79,21 @@ pub fn reverse_lookup(ip: Ipv4Addr) -> Option<String> {
 /// A background thread answering lookups; each answer goes to the callback given at spawn with
 /// the token that came with the request.
 pub struct Resolver<T> {
-    tx: SyncSender<(Ipv4Addr, T)>,
+    tx: SyncSender<(IpAddr, T)>,
 }
 
 impl<T: Send + 'static> Resolver<T> {
     /// `queue` bounds the requests waiting; `lookup` is `reverse_lookup` (tests pass their own).
     pub fn spawn(
         queue: usize,
-        lookup: fn(Ipv4Addr) -> Option<String>,
-        mut done: impl FnMut(Ipv4Addr, Option<String>, T) + Send + 'static,
+        lookup: fn(IpAddr) -> Option<String>,
+        mut done: impl FnMut(IpAddr, Option<String>, T) + Send + 'static,
     ) -> io::Result<Resolver<T>> {
-        let (tx, rx) = sync_channel::<(Ipv4Addr, T)>(queue);
+        let (tx, rx) = sync_channel::<(IpAddr, T)>(queue);
         std::thread::Builder::new()
             .name("hubnat-resolve".into())
             .spawn(move || {
-                let mut cache: HashMap<Ipv4Addr, (Option<String>, Instant)> = HashMap::new();
+                let mut cache: HashMap<IpAddr, (Option<String>, Instant)> = HashMap::new();
                 for (ip, token) in rx {
                     let now = Instant::now();
                     let name = match cache.get(&ip) {
@@ -88,7 +114,7 @@ impl<T: Send + 'static> Resolver<T> {
     }
 
     /// Queues a lookup; gives the token back at once when the queue is full or the thread gone.
-    pub fn submit(&self, ip: Ipv4Addr, token: T) -> Result<(), T> {
+    pub fn submit(&self, ip: IpAddr, token: T) -> Result<(), T> {
         match self.tx.try_send((ip, token)) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full((_, t))) | Err(TrySendError::Disconnected((_, t))) => Err(t),
@@ -99,19 +125,24 @@ impl<T: Send + 'static> Resolver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
     use std::sync::mpsc::channel;
 
-    fn fake(ip: Ipv4Addr) -> Option<String> {
-        if ip.octets()[3] == 9 {
+    fn fake(ip: IpAddr) -> Option<String> {
+        if ip == IpAddr::from([10, 0, 0, 9]) {
             std::thread::sleep(Duration::from_millis(200));
         }
-        (ip.octets()[3] != 0).then(|| format!("host-{}", ip.octets()[3]))
+        let last = match ip {
+            IpAddr::V4(v4) => v4.octets()[3],
+            IpAddr::V6(v6) => v6.octets()[15],
+        };
+        (last != 0).then(|| format!("host-{last}"))
     }
 
     #[test]
     fn loopback_has_a_name() {
         // /etc/hosts names 127.0.0.1 on every system the tests run on; no DNS is asked.
-        assert!(reverse_lookup(Ipv4Addr::LOCALHOST).is_some());
+        assert!(reverse_lookup(Ipv4Addr::LOCALHOST.into()).is_some());
     }
 
     #[test]
@@ -121,21 +152,21 @@ mod tests {
             tx.send((ip, name, tok)).unwrap();
         })
         .unwrap();
-        r.submit(Ipv4Addr::new(10, 0, 0, 9), 1).unwrap(); // slow: the thread is busy with it
+        r.submit(Ipv4Addr::new(10, 0, 0, 9).into(), 1).unwrap(); // slow: the thread is busy with it
         std::thread::sleep(Duration::from_millis(50));
-        r.submit(Ipv4Addr::new(10, 0, 0, 0), 2).unwrap(); // fills the queue of one
+        r.submit(Ipv4Addr::new(10, 0, 0, 0).into(), 2).unwrap(); // fills the queue of one
         let start = Instant::now();
-        assert_eq!(r.submit(Ipv4Addr::new(10, 0, 0, 3), 3), Err(3));
+        assert_eq!(r.submit(Ipv4Addr::new(10, 0, 0, 3).into(), 3), Err(3));
         assert!(
             start.elapsed() < Duration::from_millis(50),
             "submit must not wait"
         );
         let a = rx.recv_timeout(Duration::from_secs(2)).unwrap();
-        assert_eq!(a, (Ipv4Addr::new(10, 0, 0, 9), Some("host-9".into()), 1));
+        assert_eq!(a, (IpAddr::from([10, 0, 0, 9]), Some("host-9".into()), 1));
         let b = rx.recv_timeout(Duration::from_secs(2)).unwrap();
-        assert_eq!(b, (Ipv4Addr::new(10, 0, 0, 0), None, 2));
+        assert_eq!(b, (IpAddr::from([10, 0, 0, 0]), None, 2));
         // Cached: the slow address answers at once the second time.
-        r.submit(Ipv4Addr::new(10, 0, 0, 9), 4).unwrap();
+        r.submit(Ipv4Addr::new(10, 0, 0, 9).into(), 4).unwrap();
         let c = rx.recv_timeout(Duration::from_millis(100)).unwrap();
         assert_eq!(c.2, 4);
     }

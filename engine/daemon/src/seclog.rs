@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -109,7 +109,7 @@ impl SecurityLog {
         max_bytes: Option<u64>,
     ) -> io::Result<SecurityLog> {
         let file = RotatingFile::open(path, max_bytes)?;
-        let lookup: fn(Ipv4Addr) -> Option<String> = self::reverse_lookup;
+        let lookup: fn(IpAddr) -> Option<String> = self::reverse_lookup;
         Self::with_writer(Box::new(file), format, reverse_lookup.then_some(lookup))
     }
 
@@ -117,7 +117,7 @@ impl SecurityLog {
     pub fn with_writer(
         mut out: Box<dyn Write + Send>,
         format: LogFormat,
-        lookup: Option<fn(Ipv4Addr) -> Option<String>>,
+        lookup: Option<fn(IpAddr) -> Option<String>>,
     ) -> io::Result<SecurityLog> {
         let (tx, rx) = sync_channel::<Line>(QUEUE);
         let lost = Arc::new(AtomicU64::new(0));
@@ -318,7 +318,7 @@ impl<S: Subscriber> Layer<S> for SecurityLog {
             &self.resolver,
             f.event.as_deref(),
             f.session,
-            f.ip.as_deref().and_then(|s| s.parse::<Ipv4Addr>().ok()),
+            f.ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()),
             f.port,
         ) {
             if f.host_name.as_deref() == Some(&ip.to_string()) {
@@ -343,6 +343,7 @@ mod tests {
     use super::*;
     use hubnat_core::event::Event;
     use hubnat_runtime::events::EventSink;
+    use std::net::Ipv4Addr;
     use std::sync::Mutex;
     use std::time::Duration;
     use tracing_subscriber::layer::SubscriberExt;
@@ -374,8 +375,8 @@ mod tests {
         }
     }
 
-    fn fake_lookup(ip: Ipv4Addr) -> Option<String> {
-        (ip == Ipv4Addr::new(207, 46, 0, 166)).then(|| "baym-sb26.msgr.hotmail.com".into())
+    fn fake_lookup(ip: IpAddr) -> Option<String> {
+        (ip == IpAddr::from([207, 46, 0, 166])).then(|| "baym-sb26.msgr.hotmail.com".into())
     }
 
     fn emit_seed_example() {
@@ -395,12 +396,12 @@ mod tests {
             Event::SessionCreated {
                 proto: tcp,
                 id: 1,
-                src,
-                dst,
+                src: std::net::SocketAddr::from(src),
+                dst: std::net::SocketAddr::from(dst),
             },
             Event::TcpConnected {
                 id: 1,
-                ip: *dst.ip(),
+                ip: std::net::IpAddr::from(*dst.ip()),
                 port: 1863,
             },
             Event::SessionDeleted { proto: tcp, id: 1 },

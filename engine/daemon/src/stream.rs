@@ -601,12 +601,12 @@ mod tests {
             Event::SessionCreated {
                 proto: Proto::Tcp,
                 id: 7,
-                src,
-                dst,
+                src: std::net::SocketAddr::from(src),
+                dst: std::net::SocketAddr::from(dst),
             },
             Event::TcpConnected {
                 id: 7,
-                ip: far,
+                ip: std::net::IpAddr::from(far),
                 port: 1863,
             },
             Event::SessionDeleted {
@@ -615,18 +615,18 @@ mod tests {
             },
             Event::EgressRefused {
                 proto: Proto::Udp,
-                src,
-                dst,
+                src: std::net::SocketAddr::from(src),
+                dst: std::net::SocketAddr::from(dst),
             },
             Event::InboundSessionCreated {
                 proto: Proto::Tcp,
                 id: 8,
-                src: dst,
-                dst: src,
+                src: std::net::SocketAddr::from(dst),
+                dst: std::net::SocketAddr::from(src),
             },
             Event::TcpConnectFailed {
                 id: 9,
-                ip: far,
+                ip: std::net::IpAddr::from(far),
                 port: 80,
                 reason: "timed out".into(),
             },

@@ -21,7 +21,7 @@ pub mod rebase;
 pub mod script;
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use hubnat_core::output::FrameBatch;
@@ -78,7 +78,7 @@ impl Driver {
         host.default_connect = script.default_connect;
         host.icmp_allowed = true;
         for (a, o) in &script.connects {
-            host.connect_script.insert(*a, *o);
+            host.connect_script.insert(SocketAddr::V4(*a), *o);
         }
         Driver {
             engine,

@@ -256,8 +256,8 @@ impl Script {
     }
 
     /// Whether `a` is the DNS upstream the core relays to.
-    pub fn is_upstream(&self, a: SocketAddrV4) -> bool {
-        self.config.dns.upstream.contains(&SocketAddr::V4(a))
+    pub fn is_upstream(&self, a: SocketAddr) -> bool {
+        self.config.dns.upstream.contains(&a)
     }
 }
 
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(s.seed, 1);
         assert_eq!(s.mac(), REPLAY_MAC);
         assert_eq!(s.config.dhcp.domain.as_deref(), Some(REPLAY_DOMAIN));
-        assert!(s.is_upstream(REPLAY_UPSTREAM));
+        assert!(s.is_upstream(REPLAY_UPSTREAM.into()));
         assert_eq!(s.tcp_for(80), TcpBehaviour::Echo);
     }
 

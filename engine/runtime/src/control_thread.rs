@@ -297,7 +297,7 @@ impl Runtime {
         engine.set_batching(true);
         let dns_tcp = match DnsTcp::open(poll.registry(), FIRST_DNS_TCP_TOKEN) {
             Ok(d) => {
-                engine.ctx.dns_over_tcp = Some(d.addr());
+                engine.ctx.dns_over_tcp = Some(d.addr().into());
                 Some(d)
             }
             Err(e) => {
@@ -626,7 +626,8 @@ impl Runtime {
         let owner = if self.workers.len() == 0 || *source.ip() == self.engine.ctx.cfg.host.ip {
             self.router.control()
         } else {
-            self.router.route_flow(proto, target.guest, source)
+            self.router
+                .route_flow(proto, target.guest.into(), source.into())
         };
         let job = InboundJob {
             inbound: inb,

@@ -3,7 +3,7 @@
 //! cheap here.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -21,7 +21,7 @@ const HALF_OPEN: u8 = u8::MAX;
 /// sequence, for every engine of one runtime.
 #[derive(Default)]
 pub struct SharedLimits {
-    counts: Mutex<HashMap<(u8, Ipv4Addr), usize>>,
+    counts: Mutex<HashMap<(u8, IpAddr), usize>>,
     totals: [AtomicU32; 4],
     /// TCP connections whose connect on the sock side is in progress, across the engines.
     half_open: AtomicU32,
@@ -55,7 +55,7 @@ impl SharedSessions for SharedLimits {
         }
     }
 
-    fn admit(&self, proto: Proto, guest: Ipv4Addr, total: usize, per: usize) -> bool {
+    fn admit(&self, proto: Proto, guest: IpAddr, total: usize, per: usize) -> bool {
         let i = proto.index();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry((i as u8, guest)).or_insert(0);
@@ -70,7 +70,7 @@ impl SharedSessions for SharedLimits {
         true
     }
 
-    fn release(&self, proto: Proto, guest: Ipv4Addr) {
+    fn release(&self, proto: Proto, guest: IpAddr) {
         let i = proto.index();
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = counts.get_mut(&(i as u8, guest)) {
@@ -82,7 +82,7 @@ impl SharedSessions for SharedLimits {
         }
     }
 
-    fn admit_half_open(&self, guest: Ipv4Addr, max: usize, per_guest: usize) -> bool {
+    fn admit_half_open(&self, guest: IpAddr, max: usize, per_guest: usize) -> bool {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry((HALF_OPEN, guest)).or_insert(0);
         let taken = *n < per_guest
@@ -100,7 +100,7 @@ impl SharedSessions for SharedLimits {
         taken
     }
 
-    fn release_half_open(&self, guest: Ipv4Addr) {
+    fn release_half_open(&self, guest: IpAddr) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = counts.get_mut(&(HALF_OPEN, guest)) {
             *n -= 1;
@@ -148,7 +148,7 @@ impl SharedSessions for SharedLimits {
         self.with_bindings(|b| b.touch(now, ip));
     }
 
-    fn count(&self, proto: Proto, guest: Ipv4Addr) -> usize {
+    fn count(&self, proto: Proto, guest: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts
             .get(&(proto.index() as u8, guest))

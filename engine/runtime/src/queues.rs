@@ -391,7 +391,10 @@ mod tests {
         e.handle_frame(T0, &f, h, &mut out);
         assert_eq!(e.nat.udp.len(), 1);
         assert_eq!(
-            limits.count(hubnat_core::nat::Proto::Udp, GUEST_IP),
+            limits.count(
+                hubnat_core::nat::Proto::Udp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
             1,
             "one session overall"
         );

@@ -11,9 +11,9 @@
 //! shard captures with this same hash, seeds fixed.
 
 use std::hash::{BuildHasher, Hasher};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use hubnat_core::config::Mac;
 use hubnat_core::Config;
@@ -59,10 +59,13 @@ impl Router {
     /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
     fn flow_hash(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<u64> {
         let eth = EthernetFrame::new_checked(frame).ok()?;
-        if eth.ethertype() != EthernetProtocol::Ipv4
-            || hubnat_core::wire::mac(eth.dst_addr()) != host_mac
-        {
+        if hubnat_core::wire::mac(eth.dst_addr()) != host_mac {
             return None;
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {}
+            EthernetProtocol::Ipv6 => return self.flow_hash6(eth.payload(), cfg),
+            _ => return None,
         }
         let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
         if ip.more_frags() || ip.frag_offset() != 0 {
@@ -85,19 +88,59 @@ impl Router {
             IpProtocol::Icmp => (0, 0),
             _ => return None,
         };
-        let src = SocketAddrV4::new(ip.src_addr(), sp);
-        let dst = SocketAddrV4::new(ip.dst_addr(), dp);
+        let src = SocketAddr::new(ip.src_addr().into(), sp);
+        let dst = SocketAddr::new(ip.dst_addr().into(), dp);
+        Some(self.tuple_hash(ip.next_header(), src, dst))
+    }
+
+    /// `flow_hash` of an IPv6 packet: a guest's TCP, UDP or echo request to an address off the
+    /// segment (or a DNS query any engine relays). Extension headers, multicast, neighbour
+    /// discovery and whatever is for the virtual host itself go to the control thread.
+    fn flow_hash6(&self, packet: &[u8], cfg: &Config) -> Option<u64> {
+        let ip = Ipv6Packet::new_checked(packet).ok()?;
+        let dst = ip.dst_addr();
+        if dst.is_multicast() {
+            return None;
+        }
+        let l4 = ip.payload();
+        let host = dst == cfg.ipv6.ip || hubnat_core::wire::is_link_local6(dst);
+        let (sp, dp) = match ip.next_header() {
+            IpProtocol::Tcp | IpProtocol::Udp => {
+                if host && !relayed_dns6(ip.next_header(), l4, cfg) {
+                    return None;
+                }
+                let p = l4.get(..4)?;
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                )
+            }
+            // Echo requests only: the rest of ICMPv6 is neighbour discovery and errors.
+            IpProtocol::Icmpv6 if !host && l4.first() == Some(&128) => (0, 0),
+            _ => return None,
+        };
+        let src = SocketAddr::new(ip.src_addr().into(), sp);
+        let dst = SocketAddr::new(dst.into(), dp);
         Some(self.tuple_hash(ip.next_header(), src, dst))
     }
 
     /// The owner of the flow between `a` and `b` (either way round): the worker its frames
     /// will be routed to (a forward's accepted connection is handed to it).
-    pub fn route_flow(&self, proto: IpProtocol, a: SocketAddrV4, b: SocketAddrV4) -> usize {
+    pub fn route_flow(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> usize {
         (self.tuple_hash(proto, a, b) % self.workers as u64) as usize
     }
 
-    fn tuple_hash(&self, proto: IpProtocol, a: SocketAddrV4, b: SocketAddrV4) -> u64 {
-        let key = |s: SocketAddrV4| (u64::from(u32::from(*s.ip())) << 16) | u64::from(s.port());
+    fn tuple_hash(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> u64 {
+        let key = |s: SocketAddr| {
+            let ip = match s.ip() {
+                IpAddr::V4(ip) => u64::from(u32::from(ip)),
+                IpAddr::V6(ip) => {
+                    let v = u128::from(ip);
+                    ((v >> 64) as u64) ^ (v as u64)
+                }
+            };
+            (ip << 16) ^ u64::from(s.port())
+        };
         let (a, b) = (key(a), key(b));
         let mut h = self.hasher.build_hasher();
         h.write_u64(a.min(b));
@@ -110,7 +153,12 @@ impl Router {
 /// Whether the datagram in `ip` (transport header and payload `l4`) is a DNS query to the
 /// virtual host that any engine relays or answers alike.
 fn relayed_dns(ip: &Ipv4Packet<&[u8]>, l4: &[u8], cfg: &Config) -> bool {
-    if ip.next_header() != IpProtocol::Udp || l4.len() < 8 || l4[2..4] != 53u16.to_be_bytes() {
+    relayed_dns6(ip.next_header(), l4, cfg)
+}
+
+/// `relayed_dns` of a datagram of protocol `proto` (either family).
+fn relayed_dns6(proto: IpProtocol, l4: &[u8], cfg: &Config) -> bool {
+    if proto != IpProtocol::Udp || l4.len() < 8 || l4[2..4] != 53u16.to_be_bytes() {
         return false;
     }
     let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
@@ -124,6 +172,7 @@ fn relayed_dns(ip: &Ipv4Packet<&[u8]>, l4: &[u8], cfg: &Config) -> bool {
 mod tests {
     use super::*;
     use hubnat_core::testing::*;
+    use std::net::SocketAddrV4;
 
     fn config(toml: &str) -> Config {
         Config::from_raw(&hubnat_core::config::RawConfig::from_toml(toml).unwrap()).unwrap()
@@ -154,8 +203,14 @@ mod tests {
             let client = SocketAddrV4::new(REMOTE_IP, 30000 + port);
             let f = udp_frame(guest, client, b"x");
             let owner = r.route(&f, &plain(), HOST_MAC);
-            assert_eq!(r.route_flow(IpProtocol::Udp, client, guest), owner);
-            assert_eq!(r.route_flow(IpProtocol::Udp, guest, client), owner);
+            assert_eq!(
+                r.route_flow(IpProtocol::Udp, client.into(), guest.into()),
+                owner
+            );
+            assert_eq!(
+                r.route_flow(IpProtocol::Udp, guest.into(), client.into()),
+                owner
+            );
         }
     }
 

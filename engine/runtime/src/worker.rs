@@ -556,7 +556,13 @@ mod tests {
         };
         a.handle_frame(T0, &frame(4001), &mut ha, &mut out);
         b.handle_frame(T0, &frame(4002), &mut hb, &mut out);
-        assert_eq!(limits.count(hubnat_core::nat::Proto::Udp, GUEST_IP), 2);
+        assert_eq!(
+            limits.count(
+                hubnat_core::nat::Proto::Udp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
+            2
+        );
         // A third session on either worker is over the guest's limit.
         a.handle_frame(T0, &frame(4003), &mut ha, &mut out);
         assert_eq!(a.ctx.stats.drops_of(DropReason::Limit), 1);
@@ -566,7 +572,13 @@ mod tests {
         assert_ne!(ia, ib);
         // Shutdown releases what the sessions held: a new one is let through.
         a.shutdown(T0, &mut ha, &mut out);
-        assert_eq!(limits.count(hubnat_core::nat::Proto::Udp, GUEST_IP), 1);
+        assert_eq!(
+            limits.count(
+                hubnat_core::nat::Proto::Udp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
+            1
+        );
         b.handle_frame(T0, &frame(4004), &mut hb, &mut out);
         assert_eq!(b.nat.udp.len(), 2);
     }
@@ -614,7 +626,13 @@ mod tests {
             &mut ha,
             &mut out,
         );
-        assert_eq!(limits.count(hubnat_core::nat::Proto::Tcp, GUEST_IP), 1);
+        assert_eq!(
+            limits.count(
+                hubnat_core::nat::Proto::Tcp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
+            1
+        );
         // The guest's second connection lands on the other worker: still over its limit.
         b.handle_frame(
             T0,
@@ -626,7 +644,13 @@ mod tests {
         assert_eq!(b.sessions().len(), 0);
         // Once the first is gone, the other worker lets a new one through.
         a.shutdown(T0, &mut ha, &mut out);
-        assert_eq!(limits.count(hubnat_core::nat::Proto::Tcp, GUEST_IP), 0);
+        assert_eq!(
+            limits.count(
+                hubnat_core::nat::Proto::Tcp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
+            0
+        );
         b.handle_frame(
             T0,
             &tcp_syn(SocketAddrV4::new(GUEST_IP, 5003), dst),
@@ -661,7 +685,10 @@ mod tests {
         assert_eq!(a.sessions().len(), 1);
         assert_eq!(limits.half_open(), 2);
         assert_eq!(
-            limits.count(hubnat_core::nat::Proto::Tcp, GUEST_IP),
+            limits.count(
+                hubnat_core::nat::Proto::Tcp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
             2,
             "the refused one is not counted"
         );
@@ -701,7 +728,13 @@ mod tests {
         assert_eq!(e.nat.udp.len(), 1);
         e.expire_sessions(T0 + Duration::from_secs(60), &mut h, &mut out);
         assert_eq!(e.nat.udp.len(), 0);
-        assert_eq!(limits.count(hubnat_core::nat::Proto::Udp, GUEST_IP), 0);
+        assert_eq!(
+            limits.count(
+                hubnat_core::nat::Proto::Udp,
+                std::net::IpAddr::from(GUEST_IP)
+            ),
+            0
+        );
         assert_eq!(h.closed.len(), 1);
 
         // A lone engine keeps expiring by itself, as before.

@@ -2555,7 +2555,7 @@ fn run_core(case: &Case, mut fed: Option<&mut Vec<Vec<u8>>>) {
                             HostAct::TcpDrain(n) => io.tcp_drain(id, *n as usize),
                             HostAct::UdpData(x) => io.deliver_udp(id, x),
                             HostAct::UdpRefuse => io.refuse_udp(id),
-                            HostAct::IcmpData(from, x) => io.deliver_icmp(id, *from, x),
+                            HostAct::IcmpData(from, x) => io.deliver_icmp(id, (*from).into(), x),
                         },
                         &mut emit,
                     );
@@ -2585,10 +2585,10 @@ fn run_core(case: &Case, mut fed: Option<&mut Vec<Vec<u8>>>) {
                     |e, now, io, out| {
                         // A refusal is an answer like any other; a panic is the finding.
                         let _ = if i.udp {
-                            let sock = io.adopt_udp(i.client);
+                            let sock = io.adopt_udp(i.client.into());
                             e.udp_inbound(now, sock, i.client, to, &i.payload, io, out)
                         } else {
-                            let sock = io.adopt_tcp(i.client);
+                            let sock = io.adopt_tcp(i.client.into());
                             e.tcp_inbound(now, sock, i.client, to, io, out)
                         };
                     },

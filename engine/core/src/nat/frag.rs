@@ -11,7 +11,7 @@
 //!
 //! Toward the guest the NAT never needs "fragmentation needed": what it sends comes out of sock-side
 //! sockets as whole datagrams, and datagrams larger than the MTU are cut into fragments
-//! (`crate::wire::push_ipv4_fragments`, DF cleared) rather than refused.
+//! (`crate::wire::push_ip_fragments`, DF cleared) rather than refused.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;

@@ -19,22 +19,22 @@
 //! about them (time exceeded from a router, destination unreachable) come back to the guest from
 //! their sender (`nat::icmp_error`): what traceroute's ICMP mode needs.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet};
+use smoltcp::wire::{Icmpv4Packet, IpProtocol};
 
 use crate::config::{Config, IcmpMode};
 use crate::event::Event;
 use crate::nat::icmp_error::{self, Destination, Quote, SockTtl};
 use crate::nat::session::{self, SessionTable};
-use crate::nat::{sock_destination, Direction, Proto, SessionInfo};
+use crate::nat::SessionInfo;
+use crate::nat::{is_guest_address, is_host_ip, sock_destination, Direction, GuestIp, Proto};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
-use crate::wire::{push_ipv4_fragments, Ipv4Header, IPV4_HEADER_LEN};
+use crate::wire::{push_ip_fragments, upper_checksum6, verify_upper6, IpHeader, IPV4_HEADER_LEN};
 use crate::Ctx;
 
 /// A real-mode session ends this long after its last request or reply.
@@ -49,15 +49,15 @@ const MAX_MESSAGE: usize = 65535 - IPV4_HEADER_LEN;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Key {
-    guest: Ipv4Addr,
+    guest: IpAddr,
     ident: u16,
-    dst: Ipv4Addr,
+    dst: IpAddr,
 }
 
 /// What an echo session keeps beyond the table's common part.
 struct Echo {
     /// The destination as pinged on the sock side.
-    host_dst: Ipv4Addr,
+    host_dst: IpAddr,
     /// The last `RECENT` sequence numbers sent, to recognise replies by.
     recent: [Option<u16>; RECENT],
     /// Where in `recent` the next one goes.
@@ -118,7 +118,7 @@ impl IcmpNat {
 
     /// The echo socket of the session of `guest`'s `ident` toward `dst`.
     #[cfg(test)]
-    pub(crate) fn socket_of(&self, guest: Ipv4Addr, ident: u16, dst: Ipv4Addr) -> Option<SockId> {
+    pub(crate) fn socket_of(&self, guest: IpAddr, ident: u16, dst: IpAddr) -> Option<SockId> {
         self.table.socket_of(&Key { guest, ident, dst })
     }
 
@@ -126,27 +126,22 @@ impl IcmpNat {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &GuestIp,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
-        let (ident, seq_no, data) = crate::vhost::icmp::parse_echo_request(ip)?;
-        let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if ctx.is_host_address(dst) {
+        let (ident, seq_no, data) = parse_echo_request(ip)?;
+        let (src, dst) = (ip.src, ip.dst);
+        if is_host_ip(ctx, dst) {
             // A (reassembled) echo request for the virtual host itself.
-            let reply = Icmpv4Repr::EchoReply {
-                ident,
-                seq_no,
-                data,
-            };
-            return emit_to_guest(ctx, out, &mut self.buf, dst, src, &reply);
+            return emit_to_guest(ctx, out, &mut self.buf, (dst, src), (ident, seq_no, data));
         }
-        if !ctx.cfg.in_subnet(src) {
+        if !is_guest_address(ctx, src) {
             return Err(DropReason::Foreign);
         }
-        let from = SocketAddrV4::new(src, ident);
-        let host_dst = match sock_destination(ctx, Proto::Icmp, from, SocketAddrV4::new(dst, 0)) {
-            Ok(d) => *d.ip(),
+        let from = SocketAddr::new(src, ident);
+        let host_dst = match sock_destination(ctx, Proto::Icmp, from, SocketAddr::new(dst, 0)) {
+            Ok(d) => d.ip(),
             Err(DropReason::Policy) => {
                 crate::nat::udp::refuse(ctx, ip, out);
                 return Err(DropReason::Policy);
@@ -154,12 +149,7 @@ impl IcmpNat {
             Err(e) => return Err(e),
         };
         if !self.decide(io) {
-            let reply = Icmpv4Repr::EchoReply {
-                ident,
-                seq_no,
-                data,
-            };
-            return emit_to_guest(ctx, out, &mut self.buf, dst, src, &reply);
+            return emit_to_guest(ctx, out, &mut self.buf, (dst, src), (ident, seq_no, data));
         }
         let key = Key {
             guest: src,
@@ -173,19 +163,12 @@ impl IcmpNat {
         let Some(s) = self.table.get_mut(slot) else {
             return Err(DropReason::Malformed);
         };
-        let request = Icmpv4Repr::EchoRequest {
-            ident,
-            seq_no,
-            data,
-        };
-        let len = request.buffer_len();
-        request.emit(
-            &mut Icmpv4Packet::new_unchecked(&mut self.buf[..len]),
-            &ChecksumCapabilities::default(),
-        );
+        // The host's stack fills an ICMPv6 socket's checksum itself (it needs the source
+        // address it picks); an ICMPv4 message carries its own.
+        let len = build_echo(&mut self.buf, None, ip.is_v6(), true, (ident, seq_no, data))?;
         s.info.last_used = now;
         s.state.quote = Quote::of(ip);
-        s.state.ttl.follow(ip.hop_limit(), s.sock, io);
+        s.state.ttl.follow(ip.ttl, s.sock, io);
         let mut sent = io.icmp_send(s.sock, s.state.host_dst, &self.buf[..len]);
         if let Err(e) = &sent {
             // An error about an earlier request surfaces on this send, which sent nothing.
@@ -216,7 +199,7 @@ impl IcmpNat {
         if let Some(real) = self.real {
             return real;
         }
-        let real = match io.icmp_open() {
+        let real = match io.icmp_open(false) {
             Ok(sock) => {
                 self.probe = Some(sock);
                 true
@@ -238,7 +221,7 @@ impl IcmpNat {
         now: Instant,
         ctx: &mut Ctx,
         key: Key,
-        host_dst: Ipv4Addr,
+        host_dst: IpAddr,
         io: &mut impl SockIo,
     ) -> Result<usize, DropReason> {
         if self.table.len() >= MAX_SESSIONS {
@@ -260,17 +243,22 @@ impl IcmpNat {
         if !ctx.admit_session(now, Proto::Icmp, key.guest) {
             return Err(DropReason::Limit);
         }
-        let sock = match self.probe.take() {
+        let probe = if key.guest.is_ipv6() {
+            None
+        } else {
+            self.probe.take()
+        };
+        let sock = match probe {
             Some(s) => s,
-            None => io.icmp_open().map_err(|e| {
+            None => io.icmp_open(key.guest.is_ipv6()).map_err(|e| {
                 tracing::warn!("ICMP socket could not be opened: {e}");
                 ctx.release_session(Proto::Icmp, key.guest);
                 DropReason::Unsupported
             })?,
         };
         let id = ctx.next_session_id();
-        let guest = SocketAddrV4::new(key.guest, key.ident);
-        let dst = SocketAddrV4::new(key.dst, 0);
+        let guest = SocketAddr::new(key.guest, key.ident);
+        let dst = SocketAddr::new(key.dst, 0);
         ctx.events.push(Event::SessionCreated {
             proto: Proto::Icmp,
             id,
@@ -346,24 +334,31 @@ impl IcmpNat {
             };
             stalled = false;
             let msg = &mut self.buf[..dgram.len];
-            let Ok(mut packet) = Icmpv4Packet::new_checked(&mut msg[..]) else {
+            if msg.len() < 8 {
                 ctx.stats.drop(DropReason::Malformed);
                 continue;
+            }
+            let v6 = s.key.guest.is_ipv6();
+            // The host's stack checked an ICMPv6 reply's checksum (it covers the addresses).
+            let is_reply = if v6 {
+                msg[0] == ECHO_REPLY_V6 && msg[1] == 0
+            } else {
+                let packet = Icmpv4Packet::new_unchecked(&msg[..]);
+                packet.verify_checksum()
+                    && packet.msg_type() == smoltcp::wire::Icmpv4Message::EchoReply
+                    && packet.msg_code() == 0
             };
-            let is_reply = packet.verify_checksum()
-                && packet.msg_type() == smoltcp::wire::Icmpv4Message::EchoReply
-                && packet.msg_code() == 0;
-            let seq = packet.echo_seq_no();
+            let seq = u16::from_be_bytes([msg[6], msg[7]]);
             if !is_reply
-                || *dgram.from.ip() != s.state.host_dst
+                || dgram.from.ip() != s.state.host_dst
                 || !s.state.recent.contains(&Some(seq))
             {
                 ctx.stats.drop(DropReason::Foreign);
                 continue;
             }
             // Back to the guest under its own ident, in place.
-            packet.set_echo_ident(s.key.ident);
-            packet.fill_checksum();
+            msg[4..6].copy_from_slice(&s.key.ident.to_be_bytes());
+            fill_checksum(msg, v6.then_some((s.key.dst, s.key.guest)));
             s.info.last_used = now;
             s.info.packets_to_guest += 1;
             s.info.bytes_to_guest += dgram.len.saturating_sub(8) as u64;
@@ -464,23 +459,91 @@ fn relay_errors(ctx: &mut Ctx, out: &mut FrameBatch, s: &Session, io: &mut impl 
     n
 }
 
-/// Builds `repr` in `buf` and sends it from `src` to the guest `dst`, in fragments if needed.
+const ECHO_REQUEST_V4: u8 = 8;
+const ECHO_REPLY_V4: u8 = 0;
+const ECHO_REQUEST_V6: u8 = 128;
+const ECHO_REPLY_V6: u8 = 129;
+
+/// An echo request: (ident, sequence number, data).
+pub(crate) type EchoMsg<'a> = (u16, u16, &'a [u8]);
+
+/// Checks an ICMP (ICMPv6) message from a guest and returns it if it is an echo request;
+/// anything else is a drop with its reason.
+pub(crate) fn parse_echo_request<'a>(ip: &GuestIp<'a>) -> Result<EchoMsg<'a>, DropReason> {
+    let m = ip.upper;
+    if m.len() < 8 {
+        return Err(DropReason::Malformed);
+    }
+    let (request, sum_ok) = match (ip.src, ip.dst) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => (
+            ECHO_REQUEST_V6,
+            verify_upper6(s, d, IpProtocol::Icmpv6.into(), m),
+        ),
+        _ => (ECHO_REQUEST_V4, crate::wire::ones_sum(m) == 0xffff),
+    };
+    if !sum_ok {
+        return Err(DropReason::BadChecksum);
+    }
+    if m[0] != request || m[1] != 0 {
+        return Err(DropReason::Unsupported);
+    }
+    let ident = u16::from_be_bytes([m[4], m[5]]);
+    let seq = u16::from_be_bytes([m[6], m[7]]);
+    Ok((ident, seq, &m[8..]))
+}
+
+/// Writes the checksum of ICMP message `msg` (ICMPv6 with `v6` = its source and destination).
+fn fill_checksum(msg: &mut [u8], v6: Option<(IpAddr, IpAddr)>) {
+    msg[2..4].fill(0);
+    let sum = match v6 {
+        Some((IpAddr::V6(s), IpAddr::V6(d))) => {
+            upper_checksum6(s, d, IpProtocol::Icmpv6.into(), msg)
+        }
+        _ => !crate::wire::ones_sum(msg),
+    };
+    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Builds an echo request (`request`) or reply into `buf`, ICMPv6 with `v6`; its checksum
+/// with `addrs` (for ICMPv6; left zero without them, for the host's stack to fill). Returns
+/// its length.
+fn build_echo(
+    buf: &mut [u8],
+    addrs: Option<(IpAddr, IpAddr)>,
+    v6: bool,
+    request: bool,
+    (ident, seq, data): EchoMsg,
+) -> Result<usize, DropReason> {
+    let len = 8 + data.len();
+    let msg = buf.get_mut(..len).ok_or(DropReason::Malformed)?;
+    msg[0] = match (v6, request) {
+        (false, true) => ECHO_REQUEST_V4,
+        (false, false) => ECHO_REPLY_V4,
+        (true, true) => ECHO_REQUEST_V6,
+        (true, false) => ECHO_REPLY_V6,
+    };
+    msg[1] = 0;
+    msg[4..6].copy_from_slice(&ident.to_be_bytes());
+    msg[6..8].copy_from_slice(&seq.to_be_bytes());
+    msg[8..].copy_from_slice(data);
+    if v6 && addrs.is_none() {
+        msg[2..4].fill(0);
+    } else {
+        fill_checksum(msg, addrs.filter(|_| v6));
+    }
+    Ok(len)
+}
+
+/// Builds the echo reply to `echo` in `buf` and sends it from `src` to the guest `dst`, in
+/// fragments if needed.
 fn emit_to_guest(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
     buf: &mut [u8],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    repr: &Icmpv4Repr,
+    (src, dst): (IpAddr, IpAddr),
+    echo: EchoMsg,
 ) -> Result<(), DropReason> {
-    let len = repr.buffer_len();
-    if len > buf.len() {
-        return Err(DropReason::Malformed);
-    }
-    repr.emit(
-        &mut Icmpv4Packet::new_unchecked(&mut buf[..len]),
-        &ChecksumCapabilities::default(),
-    );
+    let len = build_echo(buf, Some((src, dst)), dst.is_ipv6(), false, echo)?;
     push_message(ctx, out, src, dst, &buf[..len])
 }
 
@@ -488,13 +551,18 @@ fn emit_to_guest(
 fn push_message(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     msg: &[u8],
 ) -> Result<(), DropReason> {
-    let dst_mac = ctx.arp.lookup(dst).ok_or(DropReason::NoArp)?;
-    let h = Ipv4Header::new(src, dst, IpProtocol::Icmp, ctx.next_ident());
-    push_ipv4_fragments(out, ctx.mac, dst_mac, &h, msg, ctx.cfg.nat.mtu as usize);
+    let dst_mac = ctx.neighbour(dst).ok_or(DropReason::NoArp)?;
+    let proto = if dst.is_ipv6() {
+        IpProtocol::Icmpv6
+    } else {
+        IpProtocol::Icmp
+    };
+    let h = IpHeader::new(src, dst, proto, ctx.next_ident());
+    push_ip_fragments(out, ctx.mac, dst_mac, &h, msg, ctx.cfg.nat.mtu as usize);
     Ok(())
 }
 
@@ -503,7 +571,10 @@ mod tests {
     use super::*;
     use crate::sim::{SimSocket, SimSockets};
     use crate::testing::*;
+    use smoltcp::phy::ChecksumCapabilities;
     use smoltcp::wire::Icmpv4Message;
+    use smoltcp::wire::{Icmpv4Repr, Ipv4Packet};
+    use std::net::Ipv4Addr;
 
     /// The bytes of one ICMP message (header, data, checksum).
     fn icmp_bytes(repr: &Icmpv4Repr) -> Vec<u8> {
@@ -633,7 +704,9 @@ mod tests {
         assert!(out.is_empty());
         let sock = icmp_ids(&h)[0];
         assert_eq!(
-            e.nat.icmp.socket_of(GUEST_IP, 0x4242, REMOTE_IP),
+            e.nat
+                .icmp
+                .socket_of(GUEST_IP.into(), 0x4242, REMOTE_IP.into()),
             Some(sock)
         );
         let (to, msg) = h.icmp(sock).unwrap().sent[0].clone();
@@ -646,12 +719,20 @@ mod tests {
         assert_eq!(rows[0].proto, Proto::Icmp);
 
         // The kernel rewrote the ident: a reply with another ident but our seq is ours.
-        h.deliver_icmp(sock, REMOTE_IP, &reply_msg(999, 5, b"data"));
-        // A reply with a sequence number never sent, one from elsewhere: ignored.
-        h.deliver_icmp(sock, REMOTE_IP, &reply_msg(999, 6, b"data"));
         h.deliver_icmp(
             sock,
-            Ipv4Addr::new(198, 51, 100, 1),
+            std::net::IpAddr::from(REMOTE_IP),
+            &reply_msg(999, 5, b"data"),
+        );
+        // A reply with a sequence number never sent, one from elsewhere: ignored.
+        h.deliver_icmp(
+            sock,
+            std::net::IpAddr::from(REMOTE_IP),
+            &reply_msg(999, 6, b"data"),
+        );
+        h.deliver_icmp(
+            sock,
+            std::net::IpAddr::from(Ipv4Addr::new(198, 51, 100, 1)),
             &reply_msg(999, 5, b"x"),
         );
         pump(&mut e, &mut h, &mut out, T0);

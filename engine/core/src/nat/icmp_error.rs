@@ -17,15 +17,16 @@
 //!   route") is reported as destination unreachable from the virtual host (`unreachable`).
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use smoltcp::wire::{Icmpv4Packet, IpProtocol, Ipv4Packet};
 
 use crate::config::Mac;
+use crate::nat::{host_ip_for, is_guest_address, is_host_ip, is_routable, GuestIp};
 use crate::output::FrameBatch;
 use crate::sockio::{IcmpError, SockId, SockIo, Unreachable};
 use crate::stats::DropReason;
-use crate::wire::{push_ipv4, Ipv4Header, IPV4_HEADER_LEN};
+use crate::wire::{push_ip, upper_checksum6, IpHeader, IPV4_HEADER_LEN, IPV6_HEADER_LEN};
 use crate::Ctx;
 
 /// A guest TTL at least this large is a sender's initial one (64 on Linux, 128 on Windows, 255
@@ -33,63 +34,116 @@ use crate::Ctx;
 pub(crate) const NORMAL_TTL: u8 = 64;
 
 /// RFC 792: an error quotes the offending IP header and the first 64 bits of its payload.
+/// ICMPv6 (RFC 4443) would quote as much as fits in 1280 bytes; the fixed header, the
+/// extension headers and 8 bytes after them are what a receiver matches its socket by.
 const QUOTED_PAYLOAD: usize = 8;
-const QUOTE_LEN: usize = IPV4_HEADER_LEN + QUOTED_PAYLOAD;
+/// Room for an IPv6 quote with a few extension headers; an IPv4 quote takes 28 bytes of it.
+const QUOTE_MAX: usize = 128;
 const ICMP_HEADER_LEN: usize = 8;
 
 const DST_UNREACHABLE: u8 = 3;
 const TIME_EXCEEDED: u8 = 11;
 const PARAMETER_PROBLEM: u8 = 12;
-/// Destination unreachable's "fragmentation needed and DF set".
+/// The code of destination unreachable that says "fragmentation needed" (its MTU in the
+/// second half of the header's last word).
 const FRAG_NEEDED: u8 = 4;
 const ECHO_REQUEST: u8 = 8;
 
-/// What an ICMP error about a guest's datagram quotes: its IP header (options left out) and
-/// the first 8 bytes of its payload, as the guest sent them.
-#[derive(Clone, Copy, Debug, Default)]
+/// ICMPv6's types (RFC 4443).
+pub(crate) const V6_DST_UNREACHABLE: u8 = 1;
+pub(crate) const V6_PACKET_TOO_BIG: u8 = 2;
+pub(crate) const V6_TIME_EXCEEDED: u8 = 3;
+pub(crate) const V6_PARAMETER_PROBLEM: u8 = 4;
+pub(crate) const V6_ECHO_REQUEST: u8 = 128;
+
+/// The start of a guest's datagram as an ICMP error about it quotes it: its IP header (IPv4
+/// options left out, IPv6 extension headers kept) and the first 8 bytes of its payload.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Quote {
-    bytes: [u8; QUOTE_LEN],
+    bytes: [u8; QUOTE_MAX],
     len: u8,
+    /// Where the quoted upper-layer bytes begin.
+    upper_at: u8,
+}
+
+impl Default for Quote {
+    fn default() -> Quote {
+        Quote {
+            bytes: [0; QUOTE_MAX],
+            len: 0,
+            upper_at: 0,
+        }
+    }
 }
 
 impl Quote {
-    /// The quote of `ip`, a whole datagram from a guest.
-    pub(crate) fn of(ip: &Ipv4Packet<&[u8]>) -> Quote {
-        let raw: &[u8] = ip.as_ref();
-        let mut bytes = [0u8; QUOTE_LEN];
-        bytes[..IPV4_HEADER_LEN].copy_from_slice(&raw[..IPV4_HEADER_LEN]);
-        let payload = ip.payload();
-        let n = payload.len().min(QUOTED_PAYLOAD);
-        bytes[IPV4_HEADER_LEN..][..n].copy_from_slice(&payload[..n]);
-        let options = usize::from(ip.header_len()).saturating_sub(IPV4_HEADER_LEN);
+    /// The quote of the guest's datagram `ip`.
+    pub(crate) fn of(ip: &GuestIp) -> Quote {
+        let mut q = Quote::default();
+        let n = ip.upper.len().min(QUOTED_PAYLOAD);
+        if ip.is_v6() {
+            let header = ip.packet.len() - ip.upper.len();
+            let len = (header + n).min(QUOTE_MAX);
+            q.bytes[..len].copy_from_slice(&ip.packet[..len]);
+            q.len = len as u8;
+            q.upper_at = header.min(QUOTE_MAX) as u8;
+            return q;
+        }
+        let raw = ip.packet;
+        q.bytes[..IPV4_HEADER_LEN].copy_from_slice(&raw[..IPV4_HEADER_LEN]);
+        q.bytes[IPV4_HEADER_LEN..][..n].copy_from_slice(&ip.upper[..n]);
+        let options = (raw.len() - ip.upper.len()).saturating_sub(IPV4_HEADER_LEN);
         if options > 0 {
-            // Rare enough to be fixed up rather than kept: the header as if sent without them.
-            let mut h = Ipv4Packet::new_unchecked(&mut bytes[..IPV4_HEADER_LEN]);
+            // The quoted header says it has no options, and its length and checksum agree.
+            let total = u16::from_be_bytes([raw[2], raw[3]]);
+            let mut h = Ipv4Packet::new_unchecked(&mut q.bytes[..IPV4_HEADER_LEN]);
             h.set_header_len(IPV4_HEADER_LEN as u8);
-            h.set_total_len(ip.total_len().saturating_sub(options as u16));
+            h.set_total_len(total.saturating_sub(options as u16));
             h.fill_checksum();
         }
-        Quote {
-            bytes,
-            len: (IPV4_HEADER_LEN + n) as u8,
-        }
+        q.len = (IPV4_HEADER_LEN + n) as u8;
+        q.upper_at = IPV4_HEADER_LEN as u8;
+        q
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
 
-    /// This quote of an echo request with the start of the echo the error quoted put in its
-    /// place (the sequence number says which of the session's requests it was about), under
-    /// the guest's ident: an ICMP session has several requests in flight, and the host's
-    /// ping socket sends them under an ident of its own.
+    fn is_v6(&self) -> bool {
+        self.len > 0 && self.bytes[0] >> 4 == 6
+    }
+
+    /// The quoted upper-layer protocol (for IPv6, the last next-header before it).
+    fn proto(&self) -> Option<IpProtocol> {
+        if self.is_v6() {
+            let at = usize::from(self.upper_at);
+            if at == IPV6_HEADER_LEN {
+                return Some(IpProtocol::from(self.bytes[6]));
+            }
+            // The last extension header's next-header field is not tracked; only the plain
+            // layout (no extension headers) is rewritten.
+            return None;
+        }
+        self.bytes().get(9).map(|&p| IpProtocol::from(p))
+    }
+
+    /// The quote with its echo request's ident and checksum put back as the guest sent them:
+    /// the host's echo socket rewrote the ident, and the error quotes the request as the host
+    /// sent it. `err.quoted` is that request's start.
     fn with_echo(&self, err: &IcmpError) -> Quote {
         let mut q = *self;
-        let payload = &mut q.bytes[IPV4_HEADER_LEN..];
+        let at = usize::from(q.upper_at);
+        let request = if q.is_v6() {
+            V6_ECHO_REQUEST
+        } else {
+            ECHO_REQUEST
+        };
         if err.quoted_len as usize >= QUOTED_PAYLOAD
-            && err.quoted[0] == ECHO_REQUEST
-            && q.len as usize == QUOTE_LEN
+            && err.quoted[0] == request
+            && usize::from(q.len) == at + QUOTED_PAYLOAD
         {
+            let payload = &mut q.bytes[at..at + QUOTED_PAYLOAD];
             let guest_ident = u16::from_be_bytes([payload[4], payload[5]]);
             let host_ident = u16::from_be_bytes([err.quoted[4], err.quoted[5]]);
             let sum = u16::from_be_bytes([err.quoted[2], err.quoted[3]]);
@@ -100,10 +154,14 @@ impl Quote {
         }
         q
     }
+
+    /// The address of the guest that sent the quoted datagram.
+    fn source(&self) -> Option<IpAddr> {
+        quote_source(self.bytes())
+    }
 }
 
-/// A one's-complement checksum after one 16-bit word of what it covers changed from `old` to
-/// `new` (RFC 1624).
+/// A checksum with one 16-bit word of what it covers changed from `old` to `new` (RFC 1624).
 fn adjust_checksum(sum: u16, old: u16, new: u16) -> u16 {
     let mut s = u32::from(!sum) + u32::from(!old) + u32::from(new);
     s = (s & 0xffff) + (s >> 16);
@@ -111,13 +169,14 @@ fn adjust_checksum(sum: u16, old: u16, new: u16) -> u16 {
     !(s as u16)
 }
 
-/// The TTL a session's socket sends with, as last set (0: the host's default).
+/// The TTL a UDP or ICMP session's socket sends with: 0 for the host's default, else the TTL
+/// it was set to.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct SockTtl(u8);
 
 impl SockTtl {
-    /// Makes `sock` send with `guest_ttl` less one (the hop the virtual host is), or with the
-    /// host's default for a normal TTL; a socket call only when that changes.
+    /// Makes `sock` send with the guest's TTL less one (`guest_ttl` is the TTL of the guest's
+    /// latest packet), or with the host's default for a normal TTL; only a change costs a call.
     #[inline]
     pub(crate) fn follow(&mut self, guest_ttl: u8, sock: SockId, io: &mut impl SockIo) {
         if guest_ttl >= NORMAL_TTL && self.0 == 0 {
@@ -128,8 +187,6 @@ impl SockTtl {
 
     #[cold]
     fn set(&mut self, guest_ttl: u8, sock: SockId, io: &mut impl SockIo) {
-        // A datagram with TTL 1 or 0 only gets this far when it is for the virtual host's own
-        // address (a forward's client on the host's loopback): one hop is what it may take.
         let want = if guest_ttl >= NORMAL_TTL {
             0
         } else {
@@ -146,53 +203,47 @@ impl SockTtl {
     }
 }
 
-/// Whether `ip`'s TTL ends at the virtual host although it is to be routed onward; if so, the
-/// guest has been told (time exceeded, from the virtual host) and the packet is to be dropped.
-/// Only called for a TTL of 1 or 0: the caller's one compare keeps everything else off this.
+/// A guest's packet `ip` whose TTL (hop limit) is 1 or 0 and that the NAT would carry onward:
+/// time exceeded goes back from the virtual host, and true says the packet is not carried.
+/// False for what the virtual host takes itself, what is not a guest's, what could not be
+/// carried anyway, and ICMP other than echo requests (no error about an error).
 #[cold]
-pub(crate) fn time_exceeded(ctx: &mut Ctx, ip: &Ipv4Packet<&[u8]>, out: &mut FrameBatch) -> bool {
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    if ctx.is_host_address(dst) {
+pub(crate) fn time_exceeded(ctx: &mut Ctx, ip: &GuestIp, out: &mut FrameBatch) -> bool {
+    let (src, dst) = (ip.src, ip.dst);
+    if is_host_ip(ctx, dst) {
         return false;
     }
-    // What the NAT would not carry anyway (its own network, broadcast, multicast, packets of
-    // no guest) is left to be dropped as such: no ICMP error answers a packet to a group, nor
-    // one from an address hubnat cannot answer.
-    let to_host_loopback = Some(dst) == ctx.cfg.nat.host_loopback;
-    let routable = to_host_loopback
-        || !(dst.is_unspecified()
-            || dst.is_broadcast()
-            || dst.is_multicast()
-            || ctx.cfg.in_subnet(dst));
-    if !routable || !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
+    let to_host_loopback = match dst {
+        IpAddr::V4(d) => Some(d) == ctx.cfg.nat.host_loopback,
+        IpAddr::V6(_) => false,
+    };
+    let routable = to_host_loopback || is_routable(&ctx.cfg, dst);
+    if !routable || !is_guest_address(ctx, src) {
         return false;
     }
-    // An ICMP error never answers an ICMP error (RFC 1122 3.2.2); of ICMP, the NAT only carries
-    // echo requests.
-    if ip.next_header() == IpProtocol::Icmp && ip.payload().first() != Some(&ECHO_REQUEST) {
+    let request = if ip.is_v6() {
+        V6_ECHO_REQUEST
+    } else {
+        ECHO_REQUEST
+    };
+    if ip.proto == ip.icmp_proto() && ip.upper.first() != Some(&request) {
         return false;
     }
-    let quote_len = usize::from(ip.header_len()) + ip.payload().len().min(QUOTED_PAYLOAD);
-    let raw: &[u8] = ip.as_ref();
-    let from = ctx.host_ip();
-    if let Err(why) = push_error(
-        ctx,
-        out,
-        from,
-        src,
-        None,
-        TIME_EXCEEDED,
-        0,
-        [0; 4],
-        &raw[..quote_len],
-    ) {
+    let quote = Quote::of(ip);
+    let from = host_ip_for(ctx, src);
+    let kind = if ip.is_v6() {
+        V6_TIME_EXCEEDED
+    } else {
+        TIME_EXCEEDED
+    };
+    if let Err(why) = push_error(ctx, out, from, src, None, (kind, 0), [0; 4], quote.bytes()) {
         ctx.stats.drop(why);
     }
     true
 }
 
-/// Tells the guest that its datagram (`quote`) could not be sent: the host's routing has no
-/// way to the destination. From the virtual host, the guest's router.
+/// Tells the guest whose datagram `quote` is that its destination is unreachable for `why`,
+/// from the virtual host (its router, which found no way on).
 pub(crate) fn unreachable(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
@@ -203,22 +254,23 @@ pub(crate) fn unreachable(
     let Some(to) = quote_source(quote) else {
         return Err(DropReason::Malformed);
     };
-    let from = ctx.host_ip();
-    push_error(
-        ctx,
-        out,
-        from,
-        to,
-        mac,
-        DST_UNREACHABLE,
-        why.icmp_code(),
-        [0; 4],
-        quote,
-    )
+    let from = host_ip_for(ctx, to);
+    let kind = if to.is_ipv6() {
+        // RFC 4443 3.1: no route 0, administratively prohibited 1, address unreachable 3.
+        let code = match why {
+            Unreachable::Net => 0,
+            Unreachable::Host => 3,
+            Unreachable::Prohibited => 1,
+        };
+        (V6_DST_UNREACHABLE, code)
+    } else {
+        (DST_UNREACHABLE, why.icmp_code())
+    };
+    push_error(ctx, out, from, to, mac, kind, [0; 4], quote)
 }
 
-/// `unreachable` for a failed send or connect whose error says the network refused it; false
-/// (nothing sent) for any other error.
+/// If the host refused a send or connect for want of a route (`e` carries an `Unreachable`),
+/// tells the guest whose datagram `quote` is, and returns true; false for any other error.
 pub(crate) fn report_send_error(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
@@ -235,17 +287,20 @@ pub(crate) fn report_send_error(
     true
 }
 
-/// Where the session's socket really sends, and how the guest addressed it: an error from the
-/// former is shown as from the latter (the host-loopback alias stands for 127.0.0.1).
+/// A session's destination: where its socket sends on the sock side, and the address the
+/// guest addressed (they differ for the host-loopback alias). An error from the one is shown
+/// to the guest as from the other.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Destination {
-    pub(crate) host: Ipv4Addr,
-    pub(crate) shown: Ipv4Addr,
+    pub(crate) host: IpAddr,
+    pub(crate) shown: IpAddr,
 }
 
-/// Relays `err`, which the host's stack received about a session's datagram, to the guest that
-/// sent it (`quote`, the session's quote of its last datagram): the same type and code, from the
-/// router that sent it, or from the destination as the guest knows it.
+/// Relays `err`, an ICMP error the host received about a session's datagram, to the guest
+/// whose datagram `quote` is: from the router that sent it (or from the destination as the
+/// guest knows it, or from the virtual host for one of the host's own stack), with the type,
+/// code and the fields that matter to the guest (the MTU of "fragmentation needed" or "packet
+/// too big", a parameter problem's pointer).
 pub(crate) fn relay(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
@@ -254,86 +309,128 @@ pub(crate) fn relay(
     dst: Destination,
     mac: Option<Mac>,
 ) -> Result<(), DropReason> {
-    let rest = match (err.icmp_type, err.code) {
-        (DST_UNREACHABLE, FRAG_NEEDED) => {
-            let mtu = err.info.min(u32::from(u16::MAX)) as u16;
-            let b = mtu.to_be_bytes();
-            [0, 0, b[0], b[1]]
+    let rest = if quote.is_v6() {
+        match (err.icmp_type, err.code) {
+            (V6_DST_UNREACHABLE, 0..=6) | (V6_TIME_EXCEEDED, 0..=1) => [0; 4],
+            (V6_PACKET_TOO_BIG, _) | (V6_PARAMETER_PROBLEM, _) => err.info.to_be_bytes(),
+            _ => return Err(DropReason::Unsupported),
         }
-        (DST_UNREACHABLE, 0..=15) | (TIME_EXCEEDED, 0..=1) => [0; 4],
-        (PARAMETER_PROBLEM, _) => [err.info.min(255) as u8, 0, 0, 0],
-        _ => return Err(DropReason::Unsupported),
-    };
-    let quote = if quote.bytes().get(9) == Some(&u8::from(IpProtocol::Icmp)) {
-        quote.with_echo(err)
     } else {
-        *quote
+        match (err.icmp_type, err.code) {
+            (DST_UNREACHABLE, FRAG_NEEDED) => {
+                let mtu = err.info.min(u32::from(u16::MAX)) as u16;
+                let b = mtu.to_be_bytes();
+                [0, 0, b[0], b[1]]
+            }
+            (DST_UNREACHABLE, 0..=15) | (TIME_EXCEEDED, 0..=1) => [0; 4],
+            (PARAMETER_PROBLEM, _) => [err.info.min(255) as u8, 0, 0, 0],
+            _ => return Err(DropReason::Unsupported),
+        }
     };
-    let Some(to) = quote_source(quote.bytes()) else {
+    let quote = match quote.proto() {
+        Some(IpProtocol::Icmp) | Some(IpProtocol::Icmpv6) => quote.with_echo(err),
+        _ => *quote,
+    };
+    let Some(to) = quote.source() else {
         return Err(DropReason::Malformed);
     };
     let from = if err.from == dst.host {
         dst.shown
     } else if err.from.is_unspecified() {
-        ctx.host_ip()
+        host_ip_for(ctx, to)
     } else {
         err.from
     };
-    let (kind, code) = (err.icmp_type, err.code);
-    push_error(ctx, out, from, to, mac, kind, code, rest, quote.bytes())
+    if from.is_ipv6() != to.is_ipv6() {
+        return Err(DropReason::Malformed);
+    }
+    let kind = (err.icmp_type, err.code);
+    push_error(ctx, out, from, to, mac, kind, rest, quote.bytes())
 }
 
-/// A port unreachable from `from`, as the host's stack would have queued it.
-pub(crate) fn port_unreachable(from: Ipv4Addr) -> IcmpError {
+/// The error a connected UDP socket reports as "connection refused" when its error queue is
+/// empty: port unreachable from the destination `from`.
+pub(crate) fn port_unreachable(from: IpAddr) -> IcmpError {
+    let (icmp_type, code) = if from.is_ipv6() {
+        (V6_DST_UNREACHABLE, 4)
+    } else {
+        (DST_UNREACHABLE, 3)
+    };
     IcmpError {
         from,
-        icmp_type: DST_UNREACHABLE,
-        code: 3,
+        icmp_type,
+        code,
         info: 0,
         quoted: [0; 8],
         quoted_len: 0,
     }
 }
 
-/// The guest a quote's datagram came from.
-fn quote_source(quote: &[u8]) -> Option<Ipv4Addr> {
-    let src: [u8; 4] = quote.get(12..16)?.try_into().ok()?;
-    Some(Ipv4Addr::from(src))
+/// The source address of the datagram `quote` quotes.
+fn quote_source(quote: &[u8]) -> Option<IpAddr> {
+    match quote.first()? >> 4 {
+        4 => {
+            let src: [u8; 4] = quote.get(12..16)?.try_into().ok()?;
+            Some(IpAddr::from(src))
+        }
+        6 => {
+            let src: [u8; 16] = quote.get(8..24)?.try_into().ok()?;
+            Some(IpAddr::from(src))
+        }
+        _ => None,
+    }
 }
 
-/// Sends an ICMP error (`kind`, `code`, the 4 bytes after the checksum `rest`, then `quote`)
-/// from `from` to the guest `to`, at `mac` (`None`: where the neighbour table says).
+/// Sends ICMP (ICMPv6 when `to` is IPv6) error `kind` (type, code) with `rest` (the
+/// header's second word) and `quote` from `from` to the guest `to`, at `mac` or where its
+/// neighbour entry says.
 #[allow(clippy::too_many_arguments)]
-fn push_error(
+pub(crate) fn push_error(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
-    from: Ipv4Addr,
-    to: Ipv4Addr,
+    from: IpAddr,
+    to: IpAddr,
     mac: Option<Mac>,
-    kind: u8,
-    code: u8,
+    (kind, code): (u8, u8),
     rest: [u8; 4],
     quote: &[u8],
 ) -> Result<(), DropReason> {
     let dst_mac = match mac {
         Some(m) => m,
-        None => ctx.arp.lookup(to).ok_or(DropReason::NoArp)?,
+        None => ctx.neighbour(to).ok_or(DropReason::NoArp)?,
     };
-    let h = Ipv4Header::new(from, to, IpProtocol::Icmp, ctx.next_ident());
+    let v6 = match (from, to) {
+        (IpAddr::V6(f), IpAddr::V6(t)) => Some((f, t)),
+        (IpAddr::V4(_), IpAddr::V4(_)) => None,
+        _ => return Err(DropReason::Malformed),
+    };
+    let proto = if v6.is_some() {
+        IpProtocol::Icmpv6
+    } else {
+        IpProtocol::Icmp
+    };
+    let h = IpHeader::new(from, to, proto, ctx.next_ident());
     let len = ICMP_HEADER_LEN + quote.len();
-    push_ipv4(out, ctx.mac, dst_mac, &h, len, |p| {
+    push_ip(out, ctx.mac, dst_mac, &h, len, |p| {
         p[0] = kind;
         p[1] = code;
         p[2..4].fill(0);
         p[4..8].copy_from_slice(&rest);
         p[ICMP_HEADER_LEN..].copy_from_slice(quote);
-        Icmpv4Packet::new_unchecked(p).fill_checksum();
+        match v6 {
+            Some((f, t)) => {
+                let sum = upper_checksum6(f, t, IpProtocol::Icmpv6.into(), p);
+                p[2..4].copy_from_slice(&sum.to_be_bytes());
+            }
+            None => Icmpv4Packet::new_unchecked(p).fill_checksum(),
+        }
     });
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::net::SocketAddrV4;
 
     use smoltcp::phy::ChecksumCapabilities;
@@ -371,6 +468,8 @@ mod tests {
     }
 
     /// The IP packet of `frame` and its first 8 payload bytes: what an error about it quotes.
+    const QUOTE_LEN: usize = IPV4_HEADER_LEN + QUOTED_PAYLOAD;
+
     fn quote_of(frame: &[u8]) -> Vec<u8> {
         frame[ETHERNET_HEADER_LEN..][..QUOTE_LEN].to_vec()
     }
@@ -400,7 +499,7 @@ mod tests {
 
     fn error(from: Ipv4Addr, icmp_type: u8, code: u8) -> IcmpError {
         IcmpError {
-            from,
+            from: std::net::IpAddr::from(from),
             icmp_type,
             code,
             info: 0,
@@ -600,7 +699,7 @@ mod tests {
     #[test]
     fn unroutable_destinations_get_net_unreachable_from_the_virtual_host() {
         let (mut e, mut h, mut out) = setup_with(|c| c.nat.icmp = IcmpMode::Real);
-        h.no_route.push(REMOTE_IP);
+        h.no_route.push(std::net::IpAddr::from(REMOTE_IP));
         let cases = [
             udp_frame(sa(GUEST_IP, 5000), sa(REMOTE_IP, 53), b"q"),
             echo_frame(REMOTE_IP, 3, 1, 64),
@@ -618,7 +717,7 @@ mod tests {
         h.no_route.clear();
         let (g, d) = (sa(GUEST_IP, 6000), sa(REMOTE_IP, 53));
         e.handle_frame(T0, &udp_frame(g, d, b"1"), &mut h, &mut out);
-        h.no_route.push(REMOTE_IP);
+        h.no_route.push(std::net::IpAddr::from(REMOTE_IP));
         out.clear();
         let frame = udp_frame(g, d, b"2");
         e.handle_frame(T0, &frame, &mut h, &mut out);

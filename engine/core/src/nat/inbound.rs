@@ -182,9 +182,9 @@ mod tests {
     ) {
         let mut out = crate::FrameBatch::new();
         let drops = e.stats().drops_of(why.drop_reason());
-        let tcp = h.adopt_tcp(client);
+        let tcp = h.adopt_tcp(std::net::SocketAddr::from(client));
         assert_eq!(e.tcp_inbound(T0, tcp, client, to, h, &mut out), Err(why));
-        let udp = h.adopt_udp(client);
+        let udp = h.adopt_udp(std::net::SocketAddr::from(client));
         let r = e.udp_inbound(T0, udp, client, to, b"x", h, &mut out);
         assert_eq!(r, Err(why));
         assert!(h.aborted.contains(&tcp) && h.closed.ends_with(&[tcp, udp]));
@@ -260,7 +260,7 @@ mod tests {
         frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x99]);
         e.handle_frame(T0, &frame, &mut h, &mut out);
         assert_eq!(e.sessions().len(), 1, "the other MAC holds the address");
-        let tcp = h.adopt_tcp(CLIENT);
+        let tcp = h.adopt_tcp(std::net::SocketAddr::from(CLIENT));
         let r = e.tcp_inbound(T0, tcp, CLIENT, to, &mut h, &mut out);
         assert_eq!(r, Err(InboundRefused::GuestGone));
         assert!(h.aborted.contains(&tcp) && h.closed.contains(&tcp));

@@ -16,7 +16,7 @@ pub(crate) mod session;
 pub(crate) mod tcp;
 pub(crate) mod udp;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::wire::{IpProtocol, Ipv4Packet};
 
@@ -30,14 +30,68 @@ use crate::Ctx;
 pub use inbound::{InboundRefused, InboundTarget};
 pub use session::{Direction, Proto, SessionInfo};
 
+/// A guest's IP packet as the NAT sees it, of either family: its addresses, TTL (hop limit),
+/// upper-layer protocol and bytes, and the packet as the guest sent it (quoted by ICMP errors).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GuestIp<'a> {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    pub(crate) ttl: u8,
+    pub(crate) proto: IpProtocol,
+    /// The upper-layer bytes (after the IPv4 options or IPv6 extension headers).
+    pub(crate) upper: &'a [u8],
+    /// The whole packet, trimmed to its length.
+    pub(crate) packet: &'a [u8],
+}
+
+impl<'a> GuestIp<'a> {
+    /// A checked IPv4 packet, trimmed to its total length.
+    pub(crate) fn v4(ip: &Ipv4Packet<&'a [u8]>) -> GuestIp<'a> {
+        let packet: &'a [u8] = ip.clone().into_inner();
+        GuestIp {
+            src: ip.src_addr().into(),
+            dst: ip.dst_addr().into(),
+            ttl: ip.hop_limit(),
+            proto: ip.next_header(),
+            upper: &packet[usize::from(ip.header_len())..],
+            packet,
+        }
+    }
+
+    /// A whole IPv6 packet (`Ipv6View::is_whole`).
+    pub(crate) fn v6(ip: &crate::wire::Ipv6View<'a>) -> GuestIp<'a> {
+        GuestIp {
+            src: ip.src.into(),
+            dst: ip.dst.into(),
+            ttl: ip.hop_limit,
+            proto: ip.proto,
+            upper: ip.upper(),
+            packet: ip.packet,
+        }
+    }
+
+    pub(crate) fn is_v6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+
+    /// ICMP of its family (ICMPv6 for IPv6).
+    pub(crate) fn icmp_proto(&self) -> IpProtocol {
+        if self.is_v6() {
+            IpProtocol::Icmpv6
+        } else {
+            IpProtocol::Icmp
+        }
+    }
+}
+
 /// A guest's query to the virtual host's DNS port, which the NAT does not carry: the engine
 /// gives it to the virtual host's relay (`vhost::dns`).
 pub(crate) struct DnsQuery<'a> {
     /// The guest's address and port, where the answer goes.
-    pub(crate) guest: SocketAddrV4,
+    pub(crate) guest: SocketAddr,
     /// The virtual host's address and port the guest sent it to (its own or the DNS
     /// address), where the answer comes from.
-    pub(crate) server: SocketAddrV4,
+    pub(crate) server: SocketAddr,
     /// The UDP payload (the DNS message).
     pub(crate) query: &'a [u8],
 }
@@ -64,15 +118,17 @@ pub struct Nat {
 pub(crate) fn sock_destination(
     ctx: &mut Ctx,
     proto: Proto,
-    guest: SocketAddrV4,
-    dst: SocketAddrV4,
-) -> Result<SocketAddrV4, DropReason> {
-    let ip = *dst.ip();
-    if Some(ip) == ctx.cfg.nat.host_loopback {
-        return Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+    guest: SocketAddr,
+    dst: SocketAddr,
+) -> Result<SocketAddr, DropReason> {
+    let ip = dst.ip();
+    if let IpAddr::V4(v4) = ip {
+        if Some(v4) == ctx.cfg.nat.host_loopback {
+            return Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port()));
+        }
     }
     // Multicast is refused silently: no ICMP error may answer a packet to a group (RFC 1122).
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ctx.cfg.in_subnet(ip) {
+    if !is_routable(&ctx.cfg, ip) {
         return Err(DropReason::Loop);
     }
     if !policy::permits(&ctx.cfg.nat.egress, proto, ip, dst.port()) {
@@ -84,6 +140,53 @@ pub(crate) fn sock_destination(
         return Err(DropReason::Policy);
     }
     Ok(dst)
+}
+
+/// Whether the NAT could carry a packet to `ip` at all: not unspecified, broadcast or
+/// multicast, and not on the segment itself (its IPv4 subnet, its IPv6 prefix or link-local
+/// addresses), which is reached directly, never through the NAT.
+pub(crate) fn is_routable(cfg: &Config, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => {
+            !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || cfg.in_subnet(ip))
+        }
+        IpAddr::V6(ip) => {
+            !(ip.is_unspecified()
+                || ip.is_multicast()
+                || crate::wire::is_link_local(ip)
+                || cfg.ipv6.in_prefix(ip))
+        }
+    }
+}
+
+/// Whether `ip` can be a guest's own address (the NAT answers only those): in the IPv4 subnet
+/// or the IPv6 prefix (or link-local), and not the virtual host's.
+pub(crate) fn is_guest_address(ctx: &Ctx, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => ctx.cfg.in_subnet(ip) && !ctx.is_host_address(ip),
+        IpAddr::V6(ip) => {
+            (ctx.cfg.ipv6.in_prefix(ip) || crate::wire::is_link_local(ip))
+                && !ctx.is_host_address6(ip)
+                && !ip.is_unspecified()
+        }
+    }
+}
+
+/// Whether the virtual host itself answers at `ip` (its IPv4 addresses, its IPv6 ones).
+pub(crate) fn is_host_ip(ctx: &Ctx, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => ctx.is_host_address(ip),
+        IpAddr::V6(ip) => ctx.is_host_address6(ip),
+    }
+}
+
+/// The virtual host's address of `ip`'s family, the source of what it says itself.
+pub(crate) fn host_ip_for(ctx: &Ctx, ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ctx.host_ip().into(),
+        IpAddr::V6(ip) if crate::wire::is_link_local(ip) => crate::wire::link_local(ctx.mac).into(),
+        IpAddr::V6(_) => ctx.cfg.ipv6.ip.into(),
+    }
 }
 
 impl Nat {
@@ -114,10 +217,29 @@ impl Nat {
             };
             let packet = Ipv4Packet::new_checked(whole).map_err(|_| DropReason::Malformed)?;
             let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
-            return Self::handle_whole(protos, now, ctx, &packet, io, out);
+            return Self::handle_whole(protos, now, ctx, &GuestIp::v4(&packet), io, out);
         }
         let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
-        Self::handle_whole(protos, now, ctx, ip, io, out)
+        Self::handle_whole(protos, now, ctx, &GuestIp::v4(ip), io, out)
+    }
+
+    /// Handles a whole IPv6 packet from a guest that is not for the virtual host's own
+    /// services (neighbour discovery, DHCPv6, echo); a DNS query to it comes back to relay.
+    pub(crate) fn handle_ipv6<'a>(
+        &'a mut self,
+        now: Instant,
+        ctx: &mut Ctx,
+        ip: &crate::wire::Ipv6View<'a>,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) -> Result<Option<DnsQuery<'a>>, DropReason> {
+        if !ip.is_whole() {
+            // Guests send IPv6 fragments only past the path MTU the virtual host advertises
+            // (the segment's); they are not reassembled.
+            return Err(DropReason::Unsupported);
+        }
+        let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+        Self::handle_whole(protos, now, ctx, &GuestIp::v6(ip), io, out)
     }
 
     /// Handles a whole datagram that reassembly (possibly another engine's, `Engine::reassemble`)
@@ -131,30 +253,32 @@ impl Nat {
         out: &mut FrameBatch,
     ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
-        Self::handle_whole(protos, now, ctx, ip, io, out)
+        Self::handle_whole(protos, now, ctx, &GuestIp::v4(ip), io, out)
     }
 
     fn handle_whole<'a>(
         (udp, tcp, icmp): (&mut udp::UdpNat, &mut tcp::TcpNat, &mut icmp::IcmpNat),
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&'a [u8]>,
+        ip: &GuestIp<'a>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<Option<DnsQuery<'a>>, DropReason> {
-        let for_host = ctx.is_host_address(ip.dst_addr()) && ip.next_header() == IpProtocol::Icmp;
+        let for_host = is_host_ip(ctx, ip.dst) && ip.proto == ip.icmp_proto();
         if !ctx.cfg.nat.enabled && !for_host {
             // Nothing is relayed (DNS included) while NAT is off; the virtual host still answers
             // pings, reassembled ones too.
             return Err(DropReason::Disabled);
         }
-        if ip.hop_limit() <= 1 && icmp_error::time_exceeded(ctx, ip, out) {
+        if ip.ttl <= 1 && icmp_error::time_exceeded(ctx, ip, out) {
             return Err(DropReason::TtlExceeded);
         }
-        match ip.next_header() {
+        match ip.proto {
             IpProtocol::Udp => udp.handle(now, ctx, ip, io, out),
             IpProtocol::Tcp => tcp.handle(now, ctx, ip, io, out).map(|()| None),
-            IpProtocol::Icmp => icmp.handle(now, ctx, ip, io, out).map(|()| None),
+            IpProtocol::Icmp | IpProtocol::Icmpv6 if ip.proto == ip.icmp_proto() => {
+                icmp.handle(now, ctx, ip, io, out).map(|()| None)
+            }
             _ => Err(DropReason::Unsupported),
         }
     }
@@ -172,7 +296,8 @@ impl Nat {
         out: &mut FrameBatch,
     ) -> Result<(), InboundRefused> {
         let shown = inbound::admit(now, ctx, client, &target)?;
-        self.tcp.inbound(now, ctx, sock, shown, target, io, out)
+        self.tcp
+            .inbound(now, ctx, sock, shown.into(), target, io, out)
     }
 
     /// Opens (or finds) the UDP session of a forward's datagram (`Engine::udp_inbound`).

@@ -5,12 +5,15 @@
 //! out credentials), and addresses no packet should be sent to. So by default these are refused:
 //! this network (0.0.0.0/8), loopback (127.0.0.0/8, reachable only through the configured
 //! host-loopback alias), link-local (169.254.0.0/16), multicast (224.0.0.0/4) and the reserved
-//! block with the broadcast address (240.0.0.0/4). The operator's rules (`nat.egress`) come first,
+//! block with the broadcast address (240.0.0.0/4); for IPv6, the unspecified address and
+//! loopback (::/128, ::1/128), IPv4-mapped addresses (::ffff:0:0/96, which a host socket would
+//! carry to IPv4, loopback included), link-local (fe80::/10), unique local (fc00::/7: the
+//! host's own site) and multicast (ff00::/8). The operator's rules (`nat.egress`) come first,
 //! in order, the first match deciding: `deny` closes more (the host's LAN), `allow` opens a
 //! refused range (one port of the metadata service).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::nat::session::Proto;
@@ -29,8 +32,8 @@ pub(crate) enum Action {
 pub struct Rule {
     /// Allow or deny.
     pub(crate) action: Action,
-    /// The network's address (host bits clear).
-    pub(crate) net: Ipv4Addr,
+    /// The network's address (host bits clear), of either family.
+    pub(crate) net: IpAddr,
     /// The network's prefix length.
     pub(crate) prefix: u8,
     /// The protocol it applies to; None: every protocol.
@@ -40,29 +43,70 @@ pub struct Rule {
 }
 
 /// The ranges refused unless a rule allows them, with why (for the log and the docs).
-pub(crate) const REFUSED_BY_DEFAULT: [(Ipv4Addr, u8, &str); 5] = [
-    (Ipv4Addr::new(0, 0, 0, 0), 8, "this network"),
-    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+pub(crate) const REFUSED_BY_DEFAULT: [(IpAddr, u8, &str); 11] = [
+    (IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)), 8, "this network"),
+    (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8, "loopback"),
     (
-        Ipv4Addr::new(169, 254, 0, 0),
+        IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)),
         16,
         "link-local (instance metadata)",
     ),
-    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
-    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved and broadcast"),
+    (IpAddr::V4(Ipv4Addr::new(224, 0, 0, 0)), 4, "multicast"),
+    (
+        IpAddr::V4(Ipv4Addr::new(240, 0, 0, 0)),
+        4,
+        "reserved and broadcast",
+    ),
+    (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 128, "unspecified"),
+    (IpAddr::V6(Ipv6Addr::LOCALHOST), 128, "loopback"),
+    (
+        IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
+        96,
+        "IPv4-mapped",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)),
+        10,
+        "link-local",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0)),
+        7,
+        "unique local",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0)),
+        8,
+        "multicast",
+    ),
 ];
 
-fn mask(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+/// The bits of `ip` as a 128-bit number and its family's width.
+fn bits(ip: IpAddr) -> (u128, u32) {
+    match ip {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    }
 }
 
-fn in_net(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
-    u32::from(ip) & mask(prefix) == u32::from(net)
+/// The mask of a `prefix`-bit network in a `width`-bit address.
+fn mask(prefix: u8, width: u32) -> u128 {
+    let all = if width == 128 {
+        u128::MAX
+    } else {
+        (1u128 << width) - 1
+    };
+    all & all.checked_shl(width - u32::from(prefix)).unwrap_or(0)
+}
+
+fn in_net(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    let ((a, w), (n, nw)) = (bits(ip), bits(net));
+    w == nw && a & mask(prefix, w) == n
 }
 
 impl Rule {
     /// Whether the rule covers a flow of `proto` to `ip`:`port` (port 0 for ICMP).
-    pub(crate) fn matches(&self, proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
+    pub(crate) fn matches(&self, proto: Proto, ip: IpAddr, port: u16) -> bool {
         in_net(ip, self.net, self.prefix)
             && self
                 .proto
@@ -104,22 +148,32 @@ impl FromStr for Rule {
         let cidr = words
             .next()
             .ok_or_else(|| format!("`{s}`: the destination (ADDRESS/PREFIX) is missing"))?;
-        let (addr, prefix) = cidr.split_once('/').unwrap_or((cidr, "32"));
-        let addr: Ipv4Addr = addr
+        let (addr_text, prefix) = match cidr.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (cidr, None),
+        };
+        let addr: IpAddr = addr_text
             .parse()
-            .map_err(|_| format!("`{s}`: `{addr}` is not an IPv4 address"))?;
-        let prefix: u8 = match prefix.parse() {
-            Ok(p) if p <= 32 => p,
-            _ => {
+            .map_err(|_| format!("`{s}`: `{addr_text}` is not an IP address"))?;
+        let (value, width) = bits(addr);
+        let prefix: u8 = match prefix.map(str::parse::<u32>) {
+            None => width as u8,
+            Some(Ok(p)) if p <= width => p as u8,
+            Some(_) => {
                 return Err(format!(
-                    "`{s}`: `/{prefix}` is not a prefix length (0 to 32)"
+                    "`{s}`: `/{}` is not a prefix length (0 to {width})",
+                    prefix.unwrap_or_default()
                 ))
             }
         };
-        if u32::from(addr) & !mask(prefix) != 0 {
+        let m = mask(prefix, width);
+        if value & !m != 0 {
+            let net = match addr {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from((value & m) as u32)),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(value & m)),
+            };
             return Err(format!(
-                "`{s}`: {addr}/{prefix} has host bits set (the network is {}/{prefix})",
-                Ipv4Addr::from(u32::from(addr) & mask(prefix))
+                "`{s}`: {addr}/{prefix} has host bits set (the network is {net}/{prefix})"
             ));
         }
         let mut rule = Rule {
@@ -165,7 +219,7 @@ impl FromStr for Rule {
 
 /// Whether a flow of `proto` to `ip`:`port` may leave: the first of `rules` that matches
 /// decides; with none, the ranges of `REFUSED_BY_DEFAULT` are refused and the rest allowed.
-pub(crate) fn permits(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> bool {
+pub(crate) fn permits(rules: &[Rule], proto: Proto, ip: IpAddr, port: u16) -> bool {
     if let Some(r) = rules.iter().find(|r| r.matches(proto, ip, port)) {
         return r.action == Action::Allow;
     }
@@ -176,7 +230,7 @@ pub(crate) fn permits(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> 
 
 /// The first operator rule that denies `ip`:`port` for `proto` (the defaults aside): how the
 /// configuration refuses a DNS upstream the policy would not let a guest reach.
-pub(crate) fn denied_by(rules: &[Rule], proto: Proto, ip: Ipv4Addr, port: u16) -> Option<&Rule> {
+pub(crate) fn denied_by(rules: &[Rule], proto: Proto, ip: IpAddr, port: u16) -> Option<&Rule> {
     rules
         .iter()
         .find(|r| r.matches(proto, ip, port))
@@ -205,8 +259,14 @@ mod tests {
             "255.255.255.255",
         ] {
             let ip: Ipv4Addr = ip.parse().unwrap();
-            assert!(!permits(&none, Proto::Tcp, ip, 80), "{ip} allowed");
-            assert!(!permits(&none, Proto::Icmp, ip, 0), "{ip} allowed");
+            assert!(
+                !permits(&none, Proto::Tcp, std::net::IpAddr::from(ip), 80),
+                "{ip} allowed"
+            );
+            assert!(
+                !permits(&none, Proto::Icmp, std::net::IpAddr::from(ip), 0),
+                "{ip} allowed"
+            );
         }
         for ip in [
             "10.0.0.1",
@@ -227,19 +287,56 @@ mod tests {
             "allow 127.0.0.1 udp 5000-5010",
         ]);
         let md = Ipv4Addr::new(169, 254, 169, 254);
-        assert!(permits(&r, Proto::Tcp, md, 80));
-        assert!(!permits(&r, Proto::Tcp, md, 443), "only port 80 was opened");
-        assert!(!permits(&r, Proto::Udp, md, 80), "only TCP was opened");
-        assert!(!permits(&r, Proto::Udp, Ipv4Addr::new(192, 168, 1, 7), 53));
-        assert!(permits(&r, Proto::Udp, Ipv4Addr::LOCALHOST, 5005));
+        assert!(permits(&r, Proto::Tcp, std::net::IpAddr::from(md), 80));
         assert!(
-            permits(&r, Proto::Dns, Ipv4Addr::LOCALHOST, 5005),
+            !permits(&r, Proto::Tcp, std::net::IpAddr::from(md), 443),
+            "only port 80 was opened"
+        );
+        assert!(
+            !permits(&r, Proto::Udp, std::net::IpAddr::from(md), 80),
+            "only TCP was opened"
+        );
+        assert!(!permits(
+            &r,
+            Proto::Udp,
+            std::net::IpAddr::from(Ipv4Addr::new(192, 168, 1, 7)),
+            53
+        ));
+        assert!(permits(
+            &r,
+            Proto::Udp,
+            std::net::IpAddr::from(Ipv4Addr::LOCALHOST),
+            5005
+        ));
+        assert!(
+            permits(
+                &r,
+                Proto::Dns,
+                std::net::IpAddr::from(Ipv4Addr::LOCALHOST),
+                5005
+            ),
             "DNS is UDP"
         );
-        assert!(!permits(&r, Proto::Udp, Ipv4Addr::LOCALHOST, 5011));
-        assert!(permits(&r, Proto::Icmp, Ipv4Addr::new(192, 168, 2, 1), 0));
+        assert!(!permits(
+            &r,
+            Proto::Udp,
+            std::net::IpAddr::from(Ipv4Addr::LOCALHOST),
+            5011
+        ));
+        assert!(permits(
+            &r,
+            Proto::Icmp,
+            std::net::IpAddr::from(Ipv4Addr::new(192, 168, 2, 1)),
+            0
+        ));
         assert_eq!(
-            denied_by(&r, Proto::Udp, Ipv4Addr::new(192, 168, 1, 1), 53).map(|r| r.prefix),
+            denied_by(
+                &r,
+                Proto::Udp,
+                std::net::IpAddr::from(Ipv4Addr::new(192, 168, 1, 1)),
+                53
+            )
+            .map(|r| r.prefix),
             Some(24)
         );
     }
@@ -261,12 +358,43 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_destinations_have_their_own_defaults_and_rules() {
+        let none = [];
+        for ip in [
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+            "fd00::5",
+            "ff02::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!permits(&none, Proto::Tcp, ip, 80), "{ip} allowed");
+        }
+        let global: IpAddr = "2001:db8::80".parse().unwrap();
+        assert!(permits(&none, Proto::Tcp, global, 80));
+        let r = rules(&["deny 2001:db8::/32 tcp 80", "allow fd00:1::/64"]);
+        assert!(!permits(&r, Proto::Tcp, global, 80));
+        assert!(permits(&r, Proto::Tcp, global, 443));
+        assert!(permits(&r, Proto::Udp, "fd00:1::9".parse().unwrap(), 53));
+        // A rule of one family never matches the other.
+        let all4 = rules(&["deny 0.0.0.0/0"]);
+        assert!(permits(&all4, Proto::Tcp, global, 80));
+        assert_eq!(r[0].to_string(), "deny 2001:db8::/32 tcp 80");
+    }
+
+    #[test]
     fn malformed_rules_say_what_is_wrong() {
         for (s, why) in [
             ("permit 1.2.3.4", "allow or deny"),
             ("allow", "missing"),
-            ("allow 1.2.3", "not an IPv4 address"),
-            ("allow 1.2.3.4/33", "prefix length"),
+            ("allow 1.2.3", "not an IP address"),
+            ("allow 1.2.3.4/33", "prefix length (0 to 32)"),
+            ("allow 2001:db8::/129", "prefix length (0 to 128)"),
+            (
+                "allow 2001:db8::1/64",
+                "host bits set (the network is 2001:db8::/64)",
+            ),
             ("allow 10.0.0.1/8", "host bits"),
             ("allow 10.0.0.0/8 80", "ports need tcp or udp"),
             ("allow 10.0.0.0/8 icmp 80", "ports need tcp or udp"),
@@ -393,9 +521,9 @@ mod engine_tests {
         let open = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5000);
         e.handle_frame(T0, &udp_frame(GUEST, open, b"x"), &mut h, &mut out);
         assert!(
-            h.sockets
-                .values()
-                .any(|s| matches!(s, SimSocket::Udp(u) if u.dst == open)),
+            h.sockets.values().any(
+                |s| matches!(s, SimSocket::Udp(u) if u.dst == std::net::SocketAddr::from(open))
+            ),
             "the allowed port is carried"
         );
         let other = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5001);
@@ -416,7 +544,7 @@ mod engine_tests {
         assert!(h
             .sockets
             .values()
-            .any(|s| matches!(s, SimSocket::Udp(u) if u.dst == lo)));
+            .any(|s| matches!(s, SimSocket::Udp(u) if u.dst == std::net::SocketAddr::from(lo))));
         assert_eq!(e.stats().drops_of(DropReason::Policy), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! flood of new flows costs the flooder (its new sessions are refused) and not its neighbours.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::time::Instant;
 
@@ -21,13 +21,13 @@ struct Bucket {
 /// The token buckets of one engine.
 #[derive(Default)]
 pub(crate) struct NewSessions {
-    buckets: HashMap<Ipv4Addr, Bucket>,
+    buckets: HashMap<IpAddr, Bucket>,
 }
 
 impl NewSessions {
     /// Takes a token from `guest`'s bucket, which fills at `per_second` and holds one second's
     /// worth; false when it is empty. `per_second` 0 means no limit.
-    pub(crate) fn admit(&mut self, now: Instant, guest: Ipv4Addr, per_second: u32) -> bool {
+    pub(crate) fn admit(&mut self, now: Instant, guest: IpAddr, per_second: u32) -> bool {
         if per_second == 0 {
             return true;
         }
@@ -66,8 +66,8 @@ mod tests {
     #[test]
     fn a_burst_of_one_second_then_the_rate() {
         let mut n = NewSessions::default();
-        let g = Ipv4Addr::new(192, 168, 30, 10);
-        let other = Ipv4Addr::new(192, 168, 30, 11);
+        let g = IpAddr::from([192, 168, 30, 10]);
+        let other = IpAddr::from([192, 168, 30, 11]);
         let t0 = Instant::from_secs(1);
         assert_eq!((0..150).filter(|_| n.admit(t0, g, 100)).count(), 100);
         assert!(n.admit(t0, other, 100), "another guest has its own bucket");

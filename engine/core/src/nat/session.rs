@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::hash::Hash;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::sockio::SockId;
@@ -68,10 +68,10 @@ pub struct SessionInfo {
     /// The session's protocol.
     pub proto: Proto,
     /// The guest's end (for ICMP, its address and echo ident).
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The guest's peer: the destination as the guest addressed it, or for an inbound session
     /// the client as the guest sees it.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
     /// Who opened the session.
     pub direction: Direction,
     /// When the session opened.
@@ -95,7 +95,7 @@ impl SessionInfo {
     pub(crate) fn opened(
         id: u32,
         proto: Proto,
-        (guest, dst): (SocketAddrV4, SocketAddrV4),
+        (guest, dst): (SocketAddr, SocketAddr),
         direction: Direction,
         now: Instant,
         state: &'static str,
@@ -141,7 +141,7 @@ pub(crate) struct SessionTable<K, S> {
     free: Vec<usize>,
     by_key: HashMap<K, usize>,
     by_sock: HashMap<SockId, usize>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: HashMap<IpAddr, usize>,
     /// (deadline, slot, session id): one entry per live session, possibly earlier than its
     /// real deadline.
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
@@ -170,7 +170,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
 
     /// Whether a new session for `guest` would pass `total` sessions in all or `per_guest` for
     /// that guest.
-    pub(crate) fn full(&self, guest: Ipv4Addr, total: usize, per_guest: usize) -> bool {
+    pub(crate) fn full(&self, guest: IpAddr, total: usize, per_guest: usize) -> bool {
         let n = self.per_guest.get(&guest).copied().unwrap_or(0);
         self.len() >= total || n >= per_guest
     }
@@ -208,7 +208,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
     /// Adds `s`, idle at `deadline` unless used before; returns its slot.
     pub(crate) fn insert(&mut self, s: Session<K, S>, deadline: Instant) -> usize {
         let (key, sock, id) = (s.key, s.sock, s.info.id);
-        let guest = *s.info.guest.ip();
+        let guest = s.info.guest.ip();
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(s);
@@ -232,10 +232,10 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_key.remove(&s.key);
         self.by_sock.remove(&s.sock);
         let guest = s.info.guest.ip();
-        if let Some(n) = self.per_guest.get_mut(guest) {
+        if let Some(n) = self.per_guest.get_mut(&guest) {
             *n -= 1;
             if *n == 0 {
-                self.per_guest.remove(guest);
+                self.per_guest.remove(&guest);
             }
         }
         self.free.push(slot);
@@ -317,9 +317,10 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn session(id: u32, sock: SockId, guest: Ipv4Addr, at: Instant) -> Session<u32, ()> {
-        let g = SocketAddrV4::new(guest, 1000 + id as u16);
+        let g = SocketAddr::new(guest.into(), 1000 + id as u16);
         Session {
             key: id,
             sock,
@@ -336,7 +337,11 @@ mod tests {
         let mut tab = SessionTable::new();
         let a = tab.insert(session(1, 1, g, t0), t0 + t);
         let b = tab.insert(session(2, 2, g, t0), t0 + t);
-        assert!(tab.full(g, 3, 2) && !tab.full(g, 3, 3) && tab.full(g, 2, 3));
+        assert!(
+            tab.full(std::net::IpAddr::from(g), 3, 2)
+                && !tab.full(std::net::IpAddr::from(g), 3, 3)
+                && tab.full(std::net::IpAddr::from(g), 2, 3)
+        );
         tab.get_mut(a).unwrap().info.last_used = t0 + Duration::from_secs(5);
         assert_eq!(tab.next_expired(t0 + t, t), Some(b));
         tab.remove(b);
@@ -350,6 +355,6 @@ mod tests {
         tab.remove(a);
         assert_eq!(tab.next_expired(t0 + t + t, t), Some(c));
         tab.remove(c);
-        assert!(tab.is_empty() && !tab.full(g, 1, 1));
+        assert!(tab.is_empty() && !tab.full(std::net::IpAddr::from(g), 1, 1));
     }
 }

@@ -30,31 +30,32 @@
 //! operator opened the forward), and datagrams to the guest go to the MAC the forward resolved.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 
-use smoltcp::wire::{Icmpv4DstUnreachable, IpProtocol, Ipv4Packet, UdpPacket, UDP_HEADER_LEN};
+use smoltcp::wire::{IpProtocol, UdpPacket, UDP_HEADER_LEN};
 
 use crate::config::{Config, Mac};
 use crate::event::Event;
 use crate::nat::icmp_error::{self, Destination, Quote, SockTtl};
 use crate::nat::session::{self, SessionTable};
 use crate::nat::{
-    sock_destination, Direction, DnsQuery, InboundRefused, InboundTarget, Proto, SessionInfo,
+    is_guest_address, is_host_ip, sock_destination, Direction, DnsQuery, GuestIp, InboundRefused,
+    InboundTarget, Proto, SessionInfo,
 };
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
-use crate::vhost::icmp::push_unreachable;
-use crate::wire::{push_ipv4_fragments, Ipv4Header, DNS_PORT, IPV4_HEADER_LEN};
+use crate::vhost::icmp::{push_unreachable, Unreach};
+use crate::wire::{push_ip_fragments, IpHeader, DNS_PORT, IPV4_HEADER_LEN};
 use crate::Ctx;
 
 /// Tells the guest that sent `ip` that the egress policy refuses its destination: ICMP
 /// destination unreachable, administratively prohibited, from the virtual host (its router).
-pub(crate) fn refuse(ctx: &mut Ctx, ip: &Ipv4Packet<&[u8]>, out: &mut FrameBatch) {
-    let from = ctx.host_ip();
+pub(crate) fn refuse(ctx: &mut Ctx, ip: &GuestIp, out: &mut FrameBatch) {
+    let from = crate::nat::host_ip_for(ctx, ip.src);
     // Without the guest's MAC there is no one to tell; the drop is counted either way.
-    let _ = push_unreachable(ctx, from, Icmpv4DstUnreachable::CommProhibited, ip, out);
+    let _ = push_unreachable(ctx, from, Unreach::Prohibited, ip, out);
 }
 
 /// The largest UDP payload an IPv4 datagram can carry.
@@ -63,8 +64,8 @@ pub(crate) const MAX_UDP_PAYLOAD: usize = 65535 - IPV4_HEADER_LEN - UDP_HEADER_L
 /// A UDP session's identity: the guest's end and the destination as the guest addressed it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub(crate) struct UdpKey {
-    pub(crate) guest: SocketAddrV4,
-    pub(crate) dst: SocketAddrV4,
+    pub(crate) guest: SocketAddr,
+    pub(crate) dst: SocketAddr,
 }
 
 /// What a UDP session keeps beyond the table's common part.
@@ -160,29 +161,31 @@ impl UdpNat {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&'a [u8]>,
+        ip: &GuestIp<'a>,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<Option<DnsQuery<'a>>, DropReason> {
-        let udp = UdpPacket::new_checked(ip.payload()).map_err(|_| DropReason::Malformed)?;
-        let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if !udp.verify_checksum(&src.into(), &dst.into()) {
+        let udp = UdpPacket::new_checked(ip.upper).map_err(|_| DropReason::Malformed)?;
+        let (src, dst) = (ip.src, ip.dst);
+        // IPv6 makes the checksum mandatory (RFC 8200 8.1): a zero one is refused with the
+        // rest that do not verify.
+        if (ip.is_v6() && udp.checksum() == 0) || !udp.verify_checksum(&src.into(), &dst.into()) {
             return Err(DropReason::BadChecksum);
         }
         if udp.src_port() == 0 || udp.dst_port() == 0 {
             return Err(DropReason::Malformed);
         }
         // Only guests of the virtual network can be answered (their MACs are learned there).
-        if !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
+        if !is_guest_address(ctx, src) {
             return Err(DropReason::Foreign);
         }
-        let guest = SocketAddrV4::new(src, udp.src_port());
-        let to = SocketAddrV4::new(dst, udp.dst_port());
+        let guest = SocketAddr::new(src, udp.src_port());
+        let to = SocketAddr::new(dst, udp.dst_port());
         let key = UdpKey { guest, dst: to };
         // An inbound session may be keyed to the virtual host's own address (a client on the
         // host's loopback is shown as it): its flow goes first.
         let existing = self.table.slot(&key);
-        if existing.is_none() && ctx.is_host_address(dst) {
+        if existing.is_none() && is_host_ip(ctx, dst) {
             if to.port() == DNS_PORT {
                 return Ok(Some(DnsQuery {
                     guest,
@@ -190,8 +193,7 @@ impl UdpNat {
                     query: udp.payload(),
                 }));
             }
-            return push_unreachable(ctx, dst, Icmpv4DstUnreachable::PortUnreachable, ip, out)
-                .map(|()| None);
+            return push_unreachable(ctx, dst, Unreach::Port, ip, out).map(|()| None);
         }
         let slot = match existing {
             Some(slot) => slot,
@@ -209,7 +211,7 @@ impl UdpNat {
         };
         s.info.last_used = now;
         s.state.quote = Quote::of(ip);
-        s.state.ttl.follow(ip.hop_limit(), s.sock, io);
+        s.state.ttl.follow(ip.ttl, s.sock, io);
         let mut sent = io.udp_send(s.sock, udp.payload());
         if let Err(e) = &sent {
             // An ICMP error about an earlier datagram surfaces on the send that follows it (the
@@ -231,14 +233,7 @@ impl UdpNat {
                 }
                 if e.kind() == io::ErrorKind::ConnectionRefused {
                     // A port unreachable the socket could not say more about.
-                    return push_unreachable(
-                        ctx,
-                        dst,
-                        Icmpv4DstUnreachable::PortUnreachable,
-                        ip,
-                        out,
-                    )
-                    .map(|()| None);
+                    return push_unreachable(ctx, dst, Unreach::Port, ip, out).map(|()| None);
                 }
                 tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
                 Err(DropReason::QueueFull)
@@ -254,7 +249,7 @@ impl UdpNat {
         ctx: &mut Ctx,
         key: UdpKey,
         io: &mut impl SockIo,
-        (ip, out): (&Ipv4Packet<&[u8]>, &mut FrameBatch),
+        (ip, out): (&GuestIp, &mut FrameBatch),
     ) -> Result<usize, DropReason> {
         let host_dst = sock_destination(ctx, Proto::Udp, key.guest, key.dst)?;
         let (total, per_guest) = (ctx.cfg.nat.max_sessions, ctx.cfg.nat.max_sessions_per_guest);
@@ -266,16 +261,16 @@ impl UdpNat {
                 ctx.stats.evicted += 1;
             }
         }
-        if self.table.full(*key.guest.ip(), total, per_guest) {
+        if self.table.full(key.guest.ip(), total, per_guest) {
             return Err(DropReason::Limit);
         }
         // The same limits counted across every worker of the runtime (a no-op with one engine),
         // and the guest's rate of new sessions.
-        if !ctx.admit_session(now, Proto::Udp, *key.guest.ip()) {
+        if !ctx.admit_session(now, Proto::Udp, key.guest.ip()) {
             return Err(DropReason::Limit);
         }
         let sock = io.udp_open(host_dst).map_err(|e| {
-            ctx.release_session(Proto::Udp, *key.guest.ip());
+            ctx.release_session(Proto::Udp, key.guest.ip());
             // Connecting the socket looks the route up: a guest's destination may have none.
             let quote = Quote::of(ip);
             if icmp_error::report_send_error(ctx, out, &e, quote.bytes(), None) {
@@ -292,8 +287,8 @@ impl UdpNat {
             dst: key.dst,
         });
         let dst = Destination {
-            host: *host_dst.ip(),
-            shown: *key.dst.ip(),
+            host: host_dst.ip(),
+            shown: key.dst.ip(),
         };
         let session = new_session(now, (key, sock), id, Direction::Out, dst, None);
         Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
@@ -317,8 +312,8 @@ impl UdpNat {
         out: &mut FrameBatch,
     ) -> Result<(), InboundRefused> {
         let key = UdpKey {
-            guest: target.guest,
-            dst: shown,
+            guest: target.guest.into(),
+            dst: shown.into(),
         };
         let slot = match self.table.slot(&key) {
             Some(slot) => {
@@ -354,7 +349,7 @@ impl UdpNat {
         io: &mut impl SockIo,
     ) -> Result<usize, InboundRefused> {
         let (total, per_guest) = (ctx.cfg.nat.max_sessions, ctx.cfg.nat.max_sessions_per_guest);
-        let guest = *key.guest.ip();
+        let guest = key.guest.ip();
         if self.table.len() >= total {
             let timeout = ctx.cfg.nat.udp_timeout;
             if let Some(slot) = self.table.idlest(now, timeout, session::EVICT_IDLE) {
@@ -373,8 +368,8 @@ impl UdpNat {
             dst: key.guest,
         });
         let dst = Destination {
-            host: *client.ip(),
-            shown: *key.dst.ip(),
+            host: (*client.ip()).into(),
+            shown: key.dst.ip(),
         };
         let session = new_session(now, (key, sock), id, Direction::In, dst, Some(&target));
         Ok(self.table.insert(session, now + ctx.cfg.nat.udp_timeout))
@@ -384,7 +379,7 @@ impl UdpNat {
         let Some(s) = self.table.remove(slot) else {
             return;
         };
-        ctx.release_session(Proto::Udp, *s.key.guest.ip());
+        ctx.release_session(Proto::Udp, s.key.guest.ip());
         io.close(s.sock);
         ctx.events.push(Event::SessionDeleted {
             proto: Proto::Udp,
@@ -573,8 +568,8 @@ pub(crate) fn send_to_guest(
     out: &mut FrameBatch,
     buf: &mut [u8],
     len: usize,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
 ) -> Result<(), DropReason> {
     send_to_guest_via(ctx, out, buf, len, from, to, None)
 }
@@ -585,13 +580,13 @@ fn send_to_guest_via(
     out: &mut FrameBatch,
     buf: &mut [u8],
     len: usize,
-    from: SocketAddrV4,
-    to: SocketAddrV4,
+    from: SocketAddr,
+    to: SocketAddr,
     mac: Option<Mac>,
 ) -> Result<(), DropReason> {
     let dst_mac = match mac {
         Some(m) => m,
-        None => ctx.arp.lookup(*to.ip()).ok_or(DropReason::NoArp)?,
+        None => ctx.neighbour(to.ip()).ok_or(DropReason::NoArp)?,
     };
     let len = len.min(MAX_UDP_PAYLOAD);
     let datagram = &mut buf[..UDP_HEADER_LEN + len];
@@ -600,9 +595,9 @@ fn send_to_guest_via(
     udp.set_dst_port(to.port());
     udp.set_len((UDP_HEADER_LEN + len) as u16);
     udp.set_checksum(0);
-    udp.fill_checksum(&(*from.ip()).into(), &(*to.ip()).into());
-    let h = Ipv4Header::new(*from.ip(), *to.ip(), IpProtocol::Udp, ctx.next_ident());
-    push_ipv4_fragments(
+    udp.fill_checksum(&from.ip().into(), &to.ip().into());
+    let h = IpHeader::new(from.ip(), to.ip(), IpProtocol::Udp, ctx.next_ident());
+    push_ip_fragments(
         out,
         ctx.mac,
         dst_mac,
@@ -645,6 +640,7 @@ mod tests {
     use super::*;
     use crate::sim::{SimSocket, SimSockets};
     use crate::testing::*;
+    use smoltcp::wire::Ipv4Packet;
     use smoltcp::wire::{Icmpv4Message, Icmpv4Packet};
     use std::net::Ipv4Addr;
     use std::time::Duration;
@@ -666,7 +662,7 @@ mod tests {
         let ids = udp_ids(&h);
         assert_eq!(ids.len(), 1);
         let sock = ids[0];
-        assert_eq!(h.udp(sock).unwrap().dst, d);
+        assert_eq!(h.udp(sock).unwrap().dst, std::net::SocketAddr::from(d));
         assert_eq!(h.udp(sock).unwrap().sent, vec![b"ping".to_vec()]);
         // The same flow reuses the session.
         e.handle_frame(T0, &udp_frame(g, d, b"again"), &mut h, &mut out);
@@ -681,7 +677,7 @@ mod tests {
         let rows = e.sessions();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
-        assert_eq!((r.proto, r.guest, r.dst), (Proto::Udp, g, d));
+        assert_eq!((r.proto, r.guest, r.dst), (Proto::Udp, g.into(), d.into()));
         assert_eq!((r.packets_to_host, r.bytes_to_host), (2, 9));
         assert_eq!((r.packets_to_guest, r.bytes_to_guest), (1, 4));
 
@@ -707,8 +703,8 @@ mod tests {
                 Event::SessionCreated {
                     proto: Proto::Udp,
                     id,
-                    src: g,
-                    dst: d
+                    src: std::net::SocketAddr::from(g),
+                    dst: std::net::SocketAddr::from(d)
                 },
                 Event::SessionDeleted {
                     proto: Proto::Udp,
@@ -750,8 +746,8 @@ mod tests {
             &mut out,
         );
         let key = UdpKey {
-            guest: sa(GUEST_IP, 1001),
-            dst: d,
+            guest: std::net::SocketAddr::from(sa(GUEST_IP, 1001)),
+            dst: std::net::SocketAddr::from(d),
         };
         let sock = e.nat.udp.socket_of(&key).unwrap();
         assert_eq!(h.udp(sock).unwrap().sent.len(), 2);
@@ -830,7 +826,10 @@ mod tests {
         let (g, d) = (sa(GUEST_IP, 5000), sa(alias, 8053));
         e.handle_frame(T0, &udp_frame(g, d, b"q"), &mut h, &mut out);
         let sock = udp_ids(&h)[0];
-        assert_eq!(h.udp(sock).unwrap().dst, sa(Ipv4Addr::LOCALHOST, 8053));
+        assert_eq!(
+            h.udp(sock).unwrap().dst,
+            std::net::SocketAddr::from(sa(Ipv4Addr::LOCALHOST, 8053))
+        );
         h.deliver_udp(sock, b"a");
         pump(&mut e, &mut h, &mut out, T0);
         assert_eq!(parse_udp(&packets(&out)[0]), (d, g, b"a".to_vec()));
@@ -945,7 +944,7 @@ mod tests {
     fn inbound_session_carries_the_first_datagram_the_replies_and_more() {
         let (mut e, mut h, mut out) = setup();
         let guest = sa(GUEST_IP, 53);
-        let sock = h.adopt_udp(CLIENT);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         // Nothing is known of the guest yet but what the forward resolved.
         e.udp_inbound(T0, sock, CLIENT, target(53), b"query", &mut h, &mut out)
             .unwrap();
@@ -974,7 +973,7 @@ mod tests {
         let r = &rows[0];
         assert_eq!(
             (r.direction, r.guest, r.dst),
-            (Direction::In, guest, CLIENT)
+            (Direction::In, guest.into(), CLIENT.into())
         );
         assert_eq!((r.packets_to_guest, r.bytes_to_guest), (2, 10));
         assert_eq!((r.packets_to_host, r.bytes_to_host), (1, 6));
@@ -983,8 +982,8 @@ mod tests {
             Some(Event::InboundSessionCreated {
                 proto: Proto::Udp,
                 id: r.id,
-                src: CLIENT,
-                dst: guest,
+                src: std::net::SocketAddr::from(CLIENT),
+                dst: std::net::SocketAddr::from(guest),
             })
         );
     }
@@ -992,10 +991,10 @@ mod tests {
     #[test]
     fn inbound_datagram_that_raced_its_socket_goes_through_the_session() {
         let (mut e, mut h, mut out) = setup();
-        let first = h.adopt_udp(CLIENT);
+        let first = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, first, CLIENT, target(53), b"one", &mut h, &mut out)
             .unwrap();
-        let second = h.adopt_udp(CLIENT);
+        let second = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, second, CLIENT, target(53), b"two", &mut h, &mut out)
             .unwrap();
         assert_eq!(h.closed, [second]);
@@ -1013,7 +1012,7 @@ mod tests {
     #[test]
     fn closing_a_forward_ends_its_sessions_only() {
         let (mut e, mut h, mut out) = setup();
-        let sock = h.adopt_udp(CLIENT);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
             .unwrap();
         assert_eq!(e.close_forward(T0, 7, &mut h, &mut out), 0);
@@ -1026,7 +1025,7 @@ mod tests {
     #[test]
     fn inbound_session_expires_when_idle() {
         let (mut e, mut h, mut out) = setup();
-        let sock = h.adopt_udp(CLIENT);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
             .unwrap();
         let timeout = e.config().nat.udp_timeout;
@@ -1055,7 +1054,7 @@ mod tests {
             // the operator's own door.
             c.nat.egress = vec!["deny 198.51.100.0/24".parse().unwrap()];
         });
-        let sock = h.adopt_udp(CLIENT);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, sock, CLIENT, target(53), b"q", &mut h, &mut out)
             .unwrap();
         e.handle_frame(
@@ -1068,7 +1067,7 @@ mod tests {
         assert_eq!(e.stats().drops_of(DropReason::Policy), 0);
         // A second client: past the guest's share.
         let other = sa(Ipv4Addr::new(198, 51, 100, 8), 40000);
-        let refused = h.adopt_udp(other);
+        let refused = h.adopt_udp(std::net::SocketAddr::from(other));
         let r = e.udp_inbound(T0, refused, other, target(53), b"q", &mut h, &mut out);
         assert_eq!(r, Err(InboundRefused::Limit));
         assert_eq!(h.closed, [refused]);
@@ -1080,7 +1079,7 @@ mod tests {
     fn inbound_datagram_larger_than_the_mtu_is_fragmented() {
         let (mut e, mut h, mut out) = setup();
         let big: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
-        let sock = h.adopt_udp(CLIENT);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(CLIENT));
         e.udp_inbound(T0, sock, CLIENT, target(9000), &big, &mut h, &mut out)
             .unwrap();
         let p = packets(&out);
@@ -1097,7 +1096,7 @@ mod tests {
         let (mut e, mut h, mut out) = setup();
         let local = sa(Ipv4Addr::LOCALHOST, 5353);
         let shown = sa(HOST_IP, 5353);
-        let sock = h.adopt_udp(local);
+        let sock = h.adopt_udp(std::net::SocketAddr::from(local));
         e.udp_inbound(T0, sock, local, target(53), b"q", &mut h, &mut out)
             .unwrap();
         assert_eq!(parse_udp(&packets(&out)[0]).0, shown);

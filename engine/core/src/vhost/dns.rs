@@ -10,7 +10,7 @@
 //! its ID is in flight *to that upstream* and it is a response, and then it is given back its
 //! original ID. A query not answered within `cfg.dns.query_timeout` is sent once to the next
 //! upstream (when there is one) and after that forgotten: the guest's resolver retries on its
-//! own. With no usable upstream (none configured, all IPv6, or all inside the virtual network)
+//! own. With no usable upstream (none configured, or all inside the virtual network)
 //! the guest gets SERVFAIL at once.
 //!
 //! Some names are answered here and never relayed: the guests' and the operator's (`names.rs`
@@ -27,7 +27,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use rand::Rng;
 use smoltcp::wire::UDP_HEADER_LEN;
@@ -66,30 +66,24 @@ const RELAY_RCVBUF: usize = 4 << 20;
 const POOL: usize = 64;
 
 /// The resolver a guest's DNS over TCP to the virtual host is sent to: the first usable upstream.
-pub(crate) fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddrV4> {
+pub(crate) fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddr> {
     ctx.cfg
         .dns
         .upstream
         .iter()
-        .find_map(|a| usable(ctx.cfg.in_subnet(ipv4_of(a)?), a))
+        .copied()
+        .find(|a| usable(&ctx.cfg, a))
 }
 
-fn ipv4_of(a: &SocketAddr) -> Option<std::net::Ipv4Addr> {
-    match a {
-        SocketAddr::V4(v4) => Some(*v4.ip()),
-        SocketAddr::V6(_) => None,
-    }
-}
-
-/// An upstream the relay can use: IPv4 (the sockets are), not unspecified, and not inside the
-/// virtual network (that would loop back to the guests).
-fn usable(in_subnet: bool, a: &SocketAddr) -> Option<SocketAddrV4> {
-    match a {
-        SocketAddr::V4(v4) if !in_subnet && !v4.ip().is_unspecified() && v4.port() != 0 => {
-            Some(*v4)
-        }
-        _ => None,
-    }
+/// Whether the relay can use upstream `a`: not unspecified, not port 0, not inside the virtual
+/// network (that would loop back to the guests), and not IPv6 link-local (which needs an
+/// interface the relay's sockets do not name).
+fn usable(cfg: &Config, a: &SocketAddr) -> bool {
+    let inside = match a.ip() {
+        std::net::IpAddr::V4(ip) => cfg.in_subnet(ip),
+        std::net::IpAddr::V6(ip) => cfg.ipv6.in_prefix(ip) || crate::wire::is_link_local(ip),
+    };
+    !inside && !a.ip().is_unspecified() && a.port() != 0
 }
 
 /// Whether a guest's DNS query (a UDP payload to the virtual host's port 53) must be handled by
@@ -121,16 +115,16 @@ pub enum TcpDnsRoute {
     /// Answered here: the message to send back.
     Answer(Vec<u8>),
     /// Not a local name: for this upstream resolver.
-    Relay(SocketAddrV4),
+    Relay(SocketAddr),
 }
 
 struct Upstream {
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     sock: Option<SockId>,
 }
 
 struct Pending {
-    guest: SocketAddrV4,
+    guest: SocketAddr,
     orig_id: u16,
     /// Index of the upstream it was last sent to.
     upstream: usize,
@@ -144,7 +138,7 @@ pub(crate) struct DnsRelay {
     upstreams: Vec<Upstream>,
     pending: HashMap<u16, Pending>,
     /// Queries in flight per guest address.
-    pending_of: HashMap<std::net::Ipv4Addr, usize>,
+    pending_of: HashMap<IpAddr, usize>,
     /// (deadline, relay ID, session id); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, u16, u32)>>,
     pool: Vec<Vec<u8>>,
@@ -213,7 +207,8 @@ impl DnsRelay {
             .dns
             .upstream
             .iter()
-            .filter_map(|a| usable(ipv4_of(a).is_some_and(|ip| ctx.cfg.in_subnet(ip)), a));
+            .copied()
+            .filter(|a| usable(&ctx.cfg, a));
         if wanted.clone().eq(self.upstreams.iter().map(|u| u.addr)) {
             return;
         }
@@ -246,7 +241,7 @@ impl DnsRelay {
     }
 
     /// A query of `guest` is no longer in flight.
-    fn answered(&mut self, guest: std::net::Ipv4Addr) {
+    fn answered(&mut self, guest: IpAddr) {
         if let Some(n) = self.pending_of.get_mut(&guest) {
             *n -= 1;
             if *n == 0 {
@@ -263,8 +258,8 @@ impl DnsRelay {
         now: Instant,
         ctx: &mut Ctx,
         dhcp: &DhcpServer,
-        guest: SocketAddrV4,
-        server: SocketAddrV4,
+        guest: SocketAddr,
+        server: SocketAddr,
         query: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
@@ -285,7 +280,7 @@ impl DnsRelay {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        (guest, host): (SocketAddrV4, SocketAddrV4),
+        (guest, host): (SocketAddr, SocketAddr),
         query: &[u8],
         io: &mut impl SockIo,
         out: &mut FrameBatch,
@@ -306,7 +301,7 @@ impl DnsRelay {
         if self.pending.len() >= MAX_PENDING
             || self
                 .pending_of
-                .get(guest.ip())
+                .get(&guest.ip())
                 .is_some_and(|&n| n >= MAX_PENDING_PER_GUEST)
         {
             return Err(DropReason::Limit);
@@ -346,7 +341,7 @@ impl DnsRelay {
             dst: host,
         });
         let deadline = now + ctx.cfg.dns.query_timeout;
-        *self.pending_of.entry(*guest.ip()).or_insert(0) += 1;
+        *self.pending_of.entry(guest.ip()).or_insert(0) += 1;
         self.pending.insert(
             id,
             Pending {
@@ -536,7 +531,7 @@ impl DnsRelay {
         let Some(mut p) = self.pending.remove(&id) else {
             return Err(DropReason::Foreign);
         };
-        self.answered(*p.guest.ip());
+        self.answered(p.guest.ip());
         msg[..2].copy_from_slice(&p.orig_id.to_be_bytes());
         p.info.last_used = now;
         ctx.events.push(Event::SessionDeleted {
@@ -617,7 +612,7 @@ impl DnsRelay {
                     continue;
                 }
             }
-            self.answered(*p.guest.ip());
+            self.answered(p.guest.ip());
             ctx.events.push(Event::SessionDeleted {
                 proto: Proto::Dns,
                 id: p.info.id,
@@ -756,6 +751,7 @@ mod tests {
     use crate::sim::SimSockets;
     use crate::testing::*;
     use std::net::Ipv4Addr;
+    use std::net::SocketAddrV4;
     use std::time::Duration;
 
     const UP1: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 53), 53);
@@ -832,14 +828,14 @@ mod tests {
             &mut out,
         );
         let (s1, relayed) = last_sent(&e, &mut h, 0);
-        assert_eq!(h.udp(s1).unwrap().dst, UP1);
+        assert_eq!(h.udp(s1).unwrap().dst, std::net::SocketAddr::from(UP1));
         assert_eq!(relayed[2..], query(0x1234)[2..]);
         let new_id = u16::from_be_bytes([relayed[0], relayed[1]]);
         let rows = e.sessions();
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].proto, rows[0].guest, rows[0].dst),
-            (Proto::Dns, guest(), host53())
+            (Proto::Dns, guest().into(), host53().into())
         );
 
         // A wrong ID is ignored.
@@ -881,7 +877,7 @@ mod tests {
         assert_eq!(e.poll_timeout(), Some(T0 + Duration::from_secs(2)));
         e.handle_timeout(T0 + Duration::from_secs(2), &mut h, &mut out);
         let (s2, retried) = last_sent(&e, &mut h, 1);
-        assert_eq!(h.udp(s2).unwrap().dst, UP2);
+        assert_eq!(h.udp(s2).unwrap().dst, std::net::SocketAddr::from(UP2));
         assert_eq!(retried, relayed);
         // Now only UP2 may answer.
         h.deliver_udp(s1, &answer_to(&relayed));
@@ -942,9 +938,10 @@ mod tests {
     #[test]
     fn no_upstream_answers_servfail() {
         let (mut e, mut h, mut out) = setup_with(|c| {
-            // IPv6 and in-network resolvers are unusable.
+            // Link-local and in-network resolvers are unusable.
             c.dns.upstream = vec![
-                "[::1]:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap(),
+                "[fd68:7562:6e61:1e::5]:53".parse().unwrap(),
                 "192.168.30.5:53".parse().unwrap(),
             ];
         });
@@ -1051,11 +1048,11 @@ mod tests {
             &mut out,
         );
         let (s1, relayed) = last_sent(&e, &mut h, 0);
-        assert_eq!(h.udp(s1).unwrap().dst, UP1);
+        assert_eq!(h.udp(s1).unwrap().dst, std::net::SocketAddr::from(UP1));
         let rows = e.sessions();
         assert_eq!(
             (rows[0].proto, rows[0].guest, rows[0].dst),
-            (Proto::Dns, guest(), dns53())
+            (Proto::Dns, guest().into(), dns53().into())
         );
         // A query to the virtual host's own address at the same time keeps its own.
         let other = SocketAddrV4::new(GUEST_IP, 1049);
@@ -1153,7 +1150,7 @@ mod tests {
     #[test]
     fn large_answers_are_fragmented_and_tcp_upstream_is_the_first() {
         let (mut e, mut h, mut out) = setup2();
-        assert_eq!(upstream_for_tcp(&e.ctx), Some(UP1));
+        assert_eq!(upstream_for_tcp(&e.ctx), Some(UP1.into()));
         e.handle_frame(
             T0,
             &udp_frame(guest(), host53(), &query(3)),
@@ -1304,7 +1301,7 @@ mod tests {
         assert_eq!(a[a.len() - 4..], IP_A.octets());
         assert_eq!(
             e.route_tcp_dns(now, &query_for("example.org", TYPE_A)),
-            Some(TcpDnsRoute::Relay(UP1))
+            Some(TcpDnsRoute::Relay(std::net::SocketAddr::from(UP1)))
         );
         let mut answer = q.clone();
         answer[2] |= QR;

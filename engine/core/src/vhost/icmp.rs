@@ -6,6 +6,9 @@ use smoltcp::wire::{
     Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr,
 };
 
+use std::net::IpAddr;
+
+use crate::nat::GuestIp;
 use crate::output::FrameBatch;
 use crate::stats::DropReason;
 use crate::wire::{push_ipv4, Ipv4Header};
@@ -68,27 +71,49 @@ pub(crate) fn push_icmp(
 /// RFC 792/1812: an error quotes the offending header and at least 8 bytes of its payload.
 const QUOTED_PAYLOAD: usize = 8;
 
+/// Why the virtual host tells a guest its packet cannot be delivered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Unreach {
+    /// Nothing listens at the port (UDP to the virtual host).
+    Port,
+    /// The egress policy refuses the destination.
+    Prohibited,
+}
+
 /// Sends a destination-unreachable error about the guest's packet `ip` back to the guest, from
-/// `src` (the virtual host, or the destination it speaks for).
+/// `src` (the virtual host, or the destination it speaks for), in ICMP of the packet's family.
 pub(crate) fn push_unreachable(
     ctx: &mut Ctx,
-    src: std::net::Ipv4Addr,
-    reason: Icmpv4DstUnreachable,
-    ip: &Ipv4Packet<&[u8]>,
+    src: IpAddr,
+    reason: Unreach,
+    ip: &GuestIp,
     out: &mut FrameBatch,
 ) -> Result<(), DropReason> {
-    let header = Ipv4Repr {
-        src_addr: ip.src_addr(),
-        dst_addr: ip.dst_addr(),
-        next_header: ip.next_header(),
-        payload_len: ip.payload().len(),
-        hop_limit: ip.hop_limit(),
+    let (IpAddr::V4(src4), IpAddr::V4(guest), IpAddr::V4(dst)) = (src, ip.src, ip.dst) else {
+        let code = match reason {
+            Unreach::Port => 4,
+            Unreach::Prohibited => 1,
+        };
+        let quote = crate::nat::icmp_error::Quote::of(ip);
+        let kind = (crate::nat::icmp_error::V6_DST_UNREACHABLE, code);
+        let q = quote.bytes();
+        return crate::nat::icmp_error::push_error(ctx, out, src, ip.src, None, kind, [0; 4], q);
     };
-    let quoted = &ip.payload()[..ip.payload().len().min(QUOTED_PAYLOAD)];
+    let header = Ipv4Repr {
+        src_addr: guest,
+        dst_addr: dst,
+        next_header: ip.proto,
+        payload_len: ip.upper.len(),
+        hop_limit: ip.ttl,
+    };
+    let quoted = &ip.upper[..ip.upper.len().min(QUOTED_PAYLOAD)];
     let repr = Icmpv4Repr::DstUnreachable {
-        reason,
+        reason: match reason {
+            Unreach::Port => Icmpv4DstUnreachable::PortUnreachable,
+            Unreach::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+        },
         header,
         data: quoted,
     };
-    push_icmp(ctx, src, ip.src_addr(), &repr, out)
+    push_icmp(ctx, src4, guest, &repr, out)
 }

@@ -4,18 +4,22 @@
 
 pub(crate) mod dhcp_options;
 mod ethernet;
+mod ip;
 mod ipv4;
 mod ipv6;
 mod udp;
 
+pub(crate) use self::ethernet::eth;
 pub use self::ethernet::mac;
-pub(crate) use self::ethernet::{emit_ethernet, eth};
+pub(crate) use self::ip::{emit_ip_headers, ip_header_len, push_ip, push_ip_fragments, IpHeader};
 pub use self::ipv4::ones_sum;
-pub(crate) use self::ipv4::{
-    emit_ipv4_header, pseudo_header_sum, push_ipv4, push_ipv4_fragments, Ipv4Header,
-    IPV4_HEADER_LEN,
-};
+pub(crate) use self::ipv4::{push_ipv4, Ipv4Header, IPV4_HEADER_LEN};
 pub use self::ipv6::link_local;
+
+/// Whether `ip` is IPv6 link-local unicast (fe80::/10).
+pub fn is_link_local6(ip: std::net::Ipv6Addr) -> bool {
+    ipv6::is_link_local(ip)
+}
 #[allow(unused_imports)]
 pub(crate) use self::ipv6::{
     emit_ipv6_header, is_link_local, multicast_mac, pseudo_header_sum6, push_ipv6, solicited_node,

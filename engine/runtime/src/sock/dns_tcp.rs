@@ -292,8 +292,8 @@ impl Conn {
         Ok(moved)
     }
 
-    fn connect(&mut self, registry: &Registry, to: SocketAddrV4, token: Token) -> Result<(), ()> {
-        let mut s = TcpStream::connect(SocketAddr::V4(to)).map_err(|e| {
+    fn connect(&mut self, registry: &Registry, to: SocketAddr, token: Token) -> Result<(), ()> {
+        let mut s = TcpStream::connect(to).map_err(|e| {
             tracing::debug!("DNS over TCP: connect to {to}: {e}");
         })?;
         registry

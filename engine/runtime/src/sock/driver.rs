@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
+
+use super::addr::{family, RawAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use mio::net::{TcpStream, UdpSocket};
@@ -23,10 +25,25 @@ use hubnat_core::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreac
 pub use crate::tokens::FIRST_RESERVED_TOKEN;
 
 enum Icmp {
-    /// SOCK_DGRAM/IPPROTO_ICMP ("ping socket"): the kernel chooses the ident, filters replies.
-    Datagram(OwnedFd),
-    /// SOCK_RAW, connected to the destination: sees every echo reply from it, with IP header.
-    Raw { fd: OwnedFd, ident: u16 },
+    /// SOCK_DGRAM/IPPROTO_ICMP(V6) ("ping socket"): the kernel chooses the ident, filters
+    /// replies.
+    Datagram { fd: OwnedFd, v6: bool },
+    /// SOCK_RAW: sees every echo reply (ICMPv4 with its IP header, ICMPv6 without).
+    Raw { fd: OwnedFd, ident: u16, v6: bool },
+}
+
+impl Icmp {
+    fn fd(&self) -> RawFd {
+        match self {
+            Icmp::Datagram { fd, .. } | Icmp::Raw { fd, .. } => fd.as_raw_fd(),
+        }
+    }
+
+    fn v6(&self) -> bool {
+        match self {
+            Icmp::Datagram { v6, .. } | Icmp::Raw { v6, .. } => *v6,
+        }
+    }
 }
 
 struct Tcp {
@@ -157,8 +174,12 @@ fn connect_failed(id: SockId, e: &io::Error) -> SockEvent {
 
 /// Has the ICMP errors about what `fd` sends queued for `recv_error` (and its pending error
 /// set) instead of only the hard ones surfacing as a pending error.
-fn recv_errors(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+fn recv_errors(fd: RawFd, v6: bool) -> io::Result<()> {
+    if v6 {
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1)
+    } else {
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)
+    }
 }
 
 /// One entry of `fd`'s error queue that came from ICMP: the error, its sender and the first
@@ -167,7 +188,7 @@ fn recv_errors(fd: RawFd) -> io::Result<()> {
 fn read_error_queue(
     fd: RawFd,
     quoted: &mut [u8; 8],
-) -> io::Result<Option<(libc::sock_extended_err, Ipv4Addr, usize)>> {
+) -> io::Result<Option<(libc::sock_extended_err, IpAddr, usize)>> {
     let mut iov = libc::iovec {
         iov_base: quoted.as_mut_ptr().cast(),
         iov_len: quoted.len(),
@@ -205,23 +226,25 @@ fn read_error_queue(
                 return Ok(None);
             }
             let from = Ipv4Addr::from(u32::from_be(offender.sin_addr.s_addr));
-            return Ok(Some((ee, from, len)));
+            return Ok(Some((ee, from.into(), len)));
+        }
+        if level == libc::SOL_IPV6 && kind == libc::IPV6_RECVERR {
+            // SAFETY: as above, the offender being a sockaddr_in6 (control has room for it).
+            let (ee, offender) = unsafe {
+                let ee = libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err;
+                let off = libc::SO_EE_OFFENDER(ee) as *const libc::sockaddr_in6;
+                (ee.read_unaligned(), off.read_unaligned())
+            };
+            if ee.ee_origin != libc::SO_EE_ORIGIN_ICMP6 {
+                return Ok(None);
+            }
+            let from = std::net::Ipv6Addr::from(offender.sin6_addr.s6_addr);
+            return Ok(Some((ee, from.into(), len)));
         }
         // SAFETY: as for CMSG_FIRSTHDR.
         cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
     Ok(None)
-}
-
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
 }
 
 impl SockDriver {
@@ -516,7 +539,7 @@ impl SockDriver {
     /// Takes over a UDP socket a forward connected to its client.
     pub fn adopt_udp(&mut self, sock: std::net::UdpSocket) -> io::Result<SockId> {
         sock.set_nonblocking(true)?;
-        recv_errors(sock.as_raw_fd())?;
+        recv_errors(sock.as_raw_fd(), sock.local_addr()?.is_ipv6())?;
         let sock = UdpSocket::from_std(sock);
         let id = self.alloc_id();
         match &mut self.readiness {
@@ -550,41 +573,39 @@ impl SockDriver {
         }
     }
 
-    fn open_icmp(&mut self) -> io::Result<Icmp> {
-        // SAFETY: plain socket creation; the result is checked.
-        let dgram = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
+    fn open_icmp(&mut self, v6: bool) -> io::Result<Icmp> {
+        let (family, proto) = if v6 {
+            (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+        } else {
+            (libc::AF_INET, libc::IPPROTO_ICMP)
         };
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        // SAFETY: plain socket creation; the result is checked.
+        let dgram = unsafe { libc::socket(family, libc::SOCK_DGRAM | flags, proto) };
         if dgram >= 0 {
             // SAFETY: a fresh fd owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(dgram) };
-            recv_errors(fd.as_raw_fd())?;
-            return Ok(Icmp::Datagram(fd));
+            recv_errors(fd.as_raw_fd(), v6)?;
+            return Ok(Icmp::Datagram { fd, v6 });
         }
         // SAFETY: as above.
-        let raw = cvt(unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        })?;
+        let raw = cvt(unsafe { libc::socket(family, libc::SOCK_RAW | flags, proto) })?;
         // SAFETY: a fresh fd owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        recv_errors(fd.as_raw_fd())?;
-        Ok(Icmp::Raw { fd, ident: 0 })
+        recv_errors(fd.as_raw_fd(), v6)?;
+        Ok(Icmp::Raw { fd, ident: 0, v6 })
     }
 }
 
 impl SockIo for SockDriver {
-    fn udp_open(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
-        let sock = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?;
-        recv_errors(sock.as_raw_fd())?;
-        sock.connect(SocketAddr::V4(dst)).map_err(classify)?;
+    fn udp_open(&mut self, dst: SocketAddr) -> io::Result<SockId> {
+        let any: IpAddr = match dst {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let sock = UdpSocket::bind(SocketAddr::new(any, 0))?;
+        recv_errors(sock.as_raw_fd(), dst.is_ipv6())?;
+        sock.connect(dst).map_err(classify)?;
         let id = self.alloc_id();
         match &mut self.readiness {
             Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
@@ -613,15 +634,15 @@ impl SockIo for SockDriver {
         }
     }
 
-    fn tcp_connect(&mut self, dst: SocketAddrV4) -> io::Result<SockId> {
+    fn tcp_connect(&mut self, dst: SocketAddr) -> io::Result<SockId> {
         let stream = match &self.readiness {
-            Readiness::Epoll(_) => TcpStream::connect(SocketAddr::V4(dst)).map_err(classify)?,
+            Readiness::Epoll(_) => TcpStream::connect(dst).map_err(classify)?,
             // The ring connects it (after the options below are set).
             Readiness::Uring(_) => {
                 // SAFETY: plain socket creation; the result is checked.
                 let fd = cvt(unsafe {
                     libc::socket(
-                        libc::AF_INET,
+                        family(&dst),
                         libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                         0,
                     )
@@ -758,31 +779,26 @@ impl SockIo for SockDriver {
         }
     }
 
-    fn icmp_open(&mut self) -> io::Result<SockId> {
-        let icmp = self.open_icmp()?;
-        let fd = match &icmp {
-            Icmp::Datagram(fd) | Icmp::Raw { fd, .. } => fd.as_raw_fd(),
-        };
+    fn icmp_open(&mut self, v6: bool) -> io::Result<SockId> {
+        let icmp = self.open_icmp(v6)?;
+        let fd = icmp.fd();
         let id = self.alloc_id();
         self.register_fd(fd, id, false)?;
         self.socks.insert(id, Sock::Icmp(icmp));
         Ok(id)
     }
 
-    fn icmp_send(&mut self, id: SockId, dst: Ipv4Addr, message: &[u8]) -> io::Result<()> {
+    fn icmp_send(&mut self, id: SockId, dst: IpAddr, message: &[u8]) -> io::Result<()> {
         let Some(Sock::Icmp(icmp)) = self.socks.get_mut(&id) else {
             return Err(not_found());
         };
-        let fd = match icmp {
-            Icmp::Datagram(fd) => fd.as_raw_fd(),
-            Icmp::Raw { fd, ident } => {
-                if message.len() >= 6 {
-                    *ident = u16::from_be_bytes([message[4], message[5]]);
-                }
-                fd.as_raw_fd()
+        if let Icmp::Raw { ident, .. } = icmp {
+            if message.len() >= 6 {
+                *ident = u16::from_be_bytes([message[4], message[5]]);
             }
-        };
-        let addr = sockaddr_in(SocketAddrV4::new(dst, 0));
+        }
+        let fd = icmp.fd();
+        let addr = RawAddr::new(SocketAddr::new(dst, 0));
         // SAFETY: `message` and `addr` are valid for reads of the lengths passed.
         let n = unsafe {
             libc::sendto(
@@ -790,8 +806,8 @@ impl SockIo for SockDriver {
                 message.as_ptr().cast(),
                 message.len(),
                 0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                addr.as_ptr(),
+                addr.len(),
             )
         };
         if n < 0 {
@@ -805,13 +821,12 @@ impl SockIo for SockDriver {
             return Err(not_found());
         };
         loop {
-            let (fd, raw_ident) = match icmp {
-                Icmp::Datagram(fd) => (fd.as_raw_fd(), None),
-                Icmp::Raw { fd, ident } => (fd.as_raw_fd(), Some(*ident)),
+            let (fd, v6) = (icmp.fd(), icmp.v6());
+            let raw_ident = match icmp {
+                Icmp::Datagram { .. } => None,
+                Icmp::Raw { ident, .. } => Some(*ident),
             };
-            let mut addr: libc::sockaddr_in =
-                sockaddr_in(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-            let mut alen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let mut addr = RawAddr::empty();
             // SAFETY: `buf` and `addr` are valid for writes of the lengths passed.
             let n = unsafe {
                 libc::recvfrom(
@@ -819,19 +834,34 @@ impl SockIo for SockDriver {
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     0,
-                    (&mut addr as *mut libc::sockaddr_in).cast(),
-                    &mut alen,
+                    addr.as_mut_ptr(),
+                    addr.len_mut(),
                 )
             };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let from = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), 0);
+            let Some(from) = addr.get() else {
+                continue;
+            };
+            let from = SocketAddr::new(from.ip(), 0);
             let mut len = n as usize;
             if let Some(ident) = raw_ident {
-                // A raw socket sees every ICMP message with its IP header: keep only the echo
-                // replies to the ident this socket sent, and strip the header.
-                let ihl = buf.first().map_or(0, |b| ((b & 0x0f) as usize) * 4);
+                // A raw socket sees every ICMP message (ICMPv4 with its IP header): keep only
+                // the echo replies to the ident this socket sent, and strip the header.
+                let reply = if v6 { 129 } else { 0 };
+                let ihl = if v6 {
+                    0
+                } else {
+                    buf.first().map_or(0, |b| ((b & 0x0f) as usize) * 4)
+                };
+                if (!v6 && ihl < 20) || len < ihl + 8 {
+                    continue;
+                }
+                let icmp_msg = &buf[ihl..len];
+                if icmp_msg[0] != reply || u16::from_be_bytes([icmp_msg[4], icmp_msg[5]]) != ident {
+                    continue;
+                }
                 if ihl < 20 || len < ihl + 8 {
                     continue;
                 }
@@ -860,14 +890,18 @@ impl SockIo for SockDriver {
     }
 
     fn set_ttl(&mut self, id: SockId, ttl: Option<u8>) -> io::Result<()> {
-        let fd = match self.socks.get(&id) {
-            Some(Sock::Udp(s)) => s.as_raw_fd(),
-            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => fd.as_raw_fd(),
+        let (fd, v6) = match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => (s.as_raw_fd(), s.local_addr()?.is_ipv6()),
+            Some(Sock::Icmp(icmp)) => (icmp.fd(), icmp.v6()),
             _ => return Err(not_found()),
         };
         // -1: back to the host's default.
         let value = ttl.map_or(-1, libc::c_int::from);
-        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TTL, value)
+        if v6 {
+            setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, value)
+        } else {
+            setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_TTL, value)
+        }
     }
 
     fn recv_error(&mut self, id: SockId) -> io::Result<IcmpError> {
@@ -875,8 +909,8 @@ impl SockIo for SockDriver {
         // those of its own ident are its own.
         let (fd, raw_ident) = match self.socks.get(&id) {
             Some(Sock::Udp(s)) => (s.as_raw_fd(), None),
-            Some(Sock::Icmp(Icmp::Datagram(fd))) => (fd.as_raw_fd(), None),
-            Some(Sock::Icmp(Icmp::Raw { fd, ident })) => (fd.as_raw_fd(), Some(*ident)),
+            Some(Sock::Icmp(Icmp::Datagram { fd, .. })) => (fd.as_raw_fd(), None),
+            Some(Sock::Icmp(Icmp::Raw { fd, ident, .. })) => (fd.as_raw_fd(), Some(*ident)),
             _ => return Err(not_found()),
         };
         let udp = matches!(self.socks.get(&id), Some(Sock::Udp(_)));
@@ -899,9 +933,11 @@ impl SockIo for SockDriver {
                     Sock::Udp(s) => Some((s.local_addr().ok()?, s.peer_addr().ok()?)),
                     _ => None,
                 });
-                let from_ip = std::net::IpAddr::V4(from);
-                if ends.is_some_and(|(local, peer)| local.ip() == from_ip && peer.ip() != from_ip) {
-                    from = Ipv4Addr::UNSPECIFIED;
+                if ends.is_some_and(|(local, peer)| local.ip() == from && peer.ip() != from) {
+                    from = match from {
+                        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                        IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+                    };
                 }
             }
             return Ok(IcmpError {
@@ -925,7 +961,7 @@ impl SockIo for SockDriver {
         let fd = match self.socks.get(&id) {
             Some(Sock::Udp(s)) => s.as_raw_fd(),
             Some(Sock::Tcp(t)) => t.stream.as_raw_fd(),
-            Some(Sock::Icmp(Icmp::Datagram(fd) | Icmp::Raw { fd, .. })) => fd.as_raw_fd(),
+            Some(Sock::Icmp(icmp)) => icmp.fd(),
             None => return,
         };
         self.deregister_fd(fd, id);
@@ -965,7 +1001,7 @@ mod tests {
             panic!()
         };
         let (mut host, mut poll) = new_host(uring);
-        let id = host.tcp_connect(addr).unwrap();
+        let id = host.tcp_connect(std::net::SocketAddr::from(addr)).unwrap();
         // With io_uring the connect starts when the batch is submitted.
         host.submit();
         let (peer, _) = listener.accept().unwrap();
@@ -1107,7 +1143,7 @@ mod tests {
         };
         drop(listener);
         let (mut host, mut poll) = new_host(uring);
-        let id = host.tcp_connect(addr).unwrap();
+        let id = host.tcp_connect(std::net::SocketAddr::from(addr)).unwrap();
         let got = wait_for(&mut host, &mut poll, |e| {
             matches!(e, SockEvent::ConnectFailed(..))
         });
@@ -1131,7 +1167,7 @@ mod tests {
             panic!()
         };
         let (mut host, mut poll) = new_host(uring);
-        let id = host.udp_open(addr).unwrap();
+        let id = host.udp_open(std::net::SocketAddr::from(addr)).unwrap();
         host.udp_send(id, b"abc").unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = server.recv_from(&mut buf).unwrap();
@@ -1146,7 +1182,10 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
         // The details wait in the error queue, once.
         let err = host.recv_error(id).unwrap();
-        assert_eq!((err.from, err.icmp_type, err.code), (*addr.ip(), 3, 3));
+        assert_eq!(
+            (err.from, err.icmp_type, err.code),
+            (std::net::IpAddr::V4(*addr.ip()), 3, 3)
+        );
         let e = host.recv_error(id).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         // The TTL can be set and put back to the default.

@@ -1,5 +1,6 @@
 //! Host-socket drivers: real sockets behind the core's `SockIo`.
 
+pub(crate) mod addr;
 pub(crate) mod dns_tcp;
 pub mod driver;
 pub mod forward;

@@ -44,7 +44,9 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
+
+use super::addr::RawAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -157,7 +159,7 @@ enum State {
     },
     /// A connect is in flight; the kernel reads `addr` when it is submitted.
     Connecting {
-        addr: Box<libc::sockaddr_in>,
+        addr: Box<RawAddr>,
     },
     /// Nothing in flight (a failed connect, waiting to be closed).
     Idle,
@@ -358,7 +360,7 @@ pub struct Ring {
     /// Connect addresses of sockets closed before their connect was submitted.
     /// Boxed: the queued entries point at the boxes' contents, which must not move.
     #[allow(clippy::vec_box)]
-    retired: Vec<Box<libc::sockaddr_in>>,
+    retired: Vec<Box<RawAddr>>,
     /// Completions read, before they are handled.
     cqes: Vec<(u64, i32, u32)>,
     overflows: u64,
@@ -638,23 +640,12 @@ impl Ring {
 
     /// Connects socket `id` (non-blocking, unconnected) to `dst`; the outcome comes back as
     /// `Connected` (and the socket is then watched for reading and writing) or `ConnectFailed`.
-    pub fn connect(&mut self, fd: RawFd, id: SockId, dst: SocketAddrV4) -> io::Result<()> {
-        let addr = Box::new(libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: dst.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*dst.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        });
+    pub fn connect(&mut self, fd: RawFd, id: SockId, dst: SocketAddr) -> io::Result<()> {
+        let addr = Box::new(RawAddr::new(dst));
         let generation = self.next_generation();
-        let sqe = opcode::Connect::new(
-            types::Fd(fd),
-            (&*addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-        .build()
-        .user_data(user_data(K_CONNECT, generation, id));
+        let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len())
+            .build()
+            .user_data(user_data(K_CONNECT, generation, id));
         self.push(&sqe)?;
         self.entries.insert(
             id,
@@ -1133,7 +1124,7 @@ impl Drop for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{SocketAddr, TcpListener, UdpSocket};
+    use std::net::{TcpListener, UdpSocket};
 
     #[test]
     fn poll_masks_translate() {
@@ -1252,13 +1243,6 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
     }
 
-    fn v4(a: SocketAddr) -> SocketAddrV4 {
-        match a {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => panic!("IPv4 only"),
-        }
-    }
-
     fn tcp_socket() -> std::os::fd::OwnedFd {
         use std::os::fd::FromRawFd;
         // SAFETY: plain socket creation, checked below.
@@ -1289,7 +1273,7 @@ mod tests {
         let Some(mut r) = ring(8) else { return };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let sock = tcp_socket();
-        r.connect(sock.as_raw_fd(), 7, v4(listener.local_addr().unwrap()))
+        r.connect(sock.as_raw_fd(), 7, listener.local_addr().unwrap())
             .unwrap();
         let got = pump_until(&mut r, |c| *c == Completion::Connected(7));
         assert!(!got
@@ -1309,7 +1293,7 @@ mod tests {
     fn connect_refused_is_reported() {
         let Some(mut r) = ring(8) else { return };
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = v4(listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
         drop(listener);
         let sock = tcp_socket();
         r.connect(sock.as_raw_fd(), 3, addr).unwrap();
@@ -1485,7 +1469,7 @@ mod tests {
         r.udp(ours2.as_raw_fd(), 1).unwrap();
         // A TCP connect on another reused id: its refusal must not reach the new owner.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = v4(listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
         drop(listener);
         let tcp = tcp_socket();
         r.connect(tcp.as_raw_fd(), 2, addr).unwrap();

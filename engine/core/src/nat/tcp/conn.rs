@@ -8,14 +8,14 @@
 //! retransmissions re-peek, and an ACK consumes. Congestion control is NewReno (RFC 5681/6582)
 //! with SACK-guided hole retransmission (RFC 2018, a simplified RFC 6675); RTO per RFC 6298.
 //!
-//! Memory: `size_of::<TcpConn>()` (488 bytes on x86-64; a test asserts at most 512) plus the
+//! Memory: `size_of::<TcpConn>()` (600 bytes on x86-64, its addresses being of either family; a test asserts at most 640) plus the
 //! reassembly ring of `rcv_buf` bytes (256 KiB by default), held only while data waits in it
 //! (out of order, refused by a full socket, or, with batching, until the batch's write) and
 //! otherwise back in the per-thread pool (`reassembly::POOLED_RINGS`): an idle connection holds
 //! none.
 
 use std::io;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::reassembly::{RecvRing, RingBudget};
@@ -175,11 +175,11 @@ pub(crate) struct TcpConn {
     pub(crate) flush_pending: bool,
     /// On the table's list of connections to flush.
     pub(crate) in_dirty: bool,
-    pub(crate) guest: SocketAddrV4,
+    pub(crate) guest: SocketAddr,
     /// The destination as the guest sees it (source of our segments).
-    pub(crate) dst: SocketAddrV4,
+    pub(crate) dst: SocketAddr,
     /// Where the sock-side socket connects (differs from `dst` for the host loopback alias and DNS).
-    pub(crate) target: SocketAddrV4,
+    pub(crate) target: SocketAddr,
     guest_mac: Mac,
     /// Who opened it: the guest (its SYN) or a forward (our SYN to the guest).
     pub(crate) direction: Direction,
@@ -293,8 +293,8 @@ impl TcpConn {
     /// A connection for the guest's SYN `syn`, in `Connecting` state.
     pub(crate) fn new(
         id: u32,
-        guest: SocketAddrV4,
-        dst: SocketAddrV4,
+        guest: SocketAddr,
+        dst: SocketAddr,
         guest_mac: Mac,
         syn: &Seg,
         now: Instant,
@@ -312,8 +312,8 @@ impl TcpConn {
     /// says which are used.
     pub(crate) fn new_active(
         id: u32,
-        guest: SocketAddrV4,
-        client: SocketAddrV4,
+        guest: SocketAddr,
+        client: SocketAddr,
         guest_mac: Mac,
         forward: u32,
         now: Instant,
@@ -335,15 +335,16 @@ impl TcpConn {
     /// `Connecting`.
     fn blank(
         id: u32,
-        guest: SocketAddrV4,
-        dst: SocketAddrV4,
+        guest: SocketAddr,
+        dst: SocketAddr,
         guest_mac: Mac,
         now: Instant,
         p: &Params,
     ) -> TcpConn {
-        let our_mss = p.mtu.saturating_sub(40).clamp(64, 65535);
+        let headers = crate::wire::ip_header_len(guest.ip()) + segment::TCP_HEADER_LEN;
+        let our_mss = p.mtu.saturating_sub(headers).clamp(64, 65535);
         let mss = DEFAULT_MSS.min(our_mss);
-        let ring = RecvRing::new(p.rcv_buf.max(4096), *guest.ip(), p.rings);
+        let ring = RecvRing::new(p.rcv_buf.max(4096), guest.ip(), p.rings);
         let rcv_wnd = ring.cap().min(65535);
         TcpConn {
             id,
@@ -925,7 +926,7 @@ impl TcpConn {
         self.timing = None;
         cx.ctx.events.push(Event::TcpConnected {
             id: self.id,
-            ip: *self.guest.ip(),
+            ip: self.guest.ip(),
             port: self.guest.port(),
         });
         // Data or a FIN riding on the SYN-ACK is not taken (the guest sends it again once
@@ -939,7 +940,7 @@ impl TcpConn {
     fn report_failed<H: SockIo>(&self, cx: &mut Handling<H>, reason: &str) {
         cx.ctx.events.push(Event::TcpConnectFailed {
             id: self.id,
-            ip: *self.guest.ip(),
+            ip: self.guest.ip(),
             port: self.guest.port(),
             reason: reason.into(),
         });
@@ -1183,12 +1184,12 @@ impl TcpConn {
             hdr.fin = true;
         }
         let off = seq.since(self.snd_una);
+        let gso = self.gso(cx).then_some(self.mss as u16);
         let ident = cx.ctx.next_ident();
         let mac = cx.ctx.mac;
         let io = &mut *cx.io;
         let cached = cx.peek.get(sock, seq);
         let mut broken = false;
-        let gso = cx.ctx.tcp_gso.then_some(self.mss as u16);
         let (n, h) = segment::push(
             cx.out,
             mac,
@@ -1249,10 +1250,16 @@ impl TcpConn {
         r
     }
 
+    /// Whether this connection sends super-frames: the port cuts them, and it is IPv4 (the
+    /// port is offered TCPv4 segmentation only).
+    fn gso<H: SockIo>(&self, cx: &Handling<H>) -> bool {
+        cx.ctx.tcp_gso && self.guest.is_ipv4()
+    }
+
     /// The most payload one frame toward the guest carries: a segment, or where the port
     /// takes super-frames (`Ctx::tcp_gso`) as many whole segments as fit a 64 KiB packet.
     fn frame_payload<H: SockIo>(&self, cx: &Handling<H>) -> usize {
-        if !cx.ctx.tcp_gso {
+        if !self.gso(cx) {
             return self.mss;
         }
         // An IPv4 packet's 64 KiB, less its header and the largest TCP header.
@@ -1528,7 +1535,7 @@ impl TcpConn {
             self.rto_deadline = None;
             self.persist_deadline = None;
             self.ack_deadline = None;
-            self.ring = RecvRing::new(self.ring.cap(), *self.guest.ip(), self.ring.budget());
+            self.ring = RecvRing::new(self.ring.cap(), self.guest.ip(), self.ring.budget());
             return Next::TimeWait;
         }
         Next::Keep

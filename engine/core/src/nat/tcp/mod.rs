@@ -27,10 +27,9 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use rand::Rng;
-use smoltcp::wire::Ipv4Packet;
 
 use self::conn::{Handling, Next, Params, State, TcpConn};
 use self::reassembly::RingBudget;
@@ -39,7 +38,7 @@ use self::seq::Seq;
 use crate::config::Config;
 use crate::event::Event;
 use crate::nat::icmp_error::{self, Quote};
-use crate::nat::{sock_destination, InboundRefused, InboundTarget, Proto, SessionInfo};
+use crate::nat::{sock_destination, GuestIp, InboundRefused, InboundTarget, Proto, SessionInfo};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
@@ -50,7 +49,7 @@ use crate::Ctx;
 pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
 /// Takes one from `guest`'s count, forgetting guests at zero.
-fn dec(counts: &mut HashMap<Ipv4Addr, usize>, guest: Ipv4Addr) {
+fn dec(counts: &mut HashMap<IpAddr, usize>, guest: IpAddr) {
     if let Some(n) = counts.get_mut(&guest) {
         *n -= 1;
         if *n == 0 {
@@ -60,16 +59,16 @@ fn dec(counts: &mut HashMap<Ipv4Addr, usize>, guest: Ipv4Addr) {
 }
 
 /// (guest, destination as the guest addressed it)
-type Key = (SocketAddrV4, SocketAddrV4);
+type Key = (SocketAddr, SocketAddr);
 
 /// The TCP side of the NAT: the guests' connections, each relayed to a sock-side connection.
 pub struct TcpNat {
     conns: HashMap<Key, TcpConn>,
     by_sock: HashMap<SockId, Key>,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: HashMap<IpAddr, usize>,
     half_open: usize,
     /// Connecting connections per guest (its share of `half_open`).
-    half_open_of: HashMap<Ipv4Addr, usize>,
+    half_open_of: HashMap<IpAddr, usize>,
     tombstones: usize,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     /// With `external_idle`: `(deadline, key, session id)`, one entry per connection, for
@@ -133,14 +132,13 @@ impl TcpNat {
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
-        ip: &Ipv4Packet<&[u8]>,
+        ip: &GuestIp,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         // Only guests of the virtual network can be answered (as UDP and ICMP hold too): an
         // off-subnet source would make a connection, and a neighbour entry, for no guest.
-        let src = ip.src_addr();
-        if !ctx.cfg.in_subnet(src) || ctx.is_host_address(src) {
+        if !crate::nat::is_guest_address(ctx, ip.src) {
             return Err(DropReason::Foreign);
         }
         let seg = segment::parse(ip)?;
@@ -157,7 +155,7 @@ impl TcpNat {
                         self.dirty.push(key);
                     }
                     if answered {
-                        self.end_half_open(ctx, *key.0.ip());
+                        self.end_half_open(ctx, key.0.ip());
                     }
                     self.after(key, next, ctx, io);
                     return Ok(());
@@ -184,8 +182,8 @@ impl TcpNat {
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         let (guest, dst) = key;
-        let guest_mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
-        let target = if ctx.is_host_address(*dst.ip()) {
+        let guest_mac = ctx.neighbour(guest.ip()).ok_or(DropReason::NoArp)?;
+        let target = if crate::nat::is_host_ip(ctx, dst.ip()) {
             // The virtual host's own address: only DNS over TCP, carried to the runtime's
             // listener that answers local names (or else straight to the first resolver).
             let upstream = ctx
@@ -210,7 +208,7 @@ impl TcpNat {
                 }
             }
         };
-        if !self.admit(now, ctx, *guest.ip()) {
+        if !self.admit(now, ctx, guest.ip()) {
             reset(ctx, seg, key, out)?;
             return Err(DropReason::Limit);
         }
@@ -224,11 +222,11 @@ impl TcpNat {
         let sock = match io.tcp_connect(target) {
             Ok(s) => s,
             Err(e) => {
-                ctx.release_session(Proto::Tcp, *guest.ip());
-                ctx.release_half_open(*guest.ip());
+                ctx.release_session(Proto::Tcp, guest.ip());
+                ctx.release_half_open(guest.ip());
                 ctx.events.push(Event::TcpConnectFailed {
                     id,
-                    ip: *target.ip(),
+                    ip: target.ip(),
                     port: target.port(),
                     reason: e.to_string(),
                 });
@@ -273,7 +271,7 @@ impl TcpNat {
     /// (here and across the runtime's engines), its rate of new sessions, and its share of the
     /// half-open slots (a SYN flood fills the flooder's share, and its neighbours still
     /// connect). On true, the shared counts are taken; `insert` takes the local ones.
-    fn admit(&self, now: Instant, ctx: &mut Ctx, guest: Ipv4Addr) -> bool {
+    fn admit(&self, now: Instant, ctx: &mut Ctx, guest: IpAddr) -> bool {
         let nat = &ctx.cfg.nat;
         let guest_count = self.per_guest.get(&guest).copied().unwrap_or(0);
         let guest_half_open = self.half_open_of.get(&guest).copied().unwrap_or(0);
@@ -300,13 +298,13 @@ impl TcpNat {
         }
         self.conns.insert(key, c);
         self.by_sock.insert(sock, key);
-        *self.per_guest.entry(*key.0.ip()).or_insert(0) += 1;
+        *self.per_guest.entry(key.0.ip()).or_insert(0) += 1;
         self.half_open += 1;
-        *self.half_open_of.entry(*key.0.ip()).or_insert(0) += 1;
+        *self.half_open_of.entry(key.0.ip()).or_insert(0) += 1;
     }
 
     /// A connection of `guest` is half-open no more (connected, answered, or gone).
-    fn end_half_open(&mut self, ctx: &Ctx, guest: Ipv4Addr) {
+    fn end_half_open(&mut self, ctx: &Ctx, guest: IpAddr) {
         self.half_open -= 1;
         dec(&mut self.half_open_of, guest);
         ctx.release_half_open(guest);
@@ -321,12 +319,12 @@ impl TcpNat {
         now: Instant,
         ctx: &mut Ctx,
         sock: SockId,
-        client: SocketAddrV4,
+        client: SocketAddr,
         target: InboundTarget,
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), InboundRefused> {
-        let key = (target.guest, client);
+        let key = (SocketAddr::V4(target.guest), client);
         match self.conns.get(&key).map(|c| c.state) {
             // The tombstone of an earlier connection of the same pair gives way, as it does
             // to the guest's own new SYN.
@@ -334,7 +332,7 @@ impl TcpNat {
             Some(_) => return Err(InboundRefused::InUse),
             None => {}
         }
-        let guest = *target.guest.ip();
+        let guest = IpAddr::V4(*target.guest.ip());
         if !self.admit(now, ctx, guest) {
             return Err(InboundRefused::Limit);
         }
@@ -343,12 +341,12 @@ impl TcpNat {
             proto: Proto::Tcp,
             id,
             src: client,
-            dst: target.guest,
+            dst: key.0,
         });
         let params = self.params(ctx);
         let mut c = TcpConn::new_active(
             id,
-            target.guest,
+            key.0,
             client,
             target.guest_mac,
             target.forward,
@@ -422,12 +420,12 @@ impl TcpNat {
             SockEvent::Connected(_) => {
                 if c.state == State::Connecting {
                     self.half_open -= 1;
-                    dec(&mut self.half_open_of, *key.0.ip());
-                    cx.ctx.release_half_open(*key.0.ip());
+                    dec(&mut self.half_open_of, key.0.ip());
+                    cx.ctx.release_half_open(key.0.ip());
                     let t = c.target;
                     cx.ctx.events.push(Event::TcpConnected {
                         id: c.id,
-                        ip: *t.ip(),
+                        ip: t.ip(),
                         port: t.port(),
                     });
                 }
@@ -463,7 +461,7 @@ impl TcpNat {
                     io.close(s);
                 }
                 self.tombstones += 1;
-                self.dec_guest(ctx, *key.0.ip());
+                self.dec_guest(ctx, key.0.ip());
                 if self.tombstones > ctx.cfg.nat.max_sessions {
                     self.remove(key, ctx, io);
                 } else {
@@ -475,7 +473,7 @@ impl TcpNat {
 
     /// A connection of `ip` stops counting toward the session limits (here and, with several
     /// workers, in the shared count).
-    fn dec_guest(&mut self, ctx: &Ctx, ip: Ipv4Addr) {
+    fn dec_guest(&mut self, ctx: &Ctx, ip: IpAddr) {
         ctx.release_session(Proto::Tcp, ip);
         if let Some(n) = self.per_guest.get_mut(&ip) {
             *n -= 1;
@@ -497,10 +495,10 @@ impl TcpNat {
         match c.state {
             State::TimeWait => self.tombstones -= 1,
             State::Connecting | State::SynSent => {
-                self.end_half_open(ctx, *key.0.ip());
-                self.dec_guest(ctx, *key.0.ip());
+                self.end_half_open(ctx, key.0.ip());
+                self.dec_guest(ctx, key.0.ip());
             }
-            State::SynReceived | State::Open => self.dec_guest(ctx, *key.0.ip()),
+            State::SynReceived | State::Open => self.dec_guest(ctx, key.0.ip()),
         }
         ctx.events.push(Event::SessionDeleted {
             proto: Proto::Tcp,
@@ -720,7 +718,7 @@ impl TcpNat {
                 let t = c.target;
                 ctx.events.push(Event::TcpConnectFailed {
                     id: c.id,
-                    ip: *t.ip(),
+                    ip: t.ip(),
                     port: t.port(),
                     reason: "timed out".into(),
                 });
@@ -750,7 +748,7 @@ fn connect_failed(ctx: &mut Ctx, c: &TcpConn, reason: String) {
     let t = c.target;
     ctx.events.push(Event::TcpConnectFailed {
         id: c.id,
-        ip: *t.ip(),
+        ip: t.ip(),
         port: t.port(),
         reason,
     });
@@ -758,7 +756,7 @@ fn connect_failed(ctx: &mut Ctx, c: &TcpConn, reason: String) {
 
 fn reset(ctx: &mut Ctx, seg: &Seg, key: Key, out: &mut FrameBatch) -> Result<(), DropReason> {
     let (guest, dst) = key;
-    let mac = ctx.arp.lookup(*guest.ip()).ok_or(DropReason::NoArp)?;
+    let mac = ctx.neighbour(guest.ip()).ok_or(DropReason::NoArp)?;
     let hdr = segment::reset_for(seg, guest, dst);
     let ident = ctx.next_ident();
     segment::push(out, ctx.mac, mac, ident, hdr, 0, None, |_, _| 0);

@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::seq::Seq;
 
@@ -41,7 +41,7 @@ impl RingBudget {
 #[derive(Default)]
 struct Held {
     total: usize,
-    per_guest: HashMap<Ipv4Addr, usize>,
+    per_guest: HashMap<IpAddr, usize>,
 }
 
 thread_local! {
@@ -49,7 +49,7 @@ thread_local! {
 }
 
 /// Counts `cap` bytes for `guest` unless `budget` would be exceeded.
-fn reserve(guest: Ipv4Addr, cap: usize, budget: RingBudget) -> bool {
+fn reserve(guest: IpAddr, cap: usize, budget: RingBudget) -> bool {
     HELD.with(|h| {
         let mut h = h.borrow_mut();
         let mine = h.per_guest.get(&guest).copied().unwrap_or(0);
@@ -63,7 +63,7 @@ fn reserve(guest: Ipv4Addr, cap: usize, budget: RingBudget) -> bool {
     })
 }
 
-fn unreserve(guest: Ipv4Addr, cap: usize) {
+fn unreserve(guest: IpAddr, cap: usize) {
     HELD.with(|h| {
         let mut h = h.borrow_mut();
         h.total = h.total.saturating_sub(cap);
@@ -78,7 +78,7 @@ fn unreserve(guest: Ipv4Addr, cap: usize) {
 
 /// Ring storage held by this thread's connections now (bytes), in all and for `guest`.
 #[cfg(test)]
-pub(crate) fn held(guest: Ipv4Addr) -> (usize, usize) {
+pub(crate) fn held(guest: IpAddr) -> (usize, usize) {
     HELD.with(|h| {
         let h = h.borrow();
         (h.total, h.per_guest.get(&guest).copied().unwrap_or(0))
@@ -118,7 +118,7 @@ pub(crate) struct RecvRing {
     cap: usize,
     buf: Vec<u8>,
     /// Whose connection this is, and its budget (counted while `buf` is held).
-    guest: Ipv4Addr,
+    guest: IpAddr,
     budget: RingBudget,
     /// Disjoint, non-adjacent `[start, end)` ranges, ascending.
     ranges: Vec<(Seq, Seq)>,
@@ -127,7 +127,7 @@ pub(crate) struct RecvRing {
 impl RecvRing {
     /// `cap` is rounded up to a power of two; the storage, when taken, counts against
     /// `budget` for `guest`.
-    pub(crate) fn new(cap: usize, guest: Ipv4Addr, budget: RingBudget) -> RecvRing {
+    pub(crate) fn new(cap: usize, guest: IpAddr, budget: RingBudget) -> RecvRing {
         RecvRing {
             cap: cap.next_power_of_two(),
             buf: Vec::new(),
@@ -261,7 +261,7 @@ impl Drop for RecvRing {
 mod tests {
     use super::*;
 
-    const G: Ipv4Addr = Ipv4Addr::new(192, 168, 30, 10);
+    const G: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 30, 10));
 
     #[test]
     fn rings_count_against_the_budget_and_come_back() {
@@ -269,7 +269,7 @@ mod tests {
             total: 3 << 10,
             per_guest: 2 << 10,
         };
-        let other = Ipv4Addr::new(192, 168, 30, 11);
+        let other = IpAddr::from([192, 168, 30, 11]);
         let start = held(G);
         let mut a = RecvRing::new(1024, G, budget);
         let mut b = RecvRing::new(1024, G, budget);

@@ -4,19 +4,16 @@
 //! header in place around a payload region that the caller fills directly (from a sock-side socket's
 //! peek), so payload bytes are copied once, socket to frame.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddr;
 
-use smoltcp::wire::{
-    IpProtocol, Ipv4Packet, TcpOption, TcpPacket, TcpSeqNumber, ETHERNET_HEADER_LEN,
-};
+use smoltcp::wire::{IpProtocol, TcpOption, TcpPacket, TcpSeqNumber, ETHERNET_HEADER_LEN};
 
 use super::seq::Seq;
 use crate::config::Mac;
+use crate::nat::GuestIp;
 use crate::output::FrameBatch;
 use crate::stats::DropReason;
-use crate::wire::{
-    emit_ethernet, emit_ipv4_header, pseudo_header_sum, Ipv4Header, IPV4_HEADER_LEN,
-};
+use crate::wire::{emit_ip_headers, IpHeader};
 
 pub(crate) const TCP_HEADER_LEN: usize = 20;
 /// Bytes the timestamp option takes in every segment once negotiated (with its two NOPs).
@@ -52,10 +49,10 @@ impl Seg<'_> {
 /// Checks and parses the TCP segment of `ip`: a truncated header, a data offset below 5 or past
 /// the end, a bad option, port 0 or an impossible flag combination is `Malformed`; a checksum
 /// that does not verify is `BadChecksum`.
-pub(crate) fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason> {
-    let bytes: &'a [u8] = ip.payload();
+pub(crate) fn parse<'a>(ip: &GuestIp<'a>) -> Result<Seg<'a>, DropReason> {
+    let bytes: &'a [u8] = ip.upper;
     let tcp = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
-    if !tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()) {
+    if !tcp.verify_checksum(&ip.src.into(), &ip.dst.into()) {
         return Err(DropReason::BadChecksum);
     }
     if tcp.src_port() == 0 || tcp.dst_port() == 0 {
@@ -102,8 +99,8 @@ pub(crate) fn parse<'a>(ip: &Ipv4Packet<&'a [u8]>) -> Result<Seg<'a>, DropReason
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Hdr {
     /// The guest's peer as the guest sees it (the source of our segments).
-    pub(crate) src: SocketAddrV4,
-    pub(crate) dst: SocketAddrV4,
+    pub(crate) src: SocketAddr,
+    pub(crate) dst: SocketAddr,
     pub(crate) seq: Seq,
     pub(crate) ack: Option<Seq>,
     pub(crate) syn: bool,
@@ -120,7 +117,7 @@ pub(crate) struct Hdr {
 
 impl Hdr {
     /// A header with no flags, no ACK and no options.
-    pub(crate) fn new(src: SocketAddrV4, dst: SocketAddrV4, seq: Seq) -> Hdr {
+    pub(crate) fn new(src: SocketAddr, dst: SocketAddr, seq: Seq) -> Hdr {
         Hdr {
             src,
             dst,
@@ -221,7 +218,8 @@ pub(crate) fn push(
 ) -> (usize, Hdr) {
     let mut hdr = hdr;
     let hl = hdr.len();
-    let l4 = ETHERNET_HEADER_LEN + IPV4_HEADER_LEN;
+    let ip = IpHeader::new(hdr.src.ip(), hdr.dst.ip(), IpProtocol::Tcp, ident);
+    let l4 = ETHERNET_HEADER_LEN + ip.len();
     let size = l4 + hl + max_payload;
     let n = out.push_with(size, |frame| {
         let n = if max_payload > 0 {
@@ -232,18 +230,15 @@ pub(crate) fn push(
         if n == 0 && max_payload > 0 && !(hdr.fin || hdr.syn || hdr.rst) {
             return None;
         }
-        emit_ethernet(frame, src_mac, dst_mac);
-        let h = Ipv4Header::new(*hdr.src.ip(), *hdr.dst.ip(), IpProtocol::Tcp, ident);
-        emit_ipv4_header(&mut frame[ETHERNET_HEADER_LEN..], &h, hl + n, 0, false);
+        emit_ip_headers(frame, src_mac, dst_mac, &ip, hl + n);
         let tcp = &mut frame[l4..l4 + hl + n];
         hdr.emit(tcp);
         match gso {
             Some(mss) if n > usize::from(mss) => {
-                let sum = pseudo_header_sum(*hdr.src.ip(), *hdr.dst.ip(), 6, hl + n);
+                let sum = ip.pseudo_sum(hl + n);
                 tcp[16..18].copy_from_slice(&sum.to_be_bytes());
             }
-            _ => TcpPacket::new_unchecked(tcp)
-                .fill_checksum(&(*hdr.src.ip()).into(), &(*hdr.dst.ip()).into()),
+            _ => TcpPacket::new_unchecked(tcp).fill_checksum(&ip.src.into(), &ip.dst.into()),
         }
         Some(n)
     });
@@ -265,7 +260,7 @@ pub(crate) fn push(
 }
 
 /// The reset RFC 9293 (3.10.7.1) answers a segment with when no connection owns it.
-pub(crate) fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> Hdr {
+pub(crate) fn reset_for(seg: &Seg, guest: SocketAddr, peer: SocketAddr) -> Hdr {
     let mut h = Hdr::new(peer, guest, Seq(0));
     h.rst = true;
     match seg.ack {
@@ -276,10 +271,9 @@ pub(crate) fn reset_for(seg: &Seg, guest: SocketAddrV4, peer: SocketAddrV4) -> H
 }
 
 /// Socket addresses of a packet's source and destination with the segment's ports.
-pub(crate) fn endpoints(ip: &Ipv4Packet<&[u8]>, seg: &Seg) -> (SocketAddrV4, SocketAddrV4) {
-    let (s, d): (Ipv4Addr, Ipv4Addr) = (ip.src_addr(), ip.dst_addr());
+pub(crate) fn endpoints(ip: &GuestIp, seg: &Seg) -> (SocketAddr, SocketAddr) {
     (
-        SocketAddrV4::new(s, seg.src_port),
-        SocketAddrV4::new(d, seg.dst_port),
+        SocketAddr::new(ip.src, seg.src_port),
+        SocketAddr::new(ip.dst, seg.dst_port),
     )
 }
