@@ -126,7 +126,7 @@ struct SavedLease6 {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 2 * MAX_DUID || s.len() < 4 {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * MAX_DUID || s.len() < 4 {
         return None;
     }
     (0..s.len())
