@@ -7,15 +7,16 @@
 //! messages get NoAddrsAvail or NoBinding in each IA.
 //!
 //! Stateful: IA_NA leases from `ipv6.range_start..=range_end` (`table`), keyed by (DUID,
-//! IAID) and recording the MAC that asked. Solicit → Advertise (nothing held: the address
+//! IAID, MAC). Solicit → Advertise (nothing held: the address
 //! offered is the one a Request will most likely get), or Reply when the client asked for
 //! Rapid Commit; Request → Reply (the lease made); Renew and Rebind extend; Release ends;
 //! Decline ends and sets the address aside; Confirm says whether the addresses are on link.
 //! Lifetimes are `dhcp.lease`, T1 half of it, T2 0.8.
 //!
-//! A lease answers only to the MAC that made it: a message about another MAC's (DUID, IAID)
-//! is dropped as spoofed (as the IPv4 server does with `chaddr`), so a guest that copies
-//! another's DUID can neither release nor take over its address.
+//! A lease answers only to the MAC that made it (the frame's Ethernet source, as the IPv4
+//! server holds a client to its `chaddr`): a guest that copies another's DUID is another
+//! client, and can neither renew, release nor take over that one's address; a guest whose MAC
+//! changed (a TAP made again) gets a new lease, and its old one expires.
 //!
 //! The server's DUID is a DUID-LL (type 3) of the virtual host's MAC: stable as long as the
 //! MAC is, which the daemon keeps across restarts.
@@ -247,13 +248,6 @@ impl DhcpServer6 {
         }
         self.table.expire(now, &mut ctx.events);
         let duid = msg.client_id.unwrap_or_default();
-        if msg.ias.iter().any(|ia| {
-            self.table
-                .find(duid, ia.iaid)
-                .is_some_and(|l| l.mac != src_mac)
-        }) {
-            return Err(DropReason::Spoofed);
-        }
         let stateful = mode == Dhcpv6Mode::Stateful;
         let config = Extras {
             config: true,
@@ -284,13 +278,13 @@ impl DhcpServer6 {
                 (kind::REPLY, ias, config)
             }
             kind::RENEW | kind::REBIND => {
-                let ias = self.refresh(now, ctx, &msg, stateful);
+                let ias = self.refresh(now, ctx, src_mac, &msg, stateful);
                 (kind::REPLY, ias, config)
             }
             kind::RELEASE | kind::DECLINE => {
                 let mut ias = Vec::new();
                 for ia in &msg.ias {
-                    match self.table.find(duid, ia.iaid).map(|l| l.id) {
+                    match self.table.find(duid, ia.iaid, src_mac).map(|l| l.id) {
                         Some(id) if msg.kind == kind::DECLINE => {
                             self.table.decline(id, now, &mut ctx.events)
                         }
@@ -384,7 +378,7 @@ impl DhcpServer6 {
                 ));
                 continue;
             }
-            if let Some(l) = self.table.find(duid, ia.iaid) {
+            if let Some(l) = self.table.find(duid, ia.iaid, src_mac) {
                 let (id, ip) = (l.id, l.ip);
                 let life = if commit {
                     self.table.extend(id, now, lease);
@@ -431,6 +425,7 @@ impl DhcpServer6 {
         &mut self,
         now: Instant,
         ctx: &Ctx,
+        src_mac: Mac,
         msg: &ClientMessage,
         stateful: bool,
     ) -> Vec<IaOut> {
@@ -438,7 +433,10 @@ impl DhcpServer6 {
         let duid = msg.client_id.unwrap_or_default();
         let mut out = Vec::with_capacity(msg.ias.len());
         for ia in &msg.ias {
-            let found = self.table.find(duid, ia.iaid).map(|l| (l.id, l.ip));
+            let found = self
+                .table
+                .find(duid, ia.iaid, src_mac)
+                .map(|l| (l.id, l.ip));
             match found {
                 Some((id, ip)) if stateful => {
                     self.table.extend(id, now, lease);
@@ -1149,15 +1147,21 @@ mod tests {
     fn another_macs_lease_cannot_be_touched() {
         let mut n = net();
         let ip = n.lease(A, 1, 1).addr();
+        // The same DUID and IAID from another MAC are another client.
         for m in [
             msg(kind::RELEASE, B).client(1).server().ia(1, &[ip]),
             msg(kind::DECLINE, B).client(1).server().ia(1, &[ip]),
             msg(kind::RENEW, B).client(1).server().ia(1, &[ip]),
-            msg(kind::REQUEST, B).client(1).server().ia(1, &[]),
         ] {
-            n.dropped(&m, DropReason::Spoofed);
+            let r = n.send(&m).unwrap();
+            assert_eq!(r.ias[0].status, Some(status::NO_BINDING));
         }
-        assert_eq!(n.e.dhcp6.leases().next().unwrap().mac, A);
+        let r = n
+            .send(&msg(kind::REQUEST, B).client(1).server().ia(1, &[ip]))
+            .unwrap();
+        assert_ne!(r.addr(), ip);
+        let mine: Vec<(Mac, Ipv6Addr)> = n.e.dhcp6.leases().map(|l| (l.mac, l.ip)).collect();
+        assert_eq!(mine, vec![(A, ip), (B, r.addr())]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The DHCPv6 lease table: IA_NA bindings keyed by (client DUID, IAID), each with the MAC of
-//! the guest that asked, the addresses set aside after a Decline, expiry, and the change log
+//! The DHCPv6 lease table: IA_NA bindings keyed by (client DUID, IAID, MAC): the MAC is the
+//! Ethernet source of the guest that asked, and part of the client's identity as it is for
+//! IPv4 leases, the addresses set aside after a Decline, expiry, and the change log
 //! the daemon's lease journal reads (as `dhcp::pool` keeps for IPv4).
 //!
 //! Bounds: every lease and every declined address holds a distinct address of the range, and
@@ -137,9 +138,13 @@ impl Table {
         self.leases.get(&id)
     }
 
-    pub(super) fn find(&self, duid: &[u8], iaid: u32) -> Option<&Lease6> {
-        let &(_, id) = self.by_duid.get(duid)?.iter().find(|(i, _)| *i == iaid)?;
-        self.leases.get(&id)
+    pub(super) fn find(&self, duid: &[u8], iaid: u32, mac: Mac) -> Option<&Lease6> {
+        self.by_duid
+            .get(duid)?
+            .iter()
+            .filter(|(i, _)| *i == iaid)
+            .filter_map(|(_, id)| self.leases.get(id))
+            .find(|l| l.mac == mac)
     }
 
     pub(super) fn leases_of(&self, mac: Mac) -> usize {
@@ -303,7 +308,7 @@ impl Table {
         for l in leases {
             let dup = self.leases.contains_key(&l.id)
                 || self.by_ip.contains_key(&l.ip)
-                || self.find(&l.duid, l.iaid).is_some();
+                || self.find(&l.duid, l.iaid, l.mac).is_some();
             if l.expires_at <= now
                 || l.id == 0
                 || !self.in_range(l.ip)
