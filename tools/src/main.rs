@@ -1546,10 +1546,12 @@ fn print_nat_table(rows: &[NatRow]) {
 
 fn print_dhcp_table(rows: &[LeaseRow]) {
     let now = now_ms();
+    // DHCPv6 leases add their client's DUID and IAID; a table without any looks as before.
+    let v6 = rows.iter().any(|r| r.duid.is_some());
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.id.to_string(),
                 r.mac.clone(),
                 r.ip.clone(),
@@ -1557,21 +1559,27 @@ fn print_dhcp_table(rows: &[LeaseRow]) {
                 span(now.saturating_sub(r.leased_at) / 1000),
                 span(r.expires_at.saturating_sub(now) / 1000),
                 if r.reserved { "yes" } else { "" }.to_owned(),
-            ]
+            ];
+            if v6 {
+                row.push(r.duid.clone().unwrap_or_default());
+                row.push(r.iaid.map(|i| i.to_string()).unwrap_or_default());
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "ID",
-            "MAC address",
-            "IP address",
-            "Host name",
-            "Leased for",
-            "Expires in",
-            "Reserved",
-        ],
-        &rows,
-    );
+    let mut head = vec![
+        "ID",
+        "MAC address",
+        "IP address",
+        "Host name",
+        "Leased for",
+        "Expires in",
+        "Reserved",
+    ];
+    if v6 {
+        head.extend(["DUID", "IAID"]);
+    }
+    table(&head, &rows);
 }
 
 fn print_reservations(rows: &[ReservationRow]) {

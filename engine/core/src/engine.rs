@@ -19,6 +19,7 @@ use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
 use crate::vhost::bindings::{Bindings, BoundBy, Sources};
 use crate::vhost::dhcp::DhcpServer;
+use crate::vhost::dhcp6::DhcpServer6;
 use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
 use crate::wire::{Ipv6View, IPV4_HEADER_LEN};
@@ -224,6 +225,8 @@ pub struct Engine {
     pub ctx: Ctx,
     /// The virtual DHCP server and its lease table.
     pub dhcp: DhcpServer,
+    /// The virtual DHCPv6 server and its IA_NA lease table.
+    pub dhcp6: DhcpServer6,
     /// The virtual host's DNS relay: a control-plane job, fed the queries the NAT hands back.
     pub(crate) dns: DnsRelay,
     /// The user-mode NAT: fragment reassembly, UDP and TCP sessions.
@@ -234,6 +237,7 @@ impl Engine {
     /// `mac` is the virtual host's MAC; `seed` seeds every random choice the core makes.
     pub fn new(cfg: Config, mac: Mac, seed: u64) -> Engine {
         let dhcp = DhcpServer::new(&cfg.dhcp);
+        let dhcp6 = DhcpServer6::new(&cfg.ipv6);
         let nat = Nat::new(&cfg);
         let dns = DnsRelay::new(&cfg);
         let mut e = Engine {
@@ -254,6 +258,7 @@ impl Engine {
                 tcp_gso: false,
             },
             dhcp,
+            dhcp6,
             dns,
             nat,
         };
@@ -385,6 +390,9 @@ impl Engine {
             .filter(|_| new.enabled && (announce || new.dns.address != old.dns.address));
         if new.dhcp != old.dhcp {
             self.dhcp.reconfigure(&new.dhcp, &mut self.ctx.events);
+        }
+        if new.ipv6 != old.ipv6 {
+            self.dhcp6.reconfigure(&new.ipv6, &mut self.ctx.events);
         }
         self.dns.reconfigured();
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
@@ -686,7 +694,10 @@ impl Engine {
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
         let ip = Ipv6View::parse(bytes)?;
-        let _ = (src_mac, dst_mac);
+        if crate::vhost::dhcp6::is_to_server_port(&ip) {
+            return self.handle_dhcpv6(now, src_mac, &ip, out);
+        }
+        let _ = dst_mac;
         let query = self.nat.handle_ipv6(now, &mut self.ctx, &ip, io, out)?;
         match query {
             Some(q) => self.dns.handle_query(
@@ -701,6 +712,22 @@ impl Engine {
             ),
             None => Ok(()),
         }
+    }
+
+    /// A datagram to the DHCPv6 server's port, for the virtual host's DHCPv6 server when
+    /// `ipv6.dhcpv6` is on.
+    fn handle_dhcpv6(
+        &mut self,
+        now: Instant,
+        src_mac: Mac,
+        ip: &Ipv6View,
+        out: &mut FrameBatch,
+    ) -> Result<(), DropReason> {
+        let v6 = &self.ctx.cfg.ipv6;
+        if !v6.enabled || v6.dhcpv6 == crate::config::Dhcpv6Mode::Off {
+            return Err(DropReason::Disabled);
+        }
+        self.dhcp6.handle(now, &mut self.ctx, src_mac, ip, out)
     }
 
     /// Handles an event from a sock-side socket.
@@ -849,6 +876,7 @@ impl Engine {
     /// When `handle_timeout` next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let vhost = earliest(self.dhcp.poll_timeout(), self.dns.poll_timeout());
+        let vhost = earliest(vhost, self.dhcp6.poll_timeout());
         earliest(vhost, self.nat.poll_timeout())
     }
 
@@ -856,6 +884,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.dhcp.handle_timeout(now, &mut self.ctx);
+        self.dhcp6.handle_timeout(now, &mut self.ctx);
         self.bind_leases(now);
         self.dns.handle_timeout(now, &mut self.ctx, io, out);
         self.nat.handle_timeout(now, &mut self.ctx, io, out);

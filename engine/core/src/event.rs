@@ -7,7 +7,7 @@
 //! dropped and counted (`Engine::events_lost`).
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::config::Mac;
@@ -40,6 +40,30 @@ pub enum Event {
         mac: Mac,
         /// The address it had.
         ip: Ipv4Addr,
+    },
+    /// The DHCPv6 server created IA_NA lease `id` (its own sequence of ids).
+    Dhcp6EntryCreated {
+        /// The lease's id, in order of creation.
+        id: u32,
+        /// The Ethernet source of the client's message.
+        mac: Mac,
+        /// The address leased.
+        ip: Ipv6Addr,
+        /// The client's DUID, as hex.
+        duid: String,
+        /// The identity association the address is for.
+        iaid: u32,
+        /// The valid lifetime granted.
+        lease: Duration,
+    },
+    /// DHCPv6 lease `id` ended (expired, released, declined, or outside a new range).
+    Dhcp6EntryDeleted {
+        /// The lease's id.
+        id: u32,
+        /// The client's MAC.
+        mac: Mac,
+        /// The address it had.
+        ip: Ipv6Addr,
     },
     /// A client asked for an address and none was free (reported at most once a minute).
     DhcpPoolExhausted {

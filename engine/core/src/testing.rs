@@ -144,3 +144,40 @@ pub fn pump(e: &mut Engine, h: &mut SimSockets, out: &mut FrameBatch, now: Insta
 pub fn readable(id: u32) -> SockEvent {
     SockEvent::Readable(id)
 }
+
+/// A DHCPv6 Solicit with Rapid Commit from `mac` (its link-local address, to ff02::1:2),
+/// client DUID `duid`, one IA_NA `iaid`: a lease in one exchange with a stateful server.
+pub fn dhcpv6_rapid_solicit(mac: Mac, duid: &[u8], iaid: u32) -> Vec<u8> {
+    use crate::vhost::dhcp6::{ALL_DHCP_AGENTS, CLIENT_PORT, SERVER_PORT};
+    let opt = |code: u16, data: &[u8]| {
+        let mut v = code.to_be_bytes().to_vec();
+        v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    };
+    let mut ia = iaid.to_be_bytes().to_vec();
+    ia.extend_from_slice(&[0; 8]);
+    let mut body = vec![1, 0, 0, 1];
+    body.extend(opt(1, duid));
+    body.extend(opt(3, &ia));
+    body.extend(opt(14, &[]));
+    let (src, dst) = (crate::wire::link_local(mac), ALL_DHCP_AGENTS);
+    let mut udp = vec![0u8; 8 + body.len()];
+    udp[0..2].copy_from_slice(&CLIENT_PORT.to_be_bytes());
+    udp[2..4].copy_from_slice(&SERVER_PORT.to_be_bytes());
+    let len = udp.len() as u16;
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
+    udp[8..].copy_from_slice(&body);
+    let c = crate::wire::upper_checksum6(src, dst, 17, &udp);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&crate::wire::multicast_mac(dst).0);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[17, 1]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&udp);
+    f
+}

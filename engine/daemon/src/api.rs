@@ -311,6 +311,12 @@ pub struct LeaseRow {
     /// The lease is on the address reserved for its MAC.
     #[serde(default)]
     pub reserved: bool,
+    /// A DHCPv6 lease (its id is of the DHCPv6 sequence): the client's DUID, as hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duid: Option<String>,
+    /// A DHCPv6 lease's identity association.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iaid: Option<u32>,
 }
 
 /// One static reservation, as `dhcp reserve list` shows it.
@@ -869,7 +875,20 @@ impl Control {
                 leased_at: ms(l.leased_at),
                 expires_at: ms(l.expires_at),
                 reserved: engine.dhcp.reserved_for(l.ip) == Some(l.mac),
+                duid: None,
+                iaid: None,
             })
+            .chain(engine.dhcp6.leases().map(|l| LeaseRow {
+                id: l.id,
+                mac: l.mac.dashed(),
+                ip: l.ip.to_string(),
+                host_name: String::new(),
+                leased_at: ms(l.leased_at),
+                expires_at: ms(l.expires_at),
+                reserved: false,
+                duid: Some(l.duid_hex()),
+                iaid: Some(l.iaid),
+            }))
             .collect()
     }
 }

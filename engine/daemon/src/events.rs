@@ -45,8 +45,12 @@ const KINDS: usize = 8;
 /// The kind of `e` (its variant), as an index, and its name for the summary line.
 fn kind(e: &Event) -> (usize, &'static str) {
     match e {
-        Event::DhcpEntryCreated { .. } => (0, "DHCP entry created"),
-        Event::DhcpEntryDeleted { .. } => (1, "DHCP entry deleted"),
+        Event::DhcpEntryCreated { .. } | Event::Dhcp6EntryCreated { .. } => {
+            (0, "DHCP entry created")
+        }
+        Event::DhcpEntryDeleted { .. } | Event::Dhcp6EntryDeleted { .. } => {
+            (1, "DHCP entry deleted")
+        }
         Event::DhcpPoolExhausted { .. } => (2, "DHCP pool exhausted"),
         Event::SessionCreated { .. } | Event::InboundSessionCreated { .. } => {
             (3, "session created")
@@ -182,6 +186,22 @@ pub fn seed_text(e: &Event) -> String {
             "SecureNAT: The DHCP entry {id} was deleted. MAC address: {}, IP address: {ip}",
             mac.dashed()
         ),
+        Event::Dhcp6EntryCreated {
+            id,
+            mac,
+            ip,
+            duid,
+            iaid,
+            lease,
+        } => format!(
+            "SecureNAT: The DHCPv6 entry {id} was created. MAC address: {}, IP address: {ip}, DUID: {duid}, IAID: {iaid}, expiration date: {} seconds",
+            mac.dashed(),
+            lease.as_secs()
+        ),
+        Event::Dhcp6EntryDeleted { id, mac, ip } => format!(
+            "SecureNAT: The DHCPv6 entry {id} was deleted. MAC address: {}, IP address: {ip}",
+            mac.dashed()
+        ),
         Event::DhcpPoolExhausted { mac } => format!(
             "SecureNAT: The DHCP server has no free address for the client {}.",
             mac.dashed()
@@ -281,6 +301,25 @@ mod tests {
             (
                 Event::DhcpPoolExhausted { mac },
                 "SecureNAT: The DHCP server has no free address for the client 00-AC-85-40-B5-50.",
+            ),
+            (
+                Event::Dhcp6EntryCreated {
+                    id: 3,
+                    mac,
+                    ip: "fd68:7562:6e61:1e::1000".parse().unwrap(),
+                    duid: "0003000100ac8540b550".into(),
+                    iaid: 7,
+                    lease: Duration::from_secs(7200),
+                },
+                "SecureNAT: The DHCPv6 entry 3 was created. MAC address: 00-AC-85-40-B5-50, IP address: fd68:7562:6e61:1e::1000, DUID: 0003000100ac8540b550, IAID: 7, expiration date: 7200 seconds",
+            ),
+            (
+                Event::Dhcp6EntryDeleted {
+                    id: 3,
+                    mac,
+                    ip: "fd68:7562:6e61:1e::1000".parse().unwrap(),
+                },
+                "SecureNAT: The DHCPv6 entry 3 was deleted. MAC address: 00-AC-85-40-B5-50, IP address: fd68:7562:6e61:1e::1000",
             ),
             (
                 Event::SessionCreated {

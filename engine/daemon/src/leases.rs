@@ -19,6 +19,11 @@
 //! (with the next epoch), then the journal restarted at that epoch. A crash between the two
 //! leaves a journal of the older epoch, which the snapshot already holds and loading ignores.
 //!
+//! The DHCPv6 leases (IA_NA) are kept in the same two files: the snapshot's `leases6` (left out
+//! while there are none, so a table without them is written as before, and a file without it
+//! loads as an empty one) and records of their own kinds in the journal. One save, one
+//! `fdatasync`, whichever family changed.
+//!
 //! Loading is the snapshot, then the journal's frames of the snapshot's epoch replayed in
 //! order. A frame that does not check (a save cut short by a crash; its ACK never left) ends
 //! the replay. A file that cannot be read is not emptied: it is renamed aside
@@ -29,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,6 +45,7 @@ use crate::state::write_atomically;
 use hubnat_core::config::Mac;
 use hubnat_core::time::Instant;
 use hubnat_core::vhost::dhcp::Lease;
+use hubnat_core::vhost::dhcp6::Lease6;
 
 pub const LEASE_FILE: &str = "leases.json";
 const VERSION: u32 = 1;
@@ -57,6 +63,10 @@ const FRAME_HEAD: usize = 16;
 const END_MARK: [u8; 4] = [0; 4];
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
+const PUT6: u8 = 3;
+const REMOVE6: u8 = 4;
+/// The longest DUID a record holds (RFC 8415 11.1).
+const MAX_DUID: usize = 130;
 
 /// Maps the core's `Instant`s onto the wall clock: `Instant::ZERO` is `origin`.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +107,32 @@ struct LeaseFile {
     #[serde(default)]
     epoch: u64,
     leases: Vec<SavedLease>,
+    /// The DHCPv6 leases (absent from files written before them, and while there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    leases6: Vec<SavedLease6>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedLease6 {
+    id: u32,
+    mac: String,
+    ip: Ipv6Addr,
+    /// Hex.
+    duid: String,
+    iaid: u32,
+    /// Unix milliseconds.
+    leased_at: u64,
+    expires_at: u64,
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * MAX_DUID || s.len() < 4 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,9 +146,10 @@ struct SavedLease {
     expires_at: u64,
 }
 
-/// The snapshot's bytes for a lease table.
-pub fn encode<'a>(
+/// The snapshot's bytes for a lease table (IPv4 and DHCPv6 leases).
+pub fn encode<'a, 'b>(
     leases: impl Iterator<Item = &'a Lease>,
+    leases6: impl Iterator<Item = &'b Lease6>,
     clock: &WallClock,
     epoch: u64,
 ) -> Vec<u8> {
@@ -130,14 +167,32 @@ pub fn encode<'a>(
                 expires_at: clock.millis(l.expires_at),
             })
             .collect(),
+        leases6: leases6
+            .map(|l| SavedLease6 {
+                id: l.id,
+                mac: l.mac.to_string(),
+                ip: l.ip,
+                duid: l.duid_hex(),
+                iaid: l.iaid,
+                leased_at: clock.millis(l.leased_at),
+                expires_at: clock.millis(l.expires_at),
+            })
+            .collect(),
     };
     let mut v = serde_json::to_vec_pretty(&file).expect("a lease table serializes");
     v.push(b'\n');
     v
 }
 
+/// The leases a snapshot holds.
+pub struct Decoded {
+    pub leases: Vec<Lease>,
+    pub leases6: Vec<Lease6>,
+    pub epoch: u64,
+}
+
 /// Parses the snapshot's bytes into its leases and epoch; the error says what is wrong.
-pub fn decode(bytes: &[u8], clock: &WallClock) -> Result<(Vec<Lease>, u64), String> {
+pub fn decode(bytes: &[u8], clock: &WallClock) -> Result<Decoded, String> {
     let file: LeaseFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if file.version != VERSION {
         return Err(format!("unknown version {}", file.version));
@@ -160,7 +215,31 @@ pub fn decode(bytes: &[u8], clock: &WallClock) -> Result<(Vec<Lease>, u64), Stri
             })
         })
         .collect::<Result<Vec<Lease>, String>>()?;
-    Ok((leases, file.epoch))
+    let leases6 =
+        file.leases6
+            .into_iter()
+            .map(|s| {
+                let mac: Mac = s.mac.parse().map_err(|_| {
+                    format!("DHCPv6 lease {}: `{}` is not a MAC address", s.id, s.mac)
+                })?;
+                let duid = unhex(&s.duid)
+                    .ok_or_else(|| format!("DHCPv6 lease {}: `{}` is not a DUID", s.id, s.duid))?;
+                Ok(Lease6 {
+                    id: s.id,
+                    leased_at: clock.at(s.leased_at),
+                    expires_at: clock.at(s.expires_at),
+                    mac,
+                    ip: s.ip,
+                    duid,
+                    iaid: s.iaid,
+                })
+            })
+            .collect::<Result<Vec<Lease6>, String>>()?;
+    Ok(Decoded {
+        leases,
+        leases6,
+        epoch: file.epoch,
+    })
 }
 
 /// One change of the table, as a journal record holds it.
@@ -170,6 +249,10 @@ pub enum Change<'a> {
     Put(&'a Lease),
     /// Lease `id` is gone.
     Remove(u32),
+    /// A DHCPv6 lease as it is now.
+    Put6(&'a Lease6),
+    /// DHCPv6 lease `id` is gone.
+    Remove6(u32),
 }
 
 fn encode_record(c: Change<'_>, clock: &WallClock, out: &mut Vec<u8>) {
@@ -191,6 +274,23 @@ fn encode_record(c: Change<'_>, clock: &WallClock, out: &mut Vec<u8>) {
             out.push(REMOVE);
             out.extend_from_slice(&id.to_le_bytes());
         }
+        Change::Put6(l) => {
+            out.push(PUT6);
+            out.extend_from_slice(&l.id.to_le_bytes());
+            out.extend_from_slice(&l.mac.0);
+            out.extend_from_slice(&l.ip.octets());
+            out.extend_from_slice(&clock.millis(l.leased_at).to_le_bytes());
+            out.extend_from_slice(&clock.millis(l.expires_at).to_le_bytes());
+            out.extend_from_slice(&l.iaid.to_le_bytes());
+            // The core bounds DUIDs to 130 bytes; the cut only keeps the record well formed.
+            let duid = &l.duid[..l.duid.len().min(MAX_DUID)];
+            out.push(duid.len() as u8);
+            out.extend_from_slice(duid);
+        }
+        Change::Remove6(id) => {
+            out.push(REMOVE6);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
     }
 }
 
@@ -198,6 +298,8 @@ fn encode_record(c: Change<'_>, clock: &WallClock, out: &mut Vec<u8>) {
 enum Record {
     Put(Lease),
     Remove(u32),
+    Put6(Lease6),
+    Remove6(u32),
 }
 
 /// Parses a frame's records; the error says which record is bad.
@@ -243,6 +345,25 @@ fn parse_records(mut p: &[u8], clock: &WallClock) -> Result<Vec<Record>, String>
                 }));
             }
             REMOVE => recs.push(Record::Remove(u32_of(take(&mut p, 4)?))),
+            PUT6 => {
+                let fixed = take(&mut p, 4 + 6 + 16 + 8 + 8 + 4 + 1)?;
+                let id = u32_of(&fixed[0..4]);
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&fixed[4..10]);
+                let mut ip = [0u8; 16];
+                ip.copy_from_slice(&fixed[10..26]);
+                let duid = take(&mut p, usize::from(fixed[46]))?.to_vec();
+                recs.push(Record::Put6(Lease6 {
+                    id,
+                    leased_at: clock.at(u64_of(&fixed[26..34])),
+                    expires_at: clock.at(u64_of(&fixed[34..42])),
+                    mac: Mac(mac),
+                    ip: Ipv6Addr::from(ip),
+                    duid,
+                    iaid: u32_of(&fixed[42..46]),
+                }));
+            }
+            REMOVE6 => recs.push(Record::Remove6(u32_of(take(&mut p, 4)?))),
             t => return Err(format!("unknown record kind {t}")),
         }
     }
@@ -313,8 +434,15 @@ enum Replay {
     Damaged { frames: usize, reason: String },
 }
 
+/// The lease tables being loaded, by id.
+#[derive(Default)]
+struct Tables {
+    v4: BTreeMap<u32, Lease>,
+    v6: BTreeMap<u32, Lease6>,
+}
+
 /// Applies the frames of journal bytes `b` (epoch `epoch`, header checked) to `table`.
-fn replay(b: &[u8], epoch: u64, clock: &WallClock, table: &mut BTreeMap<u32, Lease>) -> Replay {
+fn replay(b: &[u8], epoch: u64, clock: &WallClock, table: &mut Tables) -> Replay {
     let (mut off, mut frames, mut records) = (HEADER_LEN, 0, 0);
     loop {
         if b.get(off..off + END_MARK.len())
@@ -343,10 +471,16 @@ fn replay(b: &[u8], epoch: u64, clock: &WallClock, table: &mut BTreeMap<u32, Lea
                 for r in recs {
                     match r {
                         Record::Put(l) => {
-                            table.insert(l.id, l);
+                            table.v4.insert(l.id, l);
                         }
                         Record::Remove(id) => {
-                            table.remove(&id);
+                            table.v4.remove(&id);
+                        }
+                        Record::Put6(l) => {
+                            table.v6.insert(l.id, l);
+                        }
+                        Record::Remove6(id) => {
+                            table.v6.remove(&id);
                         }
                     }
                 }
@@ -399,6 +533,7 @@ pub enum Journal {
 #[derive(Debug)]
 pub struct Loaded {
     pub leases: Vec<Lease>,
+    pub leases6: Vec<Lease6>,
     pub snapshot: Snapshot,
     pub journal: Journal,
 }
@@ -491,17 +626,20 @@ impl LeaseStore {
     pub fn load(&mut self, clock: &WallClock) -> io::Result<Loaded> {
         let (mut table, snap_epoch, snapshot) =
             match read_bounded(&self.snapshot, JOURNAL_MAX_BYTES * 4)? {
-                None => (BTreeMap::new(), Some(0), Snapshot::Missing),
+                None => (Tables::default(), Some(0), Snapshot::Missing),
                 Some(bytes) => match bytes.and_then(|b| decode(&b, clock)) {
-                    Ok((list, epoch)) => {
-                        let n = list.len();
-                        let t = list.into_iter().map(|l| (l.id, l)).collect();
-                        (t, Some(epoch), Snapshot::Read(n))
+                    Ok(d) => {
+                        let n = d.leases.len() + d.leases6.len();
+                        let t = Tables {
+                            v4: d.leases.into_iter().map(|l| (l.id, l)).collect(),
+                            v6: d.leases6.into_iter().map(|l| (l.id, l)).collect(),
+                        };
+                        (t, Some(d.epoch), Snapshot::Read(n))
                     }
                     Err(reason) => {
                         let moved_to = set_aside(&self.snapshot)?;
                         (
-                            BTreeMap::new(),
+                            Tables::default(),
                             None,
                             Snapshot::Corrupt { reason, moved_to },
                         )
@@ -552,21 +690,32 @@ impl LeaseStore {
             }
         };
         Ok(Loaded {
-            leases: table.into_values().collect(),
+            leases: table.v4.into_values().collect(),
+            leases6: table.v6.into_values().collect(),
             snapshot,
             journal,
         })
     }
 
-    /// Writes the whole table as a new snapshot (the next epoch), then restarts the journal at
-    /// that epoch: in place when it is open and large enough, else as a new file.
+    /// `compact_all` of a table without DHCPv6 leases.
     pub fn compact<'a>(
         &mut self,
         leases: impl Iterator<Item = &'a Lease>,
         clock: &WallClock,
     ) -> io::Result<()> {
+        self.compact_all(leases, std::iter::empty(), clock)
+    }
+
+    /// Writes the whole table as a new snapshot (the next epoch), then restarts the journal at
+    /// that epoch: in place when it is open and large enough, else as a new file.
+    pub fn compact_all<'a, 'b>(
+        &mut self,
+        leases: impl Iterator<Item = &'a Lease>,
+        leases6: impl Iterator<Item = &'b Lease6>,
+        clock: &WallClock,
+    ) -> io::Result<()> {
         let epoch = self.epoch + 1;
-        let bytes = encode(leases, clock, epoch);
+        let bytes = encode(leases, leases6, clock, epoch);
         write_atomically(&self.snapshot, &bytes)?;
         self.epoch = epoch;
         let want = (bytes.len() as u64)
@@ -928,6 +1077,98 @@ mod tests {
             "{snap} {journal}"
         );
         assert_eq!(reload(&path).0.len(), 5000);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn lease6(id: u32, last: u16, secs: u64) -> Lease6 {
+        Lease6 {
+            id,
+            leased_at: Instant::from_secs(secs),
+            expires_at: Instant::from_secs(secs + 7200),
+            mac: Mac([0x02, 0, 0, 0, 6, id as u8]),
+            ip: Ipv6Addr::new(0xfd68, 0x7562, 0x6e61, 0x1e, 0, 0, 0, 0x1000 + last),
+            duid: vec![0, 3, 0, 1, 2, 0, 0, 0, 6, id as u8],
+            iaid: id * 10,
+        }
+    }
+
+    #[test]
+    fn dhcpv6_leases_share_the_files() {
+        let d = dir("v6");
+        let path = d.join(LEASE_FILE);
+        let c = clock();
+        let mut store = LeaseStore::new(path.clone());
+        let a = lease(1, [192, 168, 30, 10], 5);
+        let x = lease6(1, 0, 5);
+        store
+            .compact_all([a.clone()].iter(), [x.clone()].iter(), &c)
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\"leases6\"") && text.contains(&x.duid_hex()),
+            "{text}"
+        );
+        let loaded = LeaseStore::new(path.clone()).load(&c).unwrap();
+        assert_eq!(loaded.leases, vec![a.clone()]);
+        assert_eq!(loaded.leases6, vec![x.clone()]);
+        assert!(matches!(loaded.snapshot, Snapshot::Read(2)), "{loaded:?}");
+
+        // Journal records of both families, in one frame and apart.
+        let y = lease6(2, 1, 6);
+        let mut x2 = x.clone();
+        x2.expires_at = Instant::from_secs(9000);
+        let b = lease(2, [192, 168, 30, 11], 6);
+        assert!(store
+            .append(
+                [Change::Put6(&y), Change::Put(&b), Change::Put6(&x2)].into_iter(),
+                &c,
+                true
+            )
+            .unwrap());
+        assert!(store
+            .append(
+                [Change::Remove6(2), Change::Remove(1)].into_iter(),
+                &c,
+                true
+            )
+            .unwrap());
+        let loaded = LeaseStore::new(path.clone()).load(&c).unwrap();
+        assert_eq!(loaded.leases, vec![b.clone()]);
+        assert_eq!(loaded.leases6, vec![x2.clone()]);
+        assert!(
+            matches!(
+                loaded.journal,
+                Journal::Replayed {
+                    frames: 2,
+                    records: 5,
+                    torn: false
+                }
+            ),
+            "{loaded:?}"
+        );
+        // A table with no DHCPv6 lease is written as before it had them.
+        store.compact(loaded.leases.iter(), &c).unwrap();
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("leases6"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_before_dhcpv6_loads_and_bad_v6_entries_are_refused() {
+        let d = dir("v6old");
+        let path = d.join(LEASE_FILE);
+        let c = clock();
+        let old = br#"{"version": 1, "saved_at": 0, "epoch": 3, "leases": [{"id": 4, "mac": "02:00:00:00:00:04", "ip": "192.168.30.14", "host_name": "old", "leased_at": 1700000000000, "expires_at": 1700007200000}]}"#;
+        std::fs::write(&path, old).unwrap();
+        let loaded = LeaseStore::new(path.clone()).load(&c).unwrap();
+        assert_eq!(ids(&loaded.leases), [4]);
+        assert!(loaded.leases6.is_empty());
+        assert!(matches!(loaded.snapshot, Snapshot::Read(1)), "{loaded:?}");
+        for bad in [r#""duid": "zz03""#, r#""duid": "0""#, r#""duid": """#] {
+            let text = format!(
+                r#"{{"version": 1, "saved_at": 0, "leases": [], "leases6": [{{"id": 1, "mac": "02:00:00:00:00:04", "ip": "fd00::1", {bad}, "iaid": 1, "leased_at": 0, "expires_at": 0}}]}}"#
+            );
+            assert!(decode(text.as_bytes(), &c).is_err(), "{bad}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

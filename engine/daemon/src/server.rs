@@ -190,6 +190,10 @@ struct LeaseFile {
     failing: bool,
     /// The ids changed since the last save (kept for its allocation).
     ids: Vec<u32>,
+    /// The same three for the DHCPv6 table, saved in the same files.
+    saved_generation6: u64,
+    saved_bindings6: u64,
+    ids6: Vec<u32>,
 }
 
 impl LeaseFile {
@@ -200,6 +204,8 @@ impl LeaseFile {
             Ok(()) => {
                 self.saved_generation = engine.dhcp.generation();
                 self.saved_bindings = engine.dhcp.binding_generation();
+                self.saved_generation6 = engine.dhcp6.generation();
+                self.saved_bindings6 = engine.dhcp6.binding_generation();
                 self.saved_at = Some(now);
                 self.renewals_waiting = false;
                 if !synced {
@@ -279,6 +285,9 @@ impl Server {
                 unsynced_at: None,
                 failing: false,
                 ids: Vec::new(),
+                saved_generation6: 0,
+                saved_bindings6: 0,
+                ids6: Vec::new(),
             }),
         }
     }
@@ -395,11 +404,19 @@ impl Server {
                 }
                 let total = loaded.leases.len();
                 let kept = engine.dhcp.restore(now, loaded.leases);
+                let total6 = loaded.leases6.len();
+                let kept6 = engine.dhcp6.restore(now, loaded.leases6);
                 if !matches!(loaded.snapshot, Snapshot::Corrupt { .. }) {
                     tracing::info!(
                         "lease file {}: restored {kept} of {total} leases (the others had expired or no longer fit the range)",
                         path.display()
                     );
+                    if total6 > 0 {
+                        tracing::info!(
+                            "lease file {}: restored {kept6} of {total6} DHCPv6 leases",
+                            path.display()
+                        );
+                    }
                 }
             }
             Err(e) => tracing::error!("cannot read lease file {}: {e}", path.display()),
@@ -414,9 +431,11 @@ impl Server {
         let Some(file) = &mut self.leases else {
             return;
         };
-        let result = file
-            .store
-            .compact(engine.dhcp.leases(), &self.control.clock);
+        let result = file.store.compact_all(
+            engine.dhcp.leases(),
+            engine.dhcp6.leases(),
+            &self.control.clock,
+        );
         file.saved(engine, now, result, true);
     }
 
@@ -425,23 +444,36 @@ impl Server {
         let Some(file) = &mut self.leases else {
             return;
         };
-        let Some(changed) = engine.dhcp.changed_since(file.saved_generation) else {
+        let (Some(changed), Some(changed6)) = (
+            engine.dhcp.changed_since(file.saved_generation),
+            engine.dhcp6.changed_since(file.saved_generation6),
+        ) else {
             // More changed than the engine remembers.
             return self.compact_leases(engine, now);
         };
         file.ids.clear();
         file.ids.extend(changed);
+        file.ids6.clear();
+        file.ids6.extend(changed6);
         // A frame holds each lease's last state once.
-        file.ids.sort_unstable();
-        file.ids.dedup();
+        for ids in [&mut file.ids, &mut file.ids6] {
+            ids.sort_unstable();
+            ids.dedup();
+        }
         let changes = file.ids.iter().map(|&id| match engine.dhcp.lease(id) {
             Some(l) => Change::Put(l),
             None => Change::Remove(id),
         });
+        let changes6 = file.ids6.iter().map(|&id| match engine.dhcp6.lease(id) {
+            Some(l) => Change::Put6(l),
+            None => Change::Remove6(id),
+        });
+        let changes = changes.chain(changes6);
         // A lease given or renewed must be on disk before its answer leaves. A removal alone
         // need not: a crash that loses it leaves the lease to its owner until it expires, and
         // the next save that syncs makes it durable too (it precedes it in the file).
         let sync = file.ids.iter().any(|&id| engine.dhcp.lease(id).is_some())
+            || file.ids6.iter().any(|&id| engine.dhcp6.lease(id).is_some())
             || file
                 .unsynced_at
                 .is_some_and(|t| now.saturating_since(t) >= RENEWALS_EVERY);
@@ -929,8 +961,10 @@ impl Operator for Server {
         let Some(f) = &self.leases else {
             return;
         };
-        let binding_changed = engine.dhcp.binding_generation() != f.saved_bindings;
-        let renewed = engine.dhcp.generation() != f.saved_generation;
+        let binding_changed = engine.dhcp.binding_generation() != f.saved_bindings
+            || engine.dhcp6.binding_generation() != f.saved_bindings6;
+        let renewed = engine.dhcp.generation() != f.saved_generation
+            || engine.dhcp6.generation() != f.saved_generation6;
         let due = f
             .saved_at
             .is_none_or(|t| now.saturating_since(t) >= RENEWALS_EVERY);
@@ -1157,6 +1191,69 @@ mod tests {
         let mut r = WorkerReport::default();
         r.stats.frames_in = frames;
         r
+    }
+
+    fn lease_server(path: &Path) -> Server {
+        Server::new(ServerOptions {
+            raw: RawConfig::default(),
+            config_path: None,
+            control: None,
+            metrics: None,
+            reload: None,
+            lease_file: Some(path.to_owned()),
+            lease_journal_bytes: None,
+            events: None,
+            resolv: None,
+        })
+    }
+
+    #[test]
+    fn a_dhcpv6_lease_is_saved_before_its_reply_and_restored_at_start() {
+        use hubnat_core::config::Dhcpv6Mode;
+        use hubnat_core::testing::{dhcpv6_rapid_solicit, setup_with, GUEST_MAC, T0};
+        let d = std::env::temp_dir().join(format!("hubnat-server-v6-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join(crate::leases::LEASE_FILE);
+        let stateful = |c: &mut hubnat_core::config::Config| c.ipv6.dhcpv6 = Dhcpv6Mode::Stateful;
+        let duid = [0u8, 3, 0, 1, 2, 0, 0, 0, 0, 7];
+
+        let mut s = lease_server(&path);
+        let (mut e, mut h, mut out) = setup_with(stateful);
+        s.restore_leases(&mut e, T0);
+        e.handle_frame(
+            T0,
+            &dhcpv6_rapid_solicit(GUEST_MAC, &duid, 3),
+            &mut h,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "the Reply");
+        s.before_write(&e, T0);
+        let before: Vec<_> = e
+            .dhcp6
+            .leases()
+            .map(|l| (l.id, l.ip, l.mac, l.iaid))
+            .collect();
+        assert_eq!(before.len(), 1);
+
+        // A restart: the journal's record is replayed onto the snapshot.
+        let mut s2 = lease_server(&path);
+        let (mut e2, _, _) = setup_with(stateful);
+        s2.restore_leases(&mut e2, T0);
+        let after: Vec<_> = e2
+            .dhcp6
+            .leases()
+            .map(|l| (l.id, l.ip, l.mac, l.iaid))
+            .collect();
+        assert_eq!(after, before);
+        assert_eq!(e2.dhcp6.leases().next().unwrap().duid, duid);
+        // And the table the control socket lists shows it.
+        let rows = s2.control.dhcp_table(&e2);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].duid.as_deref(), Some("00030001020000000007"));
+        assert_eq!(rows[0].iaid, Some(3));
+        assert_eq!(rows[0].mac, GUEST_MAC.dashed());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

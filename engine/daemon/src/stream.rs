@@ -273,6 +273,8 @@ pub fn kind(e: &Event) -> &'static str {
     match e {
         Event::DhcpEntryCreated { .. } => "dhcp_entry_created",
         Event::DhcpEntryDeleted { .. } => "dhcp_entry_deleted",
+        Event::Dhcp6EntryCreated { .. } => "dhcp6_entry_created",
+        Event::Dhcp6EntryDeleted { .. } => "dhcp6_entry_deleted",
         Event::DhcpPoolExhausted { .. } => "dhcp_pool_exhausted",
         Event::SessionCreated { .. } => "session_created",
         Event::InboundSessionCreated { .. } => "inbound_session_created",
@@ -304,6 +306,26 @@ fn event_fields(e: &Event, m: &mut Map<String, Value>) {
             put("lease_secs", lease.as_secs().into());
         }
         Event::DhcpEntryDeleted { id, mac, ip } => {
+            put("id", (*id).into());
+            put("mac", mac.dashed().into());
+            put("ip", ip.to_string().into());
+        }
+        Event::Dhcp6EntryCreated {
+            id,
+            mac,
+            ip,
+            duid,
+            iaid,
+            lease,
+        } => {
+            put("id", (*id).into());
+            put("mac", mac.dashed().into());
+            put("ip", ip.to_string().into());
+            put("duid", duid.as_str().into());
+            put("iaid", (*iaid).into());
+            put("lease_secs", lease.as_secs().into());
+        }
+        Event::Dhcp6EntryDeleted { id, mac, ip } => {
             put("id", (*id).into());
             put("mac", mac.dashed().into());
             put("ip", ip.to_string().into());
@@ -632,6 +654,11 @@ mod tests {
             },
             Event::DhcpEntryDeleted { id: 1, mac, ip: c },
             Event::DhcpPoolExhausted { mac },
+            Event::Dhcp6EntryDeleted {
+                id: 2,
+                mac,
+                ip: "fd68:7562:6e61:1e::1000".parse().unwrap(),
+            },
         ];
         for e in &all {
             hub.publish(e);
