@@ -533,7 +533,12 @@ fn main() -> Result<()> {
             size,
             port,
         } => {
-            let s = UdpSocket::bind(("0.0.0.0", port))?;
+            let any: std::net::IpAddr = if connect.is_ipv6() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            let s = UdpSocket::bind((any, port))?;
             s.connect(connect)?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             let mut st = Stream::new(count as u64);
