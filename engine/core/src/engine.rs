@@ -1,6 +1,6 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -17,7 +17,7 @@ use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
-use crate::vhost::bindings::{Bindings, BoundBy, Sources};
+use crate::vhost::bindings::{Bindings, BoundBy, ClaimRefused, Sources};
 use crate::vhost::dhcp::DhcpServer;
 use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
@@ -92,6 +92,28 @@ pub trait SharedSessions: Send + Sync {
     fn unbind(&self, ip: Ipv4Addr, by: BoundBy);
     /// Records that a bound address is still in use.
     fn touch_binding(&self, now: Instant, ip: Ipv4Addr);
+
+    // IPv6 source bindings (`Sources::check6`). The defaults share none: each engine then keeps
+    // its own, which is enough while every IPv6 frame goes to one engine.
+
+    /// Changes whenever the IPv6 source bindings change; `None` when they are not shared.
+    fn bindings6_generation(&self) -> Option<u64> {
+        None
+    }
+    /// A copy of the IPv6 source bindings.
+    fn bindings6(&self) -> Bindings<Ipv6Addr> {
+        Bindings::default()
+    }
+    /// Binds `ip` to `mac` by first use if it is free (`Bindings::try_claim`).
+    fn claim_binding6(&self, _now: Instant, _mac: Mac, _ip: Ipv6Addr) -> Result<(), ClaimRefused> {
+        Ok(())
+    }
+    /// Binds the IPv6 address `ip` to `mac` for a lease or the configuration.
+    fn bind6(&self, _now: Instant, _ip: Ipv6Addr, _mac: Mac, _by: BoundBy) {}
+    /// Ends an IPv6 binding of kind `by`.
+    fn unbind6(&self, _ip: Ipv6Addr, _by: BoundBy) {}
+    /// Records that a bound IPv6 address is still in use.
+    fn touch_binding6(&self, _now: Instant, _ip: Ipv6Addr) {}
 }
 
 impl Ctx {
