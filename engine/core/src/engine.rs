@@ -21,6 +21,7 @@ use crate::vhost::bindings::{Bindings, BoundBy, ClaimRefused, Sources};
 use crate::vhost::dhcp::DhcpServer;
 use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
+use crate::vhost::ndp::{self, Ndp};
 use crate::wire::{Ipv6View, IPV4_HEADER_LEN};
 
 /// What every part of the core shares: the configuration, the virtual host's identity, the
@@ -31,6 +32,8 @@ pub struct Ctx {
     /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
     pub mac: Mac,
     pub(crate) arp: ArpCache,
+    /// IPv6 neighbours and the router advertisements' schedule (`vhost::ndp`).
+    pub(crate) ndp: Ndp,
     /// What this engine counted: frames, bytes, drops.
     pub stats: Stats,
     /// The one source of randomness of the core, seeded by the caller.
@@ -205,6 +208,11 @@ impl Ctx {
     }
 }
 
+/// The DHCPv6 server's port (RFC 8415 7.2).
+const DHCPV6_SERVER_PORT: u16 = 547;
+/// ff02::1:2, All_DHCP_Relay_Agents_and_Servers (RFC 8415 7.1).
+const ALL_DHCP_AGENTS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
+
 /// What `Engine::reassemble` did with a frame.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Reassembly {
@@ -241,6 +249,7 @@ impl Engine {
                 cfg,
                 mac,
                 arp: ArpCache::default(),
+                ndp: Ndp::default(),
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
@@ -332,8 +341,11 @@ impl Engine {
     }
 
     /// The virtual host comes up: announce it with a gratuitous ARP (for its DNS address
-    /// too).
-    pub fn start(&mut self, _now: Instant, out: &mut FrameBatch) {
+    /// too); its IPv6 router advertisements begin (the first comes a few seconds later, on
+    /// `handle_timeout`). Only the engine that is started advertises: a runtime starts its
+    /// control thread's.
+    pub fn start(&mut self, now: Instant, out: &mut FrameBatch) {
+        ndp::start(now, &mut self.ctx);
         if self.ctx.cfg.enabled {
             arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
             if let Some(dns) = self.ctx.cfg.dns.address {
@@ -389,10 +401,10 @@ impl Engine {
         self.dns.reconfigured();
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);
-        self.ctx.mac = mac;
-        let old_static = std::mem::replace(&mut self.ctx.cfg, new).nat.bindings;
-        if old_static != self.ctx.cfg.nat.bindings {
-            self.bind_static(now, &old_static);
+        let old_mac = std::mem::replace(&mut self.ctx.mac, mac);
+        let old_cfg = std::mem::replace(&mut self.ctx.cfg, new);
+        if old_cfg.nat.bindings != self.ctx.cfg.nat.bindings {
+            self.bind_static(now, &old_cfg.nat.bindings);
         }
         self.bind_leases(now);
         if timeouts {
@@ -405,6 +417,7 @@ impl Engine {
         if let Some(dns) = announce_dns {
             arp::push_gratuitous(out, self.ctx.mac, dns);
         }
+        ndp::reconfigured(now, &mut self.ctx, &old_cfg, old_mac, out);
         self.count_out(out, before);
         restart
     }
@@ -685,9 +698,55 @@ impl Engine {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
+        // IPv6 multicast goes to 33:33:*; a broadcast or another group's frame is not IPv6's.
+        let multicast = dst_mac != self.ctx.mac;
+        if multicast && dst_mac.0[..2] != [0x33, 0x33] {
+            return Err(DropReason::Foreign);
+        }
         let ip = Ipv6View::parse(bytes)?;
-        let _ = (now, src_mac, dst_mac, io, out, ip);
+        if ip.src.is_multicast() {
+            return Err(DropReason::Malformed);
+        }
+        // Checked before anything is learned from it: an ICMPv6 message that fails teaches
+        // nothing. A fragment's checksum covers the datagram; reassembly is the NAT's.
+        let icmp = match ip.proto {
+            IpProtocol::Icmpv6 if ip.fragment.is_none() => Some(ndp::check(&ip)?),
+            _ => None,
+        };
+        ndp::admit_source(now, &mut self.ctx, src_mac, &ip)?;
+        let to_host = self.ctx.is_host_address6(ip.dst);
+        if let Some(m) = icmp.filter(|m| m.is_ndp() || to_host || ip.dst.is_multicast()) {
+            return ndp::handle(now, &mut self.ctx, src_mac, &ip, &m, out);
+        }
+        if ip.proto == IpProtocol::Udp && ip.is_whole() {
+            let port = ip
+                .upper()
+                .get(2..4)
+                .map(|p| u16::from_be_bytes([p[0], p[1]]));
+            if port == Some(DHCPV6_SERVER_PORT) && (to_host || ip.dst == ALL_DHCP_AGENTS) {
+                return self.handle_dhcpv6(now, src_mac, &ip, out);
+            }
+        }
+        if ip.dst.is_multicast() {
+            // MLD reports and other groups' traffic: nothing the virtual host takes part in.
+            return Err(DropReason::Unsupported);
+        }
+        let _ = io;
+        // NAT: carried by nat::ipv6 (being written)
         Err(DropReason::Foreign)
+    }
+
+    /// A DHCPv6 message to the virtual host (UDP port 547, at its address or ff02::1:2).
+    // DHCPv6: answered by vhost/dhcp6.rs (being written); until then, refused as disabled.
+    fn handle_dhcpv6(
+        &mut self,
+        now: Instant,
+        src_mac: Mac,
+        ip: &Ipv6View,
+        out: &mut FrameBatch,
+    ) -> Result<(), DropReason> {
+        let _ = (now, src_mac, ip, out);
+        Err(DropReason::Disabled)
     }
 
     /// Handles an event from a sock-side socket.
@@ -830,12 +889,14 @@ impl Engine {
         let before = out.len();
         self.nat.expire_sessions(now, &mut self.ctx, io, out);
         self.ctx.arp.expire(now);
+        self.ctx.ndp.expire(now);
         self.count_out(out, before);
     }
 
     /// When `handle_timeout` next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let vhost = earliest(self.dhcp.poll_timeout(), self.dns.poll_timeout());
+        let vhost = earliest(vhost, self.ctx.ndp.poll_timeout());
         earliest(vhost, self.nat.poll_timeout())
     }
 
@@ -846,7 +907,9 @@ impl Engine {
         self.bind_leases(now);
         self.dns.handle_timeout(now, &mut self.ctx, io, out);
         self.nat.handle_timeout(now, &mut self.ctx, io, out);
+        ndp::handle_timeout(now, &mut self.ctx, out);
         self.ctx.arp.expire(now);
+        self.ctx.ndp.expire(now);
         self.count_out(out, before);
     }
 }
