@@ -249,7 +249,7 @@ impl Engine {
                 cfg,
                 mac,
                 arp: ArpCache::default(),
-                ndp: Ndp::default(),
+                ndp: Ndp::new(seed),
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,

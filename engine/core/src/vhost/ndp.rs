@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use smoltcp::wire::IpProtocol;
 
 use crate::config::{Config, Dhcpv6Mode, Mac};
@@ -102,7 +103,6 @@ struct Neighbour {
 
 /// The virtual host's neighbour discovery: guests' IPv6 → MAC, the solicitations it has sent,
 /// and the schedule of its router advertisements.
-#[derive(Default)]
 pub(crate) struct Ndp {
     table: HashMap<Ipv6Addr, Neighbour>,
     /// Each MAC's addresses in `table` (at most `MAX_NEIGHBOURS6_PER_MAC`).
@@ -119,9 +119,27 @@ pub(crate) struct Ndp {
     last_multicast_ra: Option<Instant>,
     /// When a claim of the virtual host's addresses was last logged.
     claim_warned: Option<Instant>,
+    /// The advertisements' jitter: a randomness of its own, so that advertising leaves every
+    /// other random choice of the core (and so the replays' goldens) as it was.
+    rng: SmallRng,
 }
 
 impl Ndp {
+    /// `seed`: the engine's.
+    pub(crate) fn new(seed: u64) -> Ndp {
+        Ndp {
+            table: HashMap::new(),
+            by_mac: HashMap::new(),
+            pending: HashMap::new(),
+            started: false,
+            next_ra: None,
+            initial_left: 0,
+            last_multicast_ra: None,
+            claim_warned: None,
+            rng: SmallRng::seed_from_u64(seed ^ 0x6e64_7000_0000_0000),
+        }
+    }
+
     /// The MAC of the guest at `ip`, if known.
     pub(crate) fn lookup(&self, ip: Ipv6Addr) -> Option<Mac> {
         self.table.get(&ip).map(|n| n.mac)
@@ -230,9 +248,9 @@ impl Ndp {
 
     /// Schedules the next unsolicited advertisement (RFC 4861 6.2.4): uniformly between a
     /// third of `ipv6.ra_interval` and all of it, at most 16 s for the first three.
-    fn schedule(&mut self, now: Instant, cfg: &Config, rng: &mut impl Rng) {
+    fn schedule(&mut self, now: Instant, cfg: &Config) {
         let max = cfg.ipv6.ra_interval.as_micros() as u64;
-        let mut d = Duration::from_micros(rng.random_range(max / 3..=max));
+        let mut d = Duration::from_micros(self.rng.random_range(max / 3..=max));
         if self.initial_left > 0 {
             self.initial_left -= 1;
             d = d.min(MAX_INITIAL_RTR_ADVERT_INTERVAL);
@@ -252,7 +270,7 @@ pub(crate) fn start(now: Instant, ctx: &mut Ctx) {
     ctx.ndp.started = true;
     if advertises(&ctx.cfg) {
         ctx.ndp.initial_left = MAX_INITIAL_RTR_ADVERTISEMENTS;
-        ctx.ndp.schedule(now, &ctx.cfg, &mut ctx.rng);
+        ctx.ndp.schedule(now, &ctx.cfg);
     }
 }
 
@@ -274,7 +292,7 @@ pub(crate) fn handle_timeout(now: Instant, ctx: &mut Ctx, out: &mut FrameBatch) 
         false,
     );
     ctx.ndp.last_multicast_ra = Some(now);
-    ctx.ndp.schedule(now, &ctx.cfg, &mut ctx.rng);
+    ctx.ndp.schedule(now, &ctx.cfg);
 }
 
 /// The configuration changed from `old` (when the virtual host's MAC was `old_mac`): guests
@@ -317,9 +335,9 @@ pub(crate) fn reconfigured(
         ctx.ndp.last_multicast_ra = Some(now);
         // Changed information is spread as a new router's is (RFC 4861 6.2.4).
         ctx.ndp.initial_left = MAX_INITIAL_RTR_ADVERTISEMENTS;
-        ctx.ndp.schedule(now, &ctx.cfg, &mut ctx.rng);
+        ctx.ndp.schedule(now, &ctx.cfg);
     } else if ctx.ndp.next_ra.is_none() {
-        ctx.ndp.schedule(now, &ctx.cfg, &mut ctx.rng);
+        ctx.ndp.schedule(now, &ctx.cfg);
     }
 }
 
@@ -1655,7 +1673,7 @@ mod tests {
             assert_eq!(e.ctx.ndp_lookup(guest_ula(500)), Some(GUEST_MAC));
         }
         // Many MACs: the table never passes its bound.
-        let mut ndp = Ndp::default();
+        let mut ndp = Ndp::new(1);
         for i in 0..(MAX_NEIGHBOURS6 as u32 + 500) {
             let b = i.to_be_bytes();
             let mac = Mac([2, 0, b[0], b[1], b[2], b[3]]);
