@@ -707,6 +707,10 @@ impl Engine {
         if ip.src.is_multicast() {
             return Err(DropReason::Malformed);
         }
+        if multicast && !ip.dst.is_multicast() {
+            // A unicast packet in a multicast frame: every node got it; none should answer.
+            return Err(DropReason::Foreign);
+        }
         // Checked before anything is learned from it: an ICMPv6 message that fails teaches
         // nothing. A fragment's checksum covers the datagram; reassembly is the NAT's.
         let icmp = match ip.proto {

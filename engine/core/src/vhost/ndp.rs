@@ -1953,6 +1953,19 @@ mod tests {
         );
         assert!(feed(&mut e, T0, &f).is_empty());
         assert_eq!(drops(&e, DropReason::Foreign), 1);
+        // A unicast packet in a multicast frame: not answered.
+        let msg = icmp6(src, host_ula(), ECHO_REQUEST, 0, &[0, 1, 0, 1]);
+        let f = frame6(
+            GUEST_MAC,
+            multicast_mac(ALL_NODES),
+            src,
+            host_ula(),
+            64,
+            IpProtocol::Icmpv6,
+            &msg,
+        );
+        assert!(feed(&mut e, T0, &f).is_empty());
+        assert_eq!(drops(&e, DropReason::Foreign), 2);
         // IPv6 off: foreign, as before.
         let (mut e, _, _) = setup_with(|c| c.ipv6.enabled = false);
         assert!(feed(&mut e, T0, &rs(guest_ll(), &[])).is_empty());
