@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ctl_json, open_dir, control_config, wait_until, Lab, Netns};
+use common::{control_config, ctl_json, open_dir, wait_until, Lab, Netns};
 
 /// hubnat's namespace's IPv6 address on the link to the server, and the server's (a
 /// documentation prefix: no route leads anywhere else).
@@ -33,10 +33,25 @@ fn veth(ns: &Netns) -> String {
 fn lab6() -> Lab {
     let lab = Lab::bare_with_server();
     let (nat_dev, srv_dev) = (veth(&lab.nat), veth(lab.server()));
-    lab.nat
-        .exec_ok(&["ip", "-6", "addr", "add", &format!("{NAT6}/64"), "dev", &nat_dev, "nodad"]);
+    lab.nat.exec_ok(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{NAT6}/64"),
+        "dev",
+        &nat_dev,
+        "nodad",
+    ]);
     lab.server().exec_ok(&[
-        "ip", "-6", "addr", "add", &format!("{SERVER6}/64"), "dev", &srv_dev, "nodad",
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{SERVER6}/64"),
+        "dev",
+        &srv_dev,
+        "nodad",
     ]);
     lab.server().exec_ok(&["ip", "link", "set", "lo", "up"]);
     lab
@@ -45,9 +60,9 @@ fn lab6() -> Lab {
 /// The guest's global IPv6 address on its TAP once SLAAC has made it and DAD has passed.
 fn slaac_address(lab: &Lab) -> String {
     let found = wait_until(Duration::from_secs(30), || {
-        let out = lab
-            .guest
-            .exec_ok(&["ip", "-6", "-o", "addr", "show", "dev", &lab.tap, "scope", "global"]);
+        let out = lab.guest.exec_ok(&[
+            "ip", "-6", "-o", "addr", "show", "dev", &lab.tap, "scope", "global",
+        ]);
         out.lines()
             .find(|l| l.contains(PREFIX) && !l.contains("tentative"))
             .and_then(|l| l.split_whitespace().nth(3))
@@ -80,12 +95,18 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
     assert!(route.contains("via fe80::"), "no default route: {route}");
 
     let ping = lab.guest.exec(&["ping", "-6", "-c", "2", "-W", "2", HOST6]);
-    assert!(ping.status.success(), "ping -6 to the virtual host:\n{}", lab.hubnat_log());
+    assert!(
+        ping.status.success(),
+        "ping -6 to the virtual host:\n{}",
+        lab.hubnat_log()
+    );
 
     let page = "hello over IPv6\n";
     let _httpd = lab.httpd(lab.server(), Some(&format!("[{SERVER6}]:8080")), page);
     let url = format!("http://[{SERVER6}]:8080/index.html");
-    let curl = lab.guest.exec(&["curl", "-6", "-sS", "--max-time", "10", &url]);
+    let curl = lab
+        .guest
+        .exec(&["curl", "-6", "-sS", "--max-time", "10", &url]);
     assert_eq!(
         String::from_utf8_lossy(&curl.stdout),
         page,
@@ -96,30 +117,70 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
 
     let sink = format!("[{SERVER6}]:5001");
     let source = format!("[{SERVER6}]:5002");
-    let _sink = lab.serve(&["tcp-sink", "--listen", &format!("[::]:5001")]);
+    let _sink = lab.serve(&["tcp-sink", "--listen", "[::]:5001"]);
     let _source = lab.serve(&["tcp-source", "--listen", "[::]:5002", "--bytes", "16777216"]);
     let up = lab.client(&["put", "--connect", &sink, "--bytes", "16777216"]);
-    assert!(up.status.success(), "upload: {}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "upload: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let down = lab.client(&["get", "--connect", &source, "--bytes", "16777216"]);
-    assert!(down.status.success(), "download: {}", String::from_utf8_lossy(&down.stderr));
+    assert!(
+        down.status.success(),
+        "download: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 
     let _echo = lab.serve(&["udp-echo", "--listen", "[::]:7007"]);
     let udp = lab.client(&[
-        "udp-ping", "--connect", &format!("[{SERVER6}]:7007"), "--count", "50", "--size", "1200",
+        "udp-ping",
+        "--connect",
+        &format!("[{SERVER6}]:7007"),
+        "--count",
+        "50",
+        "--size",
+        "1200",
     ]);
-    assert!(udp.status.success(), "udp: {}", String::from_utf8_lossy(&udp.stderr));
+    assert!(
+        udp.status.success(),
+        "udp: {}",
+        String::from_utf8_lossy(&udp.stderr)
+    );
     // Larger than the MTU: the answer comes back to the guest in IPv6 fragments.
     let big = lab.client(&[
-        "udp-ping", "--connect", &format!("[{SERVER6}]:7007"), "--count", "3", "--size", "4000",
+        "udp-ping",
+        "--connect",
+        &format!("[{SERVER6}]:7007"),
+        "--count",
+        "3",
+        "--size",
+        "4000",
     ]);
-    assert!(big.status.success(), "udp 4000: {}", String::from_utf8_lossy(&big.stderr));
+    assert!(
+        big.status.success(),
+        "udp 4000: {}",
+        String::from_utf8_lossy(&big.stderr)
+    );
 
     // Echo requests to the server are carried (real ICMPv6 echo from hubnat's namespace).
-    let ping = lab.guest.exec(&["ping", "-6", "-c", "2", "-W", "2", SERVER6]);
-    assert!(ping.status.success(), "ping -6 to the server:\n{}", lab.hubnat_log());
+    let ping = lab
+        .guest
+        .exec(&["ping", "-6", "-c", "2", "-W", "2", SERVER6]);
+    assert!(
+        ping.status.success(),
+        "ping -6 to the server:\n{}",
+        lab.hubnat_log()
+    );
 
     let aaaa = lab.guest.exec(&[
-        "dig", &format!("@{HOST6}"), "+short", "+tries=2", "+time=2", "AAAA", "six.example",
+        "dig",
+        &format!("@{HOST6}"),
+        "+short",
+        "+tries=2",
+        "+time=2",
+        "AAAA",
+        "six.example",
     ]);
     assert_eq!(
         String::from_utf8_lossy(&aaaa.stdout).trim(),
@@ -131,7 +192,7 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
     drop(dns);
 
     // The NAT table shows the guest's IPv6 sessions.
-    let sessions = ctl_json(&ops, &["nat-table", "--json"]);
+    let sessions = ctl_json(&ops, &["nat-table"]);
     let text = sessions.to_string();
     assert!(text.contains(SERVER6), "no IPv6 session listed: {text}");
 }
@@ -169,9 +230,9 @@ fn dhclient_leases_an_address_by_stateful_dhcpv6() {
     lab.guest.exec_ok(&["ip", "link", "set", &lab.tap, "up"]);
     // dhclient -6 needs the link-local address past DAD.
     wait_until(Duration::from_secs(10), || {
-        let out = lab
-            .guest
-            .exec_ok(&["ip", "-6", "-o", "addr", "show", "dev", &lab.tap, "scope", "link"]);
+        let out = lab.guest.exec_ok(&[
+            "ip", "-6", "-o", "addr", "show", "dev", &lab.tap, "scope", "link",
+        ]);
         (out.contains("fe80::") && !out.contains("tentative")).then_some(())
     })
     .expect("no link-local address");
@@ -199,7 +260,9 @@ fn dhclient_leases_an_address_by_stateful_dhcpv6() {
     if let Ok(p) = std::fs::read_to_string(&pid) {
         if let Ok(p) = p.trim().parse::<i32>() {
             // SAFETY-free: kill(2) through the command line on the process this test started.
-            let _ = std::process::Command::new("kill").arg(p.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(p.to_string())
+                .status();
         }
     }
     let text = std::fs::read_to_string(&leases).unwrap_or_default();

@@ -17,11 +17,13 @@ use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::{DropReason, Stats};
 use crate::time::{earliest, Instant};
 use crate::vhost::arp::{self, ArpCache, ArpIdentity};
-use crate::vhost::bindings::{Bindings, BoundBy, Sources};
+use crate::vhost::bindings::{Bindings, BoundBy, ClaimRefused, Sources};
 use crate::vhost::dhcp::DhcpServer;
+use crate::vhost::dhcp6;
 use crate::vhost::dhcp6::DhcpServer6;
 use crate::vhost::dns::{DnsRelay, TcpDnsRoute};
 use crate::vhost::icmp;
+use crate::vhost::ndp::{self, Ndp};
 use crate::wire::{Ipv6View, IPV4_HEADER_LEN};
 
 /// What every part of the core shares: the configuration, the virtual host's identity, the
@@ -32,6 +34,8 @@ pub struct Ctx {
     /// The virtual host's MAC (chosen by the caller when the configuration leaves it to chance).
     pub mac: Mac,
     pub(crate) arp: ArpCache,
+    /// IPv6 neighbours and the router advertisements' schedule (`vhost::ndp`).
+    pub(crate) ndp: Ndp,
     /// What this engine counted: frames, bytes, drops.
     pub stats: Stats,
     /// The one source of randomness of the core, seeded by the caller.
@@ -93,6 +97,28 @@ pub trait SharedSessions: Send + Sync {
     fn unbind(&self, ip: Ipv4Addr, by: BoundBy);
     /// Records that a bound address is still in use.
     fn touch_binding(&self, now: Instant, ip: Ipv4Addr);
+
+    // IPv6 source bindings (`Sources::check6`). The defaults share none: each engine then keeps
+    // its own, which is enough while every IPv6 frame goes to one engine.
+
+    /// Changes whenever the IPv6 source bindings change; `None` when they are not shared.
+    fn bindings6_generation(&self) -> Option<u64> {
+        None
+    }
+    /// A copy of the IPv6 source bindings.
+    fn bindings6(&self) -> Bindings<Ipv6Addr> {
+        Bindings::default()
+    }
+    /// Binds `ip` to `mac` by first use if it is free (`Bindings::try_claim`).
+    fn claim_binding6(&self, _now: Instant, _mac: Mac, _ip: Ipv6Addr) -> Result<(), ClaimRefused> {
+        Ok(())
+    }
+    /// Binds the IPv6 address `ip` to `mac` for a lease or the configuration.
+    fn bind6(&self, _now: Instant, _ip: Ipv6Addr, _mac: Mac, _by: BoundBy) {}
+    /// Ends an IPv6 binding of kind `by`.
+    fn unbind6(&self, _ip: Ipv6Addr, _by: BoundBy) {}
+    /// Records that a bound IPv6 address is still in use.
+    fn touch_binding6(&self, _now: Instant, _ip: Ipv6Addr) {}
 }
 
 impl Ctx {
@@ -188,21 +214,25 @@ impl Ctx {
     pub(crate) fn neighbour(&self, ip: IpAddr) -> Option<Mac> {
         match ip {
             IpAddr::V4(ip) => self.arp.lookup(ip),
-            IpAddr::V6(ip) => self.nd_lookup(ip),
+            IpAddr::V6(ip) => self.ndp_lookup(ip),
         }
     }
+}
 
-    /// Whether `ip` is one of the virtual host's IPv6 addresses: its link-local (from its
-    /// MAC) and its address in the prefix.
-    pub(crate) fn is_host_address6(&self, ip: Ipv6Addr) -> bool {
-        ip == self.cfg.ipv6.ip || ip == crate::wire::link_local(self.mac)
-    }
-
-    /// The MAC of the guest at IPv6 address `ip` (neighbour discovery's cache).
-    pub(crate) fn nd_lookup(&self, ip: Ipv6Addr) -> Option<Mac> {
-        // Filled in by neighbour discovery (vhost::ndp).
-        let _ = ip;
-        None
+/// Gives a guest's DNS query the NAT handed back (`query`, if any) to the virtual host's relay.
+#[allow(clippy::too_many_arguments)]
+fn relay_query(
+    dns: &mut DnsRelay,
+    ctx: &mut Ctx,
+    dhcp: &DhcpServer,
+    now: Instant,
+    query: Option<crate::nat::DnsQuery>,
+    io: &mut impl SockIo,
+    out: &mut FrameBatch,
+) -> Result<(), DropReason> {
+    match query {
+        Some(q) => dns.handle_query(now, ctx, dhcp, q.guest, q.server, q.query, io, out),
+        None => Ok(()),
     }
 }
 
@@ -245,6 +275,7 @@ impl Engine {
                 cfg,
                 mac,
                 arp: ArpCache::default(),
+                ndp: Ndp::new(seed),
                 stats: Stats::default(),
                 rng: SmallRng::seed_from_u64(seed),
                 ip_ident: 0,
@@ -337,8 +368,11 @@ impl Engine {
     }
 
     /// The virtual host comes up: announce it with a gratuitous ARP (for its DNS address
-    /// too).
-    pub fn start(&mut self, _now: Instant, out: &mut FrameBatch) {
+    /// too); its IPv6 router advertisements begin (the first comes a few seconds later, on
+    /// `handle_timeout`). Only the engine that is started advertises: a runtime starts its
+    /// control thread's.
+    pub fn start(&mut self, now: Instant, out: &mut FrameBatch) {
+        ndp::start(now, &mut self.ctx);
         if self.ctx.cfg.enabled {
             arp::push_gratuitous(out, self.ctx.mac, self.ctx.cfg.host.ip);
             if let Some(dns) = self.ctx.cfg.dns.address {
@@ -397,10 +431,10 @@ impl Engine {
         self.dns.reconfigured();
         let timeouts = (new.nat.udp_timeout, new.nat.tcp_timeout)
             != (old.nat.udp_timeout, old.nat.tcp_timeout);
-        self.ctx.mac = mac;
-        let old_static = std::mem::replace(&mut self.ctx.cfg, new).nat.bindings;
-        if old_static != self.ctx.cfg.nat.bindings {
-            self.bind_static(now, &old_static);
+        let old_mac = std::mem::replace(&mut self.ctx.mac, mac);
+        let old_cfg = std::mem::replace(&mut self.ctx.cfg, new);
+        if old_cfg.nat.bindings != self.ctx.cfg.nat.bindings {
+            self.bind_static(now, &old_cfg.nat.bindings);
         }
         self.bind_leases(now);
         if timeouts {
@@ -413,6 +447,7 @@ impl Engine {
         if let Some(dns) = announce_dns {
             arp::push_gratuitous(out, self.ctx.mac, dns);
         }
+        ndp::reconfigured(now, &mut self.ctx, &old_cfg, old_mac, out);
         self.count_out(out, before);
         restart
     }
@@ -436,10 +471,11 @@ impl Engine {
     }
 
     /// Reassembly for a runtime whose NAT flows live on several engines: when `frame` is an
-    /// IPv4 fragment addressed to the virtual host's MAC, it is checked and added to this
-    /// engine's reassembly (and counted as a frame in); when it completes its datagram, `whole`
+    /// IP fragment (IPv4, or IPv6 with a fragment header) addressed to the virtual host's MAC,
+    /// it is checked and added to this engine's reassembly (and counted as a frame in); when
+    /// it completes its datagram, `whole`
     /// receives the datagram as one Ethernet frame (the fragment's Ethernet header, the
-    /// reassembled IPv4 packet: up to 65535 + 14 bytes), to be handled with
+    /// reassembled packet: up to 65535 + 14 bytes, 40 more for IPv6), to be handled with
     /// `handle_reassembled` by whichever engine owns the datagram's flow. Any other frame is
     /// left for `handle_frame`.
     pub fn reassemble(&mut self, now: Instant, frame: &[u8], whole: &mut Vec<u8>) -> Reassembly {
@@ -462,14 +498,17 @@ impl Engine {
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             return false;
         };
-        if !self.ctx.cfg.enabled
-            || eth.ethertype() != EthernetProtocol::Ipv4
-            || crate::wire::mac(eth.dst_addr()) != self.ctx.mac
-        {
+        if !self.ctx.cfg.enabled || crate::wire::mac(eth.dst_addr()) != self.ctx.mac {
             return false;
         }
-        Ipv4Packet::new_checked(eth.payload())
-            .is_ok_and(|ip| ip.more_frags() || ip.frag_offset() != 0)
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => Ipv4Packet::new_checked(eth.payload())
+                .is_ok_and(|ip| ip.more_frags() || ip.frag_offset() != 0),
+            EthernetProtocol::Ipv6 if self.ctx.cfg.ipv6.enabled => {
+                Ipv6View::parse(eth.payload()).is_ok_and(|ip| !ip.is_whole())
+            }
+            _ => false,
+        }
     }
 
     fn reassemble_fragment(
@@ -484,6 +523,17 @@ impl Engine {
             return Err(DropReason::Foreign);
         }
         let bytes = eth.payload();
+        if eth.ethertype() == EthernetProtocol::Ipv6 {
+            let ip = Ipv6View::parse(bytes)?;
+            crate::vhost::ndp::admit_source(now, &mut self.ctx, src_mac, &ip)?;
+            let Some(datagram) = self.nat.frag.add6(now, &ip)? else {
+                return Ok(false);
+            };
+            whole.clear();
+            whole.extend_from_slice(&frame[..smoltcp::wire::ETHERNET_HEADER_LEN]);
+            whole.extend_from_slice(datagram);
+            return Ok(true);
+        }
         let ip = Ipv4Packet::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
         if ip.version() != 4 || (ip.header_len() as usize) < IPV4_HEADER_LEN {
             return Err(DropReason::Malformed);
@@ -535,6 +585,25 @@ impl Engine {
             return Err(DropReason::Disabled);
         }
         let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
+        if eth.ethertype() == EthernetProtocol::Ipv6 {
+            let ip = Ipv6View::parse(eth.payload())?;
+            if !ip.is_whole() {
+                return Err(DropReason::Malformed);
+            }
+            // The engine that owns the flow needs the guest's MAC to answer it.
+            let src_mac = crate::wire::mac(eth.src_addr());
+            crate::vhost::ndp::admit_source(now, &mut self.ctx, src_mac, &ip)?;
+            let query = self.nat.handle_ipv6(now, &mut self.ctx, &ip, io, out)?;
+            return relay_query(
+                &mut self.dns,
+                &mut self.ctx,
+                &self.dhcp,
+                now,
+                query,
+                io,
+                out,
+            );
+        }
         if eth.ethertype() != EthernetProtocol::Ipv4 {
             return Err(DropReason::Malformed);
         }
@@ -551,19 +620,15 @@ impl Engine {
         let query = self
             .nat
             .handle_reassembled(now, &mut self.ctx, &ip, io, out)?;
-        match query {
-            Some(q) => self.dns.handle_query(
-                now,
-                &mut self.ctx,
-                &self.dhcp,
-                q.guest,
-                q.server,
-                q.query,
-                io,
-                out,
-            ),
-            None => Ok(()),
-        }
+        relay_query(
+            &mut self.dns,
+            &mut self.ctx,
+            &self.dhcp,
+            now,
+            query,
+            io,
+            out,
+        )
     }
 
     fn count_out(&mut self, out: &FrameBatch, before: usize) {
@@ -667,19 +732,16 @@ impl Engine {
         if self.ctx.is_host_address(dst) && ip.next_header() == IpProtocol::Icmp && whole {
             return icmp::handle_to_host(&mut self.ctx, &ip, out);
         }
-        match self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)? {
-            Some(q) => self.dns.handle_query(
-                now,
-                &mut self.ctx,
-                &self.dhcp,
-                q.guest,
-                q.server,
-                q.query,
-                io,
-                out,
-            ),
-            None => Ok(()),
-        }
+        let query = self.nat.handle_ipv4(now, &mut self.ctx, &ip, io, out)?;
+        relay_query(
+            &mut self.dns,
+            &mut self.ctx,
+            &self.dhcp,
+            now,
+            query,
+            io,
+            out,
+        )
     }
 
     /// One IPv6 packet from a guest: neighbour discovery, router solicitations, DHCPv6 and echo
@@ -693,25 +755,50 @@ impl Engine {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) -> Result<(), DropReason> {
+        // IPv6 multicast goes to 33:33:*; a broadcast or another group's frame is not IPv6's.
+        let multicast = dst_mac != self.ctx.mac;
+        if multicast && dst_mac.0[..2] != [0x33, 0x33] {
+            return Err(DropReason::Foreign);
+        }
         let ip = Ipv6View::parse(bytes)?;
-        if crate::vhost::dhcp6::is_to_server_port(&ip) {
+        if ip.src.is_multicast() {
+            return Err(DropReason::Malformed);
+        }
+        if multicast && !ip.dst.is_multicast() {
+            // A unicast packet in a multicast frame: every node got it; none should answer.
+            return Err(DropReason::Foreign);
+        }
+        // Checked before anything is learned from it: an ICMPv6 message that fails teaches
+        // nothing. A fragment's checksum covers the datagram; reassembly is the NAT's.
+        let icmp = match ip.proto {
+            IpProtocol::Icmpv6 if ip.fragment.is_none() => Some(ndp::check(&ip)?),
+            _ => None,
+        };
+        ndp::admit_source(now, &mut self.ctx, src_mac, &ip)?;
+        let to_host = self.ctx.is_host_address6(ip.dst);
+        if let Some(m) = icmp.filter(|m| m.is_ndp() || to_host || ip.dst.is_multicast()) {
+            return ndp::handle(now, &mut self.ctx, src_mac, &ip, &m, out);
+        }
+        if ip.is_whole()
+            && dhcp6::is_to_server_port(&ip)
+            && (to_host || ip.dst == dhcp6::ALL_DHCP_AGENTS)
+        {
             return self.handle_dhcpv6(now, src_mac, &ip, out);
         }
-        let _ = dst_mac;
-        let query = self.nat.handle_ipv6(now, &mut self.ctx, &ip, io, out)?;
-        match query {
-            Some(q) => self.dns.handle_query(
-                now,
-                &mut self.ctx,
-                &self.dhcp,
-                q.guest,
-                q.server,
-                q.query,
-                io,
-                out,
-            ),
-            None => Ok(()),
+        if ip.dst.is_multicast() {
+            // MLD reports and other groups' traffic: nothing the virtual host takes part in.
+            return Err(DropReason::Unsupported);
         }
+        let query = self.nat.handle_ipv6(now, &mut self.ctx, &ip, io, out)?;
+        relay_query(
+            &mut self.dns,
+            &mut self.ctx,
+            &self.dhcp,
+            now,
+            query,
+            io,
+            out,
+        )
     }
 
     /// A datagram to the DHCPv6 server's port, for the virtual host's DHCPv6 server when
@@ -870,6 +957,7 @@ impl Engine {
         let before = out.len();
         self.nat.expire_sessions(now, &mut self.ctx, io, out);
         self.ctx.arp.expire(now);
+        self.ctx.ndp.expire(now);
         self.count_out(out, before);
     }
 
@@ -877,6 +965,7 @@ impl Engine {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let vhost = earliest(self.dhcp.poll_timeout(), self.dns.poll_timeout());
         let vhost = earliest(vhost, self.dhcp6.poll_timeout());
+        let vhost = earliest(vhost, self.ctx.ndp.poll_timeout());
         earliest(vhost, self.nat.poll_timeout())
     }
 
@@ -888,7 +977,9 @@ impl Engine {
         self.bind_leases(now);
         self.dns.handle_timeout(now, &mut self.ctx, io, out);
         self.nat.handle_timeout(now, &mut self.ctx, io, out);
+        ndp::handle_timeout(now, &mut self.ctx, out);
         self.ctx.arp.expire(now);
+        self.ctx.ndp.expire(now);
         self.count_out(out, before);
     }
 }

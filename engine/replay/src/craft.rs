@@ -2,7 +2,7 @@
 //! built, so a crafted guest acknowledges what the replayed core really sent (its ISN, its
 //! DHCP offer). `hubnat-pcap craft` writes them to `pcaps/NAME.in.pcap` with their script.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::time::Duration;
 
 use smoltcp::wire::{
@@ -185,6 +185,63 @@ pub fn dhcp_frame(mac: Mac, ciaddr: Ipv4Addr, unicast: bool, msg: &[u8], ident: 
     );
     let ip = ipv4(ciaddr, dst_ip, IpProtocol::Udp, ident, (0, false), &d);
     ethernet(dst_mac, mac, 0x0800, &ip)
+}
+
+/// An Ethernet frame of one IPv6 packet carrying the ICMPv6 message `msg` (from its type
+/// byte; its checksum is filled in here).
+pub fn icmpv6_frame(
+    dst_mac: Mac,
+    src_mac: Mac,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    msg: &[u8],
+) -> Vec<u8> {
+    let mut m = msg.to_vec();
+    m[2..4].fill(0);
+    let mut sum = Vec::with_capacity(40 + m.len());
+    sum.extend_from_slice(&src.octets());
+    sum.extend_from_slice(&dst.octets());
+    sum.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    sum.extend_from_slice(&[0, 0, 0, 58]);
+    sum.extend_from_slice(&m);
+    let c = !hubnat_core::wire::ones_sum(&sum);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(m.len() as u16).to_be_bytes());
+    ip[6] = 58;
+    ip[7] = hop_limit;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    ip.extend_from_slice(&m);
+    ethernet(dst_mac, src_mac, 0x86dd, &ip)
+}
+
+/// The Ethernet address of the IPv6 multicast group `ip`.
+fn mcast_mac(ip: Ipv6Addr) -> Mac {
+    let o = ip.octets();
+    Mac([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+/// The solicited-node group of `ip`.
+fn solicited(ip: Ipv6Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::from([
+        0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+    ])
+}
+
+/// A neighbour solicitation or advertisement (type `ty`, `flags` in its first reserved byte)
+/// for `target`, with a link-layer option (`opt`: 1 source, 2 target) when given.
+fn nd(ty: u8, flags: u8, target: Ipv6Addr, opt: Option<(u8, Mac)>) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0, flags, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    if let Some((t, mac)) = opt {
+        m.extend_from_slice(&[t, 1]);
+        m.extend_from_slice(&mac.0);
+    }
+    m
 }
 
 /// An ICMP echo request (header and data, with checksum).
@@ -467,6 +524,7 @@ pub const NAMES: &[&str] = &[
     "many_flows",
     "ip_fragments",
     "malformed",
+    "ndp",
 ];
 
 /// A crafted scenario: its script (TOML text) and its input frames.
@@ -498,6 +556,7 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "many_flows" => many_flows_scenario(&mut s),
         "ip_fragments" => fragments_scenario(&mut s),
         "malformed" => malformed_scenario(&mut s),
+        "ndp" => ndp_scenario(&mut s),
         _ => return None,
     }
     let (input, _) = s.finish();
@@ -1035,4 +1094,94 @@ fn malformed_scenario(s: &mut Session) {
         s.wait_ms(1);
         s.send(f);
     }
+}
+
+fn ndp_scenario(s: &mut Session) {
+    use hubnat_core::wire::link_local;
+    let (m, other) = (guest_mac(14), guest_mac(15));
+    let ll = link_local(m);
+    let prefix = u128::from(hubnat_core::config::DEFAULT_IPV6_PREFIX);
+    let host_ula = Ipv6Addr::from(prefix | 1);
+    // The guest's SLAAC address: the prefix and the interface id of its link-local.
+    let ula = Ipv6Addr::from(prefix | (u128::from(ll) & u128::from(u64::MAX)));
+    let host_ll = link_local(REPLAY_MAC);
+    let any = Ipv6Addr::UNSPECIFIED;
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+    let sll = Some((1, m));
+    let v6 = |dst: Ipv6Addr, src: Ipv6Addr, hop: u8, msg: &[u8]| {
+        let dst_mac = if dst.is_multicast() {
+            mcast_mac(dst)
+        } else {
+            REPLAY_MAC
+        };
+        icmpv6_frame(dst_mac, m, src, dst, hop, msg)
+    };
+    let mut frames = vec![
+        // duplicate address detection of the guest's link-local (no answer, nothing learned)
+        v6(solicited(ll), any, 255, &nd(135, 0, ll, None)),
+        // router solicitation from the link-local → advertisement to it
+        v6(
+            all_routers,
+            ll,
+            255,
+            &[&[133u8, 0, 0, 0, 0, 0, 0, 0][..], &[1, 1], &m.0].concat(),
+        ),
+        // DAD of the SLAAC address, then a solicitation from :: → advertisement to all nodes
+        v6(solicited(ula), any, 255, &nd(135, 0, ula, None)),
+        v6(all_routers, any, 255, &[133, 0, 0, 0, 0, 0, 0, 0]),
+        // neighbour solicitations for the host's ULA (multicast) and link-local (unicast)
+        v6(solicited(host_ula), ula, 255, &nd(135, 0, host_ula, sll)),
+        v6(host_ll, ll, 255, &nd(135, 0, host_ll, sll)),
+        // a guest probing the host's address: defended to all nodes
+        v6(solicited(host_ula), any, 255, &nd(135, 0, host_ula, None)),
+        // echo to the host's ULA (answered), to all nodes (not)
+        v6(
+            host_ula,
+            ula,
+            64,
+            &[128, 0, 0, 0, 0, 7, 0, 1, b'p', b'i', b'n', b'g'],
+        ),
+        v6(all_nodes, ll, 64, &[128, 0, 0, 0, 0, 7, 0, 2]),
+        // malformed: hop limit 254; an option of length 0
+        v6(solicited(host_ula), ula, 254, &nd(135, 0, host_ula, sll)),
+        v6(
+            solicited(host_ula),
+            ula,
+            255,
+            &[&nd(135, 0, host_ula, None)[..], &[1, 0, 0, 0, 0, 0, 0, 0]].concat(),
+        ),
+        // an MLDv2 report (not the host's business)
+        v6(
+            "ff02::16".parse().unwrap(),
+            ll,
+            1,
+            &[143, 0, 0, 0, 0, 0, 0, 0],
+        ),
+    ];
+    // Another guest: an advertisement for the host's address, and the first guest's source.
+    let ll2 = link_local(other);
+    frames.push(icmpv6_frame(
+        mcast_mac(all_nodes),
+        other,
+        ll2,
+        all_nodes,
+        255,
+        &nd(136, 0x20, host_ula, Some((2, other))),
+    ));
+    frames.push(icmpv6_frame(
+        REPLAY_MAC,
+        other,
+        ula,
+        host_ula,
+        64,
+        &[128, 0, 0, 0, 0, 8, 0, 1],
+    ));
+    for f in frames {
+        s.wait_ms(10);
+        s.send(f);
+    }
+    // The first unsolicited advertisement comes 16 s after start.
+    s.wait_ms(17_000);
+    s.send(v6(host_ula, ula, 64, &[128, 0, 0, 0, 0, 7, 0, 3]));
 }

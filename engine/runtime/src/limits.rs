@@ -3,7 +3,7 @@
 //! cheap here.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 
 use hubnat_core::nat::Proto;
 use hubnat_core::time::Instant;
-use hubnat_core::vhost::bindings::{Bindings, BoundBy};
+use hubnat_core::vhost::bindings::{Bindings, BoundBy, ClaimRefused};
 use hubnat_core::{Mac, SharedSessions};
 
 /// The key of a guest's half-open TCP count in `counts` (beside the protocols' indexes).
@@ -29,6 +29,9 @@ pub struct SharedLimits {
     /// The segment's source bindings; engines copy them when `bindings_generation` moved.
     bindings: Mutex<Bindings>,
     bindings_generation: AtomicU64,
+    /// The IPv6 source bindings, kept as the IPv4 ones are.
+    bindings6: Mutex<Bindings<Ipv6Addr>>,
+    bindings6_generation: AtomicU64,
 }
 
 impl SharedLimits {
@@ -39,6 +42,15 @@ impl SharedLimits {
 
     fn bindings_changed(&self) {
         self.bindings_generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn with_bindings6<T>(&self, f: impl FnOnce(&mut Bindings<Ipv6Addr>) -> T) -> T {
+        let mut b = self.bindings6.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut b)
+    }
+
+    fn bindings6_changed(&self) {
+        self.bindings6_generation.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -146,6 +158,36 @@ impl SharedSessions for SharedLimits {
     fn touch_binding(&self, now: Instant, ip: Ipv4Addr) {
         // Not a change the engines need to copy: only expiry reads it, here.
         self.with_bindings(|b| b.touch(now, ip));
+    }
+
+    fn bindings6_generation(&self) -> Option<u64> {
+        Some(self.bindings6_generation.load(Ordering::Acquire))
+    }
+
+    fn bindings6(&self) -> Bindings<Ipv6Addr> {
+        self.with_bindings6(|b| b.clone())
+    }
+
+    fn claim_binding6(&self, now: Instant, mac: Mac, ip: Ipv6Addr) -> Result<(), ClaimRefused> {
+        let r = self.with_bindings6(|b| b.try_claim(now, mac, ip));
+        if r.is_ok() {
+            self.bindings6_changed();
+        }
+        r
+    }
+
+    fn bind6(&self, now: Instant, ip: Ipv6Addr, mac: Mac, by: BoundBy) {
+        self.with_bindings6(|b| b.bind(now, ip, mac, by));
+        self.bindings6_changed();
+    }
+
+    fn unbind6(&self, ip: Ipv6Addr, by: BoundBy) {
+        self.with_bindings6(|b| b.unbind(ip, by));
+        self.bindings6_changed();
+    }
+
+    fn touch_binding6(&self, now: Instant, ip: Ipv6Addr) {
+        self.with_bindings6(|b| b.touch(now, ip));
     }
 
     fn count(&self, proto: Proto, guest: IpAddr) -> usize {

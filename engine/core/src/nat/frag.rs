@@ -1,4 +1,5 @@
-//! IPv4 reassembly of guests' fragments (RFC 791, with RFC 5722's rule for overlaps).
+//! Reassembly of guests' fragments, IPv4 (RFC 791) and IPv6 (RFC 8200 4.5), with RFC 5722's
+//! rule for overlaps.
 //!
 //! Datagrams in progress are keyed by (source, destination, protocol, identification). Memory is
 //! bounded three ways: at most `MAX_DATAGRAMS` in progress (`MAX_DATAGRAMS_PER_SOURCE` from one
@@ -13,14 +14,14 @@
 //! sockets as whole datagrams, and datagrams larger than the MTU are cut into fragments
 //! (`crate::wire::push_ip_fragments`, DF cleared) rather than refused.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use smoltcp::wire::{IpProtocol, Ipv4Packet};
+use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::stats::DropReason;
 use crate::time::Instant;
-use crate::wire::IPV4_HEADER_LEN;
+use crate::wire::{Ipv6View, IPV4_HEADER_LEN, IPV6_HEADER_LEN};
 use crate::Ctx;
 
 /// Datagrams being reassembled at once.
@@ -35,19 +36,33 @@ pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_PIECES: usize = 256;
 const MAX_DATAGRAM: usize = 65535;
 
+/// A datagram's identity: IPv4's (source, destination, protocol, 16-bit identification) or
+/// IPv6's (source, destination, the fragment header's next header, 32-bit identification).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Key {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: IpProtocol,
-    ident: u16,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    ident: u32,
+}
+
+impl Key {
+    /// Bytes of the header the reassembled datagram starts with (20 for IPv4: options are
+    /// dropped; 40 for IPv6: the fixed header, whose next header is the fragment header's).
+    fn header_len(&self) -> usize {
+        if self.src.is_ipv6() {
+            IPV6_HEADER_LEN
+        } else {
+            IPV4_HEADER_LEN
+        }
+    }
 }
 
 struct Entry {
     key: Key,
     deadline: Instant,
-    /// IPv4 header (20 bytes, options dropped) followed by the payload bytes received so far,
-    /// at their offsets (gaps are zero until filled).
+    /// The datagram's header followed by the payload bytes received so far, at their offsets
+    /// (gaps are zero until filled).
     buf: Vec<u8>,
     /// Payload ranges received, [start, end).
     pieces: Vec<(usize, usize)>,
@@ -57,7 +72,17 @@ struct Entry {
     have_first: bool,
 }
 
-/// Reassembles the guests' fragmented IPv4 datagrams.
+/// One fragment as both families give it.
+struct Piece<'a> {
+    key: Key,
+    /// The fixed header of the packet it came in (copied for the first fragment).
+    header: &'a [u8],
+    start: usize,
+    more: bool,
+    payload: &'a [u8],
+}
+
+/// Reassembles the guests' fragmented datagrams, IPv4 and IPv6 alike.
 #[derive(Default)]
 pub struct Reassembler {
     entries: Vec<Entry>,
@@ -79,23 +104,64 @@ impl Reassembler {
         self.entries.is_empty()
     }
 
-    /// Adds a fragment; returns the whole datagram (IPv4 header + payload) once complete. The
-    /// datagram is lent until the next call.
+    /// Adds an IPv4 fragment; returns the whole datagram (IPv4 header + payload) once
+    /// complete. The datagram is lent until the next call.
     pub(crate) fn add(
         &mut self,
         now: Instant,
         ip: &Ipv4Packet<&[u8]>,
     ) -> Result<Option<&[u8]>, DropReason> {
-        let key = Key {
-            src: ip.src_addr(),
-            dst: ip.dst_addr(),
-            proto: ip.next_header(),
-            ident: ip.ident(),
+        let piece = Piece {
+            key: Key {
+                src: ip.src_addr().into(),
+                dst: ip.dst_addr().into(),
+                proto: ip.next_header().into(),
+                ident: u32::from(ip.ident()),
+            },
+            header: &ip.as_ref()[..IPV4_HEADER_LEN],
+            start: ip.frag_offset() as usize,
+            more: ip.more_frags(),
+            payload: ip.payload(),
         };
-        let payload = ip.payload();
-        let start = ip.frag_offset() as usize;
+        self.add_piece(now, piece)
+    }
+
+    /// Adds an IPv6 fragment (a packet with a fragment header); returns the whole datagram
+    /// once complete: a fixed IPv6 header whose next header is what followed the fragment
+    /// header, then the fragmentable part (RFC 8200 4.5). Lent until the next call.
+    pub(crate) fn add6(
+        &mut self,
+        now: Instant,
+        ip: &Ipv6View,
+    ) -> Result<Option<&[u8]>, DropReason> {
+        let Some(f) = ip.fragment else {
+            return Err(DropReason::Malformed);
+        };
+        let piece = Piece {
+            key: Key {
+                src: ip.src.into(),
+                dst: ip.dst.into(),
+                proto: f.next,
+                ident: f.ident,
+            },
+            header: &ip.packet[..IPV6_HEADER_LEN],
+            start: f.offset,
+            more: f.more,
+            payload: &ip.packet[f.data_at..],
+        };
+        self.add_piece(now, piece)
+    }
+
+    fn add_piece(&mut self, now: Instant, p: Piece) -> Result<Option<&[u8]>, DropReason> {
+        let Piece {
+            key,
+            header,
+            start,
+            more,
+            payload,
+        } = p;
+        let hl = key.header_len();
         let end = start + payload.len();
-        let more = ip.more_frags();
         let idx = match self.entries.iter().position(|e| e.key == key) {
             Some(i) => i,
             None => {
@@ -107,7 +173,7 @@ impl Reassembler {
                 }
                 let mut buf = self.spare.pop().unwrap_or_default();
                 buf.clear();
-                buf.resize(IPV4_HEADER_LEN, 0);
+                buf.resize(hl, 0);
                 self.entries.push(Entry {
                     key,
                     deadline: now + TIMEOUT,
@@ -120,8 +186,13 @@ impl Reassembler {
                 self.entries.len() - 1
             }
         };
-        let bad = (more && (payload.is_empty() || payload.len() & 7 != 0))
-            || IPV4_HEADER_LEN + end > MAX_DATAGRAM;
+        // IPv4 counts the header in its 65535; IPv6's payload length excludes the fixed one.
+        let limit = if key.src.is_ipv6() {
+            MAX_DATAGRAM
+        } else {
+            MAX_DATAGRAM - IPV4_HEADER_LEN
+        };
+        let bad = (more && (payload.is_empty() || payload.len() & 7 != 0)) || end > limit;
         if bad {
             self.discard(idx);
             return Err(DropReason::Malformed);
@@ -140,7 +211,7 @@ impl Reassembler {
             self.discard(idx);
             return Err(DropReason::Limit);
         }
-        let need = IPV4_HEADER_LEN + end;
+        let need = hl + end;
         if need > e.buf.len() {
             let grow = need - e.buf.len();
             if self.held + grow > BUDGET {
@@ -150,7 +221,7 @@ impl Reassembler {
             self.held += grow;
             e.buf.resize(need, 0);
         }
-        e.buf[IPV4_HEADER_LEN + start..need].copy_from_slice(payload);
+        e.buf[hl + start..need].copy_from_slice(payload);
         e.pieces.push((start, end));
         e.received += payload.len();
         if !more {
@@ -158,16 +229,20 @@ impl Reassembler {
         }
         if start == 0 {
             e.have_first = true;
-            e.buf[..IPV4_HEADER_LEN].copy_from_slice(&ip.as_ref()[..IPV4_HEADER_LEN]);
+            e.buf[..hl].copy_from_slice(&header[..hl]);
         }
         match e.total {
             Some(t) if e.have_first && e.received == t => {}
             _ => return Ok(None),
         }
         let mut e = self.entries.swap_remove(idx);
-        self.held -= e.buf.len() - IPV4_HEADER_LEN;
+        self.held -= e.buf.len() - hl;
         let total_len = e.buf.len();
-        {
+        if key.src.is_ipv6() {
+            let mut h = Ipv6Packet::new_unchecked(&mut e.buf[..]);
+            h.set_payload_len((total_len - IPV6_HEADER_LEN) as u16);
+            h.set_next_header(IpProtocol::from(key.proto));
+        } else {
             let mut h = Ipv4Packet::new_unchecked(&mut e.buf[..]);
             h.set_header_len(IPV4_HEADER_LEN as u8);
             h.set_total_len(total_len as u16);
@@ -183,7 +258,7 @@ impl Reassembler {
 
     fn discard(&mut self, idx: usize) {
         let e = self.entries.swap_remove(idx);
-        self.held -= e.buf.len() - IPV4_HEADER_LEN;
+        self.held -= e.buf.len() - e.key.header_len();
         if self.spare.len() < 4 {
             self.spare.push(e.buf);
         }
@@ -214,6 +289,7 @@ mod tests {
     use crate::sim::SimSockets;
     use crate::testing::*;
     use smoltcp::wire::UdpPacket;
+    use std::net::Ipv4Addr;
 
     /// A UDP datagram from the guest, cut into IPv4 fragments of `per` payload bytes.
     fn fragments(ident: u16, payload: &[u8], per: usize) -> Vec<Vec<u8>> {

@@ -164,11 +164,7 @@ pub(crate) fn is_routable(cfg: &Config, ip: IpAddr) -> bool {
 pub(crate) fn is_guest_address(ctx: &Ctx, ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(ip) => ctx.cfg.in_subnet(ip) && !ctx.is_host_address(ip),
-        IpAddr::V6(ip) => {
-            (ctx.cfg.ipv6.in_prefix(ip) || crate::wire::is_link_local(ip))
-                && !ctx.is_host_address6(ip)
-                && !ip.is_unspecified()
-        }
+        IpAddr::V6(ip) => ctx.is_guest_address6(ip),
     }
 }
 
@@ -184,8 +180,7 @@ pub(crate) fn is_host_ip(ctx: &Ctx, ip: IpAddr) -> bool {
 pub(crate) fn host_ip_for(ctx: &Ctx, ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ctx.host_ip().into(),
-        IpAddr::V6(ip) if crate::wire::is_link_local(ip) => crate::wire::link_local(ctx.mac).into(),
-        IpAddr::V6(_) => ctx.cfg.ipv6.ip.into(),
+        IpAddr::V6(ip) => ctx.host_source6(ip).into(),
     }
 }
 
@@ -234,9 +229,16 @@ impl Nat {
         out: &mut FrameBatch,
     ) -> Result<Option<DnsQuery<'a>>, DropReason> {
         if !ip.is_whole() {
-            // Guests send IPv6 fragments only past the path MTU the virtual host advertises
-            // (the segment's); they are not reassembled.
-            return Err(DropReason::Unsupported);
+            let Some(whole) = self.frag.add6(now, ip)? else {
+                return Ok(None);
+            };
+            let packet = crate::wire::Ipv6View::parse(whole)?;
+            if !packet.is_whole() {
+                // A fragment inside a fragment.
+                return Err(DropReason::Malformed);
+            }
+            let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
+            return Self::handle_whole(protos, now, ctx, &GuestIp::v6(&packet), io, out);
         }
         let protos = (&mut self.udp, &mut self.tcp, &mut self.icmp);
         Self::handle_whole(protos, now, ctx, &GuestIp::v6(ip), io, out)

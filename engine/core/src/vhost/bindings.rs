@@ -17,9 +17,18 @@
 //! Every engine checks every guest frame against its own copy (`Sources`), without a lock; in a
 //! multi-worker runtime the bindings themselves live in the shared accounting
 //! (`SharedSessions`), and an engine copies them again only when their generation changed.
+//!
+//! IPv6 sources are bound the same way in a map of their own (`Bindings<Ipv6Addr>`, checked by
+//! `Sources::check6`): a guest's link-local, SLAAC and DHCPv6 addresses, up to
+//! `MAX_LEARNED_PER_MAC_V6` learned a MAC (privacy addresses come and go). In the `lease` mode an
+//! IPv6 source is accepted from a MAC only if it is leased or bound to it, or if its interface id
+//! is that MAC's EUI-64 (the link-local every stack starts with, and EUI-64 SLAAC): the segment
+//! could not even resolve its router without the link-local.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Mac;
 use crate::engine::SharedSessions;
+use crate::stats::DropReason;
 use crate::time::Instant;
 
 /// How guests' source addresses are checked (`nat.source_check`).
@@ -64,14 +74,31 @@ pub(crate) struct Binding {
     pub(crate) last_seen: Instant,
 }
 
-/// Learned addresses a MAC may hold at once.
+/// Learned IPv4 addresses a MAC may hold at once.
 pub(crate) const MAX_LEARNED_PER_MAC: usize = 4;
+/// Learned IPv6 addresses a MAC may hold at once: a link-local, a SLAAC address, a DHCPv6
+/// lease and the temporary addresses (RFC 8981) a stack rotates through.
+pub(crate) const MAX_LEARNED_PER_MAC_V6: usize = 16;
 /// Learned addresses in all.
 pub(crate) const MAX_LEARNED: usize = 4096;
 /// A learned address unused this long is free for another MAC.
 pub(crate) const LEARNED_IDLE: Duration = Duration::from_secs(600);
 /// How often an engine tells the shared bindings that a learned address is still in use.
 const REPORT_EVERY: Duration = Duration::from_secs(60);
+
+/// An address family sources are bound in.
+pub trait BindAddr: Copy + Eq + Hash + Debug + Send + Sync + 'static {
+    /// Learned addresses of this family a MAC may hold at once.
+    const MAX_LEARNED_PER_MAC: usize;
+}
+
+impl BindAddr for Ipv4Addr {
+    const MAX_LEARNED_PER_MAC: usize = MAX_LEARNED_PER_MAC;
+}
+
+impl BindAddr for Ipv6Addr {
+    const MAX_LEARNED_PER_MAC: usize = MAX_LEARNED_PER_MAC_V6;
+}
 
 /// The verdict on a frame's source.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -81,15 +108,43 @@ enum Verdict {
     Refused,
 }
 
-/// The bindings of one segment.
-#[derive(Clone, Default, Debug)]
-pub struct Bindings {
-    by_ip: HashMap<Ipv4Addr, Binding>,
+/// Why a first use did not bind.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ClaimRefused {
+    /// Another MAC holds the address.
+    Held,
+    /// The MAC holds its share of learned addresses, or the table is full.
+    Full,
+}
+
+impl ClaimRefused {
+    /// How a frame refused for this is counted.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            ClaimRefused::Held => DropReason::Spoofed,
+            ClaimRefused::Full => DropReason::Limit,
+        }
+    }
+}
+
+/// The bindings of one segment, for one address family (IPv4 unless named).
+#[derive(Clone, Debug)]
+pub struct Bindings<A: BindAddr = Ipv4Addr> {
+    by_ip: HashMap<A, Binding>,
     learned: usize,
 }
 
-impl Bindings {
-    fn verdict(&self, mode: SourceCheck, now: Instant, mac: Mac, ip: Ipv4Addr) -> Verdict {
+impl<A: BindAddr> Default for Bindings<A> {
+    fn default() -> Self {
+        Bindings {
+            by_ip: HashMap::new(),
+            learned: 0,
+        }
+    }
+}
+
+impl<A: BindAddr> Bindings<A> {
+    fn verdict(&self, mode: SourceCheck, now: Instant, mac: Mac, ip: A) -> Verdict {
         match self.by_ip.get(&ip) {
             Some(b) if b.mac == mac => Verdict::Bound,
             Some(b)
@@ -107,20 +162,36 @@ impl Bindings {
 
     /// Binds `ip` to `mac` as first use, if it is free (or its learned owner went idle) and
     /// `mac` holds fewer than `MAX_LEARNED_PER_MAC` learned addresses. True when bound.
-    pub fn claim(&mut self, now: Instant, mac: Mac, ip: Ipv4Addr) -> bool {
+    pub fn claim(&mut self, now: Instant, mac: Mac, ip: A) -> bool {
+        self.try_claim(now, mac, ip).is_ok()
+    }
+
+    /// `claim`, saying why it did not bind.
+    pub fn try_claim(&mut self, now: Instant, mac: Mac, ip: A) -> Result<(), ClaimRefused> {
         match self.verdict(SourceCheck::Learn, now, mac, ip) {
-            Verdict::Bound => return true,
-            Verdict::Refused => return false,
+            Verdict::Bound => return Ok(()),
+            Verdict::Refused => return Err(ClaimRefused::Held),
             Verdict::Claimable => {}
         }
-        let held = self
-            .by_ip
-            .values()
-            .filter(|b| b.mac == mac && b.by == BoundBy::Learned)
-            .count();
-        if held >= MAX_LEARNED_PER_MAC {
+        let mut held = 0;
+        let mut idlest: Option<(A, Instant)> = None;
+        for (a, b) in &self.by_ip {
+            if b.mac == mac && b.by == BoundBy::Learned {
+                held += 1;
+                if idlest.is_none_or(|(_, t)| b.last_seen < t) {
+                    idlest = Some((*a, b.last_seen));
+                }
+            }
+        }
+        if held >= A::MAX_LEARNED_PER_MAC {
             // The MAC's idlest learned address makes room, if it is idle enough.
-            return false;
+            match idlest {
+                Some((a, t)) if now.saturating_since(t) >= LEARNED_IDLE => {
+                    self.by_ip.remove(&a);
+                    self.learned -= 1;
+                }
+                _ => return Err(ClaimRefused::Full),
+            }
         }
         if self.by_ip.remove(&ip).is_some() {
             self.learned -= 1;
@@ -128,7 +199,7 @@ impl Bindings {
         if self.learned >= MAX_LEARNED {
             self.expire(now);
             if self.learned >= MAX_LEARNED {
-                return false;
+                return Err(ClaimRefused::Full);
             }
         }
         self.by_ip.insert(
@@ -140,12 +211,12 @@ impl Bindings {
             },
         );
         self.learned += 1;
-        true
+        Ok(())
     }
 
     /// Binds `ip` to `mac` because of a lease or the configuration: it takes the address from
     /// whoever had learned it.
-    pub fn bind(&mut self, now: Instant, ip: Ipv4Addr, mac: Mac, by: BoundBy) {
+    pub fn bind(&mut self, now: Instant, ip: A, mac: Mac, by: BoundBy) {
         let old = self.by_ip.insert(
             ip,
             Binding {
@@ -163,7 +234,7 @@ impl Bindings {
     }
 
     /// Ends the binding of `ip` if it is of kind `by`.
-    pub fn unbind(&mut self, ip: Ipv4Addr, by: BoundBy) {
+    pub fn unbind(&mut self, ip: A, by: BoundBy) {
         if self.by_ip.get(&ip).is_some_and(|b| b.by == by) {
             self.by_ip.remove(&ip);
             if by == BoundBy::Learned {
@@ -173,14 +244,14 @@ impl Bindings {
     }
 
     /// Records that `ip` is in use by its owner now.
-    pub fn touch(&mut self, now: Instant, ip: Ipv4Addr) {
+    pub fn touch(&mut self, now: Instant, ip: A) {
         if let Some(b) = self.by_ip.get_mut(&ip) {
             b.last_seen = b.last_seen.max(now);
         }
     }
 
     /// The owner of `ip`, if bound.
-    pub(crate) fn get(&self, ip: Ipv4Addr) -> Option<&Binding> {
+    pub(crate) fn get(&self, ip: A) -> Option<&Binding> {
         self.by_ip.get(&ip)
     }
 
@@ -202,13 +273,26 @@ pub(crate) struct Sources {
     shared: Option<Arc<dyn SharedSessions>>,
     /// When each learned address was last reported in use to the shared bindings.
     reported: HashMap<Ipv4Addr, Instant>,
+    /// The IPv6 bindings: this engine's copy, and its generation when shared.
+    local6: Bindings<Ipv6Addr>,
+    generation6: Option<u64>,
+    reported6: HashMap<Ipv6Addr, Instant>,
+}
+
+/// The MAC whose modified EUI-64 interface id (RFC 4291 appendix A) ends `ip`, if its interface
+/// id is one.
+pub(crate) fn eui64_mac(ip: Ipv6Addr) -> Option<Mac> {
+    let o = ip.octets();
+    (o[11] == 0xff && o[12] == 0xfe).then(|| Mac([o[8] ^ 0x02, o[9], o[10], o[13], o[14], o[15]]))
 }
 
 impl Sources {
     /// Makes the bindings those of `shared` (the engines of one runtime see the same).
     pub(crate) fn share(&mut self, shared: Arc<dyn SharedSessions>) {
-        self.shared = Some(shared);
         self.generation = u64::MAX;
+        // An implementation that keeps no IPv6 bindings leaves each engine its own.
+        self.generation6 = shared.bindings6_generation().map(|_| u64::MAX);
+        self.shared = Some(shared);
     }
 
     fn refresh(&mut self) {
@@ -219,6 +303,102 @@ impl Sources {
                 self.generation = g;
             }
         }
+    }
+
+    fn shared6(&self) -> Option<&Arc<dyn SharedSessions>> {
+        self.shared.as_ref().filter(|_| self.generation6.is_some())
+    }
+
+    fn refresh6(&mut self) {
+        let Some(s) = self.shared6() else { return };
+        let g = s.bindings6_generation();
+        if g != self.generation6 {
+            self.local6 = s.bindings6();
+            self.generation6 = g;
+        }
+    }
+
+    /// Whether `mac` may send from the IPv6 address `ip` now (binding it by first use where the
+    /// mode allows); the refusal says how to count the frame: `Spoofed` (another MAC holds it)
+    /// or `Limit` (the MAC holds its share of learned addresses).
+    ///
+    /// An interface id that is a MAC's EUI-64 belongs to that MAC alone: no other may take it by
+    /// first use (else a guest could claim a victim's link-local before the victim comes up),
+    /// and in the `lease` mode the MAC may send from it unbound.
+    pub(crate) fn check6(
+        &mut self,
+        mode: SourceCheck,
+        now: Instant,
+        mac: Mac,
+        ip: Ipv6Addr,
+    ) -> Result<(), DropReason> {
+        if mode == SourceCheck::Subnet {
+            return Ok(());
+        }
+        self.refresh6();
+        let eui = eui64_mac(ip);
+        match self.local6.verdict(mode, now, mac, ip) {
+            Verdict::Bound => {
+                self.local6.touch(now, ip);
+                if let Some(s) = self.shared6() {
+                    let s = Arc::clone(s);
+                    if self.reported6.len() >= MAX_LEARNED {
+                        let local = &self.local6;
+                        self.reported6.retain(|ip, _| local.get(*ip).is_some());
+                    }
+                    let last = self.reported6.entry(ip).or_insert(now);
+                    if now.saturating_since(*last) >= REPORT_EVERY {
+                        *last = now;
+                        s.touch_binding6(now, ip);
+                    }
+                }
+                Ok(())
+            }
+            _ if eui.is_some_and(|m| m != mac) => Err(DropReason::Spoofed),
+            Verdict::Refused if mode == SourceCheck::Lease => {
+                let held = self.local6.get(ip).is_some();
+                if eui == Some(mac) && !held {
+                    Ok(())
+                } else {
+                    Err(DropReason::Spoofed)
+                }
+            }
+            Verdict::Refused => Err(DropReason::Spoofed),
+            Verdict::Claimable => {
+                let r = match self.shared6() {
+                    Some(s) => {
+                        let r = s.claim_binding6(now, mac, ip);
+                        if r.is_ok() {
+                            // Seen at once, before the next refresh brings the shared copy.
+                            self.local6.bind(now, ip, mac, BoundBy::Learned);
+                        }
+                        r
+                    }
+                    None => self.local6.try_claim(now, mac, ip),
+                };
+                r.map_err(ClaimRefused::drop_reason)
+            }
+        }
+    }
+
+    /// Binds the IPv6 address `ip` to `mac` (a DHCPv6 lease or the configuration), in the
+    /// shared bindings too.
+    #[allow(dead_code)] // DHCPv6 leases will bind through it.
+    pub(crate) fn bind6(&mut self, now: Instant, ip: Ipv6Addr, mac: Mac, by: BoundBy) {
+        if let Some(s) = self.shared6() {
+            s.bind6(now, ip, mac, by);
+        }
+        self.local6.bind(now, ip, mac, by);
+    }
+
+    /// Ends an IPv6 binding of kind `by`, in the shared bindings too.
+    #[allow(dead_code)] // DHCPv6 leases will unbind through it.
+    pub(crate) fn unbind6(&mut self, ip: Ipv6Addr, by: BoundBy) {
+        if let Some(s) = self.shared6() {
+            s.unbind6(ip, by);
+        }
+        self.local6.unbind(ip, by);
+        self.reported6.remove(&ip);
     }
 
     /// Whether `mac` may send from `ip` now (binding it by first use where the mode allows).
@@ -376,5 +556,41 @@ mod tests {
             s.check(SourceCheck::Subnet, T0, A, ip(10)),
             "subnet mode checks nothing"
         );
+    }
+
+    fn ip6(n: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0, 0, 1, 0x1234, 0, 0, n)
+    }
+
+    #[test]
+    fn ipv6_sources_bind_by_first_use_and_eui64_is_its_mac_s() {
+        let mut s = Sources::default();
+        let mode = SourceCheck::Learn;
+        assert_eq!(s.check6(mode, T0, A, ip6(1)), Ok(()));
+        assert_eq!(s.check6(mode, T0, B, ip6(1)), Err(DropReason::Spoofed));
+        // A's link-local is A's even before A uses it.
+        let a_ll = crate::wire::link_local(A);
+        assert_eq!(eui64_mac(a_ll), Some(A));
+        assert_eq!(s.check6(mode, T0, B, a_ll), Err(DropReason::Spoofed));
+        assert_eq!(s.check6(mode, T0, A, a_ll), Ok(()));
+        // A MAC's share, then a limit; an idle address of its own makes room.
+        for n in 2..MAX_LEARNED_PER_MAC_V6 as u16 {
+            assert_eq!(s.check6(mode, T0, A, ip6(n)), Ok(()));
+        }
+        assert_eq!(s.check6(mode, T0, A, ip6(99)), Err(DropReason::Limit));
+        let later = T0 + LEARNED_IDLE;
+        assert_eq!(s.check6(mode, later, A, ip6(99)), Ok(()));
+        // The IPv4 bindings are apart.
+        assert!(s.check(mode, T0, B, ip(1)));
+        // Lease mode: a MAC's own EUI-64 addresses, and bound ones, only.
+        let mut s = Sources::default();
+        let mode = SourceCheck::Lease;
+        assert_eq!(s.check6(mode, T0, A, a_ll), Ok(()));
+        assert_eq!(s.check6(mode, T0, B, a_ll), Err(DropReason::Spoofed));
+        assert_eq!(s.check6(mode, T0, A, ip6(5)), Err(DropReason::Spoofed));
+        s.bind6(T0, ip6(5), A, BoundBy::Lease);
+        assert_eq!(s.check6(mode, T0, A, ip6(5)), Ok(()));
+        s.unbind6(ip6(5), BoundBy::Lease);
+        assert_eq!(s.check6(mode, T0, A, ip6(5)), Err(DropReason::Spoofed));
     }
 }

@@ -114,6 +114,11 @@ pub(crate) struct FragmentHeader {
     pub(crate) more: bool,
     /// The datagram's identification.
     pub(crate) ident: u32,
+    /// The next header it names: the first header of the fragmentable part.
+    pub(crate) next: u8,
+    /// Where in the packet this fragment's part of the datagram begins (past the fragment
+    /// header).
+    pub(crate) data_at: usize,
 }
 
 /// A guest's IPv6 packet, checked: its fixed header's fields, where its upper-layer data
@@ -180,6 +185,8 @@ impl<'a> Ipv6View<'a> {
                         offset: usize::from(off_flags & !7),
                         more: off_flags & 1 != 0,
                         ident: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+                        next: h[0],
+                        data_at: at + 8,
                     });
                     next = IpProtocol::from(h[0]);
                     at += 8;

@@ -862,13 +862,6 @@ impl SockIo for SockDriver {
                 if icmp_msg[0] != reply || u16::from_be_bytes([icmp_msg[4], icmp_msg[5]]) != ident {
                     continue;
                 }
-                if ihl < 20 || len < ihl + 8 {
-                    continue;
-                }
-                let icmp_msg = &buf[ihl..len];
-                if icmp_msg[0] != 0 || u16::from_be_bytes([icmp_msg[4], icmp_msg[5]]) != ident {
-                    continue;
-                }
                 buf.copy_within(ihl..len, 0);
                 len -= ihl;
             }
@@ -1151,6 +1144,45 @@ mod tests {
             id,
             io::ErrorKind::ConnectionRefused
         )));
+    }
+
+    #[test]
+    fn echo_to_loopback_of_either_family_is_answered() {
+        for (v6, dst) in [(false, "127.0.0.1"), (true, "::1")] {
+            let (mut host, _poll) = new_host(false);
+            let Ok(id) = host.icmp_open(v6) else {
+                eprintln!("skipped: no ICMP socket of this kind here");
+                continue;
+            };
+            let dst: IpAddr = dst.parse().unwrap();
+            let request = if v6 { 128 } else { 8 };
+            let mut msg = [request, 0, 0, 0, 0x12, 0x34, 0, 7, b'h', b'i'];
+            if !v6 {
+                let sum = !hubnat_core::wire::ones_sum(&msg);
+                msg[2..4].copy_from_slice(&sum.to_be_bytes());
+            }
+            host.icmp_send(id, dst, &msg).unwrap();
+            let mut buf = [0u8; 64];
+            let mut reply = None;
+            // The socket may see other ICMP (a raw ICMPv6 socket sees the request itself on
+            // the loopback): read until the reply, a second at most.
+            for _ in 0..100 {
+                match host.icmp_recv(id, &mut buf) {
+                    Ok(d) => {
+                        reply = Some(d);
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let d = reply.expect("an echo reply");
+            assert_eq!(d.from.ip(), dst);
+            assert_eq!(buf[0], if v6 { 129 } else { 0 }, "{:?}", &buf[..d.len]);
+            assert_eq!(&buf[6..d.len], &[0, 7, b'h', b'i']);
+        }
     }
 
     #[test]

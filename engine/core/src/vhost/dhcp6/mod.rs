@@ -866,9 +866,11 @@ mod tests {
             m.dst = dst;
             assert!(n.send(&m).is_some());
         }
+        // To another address of the segment: not the server's, and not carried by the NAT
+        // either (the segment is reached directly).
         let mut elsewhere = msg(kind::INFORMATION_REQUEST, A);
         elsewhere.dst = v6("fd68:7562:6e61:1e::99");
-        n.dropped(&elsewhere, DropReason::Foreign);
+        n.dropped(&elsewhere, DropReason::Loop);
     }
 
     #[test]
