@@ -64,7 +64,7 @@ User-mode networking for unprivileged network namespaces (hubnat's slirp4netns f
 -e, --exit-fd=FD         specify the FD for terminating slirp4netns
 -r, --ready-fd=FD        specify the FD to write to when the network is configured
 -m, --mtu=MTU            specify MTU (default=1500, min=576, max=65520)
--6, --enable-ipv6        accepted; IPv6 is not served yet (the guest gets IPv4 only)
+-6, --enable-ipv6        serve IPv6 too: fd00::/64 by router advertisement, gateway fd00::2
 -a, --api-socket=PATH    specify API socket path
 --cidr=CIDR              specify network address CIDR (default=10.0.2.0/24, prefix 1-25)
 --disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
@@ -602,6 +602,18 @@ impl Opts {
         } else {
             vec![l.dns.to_string()]
         });
+        // slirp4netns serves IPv6 only when asked, on fd00::/64 with its gateway at fd00::2
+        // (its separate DNS address, fd00::3, is not made: the gateway answers DNS).
+        base.ipv6.enabled = Some(self.enable_ipv6);
+        if self.enable_ipv6 {
+            base.ipv6.prefix = Some("fd00::/64".into());
+            base.ipv6.ip = Some("fd00::2".into());
+            base.ipv6.dns = Some(if self.disable_dns {
+                Vec::new()
+            } else {
+                vec!["fd00::2".into()]
+            });
+        }
         base
     }
 
@@ -702,12 +714,6 @@ fn start(mut opts: Opts, control_flag: Option<PathBuf>) -> Result<()> {
         opts.mac = Some(random_mac());
     }
     let layout = opts.layout();
-    if opts.enable_ipv6 {
-        eprintln!(
-            "hubnat slirp4netns: --enable-ipv6 accepted, but IPv6 is not served yet: the guest \
-             gets IPv4 only"
-        );
-    }
     if opts.disable_dns {
         eprintln!(
             "hubnat slirp4netns: --disable-dns: DHCP offers no DNS server; hubnat's relay still \
@@ -1472,6 +1478,15 @@ mod tests {
         // --disable-dns: DHCP offers no server.
         let raw = opts("--disable-dns 1").raw_config(RawConfig::default());
         assert_eq!(raw.dhcp.dns, Some(vec![]));
+        // IPv6 only with --enable-ipv6, on slirp4netns's fd00::/64.
+        let machine = hubnat_core::config::Machine::default();
+        let c = hubnat_core::config::Config::from_raw_on(&raw, &machine).unwrap();
+        assert!(!c.ipv6.enabled);
+        let raw = opts("--enable-ipv6 1").raw_config(RawConfig::default());
+        let c = hubnat_core::config::Config::from_raw_on(&raw, &machine).unwrap();
+        assert!(c.ipv6.enabled);
+        assert_eq!(c.ipv6.ip, "fd00::2".parse::<std::net::Ipv6Addr>().unwrap());
+        assert_eq!(c.ipv6.dns, vec![c.ipv6.ip]);
         // Each layout is a configuration hubnat accepts.
         for line in [
             "1",

@@ -219,6 +219,11 @@ impl Ctx {
     }
 }
 
+/// Whether `frame` is an Ethernet frame of IPv6 (what the counters by family count).
+fn is_ipv6_frame(frame: &[u8]) -> bool {
+    frame.get(12..14) == Some(&[0x86, 0xdd][..])
+}
+
 /// Gives a guest's DNS query the NAT handed back (`query`, if any) to the virtual host's relay.
 #[allow(clippy::too_many_arguments)]
 fn relay_query(
@@ -344,6 +349,12 @@ impl Engine {
         n
     }
 
+    /// How many of the NAT's sessions (TCP, UDP, ICMP; not the DNS relay's queries) are of
+    /// IPv6 guests: the operator's count by family.
+    pub fn ipv6_sessions(&self) -> usize {
+        self.nat.ipv6_sessions()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.ctx.cfg
@@ -462,6 +473,7 @@ impl Engine {
     ) {
         self.ctx.stats.frames_in += 1;
         self.ctx.stats.bytes_in += frame.len() as u64;
+        self.ctx.stats.frames_in_ipv6 += u64::from(is_ipv6_frame(frame));
         let before = out.len();
         if let Err(why) = self.dispatch_frame(now, frame, io, out) {
             self.ctx.stats.drop(why);
@@ -484,6 +496,7 @@ impl Engine {
         }
         self.ctx.stats.frames_in += 1;
         self.ctx.stats.bytes_in += frame.len() as u64;
+        self.ctx.stats.frames_in_ipv6 += u64::from(is_ipv6_frame(frame));
         match self.reassemble_fragment(now, frame, whole) {
             Ok(true) => Reassembly::Whole,
             Ok(false) => Reassembly::Taken,
@@ -635,6 +648,7 @@ impl Engine {
         for f in out.iter().skip(before) {
             self.ctx.stats.frames_out += 1;
             self.ctx.stats.bytes_out += f.len() as u64;
+            self.ctx.stats.frames_out_ipv6 += u64::from(is_ipv6_frame(f));
         }
     }
 

@@ -86,6 +86,10 @@ pub struct Stats {
     pub drops: [u64; DropReason::ALL.len()],
     /// Idle sessions ended to make room for new ones in a full table.
     pub evicted: u64,
+    /// Of `frames_in`, the IPv6 ones.
+    pub frames_in_ipv6: u64,
+    /// Of `frames_out`, the IPv6 ones.
+    pub frames_out_ipv6: u64,
 }
 
 impl Stats {
@@ -101,6 +105,8 @@ impl Stats {
         self.frames_out += other.frames_out;
         self.bytes_out += other.bytes_out;
         self.evicted += other.evicted;
+        self.frames_in_ipv6 += other.frames_in_ipv6;
+        self.frames_out_ipv6 += other.frames_out_ipv6;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

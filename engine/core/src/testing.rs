@@ -181,3 +181,85 @@ pub fn dhcpv6_rapid_solicit(mac: Mac, duid: &[u8], iaid: u32) -> Vec<u8> {
     f.extend_from_slice(&udp);
     f
 }
+
+/// The guest's address in the default IPv6 prefix (SLAAC-like, from `GUEST_MAC`).
+pub fn guest_ip6() -> std::net::Ipv6Addr {
+    "fd68:7562:6e61:1e::a".parse().unwrap()
+}
+
+/// A remote IPv6 host (documentation prefix): only ever reached through the simulated sock side.
+pub fn remote_ip6() -> std::net::Ipv6Addr {
+    "2001:db8::5".parse().unwrap()
+}
+
+/// An Ethernet frame from the guest's MAC to the virtual host carrying one IPv6 packet with
+/// `next` as its next header (no extension headers unless `payload` starts with them).
+pub fn ipv6_frame(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    next: u8,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&HOST_MAC.0);
+    f.extend_from_slice(&GUEST_MAC.0);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, hop_limit]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A guest's UDP datagram over IPv6 (checksum filled in).
+pub fn udp6_frame(
+    src: std::net::SocketAddrV6,
+    dst: std::net::SocketAddrV6,
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv6_frame(*src.ip(), *dst.ip(), 17, 64, &udp6(src, dst, payload))
+}
+
+/// The UDP header and payload of a datagram between `src` and `dst`, checksum filled in.
+pub fn udp6(src: std::net::SocketAddrV6, dst: std::net::SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    let mut udp = vec![0u8; 8 + payload.len()];
+    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    let len = udp.len() as u16;
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
+    udp[8..].copy_from_slice(payload);
+    let c = crate::wire::upper_checksum6(*src.ip(), *dst.ip(), 17, &udp);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    udp
+}
+
+/// A guest's TCP SYN over IPv6 (no options) with sequence number `seq`.
+pub fn syn6_frame(src: std::net::SocketAddrV6, dst: std::net::SocketAddrV6, seq: u32) -> Vec<u8> {
+    let mut tcp = [0u8; 20];
+    let mut t = smoltcp::wire::TcpPacket::new_unchecked(&mut tcp[..]);
+    t.set_src_port(src.port());
+    t.set_dst_port(dst.port());
+    t.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
+    t.set_header_len(20);
+    t.set_syn(true);
+    t.set_window_len(64240);
+    t.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    ipv6_frame(*src.ip(), *dst.ip(), 6, 64, &tcp)
+}
+
+/// The IPv6 packets of the frames in `out`, each checked: from the virtual host's MAC, an
+/// IPv6 packet whose length is the frame's.
+pub fn packets6(out: &FrameBatch) -> Vec<Vec<u8>> {
+    out.iter()
+        .map(|f| {
+            let eth = EthernetFrame::new_checked(f).unwrap();
+            assert_eq!(crate::wire::mac(eth.src_addr()), HOST_MAC);
+            assert_eq!(eth.ethertype(), smoltcp::wire::EthernetProtocol::Ipv6);
+            let ip = smoltcp::wire::Ipv6Packet::new_checked(eth.payload()).unwrap();
+            assert_eq!(40 + ip.payload_len() as usize, eth.payload().len());
+            eth.payload().to_vec()
+        })
+        .collect()
+}

@@ -230,11 +230,19 @@ pub struct StatusView {
     pub udp_sessions: usize,
     pub icmp_sessions: usize,
     pub dns_sessions: usize,
+    /// Of the TCP, UDP and ICMP sessions, those of IPv6 guests.
+    #[serde(default)]
+    pub ipv6_sessions: usize,
     pub dhcp_clients: usize,
     pub frames_in: u64,
     pub bytes_in: u64,
     pub frames_out: u64,
     pub bytes_out: u64,
+    /// Of `frames_in` and `frames_out`, the IPv6 ones.
+    #[serde(default)]
+    pub frames_in_ipv6: u64,
+    #[serde(default)]
+    pub frames_out_ipv6: u64,
     pub drops: BTreeMap<String, u64>,
     /// Idle sessions ended to make room in a full table.
     #[serde(default)]
@@ -920,6 +928,7 @@ pub fn status(engine: &Engine, now: Instant) -> StatusView {
 /// The status of the control engine plus its workers' reports (sessions and counters summed).
 pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> StatusView {
     let mut counts = engine.session_counts();
+    let mut ipv6_sessions = engine.ipv6_sessions();
     let mut st = engine.stats().clone();
     let mut views = Vec::new();
     for (i, w) in workers.iter().enumerate() {
@@ -927,6 +936,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
             *a += b;
         }
         st.merge(&w.stats);
+        ipv6_sessions += w.ipv6_sessions;
         views.push(WorkerView {
             worker: i,
             sessions: w.counts.iter().sum(),
@@ -949,11 +959,14 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         udp_sessions: count(Proto::Udp),
         icmp_sessions: count(Proto::Icmp),
         dns_sessions: count(Proto::Dns),
+        ipv6_sessions,
         dhcp_clients: engine.dhcp.leases().count(),
         frames_in: st.frames_in,
         bytes_in: st.bytes_in,
         frames_out: st.frames_out,
         bytes_out: st.bytes_out,
+        frames_in_ipv6: st.frames_in_ipv6,
+        frames_out_ipv6: st.frames_out_ipv6,
         evicted_sessions: st.evicted,
         drops: DropReason::ALL
             .iter()

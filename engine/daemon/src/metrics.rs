@@ -128,6 +128,18 @@ pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         ],
     );
     metric(
+        "sessions_by_family",
+        "gauge",
+        "NAT sessions (TCP, UDP, ICMP) open, by the guest's IP family.",
+        &[
+            (
+                "{family=\"ipv4\"}",
+                (s.tcp_sessions + s.udp_sessions + s.icmp_sessions - s.ipv6_sessions) as u64,
+            ),
+            ("{family=\"ipv6\"}", s.ipv6_sessions as u64),
+        ],
+    );
+    metric(
         "dhcp_leases",
         "gauge",
         "DHCP leases held.",
@@ -140,6 +152,15 @@ pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         &[
             ("{direction=\"in\"}", s.frames_in),
             ("{direction=\"out\"}", s.frames_out),
+        ],
+    );
+    metric(
+        "ipv6_frames_total",
+        "counter",
+        "Of frames_total, the IPv6 frames, from (in) and to (out) the segment.",
+        &[
+            ("{direction=\"in\"}", s.frames_in_ipv6),
+            ("{direction=\"out\"}", s.frames_out_ipv6),
         ],
     );
     metric(
@@ -215,6 +236,9 @@ mod tests {
         }
         assert!(text.contains("hubnat_uptime_seconds 42\n"));
         assert!(text.contains("hubnat_sessions{proto=\"udp\"} 1\n"));
+        assert!(text.contains("hubnat_sessions_by_family{family=\"ipv4\"} 1\n"));
+        assert!(text.contains("hubnat_sessions_by_family{family=\"ipv6\"} 0\n"));
+        assert!(text.contains("hubnat_ipv6_frames_total{direction=\"in\"} 0\n"));
         assert!(text.contains("hubnat_frames_total{direction=\"in\"} 2\n"));
         assert!(text.contains("hubnat_drops_total{reason=\"malformed\"} 1\n"));
         assert!(text.contains("# TYPE hubnat_bytes_total counter\n"));

@@ -319,6 +319,44 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_flows_hash_alike_and_the_control_plane_stays_on_control() {
+        use std::net::SocketAddrV6;
+        let r = Router::new(4);
+        let m = HOST_MAC;
+        let a = SocketAddrV6::new(guest_ip6(), 4000, 0, 0);
+        let b = SocketAddrV6::new(remote_ip6(), 80, 0, 0);
+        let h1 = r.flow_hash(&udp6_frame(a, b, b"x"), &plain(), m);
+        let h2 = r.flow_hash(&udp6_frame(b, a, b"x"), &plain(), m);
+        assert!(h1.is_some());
+        assert_eq!(h1, h2);
+        // The hash is of the 5-tuple: another port is (almost surely) another flow.
+        let c = SocketAddrV6::new(remote_ip6(), 81, 0, 0);
+        assert_ne!(h1, r.flow_hash(&udp6_frame(a, c, b"x"), &plain(), m));
+        // To the virtual host (not DNS), multicast, fragments, neighbour discovery: control.
+        let host = SocketAddrV6::new(plain().ipv6.ip, 7, 0, 0);
+        let all_nodes = SocketAddrV6::new("ff02::1".parse().unwrap(), 7, 0, 0);
+        let frag = ipv6_frame(
+            guest_ip6(),
+            remote_ip6(),
+            44,
+            64,
+            &[17, 0, 0, 1, 0, 0, 0, 9],
+        );
+        let ns = ipv6_frame(guest_ip6(), plain().ipv6.ip, 58, 255, &[135, 0, 0, 0]);
+        for f in [
+            udp6_frame(a, host, b"x"),
+            udp6_frame(a, all_nodes, b"x"),
+            frag,
+            ns,
+        ] {
+            assert_eq!(r.route(&f, &plain(), m), 4);
+        }
+        // A DNS query to the virtual host's IPv6 address is a flow, as over IPv4.
+        let dns = SocketAddrV6::new(plain().ipv6.ip, 53, 0, 0);
+        assert!(r.route(&udp6_frame(a, dns, &query("www.example.org")), &plain(), m) < 4);
+    }
+
+    #[test]
     fn both_directions_hash_alike_and_fragments_go_to_control() {
         let r = Router::new(4);
         let m = HOST_MAC;

@@ -45,6 +45,8 @@ pub struct WorkerReport {
     pub stats: Stats,
     /// Sessions per protocol (indexed by `Proto::index`).
     pub counts: [usize; 4],
+    /// Of the NAT's sessions, those of IPv6 guests.
+    pub ipv6_sessions: usize,
     /// Empty unless the sessions were asked for.
     pub sessions: Vec<SessionInfo>,
 }
@@ -55,6 +57,7 @@ impl WorkerReport {
         WorkerReport {
             stats: engine.stats().clone(),
             counts: engine.session_counts(),
+            ipv6_sessions: engine.ipv6_sessions(),
             sessions: if with_sessions {
                 engine.sessions()
             } else {

@@ -111,6 +111,11 @@ impl IcmpNat {
         self.table.len()
     }
 
+    /// Real-mode sessions of IPv6 guests.
+    pub(crate) fn ipv6_len(&self) -> usize {
+        self.table.ipv6_len()
+    }
+
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()

@@ -14,6 +14,8 @@ pub(crate) mod policy;
 pub(crate) mod rate;
 pub(crate) mod session;
 pub(crate) mod tcp;
+#[cfg(test)]
+mod tests6;
 pub(crate) mod udp;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -357,6 +359,11 @@ impl Nat {
         n[Proto::Udp.index()] = self.udp.len();
         n[Proto::Icmp.index()] = self.icmp.len();
         n
+    }
+
+    /// NAT sessions (TCP, UDP, ICMP) of IPv6 guests.
+    pub(crate) fn ipv6_sessions(&self) -> usize {
+        self.tcp.ipv6_len() + self.udp.ipv6_len() + self.icmp.ipv6_len()
     }
 
     /// Ends the flows of forward `forward` (it was removed): how many.

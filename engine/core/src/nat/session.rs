@@ -142,6 +142,8 @@ pub(crate) struct SessionTable<K, S> {
     by_key: HashMap<K, usize>,
     by_sock: HashMap<SockId, usize>,
     per_guest: HashMap<IpAddr, usize>,
+    /// Sessions whose guest is IPv6 (the operator's count by family).
+    v6: usize,
     /// (deadline, slot, session id): one entry per live session, possibly earlier than its
     /// real deadline.
     timers: BinaryHeap<Reverse<(Instant, usize, u32)>>,
@@ -155,12 +157,18 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
             by_key: HashMap::new(),
             by_sock: HashMap::new(),
             per_guest: HashMap::new(),
+            v6: 0,
             timers: BinaryHeap::new(),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.by_key.len()
+    }
+
+    /// Sessions of IPv6 guests.
+    pub(crate) fn ipv6_len(&self) -> usize {
+        self.v6
     }
 
     #[cfg(test)]
@@ -222,6 +230,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_key.insert(key, slot);
         self.by_sock.insert(sock, slot);
         *self.per_guest.entry(guest).or_insert(0) += 1;
+        self.v6 += usize::from(guest.is_ipv6());
         self.timers.push(Reverse((deadline, slot, id)));
         slot
     }
@@ -232,6 +241,7 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         self.by_key.remove(&s.key);
         self.by_sock.remove(&s.sock);
         let guest = s.info.guest.ip();
+        self.v6 -= usize::from(guest.is_ipv6());
         if let Some(n) = self.per_guest.get_mut(&guest) {
             *n -= 1;
             if *n == 0 {

@@ -144,6 +144,11 @@ impl UdpNat {
         self.table.len()
     }
 
+    /// NAT sessions of IPv6 guests.
+    pub fn ipv6_len(&self) -> usize {
+        self.table.ipv6_len()
+    }
+
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.table.is_empty()

@@ -66,6 +66,8 @@ pub struct TcpNat {
     conns: HashMap<Key, TcpConn>,
     by_sock: HashMap<SockId, Key>,
     per_guest: HashMap<IpAddr, usize>,
+    /// Connections (tombstones included) of IPv6 guests.
+    v6: usize,
     half_open: usize,
     /// Connecting connections per guest (its share of `half_open`).
     half_open_of: HashMap<IpAddr, usize>,
@@ -91,6 +93,7 @@ impl TcpNat {
             conns: HashMap::new(),
             by_sock: HashMap::new(),
             per_guest: HashMap::new(),
+            v6: 0,
             half_open: 0,
             half_open_of: HashMap::new(),
             tombstones: 0,
@@ -108,6 +111,11 @@ impl TcpNat {
     /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
     pub(crate) fn len(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The connections of `len` whose guest is IPv6.
+    pub(crate) fn ipv6_len(&self) -> usize {
+        self.v6
     }
 
     /// Connections in the table that are not TIME-WAIT tombstones.
@@ -299,6 +307,7 @@ impl TcpNat {
         self.conns.insert(key, c);
         self.by_sock.insert(sock, key);
         *self.per_guest.entry(key.0.ip()).or_insert(0) += 1;
+        self.v6 += usize::from(key.0.is_ipv6());
         self.half_open += 1;
         *self.half_open_of.entry(key.0.ip()).or_insert(0) += 1;
     }
@@ -488,6 +497,7 @@ impl TcpNat {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
+        self.v6 -= usize::from(key.0.is_ipv6());
         if let Some(s) = c.sock {
             self.by_sock.remove(&s);
             io.close(s);
