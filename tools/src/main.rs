@@ -110,6 +110,13 @@ enum Command {
         #[command(subcommand)]
         op: HostOp,
     },
+    /// The virtual host on IPv6 (router advertisements, DHCPv6, the NAT's IPv6): get, set
+    /// KEY=VALUE... (prefix, ip, ra_interval, router_lifetime, dhcpv6, range_start, range_end,
+    /// dns), enable, disable.
+    Ipv6 {
+        #[command(subcommand)]
+        op: SectionOp,
+    },
     /// SecureNAT as a whole: enable or disable.
     Securenat {
         #[command(subcommand)]
@@ -1272,6 +1279,7 @@ fn client_command(cmd: Command, control: Option<PathBuf>, json: bool) -> Result<
             }
         }
         Command::Nat { op } => section_request(Section::Nat, op)?,
+        Command::Ipv6 { op } => section_request(Section::Ipv6, op)?,
         Command::Dhcp { op } => match op {
             DhcpOp::Section(op) => section_request(Section::Dhcp, op)?,
             DhcpOp::Reserve { op } => match op {

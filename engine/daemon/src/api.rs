@@ -35,6 +35,7 @@ pub enum Section {
     Nat,
     Dhcp,
     Dns,
+    Ipv6,
 }
 
 impl Section {
@@ -45,6 +46,7 @@ impl Section {
             Section::Nat => "nat",
             Section::Dhcp => "dhcp",
             Section::Dns => "dns",
+            Section::Ipv6 => "ipv6",
         }
     }
 }
@@ -423,6 +425,20 @@ const FIELDS: &[(Section, &[(&str, Kind)])] = &[
             ("upstream", Kind::List),
             ("query_timeout", Kind::Int),
             ("address", Kind::Str),
+        ],
+    ),
+    (
+        Section::Ipv6,
+        &[
+            ("enabled", Kind::Bool),
+            ("prefix", Kind::Str),
+            ("ip", Kind::Str),
+            ("ra_interval", Kind::Int),
+            ("router_lifetime", Kind::Int),
+            ("dhcpv6", Kind::Str),
+            ("range_start", Kind::Str),
+            ("range_end", Kind::Str),
+            ("dns", Kind::List),
         ],
     ),
 ];
@@ -1222,6 +1238,35 @@ mod tests {
         );
         assert!(r.ok);
         assert_eq!(out.len(), 1, "a gratuitous ARP when SecureNAT comes back");
+    }
+
+    #[test]
+    fn ipv6_is_set_at_run_time_and_a_bad_prefix_changes_nothing() {
+        let (mut e, mut h, mut out) = setup();
+        let mut c = control();
+        let r = c.handle(
+            set(Section::Ipv6, &[("dhcpv6", "stateful"), ("ra_interval", "60")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut out,
+        );
+        assert!(r.ok, "{r:?}");
+        assert_eq!(e.config().ipv6.dhcpv6, hubnat_core::config::Dhcpv6Mode::Stateful);
+        assert_eq!(e.config().ipv6.ra_interval.as_secs(), 60);
+        let r = c.handle(
+            set(Section::Ipv6, &[("prefix", "fd00:1::/48")]),
+            &mut e,
+            T0,
+            &mut h,
+            &mut FrameBatch::new(),
+        );
+        let msg = r.error.unwrap_or_default();
+        assert!(msg.contains("`ipv6.prefix`"), "{msg}");
+        assert_eq!(e.config().ipv6.prefix, hubnat_core::config::DEFAULT_IPV6_PREFIX);
+        let got = section_value(&effective_raw(e.config()), Section::Ipv6);
+        assert_eq!(got["dhcpv6"], "stateful");
+        assert_eq!(got["prefix"], "fd68:7562:6e61:1e::/64");
     }
 
     #[test]
