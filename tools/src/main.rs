@@ -1388,10 +1388,18 @@ fn print_status(s: &StatusView) {
         vec!["UDP sessions".into(), s.udp_sessions.to_string()],
         vec!["ICMP sessions".into(), s.icmp_sessions.to_string()],
         vec!["DNS sessions".into(), s.dns_sessions.to_string()],
+        vec![
+            "Of them IPv6 (TCP, UDP, ICMP)".into(),
+            s.ipv6_sessions.to_string(),
+        ],
         vec!["DHCP clients".into(), s.dhcp_clients.to_string()],
         vec![
             "Frames in / out".into(),
             format!("{} / {}", s.frames_in, s.frames_out),
+        ],
+        vec![
+            "IPv6 frames in / out".into(),
+            format!("{} / {}", s.frames_in_ipv6, s.frames_out_ipv6),
         ],
         vec![
             "Bytes in / out".into(),

@@ -51,6 +51,8 @@ pub struct Ctx {
     new_sessions: crate::nat::rate::NewSessions,
     /// The lease table's generation the source bindings were last brought in line with.
     leases_bound: u64,
+    /// The DHCPv6 lease table's binding generation they were last brought in line with.
+    leases6_bound: u64,
     /// What happened, waiting for `Engine::poll_event`.
     pub(crate) events: Events,
     /// Where a guest's DNS over TCP to the virtual host is carried: the runtime's listener
@@ -289,6 +291,7 @@ impl Engine {
                 sources: Sources::default(),
                 new_sessions: Default::default(),
                 leases_bound: 0,
+                leases6_bound: 0,
                 events: Events::default(),
                 dns_over_tcp: None,
                 tcp_gso: false,
@@ -315,6 +318,12 @@ impl Engine {
     /// Brings the source bindings in line with the lease table when it changed (a cheap
     /// comparison otherwise). Only the engine that runs DHCP has leases to bind.
     fn bind_leases(&mut self, now: Instant) {
+        let generation6 = self.dhcp6.binding_generation();
+        if generation6 != self.ctx.leases6_bound {
+            self.ctx.leases6_bound = generation6;
+            let leases: Vec<(Ipv6Addr, Mac)> = self.dhcp6.leases().map(|l| (l.ip, l.mac)).collect();
+            self.ctx.sources.sync_leases6(now, &leases);
+        }
         let generation = self.dhcp.generation();
         if generation == self.ctx.leases_bound {
             return;

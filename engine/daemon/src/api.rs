@@ -1245,14 +1245,20 @@ mod tests {
         let (mut e, mut h, mut out) = setup();
         let mut c = control();
         let r = c.handle(
-            set(Section::Ipv6, &[("dhcpv6", "stateful"), ("ra_interval", "60")]),
+            set(
+                Section::Ipv6,
+                &[("dhcpv6", "stateful"), ("ra_interval", "60")],
+            ),
             &mut e,
             T0,
             &mut h,
             &mut out,
         );
         assert!(r.ok, "{r:?}");
-        assert_eq!(e.config().ipv6.dhcpv6, hubnat_core::config::Dhcpv6Mode::Stateful);
+        assert_eq!(
+            e.config().ipv6.dhcpv6,
+            hubnat_core::config::Dhcpv6Mode::Stateful
+        );
         assert_eq!(e.config().ipv6.ra_interval.as_secs(), 60);
         let r = c.handle(
             set(Section::Ipv6, &[("prefix", "fd00:1::/48")]),
@@ -1263,7 +1269,10 @@ mod tests {
         );
         let msg = r.error.unwrap_or_default();
         assert!(msg.contains("`ipv6.prefix`"), "{msg}");
-        assert_eq!(e.config().ipv6.prefix, hubnat_core::config::DEFAULT_IPV6_PREFIX);
+        assert_eq!(
+            e.config().ipv6.prefix,
+            hubnat_core::config::DEFAULT_IPV6_PREFIX
+        );
         let got = section_value(&effective_raw(e.config()), Section::Ipv6);
         assert_eq!(got["dhcpv6"], "stateful");
         assert_eq!(got["prefix"], "fd68:7562:6e61:1e::/64");

@@ -227,3 +227,34 @@ fn the_per_guest_limit_holds_over_ipv6() {
     assert_eq!(e.nat.udp.len(), 2);
     assert_eq!(e.stats().drops_of(DropReason::Limit), 1);
 }
+
+#[test]
+fn a_stateful_dhcpv6_lease_binds_its_address_to_its_mac() {
+    use crate::config::Dhcpv6Mode;
+    use crate::vhost::bindings::SourceCheck;
+    let (mut e, mut h, mut out) = setup_with(|c| {
+        c.ipv6.dhcpv6 = Dhcpv6Mode::Stateful;
+        c.nat.source_check = SourceCheck::Lease;
+    });
+    e.handle_frame(
+        T0,
+        &dhcpv6_rapid_solicit(GUEST_MAC, &[0, 3, 0, 1, 2, 0, 0, 0, 0, 7], 1),
+        &mut h,
+        &mut out,
+    );
+    let leased = e.dhcp6.leases().next().expect("a lease").ip;
+    assert_eq!(leased, e.config().ipv6.range_start);
+    let d = sa6(remote_ip6(), 7000);
+    let from_owner = udp6_frame(sa6(leased, 5000), d, b"x");
+    e.handle_frame(T0, &from_owner, &mut h, &mut out);
+    assert_eq!(e.nat.udp.len(), 1, "the lease's owner is carried");
+    let mut from_other = udp6_frame(sa6(leased, 5001), d, b"x");
+    from_other[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+    e.handle_frame(T0, &from_other, &mut h, &mut out);
+    assert_eq!(e.nat.udp.len(), 1);
+    assert_eq!(e.stats().drops_of(DropReason::Spoofed), 1);
+    // In lease mode, an address no lease holds is refused too (EUI-64 ones of the MAC aside).
+    let stray = udp6_frame(sa6(guest_ip6(), 5002), d, b"x");
+    e.handle_frame(T0, &stray, &mut h, &mut out);
+    assert_eq!(e.stats().drops_of(DropReason::Spoofed), 2);
+}

@@ -381,9 +381,30 @@ impl Sources {
         }
     }
 
+    /// Makes the IPv6 lease bindings those of `leases` (address, MAC): the DHCPv6 lease table
+    /// changed.
+    pub(crate) fn sync_leases6(&mut self, now: Instant, leases: &[(Ipv6Addr, Mac)]) {
+        self.refresh();
+        let gone: Vec<Ipv6Addr> = self
+            .local6
+            .by_ip
+            .iter()
+            .filter(|(ip, b)| b.by == BoundBy::Lease && !leases.iter().any(|(l, _)| l == *ip))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in gone {
+            self.unbind6(ip, BoundBy::Lease);
+        }
+        for &(ip, mac) in leases {
+            let current = self.local6.get(ip);
+            if current.is_none_or(|b| b.by != BoundBy::Lease || b.mac != mac) {
+                self.bind6(now, ip, mac, BoundBy::Lease);
+            }
+        }
+    }
+
     /// Binds the IPv6 address `ip` to `mac` (a DHCPv6 lease or the configuration), in the
     /// shared bindings too.
-    #[allow(dead_code)] // DHCPv6 leases will bind through it.
     pub(crate) fn bind6(&mut self, now: Instant, ip: Ipv6Addr, mac: Mac, by: BoundBy) {
         if let Some(s) = self.shared6() {
             s.bind6(now, ip, mac, by);
@@ -392,7 +413,6 @@ impl Sources {
     }
 
     /// Ends an IPv6 binding of kind `by`, in the shared bindings too.
-    #[allow(dead_code)] // DHCPv6 leases will unbind through it.
     pub(crate) fn unbind6(&mut self, ip: Ipv6Addr, by: BoundBy) {
         if let Some(s) = self.shared6() {
             s.unbind6(ip, by);
