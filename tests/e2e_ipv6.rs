@@ -5,7 +5,8 @@
 //! both ways over TCP and UDP to a server namespace that has only an IPv6 address on its link
 //! (hubnat's namespace routes IPv6 to it, and nowhere else); it resolves an AAAA name through
 //! the DNS relay at the virtual host's IPv6 address, the relay itself asking an upstream over
-//! IPv6. With `ipv6.dhcpv6 = "stateful"`, ISC dhclient -6 leases an address from the range.
+//! IPv6; `traceroute -6` shows the virtual host, then the server. With `ipv6.dhcpv6 =
+//! "stateful"`, ISC dhclient -6 leases an address from the range.
 
 #[macro_use]
 mod common;
@@ -190,6 +191,33 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
         lab.hubnat_log()
     );
     drop(dns);
+
+    // traceroute -6: the virtual host is the first hop, then the server itself.
+    let trace = lab.guest.exec(&[
+        "traceroute",
+        "-6",
+        "-n",
+        "-q",
+        "1",
+        "-w",
+        "2",
+        "-m",
+        "4",
+        SERVER6,
+    ]);
+    let text = String::from_utf8_lossy(&trace.stdout).into_owned();
+    let hops: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        hops,
+        [HOST6, SERVER6],
+        "traceroute -6:\n{text}{}\n{}",
+        String::from_utf8_lossy(&trace.stderr),
+        lab.hubnat_log()
+    );
 
     // The NAT table shows the guest's IPv6 sessions.
     let sessions = ctl_json(&ops, &["nat-table"]);
