@@ -251,6 +251,22 @@ impl<A: BindAddr> Bindings<A> {
     }
 
     /// The owner of `ip`, if bound.
+    /// What making the lease bindings those of `leases` takes: the lease bindings to end, and
+    /// the leases not bound (or bound otherwise) yet.
+    fn lease_changes(&self, leases: &[(A, Mac)]) -> (Vec<A>, Vec<(A, Mac)>) {
+        let gone = (self.by_ip.iter())
+            .filter(|(ip, b)| b.by == BoundBy::Lease && !leases.iter().any(|(l, _)| l == *ip))
+            .map(|(ip, _)| *ip)
+            .collect();
+        let new = (leases.iter().copied())
+            .filter(|&(ip, mac)| {
+                self.get(ip)
+                    .is_none_or(|b| b.by != BoundBy::Lease || b.mac != mac)
+            })
+            .collect();
+        (gone, new)
+    }
+
     pub(crate) fn get(&self, ip: A) -> Option<&Binding> {
         self.by_ip.get(&ip)
     }
@@ -385,21 +401,12 @@ impl Sources {
     /// changed.
     pub(crate) fn sync_leases6(&mut self, now: Instant, leases: &[(Ipv6Addr, Mac)]) {
         self.refresh();
-        let gone: Vec<Ipv6Addr> = self
-            .local6
-            .by_ip
-            .iter()
-            .filter(|(ip, b)| b.by == BoundBy::Lease && !leases.iter().any(|(l, _)| l == *ip))
-            .map(|(ip, _)| *ip)
-            .collect();
+        let (gone, new) = self.local6.lease_changes(leases);
         for ip in gone {
             self.unbind6(ip, BoundBy::Lease);
         }
-        for &(ip, mac) in leases {
-            let current = self.local6.get(ip);
-            if current.is_none_or(|b| b.by != BoundBy::Lease || b.mac != mac) {
-                self.bind6(now, ip, mac, BoundBy::Lease);
-            }
+        for (ip, mac) in new {
+            self.bind6(now, ip, mac, BoundBy::Lease);
         }
     }
 
@@ -492,21 +499,12 @@ impl Sources {
     /// Makes the lease bindings those of `leases` (address, MAC): the lease table changed.
     pub(crate) fn sync_leases(&mut self, now: Instant, leases: &[(Ipv4Addr, Mac)]) {
         self.refresh();
-        let gone: Vec<Ipv4Addr> = self
-            .local
-            .by_ip
-            .iter()
-            .filter(|(ip, b)| b.by == BoundBy::Lease && !leases.iter().any(|(l, _)| l == *ip))
-            .map(|(ip, _)| *ip)
-            .collect();
+        let (gone, new) = self.local.lease_changes(leases);
         for ip in gone {
             self.unbind(ip, BoundBy::Lease);
         }
-        for &(ip, mac) in leases {
-            let current = self.local.get(ip);
-            if current.is_none_or(|b| b.by != BoundBy::Lease || b.mac != mac) {
-                self.bind(now, ip, mac, BoundBy::Lease);
-            }
+        for (ip, mac) in new {
+            self.bind(now, ip, mac, BoundBy::Lease);
         }
     }
 

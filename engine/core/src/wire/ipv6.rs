@@ -161,6 +161,15 @@ impl<'a> Ipv6View<'a> {
         let mut next = ip.next_header();
         let mut at = IPV6_HEADER_LEN;
         let mut fragment = None;
+        let view = |proto, upper_offset, fragment| Ipv6View {
+            src: ip.src_addr(),
+            dst: ip.dst_addr(),
+            hop_limit: ip.hop_limit(),
+            proto,
+            packet,
+            upper_offset,
+            fragment,
+        };
         for i in 0..=MAX_EXTENSION_HEADERS {
             match next {
                 IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
@@ -195,29 +204,11 @@ impl<'a> Ipv6View<'a> {
                         break;
                     }
                 }
-                _ => {
-                    return Ok(Ipv6View {
-                        src: ip.src_addr(),
-                        dst: ip.dst_addr(),
-                        hop_limit: ip.hop_limit(),
-                        proto: next,
-                        packet,
-                        upper_offset: at,
-                        fragment,
-                    });
-                }
+                _ => return Ok(view(next, at, fragment)),
             }
         }
         if let Some(f) = fragment.filter(|f| f.offset != 0) {
-            return Ok(Ipv6View {
-                src: ip.src_addr(),
-                dst: ip.dst_addr(),
-                hop_limit: ip.hop_limit(),
-                proto: next,
-                packet,
-                upper_offset: at,
-                fragment: Some(f),
-            });
+            return Ok(view(next, at, Some(f)));
         }
         Err(DropReason::Malformed)
     }
