@@ -258,3 +258,33 @@ fn a_stateful_dhcpv6_lease_binds_its_address_to_its_mac() {
     e.handle_frame(T0, &stray, &mut h, &mut out);
     assert_eq!(e.stats().drops_of(DropReason::Spoofed), 2);
 }
+
+#[test]
+fn icmpv6_errors_the_host_receives_reach_the_guest_from_their_sender() {
+    let (mut e, mut h, mut out) = setup();
+    let (g, d) = (sa6(guest_ip6(), 33434), sa6(remote_ip6(), 33434));
+    let probe = ipv6_frame(guest_ip6(), remote_ip6(), 17, 2, &udp6(g, d, b"probe"));
+    e.handle_frame(T0, &probe, &mut h, &mut out);
+    let sock = ids(&h, |s| matches!(s, SimSocket::Udp(_)))[0];
+    let router: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    for (icmp_type, code, info) in [(3u8, 0u8, 0u32), (2, 0, 1280), (1, 4, 0)] {
+        out.clear();
+        let err = crate::sockio::IcmpError {
+            from: IpAddr::V6(if icmp_type == 1 { remote_ip6() } else { router }),
+            icmp_type,
+            code,
+            info,
+            quoted: [0; 8],
+            quoted_len: 0,
+        };
+        h.icmp_error_udp(sock, err);
+        pump(&mut e, &mut h, &mut out, T0);
+        let (src, dst, proto, msg) = only6(&out);
+        assert_eq!((dst, proto), (guest_ip6(), IpProtocol::Icmpv6));
+        assert_eq!(src, if icmp_type == 1 { remote_ip6() } else { router });
+        assert_eq!((msg[0], msg[1]), (icmp_type, code));
+        assert_eq!(u32::from_be_bytes([msg[4], msg[5], msg[6], msg[7]]), info);
+        // The guest's probe, quoted from its IPv6 header on, as the guest sent it.
+        assert_eq!(&msg[8..8 + 48], &probe[14..14 + 48]);
+    }
+}
