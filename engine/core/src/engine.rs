@@ -337,7 +337,8 @@ impl Engine {
     /// without its length prefix): answered here (a local name; SERVFAIL with no usable
     /// upstream) or passed to an upstream. `None`: not a query; the connection should end.
     pub fn route_tcp_dns(&mut self, now: Instant, query: &[u8]) -> Option<TcpDnsRoute> {
-        self.dns.route_tcp_query(now, &self.ctx, &self.dhcp, query)
+        self.dns
+            .route_tcp_query(now, &mut self.ctx, &self.dhcp, query)
     }
 
     /// The seed's NAT table: every session of every protocol, the DNS relay's queries in flight

@@ -321,6 +321,19 @@ impl Sources {
         }
     }
 
+    /// The IPv6 addresses other than link-local that `mac` holds now (a DHCPv6 lease's, those
+    /// it sends from), at most 8, in order: what the DNS relay answers for its name's AAAA.
+    pub(crate) fn ipv6_of(&mut self, mac: Mac) -> Vec<Ipv6Addr> {
+        self.refresh6();
+        let mut v: Vec<Ipv6Addr> = (self.local6.by_ip.iter())
+            .filter(|(ip, b)| b.mac == mac && !crate::wire::is_link_local(**ip))
+            .map(|(ip, _)| *ip)
+            .collect();
+        v.sort_unstable();
+        v.truncate(8);
+        v
+    }
+
     fn shared6(&self) -> Option<&Arc<dyn SharedSessions>> {
         self.shared.as_ref().filter(|_| self.generation6.is_some())
     }

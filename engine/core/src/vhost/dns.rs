@@ -41,7 +41,7 @@ use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::vhost::dhcp::DhcpServer;
-use crate::vhost::names::{Answer, Names, TYPE_A, TYPE_PTR};
+use crate::vhost::names::{Answer, Names, TYPE_A, TYPE_AAAA, TYPE_PTR};
 use crate::Ctx;
 
 /// Queries in flight at once.
@@ -381,13 +381,18 @@ impl DnsRelay {
     fn local_answer(
         &mut self,
         now: Instant,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         dhcp: &DhcpServer,
         query: &[u8],
         out: &mut [u8],
     ) -> Option<usize> {
         let q = Question::parse(query)?;
-        let answer = self.names.lookup(now, &ctx.cfg, dhcp, &q.name, q.qtype);
+        let sources = &mut ctx.sources;
+        let answer = self
+            .names
+            .lookup(now, (&ctx.cfg, dhcp), &q.name, q.qtype, &mut |mac| {
+                sources.ipv6_of(mac)
+            });
         write_answer(query, &q, &answer, out)
     }
 
@@ -397,7 +402,7 @@ impl DnsRelay {
     pub(crate) fn route_tcp_query(
         &mut self,
         now: Instant,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         dhcp: &DhcpServer,
         query: &[u8],
     ) -> Option<TcpDnsRoute> {
@@ -688,11 +693,15 @@ impl Question {
 /// Writes the answer to `query` into `out` (the header, the question as the guest wrote it,
 /// then the record if there is one); its length, or `None` when the upstreams should answer.
 fn write_answer(query: &[u8], q: &Question, answer: &Answer, out: &mut [u8]) -> Option<usize> {
-    let (rcode, record) = match answer {
+    let (rcode, rtype, ttl, records): (u8, u16, u32, Vec<Vec<u8>>) = match answer {
         Answer::Relay => return None,
-        Answer::NxDomain => (RCODE_NXDOMAIN, None),
-        Answer::NoData => (0, None),
-        Answer::A(ip, ttl) => (0, Some((TYPE_A, *ttl, ip.octets().to_vec()))),
+        Answer::NxDomain => (RCODE_NXDOMAIN, 0, 0, Vec::new()),
+        Answer::NoData => (0, 0, 0, Vec::new()),
+        Answer::A(ip, ttl) => (0, TYPE_A, *ttl, vec![ip.octets().to_vec()]),
+        Answer::Aaaa(ips, ttl) => {
+            let rdata = ips.iter().map(|ip| ip.octets().to_vec()).collect();
+            (0, TYPE_AAAA, *ttl, rdata)
+        }
         Answer::Ptr(name, ttl) => {
             let mut rdata = Vec::with_capacity(name.len() + 2);
             for label in name.split('.') {
@@ -700,11 +709,10 @@ fn write_answer(query: &[u8], q: &Question, answer: &Answer, out: &mut [u8]) -> 
                 rdata.extend_from_slice(label.as_bytes());
             }
             rdata.push(0);
-            (0, Some((TYPE_PTR, *ttl, rdata)))
+            (0, TYPE_PTR, *ttl, vec![rdata])
         }
     };
-    let rr_len = record.as_ref().map_or(0, |r| 12 + r.2.len());
-    let len = q.end + rr_len;
+    let len = q.end + records.iter().map(|r| 12 + r.len()).sum::<usize>();
     if len > out.len() {
         return None;
     }
@@ -712,10 +720,11 @@ fn write_answer(query: &[u8], q: &Question, answer: &Answer, out: &mut [u8]) -> 
     out[2] = QR | AA | (query[2] & 0x01); // RD echoed
     out[3] = 0x80 | rcode; // RA: the relay recurses for everything else
     out[4..6].copy_from_slice(&1u16.to_be_bytes());
-    out[6..8].copy_from_slice(&u16::from(record.is_some()).to_be_bytes());
+    out[6..8].copy_from_slice(&u16::try_from(records.len()).ok()?.to_be_bytes());
     out[8..12].fill(0);
-    if let Some((rtype, ttl, rdata)) = record {
-        let rr = &mut out[q.end..len];
+    let mut at = q.end;
+    for rdata in records {
+        let rr = &mut out[at..at + 12 + rdata.len()];
         // The owner is the question's name, by a pointer to it (offset 12).
         rr[..2].copy_from_slice(&[0xc0, 0x0c]);
         rr[2..4].copy_from_slice(&rtype.to_be_bytes());
@@ -723,6 +732,7 @@ fn write_answer(query: &[u8], q: &Question, answer: &Answer, out: &mut [u8]) -> 
         rr[6..10].copy_from_slice(&ttl.to_be_bytes());
         rr[10..12].copy_from_slice(&u16::try_from(rdata.len()).ok()?.to_be_bytes());
         rr[12..].copy_from_slice(&rdata);
+        at += 12 + rdata.len();
     }
     Some(len)
 }
@@ -1316,6 +1326,51 @@ mod tests {
     }
 
     #[test]
+    fn a_guests_name_has_the_ipv6_addresses_its_mac_holds() {
+        use crate::vhost::bindings::BoundBy;
+        let (mut e, _) = setup_names();
+        let now = Instant::from_secs(10);
+        let vm1 = Mac([2, 0, 0, 0, 1, 1]);
+        let (a, b): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+            "fd68:7562:6e61:1e::1000".parse().unwrap(),
+            "fd68:7562:6e61:1e:0:ff:fe00:101".parse().unwrap(),
+        );
+        for ip in [b, a, "fe80::1".parse().unwrap()] {
+            e.ctx.sources.bind6(now, ip, vm1, BoundBy::Learned);
+        }
+        let Some(TcpDnsRoute::Answer(m)) = e.route_tcp_dns(now, &query_for("vm1.lan", TYPE_AAAA))
+        else {
+            panic!("answered here");
+        };
+        assert_eq!(
+            u16::from_be_bytes([m[6], m[7]]),
+            2,
+            "two records, not the link-local"
+        );
+        let qend = query_for("vm1.lan", TYPE_AAAA).len();
+        let mut got = Vec::new();
+        let mut at = qend;
+        while at < m.len() {
+            let rr = &m[at..];
+            assert_eq!(u16::from_be_bytes([rr[2], rr[3]]), TYPE_AAAA);
+            assert_eq!(u16::from_be_bytes([rr[10], rr[11]]), 16);
+            got.push(std::net::Ipv6Addr::from(
+                <[u8; 16]>::try_from(&rr[12..28]).unwrap(),
+            ));
+            at += 28;
+        }
+        assert_eq!(got, [a, b]);
+        // The operator's names have no IPv6 address here.
+        e.ctx.cfg.dns.hosts = vec![("nas.lan".into(), std::net::Ipv4Addr::new(10, 1, 1, 1))];
+        e.dns.reconfigured();
+        let Some(TcpDnsRoute::Answer(m)) = e.route_tcp_dns(now, &query_for("nas.lan", TYPE_AAAA))
+        else {
+            panic!("answered here");
+        };
+        assert_eq!(u16::from_be_bytes([m[6], m[7]]), 0);
+    }
+
+    #[test]
     fn lease_names_are_answered_locally() {
         let (mut e, mut h) = setup_names();
         let now = Instant::from_secs(10);
@@ -1331,7 +1386,7 @@ mod tests {
         // The lease's remaining time when it is shorter than the usual TTL.
         let r = ask(&mut e, &mut h, now, "web.lan", TYPE_A).unwrap();
         assert_eq!(a_of(&r), (IP_C, 21));
-        // No IPv6 yet: the name exists, with no AAAA record.
+        // vm1 uses no IPv6 address: the name exists, with no AAAA record.
         let r = ask(&mut e, &mut h, now, "vm1.lan", TYPE_AAAA).unwrap();
         assert_eq!((r.rcode, r.record.is_none()), (0, true));
         // The reverse name gives the full name.

@@ -12,9 +12,9 @@
 //! configuration changes; between rebuilds a lease's expiry is checked at each lookup.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::config::Config;
+use crate::config::{Config, Mac};
 use crate::time::Instant;
 use crate::vhost::dhcp::DhcpServer;
 
@@ -44,9 +44,12 @@ pub fn normalize(s: &str) -> Option<String> {
 pub(crate) enum Answer {
     /// One A record.
     A(Ipv4Addr, u32),
+    /// AAAA records: a guest's IPv6 addresses.
+    Aaaa(Vec<Ipv6Addr>, u32),
     /// One PTR record naming this host.
     Ptr(String, u32),
-    /// The name is known here but has no record of the type asked (AAAA: no IPv6 yet).
+    /// The name is known here but has no record of the type asked (an operator's name for
+    /// AAAA, a guest with no IPv6 address in use).
     NoData,
     /// A name under the local domain that is not known.
     NxDomain,
@@ -61,6 +64,9 @@ struct Known {
     ip: Ipv4Addr,
     /// A lease's end; the operator's names do not end.
     until: Option<Instant>,
+    /// The guest's MAC, for a lease's or a reservation's name: its IPv6 addresses are those
+    /// bound to that MAC.
+    mac: Option<Mac>,
 }
 
 impl Known {
@@ -101,7 +107,7 @@ impl Names {
     }
 
     /// A lease's or a reservation's host name: `label.DOMAIN` and `label` alone.
-    fn add_host(&mut self, label: &str, ip: Ipv4Addr, until: Option<Instant>) {
+    fn add_host(&mut self, label: &str, ip: Ipv4Addr, mac: Mac, until: Option<Instant>) {
         if !is_label(label) {
             // What a client sent may be anything printable; only a label can be looked up.
             return;
@@ -116,7 +122,12 @@ impl Names {
             // Taken already by someone listed before (the operator, or an older lease).
             return;
         }
-        let k = Known { name, ip, until };
+        let k = Known {
+            name,
+            ip,
+            until,
+            mac: Some(mac),
+        };
         self.add(bare, k.clone());
         self.add(fqdn, k);
     }
@@ -132,12 +143,13 @@ impl Names {
                 name: name.clone(),
                 ip: *ip,
                 until: None,
+                mac: None,
             };
             self.add(name.to_ascii_lowercase(), k);
         }
         for r in &cfg.dhcp.reservations {
             if let Some(n) = &r.name {
-                self.add_host(n, r.ip, None);
+                self.add_host(n, r.ip, r.mac, None);
             }
         }
         // The oldest lease keeps a name two guests claim (ids break ties between leases made
@@ -145,19 +157,20 @@ impl Names {
         let mut leases: Vec<_> = dhcp.leases().filter(|l| is_label(&l.host_name)).collect();
         leases.sort_by_key(|l| (l.leased_at, l.id));
         for l in leases {
-            self.add_host(&l.host_name, l.ip, Some(l.expires_at));
+            self.add_host(&l.host_name, l.ip, l.mac, Some(l.expires_at));
         }
         self.built = Some(dhcp.generation());
     }
 
-    /// What to do with a question for `qname` (lower case, no trailing dot) of type `qtype`.
+    /// What to do with a question for `qname` (lower case, no trailing dot) of type `qtype`;
+    /// `ipv6_of` gives a guest's IPv6 addresses in use (by its MAC), for AAAA.
     pub(crate) fn lookup(
         &mut self,
         now: Instant,
-        cfg: &Config,
-        dhcp: &DhcpServer,
+        (cfg, dhcp): (&Config, &DhcpServer),
         qname: &str,
         qtype: u16,
+        ipv6_of: &mut dyn FnMut(Mac) -> Vec<Ipv6Addr>,
     ) -> Answer {
         if self.built != Some(dhcp.generation()) {
             self.rebuild(cfg, dhcp);
@@ -173,8 +186,16 @@ impl Names {
             };
         }
         if let Some((k, ttl)) = self.by_name.get(qname).and_then(|k| Some((k, k.ttl(now)?))) {
-            return match qtype {
-                TYPE_A => Answer::A(k.ip, ttl),
+            return match (qtype, k.mac) {
+                (TYPE_A, _) => Answer::A(k.ip, ttl),
+                (TYPE_AAAA, Some(mac)) => {
+                    let addrs = ipv6_of(mac);
+                    if addrs.is_empty() {
+                        Answer::NoData
+                    } else {
+                        Answer::Aaaa(addrs, ttl)
+                    }
+                }
                 _ => Answer::NoData,
             };
         }
@@ -194,6 +215,7 @@ impl Names {
 }
 
 pub(crate) const TYPE_A: u16 = 1;
+pub(crate) const TYPE_AAAA: u16 = 28;
 pub(crate) const TYPE_PTR: u16 = 12;
 
 /// `D.C.B.A` (of `D.C.B.A.in-addr.arpa`) as the address `A.B.C.D`.
