@@ -5,7 +5,8 @@
 //! both ways over TCP and UDP to a server namespace that has only an IPv6 address on its link
 //! (hubnat's namespace routes IPv6 to it, and nowhere else); it resolves an AAAA name through
 //! the DNS relay at the virtual host's IPv6 address, the relay itself asking an upstream over
-//! IPv6; `traceroute -6` shows the virtual host, then the server. With `ipv6.dhcpv6 =
+//! IPv6, and the AAAA of its own name (its DHCP host name); `traceroute -6` shows the virtual
+//! host, then the server. With `ipv6.dhcpv6 =
 //! "stateful"`, ISC dhclient -6 leases an address from the range.
 
 #[macro_use]
@@ -13,7 +14,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{control_config, ctl_json, open_dir, wait_until, Lab, Netns};
+use common::{control_config, ctl_json, open_dir, udhcpc_lease, wait_until, Lab, Netns};
 
 /// hubnat's namespace's IPv6 address on the link to the server, and the server's (a
 /// documentation prefix: no route leads anywhere else).
@@ -85,7 +86,7 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
     let dns = lab.dnsmasq(lab.server(), SERVER6, &["six.example,2001:db8:99::6"]);
     let ops = open_dir(&lab, "ops");
     lab.start_hubnat(&format!(
-        "[dns]\nupstream = [\"[{SERVER6}]:53\"]\n{}",
+        "[dhcp]\ndomain = \"e2e.test\"\n[dns]\nupstream = [\"[{SERVER6}]:53\"]\n{}",
         control_config(&ops)
     ));
     lab.guest.exec_ok(&["ip", "link", "set", &lab.tap, "up"]);
@@ -191,6 +192,24 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
         lab.hubnat_log()
     );
     drop(dns);
+
+    // The guest's name (its DHCPv4 lease's) has its IPv6 address too.
+    udhcpc_lease(&lab, &lab.guest, &lab.tap, &["-x", "hostname:vm6"]);
+    let aaaa = lab.guest.exec(&[
+        "dig",
+        &format!("@{HOST6}"),
+        "+short",
+        "+tries=2",
+        "+time=2",
+        "AAAA",
+        "vm6.e2e.test",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&aaaa.stdout).trim(),
+        addr,
+        "dig AAAA vm6: {}",
+        String::from_utf8_lossy(&aaaa.stderr)
+    );
 
     // traceroute -6: the virtual host is the first hop, then the server itself.
     let trace = lab.guest.exec(&[
