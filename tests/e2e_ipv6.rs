@@ -6,8 +6,8 @@
 //! (hubnat's namespace routes IPv6 to it, and nowhere else); it resolves an AAAA name through
 //! the DNS relay at the virtual host's IPv6 address, the relay itself asking an upstream over
 //! IPv6, and the AAAA of its own name (its DHCP host name); `traceroute -6` shows the virtual
-//! host, then the server. With `ipv6.dhcpv6 =
-//! "stateful"`, ISC dhclient -6 leases an address from the range.
+//! host, then the server. With `ipv6.dhcpv6 = "stateful"`, ISC dhclient -6 leases an address
+//! from the range.
 
 #[macro_use]
 mod common;
