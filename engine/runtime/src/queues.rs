@@ -6,7 +6,7 @@
 //! reader. A queue's owner is woken (an eventfd) only when a batch made its queue go from empty
 //! to non-empty.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -114,6 +114,24 @@ pub struct Shared {
     /// Why a worker stopped on its own (an error it could not go on after): the control
     /// thread ends the runtime with it rather than serve the segment with a thread missing.
     failure: Mutex<Option<String>>,
+    /// Whether `failure` holds a reason: what the control thread asks on every wake-up, so
+    /// that the common answer (none) costs a load, not a lock.
+    failed: AtomicBool,
+}
+
+/// Pushes `frame` onto `queue`, marking `wake` when the queue's thread had nothing waiting
+/// (`was_empty`: it may be asleep); gives the frame back when the queue is full.
+fn push_boxed(
+    queue: &ArrayQueue<Box<[u8]>>,
+    frame: Box<[u8]>,
+    was_empty: bool,
+    wake: &mut bool,
+) -> Result<(), Box<[u8]>> {
+    queue.push(frame)?;
+    if was_empty {
+        *wake = true;
+    }
+    Ok(())
 }
 
 impl Shared {
@@ -122,6 +140,7 @@ impl Shared {
             inboxes,
             pool,
             failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
         }
     }
 
@@ -132,11 +151,15 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert_with(|| format!("worker {index} stopped: {why}"));
+        self.failed.store(true, Ordering::Release);
         self.inboxes[control].wake();
     }
 
     /// Why a worker stopped on its own, if one did.
     pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -172,11 +195,7 @@ impl Shared {
         if frame.len() > self.pool.size() {
             let inbox = &self.inboxes[to];
             let was_empty = inbox.is_empty();
-            let queued = inbox.large.push(frame.into()).is_ok();
-            if queued && was_empty {
-                wake[to] = true;
-            }
-            return queued;
+            return push_boxed(&inbox.large, frame.into(), was_empty, &mut wake[to]).is_ok();
         }
         let Some(mut buf) = self.pool.get() else {
             return false;
@@ -201,14 +220,10 @@ impl Shared {
     ) -> Result<(), Box<[u8]>> {
         let inbox = &self.inboxes[to];
         let was_empty = inbox.whole.is_empty();
-        inbox.whole.push(frame)?;
-        if was_empty {
-            wake[to] = true;
-        }
-        Ok(())
+        push_boxed(&inbox.whole, frame, was_empty, &mut wake[to])
     }
 
-    /// The control thread's handling of a frame it owns, with workers: an IPv4 fragment is
+    /// The control thread's handling of a frame it owns, with workers: an IP fragment is
     /// reassembled here (this thread owns reassembly and its timeouts), and the whole datagram
     /// goes to the owner of its flow: this engine, or a worker's queue (a full queue drops it
     /// and counts it). Anything else is handled here. `whole` is scratch space.
