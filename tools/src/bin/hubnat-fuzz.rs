@@ -491,6 +491,10 @@ struct Variant {
     /// A search list, an NTP server, and two guests' MACs reserved (one address outside the
     /// range, one that may be inside it).
     dhcp_extras: bool,
+    /// `[ipv6]`: 0 the default (DHCPv6 stateless), 1 stateful, 2 stateful with a range of two
+    /// addresses, 3 DHCPv6 off, 4 IPv6 off, 5 stateful and not a default router. (A short
+    /// `ra_interval` would fill the long jumps of time with advertisements.)
+    ipv6: u8,
 }
 
 /// The host-loopback alias of the variants that have one.
@@ -533,6 +537,7 @@ impl Variant {
             dns_address: false,
             source_check: "learn",
             dhcp_extras: false,
+            ipv6: 0,
         }
     }
 
@@ -643,6 +648,9 @@ impl Variant {
             v.source_check = pick(rng, &["subnet", "subnet", "lease"]);
         }
         v.dhcp_extras = rng.random_bool(0.25);
+        if rng.random_bool(0.5) {
+            v.ipv6 = pick(rng, &[1, 1, 2, 3, 4, 5]);
+        }
         v
     }
 
@@ -688,7 +696,8 @@ impl Variant {
             two_upstreams,
             dns_address,
             source_check,
-            dhcp_extras
+            dhcp_extras,
+            ipv6
         );
         out
     }
@@ -770,8 +779,19 @@ impl Variant {
         if self.dns_address && !(self.range.0..=self.range.1).contains(&last) {
             let _ = write!(dns, ", address = \"{DNS_IP}\"");
         }
+        let ipv6 = match self.ipv6 {
+            1 => ", ipv6 = { dhcpv6 = \"stateful\" }",
+            2 => {
+                ", ipv6 = { dhcpv6 = \"stateful\", range_start = \"fd68:7562:6e61:1e::1000\", \
+                 range_end = \"fd68:7562:6e61:1e::1001\" }"
+            }
+            3 => ", ipv6 = { dhcpv6 = \"off\" }",
+            4 => ", ipv6 = { enabled = false }",
+            5 => ", ipv6 = { dhcpv6 = \"stateful\", router_lifetime = 0 }",
+            _ => "",
+        };
         format!(
-            "{{ enabled = {}, nat = {{ {nat} }}, dhcp = {{ {dhcp} }}, dns = {{ {dns} }} }}",
+            "{{ enabled = {}, nat = {{ {nat} }}, dhcp = {{ {dhcp} }}, dns = {{ {dns} }}{ipv6} }}",
             self.enabled
         )
     }
@@ -1854,7 +1874,9 @@ fn dhcpv6(rng: &mut SmallRng, g: &Guest6) -> Vec<u8> {
     let duid = |rng: &mut SmallRng, mac: Mac| -> Vec<u8> {
         match rng.random_range(0..6) {
             0 => Vec::new(),
-            1 => (0..rng.random_range(1..140)).map(|_| rng.random()).collect(),
+            1 => (0..rng.random_range(1..140))
+                .map(|_| rng.random())
+                .collect(),
             _ => [&[0u8, 3, 0, 1][..], &mac.0].concat(),
         }
     };
@@ -1932,7 +1954,10 @@ fn extension_chain(rng: &mut SmallRng, g: &Guest6, me: Ipv6Addr) -> Vec<u8> {
         1 => {
             let s = SocketAddrV6::new(me, 40000, 0, 0);
             let d = SocketAddrV6::new(dst, 80, 0, 0);
-            (6, craft::tcp(s, d, craft::SYN, rng.random(), 0, 64240, &[], &[]))
+            (
+                6,
+                craft::tcp(s, d, craft::SYN, rng.random(), 0, 64240, &[], &[]),
+            )
         }
         _ => {
             let mut m = craft::icmp_echo(rng.random(), 1, b"chain");
@@ -2511,7 +2536,7 @@ fn ip_options(rng: &mut SmallRng) -> Vec<u8> {
 }
 
 /// One field of the IPv6 header or of its first extension header.
-fn ip6_field(rng: &mut SmallRng, b: &mut Vec<u8>, l: Layout) {
+fn ip6_field(rng: &mut SmallRng, b: &mut [u8], l: Layout) {
     match rng.random_range(0..8) {
         0 => {
             let v = pick(rng, &[6, 6, 4, 0, 15]);
