@@ -2,11 +2,12 @@
 //! built, so a crafted guest acknowledges what the replayed core really sent (its ISN, its
 //! DHCP offer). `hubnat-pcap craft` writes them to `pcaps/NAME.in.pcap` with their script.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket,
+    UdpPacket,
 };
 
 use super::pcap::Frame;
@@ -62,15 +63,16 @@ pub fn ipv4(
     b
 }
 
-/// A UDP datagram (header, checksum, payload) from `src` to `dst`.
-pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+/// A UDP datagram (header, checksum, payload) from `src` to `dst`, of either family.
+pub fn udp(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>, payload: &[u8]) -> Vec<u8> {
+    let (src, dst) = (src.into(), dst.into());
     let mut b = vec![0u8; 8 + payload.len()];
     let mut u = UdpPacket::new_unchecked(&mut b[..]);
     u.set_src_port(src.port());
     u.set_dst_port(dst.port());
     u.set_len((8 + payload.len()) as u16);
     u.payload_mut().copy_from_slice(payload);
-    u.fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+    u.fill_checksum(&IpAddress::from(src.ip()), &IpAddress::from(dst.ip()));
     b
 }
 
@@ -98,11 +100,11 @@ pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 
-/// A TCP segment (header with `opts` padded to 4 bytes, checksum, payload).
+/// A TCP segment (header with `opts` padded to 4 bytes, checksum, payload), of either family.
 #[allow(clippy::too_many_arguments)]
 pub fn tcp(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
     flags: u8,
     seq: u32,
     ack: u32,
@@ -110,6 +112,7 @@ pub fn tcp(
     opts: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
+    let (src, dst) = (src.into(), dst.into());
     let ol = opts.len().div_ceil(4) * 4;
     let hl = 20 + ol;
     let mut b = vec![0u8; hl + payload.len()];
@@ -126,7 +129,7 @@ pub fn tcp(
     }
     b[hl..].copy_from_slice(payload);
     TcpPacket::new_unchecked(&mut b[..])
-        .fill_checksum(&IpAddress::Ipv4(*src.ip()), &IpAddress::Ipv4(*dst.ip()));
+        .fill_checksum(&IpAddress::from(src.ip()), &IpAddress::from(dst.ip()));
     b
 }
 
@@ -216,6 +219,61 @@ pub fn icmpv6_frame(
     ip[24..40].copy_from_slice(&dst.octets());
     ip.extend_from_slice(&m);
     ethernet(dst_mac, src_mac, 0x86dd, &ip)
+}
+
+/// The checksum of an upper-layer message over IPv6 (RFC 8200 8.1: its pseudo-header
+/// included); `data` has its checksum field zeroed.
+pub fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, data: &[u8]) -> u16 {
+    let mut sum = Vec::with_capacity(40 + data.len());
+    sum.extend_from_slice(&src.octets());
+    sum.extend_from_slice(&dst.octets());
+    sum.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    sum.extend_from_slice(&[0, 0, 0, proto]);
+    sum.extend_from_slice(data);
+    !hubnat_core::wire::ones_sum(&sum)
+}
+
+/// An IPv6 packet: the fixed header (hop limit `hop`), then `payload`, whose first header is
+/// `next` (an extension header's or the upper layer's number).
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, hop: u8, payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    ip[6] = next;
+    ip[7] = hop;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    ip.extend_from_slice(payload);
+    ip
+}
+
+/// One fragment of an IPv6 datagram whose fragmentable part starts with header `next`:
+/// `part` of it at byte `offset` (a multiple of 8), behind a fragment header.
+pub fn ipv6_fragment(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    ident: u32,
+    offset: usize,
+    more: bool,
+    part: &[u8],
+) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset as u16 & !7) | u16::from(more)).to_be_bytes());
+    h.extend_from_slice(&ident.to_be_bytes());
+    h.extend_from_slice(part);
+    ipv6(src, dst, 44, 64, &h)
+}
+
+/// A guest's UDP datagram over IPv6, in a frame to the virtual host's MAC.
+pub fn udp6_frame(mac: Mac, src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    let d = udp(src, dst, payload);
+    ethernet(
+        REPLAY_MAC,
+        mac,
+        0x86dd,
+        &ipv6(*src.ip(), *dst.ip(), 17, 64, &d),
+    )
 }
 
 /// The Ethernet address of the IPv6 multicast group `ip`.
@@ -331,8 +389,8 @@ impl Session {
 /// The parts of a TCP segment the core sent that a crafted guest needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Seg {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     pub flags: u8,
     pub seq: u32,
     pub ack: u32,
@@ -340,17 +398,32 @@ pub struct Seg {
     pub tsval: Option<u32>,
 }
 
+/// A TCP segment the core sent, over IPv4 or IPv6 (the core puts no extension headers before
+/// TCP).
 pub fn parse_tcp(frame: &[u8]) -> Option<Seg> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
-    }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
-    }
-    let t = TcpPacket::new_checked(ip.payload()).ok()?;
-    let raw = ip.payload();
+    let (src, dst, raw): (IpAddr, IpAddr, &[u8]) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let end = usize::from(ip.total_len()).min(eth.payload().len());
+            let raw = eth.payload().get(usize::from(ip.header_len())..end)?;
+            (ip.src_addr().into(), ip.dst_addr().into(), raw)
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let end = (40 + usize::from(ip.payload_len())).min(eth.payload().len());
+            let raw = eth.payload().get(40..end)?;
+            (ip.src_addr().into(), ip.dst_addr().into(), raw)
+        }
+        _ => return None,
+    };
+    let t = TcpPacket::new_checked(raw).ok()?;
     let mut tsval = None;
     let hl = t.header_len() as usize;
     let mut i = 20;
@@ -376,8 +449,8 @@ pub fn parse_tcp(frame: &[u8]) -> Option<Seg> {
         }
     }
     Some(Seg {
-        src: SocketAddrV4::new(ip.src_addr(), t.src_port()),
-        dst: SocketAddrV4::new(ip.dst_addr(), t.dst_port()),
+        src: SocketAddr::new(src, t.src_port()),
+        dst: SocketAddr::new(dst, t.dst_port()),
         flags: raw[13],
         seq: t.seq_number().0 as u32,
         ack: t.ack_number().0 as u32,
@@ -389,8 +462,8 @@ pub fn parse_tcp(frame: &[u8]) -> Option<Seg> {
 /// A crafted guest's TCP connection.
 pub struct GuestConn {
     pub mac: Mac,
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
     /// The guest's next sequence number.
     pub seq: u32,
     /// What the guest acknowledges (the core's next sequence number).
@@ -402,11 +475,17 @@ pub struct GuestConn {
 }
 
 impl GuestConn {
-    pub fn new(mac: Mac, src: SocketAddrV4, dst: SocketAddrV4, isn: u32) -> GuestConn {
+    /// A connection from `src` to `dst`, both of one family.
+    pub fn new(
+        mac: Mac,
+        src: impl Into<SocketAddr>,
+        dst: impl Into<SocketAddr>,
+        isn: u32,
+    ) -> GuestConn {
         GuestConn {
             mac,
-            src,
-            dst,
+            src: src.into(),
+            dst: dst.into(),
             seq: isn,
             ack: 0,
             win: 502,
@@ -419,7 +498,11 @@ impl GuestConn {
         let tsval = (s.t.as_millis() as u32).wrapping_add(1000).to_be_bytes();
         let tse = self.ts_recent.to_be_bytes();
         let opts: Vec<u8> = if syn_opts {
-            let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+            // The MSS of a 1500-byte link: 1460 over IPv4, 1440 over IPv6.
+            let mss: u16 = if self.src.is_ipv4() { 1460 } else { 1440 };
+            let mut o = vec![2, 4];
+            o.extend_from_slice(&mss.to_be_bytes());
+            o.extend_from_slice(&[4, 2, 8, 10]);
             o.extend_from_slice(&tsval);
             o.extend_from_slice(&tse);
             o.extend_from_slice(&[1, 3, 3, 7]);
@@ -433,15 +516,16 @@ impl GuestConn {
         let ack = if flags & ACK != 0 { self.ack } else { 0 };
         let win = if syn_opts { 64240 } else { self.win };
         let seg = tcp(self.src, self.dst, flags, seq, ack, win, &opts, payload);
-        let ip = ipv4(
-            *self.src.ip(),
-            *self.dst.ip(),
-            IpProtocol::Tcp,
-            0,
-            (0, false),
-            &seg,
-        );
-        ethernet(REPLAY_MAC, self.mac, 0x0800, &ip)
+        match (self.src.ip(), self.dst.ip()) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                ethernet(REPLAY_MAC, self.mac, 0x86dd, &ipv6(src, dst, 6, 64, &seg))
+            }
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let ip = ipv4(src, dst, IpProtocol::Tcp, 0, (0, false), &seg);
+                ethernet(REPLAY_MAC, self.mac, 0x0800, &ip)
+            }
+            _ => panic!("a crafted connection of mixed families"),
+        }
     }
 
     /// Takes in what the core sent on this connection (in-order data and FIN advance `ack`).
@@ -525,6 +609,9 @@ pub const NAMES: &[&str] = &[
     "ip_fragments",
     "malformed",
     "ndp",
+    "dhcpv6",
+    "tcp6",
+    "udp6",
 ];
 
 /// A crafted scenario: its script (TOML text) and its input frames.
@@ -540,6 +627,15 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "udp" => "[host]\nudp_ports = { \"9\" = \"refuse\", \"19\" = \"silent\" }\n",
         "icmp" => "[engine]\nnat = { icmp = \"real\" }\n",
         "ip_fragments" => "tail_ms = 35000\n",
+        "dhcpv6" => "[engine]\nipv6 = { dhcpv6 = \"stateful\" }\n",
+        "tcp6" => {
+            "[host]\ntcp_ports = { \"80\" = \"fixed:5000\" }\n\
+             connects = { \"[2001:db8::5]:81\" = \"refuse\" }\n"
+        }
+        "udp6" => {
+            "[host]\nudp_ports = { \"9\" = \"refuse\" }\n\
+             dns = { \"www.example.test\" = [\"10.77.0.80\", \"2001:db8::80\"] }\n"
+        }
         _ => "",
     };
     let script = Script::parse(text).expect("crafted scripts are valid");
@@ -557,6 +653,9 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "ip_fragments" => fragments_scenario(&mut s),
         "malformed" => malformed_scenario(&mut s),
         "ndp" => ndp_scenario(&mut s),
+        "dhcpv6" => dhcpv6_scenario(&mut s),
+        "tcp6" => tcp6_scenario(&mut s),
+        "udp6" => udp6_scenario(&mut s),
         _ => return None,
     }
     let (input, _) = s.finish();
@@ -1184,4 +1283,374 @@ fn ndp_scenario(s: &mut Session) {
     // The first unsolicited advertisement comes 16 s after start.
     s.wait_ms(17_000);
     s.send(v6(host_ula, ula, 64, &[128, 0, 0, 0, 0, 7, 0, 3]));
+}
+
+// ---- IPv6 guests ----------------------------------------------------------------------------
+
+/// The remote IPv6 host of the crafted scenarios (a documentation address, RFC 3849).
+pub const SERVER_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 5);
+
+/// The virtual host's address in the default prefix.
+pub fn host_ip6() -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(hubnat_core::config::DEFAULT_IPV6_PREFIX) | 1)
+}
+
+/// A crafted IPv6 guest: its MAC, its link-local address and its SLAAC address in the default
+/// prefix (the interface id of its link-local).
+#[derive(Clone, Copy)]
+pub struct Guest6 {
+    pub mac: Mac,
+    pub ll: Ipv6Addr,
+    pub ula: Ipv6Addr,
+}
+
+impl Guest6 {
+    pub fn new(mac: Mac) -> Guest6 {
+        let ll = hubnat_core::wire::link_local(mac);
+        let prefix = u128::from(hubnat_core::config::DEFAULT_IPV6_PREFIX);
+        let ula = Ipv6Addr::from(prefix | (u128::from(ll) & u128::from(u64::MAX)));
+        Guest6 { mac, ll, ula }
+    }
+
+    /// What a guest does first on the link: a router solicitation from its link-local, then a
+    /// neighbour solicitation for the virtual host's address from its SLAAC address. Both
+    /// teach the virtual host's neighbour cache where the guest is.
+    pub fn join(&self, s: &mut Session) {
+        let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+        let rs = [&[133u8, 0, 0, 0, 0, 0, 0, 0][..], &[1, 1], &self.mac.0].concat();
+        s.send(icmpv6_frame(
+            mcast_mac(all_routers),
+            self.mac,
+            self.ll,
+            all_routers,
+            255,
+            &rs,
+        ));
+        s.wait_ms(10);
+        let host = host_ip6();
+        s.send(icmpv6_frame(
+            mcast_mac(solicited(host)),
+            self.mac,
+            self.ula,
+            solicited(host),
+            255,
+            &nd(135, 0, host, Some((1, self.mac))),
+        ));
+        s.wait_ms(10);
+    }
+
+    pub fn at(&self, port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(self.ula, port, 0, 0)
+    }
+}
+
+fn srv6(port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(SERVER_IP6, port, 0, 0)
+}
+
+/// A DHCPv6 option.
+fn opt6(code: u16, data: &[u8]) -> Vec<u8> {
+    let mut v = code.to_be_bytes().to_vec();
+    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// A DHCPv6 client message: type, 24-bit transaction id, options.
+fn dhcp6(kind: u8, xid: u32, opts: &[Vec<u8>]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&xid.to_be_bytes()[1..]);
+    for o in opts {
+        m.extend_from_slice(o);
+    }
+    m
+}
+
+/// An IA_NA option (T1 and T2 left to the server) with an IA Address option when `addr`.
+fn ia_na(iaid: u32, addr: Option<Ipv6Addr>) -> Vec<u8> {
+    let mut v = iaid.to_be_bytes().to_vec();
+    v.extend_from_slice(&[0; 8]);
+    if let Some(a) = addr {
+        let mut ia = a.octets().to_vec();
+        ia.extend_from_slice(&[0; 8]);
+        v.extend(opt6(5, &ia));
+    }
+    opt6(3, &v)
+}
+
+/// The DUID-LL of `mac` (RFC 8415 11.4), the crafted clients' and the server's.
+fn duid_ll(mac: Mac) -> Vec<u8> {
+    [&[0u8, 3, 0, 1][..], &mac.0].concat()
+}
+
+/// A DHCPv6 message from `g`'s link-local (port 546) to `dst` port 547: to
+/// All_DHCP_Relay_Agents_and_Servers in a multicast frame, or to an address of the host.
+fn dhcp6_frame(g: &Guest6, dst: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
+    let src = SocketAddrV6::new(g.ll, 546, 0, 0);
+    let d = udp(src, SocketAddrV6::new(dst, 547, 0, 0), msg);
+    let dst_mac = if dst.is_multicast() {
+        mcast_mac(dst)
+    } else {
+        REPLAY_MAC
+    };
+    ethernet(dst_mac, g.mac, 0x86dd, &ipv6(g.ll, dst, 17, 1, &d))
+}
+
+/// The DHCPv6 server's answer in `out`: its message type and the first address of its IAs.
+fn dhcp6_answer(out: &[Frame]) -> Option<(u8, Option<Ipv6Addr>)> {
+    out.iter().find_map(|f| {
+        let eth = EthernetFrame::new_checked(&f.data[..]).ok()?;
+        let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+        if ip.next_header() != IpProtocol::Udp {
+            return None;
+        }
+        let u = UdpPacket::new_checked(ip.payload()).ok()?;
+        if u.src_port() != 547 {
+            return None;
+        }
+        let p = u.payload();
+        let mut addr = None;
+        let mut i = 4;
+        while i + 4 <= p.len() {
+            let code = u16::from_be_bytes([p[i], p[i + 1]]);
+            let len = usize::from(u16::from_be_bytes([p[i + 2], p[i + 3]]));
+            let body = p.get(i + 4..i + 4 + len)?;
+            // An IA_NA's first option, when it is an IA Address.
+            if code == 3 && addr.is_none() && body.len() >= 12 + 4 + 16 && body[12..14] == [0, 5] {
+                addr = <[u8; 16]>::try_from(&body[16..32]).ok().map(Ipv6Addr::from);
+            }
+            i += 4 + len;
+        }
+        Some((*p.first()?, addr))
+    })
+}
+
+fn dhcpv6_scenario(s: &mut Session) {
+    let g = Guest6::new(guest_mac(16));
+    let agents: Ipv6Addr = "ff02::1:2".parse().unwrap();
+    let cid = opt6(1, &duid_ll(g.mac));
+    let sid = opt6(2, &duid_ll(REPLAY_MAC));
+    let oro = opt6(6, &[0, 23, 0, 24]);
+    let elapsed = opt6(8, &[0, 0]);
+    let send = |s: &mut Session, dst: Ipv6Addr, msg: Vec<u8>| {
+        let out = s.send(dhcp6_frame(&g, dst, &msg));
+        s.wait_ms(10);
+        out
+    };
+    g.join(s);
+    // stateless: Information-request → Reply (DNS servers, search list, refresh time)
+    send(
+        s,
+        agents,
+        dhcp6(11, 0x00_0001, &[cid.clone(), oro.clone(), elapsed.clone()]),
+    );
+    // Solicit → Advertise of an address; Request of it → Reply (the lease made)
+    let out = send(
+        s,
+        agents,
+        dhcp6(
+            1,
+            0x00_0002,
+            &[cid.clone(), ia_na(1, None), oro.clone(), elapsed.clone()],
+        ),
+    );
+    let offered = dhcp6_answer(&out)
+        .and_then(|a| a.1)
+        .unwrap_or(Ipv6Addr::from(u128::from(host_ip6()) + 0xfff));
+    send(
+        s,
+        agents,
+        dhcp6(
+            3,
+            0x00_0003,
+            &[
+                cid.clone(),
+                sid.clone(),
+                ia_na(1, Some(offered)),
+                oro.clone(),
+            ],
+        ),
+    );
+    // Renew (to the server), Rebind (to any server), Confirm: each extends or confirms it
+    s.wait_ms(20_000);
+    send(
+        s,
+        agents,
+        dhcp6(
+            5,
+            0x00_0004,
+            &[cid.clone(), sid.clone(), ia_na(1, Some(offered))],
+        ),
+    );
+    send(
+        s,
+        agents,
+        dhcp6(6, 0x00_0005, &[cid.clone(), ia_na(1, Some(offered))]),
+    );
+    send(
+        s,
+        agents,
+        dhcp6(4, 0x00_0006, &[cid.clone(), ia_na(1, Some(offered))]),
+    );
+    // Release → Reply (success); a Renew after it → NoBinding
+    send(
+        s,
+        agents,
+        dhcp6(
+            8,
+            0x00_0007,
+            &[cid.clone(), sid.clone(), ia_na(1, Some(offered))],
+        ),
+    );
+    send(
+        s,
+        agents,
+        dhcp6(
+            5,
+            0x00_0008,
+            &[cid.clone(), sid.clone(), ia_na(1, Some(offered))],
+        ),
+    );
+    // malformed or not ours, none answered: an option whose length runs past the message; a
+    // Request for another server; an Information-request carrying an IA; a Solicit without a
+    // client id; a Solicit sent unicast to the host
+    let mut cut = dhcp6(1, 0x00_0009, &[cid.clone(), ia_na(2, None)]);
+    let at = cut.len() - 14;
+    cut[at..at + 2].copy_from_slice(&200u16.to_be_bytes());
+    send(s, agents, cut);
+    let other = opt6(2, &duid_ll(guest_mac(99)));
+    send(
+        s,
+        agents,
+        dhcp6(3, 0x00_000a, &[cid.clone(), other, ia_na(1, None)]),
+    );
+    send(
+        s,
+        agents,
+        dhcp6(11, 0x00_000b, &[cid.clone(), ia_na(1, None)]),
+    );
+    send(s, agents, dhcp6(1, 0x00_000c, &[ia_na(1, None)]));
+    send(
+        s,
+        host_ip6(),
+        dhcp6(1, 0x00_000d, &[cid.clone(), ia_na(1, None)]),
+    );
+    // a second client: Solicit with Rapid Commit → Reply at once; then it declines the address
+    let g2 = Guest6::new(guest_mac(17));
+    let cid2 = opt6(1, &duid_ll(g2.mac));
+    let out = s.send(dhcp6_frame(
+        &g2,
+        agents,
+        &dhcp6(
+            1,
+            0x00_0101,
+            &[cid2.clone(), ia_na(7, None), opt6(14, &[]), elapsed],
+        ),
+    ));
+    let leased = dhcp6_answer(&out).and_then(|a| a.1);
+    s.wait_ms(10);
+    s.send(dhcp6_frame(
+        &g2,
+        agents,
+        &dhcp6(9, 0x00_0102, &[cid2, sid, ia_na(7, leased)]),
+    ));
+}
+
+fn tcp6_scenario(s: &mut Session) {
+    let g = Guest6::new(guest_mac(18));
+    g.join(s);
+    // a download: the request, the answer cut to the IPv6 MSS, FIN from the server first
+    let mut c = GuestConn::new(g.mac, g.at(41000), srv6(80), 6_000_000);
+    c.connect(s);
+    s.wait_ms(1);
+    c.send(
+        s,
+        ACK | PSH,
+        b"GET / HTTP/1.1\r\nHost: [2001:db8::5]\r\n\r\n",
+    );
+    for _ in 0..50 {
+        if c.peer_fin {
+            break;
+        }
+        s.wait_ms(2);
+        c.send(s, ACK, &[]);
+    }
+    s.wait_ms(1);
+    c.send(s, FIN | ACK, &[]);
+    // an echo: the guest closes first, the server after it
+    let mut e = GuestConn::new(g.mac, g.at(41001), srv6(7), 7_000_000);
+    e.connect(s);
+    s.wait_ms(1);
+    e.send(s, ACK | PSH, b"hello over IPv6");
+    s.wait_ms(1);
+    e.send(s, ACK, &[]);
+    e.send(s, FIN | ACK, &[]);
+    s.wait_ms(1);
+    e.send(s, ACK, &[]);
+    // a refused connect → RST
+    let mut r = GuestConn::new(g.mac, g.at(41002), srv6(81), 8_000_000);
+    r.connect(s);
+}
+
+fn udp6_scenario(s: &mut Session) {
+    let g = Guest6::new(guest_mac(19));
+    g.join(s);
+    for i in 0..3u16 {
+        s.send(udp6_frame(
+            g.mac,
+            g.at(50000),
+            srv6(7),
+            format!("echo datagram {i}").as_bytes(),
+        ));
+        s.wait_ms(10);
+    }
+    // the largest datagram a 1500-byte link carries whole (40 + 8 + 1452), and its echo
+    s.send(udp6_frame(g.mac, g.at(50001), srv6(7), &chunk(3, 1452)));
+    s.wait_ms(10);
+    // a 3000-byte datagram in fragments, in order then out of order: reassembled, sent, and
+    // its echo comes back in fragments
+    let d = udp(g.at(50002), srv6(7), &chunk(4, 3000));
+    let frag = |s: &mut Session, ident: u32, off: usize, len: usize, more: bool| {
+        let part = &d[off..(off + len).min(d.len())];
+        let ip = ipv6_fragment(g.ula, SERVER_IP6, 17, ident, off, more, part);
+        s.send(ethernet(REPLAY_MAC, g.mac, 0x86dd, &ip));
+    };
+    frag(s, 0x100, 0, 1448, true);
+    frag(s, 0x100, 1448, 1448, true);
+    frag(s, 0x100, 2896, 112, false);
+    s.wait_ms(10);
+    frag(s, 0x101, 2896, 112, false);
+    frag(s, 0x101, 0, 1448, true);
+    frag(s, 0x101, 1448, 1448, true);
+    s.wait_ms(10);
+    // overlapping fragments: the datagram is dropped (RFC 5722)
+    frag(s, 0x102, 0, 1448, true);
+    frag(s, 0x102, 1400, 1608, false);
+    s.wait_ms(10);
+    // a refusing port → ICMPv6 port unreachable
+    s.send(udp6_frame(g.mac, g.at(50003), srv6(9), b"refused"));
+    s.wait_ms(10);
+    // DNS to the virtual host's addresses, relayed to the upstream: A, AAAA, NXDOMAIN, and
+    // AAAA to its link-local from the guest's
+    let dns = SocketAddrV6::new(host_ip6(), 53, 0, 0);
+    for (id, name, ty) in [
+        (0x0601, "www.example.test", 1),
+        (0x0602, "www.example.test", 28),
+        (0x0603, "nowhere.example.test", 28),
+    ] {
+        s.send(udp6_frame(
+            g.mac,
+            g.at(40600),
+            dns,
+            &dns_query(id, name, ty),
+        ));
+        s.wait_ms(5);
+    }
+    let host_ll = hubnat_core::wire::link_local(REPLAY_MAC);
+    s.send(udp6_frame(
+        g.mac,
+        SocketAddrV6::new(g.ll, 40601, 0, 0),
+        SocketAddrV6::new(host_ll, 53, 0, 0),
+        &dns_query(0x0604, "www.example.test", 28),
+    ));
 }

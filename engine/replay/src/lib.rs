@@ -21,7 +21,7 @@ pub mod rebase;
 pub mod script;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hubnat_core::output::FrameBatch;
@@ -78,7 +78,7 @@ impl Driver {
         host.default_connect = script.default_connect;
         host.icmp_allowed = true;
         for (a, o) in &script.connects {
-            host.connect_script.insert(SocketAddr::V4(*a), *o);
+            host.connect_script.insert(*a, *o);
         }
         Driver {
             engine,
@@ -392,28 +392,38 @@ fn dns_question(q: &[u8]) -> Option<(String, usize)> {
     (end <= q.len()).then_some((name, end))
 }
 
-/// The upstream's answer to a relayed query, from the script's table: an A record for a listed
-/// name asked as A, no records (NOERROR) for a listed name asked otherwise, NXDOMAIN for the
-/// rest. Malformed queries get no answer (as from a real resolver that drops them).
+/// The upstream's answer to a relayed query, from the script's table: the A records of a
+/// listed name's IPv4 addresses asked as A, the AAAA records of its IPv6 addresses asked as
+/// AAAA, no records (NOERROR) for a listed name asked otherwise, NXDOMAIN for the rest.
+/// Malformed queries get no answer (as from a real resolver that drops them).
 pub fn dns_answer(script: &Script, q: &[u8]) -> Option<Vec<u8>> {
     if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
         return None;
     }
     let (name, end) = dns_question(q)?;
     let qtype = u16::from_be_bytes([q[end - 4], q[end - 3]]);
-    let addr: Option<Ipv4Addr> = script.dns_lookup(&name);
     let mut a = q[..end].to_vec();
     a[2] = 0x80 | (q[2] & 0x01); // QR, RD copied
     a[3] = 0x80; // RA
     a[6..12].fill(0);
-    match addr {
-        Some(ip) if qtype == 1 => {
-            a[7] = 1;
-            a.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4]);
-            a.extend_from_slice(&ip.octets());
-        }
-        Some(_) => {}
-        None => a[3] |= 3,
+    let mut known = false;
+    let mut answers = 0u8;
+    for ip in script.dns_lookup(&name) {
+        known = true;
+        let rdata = match (ip, qtype) {
+            (IpAddr::V4(v4), 1) => v4.octets().to_vec(),
+            (IpAddr::V6(v6), 28) => v6.octets().to_vec(),
+            _ => continue,
+        };
+        answers += 1;
+        a.extend_from_slice(&[0xc0, 0x0c]);
+        a.extend_from_slice(&qtype.to_be_bytes());
+        a.extend_from_slice(&[0, 1, 0, 0, 0x01, 0x2c, 0, rdata.len() as u8]);
+        a.extend_from_slice(&rdata);
+    }
+    a[7] = answers;
+    if !known {
+        a[3] |= 3;
     }
     Some(a)
 }

@@ -10,20 +10,21 @@
 //!
 //! [host]
 //! default_connect = "accept"      # accept | refuse | silent | unreachable
-//! connects = { "10.0.0.2:81" = "refuse" }
+//! connects = { "10.0.0.2:81" = "refuse", "[2001:db8::5]:81" = "refuse" }
 //! tcp = "echo"                    # echo | sink | "fixed:N" (N bytes toward the guest, then FIN)
 //! tcp_ports = { "80" = "fixed:20000" }
 //! udp = "echo"                    # echo | silent | refuse
 //! udp_ports = { "9" = "refuse" }
 //! icmp = true                     # ICMP echo requests sent out are answered
-//! dns = { "example.com" = "10.0.0.80" }
+//! dns = { "example.com" = "10.0.0.80", "v6.example.com" = ["10.0.0.81", "2001:db8::81"] }
+//!                                 # A records of the IPv4 addresses, AAAA of the IPv6 ones
 //!
 //! [engine]                        # hubnat's own configuration (same fields as hubnat.toml)
 //! nat = { tcp_connect_timeout = 3 }
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use serde::Deserialize;
 
@@ -100,7 +101,15 @@ struct RawHostSide {
     udp_ports: BTreeMap<String, String>,
     icmp: Option<bool>,
     #[serde(default)]
-    dns: BTreeMap<String, String>,
+    dns: BTreeMap<String, Addresses>,
+}
+
+/// A name's addresses in the DNS table: one, or a list (an A and an AAAA record).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum Addresses {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// A parsed script.
@@ -110,14 +119,14 @@ pub struct Script {
     pub tail_ms: u64,
     pub rebase: bool,
     pub default_connect: ConnectOutcome,
-    pub connects: Vec<(SocketAddrV4, ConnectOutcome)>,
+    pub connects: Vec<(SocketAddr, ConnectOutcome)>,
     pub tcp: TcpBehaviour,
     pub tcp_ports: Vec<(u16, TcpBehaviour)>,
     pub udp: UdpBehaviour,
     pub udp_ports: Vec<(u16, UdpBehaviour)>,
     pub icmp: bool,
-    /// Lower-case name (no trailing dot) → address.
-    pub dns: Vec<(String, Ipv4Addr)>,
+    /// Lower-case name (no trailing dot) → address; a name may have several.
+    pub dns: Vec<(String, IpAddr)>,
     pub config: Config,
 }
 
@@ -187,7 +196,7 @@ impl Script {
         let config = Config::from_raw(&engine)?;
         let mut connects = Vec::new();
         for (k, v) in &h.connects {
-            let a: SocketAddrV4 = k
+            let a: SocketAddr = k
                 .parse()
                 .map_err(|_| field("host.connects", format!("`{k}` is not ADDR:PORT")))?;
             connects.push((a, connect_outcome("host.connects", v)?));
@@ -208,10 +217,17 @@ impl Script {
         }
         let mut dns = Vec::new();
         for (k, v) in &h.dns {
-            let ip: Ipv4Addr = v
-                .parse()
-                .map_err(|_| field("host.dns", format!("`{v}` is not an IPv4 address")))?;
-            dns.push((k.trim_end_matches('.').to_ascii_lowercase(), ip));
+            let name = k.trim_end_matches('.').to_ascii_lowercase();
+            let list = match v {
+                Addresses::One(a) => std::slice::from_ref(a),
+                Addresses::Many(l) => &l[..],
+            };
+            for a in list {
+                let ip: IpAddr = a
+                    .parse()
+                    .map_err(|_| field("host.dns", format!("`{a}` is not an IP address")))?;
+                dns.push((name.clone(), ip));
+            }
         }
         Ok(Script {
             seed: raw.seed.unwrap_or(1),
@@ -251,8 +267,12 @@ impl Script {
             .map_or(self.udp, |(_, b)| *b)
     }
 
-    pub fn dns_lookup(&self, name: &str) -> Option<Ipv4Addr> {
-        self.dns.iter().find(|(n, _)| n == name).map(|(_, ip)| *ip)
+    /// The addresses of `name` in the DNS table (none: the name is not in it).
+    pub fn dns_lookup<'a>(&'a self, name: &'a str) -> impl Iterator<Item = IpAddr> + 'a {
+        self.dns
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, ip)| *ip)
     }
 
     /// Whether `a` is the DNS upstream the core relays to.
@@ -264,6 +284,29 @@ impl Script {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_destinations_and_records() {
+        let s = Script::parse(
+            "[host]\nconnects = { \"[2001:db8::5]:81\" = \"refuse\" }\n\
+             dns = { \"v6.test\" = [\"10.0.0.81\", \"2001:db8::81\"], \"only6.test\" = \"2001:db8::82\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.connects,
+            vec![("[2001:db8::5]:81".parse().unwrap(), ConnectOutcome::Refuse)]
+        );
+        let v6: Vec<IpAddr> = s.dns_lookup("v6.test").collect();
+        assert_eq!(
+            v6,
+            vec![
+                "10.0.0.81".parse::<IpAddr>().unwrap(),
+                "2001:db8::81".parse().unwrap()
+            ]
+        );
+        assert_eq!(s.dns_lookup("only6.test").count(), 1);
+        assert_eq!(s.dns_lookup("nowhere.test").count(), 0);
+    }
 
     #[test]
     fn defaults_are_deterministic() {
@@ -288,14 +331,15 @@ mod tests {
         assert_eq!(s.tcp_for(80), TcpBehaviour::Fixed(100));
         assert_eq!(s.udp_for(9), UdpBehaviour::Refuse);
         assert_eq!(
-            s.dns_lookup("example.com"),
-            Some(Ipv4Addr::new(10, 0, 0, 80))
+            s.dns_lookup("example.com").collect::<Vec<_>>(),
+            vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 80))]
         );
         assert_eq!(s.config.nat.tcp_connect_timeout.as_secs(), 3);
         for bad in [
             "[host]\ntcp = \"fixed:x\"",
             "[host]\ndefault_connect = \"maybe\"",
             "[host]\nconnects = { \"nowhere\" = \"accept\" }",
+            "[host]\ndns = { \"a\" = [\"10.0.0.1\", \"2001:db8::zz\"] }",
             "[host]\nudp_ports = { \"99999\" = \"echo\" }",
             "unknown = 1",
             "[engine]\nnat = { mtu = 1 }",

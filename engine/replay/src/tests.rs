@@ -45,6 +45,49 @@ fn dns_answers_from_the_table() {
 }
 
 #[test]
+fn dns_answers_aaaa_from_the_ipv6_addresses() {
+    let s =
+        Script::parse("[host]\ndns = { \"a.test\" = [\"10.0.0.1\", \"2001:db8::1\"] }\n").unwrap();
+    let aaaa = dns_answer(&s, &craft::dns_query(8, "a.test", 28)).unwrap();
+    assert_eq!((aaaa[3] & 0x0f, aaaa[7]), (0, 1));
+    let rr = &aaaa[aaaa.len() - 28..];
+    assert_eq!(&rr[..4], &[0xc0, 0x0c, 0, 28]);
+    assert_eq!(&rr[10..12], &[0, 16]);
+    assert_eq!(
+        &rr[12..],
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+    );
+    let a = dns_answer(&s, &craft::dns_query(9, "a.test", 1)).unwrap();
+    assert_eq!((a[7], &a[a.len() - 4..]), (1, &[10, 0, 0, 1][..]));
+}
+
+#[test]
+fn an_ipv6_connection_is_crafted_and_answered() {
+    let mut s = Session::new(&Script::default());
+    let g = craft::Guest6::new(craft::guest_mac(1));
+    g.join(&mut s);
+    let dst = std::net::SocketAddrV6::new(craft::SERVER_IP6, 7, 0, 0);
+    let mut c = GuestConn::new(g.mac, g.at(1000), dst, 100);
+    let out = c.connect(&mut s);
+    let synack = out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .find(|t| t.flags & craft::SYN != 0)
+        .expect("a SYN-ACK over IPv6");
+    assert_eq!((synack.src, synack.dst), (c.dst, c.src));
+    let out = c.send(&mut s, ACK | PSH, b"hello");
+    assert!(out
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .any(|t| t.len == 5));
+    c.send(&mut s, FIN | ACK, &[]);
+    assert!(c.peer_fin);
+}
+
+#[test]
 fn echo_destination_returns_the_bytes_and_closes_after_the_guest() {
     let mut s = Session::new(&Script::default());
     let mut c = GuestConn::new(craft::guest_mac(1), guest(1000), srv(7), 100);

@@ -7,8 +7,11 @@
 //! (captured, crafted, mutated), events of the host sockets, flows a port forward hands the core
 //! (an accepted connection or a client's datagram, toward a guest), jumps of time that run the
 //! timers, flushes, reconfigurations. The seeds are every frame of every `pcaps/*.in.pcap` and frames
-//! crafted here. Mutations are byte-level (bit flips, interesting values, truncation, extension,
-//! splicing two frames) and header-aware (Ethernet, ARP, IPv4, TCP, UDP, ICMP, DHCP fields);
+//! crafted here, IPv6 among them (neighbour discovery and router solicitations with random
+//! options, DHCPv6 with random options, TCP, UDP and ICMPv6 to the virtual host and beyond,
+//! chains of extension headers with bad lengths, fragments out of order and overlapping).
+//! Mutations are byte-level (bit flips, interesting values, truncation, extension,
+//! splicing two frames) and header-aware (Ethernet, ARP, IPv4, IPv6, TCP, UDP, ICMP, DHCP fields);
 //! checksums are recomputed for most mutated frames, so that they get past the checksum checks
 //! into the code behind them.
 //!
@@ -29,7 +32,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,7 +46,7 @@ use hubnat_core::config::{IcmpMode, Mac};
 use hubnat_core::sim::{ConnectOutcome, SimSocket};
 use hubnat_core::stats::DropReason;
 use hubnat_core::{InboundTarget, Reassembly, SockEvent, Stats};
-use hubnat_replay::craft::{self, EPOCH, GUEST_IP, HOST_IP, SERVER_IP};
+use hubnat_replay::craft::{self, Guest6, EPOCH, GUEST_IP, HOST_IP, SERVER_IP, SERVER_IP6};
 use hubnat_replay::script::{REPLAY_MAC, REPLAY_UPSTREAM};
 use hubnat_replay::{decode, pcap, Driver, Script, TcpBehaviour, UdpBehaviour};
 use rand::rngs::SmallRng;
@@ -56,8 +59,9 @@ Fuzz hubnat's core: random and mutated frames, host-socket events and jumps of t
 Each case is a configuration (MTU 576/1500/9000/65520, NAT and DHCP on or off, small session
 limits, ICMP mode, short timeouts, how the simulated host answers) and a short sequence of steps
 played through the deterministic replay driver: frames in (every frame of pcaps/*.in.pcap and
-crafted ones, mutated bit- and byte-wise and field by field for Ethernet, ARP, IPv4, TCP, UDP,
-ICMP and DHCP, checksums recomputed or not), host-socket events (readable, writable, connected,
+crafted ones, IPv6 among them: neighbour discovery, DHCPv6, TCP, UDP and ICMPv6, extension
+header chains and fragments; mutated bit- and byte-wise and field by field for Ethernet, ARP,
+IPv4, IPv6, TCP, UDP, ICMP, ICMPv6 and DHCP, checksums recomputed or not), host-socket events (readable, writable, connected,
 connect failed, failed; data, FIN, refusals from the destinations), inbound flows of port
 forwards (accepted connections and clients' datagrams toward a guest), jumps of time small and large
 (past every idle timeout) that run the timers, flushes, reconfigurations, shutdown.
@@ -487,6 +491,10 @@ struct Variant {
     /// A search list, an NTP server, and two guests' MACs reserved (one address outside the
     /// range, one that may be inside it).
     dhcp_extras: bool,
+    /// `[ipv6]`: 0 the default (DHCPv6 stateless), 1 stateful, 2 stateful with a range of two
+    /// addresses, 3 DHCPv6 off, 4 IPv6 off, 5 stateful and not a default router. (A short
+    /// `ra_interval` would fill the long jumps of time with advertisements.)
+    ipv6: u8,
 }
 
 /// The host-loopback alias of the variants that have one.
@@ -529,6 +537,7 @@ impl Variant {
             dns_address: false,
             source_check: "learn",
             dhcp_extras: false,
+            ipv6: 0,
         }
     }
 
@@ -639,6 +648,9 @@ impl Variant {
             v.source_check = pick(rng, &["subnet", "subnet", "lease"]);
         }
         v.dhcp_extras = rng.random_bool(0.25);
+        if rng.random_bool(0.5) {
+            v.ipv6 = pick(rng, &[1, 1, 2, 3, 4, 5]);
+        }
         v
     }
 
@@ -684,7 +696,8 @@ impl Variant {
             two_upstreams,
             dns_address,
             source_check,
-            dhcp_extras
+            dhcp_extras,
+            ipv6
         );
         out
     }
@@ -766,8 +779,19 @@ impl Variant {
         if self.dns_address && !(self.range.0..=self.range.1).contains(&last) {
             let _ = write!(dns, ", address = \"{DNS_IP}\"");
         }
+        let ipv6 = match self.ipv6 {
+            1 => ", ipv6 = { dhcpv6 = \"stateful\" }",
+            2 => {
+                ", ipv6 = { dhcpv6 = \"stateful\", range_start = \"fd68:7562:6e61:1e::1000\", \
+                 range_end = \"fd68:7562:6e61:1e::1001\" }"
+            }
+            3 => ", ipv6 = { dhcpv6 = \"off\" }",
+            4 => ", ipv6 = { enabled = false }",
+            5 => ", ipv6 = { dhcpv6 = \"stateful\", router_lifetime = 0 }",
+            _ => "",
+        };
         format!(
-            "{{ enabled = {}, nat = {{ {nat} }}, dhcp = {{ {dhcp} }}, dns = {{ {dns} }} }}",
+            "{{ enabled = {}, nat = {{ {nat} }}, dhcp = {{ {dhcp} }}, dns = {{ {dns} }}{ipv6} }}",
             self.enabled
         )
     }
@@ -1132,8 +1156,8 @@ struct Guest {
 
 struct Flow {
     mac: Mac,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     seq: u32,
     win: u16,
 }
@@ -1190,6 +1214,50 @@ fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, ident: u16, frag: u16, payload: 
     put16(&mut b, 10, c);
     b.extend_from_slice(payload);
     b
+}
+
+/// A TCP segment in the frame of its family (IPv4 with DF, or IPv6).
+fn eth_segment(mac: Mac, src: SocketAddr, dst: SocketAddr, ident: u16, seg: &[u8]) -> Vec<u8> {
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth_ip6(mac, d, &craft::ipv6(s, d, 6, 64, seg)),
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth_ip(mac, d, &ip4(s, d, 6, ident, 0x4000, seg)),
+        // A flow is crafted of one family; a mixed one is left as an IPv4 frame from nowhere.
+        _ => eth_ip(mac, Ipv4Addr::UNSPECIFIED, seg),
+    }
+}
+
+/// An IPv6 packet in its frame: to the group's MAC for multicast, else the virtual host's.
+fn eth_ip6(src_mac: Mac, dst: Ipv6Addr, packet: &[u8]) -> Vec<u8> {
+    let dst_mac = if dst.is_multicast() {
+        let o = dst.octets();
+        Mac([0x33, 0x33, o[12], o[13], o[14], o[15]])
+    } else {
+        REPLAY_MAC
+    };
+    craft::ethernet(dst_mac, src_mac, 0x86dd, packet)
+}
+
+/// The addresses a crafted IPv6 packet goes to: the virtual host's, guests', groups, the
+/// remote server, and those the egress policy refuses.
+fn addr6(rng: &mut SmallRng, g: &Guest6) -> Ipv6Addr {
+    match rng.random_range(0..20) {
+        0 => Ipv6Addr::UNSPECIFIED,
+        1 => Ipv6Addr::LOCALHOST,
+        2 => "ff02::1".parse().unwrap(),
+        3 => "ff02::2".parse().unwrap(),
+        4 => "ff02::1:2".parse().unwrap(),
+        5 => "ff02::1:ff00:1".parse().unwrap(),
+        6 => hubnat_core::wire::link_local(REPLAY_MAC),
+        7 => "::ffff:10.77.0.2".parse().unwrap(),
+        8 => "fe80::1".parse().unwrap(),
+        9 => "fc00::1".parse().unwrap(),
+        10 => g.ll,
+        11 => g.ula,
+        12 => Ipv6Addr::from(rng.random::<u128>()),
+        13 => Ipv6Addr::from(u128::from(craft::host_ip6()) + 0x1000),
+        14..=16 => craft::host_ip6(),
+        _ => SERVER_IP6,
+    }
 }
 
 fn eth_ip(src_mac: Mac, dst: Ipv4Addr, packet: &[u8]) -> Vec<u8> {
@@ -1263,8 +1331,8 @@ impl Guest {
             }));
             self.flows.push(Flow {
                 mac: m,
-                src: guest,
-                dst: shown,
+                src: guest.into(),
+                dst: shown.into(),
                 seq: isn.wrapping_add(1),
                 win: 64240,
             });
@@ -1281,6 +1349,9 @@ impl Guest {
             fix: false,
             sync: Sync::Off,
         };
+        if rng.random_bool(0.3) {
+            return self.frames6(rng);
+        }
         let m = craft::guest_mac(rng.random_range(1..3));
         let me = if rng.random_bool(0.85) {
             GUEST_IP
@@ -1375,8 +1446,8 @@ impl Guest {
                 let ident = self.ident();
                 self.flows.push(Flow {
                     mac: m,
-                    src,
-                    dst,
+                    src: src.into(),
+                    dst: dst.into(),
                     seq: isn.wrapping_add(1),
                     win: 64240,
                 });
@@ -1431,13 +1502,12 @@ impl Guest {
                 }
                 let seg = craft::tcp(f.src, f.dst, flags, f.seq, 0, f.win, &opts, &payload);
                 f.seq = f.seq.wrapping_add(payload.len() as u32);
-                let p = ip4(*f.src.ip(), *f.dst.ip(), 6, ident, 0x4000, &seg);
                 let sync = if rng.random_bool(0.9) {
                     sync
                 } else {
                     Sync::Off
                 };
-                let data = eth_ip(f.mac, *f.dst.ip(), &p);
+                let data = eth_segment(f.mac, f.src, f.dst, ident, &seg);
                 (0..copies)
                     .map(|_| FrameStep {
                         data: data.clone(),
@@ -1538,6 +1608,406 @@ impl Guest {
             })
             .collect()
     }
+}
+
+impl Guest {
+    /// An IPv6 frame of a crafted guest (several for a train of fragments).
+    fn frames6(&mut self, rng: &mut SmallRng) -> Vec<FrameStep> {
+        let plain = |data| FrameStep {
+            data,
+            fix: false,
+            sync: Sync::Off,
+        };
+        let g = Guest6::new(craft::guest_mac(rng.random_range(1..3)));
+        let me = match rng.random_range(0..10) {
+            0..=4 => g.ula,
+            5..=7 => g.ll,
+            8 => Ipv6Addr::UNSPECIFIED,
+            _ => addr6(rng, &g),
+        };
+        match rng.random_range(0..100) {
+            0..=24 => vec![plain(ndp(rng, &g, me))],
+            25..=39 => vec![plain(dhcpv6(rng, &g))],
+            40..=51 => {
+                let dst = addr6(rng, &g);
+                let mut data = vec![0u8; pick(rng, &[0, 8, 56, 1232, 1452, 8952, 30_000])];
+                rng.fill(&mut data[..]);
+                let mut msg = craft::icmp_echo(rng.random(), rng.random(), &data);
+                msg[0] = pick(rng, &[128, 128, 128, 129, 1, 2, 3, 4, 130, 143]);
+                vec![plain(icmp6_packet(&g, me, dst, 64, msg))]
+            }
+            52..=65 => {
+                let dst = match rng.random_range(0..6) {
+                    0..=1 => {
+                        let name = pick(rng, &["www.example.test", "nothing.test", "x"]);
+                        let q = craft::dns_query(rng.random(), name, pick(rng, &[1, 28, 255]));
+                        let to = pick(rng, &[craft::host_ip6(), craft::host_ip6(), g.ll]);
+                        let to = if to == g.ll {
+                            hubnat_core::wire::link_local(REPLAY_MAC)
+                        } else {
+                            to
+                        };
+                        let src = SocketAddrV6::new(me, 5000, 0, 0);
+                        let d = craft::udp(src, SocketAddrV6::new(to, 53, 0, 0), &q);
+                        return vec![plain(eth_ip6(g.mac, to, &craft::ipv6(me, to, 17, 64, &d)))];
+                    }
+                    2 => SocketAddrV6::new(addr6(rng, &g), pick(rng, &PORTS), 0, 0),
+                    _ => SocketAddrV6::new(SERVER_IP6, pick(rng, &[7, 9, 19, 7, 1234]), 0, 0),
+                };
+                let src = SocketAddrV6::new(me, pick(rng, &[5000, 5001, 546, 53, 0]), 0, 0);
+                let payload = random_data(rng);
+                let d = craft::udp(src, dst, &payload[..payload.len().min(65_000)]);
+                let hop = pick(rng, &[64, 64, 1, 0, 255]);
+                vec![plain(eth_ip6(
+                    g.mac,
+                    *dst.ip(),
+                    &craft::ipv6(me, *dst.ip(), 17, hop, &d),
+                ))]
+            }
+            66..=77 => {
+                let dst = match rng.random_range(0..8) {
+                    0 => SocketAddrV6::new(craft::host_ip6(), pick(rng, &[80, 53]), 0, 0),
+                    1 => SocketAddrV6::new(addr6(rng, &g), pick(rng, &PORTS), 0, 0),
+                    _ => SocketAddrV6::new(SERVER_IP6, pick(rng, &[80, 80, 81, 82, 7, 0]), 0, 0),
+                };
+                let src = SocketAddrV6::new(me, pick(rng, &[40000, 40001, 40002, 0]), 0, 0);
+                let isn = rng.random();
+                let opts = if rng.random_bool(0.7) {
+                    vec![
+                        2, 4, 5, 0xa0, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+                    ]
+                } else {
+                    tcp_options(rng)
+                };
+                let seg = craft::tcp(src, dst, craft::SYN, isn, 0, 64240, &opts, &[]);
+                self.flows.push(Flow {
+                    mac: g.mac,
+                    src: src.into(),
+                    dst: dst.into(),
+                    seq: isn.wrapping_add(1),
+                    win: 64240,
+                });
+                if self.flows.len() > 8 {
+                    self.flows.remove(0);
+                }
+                vec![plain(eth_segment(g.mac, src.into(), dst.into(), 0, &seg))]
+            }
+            78..=89 => vec![plain(extension_chain(rng, &g, me))],
+            _ => self.fragments6(rng, &g, me),
+        }
+    }
+
+    /// An IPv6 datagram cut into fragments: out of order, doubled, overlapping, incomplete,
+    /// atomic, or reaching past 65535 bytes.
+    fn fragments6(&mut self, rng: &mut SmallRng, g: &Guest6, me: Ipv6Addr) -> Vec<FrameStep> {
+        let dst = pick(rng, &[SERVER_IP6, SERVER_IP6, craft::host_ip6()]);
+        let (proto, l4) = if rng.random_bool(0.6) {
+            let mut d = vec![0u8; rng.random_range(9..4000)];
+            rng.fill(&mut d[..]);
+            let src = SocketAddrV6::new(me, 5000, 0, 0);
+            (17, craft::udp(src, SocketAddrV6::new(dst, 7, 0, 0), &d))
+        } else {
+            let mut d = vec![0u8; rng.random_range(0..4000)];
+            rng.fill(&mut d[..]);
+            let mut m = craft::icmp_echo(rng.random(), 1, &d);
+            m[0] = 128;
+            put16(&mut m, 2, 0);
+            let c = craft::checksum6(me, dst, 58, &m);
+            put16(&mut m, 2, c);
+            (58, m)
+        };
+        let ident = rng.random();
+        let piece = 8 * rng.random_range(1..=181usize);
+        let mut parts: Vec<(usize, usize)> = (0..l4.len())
+            .step_by(piece)
+            .map(|o| (o, (o + piece).min(l4.len())))
+            .collect();
+        match rng.random_range(0..10) {
+            0..=1 => parts.shuffle(rng),
+            2 => {
+                let i = rng.random_range(0..parts.len());
+                parts.push(parts[i]);
+            }
+            3 if parts.len() > 1 => parts[1].0 = parts[1].0.saturating_sub(8),
+            4 if parts.len() > 1 => {
+                parts.remove(rng.random_range(0..parts.len()));
+            }
+            // A piece that does not end on 8 bytes but says more follow.
+            5 if parts.len() > 1 => parts[0].1 -= 1,
+            _ => {}
+        }
+        let far = rng.random_bool(0.05);
+        let last = parts.iter().map(|p| p.1).max().unwrap_or(0);
+        let atomic = parts.len() == 1 && rng.random_bool(0.5);
+        parts
+            .into_iter()
+            .map(|(a, b)| {
+                let off = if far && b == last { 8191 * 8 } else { a };
+                // A lone fragment is atomic (offset 0, no more) or waits for more.
+                let more = b < last || !atomic;
+                let p = craft::ipv6_fragment(me, dst, proto, ident, off, more, &l4[a..b]);
+                FrameStep {
+                    data: eth_ip6(g.mac, dst, &p),
+                    fix: false,
+                    sync: Sync::Off,
+                }
+            })
+            .collect()
+    }
+}
+
+/// An ICMPv6 message from `src` to `dst` in its frame, its checksum filled in.
+fn icmp6_packet(g: &Guest6, src: Ipv6Addr, dst: Ipv6Addr, hop: u8, mut msg: Vec<u8>) -> Vec<u8> {
+    if msg.len() >= 4 {
+        put16(&mut msg, 2, 0);
+        let c = craft::checksum6(src, dst, 58, &msg);
+        put16(&mut msg, 2, c);
+    }
+    eth_ip6(g.mac, dst, &craft::ipv6(src, dst, 58, hop, &msg))
+}
+
+/// Neighbour discovery options: link-layer addresses (the sender's, the host's, others),
+/// prefixes, MTU, DNS, unknown ones, and lengths of 0 or past the message.
+fn nd_options(rng: &mut SmallRng, g: &Guest6) -> Vec<u8> {
+    let mut o = Vec::new();
+    for _ in 0..rng.random_range(0..=3) {
+        match rng.random_range(0..8) {
+            0..=2 => {
+                o.extend_from_slice(&[pick(rng, &[1, 1, 2]), 1]);
+                let other = Mac(rng.random());
+                let m = pick(rng, &[g.mac, g.mac, REPLAY_MAC, other]);
+                o.extend_from_slice(&m.0);
+            }
+            3 => {
+                o.extend_from_slice(&[3, 4, 64, 0xc0]);
+                o.extend_from_slice(&[0, 0, 0x0e, 0x10, 0, 0, 0x07, 0x08, 0, 0, 0, 0]);
+                o.extend_from_slice(&addr6(rng, g).octets());
+            }
+            4 => o.extend_from_slice(&[5, 1, 0, 0, 0, 0, 5, 0xdc]),
+            5 => {
+                o.extend_from_slice(&[25, 3, 0, 0, 0, 0, 1, 0]);
+                o.extend_from_slice(&addr6(rng, g).octets());
+            }
+            6 => o.extend_from_slice(&[pick(rng, &[1, 2, 99]), 0, 0, 0, 0, 0, 0, 0]),
+            _ => {
+                let n = rng.random_range(1..5u8);
+                o.extend_from_slice(&[rng.random(), n + rng.random_range(0..2)]);
+                o.extend((0..usize::from(n) * 8 - 2).map(|_| rng.random::<u8>()));
+            }
+        }
+    }
+    o
+}
+
+/// A neighbour solicitation or advertisement, router solicitation or advertisement, with
+/// random options, mostly as RFC 4861 wants it (hop limit 255, code 0).
+fn ndp(rng: &mut SmallRng, g: &Guest6, me: Ipv6Addr) -> Vec<u8> {
+    let ty = pick(rng, &[135, 135, 136, 133, 133, 134, 137]);
+    let target = pick(
+        rng,
+        &[
+            craft::host_ip6(),
+            hubnat_core::wire::link_local(REPLAY_MAC),
+            g.ula,
+            g.ll,
+            SERVER_IP6,
+        ],
+    );
+    let mut msg = vec![ty, 0, 0, 0];
+    match ty {
+        133 => msg.extend_from_slice(&[0; 4]),
+        134 => msg.extend_from_slice(&[64, rng.random(), 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]),
+        136 => {
+            msg.extend_from_slice(&[pick(rng, &[0x20, 0x60, 0xe0, 0]), 0, 0, 0]);
+            msg.extend_from_slice(&target.octets());
+        }
+        _ => {
+            msg.extend_from_slice(&[0; 4]);
+            msg.extend_from_slice(&target.octets());
+        }
+    }
+    msg.extend(nd_options(rng, g));
+    if rng.random_bool(0.1) {
+        msg[1] = rng.random();
+    }
+    let dst = match rng.random_range(0..6) {
+        0 => hubnat_core::wire::link_local(REPLAY_MAC),
+        1 => "ff02::2".parse().unwrap(),
+        2 => "ff02::1".parse().unwrap(),
+        3 => {
+            let o = target.octets();
+            Ipv6Addr::new(
+                0xff02,
+                0,
+                0,
+                0,
+                0,
+                1,
+                0xff00 | u16::from(o[13]),
+                u16::from_be_bytes([o[14], o[15]]),
+            )
+        }
+        _ => addr6(rng, g),
+    };
+    let hop = if rng.random_bool(0.9) {
+        255
+    } else {
+        pick(rng, &[254, 1, 64])
+    };
+    icmp6_packet(g, me, dst, hop, msg)
+}
+
+/// A DHCPv6 option.
+fn opt6(code: u16, data: &[u8]) -> Vec<u8> {
+    let mut v = code.to_be_bytes().to_vec();
+    v.extend_from_slice(&(data.len().min(0xffff) as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// A DHCPv6 client message of any type with random options: client and server ids (ours,
+/// another's, odd ones), IA_NAs with addresses, rapid commit, option requests, unknown
+/// options, and lengths that run past their container.
+fn dhcpv6(rng: &mut SmallRng, g: &Guest6) -> Vec<u8> {
+    let kind = pick(rng, &[1, 1, 3, 3, 4, 5, 6, 8, 9, 11, 11, 2, 7, 12, 0]);
+    let mut m = vec![kind, rng.random(), rng.random(), rng.random()];
+    let duid = |rng: &mut SmallRng, mac: Mac| -> Vec<u8> {
+        match rng.random_range(0..6) {
+            0 => Vec::new(),
+            1 => (0..rng.random_range(1..140))
+                .map(|_| rng.random())
+                .collect(),
+            _ => [&[0u8, 3, 0, 1][..], &mac.0].concat(),
+        }
+    };
+    for _ in 0..rng.random_range(0..=6) {
+        let o = match rng.random_range(0..12) {
+            0..=2 => {
+                let d = duid(rng, g.mac);
+                opt6(1, &d)
+            }
+            3..=4 => {
+                let mac = pick(rng, &[REPLAY_MAC, REPLAY_MAC, g.mac]);
+                let d = duid(rng, mac);
+                opt6(2, &d)
+            }
+            5..=7 => {
+                let mut ia = rng.random_range(0..4u32).to_be_bytes().to_vec();
+                ia.extend_from_slice(&[0; 8]);
+                for _ in 0..rng.random_range(0..3) {
+                    let mut a = addr6(rng, g).octets().to_vec();
+                    a.extend_from_slice(&rng.random::<[u8; 8]>());
+                    if rng.random_bool(0.2) {
+                        a.extend(opt6(13, &[0, 2, b'x']));
+                    }
+                    ia.extend(opt6(pick(rng, &[5, 5, 5, 13]), &a));
+                }
+                opt6(pick(rng, &[3, 3, 3, 4, 25]), &ia)
+            }
+            8 => opt6(14, &[]),
+            9 => opt6(6, &[0, 23, 0, 24, 0, rng.random()]),
+            10 => opt6(8, &rng.random::<[u8; 2]>()),
+            _ => {
+                let data: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
+                opt6(rng.random(), &data)
+            }
+        };
+        m.extend(o);
+    }
+    if m.len() > 6 && rng.random_bool(0.15) {
+        // An option length that runs past the message.
+        let at = 4 + 2;
+        let l = be16(&m, at).unwrap_or(0);
+        put16(&mut m, at, l.wrapping_add(rng.random_range(1..300)));
+    }
+    let to_host = rng.random_bool(0.15);
+    let dst = if to_host {
+        craft::host_ip6()
+    } else {
+        "ff02::1:2".parse().unwrap()
+    };
+    let src = if rng.random_bool(0.9) { g.ll } else { g.ula };
+    let d = craft::udp(
+        SocketAddrV6::new(src, 546, 0, 0),
+        SocketAddrV6::new(dst, 547, 0, 0),
+        &m,
+    );
+    eth_ip6(g.mac, dst, &craft::ipv6(src, dst, 17, 1, &d))
+}
+
+/// A packet behind a random chain of extension headers (hop-by-hop, destination options,
+/// routing, fragment), some with lengths past the packet, a hop-by-hop out of place, or two
+/// fragment headers.
+fn extension_chain(rng: &mut SmallRng, g: &Guest6, me: Ipv6Addr) -> Vec<u8> {
+    let other = addr6(rng, g);
+    let dst = pick(rng, &[craft::host_ip6(), SERVER_IP6, SERVER_IP6, other]);
+    let (proto, upper) = match rng.random_range(0..3) {
+        0 => {
+            let payload = random_data(rng);
+            let d = craft::udp(
+                SocketAddrV6::new(me, 5000, 0, 0),
+                SocketAddrV6::new(dst, pick(rng, &[7, 53, 547]), 0, 0),
+                &payload[..payload.len().min(65_000)],
+            );
+            (17u8, d)
+        }
+        1 => {
+            let s = SocketAddrV6::new(me, 40000, 0, 0);
+            let d = SocketAddrV6::new(dst, 80, 0, 0);
+            (
+                6,
+                craft::tcp(s, d, craft::SYN, rng.random(), 0, 64240, &[], &[]),
+            )
+        }
+        _ => {
+            let mut m = craft::icmp_echo(rng.random(), 1, b"chain");
+            m[0] = pick(rng, &[128, 135, 133]);
+            put16(&mut m, 2, 0);
+            let c = craft::checksum6(me, dst, 58, &m);
+            put16(&mut m, 2, c);
+            (58, m)
+        }
+    };
+    let kinds: Vec<u8> = (0..rng.random_range(1..=10))
+        .map(|i| {
+            if i == 0 && rng.random_bool(0.5) {
+                0
+            } else {
+                pick(rng, &[0, 60, 60, 43, 44, 59, 135])
+            }
+        })
+        .collect();
+    // Built from the upper layer outward: each header names the one after it.
+    let mut body = upper;
+    let mut next = proto;
+    for &k in kinds.iter().rev() {
+        let mut h = if k == 44 {
+            let off: u16 = pick(rng, &[0, 0, 1, 8, 0xfff8]);
+            let mut h = vec![next, 0];
+            h.extend_from_slice(&off.to_be_bytes());
+            h.extend_from_slice(&rng.random::<u32>().to_be_bytes());
+            h
+        } else {
+            let units = rng.random_range(0..3u8);
+            let mut h = vec![next, units];
+            if k == 43 {
+                h.extend_from_slice(&[pick(rng, &[0, 2, 4]), rng.random_range(0..3)]);
+            }
+            let len = 8 + 8 * usize::from(units);
+            while h.len() < len {
+                // Pad1 and PadN options mostly; an unknown option now and then.
+                h.push(if rng.random_bool(0.9) { 0 } else { 0xc2 });
+            }
+            h
+        };
+        if rng.random_bool(0.1) && h.len() > 1 {
+            h[1] = rng.random();
+        }
+        h.extend_from_slice(&body);
+        body = h;
+        next = k;
+    }
+    eth_ip6(g.mac, dst, &craft::ipv6(me, dst, next, 64, &body))
 }
 
 fn tcp_options(rng: &mut SmallRng) -> Vec<u8> {
@@ -1706,6 +2176,10 @@ fn checksum(mut sum: u32, data: &[u8]) -> u16 {
 struct Layout {
     ethertype: u16,
     ip: bool,
+    /// IPv6 (`ip` too): no header checksum; the transport's covers the IPv6 pseudo-header.
+    v6: bool,
+    /// A fragment (a whole datagram's checksum cannot be checked in one).
+    fragment: bool,
     /// Where the IPv4 payload starts and ends (the total length, cut to the frame).
     l4: usize,
     end: usize,
@@ -1720,6 +2194,9 @@ fn layout(b: &[u8]) -> Layout {
         ethertype: be16(b, 12).unwrap_or(0),
         ..Layout::default()
     };
+    if l.ethertype == 0x86dd {
+        return layout6(b, l);
+    }
     if l.ethertype != 0x0800 || b.len() < 34 {
         return l;
     }
@@ -1732,6 +2209,7 @@ fn layout(b: &[u8]) -> Layout {
     l.end = (14 + usize::from(be16(b, 16).unwrap_or(0))).clamp(l.l4, b.len());
     l.proto = b[23];
     l.first = be16(b, 20).unwrap_or(0) & 0x1fff == 0;
+    l.fragment = be16(b, 20).unwrap_or(0) & 0x3fff != 0;
     if l.proto == 17 && l.first && l.l4 + 8 + 240 <= b.len() {
         let (sp, dp) = (be16(b, l.l4).unwrap_or(0), be16(b, l.l4 + 2).unwrap_or(0));
         if dp == 67 || sp == 68 {
@@ -1741,6 +2219,48 @@ fn layout(b: &[u8]) -> Layout {
     l
 }
 
+/// The layers of an IPv6 frame: the extension headers walked to the upper layer (a fragment
+/// that is not the first stops the walk).
+fn layout6(b: &[u8], mut l: Layout) -> Layout {
+    if b.len() < 54 {
+        return l;
+    }
+    l.ip = true;
+    l.v6 = true;
+    l.first = true;
+    l.end = (54 + usize::from(be16(b, 18).unwrap_or(0))).min(b.len());
+    let mut next = b[20];
+    let mut at = 54;
+    for _ in 0..8 {
+        match next {
+            0 | 43 | 60 if at + 2 <= l.end => {
+                next = b[at];
+                at += 8 + 8 * usize::from(b[at + 1]);
+            }
+            44 if at + 8 <= l.end => {
+                l.fragment = true;
+                l.first = be16(b, at + 2).unwrap_or(0) & !7 == 0;
+                next = b[at];
+                at += 8;
+            }
+            _ => break,
+        }
+    }
+    l.l4 = at.min(l.end);
+    l.proto = next;
+    l
+}
+
+/// The sum of the pseudo-header of a transport message of `len` bytes (IPv4's or IPv6's).
+fn pseudo_sum(b: &[u8], l: Layout, len: usize, proto: u8) -> u32 {
+    let addrs = if l.v6 { 22..54 } else { 26..34 };
+    let mut s = 0u32;
+    for i in addrs.step_by(2) {
+        s += u32::from(be16(b, i).unwrap_or(0));
+    }
+    s + u32::from(proto) + len as u32
+}
+
 /// Recomputes the transport checksum (whole datagrams only: a fragment cannot be checked alone)
 /// and then the IPv4 header's.
 fn fix_checksums(b: &mut [u8]) {
@@ -1748,16 +2268,9 @@ fn fix_checksums(b: &mut [u8]) {
     if !l.ip {
         return;
     }
-    let not_fragment = be16(b, 20).unwrap_or(0) & 0x3fff == 0;
-    if not_fragment {
+    if !l.fragment {
         let len = l.end - l.l4;
-        let pseudo = |len: usize, proto: u8, b: &[u8]| -> u32 {
-            let mut s = 0u32;
-            for i in (26..34).step_by(2) {
-                s += u32::from(be16(b, i).unwrap_or(0));
-            }
-            s + u32::from(proto) + len as u32
-        };
+        let pseudo = |len: usize, proto: u8, b: &[u8]| pseudo_sum(b, l, len, proto);
         match l.proto {
             6 if len >= 20 => {
                 put16(b, l.l4 + 16, 0);
@@ -1772,13 +2285,21 @@ fn fix_checksums(b: &mut [u8]) {
                 let c = checksum(pseudo(len, 17, b), &b[l.l4..l.l4 + len]);
                 put16(b, l.l4 + 6, if c == 0 { 0xffff } else { c });
             }
-            1 if len >= 4 => {
+            1 if len >= 4 && !l.v6 => {
                 put16(b, l.l4 + 2, 0);
                 let c = checksum(0, &b[l.l4..l.end]);
                 put16(b, l.l4 + 2, c);
             }
+            58 if len >= 4 && l.v6 => {
+                put16(b, l.l4 + 2, 0);
+                let c = checksum(pseudo(len, 58, b), &b[l.l4..l.end]);
+                put16(b, l.l4 + 2, c);
+            }
             _ => {}
         }
+    }
+    if l.v6 {
+        return;
     }
     put16(b, 24, 0);
     let c = checksum(0, &b[14..l.l4]);
@@ -1789,6 +2310,14 @@ fn fix_checksums(b: &mut [u8]) {
 fn fix_lengths(b: &mut [u8]) {
     let l = layout(b);
     if !l.ip {
+        return;
+    }
+    if l.v6 {
+        let payload = (b.len() - 54).min(0xffff);
+        put16(b, 18, payload as u16);
+        if l.proto == 17 && l.first && b.len() >= l.l4 + 8 {
+            put16(b, l.l4 + 4, (b.len() - l.l4).min(0xffff) as u16);
+        }
         return;
     }
     let total = (b.len() - 14).min(0xffff);
@@ -1935,11 +2464,13 @@ fn field(rng: &mut SmallRng, b: &mut Vec<u8>) {
     match pick(rng, &layers) {
         0 => eth_field(rng, b),
         1 => arp_field(rng, b),
+        2 if l.v6 => ip6_field(rng, b, l),
         2 => ip_field(rng, b, l),
         3 => match l.proto {
             6 => tcp_field(rng, b, l),
             17 => udp_field(rng, b, l),
-            1 => icmp_field(rng, b, l),
+            1 | 58 => icmp_field(rng, b, l),
+            _ if l.v6 => ip6_field(rng, b, l),
             _ => ip_field(rng, b, l),
         },
         _ => dhcp_field(rng, b, l),
@@ -2002,6 +2533,41 @@ fn ip_options(rng: &mut SmallRng) -> Vec<u8> {
         o.push(0);
     }
     o
+}
+
+/// One field of the IPv6 header or of its first extension header.
+fn ip6_field(rng: &mut SmallRng, b: &mut [u8], l: Layout) {
+    match rng.random_range(0..8) {
+        0 => {
+            let v = pick(rng, &[6, 6, 4, 0, 15]);
+            put(b, 14, &[v << 4 | rng.random_range(0..16u8)]);
+        }
+        1 => {
+            let w = word(rng, b.len());
+            put16(b, 18, w);
+        }
+        2 => {
+            let r = rng.random();
+            put(b, 20, &[pick(rng, &[0, 6, 17, 58, 43, 44, 60, 59, 50, r])]);
+        }
+        3 => put(b, 21, &[pick(rng, &[0, 1, 2, 64, 254, 255])]),
+        4 => {
+            // A source or destination from the addresses that matter.
+            let g = Guest6::new(craft::guest_mac(1));
+            let a = addr6(rng, &g).octets();
+            put(b, pick(rng, &[22, 38]), &a);
+        }
+        5 if l.l4 > 54 => put(b, 55, &[rng.random()]),
+        6 if l.l4 > 54 => {
+            let r = rng.random();
+            put(b, 54, &[pick(rng, &[0, 6, 17, 44, 58, 59, r])]);
+        }
+        _ => {
+            // Flow label and traffic class: nothing should care.
+            let r = rng.random();
+            put16(b, 15, r);
+        }
+    }
 }
 
 fn ip_field(rng: &mut SmallRng, b: &mut Vec<u8>, l: Layout) {
@@ -2339,8 +2905,8 @@ struct Conversation {
     flows: HashMap<FlowKey, Heard>,
 }
 
-/// Guest address and port, remote address and port.
-type FlowKey = (u32, u16, u32, u16);
+/// Guest address and port, remote address and port (an IPv4 address as its u32).
+type FlowKey = (u128, u16, u128, u16);
 
 #[derive(Clone, Copy)]
 struct Heard {
@@ -2353,18 +2919,18 @@ struct Heard {
 }
 
 /// (source, source port, destination, destination port, TCP offset) of a TCP frame.
-fn tcp_tuple(b: &[u8]) -> Option<(u32, u16, u32, u16, usize)> {
+fn tcp_tuple(b: &[u8]) -> Option<(u128, u16, u128, u16, usize)> {
     let l = layout(b);
     if !l.ip || l.proto != 6 || !l.first || l.end < l.l4 + 20 {
         return None;
     }
-    Some((
-        be32(b, 26)?,
-        be16(b, l.l4)?,
-        be32(b, 30)?,
-        be16(b, l.l4 + 2)?,
-        l.l4,
-    ))
+    let (src, dst) = if l.v6 {
+        let a = |at: usize| Some(u128::from_be_bytes(b.get(at..at + 16)?.try_into().ok()?));
+        (a(22)?, a(38)?)
+    } else {
+        (u128::from(be32(b, 26)?), u128::from(be32(b, 30)?))
+    };
+    Some((src, be16(b, l.l4)?, dst, be16(b, l.l4 + 2)?, l.l4))
 }
 
 impl Conversation {
@@ -3606,15 +4172,16 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(3);
         let mut g = Guest::default();
         for _ in 0..200 {
-            // (The barely-frames of random bytes, under 64 bytes, are no checksummed packets.)
-            for f in g
-                .frames(&mut rng)
-                .into_iter()
-                .filter(|f| f.data.len() >= 64)
-            {
+            // (The barely-frames of random bytes, under 64 bytes, are no checksummed packets;
+            // a datagram cut short or a chain of extension headers with a wrong length has no
+            // one right checksum.)
+            for f in g.frames(&mut rng).into_iter().filter(|f| {
+                let d = describe(&f.data);
+                f.data.len() >= 64 && !d.contains("malformed") && !d.contains("past")
+            }) {
                 let mut d = f.data.clone();
                 fix_checksums(&mut d);
-                assert_eq!(d, f.data);
+                assert_eq!(d, f.data, "{}", describe(&f.data));
             }
         }
     }
