@@ -57,7 +57,8 @@ pub(crate) const V6_PARAMETER_PROBLEM: u8 = 4;
 pub(crate) const V6_ECHO_REQUEST: u8 = 128;
 
 /// The start of a guest's datagram as an ICMP error about it quotes it: its IP header (IPv4
-/// options left out, IPv6 extension headers kept) and the first 8 bytes of its payload.
+/// options left out, IPv6 extension headers kept) and the first 8 bytes of its payload (for
+/// IPv6, up to `QUOTE_MAX` bytes of the packet).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Quote {
     bytes: [u8; QUOTE_MAX],
@@ -82,8 +83,9 @@ impl Quote {
         let mut q = Quote::default();
         let n = ip.upper.len().min(QUOTED_PAYLOAD);
         if ip.is_v6() {
+            // As much as the quote holds (RFC 4443 asks for as much as fits).
             let header = ip.packet.len() - ip.upper.len();
-            let len = (header + n).min(QUOTE_MAX);
+            let len = ip.packet.len().min(QUOTE_MAX);
             q.bytes[..len].copy_from_slice(&ip.packet[..len]);
             q.len = len as u8;
             q.upper_at = header.min(QUOTE_MAX) as u8;
@@ -141,7 +143,7 @@ impl Quote {
         };
         if err.quoted_len as usize >= QUOTED_PAYLOAD
             && err.quoted[0] == request
-            && usize::from(q.len) == at + QUOTED_PAYLOAD
+            && usize::from(q.len) >= at + QUOTED_PAYLOAD
         {
             let payload = &mut q.bytes[at..at + QUOTED_PAYLOAD];
             let guest_ident = u16::from_be_bytes([payload[4], payload[5]]);
@@ -158,6 +160,18 @@ impl Quote {
     /// The address of the guest that sent the quoted datagram.
     fn source(&self) -> Option<IpAddr> {
         quote_source(self.bytes())
+    }
+}
+
+/// What an ICMP error the virtual host makes about the guest's packet `ip` quotes: IPv4's
+/// header and 8 bytes (RFC 792, `Quote`); for IPv6, as much of the packet as keeps the error
+/// within the minimum MTU (RFC 4443 2.4 (c)).
+pub(crate) fn error_quote<'a>(ip: &GuestIp<'a>, q: &'a Quote) -> &'a [u8] {
+    if ip.is_v6() {
+        const ROOM: usize = 1280 - IPV6_HEADER_LEN - ICMP_HEADER_LEN;
+        &ip.packet[..ip.packet.len().min(ROOM)]
+    } else {
+        q.bytes()
     }
 }
 
@@ -236,7 +250,8 @@ pub(crate) fn time_exceeded(ctx: &mut Ctx, ip: &GuestIp, out: &mut FrameBatch) -
     } else {
         TIME_EXCEEDED
     };
-    if let Err(why) = push_error(ctx, out, from, src, None, (kind, 0), [0; 4], quote.bytes()) {
+    let quoted = error_quote(ip, &quote);
+    if let Err(why) = push_error(ctx, out, from, src, None, (kind, 0), [0; 4], quoted) {
         ctx.stats.drop(why);
     }
     true

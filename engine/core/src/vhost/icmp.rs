@@ -96,7 +96,7 @@ pub(crate) fn push_unreachable(
         };
         let quote = crate::nat::icmp_error::Quote::of(ip);
         let kind = (crate::nat::icmp_error::V6_DST_UNREACHABLE, code);
-        let q = quote.bytes();
+        let q = crate::nat::icmp_error::error_quote(ip, &quote);
         return crate::nat::icmp_error::push_error(ctx, out, src, ip.src, None, kind, [0; 4], q);
     };
     let header = Ipv4Repr {
