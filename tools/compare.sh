@@ -22,6 +22,10 @@
 # the guest's 5201 (hubnat: `hubnat forward add` on its control socket; slirp4netns: add_hostfwd
 # on its API socket; pasta: `-t 15201:5201`). The kernel forwards no port: its rows are the NAT
 # ns's client connecting to the guest's address, routed. SecureNAT has no port forwarding.
+# IPv6 (instance kind `v6`, --with-ipv6): the NAT and server namespaces also get 2001:db8:77::1 and
+# ::2; the guest takes its address as the system gives it (SLAAC from hubnat's or slirp4netns's
+# router advertisement, pasta's copy of the NAT ns's, a static one for the kernel's routing) and
+# iperf3 -6 runs both ways. SecureNAT has no IPv6.
 # Every namespace, interface, process and file the script makes is removed on exit, also on failure
 # or Ctrl-C. Run as root. `tools/compare.sh --help` lists the options.
 set -euo pipefail
@@ -46,6 +50,7 @@ QUICK=0
 FWD=1
 WITH_OFL=0
 OFFLOADS=off
+WITH_V6=0
 
 usage() {
   cat <<'EOF'
@@ -75,6 +80,13 @@ Usage: sudo tools/compare.sh [options]
                    A TAP takes them only where the program behind it offers them; each figure's
                    note says whether the guest's TSO was on. The kernel's row is then its
                    routing with offloads on, the reference for a NAT that offers them
+  --with-ipv6      also measure throughput over IPv6 at the first MTU (tput_up6_M, tput_down6_M):
+                   a fresh instance whose NAT and server namespaces also have 2001:db8:77::1 and
+                   ::2 (the NAT's IPv6 traffic leaves from ::1), iperf3 -6 to 2001:db8:77::2.
+                   hubnat (every port) and slirp4netns (--enable-ipv6): the guest's address by
+                   SLAAC from their router advertisements; pasta: its copy of the NAT namespace's;
+                   kernel: fd68:7562:6e61:1e::50/64, routed (the server routes the prefix back);
+                   softether: none (SecureNAT has no IPv6)
   --quick          smoke run: --duration 2 --mem 100,1000 --rounds 1, PERF.md left alone
   --out FILE       Markdown report (default PERF-compare.md at the top of the repository); FILE.svg (chart) and FILE.jsonl
                    (raw results, one line per figure) are written beside it
@@ -104,6 +116,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --no-fwd) FWD=0; shift ;;
     --with-offloads) WITH_OFL=1; shift ;;
+    --with-ipv6) WITH_V6=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -315,9 +328,13 @@ first_line() { grep -m1 -v '^\s*$' "$1" 2>/dev/null | cut -c1-160 || true; }
 
 SERVER_IP=10.77.0.2
 NAT_IP=10.77.0.1
+# IPv6 of the v6 instances: a documentation prefix on the NAT-server link (routed nowhere else).
+SERVER6=2001:db8:77::2
+NAT6=2001:db8:77::1
+GUEST6_KERNEL=fd68:7562:6e61:1e::50   # the kernel's guest, in hubnat's default prefix
 GUEST=()        # command prefix that runs a command in the guest namespace
 NAT_NS="" SRV_NS="" GUEST_NS=""
-KIND=""         # the instance's kind (main, tput, fwd, mem)
+KIND=""         # the instance's kind (main, tput, ofl, v6, fwd, mem)
 FWD_SEEN="$WORK/fwd-seen.tsv"   # system, via (lo|addr), client address the guest saw
 FWD_PORT=15201  # the forwarded port, in the NAT namespace
 GUEST_PORT=5201 # where it leads in the guest (iperf3's server)
@@ -333,6 +350,13 @@ make_base() {
   ip -n "$SRV_NS" addr add "$SERVER_IP/24" dev eth0
   ip -n "$SRV_NS" link set eth0 up
   ip -n "$NAT_NS" route add default via "$SERVER_IP"
+  # IPv6 only where it is measured: the other instances stay as they were (IPv4 alone). nodad:
+  # usable at once (pasta copies the NAT ns's address as it finds it at start).
+  if [ "$KIND" = v6 ]; then
+    ip -n "$NAT_NS" addr add "$NAT6/64" dev "$a" nodad
+    ip -n "$SRV_NS" addr add "$SERVER6/64" dev eth0 nodad
+    ip -n "$NAT_NS" -6 route add default via "$SERVER6"
+  fi
   # Many short connections from one address: reuse TIME_WAIT ports, use the whole port range.
   for ns in "$NAT_NS" "$SRV_NS"; do
     ip netns exec "$ns" sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
@@ -395,6 +419,13 @@ setup_kernel() { # mtu
   ip -n "$GUEST_NS" route add default via 192.168.30.1
   # Routing, no NAT: the server knows the way back.
   ip -n "$SRV_NS" route add 192.168.30.0/24 via "$NAT_IP"
+  if [ "$KIND" = v6 ]; then
+    ip -n "$NAT_NS" addr add fd68:7562:6e61:1e::1/64 dev "$v" nodad
+    ip netns exec "$NAT_NS" sysctl -qw net.ipv6.conf.all.forwarding=1
+    ip -n "$GUEST_NS" addr add "$GUEST6_KERNEL/64" dev eth0 nodad
+    ip -n "$GUEST_NS" -6 route add default via fd68:7562:6e61:1e::1
+    ip -n "$SRV_NS" -6 route add fd68:7562:6e61:1e::/64 via "$NAT6"
+  fi
 }
 
 # hubnat: its configuration, started in the NAT namespace with the given ports.
@@ -475,7 +506,9 @@ setup_slirp4netns() { # mtu
   ip netns exec "$GUEST_NS" sleep infinity &
   local holder=$!
   PIDS+=("$holder")
-  ip netns exec "$NAT_NS" slirp4netns --configure --mtu="$1" --disable-host-loopback \
+  local v6=()
+  [ "$KIND" = v6 ] && v6=(--enable-ipv6)
+  ip netns exec "$NAT_NS" slirp4netns --configure --mtu="$1" --disable-host-loopback "${v6[@]}" \
     --api-socket "$IDIR/slirp4netns.api" "$holder" tap0 > "$IDIR/slirp4netns.log" 2>&1 &
   PIDS+=($!)
   wait_for 20 guest_has_addr tap0 ||
@@ -555,6 +588,38 @@ EOF
   [ "$ok" = 1 ] && guest_has_addr eth0 || { echo "the guest got no DHCP lease from SecureNAT"; return 1; }
 }
 
+# The v6 instance, once the system serves the guest: the guest's IPv6 address and default route
+# as the system gives them. Prints why not on failure.
+guest_prefix6() { # system: the start of the guest's global address
+  case "$1" in
+    hubnat*|kernel) echo "fd68:7562:6e61:1e:" ;;  # hubnat's default prefix (the kernel's: static)
+    slirp4netns) echo "fd00::" ;;                  # libslirp's prefix, fd00::/64
+    pasta) echo "${NAT6%::*}:" ;;                  # the NAT ns's own address, copied
+  esac
+}
+# A global address with the prefix that is past DAD (not tentative), and a default route.
+guest_has_addr6() { # prefix
+  "${GUEST[@]}" ip -6 -o addr show scope global | grep -v tentative | awk '{print $4}' |
+    grep -q "^$1" &&
+    [ -n "$("${GUEST[@]}" ip -6 route show default)" ]
+}
+setup_v6() { # system
+  local dev prefix
+  dev=$(guest_dev)
+  prefix=$(guest_prefix6 "$1")
+  [ -n "$prefix" ] || { echo "SKIP: no IPv6"; return 1; }
+  # SLAAC needs the guest's interface to take router advertisements: a fresh namespace's default
+  # (accept_ra 1, forwarding off) does; say so if something changed it.
+  local ra
+  ra=$("${GUEST[@]}" sysctl -n "net.ipv6.conf.$dev.accept_ra" 2>/dev/null || echo "?")
+  [ "$ra" != 0 ] || { echo "the guest's $dev does not accept router advertisements (accept_ra 0)"; return 1; }
+  if ! wait_for 20 guest_has_addr6 "$prefix"; then
+    echo "no IPv6 address in $prefix/64 and default route on the guest in 20 s:" \
+      "$("${GUEST[@]}" ip -6 -o addr show scope global | awk '{print $4, $NF}' | tr '\n' ' ')"
+    return 1
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Workloads
 
@@ -572,7 +637,7 @@ nat_mem() { # field
 # (tput_DIR_MTU). pps: the packet rate, one UDP stream of 64-byte datagrams sent as fast as
 # iperf3 can (-u -b 0), thousands of datagrams a second received (pps_DIR).
 run_iperf() { # system mtu direction(up|down) [tput|pps]
-  local s=$1 m=$2 d=$3 kind=${4:-tput} srv rev=() load metric value
+  local s=$1 m=$2 d=$3 kind=${4:-tput} srv rev=() load metric value to=$SERVER_IP fam=()
   local out="$IDIR/iperf-$kind-$d.json" err="$IDIR/iperf-$kind-$d.err"
   [ "$d" = down ] && rev=(-R)
   if [ "$kind" = pps ]; then
@@ -581,12 +646,14 @@ run_iperf() { # system mtu direction(up|down) [tput|pps]
   else
     load=(-Z -P4 -l1M) metric="tput_${d}_$m" value='.end.sum_received.bits_per_second / 1e9'
     [ "$OFFLOADS" = on ] && metric="tput_${d}_ofl_$m"
+    if [ "$KIND" = v6 ]; then metric="tput_${d}6_$m" to=$SERVER6 fam=(-6); fi
   fi
   ip netns exec "$SRV_NS" iperf3 -s -1 -p 5201 > "$IDIR/iperf-server-$kind-$d.log" 2>&1 &
   srv=$!
   PIDS+=("$srv")
   wait_for 5 ip netns exec "$SRV_NS" sh -c 'ss -ltn | grep -q ":5201 "' || true
-  if timeout -k 5 $((DURATION + 30)) "${GUEST[@]}" iperf3 -c "$SERVER_IP" -p 5201 -t "$DURATION" \
+  # iperf3 -s listens on :: (both families) by default.
+  if timeout -k 5 $((DURATION + 30)) "${GUEST[@]}" iperf3 "${fam[@]}" -c "$to" -p 5201 -t "$DURATION" \
        "${load[@]}" --connect-timeout 5000 "${rev[@]}" -J > "$out" 2>"$err" &&
      jq -e '.end.sum_received.bytes > 0' "$out" >/dev/null 2>&1; then
     if [ "$kind" = pps ]; then
@@ -755,13 +822,14 @@ instance_metrics() { # kind mtu
     main) echo "tput_up_$2 tput_down_$2 pps_up pps_down rr_p50 rr_p99 rr_p999 crr_rate crr_p50" ;;
     tput) echo "tput_up_$2 tput_down_$2" ;;
     ofl) echo "tput_up_ofl_$2 tput_down_ofl_$2" ;;
+    v6) echo "tput_up6_$2 tput_down6_$2" ;;
     fwd) echo "fwd_in_$2 fwd_out_$2 fwd_in_addr_$2 fwd_out_addr_$2" ;;
     mem) local n; for n in "${MEM_LIST[@]}"; do echo -n "mem_$n held_$n "; done ;;
   esac
 }
 
 # One instance: fresh namespaces, the system at MTU M, the given workloads, teardown.
-instance() { # system kind(main|tput|fwd|mem) mtu
+instance() { # system kind(main|tput|ofl|v6|fwd|mem) mtu
   local s=$1 kind=$2 m=$3 why m2
   SEQ=$((SEQ + 1))
   KIND=$kind
@@ -771,7 +839,8 @@ instance() { # system kind(main|tput|fwd|mem) mtu
   mkdir -p "$IDIR"
   log "round $ROUND: $s ($kind, MTU $m)"
   if ! make_base > "$IDIR/setup.msg" 2>&1 || ! "setup_$s" "$m" >> "$IDIR/setup.msg" 2>&1 ||
-     { [ "$kind" = fwd ] && ! setup_forward "$s" >> "$IDIR/setup.msg" 2>&1; }; then
+     { [ "$kind" = fwd ] && ! setup_forward "$s" >> "$IDIR/setup.msg" 2>&1; } ||
+     { [ "$kind" = v6 ] && ! setup_v6 "$s" >> "$IDIR/setup.msg" 2>&1; }; then
     why=$(grep -v '^\s*$' "$IDIR/setup.msg" | tail -n 1)
     case "$why" in
       SKIP:*) log "  $s at MTU $m: skipped (${why#SKIP: })"
@@ -810,6 +879,10 @@ instance() { # system kind(main|tput|fwd|mem) mtu
       "${GUEST[@]}" ethtool -K "$(guest_dev)" tx on tso on gso on gro on >/dev/null 2>&1 || true
       run_iperf "$s" "$m" up
       run_iperf "$s" "$m" down ;;
+    v6)
+      log "  guest's IPv6: $("${GUEST[@]}" ip -6 -o addr show scope global | awk '{print $4}' | tr '\n' ' ')"
+      run_iperf "$s" "$m" up
+      run_iperf "$s" "$m" down ;;
     fwd)
       local via d
       for via in lo addr; do
@@ -839,6 +912,7 @@ for s in "${SYS_LIST[@]}"; do
     ROUND=1
     fm=""
     [ "$FWD" = 1 ] && fm=$(instance_metrics fwd "${MTU_LIST[0]}")
+    [ "$WITH_V6" = 1 ] && fm+=" $(instance_metrics v6 "${MTU_LIST[0]}")"
     for m in $(instance_metrics main "${MTU_LIST[0]}") $fm; do record_skip "$s" "$m" "${SKIP[$s]}"; done
   else
     RUNNABLE+=("$s")
@@ -851,6 +925,13 @@ for ROUND in $(seq "$ROUNDS"); do
     instance "$s" main "${MTU_LIST[0]}"
     for m in "${MTU_LIST[@]:1}"; do instance "$s" tput "$m"; done
     if [ "$WITH_OFL" = 1 ]; then instance "$s" ofl "${MTU_LIST[0]}"; fi
+    if [ "$WITH_V6" = 1 ]; then
+      if [ "$s" = softether ]; then
+        for m in $(instance_metrics v6 "${MTU_LIST[0]}"); do record_skip "$s" "$m" "no IPv6"; done
+      else
+        instance "$s" v6 "${MTU_LIST[0]}"
+      fi
+    fi
     if [ -z "${FWD_SKIP[$s]:-}" ]; then
       instance "$s" fwd "${MTU_LIST[0]}"
     elif [ "$FWD" = 1 ]; then
@@ -873,12 +954,17 @@ MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 VERSIONS="slirp4netns $(slirp4netns --version 2>/dev/null | awk 'NR==1 {print $3}'), passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'), SoftEther $(dpkg-query -W -f '${Version}' softether-vpnserver 2>/dev/null || echo '?'), iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1 {print $2}')"
 CMDLINE="tools/compare.sh --systems $SYSTEMS --mtu $MTUS --duration $DURATION --rounds $ROUNDS --mem '${MEM}'"
 [ "$WITH_OFL" = 1 ] && CMDLINE+=" --with-offloads"
+[ "$WITH_V6" = 1 ] && CMDLINE+=" --with-ipv6"
 [ "$FWD" = 0 ] && CMDLINE+=" --no-fwd"
 FWD_TEXT=""
 [ "$FWD" = 1 ] && FWD_TEXT=" Forwarded port: the same iperf3 with its server in the guest (port
 $GUEST_PORT) and its client in the NAT namespace, connecting to port $FWD_PORT on 127.0.0.1 or on
 the NAT namespace's address $NAT_IP, which the system forwards to the guest (the kernel forwards no
 port: its client connects to the guest's address)."
+V6_TEXT=""
+[ "$WITH_V6" = 1 ] && V6_TEXT=" IPv6: the same iperf3 to the server's $SERVER6 from
+the guest's address as the system gives it (hubnat and slirp4netns: SLAAC; pasta: its copy of
+the NAT namespace's $NAT6; kernel: static, routed)."
 # Which client address the guests saw through the forwards (a line below the table).
 fwd_seen() {
   [ -s "$FWD_SEEN" ] || return 0
@@ -902,7 +988,7 @@ Run $START on $MACHINE; $VERSIONS; hubnat $(git -C "$ROOT" rev-parse --short HEA
 Command: \`$CMDLINE\`. Medians of $ROUNDS round(s); each cell is the figure and, in brackets, its
 ratio to hubnat's. iperf3 \`-Z -P4 -l1M\`, ${DURATION} s per direction; latency: 1-byte echo over one
 connection; connection rate: connect, 1-byte echo, close; memory: peak RSS (VmHWM, summed over the
-NAT namespace's processes) of a fresh instance holding that many idle connections.$FWD_TEXT
+NAT namespace's processes) of a fresh instance holding that many idle connections.$FWD_TEXT$V6_TEXT
 
 
 EOF

@@ -63,13 +63,24 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Sort key of a metric: throughput by MTU and direction, latency, rate, memory by count.
+/// Sort key of a metric: throughput by MTU and direction (each direction's plain row, then its
+/// offloads-on row, then its IPv6 row), latency, rate, memory by count.
 fn metric_rank(m: &str) -> (u32, u64, String) {
     let num = |s: &str| s.rsplit('_').next().and_then(|x| x.parse::<u64>().ok());
-    let (group, n) = if m.starts_with("tput_up_") {
-        (0, num(m).unwrap_or(0) * 2)
-    } else if m.starts_with("tput_down_") {
-        (0, num(m).unwrap_or(0) * 2 + 1)
+    let tput = |dir: u64, rest: &str| {
+        let variant = if rest.starts_with("_ofl_") {
+            1
+        } else if rest.starts_with("6_") {
+            2
+        } else {
+            0
+        };
+        (0, num(m).unwrap_or(0) * 8 + dir * 4 + variant)
+    };
+    let (group, n) = if let Some(rest) = m.strip_prefix("tput_up") {
+        tput(0, rest)
+    } else if let Some(rest) = m.strip_prefix("tput_down") {
+        tput(1, rest)
     } else if m.starts_with("pps_") {
         (0, 1_000_000 + u64::from(m != "pps_up"))
     } else if m.starts_with("rr_") {
@@ -109,6 +120,12 @@ fn describe(m: &str) -> (String, bool) {
             format!("iperf3 server → guest, MTU {tail}, guest offloads on"),
             true,
         ),
+        _ if m.starts_with("tput_up6_") => {
+            (format!("iperf3 guest → server over IPv6, MTU {tail}"), true)
+        }
+        _ if m.starts_with("tput_down6_") => {
+            (format!("iperf3 server → guest over IPv6, MTU {tail}"), true)
+        }
         _ if m.starts_with("tput_up_") => (format!("iperf3 guest → server, MTU {tail}"), true),
         _ if m.starts_with("tput_down_") => (format!("iperf3 server → guest, MTU {tail}"), true),
         "pps_up" => ("UDP 64-byte datagrams guest → server".into(), true),
@@ -514,6 +531,44 @@ mod tests {
             )
         );
         assert_eq!(default_unit("tput_up_ofl_1500"), "Gbit/s");
+    }
+
+    #[test]
+    fn ipv6_rows_follow_their_direction_and_say_so() {
+        let mut m = vec![
+            "tput_down6_1500",
+            "tput_up_65520",
+            "pps_up",
+            "tput_down_1500",
+            "tput_up6_1500",
+            "tput_up_ofl_1500",
+            "tput_up_1500",
+        ];
+        m.sort_by_key(|m| metric_rank(m));
+        assert_eq!(
+            m,
+            [
+                "tput_up_1500",
+                "tput_up_ofl_1500",
+                "tput_up6_1500",
+                "tput_down_1500",
+                "tput_down6_1500",
+                "tput_up_65520",
+                "pps_up"
+            ]
+        );
+        assert_eq!(
+            describe("tput_up6_1500"),
+            ("iperf3 guest → server over IPv6, MTU 1500".to_owned(), true)
+        );
+        assert_eq!(
+            describe("tput_down6_65520"),
+            (
+                "iperf3 server → guest over IPv6, MTU 65520".to_owned(),
+                true
+            )
+        );
+        assert_eq!(default_unit("tput_down6_1500"), "Gbit/s");
     }
 
     #[test]
