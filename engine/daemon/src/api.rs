@@ -1090,7 +1090,7 @@ mod tests {
                 if let Err(e) = merge(&RawConfig::default(), *section, &v) {
                     // Only the enum-typed fields may refuse a made-up word.
                     assert!(
-                        *k == "icmp" || *k == "source_check",
+                        *k == "icmp" || *k == "source_check" || *k == "dhcpv6",
                         "{}.{k}: {e}",
                         section.name()
                     );

@@ -288,3 +288,45 @@ fn icmpv6_errors_the_host_receives_reach_the_guest_from_their_sender() {
         assert_eq!(&msg[8..8 + 48], &probe[14..14 + 48]);
     }
 }
+
+#[test]
+fn toward_a_port_that_cuts_segments_ipv6_connections_send_super_frames() {
+    let (mut e, mut h, mut out) = setup();
+    e.ctx.tcp_gso = true;
+    let (g, d) = (sa6(guest_ip6(), 40000), sa6(remote_ip6(), 80));
+    e.handle_frame(T0, &syn6_frame(g, d, 1000), &mut h, &mut out);
+    let sock = ids(&h, |s| matches!(s, SimSocket::Tcp(_)))[0];
+    pump(&mut e, &mut h, &mut out, T0);
+    let syn_ack = packets6(&out).remove(0);
+    let server_isn = TcpPacket::new_checked(&syn_ack[40..]).unwrap().seq_number();
+    out.clear();
+    // The guest acknowledges, with a large window; the host has 20000 bytes for it.
+    let mut ack = [0u8; 20];
+    let mut t = TcpPacket::new_unchecked(&mut ack[..]);
+    t.set_src_port(40000);
+    t.set_dst_port(80);
+    t.set_seq_number(smoltcp::wire::TcpSeqNumber(1001));
+    t.set_ack_number(server_isn + 1);
+    t.set_header_len(20);
+    t.set_ack(true);
+    t.set_window_len(65535);
+    t.fill_checksum(&guest_ip6().into(), &remote_ip6().into());
+    e.handle_frame(
+        T0,
+        &ipv6_frame(guest_ip6(), remote_ip6(), 6, 64, &ack),
+        &mut h,
+        &mut out,
+    );
+    h.deliver_tcp(sock, &[7u8; 20000]);
+    pump(&mut e, &mut h, &mut out, T0);
+    let marked: Vec<(usize, u16)> = out.iter_gso().map(|(f, mss)| (f.len(), mss)).collect();
+    let (len, mss) = marked[0];
+    // The guest's SYN named no MSS: segments of RFC 9293's default.
+    assert_eq!(mss, 536, "a super-frame marked with the MSS: {marked:?}");
+    assert!(len > 1514, "{marked:?}");
+    // Its checksum field holds the pseudo-header's sum, for the guest's side to complete.
+    let f = out.get(0).unwrap();
+    let tcp_len = f.len() - 14 - 40;
+    let sum = crate::wire::pseudo_header_sum6(remote_ip6(), guest_ip6(), 6, tcp_len);
+    assert_eq!(&f[14 + 40 + 16..14 + 40 + 18], &sum.to_be_bytes());
+}

@@ -187,10 +187,11 @@ pub struct QueueFlags {
 }
 
 /// The offloads hubnat offers the guest (`TUNSETOFFLOAD`): checksums and TCP segmentation
-/// over IPv4 (with ECN), which it takes as they come (`port::vnet`).
-const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN;
+/// over IPv4 and IPv6 (with ECN), which it takes as they come (`port::vnet`).
+const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
 impl Tap {

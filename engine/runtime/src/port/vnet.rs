@@ -1,7 +1,7 @@
 //! The virtio-net header a TAP opened with `IFF_VNET_HDR` puts before every frame (and wants
 //! before every frame written to it), and what hubnat does with it.
 //!
-//! With offloads on (`TUNSETOFFLOAD`: checksum and TCP segmentation over IPv4), the guest's
+//! With offloads on (`TUNSETOFFLOAD`: checksum and TCP segmentation over IPv4 and IPv6), the guest's
 //! kernel leaves work to its "device", which is hubnat: a TCP or UDP frame may come with its
 //! checksum only started (`NEEDS_CSUM`: the field holds the pseudo-header's sum, the rest is to
 //! be added from `csum_start` on), and a TCP frame may be a super-segment of up to 64 KiB that a
@@ -11,9 +11,10 @@
 //! from a TAP without offloads. Frames written to the guest carry an empty header (nothing left
 //! to do).
 
-/// The largest frame a TAP gives: a 64 KiB IPv4 packet (a TCP super-segment, or a datagram at
-/// the largest MTU) behind an Ethernet header with a VLAN tag.
-pub const MAX_FRAME: usize = 65535 + 18;
+/// The largest frame a TAP gives: a TCP super-segment (64 KiB of IPv4 packet, or an IPv6 header
+/// and 64 KiB of payload) or a datagram at the largest MTU, behind an Ethernet header with a
+/// VLAN tag.
+pub const MAX_FRAME: usize = 40 + 65535 + 18;
 
 /// The legacy header's size (`struct virtio_net_hdr`), the TAP's default.
 pub const HDR_LEN: usize = 10;
@@ -24,6 +25,7 @@ const F_NEEDS_CSUM: u8 = 1;
 /// `gso_type` values.
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 /// Set with a TCP type when the segments carry ECN's CWR.
 const GSO_ECN: u8 = 0x80;
 
@@ -33,14 +35,20 @@ pub static EMPTY: [u8; HDR_LEN] = [0; HDR_LEN];
 
 /// The header of a TCP super-frame hubnat writes (`FrameBatch::iter_gso`): the guest's side
 /// cuts it into segments of `mss` payload bytes and completes each one's checksum, whose field
-/// holds the pseudo-header's sum. `frame` is an Ethernet frame carrying IPv4 and TCP.
+/// holds the pseudo-header's sum. `frame` is an Ethernet frame carrying IPv4 or IPv6 (no
+/// extension headers: hubnat writes none) and TCP.
 pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
-    let ip_hl = usize::from(frame.get(ETH_LEN).copied().unwrap_or(0x45) & 0x0f) * 4;
+    let v6 = frame.get(12..14) == Some(&[0x86, 0xdd][..]);
+    let ip_hl = if v6 {
+        40
+    } else {
+        usize::from(frame.get(ETH_LEN).copied().unwrap_or(0x45) & 0x0f) * 4
+    };
     let csum_start = ETH_LEN + ip_hl;
     let tcp_hl = usize::from(frame.get(csum_start + 12).copied().unwrap_or(0x50) >> 4) * 4;
     let mut h = [0u8; HDR_LEN];
     h[0] = F_NEEDS_CSUM;
-    h[1] = GSO_TCPV4;
+    h[1] = if v6 { GSO_TCPV6 } else { GSO_TCPV4 };
     h[2..4].copy_from_slice(&((csum_start + tcp_hl) as u16).to_ne_bytes());
     h[4..6].copy_from_slice(&mss.to_ne_bytes());
     h[6..8].copy_from_slice(&(csum_start as u16).to_ne_bytes());
@@ -57,7 +65,7 @@ const TCP_CSUM_OFFSET: u16 = 16;
 pub enum Refused {
     /// Shorter than a header.
     Short,
-    /// A segmentation hubnat did not offer (UDP, TCP over IPv6).
+    /// A segmentation hubnat did not offer (UDP).
     Gso(u8),
     /// The checksum to complete lies outside the frame.
     Csum { start: usize, offset: usize },
@@ -78,7 +86,7 @@ pub fn take(buf: &mut [u8]) -> Result<&mut [u8], Refused> {
 pub fn complete(hdr: &[u8; HDR_LEN], frame: &mut [u8]) -> Result<(), Refused> {
     let flags = hdr[0];
     let gso = hdr[1];
-    if gso & !GSO_ECN != GSO_NONE && gso & !GSO_ECN != GSO_TCPV4 {
+    if !matches!(gso & !GSO_ECN, GSO_NONE | GSO_TCPV4 | GSO_TCPV6) {
         return Err(Refused::Gso(gso));
     }
     if flags & F_NEEDS_CSUM != 0 {
@@ -244,6 +252,24 @@ mod tests {
     }
 
     #[test]
+    fn the_gso_header_of_an_ipv6_super_frame_says_tcpv6_and_where_tcp_starts() {
+        let mut frame = vec![0u8; 14 + 40 + 32 + 3000];
+        frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        frame[14] = 0x60;
+        frame[14 + 40 + 12] = 8 << 4; // a 32-byte TCP header
+        let h = gso_header(&frame, 1428);
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_TCPV6));
+        assert_eq!(
+            u16::from_ne_bytes([h[2], h[3]]),
+            14 + 40 + 32,
+            "headers' length"
+        );
+        assert_eq!(u16::from_ne_bytes([h[4], h[5]]), 1428);
+        assert_eq!(u16::from_ne_bytes([h[6], h[7]]), 14 + 40, "csum_start");
+        assert_eq!(u16::from_ne_bytes([h[8], h[9]]), TCP_CSUM_OFFSET);
+    }
+
+    #[test]
     fn headers_hubnat_did_not_offer_or_that_point_outside_are_refused() {
         assert_eq!(take(&mut [0u8; 9]), Err(Refused::Short));
         let mut buf = tcp_segment(10);
@@ -252,6 +278,9 @@ mod tests {
         let mut buf = tcp_segment(10);
         buf[1] = GSO_TCPV4 | GSO_ECN;
         assert!(take(&mut buf).is_ok());
+        let mut buf = tcp_segment(10);
+        buf[1] = GSO_TCPV6;
+        assert!(take(&mut buf).is_ok(), "TCP over IPv6 is offered too");
         let mut buf = tcp_segment(10);
         started(&mut buf, 16);
         let len = (buf.len() - HDR_LEN) as u16;

@@ -1250,10 +1250,10 @@ impl TcpConn {
         r
     }
 
-    /// Whether this connection sends super-frames: the port cuts them, and it is IPv4 (the
-    /// port is offered TCPv4 segmentation only).
+    /// Whether this connection sends super-frames: the port cuts them (TCP over IPv4 and
+    /// IPv6 alike).
     fn gso<H: SockIo>(&self, cx: &Handling<H>) -> bool {
-        cx.ctx.tcp_gso && self.guest.is_ipv4()
+        cx.ctx.tcp_gso
     }
 
     /// The most payload one frame toward the guest carries: a segment, or where the port
