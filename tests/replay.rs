@@ -3,10 +3,13 @@
 //! decoded. `HUBNAT_BLESS=1 cargo test --test replay` rewrites the golden files on purpose
 //! (and the crafted inputs, from `hubnat_replay::craft`); review them with
 //! `hubnat-pcap show` / `git diff --stat` before committing.
+//!
+//! A scenario run with `tcp_gso` also has `NAME.out.gso`, the frames the core marked as TCP
+//! super-frames (`hubnat_replay::gso`): compared, blessed and reviewed with the golden output.
 
 use std::path::{Path, PathBuf};
 
-use hubnat_replay::{self as replay, craft, decode, pcap, Script};
+use hubnat_replay::{self as replay, craft, decode, gso, pcap, Script};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../pcaps")
@@ -21,6 +24,15 @@ fn script_for(name: &str) -> Script {
     match std::fs::read_to_string(&p) {
         Ok(text) => Script::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
         Err(_) => Script::default(),
+    }
+}
+
+/// The super-frame marks a golden output has (none without its `NAME.out.gso`).
+fn golden_marks(name: &str) -> Vec<gso::Mark> {
+    let p = dir().join(format!("{name}.out.gso"));
+    match std::fs::read_to_string(&p) {
+        Ok(text) => gso::parse_marks(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -89,15 +101,38 @@ fn every_scenario_replays_to_its_golden_output() {
     for name in &names {
         let input = pcap::read(&dir().join(format!("{name}.in.pcap"))).unwrap();
         let script = script_for(name);
-        let got = replay::replay(&script, &input);
+        let (got, marks) = replay::replay_marked(&script, &input);
+        // Whatever the golden says, a marked frame must be one a device can cut and complete.
+        for &(i, mss) in &marks {
+            let f = &got[i].data;
+            if !gso::partial_checksum_holds(f) || gso::cut(f, mss).is_err() {
+                failures.push(format!(
+                    "scenario `{name}`: frame {} is marked GSO {mss} but is no valid super-frame: {}",
+                    i + 1,
+                    decode::describe_marked(f, mss)
+                ));
+            }
+        }
         let golden = dir().join(format!("{name}.out.pcap"));
         if bless() {
             pcap::write(&golden, &got).unwrap();
-            eprintln!("blessed {name}: {} frames out", got.len());
+            let gso_file = dir().join(format!("{name}.out.gso"));
+            if marks.is_empty() {
+                let _ = std::fs::remove_file(gso_file);
+            } else {
+                std::fs::write(gso_file, gso::marks_to_text(&marks)).unwrap();
+            }
+            eprintln!(
+                "blessed {name}: {} frames out, {} super-frames",
+                got.len(),
+                marks.len()
+            );
             continue;
         }
         let expected = pcap::read(&golden).unwrap_or_else(|e| panic!("{e}"));
         if let Some(m) = decode::compare(&expected, &got) {
+            failures.push(format!("scenario `{name}`: {m}"));
+        } else if let Some(m) = gso::compare_marks(&golden_marks(name), &marks) {
             failures.push(format!("scenario `{name}`: {m}"));
         }
     }
@@ -117,9 +152,12 @@ fn replay_is_deterministic_within_a_process() {
     for name in scenarios() {
         let input = pcap::read(&dir().join(format!("{name}.in.pcap"))).unwrap();
         let script = script_for(&name);
-        let a = replay::replay(&script, &input);
-        let b = replay::replay(&script, &input);
+        let (a, ma) = replay::replay_marked(&script, &input);
+        let (b, mb) = replay::replay_marked(&script, &input);
         if let Some(m) = decode::compare(&a, &b) {
+            panic!("scenario `{name}` replays differently twice: {m}");
+        }
+        if let Some(m) = gso::compare_marks(&ma, &mb) {
             panic!("scenario `{name}` replays differently twice: {m}");
         }
     }

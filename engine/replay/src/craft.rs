@@ -359,7 +359,9 @@ impl Session {
         self.t += Duration::from_millis(ms);
     }
 
-    /// Sends a frame now and returns what the core sent in answer (timers before it included).
+    /// Sends a frame now and returns what the core sent in answer (timers before it included),
+    /// as the guest gets it: a TCP super-frame cut into its segments, as the virtio-net device
+    /// of a TAP with offloads would (`gso::cut`).
     pub fn send(&mut self, frame: Vec<u8>) -> Vec<Frame> {
         let ts = EPOCH + self.t;
         let before = self.output.len();
@@ -371,7 +373,21 @@ impl Session {
             })
         });
         self.input.push(Frame { ts, data: frame });
-        self.output[before..].to_vec()
+        let marks = self.driver.gso_marks();
+        let first = marks.partition_point(|&(i, _)| i < before);
+        let mut marks = marks[first..].iter().peekable();
+        let mut got = Vec::new();
+        for (i, f) in self.output.iter().enumerate().skip(before) {
+            match marks.next_if(|&&(m, _)| m == i) {
+                Some(&(_, mss)) => {
+                    let segs = super::gso::cut(&f.data, mss)
+                        .unwrap_or_else(|e| panic!("the core's super-frame {}: {e}", i + 1));
+                    got.extend(segs.into_iter().map(|data| Frame { ts: f.ts, data }));
+                }
+                None => got.push(f.clone()),
+            }
+        }
+        got
     }
 
     pub fn finish(mut self) -> (Vec<Frame>, Vec<Frame>) {
@@ -472,6 +488,12 @@ pub struct GuestConn {
     /// The core's latest TSval (echoed), when timestamps are on.
     pub ts_recent: u32,
     pub peer_fin: bool,
+    /// The MSS the guest's SYN offers (None: a 1500-byte link's).
+    pub mss: Option<u16>,
+    /// A segment of the core's (by its sequence number) the guest loses once, never seeing it.
+    pub lose: Option<u32>,
+    /// Data the guest holds beyond a hole (start, end), in order; acknowledged with SACK.
+    pub ooo: Vec<(u32, u32)>,
 }
 
 impl GuestConn {
@@ -491,6 +513,9 @@ impl GuestConn {
             win: 502,
             ts_recent: 0,
             peer_fin: false,
+            mss: None,
+            lose: None,
+            ooo: Vec::new(),
         }
     }
 
@@ -499,7 +524,9 @@ impl GuestConn {
         let tse = self.ts_recent.to_be_bytes();
         let opts: Vec<u8> = if syn_opts {
             // The MSS of a 1500-byte link: 1460 over IPv4, 1440 over IPv6.
-            let mss: u16 = if self.src.is_ipv4() { 1460 } else { 1440 };
+            let mss: u16 = self
+                .mss
+                .unwrap_or(if self.src.is_ipv4() { 1460 } else { 1440 });
             let mut o = vec![2, 4];
             o.extend_from_slice(&mss.to_be_bytes());
             o.extend_from_slice(&[4, 2, 8, 10]);
@@ -511,6 +538,16 @@ impl GuestConn {
             let mut o = vec![1, 1, 8, 10];
             o.extend_from_slice(&tsval);
             o.extend_from_slice(&tse);
+            // SACK blocks for what the guest holds beyond a hole (RFC 2018), at most three
+            // beside the timestamps.
+            if !self.ooo.is_empty() && flags & ACK != 0 {
+                let blocks = &self.ooo[..self.ooo.len().min(3)];
+                o.extend_from_slice(&[1, 1, 5, 2 + 8 * blocks.len() as u8]);
+                for (a, b) in blocks {
+                    o.extend_from_slice(&a.to_be_bytes());
+                    o.extend_from_slice(&b.to_be_bytes());
+                }
+            }
             o
         };
         let ack = if flags & ACK != 0 { self.ack } else { 0 };
@@ -540,6 +577,10 @@ impl GuestConn {
             if let Some(ts) = s.tsval {
                 self.ts_recent = ts;
             }
+            if s.len > 0 && self.lose == Some(s.seq) {
+                self.lose = None;
+                continue;
+            }
             if s.flags & SYN != 0 {
                 self.ack = s.seq.wrapping_add(1);
             } else if s.seq == self.ack {
@@ -548,7 +589,41 @@ impl GuestConn {
                     self.ack = self.ack.wrapping_add(1);
                     self.peer_fin = true;
                 }
+                self.fill_from_ooo();
+            } else if s.len > 0 && (s.seq.wrapping_sub(self.ack) as i32) > 0 {
+                self.hold(s.seq, s.seq.wrapping_add(s.len));
             }
+        }
+    }
+
+    /// Keeps data that arrived beyond a hole (merged with what is held already).
+    fn hold(&mut self, a: u32, b: u32) {
+        let after = |x: u32, y: u32| (x.wrapping_sub(y) as i32) > 0;
+        let mut r = (a, b);
+        self.ooo.retain(|&(x, y)| {
+            let apart = after(x, r.1) || after(r.0, y);
+            if !apart {
+                r = (
+                    if after(x, r.0) { r.0 } else { x },
+                    if after(y, r.1) { y } else { r.1 },
+                );
+            }
+            apart
+        });
+        let at = self.ooo.partition_point(|&(x, _)| after(r.0, x));
+        self.ooo.insert(at, r);
+    }
+
+    /// Once a hole is filled, takes what was held beyond it.
+    fn fill_from_ooo(&mut self) {
+        while let Some(&(a, b)) = self.ooo.first() {
+            if (a.wrapping_sub(self.ack) as i32) > 0 {
+                break;
+            }
+            if (b.wrapping_sub(self.ack) as i32) > 0 {
+                self.ack = b;
+            }
+            self.ooo.remove(0);
         }
     }
 
@@ -612,6 +687,7 @@ pub const NAMES: &[&str] = &[
     "dhcpv6",
     "tcp6",
     "udp6",
+    "tso",
 ];
 
 /// A crafted scenario: its script (TOML text) and its input frames.
@@ -631,6 +707,10 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "tcp6" => {
             "[host]\ntcp_ports = { \"80\" = \"fixed:5000\" }\n\
              connects = { \"[2001:db8::5]:81\" = \"refuse\" }\n"
+        }
+        "tso" => {
+            "tcp_gso = true\n\
+             [host]\ntcp = \"sink\"\ntcp_ports = { \"80\" = \"fixed:200000\", \"81\" = \"fixed:20000\" }\n"
         }
         "udp6" => {
             "[host]\nudp_ports = { \"9\" = \"refuse\" }\n\
@@ -656,6 +736,7 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "dhcpv6" => dhcpv6_scenario(&mut s),
         "tcp6" => tcp6_scenario(&mut s),
         "udp6" => udp6_scenario(&mut s),
+        "tso" => tso_scenario(&mut s),
         _ => return None,
     }
     let (input, _) = s.finish();
@@ -1653,4 +1734,67 @@ fn udp6_scenario(s: &mut Session) {
         SocketAddrV6::new(host_ll, 53, 0, 0),
         &dns_query(0x0604, "www.example.test", 28),
     ));
+}
+
+// ---- offloads -------------------------------------------------------------------------------
+
+/// A download the guest takes in super-frames (the core's marks kept in `tso.out.gso`), cut
+/// as its device would cut them (`Session::send`), acknowledging each batch with one ACK (as a
+/// guest whose device coalesces does); with `lose`, one segment never reaches it.
+/// `lose`: the offset in the stream of the segment the guest loses.
+fn tso_download(s: &mut Session, c: &mut GuestConn, lose: Option<u32>) {
+    let out = c.connect(s);
+    // The stream starts after the SYN-ACK's sequence number (the first data may have come
+    // with the handshake already).
+    let start = out
+        .iter()
+        .filter_map(|f| parse_tcp(&f.data))
+        .find(|g| g.flags & SYN != 0)
+        .map_or(c.ack, |g| g.seq.wrapping_add(1));
+    c.lose = lose.map(|k| start.wrapping_add(k));
+    s.wait_ms(1);
+    c.send(s, ACK | PSH, b"GET / HTTP/1.1\r\nHost: server\r\n\r\n");
+    for _ in 0..200 {
+        if c.peer_fin {
+            break;
+        }
+        s.wait_ms(2);
+        c.send(s, ACK, &[]);
+        // A guest holding data beyond a hole acknowledges at once, once per segment it got
+        // out of order (as Linux does): two more duplicate ACKs, with SACK.
+        for _ in 0..2 {
+            if c.ooo.is_empty() {
+                break;
+            }
+            c.send(s, ACK, &[]);
+        }
+    }
+    s.wait_ms(1);
+    c.send(s, FIN | ACK, &[]);
+}
+
+fn tso_scenario(s: &mut Session) {
+    let m = guest_mac(20);
+    // a download of 200000 bytes in super-frames; the guest's window (×128 = 256 KiB) leaves
+    // room for 64 KiB frames
+    let mut c = GuestConn::new(m, g(41100), srv(80), 11_000_000);
+    c.win = 2048;
+    tso_download(s, &mut c, Some(15 * 1448));
+    // an upload: the guest's own super-segments (32 KiB, then 5 segments and a bit in one
+    // frame), their checksums valid as the runtime leaves them after completing them
+    let mut u = GuestConn::new(m, g(41101), srv(5001), 12_000_000);
+    u.connect(s);
+    s.wait_ms(1);
+    u.send(s, ACK | PSH, &chunk(20, 32 * 1024));
+    s.wait_ms(1);
+    u.send(s, ACK | PSH, &chunk(21, 5 * 1448 + 100));
+    s.wait_ms(1);
+    u.send(s, FIN | ACK, &[]);
+    s.wait_ms(1);
+    u.send(s, ACK, &[]);
+    // a small MSS (536, 524 with timestamps): 20000 bytes in super-frames cut that small
+    let mut small = GuestConn::new(m, g(41102), srv(81), 13_000_000);
+    small.mss = Some(536);
+    small.win = 2048;
+    tso_download(s, &mut small, None);
 }

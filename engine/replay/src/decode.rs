@@ -47,6 +47,33 @@ pub fn describe(frame: &[u8]) -> String {
     s
 }
 
+/// `describe`, and for a frame the core marked as a TCP super-frame of `mss`-byte segments
+/// (`gso`), how many segments it is cut into and whether its checksum field holds the
+/// pseudo-header's sum, as a device that completes it expects.
+pub fn describe_marked(frame: &[u8], mss: u16) -> String {
+    let mut s = describe(frame);
+    if mss != 0 {
+        match super::gso::cut(frame, mss) {
+            Ok(segs) => {
+                let _ = write!(
+                    s,
+                    " GSO {mss} x{}{}",
+                    segs.len(),
+                    if super::gso::partial_checksum_holds(frame) {
+                        " csum partial"
+                    } else {
+                        " BAD-PARTIAL-CSUM"
+                    }
+                );
+            }
+            Err(e) => {
+                let _ = write!(s, " GSO {mss} (cannot be cut: {e})");
+            }
+        }
+    }
+    s
+}
+
 fn ipv4(b: &[u8]) -> String {
     match <[u8; 4]>::try_from(b) {
         Ok(a) => std::net::Ipv4Addr::from(a).to_string(),

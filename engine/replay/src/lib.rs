@@ -16,6 +16,7 @@
 pub mod craft;
 pub mod decode;
 pub mod gen;
+pub mod gso;
 pub mod pcap;
 pub mod rebase;
 pub mod script;
@@ -62,6 +63,9 @@ pub struct Driver {
     started: bool,
     /// Reusable list of socket ids.
     ids: Vec<SockId>,
+    /// Frames emitted so far, and the super-frames among them (`gso`).
+    emitted: usize,
+    marks: Vec<gso::Mark>,
 }
 
 use rebase::Rebaser;
@@ -73,7 +77,8 @@ pub fn pattern_byte(i: usize) -> u8 {
 
 impl Driver {
     pub fn new(script: Script) -> Driver {
-        let engine = Engine::new(script.config.clone(), script.mac(), script.seed);
+        let mut engine = Engine::new(script.config.clone(), script.mac(), script.seed);
+        engine.ctx.tcp_gso = script.tcp_gso;
         let mut host = SimSockets::default();
         host.default_connect = script.default_connect;
         host.icmp_allowed = true;
@@ -92,7 +97,15 @@ impl Driver {
             now: Instant::ZERO,
             started: false,
             ids: Vec::new(),
+            emitted: 0,
+            marks: Vec::new(),
         }
+    }
+
+    /// The frames emitted so far that the core marked as TCP super-frames (`Ctx::tcp_gso`):
+    /// their index among every frame emitted and their segment size, in order.
+    pub fn gso_marks(&self) -> &[gso::Mark] {
+        &self.marks
     }
 
     fn at(&self, now: Instant) -> Duration {
@@ -102,10 +115,14 @@ impl Driver {
     /// Hands the frames the core produced so far to `emit`, stamped with `now`.
     fn flush(&mut self, now: Instant, emit: &mut impl FnMut(Duration, &[u8])) {
         let ts = self.at(now);
-        for f in self.out.iter() {
+        for (f, mss) in self.out.iter_gso() {
             if self.script.rebase {
                 self.rebaser.on_output(f);
             }
+            if mss != 0 {
+                self.marks.push((self.emitted, mss));
+            }
+            self.emitted += 1;
             emit(ts, f);
         }
         self.out.clear();
@@ -323,6 +340,12 @@ impl Driver {
 
 /// Replays `input` under `script` and returns the frames the core sent.
 pub fn replay(script: &Script, input: &[Frame]) -> Vec<Frame> {
+    replay_marked(script, input).0
+}
+
+/// Replays `input` under `script` and returns the frames the core sent and which of them it
+/// marked as TCP super-frames (see `gso`).
+pub fn replay_marked(script: &Script, input: &[Frame]) -> (Vec<Frame>, Vec<gso::Mark>) {
     let mut d = Driver::new(script.clone());
     let mut out = Vec::new();
     let mut emit = |ts: Duration, f: &[u8]| {
@@ -335,7 +358,7 @@ pub fn replay(script: &Script, input: &[Frame]) -> Vec<Frame> {
         d.frame(f.ts, &f.data, &mut emit);
     }
     d.finish(&mut emit);
-    out
+    (out, d.marks)
 }
 
 /// An ICMP echo reply to an echo request (from its ICMP header on), or None for anything else.

@@ -7,6 +7,8 @@
 //! seed = 1                        # seeds every random choice of the core
 //! tail_ms = 3000                  # timers run this long past the last input frame
 //! rebase = true                   # translate guests' ACK/TSecr to the replayed core's ISN/TSval
+//! tcp_gso = false                 # the port takes TCP super-frames toward the guest, as a TAP
+//!                                 # with offloads does (`Ctx::tcp_gso`; see `gso`)
 //!
 //! [host]
 //! default_connect = "accept"      # accept | refuse | silent | unreachable
@@ -81,6 +83,7 @@ struct RawScript {
     seed: Option<u64>,
     tail_ms: Option<u64>,
     rebase: Option<bool>,
+    tcp_gso: Option<bool>,
     #[serde(default)]
     host: RawHostSide,
     #[serde(default)]
@@ -118,6 +121,9 @@ pub struct Script {
     pub seed: u64,
     pub tail_ms: u64,
     pub rebase: bool,
+    /// The core sends TCP super-frames toward the guest (`Ctx::tcp_gso`), which a replay
+    /// records with their marks (`gso`).
+    pub tcp_gso: bool,
     pub default_connect: ConnectOutcome,
     pub connects: Vec<(SocketAddr, ConnectOutcome)>,
     pub tcp: TcpBehaviour,
@@ -233,6 +239,7 @@ impl Script {
             seed: raw.seed.unwrap_or(1),
             tail_ms: raw.tail_ms.unwrap_or(3000),
             rebase: raw.rebase.unwrap_or(true),
+            tcp_gso: raw.tcp_gso.unwrap_or(false),
             default_connect: connect_outcome(
                 "host.default_connect",
                 h.default_connect.as_deref().unwrap_or("accept"),
@@ -316,6 +323,8 @@ mod tests {
         assert_eq!(s.config.dhcp.domain.as_deref(), Some(REPLAY_DOMAIN));
         assert!(s.is_upstream(REPLAY_UPSTREAM.into()));
         assert_eq!(s.tcp_for(80), TcpBehaviour::Echo);
+        assert!(!s.tcp_gso);
+        assert!(Script::parse("tcp_gso = true").unwrap().tcp_gso);
     }
 
     #[test]

@@ -278,3 +278,92 @@ fn advance_runs_timers_and_act_reaches_the_core() {
     );
     assert_eq!(*out.borrow(), vec![(s(2), 1000), (s(3), 1001)]);
 }
+
+/// A segment of the core's toward `c` (from its destination), as a frame.
+fn toward(c: &GuestConn, seq: u32, len: usize) -> Frame {
+    let seg = craft::tcp(c.dst, c.src, ACK, seq, 1, 100, &[], &vec![0; len]);
+    let (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) = (c.dst.ip(), c.src.ip()) else {
+        unreachable!()
+    };
+    let ip = craft::ipv4(
+        src,
+        dst,
+        smoltcp::wire::IpProtocol::Tcp,
+        0,
+        (0, false),
+        &seg,
+    );
+    Frame {
+        ts: Duration::ZERO,
+        data: craft::ethernet(c.mac, script::REPLAY_MAC, 0x0800, &ip),
+    }
+}
+
+#[test]
+fn a_guest_holds_data_beyond_a_hole_and_takes_it_once_the_hole_fills() {
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1003), srv(80), 100);
+    c.ack = 1000;
+    c.lose = Some(1000);
+    // the first segment is lost; the rest arrive out of order, two of them adjacent
+    c.absorb(&[
+        toward(&c, 1000, 500),
+        toward(&c, 2000, 500),
+        toward(&c, 1500, 500),
+        toward(&c, 3000, 100),
+    ]);
+    assert_eq!((c.ack, c.lose), (1000, None));
+    assert_eq!(c.ooo, vec![(1500, 2500), (3000, 3100)]);
+    // its ACK carries them as SACK blocks
+    let s = Session::new(&Script::default());
+    let ack = decode::describe(&c.build(&s, ACK, &[]));
+    assert!(
+        ack.contains("ack 1000") && ack.contains("sack 1500-2500,sack 3000-3100"),
+        "{ack}"
+    );
+    // the retransmission fills the hole: what was held is taken, up to the next hole
+    c.absorb(&[toward(&c, 1000, 500)]);
+    assert_eq!((c.ack, c.ooo.clone()), (2500, vec![(3000, 3100)]));
+    c.absorb(&[toward(&c, 2500, 600)]);
+    assert_eq!((c.ack, c.ooo.len()), (3100, 0));
+    assert!(!decode::describe(&c.build(&s, ACK, &[])).contains("sack"));
+}
+
+#[test]
+fn with_tcp_gso_the_guest_gets_cut_segments_and_the_marks_are_kept() {
+    let script = Script::parse("tcp_gso = true\n[host]\ntcp = \"fixed:30000\"\n").unwrap();
+    let mut s = Session::new(&script);
+    let mut c = GuestConn::new(craft::guest_mac(1), guest(1004), srv(80), 100);
+    c.win = 2048;
+    let mut seen = c.connect(&mut s);
+    while !c.peer_fin && s.t < Duration::from_millis(50) {
+        s.wait_ms(1);
+        seen.extend(c.send(&mut s, ACK, &[]));
+    }
+    assert!(c.peer_fin);
+    // the core's frames: super-frames, marked with the MSS and cut for the guest
+    let marks = s.driver.gso_marks().to_vec();
+    assert!(!marks.is_empty());
+    for &(i, mss) in &marks {
+        assert_eq!(mss, 1448);
+        assert!(craft::parse_tcp(&s.output[i].data).unwrap().len > 1448);
+    }
+    let segs: Vec<_> = seen
+        .iter()
+        .filter_map(|f| craft::parse_tcp(&f.data))
+        .collect();
+    assert!(segs.iter().all(|g| g.len <= 1448));
+    assert_eq!(segs.iter().map(|g| g.len).sum::<u32>(), 30_000);
+    assert!(seen.len() > s.output.len());
+    // a replay of what was crafted marks the same frames
+    let (input, output) = s.finish();
+    let (again, again_marks) = replay_marked(&script, &input);
+    assert_eq!(again, output);
+    assert_eq!(again_marks, marks);
+    // without the setting, no frame is marked
+    assert!(replay_marked(
+        &Script::parse("[host]\ntcp = \"fixed:30000\"\n").unwrap(),
+        &input
+    )
+    .1
+    .is_empty());
+}

@@ -42,7 +42,8 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<f64>,
     },
-    /// Replay a capture's guest frames through the core with a scripted host side.
+    /// Replay a capture's guest frames through the core with a scripted host side (TCP
+    /// super-frame marks, if any, go to OUT's `.gso` file beside it).
     Replay {
         #[arg(long = "in")]
         input: PathBuf,
@@ -54,7 +55,8 @@ enum Cmd {
     },
     /// Compare two captures frame by frame; prints the first difference decoded.
     Diff { a: PathBuf, b: PathBuf },
-    /// Print every frame of a capture, decoded.
+    /// Print every frame of a capture, decoded (with the TCP super-frame marks of FILE's
+    /// `.gso` file beside it, when there is one).
     Show { file: PathBuf },
     /// Write the replay benchmark's input: N TCP uploads carrying M MB in all.
     Gen {
@@ -87,9 +89,20 @@ fn main() -> Result<()> {
         Cmd::Replay { input, out, script } => {
             let script = load_script(&input, script.as_deref())?;
             let frames = pcap::read(&input)?;
-            let got = replay::replay(&script, &frames);
+            let (got, marks) = replay::replay_marked(&script, &frames);
             pcap::write(&out, &got)?;
-            eprintln!("{} frames in, {} frames out", frames.len(), got.len());
+            // The core's super-frame marks, which a pcap cannot hold, beside it (`gso`).
+            let gso_file = out.with_extension("gso");
+            if !marks.is_empty() {
+                std::fs::write(&gso_file, replay::gso::marks_to_text(&marks))
+                    .with_context(|| format!("writing {}", gso_file.display()))?;
+            }
+            eprintln!(
+                "{} frames in, {} frames out ({} super-frames)",
+                frames.len(),
+                got.len(),
+                marks.len()
+            );
             Ok(())
         }
         Cmd::Diff { a, b } => {
@@ -106,13 +119,22 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Show { file } => {
+            // A golden output's super-frame marks, when it has them (`NAME.out.gso`).
+            let gso_file = file.with_extension("gso");
+            let marks = match std::fs::read_to_string(&gso_file) {
+                Ok(text) => replay::gso::parse_marks(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", gso_file.display()))?,
+                Err(_) => Vec::new(),
+            };
+            let mut marks = marks.into_iter().peekable();
             for (i, f) in pcap::read(&file)?.iter().enumerate() {
+                let mss = marks.next_if(|&(m, _)| m == i).map_or(0, |(_, mss)| mss);
                 println!(
                     "{:4} {}.{:06} {}",
                     i + 1,
                     f.ts.as_secs(),
                     f.ts.subsec_micros(),
-                    decode::describe(&f.data)
+                    decode::describe_marked(&f.data, mss)
                 );
             }
             Ok(())
