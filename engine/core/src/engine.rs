@@ -63,6 +63,9 @@ pub struct Ctx {
     /// headers): a connection sends up to 64 KiB a frame, which the guest's side of the port
     /// cuts into segments of the connection's MSS (`FrameBatch::iter_gso`).
     pub tcp_gso: bool,
+    /// The frame being handled came with its TCP or UDP checksum left to the port (a TAP with
+    /// offloads, `Engine::handle_frame_checksum_left`): not verified.
+    pub(crate) l4_checksum_left: bool,
 }
 
 /// The session accounting the engines of a multi-worker runtime share: one sequence of session
@@ -295,6 +298,7 @@ impl Engine {
                 events: Events::default(),
                 dns_over_tcp: None,
                 tcp_gso: false,
+                l4_checksum_left: false,
             },
             dhcp,
             dhcp6,
@@ -490,6 +494,23 @@ impl Engine {
         }
         self.bind_leases(now);
         self.count_out(out, before);
+    }
+
+    /// `handle_frame` for a frame whose TCP or UDP checksum the guest left to the port, whose
+    /// field holds only the pseudo-header's sum: the guest's kernel wrote the frame from memory
+    /// and handed it over without a wire, so there is nothing for the checksum to catch, and
+    /// it is not verified (completing it would cost a pass over the payload, 64 KiB for a TCP
+    /// super-segment). Any other checksum of the frame (IPv4's, ICMP's) is.
+    pub fn handle_frame_checksum_left(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        self.ctx.l4_checksum_left = true;
+        self.handle_frame(now, frame, io, out);
+        self.ctx.l4_checksum_left = false;
     }
 
     /// Reassembly for a runtime whose NAT flows live on several engines: when `frame` is an

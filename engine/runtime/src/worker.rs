@@ -386,7 +386,7 @@ impl Worker {
                     self.switch.count_rx(FIRST_TAP, count.0, count.1);
                     return Ok(());
                 };
-                match self.ingress(now, &buf[..n], cap, &mut count) {
+                match self.ingress(now, &buf[..n], cap, false, &mut count) {
                     Some(to) => {
                         let stats = &mut self.engine.ctx.stats;
                         self.shared.hand_over(
@@ -424,8 +424,8 @@ impl Worker {
                 if buf.is_empty() {
                     return;
                 }
-                let frame = if vnet_hdr {
-                    match vnet::take(buf) {
+                let (frame, left) = if vnet_hdr {
+                    match vnet::take_leaving(buf) {
                         Ok(f) => f,
                         Err(why) => {
                             tracing::trace!("TAP frame refused: {why:?}");
@@ -434,9 +434,24 @@ impl Worker {
                         }
                     }
                 } else {
-                    buf
+                    (buf, None)
                 };
-                if let Some(to) = self.ingress(now, frame, cap, &mut count) {
+                // A transport checksum left to hubnat is completed only where something else
+                // than this worker's engine reads the frame: another thread, a capture, another
+                // port of the switch. The engine itself does not look at it.
+                let local = cap.is_none() && !self.switch.several();
+                let skip = match left {
+                    Some(l) if local && l.is_transport(frame) => Some(l),
+                    Some(l) => {
+                        l.complete(frame);
+                        None
+                    }
+                    None => None,
+                };
+                if let Some(to) = self.ingress(now, frame, cap, skip.is_some(), &mut count) {
+                    if let Some(l) = skip {
+                        l.complete(frame);
+                    }
                     self.copy_over(to, frame);
                 }
             });
@@ -454,12 +469,14 @@ impl Worker {
 
     /// A frame read from the TAP queue: captured (`cap`: the batch's capture, if one is on),
     /// switched, counted in `count` (frames, bytes), and handled here if this worker owns its
-    /// flow; else the owner's index.
+    /// flow (`checksum_left`: its transport checksum was left to hubnat and not completed,
+    /// see `Engine::handle_frame_checksum_left`); else the owner's index.
     fn ingress(
         &mut self,
         now: hubnat_core::Instant,
         frame: &[u8],
         cap: Option<crate::capture::Batch>,
+        checksum_left: bool,
         count: &mut (u64, u64),
     ) -> Option<usize> {
         if let Some(c) = cap {
@@ -479,8 +496,13 @@ impl Worker {
         if to != self.index {
             return Some(to);
         }
-        self.engine
-            .handle_frame(now, frame, &mut self.host, &mut self.out);
+        if checksum_left {
+            self.engine
+                .handle_frame_checksum_left(now, frame, &mut self.host, &mut self.out);
+        } else {
+            self.engine
+                .handle_frame(now, frame, &mut self.host, &mut self.out);
+        }
         None
     }
 

@@ -330,3 +330,17 @@ fn toward_a_port_that_cuts_segments_ipv6_connections_send_super_frames() {
     let sum = crate::wire::pseudo_header_sum6(remote_ip6(), guest_ip6(), 6, tcp_len);
     assert_eq!(&f[14 + 40 + 16..14 + 40 + 18], &sum.to_be_bytes());
 }
+
+#[test]
+fn a_datagram_whose_checksum_was_left_to_the_port_is_carried_without_it() {
+    let (mut e, mut h, mut out) = setup();
+    let (g, d) = (sa6(guest_ip6(), 5000), sa6(remote_ip6(), 7000));
+    let mut f = udp6_frame(g, d, b"left");
+    // The field holds the pseudo-header's sum only, as a guest with checksum offload leaves it.
+    f[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&0x1234u16.to_be_bytes());
+    e.handle_frame(T0, &f, &mut h, &mut out);
+    assert_eq!(e.stats().drops_of(DropReason::BadChecksum), 1);
+    e.handle_frame_checksum_left(T0, &f, &mut h, &mut out);
+    let sock = ids(&h, |s| matches!(s, SimSocket::Udp(_)))[0];
+    assert_eq!(h.udp(sock).unwrap().sent, vec![b"left".to_vec()]);
+}

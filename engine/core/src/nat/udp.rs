@@ -173,8 +173,11 @@ impl UdpNat {
         let udp = UdpPacket::new_checked(ip.upper).map_err(|_| DropReason::Malformed)?;
         let (src, dst) = (ip.src, ip.dst);
         // IPv6 makes the checksum mandatory (RFC 8200 8.1): a zero one is refused with the
-        // rest that do not verify.
-        if (ip.is_v6() && udp.checksum() == 0) || !udp.verify_checksum(&src.into(), &dst.into()) {
+        // rest that do not verify; one the guest left to the port is not looked at.
+        let verified = ctx.l4_checksum_left
+            || (!(ip.is_v6() && udp.checksum() == 0)
+                && udp.verify_checksum(&src.into(), &dst.into()));
+        if !verified {
             return Err(DropReason::BadChecksum);
         }
         if udp.src_port() == 0 || udp.dst_port() == 0 {

@@ -57,8 +57,9 @@ pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
 }
 
 const ETH_LEN: usize = 14;
-/// Where a TCP header's checksum lies.
+/// Where a TCP header's checksum lies, and a UDP header's.
 const TCP_CSUM_OFFSET: u16 = 16;
+const UDP_CSUM_OFFSET: u16 = 6;
 
 /// Why a frame's header was refused (the frame is dropped, counted as malformed).
 #[derive(Debug, PartialEq, Eq)]
@@ -74,40 +75,91 @@ pub enum Refused {
 /// Takes the header off `buf` (a header and a frame, as read from the TAP), completes a
 /// started checksum, and returns the frame.
 pub fn take(buf: &mut [u8]) -> Result<&mut [u8], Refused> {
+    let (frame, left) = take_leaving(buf)?;
+    if let Some(l) = left {
+        l.complete(frame);
+    }
+    Ok(frame)
+}
+
+/// Takes the header off `buf` and returns the frame with the checksum it leaves to hubnat, not
+/// yet completed: a frame handled where it was read needs none when the checksum is its
+/// transport header's (`LeftChecksum::is_transport`), since the guest's kernel wrote it from
+/// memory and no wire could have changed it; a frame that goes elsewhere is completed first.
+pub fn take_leaving(buf: &mut [u8]) -> Result<(&mut [u8], Option<LeftChecksum>), Refused> {
     if buf.len() < HDR_LEN {
         return Err(Refused::Short);
     }
     let (hdr, frame) = buf.split_at_mut(HDR_LEN);
-    complete(&(*hdr).try_into().expect("HDR_LEN bytes"), frame)?;
-    Ok(frame)
+    let left = left(&(*hdr).try_into().expect("HDR_LEN bytes"), frame.len())?;
+    Ok((frame, left))
 }
 
 /// Does what header `hdr` leaves to the device for `frame` (the frame it came before).
 pub fn complete(hdr: &[u8; HDR_LEN], frame: &mut [u8]) -> Result<(), Refused> {
+    if let Some(l) = left(hdr, frame.len())? {
+        l.complete(frame);
+    }
+    Ok(())
+}
+
+/// A checksum a guest left to hubnat: it covers the frame from `start` on, and its field lies
+/// at `start + offset`, holding the pseudo-header's sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeftChecksum {
+    start: usize,
+    offset: usize,
+}
+
+impl LeftChecksum {
+    /// Adds the bytes from `start` to the end of `frame` to the partial sum in the field, and
+    /// stores the result there.
+    pub fn complete(self, frame: &mut [u8]) {
+        let field = self.start + self.offset;
+        let sum = hubnat_core::wire::ones_sum(&frame[self.start..]);
+        frame[field..field + 2].copy_from_slice(&(!sum).to_be_bytes());
+    }
+
+    /// Whether it is the checksum of `frame`'s TCP or UDP header (IPv4, or IPv6 without
+    /// extension headers, in Ethernet): the one the engine would verify.
+    pub fn is_transport(self, frame: &[u8]) -> bool {
+        let (header, proto) = match frame.get(12..14) {
+            Some([0x08, 0x00]) => {
+                let Some(&vihl) = frame.get(ETH_LEN) else {
+                    return false;
+                };
+                (usize::from(vihl & 0x0f) * 4, frame.get(ETH_LEN + 9))
+            }
+            Some([0x86, 0xdd]) => (40, frame.get(ETH_LEN + 6)),
+            _ => return false,
+        };
+        let at = match proto {
+            Some(6) => TCP_CSUM_OFFSET,
+            Some(17) => UDP_CSUM_OFFSET,
+            _ => return false,
+        };
+        self.start == ETH_LEN + header && self.offset == usize::from(at)
+    }
+}
+
+/// What `hdr` leaves to hubnat for a frame of `len` bytes (None: nothing). Refused: a
+/// segmentation hubnat did not offer, or a checksum field outside the frame.
+fn left(hdr: &[u8; HDR_LEN], len: usize) -> Result<Option<LeftChecksum>, Refused> {
     let flags = hdr[0];
     let gso = hdr[1];
     if !matches!(gso & !GSO_ECN, GSO_NONE | GSO_TCPV4 | GSO_TCPV6) {
         return Err(Refused::Gso(gso));
     }
-    if flags & F_NEEDS_CSUM != 0 {
-        // Native byte order: the TAP was not told otherwise (TUNSETVNETLE/BE).
-        let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
-        let offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
-        complete_checksum(frame, start, offset)?;
+    if flags & F_NEEDS_CSUM == 0 {
+        return Ok(None);
     }
-    Ok(())
-}
-
-/// Adds the bytes from `start` to the end of `frame` to the partial sum the field at
-/// `start + offset` holds, and stores the result there.
-fn complete_checksum(frame: &mut [u8], start: usize, offset: usize) -> Result<(), Refused> {
-    let field = start + offset;
-    if start >= frame.len() || field + 2 > frame.len() {
+    // Native byte order: the TAP was not told otherwise (TUNSETVNETLE/BE).
+    let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+    let offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+    if start >= len || start + offset + 2 > len {
         return Err(Refused::Csum { start, offset });
     }
-    let sum = hubnat_core::wire::ones_sum(&frame[start..]);
-    frame[field..field + 2].copy_from_slice(&(!sum).to_be_bytes());
-    Ok(())
+    Ok(Some(LeftChecksum { start, offset }))
 }
 
 #[cfg(test)]
@@ -222,6 +274,36 @@ mod tests {
         let udp = UdpPacket::new_checked(ip.payload()).unwrap();
         let (src, dst) = ips();
         assert!(udp.verify_checksum(&src.into(), &dst.into()));
+    }
+
+    #[test]
+    fn a_checksum_left_is_said_to_be_the_transport_ones_only_where_it_is() {
+        let mut buf = tcp_segment(100);
+        started(&mut buf, 16);
+        let (f, left) = take_leaving(&mut buf).unwrap();
+        let left = left.expect("a checksum left");
+        assert!(left.is_transport(f));
+        // Pointing elsewhere (into the IP header): completed like any, never skipped.
+        let mut buf = tcp_segment(100);
+        started(&mut buf, 16);
+        buf[6..8].copy_from_slice(&(ETH as u16).to_ne_bytes());
+        buf[8..10].copy_from_slice(&10u16.to_ne_bytes());
+        let (f, left) = take_leaving(&mut buf).unwrap();
+        assert!(!left.unwrap().is_transport(f));
+        // Nothing left: nothing said.
+        let mut buf = tcp_segment(100);
+        assert_eq!(take_leaving(&mut buf).unwrap().1, None);
+        // IPv6: the transport header right after the fixed one.
+        let mut frame = vec![0u8; ETH + 40 + 20];
+        frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        frame[ETH + 6] = 6;
+        let l = LeftChecksum {
+            start: ETH + 40,
+            offset: 16,
+        };
+        assert!(l.is_transport(&frame));
+        frame[ETH + 6] = 60; // an extension header first: not the engine's to skip
+        assert!(!l.is_transport(&frame));
     }
 
     #[test]

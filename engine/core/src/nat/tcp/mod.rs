@@ -149,7 +149,7 @@ impl TcpNat {
         if !crate::nat::is_guest_address(ctx, ip.src) {
             return Err(DropReason::Foreign);
         }
-        let seg = segment::parse(ip)?;
+        let seg = segment::parse(ip, ctx.l4_checksum_left)?;
         let key = segment::endpoints(ip, &seg);
         if let Some(c) = self.conns.get_mut(&key) {
             let was = c.state;

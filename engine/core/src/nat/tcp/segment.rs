@@ -48,11 +48,12 @@ impl Seg<'_> {
 
 /// Checks and parses the TCP segment of `ip`: a truncated header, a data offset below 5 or past
 /// the end, a bad option, port 0 or an impossible flag combination is `Malformed`; a checksum
-/// that does not verify is `BadChecksum`.
-pub(crate) fn parse<'a>(ip: &GuestIp<'a>) -> Result<Seg<'a>, DropReason> {
+/// that does not verify is `BadChecksum` (unless the guest left it to the port:
+/// `checksum_left`, see `Engine::handle_frame_checksum_left`).
+pub(crate) fn parse<'a>(ip: &GuestIp<'a>, checksum_left: bool) -> Result<Seg<'a>, DropReason> {
     let bytes: &'a [u8] = ip.upper;
     let tcp = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
-    if !tcp.verify_checksum(&ip.src.into(), &ip.dst.into()) {
+    if !checksum_left && !tcp.verify_checksum(&ip.src.into(), &ip.dst.into()) {
         return Err(DropReason::BadChecksum);
     }
     if tcp.src_port() == 0 || tcp.dst_port() == 0 {

@@ -1698,3 +1698,27 @@ fn a_loss_inside_a_super_frame_is_retransmitted_as_one_plain_segment() {
     assert!(t.send(&t.ack(10_000)).is_empty());
     assert!(t.tcp().recv.is_empty());
 }
+
+#[test]
+fn a_segment_whose_checksum_was_left_to_the_port_is_taken_without_it() {
+    let mut t = T::new();
+    t.establish(NONE);
+    let data = bytes(3000);
+    // A guest with checksum offload: the field holds the pseudo-header's sum only.
+    let mut f = t.frame(&t.data(0, &data));
+    let l4 = 14 + 20;
+    f[l4 + 16..l4 + 18].copy_from_slice(&0x1234u16.to_be_bytes());
+    t.e.handle_frame(t.now, &f, &mut t.h, &mut t.out);
+    t.pump();
+    assert_eq!(t.drops(DropReason::BadChecksum), 1, "verified as any frame");
+    assert!(t.tcp().written.is_empty());
+    t.e.handle_frame_checksum_left(t.now, &f, &mut t.h, &mut t.out);
+    let got = t.pump();
+    assert_eq!(t.tcp().written, data);
+    assert_eq!(got.last().and_then(|g| g.ack), Some(GISS + 1 + 3000));
+    // The next frame is verified again.
+    let mut g = t.frame(&t.data(3000, &data[..10]));
+    g[l4 + 16..l4 + 18].copy_from_slice(&0x1234u16.to_be_bytes());
+    t.e.handle_frame(t.now, &g, &mut t.h, &mut t.out);
+    assert_eq!(t.drops(DropReason::BadChecksum), 2);
+}
