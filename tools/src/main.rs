@@ -254,7 +254,9 @@ enum SectionOp {
     Get,
     /// Change settings; applied at once, validated as the configuration file is.
     Set(SetArgs),
+    /// Turn it on at once (`--save` also writes the configuration file).
     Enable(SaveArg),
+    /// Turn it off at once (`--save` also writes the configuration file).
     Disable(SaveArg),
 }
 
