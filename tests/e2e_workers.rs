@@ -168,6 +168,13 @@ fn an_existing_single_queue_tap_falls_back_to_one_queue() {
     lab.guest
         .exec_ok(&["ip", "tuntap", "add", "mode", "tap", "name", &tap]);
     lab.start_hubnat_args(&config(&dir.0), &args);
+    // The device was there before hubnat: wait until hubnat has it up and attached (a route
+    // via the gateway is refused on a link that is down).
+    common::wait_until(Duration::from_secs(10), || {
+        let link = lab.guest.exec_ok(&["ip", "link", "show", &tap]);
+        link.contains("LOWER_UP").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{tap} never came up:\n{}", tail(&lab.hubnat_log())));
     let ip = format!("{}/24", common::GUEST_IP);
     lab.guest.exec_ok(&["ip", "addr", "add", &ip, "dev", &tap]);
     lab.guest
