@@ -602,7 +602,9 @@ fn run(
     let mac = virtual_host_mac(&cfg, &state_dir, rng.random())?;
     api::complete(&mut cfg, mac);
     if cfg.dns.upstream.is_empty() {
-        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: the DNS relay has no upstream");
+        tracing::warn!(
+            "no nameserver the relay can use in /etc/resolv.conf: the DNS relay has no upstream"
+        );
     }
 
     let (backend, fallback) = Backend::choose(args.socket_backend).map_err(anyhow::Error::msg)?;
