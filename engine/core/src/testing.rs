@@ -82,8 +82,9 @@ pub fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
     frame
 }
 
-/// A guest's TCP SYN (no options) from `src` to `dst` with sequence number `seq`.
-pub fn syn_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+/// A TCP SYN header (no options) from `src` to `dst` with sequence number `seq`, its checksum
+/// filled in for either family.
+fn syn_segment(src: std::net::SocketAddr, dst: std::net::SocketAddr, seq: u32) -> [u8; 20] {
     let mut tcp = [0u8; 20];
     let mut t = smoltcp::wire::TcpPacket::new_unchecked(&mut tcp[..]);
     t.set_src_port(src.port());
@@ -92,7 +93,13 @@ pub fn syn_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
     t.set_header_len(20);
     t.set_syn(true);
     t.set_window_len(64240);
-    t.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    t.fill_checksum(&src.ip().into(), &dst.ip().into());
+    tcp
+}
+
+/// A guest's TCP SYN (no options) from `src` to `dst` with sequence number `seq`.
+pub fn syn_frame(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> Vec<u8> {
+    let tcp = syn_segment(src.into(), dst.into(), seq);
     ipv4_frame(*src.ip(), *dst.ip(), IpProtocol::Tcp, 3, 0, false, &tcp)
 }
 
@@ -237,15 +244,7 @@ pub fn udp6(src: std::net::SocketAddrV6, dst: std::net::SocketAddrV6, payload: &
 
 /// A guest's TCP SYN over IPv6 (no options) with sequence number `seq`.
 pub fn syn6_frame(src: std::net::SocketAddrV6, dst: std::net::SocketAddrV6, seq: u32) -> Vec<u8> {
-    let mut tcp = [0u8; 20];
-    let mut t = smoltcp::wire::TcpPacket::new_unchecked(&mut tcp[..]);
-    t.set_src_port(src.port());
-    t.set_dst_port(dst.port());
-    t.set_seq_number(smoltcp::wire::TcpSeqNumber(seq as i32));
-    t.set_header_len(20);
-    t.set_syn(true);
-    t.set_window_len(64240);
-    t.fill_checksum(&(*src.ip()).into(), &(*dst.ip()).into());
+    let tcp = syn_segment(src.into(), dst.into(), seq);
     ipv6_frame(*src.ip(), *dst.ip(), 6, 64, &tcp)
 }
 
