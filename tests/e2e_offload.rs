@@ -28,6 +28,17 @@ fn wait_for_control(ops: &Path) {
     .expect("control socket");
 }
 
+/// A lab whose hubnat runs with `--offload MODE` and a control socket in the returned
+/// directory, its guest addressed.
+fn lab_with_offload(mode: &str) -> (Lab, std::path::PathBuf) {
+    let mut lab = Lab::bare_with_server();
+    let ops = open_dir(&lab, "ops");
+    lab.start_hubnat_args(&control_config(&ops), &["--offload", mode]);
+    lab.address_guest();
+    wait_for_control(&ops);
+    (lab, ops)
+}
+
 /// Uploads `bytes` from the guest (the sink checks the digest), downloads as many, and returns
 /// hubnat's (frames, bytes) in from the TAP over the upload.
 fn upload_and_download(lab: &Lab, ops: &Path, bytes: u64) -> (u64, u64) {
@@ -78,11 +89,7 @@ fn upload_and_download(lab: &Lab, ops: &Path, bytes: u64) -> (u64, u64) {
 #[test]
 fn a_guest_with_offloads_hands_over_super_segments_that_arrive_intact() {
     require_root!();
-    let mut lab = Lab::bare_with_server();
-    let ops = open_dir(&lab, "ops");
-    lab.start_hubnat_args(&control_config(&ops), &["--offload", "auto"]);
-    lab.address_guest();
-    wait_for_control(&ops);
+    let (lab, ops) = lab_with_offload("auto");
     if !lab.hubnat_log().contains("offloaded to hubnat") {
         // A kernel that refused TUNSETOFFLOAD says so in the log; then there is nothing to see.
         assert!(
@@ -109,14 +116,73 @@ fn a_guest_with_offloads_hands_over_super_segments_that_arrive_intact() {
     assert_eq!(st["drops"]["malformed"].as_u64().unwrap_or(0), 0, "{st}");
 }
 
+/// The guest's interface's packet counter `what` (tx_packets, rx_packets).
+fn counter(lab: &Lab, what: &str) -> u64 {
+    let path = format!("/sys/class/net/{}/statistics/{what}", lab.tap);
+    lab.guest
+        .exec_ok(&["cat", &path])
+        .trim()
+        .parse()
+        .expect(what)
+}
+
+/// Runs of datagrams sent as one (UDP_SEGMENT) from the guest to a udp-echo and back; every
+/// datagram must come back whole. Returns the guest's (packets sent, packets received) over it.
+fn udp_runs(lab: &Lab, rounds: u32, batch: u32) -> (u64, u64) {
+    let _echo = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9103"]);
+    let (tx, rx) = (counter(lab, "tx_packets"), counter(lab, "rx_packets"));
+    let out = lab.client(&[
+        "udp-gso-ping",
+        "--connect",
+        &format!("{SERVER_IP}:9103"),
+        "--rounds",
+        &rounds.to_string(),
+        "--batch",
+        &batch.to_string(),
+        "--size",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "udp-gso-ping: {out:?}\n{}",
+        lab.hubnat_log()
+    );
+    (
+        counter(lab, "tx_packets") - tx,
+        counter(lab, "rx_packets") - rx,
+    )
+}
+
+#[test]
+fn a_guest_sending_runs_of_datagrams_hands_over_uso_frames_and_each_arrives_whole() {
+    require_root!();
+    let (lab, ops) = lab_with_offload("auto");
+    let uso = lab
+        .hubnat_log()
+        .contains("TCP and UDP segmentation offloaded");
+    let (rounds, batch) = (20, 32);
+    let (sent, received) = udp_runs(&lab, rounds, batch);
+    eprintln!("{rounds} runs of {batch}: the guest sent {sent} frames, received {received}");
+    if uso {
+        assert_eq!(feature(&lab, "tx-udp-segmentation"), "on");
+        // One frame a run (a resent run, a neighbour solicitation: a few more), where the
+        // guest segmenting itself would send one a datagram.
+        assert!(
+            sent < u64::from(rounds * batch) / 4,
+            "the guest sent {sent} frames for {rounds} runs of {batch}"
+        );
+    } else {
+        eprintln!("this kernel has no USO on a TAP: the guest cut its runs itself");
+    }
+    let st = ctl_json(&ops, &["status"]);
+    assert_eq!(st["drops"]["malformed"].as_u64().unwrap_or(0), 0, "{st}");
+    assert_eq!(st["drops"]["bad_checksum"].as_u64().unwrap_or(0), 0, "{st}");
+}
+
 #[test]
 fn with_offload_off_the_guest_segments_and_checksums_itself() {
     require_root!();
-    let mut lab = Lab::bare_with_server();
-    let ops = open_dir(&lab, "ops");
-    lab.start_hubnat_args(&control_config(&ops), &["--offload", "off"]);
-    lab.address_guest();
-    wait_for_control(&ops);
+    let (lab, ops) = lab_with_offload("off");
     assert!(
         lab.hubnat_log().contains("no offloads"),
         "{}",
@@ -126,4 +192,8 @@ fn with_offload_off_the_guest_segments_and_checksums_itself() {
     let (frames, bytes) = upload_and_download(&lab, &ops, 16 * MIB);
     let mean = bytes / frames.max(1);
     assert!(mean <= 1514, "{frames} frames, {bytes} bytes: mean {mean}");
+    // A run of datagrams the application sends as one is cut by the guest's own kernel.
+    let (sent, received) = udp_runs(&lab, 5, 32);
+    assert!(sent >= 5 * 32, "{sent} frames sent");
+    assert!(received >= 5 * 32, "{received} frames received");
 }

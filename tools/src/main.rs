@@ -854,7 +854,9 @@ fn log_start(
                 String::new()
             },
             port.napi_mode,
-            if port.offloads {
+            if port.offloads && port.queues[0].uso() {
+                "checksum, TCP and UDP segmentation offloaded to hubnat"
+            } else if port.offloads {
                 "checksum and TCP segmentation offloaded to hubnat"
             } else {
                 "no offloads"

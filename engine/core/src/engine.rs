@@ -63,6 +63,10 @@ pub struct Ctx {
     /// headers): a connection sends up to 64 KiB a frame, which the guest's side of the port
     /// cuts into segments of the connection's MSS (`FrameBatch::iter_gso`).
     pub tcp_gso: bool,
+    /// The port takes UDP super-frames toward the guest too (a TAP that accepted USO): runs
+    /// of datagrams of one size that a session's socket had waiting reach the guest in one
+    /// frame, which its side of the port cuts back into the datagrams (`FrameBatch::iter_gso`).
+    pub udp_gso: bool,
     /// The frame being handled came with its TCP or UDP checksum left to the port (a TAP with
     /// offloads, `Engine::handle_frame_checksum_left`): not verified.
     pub(crate) l4_checksum_left: bool,
@@ -298,6 +302,7 @@ impl Engine {
                 events: Events::default(),
                 dns_over_tcp: None,
                 tcp_gso: false,
+                udp_gso: false,
                 l4_checksum_left: false,
             },
             dhcp,
@@ -967,10 +972,12 @@ impl Engine {
     }
 
     /// Lets the caller batch: with batching on, work that gains from being done once per batch
-    /// (writes of guests' TCP payload to sock-side sockets, and the ACKs for it) waits for `flush`.
+    /// (writes of guests' TCP payload to sock-side sockets, and the ACKs for it; guests' UDP
+    /// datagrams, sent in runs) waits for `flush`.
     /// Off by default, so that each `handle_frame` is complete on its own (tests, replay).
     pub fn set_batching(&mut self, on: bool) {
         self.nat.tcp.set_batching(on);
+        self.nat.udp.set_batching(on);
     }
 
     /// Ends a batch: does the work `set_batching(true)` deferred. The runtime calls it before
@@ -978,6 +985,7 @@ impl Engine {
     pub fn flush(&mut self, now: Instant, io: &mut impl SockIo, out: &mut FrameBatch) {
         let before = out.len();
         self.nat.tcp.flush(now, &mut self.ctx, io, out);
+        self.nat.udp.flush(&mut self.ctx, io, out);
         self.count_out(out, before);
     }
 

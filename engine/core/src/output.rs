@@ -5,8 +5,8 @@
 #[derive(Default)]
 pub struct FrameBatch {
     bufs: Vec<Vec<u8>>,
-    /// Per frame: the segment size a TCP super-frame is to be cut into by the guest's side
-    /// of the port (0: a frame as it is). See `segment::push`.
+    /// Per frame: the segment size a TCP or UDP super-frame is to be cut into by the guest's
+    /// side of the port (0: a frame as it is). See `segment::push` and `udp::send_run`.
     gso: Vec<u16>,
     len: usize,
 }
@@ -41,7 +41,8 @@ impl FrameBatch {
         self.len = self.len.saturating_sub(1);
     }
 
-    /// Marks the last frame pushed as a TCP super-frame of segments of `mss` bytes.
+    /// Marks the last frame pushed as a super-frame of segments of `mss` payload bytes (TCP),
+    /// or of datagrams of `mss` payload bytes (UDP).
     pub(crate) fn set_gso_last(&mut self, mss: u16) {
         if self.len > 0 {
             self.gso[self.len - 1] = mss;
@@ -84,12 +85,12 @@ impl FrameBatch {
         (i < self.len).then(|| self.bufs[i].as_slice())
     }
 
-    /// Keeps only the frames `keep` says yes to, in their order (the buffers of the others stay
-    /// for reuse).
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+    /// Keeps only the frames `keep` says yes to, given each with its segment size (see
+    /// `iter_gso`), in their order (the buffers of the others stay for reuse).
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], u16) -> bool) {
         let mut kept = 0;
         for i in 0..self.len {
-            if keep(&self.bufs[i]) {
+            if keep(&self.bufs[i], self.gso[i]) {
                 self.bufs.swap(kept, i);
                 self.gso.swap(kept, i);
                 kept += 1;
@@ -132,7 +133,7 @@ mod tests {
         for i in 0..6u8 {
             b.push(&[i]);
         }
-        b.retain(|f| f[0] % 2 == 0);
+        b.retain(|f, _| f[0] % 2 == 0);
         assert_eq!(
             b.iter().collect::<Vec<_>>(),
             vec![&[0][..], &[2][..], &[4][..]]

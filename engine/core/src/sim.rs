@@ -27,6 +27,8 @@ pub struct SimUdp {
     pub dst: SocketAddr,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
+    /// The sends that carried them: datagrams per call (more than one: `udp_send_segments`).
+    pub sends: Vec<usize>,
     /// Datagrams (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
     pub(crate) inbox: VecDeque<Result<Vec<u8>, io::ErrorKind>>,
     /// The socket's error queue.
@@ -42,6 +44,7 @@ impl SimUdp {
         SimUdp {
             dst,
             sent: Vec::new(),
+            sends: Vec::new(),
             inbox: VecDeque::new(),
             errors: VecDeque::new(),
             ttl: None,
@@ -316,6 +319,15 @@ impl SockIo for SimSockets {
     }
 
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
+        self.udp_send_segments(id, payload, payload.len())
+    }
+
+    fn udp_send_segments(
+        &mut self,
+        id: SockId,
+        payload: &[u8],
+        segment: usize,
+    ) -> io::Result<usize> {
         let unroutable = self.no_route.clone();
         let u = self.udp(id).ok_or_else(bad_id)?;
         if unroutable.contains(&u.dst.ip()) {
@@ -327,7 +339,13 @@ impl SockIo for SimSockets {
             u.inbox.pop_front();
             return Err(kind.into());
         }
-        u.sent.push(payload.to_vec());
+        if payload.is_empty() {
+            u.sent.push(Vec::new());
+        } else {
+            u.sent
+                .extend(payload.chunks(segment.max(1)).map(<[u8]>::to_vec));
+        }
+        u.sends.push(payload.len().div_ceil(segment.max(1)).max(1));
         Ok(payload.len())
     }
 

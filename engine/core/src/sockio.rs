@@ -111,6 +111,21 @@ pub trait SockIo {
     fn udp_open(&mut self, dst: SocketAddr) -> io::Result<SockId>;
     /// Sends one datagram on the UDP socket `id`; returns the bytes sent.
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize>;
+    /// Sends `payload` on the UDP socket `id` as datagrams of `segment` bytes (the last may be
+    /// shorter), in one call where the host can (UDP_SEGMENT: the host's stack cuts it);
+    /// returns the bytes sent. This default sends them one by one.
+    fn udp_send_segments(
+        &mut self,
+        id: SockId,
+        payload: &[u8],
+        segment: usize,
+    ) -> io::Result<usize> {
+        let mut sent = 0;
+        for datagram in payload.chunks(segment.max(1)) {
+            sent += self.udp_send(id, datagram)?;
+        }
+        Ok(sent)
+    }
     /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting; another
     /// error (`ConnectionRefused` for a port unreachable) when the network answered with an
     /// ICMP error, whose details `recv_error` then gives.

@@ -10,8 +10,6 @@
 
 use std::fmt::Write as _;
 
-use hubnat_core::wire::ones_sum;
-
 /// A frame the core marked: its index among the frames out (from 0) and its segment size.
 pub type Mark = (usize, u16);
 
@@ -72,90 +70,14 @@ pub fn compare_marks(expected: &[Mark], got: &[Mark]) -> Option<String> {
     })
 }
 
-/// Where an untagged IPv4 TCP frame's headers are: (IP header length, TCP header length,
-/// end of the IP packet).
-fn layout(frame: &[u8]) -> Result<(usize, usize, usize), String> {
-    if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
-        return Err("not an IPv4 frame (the core marks only IPv4 connections)".into());
-    }
-    let ihl = usize::from(frame[14] & 0x0f) * 4;
-    let end = 14 + usize::from(u16::from_be_bytes([frame[16], frame[17]]));
-    if ihl < 20 || frame[14 + 9] != 6 || end > frame.len() || 14 + ihl + 20 > end {
-        return Err("not a whole IPv4 TCP packet".into());
-    }
-    let thl = usize::from(frame[14 + ihl + 12] >> 4) * 4;
-    if thl < 20 || 14 + ihl + thl > end {
-        return Err("bad TCP data offset".into());
-    }
-    Ok((ihl, thl, end))
-}
+pub use hubnat_core::wire::gso::partial_checksum_holds;
 
-/// The one's-complement sum of the IPv4 pseudo-header of a TCP segment of `len` bytes.
-fn pseudo_sum(frame: &[u8], len: usize) -> u16 {
-    let mut p = [0u8; 12];
-    p[..8].copy_from_slice(&frame[14 + 12..14 + 20]);
-    p[9] = 6;
-    p[10..12].copy_from_slice(&(len as u16).to_be_bytes());
-    ones_sum(&p)
-}
-
-/// Whether a super-frame's TCP checksum field holds what a device completes: the
-/// pseudo-header's sum (not complemented), the rest of the segment to be added.
-pub fn partial_checksum_holds(frame: &[u8]) -> bool {
-    let Ok((ihl, _, end)) = layout(frame) else {
-        return false;
-    };
-    let l4 = 14 + ihl;
-    let field = u16::from_be_bytes([frame[l4 + 16], frame[l4 + 17]]);
-    field == pseudo_sum(frame, end - l4)
-}
-
-/// Cuts a super-frame into the segments of `mss` bytes of payload (the last one what is left)
-/// a virtio-net device hands the guest: each a copy of the headers with its own IP length,
-/// IP id (counting up from the super-frame's), sequence number and checksums; FIN and PSH on
-/// the last segment only, CWR on the first only. A frame with no more payload than `mss` comes
-/// back as it is, its checksum completed.
+/// Cuts a super-frame into the frames of `mss` bytes of payload a virtio-net device hands the
+/// guest (`hubnat_core::wire::gso::cut`).
 pub fn cut(frame: &[u8], mss: u16) -> Result<Vec<Vec<u8>>, String> {
-    let (ihl, thl, end) = layout(frame)?;
-    if mss == 0 {
-        return Err("segment size 0".into());
-    }
-    let (l4, headers) = (14 + ihl, 14 + ihl + thl);
-    let payload = end - headers;
-    let mss = usize::from(mss);
-    let count = payload.div_ceil(mss).max(1);
-    let seq = u32::from_be_bytes([frame[l4 + 4], frame[l4 + 5], frame[l4 + 6], frame[l4 + 7]]);
-    let id = u16::from_be_bytes([frame[18], frame[19]]);
-    let mut segs = Vec::with_capacity(count);
-    for i in 0..count {
-        let off = i * mss;
-        let chunk = mss.min(payload - off);
-        let mut s = Vec::with_capacity(headers + chunk);
-        s.extend_from_slice(&frame[..headers]);
-        s.extend_from_slice(&frame[headers + off..headers + off + chunk]);
-        let n = s.len();
-        s[16..18].copy_from_slice(&((n - 14) as u16).to_be_bytes());
-        s[18..20].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        s[24..26].fill(0);
-        let c = !ones_sum(&s[14..l4]);
-        s[24..26].copy_from_slice(&c.to_be_bytes());
-        s[l4 + 4..l4 + 8].copy_from_slice(&seq.wrapping_add(off as u32).to_be_bytes());
-        const FIN: u8 = 0x01;
-        const PSH: u8 = 0x08;
-        const CWR: u8 = 0x80;
-        if i + 1 != count {
-            s[l4 + 13] &= !(FIN | PSH);
-        }
-        if i != 0 {
-            s[l4 + 13] &= !CWR;
-        }
-        // Completing, as the device does: the sum of the segment over the pseudo-header's.
-        let p = pseudo_sum(&s, n - l4);
-        s[l4 + 16..l4 + 18].copy_from_slice(&p.to_be_bytes());
-        let c = !ones_sum(&s[l4..n]);
-        s[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-        segs.push(s);
-    }
+    let mut segs = Vec::new();
+    hubnat_core::wire::gso::cut(frame, mss, |s| segs.push(s.to_vec()))
+        .map_err(|e| e.to_string())?;
     Ok(segs)
 }
 
@@ -187,7 +109,11 @@ mod tests {
             0x0800,
             &ip,
         );
-        let p = pseudo_sum(&f, seg.len());
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&f[14 + 12..14 + 20]);
+        pseudo[9] = 6;
+        pseudo[10..12].copy_from_slice(&(seg.len() as u16).to_be_bytes());
+        let p = hubnat_core::wire::ones_sum(&pseudo);
         f[14 + 20 + 16..14 + 20 + 18].copy_from_slice(&p.to_be_bytes());
         f
     }
@@ -252,9 +178,9 @@ mod tests {
         let mut v6 = whole.clone();
         v6[12..14].copy_from_slice(&[0x86, 0xdd]);
         assert!(cut(&v6, 1000).is_err());
-        let mut udp = whole.clone();
-        udp[14 + 9] = 17;
-        assert!(cut(&udp, 1000).is_err());
+        let mut icmp = whole.clone();
+        icmp[14 + 9] = 1;
+        assert!(cut(&icmp, 1000).is_err());
         let mut long = whole;
         long[16..18].copy_from_slice(&60000u16.to_be_bytes());
         assert!(cut(&long, 1000).is_err());

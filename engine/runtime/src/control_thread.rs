@@ -271,6 +271,7 @@ impl Runtime {
         let tap = tap.map(Arc::new);
         // The TAP alone on the segment (no other port's guest would take a super-frame).
         engine.ctx.tcp_gso = tap.as_ref().is_some_and(|t| t.vnet_hdr()) && opts.ports.is_empty();
+        engine.ctx.udp_gso = engine.ctx.tcp_gso && tap.as_ref().is_some_and(|t| t.uso());
         let switch = Arc::new(Switch::new(engine.ctx.mac.0));
         if let Some(tap) = &tap {
             let id = switch
@@ -926,6 +927,7 @@ fn spawn_workers(
         e.ctx.share_sessions(Arc::clone(&sessions));
         e.ctx.dns_over_tcp = engine.ctx.dns_over_tcp;
         e.ctx.tcp_gso = engine.ctx.tcp_gso;
+        e.ctx.udp_gso = engine.ctx.udp_gso;
         // Idle expiry is the control thread's schedule (`tick_expiry`).
         e.set_external_expiry(true);
         let (tap_in, tap_out) = match tap {

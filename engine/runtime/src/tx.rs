@@ -242,7 +242,7 @@ impl PortSender {
         }
         if self.tap.is_none() || self.switch.several() {
             let switch = &self.switch;
-            out.retain(|f| switch.egress(f));
+            out.retain(|f, gso| switch.egress(f, gso));
         }
         let Some(tap) = &mut self.tap else {
             out.clear();

@@ -434,13 +434,26 @@ impl Worker {
                         }
                     }
                 } else {
-                    (buf, None)
+                    (buf, vnet::Left::default())
                 };
+                if let Some(size) = left.udp_segment {
+                    // The guest's datagrams sent as one: each goes on as a frame of its own
+                    // (the NAT sends them on in one UDP_SEGMENT send again).
+                    let whole = vnet::cut_udp(frame, size, |d| {
+                        if let Some(to) = self.ingress(now, d, cap, false, &mut count) {
+                            self.copy_over(to, d);
+                        }
+                    });
+                    if !whole {
+                        self.engine.ctx.stats.drop(DropReason::Malformed);
+                    }
+                    return;
+                }
                 // A transport checksum left to hubnat is completed only where something else
                 // than this worker's engine reads the frame: another thread, a capture, another
                 // port of the switch. The engine itself does not look at it.
                 let local = cap.is_none() && !self.switch.several();
-                let skip = match left {
+                let skip = match left.checksum {
                     Some(l) if local && l.is_transport(frame) => Some(l),
                     Some(l) => {
                         l.complete(frame);

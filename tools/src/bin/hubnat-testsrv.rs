@@ -88,6 +88,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         port: u16,
     },
+    /// Send ROUNDS runs of BATCH datagrams of SIZE bytes to a udp-echo, each run in one send
+    /// the kernel cuts (UDP_SEGMENT), and check that every datagram comes back whole.
+    UdpGsoPing {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+        #[arg(long, default_value_t = 32)]
+        batch: u32,
+        #[arg(long, default_value_t = 1000)]
+        size: usize,
+    },
     /// Write crafted frames onto an interface (a misbehaving guest): floods and spoofs that the
     /// fair-share tests throw at hubnat. Runs where the interface is (the guest's namespace).
     Inject {
@@ -395,6 +407,60 @@ fn dns_answer(buf: &mut [u8], n: usize) -> Option<usize> {
     Some(end + rr.len())
 }
 
+/// `udp-gso-ping`: every round's datagrams are numbered (round, index) and filled from the
+/// seeded stream; a round is sent again (up to 3 times) when its echoes do not all come back.
+fn udp_gso_ping(connect: SocketAddr, rounds: u32, batch: u32, size: usize) -> Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::UdpGsoSegment};
+    let size = size.max(8);
+    let any: std::net::IpAddr = if connect.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let s = UdpSocket::bind((any, 0))?;
+    s.connect(connect)?;
+    setsockopt(&s, UdpGsoSegment, &(size as i32)).context("UDP_SEGMENT")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut back = vec![0u8; 65536];
+    for round in 0..rounds {
+        let mut run = vec![0u8; size * batch as usize];
+        let mut st = Stream::new(u64::from(round) + 1);
+        st.fill(&mut run);
+        for (i, d) in run.chunks_mut(size).enumerate() {
+            d[..4].copy_from_slice(&round.to_be_bytes());
+            d[4..8].copy_from_slice(&(i as u32).to_be_bytes());
+        }
+        let mut tries = 0;
+        'send: loop {
+            s.send(&run).context("send a run")?;
+            let mut seen = vec![false; batch as usize];
+            while seen.iter().any(|s| !s) {
+                match s.recv(&mut back) {
+                    Ok(n) if n == size && seq_of(&back) == round => {
+                        let i = seq_of(&back[4..]) as usize;
+                        let want = run.chunks(size).nth(i);
+                        if want != Some(&back[..n]) {
+                            bail!("round {round}: datagram {i} came back changed");
+                        }
+                        seen[i] = true;
+                    }
+                    // A late echo of an earlier round that was sent again.
+                    Ok(n) if n == size && seq_of(&back) < round => {}
+                    Ok(n) => bail!("round {round}: an echo of {n} bytes (datagrams are {size})"),
+                    Err(e) if tries < 3 && e.kind() == io::ErrorKind::WouldBlock => {
+                        tries += 1;
+                        continue 'send;
+                    }
+                    Err(e) => bail!("round {round}: {e}"),
+                }
+            }
+            break;
+        }
+    }
+    println!("ok {rounds} runs of {batch} datagrams of {size} bytes");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Inject {
@@ -569,6 +635,12 @@ fn main() -> Result<()> {
             println!("ok {count} datagrams of {size} bytes");
             Ok(())
         }
+        Cmd::UdpGsoPing {
+            connect,
+            rounds,
+            batch,
+            size,
+        } => udp_gso_ping(connect, rounds, batch, size),
         Cmd::Multi {
             connect,
             conns,

@@ -199,13 +199,23 @@ impl SockTtl {
         self.set(guest_ttl, sock, io);
     }
 
-    #[cold]
-    fn set(&mut self, guest_ttl: u8, sock: SockId, io: &mut impl SockIo) {
-        let want = if guest_ttl >= NORMAL_TTL {
+    /// Whether `follow` with `guest_ttl` would set another TTL on the socket.
+    #[inline]
+    pub(crate) fn changes(&self, guest_ttl: u8) -> bool {
+        Self::want(guest_ttl) != self.0
+    }
+
+    fn want(guest_ttl: u8) -> u8 {
+        if guest_ttl >= NORMAL_TTL {
             0
         } else {
             guest_ttl.saturating_sub(1).max(1)
-        };
+        }
+    }
+
+    #[cold]
+    fn set(&mut self, guest_ttl: u8, sock: SockId, io: &mut impl SockIo) {
+        let want = Self::want(guest_ttl);
         if want == self.0 {
             return;
         }

@@ -32,7 +32,7 @@
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 
-use smoltcp::wire::{IpProtocol, UdpPacket, UDP_HEADER_LEN};
+use smoltcp::wire::{IpProtocol, UdpPacket, ETHERNET_HEADER_LEN, UDP_HEADER_LEN};
 
 use crate::config::{Config, Mac};
 use crate::event::Event;
@@ -47,7 +47,9 @@ use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::vhost::icmp::{push_unreachable, Unreach};
-use crate::wire::{push_ip_fragments, IpHeader, DNS_PORT, IPV4_HEADER_LEN};
+use crate::wire::{
+    emit_ip_headers, ip_header_len, push_ip_fragments, IpHeader, DNS_PORT, IPV4_HEADER_LEN,
+};
 use crate::Ctx;
 
 /// Tells the guest that sent `ip` that the egress policy refuses its destination: ICMP
@@ -124,8 +126,74 @@ pub struct UdpNat {
     /// Sockets that still had data when their read budget ran out.
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
-    /// Receive buffer: UDP header room, then the payload.
+    /// Receive buffer: UDP header room, then the payload, or the payloads of a run of
+    /// datagrams for one super-frame (`Run`); twice the largest, so that a datagram read behind
+    /// a run always fits whole.
     buf: Box<[u8]>,
+    /// See `Engine::set_batching`: guests' datagrams wait for `flush` in `pending`.
+    batching: bool,
+    /// Guests' datagrams held until the batch's end, at most `MAX_PENDING` sessions' runs.
+    pending: Vec<Pending>,
+    /// Buffers of runs sent, kept for the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+/// The most datagrams one UDP_SEGMENT send carries (Linux's UDP_MAX_SEGMENTS was 64 before
+/// 6.9), and one super-frame toward a guest.
+const MAX_SEGMENTS: usize = 64;
+
+/// How many sessions' runs may wait for the batch's end at once; one more sends the oldest.
+const MAX_PENDING: usize = 8;
+
+/// A session's guest datagrams held until the batch's end (`UdpNat::flush`), to leave in one
+/// UDP_SEGMENT send that the host's stack cuts: what a send per datagram costs (the system
+/// call, the stack's route and socket work) is paid once per run. A run holds datagrams of
+/// one size, but its last may be shorter and then ends it, as UDP_SEGMENT cuts.
+struct Pending {
+    sock: SockId,
+    segment: usize,
+    datagrams: usize,
+    ended: bool,
+    payload: Vec<u8>,
+}
+
+impl Pending {
+    /// Whether `len` more bytes of datagram can join the run.
+    fn takes(&self, len: usize) -> bool {
+        !self.ended
+            && len <= self.segment
+            && self.datagrams < MAX_SEGMENTS
+            && self.payload.len() + len <= MAX_UDP_PAYLOAD
+    }
+}
+
+/// Datagrams read from one session's socket into `UdpNat::buf`, one after another, to reach
+/// the guest as one super-frame (`Ctx::udp_gso`) that its side of the port cuts: all of
+/// `segment` bytes but the last, which may be shorter.
+#[derive(Default)]
+struct Run {
+    bytes: usize,
+    segment: usize,
+    datagrams: usize,
+}
+
+impl Run {
+    fn add(&mut self, len: usize) {
+        if self.datagrams == 0 {
+            self.segment = len;
+        }
+        self.bytes += len;
+        self.datagrams += 1;
+    }
+
+    fn takes(&self, len: usize) -> bool {
+        self.datagrams > 0
+            && self.bytes.is_multiple_of(self.segment.max(1))
+            && len <= self.segment
+            && len > 0
+            && self.datagrams < MAX_SEGMENTS
+            && self.bytes + len <= MAX_UDP_PAYLOAD
+    }
 }
 
 impl UdpNat {
@@ -135,8 +203,94 @@ impl UdpNat {
             external_idle: false,
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
-            buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
+            buf: vec![0u8; UDP_HEADER_LEN + 2 * MAX_UDP_PAYLOAD].into_boxed_slice(),
+            batching: false,
+            pending: Vec::new(),
+            spare: Vec::new(),
         }
+    }
+
+    /// See `Engine::set_batching`.
+    pub(crate) fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    /// Ends a batch: sends every run of guest datagrams still waiting.
+    pub(crate) fn flush(&mut self, ctx: &mut Ctx, io: &mut impl SockIo, out: &mut FrameBatch) {
+        while !self.pending.is_empty() {
+            self.send_pending(0, ctx, io, out);
+        }
+    }
+
+    /// Sends run `i` of `pending` and keeps its buffer.
+    fn send_pending(
+        &mut self,
+        i: usize,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let p = self.pending.swap_remove(i);
+        if let Some(s) = self
+            .table
+            .slot_of_sock(p.sock)
+            .and_then(|slot| self.table.get_mut(slot))
+        {
+            if let Err(why) = send_datagrams(ctx, out, s, io, &p.payload, p.segment) {
+                for _ in 0..p.datagrams {
+                    ctx.stats.drop(why);
+                }
+            }
+        }
+        self.spare.push(p.payload);
+    }
+
+    /// Sends the run of `sock` waiting in `pending`, if there is one.
+    fn send_pending_of(
+        &mut self,
+        sock: SockId,
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        if let Some(i) = self.pending.iter().position(|p| p.sock == sock) {
+            self.send_pending(i, ctx, io, out);
+        }
+    }
+
+    /// Holds `payload` (a datagram for `sock`) for the batch's end: it joins the run waiting
+    /// for the socket where it can, else that run leaves now and a new one starts.
+    fn defer(
+        &mut self,
+        sock: SockId,
+        payload: &[u8],
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+        out: &mut FrameBatch,
+    ) {
+        let len = payload.len();
+        match self.pending.iter().position(|p| p.sock == sock) {
+            Some(i) if self.pending[i].takes(len) => {
+                let p = &mut self.pending[i];
+                p.payload.extend_from_slice(payload);
+                p.datagrams += 1;
+                p.ended = len < p.segment;
+                return;
+            }
+            Some(i) => self.send_pending(i, ctx, io, out),
+            None if self.pending.len() >= MAX_PENDING => self.send_pending(0, ctx, io, out),
+            None => {}
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(payload);
+        self.pending.push(Pending {
+            sock,
+            segment: len,
+            datagrams: 1,
+            ended: false,
+            payload: buf,
+        });
     }
 
     /// NAT sessions open.
@@ -219,34 +373,26 @@ impl UdpNat {
         };
         s.info.last_used = now;
         s.state.quote = Quote::of(ip);
-        s.state.ttl.follow(ip.ttl, s.sock, io);
-        let mut sent = io.udp_send(s.sock, udp.payload());
-        if let Err(e) = &sent {
-            // An ICMP error about an earlier datagram surfaces on the send that follows it (the
-            // socket's pending error), which then sent nothing: relay it, and send again.
-            if e.kind() != io::ErrorKind::WouldBlock && relay_errors(ctx, out, s, io) > 0 {
-                sent = io.udp_send(s.sock, udp.payload());
-            }
+        let (sock, payload) = (s.sock, udp.payload());
+        let ttl_changes = s.state.ttl.changes(ip.ttl);
+        // Datagrams that fit the guest's MTU whole may wait for the batch's end; what waits
+        // for this session leaves first when this one cannot join it (order within a flow is
+        // kept) or when the TTL changes under it.
+        let deferrable = self.batching
+            && !payload.is_empty()
+            && payload.len() + UDP_HEADER_LEN + ip_header_len(src) <= ctx.cfg.nat.mtu as usize;
+        if !self.pending.is_empty() && (ttl_changes || !deferrable) {
+            self.send_pending_of(sock, ctx, io, out);
         }
-        match sent {
-            Ok(_) => {
-                s.info.packets_to_host += 1;
-                s.info.bytes_to_host += udp.payload().len() as u64;
-                Ok(None)
-            }
-            Err(e) => {
-                let mac = s.state.guest_mac;
-                if icmp_error::report_send_error(ctx, out, &e, s.state.quote.bytes(), mac) {
-                    return Err(DropReason::NoRoute);
-                }
-                if e.kind() == io::ErrorKind::ConnectionRefused {
-                    // A port unreachable the socket could not say more about.
-                    return push_unreachable(ctx, dst, Unreach::Port, ip, out).map(|()| None);
-                }
-                tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
-                Err(DropReason::QueueFull)
-            }
+        let Some(s) = self.table.get_mut(slot) else {
+            return Err(DropReason::Malformed);
+        };
+        s.state.ttl.follow(ip.ttl, sock, io);
+        if deferrable {
+            self.defer(sock, payload, ctx, io, out);
+            return Ok(None);
         }
+        send_datagrams(ctx, out, s, io, payload, payload.len().max(1)).map(|()| None)
     }
 
     /// Opens the session of `key` for the guest's datagram `ip` (told on `out` when its
@@ -387,6 +533,12 @@ impl UdpNat {
         let Some(s) = self.table.remove(slot) else {
             return;
         };
+        // A session with datagrams waiting is not idle: only a shutdown or a forward's end
+        // closes one, and its datagrams go with it.
+        if let Some(i) = self.pending.iter().position(|p| p.sock == s.sock) {
+            let p = self.pending.swap_remove(i);
+            self.spare.push(p.payload);
+        }
         ctx.release_session(Proto::Udp, s.key.guest.ip());
         io.close(s.sock);
         ctx.events.push(Event::SessionDeleted {
@@ -424,7 +576,9 @@ impl UdpNat {
         self.rearm.clear();
     }
 
-    /// Reads session `slot`'s socket up to the budget; true when data may remain.
+    /// Reads session `slot`'s socket up to the budget; true when data may remain. Where the
+    /// port takes UDP super-frames, datagrams of one size that fit the guest's MTU whole are
+    /// read one behind the other (`Run`) and leave as one frame.
     fn read_session(
         &mut self,
         now: Instant,
@@ -436,36 +590,69 @@ impl UdpNat {
         let Some(s) = self.table.get_mut(slot) else {
             return false;
         };
+        let (from, to, mac) = (s.key.dst, s.key.guest, s.state.guest_mac);
+        let whole = (ctx.cfg.nat.mtu as usize)
+            .saturating_sub(UDP_HEADER_LEN + ip_header_len(from.ip()))
+            .min(usize::from(u16::MAX));
+        let gso = ctx.udp_gso;
+        let mut run = Run::default();
         // A socket error with nothing behind it, twice in a row: give up on this round rather
         // than spin on it.
         let mut stalled = false;
+        let mut more = true;
         for _ in 0..READ_BUDGET {
-            match io.udp_recv(s.sock, &mut self.buf[UDP_HEADER_LEN..]) {
+            let at = UDP_HEADER_LEN + run.bytes;
+            match io.udp_recv(s.sock, &mut self.buf[at..at + MAX_UDP_PAYLOAD]) {
                 Ok(n) => {
                     stalled = false;
                     s.info.last_used = now;
                     s.info.packets_to_guest += 1;
                     s.info.bytes_to_guest += n as u64;
-                    let (from, to, mac) = (s.key.dst, s.key.guest, s.state.guest_mac);
-                    if let Err(why) = send_to_guest_via(ctx, out, &mut self.buf, n, from, to, mac) {
+                    let joins = gso && n > 0 && n <= whole;
+                    if joins && (run.datagrams == 0 || run.takes(n)) {
+                        run.add(n);
+                        continue;
+                    }
+                    // It cannot join the run: the run leaves first, and it takes its place.
+                    if run.datagrams > 0 {
+                        send_run(ctx, out, &mut self.buf, &run, (from, to, mac));
+                        self.buf.copy_within(at..at + n, UDP_HEADER_LEN);
+                        run = Run::default();
+                    }
+                    if joins {
+                        run.add(n);
+                    } else if let Err(why) =
+                        send_to_guest_via(ctx, out, &mut self.buf, n, from, to, mac)
+                    {
                         ctx.stats.drop(why);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 // The socket's pending error: the ICMP errors behind it wait in its error queue.
                 Err(e) => {
+                    if run.datagrams > 0 {
+                        send_run(ctx, out, &mut self.buf, &run, (from, to, mac));
+                        run = Run::default();
+                    }
                     if relay_errors(ctx, out, s, io) > 0 {
                         stalled = false;
                     } else if e.kind() == io::ErrorKind::ConnectionRefused {
                         reflect_refused(ctx, out, s);
                     } else if std::mem::replace(&mut stalled, true) {
                         tracing::debug!("UDP session {}: receive failed: {e}", s.info.id);
-                        return false;
+                        more = false;
+                        break;
                     }
                 }
             }
         }
-        true
+        if run.datagrams > 0 {
+            send_run(ctx, out, &mut self.buf, &run, (from, to, mac));
+        }
+        more
     }
 
     fn read_socket(
@@ -614,6 +801,111 @@ fn send_to_guest_via(
         ctx.cfg.nat.mtu as usize,
     );
     Ok(())
+}
+
+/// Sends the datagrams of `run` (their payloads one behind the other in
+/// `buf[UDP_HEADER_LEN..]`) to a guest: one alone as `send_to_guest_via` does, more as one
+/// super-frame marked with their size, its UDP length the whole payload's and its checksum
+/// field holding only the pseudo-header's sum, as a NIC's USO takes it. The guest's side of
+/// the port cuts it into the datagrams, each with its own header and checksum.
+fn send_run(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    buf: &mut [u8],
+    run: &Run,
+    (from, to, mac): (SocketAddr, SocketAddr, Option<Mac>),
+) {
+    let sent = if run.datagrams < 2 {
+        send_to_guest_via(ctx, out, buf, run.bytes, from, to, mac)
+    } else {
+        send_super_frame(
+            ctx,
+            out,
+            &buf[..UDP_HEADER_LEN + run.bytes],
+            run.segment,
+            (from, to, mac),
+        )
+    };
+    if let Err(why) = sent {
+        for _ in 0..run.datagrams {
+            ctx.stats.drop(why);
+        }
+    }
+}
+
+fn send_super_frame(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    datagram: &[u8],
+    segment: usize,
+    (from, to, mac): (SocketAddr, SocketAddr, Option<Mac>),
+) -> Result<(), DropReason> {
+    let dst_mac = match mac {
+        Some(m) => m,
+        None => ctx.neighbour(to.ip()).ok_or(DropReason::NoArp)?,
+    };
+    let h = IpHeader::new(from.ip(), to.ip(), IpProtocol::Udp, ctx.next_ident());
+    let l4 = ETHERNET_HEADER_LEN + h.len();
+    let len = datagram.len();
+    out.push_with(l4 + len, |frame| {
+        emit_ip_headers(frame, ctx.mac, dst_mac, &h, len);
+        let udp = &mut frame[l4..];
+        udp[UDP_HEADER_LEN..].copy_from_slice(&datagram[UDP_HEADER_LEN..]);
+        udp[0..2].copy_from_slice(&from.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&to.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        udp[6..8].copy_from_slice(&h.pseudo_sum(len).to_be_bytes());
+    });
+    out.set_gso_last(segment as u16);
+    Ok(())
+}
+
+/// Sends a guest's datagrams on session `s`'s socket: `payload` cut into datagrams of `segment`
+/// bytes (one datagram when it is no longer). The ICMP errors the socket was holding are
+/// relayed to the guest; an error that stops the send says why the datagrams were dropped.
+fn send_datagrams(
+    ctx: &mut Ctx,
+    out: &mut FrameBatch,
+    s: &mut Session,
+    io: &mut impl SockIo,
+    payload: &[u8],
+    segment: usize,
+) -> Result<(), DropReason> {
+    let send = |io: &mut _| {
+        if payload.len() > segment {
+            SockIo::udp_send_segments(io, s.sock, payload, segment)
+        } else {
+            SockIo::udp_send(io, s.sock, payload)
+        }
+    };
+    let mut sent = send(io);
+    if let Err(e) = &sent {
+        // An ICMP error about an earlier datagram surfaces on the send that follows it (the
+        // socket's pending error), which then sent nothing: relay it, and send again.
+        if e.kind() != io::ErrorKind::WouldBlock && relay_errors(ctx, out, s, io) > 0 {
+            sent = send(io);
+        }
+    }
+    match sent {
+        Ok(_) => {
+            s.info.packets_to_host += payload.len().div_ceil(segment).max(1) as u64;
+            s.info.bytes_to_host += payload.len() as u64;
+            Ok(())
+        }
+        Err(e) => {
+            let mac = s.state.guest_mac;
+            if icmp_error::report_send_error(ctx, out, &e, s.state.quote.bytes(), mac) {
+                return Err(DropReason::NoRoute);
+            }
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                // A port unreachable the socket could not say more about.
+                reflect_refused(ctx, out, s);
+                return Ok(());
+            }
+            tracing::debug!("UDP session {}: send failed: {e}", s.info.id);
+            Err(DropReason::QueueFull)
+        }
+    }
 }
 
 /// Relays the ICMP errors queued on session `s`'s socket to its guest; how many there were.
@@ -876,6 +1168,112 @@ mod tests {
         e.handle_timeout(T0, &mut h, &mut out);
         assert_eq!(out.len(), READ_BUDGET + 10);
         assert_ne!(e.poll_timeout(), Some(Instant::ZERO));
+    }
+
+    #[test]
+    fn with_batching_a_guests_datagrams_leave_in_runs_in_order() {
+        let (mut e, mut h, mut out) = setup();
+        e.set_batching(true);
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        let datagram = |n: usize, fill: u8| vec![fill; n];
+        let mut want = Vec::new();
+        // Five of 100 bytes and a shorter one (which ends the run), then three more.
+        for (i, n) in [100, 100, 100, 100, 100, 60, 100, 100, 100]
+            .into_iter()
+            .enumerate()
+        {
+            let p = datagram(n, i as u8);
+            e.handle_frame(T0, &udp_frame(g, d, &p), &mut h, &mut out);
+            want.push(p);
+        }
+        let sock = udp_ids(&h)[0];
+        // The first run left when the seventh could not join it; the second waits.
+        assert_eq!(h.udp(sock).unwrap().sends, vec![6]);
+        e.flush(T0, &mut h, &mut out);
+        assert_eq!(h.udp(sock).unwrap().sends, vec![6, 3]);
+        assert_eq!(h.udp(sock).unwrap().sent, want);
+        assert_eq!(e.sessions()[0].packets_to_host, 9);
+
+        // A larger datagram ends a run (sent first), one past the MTU leaves alone, a TTL
+        // change sends what was held at the old one first.
+        let before = want.len();
+        for p in [datagram(50, 1), datagram(80, 2), datagram(2000, 3)] {
+            e.handle_frame(T0, &udp_frame(g, d, &p), &mut h, &mut out);
+            want.push(p);
+        }
+        let p = datagram(80, 4);
+        e.handle_frame(T0, &udp_frame(g, d, &p), &mut h, &mut out);
+        want.push(p);
+        let p = datagram(80, 5);
+        e.handle_frame(T0, &with_ttl(udp_frame(g, d, &p), 5), &mut h, &mut out);
+        want.push(p);
+        e.flush(T0, &mut h, &mut out);
+        let u = h.udp(sock).unwrap();
+        assert_eq!(u.sends[2..], [1, 1, 1, 1, 1]);
+        assert_eq!(u.sent[before..], want[before..]);
+        assert_eq!(u.ttl, Some(4));
+    }
+
+    #[test]
+    fn with_batching_sessions_interleaved_keep_their_own_runs() {
+        let (mut e, mut h, mut out) = setup();
+        e.set_batching(true);
+        let d = sa(REMOTE_IP, 7000);
+        let (g1, g2) = (sa(GUEST_IP, 5000), sa(GUEST_IP, 5001));
+        for i in 0..10u8 {
+            let g = if i % 2 == 0 { g1 } else { g2 };
+            e.handle_frame(T0, &udp_frame(g, d, &[i; 64]), &mut h, &mut out);
+        }
+        e.flush(T0, &mut h, &mut out);
+        for (sock, first) in udp_ids(&h).into_iter().zip([0u8, 1]) {
+            let u = h.udp(sock).unwrap();
+            assert_eq!(u.sends, vec![5]);
+            let firsts: Vec<u8> = u.sent.iter().map(|p| p[0]).collect();
+            assert_eq!(firsts, (0..5).map(|k| first + 2 * k).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn toward_a_port_that_cuts_datagrams_runs_leave_as_super_frames() {
+        let (mut e, mut h, mut out) = setup();
+        e.ctx.udp_gso = true;
+        let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+        e.handle_frame(T0, &udp_frame(g, d, b"go"), &mut h, &mut out);
+        let sock = udp_ids(&h)[0];
+        let mut run = Vec::new();
+        for i in 0..5u8 {
+            h.udp(sock).unwrap().inbox.push_back(Ok(vec![i; 200]));
+            run.push(vec![i; 200]);
+        }
+        // A shorter one ends the run; a larger one starts another (alone: sent plain); one
+        // larger than the MTU leaves in fragments.
+        h.udp(sock).unwrap().inbox.push_back(Ok(vec![9; 50]));
+        run.push(vec![9; 50]);
+        h.deliver_udp(sock, &[8; 300]);
+        let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        h.deliver_udp(sock, &big);
+        pump(&mut e, &mut h, &mut out, T0);
+        let frames: Vec<(Vec<u8>, u16)> = out.iter_gso().map(|(f, g)| (f.to_vec(), g)).collect();
+        assert_eq!(frames.len(), 1 + 1 + 3);
+        let (sup, size) = &frames[0];
+        assert_eq!(*size, 200);
+        assert!(crate::wire::gso::partial_checksum_holds(sup));
+        let mut cut = Vec::new();
+        crate::wire::gso::cut(sup, *size, |f| cut.push(f[ETHERNET_HEADER_LEN..].to_vec())).unwrap();
+        let got: Vec<Vec<u8>> = cut.iter().map(|p| parse_udp(p).2).collect();
+        assert_eq!(got, run);
+        assert!(cut
+            .iter()
+            .all(|p| parse_udp(p).0 == d && parse_udp(p).1 == g));
+        assert_eq!(frames[1].1, 0);
+        assert_eq!(
+            parse_udp(&frames[1].0[ETHERNET_HEADER_LEN..]).2,
+            vec![8; 300]
+        );
+        let p = packets(&out);
+        assert_eq!(join_fragments(&p[2..])[8..], big[..]);
+        assert!(frames[2..].iter().all(|(_, g)| *g == 0));
+        assert_eq!(e.sessions()[0].packets_to_guest, 8);
     }
 
     #[test]

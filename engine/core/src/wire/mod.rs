@@ -4,6 +4,7 @@
 
 pub(crate) mod dhcp_options;
 mod ethernet;
+pub mod gso;
 mod ip;
 mod ipv4;
 mod ipv6;

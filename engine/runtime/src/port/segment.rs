@@ -72,7 +72,8 @@ pub struct TapPort {
     pub napi: Option<Arc<NapiSwitch>>,
     /// How frames are delivered, for the log.
     pub napi_mode: &'static str,
-    /// The guest may leave checksums and TCP segmentation to hubnat.
+    /// The guest may leave checksums and TCP segmentation to hubnat (and UDP segmentation,
+    /// where `queues[0].uso()` says so).
     pub offloads: bool,
 }
 
@@ -82,7 +83,7 @@ impl TapSpec<'_> {
     /// be moved to threads (in softirq alone they cost more than plain writes), else hubnat
     /// writes without it and says so.
     pub fn open(&self) -> Result<TapPort, TapError> {
-        let (queues, threading) = match self.queues {
+        let (mut queues, threading) = match self.queues {
             QueueMode::Single => self.open_napi(1)?,
             QueueMode::Multi => self.open_napi(self.workers)?,
             QueueMode::Auto if self.workers < 2 => self.open_napi(1)?,

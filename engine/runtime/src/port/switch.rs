@@ -279,8 +279,27 @@ impl Switch {
 
     /// A frame the engine emitted: sent to the port its destination is on (every port for a
     /// broadcast or an address not learned yet). True: one of its ports is the batched one,
-    /// and the caller writes it there itself.
-    pub fn egress(&self, frame: &[u8]) -> bool {
+    /// and the caller writes it there itself. A super-frame (`gso`: its segment size, see
+    /// `FrameBatch::iter_gso`) reaches the other ports cut into the frames it stands for:
+    /// only the batched TAP takes it whole.
+    pub fn egress(&self, frame: &[u8], gso: u16) -> bool {
+        if gso == 0 {
+            return self.egress_one(frame);
+        }
+        let batched = self.batched.load(Ordering::Relaxed);
+        let whole = frame.len() >= 14
+            && !is_multicast(&frame[0..6])
+            && self.lookup(&frame[0..6]) == Some(batched);
+        if whole {
+            return true;
+        }
+        let mut to_batched = false;
+        // Not a super-frame after all: nothing is sent (the core never makes one of those).
+        let _ = hubnat_core::wire::gso::cut(frame, gso, |f| to_batched |= self.egress_one(f));
+        to_batched
+    }
+
+    fn egress_one(&self, frame: &[u8]) -> bool {
         let batched = self.batched.load(Ordering::Relaxed);
         let ports = self.read_ports();
         let to = if frame.len() < 14 || is_multicast(&frame[0..6]) {
@@ -567,7 +586,7 @@ mod tests {
         assert!(recs.iter().all(|r| r.take().is_empty()));
         // The engine's reply to guest 2 goes to port 1 only.
         let e = frame(mac(2), VHOST, 5);
-        assert!(!sw.egress(&e));
+        assert!(!sw.egress(&e, 0));
         assert_eq!(recs[1].take(), vec![e]);
         assert!(recs[0].take().is_empty() && recs[2].take().is_empty());
         let view = sw.ports();
@@ -593,7 +612,7 @@ mod tests {
         assert_eq!(view[0].rx_filtered, 1);
         assert_eq!(view[1].rx_filtered, 1);
         recs[0].refuse.store(true, Ordering::Relaxed);
-        sw.egress(&frame(mac(1), VHOST, 3));
+        sw.egress(&frame(mac(1), VHOST, 3), 0);
         assert_eq!(sw.ports()[0].tx_dropped, 1);
     }
 
@@ -604,17 +623,49 @@ mod tests {
         let (sw, recs, ids) = switch_of(2);
         sw.set_batched(ids[0]);
         // Unknown and broadcast: flooded to port 1, and the caller writes port 0.
-        assert!(sw.egress(&frame(BCAST, VHOST, 0)));
+        assert!(sw.egress(&frame(BCAST, VHOST, 0), 0));
         assert_eq!(recs[1].take().len(), 1);
         assert!(recs[0].take().is_empty());
         sw.ingress(ids[0], &frame(BCAST, mac(1), 1));
         recs[1].take();
-        assert!(sw.egress(&frame(mac(1), VHOST, 2)));
+        assert!(sw.egress(&frame(mac(1), VHOST, 2), 0));
         assert!(recs[1].take().is_empty());
         // From port 1 to guest 1 behind the batched port: sent through the link.
         assert!(!sw.ingress(ids[1], &frame(mac(1), mac(2), 3)));
         assert_eq!(recs[0].take().len(), 1);
         assert_eq!(sw.remove(ids[0]).err(), Some(SwitchError::Batched(ids[0])));
+    }
+
+    /// A super-frame reaches the batched TAP whole (its writer hands the cut to the guest's
+    /// side) and any other port cut into its datagrams, each a frame that port can carry.
+    #[test]
+    fn super_frames_are_cut_for_the_ports_that_take_none() {
+        let (sw, recs, ids) = switch_of(2);
+        sw.set_batched(ids[0]);
+        sw.ingress(ids[0], &frame(BCAST, mac(1), 0));
+        sw.ingress(ids[1], &frame(BCAST, mac(2), 0));
+        recs.iter().for_each(|r| drop(r.take()));
+        // 3 datagrams of 100 bytes as one UDP super-frame, its checksum field the pseudo sum.
+        let super_frame = |dst: [u8; 6]| {
+            let mut f = frame(dst, VHOST, 0);
+            f.truncate(14);
+            let mut ip = vec![
+                0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+            ];
+            ip[2..4].copy_from_slice(&(20u16 + 8 + 300).to_be_bytes());
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&[0, 53, 0x9c, 0x40]);
+            f.extend_from_slice(&308u16.to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+            f.extend_from_slice(&[7u8; 300]);
+            f
+        };
+        assert!(sw.egress(&super_frame(mac(1)), 100), "the TAP's: whole");
+        assert!(recs[1].take().is_empty());
+        assert!(!sw.egress(&super_frame(mac(2)), 100));
+        let got = recs[1].take();
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|f| f.len() == 14 + 20 + 8 + 100));
     }
 
     /// Removing a port forgets its addresses (their frames are flooded again); a moved guest
@@ -635,7 +686,7 @@ mod tests {
         // Guest 1 moves from port 0 to port 1.
         sw.ingress(ids[1], &frame(BCAST, mac(1), 2));
         recs[0].take();
-        sw.egress(&frame(mac(1), VHOST, 3));
+        sw.egress(&frame(mac(1), VHOST, 3), 0);
         assert_eq!(recs[1].take().len(), 1);
         assert!(recs[0].take().is_empty());
         assert_eq!(sw.mac_stats().2, 1);

@@ -10,6 +10,7 @@
 //! writes, and the guest's GRO can merge consecutive segments of a flow. That is how a NIC
 //! driver delivers frames; hubnat's frames stay MTU-sized.
 
+use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +18,8 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::port::vnet;
 use crate::sock::uring::restrict_and_enable;
@@ -175,6 +178,13 @@ pub struct Tap {
     name: String,
     /// Its frames carry a virtio-net header (`IFF_VNET_HDR`, see `port::vnet`).
     vnet_hdr: bool,
+    /// The kernel took UDP segmentation among the offloads (`offer_offloads`): it knows UDP
+    /// super-frames, both ways.
+    uso: bool,
+    /// Datagrams cut from a UDP super-frame that `recv` has not handed out yet, and how many
+    /// (read without the lock).
+    cut: Mutex<VecDeque<Vec<u8>>>,
+    cut_len: AtomicUsize,
 }
 
 /// How each queue of a TAP is attached.
@@ -187,12 +197,16 @@ pub struct QueueFlags {
 }
 
 /// The offloads hubnat offers the guest (`TUNSETOFFLOAD`): checksums and TCP segmentation
-/// over IPv4 and IPv6 (with ECN), which it takes as they come (`port::vnet`).
+/// over IPv4 and IPv6 (with ECN), which it takes as they come (`port::vnet`), and UDP
+/// segmentation (USO, Linux 6.2) where the kernel has it.
 const OFFLOADS: libc::c_uint = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+const USO: libc::c_uint = TUN_F_USO4 | TUN_F_USO6;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 impl Tap {
     /// Creates the TAP device `name` in the current network namespace, or attaches to it if it
@@ -248,6 +262,9 @@ impl Tap {
             fd,
             name: name.to_owned(),
             vnet_hdr: flags.vnet_hdr,
+            uso: false,
+            cut: Mutex::default(),
+            cut_len: AtomicUsize::new(0),
         })
     }
 
@@ -391,6 +408,9 @@ impl Tap {
                 fd,
                 name: name.to_owned(),
                 vnet_hdr: flags.vnet_hdr,
+                uso: false,
+                cut: Mutex::default(),
+                cut_len: AtomicUsize::new(0),
             })
             .collect())
     }
@@ -530,6 +550,9 @@ impl Tap {
             fd,
             name,
             vnet_hdr: false,
+            uso: false,
+            cut: Mutex::default(),
+            cut_len: AtomicUsize::new(0),
         })
     }
 
@@ -538,18 +561,32 @@ impl Tap {
         self.vnet_hdr
     }
 
-    /// Offers the guest checksum offload and TCP segmentation (`OFFLOADS`); the device's
-    /// queues must carry virtio-net headers. Where the kernel refuses, the guest's frames stay
-    /// plain (their headers say so) and the error is returned for the log.
-    pub fn offer_offloads(&self) -> io::Result<()> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a TAP queue.
-        check(unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                libc::TUNSETOFFLOAD,
-                libc::c_ulong::from(OFFLOADS),
-            )
-        })
+    /// Offers the guest checksum offload and TCP segmentation (`OFFLOADS`), and UDP
+    /// segmentation where the kernel has it (`uso` then says so); the device's queues must
+    /// carry virtio-net headers. Where the kernel refuses, the guest's frames stay plain (their
+    /// headers say so) and the error is returned for the log.
+    pub fn offer_offloads(&mut self) -> io::Result<()> {
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes its argument by value; the fd is a TAP queue.
+            check(unsafe {
+                libc::ioctl(
+                    self.fd.as_raw_fd(),
+                    libc::TUNSETOFFLOAD,
+                    libc::c_ulong::from(flags),
+                )
+            })
+        };
+        // A kernel without USO refuses the whole set (EINVAL): then without it.
+        self.uso = set(OFFLOADS | USO).is_ok();
+        if self.uso {
+            return Ok(());
+        }
+        set(OFFLOADS)
+    }
+
+    /// Whether the guest may send UDP super-frames and be sent them (`offer_offloads`).
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     pub fn name(&self) -> &str {
@@ -597,6 +634,15 @@ impl Tap {
     /// is read apart and acted on (`vnet::complete`); a frame whose header is refused reads as
     /// empty (the engine drops it as malformed).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cut_len.load(Ordering::Relaxed) > 0 {
+            let mut cut = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(d) = cut.pop_front() {
+                self.cut_len.store(cut.len(), Ordering::Relaxed);
+                let n = d.len().min(buf.len());
+                buf[..n].copy_from_slice(&d[..n]);
+                return Ok(n);
+            }
+        }
         if !self.vnet_hdr {
             // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
             let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -624,8 +670,30 @@ impl Tap {
         }
         let len = (n as usize).saturating_sub(vnet::HDR_LEN);
         match vnet::complete(&hdr, &mut buf[..len]) {
-            Ok(()) if n as usize >= vnet::HDR_LEN => Ok(len),
+            Ok(None) if n as usize >= vnet::HDR_LEN => Ok(len),
+            Ok(Some(size)) => Ok(self.cut_udp(buf, len, size)),
             _ => Ok(0),
+        }
+    }
+
+    /// Cuts the UDP super-frame `buf[..len]` into its datagrams: the first is left in `buf`
+    /// (its length returned; 0 for a frame that is no such thing), the others wait in `cut`
+    /// for the reads that follow.
+    #[cold]
+    fn cut_udp(&self, buf: &mut [u8], len: usize, size: u16) -> usize {
+        let mut cut = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut first = None;
+        let whole = vnet::cut_udp(&buf[..len], size, |d| match first {
+            None => first = Some(d.to_vec()),
+            Some(_) => cut.push_back(d.to_vec()),
+        });
+        self.cut_len.store(cut.len(), Ordering::Relaxed);
+        match first {
+            Some(d) if whole => {
+                buf[..d.len()].copy_from_slice(&d);
+                d.len()
+            }
+            _ => 0,
         }
     }
 

@@ -1,15 +1,17 @@
 //! The virtio-net header a TAP opened with `IFF_VNET_HDR` puts before every frame (and wants
 //! before every frame written to it), and what hubnat does with it.
 //!
-//! With offloads on (`TUNSETOFFLOAD`: checksum and TCP segmentation over IPv4 and IPv6), the guest's
-//! kernel leaves work to its "device", which is hubnat: a TCP or UDP frame may come with its
-//! checksum only started (`NEEDS_CSUM`: the field holds the pseudo-header's sum, the rest is to
-//! be added from `csum_start` on), and a TCP frame may be a super-segment of up to 64 KiB that a
-//! real device would cut into segments of `gso_size`. hubnat needs neither cut: the payload of a
-//! super-segment goes to its host socket in one write, as the guest meant. It only completes a
-//! started checksum, so that everything past the port sees a frame whose checksums hold, as
-//! from a TAP without offloads. Frames written to the guest carry an empty header (nothing left
-//! to do).
+//! With offloads on (`TUNSETOFFLOAD`: checksum, TCP segmentation over IPv4 and IPv6, and UDP
+//! segmentation where the kernel has it), the guest's kernel leaves work to its "device", which
+//! is hubnat: a TCP or UDP frame may come with its checksum only started (`NEEDS_CSUM`: the
+//! field holds the pseudo-header's sum, the rest is to be added from `csum_start` on), a TCP
+//! frame may be a super-segment of up to 64 KiB that a real device would cut into segments of
+//! `gso_size`, and a UDP frame a run of datagrams of `gso_size` bytes sent as one (USO). hubnat
+//! need not cut a TCP super-segment: its payload goes to its host socket in one write, as the
+//! guest meant. A UDP one it cuts into its datagrams (`hubnat_core::wire::gso::cut`), whose
+//! boundaries the destination must see; the NAT sends them on in one UDP_SEGMENT send again.
+//! Frames written to the guest carry an empty header (nothing left to do), or the header of a
+//! super-frame the guest's side is to cut (`gso_header`).
 
 /// The largest frame a TAP gives: a TCP super-segment (64 KiB of IPv4 packet, or an IPv6 header
 /// and 64 KiB of payload) or a datagram at the largest MTU, behind an Ethernet header with a
@@ -26,6 +28,7 @@ const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
 /// Set with a TCP type when the segments carry ECN's CWR.
 const GSO_ECN: u8 = 0x80;
 
@@ -33,26 +36,36 @@ const GSO_ECN: u8 = 0x80;
 /// point the kernel at it.
 pub static EMPTY: [u8; HDR_LEN] = [0; HDR_LEN];
 
-/// The header of a TCP super-frame hubnat writes (`FrameBatch::iter_gso`): the guest's side
-/// cuts it into segments of `mss` payload bytes and completes each one's checksum, whose field
-/// holds the pseudo-header's sum. `frame` is an Ethernet frame carrying IPv4 or IPv6 (no
-/// extension headers: hubnat writes none) and TCP.
+/// The header of a super-frame hubnat writes (`FrameBatch::iter_gso`): the guest's side cuts
+/// it into segments (TCP) or datagrams (UDP) of `mss` payload bytes and completes each one's
+/// checksum, whose field holds the pseudo-header's sum. `frame` is an Ethernet frame carrying
+/// IPv4 or IPv6 (no extension headers: hubnat writes none) and TCP or UDP.
 pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
     let v6 = frame.get(12..14) == Some(&[0x86, 0xdd][..]);
-    let ip_hl = if v6 {
-        40
+    let (ip_hl, proto) = if v6 {
+        (40, frame.get(ETH_LEN + 6))
     } else {
-        usize::from(frame.get(ETH_LEN).copied().unwrap_or(0x45) & 0x0f) * 4
+        let ihl = usize::from(frame.get(ETH_LEN).copied().unwrap_or(0x45) & 0x0f) * 4;
+        (ihl, frame.get(ETH_LEN + 9))
     };
     let csum_start = ETH_LEN + ip_hl;
-    let tcp_hl = usize::from(frame.get(csum_start + 12).copied().unwrap_or(0x50) >> 4) * 4;
+    let (gso, l4_hl, csum_offset) = if proto == Some(&17) {
+        (GSO_UDP_L4, 8, UDP_CSUM_OFFSET)
+    } else {
+        let tcp_hl = usize::from(frame.get(csum_start + 12).copied().unwrap_or(0x50) >> 4) * 4;
+        (
+            if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            tcp_hl,
+            TCP_CSUM_OFFSET,
+        )
+    };
     let mut h = [0u8; HDR_LEN];
     h[0] = F_NEEDS_CSUM;
-    h[1] = if v6 { GSO_TCPV6 } else { GSO_TCPV4 };
-    h[2..4].copy_from_slice(&((csum_start + tcp_hl) as u16).to_ne_bytes());
+    h[1] = gso;
+    h[2..4].copy_from_slice(&((csum_start + l4_hl) as u16).to_ne_bytes());
     h[4..6].copy_from_slice(&mss.to_ne_bytes());
     h[6..8].copy_from_slice(&(csum_start as u16).to_ne_bytes());
-    h[8..10].copy_from_slice(&TCP_CSUM_OFFSET.to_ne_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
     h
 }
 
@@ -66,27 +79,27 @@ const UDP_CSUM_OFFSET: u16 = 6;
 pub enum Refused {
     /// Shorter than a header.
     Short,
-    /// A segmentation hubnat did not offer (UDP).
+    /// A segmentation hubnat did not offer (UFO, tunnels).
     Gso(u8),
     /// The checksum to complete lies outside the frame.
     Csum { start: usize, offset: usize },
 }
 
-/// Takes the header off `buf` (a header and a frame, as read from the TAP), completes a
-/// started checksum, and returns the frame.
-pub fn take(buf: &mut [u8]) -> Result<&mut [u8], Refused> {
-    let (frame, left) = take_leaving(buf)?;
-    if let Some(l) = left {
-        l.complete(frame);
-    }
-    Ok(frame)
+/// A frame as taken from behind its header: what the header leaves to hubnat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Left {
+    /// A checksum to complete.
+    pub checksum: Option<LeftChecksum>,
+    /// For a UDP super-frame (USO): the size of its datagrams, into which it is to be cut
+    /// (`cut_udp`); its checksum then needs no completing, the cut makes each datagram's.
+    pub udp_segment: Option<u16>,
 }
 
-/// Takes the header off `buf` and returns the frame with the checksum it leaves to hubnat, not
-/// yet completed: a frame handled where it was read needs none when the checksum is its
+/// Takes the header off `buf` and returns the frame with what it leaves to hubnat, not yet
+/// done: a frame handled where it was read needs no checksum completed when the checksum is its
 /// transport header's (`LeftChecksum::is_transport`), since the guest's kernel wrote it from
 /// memory and no wire could have changed it; a frame that goes elsewhere is completed first.
-pub fn take_leaving(buf: &mut [u8]) -> Result<(&mut [u8], Option<LeftChecksum>), Refused> {
+pub fn take_leaving(buf: &mut [u8]) -> Result<(&mut [u8], Left), Refused> {
     if buf.len() < HDR_LEN {
         return Err(Refused::Short);
     }
@@ -95,12 +108,27 @@ pub fn take_leaving(buf: &mut [u8]) -> Result<(&mut [u8], Option<LeftChecksum>),
     Ok((frame, left))
 }
 
-/// Does what header `hdr` leaves to the device for `frame` (the frame it came before).
-pub fn complete(hdr: &[u8; HDR_LEN], frame: &mut [u8]) -> Result<(), Refused> {
-    if let Some(l) = left(hdr, frame.len())? {
-        l.complete(frame);
+/// Does what header `hdr` leaves to the device for `frame` (the frame it came before), but for
+/// cutting a UDP super-frame: its datagrams' size is returned, for `cut_udp`.
+pub fn complete(hdr: &[u8; HDR_LEN], frame: &mut [u8]) -> Result<Option<u16>, Refused> {
+    let left = left(hdr, frame.len())?;
+    if left.udp_segment.is_none() {
+        if let Some(l) = left.checksum {
+            l.complete(frame);
+        }
     }
-    Ok(())
+    Ok(left.udp_segment)
+}
+
+/// Cuts a UDP super-frame from the guest into its datagrams of `size` bytes, each given to
+/// `emit` with its checksum complete; false (nothing emitted) when it is not one.
+pub fn cut_udp(frame: &[u8], size: u16, emit: impl FnMut(&[u8])) -> bool {
+    let proto = match frame.get(12..14) {
+        Some([0x08, 0x00]) => frame.get(ETH_LEN + 9),
+        Some([0x86, 0xdd]) => frame.get(ETH_LEN + 6),
+        _ => None,
+    };
+    proto == Some(&17) && hubnat_core::wire::gso::cut(frame, size, emit).is_ok()
 }
 
 /// A checksum a guest left to hubnat: it covers the frame from `start` on, and its field lies
@@ -144,14 +172,22 @@ impl LeftChecksum {
 
 /// What `hdr` leaves to hubnat for a frame of `len` bytes (None: nothing). Refused: a
 /// segmentation hubnat did not offer, or a checksum field outside the frame.
-fn left(hdr: &[u8; HDR_LEN], len: usize) -> Result<Option<LeftChecksum>, Refused> {
+fn left(hdr: &[u8; HDR_LEN], len: usize) -> Result<Left, Refused> {
     let flags = hdr[0];
     let gso = hdr[1];
-    if !matches!(gso & !GSO_ECN, GSO_NONE | GSO_TCPV4 | GSO_TCPV6) {
-        return Err(Refused::Gso(gso));
-    }
+    let udp_segment = match gso & !GSO_ECN {
+        GSO_NONE | GSO_TCPV4 | GSO_TCPV6 => None,
+        GSO_UDP_L4 => match u16::from_ne_bytes([hdr[4], hdr[5]]) {
+            0 => return Err(Refused::Gso(gso)),
+            size => Some(size),
+        },
+        _ => return Err(Refused::Gso(gso)),
+    };
     if flags & F_NEEDS_CSUM == 0 {
-        return Ok(None);
+        return Ok(Left {
+            checksum: None,
+            udp_segment,
+        });
     }
     // Native byte order: the TAP was not told otherwise (TUNSETVNETLE/BE).
     let start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
@@ -159,7 +195,10 @@ fn left(hdr: &[u8; HDR_LEN], len: usize) -> Result<Option<LeftChecksum>, Refused
     if start >= len || start + offset + 2 > len {
         return Err(Refused::Csum { start, offset });
     }
-    Ok(Some(LeftChecksum { start, offset }))
+    Ok(Left {
+        checksum: Some(LeftChecksum { start, offset }),
+        udp_segment,
+    })
 }
 
 #[cfg(test)]
@@ -170,6 +209,15 @@ mod tests {
     };
 
     const ETH: usize = 14;
+
+    /// The frame behind the header, its left checksum completed (as `complete` does).
+    fn take(buf: &mut [u8]) -> Result<&mut [u8], Refused> {
+        let (frame, left) = take_leaving(buf)?;
+        if let Some(l) = left.checksum {
+            l.complete(frame);
+        }
+        Ok(frame)
+    }
 
     /// A header, then an Ethernet frame carrying an IPv4 packet of protocol `proto` whose
     /// transport part is `l4` (its checksum field left as given).
@@ -281,7 +329,7 @@ mod tests {
         let mut buf = tcp_segment(100);
         started(&mut buf, 16);
         let (f, left) = take_leaving(&mut buf).unwrap();
-        let left = left.expect("a checksum left");
+        let left = left.checksum.expect("a checksum left");
         assert!(left.is_transport(f));
         // Pointing elsewhere (into the IP header): completed like any, never skipped.
         let mut buf = tcp_segment(100);
@@ -289,10 +337,10 @@ mod tests {
         buf[6..8].copy_from_slice(&(ETH as u16).to_ne_bytes());
         buf[8..10].copy_from_slice(&10u16.to_ne_bytes());
         let (f, left) = take_leaving(&mut buf).unwrap();
-        assert!(!left.unwrap().is_transport(f));
+        assert!(!left.checksum.unwrap().is_transport(f));
         // Nothing left: nothing said.
         let mut buf = tcp_segment(100);
-        assert_eq!(take_leaving(&mut buf).unwrap().1, None);
+        assert_eq!(take_leaving(&mut buf).unwrap().1, Left::default());
         // IPv6: the transport header right after the fixed one.
         let mut frame = vec![0u8; ETH + 40 + 20];
         frame[12..14].copy_from_slice(&[0x86, 0xdd]);
@@ -349,6 +397,66 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([h[4], h[5]]), 1428);
         assert_eq!(u16::from_ne_bytes([h[6], h[7]]), 14 + 40, "csum_start");
         assert_eq!(u16::from_ne_bytes([h[8], h[9]]), TCP_CSUM_OFFSET);
+    }
+
+    #[test]
+    fn a_udp_super_frame_says_udp_l4_and_where_its_datagrams_start() {
+        let mut l4 = vec![0u8; 8 + 300];
+        l4[4..6].copy_from_slice(&308u16.to_be_bytes());
+        let buf = frame(IpProtocol::Udp, &l4);
+        let h = gso_header(&buf[HDR_LEN..], 100);
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_UDP_L4));
+        assert_eq!(
+            u16::from_ne_bytes([h[2], h[3]]),
+            14 + 20 + 8,
+            "headers' length"
+        );
+        assert_eq!(u16::from_ne_bytes([h[4], h[5]]), 100);
+        assert_eq!(u16::from_ne_bytes([h[6], h[7]]), 14 + 20, "csum_start");
+        assert_eq!(u16::from_ne_bytes([h[8], h[9]]), UDP_CSUM_OFFSET);
+    }
+
+    #[test]
+    fn a_udp_super_frame_from_the_guest_is_cut_into_its_datagrams() {
+        // As the guest's kernel writes one: UDP length the whole, checksum only started.
+        let data: Vec<u8> = (0..2500u32).map(|i| (i * 3) as u8).collect();
+        let mut l4 = vec![0u8; 8];
+        l4[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        l4[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&data);
+        let mut buf = frame(IpProtocol::Udp, &l4);
+        started(&mut buf, UDP_CSUM_OFFSET);
+        buf[1] = GSO_UDP_L4;
+        buf[4..6].copy_from_slice(&1000u16.to_ne_bytes());
+        let (f, left) = take_leaving(&mut buf).unwrap();
+        assert_eq!(left.udp_segment, Some(1000));
+        let mut got = Vec::new();
+        assert!(cut_udp(f, 1000, |d| got.push(d.to_vec())));
+        assert_eq!(got.len(), 3);
+        let (src, dst) = ips();
+        let mut joined = Vec::new();
+        for d in &got {
+            let ip = Ipv4Packet::new_checked(&d[ETH..]).unwrap();
+            assert!(ip.verify_checksum());
+            let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+            assert!(udp.verify_checksum(&src.into(), &dst.into()));
+            joined.extend_from_slice(udp.payload());
+        }
+        assert_eq!(joined, data);
+        // A header saying USO before a TCP segment is not cut as UDP.
+        let mut buf = tcp_segment(100);
+        buf[1] = GSO_UDP_L4;
+        buf[4..6].copy_from_slice(&10u16.to_ne_bytes());
+        let (f, left) = take_leaving(&mut buf).unwrap();
+        assert!(!cut_udp(f, left.udp_segment.unwrap(), |_| ()));
+        // USO of datagrams of no size is refused.
+        let mut buf = tcp_segment(10);
+        buf[1] = GSO_UDP_L4;
+        assert_eq!(
+            take_leaving(&mut buf).map(|_| ()),
+            Err(Refused::Gso(GSO_UDP_L4))
+        );
     }
 
     #[test]
