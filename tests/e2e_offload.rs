@@ -129,7 +129,8 @@ fn counter(lab: &Lab, what: &str) -> u64 {
 /// Runs of datagrams sent as one (UDP_SEGMENT) from the guest to a udp-echo and back; every
 /// datagram must come back whole. Returns the guest's (packets sent, packets received) over it.
 fn udp_runs(lab: &Lab, rounds: u32, batch: u32) -> (u64, u64) {
-    let _echo = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9103"]);
+    // The echo takes each run whole (UDP_GRO) and sends it back as one (UDP_SEGMENT).
+    let _echo = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9103", "--runs"]);
     let (tx, rx) = (counter(lab, "tx_packets"), counter(lab, "rx_packets"));
     let out = lab.client(&[
         "udp-gso-ping",
@@ -166,10 +167,15 @@ fn a_guest_sending_runs_of_datagrams_hands_over_uso_frames_and_each_arrives_whol
     if uso {
         assert_eq!(feature(&lab, "tx-udp-segmentation"), "on");
         // One frame a run (a resent run, a neighbour solicitation: a few more), where the
-        // guest segmenting itself would send one a datagram.
+        // guest segmenting itself would send one a datagram. Back, each run reaches hubnat's
+        // socket whole and the guest as one frame.
         assert!(
             sent < u64::from(rounds * batch) / 4,
             "the guest sent {sent} frames for {rounds} runs of {batch}"
+        );
+        assert!(
+            received < u64::from(rounds * batch) / 4,
+            "the guest received {received} frames for {rounds} runs of {batch}"
         );
     } else {
         eprintln!("this kernel has no USO on a TAP: the guest cut its runs itself");

@@ -27,6 +27,9 @@ pub struct SimUdp {
     pub dst: SocketAddr,
     /// Datagrams the core sent, in order.
     pub sent: Vec<Vec<u8>>,
+    /// Receives hand over runs of datagrams of one size at once, as a host with UDP_GRO does
+    /// (for a socket from `udp_open_runs`).
+    pub gro: bool,
     /// The sends that carried them: datagrams per call (more than one: `udp_send_segments`).
     pub sends: Vec<usize>,
     /// Datagrams (or an ICMP error's socket error, as `Err`) waiting to be received by the core.
@@ -44,6 +47,7 @@ impl SimUdp {
         SimUdp {
             dst,
             sent: Vec::new(),
+            gro: false,
             sends: Vec::new(),
             inbox: VecDeque::new(),
             errors: VecDeque::new(),
@@ -347,6 +351,36 @@ impl SockIo for SimSockets {
         }
         u.sends.push(payload.len().div_ceil(segment.max(1)).max(1));
         Ok(payload.len())
+    }
+
+    fn udp_recv_segments(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+        let u = self.udp(id).ok_or_else(bad_id)?;
+        if !u.gro {
+            return self.udp_recv(id, buf).map(|n| (n, 0));
+        }
+        // As the host's GRO does: datagrams of one size that follow each other, the last
+        // possibly shorter, at most 64 and as many as fit `buf`.
+        let mut len = 0;
+        let mut segment = 0;
+        let mut count = 0;
+        while let Some(Ok(d)) = u.inbox.front() {
+            let fits = count == 0 || (d.len() <= segment && len % segment == 0);
+            if !fits || count == 64 || len + d.len() > buf.len() || d.is_empty() {
+                break;
+            }
+            if count == 0 {
+                segment = d.len();
+            }
+            buf[len..len + d.len()].copy_from_slice(d);
+            len += d.len();
+            count += 1;
+            u.inbox.pop_front();
+        }
+        match count {
+            0 => self.udp_recv(id, buf).map(|n| (n, 0)),
+            1 => Ok((len, 0)),
+            _ => Ok((len, segment)),
+        }
     }
 
     fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {

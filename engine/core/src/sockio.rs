@@ -126,6 +126,17 @@ pub trait SockIo {
         }
         Ok(sent)
     }
+    /// `udp_open` for a NAT session's socket, whose receives may hand over a run of datagrams
+    /// at once (`udp_recv_segments`) where the host has UDP_GRO. This default: `udp_open`.
+    fn udp_open_runs(&mut self, dst: SocketAddr) -> io::Result<SockId> {
+        self.udp_open(dst)
+    }
+    /// `udp_recv` that may receive a run of datagrams of one size (the last may be shorter)
+    /// that the host's stack handed over as one, on a socket from `udp_open_runs`: returns the
+    /// bytes and the size of each datagram (0: one datagram). This default: one datagram.
+    fn udp_recv_segments(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+        self.udp_recv(id, buf).map(|n| (n, 0))
+    }
     /// One datagram, truncated to `buf`. `Err(WouldBlock)` when nothing is waiting; another
     /// error (`ConnectionRefused` for a port unreachable) when the network answered with an
     /// ICMP error, whose details `recv_error` then gives.

@@ -31,6 +31,10 @@ enum Cmd {
     UdpEcho {
         #[arg(long)]
         listen: SocketAddr,
+        /// Take runs of datagrams as one (UDP_GRO) and echo each run in one send the kernel
+        /// cuts (UDP_SEGMENT), as a QUIC server does.
+        #[arg(long)]
+        runs: bool,
     },
     /// Answer every DNS query with NOERROR and the A record 10.9.9.9, from a socket whose receive
     /// buffer (4 MiB, forced) holds a burst of thousands: an upstream that never drops, so that
@@ -407,6 +411,47 @@ fn dns_answer(buf: &mut [u8], n: usize) -> Option<usize> {
     Some(end + rr.len())
 }
 
+/// `udp-echo --runs`: every receive (a run of datagrams the kernel kept whole, or one) is sent
+/// back in one send, cut as it came.
+fn udp_echo_runs(listen: SocketAddr) -> Result<()> {
+    use nix::sys::socket::{
+        recvmsg, sendmsg, setsockopt, sockopt::UdpGroSegment, ControlMessage, ControlMessageOwned,
+        MsgFlags, SockaddrStorage,
+    };
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+    let s = UdpSocket::bind(listen)?;
+    setsockopt(&s, UdpGroSegment, &true).context("UDP_GRO")?;
+    eprintln!("listening on {listen} (runs)");
+    let mut buf = vec![0u8; 65536];
+    let mut control = nix::cmsg_space!(i32);
+    loop {
+        let (n, segment, from) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let m = recvmsg::<SockaddrStorage>(
+                s.as_raw_fd(),
+                &mut iov,
+                Some(&mut control),
+                MsgFlags::empty(),
+            )?;
+            let segment = m.cmsgs()?.find_map(|c| match c {
+                ControlMessageOwned::UdpGroSegments(g) => u16::try_from(g).ok(),
+                _ => None,
+            });
+            (m.bytes, segment, m.address.context("no sender")?)
+        };
+        let iov = [IoSlice::new(&buf[..n])];
+        let sent = match segment {
+            Some(g) if usize::from(g) < n => {
+                let cmsg = [ControlMessage::UdpGsoSegments(&g)];
+                sendmsg(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), Some(&from))
+            }
+            _ => sendmsg(s.as_raw_fd(), &iov, &[], MsgFlags::empty(), Some(&from)),
+        };
+        sent.context("echo")?;
+    }
+}
+
 /// `udp-gso-ping`: every round's datagrams are numbered (round, index) and filled from the
 /// seeded stream; a round is sent again (up to 3 times) when its echoes do not all come back.
 fn udp_gso_ping(connect: SocketAddr, rounds: u32, batch: u32, size: usize) -> Result<()> {
@@ -496,7 +541,11 @@ fn main() -> Result<()> {
             eprintln!("injected {} of {count} {kind} frames", count - failed);
             Ok(())
         }
-        Cmd::UdpEcho { listen } => {
+        Cmd::UdpEcho { listen, runs: true } => udp_echo_runs(listen),
+        Cmd::UdpEcho {
+            listen,
+            runs: false,
+        } => {
             let s = UdpSocket::bind(listen)?;
             eprintln!("listening on {listen}");
             let mut buf = vec![0u8; 65536];

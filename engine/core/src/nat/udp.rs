@@ -177,22 +177,55 @@ struct Run {
     datagrams: usize,
 }
 
-impl Run {
-    fn add(&mut self, len: usize) {
-        if self.datagrams == 0 {
-            self.segment = len;
+/// What one receive gave: `len` bytes of `count` datagrams of `segment` bytes (the last may be
+/// shorter; one datagram is its own segment).
+#[derive(Clone, Copy)]
+struct Received {
+    len: usize,
+    segment: usize,
+    count: usize,
+}
+
+impl Received {
+    fn of((len, segment): (usize, usize)) -> Received {
+        if segment == 0 || segment >= len {
+            return Received {
+                len,
+                segment: len,
+                count: 1,
+            };
         }
-        self.bytes += len;
-        self.datagrams += 1;
+        Received {
+            len,
+            segment,
+            count: len.div_ceil(segment),
+        }
+    }
+}
+
+impl Run {
+    fn add(&mut self, r: Received) {
+        if self.datagrams == 0 {
+            self.segment = r.segment;
+        }
+        self.bytes += r.len;
+        self.datagrams += r.count;
     }
 
-    fn takes(&self, len: usize) -> bool {
+    /// Whether `r` can follow the run's datagrams in one super-frame: one datagram no larger
+    /// than theirs, or a run of theirs; the run not ended by a shorter one, and within bounds.
+    fn takes(&self, r: Received) -> bool {
+        let fits = if r.count == 1 {
+            r.len <= self.segment
+        } else {
+            r.segment == self.segment
+        };
         self.datagrams > 0
+            && fits
+            && r.len > 0
             && self.bytes.is_multiple_of(self.segment.max(1))
-            && len <= self.segment
-            && len > 0
-            && self.datagrams < MAX_SEGMENTS
-            && self.bytes + len <= MAX_UDP_PAYLOAD
+            && self.datagrams + r.count <= MAX_SEGMENTS
+            && self.bytes + r.len <= MAX_UDP_PAYLOAD
     }
 }
 
@@ -423,7 +456,7 @@ impl UdpNat {
         if !ctx.admit_session(now, Proto::Udp, key.guest.ip()) {
             return Err(DropReason::Limit);
         }
-        let sock = io.udp_open(host_dst).map_err(|e| {
+        let sock = io.udp_open_runs(host_dst).map_err(|e| {
             ctx.release_session(Proto::Udp, key.guest.ip());
             // Connecting the socket looks the route up: a guest's destination may have none.
             let quote = Quote::of(ip);
@@ -602,29 +635,37 @@ impl UdpNat {
         let mut more = true;
         for _ in 0..READ_BUDGET {
             let at = UDP_HEADER_LEN + run.bytes;
-            match io.udp_recv(s.sock, &mut self.buf[at..at + MAX_UDP_PAYLOAD]) {
-                Ok(n) => {
+            match io.udp_recv_segments(s.sock, &mut self.buf[at..at + MAX_UDP_PAYLOAD]) {
+                Ok(got) => {
                     stalled = false;
+                    let r = Received::of(got);
                     s.info.last_used = now;
-                    s.info.packets_to_guest += 1;
-                    s.info.bytes_to_guest += n as u64;
-                    let joins = gso && n > 0 && n <= whole;
-                    if joins && (run.datagrams == 0 || run.takes(n)) {
-                        run.add(n);
+                    s.info.packets_to_guest += r.count as u64;
+                    s.info.bytes_to_guest += r.len as u64;
+                    let joins = gso && r.len > 0 && r.segment <= whole;
+                    if joins && (run.datagrams == 0 || run.takes(r)) {
+                        run.add(r);
                         continue;
                     }
                     // It cannot join the run: the run leaves first, and it takes its place.
                     if run.datagrams > 0 {
                         send_run(ctx, out, &mut self.buf, &run, (from, to, mac));
-                        self.buf.copy_within(at..at + n, UDP_HEADER_LEN);
+                        self.buf.copy_within(at..at + r.len, UDP_HEADER_LEN);
                         run = Run::default();
                     }
                     if joins {
-                        run.add(n);
-                    } else if let Err(why) =
-                        send_to_guest_via(ctx, out, &mut self.buf, n, from, to, mac)
-                    {
-                        ctx.stats.drop(why);
+                        run.add(r);
+                        continue;
+                    }
+                    // Datagram by datagram, each header written over the tail of the one
+                    // before it, which has left.
+                    for k in 0..r.count {
+                        let off = k * r.segment;
+                        let n = r.segment.min(r.len - off);
+                        let buf = &mut self.buf[off..];
+                        if let Err(why) = send_to_guest_via(ctx, out, buf, n, from, to, mac) {
+                            ctx.stats.drop(why);
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -1274,6 +1315,41 @@ mod tests {
         assert_eq!(join_fragments(&p[2..])[8..], big[..]);
         assert!(frames[2..].iter().all(|(_, g)| *g == 0));
         assert_eq!(e.sessions()[0].packets_to_guest, 8);
+    }
+
+    #[test]
+    fn runs_the_host_hands_over_as_one_reach_the_guest_whole_or_datagram_by_datagram() {
+        for gso in [true, false] {
+            let (mut e, mut h, mut out) = setup();
+            e.ctx.udp_gso = gso;
+            let (g, d) = (sa(GUEST_IP, 5000), sa(REMOTE_IP, 7000));
+            e.handle_frame(T0, &udp_frame(g, d, b"go"), &mut h, &mut out);
+            let sock = udp_ids(&h)[0];
+            h.udp(sock).unwrap().gro = true;
+            // A run of 10 (the last shorter), then one larger datagram: two receives.
+            let mut sent: Vec<Vec<u8>> = (0..9u8).map(|i| vec![i; 300]).collect();
+            sent.push(vec![9; 120]);
+            sent.push(vec![10; 400]);
+            for p in &sent {
+                h.deliver_udp(sock, p);
+            }
+            pump(&mut e, &mut h, &mut out, T0);
+            let mut got = Vec::new();
+            for (f, size) in out.iter_gso() {
+                if size == 0 {
+                    got.push(parse_udp(&f[ETHERNET_HEADER_LEN..]).2);
+                } else {
+                    crate::wire::gso::cut(f, size, |c| {
+                        got.push(parse_udp(&c[ETHERNET_HEADER_LEN..]).2)
+                    })
+                    .unwrap();
+                }
+            }
+            assert_eq!(got, sent, "gso {gso}");
+            let frames = out.len();
+            assert_eq!(frames, if gso { 2 } else { 11 }, "gso {gso}");
+            assert_eq!(e.sessions()[0].packets_to_guest, 11);
+        }
     }
 
     #[test]

@@ -250,6 +250,36 @@ fn read_error_queue(
     Ok(None)
 }
 
+/// Receives on UDP socket `fd` into `buf`: one datagram, or a run of datagrams the host's stack
+/// handed over as one (UDP_GRO), with the size of each (0: one datagram).
+pub(crate) fn recv_segments(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64s: the control buffer must be aligned for cmsghdr; room for the UDP_GRO message.
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data, for which all zeroes is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (into `buf`) and `control`, live and writable for the
+    // lengths it gives, during the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = (msg.msg_controllen as usize).min(std::mem::size_of_val(&control));
+    // SAFETY: `control` is initialised plain data; viewing its first `len` bytes as bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(control.as_ptr().cast::<u8>(), len) };
+    Ok((
+        n as usize,
+        usize::from(crate::sock::uring::gro_segment(bytes)),
+    ))
+}
+
 /// Sends `payload` on the connected UDP socket `fd` as datagrams of `segment` bytes, in one
 /// call: the host's stack cuts it (UDP_SEGMENT, Linux 4.18), as late as its devices allow.
 fn send_segmented(fd: RawFd, payload: &[u8], segment: u16) -> io::Result<usize> {
@@ -578,14 +608,34 @@ impl SockDriver {
     pub fn adopt_udp(&mut self, sock: std::net::UdpSocket) -> io::Result<SockId> {
         sock.set_nonblocking(true)?;
         recv_errors(sock.as_raw_fd(), sock.local_addr()?.is_ipv6())?;
-        let sock = UdpSocket::from_std(sock);
+        self.add_udp(UdpSocket::from_std(sock), false)
+    }
+
+    /// Numbers and watches UDP socket `sock` (`runs`: it has UDP_GRO on).
+    fn add_udp(&mut self, sock: UdpSocket, runs: bool) -> io::Result<SockId> {
         let id = self.alloc_id();
         match &mut self.readiness {
-            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
+            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id, runs)?,
             Readiness::Epoll(_) => self.register_fd(sock.as_raw_fd(), id, false)?,
         }
         self.socks.insert(id, Sock::Udp(sock));
         Ok(id)
+    }
+
+    /// A UDP socket bound to an ephemeral port and connected to `dst`; with `runs`, UDP_GRO on
+    /// where the host has it.
+    fn open_udp(&mut self, dst: SocketAddr, runs: bool) -> io::Result<SockId> {
+        let any: IpAddr = match dst {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let sock = UdpSocket::bind(SocketAddr::new(any, 0))?;
+        recv_errors(sock.as_raw_fd(), dst.is_ipv6())?;
+        // Without it (before Linux 5.0) datagrams come one by one, which is as correct.
+        let runs =
+            runs && setsockopt_int(sock.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1).is_ok();
+        sock.connect(dst).map_err(classify)?;
+        self.add_udp(sock, runs)
     }
 
     fn register_fd(&mut self, fd: RawFd, id: SockId, writable: bool) -> io::Result<()> {
@@ -637,20 +687,11 @@ impl SockDriver {
 
 impl SockIo for SockDriver {
     fn udp_open(&mut self, dst: SocketAddr) -> io::Result<SockId> {
-        let any: IpAddr = match dst {
-            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-        };
-        let sock = UdpSocket::bind(SocketAddr::new(any, 0))?;
-        recv_errors(sock.as_raw_fd(), dst.is_ipv6())?;
-        sock.connect(dst).map_err(classify)?;
-        let id = self.alloc_id();
-        match &mut self.readiness {
-            Readiness::Uring(r) => r.udp(sock.as_raw_fd(), id)?,
-            Readiness::Epoll(_) => self.register_fd(sock.as_raw_fd(), id, false)?,
-        }
-        self.socks.insert(id, Sock::Udp(sock));
-        Ok(id)
+        self.open_udp(dst, false)
+    }
+
+    fn udp_open_runs(&mut self, dst: SocketAddr) -> io::Result<SockId> {
+        self.open_udp(dst, true)
     }
 
     fn udp_send(&mut self, id: SockId, payload: &[u8]) -> io::Result<usize> {
@@ -700,10 +741,22 @@ impl SockIo for SockDriver {
         Ok(sent)
     }
 
+    fn udp_recv_segments(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<(usize, usize)> {
+        if let Readiness::Uring(r) = &mut self.readiness {
+            if let Some(res) = r.udp_recv_segments(id, buf) {
+                return res;
+            }
+        }
+        match self.socks.get(&id) {
+            Some(Sock::Udp(s)) => recv_segments(s.as_raw_fd(), buf),
+            _ => Err(not_found()),
+        }
+    }
+
     fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<usize> {
         if let Readiness::Uring(r) = &mut self.readiness {
-            if let Some(res) = r.udp_recv(id, buf) {
-                return res;
+            if let Some(res) = r.udp_recv_segments(id, buf) {
+                return res.map(|(n, _)| n);
             }
         }
         match self.socks.get(&id) {
@@ -1310,6 +1363,46 @@ mod tests {
         let ceiling: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .map_or(0, |s| s.trim().parse().unwrap_or(0));
         assert!(after >= (8 << 20).min(2 * ceiling), "{after}");
+    }
+
+    /// A run of datagrams sent as one (UDP_SEGMENT) leaves as datagrams, and comes back to a
+    /// socket with runs as one receive that says their size (UDP_GRO), on both backends.
+    #[test]
+    fn runs_of_datagrams_go_out_cut_and_come_back_whole() {
+        for uring in [false, true] {
+            if uring && crate::sock::uring::probe().is_err() {
+                continue;
+            }
+            let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            server
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            let (mut host, mut poll) = new_host(uring);
+            let id = host.udp_open_runs(server.local_addr().unwrap()).unwrap();
+            let run: Vec<u8> = (0..1300u32).map(|i| i as u8).collect();
+            assert_eq!(host.udp_send_segments(id, &run, 500).unwrap(), 1300);
+            let mut buf = [0u8; 2048];
+            let mut got = Vec::new();
+            let mut from = None;
+            for _ in 0..3 {
+                let (n, f) = server.recv_from(&mut buf).unwrap();
+                got.push(buf[..n].to_vec());
+                from = Some(f);
+            }
+            let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+            assert_eq!(sizes, [500, 500, 300], "uring {uring}");
+            assert_eq!(got.concat(), run);
+            // The server sends a run back as one; over loopback it stays one to our socket.
+            let fd = server.as_raw_fd();
+            let back: Vec<u8> = (0..1000u32).map(|i| (i * 3) as u8).collect();
+            setsockopt_int(fd, libc::SOL_UDP, libc::UDP_SEGMENT, 400).unwrap();
+            server.send_to(&back, from.unwrap()).unwrap();
+            wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+            let mut into = vec![0u8; 65536];
+            let (n, segment) = host.udp_recv_segments(id, &mut into).unwrap();
+            assert_eq!((n, segment), (1000, 400), "uring {uring}");
+            assert_eq!(&into[..n], &back[..]);
+        }
     }
 
     fn rcvbuf(host: &SockDriver, id: SockId) -> usize {

@@ -138,13 +138,23 @@ pub enum Completion {
     Token(usize),
 }
 
-/// A received datagram (in provided buffer `bid`) or a receive error, waiting for `udp_recv`.
+/// A received datagram (in provided buffer `bid`, `len` bytes from `start`) or a receive error,
+/// waiting for `udp_recv_segments`. `segment`: the size of the datagrams of a run the host's
+/// stack handed over as one (UDP_GRO), 0 for one datagram.
 enum Queued {
-    Data { bid: u16, len: usize },
+    Data {
+        bid: u16,
+        start: u16,
+        len: usize,
+        segment: u16,
+    },
     Error(i32),
 }
 
 struct Udp {
+    /// Received by recvmsg, whose control messages say the size of a run's datagrams (the
+    /// socket has UDP_GRO on): `runs`.
+    runs: bool,
     queue: VecDeque<Queued>,
     /// The multishot receive is in flight.
     recv: bool,
@@ -366,6 +376,49 @@ pub struct Ring {
     overflows: u64,
     /// Datagrams dropped because they did not fit a buffer (cannot happen over IPv4).
     pub truncated: u64,
+    /// What a multishot recvmsg of a socket with runs asks for (no address, room for the
+    /// UDP_GRO control message); the kernel reads it when the receive is armed.
+    runs_msg: Box<MsgTemplate>,
+}
+
+/// A `msghdr` that only describes sizes (its pointers are null), shared by every multishot
+/// recvmsg of a ring.
+struct MsgTemplate(libc::msghdr);
+
+// SAFETY: the msghdr's pointers are all null: it refers to no memory, only sizes.
+unsafe impl Send for MsgTemplate {}
+
+impl MsgTemplate {
+    fn new() -> MsgTemplate {
+        // SAFETY: msghdr is plain data, for which all zeroes is a valid (empty) value.
+        let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+        // SAFETY: CMSG_SPACE only computes a size.
+        m.msg_controllen =
+            unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as _;
+        MsgTemplate(m)
+    }
+}
+
+/// The size of a run's datagrams in control messages `control` (a UDP_GRO message); 0: none.
+pub(crate) fn gro_segment(control: &[u8]) -> u16 {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    let mut at = 0;
+    while at + hdr <= control.len() {
+        let c = &control[at..];
+        let len = usize::from_ne_bytes(c[..8].try_into().expect("8 bytes"));
+        let level = i32::from_ne_bytes(c[8..12].try_into().expect("4 bytes"));
+        let kind = i32::from_ne_bytes(c[12..16].try_into().expect("4 bytes"));
+        if len < hdr || at + len > control.len() {
+            break;
+        }
+        if level == libc::SOL_UDP && kind == libc::UDP_GRO && len >= hdr + 4 {
+            let v = i32::from_ne_bytes(c[hdr..hdr + 4].try_into().expect("4 bytes"));
+            return u16::try_from(v).unwrap_or(0);
+        }
+        // Each message is padded to the alignment of a cmsghdr's length field.
+        at += len.next_multiple_of(std::mem::size_of::<usize>());
+    }
+    0
 }
 
 /// Whether io_uring can be used here, and why not: a ring is set up and asked whether it
@@ -421,6 +474,7 @@ fn restrict_driver_ring(ring: &IoUring, read_multi: bool) -> io::Result<()> {
         opcode::AsyncCancel::CODE,
         opcode::Connect::CODE,
         opcode::RecvMulti::CODE,
+        opcode::RecvMsgMulti::CODE,
     ];
     if read_multi {
         ops.push(opcode::ReadMulti::CODE);
@@ -568,6 +622,7 @@ impl Ring {
             cqes: Vec::new(),
             overflows: 0,
             truncated: 0,
+            runs_msg: Box::new(MsgTemplate::new()),
         })
     }
 
@@ -606,7 +661,14 @@ impl Ring {
             .user_data(ud)
     }
 
-    fn recv_sqe(fd: RawFd, ud: u64) -> squeue::Entry {
+    /// The multishot receive of a UDP socket: recvmsg for one with `runs`.
+    fn recv_sqe(&self, fd: RawFd, ud: u64, runs: bool) -> squeue::Entry {
+        if runs {
+            return opcode::RecvMsgMulti::new(types::Fd(fd), &self.runs_msg.0, BGID)
+                .flags(libc::MSG_TRUNC as u32)
+                .build()
+                .user_data(ud);
+        }
         // MSG_TRUNC: the result is the datagram's length even where it did not fit.
         opcode::RecvMulti::new(types::Fd(fd), BGID)
             .flags(libc::MSG_TRUNC)
@@ -659,19 +721,21 @@ impl Ring {
     }
 
     /// Receives on UDP socket `id` through the provided buffers (or watches its readiness where
-    /// the ring has none); `udp_recv` hands the datagrams out.
-    pub fn udp(&mut self, fd: RawFd, id: SockId) -> io::Result<()> {
+    /// the ring has none); `udp_recv_segments` hands the datagrams out. With `runs` (the socket
+    /// has UDP_GRO on) by recvmsg, which says how a run the host handed over as one is cut.
+    pub fn udp(&mut self, fd: RawFd, id: SockId, runs: bool) -> io::Result<()> {
         if self.bufs.is_none() {
             return self.watch(fd, id, false);
         }
         let generation = self.next_generation();
-        self.push(&Ring::recv_sqe(fd, user_data(K_RECV, generation, id)))?;
+        self.push(&self.recv_sqe(fd, user_data(K_RECV, generation, id), runs))?;
         self.entries.insert(
             id,
             Entry {
                 fd,
                 generation,
                 state: State::Udp(Udp {
+                    runs,
                     queue: VecDeque::new(),
                     recv: true,
                     poll: false,
@@ -681,21 +745,32 @@ impl Ring {
         Ok(())
     }
 
-    /// The next datagram of UDP socket `id` (truncated to `buf`), or None when the socket's
-    /// datagrams do not come through the ring. `Err(WouldBlock)` when none is waiting.
-    pub fn udp_recv(&mut self, id: SockId, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    /// The next datagram of UDP socket `id` (truncated to `buf`), or run of datagrams with the
+    /// size of each (0: one datagram; see `SockIo::udp_recv_segments`), or None when the
+    /// socket's datagrams do not come through the ring. `Err(WouldBlock)` when none is waiting.
+    pub fn udp_recv_segments(
+        &mut self,
+        id: SockId,
+        buf: &mut [u8],
+    ) -> Option<io::Result<(usize, usize)>> {
         let e = self.entries.get_mut(&id)?;
         let State::Udp(u) = &mut e.state else {
             return None;
         };
         match u.queue.pop_front() {
-            Some(Queued::Data { bid, len }) => {
+            Some(Queued::Data {
+                bid,
+                start,
+                len,
+                segment,
+            }) => {
                 let bufs = self.bufs.as_mut()?;
-                let data = bufs.data(bid, len);
+                let start = usize::from(start);
+                let data = &bufs.data(bid, start + len)[start.min(start + len)..];
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
                 bufs.give(bid);
-                return Some(Ok(n));
+                return Some(Ok((n, usize::from(segment))));
             }
             Some(Queued::Error(errno)) => return Some(Err(io::Error::from_raw_os_error(errno))),
             None => {}
@@ -704,18 +779,27 @@ impl Ring {
             return Some(Err(io::ErrorKind::WouldBlock.into()));
         }
         // The multishot receive ended: read the socket itself until it would block.
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes during the call.
-        let n = unsafe { libc::recv(e.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let err = io::Error::last_os_error();
+        let got = if u.runs {
+            crate::sock::driver::recv_segments(e.fd, buf)
+        } else {
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes during the call.
+            let n = unsafe { libc::recv(e.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                Ok((n as usize, 0))
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let err = match got {
+            Ok(r) => return Some(Ok(r)),
+            Err(e) => e,
+        };
         if err.kind() == io::ErrorKind::WouldBlock {
-            let (fd, generation) = (e.fd, e.generation);
+            let (fd, generation, runs) = (e.fd, e.generation, u.runs);
             let free = self.bufs.as_ref().map_or(0, |b| b.free);
             let sqe = if free > 0 {
                 u.recv = true;
-                Ring::recv_sqe(fd, user_data(K_RECV, generation, id))
+                self.recv_sqe(fd, user_data(K_RECV, generation, id), runs)
             } else if !u.poll {
                 u.poll = true;
                 let mask = libc::POLLIN as u16 as u32;
@@ -1026,13 +1110,35 @@ impl Ring {
                     u.recv = false;
                 }
                 let was_empty = u.queue.is_empty();
-                match (res, bid) {
-                    (n, Some(bid)) if n >= 0 && n as usize <= buf_size => {
-                        u.queue.push_back(Queued::Data {
-                            bid,
-                            len: n as usize,
-                        });
+                let got = match (res, bid) {
+                    (n, Some(bid)) if n >= 0 && u.runs => {
+                        let Some(bufs) = self.bufs.as_ref() else {
+                            return;
+                        };
+                        let buffer = bufs.data(bid, n as usize);
+                        match types::RecvMsgOut::parse(buffer, &self.runs_msg.0) {
+                            Ok(m) if !m.is_payload_truncated() => {
+                                let start = buffer.len() - m.payload_data().len();
+                                Some(Queued::Data {
+                                    bid,
+                                    start: start as u16,
+                                    len: m.payload_data().len(),
+                                    segment: gro_segment(m.control_data()),
+                                })
+                            }
+                            _ => None,
+                        }
                     }
+                    (n, Some(bid)) if n >= 0 && n as usize <= buf_size => Some(Queued::Data {
+                        bid,
+                        start: 0,
+                        len: n as usize,
+                        segment: 0,
+                    }),
+                    _ => None,
+                };
+                match (res, bid) {
+                    _ if got.is_some() => u.queue.extend(got),
                     (n, bid) if n >= 0 => {
                         // Larger than a buffer: its tail is lost.
                         self.truncated += 1;
@@ -1306,29 +1412,35 @@ mod tests {
     fn udp_round_trip_through_provided_buffers() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         let mut buf = [0u8; 64];
         assert_eq!(
-            r.udp_recv(1, &mut buf).unwrap().unwrap_err().kind(),
+            r.udp_recv_segments(1, &mut buf)
+                .unwrap()
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::WouldBlock
         );
         pump(&mut r, &mut Vec::new());
         peer.send(b"hello").unwrap();
         pump_until(&mut r, |c| *c == Completion::Readable(1));
         assert_eq!(r.free_buffers(), Some(7), "the datagram holds a buffer");
-        assert_eq!(r.udp_recv(1, &mut buf).unwrap().unwrap(), 5);
+        assert_eq!(r.udp_recv_segments(1, &mut buf).unwrap().unwrap(), (5, 0));
         assert_eq!(&buf[..5], b"hello");
         assert_eq!(r.free_buffers(), Some(8), "given back at once");
         assert_eq!(
-            r.udp_recv(1, &mut buf).unwrap().unwrap_err().kind(),
+            r.udp_recv_segments(1, &mut buf)
+                .unwrap()
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::WouldBlock
         );
         // Truncated to the caller's buffer, like recv(2).
         peer.send(&[9u8; 100]).unwrap();
         pump_until(&mut r, |c| *c == Completion::Readable(1));
-        assert_eq!(r.udp_recv(1, &mut buf).unwrap().unwrap(), 64);
+        assert_eq!(r.udp_recv_segments(1, &mut buf).unwrap().unwrap(), (64, 0));
         // Not a ring socket: the caller receives itself.
-        assert!(r.udp_recv(99, &mut buf).is_none());
+        assert!(r.udp_recv_segments(99, &mut buf).is_none());
     }
 
     /// Reads every datagram `r` has for socket `id` until it would block, pumping between.
@@ -1336,8 +1448,8 @@ mod tests {
         let mut got = Vec::new();
         for _ in 0..200 {
             loop {
-                match r.udp_recv(id, buf).unwrap() {
-                    Ok(n) => got.push(buf[..n].to_vec()),
+                match r.udp_recv_segments(id, buf).unwrap() {
+                    Ok((n, _)) => got.push(buf[..n].to_vec()),
                     Err(e) => {
                         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
                         break;
@@ -1356,7 +1468,7 @@ mod tests {
     fn a_burst_larger_than_the_buffers_arrives_whole_and_in_order() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         pump(&mut r, &mut Vec::new());
         const N: u32 = 100;
         for i in 0..N {
@@ -1381,14 +1493,14 @@ mod tests {
         peer.send(b"after").unwrap();
         pump_until(&mut r, |c| *c == Completion::Readable(1));
         assert_eq!(r.free_buffers(), Some(7));
-        assert_eq!(r.udp_recv(1, &mut buf).unwrap().unwrap(), 5);
+        assert_eq!(r.udp_recv_segments(1, &mut buf).unwrap().unwrap(), (5, 0));
     }
 
     #[test]
     fn the_largest_datagram_arrives_intact() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         pump(&mut r, &mut Vec::new());
         let big: Vec<u8> = (0..65507u32).map(|i| (i * 7 % 251) as u8).collect();
         peer.send(&big).unwrap();
@@ -1409,7 +1521,7 @@ mod tests {
         }
         let mut r = Ring::make(true, 8, 2048, None).unwrap();
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         pump(&mut r, &mut Vec::new());
         peer.send(&[1u8; 3000]).unwrap();
         peer.send(b"fits").unwrap();
@@ -1424,7 +1536,7 @@ mod tests {
     fn a_port_unreachable_comes_in_order_and_the_receive_goes_on() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         pump(&mut r, &mut Vec::new());
         peer.send(b"one").unwrap();
         pump_until(&mut r, |c| *c == Completion::Readable(1));
@@ -1434,9 +1546,9 @@ mod tests {
         let mut results = Vec::new();
         for _ in 0..100 {
             pump(&mut r, &mut Vec::new());
-            while let Some(res) = r.udp_recv(1, &mut buf) {
+            while let Some(res) = r.udp_recv_segments(1, &mut buf) {
                 match res {
-                    Ok(n) => results.push(Ok(buf[..n].to_vec())),
+                    Ok((n, _)) => results.push(Ok(buf[..n].to_vec())),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => results.push(Err(e.kind())),
                 }
@@ -1455,7 +1567,7 @@ mod tests {
     fn completions_of_a_closed_socket_are_ignored_after_its_id_is_reused() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         pump(&mut r, &mut Vec::new());
         for i in 0..3u8 {
             peer.send(&[i]).unwrap();
@@ -1466,7 +1578,7 @@ mod tests {
         r.unwatch(1);
         drop(ours);
         let (peer2, ours2) = udp_pair();
-        r.udp(ours2.as_raw_fd(), 1).unwrap();
+        r.udp(ours2.as_raw_fd(), 1, false).unwrap();
         // A TCP connect on another reused id: its refusal must not reach the new owner.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1478,7 +1590,7 @@ mod tests {
         r.unwatch(2);
         drop(tcp);
         let (_p3, ours3) = udp_pair();
-        r.udp(ours3.as_raw_fd(), 2).unwrap();
+        r.udp(ours3.as_raw_fd(), 2, false).unwrap();
         let mut got = Vec::new();
         for _ in 0..5 {
             pump(&mut r, &mut got);
@@ -1487,12 +1599,15 @@ mod tests {
         assert_eq!(r.free_buffers(), Some(8), "the stale buffers went back");
         let mut buf = [0u8; 8];
         assert_eq!(
-            r.udp_recv(1, &mut buf).unwrap().unwrap_err().kind(),
+            r.udp_recv_segments(1, &mut buf)
+                .unwrap()
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::WouldBlock
         );
         peer2.send(b"new").unwrap();
         pump_until(&mut r, |c| *c == Completion::Readable(1));
-        assert_eq!(r.udp_recv(1, &mut buf).unwrap().unwrap(), 3);
+        assert_eq!(r.udp_recv_segments(1, &mut buf).unwrap().unwrap(), (3, 0));
         assert_eq!(&buf[..3], b"new");
     }
 
@@ -1551,7 +1666,7 @@ mod tests {
         }
         let mut r = Ring::new().unwrap();
         let (peer, ours) = udp_pair();
-        r.udp(ours.as_raw_fd(), 1).unwrap();
+        r.udp(ours.as_raw_fd(), 1, false).unwrap();
         r.submit().unwrap();
         peer.send(b"ping").unwrap();
         let mut got = Vec::new();
@@ -1564,6 +1679,6 @@ mod tests {
         }
         assert_eq!(got, vec![Completion::Readable(1)]);
         let mut buf = [0u8; 8];
-        assert_eq!(r.udp_recv(1, &mut buf).unwrap().unwrap(), 4);
+        assert_eq!(r.udp_recv_segments(1, &mut buf).unwrap().unwrap(), (4, 0));
     }
 }
