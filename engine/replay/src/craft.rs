@@ -688,6 +688,7 @@ pub const NAMES: &[&str] = &[
     "tcp6",
     "udp6",
     "tso",
+    "uso",
 ];
 
 /// A crafted scenario: its script (TOML text) and its input frames.
@@ -712,6 +713,7 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
             "tcp_gso = true\n\
              [host]\ntcp = \"sink\"\ntcp_ports = { \"80\" = \"fixed:200000\", \"81\" = \"fixed:20000\" }\n"
         }
+        "uso" => "udp_gso = true\n[host]\nudp = \"burst:5\"\n",
         "udp6" => {
             "[host]\nudp_ports = { \"9\" = \"refuse\" }\n\
              dns = { \"www.example.test\" = [\"10.77.0.80\", \"2001:db8::80\"] }\n"
@@ -737,6 +739,7 @@ pub fn build(name: &str) -> Option<(String, Vec<Frame>)> {
         "tcp6" => tcp6_scenario(&mut s),
         "udp6" => udp6_scenario(&mut s),
         "tso" => tso_scenario(&mut s),
+        "uso" => uso_scenario(&mut s),
         _ => return None,
     }
     let (input, _) = s.finish();
@@ -1771,6 +1774,18 @@ fn tso_download(s: &mut Session, c: &mut GuestConn, lose: Option<u32>) {
     }
     s.wait_ms(1);
     c.send(s, FIN | ACK, &[]);
+}
+
+/// Datagrams the destination answers five times at once (`burst:5`): five answers of one size
+/// waiting on the socket reach the guest as one UDP super-frame of five datagrams (marked in
+/// `uso.out.gso`), the largest that fits the MTU whole included.
+fn uso_scenario(s: &mut Session) {
+    let m = guest_mac(21);
+    for (port, len) in [(42000, 100usize), (42001, 1472), (42000, 7)] {
+        let id = s.ident();
+        s.send(udp_frame(m, g(port), srv(7), id, &chunk(len, len)));
+        s.wait_ms(5);
+    }
 }
 
 fn tso_scenario(s: &mut Session) {

@@ -1,4 +1,5 @@
-//! TCP super-frames toward the guest (`Ctx::tcp_gso`, script field `tcp_gso`): the marks the
+//! Super-frames toward the guest (`Ctx::tcp_gso`, `Ctx::udp_gso`, script fields `tcp_gso` and
+//! `udp_gso`): the marks the
 //! core puts on them, kept beside a golden capture, and the cutting a virtio-net device does
 //! before the guest sees them.
 //!
@@ -19,7 +20,7 @@ pub fn marks_to_text(marks: &[Mark]) -> String {
         return String::new();
     }
     let mut t = String::from(
-        "# TCP super-frames of the golden output: frame number (from 1), segment size\n",
+        "# super-frames (TCP or UDP) of the golden output: frame number (from 1), segment size\n",
     );
     for (i, mss) in marks {
         let _ = writeln!(t, "{} {mss}", i + 1);

@@ -79,6 +79,7 @@ impl Driver {
     pub fn new(script: Script) -> Driver {
         let mut engine = Engine::new(script.config.clone(), script.mac(), script.seed);
         engine.ctx.tcp_gso = script.tcp_gso;
+        engine.ctx.udp_gso = script.udp_gso;
         let mut host = SimSockets::default();
         host.default_connect = script.default_connect;
         host.icmp_allowed = true;
@@ -270,6 +271,11 @@ impl Driver {
                         }
                         match self.script.udp_for(dst.port()) {
                             UdpBehaviour::Echo => self.host.deliver_udp(id, &d),
+                            UdpBehaviour::Burst(n) => {
+                                for _ in 0..n {
+                                    self.host.deliver_udp(id, &d);
+                                }
+                            }
                             UdpBehaviour::Refuse => self.host.refuse_udp(id),
                             UdpBehaviour::Silent => {}
                         }

@@ -9,13 +9,14 @@
 //! rebase = true                   # translate guests' ACK/TSecr to the replayed core's ISN/TSval
 //! tcp_gso = false                 # the port takes TCP super-frames toward the guest, as a TAP
 //!                                 # with offloads does (`Ctx::tcp_gso`; see `gso`)
+//! udp_gso = false                 # and UDP super-frames, as a TAP with USO does (`Ctx::udp_gso`)
 //!
 //! [host]
 //! default_connect = "accept"      # accept | refuse | silent | unreachable
 //! connects = { "10.0.0.2:81" = "refuse", "[2001:db8::5]:81" = "refuse" }
 //! tcp = "echo"                    # echo | sink | "fixed:N" (N bytes toward the guest, then FIN)
 //! tcp_ports = { "80" = "fixed:20000" }
-//! udp = "echo"                    # echo | silent | refuse
+//! udp = "echo"                    # echo | silent | refuse | "burst:N" (N copies at once)
 //! udp_ports = { "9" = "refuse" }
 //! icmp = true                     # ICMP echo requests sent out are answered
 //! dns = { "example.com" = "10.0.0.80", "v6.example.com" = ["10.0.0.81", "2001:db8::81"] }
@@ -75,6 +76,8 @@ pub enum UdpBehaviour {
     Silent,
     /// Answers with ICMP port unreachable.
     Refuse,
+    /// Answers with this many copies at once (1 to 64): a run for the core to read.
+    Burst(u8),
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -84,6 +87,7 @@ struct RawScript {
     tail_ms: Option<u64>,
     rebase: Option<bool>,
     tcp_gso: Option<bool>,
+    udp_gso: Option<bool>,
     #[serde(default)]
     host: RawHostSide,
     #[serde(default)]
@@ -124,6 +128,8 @@ pub struct Script {
     /// The core sends TCP super-frames toward the guest (`Ctx::tcp_gso`), which a replay
     /// records with their marks (`gso`).
     pub tcp_gso: bool,
+    /// The core sends UDP super-frames toward the guest too (`Ctx::udp_gso`).
+    pub udp_gso: bool,
     pub default_connect: ConnectOutcome,
     pub connects: Vec<(SocketAddr, ConnectOutcome)>,
     pub tcp: TcpBehaviour,
@@ -176,7 +182,13 @@ fn udp_behaviour(f: &str, v: &str) -> Result<UdpBehaviour, ScriptError> {
         "echo" => Ok(UdpBehaviour::Echo),
         "silent" => Ok(UdpBehaviour::Silent),
         "refuse" => Ok(UdpBehaviour::Refuse),
-        _ => Err(field(f, format!("`{v}` is not echo, silent or refuse"))),
+        _ => match v.strip_prefix("burst:").map(str::parse::<u8>) {
+            Some(Ok(n @ 1..=64)) => Ok(UdpBehaviour::Burst(n)),
+            _ => Err(field(
+                f,
+                format!("`{v}` is not echo, silent, refuse or burst:N (N from 1 to 64)"),
+            )),
+        },
     }
 }
 
@@ -240,6 +252,7 @@ impl Script {
             tail_ms: raw.tail_ms.unwrap_or(3000),
             rebase: raw.rebase.unwrap_or(true),
             tcp_gso: raw.tcp_gso.unwrap_or(false),
+            udp_gso: raw.udp_gso.unwrap_or(false),
             default_connect: connect_outcome(
                 "host.default_connect",
                 h.default_connect.as_deref().unwrap_or("accept"),

@@ -460,6 +460,8 @@ struct Variant {
     connect: ConnectOutcome,
     tcp: TcpBehaviour,
     udp: UdpBehaviour,
+    /// The port takes TCP and UDP super-frames toward the guest (`tcp_gso`, `udp_gso`).
+    gso: bool,
     icmp_answers: bool,
     enabled: bool,
     nat: bool,
@@ -513,6 +515,7 @@ impl Variant {
             connect: ConnectOutcome::Accept,
             tcp: TcpBehaviour::Echo,
             udp: UdpBehaviour::Echo,
+            gso: false,
             icmp_answers: true,
             enabled: true,
             nat: true,
@@ -585,8 +588,12 @@ impl Variant {
                     UdpBehaviour::Echo,
                     UdpBehaviour::Silent,
                     UdpBehaviour::Refuse,
+                    UdpBehaviour::Burst(3),
                 ],
             );
+        }
+        if rng.random_bool(p) {
+            v.gso = !v.gso;
         }
         if rng.random_bool(0.15) {
             v.icmp_answers = !v.icmp_answers;
@@ -797,6 +804,7 @@ impl Variant {
     }
 
     fn script_toml(&self) -> String {
+        let gso = self.gso;
         let connect = match self.connect {
             ConnectOutcome::Accept => "accept",
             ConnectOutcome::Refuse => "refuse",
@@ -804,7 +812,7 @@ impl Variant {
             ConnectOutcome::Unreachable(_) => "unreachable",
         };
         format!(
-            "seed = {}\ntail_ms = 0\nrebase = {}\nengine = {}\n\n[host]\n\
+            "seed = {}\ntail_ms = 0\nrebase = {}\ntcp_gso = {gso}\nudp_gso = {gso}\nengine = {}\n\n[host]\n\
              default_connect = \"{connect}\"\ntcp = \"{}\"\nudp = \"{}\"\nicmp = {}\n{}",
             self.seed,
             self.rebase,
@@ -825,11 +833,12 @@ fn tcp_name(b: TcpBehaviour) -> String {
     }
 }
 
-fn udp_name(b: UdpBehaviour) -> &'static str {
+fn udp_name(b: UdpBehaviour) -> String {
     match b {
-        UdpBehaviour::Echo => "echo",
-        UdpBehaviour::Silent => "silent",
-        UdpBehaviour::Refuse => "refuse",
+        UdpBehaviour::Echo => "echo".to_owned(),
+        UdpBehaviour::Silent => "silent".to_owned(),
+        UdpBehaviour::Refuse => "refuse".to_owned(),
+        UdpBehaviour::Burst(n) => format!("burst:{n}"),
     }
 }
 
