@@ -54,6 +54,11 @@ const SACK_SLOTS: usize = 4;
 /// the size of one GSO packet on the sock side.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// With batching, an in-order segment at least this large (a guest's TSO super-segment) is
+/// written at once from the frame even within a batch, when nothing waits before it: copying
+/// it into the ring first would cost a pass over its bytes to save a write it is worth alone.
+const WRITE_AT_ONCE: usize = 16 * 1024;
+
 /// The most unacknowledged data toward the guest, in bytes (at least `MIN_FLIGHT_SEGMENTS`).
 /// Unacknowledged data stays in the sock-side socket and every peek at an offset makes the kernel
 /// walk the socket's queue from its head to that offset, a buffer at a time: with the guest's
@@ -1400,7 +1405,8 @@ impl TcpConn {
         // The first in-order segment of a batch goes to the socket at once, so a connection
         // that sends one segment at a time (interactive, or idle but for a keep-alive) never
         // needs a ring; the rest of a batch waits and is written together at its end.
-        if self.defer_writes && (self.flush_pending || !in_order) {
+        let at_once = in_order && data.len() >= WRITE_AT_ONCE;
+        if self.defer_writes && (self.flush_pending || !in_order) && !at_once {
             let hole = seq > self.rcv_nxt + queued;
             self.ring.insert(self.rcv_nxt, seq, data);
             if !hole && !self.write_blocked {
