@@ -7,7 +7,7 @@
 #[macro_use]
 mod common;
 
-use common::{control_config, open_dir, udhcpc_lease};
+use common::{control_config, open_dir, udhcpc_lease, udhcpc_lease_explained};
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -148,7 +148,25 @@ fn ports_come_and_go_at_run_time() {
     let list = ctl_json(&ops, &["port", "add", &spec]);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     let (g, mut relay) = socket_guest(&lab, "gr", &["--stream", path.to_str().unwrap()]);
-    udhcpc_lease(&lab, &g, "eth0", &[]);
+    // Should the lease fail (as it did once, with nothing in hubnat's log), say which side
+    // stalled: the port's counters, and what the relay and its interface saw.
+    let explain = || -> String {
+        let relay_logs: Vec<String> = std::fs::read_dir(&lab.dir.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("sg-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        format!(
+            "port list: {}\nrelay running: {}\nrelay log: {}\nguest eth0: {}",
+            ctl_json(&ops, &["port", "list"]),
+            relay.is_running(),
+            relay_logs.join("\n---\n"),
+            String::from_utf8_lossy(&g.exec(&["ip", "-s", "link", "show", "eth0"]).stdout)
+        )
+    };
+    udhcpc_lease_explained(&lab, &g, "eth0", &[], explain);
     assert!(ping(&g, HOST_IP));
     // Refused, with the reason; the ports are as they were.
     assert!(ctl_fails(&ops, &["port", "add", "vde:/tmp/x"]).contains("expected"));

@@ -649,6 +649,18 @@ exit 0
 /// more udhcpc arguments, e.g. `-x hostname:vm1`); the address it got. Fails the test, with
 /// hubnat's log, when no lease came.
 pub fn udhcpc_lease(lab: &Lab, ns: &Netns, iface: &str, extra: &[&str]) -> String {
+    udhcpc_lease_explained(lab, ns, iface, extra, String::new)
+}
+
+/// `udhcpc_lease`, whose failure also prints what `explain` says (the state of whatever lies
+/// between the client and hubnat).
+pub fn udhcpc_lease_explained(
+    lab: &Lab,
+    ns: &Netns,
+    iface: &str,
+    extra: &[&str],
+    explain: impl FnOnce() -> String,
+) -> String {
     let script = lab.write_script("udhcpc-configure", UDHCPC_CONFIGURE);
     let mut args = vec!["busybox", "udhcpc", "-i", iface, "-f", "-q", "-n"];
     args.extend_from_slice(&["-t", "6", "-T", "1", "-A", "1"]);
@@ -657,9 +669,10 @@ pub fn udhcpc_lease(lab: &Lab, ns: &Netns, iface: &str, extra: &[&str]) -> Strin
     let out = ns.exec(&args);
     assert!(
         out.status.success(),
-        "udhcpc on {iface} in {}: {out:?}\n{}",
+        "udhcpc on {iface} in {}: {out:?}\n{}\n{}",
         ns.name,
-        lab.hubnat_log()
+        lab.hubnat_log(),
+        explain()
     );
     let addrs = ns.addrs(iface);
     assert_eq!(addrs.len(), 1, "one address on {iface}: {addrs:?}");
