@@ -31,6 +31,29 @@ impl FrameBatch {
         fill(buf)
     }
 
+    /// `push_with` for a builder that writes every byte of the frame it keeps (headers in full,
+    /// then a payload it may cut short with `truncate_last`): the buffer is not zeroed first, so
+    /// a 64 KiB frame costs no pass to clear what is about to be written over.
+    pub(crate) fn push_with_written<R>(
+        &mut self,
+        size: usize,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        if self.len == self.bufs.len() {
+            self.bufs.push(Vec::with_capacity(size.max(1514)));
+            self.gso.push(0);
+        }
+        self.gso[self.len] = 0;
+        let buf = &mut self.bufs[self.len];
+        if buf.len() >= size {
+            buf.truncate(size);
+        } else {
+            buf.resize(size, 0);
+        }
+        self.len += 1;
+        fill(buf)
+    }
+
     /// Appends a copy of `frame`.
     pub fn push(&mut self, frame: &[u8]) {
         self.push_with(frame.len(), |b| b.copy_from_slice(frame));

@@ -36,10 +36,11 @@ const GSO_ECN: u8 = 0x80;
 /// point the kernel at it.
 pub static EMPTY: [u8; HDR_LEN] = [0; HDR_LEN];
 
-/// The header of a super-frame hubnat writes (`FrameBatch::iter_gso`): the guest's side cuts
+/// The header of a marked frame hubnat writes (`FrameBatch::iter_gso`): the guest's side cuts
 /// it into segments (TCP) or datagrams (UDP) of `mss` payload bytes and completes each one's
-/// checksum, whose field holds the pseudo-header's sum. `frame` is an Ethernet frame carrying
-/// IPv4 or IPv6 (no extension headers: hubnat writes none) and TCP or UDP.
+/// checksum, whose field holds the pseudo-header's sum; a frame with no more payload than
+/// `mss` is only summed (no segmentation asked). `frame` is an Ethernet frame carrying IPv4 or
+/// IPv6 (no extension headers: hubnat writes none) and TCP or UDP.
 pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
     let v6 = frame.get(12..14) == Some(&[0x86, 0xdd][..]);
     let (ip_hl, proto) = if v6 {
@@ -58,6 +59,12 @@ pub fn gso_header(frame: &[u8], mss: u16) -> [u8; HDR_LEN] {
             tcp_hl,
             TCP_CSUM_OFFSET,
         )
+    };
+    let payload = frame.len().saturating_sub(csum_start + l4_hl);
+    let gso = if payload > usize::from(mss) {
+        gso
+    } else {
+        GSO_NONE
     };
     let mut h = [0u8; HDR_LEN];
     h[0] = F_NEEDS_CSUM;
@@ -397,6 +404,18 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([h[4], h[5]]), 1428);
         assert_eq!(u16::from_ne_bytes([h[6], h[7]]), 14 + 40, "csum_start");
         assert_eq!(u16::from_ne_bytes([h[8], h[9]]), TCP_CSUM_OFFSET);
+    }
+
+    #[test]
+    fn a_marked_frame_of_one_segment_asks_only_for_its_checksum() {
+        let mut buf = tcp_segment(1000);
+        let h = gso_header(&buf[HDR_LEN..], 1448);
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_NONE));
+        assert_eq!(u16::from_ne_bytes([h[6], h[7]]), 14 + 20, "csum_start");
+        assert_eq!(u16::from_ne_bytes([h[8], h[9]]), TCP_CSUM_OFFSET);
+        // One byte more than a segment: cut.
+        buf = tcp_segment(1449);
+        assert_eq!(gso_header(&buf[HDR_LEN..], 1448)[1], GSO_TCPV4);
     }
 
     #[test]

@@ -231,7 +231,15 @@ impl T {
                 self.e.handle_timeout(self.now, &mut self.h, &mut self.out);
             }
         }
-        let got = self.out.iter().map(parse_out).collect();
+        // As the guest sees them: a marked frame is cut (or only summed) by its side of the port.
+        let mut got = Vec::new();
+        for (f, mark) in self.out.iter_gso() {
+            if mark == 0 {
+                got.push(parse_out(f));
+            } else {
+                crate::wire::gso::cut(f, mark, |s| got.push(parse_out(s))).expect("cuts");
+            }
+        }
         self.out.clear();
         got
     }
