@@ -120,11 +120,7 @@ pub trait SockIo {
         payload: &[u8],
         segment: usize,
     ) -> io::Result<usize> {
-        let mut sent = 0;
-        for datagram in payload.chunks(segment.max(1)) {
-            sent += self.udp_send(id, datagram)?;
-        }
-        Ok(sent)
+        send_each(payload, segment, |d| self.udp_send(id, d))
     }
     /// `udp_open` for a NAT session's socket, whose receives may hand over a run of datagrams
     /// at once (`udp_recv_segments`) where the host has UDP_GRO. This default: `udp_open`.
@@ -180,6 +176,20 @@ pub trait SockIo {
 
     /// Closes any socket and forgets its id.
     fn close(&mut self, id: SockId);
+}
+
+/// Sends `payload` as datagrams of `segment` bytes (the last may be shorter), one `send`
+/// each: what `SockIo::udp_send_segments` does where the host cannot cut them. The bytes sent.
+pub fn send_each(
+    payload: &[u8],
+    segment: usize,
+    mut send: impl FnMut(&[u8]) -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut sent = 0;
+    for datagram in payload.chunks(segment.max(1)) {
+        sent += send(datagram)?;
+    }
+    Ok(sent)
 }
 
 /// Datagrams read from one socket per readiness event (or per `handle_timeout` round), so that

@@ -147,29 +147,19 @@ const MAX_PENDING: usize = 8;
 
 /// A session's guest datagrams held until the batch's end (`UdpNat::flush`), to leave in one
 /// UDP_SEGMENT send that the host's stack cuts: what a send per datagram costs (the system
-/// call, the stack's route and socket work) is paid once per run. A run holds datagrams of
-/// one size, but its last may be shorter and then ends it, as UDP_SEGMENT cuts.
+/// call, the stack's route and socket work) is paid once per run. A run is what `Run` says
+/// (one size, the last datagram possibly shorter and then ending it), its payloads in
+/// `payload`.
 struct Pending {
     sock: SockId,
-    segment: usize,
-    datagrams: usize,
-    ended: bool,
+    run: Run,
     payload: Vec<u8>,
 }
 
-impl Pending {
-    /// Whether `len` more bytes of datagram can join the run.
-    fn takes(&self, len: usize) -> bool {
-        !self.ended
-            && len <= self.segment
-            && self.datagrams < MAX_SEGMENTS
-            && self.payload.len() + len <= MAX_UDP_PAYLOAD
-    }
-}
-
-/// Datagrams read from one session's socket into `UdpNat::buf`, one after another, to reach
-/// the guest as one super-frame (`Ctx::udp_gso`) that its side of the port cuts: all of
-/// `segment` bytes but the last, which may be shorter.
+/// A run of datagrams of `segment` bytes but the last, which may be shorter (and then ends
+/// it), at most `MAX_SEGMENTS` and `MAX_UDP_PAYLOAD` bytes: what one UDP_SEGMENT send carries
+/// (`Pending`), and what one super-frame toward the guest carries (`Ctx::udp_gso`: datagrams
+/// read from one session's socket into `UdpNat::buf`, one after another).
 #[derive(Default)]
 struct Run {
     bytes: usize,
@@ -269,8 +259,8 @@ impl UdpNat {
             .slot_of_sock(p.sock)
             .and_then(|slot| self.table.get_mut(slot))
         {
-            if let Err(why) = send_datagrams(ctx, out, s, io, &p.payload, p.segment) {
-                for _ in 0..p.datagrams {
+            if let Err(why) = send_datagrams(ctx, out, s, io, &p.payload, p.run.segment) {
+                for _ in 0..p.run.datagrams {
                     ctx.stats.drop(why);
                 }
             }
@@ -301,13 +291,12 @@ impl UdpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) {
-        let len = payload.len();
+        let r = Received::of((payload.len(), 0));
         match self.pending.iter().position(|p| p.sock == sock) {
-            Some(i) if self.pending[i].takes(len) => {
+            Some(i) if self.pending[i].run.takes(r) => {
                 let p = &mut self.pending[i];
                 p.payload.extend_from_slice(payload);
-                p.datagrams += 1;
-                p.ended = len < p.segment;
+                p.run.add(r);
                 return;
             }
             Some(i) => self.send_pending(i, ctx, io, out),
@@ -317,11 +306,11 @@ impl UdpNat {
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(payload);
+        let mut run = Run::default();
+        run.add(r);
         self.pending.push(Pending {
             sock,
-            segment: len,
-            datagrams: 1,
-            ended: false,
+            run,
             payload: buf,
         });
     }

@@ -734,11 +734,7 @@ impl SockIo for SockDriver {
                 Err(e) => return Err(classify(e)),
             }
         }
-        let mut sent = 0;
-        for datagram in payload.chunks(segment) {
-            sent += s.send(datagram).map_err(classify)?;
-        }
-        Ok(sent)
+        hubnat_core::sockio::send_each(payload, segment, |d| s.send(d).map_err(classify))
     }
 
     fn udp_recv_segments(&mut self, id: SockId, buf: &mut [u8]) -> io::Result<(usize, usize)> {
