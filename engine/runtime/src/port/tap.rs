@@ -183,8 +183,27 @@ pub struct Tap {
     uso: bool,
     /// Datagrams cut from a UDP super-frame that `recv` has not handed out yet, and how many
     /// (read without the lock).
-    cut: Mutex<VecDeque<Vec<u8>>>,
+    cut: Mutex<CutQueue>,
     cut_len: AtomicUsize,
+}
+
+/// Datagrams cut from a guest's UDP super-frame, waiting for `Tap::recv`, and the buffers of
+/// those handed out, kept for the next cut (no allocation per datagram once warm).
+#[derive(Default)]
+struct CutQueue {
+    ready: VecDeque<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+}
+
+impl CutQueue {
+    /// Moves the next datagram into `buf`; its length.
+    fn pop_into(&mut self, buf: &mut [u8]) -> Option<usize> {
+        let d = self.ready.pop_front()?;
+        let n = d.len().min(buf.len());
+        buf[..n].copy_from_slice(&d[..n]);
+        self.spare.push(d);
+        Some(n)
+    }
 }
 
 /// How each queue of a TAP is attached.
@@ -636,10 +655,9 @@ impl Tap {
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         if self.cut_len.load(Ordering::Relaxed) > 0 {
             let mut cut = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(d) = cut.pop_front() {
-                self.cut_len.store(cut.len(), Ordering::Relaxed);
-                let n = d.len().min(buf.len());
-                buf[..n].copy_from_slice(&d[..n]);
+            let n = cut.pop_into(buf);
+            self.cut_len.store(cut.ready.len(), Ordering::Relaxed);
+            if let Some(n) = n {
                 return Ok(n);
             }
         }
@@ -678,23 +696,21 @@ impl Tap {
 
     /// Cuts the UDP super-frame `buf[..len]` into its datagrams: the first is left in `buf`
     /// (its length returned; 0 for a frame that is no such thing), the others wait in `cut`
-    /// for the reads that follow.
+    /// for the reads that follow. (Only a read that found `cut` empty reads the device, so
+    /// nothing waits before them.)
     #[cold]
     fn cut_udp(&self, buf: &mut [u8], len: usize, size: u16) -> usize {
-        let mut cut = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut first = None;
-        let whole = vnet::cut_udp(&buf[..len], size, |d| match first {
-            None => first = Some(d.to_vec()),
-            Some(_) => cut.push_back(d.to_vec()),
+        let mut guard = self.cut.lock().unwrap_or_else(PoisonError::into_inner);
+        let cut = &mut *guard;
+        let whole = vnet::cut_udp(&buf[..len], size, |d| {
+            let mut b = cut.spare.pop().unwrap_or_default();
+            b.clear();
+            b.extend_from_slice(d);
+            cut.ready.push_back(b);
         });
-        self.cut_len.store(cut.len(), Ordering::Relaxed);
-        match first {
-            Some(d) if whole => {
-                buf[..d.len()].copy_from_slice(&d);
-                d.len()
-            }
-            _ => 0,
-        }
+        let n = if whole { cut.pop_into(buf) } else { None };
+        self.cut_len.store(cut.ready.len(), Ordering::Relaxed);
+        n.unwrap_or(0)
     }
 
     /// Writes one frame (after an empty virtio-net header, where the device wants one).
