@@ -7,22 +7,10 @@
 #[macro_use]
 mod common;
 
-use common::{Lab, ROUTED_SERVER_IP, ROUTER_NEAR_IP};
+use common::{traceroute_hops, Lab, ROUTED_SERVER_IP, ROUTER_NEAR_IP};
 
 /// The virtual host's address: the guests' gateway.
 const GATEWAY: &str = "192.168.30.1";
-
-/// The first address of each hop `traceroute -n` printed (`*` for a hop nothing answered).
-fn hops(output: &str) -> Vec<String> {
-    output
-        .lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            w.next()?.parse::<u32>().ok()?;
-            Some(w.next()?.to_owned())
-        })
-        .collect()
-}
 
 /// Traces the server from the guest with `mode` (extra traceroute flags) and checks the path.
 fn trace(lab: &Lab, mode: &[&str]) {
@@ -39,7 +27,7 @@ fn trace(lab: &Lab, mode: &[&str]) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        if hops(&last) == [GATEWAY, ROUTER_NEAR_IP, ROUTED_SERVER_IP] {
+        if traceroute_hops(&last) == [GATEWAY, ROUTER_NEAR_IP, ROUTED_SERVER_IP] {
             eprintln!("{last}");
             return;
         }

@@ -595,6 +595,18 @@ pub fn ctl(dir: &Path, args: &[&str]) -> String {
     )
 }
 
+/// The first address of each hop `traceroute -n` printed (`*` for a hop nothing answered).
+pub fn traceroute_hops(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.next()?.parse::<u32>().ok()?;
+            Some(w.next()?.to_owned())
+        })
+        .collect()
+}
+
 /// `ctl` with `--json`, parsed.
 pub fn ctl_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     let mut a = args.to_vec();
