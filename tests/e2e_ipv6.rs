@@ -5,9 +5,9 @@
 //! both ways over TCP and UDP to a server namespace that has only an IPv6 address on its link
 //! (hubnat's namespace routes IPv6 to it, and nowhere else); it resolves an AAAA name through
 //! the DNS relay at the virtual host's IPv6 address, the relay itself asking an upstream over
-//! IPv6, and the AAAA of its own name (its DHCP host name); `traceroute -6` shows the virtual
-//! host, then the server. With `ipv6.dhcpv6 = "stateful"`, ISC dhclient -6 leases an address
-//! from the range.
+//! IPv6, and the AAAA of its own name (its DHCP host name) and the name of its address (the
+//! PTR of its ip6.arpa name); `traceroute -6` shows the virtual host, then the server. With
+//! `ipv6.dhcpv6 = "stateful"`, ISC dhclient -6 leases an address from the range.
 
 #[macro_use]
 mod common;
@@ -211,6 +211,23 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
         addr,
         "dig AAAA vm6: {}",
         String::from_utf8_lossy(&aaaa.stderr)
+    );
+
+    // And that address's reverse name (ip6.arpa) gives the name back.
+    let ptr = lab.guest.exec(&[
+        "dig",
+        &format!("@{HOST6}"),
+        "+short",
+        "+tries=2",
+        "+time=2",
+        "-x",
+        &addr,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&ptr.stdout).trim(),
+        "vm6.e2e.test.",
+        "dig -x {addr}: {}",
+        String::from_utf8_lossy(&ptr.stderr)
     );
 
     // traceroute -6: the virtual host is the first hop, then the server itself. Its probes

@@ -282,11 +282,13 @@ mod tests {
                 "VM1.LAN",
                 "lan",
                 "4.30.168.192.in-addr.arpa",
+                "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.e.1.0.0.1.6.e.6.2.6.5.7.8.6.d.f.ip6.arpa",
             ] {
                 assert_eq!(ask(to, 1, local), 2, "{local}");
             }
-            // Not the domain, only a name ending like it.
+            // Not the domain, only a name ending like it; nor a reverse zone.
             assert!(ask(to, 1, "vm1.island") < 2);
+            assert!(ask(to, 1, "myip6.arpa") < 2);
         }
         // Not a DNS query at all, or to another port: control.
         let odd = udp_frame(

@@ -295,6 +295,16 @@ pub(crate) struct Sources {
     reported6: HashMap<Ipv6Addr, Instant>,
 }
 
+impl crate::vhost::names::GuestAddrs6 for Sources {
+    fn ipv6_of(&mut self, mac: Mac) -> Vec<Ipv6Addr> {
+        Sources::ipv6_of(self, mac)
+    }
+
+    fn mac_of6(&mut self, ip: Ipv6Addr) -> Option<Mac> {
+        Sources::mac_of6(self, ip)
+    }
+}
+
 /// The MAC whose modified EUI-64 interface id (RFC 4291 appendix A) ends `ip`, if its interface
 /// id is one.
 pub(crate) fn eui64_mac(ip: Ipv6Addr) -> Option<Mac> {
@@ -332,6 +342,16 @@ impl Sources {
         v.sort_unstable();
         v.truncate(8);
         v
+    }
+
+    /// The MAC holding the IPv6 address `ip`, unless it is link-local: whose name the PTR of
+    /// `ip` gives.
+    pub(crate) fn mac_of6(&mut self, ip: Ipv6Addr) -> Option<Mac> {
+        if crate::wire::is_link_local(ip) {
+            return None;
+        }
+        self.refresh6();
+        self.local6.get(ip).map(|b| b.mac)
     }
 
     fn shared6(&self) -> Option<&Arc<dyn SharedSessions>> {

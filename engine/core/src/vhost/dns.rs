@@ -97,7 +97,10 @@ pub fn needs_lease_table(cfg: &Config, query: &[u8]) -> bool {
         return false;
     };
     let name = q.name.as_str();
-    if !name.contains('.') || name == "in-addr.arpa" || name.ends_with(".in-addr.arpa") {
+    let reverse = ["in-addr.arpa", "ip6.arpa"]
+        .iter()
+        .any(|zone| name == *zone || name.strip_suffix(zone).is_some_and(|r| r.ends_with('.')));
+    if !name.contains('.') || reverse {
         return true;
     }
     cfg.dhcp.domain.as_deref().is_some_and(|d| {
@@ -387,12 +390,7 @@ impl DnsRelay {
         out: &mut [u8],
     ) -> Option<usize> {
         let q = Question::parse(query)?;
-        let sources = &mut ctx.sources;
-        let answer = self
-            .names
-            .lookup(now, (&ctx.cfg, dhcp), &q.name, q.qtype, &mut |mac| {
-                sources.ipv6_of(mac)
-            });
+        let answer = (self.names).lookup(now, (&ctx.cfg, dhcp), &q.name, q.qtype, &mut ctx.sources);
         write_answer(query, &q, &answer, out)
     }
 
@@ -1368,6 +1366,47 @@ mod tests {
             panic!("answered here");
         };
         assert_eq!(u16::from_be_bytes([m[6], m[7]]), 0);
+    }
+
+    /// The `ip6.arpa` name of `ip`.
+    fn ip6_arpa(ip: std::net::Ipv6Addr) -> String {
+        let v = u128::from(ip);
+        let nibbles: Vec<String> = (0..32)
+            .map(|i| format!("{:x}", (v >> (4 * i)) & 0xf))
+            .collect();
+        format!("{}.ip6.arpa", nibbles.join("."))
+    }
+
+    #[test]
+    fn a_guests_ipv6_addresses_have_its_name_for_ptr() {
+        use crate::vhost::bindings::BoundBy;
+        let (mut e, mut h) = setup_names();
+        let now = Instant::from_secs(10);
+        let (vm1, newer) = (Mac([2, 0, 0, 0, 1, 1]), Mac([2, 0, 0, 0, 1, 2]));
+        let a: std::net::Ipv6Addr = "fd68:7562:6e61:1e::1000".parse().unwrap();
+        let link_local: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+        let other: std::net::Ipv6Addr = "fd68:7562:6e61:1e::2000".parse().unwrap();
+        for (ip, mac) in [(a, vm1), (link_local, vm1), (other, newer)] {
+            e.ctx.sources.bind6(now, ip, mac, BoundBy::Learned);
+        }
+        let r = ask(&mut e, &mut h, now, &ip6_arpa(a), TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "vm1.lan");
+        assert_eq!(r.record.unwrap().1, TTL);
+        // Upper-case nibbles name the same address; another type has no record.
+        let r = ask(&mut e, &mut h, now, &ip6_arpa(a).to_uppercase(), TYPE_PTR).unwrap();
+        assert_eq!(ptr_of(&r), "vm1.lan");
+        let r = ask(&mut e, &mut h, now, &ip6_arpa(a), TYPE_A).unwrap();
+        assert_eq!((r.rcode, r.record.is_none()), (0, true));
+        // Relayed: a link-local address, an address no guest holds, one of a guest without a
+        // name of its own (the newer claimant of vm1), a name that is not 32 nibbles.
+        assert!(ask(&mut e, &mut h, now, &ip6_arpa(link_local), TYPE_PTR).is_none());
+        let nobody: std::net::Ipv6Addr = "fd68:7562:6e61:1e::3000".parse().unwrap();
+        assert!(ask(&mut e, &mut h, now, &ip6_arpa(nobody), TYPE_PTR).is_none());
+        assert!(ask(&mut e, &mut h, now, &ip6_arpa(other), TYPE_PTR).is_none());
+        assert!(ask(&mut e, &mut h, now, "0.ip6.arpa", TYPE_PTR).is_none());
+        // Once the address is no longer vm1's, its reverse name is not either.
+        e.ctx.sources.unbind6(a, BoundBy::Learned);
+        assert!(ask(&mut e, &mut h, now, &ip6_arpa(a), TYPE_PTR).is_none());
     }
 
     #[test]

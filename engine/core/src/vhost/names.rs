@@ -10,6 +10,10 @@
 //!
 //! The table is rebuilt from the lease table when that changes (its generation) or when the
 //! configuration changes; between rebuilds a lease's expiry is checked at each lookup.
+//!
+//! A guest's IPv6 addresses are not in the table: they are those its MAC holds in the source
+//! bindings at the moment of the question (`GuestAddrs6`), so the AAAA of its name and the PTR
+//! of each address (`ip6.arpa`) follow its SLAAC, privacy and DHCPv6 addresses as they change.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -17,6 +21,14 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use crate::config::{Config, Mac};
 use crate::time::Instant;
 use crate::vhost::dhcp::DhcpServer;
+
+/// The guests' IPv6 addresses, as the source bindings hold them now.
+pub(crate) trait GuestAddrs6 {
+    /// The addresses other than link-local `mac` holds, in order.
+    fn ipv6_of(&mut self, mac: Mac) -> Vec<Ipv6Addr>;
+    /// The MAC holding `ip` (other than link-local), if one does.
+    fn mac_of6(&mut self, ip: Ipv6Addr) -> Option<Mac>;
+}
 
 /// Most names `[dns] hosts` and `[dns] hosts_file` may hold together.
 pub const MAX_HOSTS: usize = 10_000;
@@ -89,6 +101,8 @@ pub(crate) struct Names {
     /// By lower-case name.
     by_name: HashMap<String, Known>,
     by_addr: HashMap<Ipv4Addr, Known>,
+    /// A guest's name by its MAC: what the PTR of its IPv6 addresses gives.
+    by_mac: HashMap<Mac, Known>,
     /// The DHCP domain, lower case.
     domain: Option<String>,
     /// The lease-table generation the index was built from; `None`: to be rebuilt.
@@ -103,6 +117,9 @@ impl Names {
 
     fn add(&mut self, key: String, k: Known) {
         self.by_addr.entry(k.ip).or_insert_with(|| k.clone());
+        if let Some(mac) = k.mac {
+            self.by_mac.entry(mac).or_insert_with(|| k.clone());
+        }
         self.by_name.entry(key).or_insert(k);
     }
 
@@ -135,6 +152,7 @@ impl Names {
     fn rebuild(&mut self, cfg: &Config, dhcp: &DhcpServer) {
         self.by_name.clear();
         self.by_addr.clear();
+        self.by_mac.clear();
         self.domain = (cfg.dhcp.domain.as_deref())
             .and_then(normalize)
             .map(|d| d.to_ascii_lowercase());
@@ -163,14 +181,14 @@ impl Names {
     }
 
     /// What to do with a question for `qname` (lower case, no trailing dot) of type `qtype`;
-    /// `ipv6_of` gives a guest's IPv6 addresses in use (by its MAC), for AAAA.
+    /// `guests6` gives the guests' IPv6 addresses in use, for AAAA and `ip6.arpa` PTR.
     pub(crate) fn lookup(
         &mut self,
         now: Instant,
         (cfg, dhcp): (&Config, &DhcpServer),
         qname: &str,
         qtype: u16,
-        ipv6_of: &mut dyn FnMut(Mac) -> Vec<Ipv6Addr>,
+        guests6: &mut dyn GuestAddrs6,
     ) -> Answer {
         if self.built != Some(dhcp.generation()) {
             self.rebuild(cfg, dhcp);
@@ -179,17 +197,20 @@ impl Names {
             let Some(ip) = reverse_ip(rest) else {
                 return Answer::Relay;
             };
-            return match self.by_addr.get(&ip).and_then(|k| Some((k, k.ttl(now)?))) {
-                Some((k, ttl)) if qtype == TYPE_PTR => Answer::Ptr(k.name.clone(), ttl),
-                Some(_) => Answer::NoData,
-                None => Answer::Relay,
+            return reverse_answer(self.by_addr.get(&ip), now, qtype);
+        }
+        if let Some(rest) = qname.strip_suffix(".ip6.arpa") {
+            let Some(ip) = reverse_ip6(rest) else {
+                return Answer::Relay;
             };
+            let mac = guests6.mac_of6(ip);
+            return reverse_answer(mac.and_then(|m| self.by_mac.get(&m)), now, qtype);
         }
         if let Some((k, ttl)) = self.by_name.get(qname).and_then(|k| Some((k, k.ttl(now)?))) {
             return match (qtype, k.mac) {
                 (TYPE_A, _) => Answer::A(k.ip, ttl),
                 (TYPE_AAAA, Some(mac)) => {
-                    let addrs = ipv6_of(mac);
+                    let addrs = guests6.ipv6_of(mac);
                     if addrs.is_empty() {
                         Answer::NoData
                     } else {
@@ -217,6 +238,35 @@ impl Names {
 pub(crate) const TYPE_A: u16 = 1;
 pub(crate) const TYPE_AAAA: u16 = 28;
 pub(crate) const TYPE_PTR: u16 = 12;
+
+/// The answer to a reverse name whose address names `known` (a PTR question gets its name);
+/// an address nobody here holds is the upstreams' to answer.
+fn reverse_answer(known: Option<&Known>, now: Instant, qtype: u16) -> Answer {
+    match known.and_then(|k| Some((k, k.ttl(now)?))) {
+        Some((k, ttl)) if qtype == TYPE_PTR => Answer::Ptr(k.name.clone(), ttl),
+        Some(_) => Answer::NoData,
+        None => Answer::Relay,
+    }
+}
+
+/// The 32 nibbles of an `ip6.arpa` name (least significant first, one hex digit a label, either
+/// case) as the address they spell.
+fn reverse_ip6(rest: &str) -> Option<Ipv6Addr> {
+    let mut value: u128 = 0;
+    let mut n = 0;
+    for label in rest.split('.') {
+        let &[digit] = label.as_bytes() else {
+            return None;
+        };
+        let v = char::from(digit).to_digit(16)?;
+        if n == 32 {
+            return None;
+        }
+        value |= u128::from(v) << (4 * n);
+        n += 1;
+    }
+    (n == 32).then(|| Ipv6Addr::from(value))
+}
 
 /// `D.C.B.A` (of `D.C.B.A.in-addr.arpa`) as the address `A.B.C.D`.
 fn reverse_ip(rest: &str) -> Option<Ipv4Addr> {
@@ -250,6 +300,25 @@ mod tests {
         assert_eq!(normalize(&"a".repeat(64)), None);
         let long = vec!["a".repeat(63); 4].join(".");
         assert_eq!(normalize(&long), None, "{} bytes", long.len());
+    }
+
+    #[test]
+    fn ip6_reverse_names_are_32_nibbles() {
+        let ip: Ipv6Addr = "fd68:7562:6e61:1e::1a2b".parse().unwrap();
+        let name = "b.2.a.1.0.0.0.0.0.0.0.0.0.0.0.0.e.1.0.0.1.6.e.6.2.6.5.7.8.6.d.f";
+        assert_eq!(reverse_ip6(name), Some(ip));
+        assert_eq!(reverse_ip6(&name.to_ascii_uppercase()), Some(ip));
+        let short = &name[2..];
+        let long = format!("0.{name}");
+        for bad in [
+            short,
+            long.as_str(),
+            "",
+            "g.2.a.1",
+            &name.replace("b.2", "b2."),
+        ] {
+            assert_eq!(reverse_ip6(bad), None, "{bad}");
+        }
     }
 
     #[test]
