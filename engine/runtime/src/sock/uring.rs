@@ -973,7 +973,9 @@ impl Ring {
                 if self.has_completions() {
                     return Ok(true);
                 }
-                crate::clock::spin_turn(spin_until);
+                if !crate::clock::spin_turn(spin_until) {
+                    break;
+                }
             }
         }
         let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
