@@ -137,22 +137,29 @@ pub(crate) struct PeekCache {
     /// Whose bytes these are, and the sequence number of the first.
     owner: Option<(SockId, Seq)>,
     len: usize,
+    /// The peek got less than it asked for: these are all the bytes the socket held.
+    whole: bool,
 }
 
 impl PeekCache {
-    /// The cached bytes from `seq` on, if this socket's cache covers `seq`.
-    fn get(&self, sock: SockId, seq: Seq) -> Option<&[u8]> {
+    /// The cached bytes from `seq` on, if this socket's cache covers `seq`, and whether they
+    /// are all the socket held when peeked. An empty cache that was the whole socket is an
+    /// answer too (nothing to send, or the FIN its peek saw); the end of cached bytes is not:
+    /// a FIN behind data shows only to a peek at the data's end.
+    fn get(&self, sock: SockId, seq: Seq) -> Option<(&[u8], bool)> {
         let (s, start) = self.owner?;
         if s != sock || seq < start {
             return None;
         }
         let off = seq.since(start);
-        (off < self.len).then(|| &self.buf[off..self.len])
+        let empty_whole = self.len == 0 && off == 0 && self.whole;
+        (off < self.len || empty_whole).then(|| (&self.buf[off..self.len], self.whole))
     }
 
     fn clear(&mut self) {
         self.owner = None;
         self.len = 0;
+        self.whole = false;
     }
 }
 
@@ -1205,11 +1212,16 @@ impl TcpConn {
             gso,
             |buf, h| {
                 let n = match cached {
-                    // Where the cache ends inside this segment, the peek below also learns whether
-                    // the destination closed (a FIN rides on the last data).
-                    Some(c) if c.len() >= buf.len() => {
+                    Some((c, _)) if c.len() >= buf.len() => {
                         buf.copy_from_slice(&c[..buf.len()]);
                         buf.len()
+                    }
+                    // All the socket held when the cache was filled: peeking again would give
+                    // the same bytes (any that came since raised a readiness event of their
+                    // own), so the segment takes them as they are.
+                    Some((c, true)) => {
+                        buf[..c.len()].copy_from_slice(c);
+                        c.len()
                     }
                     _ => match soft(io.tcp_peek(sock, off, buf)) {
                         Ok(n) => n.min(buf.len()),
@@ -1302,6 +1314,7 @@ impl TcpConn {
         let n = soft(cx.io.tcp_peek(sock, off, &mut p.buf[..room]))?.min(room);
         p.owner = Some((sock, self.snd_nxt));
         p.len = n;
+        p.whole = n < room;
         Ok(())
     }
 

@@ -719,6 +719,29 @@ fn an_upload_does_not_peek_an_empty_socket_per_ack() {
     assert!(t.h.empty_peeks <= 4, "{} empty peeks", t.h.empty_peeks);
 }
 
+/// A short answer (less than the peek asked for) is peeked once: what the socket held is all
+/// there is, and asking again for the segment would return the same bytes.
+#[test]
+fn a_short_answer_is_peeked_once() {
+    let mut t = T::new();
+    let mut o = NONE;
+    o.mss = Some(1000);
+    o.window = 60_000;
+    t.establish(o);
+    let sock = t.sock;
+    for (i, answer) in [&b"x"[..], &bytes(1500)].into_iter().enumerate() {
+        let before = t.h.peeks;
+        t.h.deliver_tcp(sock, answer);
+        let got = t.pump();
+        let payload: Vec<u8> = got.iter().flat_map(|g| g.payload.clone()).collect();
+        assert_eq!(payload, answer, "answer {i}");
+        assert_eq!(t.h.peeks - before, 1, "answer {i}");
+        let acked = t.tcp().recv.len();
+        let total: usize = 1 + if i == 1 { 1500 } else { 0 };
+        assert_eq!(acked, total, "nothing consumed before the guest's ACK");
+    }
+}
+
 #[test]
 fn download_honours_window_scaling() {
     let mut t = T::new();
