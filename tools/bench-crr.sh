@@ -9,27 +9,32 @@
 # `reuse` runs set net.ipv4.tcp_tw_reuse=1 in the NAT namespace too (only there: the machine's
 # own namespaces are not touched).
 #
-# Usage: sudo tools/bench-crr.sh [--runs N] [--duration S] [--no-build] [--perf FILE]
+# Usage: sudo tools/bench-crr.sh [--runs N] [--duration S] [--no-build] [--perf FILE] [--steps]
 #   --perf FILE: `perf record -g` of hubnat for 4 s of the first run without reuse.
+#   --steps: tcpdump on the guest's TAP and on the server's link during the first run with
+#     reuse, then `hubnat-pcap steps`: where a cycle's time goes, step by step (the NAT's,
+#     the client's, the server's). The captures cost the run some of its rate.
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-RUNS=2 DURATION=15 BUILD=1 PERF_OUT=""
+RUNS=2 DURATION=15 BUILD=1 PERF_OUT="" STEPS=0
 while [ $# -gt 0 ]; do
   case $1 in
     --runs) RUNS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --perf) PERF_OUT=$2; shift 2 ;;
+    --steps) STEPS=1; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
 for t in ip jq; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }; done
-if [ "$BUILD" = 1 ]; then cargo build --release -q -p hubnat-tools --bin hubnat --bin hubnat-load; fi
+[ "$STEPS" = 0 ] || command -v tcpdump >/dev/null || { echo "--steps needs tcpdump" >&2; exit 1; }
+if [ "$BUILD" = 1 ]; then cargo build --release -q -p hubnat-tools --bin hubnat --bin hubnat-load --bin hubnat-pcap; fi
 BIN=$ROOT/target/release
 
 TAG=hbc$$
@@ -69,6 +74,16 @@ run() {
   ip netns exec $g sysctl -qw net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range="1024 65000"
   [ "$1" = reuse ] && ip netns exec $n sysctl -qw net.ipv4.tcp_tw_reuse=1
   for _ in $(seq 50); do ip netns exec $g ping -c1 -W1 192.168.30.1 > /dev/null 2>&1 && break; done
+  local dumps=()
+  if [ "$STEPS" = 1 ] && [ "$1" = reuse ]; then
+    ip netns exec $g tcpdump -i tap0 -n -w "$WORK/client.pcap" --time-stamp-precision=nano \
+      tcp port 7000 > /dev/null 2>&1 &
+    dumps+=($!); PIDS+=($!)
+    ip netns exec $s tcpdump -i eth0 -n -w "$WORK/server.pcap" --time-stamp-precision=nano \
+      tcp port 7000 > /dev/null 2>&1 &
+    dumps+=($!); PIDS+=($!)
+    sleep 1
+  fi
   ip netns exec $g "$BIN/hubnat-load" crr --connect 10.79.0.2:7000 --duration "$DURATION" --json \
     > "$WORK/crr.json" 2> "$WORK/crr.err" &
   lp=$!
@@ -78,6 +93,14 @@ run() {
     PERF_OUT=""
   fi
   wait "$lp" || { echo "crr failed: $(head -n 1 "$WORK/crr.err")" >&2; }
+  if [ ${#dumps[@]} -gt 0 ]; then
+    sleep 0.5
+    kill -INT "${dumps[@]}" 2> /dev/null || true
+    wait "${dumps[@]}" 2> /dev/null || true
+    "$BIN/hubnat-pcap" steps --client "$WORK/client.pcap" --server "$WORK/server.pcap" \
+      > "$WORK/steps.md" || true
+    STEPS=0
+  fi
   jq -r '"\(.per_sec | floor) \(.p50_us)"' "$WORK/crr.json" > "$WORK/result"
   kill "$hp" "$sp" 2> /dev/null || true
   wait "$hp" "$sp" 2> /dev/null || true
@@ -94,5 +117,9 @@ for r in $(seq "$RUNS"); do
     run $mode
     read -r rate p50 < "$WORK/result"
     echo "run $r, NAT namespace $mode: $rate connections/s, p50 $p50 µs"
+    if [ -s "$WORK/steps.md" ]; then
+      echo; echo "Steps of that run (captured on both sides):"; cat "$WORK/steps.md"; echo
+      rm -f "$WORK/steps.md"
+    fi
   done
 done

@@ -14,6 +14,8 @@ use hubnat_replay::{self as replay, craft, decode, gen, pcap, Script};
 use hubnat_runtime::port::af_packet::{Direction, PacketSocket};
 use hubnat_runtime::port::tap::netns_path;
 
+mod steps;
+
 #[derive(Parser)]
 #[command(
     name = "hubnat-pcap",
@@ -66,6 +68,19 @@ enum Cmd {
         mbytes: u64,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Where connect-exchange-close cycles spend their time (`hubnat-load crr`): given a
+    /// capture on the client's side of the NAT and one on the server's, both stamped by the
+    /// kernel's clock (tcpdump -w in each namespace), prints each step's median and 90th
+    /// percentile and whose time it is (the NAT's, the client's or the server's).
+    Steps {
+        #[arg(long)]
+        client: PathBuf,
+        #[arg(long)]
+        server: PathBuf,
+        /// The server's port.
+        #[arg(long, default_value_t = 7000)]
+        port: u16,
     },
     /// Write a crafted scenario's input (NAME.in.pcap) and script (NAME.toml) into DIR.
     Craft {
@@ -154,6 +169,24 @@ fn main() -> Result<()> {
             drop(w);
             eprintln!("{n} frames, {flows} flows, {mbytes} MiB of payload");
             Ok(())
+        }
+        Cmd::Steps {
+            client,
+            server,
+            port,
+        } => {
+            let (c, s) = (pcap::read(&client)?, pcap::read(&server)?);
+            match steps::table(&c, &s, port) {
+                Some(t) => {
+                    print!("{t}");
+                    Ok(())
+                }
+                None => bail!(
+                    "no connection to port {port} in {} could be paired with one in {}",
+                    client.display(),
+                    server.display()
+                ),
+            }
         }
         Cmd::Craft { name, dir } => {
             let names: Vec<&str> = if name == "all" {
