@@ -14,6 +14,8 @@
 #   --steps: tcpdump on the guest's TAP and on the server's link during the first run with
 #     reuse, then `hubnat-pcap steps`: where a cycle's time goes, step by step (the NAT's,
 #     the client's, the server's). The captures cost the run some of its rate.
+# Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1");
+# HUBNAT_BIN, another hubnat binary than the build's (an A/B of two builds).
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
     --perf) PERF_OUT=$2; shift 2 ;;
     --steps) STEPS=1; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -36,6 +38,7 @@ for t in ip jq; do command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; };
 [ "$STEPS" = 0 ] || command -v tcpdump >/dev/null || { echo "--steps needs tcpdump" >&2; exit 1; }
 if [ "$BUILD" = 1 ]; then cargo build --release -q -p hubnat-tools --bin hubnat --bin hubnat-load --bin hubnat-pcap; fi
 BIN=$ROOT/target/release
+HUBNAT="${HUBNAT_BIN:-$BIN/hubnat}"
 
 TAG=hbc$$
 WORK=$(mktemp -d /tmp/hubnat-bench-crr.XXXXXX)
@@ -65,8 +68,9 @@ run() {
   ip netns exec $s "$BIN/hubnat-load" serve --listen 0.0.0.0:7000 > /dev/null 2>&1 &
   sp=$!; PIDS+=("$sp")
   printf '[dns]\nupstream = ["10.79.0.2"]\n' > "$WORK/hubnat.toml"
-  ip netns exec $n "$BIN/hubnat" run --tap tap0 --netns /run/netns/$g --config "$WORK/hubnat.toml" \
-    --state-dir "$WORK/state" --control "$WORK/ctl.sock" --log warn > "$WORK/hubnat.log" 2>&1 &
+  # shellcheck disable=SC2086 # HUBNAT_RUN_ARGS: words on purpose
+  ip netns exec $n "$HUBNAT" run --tap tap0 --netns /run/netns/$g --config "$WORK/hubnat.toml" \
+    --state-dir "$WORK/state" --control "$WORK/ctl.sock" --log warn ${HUBNAT_RUN_ARGS:-} > "$WORK/hubnat.log" 2>&1 &
   hp=$!; PIDS+=("$hp")
   for _ in $(seq 50); do ip -n $g link show tap0 > /dev/null 2>&1 && break; sleep 0.1; done
   ip -n $g addr add 192.168.30.50/24 dev tap0; ip -n $g link set tap0 up
