@@ -1,6 +1,7 @@
 //! The multi-worker runtime end to end: many concurrent TCP and UDP flows spread over two
 //! worker threads, every one intact; the control socket shows both workers carried flows; a
-//! multiqueue TAP works the same; SIGTERM resets and closes everything and joins the threads.
+//! multiqueue TAP works the same, its steering program putting every frame on its flow's
+//! worker's queue; SIGTERM resets and closes everything and joins the threads.
 
 mod common;
 
@@ -152,7 +153,19 @@ fn a_multiqueue_tap_gives_each_worker_a_queue() {
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
     run_flows(&lab, 32, 16);
     check_spread(&dir.0, 16);
-    assert!(lab.hubnat_log().contains("(2 queues)"));
+    let log = lab.hubnat_log();
+    assert!(log.contains("(2 queues)"));
+    // The TAP steers every frame of a flow to its worker's queue (a kernel with eBPF): no
+    // worker read a frame of the other's flows, the first SYNs included.
+    if std::path::Path::new("/proc/sys/kernel/unprivileged_bpf_disabled").exists() {
+        assert!(
+            log.contains("each flow's frames steered to its worker (eBPF)"),
+            "{}",
+            tail(&log)
+        );
+        let st = ctl_json(&dir.0, &["status"]);
+        assert_eq!(st["frames_handed_over"], 0, "{st}");
+    }
     stop_cleanly(&mut lab);
 }
 

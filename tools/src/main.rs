@@ -384,8 +384,9 @@ struct RunArgs {
     #[arg(long, value_name = "uring|mio|auto", default_value = "auto")]
     socket_backend: BackendChoice,
     /// How the TAP device is read with 2 or more workers. `multi`: one queue per worker,
-    /// read by that worker, the kernel steering each flow to the queue its worker writes from
-    /// (fails if an existing device was made single-queue). `single`: one queue, read by the
+    /// read by that worker, each flow's frames steered to its worker's queue by a program
+    /// hubnat gives the kernel (eBPF; where it cannot load one, the kernel steers each flow to
+    /// the queue its worker writes from) (fails if an existing device was made single-queue). `single`: one queue, read by the
     /// control thread, which hands each frame to its flow's worker. `auto` (the default):
     /// multi, or single where the device cannot be made multiqueue (the log says so).
     #[arg(long, value_name = "auto|multi|single", default_value = "auto")]
@@ -650,6 +651,12 @@ fn run(
             .context("cannot install signal handlers")?;
     }
     log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
+    // Before the sandbox: loading the TAP's steering program takes privilege.
+    let flow_seeds = hubnat_runtime::router::Router::random_seeds();
+    if let Some(p) = port.as_ref().filter(|p| p.queues.len() > 1) {
+        let router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);
+        hubnat_runtime::port::steer::attach_logged(&p.queues[0], &router);
+    }
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
     let mut writable_dirs = Vec::new();
     if !args.no_sandbox {
@@ -684,6 +691,7 @@ fn run(
         workers,
         backend: Some(backend),
         tap_queues: taps,
+        flow_seeds: Some(flow_seeds),
         ports: links,
         napi,
         operator: Some(Box::new(server)),

@@ -90,6 +90,9 @@ pub struct Stats {
     pub frames_in_ipv6: u64,
     /// Of `frames_out`, the IPv6 ones.
     pub frames_out_ipv6: u64,
+    /// Frames of a worker's flows that another worker read from its TAP queue and handed over
+    /// (multi-worker runtime: how well the TAP's queues follow the flows).
+    pub handed_over: u64,
 }
 
 impl Stats {
@@ -107,6 +110,7 @@ impl Stats {
         self.evicted += other.evicted;
         self.frames_in_ipv6 += other.frames_in_ipv6;
         self.frames_out_ipv6 += other.frames_out_ipv6;
+        self.handed_over += other.handed_over;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }

@@ -249,6 +249,9 @@ pub struct StatusView {
     /// Idle sessions ended to make room in a full table.
     #[serde(default)]
     pub evicted_sessions: u64,
+    /// Frames of a worker's flows that another worker read from its TAP queue and handed over.
+    #[serde(default)]
+    pub frames_handed_over: u64,
     /// Per worker thread (multi-worker runtime only): what each carries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<WorkerView>,
@@ -984,6 +987,7 @@ pub fn status_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         frames_in_ipv6: st.frames_in_ipv6,
         frames_out_ipv6: st.frames_out_ipv6,
         evicted_sessions: st.evicted,
+        frames_handed_over: st.handed_over,
         drops: DropReason::ALL
             .iter()
             .map(|d| (d.name().to_owned(), st.drops_of(*d)))

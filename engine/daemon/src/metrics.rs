@@ -164,6 +164,12 @@ pub fn render_with(engine: &Engine, workers: &[WorkerReport], now: Instant) -> S
         ],
     );
     metric(
+        "frames_handed_over_total",
+        "counter",
+        "Frames of a worker's flows that another worker read from its TAP queue and handed over.",
+        &[("", s.frames_handed_over)],
+    );
+    metric(
         "bytes_total",
         "counter",
         "Bytes of frames from (in) and to (out) the segment.",

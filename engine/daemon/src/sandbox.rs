@@ -1,8 +1,8 @@
 //! Least privilege after start-up.
 //!
 //! `hubnat run` does everything that needs privilege first: the TAP device (in another network
-//! namespace, possibly), the NAPI switch's sysfs file, the control socket, the metrics
-//! listener, the state directory, the security log. Then, before the first frame:
+//! namespace, possibly) and its steering program (eBPF), the NAPI switch's sysfs file, the
+//! control socket, the metrics listener, the state directory, the security log. Then, before the first frame:
 //!
 //! 1. `enter` (on the main thread, before the runtime's threads exist, so that they inherit it):
 //!    as root, it becomes an unprivileged user (`--user`, by default `hubnat` where that user

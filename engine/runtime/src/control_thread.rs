@@ -74,6 +74,9 @@ pub struct Options {
     pub workers: usize,
     /// Where host sockets get readiness from (every thread has its own driver).
     pub backend: Option<Backend>,
+    /// The seeds of the flow router (`Router::with_seeds`): those a TAP's steering program was
+    /// made with (`port::steer`), or None for fresh ones.
+    pub flow_seeds: Option<[u64; 4]>,
     /// The other queues of a multiqueue TAP (the one given to `with_options` is queue 0):
     /// one per worker, each read by its worker.
     pub tap_queues: Vec<Tap>,
@@ -308,7 +311,10 @@ impl Runtime {
                 None
             }
         };
-        let router = Router::new(n_workers);
+        let router = match opts.flow_seeds {
+            Some(seeds) => Router::with_seeds(n_workers, seeds),
+            None => Router::new(n_workers),
+        };
         // Its writer thread is made now, whether or not a capture is asked for: the system-call
         // filter installed after start allows no new thread.
         let capture = Arc::new(Capture::default());

@@ -10,7 +10,6 @@
 //! seeds are random per process (a guest cannot aim its flows at one worker); the benchmarks
 //! shard captures with this same hash, seeds fixed.
 
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
@@ -21,25 +20,48 @@ use hubnat_core::Config;
 /// Sends a flow's frames to its worker, everything else to the control thread.
 #[derive(Clone)]
 pub struct Router {
-    hasher: ahash::RandomState,
+    /// The flow hash's keys (`tuple_hash`).
+    seeds: [u64; 2],
     workers: usize,
+}
+
+/// The multiplier of `mix`: odd, its bits well spread (2^64 divided by the golden ratio).
+pub(crate) const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One round of the flow hash: the high half folded into the low, then a multiplication that
+/// spreads every bit upward. Simple enough for the TAP's steering program to compute the same
+/// (`port::steer`); keyed by the router's secret seeds, a guest cannot tell where its flows go.
+pub(crate) fn mix(x: u64) -> u64 {
+    (x ^ (x >> 32)).wrapping_mul(MIX)
 }
 
 impl Router {
     /// A router for `workers` workers with seeds of its own: the flow → worker map differs from
     /// process to process, so a guest cannot choose flows that all land on one worker.
     pub fn new(workers: usize) -> Router {
+        Router::with_seeds(workers, Router::random_seeds())
+    }
+
+    /// Seeds for `with_seeds`, from the system's randomness.
+    pub fn random_seeds() -> [u64; 4] {
         use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::from_os_rng();
-        Router::with_seeds(workers, rng.random())
+        rand::rngs::StdRng::from_os_rng().random()
     }
 
     /// A router with fixed seeds (the same map on every run: the benchmarks).
     pub fn with_seeds(workers: usize, seeds: [u64; 4]) -> Router {
         Router {
-            hasher: ahash::RandomState::with_seeds(seeds[0], seeds[1], seeds[2], seeds[3]),
+            seeds: [
+                seeds[0] ^ seeds[2].rotate_left(32),
+                seeds[1] ^ seeds[3].rotate_left(32),
+            ],
             workers: workers.max(1),
         }
+    }
+
+    /// The keys of the flow hash, for the TAP's steering program (`port::steer::attach`).
+    pub fn steering_seeds(&self) -> [u64; 2] {
+        self.seeds
     }
 
     /// The control thread's index (the workers are 0..workers).
@@ -51,13 +73,13 @@ impl Router {
     /// addresses (its own and its DNS address) and which DNS queries need the lease table.
     pub fn route(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> usize {
         match self.flow_hash(frame, cfg, host_mac) {
-            Some(h) => (h % self.workers as u64) as usize,
+            Some(h) => h as usize % self.workers,
             None => self.control(),
         }
     }
 
     /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
-    fn flow_hash(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<u64> {
+    fn flow_hash(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<u32> {
         let eth = EthernetFrame::new_checked(frame).ok()?;
         if hubnat_core::wire::mac(eth.dst_addr()) != host_mac {
             return None;
@@ -96,7 +118,7 @@ impl Router {
     /// `flow_hash` of an IPv6 packet: a guest's TCP, UDP or echo request to an address off the
     /// segment (or a DNS query any engine relays). Extension headers, multicast, neighbour
     /// discovery and whatever is for the virtual host itself go to the control thread.
-    fn flow_hash6(&self, packet: &[u8], cfg: &Config) -> Option<u64> {
+    fn flow_hash6(&self, packet: &[u8], cfg: &Config) -> Option<u32> {
         let ip = Ipv6Packet::new_checked(packet).ok()?;
         let dst = ip.dst_addr();
         if dst.is_multicast() {
@@ -127,10 +149,19 @@ impl Router {
     /// The owner of the flow between `a` and `b` (either way round): the worker its frames
     /// will be routed to (a forward's accepted connection is handed to it).
     pub fn route_flow(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> usize {
-        (self.tuple_hash(proto, a, b) % self.workers as u64) as usize
+        self.tuple_hash(proto, a, b) as usize % self.workers
     }
 
-    fn tuple_hash(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> u64 {
+    /// The flow hash of the flow between `a` and `b` (either way round).
+    #[cfg(test)]
+    pub(crate) fn flow_hash_of(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> u32 {
+        self.tuple_hash(proto, a, b)
+    }
+
+    /// The flow hash: each end's key (its address, an IPv6 one folded to 64 bits, shifted
+    /// over its port), the smaller first, then the protocol, each folded in by `mix` under the
+    /// seeds. `port::steer` computes the same in the kernel: change both together.
+    fn tuple_hash(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> u32 {
         let key = |s: SocketAddr| {
             let ip = match s.ip() {
                 IpAddr::V4(ip) => u64::from(u32::from(ip)),
@@ -142,11 +173,10 @@ impl Router {
             (ip << 16) ^ u64::from(s.port())
         };
         let (a, b) = (key(a), key(b));
-        let mut h = self.hasher.build_hasher();
-        h.write_u64(a.min(b));
-        h.write_u64(a.max(b));
-        h.write_u8(u8::from(proto));
-        h.finish()
+        let h = mix(self.seeds[0] ^ a.min(b));
+        let h = mix(h ^ a.max(b));
+        let h = mix(h ^ u64::from(u8::from(proto)) ^ self.seeds[1]);
+        (h >> 32) as u32
     }
 }
 

@@ -507,6 +507,9 @@ impl Worker {
             .router
             .route(frame, &self.engine.ctx.cfg, self.engine.ctx.mac);
         if to != self.index {
+            if to != self.router.control() {
+                self.engine.ctx.stats.handed_over += 1;
+            }
             return Some(to);
         }
         if checksum_left {

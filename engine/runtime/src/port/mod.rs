@@ -5,6 +5,7 @@ pub mod link;
 pub mod packet_link;
 pub mod segment;
 pub mod spec;
+pub mod steer;
 pub mod switch;
 pub mod tap;
 pub mod unix;

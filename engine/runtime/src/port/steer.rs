@@ -1,0 +1,456 @@
+//! Steering a multiqueue TAP's frames to their flows' workers in the kernel.
+//!
+//! Left to itself, the kernel puts a guest's frame on the queue its own flow table names (the
+//! queue hubnat last wrote that flow's frames on), or, for a flow it does not know yet, on one
+//! chosen by its own hash. The first frame of every flow (a SYN) thus lands on a worker that
+//! owns the flow only half the time, and the frames the guest sends while hubnat's first
+//! answer is still being delivered (the ACK of a SYN-ACK, a request right behind it) race the
+//! kernel's table: in a connect-exchange-close load about one frame in three was read by the
+//! other worker and handed over, each hand-over a wake-up of a thread that may be asleep.
+//!
+//! With a steering program (`TUNSETSTEERINGEBPF`) the kernel asks a socket-filter eBPF program
+//! for each frame's queue instead. The program here computes the router's own flow hash
+//! (`router::flow_key`, `router::mix`, with the router's seeds), so every frame of a flow is
+//! read by its owner. Frames that are not a worker's (ARP, DHCP, fragments, whatever the
+//! router sends to the control thread) may land on any queue, as before.
+//!
+//! Loading a program needs CAP_BPF or CAP_SYS_ADMIN (or a kernel that lets anyone load socket
+//! filters): `hubnat run` attaches it while it still has them, before the sandbox drops them.
+//! Where that fails the kernel's own steering stays, and the log says so.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `TUNSETSTEERINGEBPF`: `_IOR('T', 224, int)`.
+const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
+const BPF_PROG_LOAD: libc::c_int = 5;
+#[cfg(test)]
+const BPF_PROG_TEST_RUN: libc::c_int = 10;
+const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+
+/// One eBPF instruction, as the kernel reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Insn {
+    code: u8,
+    /// Destination register in the low 4 bits, source in the high 4.
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+// Instruction classes and fields (linux/bpf_common.h, linux/bpf.h).
+const LD: u8 = 0x00;
+const LDX: u8 = 0x01;
+const STX: u8 = 0x03;
+const JMP: u8 = 0x05;
+const ALU64: u8 = 0x07;
+const W: u8 = 0x00;
+const H: u8 = 0x08;
+const B: u8 = 0x10;
+const DW: u8 = 0x18;
+const IMM: u8 = 0x00;
+const ABS: u8 = 0x20;
+const IND: u8 = 0x40;
+const MEM: u8 = 0x60;
+const K: u8 = 0x00;
+const X: u8 = 0x08;
+const MUL: u8 = 0x20;
+const OR: u8 = 0x40;
+const AND: u8 = 0x50;
+const LSH: u8 = 0x60;
+const RSH: u8 = 0x70;
+const XOR: u8 = 0xa0;
+const MOV: u8 = 0xb0;
+const JA: u8 = 0x00;
+const JEQ: u8 = 0x10;
+const JGT: u8 = 0x20;
+const JSET: u8 = 0x40;
+const EXIT: u8 = 0x90;
+
+// Registers. LD_ABS/LD_IND read the packet of the context in R6 into R0 and clobber R1-R5;
+// the program keeps its values in R7-R9 and on the stack (R10).
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const R10: u8 = 10;
+
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    }
+}
+
+/// A small assembler: instructions, and jumps to labels resolved at the end.
+#[derive(Default)]
+struct Asm {
+    code: Vec<Insn>,
+    /// (instruction index, label) of each jump still to resolve.
+    jumps: Vec<(usize, usize)>,
+    labels: Vec<Option<usize>>,
+}
+
+impl Asm {
+    fn label(&mut self) -> usize {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+
+    fn here(&mut self, label: usize) {
+        self.labels[label] = Some(self.code.len());
+    }
+
+    fn op(&mut self, i: Insn) {
+        self.code.push(i);
+    }
+
+    fn alu_k(&mut self, op: u8, dst: u8, imm: i32) {
+        self.op(insn(ALU64 | op | K, dst, 0, 0, imm));
+    }
+
+    fn alu_x(&mut self, op: u8, dst: u8, src: u8) {
+        self.op(insn(ALU64 | op | X, dst, src, 0, 0));
+    }
+
+    /// R0 = the packet's `size` bytes at `off` (network order read as a number).
+    fn ld_abs(&mut self, size: u8, off: i32) {
+        self.op(insn(LD | ABS | size, 0, 0, 0, off));
+    }
+
+    /// R0 = the packet's `size` bytes at `src` + `off`.
+    fn ld_ind(&mut self, size: u8, src: u8, off: i32) {
+        self.op(insn(LD | IND | size, 0, src, 0, off));
+    }
+
+    /// `dst` = a 64-bit constant (two instruction slots).
+    fn ld_imm64(&mut self, dst: u8, v: u64) {
+        self.op(insn(LD | DW | IMM, dst, 0, 0, v as u32 as i32));
+        self.op(insn(0, 0, 0, 0, (v >> 32) as u32 as i32));
+    }
+
+    fn store(&mut self, slot: i16, src: u8) {
+        self.op(insn(STX | MEM | DW, R10, src, slot, 0));
+    }
+
+    fn load(&mut self, dst: u8, slot: i16) {
+        self.op(insn(LDX | MEM | DW, dst, R10, slot, 0));
+    }
+
+    fn jmp_k(&mut self, op: u8, dst: u8, imm: i32, to: usize) {
+        self.jumps.push((self.code.len(), to));
+        self.op(insn(JMP | op | K, dst, 0, 0, imm));
+    }
+
+    fn jmp_x(&mut self, op: u8, dst: u8, src: u8, to: usize) {
+        self.jumps.push((self.code.len(), to));
+        self.op(insn(JMP | op | X, dst, src, 0, 0));
+    }
+
+    fn goto(&mut self, to: usize) {
+        self.jumps.push((self.code.len(), to));
+        self.op(insn(JMP | JA, 0, 0, 0, 0));
+    }
+
+    fn exit(&mut self) {
+        self.op(insn(JMP | EXIT, 0, 0, 0, 0));
+    }
+
+    fn finish(mut self) -> Vec<Insn> {
+        for &(at, label) in &self.jumps {
+            let target = self.labels[label].expect("every label placed");
+            self.code[at].off = (target as isize - at as isize - 1) as i16;
+        }
+        self.code
+    }
+}
+
+// Stack slots.
+const SLOT_KEY_A: i16 = -8;
+const SLOT_PROTO: i16 = -16;
+
+/// `dst` = `mix(dst)`, as `router::mix` computes it; `tmp` is overwritten.
+fn emit_mix(a: &mut Asm, dst: u8, tmp: u8) {
+    a.alu_x(MOV, tmp, dst);
+    a.alu_k(RSH, tmp, 32);
+    a.alu_x(XOR, dst, tmp);
+    a.ld_imm64(tmp, crate::router::MIX);
+    a.alu_x(MUL, dst, tmp);
+}
+
+/// Jumps on the transport protocol (in `SLOT_PROTO`): TCP and UDP to `ports`, the family's ICMP
+/// (`icmp`) to `no_ports`, anything else to `other`.
+fn by_proto(a: &mut Asm, icmp: i32, ports: usize, no_ports: usize, other: usize) {
+    a.load(R0, SLOT_PROTO);
+    a.jmp_k(JEQ, R0, 6, ports);
+    a.jmp_k(JEQ, R0, 17, ports);
+    a.jmp_k(JEQ, R0, icmp, no_ports);
+    a.goto(other);
+}
+
+/// Builds the program: the queue of each frame is `router::flow_hash` of its flow, modulo the
+/// number of queues (the kernel takes the modulo), for the frames the router gives to workers.
+fn program(seeds: [u64; 2]) -> Vec<Insn> {
+    let mut a = Asm::default();
+    let (v4, v6, ports_v4, no_ports, ports_v6, keyed, any) = (
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+        a.label(),
+    );
+    a.alu_x(MOV, R6, R1);
+    a.ld_abs(H, 12);
+    a.jmp_k(JEQ, R0, 0x0800, v4);
+    a.jmp_k(JEQ, R0, 0x86dd, v6);
+    a.goto(any);
+
+    // IPv4: no fragments; TCP, UDP (ports after the header) or ICMP (none).
+    a.here(v4);
+    a.ld_abs(H, 20);
+    a.jmp_k(JSET, R0, 0x3fff, any);
+    a.ld_abs(B, 23);
+    a.store(SLOT_PROTO, R0);
+    // R8 = the source address, R9 = the destination's, as the router's keys take them.
+    a.ld_abs(W, 26);
+    a.alu_x(MOV, R8, R0);
+    a.ld_abs(W, 30);
+    a.alu_x(MOV, R9, R0);
+    by_proto(&mut a, 1, ports_v4, no_ports, any);
+    a.here(ports_v4);
+    // R7 = the transport header's offset: 14 + IHL * 4.
+    a.ld_abs(B, 14);
+    a.alu_k(AND, R0, 0x0f);
+    a.alu_k(LSH, R0, 2);
+    a.alu_x(MOV, R7, R0);
+    a.alu_k(LSH, R8, 16);
+    a.ld_ind(H, R7, 14);
+    a.alu_x(XOR, R8, R0);
+    a.alu_k(LSH, R9, 16);
+    a.ld_ind(H, R7, 16);
+    a.alu_x(XOR, R9, R0);
+    a.goto(keyed);
+    a.here(no_ports);
+    a.alu_k(LSH, R8, 16);
+    a.alu_k(LSH, R9, 16);
+    a.goto(keyed);
+
+    // IPv6 (no extension headers): TCP, UDP or ICMPv6 (no ports). An address is folded to
+    // 64 bits (high half XOR low half) before its key is made.
+    a.here(v6);
+    a.ld_abs(B, 20);
+    a.store(SLOT_PROTO, R0);
+    for (reg, at) in [(R8, 22), (R9, 38)] {
+        // reg = w0 << 32 | w1, then XOR (w2 << 32 | w3).
+        a.ld_abs(W, at);
+        a.alu_x(MOV, reg, R0);
+        a.alu_k(LSH, reg, 32);
+        a.ld_abs(W, at + 4);
+        a.alu_x(OR, reg, R0);
+        a.ld_abs(W, at + 8);
+        a.alu_x(MOV, R7, R0);
+        a.alu_k(LSH, R7, 32);
+        a.ld_abs(W, at + 12);
+        a.alu_x(OR, R7, R0);
+        a.alu_x(XOR, reg, R7);
+        a.alu_k(LSH, reg, 16);
+    }
+    by_proto(&mut a, 58, ports_v6, keyed, any);
+    a.here(ports_v6);
+    a.ld_abs(H, 54);
+    a.alu_x(XOR, R8, R0);
+    a.ld_abs(H, 56);
+    a.alu_x(XOR, R9, R0);
+
+    // R8, R9: the two ends' keys. The hash takes the smaller first (both directions alike).
+    a.here(keyed);
+    let ordered = a.label();
+    a.jmp_x(JGT, R9, R8, ordered);
+    a.alu_x(MOV, R7, R8);
+    a.alu_x(MOV, R8, R9);
+    a.alu_x(MOV, R9, R7);
+    a.here(ordered);
+    a.store(SLOT_KEY_A, R9);
+    a.ld_imm64(R0, seeds[0]);
+    a.alu_x(XOR, R0, R8);
+    emit_mix(&mut a, R0, R2);
+    a.load(R9, SLOT_KEY_A);
+    a.alu_x(XOR, R0, R9);
+    emit_mix(&mut a, R0, R2);
+    a.load(R9, SLOT_PROTO);
+    a.alu_x(XOR, R0, R9);
+    a.ld_imm64(R2, seeds[1]);
+    a.alu_x(XOR, R0, R2);
+    emit_mix(&mut a, R0, R2);
+    a.alu_k(RSH, R0, 32);
+    a.exit();
+
+    a.here(any);
+    a.alu_k(MOV, R0, 0);
+    a.exit();
+    a.finish()
+}
+
+/// A loaded program's descriptor, or why the kernel refused it (with its verifier's words).
+fn load(code: &[Insn]) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 16 * 1024];
+    // union bpf_attr for BPF_PROG_LOAD, the fields up to the log buffer; the rest zero.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(code.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(code.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&1u32.to_ne_bytes());
+    attr[28..32].copy_from_slice(&(log.len() as u32).to_ne_bytes());
+    attr[32..40].copy_from_slice(&(log.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: `attr` is a bpf_attr for BPF_PROG_LOAD whose pointers (the instructions, the
+    // license, the log buffer with its length) are live for the call; the kernel writes only
+    // into the log buffer.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let words = String::from_utf8_lossy(&log[..end]);
+        let last = words.lines().rev().find(|l| !l.trim().is_empty());
+        return Err(match last {
+            Some(l) => io::Error::new(e.kind(), format!("{e} (verifier: {l})")),
+            None => e,
+        });
+    }
+    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Has the multiqueue TAP whose queue `tap` is steer every frame of a flow to the queue of its
+/// worker under `router` (queue i is worker i's), and logs what came of it: where the kernel
+/// refuses, its own steering stays.
+pub fn attach_logged(tap: &impl AsRawFd, router: &crate::router::Router) {
+    match attach(tap, router.steering_seeds()) {
+        Ok(()) => tracing::debug!("TAP queues: each flow's frames steered to its worker (eBPF)"),
+        Err(e) => tracing::info!(
+            "TAP queues: steered by the kernel's flow table, a flow's first frames sometimes \
+             read by another worker and handed over (no steering program: {e})"
+        ),
+    }
+}
+
+/// Has the multiqueue TAP whose queue `tap` is steer every frame of a flow to the queue of its
+/// worker under a router with `seeds` (queue i is worker i's).
+pub fn attach(tap: &impl AsRawFd, seeds: [u64; 2]) -> io::Result<()> {
+    let prog = load(&program(seeds))?;
+    let fd: libc::c_int = prog.as_raw_fd();
+    // SAFETY: TUNSETSTEERINGEBPF reads one int (the program's descriptor) from the pointer,
+    // which points at a live c_int; the TAP takes its own reference to the program.
+    let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETSTEERINGEBPF, &fd) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Router;
+    use hubnat_core::testing::*;
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+    /// The program's answer for `frame`, run by the kernel (BPF_PROG_TEST_RUN). The test run
+    /// takes an Ethernet header off the data before the program sees it, where a TAP's steering
+    /// program sees the frame from its Ethernet header: a spare header goes first.
+    fn run(prog: &OwnedFd, frame: &[u8]) -> u32 {
+        let mut data = vec![0u8; 14];
+        data[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        data.extend_from_slice(frame);
+        let mut attr = [0u8; 80];
+        attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(data.as_ptr() as u64).to_ne_bytes());
+        attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+        // SAFETY: a bpf_attr for BPF_PROG_TEST_RUN whose input pointer and size describe
+        // `data`, live for the call; no output buffer is given.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                attr.len() as libc::c_uint,
+            )
+        };
+        assert!(r >= 0, "test run: {}", io::Error::last_os_error());
+        u32::from_ne_bytes(attr[4..8].try_into().unwrap())
+    }
+
+    fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+        syn_frame(src, dst, 1)
+    }
+
+    #[test]
+    fn the_program_steers_every_frame_of_a_flow_to_the_routers_worker() {
+        let router = Router::with_seeds(2, [11, 22, 33, 44]);
+        let prog = match load(&program(router.steering_seeds())) {
+            Ok(p) => p,
+            // Not root, or a kernel without eBPF: nothing to check here.
+            Err(e) => {
+                eprintln!("skipped: cannot load the program: {e}");
+                return;
+            }
+        };
+        let cfg = hubnat_core::Config::defaults();
+        let queues = 3u32;
+        let mut seen = [0usize; 3];
+        for i in 0..200u16 {
+            let g = SocketAddrV4::new(GUEST_IP, 20000 + i);
+            let r = SocketAddrV4::new(Ipv4Addr::new(10, 79, (i % 7) as u8, 2), 80 + i % 3);
+            for (frame, proto, a, b) in [
+                (
+                    tcp_frame(g, r),
+                    smoltcp::wire::IpProtocol::Tcp,
+                    SocketAddr::from(g),
+                    SocketAddr::from(r),
+                ),
+                (
+                    udp_frame(g, r, b"hello"),
+                    smoltcp::wire::IpProtocol::Udp,
+                    g.into(),
+                    r.into(),
+                ),
+            ] {
+                let want = router.flow_hash_of(proto, a, b);
+                let got = run(&prog, &frame);
+                assert_eq!(got, want, "{a} -> {b} ({proto})");
+                assert_eq!(
+                    router.route(&frame, &cfg, HOST_MAC),
+                    want as usize % 2,
+                    "the router's own choice"
+                );
+                seen[(got % queues) as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n > 50), "spread: {seen:?}");
+        // IPv6, both ways round.
+        let g6 = SocketAddrV6::new(guest_ip6(), 40000, 0, 0);
+        let r6 = SocketAddrV6::new("2001:db8:77::2".parse::<Ipv6Addr>().unwrap(), 443, 0, 0);
+        let f = syn6_frame(g6, r6, 7);
+        let want = router.flow_hash_of(smoltcp::wire::IpProtocol::Tcp, r6.into(), g6.into());
+        assert_eq!(run(&prog, &f), want);
+        // Not a worker's: queue 0.
+        assert_eq!(run(&prog, &[0u8; 60]), 0);
+    }
+}
