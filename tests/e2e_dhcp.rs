@@ -111,6 +111,23 @@ impl<'a> Dhclient<'a> {
         (p, lease)
     }
 
+    /// The lease file once it holds a whole lease: dhclient writes it after it runs the script
+    /// that said it was bound, so right after `bind` it may still be empty.
+    fn lease_file(&self) -> String {
+        let path = self.lab.dir.join("dhclient.leases");
+        let whole = wait_until(Duration::from_secs(10), || {
+            let text = common::read(&path);
+            let start = text.find("lease {")?;
+            text[start..].contains("\n}").then_some(text)
+        });
+        whole.unwrap_or_else(|| {
+            panic!(
+                "no whole lease in dhclient's lease file:\n{}",
+                common::read(&path)
+            )
+        })
+    }
+
     /// Releases the lease (dhclient -r also ends the running client through its pid file).
     fn release(&self) {
         let out = common::sh(&mut self.cmd(&["-r"]));
@@ -279,7 +296,7 @@ fn dhclient_gets_the_mtu_search_list_and_ntp_servers() {
     let (_p, lease) = client.bind();
     assert_eq!(lease.get("new_interface_mtu"), Some("1400"));
     assert_eq!(lease.get("new_ntp_servers"), Some("192.168.30.1"));
-    let leases = common::read(&lab.dir.join("dhclient.leases"));
+    let leases = client.lease_file();
     assert!(
         leases.contains("option interface-mtu 1400;"),
         "lease file:\n{leases}"
@@ -302,7 +319,7 @@ fn dhclient_gets_the_mtu_search_list_and_ntp_servers() {
     let lab = Lab::start("[dhcp]\ndomain = \"hubnat.test\"\n");
     let client = Dhclient::requesting(&lab, "interface-mtu, domain-search");
     let (_p, _) = client.bind();
-    let leases = common::read(&lab.dir.join("dhclient.leases"));
+    let leases = client.lease_file();
     assert!(leases.contains("option interface-mtu 1500;"), "{leases}");
     assert!(
         leases.contains(r#"option domain-search "hubnat.test.";"#),
