@@ -608,6 +608,18 @@ impl Tap {
         self.uso
     }
 
+    /// Whether the device outlives its last descriptor (made persistent, as `ip tuntap add`
+    /// does): what hubnat sets on it then stays for the device's next user.
+    pub fn persistent(&self) -> bool {
+        let mut req = IfReq::new("");
+        // SAFETY: TUNGETIFF writes an `ifreq`, which `IfReq` lays out; `req` outlives the call.
+        let asked = check(unsafe {
+            libc::ioctl(self.as_raw_fd(), libc::TUNGETIFF, &mut req as *mut IfReq)
+        });
+        // SAFETY: TUNGETIFF filled the `flags` member of the union.
+        asked.is_ok() && libc::c_int::from(unsafe { req.data.flags }) & libc::IFF_PERSIST != 0
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -1632,6 +1644,40 @@ mod tests {
             assert_eq!(got.len(), count);
             assert!(got == frames, "frames differ or were reordered");
         });
+    }
+
+    /// A device hubnat made goes with its descriptors; one made persistent says so (hubnat
+    /// then leaves no steering program on it).
+    #[test]
+    fn a_persistent_device_is_told_apart() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
+                return;
+            }
+            let flags = QueueFlags {
+                napi: false,
+                vnet_hdr: false,
+            };
+            let tap = Tap::open_queues("hnpers0", None, 1, flags)
+                .expect("TAP in a fresh namespace")
+                .remove(0);
+            assert!(!tap.persistent());
+            // SAFETY: TUNSETPERSIST takes its argument by value.
+            assert_eq!(
+                unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETPERSIST, 1) },
+                0
+            );
+            assert!(tap.persistent());
+            // SAFETY: as above; the device then goes with this descriptor.
+            assert_eq!(
+                unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETPERSIST, 0) },
+                0
+            );
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
