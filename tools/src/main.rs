@@ -1428,6 +1428,12 @@ fn print_status(s: &StatusView) {
             format!("{} / {}", s.bytes_in, s.bytes_out),
         ],
     ];
+    if !s.workers.is_empty() {
+        rows.push(vec![
+            "Frames handed between workers".into(),
+            s.frames_handed_over.to_string(),
+        ]);
+    }
     if let Some(n) = &s.tap_napi {
         rows.push(vec![
             "TAP NAPI polls".into(),
