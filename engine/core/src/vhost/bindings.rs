@@ -295,13 +295,29 @@ pub(crate) struct Sources {
     reported6: HashMap<Ipv6Addr, Instant>,
 }
 
+/// What the DNS relay's names see of the IPv6 bindings.
 impl crate::vhost::names::GuestAddrs6 for Sources {
+    /// The IPv6 addresses other than link-local that `mac` holds now (a DHCPv6 lease's, those
+    /// it sends from), at most 8, in order: what the DNS relay answers for its name's AAAA.
     fn ipv6_of(&mut self, mac: Mac) -> Vec<Ipv6Addr> {
-        Sources::ipv6_of(self, mac)
+        self.refresh6();
+        let mut v: Vec<Ipv6Addr> = (self.local6.by_ip.iter())
+            .filter(|(ip, b)| b.mac == mac && !crate::wire::is_link_local(**ip))
+            .map(|(ip, _)| *ip)
+            .collect();
+        v.sort_unstable();
+        v.truncate(8);
+        v
     }
 
+    /// The MAC holding the IPv6 address `ip`, unless it is link-local: whose name the PTR of
+    /// `ip` gives.
     fn mac_of6(&mut self, ip: Ipv6Addr) -> Option<Mac> {
-        Sources::mac_of6(self, ip)
+        if crate::wire::is_link_local(ip) {
+            return None;
+        }
+        self.refresh6();
+        self.local6.get(ip).map(|b| b.mac)
     }
 }
 
@@ -329,29 +345,6 @@ impl Sources {
                 self.generation = g;
             }
         }
-    }
-
-    /// The IPv6 addresses other than link-local that `mac` holds now (a DHCPv6 lease's, those
-    /// it sends from), at most 8, in order: what the DNS relay answers for its name's AAAA.
-    pub(crate) fn ipv6_of(&mut self, mac: Mac) -> Vec<Ipv6Addr> {
-        self.refresh6();
-        let mut v: Vec<Ipv6Addr> = (self.local6.by_ip.iter())
-            .filter(|(ip, b)| b.mac == mac && !crate::wire::is_link_local(**ip))
-            .map(|(ip, _)| *ip)
-            .collect();
-        v.sort_unstable();
-        v.truncate(8);
-        v
-    }
-
-    /// The MAC holding the IPv6 address `ip`, unless it is link-local: whose name the PTR of
-    /// `ip` gives.
-    pub(crate) fn mac_of6(&mut self, ip: Ipv6Addr) -> Option<Mac> {
-        if crate::wire::is_link_local(ip) {
-            return None;
-        }
-        self.refresh6();
-        self.local6.get(ip).map(|b| b.mac)
     }
 
     fn shared6(&self) -> Option<&Arc<dyn SharedSessions>> {
