@@ -651,19 +651,11 @@ fn run(
             .context("cannot install signal handlers")?;
     }
     log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
-    // Before the sandbox: loading the TAP's steering program takes privilege. A persistent
-    // device would keep it after hubnat: it keeps the kernel's own steering.
+    // Before the sandbox: loading the TAP's steering program takes privilege.
     let flow_seeds = hubnat_runtime::router::Router::random_seeds();
     if let Some(p) = port.as_ref().filter(|p| p.queues.len() > 1) {
-        if p.queues[0].persistent() {
-            tracing::info!(
-                "TAP queues: steered by the kernel's flow table (a persistent device would keep \
-                 a steering program after hubnat)"
-            );
-        } else {
-            let router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);
-            hubnat_runtime::port::steer::attach_logged(&p.queues[0], &router);
-        }
+        let router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);
+        hubnat_runtime::port::steer::steer_queues(&p.queues[0], &router);
     }
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
     let mut writable_dirs = Vec::new();

@@ -10,13 +10,14 @@
 //!
 //! With a steering program (`TUNSETSTEERINGEBPF`) the kernel asks a socket-filter eBPF program
 //! for each frame's queue instead. The program here computes the router's own flow hash
-//! (`router::flow_key`, `router::mix`, with the router's seeds), so every frame of a flow is
+//! (`Router::tuple_hash`'s keys and `router::mix`, with the router's seeds), so every frame of a flow is
 //! read by its owner. Frames that are not a worker's (ARP, DHCP, fragments, whatever the
 //! router sends to the control thread) may land on any queue, as before.
 //!
 //! Loading a program needs CAP_BPF or CAP_SYS_ADMIN (or a kernel that lets anyone load socket
 //! filters): `hubnat run` attaches it while it still has them, before the sandbox drops them.
-//! Where that fails the kernel's own steering stays, and the log says so.
+//! Where that fails the kernel's own steering stays, and the log says so; so it does on a
+//! persistent device, which would keep the program after hubnat.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -299,6 +300,28 @@ fn program(seeds: [u64; 2]) -> Vec<Insn> {
     a.finish()
 }
 
+/// The bpf(2) command `cmd` with `attr` as its `union bpf_attr`; its result, or the error.
+///
+/// # Safety
+/// Every pointer `attr` holds must be valid, for the lengths `attr` gives beside it, for the
+/// call, and writable where the command writes.
+unsafe fn bpf(cmd: libc::c_int, attr: &mut [u8]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is live and writable for its length; the caller answers for the pointers
+    // inside it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 /// A loaded program's descriptor, or why the kernel refused it (with its verifier's words).
 fn load(code: &[Insn]) -> io::Result<OwnedFd> {
     let license = c"GPL";
@@ -315,37 +338,34 @@ fn load(code: &[Insn]) -> io::Result<OwnedFd> {
     // SAFETY: `attr` is a bpf_attr for BPF_PROG_LOAD whose pointers (the instructions, the
     // license, the log buffer with its length) are live for the call; the kernel writes only
     // into the log buffer.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            attr.as_mut_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) }.map_err(|e| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         let words = String::from_utf8_lossy(&log[..end]);
-        let last = words.lines().rev().find(|l| !l.trim().is_empty());
-        return Err(match last {
+        match words.lines().rev().find(|l| !l.trim().is_empty()) {
             Some(l) => io::Error::new(e.kind(), format!("{e} (verifier: {l})")),
             None => e,
-        });
-    }
+        }
+    })?;
     // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Has the multiqueue TAP whose queue `tap` is steer every frame of a flow to the queue of its
-/// worker under `router` (queue i is worker i's), and logs what came of it: where the kernel
-/// refuses, its own steering stays.
-pub fn attach_logged(tap: &impl AsRawFd, router: &crate::router::Router) {
+/// Has the multiqueue TAP whose first queue is `tap` steer every frame of a flow to the queue
+/// of its worker under `router` (queue i is worker i's), unless the device is persistent, and
+/// logs what came of it: where the kernel refuses, its own steering stays.
+pub fn steer_queues(tap: &crate::port::tap::Tap, router: &crate::router::Router) {
+    let kernels = "TAP queues: steered by the kernel's flow table";
+    if tap.persistent() {
+        tracing::info!(
+            "{kernels} (a persistent device would keep a steering program after hubnat)"
+        );
+        return;
+    }
     match attach(tap, router.steering_seeds()) {
         Ok(()) => tracing::debug!("TAP queues: each flow's frames steered to its worker (eBPF)"),
         Err(e) => tracing::info!(
-            "TAP queues: steered by the kernel's flow table, a flow's first frames sometimes \
-             read by another worker and handed over (no steering program: {e})"
+            "{kernels}, a flow's first frames sometimes read by another worker and handed over \
+             (no steering program: {e})"
         ),
     }
 }
@@ -385,20 +405,10 @@ mod tests {
         attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
         // SAFETY: a bpf_attr for BPF_PROG_TEST_RUN whose input pointer and size describe
         // `data`, live for the call; no output buffer is given.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr.as_mut_ptr(),
-                attr.len() as libc::c_uint,
-            )
-        };
-        assert!(r >= 0, "test run: {}", io::Error::last_os_error());
+        if let Err(e) = unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } {
+            panic!("test run: {e}");
+        }
         u32::from_ne_bytes(attr[4..8].try_into().unwrap())
-    }
-
-    fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
-        syn_frame(src, dst, 1)
     }
 
     #[test]
@@ -420,7 +430,7 @@ mod tests {
             let r = SocketAddrV4::new(Ipv4Addr::new(10, 79, (i % 7) as u8, 2), 80 + i % 3);
             for (frame, proto, a, b) in [
                 (
-                    tcp_frame(g, r),
+                    syn_frame(g, r, 1),
                     smoltcp::wire::IpProtocol::Tcp,
                     SocketAddr::from(g),
                     SocketAddr::from(r),
