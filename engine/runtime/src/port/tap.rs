@@ -124,6 +124,8 @@ struct IfReq {
 union IfReqData {
     flags: libc::c_short,
     mtu: libc::c_int,
+    /// The transmit queue's length (SIOCGIFTXQLEN, SIOCSIFTXQLEN).
+    qlen: libc::c_int,
     /// An address (SIOCSIFADDR, SIOCSIFNETMASK) or a hardware address (SIOCSIFHWADDR).
     addr: libc::sockaddr,
     _pad: [u8; 24],
@@ -250,6 +252,7 @@ impl Tap {
         if let Some(mtu) = mtu {
             taps[0].set_mtu(mtu)?;
         }
+        taps[0].lengthen_queue();
         taps[0].bring_up()?;
         Ok(taps)
     }
@@ -648,6 +651,23 @@ impl Tap {
         let flags = unsafe { req.data.flags };
         req.data.flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         self.ifreq_ioctl(libc::SIOCSIFFLAGS, &mut req).map_err(err)
+    }
+
+    /// Best effort: the device keeps the kernel's queue where it cannot be lengthened.
+    fn lengthen_queue(&self) {
+        // SAFETY: an AF_INET datagram socket is only used as a handle for interface ioctls.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return;
+        }
+        // SAFETY: `sock` was just created and is owned here.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        if let Err(e) = lengthen_queue(sock.as_raw_fd(), IfReq::new(&self.name)) {
+            tracing::debug!(
+                "{}: the queue toward hubnat keeps its length ({e})",
+                self.name
+            );
+        }
     }
 
     fn set_mtu(&self, mtu: u32) -> Result<(), TapError> {
@@ -1055,6 +1075,27 @@ fn mac_text(mac: Option<[u8; 6]>) -> String {
 }
 
 /// The helper's steps, as its reports name them.
+/// How many frames the device holds for hubnat to read, per queue, at least. The kernel's 1,000
+/// drops what a guest sends beyond it while hubnat is busy: a resolver with 1,000 queries in
+/// flight (they leave in one burst at its start) lost a few every other run. Each slot holds one
+/// frame, at most a GSO frame of 64 KiB where offloads are on.
+const MIN_QUEUE_LEN: libc::c_int = 2048;
+
+/// Raises the transmit queue of the device `req` names (which the TAP's queues are read from)
+/// to `MIN_QUEUE_LEN` through the interface socket `control`, unless it is that long already.
+/// Allocates nothing: the namespace helper calls it.
+fn lengthen_queue(control: RawFd, mut req: IfReq) -> io::Result<()> {
+    // SAFETY: SIOCGIFTXQLEN writes the `qlen` member of an `ifreq`, which `IfReq` lays out.
+    check(unsafe { libc::ioctl(control, libc::SIOCGIFTXQLEN, &mut req as *mut IfReq) })?;
+    // SAFETY: SIOCGIFTXQLEN filled `qlen`.
+    if unsafe { req.data.qlen } >= MIN_QUEUE_LEN {
+        return Ok(());
+    }
+    req.data.qlen = MIN_QUEUE_LEN;
+    // SAFETY: SIOCSIFTXQLEN reads the `qlen` member of an `ifreq`.
+    check(unsafe { libc::ioctl(control, libc::SIOCSIFTXQLEN, &mut req as *mut IfReq) })
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u32)]
 enum Step {
@@ -1362,6 +1403,8 @@ fn helper_steps(plan: &HelperPlan, slots: &mut [RawFd], sock: RawFd) -> Result<(
             return Err(fail(Step::Mtu));
         }
     }
+    // Best effort, as in `Tap::open_queues` (nothing here may allocate, so nothing is said).
+    let _ = lengthen_queue(control, plan.link);
     let mut req = plan.link;
     // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write an `ifreq`.
     if unsafe { libc::ioctl(control, libc::SIOCGIFFLAGS, &mut req as *mut IfReq) } < 0 {
@@ -1644,6 +1687,34 @@ mod tests {
             assert_eq!(got.len(), count);
             assert!(got == frames, "frames differ or were reordered");
         });
+    }
+
+    /// The queue a guest's frames wait in for hubnat holds a burst of 1,000 and more.
+    #[test]
+    fn the_device_queue_is_lengthened() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
+                return;
+            }
+            let tap = Tap::open_queues("hnqlen0", None, 2, QueueFlags::default())
+                .expect("TAP in a fresh namespace")
+                .remove(0);
+            let mut req = IfReq::new("hnqlen0");
+            tap.ifreq_ioctl(libc::SIOCGIFTXQLEN, &mut req).unwrap();
+            // SAFETY: SIOCGIFTXQLEN filled `qlen`.
+            assert_eq!(unsafe { req.data.qlen }, MIN_QUEUE_LEN);
+            // A longer queue an operator chose stays as it is.
+            req.data.qlen = 5000;
+            tap.ifreq_ioctl(libc::SIOCSIFTXQLEN, &mut req).unwrap();
+            tap.lengthen_queue();
+            tap.ifreq_ioctl(libc::SIOCGIFTXQLEN, &mut req).unwrap();
+            // SAFETY: as above.
+            assert_eq!(unsafe { req.data.qlen }, 5000);
+        })
+        .join()
+        .unwrap();
     }
 
     /// A device hubnat made goes with its descriptors; one made persistent says so (hubnat
