@@ -651,7 +651,9 @@ fn run(
             .context("cannot install signal handlers")?;
     }
     log_start(&args, &cfg, port.as_ref(), &links, backend, workers);
-    // Before the sandbox: loading the TAP's steering program takes privilege.
+    // Before the sandbox: loading the TAP's steering program takes privilege, and the sandbox
+    // hides /proc.
+    hubnat_runtime::watch_cpu_pressure();
     let flow_seeds = hubnat_runtime::router::Router::random_seeds();
     if let Some(p) = port.as_ref().filter(|p| p.queues.len() > 1) {
         let router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);

@@ -1,7 +1,11 @@
 //! The runtime's clock (monotonic, mapped onto the core's `Instant`) and how its threads wait
 //! for work.
 
+use std::cell::Cell;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use mio::{Events, Poll};
@@ -45,6 +49,86 @@ const SPIN_ALONE: Duration = Duration::from_micros(30);
 /// (PERF.md, "The spin before sleeping").
 const YIELD_LATE: Duration = Duration::from_micros(5);
 
+/// While other threads wait for a CPU this share of the time or more (the kernel's pressure
+/// stall information, "some"), a thread does not spin before sleeping: every microsecond of
+/// spin is then taken from a thread that has work. A DNS relay load (a guest resolver, its
+/// upstream and hubnat on two cores) stalls 40 % of the time, a connect-exchange-close load
+/// 9 %, request/response and idle about none (PERF.md, "The spin before sleeping").
+const CONTENDED_PERCENT: u64 = 33;
+
+/// How often a thread looks at the CPU pressure again; its verdict stands meanwhile.
+const PRESSURE_EVERY: Duration = Duration::from_millis(50);
+
+/// `/proc/pressure/cpu`, opened by `watch_cpu_pressure` (before the sandbox hides /proc).
+static CPU_PRESSURE: OnceLock<Option<File>> = OnceLock::new();
+
+thread_local! {
+    /// When this thread last read the pressure, the stall total it read then (µs), and the
+    /// verdict.
+    static PRESSURE_SEEN: Cell<(Option<std::time::Instant>, u64, bool)> =
+        const { Cell::new((None, 0, false)) };
+}
+
+/// Opens the kernel's CPU pressure file for `spin_until` to consult; without it (a kernel
+/// without PSI, or with it off) the threads always spin.
+pub fn watch_cpu_pressure() {
+    CPU_PRESSURE.get_or_init(|| File::open("/proc/pressure/cpu").ok());
+}
+
+/// The "some" stall total (µs) of a pressure file's text.
+fn some_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// Whether threads that waited `stalled_us` for a CPU within `elapsed` waited
+/// `CONTENDED_PERCENT` of it.
+fn contended(stalled_us: u64, elapsed: Duration) -> bool {
+    let elapsed_us = elapsed.as_micros().max(1) as u64;
+    stalled_us.saturating_mul(100) >= elapsed_us.saturating_mul(CONTENDED_PERCENT)
+}
+
+/// Whether threads waited for a CPU `CONTENDED_PERCENT` of the time since this thread last
+/// looked (at most every `PRESSURE_EVERY`).
+fn cpu_contended(now: std::time::Instant) -> bool {
+    let Some(Some(file)) = CPU_PRESSURE.get() else {
+        return false;
+    };
+    let (at, total, verdict) = PRESSURE_SEEN.get();
+    if at.is_some_and(|t| now.saturating_duration_since(t) < PRESSURE_EVERY) {
+        return verdict;
+    }
+    let mut buf = [0u8; 256];
+    let Some(stalled) = file
+        .read_at(&mut buf, 0)
+        .ok()
+        .and_then(|n| some_total(std::str::from_utf8(&buf[..n]).ok()?))
+    else {
+        return false;
+    };
+    let verdict = at.is_some_and(|t| {
+        contended(
+            stalled.saturating_sub(total),
+            now.saturating_duration_since(t),
+        )
+    });
+    PRESSURE_SEEN.set((Some(now), stalled, verdict));
+    verdict
+}
+
+/// Until when a thread whose last work was at `last_work` spins before it sleeps: `SPIN`
+/// after it, or not at all while the CPUs are contended.
+pub(crate) fn spin_until(last_work: std::time::Instant) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    if now < last_work + SPIN && cpu_contended(now) {
+        return last_work;
+    }
+    last_work + SPIN
+}
+
 /// One turn of a spin that ends at `spin_until` (`SPIN` after the thread's last work). False
 /// when the spin should end now: its turn offered the CPU and another thread took it.
 pub(crate) fn spin_turn(spin_until: std::time::Instant) -> bool {
@@ -70,7 +154,7 @@ pub(crate) fn wait(
     last_work: &mut std::time::Instant,
 ) -> io::Result<()> {
     let start = std::time::Instant::now();
-    let spin_until = *last_work + SPIN;
+    let spin_until = spin_until(*last_work);
     if timeout != Some(Duration::ZERO) {
         while std::time::Instant::now() < spin_until {
             poll.poll(events, Some(Duration::ZERO))?;
@@ -92,4 +176,39 @@ pub(crate) fn wait(
         *last_work = std::time::Instant::now();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stall_total_is_read_from_the_some_line() {
+        let text = "some avg10=5.74 avg60=7.87 avg300=12.85 total=16645788251\n\
+                    full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n";
+        assert_eq!(some_total(text), Some(16_645_788_251));
+        assert_eq!(some_total("full avg10=0.00 total=7\n"), None);
+        assert_eq!(some_total("some avg10=0.00\n"), None);
+        assert_eq!(some_total("some total=x\n"), None);
+    }
+
+    #[test]
+    fn contention_is_the_share_of_time_threads_waited() {
+        let window = Duration::from_millis(50);
+        // 40 % (a relay load) is contended; 9 % (connection churn) and nothing are not.
+        assert!(contended(20_000, window));
+        assert!(contended(16_500, window));
+        assert!(!contended(4_500, window));
+        assert!(!contended(0, window));
+        // Several threads can wait at once: more stall than time passed is still contended.
+        assert!(contended(120_000, window));
+        assert!(!contended(0, Duration::ZERO));
+    }
+
+    /// Without the pressure file (never opened here) threads spin as always.
+    #[test]
+    fn without_pressure_information_the_spin_stays() {
+        let last = std::time::Instant::now();
+        assert_eq!(spin_until(last), last + SPIN);
+    }
 }

@@ -27,6 +27,7 @@ pub mod tokens;
 pub mod tx;
 pub mod worker;
 
+pub use clock::watch_cpu_pressure;
 pub use control_thread::{Exit, Options, Runtime};
 
 /// Starts a thread named `name` and returns once it runs. Every thread must be running before

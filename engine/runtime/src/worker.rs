@@ -15,7 +15,7 @@ use std::time::Duration;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::clock::{wait, Clock, SPIN};
+use crate::clock::{wait, Clock};
 use crate::pool::ReadBufs;
 use crate::port::switch::{Switch, FIRST_TAP};
 use crate::port::tap::Tap;
@@ -253,7 +253,7 @@ impl Worker {
             let waited = if self.in_ring {
                 // One io_uring_enter submits the batch's operations and waits.
                 events.clear();
-                let spin_until = last_work + SPIN;
+                let spin_until = crate::clock::spin_until(last_work);
                 self.host.wait(timeout, spin_until).map(|got| {
                     if got {
                         last_work = std::time::Instant::now();
