@@ -239,6 +239,11 @@ fn rootless_run(ping_sockets: bool) {
 
     let ip = udhcpc(&container, &hubnat);
     assert!(ip.starts_with("192.168.30."), "address {ip}");
+    // The helper that made the device inside the container's namespaces lengthened its queue
+    // as hubnat does for a device of its own.
+    let link = container.exec(&["ip", "link", "show", "tap0"]);
+    let shown = String::from_utf8_lossy(&link.stdout);
+    assert!(shown.contains("qlen 2048"), "{shown}");
     let url = format!("http://{SERVER_IP}:8080/index.html");
     let got = container.exec(&["curl", "-sS", "--noproxy", "*", "--max-time", "10", &url]);
     assert!(

@@ -124,7 +124,8 @@ struct IfReq {
 union IfReqData {
     flags: libc::c_short,
     mtu: libc::c_int,
-    /// The transmit queue's length (SIOCGIFTXQLEN, SIOCSIFTXQLEN).
+    /// The transmit queue's length (SIOCGIFTXQLEN, SIOCSIFTXQLEN), or the index SIOCGIFINDEX
+    /// gives.
     qlen: libc::c_int,
     /// An address (SIOCSIFADDR, SIOCSIFNETMASK) or a hardware address (SIOCSIFHWADDR).
     addr: libc::sockaddr,
@@ -1082,8 +1083,10 @@ fn mac_text(mac: Option<[u8; 6]>) -> String {
 const MIN_QUEUE_LEN: libc::c_int = 2048;
 
 /// Raises the transmit queue of the device `req` names (which the TAP's queues are read from)
-/// to `MIN_QUEUE_LEN` through the interface socket `control`, unless it is that long already.
-/// Allocates nothing: the namespace helper calls it.
+/// to `MIN_QUEUE_LEN`, unless it is that long already; `control` is an interface socket of the
+/// device's namespace. The length is set over rtnetlink: the ioctl for it wants CAP_NET_ADMIN
+/// in the first user namespace, where rtnetlink takes it in the namespace's own (a rootless
+/// container's). Allocates nothing: the namespace helper calls it.
 fn lengthen_queue(control: RawFd, mut req: IfReq) -> io::Result<()> {
     // SAFETY: SIOCGIFTXQLEN writes the `qlen` member of an `ifreq`, which `IfReq` lays out.
     check(unsafe { libc::ioctl(control, libc::SIOCGIFTXQLEN, &mut req as *mut IfReq) })?;
@@ -1091,9 +1094,62 @@ fn lengthen_queue(control: RawFd, mut req: IfReq) -> io::Result<()> {
     if unsafe { req.data.qlen } >= MIN_QUEUE_LEN {
         return Ok(());
     }
-    req.data.qlen = MIN_QUEUE_LEN;
-    // SAFETY: SIOCSIFTXQLEN reads the `qlen` member of an `ifreq`.
-    check(unsafe { libc::ioctl(control, libc::SIOCSIFTXQLEN, &mut req as *mut IfReq) })
+    // SAFETY: SIOCGIFINDEX writes the index (an int, where `qlen` lies) of an `ifreq`.
+    check(unsafe { libc::ioctl(control, libc::SIOCGIFINDEX, &mut req as *mut IfReq) })?;
+    // SAFETY: SIOCGIFINDEX filled the int member.
+    let index = unsafe { req.data.qlen };
+    set_queue_len(index, MIN_QUEUE_LEN as u32)
+}
+
+/// `RTM_NEWLINK` for interface `index` with only `IFLA_TXQLEN` = `len`, and the kernel's
+/// acknowledgement of it.
+fn set_queue_len(index: libc::c_int, len: u32) -> io::Result<()> {
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes), ifinfomsg (16), one rtattr (4) and its u32 (4).
+    const LEN: usize = 40;
+    let mut msg = [0u8; LEN];
+    msg[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+    msg[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    msg[6..8].copy_from_slice(&flags.to_ne_bytes());
+    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // ifinfomsg: family AF_UNSPEC, type 0, then the index; flags and change 0.
+    msg[20..24].copy_from_slice(&index.to_ne_bytes());
+    msg[32..34].copy_from_slice(&8u16.to_ne_bytes());
+    msg[34..36].copy_from_slice(&libc::IFLA_TXQLEN.to_ne_bytes());
+    msg[36..40].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: `msg` is valid for reads of its length during the call.
+    let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), LEN, 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The acknowledgement: an NLMSG_ERROR whose error is 0, or minus the errno of a refusal.
+    let mut ack = [0u8; 64];
+    // SAFETY: `ack` is valid for writes of its length during the call.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let kind = u16::from_ne_bytes([ack[4], ack[5]]);
+    if got < 20 || kind != libc::NLMSG_ERROR as u16 {
+        return Err(io::Error::from_raw_os_error(libc::EPROTO));
+    }
+    match i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]) {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(-e)),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
