@@ -52,8 +52,9 @@ const YIELD_LATE: Duration = Duration::from_micros(5);
 /// While other threads wait for a CPU this share of the time or more (the kernel's pressure
 /// stall information, "some"), a thread does not spin before sleeping: every microsecond of
 /// spin is then taken from a thread that has work. A DNS relay load (a guest resolver, its
-/// upstream and hubnat on two cores) stalls 40 % of the time, a connect-exchange-close load
-/// 9 %, request/response and idle about none (PERF.md, "The spin before sleeping").
+/// upstream and hubnat on two cores) stalls about 40 % of the time, a connect-exchange-close
+/// load a quarter to a third, request/response a few percent (PERF.md, "The spin before
+/// sleeping").
 const CONTENDED_PERCENT: u64 = 33;
 
 /// How often a thread looks at the CPU pressure again; its verdict stands meanwhile.
