@@ -196,9 +196,11 @@ mod tests {
     #[test]
     fn contention_is_the_share_of_time_threads_waited() {
         let window = Duration::from_millis(50);
-        // 40 % (a relay load) is contended; 9 % (connection churn) and nothing are not.
+        // 40 % (a relay load) is contended; 23 % (connection churn's median), 9 % and nothing
+        // are not.
         assert!(contended(20_000, window));
         assert!(contended(16_500, window));
+        assert!(!contended(11_500, window));
         assert!(!contended(4_500, window));
         assert!(!contended(0, window));
         // Several threads can wait at once: more stall than time passed is still contended.

@@ -10,8 +10,8 @@
 //!
 //! With a steering program (`TUNSETSTEERINGEBPF`) the kernel asks a socket-filter eBPF program
 //! for each frame's queue instead. The program here computes the router's own flow hash
-//! (`Router::tuple_hash`'s keys and `router::mix`, with the router's seeds), so every frame of a flow is
-//! read by its owner. Frames that are not a worker's (ARP, DHCP, fragments, whatever the
+//! (`Router::tuple_hash`'s keys and `router::mix`, with the router's seeds), so every frame of
+//! a flow is read by its owner. Frames that are not a worker's (ARP, DHCP, fragments, whatever the
 //! router sends to the control thread) may land on any queue, as before.
 //!
 //! Loading a program needs CAP_BPF or CAP_SYS_ADMIN (or a kernel that lets anyone load socket

@@ -167,6 +167,17 @@ fn sockaddr_v4(ip: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
+/// A socket of the calling thread's network namespace, only a handle for interface ioctls.
+fn interface_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; the result is checked.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `sock` was just created and is owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(sock) })
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -629,13 +640,7 @@ impl Tap {
     }
 
     fn ifreq_ioctl(&self, request: libc::c_ulong, req: &mut IfReq) -> io::Result<()> {
-        // SAFETY: an AF_INET datagram socket is only used as a handle for interface ioctls.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `sock` was just created and is owned here.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let sock = interface_socket()?;
         // SAFETY: the SIOC*IF* requests used here take an `ifreq`, laid out by `IfReq`.
         check(unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut IfReq) })
     }
@@ -656,14 +661,9 @@ impl Tap {
 
     /// Best effort: the device keeps the kernel's queue where it cannot be lengthened.
     fn lengthen_queue(&self) {
-        // SAFETY: an AF_INET datagram socket is only used as a handle for interface ioctls.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return;
-        }
-        // SAFETY: `sock` was just created and is owned here.
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-        if let Err(e) = lengthen_queue(sock.as_raw_fd(), IfReq::new(&self.name)) {
+        let lengthened =
+            interface_socket().and_then(|s| lengthen_queue(s.as_raw_fd(), IfReq::new(&self.name)));
+        if let Err(e) = lengthened {
             tracing::debug!(
                 "{}: the queue toward hubnat keeps its length ({e})",
                 self.name
@@ -1075,7 +1075,6 @@ fn mac_text(mac: Option<[u8; 6]>) -> String {
     .unwrap_or_default()
 }
 
-/// The helper's steps, as its reports name them.
 /// How many frames the device holds for hubnat to read, per queue, at least. The kernel's 1,000
 /// drops what a guest sends beyond it while hubnat is busy: a resolver with 1,000 queries in
 /// flight (they leave in one burst at its start) lost a few every other run. Each slot holds one
@@ -1152,6 +1151,7 @@ fn set_queue_len(index: libc::c_int, len: u32) -> io::Result<()> {
     }
 }
 
+/// The helper's steps, as its reports name them.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u32)]
 enum Step {
@@ -1748,12 +1748,7 @@ mod tests {
     /// The queue a guest's frames wait in for hubnat holds a burst of 1,000 and more.
     #[test]
     fn the_device_queue_is_lengthened() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
-                return;
-            }
+        test_support::in_fresh_netns(|| {
             let tap = Tap::open_queues("hnqlen0", None, 2, QueueFlags::default())
                 .expect("TAP in a fresh namespace")
                 .remove(0);
@@ -1768,21 +1763,14 @@ mod tests {
             tap.ifreq_ioctl(libc::SIOCGIFTXQLEN, &mut req).unwrap();
             // SAFETY: as above.
             assert_eq!(unsafe { req.data.qlen }, 5000);
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     /// A device hubnat made goes with its descriptors; one made persistent says so (hubnat
     /// then leaves no steering program on it).
     #[test]
     fn a_persistent_device_is_told_apart() {
-        std::thread::spawn(|| {
-            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
-                return;
-            }
+        test_support::in_fresh_netns(|| {
             let flags = QueueFlags {
                 napi: false,
                 vnet_hdr: false,
@@ -1802,9 +1790,7 @@ mod tests {
                 unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETPERSIST, 0) },
                 0
             );
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
@@ -2118,6 +2104,21 @@ pub(crate) mod test_support {
         u32::from_be_bytes([f[14], f[15], f[16], f[17]])
     }
 
+    /// Runs `test` on a thread of its own in a new network namespace, and waits for it; skipped
+    /// (with a line saying so) without CAP_NET_ADMIN (CI runs as root).
+    pub fn in_fresh_netns(test: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(|| {
+            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
+                return;
+            }
+            test();
+        })
+        .join()
+        .expect("test thread");
+    }
+
     /// Runs `test` with a TAP named `name` (with NAPI if `napi`) in a network namespace of a
     /// thread of its own, and a
     /// capture of what is written to it: `capture(n)` returns the test frames seen, up to `n`,
@@ -2127,12 +2128,7 @@ pub(crate) mod test_support {
         napi: bool,
         test: impl FnOnce(Tap, &mut dyn FnMut(usize) -> Vec<Vec<u8>>) + Send + 'static,
     ) {
-        std::thread::spawn(move || {
-            // SAFETY: unshare only moves this (test-owned) thread into a new network namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: no CAP_NET_ADMIN ({})", io::Error::last_os_error());
-                return;
-            }
+        in_fresh_netns(move || {
             let flags = QueueFlags {
                 napi,
                 vnet_hdr: false,
@@ -2165,8 +2161,6 @@ pub(crate) mod test_support {
                 got
             };
             test(tap, &mut read);
-        })
-        .join()
-        .expect("test thread");
+        });
     }
 }
