@@ -199,6 +199,81 @@ fn dig_resolves_through_the_dns_relay() {
 }
 
 /// `[dns] address`: a second address of the virtual host, which DHCP offers as the DNS server.
+/// A packet counter of `dev` in `ns` (tx_packets, rx_packets).
+fn link_counter(ns: &common::Netns, dev: &str, what: &str) -> u64 {
+    let path = format!("/sys/class/net/{dev}/statistics/{what}");
+    ns.exec_ok(&["cat", &path]).trim().parse().expect(what)
+}
+
+/// The number that follows `label` in dnsperf's summary (e.g. "Queries lost:", "NOERROR").
+fn dnsperf_figure(report: &str, label: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.split_once(label).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in dnsperf's report:\n{report}"))
+}
+
+/// A resolver's burst (dnsperf, 100 queries outstanding, names of one size) is answered whole
+/// through the relay; its queries reach the upstream in runs (the NAT namespace's loopback
+/// counts one packet a run) and, where the TAP takes UDP super-frames, the answers reach the
+/// guest in runs too (its interface counts one packet a run).
+#[test]
+fn a_burst_of_queries_is_relayed_in_runs_and_answered_whole() {
+    require_root!();
+    let lab = Lab::start_with_server("[dns]\nupstream = [\"127.0.0.1\"]\n");
+    let _dns = start_dnsmasq(&lab);
+    let names: String = (1000..3000)
+        .map(|i| format!("n{i}.wild.e2e.test A\n"))
+        .collect();
+    let file = lab.dir.join("queries");
+    std::fs::write(&file, names).unwrap();
+    let queries = 2 * 2000;
+    let lo = || link_counter(&lab.nat, "lo", "tx_packets");
+    let rx = || link_counter(&lab.guest, &lab.tap, "rx_packets");
+    let (lo0, rx0) = (lo(), rx());
+    let report = lab.guest.exec_ok(&[
+        "dnsperf",
+        "-s",
+        "192.168.30.1",
+        "-d",
+        file.to_str().unwrap(),
+        "-n",
+        "2",
+        "-q",
+        "100",
+        "-t",
+        "5",
+    ]);
+    let (lo_sent, guest_got) = (lo() - lo0, rx() - rx0);
+    eprintln!("{queries} queries: the NAT namespace's loopback carried {lo_sent} packets, the guest received {guest_got} frames");
+    assert_eq!(
+        dnsperf_figure(&report, "Queries completed:"),
+        queries,
+        "{report}"
+    );
+    assert_eq!(dnsperf_figure(&report, "Queries lost:"), 0, "{report}");
+    assert_eq!(dnsperf_figure(&report, "NOERROR"), queries, "{report}");
+    // The upstream's answers come back one by one (dnsmasq sends each alone); the queries
+    // went in runs, so fewer packets than two a query crossed the loopback.
+    let query_sends = lo_sent.saturating_sub(queries);
+    assert!(
+        query_sends < queries * 3 / 4,
+        "{query_sends} sends for {queries} queries\n{}",
+        lab.hubnat_log()
+    );
+    if lab
+        .hubnat_log()
+        .contains("TCP and UDP segmentation offloaded")
+    {
+        assert!(
+            guest_got < queries * 3 / 4,
+            "{guest_got} frames for {queries} answers"
+        );
+    }
+}
+
 /// dig gets its answers there over UDP (dig takes them only from the address it asked) and
 /// TCP, and ping answers; `hubnat dns set address=` takes it away at run time, and it no longer
 /// answers at all.

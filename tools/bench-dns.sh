@@ -7,7 +7,7 @@
 #
 # Usage: sudo tools/bench-dns.sh [--rounds N] [--passes P] [--outstanding Q] [--no-build]
 #                                [--variants "default|--workers 1 --socket-backend mio"]
-#                                [--upstream dnsmasq|testsrv]
+#                                [--upstream dnsmasq|testsrv] [--names numbered|mixed]
 # Each measurement is dnsperf running P times through a file of 20,000 names with Q queries
 # outstanding (dnsperf -n P -q Q: it waits for every answer, so "lost" is real loss; -b 4096:
 # its socket holds the answers to 1,000 queries at once). "dropped by hubnat" names the reasons
@@ -15,12 +15,16 @@
 # are hubnat's run options, separated by `|` (`default`: none); a variant that starts with
 # `bin=PATH` runs the hubnat binary at PATH (an A/B of two builds). `--upstream testsrv` answers with
 # hubnat-testsrv dns-answer (a 4 MiB receive buffer: it loses nothing in a burst) instead.
+# `--names numbered` (the default) asks h1.bench.test to h20000.bench.test: most queries that
+# follow each other have one size, as a resolver's burst for one kind of name does, and hubnat
+# relays such runs in one send each way; `--names mixed` pads each name to a random length of
+# 1 to 16 more bytes, so that neighbours rarely have one size (the relay query by query).
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-ROUNDS=3 PASSES=10 Q=100 BUILD=1 VARIANTS="default" UPSTREAM=dnsmasq
+ROUNDS=3 PASSES=10 Q=100 BUILD=1 VARIANTS="default" UPSTREAM=dnsmasq NAMES=numbered
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
@@ -28,8 +32,9 @@ while [ $# -gt 0 ]; do
     --outstanding) Q=$2; shift 2 ;;
     --variants) VARIANTS=$2; shift 2 ;;
     --upstream) UPSTREAM=$2; shift 2 ;;
+    --names) NAMES=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -65,7 +70,13 @@ for ns in $NAT $GUEST; do
   mkdir -p "/etc/netns/$ns"; : > "/etc/netns/$ns/resolv.conf"
   ip -n "$ns" link set lo up
 done
-for i in $(seq 1 20000); do echo "h$i.bench.test A"; done > "$WORK/queries"
+case $NAMES in
+  numbered) for i in $(seq 1 20000); do echo "h$i.bench.test A"; done > "$WORK/queries" ;;
+  mixed) awk 'BEGIN { srand(7); for (i = 1; i <= 20000; i++) {
+           pad = ""; for (k = int(rand() * 16); k >= 0; k--) pad = pad "x"
+           printf "h%d%s.bench.test A\n", i, pad } }' > "$WORK/queries" ;;
+  *) echo "--names: numbered or mixed" >&2; exit 2 ;;
+esac
 if [ "$UPSTREAM" = testsrv ]; then
   ip netns exec $NAT "$ROOT/target/release/hubnat-testsrv" dns-answer --listen 127.0.0.1:53 \
     2> "$WORK/upstream.log" &
@@ -117,7 +128,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 IFS='|' read -r -a VARS <<< "$VARIANTS"
-echo "# $(nproc) cores, $(uname -r), dnsperf -n $PASSES -q $Q, upstream $UPSTREAM, $ROUNDS rounds"
+echo "# $(nproc) cores, $(uname -r), dnsperf -n $PASSES -q $Q, upstream $UPSTREAM, names $NAMES, $ROUNDS rounds"
 declare -A RATE LOST DROPS CPU
 for round in $(seq "$ROUNDS"); do
   read -r rate lost < <(perf_run $NAT 127.0.0.1)

@@ -978,6 +978,7 @@ impl Engine {
     pub fn set_batching(&mut self, on: bool) {
         self.nat.tcp.set_batching(on);
         self.nat.udp.set_batching(on);
+        self.dns.set_batching(on);
     }
 
     /// Ends a batch: does the work `set_batching(true)` deferred. The runtime calls it before
@@ -986,6 +987,7 @@ impl Engine {
         let before = out.len();
         self.nat.tcp.flush(now, &mut self.ctx, io, out);
         self.nat.udp.flush(&mut self.ctx, io, out);
+        self.dns.flush(&mut self.ctx, io);
         self.count_out(out, before);
     }
 

@@ -161,23 +161,23 @@ struct Pending {
 /// (`Pending`), and what one super-frame toward the guest carries (`Ctx::udp_gso`: datagrams
 /// read from one session's socket into `UdpNat::buf`, one after another).
 #[derive(Default)]
-struct Run {
-    bytes: usize,
-    segment: usize,
-    datagrams: usize,
+pub(crate) struct Run {
+    pub(crate) bytes: usize,
+    pub(crate) segment: usize,
+    pub(crate) datagrams: usize,
 }
 
 /// What one receive gave: `len` bytes of `count` datagrams of `segment` bytes (the last may be
 /// shorter; one datagram is its own segment).
 #[derive(Clone, Copy)]
-struct Received {
+pub(crate) struct Received {
     len: usize,
     segment: usize,
     count: usize,
 }
 
 impl Received {
-    fn of((len, segment): (usize, usize)) -> Received {
+    pub(crate) fn of((len, segment): (usize, usize)) -> Received {
         if segment == 0 || segment >= len {
             return Received {
                 len,
@@ -194,7 +194,7 @@ impl Received {
 }
 
 impl Run {
-    fn add(&mut self, r: Received) {
+    pub(crate) fn add(&mut self, r: Received) {
         if self.datagrams == 0 {
             self.segment = r.segment;
         }
@@ -204,7 +204,7 @@ impl Run {
 
     /// Whether `r` can follow the run's datagrams in one super-frame: one datagram no larger
     /// than theirs, or a run of theirs; the run not ended by a shorter one, and within bounds.
-    fn takes(&self, r: Received) -> bool {
+    pub(crate) fn takes(&self, r: Received) -> bool {
         let fits = if r.count == 1 {
             r.len <= self.segment
         } else {
@@ -838,7 +838,7 @@ fn send_to_guest_via(
 /// super-frame marked with their size, its UDP length the whole payload's and its checksum
 /// field holding only the pseudo-header's sum, as a NIC's USO takes it. The guest's side of
 /// the port cuts it into the datagrams, each with its own header and checksum.
-fn send_run(
+pub(crate) fn send_run(
     ctx: &mut Ctx,
     out: &mut FrameBatch,
     buf: &mut [u8],

@@ -21,6 +21,11 @@
 //! virtual host's address and port 53 it was sent to), and each is logged as a UDP session, as
 //! SecureNAT's log does.
 //!
+//! Batched (`Engine::set_batching`, as the runtime runs), queries wait for the batch's end and
+//! leave for their upstream in runs of one size, one UDP_SEGMENT send each (`Outgoing`); the
+//! answers read from an upstream's socket one after another, of one size and for one guest
+//! socket, go back as one UDP super-frame where the port takes them (`Ctx::udp_gso`).
+//!
 //! Bounds: `MAX_PENDING` queries in flight (`MAX_PENDING_PER_GUEST` for one guest); queries longer than `MAX_QUERY` are refused; the
 //! deadline heap is rebuilt from the queries in flight when answered ones' stale entries pile up.
 
@@ -35,13 +40,14 @@ use smoltcp::wire::UDP_HEADER_LEN;
 use crate::config::Config;
 use crate::event::Event;
 use crate::nat::session::{Direction, Proto, SessionInfo};
-use crate::nat::udp::{send_to_guest, MAX_UDP_PAYLOAD};
+use crate::nat::udp::{send_run, send_to_guest, Received, Run, MAX_UDP_PAYLOAD};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
 use crate::time::{earliest, Instant};
 use crate::vhost::dhcp::DhcpServer;
 use crate::vhost::names::{Answer, Names, TYPE_A, TYPE_AAAA, TYPE_PTR};
+use crate::wire::ip_header_len;
 use crate::Ctx;
 
 /// Queries in flight at once.
@@ -64,6 +70,9 @@ const CLASS_IN: u16 = 1;
 const RELAY_RCVBUF: usize = 4 << 20;
 /// Spare query buffers kept for reuse.
 const POOL: usize = 64;
+/// The longest query that joins a run to its upstream (`Outgoing`): one that crosses any IPv4
+/// path whole (576 bytes with its headers), so that no route's MTU refuses the run's segments.
+const RUN_MAX_QUERY: usize = 512;
 
 /// The resolver a guest's DNS over TCP to the virtual host is sent to: the first usable upstream.
 pub(crate) fn upstream_for_tcp(ctx: &Ctx) -> Option<SocketAddr> {
@@ -126,6 +135,19 @@ struct Upstream {
     sock: Option<SockId>,
 }
 
+/// Queries for one upstream held until the batch's end (`DnsRelay::flush`), to leave in one
+/// UDP_SEGMENT send that the host's stack cuts at the resolver's socket: a burst of queries
+/// (a resolver's outstanding ones, refilled as answers come back) costs the stack's route and
+/// device work once per run rather than per query. `run` says their size, `payload` holds
+/// them one behind the other, `ids` their relay IDs in order (to send them on elsewhere if
+/// the upstream refuses the run).
+struct Outgoing {
+    upstream: usize,
+    run: Run,
+    payload: Vec<u8>,
+    ids: Vec<u16>,
+}
+
 struct Pending {
     guest: SocketAddr,
     orig_id: u16,
@@ -148,8 +170,14 @@ pub(crate) struct DnsRelay {
     /// Upstream sockets that still had answers when their read budget ran out.
     rearm: Vec<SockId>,
     rearm_scratch: Vec<SockId>,
-    /// Scratch for a query or an answer: UDP header room, then the DNS message.
+    /// Scratch for a query, or for answers: UDP header room, then the DNS message, or the
+    /// messages of a run of answers for one super-frame; twice the largest, so that an answer
+    /// read behind a run always fits whole.
     buf: Box<[u8]>,
+    /// See `Engine::set_batching`: queries wait for `flush` in `outgoing`.
+    batching: bool,
+    /// Runs of queries waiting for the batch's end, at most one per upstream.
+    outgoing: Vec<Outgoing>,
     /// The names answered here.
     names: Names,
 }
@@ -164,7 +192,9 @@ impl DnsRelay {
             pool: Vec::new(),
             rearm: Vec::new(),
             rearm_scratch: Vec::new(),
-            buf: vec![0u8; UDP_HEADER_LEN + MAX_UDP_PAYLOAD].into_boxed_slice(),
+            buf: vec![0u8; UDP_HEADER_LEN + 2 * MAX_UDP_PAYLOAD].into_boxed_slice(),
+            batching: false,
+            outgoing: Vec::new(),
             names: Names::default(),
         }
     }
@@ -184,8 +214,21 @@ impl DnsRelay {
         self.upstreams.iter().any(|u| u.sock == Some(sock))
     }
 
+    /// See `Engine::set_batching`.
+    pub(crate) fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    /// Ends a batch: sends every run of queries still waiting.
+    pub(crate) fn flush(&mut self, ctx: &mut Ctx, io: &mut impl SockIo) {
+        while let Some(o) = self.outgoing.pop() {
+            self.send_outgoing(o, ctx, io);
+        }
+    }
+
     /// Shutdown: closes the upstream sockets and forgets the queries in flight.
     pub(crate) fn close_all(&mut self, io: &mut impl SockIo) {
+        self.drop_outgoing();
         for u in &mut self.upstreams {
             if let Some(s) = u.sock.take() {
                 io.close(s);
@@ -215,6 +258,7 @@ impl DnsRelay {
         if wanted.clone().eq(self.upstreams.iter().map(|u| u.addr)) {
             return;
         }
+        self.drop_outgoing();
         for u in self.upstreams.drain(..) {
             if let Some(s) = u.sock {
                 io.close(s);
@@ -313,21 +357,14 @@ impl DnsRelay {
         let relayed = &mut buf[..query.len()];
         relayed.copy_from_slice(query);
         relayed[..2].copy_from_slice(&id.to_be_bytes());
-        // The first upstream that can be reached (opened and written to).
-        let mut sent_to = None;
-        for i in 0..self.upstreams.len() {
-            let Ok(sock) = self.socket(i, io) else {
-                continue;
-            };
-            match io.udp_send(sock, relayed) {
-                Ok(_) => {
-                    sent_to = Some(i);
-                    break;
-                }
-                Err(e) => tracing::debug!("DNS query to {}: {e}", self.upstreams[i].addr),
-            }
-        }
-        let Some(upstream) = sent_to else {
+        // Batched, the first upstream that can be opened (its send, at the batch's end, moves
+        // on if it fails); else the first that takes the query now.
+        let upstream = if self.batching && relayed.len() <= RUN_MAX_QUERY {
+            (0..self.upstreams.len()).find(|&i| self.socket(i, io).is_ok())
+        } else {
+            self.send_from(0, relayed, io)
+        };
+        let Some(upstream) = upstream else {
             return Err(DropReason::QueueFull);
         };
         let query_copy = (upstream + 1 < self.upstreams.len()).then(|| {
@@ -368,6 +405,9 @@ impl DnsRelay {
             },
         );
         self.timers.push(Reverse((deadline, id, sid)));
+        if self.batching && relayed.len() <= RUN_MAX_QUERY {
+            self.defer(upstream, id, relayed, ctx, io);
+        }
         if self.timers.len() > 4 * MAX_PENDING {
             // Answered queries leave their deadlines behind until they pop; under a high query
             // rate, rebuild from the queries still in flight so the heap stays bounded.
@@ -378,6 +418,107 @@ impl DnsRelay {
                 .collect();
         }
         Ok(())
+    }
+
+    /// Sends `datagram` to the first upstream from `first` on that can be opened and takes it;
+    /// which one.
+    fn send_from(&mut self, first: usize, datagram: &[u8], io: &mut impl SockIo) -> Option<usize> {
+        for i in first..self.upstreams.len() {
+            let Ok(sock) = self.socket(i, io) else {
+                continue;
+            };
+            match io.udp_send(sock, datagram) {
+                Ok(_) => return Some(i),
+                Err(e) => tracing::debug!("DNS query to {}: {e}", self.upstreams[i].addr),
+            }
+        }
+        None
+    }
+
+    /// Holds query `id` (`datagram`, as relayed) for the batch's end: it joins the run waiting
+    /// for its upstream where it can, else that run leaves now and a new one starts.
+    fn defer(
+        &mut self,
+        upstream: usize,
+        id: u16,
+        datagram: &[u8],
+        ctx: &mut Ctx,
+        io: &mut impl SockIo,
+    ) {
+        let r = Received::of((datagram.len(), 0));
+        if let Some(k) = self.outgoing.iter().position(|o| o.upstream == upstream) {
+            let o = &mut self.outgoing[k];
+            if o.run.takes(r) {
+                o.payload.extend_from_slice(datagram);
+                o.run.add(r);
+                o.ids.push(id);
+                return;
+            }
+            let o = self.outgoing.swap_remove(k);
+            self.send_outgoing(o, ctx, io);
+        }
+        let mut payload = self.pool.pop().unwrap_or_default();
+        payload.clear();
+        payload.extend_from_slice(datagram);
+        let mut run = Run::default();
+        run.add(r);
+        self.outgoing.push(Outgoing {
+            upstream,
+            run,
+            payload,
+            ids: vec![id],
+        });
+    }
+
+    /// Sends a run of queries to its upstream; if the upstream refuses it, each query goes on
+    /// to the next upstream that takes it, as a query sent at once would, or is given up.
+    fn send_outgoing(&mut self, o: Outgoing, ctx: &mut Ctx, io: &mut impl SockIo) {
+        let sent = match self.upstreams.get(o.upstream).and_then(|u| u.sock) {
+            Some(s) if o.run.datagrams > 1 => io.udp_send_segments(s, &o.payload, o.run.segment),
+            Some(s) => io.udp_send(s, &o.payload),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        };
+        if let Err(e) = sent {
+            if let Some(u) = self.upstreams.get(o.upstream) {
+                tracing::debug!("DNS queries to {}: {e}", u.addr);
+            }
+            let segment = o.run.segment.max(1);
+            for (datagram, &id) in o.payload.chunks(segment).zip(&o.ids) {
+                let next = self.send_from(o.upstream + 1, datagram, io);
+                let Some(p) = self.pending.get_mut(&id) else {
+                    continue;
+                };
+                match next {
+                    Some(i) => {
+                        p.upstream = i;
+                        if i + 1 >= self.upstreams.len() {
+                            let q = p.query.take();
+                            self.recycle(q);
+                        }
+                    }
+                    None => {
+                        let Some(p) = self.pending.remove(&id) else {
+                            continue;
+                        };
+                        self.answered(p.guest.ip());
+                        self.recycle(p.query);
+                        ctx.events.push(Event::SessionDeleted {
+                            proto: Proto::Dns,
+                            id: p.info.id,
+                        });
+                        ctx.stats.drop(DropReason::QueueFull);
+                    }
+                }
+            }
+        }
+        self.recycle(Some(o.payload));
+    }
+
+    /// Forgets the runs of queries waiting (their upstreams are gone).
+    fn drop_outgoing(&mut self) {
+        while let Some(o) = self.outgoing.pop() {
+            self.recycle(Some(o.payload));
+        }
     }
 
     /// The answer to `query` if it asks for a local name, written to `out`; its length.
@@ -489,39 +630,75 @@ impl DnsRelay {
         buf: &mut [u8],
     ) -> Option<bool> {
         let idx = self.upstreams.iter().position(|u| u.sock == Some(sock))?;
+        // Answers for one guest socket that follow each other with one size, each fitting
+        // the guest's MTU whole, leave as one UDP super-frame where the port takes them.
+        let mut run = Run::default();
+        let mut run_ends = None;
+        let mut more = true;
         for _ in 0..READ_BUDGET {
-            let n = match io.udp_recv(sock, &mut buf[UDP_HEADER_LEN..]) {
+            let at = UDP_HEADER_LEN + run.bytes;
+            let n = match io.udp_recv(sock, &mut buf[at..at + MAX_UDP_PAYLOAD]) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    more = false;
+                    break;
+                }
                 Err(e) => {
                     // Refused (no resolver there) or failed: the queries time out and move on.
                     tracing::debug!("DNS upstream {}: {e}", self.upstreams[idx].addr);
                     if e.kind() == io::ErrorKind::ConnectionRefused {
                         continue;
                     }
-                    return Some(false);
+                    more = false;
+                    break;
                 }
             };
-            if let Err(why) = self.answer(now, ctx, idx, buf, n, out) {
+            let ends = match self.answer(now, ctx, idx, &mut buf[at..at + n]) {
+                Ok(ends) => ends,
+                Err(why) => {
+                    ctx.stats.drop(why);
+                    continue;
+                }
+            };
+            let whole = (ctx.cfg.nat.mtu as usize)
+                .saturating_sub(UDP_HEADER_LEN + ip_header_len(ends.0.ip()));
+            let joins = ctx.udp_gso && n <= whole;
+            let r = Received::of((n, 0));
+            if joins && run_ends == Some(ends) && run.takes(r) {
+                run.add(r);
+                continue;
+            }
+            // It cannot join the run: the run leaves first, and it takes its place.
+            if let Some(prev) = run_ends.take() {
+                send_run(ctx, out, buf, &run, (prev.0, prev.1, None));
+                buf.copy_within(at..at + n, UDP_HEADER_LEN);
+                run = Run::default();
+            }
+            if joins {
+                run.add(r);
+                run_ends = Some(ends);
+            } else if let Err(why) = send_to_guest(ctx, out, buf, n, ends.0, ends.1) {
                 ctx.stats.drop(why);
             }
         }
-        Some(true)
+        if let Some(prev) = run_ends {
+            send_run(ctx, out, buf, &run, (prev.0, prev.1, None));
+        }
+        Some(more)
     }
 
+    /// Takes `msg`, a message from `upstream`, as the answer to the query in flight that it
+    /// names, and gives it that query's ID: from where and to whom it goes back.
     fn answer(
         &mut self,
         now: Instant,
         ctx: &mut Ctx,
         upstream: usize,
-        buf: &mut [u8],
-        n: usize,
-        out: &mut FrameBatch,
-    ) -> Result<(), DropReason> {
-        if n < HEADER_LEN {
+        msg: &mut [u8],
+    ) -> Result<(SocketAddr, SocketAddr), DropReason> {
+        if msg.len() < HEADER_LEN {
             return Err(DropReason::Malformed);
         }
-        let msg = &mut buf[UDP_HEADER_LEN..UDP_HEADER_LEN + n];
         let id = u16::from_be_bytes([msg[0], msg[1]]);
         let ours = self
             .pending
@@ -543,7 +720,7 @@ impl DnsRelay {
         });
         self.recycle(p.query.take());
         // From where the guest sent it (its `dst` row in the NAT table).
-        send_to_guest(ctx, out, buf, n, p.info.dst, p.guest)
+        Ok((p.info.dst, p.guest))
     }
 
     fn recycle(&mut self, v: Option<Vec<u8>>) {
@@ -758,6 +935,7 @@ mod tests {
     use crate::config::Mac;
     use crate::sim::SimSockets;
     use crate::testing::*;
+    use smoltcp::wire::ETHERNET_HEADER_LEN;
     use std::net::Ipv4Addr;
     use std::net::SocketAddrV4;
     use std::time::Duration;
@@ -868,6 +1046,114 @@ mod tests {
         h.deliver_udp(s1, &answer_to(&relayed));
         pump(&mut e, &mut h, &mut out, T0);
         assert_eq!(out.len(), 1);
+    }
+
+    /// A query for a name of one label of `label` bytes, type A, ID `id`.
+    fn query_of_label(id: u16, label: usize) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.push(label as u8);
+        q.extend(std::iter::repeat_n(b'q', label));
+        q.extend_from_slice(b"\x07example\x00\x00\x01\x00\x01");
+        q
+    }
+
+    /// Batched, a burst of queries of one size leaves for its upstream in one send, and one of
+    /// another size in a send of its own; their answers, one size to one guest socket, reach
+    /// the guest as one super-frame, each with the ID the guest gave it.
+    #[test]
+    fn batched_queries_and_their_answers_travel_in_runs() {
+        let (mut e, mut h, mut out) = setup2();
+        e.set_batching(true);
+        e.ctx.udp_gso = true;
+        for id in 0..10 {
+            let q = query_of_label(id, 3);
+            e.handle_frame(T0, &udp_frame(guest(), host53(), &q), &mut h, &mut out);
+        }
+        let s1 = e.dns.upstream_socket(0).unwrap();
+        assert!(
+            h.udp(s1).unwrap().sent.is_empty(),
+            "the run waits for the batch's end"
+        );
+        // One of another size: the run leaves, and it waits in a run of its own.
+        let odd = query_of_label(100, 9);
+        e.handle_frame(T0, &udp_frame(guest(), host53(), &odd), &mut h, &mut out);
+        assert_eq!(h.udp(s1).unwrap().sends, vec![10]);
+        e.flush(T0, &mut h, &mut out);
+        let u = h.udp(s1).unwrap();
+        assert_eq!(u.sends, vec![10, 1]);
+        let relayed = u.sent.clone();
+        let ids: std::collections::HashSet<_> = relayed.iter().map(|r| [r[0], r[1]]).collect();
+        assert_eq!(ids.len(), 11);
+        assert_eq!(relayed[3][2..], query_of_label(3, 3)[2..]);
+        assert_eq!(relayed[10][2..], odd[2..]);
+
+        out.clear();
+        for r in &relayed {
+            h.deliver_udp(s1, &answer_to(r));
+        }
+        pump(&mut e, &mut h, &mut out, T0);
+        let frames: Vec<(Vec<u8>, u16)> = out.iter_gso().map(|(f, g)| (f.to_vec(), g)).collect();
+        assert_eq!(frames.len(), 2);
+        let (sup, size) = &frames[0];
+        assert_eq!(usize::from(*size), answer_to(&relayed[0]).len());
+        let mut cut = Vec::new();
+        crate::wire::gso::cut(sup, *size, |f| cut.push(f[ETHERNET_HEADER_LEN..].to_vec())).unwrap();
+        assert_eq!(cut.len(), 10);
+        for (id, p) in cut.iter().enumerate() {
+            let (from, to, msg) = parse_udp(p);
+            assert_eq!((from, to), (host53(), guest()));
+            assert_eq!(msg, answer_to(&query_of_label(id as u16, 3)));
+        }
+        assert_eq!(frames[1].1, 0);
+        assert_eq!(
+            parse_udp(&frames[1].0[ETHERNET_HEADER_LEN..]).2,
+            answer_to(&odd)
+        );
+        assert_eq!(e.dns.pending(), 0);
+    }
+
+    /// A run its upstream refuses goes on to the next upstream query by query; with none left
+    /// to take them, the queries are given up and counted, and nothing stays in flight.
+    #[test]
+    fn a_refused_run_moves_on_query_by_query_or_is_given_up() {
+        for second_refuses in [false, true] {
+            let (mut e, mut h, mut out) = setup2();
+            e.set_batching(true);
+            for id in 0..4 {
+                e.handle_frame(
+                    T0,
+                    &udp_frame(guest(), host53(), &query(id)),
+                    &mut h,
+                    &mut out,
+                );
+            }
+            h.no_route.push((*UP1.ip()).into());
+            if second_refuses {
+                h.no_route.push((*UP2.ip()).into());
+            }
+            e.flush(T0, &mut h, &mut out);
+            let s1 = e.dns.upstream_socket(0).unwrap();
+            assert!(h.udp(s1).unwrap().sent.is_empty());
+            if second_refuses {
+                assert_eq!(e.stats().drops_of(DropReason::QueueFull), 4);
+                assert_eq!(e.dns.pending(), 0);
+                assert!(e.sessions().is_empty());
+                continue;
+            }
+            let s2 = e.dns.upstream_socket(1).unwrap();
+            let u2 = h.udp(s2).unwrap();
+            assert_eq!(u2.sends, vec![1, 1, 1, 1]);
+            let relayed = u2.sent.clone();
+            // Answered by the upstream that has them now.
+            for r in &relayed {
+                h.deliver_udp(s2, &answer_to(r));
+            }
+            out.clear();
+            pump(&mut e, &mut h, &mut out, T0);
+            assert_eq!(packets(&out).len(), 4);
+            assert_eq!(e.dns.pending(), 0);
+        }
     }
 
     #[test]
