@@ -842,6 +842,11 @@ impl Runtime {
 
     fn flush(&mut self) {
         let now = self.clock.now();
+        // What the batch's calls already settled (a connect whose handshake was over) is
+        // answered in this batch's frames.
+        self.sock_events.clear();
+        self.sock.immediate_events(&mut self.sock_events);
+        self.handle_sock_events(now);
         self.engine.flush(now, &mut self.sock, &mut self.out);
         // What the batch changed is the operator's before its frames leave (the lease table
         // reaches the disk before the ACK that grants a lease reaches the guest).

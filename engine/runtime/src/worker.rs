@@ -559,6 +559,11 @@ impl Worker {
 
     fn flush(&mut self) {
         let now = self.clock.now();
+        // What the batch's calls already settled (a connect whose handshake was over) is
+        // answered in this batch's frames.
+        self.host_events.clear();
+        self.host.immediate_events(&mut self.host_events);
+        self.handle_host_events(now);
         self.engine.flush(now, &mut self.host, &mut self.out);
         let failed = self.tx.send(&mut self.out);
         self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;

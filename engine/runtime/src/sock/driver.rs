@@ -3,9 +3,15 @@
 //! Readiness comes from epoll (mio) or from io_uring (`sock::uring`, one ring per worker).
 //! With epoll, sockets are registered edge-triggered with the runtime's `mio::Poll`, the token
 //! being the `SockId`, and `events()` turns mio's readiness into the core's `SockEvent`s. With
-//! io_uring, TCP connects are ring operations, UDP datagrams arrive through a multishot receive
-//! into provided buffers (`udp_recv` hands them out), other sockets have a multishot poll, and
-//! `ring_events()` turns the completions into `SockEvent`s.
+//! io_uring, UDP datagrams arrive through a multishot receive into provided buffers
+//! (`udp_recv` hands them out), other sockets have a multishot poll, and `ring_events()` turns
+//! the completions into `SockEvent`s.
+//!
+//! A TCP connect is a plain non-blocking `connect` on either: where the destination is near
+//! (another namespace, this host), the kernel has done the whole handshake before the call
+//! returns, and the driver says so at once (`immediate_events`), so that the runtime gives the
+//! guest its SYN-ACK in the batch that read the SYN instead of a wait later. Otherwise the
+//! socket's first writable readiness finishes the connect.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -115,6 +121,8 @@ pub struct SockDriver {
     /// Whether the host's UDP sockets take UDP_SEGMENT sends (off for good once the host
     /// said it cannot do them).
     udp_gso: bool,
+    /// Events known when the call that caused them returned (`immediate_events`).
+    immediate: Vec<SockEvent>,
 }
 
 fn not_found() -> io::Error {
@@ -328,6 +336,7 @@ impl SockDriver {
         SockDriver {
             readiness,
             completions: Vec::new(),
+            immediate: Vec::new(),
             socks: HashMap::new(),
             next_id: 0,
             scratch: Vec::new(),
@@ -398,6 +407,12 @@ impl SockDriver {
         }
     }
 
+    /// Moves the events that were known when the calls that caused them returned (a connect
+    /// whose handshake was over) into `into`. The runtime takes them before it ends a batch.
+    pub fn immediate_events(&mut self, into: &mut Vec<SockEvent>) {
+        into.append(&mut self.immediate);
+    }
+
     /// Reads the ring's completions (io_uring) into the core's events.
     pub fn ring_events(&mut self, into: &mut Vec<SockEvent>) {
         self.ring_events_and_tokens(into, &mut |_| {});
@@ -419,17 +434,6 @@ impl SockDriver {
         for &c in &got {
             match c {
                 Completion::Ready(id, ready) => self.ready(id, ready, into),
-                Completion::Connected(id) => {
-                    if let Some(Sock::Tcp(t)) = self.socks.get_mut(&id) {
-                        t.connecting = false;
-                        into.push(SockEvent::Connected(id));
-                    }
-                }
-                Completion::ConnectFailed(id, errno) => {
-                    if self.socks.contains_key(&id) {
-                        into.push(connect_failed(id, &io::Error::from_raw_os_error(errno)));
-                    }
-                }
                 Completion::Readable(id) => {
                     if self.socks.contains_key(&id) {
                         into.push(SockEvent::Readable(id));
@@ -762,34 +766,39 @@ impl SockIo for SockDriver {
     }
 
     fn tcp_connect(&mut self, dst: SocketAddr) -> io::Result<SockId> {
-        let stream = match &self.readiness {
-            Readiness::Epoll(_) => TcpStream::connect(dst).map_err(classify)?,
-            // The ring connects it (after the options below are set).
-            Readiness::Uring(_) => {
-                // SAFETY: plain socket creation; the result is checked.
-                let fd = cvt(unsafe {
-                    libc::socket(
-                        family(&dst),
-                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                        0,
-                    )
-                })?;
-                // SAFETY: a fresh fd owned by nobody else.
-                unsafe { TcpStream::from_raw_fd(fd) }
-            }
-        };
-        let fd = stream.as_raw_fd();
+        // SAFETY: plain socket creation; the result is checked.
+        let fd = cvt(unsafe {
+            libc::socket(
+                family(&dst),
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        })?;
+        // SAFETY: a fresh fd owned by nobody else.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // Before the connect: the buffer sizes decide the window scale the SYN offers.
         let peek_off = self.tcp_options(&stream);
+        let addr = RawAddr::new(dst);
+        // SAFETY: `addr` holds a socket address of `addr.len()` bytes, alive for the call.
+        let r = unsafe { libc::connect(fd, addr.as_ptr(), addr.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(classify(e));
+            }
+        }
         let id = self.alloc_id();
-        match &mut self.readiness {
-            Readiness::Uring(r) => r.connect(fd, id, dst)?,
-            Readiness::Epoll(_) => self.register_fd(fd, id, true)?,
+        self.register_fd(fd, id, true)?;
+        // A peer address means the handshake is over (a socket still connecting has none).
+        let connected = stream.peer_addr().is_ok();
+        if connected {
+            self.immediate.push(SockEvent::Connected(id));
         }
         self.socks.insert(
             id,
             Sock::Tcp(Tcp {
                 stream,
-                connecting: true,
+                connecting: !connected,
                 peek_off,
                 eof: false,
                 unconsumed: 0,
@@ -1136,6 +1145,10 @@ mod tests {
     ) -> Vec<SockEvent> {
         let mut events = mio::Events::with_capacity(64);
         let mut got = Vec::new();
+        host.immediate_events(&mut got);
+        if got.iter().any(&want) {
+            return got;
+        }
         for _ in 0..100 {
             match waiter {
                 Waiter::Epoll(poll) => {
@@ -1246,6 +1259,32 @@ mod tests {
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest).expect("a FIN, not a reset");
         assert!(rest.is_empty());
+    }
+
+    /// A connect to this host is over before the call returns: the driver says so at once,
+    /// with nothing to wait for, and the socket is then watched like any connected one.
+    #[test]
+    fn a_near_connect_is_reported_when_the_call_returns() {
+        for uring in [false, true] {
+            if uring && crate::sock::uring::probe().is_err() {
+                continue;
+            }
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (mut host, mut poll) = new_host(uring);
+            let id = host.tcp_connect(listener.local_addr().unwrap()).unwrap();
+            let mut now = Vec::new();
+            host.immediate_events(&mut now);
+            assert_eq!(now, vec![SockEvent::Connected(id)], "uring: {uring}");
+            host.immediate_events(&mut now);
+            assert_eq!(now.len(), 1, "handed out once");
+            let (mut peer, _) = listener.accept().unwrap();
+            peer.write_all(b"x").unwrap();
+            let got = wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+            assert!(
+                !got.contains(&SockEvent::Connected(id)),
+                "connected twice: {got:?}"
+            );
+        }
     }
 
     #[test]

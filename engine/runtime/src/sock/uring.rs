@@ -4,9 +4,10 @@
 //! sends, peeks and consumes stay plain non-blocking syscalls; io_uring's multishot receive
 //! cannot peek. What goes through the ring:
 //!
-//! - TCP connects (`IORING_OP_CONNECT`): the completion's result is the connect's outcome. Once
-//!   connected, the socket gets a multishot `IORING_OP_POLL_ADD` for its readiness
-//!   (edge-triggered, like mio's registration); ICMP sockets have such a poll from the start.
+//! - TCP and ICMP sockets' readiness: a multishot `IORING_OP_POLL_ADD` each (edge-triggered,
+//!   like mio's registration), from the moment the driver made the socket. A TCP connect is a
+//!   plain non-blocking `connect` (the driver's documentation says why); a socket still
+//!   connecting finishes on its first writable readiness.
 //! - UDP receives: one multishot `IORING_OP_RECV` per socket into a ring of provided buffers
 //!   (`IORING_REGISTER_PBUF_RING`) shared by the thread's sockets. Completed datagrams wait in a
 //!   per-socket queue (bounded by the buffer count: every queued datagram holds a buffer) until
@@ -44,9 +45,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
 
-use super::addr::RawAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::rc::Rc;
@@ -78,7 +77,6 @@ const FRAME_BUF_BUDGET: usize = 2 << 20;
 /// Kinds of operations, in the top byte of user_data.
 const K_IGNORE: u8 = 0;
 const K_POLL: u8 = 1;
-const K_CONNECT: u8 = 2;
 const K_RECV: u8 = 3;
 const K_RPOLL: u8 = 4;
 const K_TOKEN: u8 = 5;
@@ -128,10 +126,6 @@ impl Ready {
 pub enum Completion {
     /// A watched socket's readiness changed.
     Ready(SockId, Ready),
-    /// A `connect` succeeded; the socket is now watched for readiness.
-    Connected(SockId),
-    /// A `connect` failed, with this errno.
-    ConnectFailed(SockId, i32),
     /// A UDP socket has datagrams (or an error) for `udp_recv`.
     Readable(SockId),
     /// A descriptor given to `watch_token` is ready.
@@ -167,12 +161,6 @@ enum State {
     Watched {
         mask: u32,
     },
-    /// A connect is in flight; the kernel reads `addr` when it is submitted.
-    Connecting {
-        addr: Box<RawAddr>,
-    },
-    /// Nothing in flight (a failed connect, waiting to be closed).
-    Idle,
     Udp(Udp),
 }
 
@@ -367,10 +355,6 @@ pub struct Ring {
     /// Descriptors of the thread's own, as (fd, token).
     tokens: Vec<(RawFd, usize)>,
     generation: u32,
-    /// Connect addresses of sockets closed before their connect was submitted.
-    /// Boxed: the queued entries point at the boxes' contents, which must not move.
-    #[allow(clippy::vec_box)]
-    retired: Vec<Box<RawAddr>>,
     /// Completions read, before they are handled.
     cqes: Vec<(u64, i32, u32)>,
     overflows: u64,
@@ -434,7 +418,6 @@ pub fn probe() -> io::Result<()> {
     for (code, name) in [
         (opcode::PollAdd::CODE, "POLL_ADD"),
         (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-        (opcode::Connect::CODE, "CONNECT"),
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::new(
@@ -472,7 +455,6 @@ fn restrict_driver_ring(ring: &IoUring, read_multi: bool) -> io::Result<()> {
     let mut ops = vec![
         opcode::PollAdd::CODE,
         opcode::AsyncCancel::CODE,
-        opcode::Connect::CODE,
         opcode::RecvMulti::CODE,
         opcode::RecvMsgMulti::CODE,
     ];
@@ -618,7 +600,6 @@ impl Ring {
             entries: HashMap::new(),
             tokens: Vec::new(),
             generation: 0,
-            retired: Vec::new(),
             cqes: Vec::new(),
             overflows: 0,
             truncated: 0,
@@ -633,8 +614,8 @@ impl Ring {
 
     fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: what the entries pushed here reference (a connect's address) is kept
-            // alive until they are submitted (`Entry::state`, `retired`).
+            // SAFETY: what the entries pushed here reference (the multishot recvmsg's header,
+            // `runs_msg`) lives as long as the ring.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
             }
@@ -695,26 +676,6 @@ impl Ring {
                 fd,
                 generation,
                 state: State::Watched { mask },
-            },
-        );
-        Ok(())
-    }
-
-    /// Connects socket `id` (non-blocking, unconnected) to `dst`; the outcome comes back as
-    /// `Connected` (and the socket is then watched for reading and writing) or `ConnectFailed`.
-    pub fn connect(&mut self, fd: RawFd, id: SockId, dst: SocketAddr) -> io::Result<()> {
-        let addr = Box::new(RawAddr::new(dst));
-        let generation = self.next_generation();
-        let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr(), addr.len())
-            .build()
-            .user_data(user_data(K_CONNECT, generation, id));
-        self.push(&sqe)?;
-        self.entries.insert(
-            id,
-            Entry {
-                fd,
-                generation,
-                state: State::Connecting { addr },
             },
         );
         Ok(())
@@ -883,11 +844,6 @@ impl Ring {
         let ud = |kind| user_data(kind, e.generation, id);
         match e.state {
             State::Watched { .. } => self.cancel(ud(K_POLL)),
-            State::Connecting { addr } => {
-                self.retired.push(addr);
-                self.cancel(ud(K_CONNECT));
-            }
-            State::Idle => {}
             State::Udp(u) => {
                 if u.recv {
                     self.cancel(ud(K_RECV));
@@ -906,12 +862,6 @@ impl Ring {
         }
     }
 
-    fn after_enter(&mut self) {
-        if self.ring.submission().is_empty() {
-            self.retired.clear();
-        }
-    }
-
     /// Submits everything queued (once per batch), for a thread that waits elsewhere.
     pub fn submit(&mut self) -> io::Result<()> {
         let sq = self.ring.submission();
@@ -920,7 +870,6 @@ impl Ring {
         drop(sq);
         if enter {
             self.ring.submit()?;
-            self.after_enter();
         }
         Ok(())
     }
@@ -937,7 +886,6 @@ impl Ring {
                 None,
             )
         };
-        self.after_enter();
         match r {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
@@ -988,7 +936,6 @@ impl Ring {
             }
             None => self.ring.submitter().submit_and_wait(1),
         };
-        self.after_enter();
         match r {
             Ok(_) => {}
             Err(e)
@@ -1091,20 +1038,6 @@ impl Ring {
                 }
                 if res != -libc::ECANCELED {
                     into.push(Completion::Ready(id, ready));
-                }
-            }
-            (K_CONNECT, State::Connecting { .. }) => {
-                if res == -libc::ECANCELED {
-                    e.state = State::Idle;
-                } else if res < 0 {
-                    e.state = State::Idle;
-                    into.push(Completion::ConnectFailed(id, -res));
-                } else {
-                    let mask = (libc::POLLIN | libc::POLLRDHUP | libc::POLLOUT) as u16 as u32;
-                    e.state = State::Watched { mask };
-                    let poll = user_data(K_POLL, e.generation, id);
-                    into.push(Completion::Connected(id));
-                    self.push_or_warn(&Ring::poll_sqe(fd, mask, poll, true), "watch a socket");
                 }
             }
             (K_RECV, State::Udp(u)) => {
@@ -1377,40 +1310,6 @@ mod tests {
     }
 
     #[test]
-    fn connect_succeeds_then_the_socket_is_watched() {
-        let Some(mut r) = ring(8) else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let sock = tcp_socket();
-        r.connect(sock.as_raw_fd(), 7, listener.local_addr().unwrap())
-            .unwrap();
-        let got = pump_until(&mut r, |c| *c == Completion::Connected(7));
-        assert!(!got
-            .iter()
-            .any(|c| matches!(c, Completion::ConnectFailed(..))));
-        // Connected: the readiness poll reports it writable.
-        pump_until(
-            &mut r,
-            |c| matches!(c, Completion::Ready(7, rd) if rd.writable),
-        );
-        let (_peer, _) = listener.accept().unwrap();
-        r.unwatch(7);
-        assert_eq!(r.watched(), 0);
-    }
-
-    #[test]
-    fn connect_refused_is_reported() {
-        let Some(mut r) = ring(8) else { return };
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let sock = tcp_socket();
-        r.connect(sock.as_raw_fd(), 3, addr).unwrap();
-        let got = pump_until(&mut r, |c| matches!(c, Completion::ConnectFailed(3, _)));
-        assert!(got.contains(&Completion::ConnectFailed(3, libc::ECONNREFUSED)));
-        assert!(!got.contains(&Completion::Connected(3)));
-    }
-
-    #[test]
     fn udp_round_trip_through_provided_buffers() {
         let Some(mut r) = ring(8) else { return };
         let (peer, ours) = udp_pair();
@@ -1581,12 +1480,15 @@ mod tests {
         drop(ours);
         let (peer2, ours2) = udp_pair();
         r.udp(ours2.as_raw_fd(), 1, false).unwrap();
-        // A TCP connect on another reused id: its refusal must not reach the new owner.
+        // A refused TCP connect watched under another reused id: its error must not reach
+        // the new owner.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let addr = crate::sock::addr::RawAddr::new(listener.local_addr().unwrap());
         drop(listener);
         let tcp = tcp_socket();
-        r.connect(tcp.as_raw_fd(), 2, addr).unwrap();
+        // SAFETY: `addr` holds a socket address of `addr.len()` bytes, alive for the call.
+        unsafe { libc::connect(tcp.as_raw_fd(), addr.as_ptr(), addr.len()) };
+        r.watch(tcp.as_raw_fd(), 2, true).unwrap();
         r.wait(Some(Duration::from_millis(20)), Instant::now())
             .unwrap();
         r.unwatch(2);
