@@ -609,6 +609,9 @@ impl TcpConn {
         self.state = State::SynReceived;
         self.connect_deadline = None;
         self.syn = None;
+        // Nothing peeked yet, but the socket is watched from its creation: whatever the
+        // destination sends brings a `Readable`, so the guest's ACK need not peek first.
+        self.host_drained = true;
         self.snd_nxt = self.iss + 1;
         self.snd_max = self.snd_nxt;
         self.send_syn_ack(cx);
