@@ -1094,6 +1094,8 @@ impl SockIo for SockDriver {
             None => return,
         };
         self.deregister_fd(fd, id);
+        // A connect reported at once but not handed out yet is no one's news now.
+        self.immediate.retain(|e| *e != SockEvent::Connected(id));
         // Dropping the socket closes its fd.
         self.socks.remove(&id);
     }
@@ -1284,6 +1286,11 @@ mod tests {
                 !got.contains(&SockEvent::Connected(id)),
                 "connected twice: {got:?}"
             );
+            // Closed before its report was handed out: the report goes with it.
+            let gone = host.tcp_connect(listener.local_addr().unwrap()).unwrap();
+            host.close(gone);
+            host.immediate_events(&mut now);
+            assert!(!now.contains(&SockEvent::Connected(gone)), "uring: {uring}");
         }
     }
 
