@@ -147,13 +147,39 @@ const MAX_PENDING: usize = 8;
 
 /// A session's guest datagrams held until the batch's end (`UdpNat::flush`), to leave in one
 /// UDP_SEGMENT send that the host's stack cuts: what a send per datagram costs (the system
-/// call, the stack's route and socket work) is paid once per run. A run is what `Run` says
-/// (one size, the last datagram possibly shorter and then ending it), its payloads in
-/// `payload`.
+/// call, the stack's route and socket work) is paid once per run.
 struct Pending {
     sock: SockId,
-    run: Run,
-    payload: Vec<u8>,
+    held: HeldRun,
+}
+
+/// Datagrams held to leave in one UDP_SEGMENT send: a `Run` (one size, the last datagram
+/// possibly shorter and then ending it), its payloads one behind the other in `payload`.
+pub(crate) struct HeldRun {
+    pub(crate) run: Run,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl HeldRun {
+    /// A run of `datagram` alone, held in `buf` (a spare buffer; what it held is dropped).
+    pub(crate) fn new(mut buf: Vec<u8>, datagram: &[u8]) -> HeldRun {
+        buf.clear();
+        buf.extend_from_slice(datagram);
+        let mut run = Run::default();
+        run.add(Received::of((datagram.len(), 0)));
+        HeldRun { run, payload: buf }
+    }
+
+    /// Adds `datagram` to the run if it can follow the others in one send; whether it did.
+    pub(crate) fn join(&mut self, datagram: &[u8]) -> bool {
+        let r = Received::of((datagram.len(), 0));
+        if !self.run.takes(r) {
+            return false;
+        }
+        self.payload.extend_from_slice(datagram);
+        self.run.add(r);
+        true
+    }
 }
 
 /// A run of datagrams of `segment` bytes but the last, which may be shorter (and then ends
@@ -259,13 +285,14 @@ impl UdpNat {
             .slot_of_sock(p.sock)
             .and_then(|slot| self.table.get_mut(slot))
         {
-            if let Err(why) = send_datagrams(ctx, out, s, io, &p.payload, p.run.segment) {
-                for _ in 0..p.run.datagrams {
+            let h = &p.held;
+            if let Err(why) = send_datagrams(ctx, out, s, io, &h.payload, h.run.segment) {
+                for _ in 0..h.run.datagrams {
                     ctx.stats.drop(why);
                 }
             }
         }
-        self.spare.push(p.payload);
+        self.spare.push(p.held.payload);
     }
 
     /// Sends the run of `sock` waiting in `pending`, if there is one.
@@ -291,27 +318,16 @@ impl UdpNat {
         io: &mut impl SockIo,
         out: &mut FrameBatch,
     ) {
-        let r = Received::of((payload.len(), 0));
         match self.pending.iter().position(|p| p.sock == sock) {
-            Some(i) if self.pending[i].run.takes(r) => {
-                let p = &mut self.pending[i];
-                p.payload.extend_from_slice(payload);
-                p.run.add(r);
-                return;
-            }
+            Some(i) if self.pending[i].held.join(payload) => return,
             Some(i) => self.send_pending(i, ctx, io, out),
             None if self.pending.len() >= MAX_PENDING => self.send_pending(0, ctx, io, out),
             None => {}
         }
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.extend_from_slice(payload);
-        let mut run = Run::default();
-        run.add(r);
+        let buf = self.spare.pop().unwrap_or_default();
         self.pending.push(Pending {
             sock,
-            run,
-            payload: buf,
+            held: HeldRun::new(buf, payload),
         });
     }
 
@@ -559,7 +575,7 @@ impl UdpNat {
         // closes one, and its datagrams go with it.
         if let Some(i) = self.pending.iter().position(|p| p.sock == s.sock) {
             let p = self.pending.swap_remove(i);
-            self.spare.push(p.payload);
+            self.spare.push(p.held.payload);
         }
         ctx.release_session(Proto::Udp, s.key.guest.ip());
         io.close(s.sock);

@@ -40,7 +40,7 @@ use smoltcp::wire::UDP_HEADER_LEN;
 use crate::config::Config;
 use crate::event::Event;
 use crate::nat::session::{Direction, Proto, SessionInfo};
-use crate::nat::udp::{send_run, send_to_guest, Received, Run, MAX_UDP_PAYLOAD};
+use crate::nat::udp::{send_run, send_to_guest, HeldRun, Received, Run, MAX_UDP_PAYLOAD};
 use crate::output::FrameBatch;
 use crate::sockio::{SockEvent, SockId, SockIo, READ_BUDGET};
 use crate::stats::DropReason;
@@ -138,13 +138,11 @@ struct Upstream {
 /// Queries for one upstream held until the batch's end (`DnsRelay::flush`), to leave in one
 /// UDP_SEGMENT send that the host's stack cuts at the resolver's socket: a burst of queries
 /// (a resolver's outstanding ones, refilled as answers come back) costs the stack's route and
-/// device work once per run rather than per query. `run` says their size, `payload` holds
-/// them one behind the other, `ids` their relay IDs in order (to send them on elsewhere if
-/// the upstream refuses the run).
+/// device work once per run rather than per query. `ids` are their relay IDs in order (to
+/// send them on elsewhere if the upstream refuses the run).
 struct Outgoing {
     upstream: usize,
-    run: Run,
-    payload: Vec<u8>,
+    held: HeldRun,
     ids: Vec<u16>,
 }
 
@@ -359,7 +357,8 @@ impl DnsRelay {
         relayed[..2].copy_from_slice(&id.to_be_bytes());
         // Batched, the first upstream that can be opened (its send, at the batch's end, moves
         // on if it fails); else the first that takes the query now.
-        let upstream = if self.batching && relayed.len() <= RUN_MAX_QUERY {
+        let deferred = self.batching && relayed.len() <= RUN_MAX_QUERY;
+        let upstream = if deferred {
             (0..self.upstreams.len()).find(|&i| self.socket(i, io).is_ok())
         } else {
             self.send_from(0, relayed, io)
@@ -405,7 +404,7 @@ impl DnsRelay {
             },
         );
         self.timers.push(Reverse((deadline, id, sid)));
-        if self.batching && relayed.len() <= RUN_MAX_QUERY {
+        if deferred {
             self.defer(upstream, id, relayed, ctx, io);
         }
         if self.timers.len() > 4 * MAX_PENDING {
@@ -445,27 +444,19 @@ impl DnsRelay {
         ctx: &mut Ctx,
         io: &mut impl SockIo,
     ) {
-        let r = Received::of((datagram.len(), 0));
         if let Some(k) = self.outgoing.iter().position(|o| o.upstream == upstream) {
             let o = &mut self.outgoing[k];
-            if o.run.takes(r) {
-                o.payload.extend_from_slice(datagram);
-                o.run.add(r);
+            if o.held.join(datagram) {
                 o.ids.push(id);
                 return;
             }
             let o = self.outgoing.swap_remove(k);
             self.send_outgoing(o, ctx, io);
         }
-        let mut payload = self.pool.pop().unwrap_or_default();
-        payload.clear();
-        payload.extend_from_slice(datagram);
-        let mut run = Run::default();
-        run.add(r);
+        let buf = self.pool.pop().unwrap_or_default();
         self.outgoing.push(Outgoing {
             upstream,
-            run,
-            payload,
+            held: HeldRun::new(buf, datagram),
             ids: vec![id],
         });
     }
@@ -473,17 +464,17 @@ impl DnsRelay {
     /// Sends a run of queries to its upstream; if the upstream refuses it, each query goes on
     /// to the next upstream that takes it, as a query sent at once would, or is given up.
     fn send_outgoing(&mut self, o: Outgoing, ctx: &mut Ctx, io: &mut impl SockIo) {
+        let (run, payload) = (&o.held.run, &o.held.payload);
         let sent = match self.upstreams.get(o.upstream).and_then(|u| u.sock) {
-            Some(s) if o.run.datagrams > 1 => io.udp_send_segments(s, &o.payload, o.run.segment),
-            Some(s) => io.udp_send(s, &o.payload),
+            Some(s) if run.datagrams > 1 => io.udp_send_segments(s, payload, run.segment),
+            Some(s) => io.udp_send(s, payload),
             None => Err(io::ErrorKind::NotConnected.into()),
         };
         if let Err(e) = sent {
             if let Some(u) = self.upstreams.get(o.upstream) {
                 tracing::debug!("DNS queries to {}: {e}", u.addr);
             }
-            let segment = o.run.segment.max(1);
-            for (datagram, &id) in o.payload.chunks(segment).zip(&o.ids) {
+            for (datagram, &id) in payload.chunks(run.segment.max(1)).zip(&o.ids) {
                 let next = self.send_from(o.upstream + 1, datagram, io);
                 let Some(p) = self.pending.get_mut(&id) else {
                     continue;
@@ -511,13 +502,13 @@ impl DnsRelay {
                 }
             }
         }
-        self.recycle(Some(o.payload));
+        self.recycle(Some(o.held.payload));
     }
 
     /// Forgets the runs of queries waiting (their upstreams are gone).
     fn drop_outgoing(&mut self) {
         while let Some(o) = self.outgoing.pop() {
-            self.recycle(Some(o.payload));
+            self.recycle(Some(o.held.payload));
         }
     }
 
