@@ -655,8 +655,14 @@ fn run(
     // hides /proc.
     hubnat_runtime::watch_cpu_pressure();
     let flow_seeds = hubnat_runtime::router::Router::random_seeds();
+    // Made here for the same reason: the steering program shares it from the kernel.
+    let placement = (workers > 1)
+        .then(|| std::sync::Arc::new(hubnat_runtime::placement::Placement::new(workers)));
     if let Some(p) = port.as_ref().filter(|p| p.queues.len() > 1) {
-        let router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);
+        let mut router = hubnat_runtime::router::Router::with_seeds(workers, flow_seeds);
+        if let Some(pl) = &placement {
+            router = router.with_placement(pl.clone());
+        }
         hubnat_runtime::port::steer::steer_queues(&p.queues[0], &router);
     }
     let (server, control_path) = operator(&args, control_flag, &cfg, raw, &state_dir)?;
@@ -694,6 +700,7 @@ fn run(
         backend: Some(backend),
         tap_queues: taps,
         flow_seeds: Some(flow_seeds),
+        placement,
         ports: links,
         napi,
         operator: Some(Box::new(server)),

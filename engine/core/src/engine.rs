@@ -1,6 +1,6 @@
 //! The core: one frame (or socket event, or tick) in, frames and socket operations out.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
@@ -979,6 +979,32 @@ impl Engine {
         self.nat.tcp.set_batching(on);
         self.nat.udp.set_batching(on);
         self.dns.set_batching(on);
+    }
+
+    /// Whether TCP connections entering and leaving this engine's table are kept for
+    /// `drain_tcp_flow_changes` (a runtime that places flows on its workers counts them).
+    pub fn track_tcp_flows(&mut self, on: bool) {
+        self.nat.tcp.track_changes(on);
+    }
+
+    /// Hands `f` each TCP connection that entered the table since the last call (`true`), then
+    /// each that left it (`false`), by its guest's end and its destination; with
+    /// `track_tcp_flows` off, none. Entries come first: a connection that replaced another of
+    /// its bucket within the batch never leaves the bucket's count at zero.
+    pub fn drain_tcp_flow_changes(&mut self, mut f: impl FnMut(SocketAddr, SocketAddr, bool)) {
+        if let Some(ch) = self.nat.tcp.changes_mut() {
+            for (a, b) in ch.opened.drain(..) {
+                f(a, b, true);
+            }
+            for (a, b) in ch.closed.drain(..) {
+                f(a, b, false);
+            }
+        }
+    }
+
+    /// TCP connections in the table that are not TIME-WAIT tombstones.
+    pub fn live_tcp_connections(&self) -> usize {
+        self.nat.tcp.live()
     }
 
     /// Ends a batch: does the work `set_batching(true)` deferred. The runtime calls it before

@@ -77,6 +77,9 @@ pub struct Options {
     /// The seeds of the flow router (`Router::with_seeds`): those a TAP's steering program was
     /// made with (`port::steer`), or None for fresh ones.
     pub flow_seeds: Option<[u64; 4]>,
+    /// The table placing new TCP flows on the workers (`placement`), shared with a TAP's
+    /// steering program; None: one in this process (with several workers).
+    pub placement: Option<Arc<crate::placement::Placement>>,
     /// The other queues of a multiqueue TAP (the one given to `with_options` is queue 0):
     /// one per worker, each read by its worker.
     pub tap_queues: Vec<Tap>,
@@ -311,10 +314,17 @@ impl Runtime {
                 None
             }
         };
-        let router = match opts.flow_seeds {
+        let mut router = match opts.flow_seeds {
             Some(seeds) => Router::with_seeds(n_workers, seeds),
             None => Router::new(n_workers),
         };
+        if n_workers > 1 {
+            let p = opts
+                .placement
+                .take()
+                .unwrap_or_else(|| Arc::new(crate::placement::Placement::in_process(n_workers)));
+            router = router.with_placement(p);
+        }
         // Its writer thread is made now, whether or not a capture is asked for: the system-call
         // filter installed after start allows no new thread.
         let capture = Arc::new(Capture::default());

@@ -18,6 +18,7 @@ pub mod control_thread;
 pub mod events;
 pub mod limits;
 pub mod operator;
+pub mod placement;
 pub mod pool;
 pub mod port;
 pub mod queues;

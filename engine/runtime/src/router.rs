@@ -2,7 +2,8 @@
 //!
 //! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
 //! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
-//! socket's answers meet on one worker), or the control thread for everything that is not a NAT
+//! socket's answers meet on one worker; a TCP flow goes where `placement` put it, if it did),
+//! or the control thread for everything that is not a NAT
 //! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as ping, at its
 //! own address or its DNS address, IP fragments, other protocols). A DNS query to the virtual
 //! host is a flow too, relayed by its worker, unless its name may be a guest's
@@ -11,11 +12,14 @@
 //! shard captures with this same hash, seeds fixed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use hubnat_core::config::Mac;
 use hubnat_core::Config;
+
+use crate::placement::Placement;
 
 /// Sends a flow's frames to its worker, everything else to the control thread.
 #[derive(Clone)]
@@ -23,6 +27,15 @@ pub struct Router {
     /// The flow hash's keys (`tuple_hash`).
     seeds: [u64; 2],
     workers: usize,
+    /// Where new TCP flows go (`placement`); None: every flow follows its hash.
+    placement: Option<Arc<Placement>>,
+}
+
+/// What the router reads of a NAT flow's frame.
+struct Flow {
+    hash: u32,
+    /// A TCP segment's flags (None for other protocols, or a header too short to hold them).
+    tcp_flags: Option<u8>,
 }
 
 /// The multiplier of `mix`: odd, its bits well spread (2^64 divided by the golden ratio).
@@ -56,7 +69,19 @@ impl Router {
                 seeds[1] ^ seeds[3].rotate_left(32),
             ],
             workers: workers.max(1),
+            placement: None,
         }
+    }
+
+    /// This router with new TCP flows placed by `placement` (shared by its clones).
+    pub fn with_placement(mut self, placement: Arc<Placement>) -> Router {
+        self.placement = Some(placement);
+        self
+    }
+
+    /// The table placing new TCP flows, if there is one.
+    pub fn placement(&self) -> Option<&Arc<Placement>> {
+        self.placement.as_ref()
     }
 
     /// The keys of the flow hash, for the TAP's steering program (`port::steer::attach`).
@@ -72,21 +97,27 @@ impl Router {
     /// The owner of `frame`: a worker index, or `control()`. `cfg` says the virtual host's
     /// addresses (its own and its DNS address) and which DNS queries need the lease table.
     pub fn route(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> usize {
-        match self.flow_hash(frame, cfg, host_mac) {
-            Some(h) => h as usize % self.workers,
-            None => self.control(),
+        let Some(flow) = self.flow(frame, cfg, host_mac) else {
+            return self.control();
+        };
+        if let (Some(p), Some(flags)) = (&self.placement, flow.tcp_flags) {
+            if let Some(w) = p.owner(flow.hash, flags) {
+                return w;
+            }
         }
+        flow.hash as usize % self.workers
     }
 
-    /// The symmetric hash of a NAT flow's 5-tuple, or None for the control plane.
-    fn flow_hash(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<u32> {
+    /// The symmetric hash of a NAT flow's 5-tuple (and a TCP segment's flags), or None for the
+    /// control plane.
+    fn flow(&self, frame: &[u8], cfg: &Config, host_mac: Mac) -> Option<Flow> {
         let eth = EthernetFrame::new_checked(frame).ok()?;
         if hubnat_core::wire::mac(eth.dst_addr()) != host_mac {
             return None;
         }
         match eth.ethertype() {
             EthernetProtocol::Ipv4 => {}
-            EthernetProtocol::Ipv6 => return self.flow_hash6(eth.payload(), cfg),
+            EthernetProtocol::Ipv6 => return self.flow6(eth.payload(), cfg),
             _ => return None,
         }
         let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
@@ -112,13 +143,20 @@ impl Router {
         };
         let src = SocketAddr::new(ip.src_addr().into(), sp);
         let dst = SocketAddr::new(ip.dst_addr().into(), dp);
-        Some(self.tuple_hash(ip.next_header(), src, dst))
+        Some(self.flow_of(ip.next_header(), src, dst, l4))
     }
 
-    /// `flow_hash` of an IPv6 packet: a guest's TCP, UDP or echo request to an address off the
+    fn flow_of(&self, proto: IpProtocol, src: SocketAddr, dst: SocketAddr, l4: &[u8]) -> Flow {
+        Flow {
+            hash: self.tuple_hash(proto, src, dst),
+            tcp_flags: l4.get(13).copied().filter(|_| proto == IpProtocol::Tcp),
+        }
+    }
+
+    /// `flow` of an IPv6 packet: a guest's TCP, UDP or echo request to an address off the
     /// segment (or a DNS query any engine relays). Extension headers, multicast, neighbour
     /// discovery and whatever is for the virtual host itself go to the control thread.
-    fn flow_hash6(&self, packet: &[u8], cfg: &Config) -> Option<u32> {
+    fn flow6(&self, packet: &[u8], cfg: &Config) -> Option<Flow> {
         let ip = Ipv6Packet::new_checked(packet).ok()?;
         let dst = ip.dst_addr();
         if dst.is_multicast() {
@@ -143,13 +181,30 @@ impl Router {
         };
         let src = SocketAddr::new(ip.src_addr().into(), sp);
         let dst = SocketAddr::new(dst.into(), dp);
-        Some(self.tuple_hash(ip.next_header(), src, dst))
+        Some(self.flow_of(ip.next_header(), src, dst, l4))
     }
 
     /// The owner of the flow between `a` and `b` (either way round): the worker its frames
     /// will be routed to (a forward's accepted connection is handed to it).
     pub fn route_flow(&self, proto: IpProtocol, a: SocketAddr, b: SocketAddr) -> usize {
-        self.tuple_hash(proto, a, b) as usize % self.workers
+        let h = self.tuple_hash(proto, a, b);
+        match &self.placement {
+            Some(p) if proto == IpProtocol::Tcp => p.claim(h, p.choose()),
+            _ => h as usize % self.workers,
+        }
+    }
+
+    /// A TCP connection between `a` and `b` entered (`opened`) or left the table of worker
+    /// `worker`: its bucket's count in the placement table.
+    pub fn tcp_flow_changed(&self, worker: usize, a: SocketAddr, b: SocketAddr, opened: bool) {
+        if let Some(p) = &self.placement {
+            let h = self.tuple_hash(IpProtocol::Tcp, a, b);
+            if opened {
+                p.opened(h, worker);
+            } else {
+                p.closed(h, worker);
+            }
+        }
     }
 
     /// The flow hash of the flow between `a` and `b` (either way round).
@@ -357,13 +412,16 @@ mod tests {
         let m = HOST_MAC;
         let a = SocketAddrV6::new(guest_ip6(), 4000, 0, 0);
         let b = SocketAddrV6::new(remote_ip6(), 80, 0, 0);
-        let h1 = r.flow_hash(&udp6_frame(a, b, b"x"), &plain(), m);
-        let h2 = r.flow_hash(&udp6_frame(b, a, b"x"), &plain(), m);
+        let h1 = r.flow(&udp6_frame(a, b, b"x"), &plain(), m).map(|f| f.hash);
+        let h2 = r.flow(&udp6_frame(b, a, b"x"), &plain(), m).map(|f| f.hash);
         assert!(h1.is_some());
         assert_eq!(h1, h2);
         // The hash is of the 5-tuple: another port is (almost surely) another flow.
         let c = SocketAddrV6::new(remote_ip6(), 81, 0, 0);
-        assert_ne!(h1, r.flow_hash(&udp6_frame(a, c, b"x"), &plain(), m));
+        assert_ne!(
+            h1,
+            r.flow(&udp6_frame(a, c, b"x"), &plain(), m).map(|f| f.hash)
+        );
         // To the virtual host (not DNS), multicast, fragments, neighbour discovery: control.
         let host = SocketAddrV6::new(plain().ipv6.ip, 7, 0, 0);
         let all_nodes = SocketAddrV6::new("ff02::1".parse().unwrap(), 7, 0, 0);
@@ -394,8 +452,8 @@ mod tests {
         let m = HOST_MAC;
         let a = SocketAddrV4::new(GUEST_IP, 4000);
         let b = SocketAddrV4::new(REMOTE_IP, 80);
-        let h1 = r.flow_hash(&udp_frame(a, b, b"x"), &plain(), m);
-        let h2 = r.flow_hash(&udp_frame(b, a, b"x"), &plain(), m);
+        let h1 = r.flow(&udp_frame(a, b, b"x"), &plain(), m).map(|f| f.hash);
+        let h2 = r.flow(&udp_frame(b, a, b"x"), &plain(), m).map(|f| f.hash);
         assert!(h1.is_some());
         assert_eq!(h1, h2);
         let mut frag = udp_frame(a, b, b"x");

@@ -150,6 +150,9 @@ struct Worker {
     /// Waits in its io_uring rather than in `poll`.
     in_ring: bool,
     events: Option<Arc<dyn crate::events::EventSink>>,
+    /// Its claims in the flow placement table still without a connection at the last sweep,
+    /// and when that was (`Placement::sweep`).
+    placement_sweep: (Vec<u16>, std::time::Instant),
 }
 
 /// The worker thread's body. `ready` hears once the worker has made everything it needs
@@ -204,6 +207,7 @@ impl Worker {
         }
         let mut engine = s.engine;
         engine.set_batching(true);
+        engine.track_tcp_flows(s.router.placement().is_some());
         let n = s.shared.inboxes.len();
         Ok(Worker {
             index: s.index,
@@ -230,6 +234,7 @@ impl Worker {
             capture: s.capture,
             in_ring: s.backend == Backend::Uring,
             events: s.events,
+            placement_sweep: (Vec::new(), std::time::Instant::now()),
         })
     }
 
@@ -557,6 +562,24 @@ impl Worker {
         }
     }
 
+    /// Counts the batch's new and removed TCP connections in the placement table and
+    /// publishes this worker's load, before the batch's frames go out (a guest's next connect
+    /// may follow the SYN-ACK at once).
+    fn update_placement(&mut self) {
+        let Some(p) = self.router.placement() else {
+            return;
+        };
+        let (router, me) = (&self.router, self.index);
+        self.engine
+            .drain_tcp_flow_changes(|a, b, opened| router.tcp_flow_changed(me, a, b, opened));
+        p.publish_load(me, self.engine.live_tcp_connections());
+        let (pending, last) = &mut self.placement_sweep;
+        if last.elapsed() >= crate::placement::SWEEP_EVERY {
+            *last = std::time::Instant::now();
+            p.sweep(me, pending);
+        }
+    }
+
     fn flush(&mut self) {
         let now = self.clock.now();
         // What the batch's calls already settled (a connect whose handshake was over) is
@@ -565,6 +588,7 @@ impl Worker {
         self.host.immediate_events(&mut self.host_events);
         self.handle_host_events(now);
         self.engine.flush(now, &mut self.host, &mut self.out);
+        self.update_placement();
         let failed = self.tx.send(&mut self.out);
         self.engine.ctx.stats.drops[DropReason::QueueFull as usize] += failed as u64;
         self.shared.wake_marked(&mut self.wake);

@@ -24,7 +24,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `TUNSETSTEERINGEBPF`: `_IOR('T', 224, int)`.
 const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
+const BPF_MAP_CREATE: libc::c_int = 0;
 const BPF_PROG_LOAD: libc::c_int = 5;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// An array whose values the process may map into its memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `ld_imm64`'s source register when its constant is a map's descriptor.
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+// Helper functions a socket filter may call.
+const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+const HELPER_KTIME_GET_NS: i32 = 5;
 #[cfg(test)]
 const BPF_PROG_TEST_RUN: libc::c_int = 10;
 const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
@@ -45,6 +54,10 @@ const LD: u8 = 0x00;
 const LDX: u8 = 0x01;
 const STX: u8 = 0x03;
 const JMP: u8 = 0x05;
+const ATOMIC: u8 = 0xc0;
+/// The atomic operation `ATOMIC` stands for: compare R0 and exchange, R0 gets the old value.
+const CMPXCHG: i32 = 0xf0 | 0x01;
+const CALL: u8 = 0x80;
 const ALU64: u8 = 0x07;
 const W: u8 = 0x00;
 const H: u8 = 0x08;
@@ -56,6 +69,8 @@ const IND: u8 = 0x40;
 const MEM: u8 = 0x60;
 const K: u8 = 0x00;
 const X: u8 = 0x08;
+const ADD: u8 = 0x00;
+const SUB: u8 = 0x10;
 const MUL: u8 = 0x20;
 const OR: u8 = 0x40;
 const AND: u8 = 0x50;
@@ -65,6 +80,8 @@ const XOR: u8 = 0xa0;
 const MOV: u8 = 0xb0;
 const JA: u8 = 0x00;
 const JEQ: u8 = 0x10;
+const JNE: u8 = 0x50;
+const JGE: u8 = 0x30;
 const JGT: u8 = 0x20;
 const JSET: u8 = 0x40;
 const EXIT: u8 = 0x90;
@@ -102,6 +119,10 @@ impl Asm {
     fn label(&mut self) -> usize {
         self.labels.push(None);
         self.labels.len() - 1
+    }
+
+    fn labels<const N: usize>(&mut self) -> [usize; N] {
+        std::array::from_fn(|_| self.label())
     }
 
     fn here(&mut self, label: usize) {
@@ -163,6 +184,41 @@ impl Asm {
         self.op(insn(JMP | EXIT, 0, 0, 0, 0));
     }
 
+    /// `dst` = the map with descriptor `fd` (the kernel puts its address there at load).
+    fn ld_map(&mut self, dst: u8, fd: RawFd) {
+        self.op(insn(LD | DW | IMM, dst, BPF_PSEUDO_MAP_FD, 0, fd));
+        self.op(insn(0, 0, 0, 0, 0));
+    }
+
+    fn call(&mut self, helper: i32) {
+        self.op(insn(JMP | CALL, 0, 0, 0, helper));
+    }
+
+    /// R0 = the address of word `SLOT_KEY` (on the stack) of map `fd`, or 0.
+    fn lookup(&mut self, fd: RawFd) {
+        self.ld_map(R1, fd);
+        self.alu_x(MOV, R2, R10);
+        self.alu_k(ADD, R2, SLOT_KEY.into());
+        self.call(HELPER_MAP_LOOKUP_ELEM);
+    }
+
+    /// R0 = the address of word `index` of map `fd`, or 0.
+    fn lookup_at(&mut self, fd: RawFd, index: usize) {
+        self.alu_k(MOV, R1, index as i32);
+        self.store(SLOT_KEY, R1);
+        self.lookup(fd);
+    }
+
+    /// `dst` = the 64-bit word at `src` + `off`.
+    fn ldx(&mut self, dst: u8, src: u8, off: i16) {
+        self.op(insn(LDX | MEM | DW, dst, src, off, 0));
+    }
+
+    /// The 64-bit word at `dst` = `src`.
+    fn stx(&mut self, dst: u8, src: u8) {
+        self.op(insn(STX | MEM | DW, dst, src, 0, 0));
+    }
+
     fn finish(mut self) -> Vec<Insn> {
         for &(at, label) in &self.jumps {
             let target = self.labels[label].expect("every label placed");
@@ -175,6 +231,15 @@ impl Asm {
 // Stack slots.
 const SLOT_KEY_A: i16 = -8;
 const SLOT_PROTO: i16 = -16;
+/// A map's key (its first 4 bytes: the slot's index).
+const SLOT_KEY: i16 = -24;
+/// The TCP flags of the frame, or `NOT_TCP`.
+const SLOT_FLAGS: i16 = -32;
+/// The queue a placed frame goes to.
+const SLOT_QUEUE: i16 = -40;
+/// When the guest last ended a connection.
+const SLOT_ENDED: i16 = -48;
+const NOT_TCP: i32 = 0x100;
 
 /// `dst` = `mix(dst)`, as `router::mix` computes it; `tmp` is overwritten.
 fn emit_mix(a: &mut Asm, dst: u8, tmp: u8) {
@@ -195,20 +260,107 @@ fn by_proto(a: &mut Asm, icmp: i32, ports: usize, no_ports: usize, other: usize)
     a.goto(other);
 }
 
+/// With the flow hash in R0: the queue of a TCP frame by the placement table (in map `fd`), as
+/// `Placement::owner` decides it: its bucket's worker (a FIN or RST marks that worker for the
+/// guest's next connection), or for a SYN in an empty bucket the worker `Placement::choose`
+/// would pick, claimed with a compare-and-swap; anything else keeps the hash.
+fn emit_placement(a: &mut Asm, fd: RawFd) {
+    use crate::placement::{
+        ACK, END_QUEUE, END_TIME, FIN, FOLLOW_MASK, FOLLOW_NS, PREFERRED, RST, SLOTS, SYN,
+    };
+    let [hash, queue, empty, ended, follow, picked, done] = a.labels();
+    a.alu_x(MOV, R9, R0);
+    a.load(R8, SLOT_FLAGS);
+    a.jmp_k(JEQ, R8, NOT_TCP, hash);
+    a.alu_x(MOV, R0, R9);
+    a.alu_k(AND, R0, SLOTS as i32 - 1);
+    a.store(SLOT_KEY, R0);
+    a.lookup(fd);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.alu_x(MOV, R7, R0);
+    a.ldx(R1, R7, 0);
+    a.jmp_k(JEQ, R1, 0, empty);
+
+    // Placed: the owner, the slot's high half less one.
+    a.alu_k(RSH, R1, 32);
+    a.alu_k(SUB, R1, 1);
+    a.store(SLOT_QUEUE, R1);
+    a.jmp_k(JSET, R8, i32::from(FIN | RST), ended);
+    a.goto(queue);
+    a.here(ended);
+    a.lookup_at(fd, END_QUEUE);
+    a.jmp_k(JEQ, R0, 0, queue);
+    a.load(R1, SLOT_QUEUE);
+    a.stx(R0, R1);
+    a.lookup_at(fd, END_TIME);
+    a.jmp_k(JEQ, R0, 0, queue);
+    a.alu_x(MOV, R7, R0);
+    a.call(HELPER_KTIME_GET_NS);
+    a.stx(R7, R0);
+    a.goto(queue);
+
+    // Empty: a SYN alone claims it, anything else keeps the hash.
+    a.here(empty);
+    a.alu_k(AND, R8, i32::from(FIN | SYN | RST | ACK));
+    a.jmp_k(JNE, R8, i32::from(SYN), hash);
+    a.lookup_at(fd, END_TIME);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.ldx(R1, R0, 0);
+    a.store(SLOT_ENDED, R1);
+    a.call(HELPER_KTIME_GET_NS);
+    a.load(R1, SLOT_ENDED);
+    a.alu_x(SUB, R0, R1);
+    let preferred = a.label();
+    a.jmp_k(JGE, R0, FOLLOW_NS as i32, preferred);
+    // Within the time: the worker the guest last ended a connection on, if `FOLLOW_MASK` has it.
+    a.lookup_at(fd, END_QUEUE);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.ldx(R1, R0, 0);
+    a.jmp_k(JGE, R1, 64, preferred);
+    a.store(SLOT_ENDED, R1);
+    a.lookup_at(fd, FOLLOW_MASK);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.ldx(R1, R0, 0);
+    a.load(R2, SLOT_ENDED);
+    a.alu_x(RSH, R1, R2);
+    a.jmp_k(JSET, R1, 1, follow);
+    a.here(preferred);
+    a.lookup_at(fd, PREFERRED);
+    a.goto(picked);
+    a.here(follow);
+    a.lookup_at(fd, END_QUEUE);
+    a.here(picked);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.ldx(R1, R0, 0);
+    a.store(SLOT_QUEUE, R1);
+    a.alu_k(ADD, R1, 1);
+    a.alu_k(LSH, R1, 32);
+    a.alu_k(MOV, R0, 0);
+    a.op(insn(STX | ATOMIC | DW, R7, R1, 0, CMPXCHG));
+    // R0: what the slot held; 0 if the claim is ours, else another's placement won.
+    a.jmp_k(JEQ, R0, 0, queue);
+    a.alu_k(RSH, R0, 32);
+    a.alu_k(SUB, R0, 1);
+    a.goto(done);
+
+    a.here(queue);
+    a.load(R0, SLOT_QUEUE);
+    a.goto(done);
+    a.here(hash);
+    a.alu_x(MOV, R0, R9);
+    a.here(done);
+}
+
 /// Builds the program: the queue of each frame is `router::flow_hash` of its flow, modulo the
-/// number of queues (the kernel takes the modulo), for the frames the router gives to workers.
-fn program(seeds: [u64; 2]) -> Vec<Insn> {
+/// number of queues (the kernel takes the modulo), for the frames the router gives to workers;
+/// with `placement` (the descriptor of the `placement` table's array), a guest's TCP frame goes
+/// where its bucket was placed, and a SYN in an empty bucket places it (`emit_placement`).
+fn program(seeds: [u64; 2], placement: Option<RawFd>) -> Vec<Insn> {
     let mut a = Asm::default();
-    let (v4, v6, ports_v4, no_ports, ports_v6, keyed, any) = (
-        a.label(),
-        a.label(),
-        a.label(),
-        a.label(),
-        a.label(),
-        a.label(),
-        a.label(),
-    );
+    let [v4, v6, ports_v4, no_ports, ports_v6, keyed, any] = a.labels();
     a.alu_x(MOV, R6, R1);
+    a.alu_k(MOV, R0, NOT_TCP);
+    a.store(SLOT_FLAGS, R0);
     a.ld_abs(H, 12);
     a.jmp_k(JEQ, R0, 0x0800, v4);
     a.jmp_k(JEQ, R0, 0x86dd, v6);
@@ -238,6 +390,14 @@ fn program(seeds: [u64; 2]) -> Vec<Insn> {
     a.alu_k(LSH, R9, 16);
     a.ld_ind(H, R7, 16);
     a.alu_x(XOR, R9, R0);
+    if placement.is_some() {
+        let not_tcp = a.label();
+        a.load(R0, SLOT_PROTO);
+        a.jmp_k(JNE, R0, 6, not_tcp);
+        a.ld_ind(B, R7, 14 + 13);
+        a.store(SLOT_FLAGS, R0);
+        a.here(not_tcp);
+    }
     a.goto(keyed);
     a.here(no_ports);
     a.alu_k(LSH, R8, 16);
@@ -270,6 +430,14 @@ fn program(seeds: [u64; 2]) -> Vec<Insn> {
     a.alu_x(XOR, R8, R0);
     a.ld_abs(H, 56);
     a.alu_x(XOR, R9, R0);
+    if placement.is_some() {
+        let not_tcp = a.label();
+        a.load(R0, SLOT_PROTO);
+        a.jmp_k(JNE, R0, 6, not_tcp);
+        a.ld_abs(B, 54 + 13);
+        a.store(SLOT_FLAGS, R0);
+        a.here(not_tcp);
+    }
 
     // R8, R9: the two ends' keys. The hash takes the smaller first (both directions alike).
     a.here(keyed);
@@ -292,6 +460,9 @@ fn program(seeds: [u64; 2]) -> Vec<Insn> {
     a.alu_x(XOR, R0, R2);
     emit_mix(&mut a, R0, R2);
     a.alu_k(RSH, R0, 32);
+    if let Some(fd) = placement {
+        emit_placement(&mut a, fd);
+    }
     a.exit();
 
     a.here(any);
@@ -350,6 +521,88 @@ fn load(code: &[Insn]) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// An eBPF array of 64-bit words mapped into this process: the flow placement table
+/// (`placement`), read and written here with atomics and in the kernel by the steering program.
+pub struct FlowMap {
+    fd: OwnedFd,
+    words: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+    mapped: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; it lives as long as the
+// FlowMap, whichever thread holds it.
+unsafe impl Send for FlowMap {}
+// SAFETY: as above: every access is an atomic operation on the shared words.
+unsafe impl Sync for FlowMap {}
+
+impl FlowMap {
+    /// An array of `len` words, zeroed, mapped here.
+    pub fn create(len: usize) -> io::Result<FlowMap> {
+        let mut attr = [0u8; 72];
+        attr[0..4].copy_from_slice(&BPF_MAP_TYPE_ARRAY.to_ne_bytes());
+        attr[4..8].copy_from_slice(&4u32.to_ne_bytes());
+        attr[8..12].copy_from_slice(&8u32.to_ne_bytes());
+        attr[12..16].copy_from_slice(&(len as u32).to_ne_bytes());
+        attr[16..20].copy_from_slice(&BPF_F_MMAPABLE.to_ne_bytes());
+        // SAFETY: a bpf_attr for BPF_MAP_CREATE: plain numbers, no pointers.
+        let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr) }?;
+        // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let page = 4096;
+        let mapped = (len * 8).div_ceil(page) * page;
+        // SAFETY: maps the array's values (an mmapable array maps them from offset 0, a whole
+        // number of pages); the mapping is owned by the FlowMap and unmapped in its drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let words = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap"))?;
+        Ok(FlowMap {
+            fd,
+            words,
+            len,
+            mapped,
+        })
+    }
+
+    /// The words, shared with the kernel.
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping holds `len` 8-byte words, page-aligned, live while `self` is;
+        // AtomicU64 has the layout of a u64, and the kernel's side uses atomic accesses or
+        // single aligned 64-bit loads and stores.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for FlowMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, of that length, no longer referenced (`words`
+        // borrows `self`).
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.mapped) };
+    }
+}
+
+/// Nanoseconds of the monotonic clock, the clock the kernel's `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a pointer to a live one.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Has the multiqueue TAP whose first queue is `tap` steer every frame of a flow to the queue
 /// of its worker under `router` (queue i is worker i's), unless the device is persistent, and
 /// logs what came of it: where the kernel refuses, its own steering stays.
@@ -361,8 +614,16 @@ pub fn steer_queues(tap: &crate::port::tap::Tap, router: &crate::router::Router)
         );
         return;
     }
-    match attach(tap, router.steering_seeds()) {
-        Ok(()) => tracing::debug!("TAP queues: each flow's frames steered to its worker (eBPF)"),
+    let map = router.placement().and_then(|p| p.kernel_map());
+    match attach(tap, router.steering_seeds(), map) {
+        Ok(()) => tracing::debug!(
+            "TAP queues: each flow's frames steered to its worker (eBPF{})",
+            if map.is_some() {
+                ", new TCP flows placed"
+            } else {
+                ""
+            }
+        ),
         Err(e) => tracing::info!(
             "{kernels}, a flow's first frames sometimes read by another worker and handed over \
              (no steering program: {e})"
@@ -371,9 +632,10 @@ pub fn steer_queues(tap: &crate::port::tap::Tap, router: &crate::router::Router)
 }
 
 /// Has the multiqueue TAP whose queue `tap` is steer every frame of a flow to the queue of its
-/// worker under a router with `seeds` (queue i is worker i's).
-pub fn attach(tap: &impl AsRawFd, seeds: [u64; 2]) -> io::Result<()> {
-    let prog = load(&program(seeds))?;
+/// worker under a router with `seeds` (queue i is worker i's), new TCP flows placed by the
+/// table in `placement` if given.
+pub fn attach(tap: &impl AsRawFd, seeds: [u64; 2], placement: Option<&FlowMap>) -> io::Result<()> {
+    let prog = load(&program(seeds, placement.map(|m| m.fd.as_raw_fd())))?;
     let fd: libc::c_int = prog.as_raw_fd();
     // SAFETY: TUNSETSTEERINGEBPF reads one int (the program's descriptor) from the pointer,
     // which points at a live c_int; the TAP takes its own reference to the program.
@@ -414,7 +676,7 @@ mod tests {
     #[test]
     fn the_program_steers_every_frame_of_a_flow_to_the_routers_worker() {
         let router = Router::with_seeds(2, [11, 22, 33, 44]);
-        let prog = match load(&program(router.steering_seeds())) {
+        let prog = match load(&program(router.steering_seeds(), None)) {
             Ok(p) => p,
             // Not root, or a kernel without eBPF: nothing to check here.
             Err(e) => {
@@ -462,5 +724,89 @@ mod tests {
         assert_eq!(run(&prog, &f), want);
         // Not a worker's: queue 0.
         assert_eq!(run(&prog, &[0u8; 60]), 0);
+    }
+
+    #[test]
+    fn the_program_places_tcp_flows_as_the_router_does() {
+        use crate::placement::*;
+        use std::sync::Arc;
+        let placement = Arc::new(Placement::new(2));
+        let Some(map) = placement.kernel_map() else {
+            eprintln!("skipped: no eBPF array (not root?)");
+            return;
+        };
+        let router = Router::with_seeds(2, [5, 6, 7, 8]).with_placement(placement.clone());
+        let prog = match load(&program(router.steering_seeds(), Some(map.fd.as_raw_fd()))) {
+            Ok(p) => p,
+            Err(e) => panic!("the placing program is refused: {e}"),
+        };
+        let cfg = hubnat_core::Config::defaults();
+        let remote = SocketAddrV4::new(Ipv4Addr::new(10, 79, 0, 2), 7000);
+        let guest = |port| SocketAddrV4::new(GUEST_IP, port);
+        // The flags of a guest's segment (its SYN frame, rewritten: the program and the router
+        // read no checksum).
+        let seg = |port, flags: u8| {
+            let mut f = syn_frame(guest(port), remote, 1);
+            f[14 + 20 + 13] = flags;
+            f
+        };
+        let hash = |port| {
+            router.flow_hash_of(
+                smoltcp::wire::IpProtocol::Tcp,
+                guest(port).into(),
+                remote.into(),
+            )
+        };
+        placement.set_word(PREFERRED, 1);
+        // A SYN places its flow on the preferred worker; the router reads the same.
+        assert_eq!(run(&prog, &seg(1000, SYN)), 1);
+        assert_eq!(placement.slot_state(hash(1000)), Some((1, 0)));
+        assert_eq!(router.route(&seg(1000, SYN), &cfg, HOST_MAC), 1);
+        assert_eq!(run(&prog, &seg(1000, ACK)), 1);
+        assert_eq!(router.route(&seg(1000, ACK), &cfg, HOST_MAC), 1);
+        // Not a SYN, unplaced: the hash, as the router's.
+        assert_eq!(run(&prog, &seg(1001, ACK)), hash(1001));
+        assert_eq!(
+            router.route(&seg(1001, ACK), &cfg, HOST_MAC),
+            hash(1001) as usize % 2
+        );
+        assert_eq!(placement.slot_state(hash(1001)), None);
+        // Not TCP: the hash.
+        let u = udp_frame(guest(1000), remote, b"x");
+        let uh = router.flow_hash_of(
+            smoltcp::wire::IpProtocol::Udp,
+            guest(1000).into(),
+            remote.into(),
+        );
+        assert_eq!(run(&prog, &u), uh);
+        // The guest ends the flow: its next new one goes to the same worker, whatever is
+        // preferred, for a while, if that worker is not loaded beyond the others.
+        placement.set_word(PREFERRED, 0);
+        placement.set_word(FOLLOW_MASK, 0b01);
+        assert_eq!(run(&prog, &seg(1000, FIN | ACK)), 1);
+        assert_eq!(
+            run(&prog, &seg(1005, SYN)),
+            0,
+            "worker 1 loaded: not followed"
+        );
+        placement.set_word(FOLLOW_MASK, 0b11);
+        assert_eq!(run(&prog, &seg(1000, FIN | ACK)), 1);
+        assert_eq!(placement.word(END_QUEUE), 1);
+        let ended = placement.word(END_TIME);
+        assert!(monotonic_ns().abs_diff(ended) < 1_000_000_000, "{ended}");
+        assert_eq!(run(&prog, &seg(1002, SYN)), 1);
+        assert_eq!(router.route(&seg(1002, ACK), &cfg, HOST_MAC), 1);
+        placement.set_word(END_TIME, ended - 2 * FOLLOW_NS);
+        assert_eq!(run(&prog, &seg(1003, SYN)), 0);
+        // The router's own claims (a forward's flow) hold in the kernel.
+        let h = hash(1004);
+        assert_eq!(placement.claim(h, 1), 1);
+        assert_eq!(run(&prog, &seg(1004, SYN)), 1);
+        // IPv6 alike.
+        let g6 = SocketAddrV6::new(guest_ip6(), 40000, 0, 0);
+        let r6 = SocketAddrV6::new("2001:db8:77::2".parse::<Ipv6Addr>().unwrap(), 443, 0, 0);
+        placement.set_word(PREFERRED, 1);
+        assert_eq!(run(&prog, &syn6_frame(g6, r6, 7)), 1);
+        assert_eq!(router.route(&syn6_frame(g6, r6, 7), &cfg, HOST_MAC), 1);
     }
 }

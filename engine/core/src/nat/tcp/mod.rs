@@ -88,6 +88,16 @@ pub struct TcpNat {
     dirty: Vec<Key>,
     /// One buffer for every connection's batched peeks (see `conn::PeekCache`).
     peek: conn::PeekCache,
+    /// When the runtime places flows on its workers: the connections entered in the table and
+    /// those removed from it since it last looked (`Engine::drain_tcp_flow_changes`).
+    changes: Option<FlowChanges>,
+}
+
+/// Connections that entered and left the table (their keys: the guest's end, the destination).
+#[derive(Default)]
+pub(crate) struct FlowChanges {
+    pub(crate) opened: Vec<Key>,
+    pub(crate) closed: Vec<Key>,
 }
 
 impl TcpNat {
@@ -108,7 +118,18 @@ impl TcpNat {
             batching: false,
             dirty: Vec::new(),
             peek: conn::PeekCache::default(),
+            changes: None,
         }
+    }
+
+    /// Whether entries and removals are kept for `take_changes`.
+    pub(crate) fn track_changes(&mut self, on: bool) {
+        self.changes = on.then(FlowChanges::default);
+    }
+
+    /// The entries and removals kept since the last call (the lists are left empty).
+    pub(crate) fn changes_mut(&mut self) -> Option<&mut FlowChanges> {
+        self.changes.as_mut()
     }
 
     /// Connections in the table, TIME-WAIT tombstones included (the rows of `sessions`).
@@ -307,6 +328,9 @@ impl TcpNat {
             let idle = ctx.cfg.nat.tcp_timeout;
             self.idle_timers.push(Reverse((now + idle, key, c.id)));
         }
+        if let Some(ch) = &mut self.changes {
+            ch.opened.push(key);
+        }
         self.conns.insert(key, Box::new(c));
         self.by_sock.insert(sock, key);
         *self.per_guest.entry(key.0.ip()).or_insert(0) += 1;
@@ -500,6 +524,9 @@ impl TcpNat {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
+        if let Some(ch) = &mut self.changes {
+            ch.closed.push(key);
+        }
         self.v6 -= usize::from(key.0.is_ipv6());
         if let Some(s) = c.sock {
             self.by_sock.remove(&s);
