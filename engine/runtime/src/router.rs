@@ -3,9 +3,9 @@
 //! Every frame from the port goes to one owner: a worker, chosen by a symmetric hash of its
 //! flow's 5-tuple (both directions of a flow hash alike, so a flow's frames and its host
 //! socket's answers meet on one worker; a TCP flow goes where `placement` put it, if it did),
-//! or the control thread for everything that is not a NAT
-//! flow (ARP, DHCP, broadcasts, anything addressed to the virtual host itself such as ping, at its
-//! own address or its DNS address, IP fragments, other protocols). A DNS query to the virtual
+//! or the control thread for everything that is not a NAT flow (ARP, DHCP, broadcasts,
+//! anything addressed to the virtual host itself such as ping, at its own address or its DNS
+//! address, IP fragments, other protocols). A DNS query to the virtual
 //! host is a flow too, relayed by its worker, unless its name may be a guest's
 //! (`hubnat_core::needs_lease_table`): only the control thread's engine has the lease table. The
 //! seeds are random per process (a guest cannot aim its flows at one worker); the benchmarks

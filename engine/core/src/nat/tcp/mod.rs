@@ -122,12 +122,12 @@ impl TcpNat {
         }
     }
 
-    /// Whether entries and removals are kept for `take_changes`.
+    /// Whether entries and removals are kept (`changes_mut`).
     pub(crate) fn track_changes(&mut self, on: bool) {
         self.changes = on.then(FlowChanges::default);
     }
 
-    /// The entries and removals kept since the last call (the lists are left empty).
+    /// The entries and removals kept since the caller last emptied the lists.
     pub(crate) fn changes_mut(&mut self) -> Option<&mut FlowChanges> {
         self.changes.as_mut()
     }
