@@ -8,8 +8,10 @@
 //! placed: on the worker that saw a flow end within the last 5 milliseconds (the client is
 //! replacing one connection by the next, and that worker is awake) unless that worker has a
 //! few more connections than the least loaded (a guest cannot pile the others' connections on
-//! one worker by ending its own there), else on the worker with the fewest live connections
-//! (ties stay where the last placement went).
+//! one worker by ending its own there; one new connection follows one end), else on the
+//! preferred worker: the one with the fewest live connections, the turn passing to the next
+//! worker at each placement so that a burst of SYNs, placed before any worker has counted one,
+//! is spread in turn.
 //!
 //! The placement is kept in a table of 65,536 slots, one per bucket of the flow hash's low
 //! bits: a slot names a worker and counts the connections its bucket has there, or is empty
@@ -42,8 +44,10 @@ pub(crate) const END_TIME: usize = SLOTS + 2;
 /// The workers a new connection may follow to (bit i: worker i), those whose load is within
 /// `FOLLOW_SLACK` of the least loaded (written with `PREFERRED`).
 pub(crate) const FOLLOW_MASK: usize = SLOTS + 3;
-/// Words of the table: the slots, then the four above.
-pub const WORDS: usize = SLOTS + 4;
+/// The number of workers (written once, for the steering program's turn of `PREFERRED`).
+pub(crate) const WORKERS: usize = SLOTS + 4;
+/// Words of the table: the slots, then the five above.
+pub const WORDS: usize = SLOTS + 5;
 /// For this long after a guest ended a connection on a worker, its next new connection goes
 /// there too. A client that replaces one connection by the next does it within tens of
 /// microseconds when it has a CPU, but waits for one on a busy machine (half a millisecond was
@@ -111,11 +115,13 @@ impl Placement {
 
     fn with_words(workers: usize, words: Words) -> Placement {
         let workers = workers.max(1);
-        Placement {
+        let p = Placement {
             words,
             loads: (0..workers).map(|_| AtomicU32::new(0)).collect(),
             workers,
-        }
+        };
+        p.words()[WORKERS].store(workers as u64, Ordering::Relaxed);
+        p
     }
 
     /// The eBPF array behind the table, for the TAP's steering program; None when the table is
@@ -153,7 +159,9 @@ impl Placement {
         let v = slot.load(Ordering::Acquire);
         if v != 0 {
             let w = self.owner_in(v)?;
-            if flags & (FIN | RST) != 0 {
+            // With the table in the kernel, the steering program notes ends as it reads them;
+            // noting them again here, later, would let a second connection follow one end.
+            if flags & (FIN | RST) != 0 && self.kernel_map().is_none() {
                 self.note_end(w);
             }
             return Some(w);
@@ -177,18 +185,27 @@ impl Placement {
         }
     }
 
-    /// The worker a new connection goes to now (the steering program chooses alike).
+    /// The worker a new connection goes to now (the steering program chooses alike): the one
+    /// a guest last ended a connection on, once per end (a burst of SYNs after one end does not
+    /// all follow it); else the preferred one, which then passes to the next worker, so that a
+    /// burst of SYNs placed before any worker has counted them is spread in turn.
     pub(crate) fn choose(&self) -> usize {
         let w = self.words();
         let since = monotonic_ns().saturating_sub(w[END_TIME].load(Ordering::Relaxed));
         let ended = w[END_QUEUE].load(Ordering::Relaxed);
         let may_follow = ended < 64 && w[FOLLOW_MASK].load(Ordering::Relaxed) >> ended & 1 == 1;
-        let pick = if since < FOLLOW_NS && may_follow {
-            ended
+        if since < FOLLOW_NS && may_follow {
+            w[END_TIME].store(0, Ordering::Relaxed);
+            return (ended as usize).min(self.workers - 1);
+        }
+        let pick = (w[PREFERRED].load(Ordering::Relaxed) as usize).min(self.workers - 1);
+        let next = if pick + 1 >= self.workers {
+            0
         } else {
-            w[PREFERRED].load(Ordering::Relaxed)
+            pick + 1
         };
-        (pick as usize).min(self.workers - 1)
+        w[PREFERRED].store(next as u64, Ordering::Relaxed);
+        pick
     }
 
     fn note_end(&self, worker: usize) {
@@ -348,12 +365,31 @@ mod tests {
         p.opened(1, 0);
         p.publish_load(0, 1);
         assert_eq!(p.word(PREFERRED), 1);
-        // The guest closes it and connects again at once: the same worker.
+        // The guest closes it and connects again at once: the same worker, once.
         assert_eq!(p.owner(1, FIN | ACK), Some(0));
         assert_eq!(p.owner(2, SYN), Some(0));
+        assert_eq!(p.owner(3, SYN), Some(1), "the end was followed already");
         // Long after the end, the preferred one.
+        assert_eq!(p.owner(1, RST), Some(0));
         p.set_word(END_TIME, monotonic_ns() - 2 * FOLLOW_NS);
-        assert_eq!(p.owner(3, SYN), Some(1));
+        assert_eq!(
+            p.owner(4, SYN),
+            Some(0),
+            "the preferred one's turn passed on"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_syns_takes_the_workers_in_turn() {
+        let p = Placement::in_process(3);
+        let got: Vec<_> = (0..7).map(|h| p.owner(h, SYN).unwrap()).collect();
+        assert_eq!(got, [0, 1, 2, 0, 1, 2, 0]);
+        // A published load puts the turn on the least loaded.
+        p.publish_load(1, 5);
+        p.publish_load(2, 5);
+        p.publish_load(0, 5);
+        p.publish_load(1, 2);
+        assert_eq!(p.owner(10, SYN), Some(1));
     }
 
     #[test]

@@ -266,9 +266,10 @@ fn by_proto(a: &mut Asm, icmp: i32, ports: usize, no_ports: usize, other: usize)
 /// would pick, claimed with a compare-and-swap; anything else keeps the hash.
 fn emit_placement(a: &mut Asm, fd: RawFd) {
     use crate::placement::{
-        ACK, END_QUEUE, END_TIME, FIN, FOLLOW_MASK, FOLLOW_NS, PREFERRED, RST, SLOTS, SYN,
+        ACK, END_QUEUE, END_TIME, FIN, FOLLOW_MASK, FOLLOW_NS, PREFERRED, RST, SLOTS, SYN, WORKERS,
     };
     let [hash, queue, empty, ended, follow, picked, done] = a.labels();
+    let [preferred, turned] = a.labels();
     a.alu_x(MOV, R9, R0);
     a.load(R8, SLOT_FLAGS);
     a.jmp_k(JEQ, R8, NOT_TCP, hash);
@@ -305,34 +306,48 @@ fn emit_placement(a: &mut Asm, fd: RawFd) {
     a.jmp_k(JNE, R8, i32::from(SYN), hash);
     a.lookup_at(fd, END_TIME);
     a.jmp_k(JEQ, R0, 0, hash);
-    a.ldx(R1, R0, 0);
+    // R8: the address of `END_TIME`, cleared when a connection follows the end it records.
+    a.alu_x(MOV, R8, R0);
+    a.ldx(R1, R8, 0);
     a.store(SLOT_ENDED, R1);
     a.call(HELPER_KTIME_GET_NS);
     a.load(R1, SLOT_ENDED);
     a.alu_x(SUB, R0, R1);
-    let preferred = a.label();
     a.jmp_k(JGE, R0, FOLLOW_NS as i32, preferred);
     // Within the time: the worker the guest last ended a connection on, if `FOLLOW_MASK` has it.
     a.lookup_at(fd, END_QUEUE);
     a.jmp_k(JEQ, R0, 0, hash);
     a.ldx(R1, R0, 0);
     a.jmp_k(JGE, R1, 64, preferred);
-    a.store(SLOT_ENDED, R1);
+    a.store(SLOT_QUEUE, R1);
     a.lookup_at(fd, FOLLOW_MASK);
     a.jmp_k(JEQ, R0, 0, hash);
     a.ldx(R1, R0, 0);
-    a.load(R2, SLOT_ENDED);
+    a.load(R2, SLOT_QUEUE);
     a.alu_x(RSH, R1, R2);
     a.jmp_k(JSET, R1, 1, follow);
+    // The preferred worker, and the turn passes to the next (`Placement::choose`).
     a.here(preferred);
+    a.lookup_at(fd, WORKERS);
+    a.jmp_k(JEQ, R0, 0, hash);
+    a.ldx(R1, R0, 0);
+    a.store(SLOT_ENDED, R1);
     a.lookup_at(fd, PREFERRED);
-    a.goto(picked);
-    a.here(follow);
-    a.lookup_at(fd, END_QUEUE);
-    a.here(picked);
     a.jmp_k(JEQ, R0, 0, hash);
     a.ldx(R1, R0, 0);
     a.store(SLOT_QUEUE, R1);
+    a.alu_k(ADD, R1, 1);
+    a.load(R2, SLOT_ENDED);
+    a.jmp_x(JGT, R2, R1, turned);
+    a.alu_k(MOV, R1, 0);
+    a.here(turned);
+    a.stx(R0, R1);
+    a.goto(picked);
+    a.here(follow);
+    a.alu_k(MOV, R1, 0);
+    a.stx(R8, R1);
+    a.here(picked);
+    a.load(R1, SLOT_QUEUE);
     a.alu_k(ADD, R1, 1);
     a.alu_k(LSH, R1, 32);
     a.alu_k(MOV, R0, 0);
@@ -796,8 +811,19 @@ mod tests {
         assert!(monotonic_ns().abs_diff(ended) < 1_000_000_000, "{ended}");
         assert_eq!(run(&prog, &seg(1002, SYN)), 1);
         assert_eq!(router.route(&seg(1002, ACK), &cfg, HOST_MAC), 1);
+        assert_eq!(
+            placement.word(END_TIME),
+            0,
+            "one connection follows one end"
+        );
         placement.set_word(END_TIME, ended - 2 * FOLLOW_NS);
+        placement.set_word(PREFERRED, 0);
         assert_eq!(run(&prog, &seg(1003, SYN)), 0);
+        // A burst of SYNs placed before any worker counted them takes the workers in turn.
+        assert_eq!(placement.word(PREFERRED), 1);
+        assert_eq!(run(&prog, &seg(1006, SYN)), 1);
+        assert_eq!(run(&prog, &seg(1007, SYN)), 0);
+        assert_eq!(router.route(&seg(1008, SYN), &cfg, HOST_MAC), 1);
         // The router's own claims (a forward's flow) hold in the kernel.
         let h = hash(1004);
         assert_eq!(placement.claim(h, 1), 1);
