@@ -29,7 +29,7 @@
 //! counts it up and down. A claim whose SYN made no connection (refused, or the virtual host's
 //! own) stays until its owner's sweep frees it.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::port::steer::{monotonic_ns, FlowMap};
 
@@ -85,6 +85,8 @@ pub struct Placement {
     /// Each worker's live TCP connections (tombstones not counted), as it last published them.
     loads: Box<[AtomicU32]>,
     workers: usize,
+    /// A TAP's steering program reads the table (and notes the guests' ends itself).
+    steered: AtomicBool,
 }
 
 enum Words {
@@ -119,6 +121,7 @@ impl Placement {
             words,
             loads: (0..workers).map(|_| AtomicU32::new(0)).collect(),
             workers,
+            steered: AtomicBool::new(false),
         };
         p.words()[WORKERS].store(workers as u64, Ordering::Relaxed);
         p
@@ -131,6 +134,11 @@ impl Placement {
             Words::Kernel(m) => Some(m),
             Words::Heap(_) => None,
         }
+    }
+
+    /// A steering program shares the table now (`port::steer::steer_queues`).
+    pub fn set_steered(&self) {
+        self.steered.store(true, Ordering::Relaxed);
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -159,9 +167,9 @@ impl Placement {
         let v = slot.load(Ordering::Acquire);
         if v != 0 {
             let w = self.owner_in(v)?;
-            // With the table in the kernel, the steering program notes ends as it reads them;
-            // noting them again here, later, would let a second connection follow one end.
-            if flags & (FIN | RST) != 0 && self.kernel_map().is_none() {
+            // Where a steering program reads the table, it notes ends as it reads them; noting
+            // them again here, later, would let a second connection follow one end.
+            if flags & (FIN | RST) != 0 && !self.steered.load(Ordering::Relaxed) {
                 self.note_end(w);
             }
             return Some(w);
@@ -377,6 +385,15 @@ mod tests {
             Some(0),
             "the preferred one's turn passed on"
         );
+    }
+
+    #[test]
+    fn where_a_steering_program_notes_ends_the_router_does_not() {
+        let p = Placement::in_process(2);
+        p.set_steered();
+        p.claim(1, 1);
+        assert_eq!(p.owner(1, FIN), Some(1));
+        assert_eq!(p.word(END_TIME), 0);
     }
 
     #[test]

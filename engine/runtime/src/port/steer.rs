@@ -631,14 +631,15 @@ pub fn steer_queues(tap: &crate::port::tap::Tap, router: &crate::router::Router)
     }
     let map = router.placement().and_then(|p| p.kernel_map());
     match attach(tap, router.steering_seeds(), map) {
-        Ok(()) => tracing::debug!(
-            "TAP queues: each flow's frames steered to its worker (eBPF{})",
-            if map.is_some() {
-                ", new TCP flows placed"
-            } else {
-                ""
+        Ok(()) if map.is_some() => {
+            if let Some(p) = router.placement() {
+                p.set_steered();
             }
-        ),
+            tracing::debug!(
+                "TAP queues: each flow's frames steered to its worker (eBPF, new TCP flows placed)"
+            )
+        }
+        Ok(()) => tracing::debug!("TAP queues: each flow's frames steered to its worker (eBPF)"),
         Err(e) => tracing::info!(
             "{kernels}, a flow's first frames sometimes read by another worker and handed over \
              (no steering program: {e})"
