@@ -332,14 +332,22 @@ fn dhclient_leases_an_address_by_stateful_dhcpv6() {
         script.to_str().unwrap(),
         &lab.tap,
     ]);
-    // dhclient daemonizes once it has a lease; end it by its pid file.
-    if let Ok(p) = std::fs::read_to_string(&pid) {
-        if let Ok(p) = p.trim().parse::<i32>() {
-            // SAFETY-free: kill(2) through the command line on the process this test started.
-            let _ = std::process::Command::new("kill")
-                .arg(p.to_string())
-                .status();
-        }
+    // dhclient daemonizes once it has a lease; end it by its pid file, which the daemon may
+    // write a moment after its parent returned (read at once, it was missing, and the daemon
+    // outlived the test).
+    let daemon = if out.status.success() {
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(&pid)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+        })
+    } else {
+        None
+    };
+    if let Some(p) = daemon {
+        let _ = std::process::Command::new("kill")
+            .arg(p.to_string())
+            .status();
     }
     let text = std::fs::read_to_string(&leases).unwrap_or_default();
     assert!(
