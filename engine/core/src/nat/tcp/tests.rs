@@ -9,7 +9,7 @@ use smoltcp::wire::{
     TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr, ETHERNET_HEADER_LEN,
 };
 
-use super::conn::{TcpConn, MAX_BACKOFFS, TIME_WAIT};
+use super::conn::{TcpConn, DELAYED_ACK, MAX_BACKOFFS, TIME_WAIT};
 use crate::config::{Config, Mac};
 use crate::event::Event;
 use crate::nat::{Direction, InboundRefused, InboundTarget};
@@ -497,7 +497,86 @@ fn batched_upload_is_one_write_and_one_ack() {
     assert_eq!(t.tcp().written.len(), 5001);
     assert!(t.e.nat.tcp.buffer_usage().0 < 4096, "no ring held");
     t.e.flush(t.now, &mut t.h, &mut t.out);
-    assert_eq!(t.pump()[0].ack, Some(GISS + 1 + 5001));
+    // Its ACK waits for an answer to carry it, and goes alone when none comes.
+    assert!(t.pump().is_empty());
+    assert!(t.advance(DELAYED_ACK - Duration::from_micros(1)).is_empty());
+    let got = t.advance(Duration::from_micros(1));
+    assert!(got[0].is_pure_ack());
+    assert_eq!(got[0].ack, Some(GISS + 1 + 5001));
+}
+
+/// A request smaller than a segment is acknowledged by its answer: the guest gets one frame,
+/// not an ACK and then the answer. With batching (the runtime's way) and without.
+#[test]
+fn a_small_requests_ack_rides_on_its_answer() {
+    for batching in [true, false] {
+        let mut t = T::new();
+        t.e.set_batching(batching);
+        t.establish(ALL);
+        assert!(t.batch(&[t.data(0, b"GET")]).is_empty());
+        t.e.flush(t.now, &mut t.h, &mut t.out);
+        assert!(t.pump().is_empty(), "no ACK of its own");
+        assert_eq!(t.tcp().written, b"GET");
+        let sock = t.sock;
+        t.now = t.now + DELAYED_ACK / 2;
+        t.h.deliver_tcp(sock, b"200");
+        let got = t.pump();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].payload, b"200");
+        assert_eq!(got[0].ack, Some(GISS + 1 + 3));
+        assert!(t.advance(DELAYED_ACK).is_empty(), "nothing owed is left");
+    }
+}
+
+/// The delay is for a lone small segment: a second one is acknowledged at once (every second
+/// segment), and so is a full-sized one.
+#[test]
+fn a_second_segment_or_a_full_one_is_acknowledged_at_once() {
+    let mut t = T::new();
+    t.establish(ALL);
+    assert!(t.send(&t.data(0, b"a")).is_empty());
+    let got = t.send(&t.data(1, b"b"));
+    assert_eq!(got.len(), 1);
+    assert!(got[0].is_pure_ack());
+    assert_eq!(got[0].ack, Some(GISS + 1 + 2));
+    assert!(t.advance(DELAYED_ACK).is_empty(), "nothing owed is left");
+    // 1460-byte MSS offered, 12 bytes of timestamps: 1448 is a full segment.
+    let full = bytes(1448);
+    let got = t.send(&t.data(2, &full));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].ack, Some(GISS + 1 + 2 + 1448));
+}
+
+/// The guest closes first: its FIN's ACK waits for the destination's FIN, and one segment
+/// carries both; a destination that stays open has the FIN acknowledged alone after the delay.
+#[test]
+fn the_guests_fin_is_acknowledged_by_our_fin() {
+    let mut t = T::new();
+    t.establish(ALL);
+    let fin = t.s(TcpControl::Fin, GISS + 1, Some(t.iss + 1));
+    assert!(t.send(&fin).is_empty());
+    assert!(t.tcp().shut_write);
+    let sock = t.sock;
+    t.h.tcp_fin(sock);
+    let got = t.pump();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].fin);
+    assert_eq!(got[0].ack, Some(GISS + 2));
+    assert!(t.advance(DELAYED_ACK).is_empty());
+    let mut last = t.ack(1);
+    last.seq = GISS + 2;
+    assert!(t.send(&last).is_empty());
+    assert_eq!(t.state(), "none");
+
+    let mut t = T::new();
+    t.establish(ALL);
+    assert!(t.send(&fin).is_empty());
+    assert!(t.advance(DELAYED_ACK - Duration::from_micros(1)).is_empty());
+    let got = t.advance(Duration::from_micros(1));
+    assert_eq!(got.len(), 1);
+    assert!(got[0].is_pure_ack());
+    assert_eq!(got[0].ack, Some(GISS + 2));
+    assert_eq!(t.state(), "CLOSE_WAIT");
 }
 
 #[test]
@@ -616,8 +695,9 @@ fn duplicates_and_overlaps() {
     t.establish(NONE);
     let data = bytes(2000);
     t.send(&t.data(0, &data[..1000]));
-    // Overlapping: only the new part is written.
-    let got = t.send(&t.data(500, &data[500..1500]));
+    // Overlapping: only the new part is written (less than a segment: its ACK waits).
+    assert!(t.send(&t.data(500, &data[500..1500])).is_empty());
+    let got = t.advance(DELAYED_ACK);
     assert_eq!(got.last().unwrap().ack, Some(GISS + 1501));
     // Entirely old: ACK at once, nothing written.
     let got = t.send(&t.data(0, &data[..1000]));
@@ -917,9 +997,8 @@ fn guest_fin_half_close_then_host_finishes() {
     t.establish(NONE);
     let mut fin = t.data(0, b"bye");
     fin.control = TcpControl::Fin;
-    let got = t.send(&fin);
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].ack, Some(GISS + 1 + 4));
+    // The ACK waits for the destination's answer (or its FIN) to carry it.
+    assert!(t.send(&fin).is_empty());
     assert!(t.tcp().shut_write);
     assert_eq!(t.tcp().written, b"bye");
     assert_eq!(t.state(), "CLOSE_WAIT");
@@ -927,7 +1006,10 @@ fn guest_fin_half_close_then_host_finishes() {
     let sock = t.sock;
     t.h.deliver_tcp(sock, b"response");
     let got = t.pump();
+    assert_eq!(got.len(), 1);
     assert_eq!(got[0].payload, b"response");
+    assert_eq!(got[0].ack, Some(GISS + 1 + 4));
+    assert!(t.advance(DELAYED_ACK).is_empty(), "nothing owed is left");
     t.h.tcp_fin(sock);
     let got = t.pump();
     assert_eq!(got.len(), 1);
@@ -1378,9 +1460,10 @@ fn inbound_syn_offers_every_option_and_the_client_speaks_once_the_guest_answers(
     let answer = b"HTTP/1.0 200 OK\r\n\r\n";
     let mut a = t.data(0, answer);
     a.ack = Some(t.iss + 1 + request.len() as u32);
-    let got = t.send(&a);
+    assert!(t.send(&a).is_empty(), "a small segment's ACK waits");
     assert_eq!(t.tcp().written, answer);
     assert!(t.tcp().recv.is_empty(), "acknowledged bytes are consumed");
+    let got = t.advance(DELAYED_ACK);
     let ack = got.last().expect("an ACK");
     assert!(ack.is_pure_ack());
     assert_eq!(ack.ack, Some(GISS + 1 + answer.len() as u32));
