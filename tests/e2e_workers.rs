@@ -226,11 +226,12 @@ fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
     let all: u64 = read.iter().sum();
     assert!(all >= conns * 4, "{read:?} frames for {conns} connections");
     let most = *read.iter().max().unwrap();
+    let st = ctl_json(&dir.0, &["status"]);
     assert!(
         most * 10 >= all * 9,
-        "frames per worker {read:?}: the connections were not kept on one worker"
+        "frames per worker {read:?} for {v}: the connections were not kept on one worker\n{st}\n{}",
+        tail(&lab.hubnat_log())
     );
-    let st = ctl_json(&dir.0, &["status"]);
     assert_eq!(st["frames_handed_over"], 0, "{st}");
     stop_cleanly(&mut lab);
 }
