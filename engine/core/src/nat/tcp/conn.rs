@@ -53,8 +53,8 @@ const SACK_SLOTS: usize = 4;
 /// How long the ACK of a lone small segment, or of the guest's FIN, waits for data or our FIN
 /// to carry it. A request's answer, or the server's close after the guest's, usually follows
 /// within tens of microseconds on the host's side; carried, the ACK costs the guest no frame of
-/// its own (a TAP write, and the guest's receive path, each), about a fifth of a short
-/// connection's frames toward the guest (PERF.md, "Delayed ACKs"). A guest that waits for it
+/// its own (a TAP write, and the guest's receive path, each): a short connection's frames
+/// toward the guest go from five to three (PERF.md, "Delayed ACKs"). A guest that waits for it
 /// (Nagle's algorithm holding a second small write) waits this long, far below the 40 ms a
 /// Linux receiver's delayed ACK can take. Full-sized segments and anything out of order are
 /// acknowledged at the batch's end as before.
@@ -1463,7 +1463,9 @@ impl TcpConn {
             self.bytes_to_host += n as u64;
             self.ring.advance(self.rcv_nxt);
             if n > 0 {
-                self.ack_may_wait = self.ack_owed == 0 && n < self.mss;
+                // Only a segment the socket took whole: the rest of a partial write waits in
+                // the ring, and the guest should learn at once how far we got.
+                self.ack_may_wait = self.ack_owed == 0 && n == data.len() && n < self.mss;
                 self.ack_owed = self.ack_owed.saturating_add(1);
                 // The batch has begun: what follows waits for its end, and so does the ACK.
                 self.flush_pending |= self.defer_writes;
@@ -1499,10 +1501,9 @@ impl TcpConn {
         if self.drain(cx).is_err() || self.process_fin(cx).is_err() {
             return self.reset_both(cx);
         }
-        if self.ack_owed == 1 && self.ack_may_wait {
-            self.delay_ack(cx.now);
-        } else if self.ack_owed > 0 {
-            // The batch is over: whatever it wrote is acknowledged now.
+        if self.ack_owed == 1 && !self.ack_may_wait {
+            // The batch is over: whatever it wrote is acknowledged now (a lone small segment's
+            // ACK may still wait, in `output`).
             self.ack_owed = 2;
         }
         self.output(cx, false)

@@ -668,6 +668,25 @@ fn upload_acks_only_what_the_socket_took() {
     assert_eq!(t.tcp().written, data);
 }
 
+/// A small segment the socket takes only in part is acknowledged at once as far as it went:
+/// the guest must not wait `DELAYED_ACK` to learn that the rest is still ours to take.
+#[test]
+fn a_small_segment_the_socket_takes_in_part_is_not_delayed() {
+    let mut t = T::with(cfg(), host(|h| h.tcp_send_buffer = 100));
+    t.establish(ALL);
+    let data = bytes(300);
+    let got = t.send(&t.data(0, &data));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].is_pure_ack());
+    assert_eq!(got[0].ack, Some(GISS + 1 + 100));
+    let sock = t.sock;
+    t.h.tcp_drain(sock, 1000);
+    let got = t.pump();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].ack, Some(GISS + 1 + 300));
+    assert_eq!(t.tcp().written, data);
+}
+
 #[test]
 fn out_of_order_waits_then_fills() {
     let mut t = T::new();
