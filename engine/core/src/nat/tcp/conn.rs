@@ -1314,12 +1314,15 @@ impl TcpConn {
         self.host_drained && self.snd_nxt >= self.snd_max && self.fin_seq.is_none()
     }
 
-    /// Peeks what `transmit` may send in one call, when that is more than one segment.
+    /// Peeks what `transmit` may send in one call, when that is more than one segment and
+    /// each frame holds one segment. Super-frames are peeked into directly, one call each: a
+    /// call per 64 KiB costs less than copying every byte a second time out of the cache (the
+    /// copy was a twentieth of a download's worker time).
     fn fill_peek_cache<H: SockIo>(&mut self, cx: &mut Handling<H>) -> Result<(), Broken> {
         let Some(sock) = self.sock else {
             return Ok(());
         };
-        if self.fin_seq.is_some() {
+        if self.fin_seq.is_some() || self.gso(cx) {
             return Ok(());
         }
         let wnd_room = (self.snd_una + self.snd_wnd).since(self.snd_nxt);
