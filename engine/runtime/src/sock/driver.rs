@@ -123,7 +123,23 @@ pub struct SockDriver {
     udp_gso: bool,
     /// Events known when the call that caused them returned (`immediate_events`).
     immediate: Vec<SockEvent>,
+    /// TCP sockets made (options set, not yet connected) after a batch, so that a guest's SYN
+    /// costs the host one `connect` on the connection's first step rather than a `socket` and
+    /// its `setsockopt`s as well. Per family (IPv4, IPv6), kept only for a family a guest has
+    /// connected to.
+    spare_tcp: [Spares; 2],
 }
+
+/// Spare TCP sockets of one family.
+#[derive(Default)]
+struct Spares {
+    wanted: bool,
+    ready: Vec<(TcpStream, Option<usize>)>,
+}
+
+/// Spare TCP sockets kept per family: one per connection a burst of SYNs in one batch would
+/// open is more than a spare is worth; two cover a client that connects in a loop.
+const SPARE_TCP: usize = 2;
 
 fn not_found() -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, "no such host socket")
@@ -344,6 +360,7 @@ impl SockDriver {
             tcp_rcvbuf: 0,
             tcp_sndbuf: 0,
             udp_gso: true,
+            spare_tcp: Default::default(),
         }
     }
 
@@ -382,7 +399,8 @@ impl SockDriver {
         }
     }
 
-    /// Submits what the batch queued (io_uring); call before waiting.
+    /// Submits what the batch queued (io_uring) and makes the spare sockets the batch took;
+    /// call before waiting.
     pub fn submit(&mut self) {
         self.flush_consumes();
         if let Readiness::Uring(r) = &mut self.readiness {
@@ -390,6 +408,44 @@ impl SockDriver {
                 tracing::warn!("io_uring submit failed: {e}");
             }
         }
+        self.refill_spares();
+    }
+
+    fn spares_short(&self) -> bool {
+        self.spare_tcp
+            .iter()
+            .any(|s| s.wanted && s.ready.len() < SPARE_TCP)
+    }
+
+    /// Makes spare TCP sockets up to `SPARE_TCP` per family in use. A failure (out of file
+    /// descriptors, say) leaves the spares short: a connection then makes its own socket and
+    /// reports that socket's error.
+    fn refill_spares(&mut self) {
+        for (i, v6) in [(0, false), (1, true)] {
+            while self.spare_tcp[i].wanted && self.spare_tcp[i].ready.len() < SPARE_TCP {
+                match self.new_tcp_socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }) {
+                    Ok(spare) => self.spare_tcp[i].ready.push(spare),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// A TCP socket with every option a connection needs set, and its peek offset.
+    fn new_tcp_socket(&self, family: libc::c_int) -> io::Result<(TcpStream, Option<usize>)> {
+        // SAFETY: plain socket creation; the result is checked.
+        let fd = cvt(unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        })?;
+        // SAFETY: a fresh fd owned by nobody else.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        // Before the connect: the buffer sizes decide the window scale the SYN offers.
+        let peek_off = self.tcp_options(&stream);
+        Ok((stream, peek_off))
     }
 
     /// Discards what the guest acknowledged during the batch: one call per socket per batch
@@ -486,6 +542,13 @@ impl SockDriver {
         spin_until: std::time::Instant,
     ) -> io::Result<bool> {
         self.flush_consumes();
+        if self.spares_short() {
+            // The batch's writes go out first: the spares are made while they travel.
+            if let Readiness::Uring(r) = &mut self.readiness {
+                r.submit()?;
+            }
+            self.refill_spares();
+        }
         match &mut self.readiness {
             Readiness::Uring(r) => r.wait(timeout, spin_until),
             Readiness::Epoll(_) => Err(io::ErrorKind::Unsupported.into()),
@@ -766,18 +829,13 @@ impl SockIo for SockDriver {
     }
 
     fn tcp_connect(&mut self, dst: SocketAddr) -> io::Result<SockId> {
-        // SAFETY: plain socket creation; the result is checked.
-        let fd = cvt(unsafe {
-            libc::socket(
-                family(&dst),
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: a fresh fd owned by nobody else.
-        let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        // Before the connect: the buffer sizes decide the window scale the SYN offers.
-        let peek_off = self.tcp_options(&stream);
+        let spares = &mut self.spare_tcp[usize::from(dst.is_ipv6())];
+        spares.wanted = true;
+        let (stream, peek_off) = match spares.ready.pop() {
+            Some(spare) => spare,
+            None => self.new_tcp_socket(family(&dst))?,
+        };
+        let fd = stream.as_raw_fd();
         let addr = RawAddr::new(dst);
         // SAFETY: `addr` holds a socket address of `addr.len()` bytes, alive for the call.
         let r = unsafe { libc::connect(fd, addr.as_ptr(), addr.len()) };
@@ -1205,6 +1263,48 @@ mod tests {
         assert!(host.tcp_peer_closed(id));
         host.close(id);
         assert!(host.is_empty());
+    }
+
+    #[test]
+    fn a_second_connection_takes_a_spare_socket_made_after_the_first() {
+        a_second_connection_takes_a_spare_with(false);
+        if crate::sock::uring::probe().is_ok() {
+            a_second_connection_takes_a_spare_with(true);
+        }
+    }
+
+    fn a_second_connection_takes_a_spare_with(uring: bool) {
+        let (mut host, mut poll, first, _peer) = connected(uring);
+        // Made after the batch of the first connect, for IPv4 only.
+        assert_eq!(host.spare_tcp[0].ready.len(), SPARE_TCP);
+        assert!(host.spare_tcp[1].ready.is_empty());
+        let spare_fds: Vec<RawFd> = host.spare_tcp[0]
+            .ready
+            .iter()
+            .map(|(s, _)| s.as_raw_fd())
+            .collect();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let id = host.tcp_connect(listener.local_addr().unwrap()).unwrap();
+        assert_ne!(id, first);
+        let Some(Sock::Tcp(t)) = host.socks.get(&id) else {
+            panic!("no TCP socket {id}")
+        };
+        assert!(spare_fds.contains(&t.stream.as_raw_fd()));
+        assert_eq!(host.spare_tcp[0].ready.len(), SPARE_TCP - 1);
+        host.submit();
+        assert_eq!(host.spare_tcp[0].ready.len(), SPARE_TCP);
+        let (mut peer, _) = listener.accept().unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Connected(id));
+        // The spare came with its options: no Nagle, and peeking at an offset.
+        let Some(Sock::Tcp(t)) = host.socks.get(&id) else {
+            panic!("no TCP socket {id}")
+        };
+        assert!(t.stream.nodelay().unwrap());
+        peer.write_all(b"spare socket").unwrap();
+        wait_for(&mut host, &mut poll, |e| *e == SockEvent::Readable(id));
+        let mut buf = [0u8; 6];
+        assert_eq!(host.tcp_peek(id, 6, &mut buf).unwrap(), 6);
+        assert_eq!(&buf, b"socket");
     }
 
     /// Bytes waiting in the kernel socket of `id`.
