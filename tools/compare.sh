@@ -804,7 +804,10 @@ run_mem() { # system count
     wait "$pid" 2>/dev/null || true
     if [ "${held:-0}" -gt 0 ]; then
       local note=""
-      [ "$held" -lt "$n" ] && note="held $held of $n: $(jq -r '.first_error // empty' "$out" 2>/dev/null)"
+      if [ "$held" -lt "$n" ]; then
+        local err; err=$(jq -r '.first_error // empty' "$out" 2>/dev/null)
+        note="held $held of $n${err:+: $err}"
+      fi
       record "$s" "mem_$n" "$hwm" MiB "$note"
       record "$s" "held_$n" "$held" conns "$note"
       return
