@@ -34,9 +34,9 @@ static SOCKET_BUDGET: OnceLock<usize> = OnceLock::new();
 
 /// Descriptors kept for hubnat itself, not for sessions: the control socket and its
 /// connections, the metrics endpoint, logs, the lease and configuration files, and per thread
-/// its TAP queue, poll, waker and rings.
+/// its TAP queue, poll, waker and rings, and its socket driver's spare TCP sockets.
 pub fn fd_reserve(threads: usize) -> usize {
-    96 + 8 * threads
+    96 + (8 + 2 * hubnat_runtime::sock::driver::SPARE_TCP) * threads
 }
 
 /// Raises the soft limit of open files to the hard limit (a NAT holds a socket per session;

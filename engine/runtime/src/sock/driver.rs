@@ -138,8 +138,9 @@ struct Spares {
 }
 
 /// Spare TCP sockets kept per family: one per connection a burst of SYNs in one batch would
-/// open is more than a spare is worth; two cover a client that connects in a loop.
-const SPARE_TCP: usize = 2;
+/// open is more than a spare is worth; two cover a client that connects in a loop. A driver
+/// holds at most twice this many descriptors besides its sessions' (the daemon reserves them).
+pub const SPARE_TCP: usize = 2;
 
 fn not_found() -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, "no such host socket")
