@@ -238,9 +238,14 @@ fn window_scale_and_sack_are_negotiated() {
             pcap.to_str().unwrap(),
             "tcp",
         ]),
-        None,
+        Some(lab.dir.join("tcpdump.log")),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The capture is open once tcpdump says so; a fixed pause lost the whole exchange on a
+    // loaded CI machine.
+    common::wait_until(Duration::from_secs(10), || {
+        dump.log().contains("listening on").then_some(())
+    })
+    .unwrap_or_else(|| panic!("tcpdump did not start: {}", dump.log()));
     let up = lab.client(&["put", "--connect", &at(9004), "--bytes", "100000"]);
     assert!(up.status.success());
     std::thread::sleep(Duration::from_millis(300));
