@@ -422,9 +422,9 @@ impl SockDriver {
     /// descriptors, say) leaves the spares short: a connection then makes its own socket and
     /// reports that socket's error.
     fn refill_spares(&mut self) {
-        for (i, v6) in [(0, false), (1, true)] {
+        for (i, family) in [(0, libc::AF_INET), (1, libc::AF_INET6)] {
             while self.spare_tcp[i].wanted && self.spare_tcp[i].ready.len() < SPARE_TCP {
-                match self.new_tcp_socket(if v6 { libc::AF_INET6 } else { libc::AF_INET }) {
+                match self.new_tcp_socket(family) {
                     Ok(spare) => self.spare_tcp[i].ready.push(spare),
                     Err(_) => break,
                 }
@@ -1232,12 +1232,17 @@ mod tests {
         panic!("event did not come: {got:?}");
     }
 
+    /// Runs `test` on the epoll backend, and on io_uring where the kernel has it.
+    fn on_each_backend(test: fn(bool)) {
+        test(false);
+        if crate::sock::uring::probe().is_ok() {
+            test(true);
+        }
+    }
+
     #[test]
     fn tcp_connect_peek_consume_shutdown() {
-        tcp_connect_peek_consume_shutdown_with(false);
-        if crate::sock::uring::probe().is_ok() {
-            tcp_connect_peek_consume_shutdown_with(true);
-        }
+        on_each_backend(tcp_connect_peek_consume_shutdown_with);
     }
 
     fn tcp_connect_peek_consume_shutdown_with(uring: bool) {
@@ -1268,10 +1273,7 @@ mod tests {
 
     #[test]
     fn a_second_connection_takes_a_spare_socket_made_after_the_first() {
-        a_second_connection_takes_a_spare_with(false);
-        if crate::sock::uring::probe().is_ok() {
-            a_second_connection_takes_a_spare_with(true);
-        }
+        on_each_backend(a_second_connection_takes_a_spare_with);
     }
 
     fn a_second_connection_takes_a_spare_with(uring: bool) {
@@ -1397,10 +1399,7 @@ mod tests {
 
     #[test]
     fn tcp_connect_refused_is_reported() {
-        tcp_connect_refused_is_reported_with(false);
-        if crate::sock::uring::probe().is_ok() {
-            tcp_connect_refused_is_reported_with(true);
-        }
+        on_each_backend(tcp_connect_refused_is_reported_with);
     }
 
     fn tcp_connect_refused_is_reported_with(uring: bool) {
@@ -1461,10 +1460,7 @@ mod tests {
 
     #[test]
     fn udp_roundtrip_and_port_unreachable() {
-        udp_roundtrip_and_port_unreachable_with(false);
-        if crate::sock::uring::probe().is_ok() {
-            udp_roundtrip_and_port_unreachable_with(true);
-        }
+        on_each_backend(udp_roundtrip_and_port_unreachable_with);
     }
 
     fn udp_roundtrip_and_port_unreachable_with(uring: bool) {
