@@ -115,9 +115,6 @@ pub struct SockDriver {
     scratch: Vec<u8>,
     /// TCP sockets with acknowledged bytes still to discard.
     to_consume: Vec<SockId>,
-    /// Receive buffer size requested on new TCP sockets (0: the kernel's default).
-    pub tcp_rcvbuf: usize,
-    pub tcp_sndbuf: usize,
     /// Whether the host's UDP sockets take UDP_SEGMENT sends (off for good once the host
     /// said it cannot do them).
     udp_gso: bool,
@@ -358,8 +355,6 @@ impl SockDriver {
             next_id: 0,
             scratch: Vec::new(),
             to_consume: Vec::new(),
-            tcp_rcvbuf: 0,
-            tcp_sndbuf: 0,
             udp_gso: true,
             spare_tcp: Default::default(),
         }
@@ -625,27 +620,12 @@ impl SockDriver {
         }
     }
 
-    /// What every TCP socket gets: no Nagle (the guest's own stack decides when to send), the
-    /// configured buffer sizes, and a peek offset where the kernel has one (its value).
+    /// What every TCP socket gets: no Nagle (the guest's own stack decides when to send) and a
+    /// peek offset where the kernel has one (its value). Buffer sizes stay the kernel's:
+    /// setting one would switch off its autotuning, which is what lets a fast flow's window grow.
     fn tcp_options(&self, stream: &TcpStream) -> Option<usize> {
         let fd = stream.as_raw_fd();
         let _ = stream.set_nodelay(true);
-        if self.tcp_rcvbuf > 0 {
-            let _ = setsockopt_int(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                self.tcp_rcvbuf as libc::c_int,
-            );
-        }
-        if self.tcp_sndbuf > 0 {
-            let _ = setsockopt_int(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                self.tcp_sndbuf as libc::c_int,
-            );
-        }
         setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
             .ok()
             .map(|_| 0)
