@@ -439,7 +439,6 @@ impl SockDriver {
         })?;
         // SAFETY: a fresh fd owned by nobody else.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        // Before the connect: the buffer sizes decide the window scale the SYN offers.
         let peek_off = self.tcp_options(&stream);
         Ok((stream, peek_off))
     }
