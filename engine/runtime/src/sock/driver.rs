@@ -419,7 +419,7 @@ impl SockDriver {
     fn refill_spares(&mut self) {
         for (i, family) in [(0, libc::AF_INET), (1, libc::AF_INET6)] {
             while self.spare_tcp[i].wanted && self.spare_tcp[i].ready.len() < SPARE_TCP {
-                match self.new_tcp_socket(family) {
+                match Self::new_tcp_socket(family) {
                     Ok(spare) => self.spare_tcp[i].ready.push(spare),
                     Err(_) => break,
                 }
@@ -428,7 +428,7 @@ impl SockDriver {
     }
 
     /// A TCP socket with every option a connection needs set, and its peek offset.
-    fn new_tcp_socket(&self, family: libc::c_int) -> io::Result<(TcpStream, Option<usize>)> {
+    fn new_tcp_socket(family: libc::c_int) -> io::Result<(TcpStream, Option<usize>)> {
         // SAFETY: plain socket creation; the result is checked.
         let fd = cvt(unsafe {
             libc::socket(
@@ -439,7 +439,7 @@ impl SockDriver {
         })?;
         // SAFETY: a fresh fd owned by nobody else.
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
-        let peek_off = self.tcp_options(&stream);
+        let peek_off = Self::tcp_options(&stream);
         Ok((stream, peek_off))
     }
 
@@ -622,7 +622,7 @@ impl SockDriver {
     /// What every TCP socket gets: no Nagle (the guest's own stack decides when to send) and a
     /// peek offset where the kernel has one (its value). Buffer sizes stay the kernel's:
     /// setting one would switch off its autotuning, which is what lets a fast flow's window grow.
-    fn tcp_options(&self, stream: &TcpStream) -> Option<usize> {
+    fn tcp_options(stream: &TcpStream) -> Option<usize> {
         let fd = stream.as_raw_fd();
         let _ = stream.set_nodelay(true);
         setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
@@ -635,7 +635,7 @@ impl SockDriver {
     pub fn adopt_tcp(&mut self, stream: std::net::TcpStream) -> io::Result<SockId> {
         stream.set_nonblocking(true)?;
         let stream = TcpStream::from_std(stream);
-        let peek_off = self.tcp_options(&stream);
+        let peek_off = Self::tcp_options(&stream);
         let id = self.alloc_id();
         self.register_fd(stream.as_raw_fd(), id, true)?;
         self.socks.insert(
@@ -813,7 +813,7 @@ impl SockIo for SockDriver {
         spares.wanted = true;
         let (stream, peek_off) = match spares.ready.pop() {
             Some(spare) => spare,
-            None => self.new_tcp_socket(family(&dst))?,
+            None => Self::new_tcp_socket(family(&dst))?,
         };
         let fd = stream.as_raw_fd();
         let addr = RawAddr::new(dst);
