@@ -290,6 +290,18 @@ fn bad_runtime_flags_are_refused_before_anything_is_written() {
             &["--tap-queues", "some"][..],
             "possible values: auto, multi, single",
         ),
+        (
+            &["--no-sandbox", "--user", "nobody"][..],
+            "'--no-sandbox' cannot be used with '--user <NAME>'",
+        ),
+        (
+            &["--no-sandbox", "--sandbox-check"][..],
+            "'--no-sandbox' cannot be used with '--sandbox-check'",
+        ),
+        (
+            &["--config", "/nonexistent/hubnat.toml"][..],
+            "cannot read configuration file /nonexistent/hubnat.toml: No such file or directory",
+        ),
     ] {
         let out = Command::new(common::hubnat_bin())
             .args(["run", "--tap", "hnbad0", "--state-dir"])
@@ -300,6 +312,8 @@ fn bad_runtime_flags_are_refused_before_anything_is_written() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(err.contains(says), "{args:?}: {err}");
+        // The reason once: an error that also names it as its source is printed twice.
+        assert!(err.matches("(os error").count() <= 1, "{args:?}: {err}");
         assert!(!state.exists(), "{args:?} wrote the state directory");
     }
 }

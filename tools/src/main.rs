@@ -422,7 +422,7 @@ struct RunArgs {
     user: Option<String>,
     /// Keep every privilege hubnat started with (no user change, capability drop, Landlock or
     /// system-call filter). For debugging only.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["user", "sandbox_check"])]
     no_sandbox: bool,
     /// Once in the sandbox, try a forbidden system call (execve) and log what happened.
     #[arg(long)]

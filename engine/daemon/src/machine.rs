@@ -58,9 +58,9 @@ pub fn raise_open_files(threads: usize) -> (u64, usize) {
 
 /// Reads a configuration file without validating it (`validate` does that).
 pub fn load_raw(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     RawConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
         path: path.to_owned(),

@@ -21,8 +21,8 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub enum NotifyError {
     #[error("{NOTIFY_SOCKET}={0}: neither a socket path nor an abstract name (@NAME)")]
     Unsupported(String),
-    #[error("{NOTIFY_SOCKET}={addr}: {source}")]
-    Io { addr: String, source: io::Error },
+    #[error("{NOTIFY_SOCKET}={addr}: {error}")]
+    Io { addr: String, error: io::Error },
 }
 
 /// A datagram socket connected to systemd's notification socket.
@@ -45,9 +45,9 @@ impl Notifier {
 
     /// Connects to `addr`: a path, or `@NAME` for an abstract socket.
     pub fn connect(addr: &str) -> Result<Notifier, NotifyError> {
-        let io_err = |source| NotifyError::Io {
+        let io_err = |error| NotifyError::Io {
             addr: addr.to_owned(),
-            source,
+            error,
         };
         let target = match addr.as_bytes() {
             [b'/', ..] => SocketAddr::from_pathname(addr).map_err(io_err)?,

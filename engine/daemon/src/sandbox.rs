@@ -35,16 +35,16 @@ use seccompiler::{
 pub enum SandboxError {
     #[error("--user {0}: no such user")]
     NoUser(String),
-    #[error("cannot look up user {name}: {source}")]
-    Lookup { name: String, source: nix::Error },
-    #[error("cannot hand {path} to user {user}: {source}")]
+    #[error("cannot look up user {name}: {error}")]
+    Lookup { name: String, error: nix::Error },
+    #[error("cannot hand {path} to user {user}: {error}")]
     Chown {
         path: PathBuf,
         user: String,
-        source: nix::Error,
+        error: nix::Error,
     },
-    #[error("cannot become user {user}: {source}")]
-    SetId { user: String, source: nix::Error },
+    #[error("cannot become user {user}: {error}")]
+    SetId { user: String, error: nix::Error },
     #[error("cannot drop capabilities: {0}")]
     Caps(caps::errors::CapsError),
     #[error("cannot set no-new-privs: {0}")]
@@ -132,9 +132,9 @@ pub fn lookup(name: &str) -> Result<(Uid, Gid), SandboxError> {
     match User::from_name(name) {
         Ok(Some(u)) => Ok((u.uid, u.gid)),
         Ok(None) => Err(SandboxError::NoUser(name.to_owned())),
-        Err(source) => Err(SandboxError::Lookup {
+        Err(error) => Err(SandboxError::Lookup {
             name: name.to_owned(),
-            source,
+            error,
         }),
     }
 }
@@ -225,9 +225,9 @@ fn become_user(user: &str, keep: &CapsHashSet, paths: &Paths) -> Result<(), Sand
             let _ = caps::drop(None, CapSet::Bounding, cap);
         }
     }
-    let set_id = |source| SandboxError::SetId {
+    let set_id = |error| SandboxError::SetId {
         user: user.to_owned(),
-        source,
+        error,
     };
     if !keep.is_empty() {
         nix::sys::prctl::set_keepcaps(true).map_err(set_id)?;
@@ -244,10 +244,10 @@ fn become_user(user: &str, keep: &CapsHashSet, paths: &Paths) -> Result<(), Sand
 /// Makes `path` (and, for a directory, the files in it) `uid`'s, where it exists.
 fn give(path: &Path, uid: Uid, gid: Gid, user: &str) -> Result<(), SandboxError> {
     let chown = |p: &Path| {
-        nix::unistd::chown(p, Some(uid), Some(gid)).map_err(|source| SandboxError::Chown {
+        nix::unistd::chown(p, Some(uid), Some(gid)).map_err(|error| SandboxError::Chown {
             path: p.to_owned(),
             user: user.to_owned(),
-            source,
+            error,
         })
     };
     let Ok(meta) = std::fs::symlink_metadata(path) else {

@@ -18,11 +18,8 @@ pub struct Frame {
 
 #[derive(thiserror::Error, Debug)]
 pub enum PcapError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: {why}")]
     Format { path: String, why: String },
 }
@@ -67,9 +64,9 @@ pub fn read_from(r: impl Read, path: &str) -> Result<Vec<Frame>, PcapError> {
 
 pub fn read(path: &Path) -> Result<Vec<Frame>, PcapError> {
     let name = path.display().to_string();
-    let f = File::open(path).map_err(|source| PcapError::Io {
+    let f = File::open(path).map_err(|error| PcapError::Io {
         path: name.clone(),
-        source,
+        error,
     })?;
     read_from(BufReader::new(f), &name)
 }
@@ -109,9 +106,9 @@ pub fn to_bytes(frames: &[Frame]) -> Vec<u8> {
 }
 
 pub fn write(path: &Path, frames: &[Frame]) -> Result<(), PcapError> {
-    let io = |source| PcapError::Io {
+    let io = |error| PcapError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let mut f = BufWriter::new(File::create(path).map_err(io)?);
     f.write_all(&to_bytes(frames)).map_err(io)?;
