@@ -299,6 +299,18 @@ fn bad_runtime_flags_are_refused_before_anything_is_written() {
             "'--no-sandbox' cannot be used with '--sandbox-check'",
         ),
         (
+            &["--netns", "/nonexistent/net"][..],
+            "--netns: no namespace at /nonexistent/net",
+        ),
+        (
+            &["--netns", "hubnat-no-such-namespace"][..],
+            "--netns: no namespace at /run/netns/hubnat-no-such-namespace",
+        ),
+        (
+            &["--userns", "/nonexistent/user"][..],
+            "--userns: no namespace at /nonexistent/user",
+        ),
+        (
             &["--config", "/nonexistent/hubnat.toml"][..],
             "cannot read configuration file /nonexistent/hubnat.toml: No such file or directory",
         ),

@@ -770,6 +770,26 @@ fn port_specs(args: &RunArgs) -> Result<(Option<String>, Vec<PortSpec>)> {
     if first.is_none() && (args.netns.is_some() || args.userns.is_some()) {
         bail!("--netns and --userns say where to create the TAP, and no TAP is given (--tap NAME)");
     }
+    // A namespace that is not there is refused now, before the state directory is written;
+    // one this user may not look at is left for the TAP's opening to report.
+    let namespaces = [
+        ("--netns", args.netns.as_deref().map(netns_path)),
+        (
+            "--userns",
+            args.userns
+                .as_deref()
+                .map(hubnat_runtime::port::tap::userns_path),
+        ),
+    ];
+    for (flag, path) in namespaces {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::metadata(&path) {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    bail!("{flag}: no namespace at {}", path.display());
+                }
+            }
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for s in first
         .iter()
