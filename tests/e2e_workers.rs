@@ -329,3 +329,22 @@ fn bad_runtime_flags_are_refused_before_anything_is_written() {
         assert!(!state.exists(), "{args:?} wrote the state directory");
     }
 }
+
+#[test]
+fn a_port_that_cannot_be_opened_leaves_no_state() {
+    let dir = common::TempDir::new();
+    let state = dir.0.join("state");
+    let missing = dir.0.join("no-such-dir").join("sock");
+    let stream = format!("stream:{}", missing.display());
+    for port in ["fd:99", "packet:hnbad-noif", stream.as_str()] {
+        let out = Command::new(common::hubnat_bin())
+            .args(["run", "--port", port, "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{port} was accepted");
+        assert!(err.contains(&format!("port {port}: ")), "{port}: {err}");
+        assert!(!state.exists(), "{port} wrote the state directory");
+    }
+}

@@ -600,8 +600,6 @@ fn run(
         .clone()
         .or_else(|| cfg.state_dir.clone())
         .unwrap_or_else(state::default_state_dir);
-    let mac = virtual_host_mac(&cfg, &state_dir, rng.random())?;
-    api::complete(&mut cfg, mac);
     if cfg.dns.upstream.is_empty() {
         tracing::warn!(
             "no nameserver the relay can use in /etc/resolv.conf: the DNS relay has no upstream"
@@ -645,6 +643,9 @@ fn run(
     for spec in &specs {
         links.push(spec.open(cfg.nat.mtu)?);
     }
+    // Chosen once the ports are open, so that a port that cannot be opened leaves no state.
+    let mac = virtual_host_mac(&cfg, &state_dir, rng.random())?;
+    api::complete(&mut cfg, mac);
     let (stop_rx, stop_tx) = UnixStream::pair().context("cannot create the signal pipe")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::low_level::pipe::register(sig, stop_tx.try_clone()?)
