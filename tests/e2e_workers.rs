@@ -205,6 +205,12 @@ fn frames_in_by_worker(dir: &std::path::Path) -> Vec<u64> {
 /// A guest that connects, exchanges a byte and closes, over and over (the kernel's own TCP
 /// client), has each new connection placed on the worker its last one ended on: one worker
 /// reads nearly all of its frames, where the flow hash alone would split them about evenly.
+///
+/// Measured in short rounds, each its own loop: a client that waits for a CPU for longer than
+/// the placement follows an end (a busy CI machine) starts over on the preferred worker, and
+/// one such move in a single long loop could leave any split of its frames. So most rounds must
+/// stay on one worker, not every round: by the hash alone no round of a hundred connections
+/// would.
 #[test]
 fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
     require_root!();
@@ -220,31 +226,44 @@ fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
         return;
     }
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
-    let before = frames_in_by_worker(&dir.0);
     let load = env!("CARGO_BIN_EXE_hubnat-load");
     let to = format!("{SERVER_IP}:9101");
-    let out = lab
-        .guest
-        .exec(&[load, "crr", "--connect", &to, "--duration", "2", "--json"]);
-    assert!(
-        out.status.success(),
-        "crr: {}
-{}",
-        String::from_utf8_lossy(&out.stderr),
-        tail(&lab.hubnat_log())
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let conns = v["connections"].as_u64().unwrap();
-    assert!(conns >= 200, "{v}");
-    let after = frames_in_by_worker(&dir.0);
-    let read: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    let all: u64 = read.iter().sum();
-    assert!(all >= conns * 4, "{read:?} frames for {conns} connections");
-    let most = *read.iter().max().unwrap();
+    const ROUNDS: usize = 8;
+    let mut kept = 0;
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let before = frames_in_by_worker(&dir.0);
+        let out = lab
+            .guest
+            .exec(&[load, "crr", "--connect", &to, "--duration", "0.5", "--json"]);
+        assert!(
+            out.status.success(),
+            "crr: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&lab.hubnat_log())
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let conns = v["connections"].as_u64().unwrap();
+        assert!(conns >= 40, "{v}");
+        let after = frames_in_by_worker(&dir.0);
+        let read: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let all: u64 = read.iter().sum();
+        assert!(all >= conns * 4, "{read:?} frames for {conns} connections");
+        let most = *read.iter().max().unwrap();
+        if most * 10 >= all * 9 {
+            kept += 1;
+        }
+        rounds.push(format!(
+            "{read:?} ({conns} connections, p99 {} us)",
+            v["p99_us"]
+        ));
+    }
+    eprintln!("{kept} of {ROUNDS} rounds kept on one worker: {rounds:#?}");
     let st = ctl_json(&dir.0, &["status"]);
     assert!(
-        most * 10 >= all * 9,
-        "frames per worker {read:?} for {v}: the connections were not kept on one worker\n{st}\n{}",
+        kept * 4 >= ROUNDS * 3,
+        "frames per worker in each round: {rounds:#?}: the connections were not kept on one \
+         worker in {kept} of {ROUNDS} rounds\n{st}\n{}",
         tail(&lab.hubnat_log())
     );
     assert_eq!(st["frames_handed_over"], 0, "{st}");
