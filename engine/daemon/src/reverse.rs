@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -19,61 +19,10 @@ pub const CACHE_MAX: usize = 4096;
 /// The host name registered for `ip` in the system's resolver (hosts file, DNS, ...), or `None`
 /// when it has none. Blocks.
 pub fn reverse_lookup(ip: IpAddr) -> Option<String> {
-    let sin;
-    let sin6;
-    let (addr, len): (*const libc::sockaddr, usize) = match ip {
-        IpAddr::V4(ip) => {
-            sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            (
-                (&sin as *const libc::sockaddr_in).cast(),
-                std::mem::size_of_val(&sin),
-            )
-        }
-        IpAddr::V6(ip) => {
-            sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: ip.octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            (
-                (&sin6 as *const libc::sockaddr_in6).cast(),
-                std::mem::size_of_val(&sin6),
-            )
-        }
-    };
-    let mut host = [0 as libc::c_char; libc::NI_MAXHOST as usize];
-    // SAFETY: `addr` points at a valid sockaddr of the length given, alive for the call;
-    // `host` is a writable buffer of the length given; no service buffer is asked for (null,
-    // length 0).
-    let rc = unsafe {
-        libc::getnameinfo(
-            addr,
-            len as libc::socklen_t,
-            host.as_mut_ptr(),
-            host.len() as libc::socklen_t,
-            std::ptr::null_mut(),
-            0,
-            libc::NI_NAMEREQD,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: on success getnameinfo wrote a NUL-terminated string into `host`.
-    let name = unsafe { std::ffi::CStr::from_ptr(host.as_ptr()) };
-    let name = name.to_string_lossy().into_owned();
-    (!name.is_empty()).then_some(name)
+    // NI_NUMERICSERV: the port (0) is not looked up in the services database.
+    let flags = libc::NI_NAMEREQD | libc::NI_NUMERICSERV;
+    let (host, _service) = dns_lookup::getnameinfo(&SocketAddr::new(ip, 0), flags).ok()?;
+    (!host.is_empty()).then_some(host)
 }
 
 /// A background thread answering lookups; each answer goes to the callback given at spawn with
