@@ -244,6 +244,16 @@ fn rootless_run(ping_sockets: bool) {
     let link = container.exec(&["ip", "link", "show", "tap0"]);
     let shown = String::from_utf8_lossy(&link.stdout);
     assert!(shown.contains("qlen 2048"), "{shown}");
+    // The container's namespace is fresh: lo is its device 1, so 2 is the first device made in
+    // it. hubnat makes tap0 once: a device closed and made anew (a fallback after the fact)
+    // vanishes for a moment, and a DHCP client started when it appeared fails on it.
+    let index = shown.split(':').next().unwrap_or("").trim();
+    assert_eq!(
+        index,
+        "2",
+        "tap0 was made more than once:\n{shown}\n{}",
+        hubnat.log()
+    );
     let url = format!("http://{SERVER_IP}:8080/index.html");
     let got = container.exec(&["curl", "-sS", "--noproxy", "*", "--max-time", "10", &url]);
     assert!(

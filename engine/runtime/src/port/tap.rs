@@ -1602,40 +1602,9 @@ impl NapiThreading {
         let attr = format!("/sys/class/net/{name}/threaded");
         let own_mount = {
             let attr = attr.clone();
-            let netns = netns.map(Path::to_owned);
-            std::thread::spawn(move || -> io::Result<File> {
-                if let Some(p) = netns {
-                    setns(File::open(p)?.as_fd())?;
-                }
-                // SAFETY: unshare only gives this (short-lived, spawned here) thread a mount
-                // namespace of its own.
-                check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
-                // Nothing mounted here may propagate back to the host's mount namespace.
-                // SAFETY: constant NUL-terminated strings; the flags only change propagation.
-                check(unsafe {
-                    libc::mount(
-                        std::ptr::null(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    )
-                })?;
-                // SAFETY: constant NUL-terminated strings; a sysfs over /sys in this thread's
-                // private mount namespace only.
-                check(unsafe {
-                    libc::mount(
-                        c"sysfs".as_ptr(),
-                        c"/sys".as_ptr(),
-                        c"sysfs".as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                        std::ptr::null(),
-                    )
-                })?;
+            Self::in_own_sysfs(netns, move || {
                 OpenOptions::new().read(true).write(true).open(&attr)
             })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("sysfs thread panicked")))
         };
         let file = match own_mount {
             Ok(f) => f,
@@ -1650,6 +1619,57 @@ impl NapiThreading {
         let t = NapiThreading { file };
         t.set(false)?;
         Ok(t)
+    }
+
+    /// Whether `open` can reach the switches of the network namespace at `netns` at all (join
+    /// it, mount a sysfs of its own), asked before a device is made: a device made with NAPI
+    /// whose switch cannot be had is closed and made anew without it, and would vanish for a
+    /// moment under the guest's side (a DHCP client started when it appeared would fail).
+    pub fn probe(netns: &Path) -> io::Result<()> {
+        Self::in_own_sysfs(Some(netns), || Ok(()))
+    }
+
+    /// Runs `f` on a short-lived thread that has joined the network namespace at `netns` (None:
+    /// this thread's) and mounted a sysfs of its own over /sys, in a mount namespace of its own
+    /// that goes away with the thread (files opened there keep working after).
+    fn in_own_sysfs<T: Send + 'static>(
+        netns: Option<&Path>,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let netns = netns.map(Path::to_owned);
+        std::thread::spawn(move || -> io::Result<T> {
+            if let Some(p) = netns {
+                setns(File::open(p)?.as_fd())?;
+            }
+            // SAFETY: unshare only gives this (short-lived, spawned here) thread a mount
+            // namespace of its own.
+            check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+            // Nothing mounted here may propagate back to the host's mount namespace.
+            // SAFETY: constant NUL-terminated strings; the flags only change propagation.
+            check(unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                )
+            })?;
+            // SAFETY: constant NUL-terminated strings; a sysfs over /sys in this thread's
+            // private mount namespace only.
+            check(unsafe {
+                libc::mount(
+                    c"sysfs".as_ptr(),
+                    c"/sys".as_ptr(),
+                    c"sysfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                )
+            })?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sysfs thread panicked")))
     }
 
     /// Whether /sys/class/net/NAME is this namespace's device NAME (same interface index).
