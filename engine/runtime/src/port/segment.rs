@@ -165,30 +165,24 @@ impl TapSpec<'_> {
     /// `queues` queues, with NAPI and its switch where both can be had.
     fn open_napi(&self, queues: usize) -> Result<(Vec<Tap>, Option<NapiThreading>), TapError> {
         if self.napi != NapiMode::Off {
-            // Known before the device is made where it can be (another namespace's switch):
-            // a device made with NAPI and then without would vanish for a moment.
-            if let Some(Err(e)) = self
-                .netns
-                .as_deref()
-                .map(|n| NapiThreading::probe(Path::new(n)))
-            {
-                tracing::warn!(
-                    "TAP {}: cannot switch its NAPI polls ({e}); writing without NAPI",
-                    self.name
-                );
-                return Ok((self.open_queues(queues, false)?, None));
-            }
-            let taps = self.open_queues(queues, true)?;
-            match NapiThreading::open(self.name, self.netns.as_deref().map(Path::new)) {
-                Ok(t) => return Ok((taps, Some(t))),
-                Err(e) => {
-                    tracing::warn!(
-                        "TAP {}: cannot switch its NAPI polls ({e}); writing without NAPI",
-                        self.name
-                    );
-                    drop(taps);
+            let netns = self.netns.as_deref().map(Path::new);
+            // Asked before the device is made where it can be (another namespace's switch): a
+            // device made with NAPI and then without would vanish for a moment.
+            let refused = match netns.map(NapiThreading::probe) {
+                Some(Err(e)) => e,
+                _ => {
+                    let taps = self.open_queues(queues, true)?;
+                    match NapiThreading::open(self.name, netns) {
+                        Ok(t) => return Ok((taps, Some(t))),
+                        // `taps` closes here, before the device is made anew without NAPI.
+                        Err(e) => e,
+                    }
                 }
-            }
+            };
+            tracing::warn!(
+                "TAP {}: cannot switch its NAPI polls ({refused}); writing without NAPI",
+                self.name
+            );
         }
         Ok((self.open_queues(queues, false)?, None))
     }
