@@ -168,27 +168,46 @@ fn a_multiqueue_tap_gives_each_worker_a_queue() {
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
     run_flows(&lab, 32, 16);
     check_spread(&dir.0, 16);
+    let steering = steering_line(&lab);
     let log = lab.hubnat_log();
     assert!(log.contains("(2 queues)"));
     // Where the kernel takes hubnat's steering program, the TAP steers every frame of a flow
     // to its worker's queue: no worker read a frame of the other's flows, the first SYNs
     // included. Where it refuses one (no CAP_BPF in a container, a seccomp filter, a kernel
     // without eBPF), the log must say why, and the flows above completed by hand-overs.
-    if log.contains("each flow's frames steered to its worker (eBPF") {
+    if steering.contains("each flow's frames steered to its worker (eBPF") {
         // New TCP flows are placed by the table the program shares with the router (an
         // eBPF array, made where the program could be loaded), and still no frame of a placed
         // flow was read by the other worker.
-        assert!(log.contains("new TCP flows placed"), "{}", tail(&log));
+        assert!(steering.contains("new TCP flows placed"), "{}", tail(&log));
         let st = ctl_json(&dir.0, &["status"]);
         assert_eq!(st["frames_handed_over"], 0, "{st}");
     } else {
-        let why = log
-            .lines()
-            .find(|l| l.contains("TAP queues: steered by the kernel's flow table"))
-            .unwrap_or_else(|| panic!("neither steered nor a reason:\n{}", tail(&log)));
-        eprintln!("this kernel refused the steering program: {why}");
+        assert!(
+            steering.contains("TAP queues: steered by the kernel's flow table"),
+            "neither steered nor a reason:\n{}",
+            tail(&log)
+        );
+        eprintln!("this kernel refused the steering program: {steering}");
     }
     stop_cleanly(&mut lab);
+}
+
+/// The line in which hubnat says how its TAP's queues are steered. It is written once the
+/// queues are open, which can be well after the device came up on a busy machine: a test that
+/// looked at once could take a kernel that steers for one that refused.
+fn steering_line(lab: &Lab) -> String {
+    common::wait_until(Duration::from_secs(10), || {
+        let log = lab.hubnat_log();
+        let line = log.lines().find(|l| l.contains("TAP queues:"))?;
+        Some(line.to_owned())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "hubnat never said how its TAP queues are steered:\n{}",
+            tail(&lab.hubnat_log())
+        )
+    })
 }
 
 /// Frames each worker read from its TAP queue, by the control socket's `status`.
@@ -220,7 +239,7 @@ fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
         &config(&dir.0),
         &["--workers", "2", "--tap-queues", "multi"],
     );
-    if !lab.hubnat_log().contains("new TCP flows placed") {
+    if !steering_line(&lab).contains("new TCP flows placed") {
         eprintln!("skipped: no steering program with a placement table on this kernel");
         stop_cleanly(&mut lab);
         return;
