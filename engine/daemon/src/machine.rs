@@ -43,17 +43,23 @@ pub fn fd_reserve(threads: usize) -> usize {
 /// the usual soft limit of 1024 would let one guest's flows use them all), and records how many
 /// of them sessions may use: the limit less `fd_reserve(threads)`. Returns (limit, budget).
 pub fn raise_open_files(threads: usize) -> (u64, usize) {
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
-    let limit = if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        hard
-    } else {
-        soft
-    };
+    let limit = raise_open_files_limit();
     let budget = usize::try_from(limit)
         .unwrap_or(usize::MAX)
         .saturating_sub(fd_reserve(threads));
     let _ = SOCKET_BUDGET.set(budget);
     (limit, budget)
+}
+
+/// Raises the soft limit of open files to the hard limit where it is lower; the soft limit in
+/// force afterwards (1024 if it cannot be read).
+pub fn raise_open_files_limit() -> u64 {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    }
 }
 
 /// Reads a configuration file without validating it (`validate` does that).

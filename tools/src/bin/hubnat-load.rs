@@ -93,7 +93,9 @@ struct ClientArgs {
 }
 
 fn main() {
-    raise_nofile();
+    // 10,000 connections need more than the usual soft limit; best effort: without it the hold
+    // mode reports how many it could open.
+    hubnat_daemon::machine::raise_open_files_limit();
     let r = match Cli::parse().cmd {
         Cmd::Serve { listen } => serve(listen),
         Cmd::Rr(a) => rr(&a),
@@ -110,17 +112,6 @@ fn main() {
     if let Err(e) = r {
         eprintln!("hubnat-load: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// Lifts the soft limit on open files to the hard limit (10,000 connections need it).
-fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            // Best effort: without it the hold mode reports how many it could open.
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
     }
 }
 
