@@ -21,6 +21,7 @@
 #   --sched: the scheduler's events (`perf sched record`) for 1 s in the middle of each run with
 #     reuse and each kernel run: per thread (the guest's client, the server, hubnat), the CPU
 #     time it ran, how often it was switched in per cycle and how long after its wake-up.
+# Before the runs it prints what waking a thread costs on this machine (`hubnat-load wake`).
 # Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1");
 # HUBNAT_BIN, another hubnat binary than the build's (an A/B of two builds).
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
     --kernel) KERNEL=1; shift ;;
     --sched) SCHED=1; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -167,6 +168,9 @@ run() {
 }
 
 echo "# $(nproc) cores, $(uname -r), hubnat-load crr ${DURATION} s per run, $RUNS runs each"
+# What a wake-up costs here bounds every run below (a cycle is a chain of them): on a VM one
+# across CPUs is an interrupt between virtual CPUs, and its price varies from machine to machine.
+"$BIN/hubnat-load" wake --count 5000 | sed 's/^/# /'
 MODES="default reuse"
 [ "$KERNEL" = 1 ] && MODES="$MODES kernel"
 for r in $(seq "$RUNS"); do

@@ -13,6 +13,11 @@
 //!   (DISCOVER→OFFER, REQUEST→ACK) after another, for the latency of one; then N exchanges
 //!   outstanding at once, for the leases granted per second. Each client releases its lease
 //!   after the ACK, so that every exchange is a new binding.
+//! - `wake`: what waking a sleeping thread costs on this machine, apart from any NAT: one
+//!   thread sends a byte over a Unix socket pair to another, which sends it back, the other
+//!   pinned to the sender's CPU and then to another. On a VM a wake-up across CPUs is an
+//!   interrupt between virtual CPUs, whose price sets how fast any chain of hand-offs can go
+//!   (a connection's cycle through a NAT is one); tools/bench-crr.sh prints it beside its runs.
 //!
 //! Every client prints one JSON object on stdout with `--json`, or a readable line without.
 
@@ -33,7 +38,7 @@ use serde_json::json;
 #[command(
     name = "hubnat-load",
     version,
-    about = "TCP request/response, connection-rate and connection-count load, its echo server, and DHCP load"
+    about = "TCP request/response, connection-rate and connection-count load, its echo server, DHCP load, and the machine's wake-up cost"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -71,6 +76,23 @@ enum Cmd {
     /// DHCP clients on a raw socket: serial exchange latency, then leases a second with
     /// exchanges outstanding.
     Dhcp(dhcp::DhcpArgs),
+    /// The cost of waking a thread that sleeps on the same CPU and on another (a byte sent
+    /// back and forth over a Unix socket pair, a pause between exchanges).
+    Wake(WakeArgs),
+}
+
+#[derive(Args)]
+struct WakeArgs {
+    /// Exchanges for each placement of the answering thread.
+    #[arg(long, default_value_t = 20_000)]
+    count: u32,
+    /// Pause before each exchange (µs), long enough for the answering thread to be asleep
+    /// (and its CPU idle) when the byte comes.
+    #[arg(long, default_value_t = 50)]
+    pause_us: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -108,6 +130,7 @@ fn main() {
             ready_file,
         } => hold_conns(&common, conns, parallel, hold, ready_file),
         Cmd::Dhcp(a) => dhcp::run(&a),
+        Cmd::Wake(a) => wake::run(&a),
     };
     if let Err(e) = r {
         eprintln!("hubnat-load: {e:#}");
@@ -980,6 +1003,136 @@ mod dhcp {
             // A client's own message is not a reply.
             let own = craft::dhcp_frame(mac, Ipv4Addr::UNSPECIFIED, false, &m[..], 1);
             assert!(parse_reply(&own).is_none());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wake-up cost
+
+mod wake {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context, Result};
+    use hdrhistogram::Histogram;
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    use serde_json::json;
+
+    use super::{latency_json, new_hist, record, us, WakeArgs};
+
+    fn pin(cpu: usize) -> Result<()> {
+        let mut set = CpuSet::new();
+        set.set(cpu).context("CPU number")?;
+        sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
+    }
+
+    /// The sender's `write` (which wakes the answering thread) and the whole exchange, with
+    /// the sender on `mine` and the answering thread on `theirs`.
+    fn measure(
+        mine: usize,
+        theirs: usize,
+        a: &WakeArgs,
+    ) -> Result<(Histogram<u64>, Histogram<u64>)> {
+        let (mut here, mut there) = UnixStream::pair().context("socket pair")?;
+        let answerer = std::thread::spawn(move || -> Result<()> {
+            pin(theirs)?;
+            let mut b = [0u8; 1];
+            // Pinned: the sender may begin.
+            there.write_all(&b)?;
+            // Ends when the sender closes its end.
+            while there.read(&mut b)? == 1 {
+                there.write_all(&b)?;
+            }
+            Ok(())
+        });
+        pin(mine)?;
+        let (mut write, mut exchange) = (new_hist(), new_hist());
+        let mut b = [0u8; 1];
+        here.read_exact(&mut b)
+            .context("the answering thread ended before it began")?;
+        let pause = Duration::from_micros(a.pause_us);
+        for _ in 0..a.count {
+            std::thread::sleep(pause);
+            let t = Instant::now();
+            here.write_all(&b)?;
+            let written = t.elapsed();
+            here.read_exact(&mut b)?;
+            record(&mut write, written);
+            record(&mut exchange, t.elapsed());
+        }
+        drop(here);
+        match answerer.join() {
+            Ok(r) => r?,
+            Err(_) => bail!("the answering thread panicked"),
+        }
+        Ok((write, exchange))
+    }
+
+    pub fn run(a: &WakeArgs) -> Result<()> {
+        if a.count == 0 {
+            bail!("--count must be at least 1");
+        }
+        let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .collect();
+        let Some(&first) = cpus.first() else {
+            bail!("no CPU in this process's affinity");
+        };
+        let mut places = vec![("same_cpu", first)];
+        match cpus.get(1) {
+            Some(&other) => places.push(("other_cpu", other)),
+            None => eprintln!("hubnat-load: one CPU allowed: measuring the same CPU only"),
+        }
+        let mut out = serde_json::Map::new();
+        for (name, theirs) in places {
+            let (write, exchange) = measure(first, theirs, a)?;
+            if a.json {
+                out.insert(
+                    name.to_owned(),
+                    json!({ "cpu": theirs, "write": latency_json(&write), "exchange": latency_json(&exchange) }),
+                );
+            } else {
+                println!(
+                    "wake, answering thread on CPU {theirs} ({}): the waking write p50 {:.1} µs (mean {:.1}), the exchange p50 {:.1} µs (mean {:.1})",
+                    name.replace('_', " "),
+                    us(write.value_at_quantile(0.5)),
+                    write.mean() / 1000.0,
+                    us(exchange.value_at_quantile(0.5)),
+                    exchange.mean() / 1000.0,
+                );
+            }
+        }
+        if a.json {
+            out.insert("mode".to_owned(), json!("wake"));
+            out.insert("count".to_owned(), json!(a.count));
+            println!("{}", serde_json::Value::Object(out));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_exchange_is_counted_and_takes_at_least_its_write() {
+            let cpu = sched_getaffinity(Pid::from_raw(0))
+                .ok()
+                .and_then(|set| (0..CpuSet::count()).find(|&c| set.is_set(c).unwrap_or(false)))
+                .unwrap();
+            let a = WakeArgs {
+                count: 50,
+                pause_us: 0,
+                json: true,
+            };
+            let (write, exchange) = measure(cpu, cpu, &a).unwrap();
+            assert_eq!((write.len(), exchange.len()), (50, 50));
+            assert!(exchange.min() >= write.min());
+            assert!(exchange.max() >= write.max());
         }
     }
 }
