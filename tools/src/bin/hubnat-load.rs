@@ -1051,8 +1051,14 @@ mod wake {
         pin(mine)?;
         let (mut write, mut exchange) = (new_hist(), new_hist());
         let mut b = [0u8; 1];
-        here.read_exact(&mut b)
-            .context("the answering thread ended before it began")?;
+        if here.read_exact(&mut b).is_err() {
+            // It ended before it began: say why.
+            drop(here);
+            return match answerer.join() {
+                Ok(Err(e)) => Err(e.context("the answering thread")),
+                _ => bail!("the answering thread ended before it began"),
+            };
+        }
         let pause = Duration::from_micros(a.pause_us);
         for _ in 0..a.count {
             std::thread::sleep(pause);
