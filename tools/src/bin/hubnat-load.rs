@@ -1029,6 +1029,14 @@ mod wake {
         sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pinning to CPU {cpu}"))
     }
 
+    /// The CPUs this process may run on, in order.
+    fn allowed_cpus() -> Result<Vec<usize>> {
+        let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
+        Ok((0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap_or(false))
+            .collect())
+    }
+
     /// The sender's `write` (which wakes the answering thread) and the whole exchange, with
     /// the sender on `mine` and the answering thread on `theirs`.
     fn measure(
@@ -1081,10 +1089,7 @@ mod wake {
         if a.count == 0 {
             bail!("--count must be at least 1");
         }
-        let allowed = sched_getaffinity(Pid::from_raw(0)).context("reading the CPU affinity")?;
-        let cpus: Vec<usize> = (0..CpuSet::count())
-            .filter(|&c| allowed.is_set(c).unwrap_or(false))
-            .collect();
+        let cpus = allowed_cpus()?;
         let Some(&first) = cpus.first() else {
             bail!("no CPU in this process's affinity");
         };
@@ -1126,10 +1131,7 @@ mod wake {
 
         #[test]
         fn every_exchange_is_counted_and_takes_at_least_its_write() {
-            let cpu = sched_getaffinity(Pid::from_raw(0))
-                .ok()
-                .and_then(|set| (0..CpuSet::count()).find(|&c| set.is_set(c).unwrap_or(false)))
-                .unwrap();
+            let cpu = allowed_cpus().unwrap()[0];
             let a = WakeArgs {
                 count: 50,
                 pause_us: 0,
