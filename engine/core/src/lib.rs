@@ -36,3 +36,9 @@ pub use sockio::{SockEvent, SockId, SockIo};
 pub use stats::{DropReason, Stats};
 pub use time::Instant;
 pub use vhost::dns::{needs_lease_table, TcpDnsRoute};
+
+/// The hash map of the tables looked up for every frame or socket event (connections, sessions,
+/// sockets, per-guest counts). Keyed at random per process, as std's is, so a guest cannot pick
+/// keys that all fall in one bucket, but several times cheaper than std's SipHash on these short
+/// keys.
+pub type FastHashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;

@@ -2,7 +2,7 @@
 //! `SharedSessions`): taken when a session is created or ends (not per frame), so a lock is
 //! cheap here.
 
-use std::collections::HashMap;
+use hubnat_core::FastHashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -21,7 +21,7 @@ const HALF_OPEN: u8 = u8::MAX;
 /// sequence, for every engine of one runtime.
 #[derive(Default)]
 pub struct SharedLimits {
-    counts: Mutex<HashMap<(u8, IpAddr), usize>>,
+    counts: Mutex<FastHashMap<(u8, IpAddr), usize>>,
     totals: [AtomicU32; 4],
     /// TCP connections whose connect on the sock side is in progress, across the engines.
     half_open: AtomicU32,

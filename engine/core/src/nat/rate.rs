@@ -1,7 +1,7 @@
 //! The rate at which each guest may open sessions: a token bucket per guest address, so that a
 //! flood of new flows costs the flooder (its new sessions are refused) and not its neighbours.
 
-use std::collections::HashMap;
+use crate::FastHashMap;
 use std::net::IpAddr;
 
 use crate::time::Instant;
@@ -21,7 +21,7 @@ struct Bucket {
 /// The token buckets of one engine.
 #[derive(Default)]
 pub(crate) struct NewSessions {
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: FastHashMap<IpAddr, Bucket>,
 }
 
 impl NewSessions {

@@ -2,7 +2,9 @@
 //! protocols keep their sessions in.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use crate::FastHashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -139,9 +141,9 @@ pub(crate) struct Session<K, S> {
 pub(crate) struct SessionTable<K, S> {
     slots: Vec<Option<Session<K, S>>>,
     free: Vec<usize>,
-    by_key: HashMap<K, usize>,
-    by_sock: HashMap<SockId, usize>,
-    per_guest: HashMap<IpAddr, usize>,
+    by_key: FastHashMap<K, usize>,
+    by_sock: FastHashMap<SockId, usize>,
+    per_guest: FastHashMap<IpAddr, usize>,
     /// Sessions whose guest is IPv6 (the operator's count by family).
     v6: usize,
     /// (deadline, slot, session id): one entry per live session, possibly earlier than its
@@ -154,9 +156,9 @@ impl<K: Copy + Eq + Hash, S> SessionTable<K, S> {
         SessionTable {
             slots: Vec::new(),
             free: Vec::new(),
-            by_key: HashMap::new(),
-            by_sock: HashMap::new(),
-            per_guest: HashMap::new(),
+            by_key: FastHashMap::default(),
+            by_sock: FastHashMap::default(),
+            per_guest: FastHashMap::default(),
             v6: 0,
             timers: BinaryHeap::new(),
         }

@@ -13,7 +13,7 @@
 //! switch's *batched* port: `egress` leaves its frames in the thread's batch rather than sending
 //! them one by one.
 
-use std::collections::HashMap;
+use hubnat_core::FastHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -117,7 +117,7 @@ pub struct Switch {
     /// The port whose frames the threads write themselves (`u32::MAX`: none).
     batched: AtomicU32,
     next_id: AtomicU32,
-    macs: RwLock<HashMap<[u8; 6], Learned, ahash::RandomState>>,
+    macs: RwLock<FastHashMap<[u8; 6], Learned>>,
     start: Instant,
     /// Addresses not learned because a table was full.
     mac_table_full: AtomicU64,
@@ -139,7 +139,7 @@ impl Switch {
             several: AtomicBool::new(false),
             batched: AtomicU32::new(u32::MAX),
             next_id: AtomicU32::new(0),
-            macs: RwLock::new(HashMap::default()),
+            macs: RwLock::new(FastHashMap::default()),
             start: Instant::now(),
             mac_table_full: AtomicU64::new(0),
             mac_moves: AtomicU64::new(0),

@@ -13,7 +13,7 @@
 //! guest its SYN-ACK in the batch that read the SYN instead of a wait later. Otherwise the
 //! socket's first writable readiness finishes the connect.
 
-use std::collections::HashMap;
+use hubnat_core::FastHashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
 
@@ -109,7 +109,7 @@ enum Readiness {
 pub struct SockDriver {
     readiness: Readiness,
     completions: Vec<Completion>,
-    socks: HashMap<SockId, Sock>,
+    socks: FastHashMap<SockId, Sock>,
     next_id: SockId,
     /// Where SO_PEEK_OFF is missing, peeking at an offset copies the whole prefix here.
     scratch: Vec<u8>,
@@ -351,7 +351,7 @@ impl SockDriver {
             readiness,
             completions: Vec::new(),
             immediate: Vec::new(),
-            socks: HashMap::new(),
+            socks: FastHashMap::default(),
             next_id: 0,
             scratch: Vec::new(),
             to_consume: Vec::new(),

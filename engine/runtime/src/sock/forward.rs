@@ -8,7 +8,7 @@
 //! kernel delivers that client's later datagrams to it (a connected socket is the better match),
 //! so each client is a session with a socket of its own, on the thread that owns its flow.
 
-use std::collections::HashMap;
+use hubnat_core::FastHashMap;
 use std::io;
 use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -98,7 +98,7 @@ pub struct ForwardView {
 /// Every forward's listeners.
 pub struct Forwards {
     active: Vec<Active>,
-    by_token: HashMap<usize, (u32, usize)>,
+    by_token: FastHashMap<usize, (u32, usize)>,
     next_id: u32,
     next_token: usize,
     first_token: usize,
@@ -110,7 +110,7 @@ impl Forwards {
     pub fn new(first_token: usize) -> Forwards {
         Forwards {
             active: Vec::new(),
-            by_token: HashMap::new(),
+            by_token: FastHashMap::default(),
             next_id: 1,
             next_token: first_token,
             first_token,

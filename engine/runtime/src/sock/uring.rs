@@ -43,7 +43,7 @@
 //! operation in flight holds its own reference to the socket.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -56,6 +56,7 @@ use io_uring::types::BufRingEntry;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use hubnat_core::sockio::SockId;
+use hubnat_core::FastHashMap;
 
 /// Submission queue entries; the completion queue is eight times as large (a busy socket's
 /// multishot poll posts a completion per wake-up; overflow is flushed, see `drain`).
@@ -351,7 +352,7 @@ pub struct Ring {
     bufs: Option<BufRing>,
     frames: Option<FrameRead>,
     setup: Setup,
-    entries: HashMap<SockId, Entry>,
+    entries: FastHashMap<SockId, Entry>,
     /// Descriptors of the thread's own, as (fd, token).
     tokens: Vec<(RawFd, usize)>,
     generation: u32,
@@ -597,7 +598,7 @@ impl Ring {
             bufs,
             frames,
             setup,
-            entries: HashMap::new(),
+            entries: FastHashMap::default(),
             tokens: Vec::new(),
             generation: 0,
             cqes: Vec::new(),

@@ -26,7 +26,9 @@ mod seq;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use crate::FastHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use rand::Rng;
@@ -49,7 +51,7 @@ use crate::Ctx;
 pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;
 
 /// Takes one from `guest`'s count, forgetting guests at zero.
-fn dec(counts: &mut HashMap<IpAddr, usize>, guest: IpAddr) {
+fn dec(counts: &mut FastHashMap<IpAddr, usize>, guest: IpAddr) {
     if let Some(n) = counts.get_mut(&guest) {
         *n -= 1;
         if *n == 0 {
@@ -66,14 +68,14 @@ pub struct TcpNat {
     /// Boxed: a connection is some 600 bytes, and a table of them inline would hold as many
     /// again in empty buckets after it doubles; boxed, an empty bucket costs a key and a
     /// pointer (10,000 idle connections: 25.6 MiB in all, against 32.9 inline).
-    conns: HashMap<Key, Box<TcpConn>>,
-    by_sock: HashMap<SockId, Key>,
-    per_guest: HashMap<IpAddr, usize>,
+    conns: FastHashMap<Key, Box<TcpConn>>,
+    by_sock: FastHashMap<SockId, Key>,
+    per_guest: FastHashMap<IpAddr, usize>,
     /// Connections (tombstones included) of IPv6 guests.
     v6: usize,
     half_open: usize,
     /// Connecting connections per guest (its share of `half_open`).
-    half_open_of: HashMap<IpAddr, usize>,
+    half_open_of: FastHashMap<IpAddr, usize>,
     tombstones: usize,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     /// With `external_idle`: `(deadline, key, session id)`, one entry per connection, for
@@ -103,12 +105,12 @@ pub(crate) struct FlowChanges {
 impl TcpNat {
     pub(crate) fn new(_cfg: &Config) -> TcpNat {
         TcpNat {
-            conns: HashMap::new(),
-            by_sock: HashMap::new(),
-            per_guest: HashMap::new(),
+            conns: FastHashMap::default(),
+            by_sock: FastHashMap::default(),
+            per_guest: FastHashMap::default(),
             v6: 0,
             half_open: 0,
-            half_open_of: HashMap::new(),
+            half_open_of: FastHashMap::default(),
             tombstones: 0,
             timers: BinaryHeap::new(),
             idle_timers: BinaryHeap::new(),

@@ -10,8 +10,8 @@
 //! costs no allocation per batch. At most `MAX_RANGES` separate byte ranges are tracked, a
 //! segment that would need more is dropped (the guest retransmits it).
 
+use crate::FastHashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use super::seq::Seq;
@@ -41,7 +41,7 @@ impl RingBudget {
 #[derive(Default)]
 struct Held {
     total: usize,
-    per_guest: HashMap<IpAddr, usize>,
+    per_guest: FastHashMap<IpAddr, usize>,
 }
 
 thread_local! {
