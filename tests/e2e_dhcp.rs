@@ -463,9 +463,7 @@ fn leases_granted_while_the_journal_is_compacted_survive_kill_9() {
         "the journal was never compacted: {snapshot}"
     );
 
-    let p = lab.hubnat.take().unwrap();
-    p.signal(9);
-    drop(p);
+    lab.kill_hubnat();
     lab.start_hubnat("");
     let restored = wait_until(Duration::from_secs(10), || {
         lab.hubnat_log()

@@ -267,10 +267,15 @@ fn slaac_then_ping_curl_tcp_udp_and_dns_over_ipv6() {
         lab.hubnat_log()
     );
 
-    // The NAT table shows the guest's IPv6 sessions.
-    let sessions = ctl_json(&ops, &["nat-table"]);
-    let text = sessions.to_string();
-    assert!(text.contains(SERVER6), "no IPv6 session listed: {text}");
+    // The NAT table shows the guest's IPv6 sessions (read again if a busy worker's rows came
+    // too late for one reading).
+    common::wait_until(Duration::from_secs(5), || {
+        ctl_json(&ops, &["nat-table"])
+            .to_string()
+            .contains(SERVER6)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no IPv6 session listed: {}", ctl_json(&ops, &["nat-table"])));
 }
 
 #[test]

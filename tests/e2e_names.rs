@@ -12,7 +12,7 @@ mod common;
 
 use common::udhcpc_lease;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{wait_until, Lab, Netns, SERVER_IP};
 
@@ -98,16 +98,15 @@ fn guests_names_resolve_and_upstreams_follow_resolv_conf() {
         [a_ip.as_str(), "10.1.1.1"]
     );
 
-    // Rewritten in place (the bind mount shows hubnat this inode): applied within a second.
-    let changed = Instant::now();
+    // Rewritten in place (the bind mount shows hubnat this inode): inotify tells hubnat at
+    // once; 3 s leave a loaded machine room.
     std::fs::write(&resolv, format!("nameserver {SERVER_IP2}\n")).unwrap();
     let line =
         format!("DNS upstreams changed (resolv.conf): [{SERVER_IP}:53] -> [{SERVER_IP2}:53]");
-    wait_until(Duration::from_secs(1), || {
+    wait_until(Duration::from_secs(3), || {
         lab.hubnat_log().contains(&line).then_some(())
     })
-    .unwrap_or_else(|| panic!("no `{line}` within a second:\n{}", lab.hubnat_log()));
-    assert!(changed.elapsed() < Duration::from_secs(1));
+    .unwrap_or_else(|| panic!("no `{line}` within 3 s:\n{}", lab.hubnat_log()));
     assert_eq!(short(&b, &["probe.example"]), "10.2.2.2");
     // The local names never went upstream.
     assert_eq!(short(&a, &[&format!("vm1.{DOMAIN}")]), a_ip);

@@ -187,7 +187,7 @@ fn iperf3_completes_both_ways() {
         lab.server().cmd(&["iperf3", "-s", "-p", "5201"]),
         None,
     );
-    std::thread::sleep(Duration::from_millis(400));
+    lab.server().wait_listening("tcp", 5201);
     for reverse in [false, true] {
         let mut args = vec!["iperf3", "-c", SERVER_IP, "-p", "5201", "-t", "3", "-J"];
         if reverse {
@@ -278,11 +278,14 @@ fn a_bulk_download_moves_napi_polls_to_threads_and_back() {
         ops.join("ctl.sock").display()
     );
     let lab = Lab::start_with_server_args(&cfg, &["--tap-napi", "auto"]);
-    assert!(
-        lab.hubnat_log().contains("NAPI polls switched by load"),
-        "NAPI not switchable:\n{}",
-        tail(&lab.hubnat_log())
-    );
+    // The start-up line comes after the TAP is up (and the state directory written), which is
+    // all the lab waits for.
+    common::wait_until(Duration::from_secs(10), || {
+        lab.hubnat_log()
+            .contains("NAPI polls switched by load")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("NAPI not switchable:\n{}", tail(&lab.hubnat_log())));
     let _source = lab.serve(&[
         "tcp-source",
         "--listen",

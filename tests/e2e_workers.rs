@@ -99,11 +99,11 @@ fn run_flows(lab: &Lab, tcp: u32, udp: u16) {
 
 /// Both workers carried frames and sessions; session ids are unique across them. The TCP
 /// flows have closed by now, so only the `udp` UDP flows hold sessions, placed by a flow hash
-/// keyed afresh on every run: with `udp` of at least 16, all on one worker happens once in
-/// some 16,000 runs (with 8 it was once in 128, often enough to fail CI).
+/// keyed afresh on every run: with `udp` of at least 24, all on one worker happens once in
+/// some 8 million runs (with 8 it was once in 128, often enough to fail CI).
 fn check_spread(dir: &std::path::Path, udp: usize) {
     assert!(
-        udp >= 16,
+        udp >= 24,
         "too few UDP flows to expect both workers to hold one"
     );
     let st = ctl_json(dir, &["status"]);
@@ -173,8 +173,8 @@ fn a_multiqueue_tap_gives_each_worker_a_queue() {
     );
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
-    run_flows(&lab, 32, 16);
-    check_spread(&dir.0, 16);
+    run_flows(&lab, 32, 24);
+    check_spread(&dir.0, 24);
     let steering = steering_line(&lab);
     let log = lab.hubnat_log();
     assert!(log.contains("(2 queues)"));
@@ -234,9 +234,10 @@ fn frames_in_by_worker(dir: &std::path::Path) -> Vec<u64> {
 ///
 /// Measured in short rounds, each its own loop: a client that waits for a CPU for longer than
 /// the placement follows an end (a busy CI machine) starts over on the preferred worker, and
-/// one such move in a single long loop could leave any split of its frames. So most rounds must
-/// stay on one worker, not every round: by the hash alone no round of forty connections or
-/// more would.
+/// one such move in a single long loop could leave any split of its frames. So half the rounds
+/// must stay on one worker, not every round: by the hash alone no round of forty connections or
+/// more would (nine tenths of a round's frames on one worker would take some 36 of 40
+/// connections there, a chance below one in a million).
 #[test]
 fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
     require_root!();
@@ -254,7 +255,7 @@ fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
     let load = env!("CARGO_BIN_EXE_hubnat-load");
     let to = format!("{SERVER_IP}:9101");
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 10;
     let mut kept = 0;
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
@@ -286,7 +287,7 @@ fn a_client_that_reconnects_in_a_loop_stays_on_one_worker() {
     }
     let st = ctl_json(&dir.0, &["status"]);
     assert!(
-        kept * 4 >= ROUNDS * 3,
+        kept * 2 >= ROUNDS,
         "frames per worker in each round: {rounds:#?}: the connections were not kept on one \
          worker in {kept} of {ROUNDS} rounds\n{st}\n{}",
         tail(&lab.hubnat_log())
@@ -321,8 +322,8 @@ fn an_existing_single_queue_tap_falls_back_to_one_queue() {
         .exec_ok(&["ip", "route", "add", "default", "via", "192.168.30.1"]);
     let _tcp = lab.serve(&["tcp-echo", "--listen", "0.0.0.0:9101"]);
     let _udp = lab.serve(&["udp-echo", "--listen", "0.0.0.0:9102"]);
-    run_flows(&lab, 16, 16);
-    check_spread(&dir.0, 16);
+    run_flows(&lab, 16, 24);
+    check_spread(&dir.0, 24);
     let log = lab.hubnat_log();
     assert!(
         log.contains("exists as a single-queue device") && !log.contains("(2 queues)"),

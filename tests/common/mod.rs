@@ -109,6 +109,24 @@ impl Netns {
         must(&mut self.cmd(args))
     }
 
+    /// Waits (up to 10 s, else panics) until a socket of `proto` ("tcp" or "udp") listens on
+    /// `port` in the namespace: servers that give no sign of being ready (dnsmasq, busybox
+    /// httpd, iperf3) are ready once the kernel shows their socket, which a fixed pause on a
+    /// loaded machine does not promise.
+    pub fn wait_listening(&self, proto: &str, port: u16) {
+        let flag = match proto {
+            "tcp" => "-Hltn",
+            "udp" => "-Hlun",
+            _ => panic!("wait_listening: {proto} is neither tcp nor udp"),
+        };
+        let filter = format!("sport = :{port}");
+        wait_until(Duration::from_secs(10), || {
+            let out = self.exec(&["ss", flag, &filter]);
+            (out.status.success() && !out.stdout.is_empty()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("nothing listens on {proto} port {port} in {}", self.name));
+    }
+
     /// The IPv4 addresses (with prefix length) on `dev`.
     pub fn addrs(&self, dev: &str) -> Vec<String> {
         let out = self.exec_ok(&["ip", "-4", "-o", "addr", "show", "dev", dev]);
@@ -130,6 +148,14 @@ impl Netns {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("link {dev} did not appear in {}", self.name);
+    }
+
+    /// Waits (up to `within`, else panics) until `dev` no longer exists here.
+    pub fn wait_link_gone(&self, dev: &str, within: Duration) {
+        wait_until(within, || {
+            (!self.exec(&["ip", "link", "show", dev]).status.success()).then_some(())
+        })
+        .unwrap_or_else(|| panic!("link {dev} still in {} after {within:?}", self.name));
     }
 }
 
@@ -418,7 +444,8 @@ impl Lab {
             ]),
             None,
         );
-        std::thread::sleep(Duration::from_millis(300));
+        let port = listen.rsplit(':').next().unwrap().parse().unwrap();
+        ns.wait_listening("tcp", port);
         p
     }
 
@@ -432,6 +459,17 @@ impl Lab {
 
     pub fn start_hubnat(&mut self, config: &str) {
         self.start_hubnat_args(config, &[]);
+    }
+
+    /// Ends hubnat with SIGKILL (nothing saved at exit) and waits until its TAP is gone: a
+    /// killed process's io_uring may hold the device open a moment after it has exited, and a
+    /// hubnat started meanwhile would find the old device still there.
+    pub fn kill_hubnat(&mut self) {
+        let p = self.hubnat.take().expect("hubnat runs");
+        p.signal(9);
+        drop(p);
+        self.guest
+            .wait_link_gone(&self.tap, Duration::from_secs(10));
     }
 
     pub fn start_hubnat_args(&mut self, config: &str, args: &[&str]) {
@@ -637,8 +675,7 @@ impl Lab {
             .arg("--user=root");
         let log = self.dir.join(&unique("dnsmasq-"));
         let p = Proc::spawn("dnsmasq", cmd, Some(log));
-        // dnsmasq gives no sign of being ready; it binds within a moment, as busybox httpd does.
-        std::thread::sleep(Duration::from_millis(300));
+        ns.wait_listening("udp", 53);
         p
     }
 }
