@@ -21,7 +21,8 @@
 #   --sched: the scheduler's events (`perf sched record`) for 1 s in the middle of each run with
 #     reuse and each kernel run: per thread (the guest's client, the server, hubnat), the CPU
 #     time it ran, how often it was switched in per cycle and how long after its wake-up.
-# Before the runs it prints what waking a thread costs on this machine (`hubnat-load wake`).
+# Before the runs it prints what waking a thread costs on this machine (`hubnat-load wake`) and,
+# on a KVM guest, how long an idle CPU polls before it halts (guest_halt_poll_ns).
 # Environment: HUBNAT_RUN_ARGS, extra arguments for `hubnat run` (e.g. "--workers 1");
 # HUBNAT_BIN, another hubnat binary than the build's (an A/B of two builds).
 # Every namespace and process it makes is removed when it ends, also on failure or Ctrl-C.
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --kernel) KERNEL=1; shift ;;
     --sched) SCHED=1; shift ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -172,6 +173,11 @@ echo "# $(nproc) cores, $(uname -r), hubnat-load crr ${DURATION} s per run, $RUN
 # across CPUs is an interrupt between virtual CPUs, and its price varies from machine to machine.
 # Only a reading for the record: the runs go on without it.
 "$BIN/hubnat-load" wake --count 5000 2>&1 | sed 's/^/# /' || echo "# (hubnat-load wake failed)"
+# Whether an idle CPU polls for a while before it halts (the haltpoll governor of a KVM guest):
+# a CPU that polls is woken without an interrupt, and both routes' rates change with it.
+if [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
+  echo "# cpuidle: $(cat /sys/devices/system/cpu/cpuidle/current_governor 2> /dev/null || echo '?'), guest_halt_poll_ns $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+fi
 MODES="default reuse"
 [ "$KERNEL" = 1 ] && MODES="$MODES kernel"
 for r in $(seq "$RUNS"); do
