@@ -2,7 +2,6 @@
 //! `SharedSessions`): taken when a session is created or ends (not per frame), so a lock is
 //! cheap here.
 
-use hubnat_core::FastHashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -12,6 +11,7 @@ use std::sync::atomic::AtomicU64;
 use hubnat_core::nat::Proto;
 use hubnat_core::time::Instant;
 use hubnat_core::vhost::bindings::{Bindings, BoundBy, ClaimRefused};
+use hubnat_core::FastHashMap;
 use hubnat_core::{Mac, SharedSessions};
 
 /// The key of a guest's half-open TCP count in `counts` (beside the protocols' indexes).

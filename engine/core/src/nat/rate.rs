@@ -1,10 +1,10 @@
 //! The rate at which each guest may open sessions: a token bucket per guest address, so that a
 //! flood of new flows costs the flooder (its new sessions are refused) and not its neighbours.
 
-use crate::FastHashMap;
 use std::net::IpAddr;
 
 use crate::time::Instant;
+use crate::FastHashMap;
 
 /// Guests tracked at once; past it, the buckets that are full again (idle guests) are dropped.
 const MAX_GUESTS: usize = 4096;

@@ -3,14 +3,13 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-
-use crate::FastHashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::sockio::SockId;
 use crate::time::Instant;
+use crate::FastHashMap;
 
 /// The protocol of a NAT session.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

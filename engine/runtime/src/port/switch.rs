@@ -13,12 +13,12 @@
 //! switch's *batched* port: `egress` leaves its frames in the thread's batch rather than sending
 //! them one by one.
 
-use hubnat_core::FastHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::port::link::{Link, LinkStatus};
+use hubnat_core::FastHashMap;
 
 /// A port's number on the switch, never reused while hubnat runs. The first port is 0.
 pub type PortId = u32;

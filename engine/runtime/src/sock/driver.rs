@@ -13,7 +13,6 @@
 //! guest its SYN-ACK in the batch that read the SYN instead of a wait later. Otherwise the
 //! socket's first writable readiness finishes the connect.
 
-use hubnat_core::FastHashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr};
 
@@ -26,6 +25,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::sock::uring::{Completion, FrameBufs, Ready, Ring};
 use hubnat_core::sockio::{Datagram, IcmpError, SockEvent, SockId, SockIo, Unreachable};
+use hubnat_core::FastHashMap;
 
 /// Tokens at or above this are the runtime's own (the port, signals), never sockets.
 pub use crate::tokens::FIRST_RESERVED_TOKEN;

@@ -8,7 +8,6 @@
 //! kernel delivers that client's later datagrams to it (a connected socket is the better match),
 //! so each client is a session with a socket of its own, on the thread that owns its flow.
 
-use hubnat_core::FastHashMap;
 use std::io;
 use std::net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -17,6 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use hubnat_core::forward::{Forward, ForwardProto, GuestRef};
+use hubnat_core::FastHashMap;
 
 use crate::sock::driver::setsockopt_int;
 

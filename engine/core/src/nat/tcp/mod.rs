@@ -27,8 +27,6 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-
-use crate::FastHashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use rand::Rng;
@@ -46,6 +44,7 @@ use crate::sockio::{SockEvent, SockId, SockIo};
 use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::Ctx;
+use crate::FastHashMap;
 
 /// The receive window (and reassembly bound) of each connection, guest → sock side.
 pub(crate) const DEFAULT_RCV_BUF: usize = 256 * 1024;

@@ -10,11 +10,11 @@
 //! costs no allocation per batch. At most `MAX_RANGES` separate byte ranges are tracked, a
 //! segment that would need more is dropped (the guest retransmits it).
 
-use crate::FastHashMap;
 use std::cell::RefCell;
 use std::net::IpAddr;
 
 use super::seq::Seq;
+use crate::FastHashMap;
 
 /// How much ring storage the connections of one thread (one engine) may hold: in all, and for
 /// one guest. A guest that leaves a hole in every connection fills its own share; past it, its
