@@ -58,7 +58,7 @@ fn loopback_and_metadata_are_refused_until_allowed_at_run_time() {
         ]),
         None,
     );
-    lab.nat.wait_listening("udp", 7300);
+    lab.nat.wait_listening("udp", Some("127.0.0.1"), 7300);
     // The guest sends 127.0.0.0/8 to hubnat instead of its own loopback (which it gives up, so
     // that answers from 127.0.0.1 are not martians to it).
     let g = &lab.guest;

@@ -62,7 +62,7 @@ fn whoami_server(lab: &Lab, ns: &Netns) -> Proc {
         ]),
         None,
     );
-    ns.wait_listening("tcp", 80);
+    ns.wait_listening("tcp", None, 80);
     p
 }
 
@@ -197,7 +197,7 @@ fn udp_echo_through_a_forward_from_two_clients_at_once() {
         ]),
         None,
     );
-    lab.guest.wait_listening("udp", 7001);
+    lab.guest.wait_listening("udp", None, 7001);
     forward(
         &ops,
         &["add", "udp", "0.0.0.0:7001", &format!("{GUEST_IP}:7001")],
@@ -287,7 +287,7 @@ fn bad_forwards_are_refused_and_change_nothing() {
         lab.nat.cmd(&["busybox", "nc", "-l", "-p", "9999"]),
         None,
     );
-    lab.nat.wait_listening("tcp", 9999);
+    lab.nat.wait_listening("tcp", None, 9999);
     let e = forward_fails(
         &ops,
         &["add", "tcp", "0.0.0.0:9999", &format!("{GUEST_IP}:80")],

@@ -187,7 +187,7 @@ fn iperf3_completes_both_ways() {
         lab.server().cmd(&["iperf3", "-s", "-p", "5201"]),
         None,
     );
-    lab.server().wait_listening("tcp", 5201);
+    lab.server().wait_listening("tcp", None, 5201);
     for reverse in [false, true] {
         let mut args = vec!["iperf3", "-c", SERVER_IP, "-p", "5201", "-t", "3", "-J"];
         if reverse {

@@ -131,7 +131,7 @@ fn start_dnsmasq(lab: &Lab) -> Proc {
         "--user=root",
     ]);
     let p = Proc::spawn("dnsmasq", cmd, Some(lab.dir.join("dnsmasq.log")));
-    lab.nat.wait_listening("udp", 53);
+    lab.nat.wait_listening("udp", Some("127.0.0.1"), 53);
     p
 }
 
@@ -380,7 +380,7 @@ fn host_loopback_alias_reaches_the_hosts_loopback() {
         ]),
         None,
     );
-    lab.nat.wait_listening("udp", 7005);
+    lab.nat.wait_listening("udp", Some("127.0.0.1"), 7005);
     let out = lab.client(&["udp-ping", "--connect", "192.168.30.2:7005", "--count", "5"]);
     assert!(out.status.success(), "{out:?}\n{}", lab.hubnat_log());
 }

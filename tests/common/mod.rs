@@ -110,21 +110,26 @@ impl Netns {
     }
 
     /// Waits (up to 10 s, else panics) until a socket of `proto` ("tcp" or "udp") listens on
-    /// `port` in the namespace: servers that give no sign of being ready (dnsmasq, busybox
-    /// httpd, iperf3) are ready once the kernel shows their socket, which a fixed pause on a
-    /// loaded machine does not promise.
-    pub fn wait_listening(&self, proto: &str, port: u16) {
+    /// `port` in the namespace, on address `ip` if given (bare or in brackets; None: any):
+    /// servers that give no sign of being ready (dnsmasq, busybox httpd, iperf3) are ready once
+    /// the kernel shows their socket, which a fixed pause on a loaded machine does not promise.
+    pub fn wait_listening(&self, proto: &str, ip: Option<&str>, port: u16) {
         let flag = match proto {
             "tcp" => "-Hltn",
             "udp" => "-Hlun",
             _ => panic!("wait_listening: {proto} is neither tcp nor udp"),
         };
-        let filter = format!("sport = :{port}");
+        let mut filter = format!("sport = :{port}");
+        if let Some(ip) = ip {
+            // ss reads an address in brackets whatever its family.
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
+            filter.push_str(&format!(" and src [{ip}]"));
+        }
         wait_until(Duration::from_secs(10), || {
             let out = self.exec(&["ss", flag, &filter]);
             (out.status.success() && !out.stdout.is_empty()).then_some(())
         })
-        .unwrap_or_else(|| panic!("nothing listens on {proto} port {port} in {}", self.name));
+        .unwrap_or_else(|| panic!("nothing listens on {proto} {filter} in {}", self.name));
     }
 
     /// The IPv4 addresses (with prefix length) on `dev`.
@@ -444,8 +449,11 @@ impl Lab {
             ]),
             None,
         );
-        let port = listen.rsplit(':').next().unwrap().parse().unwrap();
-        ns.wait_listening("tcp", port);
+        let (ip, port) = match listen.rsplit_once(':') {
+            Some((ip, port)) => (Some(ip), port),
+            None => (None, listen),
+        };
+        ns.wait_listening("tcp", ip, port.parse().unwrap());
         p
     }
 
@@ -675,7 +683,7 @@ impl Lab {
             .arg("--user=root");
         let log = self.dir.join(&unique("dnsmasq-"));
         let p = Proc::spawn("dnsmasq", cmd, Some(log));
-        ns.wait_listening("udp", 53);
+        ns.wait_listening("udp", Some(addr), 53);
         p
     }
 }
